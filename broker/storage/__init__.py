@@ -1,0 +1,1 @@
+"""Storage repositories over SQLite (embedded default) and PostgreSQL (asyncpg)."""
