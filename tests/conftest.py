@@ -1,0 +1,6 @@
+"""Shared pytest configuration. Fixtures that start real services live in tests/fixtures/."""
+
+pytest_plugins = [
+    "tests.fixtures.softhsm",
+    "tests.fixtures.postgres",
+]
