@@ -1,0 +1,488 @@
+"""A small synchronous client for the broker's CA and audit APIs, used by the `broker` CLI.
+
+The client speaks mTLS only: it presents a certificate chain and key (usually the operator
+SVID) and trusts the trust domain's bundle. Every method returns plain Python values, never
+protobuf messages, and every failure is raised as one `ClientError` naming the gRPC status
+code, so callers need not import grpc.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import grpc
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from google.protobuf import timestamp_pb2
+
+from broker.api._proto import audit_pb2, audit_pb2_grpc, ca_pb2, ca_pb2_grpc
+
+__all__ = [
+    "JWTSVID",
+    "MAX_MESSAGE_BYTES",
+    "X509SVID",
+    "AuditEntry",
+    "AuditVerification",
+    "Authority",
+    "BrokerClient",
+    "Bundle",
+    "CAStatus",
+    "ClientCredentials",
+    "ClientError",
+    "Policy",
+    "RotateResult",
+]
+
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+DEFAULT_TIMEOUT_SECONDS = 30.0
+CORRELATION_HEADER = "x-correlation-id"
+JUSTIFICATION_HEADER = "x-broker-justification"
+
+_Response = TypeVar("_Response")
+
+# gRPC's UNAVAILABLE details for connection-level failures (as opposed to a server that
+# answered UNAVAILABLE itself because one of its backends is down).
+_TRANSPORT_FAILURE = re.compile(
+    r"failed to connect to all addresses|errors resolving|dns resolution failed|"
+    r"socket closed|handshake|connection refused|connection reset|ssl_error",
+    re.IGNORECASE,
+)
+_VERIFY_FAILED = re.compile(r"CERTIFICATE_VERIFY_FAILED:\s*([^:]+)")
+_TLS_ALERT = re.compile(r"(TLSV1_ALERT_[A-Z_]+|SSLV3_ALERT_[A-Z_]+)")
+
+
+class ClientError(Exception):
+    """A call failed. `code_name` is the gRPC status name (e.g. "PERMISSION_DENIED",
+    "UNAVAILABLE"); `message` is the server's details, or for transport failures the
+    transport's reason."""
+
+    def __init__(self, code_name: str, message: str, *, details: str | None = None) -> None:
+        super().__init__(f"{code_name}: {message}")
+        self.code_name = code_name
+        self.message = message
+        self.details = message if details is None else details
+
+
+@dataclass(frozen=True)
+class ClientCredentials:
+    """PEM material for mTLS: our certificate chain (leaf first), its key, and the roots
+    (the trust domain's bundle) that the server's certificate must chain to."""
+
+    cert_chain: bytes
+    private_key: bytes
+    root_certificates: bytes
+
+
+@dataclass(frozen=True)
+class X509SVID:
+    spiffe_id: str
+    cert_chain: list[bytes]  # DER, leaf first, then intermediates
+    private_key: bytes | None  # PKCS#8 DER; None when the caller sent a CSR
+    bundle: list[bytes]  # DER roots
+    expires_at: datetime
+    serial: str
+
+
+@dataclass(frozen=True)
+class JWTSVID:
+    spiffe_id: str
+    token: str
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class Bundle:
+    trust_domain: str
+    jwks: bytes
+    pem: str
+    sequence: int
+
+
+@dataclass(frozen=True)
+class Authority:
+    id: str
+    kind: str
+    generation: int
+    state: str
+    not_before: datetime | None
+    not_after: datetime | None
+    activated_at: datetime | None
+    retired_at: datetime | None
+    key_uri: str
+    jwt_kid: str
+    subject: str
+    serial: str
+    fingerprint_sha256: str
+
+
+@dataclass(frozen=True)
+class CAStatus:
+    trust_domain: str
+    key_backend: str
+    storage: str
+    bundle_sequence: int
+    policy_version: int
+    authorities: list[Authority]
+
+    @property
+    def root(self) -> Authority | None:
+        """The active root authority (or the newest root when none is active)."""
+        roots = [a for a in self.authorities if a.kind == "root"]
+        active = [a for a in roots if a.state == "active"]
+        candidates = active or roots
+        return max(candidates, key=lambda a: a.generation) if candidates else None
+
+    @property
+    def issuing(self) -> list[Authority]:
+        return [a for a in self.authorities if a.kind == "issuing"]
+
+
+@dataclass(frozen=True)
+class RotateResult:
+    actions: list[str]
+    status: CAStatus
+
+
+@dataclass(frozen=True)
+class Policy:
+    version: int
+    document_json: str
+    author: str
+    updated_at: datetime | None
+
+
+@dataclass(frozen=True)
+class AuditVerification:
+    intact: bool
+    entries: int
+    first_broken_seq: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    seq: int
+    event: dict[str, Any]
+    event_json: str
+    entry_hash: str
+
+
+def _host_of(target: str) -> str:
+    """The host part of "host:port", "[v6]:port", "ipv4:host:port" or a bare host."""
+    for scheme in ("dns:///", "ipv4:", "ipv6:"):
+        target = target.removeprefix(scheme)
+    if target.startswith("["):
+        return target[1 : target.find("]")] if "]" in target else target
+    if target.count(":") == 1:
+        return target.rsplit(":", 1)[0]
+    return target
+
+
+def _is_loopback_literal(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _pem_certificates(data: bytes) -> list[x509.Certificate]:
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError:
+        return []
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _client_certificate_problem(credentials: ClientCredentials) -> str | None:
+    """Why the broker would refuse our certificate at the TLS handshake, judged locally
+    (gRPC reports only "Socket closed" when the server rejects a client certificate)."""
+    chain = _pem_certificates(credentials.cert_chain)
+    roots = _pem_certificates(credentials.root_certificates)
+    if not chain:
+        return "the client certificate is not a PEM certificate"
+    leaf = chain[0]
+    now = datetime.now(UTC)
+    if leaf.not_valid_after_utc < now:
+        expired = leaf.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
+        return f"the client certificate expired at {expired}"
+    current = leaf
+    for _ in range(len(chain)):
+        if any(_issued_by(current, root) for root in roots):
+            return None
+        parent = next((c for c in chain[1:] if _issued_by(current, c)), None)
+        if parent is None:
+            break
+        current = parent
+    return (
+        "the client certificate is not issued by the trust domain's CA in the bundle "
+        "(is it from another CA?)"
+    )
+
+
+def _transport_reason(details: str, credentials: ClientCredentials) -> str:
+    """A short reason for an UNAVAILABLE status, from gRPC's long transport message."""
+    lowered = details.lower()
+    if "connection refused" in lowered:
+        return "connection refused (is 'broker serve' running there?)"
+    if "errors resolving" in lowered or "dns resolution failed" in lowered:
+        return "cannot resolve the host name"
+    if "peer name" in lowered and "not in peer certificate" in lowered:
+        return (
+            "TLS handshake failed: the broker's certificate does not name this host "
+            "(connect by 'localhost' or the address it listens on)"
+        )
+    verify = _VERIFY_FAILED.search(details)
+    if verify:
+        return (
+            "TLS handshake failed: the broker's certificate is not trusted by the bundle "
+            f"({verify.group(1).strip()})"
+        )
+    if "handshake" in lowered or "socket closed" in lowered or "ssl" in lowered:
+        problem = _client_certificate_problem(credentials)
+        if problem:
+            return f"TLS handshake failed: {problem}"
+        alert = _TLS_ALERT.search(details)
+        if alert:
+            return f"TLS handshake failed: {alert.group(1).lower().replace('_', ' ')}"
+        if "handshake" in lowered:
+            return "TLS handshake failed"
+        return "the connection was closed (is it a broker, and does it accept this certificate?)"
+    if "timeout" in lowered or "timed out" in lowered:
+        return "connection timed out"
+    # Keep the last clause of "failed to connect to all addresses; last error: ...: reason".
+    return details.rsplit(": ", 1)[-1] or details
+
+
+def _time(ts: timestamp_pb2.Timestamp) -> datetime:
+    return ts.ToDatetime(tzinfo=UTC)
+
+
+def _optional_time(message: Any, field: str) -> datetime | None:
+    if not message.HasField(field):
+        return None
+    return _time(getattr(message, field))
+
+
+def _authority(a: ca_pb2.Authority) -> Authority:
+    return Authority(
+        id=a.id,
+        kind=a.kind,
+        generation=a.generation,
+        state=a.state,
+        not_before=_optional_time(a, "not_before"),
+        not_after=_optional_time(a, "not_after"),
+        activated_at=_optional_time(a, "activated_at"),
+        retired_at=_optional_time(a, "retired_at"),
+        key_uri=a.key_uri,
+        jwt_kid=a.jwt_kid,
+        subject=a.subject,
+        serial=a.serial,
+        fingerprint_sha256=a.fingerprint_sha256,
+    )
+
+
+def _status(s: ca_pb2.GetStatusResponse) -> CAStatus:
+    return CAStatus(
+        trust_domain=s.trust_domain,
+        key_backend=s.key_backend,
+        storage=s.storage,
+        bundle_sequence=s.bundle_sequence,
+        policy_version=s.policy_version,
+        authorities=[_authority(a) for a in s.authorities],
+    )
+
+
+def _audit_entry(e: audit_pb2.AuditEntry) -> AuditEntry:
+    try:
+        event = json.loads(e.event_json) if e.event_json else {}
+    except json.JSONDecodeError:
+        event = {}
+    if not isinstance(event, dict):
+        event = {"event": event}
+    return AuditEntry(seq=e.seq, event=event, event_json=e.event_json, entry_hash=e.entry_hash)
+
+
+def _error(exc: grpc.RpcError, credentials: ClientCredentials) -> ClientError:
+    code = exc.code() if isinstance(exc, grpc.Call) else None
+    details = exc.details() if isinstance(exc, grpc.Call) else None
+    name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+    message = " ".join((details or str(exc) or "no details").split())
+    if name == "UNAVAILABLE" and _TRANSPORT_FAILURE.search(message):
+        return ClientError(name, _transport_reason(message, credentials), details=message)
+    return ClientError(name, message, details=message)
+
+
+class BrokerClient:
+    """A connection to one broker. Not thread-safe to close while calls are running;
+    use it as a context manager or call `close()`.
+
+    `server_name` overrides the name the server's certificate is checked against (by default
+    the host in `target`; IP literals are matched against the certificate's IP SANs).
+    """
+
+    def __init__(
+        self,
+        target: str,
+        credentials: ClientCredentials,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,
+        justification: str | None = None,
+        server_name: str | None = None,
+    ) -> None:
+        self.target = target
+        self._credentials = credentials
+        self._timeout = timeout
+        self._justification = justification
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ]
+        if justification and not (justification.isascii() and justification.isprintable()):
+            raise ClientError("INVALID_ARGUMENT", "the justification must be printable ASCII text")
+        if server_name is None and _is_loopback_literal(_host_of(target)):
+            # The broker's certificate names DNS:localhost (and the IP it listens on, which
+            # may be a wildcard such as 0.0.0.0); over loopback, "localhost" is the same host.
+            server_name = "localhost"
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
+        channel_credentials = grpc.ssl_channel_credentials(
+            root_certificates=credentials.root_certificates,
+            private_key=credentials.private_key,
+            certificate_chain=credentials.cert_chain,
+        )
+        self._channel = grpc.secure_channel(target, channel_credentials, options=options)
+        self._ca = ca_pb2_grpc.CertificateAuthorityStub(self._channel)
+        self._audit = audit_pb2_grpc.AuditStub(self._channel)
+
+    def __enter__(self) -> BrokerClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _metadata(self) -> list[tuple[str, str]]:
+        metadata = [(CORRELATION_HEADER, str(uuid.uuid4()))]
+        if self._justification:
+            metadata.append((JUSTIFICATION_HEADER, self._justification))
+        return metadata
+
+    def _call(self, method: Callable[..., _Response], request: Any) -> _Response:
+        try:
+            return method(request, timeout=self._timeout, metadata=self._metadata())
+        except grpc.RpcError as exc:
+            raise _error(exc, self._credentials) from None
+
+    def mint_x509(
+        self,
+        spiffe_id: str,
+        ttl_seconds: int | None = None,
+        csr: bytes | None = None,
+        dns_names: Sequence[str] = (),
+        key_type: str = "",
+    ) -> X509SVID:
+        """Issue an X.509-SVID. `ttl_seconds=None` leaves the TTL to CA policy; any int
+        (including 0 or a negative number) is sent as is and judged by the server."""
+        request = ca_pb2.MintX509SVIDRequest(
+            spiffe_id=spiffe_id, csr=csr or b"", key_type=key_type, dns_names=list(dns_names)
+        )
+        if ttl_seconds is not None:
+            request.ttl_seconds = ttl_seconds
+        response: ca_pb2.MintX509SVIDResponse = self._call(self._ca.MintX509SVID, request)
+        return X509SVID(
+            spiffe_id=response.spiffe_id,
+            cert_chain=list(response.cert_chain),
+            private_key=response.private_key or None,
+            bundle=list(response.bundle),
+            expires_at=_time(response.expires_at),
+            serial=response.serial,
+        )
+
+    def mint_jwt(
+        self, spiffe_id: str, audience: Sequence[str], ttl_seconds: int | None = None
+    ) -> JWTSVID:
+        """Issue a JWT-SVID; `ttl_seconds` as for `mint_x509`."""
+        request = ca_pb2.MintJWTSVIDRequest(spiffe_id=spiffe_id, audience=list(audience))
+        if ttl_seconds is not None:
+            request.ttl_seconds = ttl_seconds
+        response: ca_pb2.MintJWTSVIDResponse = self._call(self._ca.MintJWTSVID, request)
+        return JWTSVID(
+            spiffe_id=response.spiffe_id,
+            token=response.token,
+            expires_at=_time(response.expires_at),
+        )
+
+    def bundle(self) -> Bundle:
+        response: ca_pb2.GetBundleResponse = self._call(
+            self._ca.GetBundle, ca_pb2.GetBundleRequest()
+        )
+        return Bundle(
+            trust_domain=response.trust_domain,
+            jwks=response.jwks,
+            pem=response.pem,
+            sequence=response.sequence,
+        )
+
+    def status(self) -> CAStatus:
+        response: ca_pb2.GetStatusResponse = self._call(
+            self._ca.GetStatus, ca_pb2.GetStatusRequest()
+        )
+        return _status(response)
+
+    def rotate(self, force: bool = False) -> RotateResult:
+        response: ca_pb2.RotateResponse = self._call(
+            self._ca.Rotate, ca_pb2.RotateRequest(force=force)
+        )
+        return RotateResult(actions=list(response.actions), status=_status(response.status))
+
+    def get_policy(self) -> Policy:
+        response: ca_pb2.GetPolicyResponse = self._call(
+            self._ca.GetPolicy, ca_pb2.GetPolicyRequest()
+        )
+        return Policy(
+            version=response.version,
+            document_json=response.document_json,
+            author=response.author,
+            updated_at=_optional_time(response, "updated_at"),
+        )
+
+    def set_policy(self, document_json: str) -> int:
+        """Replace the CA policy; returns the new version."""
+        response: ca_pb2.SetPolicyResponse = self._call(
+            self._ca.SetPolicy, ca_pb2.SetPolicyRequest(document_json=document_json)
+        )
+        return response.version
+
+    def audit_verify(self) -> AuditVerification:
+        response: audit_pb2.VerifyAuditResponse = self._call(
+            self._audit.Verify, audit_pb2.VerifyAuditRequest()
+        )
+        return AuditVerification(
+            intact=response.intact,
+            entries=response.entries,
+            first_broken_seq=response.first_broken_seq,
+            reason=response.reason,
+        )
+
+    def audit_tail(self, limit: int = 20) -> list[AuditEntry]:
+        """The newest `limit` entries, oldest first."""
+        response: audit_pb2.TailAuditResponse = self._call(
+            self._audit.Tail, audit_pb2.TailAuditRequest(limit=limit)
+        )
+        return [_audit_entry(e) for e in response.entries]
