@@ -1,0 +1,298 @@
+"""Pkcs11Backend specifics on SoftHSM2: key attributes, PINs, lost sessions, module reloads."""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pkcs11
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from pkcs11 import Attribute, ObjectClass
+from pkcs11 import exceptions as p11e
+
+from ca.errors import BadPin, InvalidInput, KeyBackendError, KeyNotFound
+from ca.keys import KeyKind, Pkcs11Backend, open_backend
+from ca.keys.pkcs11 import refresh_module
+from ca.keys.softhsm import SOFTHSM_MODULE, init_token, write_config
+from tests.fixtures import softhsm as softhsm_fixtures
+from tests.fixtures.softhsm import SoftHsmEnv, SoftHsmToken
+
+
+def _open(token: SoftHsmToken, pin: bytes | None = None) -> Pkcs11Backend:
+    return Pkcs11Backend(token.token_label, pin or token.pin, module_path=token.module_path)
+
+
+@pytest.fixture
+def raw_session(pkcs11_backend: Pkcs11Backend, softhsm_token: SoftHsmToken) -> Iterator[Any]:
+    """A plain python-pkcs11 session on the backend's token, independent of the backend.
+
+    The backend has logged the application in, so this session sees private objects too.
+    """
+    lib = pkcs11.lib(softhsm_token.module_path)
+    session = lib.get_token(token_label=softhsm_token.token_label).open()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+def _verify(backend: Pkcs11Backend, label: str) -> None:
+    data = b"check"
+    signature = backend.signer(label).sign(data, ec.ECDSA(hashes.SHA256()))
+    backend.public_key(label).verify(signature, data, ec.ECDSA(hashes.SHA256()))
+
+
+@pytest.mark.parametrize("kind", list(KeyKind))
+def test_keys_are_sensitive_and_never_extractable(
+    pkcs11_backend: Pkcs11Backend, raw_session: Any, kind: KeyKind
+) -> None:
+    pkcs11_backend.create_key("guarded", kind)
+    cls = ObjectClass.PRIVATE_KEY if kind.value.startswith("ec") else ObjectClass.SECRET_KEY
+    [key] = list(raw_session.get_objects({Attribute.LABEL: "guarded", Attribute.CLASS: cls}))
+    assert key[Attribute.SENSITIVE] is True
+    assert key[Attribute.EXTRACTABLE] is False
+    assert key[Attribute.TOKEN] is True
+    assert key[Attribute.PRIVATE] is True
+    assert key[Attribute.NEVER_EXTRACTABLE] is True
+    assert key[Attribute.ID] == b"guarded"
+    with pytest.raises(p11e.AttributeSensitive):
+        key[Attribute.VALUE]
+    props = pkcs11_backend.key_properties("guarded")
+    assert props["sensitive"] is True
+    assert props["extractable"] is False
+    assert props["always_sensitive"] is True
+
+
+def test_ec_private_key_cannot_be_wrapped_out(
+    pkcs11_backend: Pkcs11Backend, raw_session: Any
+) -> None:
+    pkcs11_backend.create_key("ca", KeyKind.EC_P256)
+    pkcs11_backend.create_key("kek", KeyKind.AES_256)
+    [ca_key] = list(
+        raw_session.get_objects({Attribute.LABEL: "ca", Attribute.CLASS: ObjectClass.PRIVATE_KEY})
+    )
+    [kek] = list(
+        raw_session.get_objects({Attribute.LABEL: "kek", Attribute.CLASS: ObjectClass.SECRET_KEY})
+    )
+    with pytest.raises(p11e.PKCS11Error):
+        kek.wrap_key(ca_key, mechanism=pkcs11.Mechanism.AES_KEY_WRAP_PAD)
+
+
+def test_wrong_pin_raises_bad_pin_naming_the_token(softhsm_token: SoftHsmToken) -> None:
+    with pytest.raises(BadPin) as excinfo:
+        _open(softhsm_token, b"wrong-pin-123")
+    message = str(excinfo.value)
+    assert softhsm_token.token_label in message
+    assert "wrong-pin-123" not in message
+    assert softhsm_token.pin.decode() not in message
+    backend = _open(softhsm_token)  # the right PIN still works afterwards
+    backend.close()
+
+
+def test_wrong_pin_is_refused_while_the_token_is_open(
+    pkcs11_backend: Pkcs11Backend, softhsm_token: SoftHsmToken
+) -> None:
+    with pytest.raises(BadPin, match=softhsm_token.token_label):
+        _open(softhsm_token, b"wrong-pin-456")
+    assert not pkcs11_backend.has_key("anything")  # the open backend is unaffected
+
+
+def test_unknown_token_names_the_label(softhsm_env: SoftHsmEnv) -> None:
+    with pytest.raises(KeyBackendError, match="no-such-token-42") as excinfo:
+        Pkcs11Backend("no-such-token-42", b"1234", module_path=softhsm_env.module_path)
+    assert "1234" not in str(excinfo.value)
+
+
+def test_bad_module_path_is_a_backend_error(tmp_path: Path) -> None:
+    with pytest.raises(KeyBackendError, match="cannot load PKCS#11 module"):
+        Pkcs11Backend("broker", b"1234", module_path=str(tmp_path / "missing.so"))
+
+
+def test_lost_session_reconnects(pkcs11_backend: Pkcs11Backend) -> None:
+    pkcs11_backend.create_key("ca", KeyKind.EC_P256)
+    pkcs11_backend.create_key("mac", KeyKind.HMAC_SHA256)
+    signer = pkcs11_backend.signer("ca")
+    tag = pkcs11_backend.mac("mac", b"m")
+    _verify(pkcs11_backend, "ca")
+    assert pkcs11_backend.reconnects == 0
+
+    pkcs11_backend._conn._session.close()  # behind the backend's back (logs out too)
+
+    signature = signer.sign(b"after", ec.ECDSA(hashes.SHA256()))
+    signer.public_key().verify(signature, b"after", ec.ECDSA(hashes.SHA256()))
+    assert pkcs11_backend.reconnects == 1
+    assert pkcs11_backend.mac("mac", b"m") == tag
+    assert pkcs11_backend.reconnects == 1  # one reconnect served both
+
+
+def test_module_reinitialisation_is_survived(pkcs11_backend: Pkcs11Backend) -> None:
+    pkcs11_backend.create_key("ca", KeyKind.EC_P384)
+    public = pkcs11_backend.public_key("ca")
+    refresh_module(pkcs11_backend.module_path)
+    signature = pkcs11_backend.signer("ca").sign(b"x", ec.ECDSA(hashes.SHA384()))
+    public.verify(signature, b"x", ec.ECDSA(hashes.SHA384()))
+    assert pkcs11_backend.reconnects == 1
+
+
+def test_token_created_after_module_load_is_found(
+    pkcs11_backend: Pkcs11Backend, softhsm_env: SoftHsmEnv
+) -> None:
+    pkcs11_backend.create_key("ca", KeyKind.EC_P256)  # the module is loaded and in use
+    late = softhsm_env.new_token()
+    late_backend = _open(late)
+    try:
+        late_backend.create_key("late-ca", KeyKind.EC_P256)
+        _verify(late_backend, "late-ca")
+        assert not late_backend.has_key("ca")
+    finally:
+        late_backend.close()
+    _verify(pkcs11_backend, "ca")  # the first backend reconnected after the reload
+
+
+def test_two_backends_on_one_token_share_the_login(
+    pkcs11_backend: Pkcs11Backend, softhsm_token: SoftHsmToken
+) -> None:
+    second = _open(softhsm_token)
+    try:
+        second.create_key("from-second", KeyKind.EC_P256)
+        assert pkcs11_backend.has_key("from-second")
+        _verify(pkcs11_backend, "from-second")
+    finally:
+        second.close()
+    _verify(pkcs11_backend, "from-second")  # closing one did not log the other out
+    with pytest.raises(KeyBackendError, match="closed"):
+        second.has_key("from-second")
+
+
+def test_key_destroyed_elsewhere_is_not_found(
+    pkcs11_backend: Pkcs11Backend, raw_session: Any, softhsm_token: SoftHsmToken
+) -> None:
+    pkcs11_backend.create_key("ca", KeyKind.EC_P256)
+    signer = pkcs11_backend.signer("ca")
+    rw = pkcs11.lib(softhsm_token.module_path).get_token(token_label=softhsm_token.token_label)
+    session = rw.open(rw=True)
+    try:
+        for obj in list(session.get_objects({Attribute.LABEL: "ca"})):
+            obj.destroy()
+    finally:
+        session.close()
+    with pytest.raises(KeyNotFound):
+        signer.sign(b"x", ec.ECDSA(hashes.SHA256()))
+
+
+def test_open_backend_with_pkcs11_uri(softhsm_token: SoftHsmToken) -> None:
+    backend = open_backend(softhsm_token.uri)
+    try:
+        assert isinstance(backend, Pkcs11Backend)
+        assert backend.description.startswith(f"pkcs11 token={softhsm_token.token_label} (")
+        assert "SoftHSM" in backend.description
+        assert softhsm_token.pin.decode() not in backend.description
+        backend.create_key("via-uri", KeyKind.HMAC_SHA256)
+        assert backend.has_key("via-uri")
+    finally:
+        backend.close()
+
+
+def test_signer_rejects_non_ecdsa_and_odd_digests(pkcs11_backend: Pkcs11Backend) -> None:
+    pkcs11_backend.create_key("ca", KeyKind.EC_P256)
+    signer = pkcs11_backend.signer("ca")
+    with pytest.raises(InvalidInput, match="ECDSA"):
+        signer.sign(b"x", object())  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match="13 bytes"):
+        signer.sign_raw_digest(b"d" * 13)  # type: ignore[attr-defined]
+
+
+def test_concurrent_use_of_two_tokens_is_serialised(
+    pkcs11_backend: Pkcs11Backend, softhsm_env: SoftHsmEnv
+) -> None:
+    """SoftHSM2 runs unlocked under python-pkcs11's C_Initialize(NULL): two threads in the
+    module at once can crash the process. The per-module lock must cover every token."""
+    other = _open(softhsm_env.new_token())
+    try:
+        backends = [pkcs11_backend, other]
+        for b in backends:
+            b.create_key("ca", KeyKind.EC_P256)
+            b.create_key("kek", KeyKind.AES_256)
+        failures: list[BaseException] = []
+
+        def work(b: Pkcs11Backend) -> None:
+            try:
+                signer = b.signer("ca")
+                for i in range(100):
+                    data = b"%d" % i
+                    signer.public_key().verify(
+                        signer.sign(data, ec.ECDSA(hashes.SHA256())),
+                        data,
+                        ec.ECDSA(hashes.SHA256()),
+                    )
+                    assert b.unwrap("kek", b.wrap("kek", b"k" * 16)) == b"k" * 16
+            except BaseException as exc:
+                failures.append(exc)
+
+        threads = [threading.Thread(target=work, args=(backends[i % 2],)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not any(t.is_alive() for t in threads)
+        assert failures == []
+    finally:
+        other.close()
+
+
+# -- SoftHSM2 helpers and fixtures -------------------------------------------------------------
+
+
+def test_write_config_points_softhsm_at_our_directory(tmp_path: Path) -> None:
+    conf = write_config(tmp_path)
+    assert conf == tmp_path / "softhsm2.conf"
+    text = conf.read_text()
+    assert f"directories.tokendir = {tmp_path / 'tokens'}\n" in text
+    assert "objectstore.backend = file\n" in text
+    assert "log.level = ERROR\n" in text
+    assert (tmp_path / "tokens").is_dir()
+    assert write_config(tmp_path) == conf  # idempotent
+
+
+@pytest.mark.parametrize(
+    ("label", "pin", "message"),
+    [
+        ("", b"123456", "token label"),
+        ("x" * 33, b"123456", "token label"),
+        ("ok", b"123", "4 to 255"),
+        ("ok", b"-123456", "must not start"),
+    ],
+)
+def test_init_token_refuses_bad_input(tmp_path: Path, label: str, pin: bytes, message: str) -> None:
+    with pytest.raises(InvalidInput, match=message) as excinfo:
+        init_token(tmp_path, label, pin, b"so-pin-1234")
+    assert pin.decode() not in str(excinfo.value)
+
+
+def test_fixtures_skip_locally_and_fail_in_ci_without_softhsm(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(
+        softhsm_fixtures, "softhsm_missing", lambda module: ["softhsm2-util (Debian package)"]
+    )
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="softhsm2-util"):
+        softhsm_fixtures._require_softhsm()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI must install softhsm2"):
+        softhsm_fixtures._require_softhsm()
+
+
+def test_softhsm_token_fixture_fields(softhsm_token: SoftHsmToken) -> None:
+    assert softhsm_token.conf_path.is_file()
+    assert os.environ["SOFTHSM2_CONF"] == str(softhsm_token.conf_path)
+    assert softhsm_token.module_path == SOFTHSM_MODULE
+    assert softhsm_token.pin_file.read_bytes() == softhsm_token.pin + b"\n"
+    assert stat.S_IMODE(softhsm_token.pin_file.stat().st_mode) == 0o600
+    assert f"token={softhsm_token.token_label}" in softhsm_token.uri
