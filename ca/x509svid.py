@@ -1,0 +1,475 @@
+"""X.509 certificate profiles: the trust domain's root, its issuing CAs and X509-SVID leaves.
+
+Hierarchy: root (self-signed, in the trust bundle) -> issuing CA (pathlen 0, rotated often) ->
+leaf SVID. Workloads receive `leaf + issuing CA` as their chain and the root(s) as their bundle,
+so rotating the issuing CA never invalidates an SVID that is still within its validity.
+
+Every builder takes only a *signer* (`ec.EllipticCurvePrivateKey` whose `sign()` may run in an
+HSM); no code here ever asks a key for its private bytes. Times come from the caller (`now`),
+never from the system clock.
+
+Leaf profile (X509-SVID standard, section 3-4):
+- exactly one URI SAN, the SPIFFE ID; the SAN is critical when the subject is empty (default);
+  optional DNS SANs;
+- BasicConstraints CA:false (critical); KeyUsage critical digitalSignature only (plus
+  keyEncipherment for RSA keys), never keyCertSign/cRLSign; EKU serverAuth + clientAuth;
+- SKI and AKI; a random positive serial with at least 64 bits of entropy;
+- notBefore backdated by a small clock skew allowance, never before the issuer's notBefore;
+  notAfter = min(now + ttl, issuer notAfter), and never more than `HARD_MAX_TTL` after now.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Iterable, Sequence
+from typing import Final
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+from ca.clock import utc
+from ca.csr import SubjectPublicKey, key_type_of
+from ca.duration import format_duration
+from ca.errors import (
+    CAStateError,
+    IntegrityError,
+    InvalidInput,
+    InvalidSpiffeId,
+    InvalidTTL,
+    PolicyViolation,
+)
+from ca.policy import HARD_MAX_TTL
+from ca.spiffeid import SpiffeId, TrustDomain
+
+__all__ = [
+    "DEFAULT_BACKDATE",
+    "IssuedSVID",
+    "build_intermediate",
+    "build_leaf",
+    "build_root",
+    "chain_der",
+    "chain_pem",
+    "spiffe_id_of",
+    "verify_chain",
+]
+
+DEFAULT_BACKDATE: Final = dt.timedelta(seconds=30)
+"""How far notBefore is set before `now`, to tolerate clock skew between hosts."""
+
+_UB_NAME: Final = 64
+_MAX_BACKDATE: Final = dt.timedelta(minutes=10)
+_HASH_FOR_CURVE: Final[dict[str, type[hashes.SHA256 | hashes.SHA384 | hashes.SHA512]]] = {
+    "secp256r1": hashes.SHA256,
+    "secp384r1": hashes.SHA384,
+    "secp521r1": hashes.SHA512,
+}
+_CA_KEY_USAGE: Final = x509.KeyUsage(
+    digital_signature=False,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=True,
+    crl_sign=True,
+    encipher_only=False,
+    decipher_only=False,
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class IssuedSVID:
+    """An issued X509-SVID. `chain` is leaf first, then intermediates; never the root."""
+
+    cert: x509.Certificate
+    chain: tuple[x509.Certificate, ...]
+    not_after: dt.datetime
+    serial: int
+
+    @classmethod
+    def of(cls, cert: x509.Certificate, intermediates: Sequence[x509.Certificate]) -> IssuedSVID:
+        return cls(
+            cert=cert,
+            chain=(cert, *intermediates),
+            not_after=cert.not_valid_after_utc,
+            serial=cert.serial_number,
+        )
+
+    @property
+    def spiffe_id(self) -> SpiffeId:
+        return spiffe_id_of(self.cert)
+
+    def chain_der(self) -> bytes:
+        """Concatenated DER, leaf first (the Workload API's `x509_svid` field)."""
+        return chain_der(self.chain)
+
+    def chain_pem(self) -> bytes:
+        return chain_pem(self.chain)
+
+
+def chain_pem(certs: Iterable[x509.Certificate]) -> bytes:
+    """Concatenated PEM of `certs`, in the given order."""
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+
+
+def chain_der(certs: Iterable[x509.Certificate]) -> bytes:
+    """Concatenated DER of `certs`, in the given order."""
+    return b"".join(c.public_bytes(serialization.Encoding.DER) for c in certs)
+
+
+def spiffe_id_of(cert: x509.Certificate) -> SpiffeId:
+    """The SPIFFE ID in `cert`'s URI SAN.
+
+    Raises `InvalidInput` unless the certificate has exactly one URI SAN and it is a valid
+    `spiffe://` ID (`InvalidSpiffeId` for a malformed one).
+    """
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise InvalidInput("certificate has no subjectAltName, so no SPIFFE ID") from None
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType):
+        raise InvalidInput("certificate extensions are malformed") from None
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    if len(uris) != 1:
+        raise InvalidInput(
+            f"certificate has {len(uris)} URI SANs; an X509-SVID has exactly one (its SPIFFE ID)"
+        )
+    return SpiffeId.parse(uris[0])
+
+
+def _hash_for(signer: ec.EllipticCurvePrivateKey) -> hashes.SHA256 | hashes.SHA384 | hashes.SHA512:
+    try:
+        return _HASH_FOR_CURVE[signer.curve.name]()
+    except KeyError:
+        raise CAStateError(
+            f"signer curve {signer.curve.name} is not supported; use P-256 or P-384"
+        ) from None
+
+
+def _same_public_key(a: object, b: object) -> bool:
+    def encode(key: object) -> bytes:
+        if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+            return b""
+        return key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    encoded = encode(a)
+    return bool(encoded) and encoded == encode(b)
+
+
+def _check_ttl(ttl: dt.timedelta, what: str) -> None:
+    if not isinstance(ttl, dt.timedelta):
+        raise InvalidTTL(f"{what} TTL must be a timedelta")
+    if ttl <= dt.timedelta(0):
+        raise InvalidTTL(f"{what} TTL must be positive, got {format_duration(ttl)}")
+
+
+def _check_backdate(backdate: dt.timedelta) -> None:
+    if not dt.timedelta(0) <= backdate <= _MAX_BACKDATE:
+        raise InvalidInput(
+            f"backdate {format_duration(backdate)} is outside 0s..{format_duration(_MAX_BACKDATE)}"
+        )
+
+
+def _check_issuer(
+    signer: ec.EllipticCurvePrivateKey, issuer_cert: x509.Certificate, now: dt.datetime
+) -> None:
+    if not _same_public_key(signer.public_key(), issuer_cert.public_key()):
+        raise CAStateError(
+            "issuer signer does not match the issuer certificate's public key; "
+            "refusing to issue a certificate that would not verify"
+        )
+    try:
+        constraints = issuer_cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        constraints = None
+    if constraints is None or not constraints.ca:
+        raise CAStateError("issuer certificate is not a CA (BasicConstraints CA:true missing)")
+    if issuer_cert.not_valid_after_utc <= now:
+        raise CAStateError(
+            f"issuer certificate expired at {issuer_cert.not_valid_after_utc.isoformat()}; "
+            "rotate the CA before issuing"
+        )
+    if issuer_cert.not_valid_before_utc > now:
+        raise CAStateError(
+            f"issuer certificate is not valid before {issuer_cert.not_valid_before_utc.isoformat()}"
+        )
+
+
+def _issuer_key_identifier(issuer_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:
+    try:
+        ski = issuer_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        ski = x509.SubjectKeyIdentifier.from_public_key(issuer_cert.public_key())
+    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+
+
+def _ca_name(trust_domain: TrustDomain, common_name: str) -> x509.Name:
+    # RFC 5280 upper bounds: 64 characters for O and CN; trust domains may be up to 255 bytes.
+    if not isinstance(common_name, str) or not 0 < len(common_name) <= _UB_NAME:
+        raise InvalidInput(f"CA subject common name must be 1..{_UB_NAME} characters")
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, trust_domain.name[:_UB_NAME]),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def build_root(
+    signer: ec.EllipticCurvePrivateKey,
+    trust_domain: TrustDomain | str,
+    now: dt.datetime,
+    ttl: dt.timedelta,
+    *,
+    subject_cn: str | None = None,
+    path_length: int | None = 1,
+    backdate: dt.timedelta = DEFAULT_BACKDATE,
+) -> x509.Certificate:
+    """A self-signed root CA for `trust_domain`, valid from `now - backdate` to `now + ttl`.
+
+    CA:true (critical, `path_length` 1 by default: root -> issuing CA -> leaf); KeyUsage critical
+    keyCertSign + cRLSign; SKI; AKI = own SKI; subject O=<trust domain>, CN=`subject_cn`; URI SAN
+    `spiffe://<td>` (non-critical, the subject is not empty).
+    """
+    td = TrustDomain.of(trust_domain)
+    _check_ttl(ttl, "root CA")
+    _check_backdate(backdate)
+    now = utc(now)
+    name = _ca_name(td, subject_cn or "SPIFFE root CA")
+    public_key = signer.public_key()
+    ski = x509.SubjectKeyIdentifier.from_public_key(public_key)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - backdate)
+        .not_valid_after(now + ttl)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
+        .add_extension(_CA_KEY_USAGE, critical=True)
+        .add_extension(ski, critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+        )
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(td.id_string)]),
+            critical=False,
+        )
+    )
+    return builder.sign(signer, _hash_for(signer))
+
+
+def build_intermediate(
+    root_signer: ec.EllipticCurvePrivateKey,
+    root_cert: x509.Certificate,
+    issuing_public_key: ec.EllipticCurvePublicKey,
+    trust_domain: TrustDomain | str,
+    now: dt.datetime,
+    ttl: dt.timedelta,
+    *,
+    subject_cn: str | None = None,
+    backdate: dt.timedelta = DEFAULT_BACKDATE,
+) -> x509.Certificate:
+    """An issuing CA signed by the root: CA:true pathlen 0, KeyUsage keyCertSign + cRLSign.
+
+    notAfter is capped at the root's notAfter and notBefore never precedes the root's. Raises
+    `CAStateError` if `root_signer` does not match `root_cert`, or the root is not currently
+    valid; `InvalidTTL` for a non-positive `ttl`.
+    """
+    td = TrustDomain.of(trust_domain)
+    _check_ttl(ttl, "issuing CA")
+    _check_backdate(backdate)
+    now = utc(now)
+    _check_issuer(root_signer, root_cert, now)
+    if not isinstance(issuing_public_key, ec.EllipticCurvePublicKey):
+        raise InvalidInput("issuing CA key must be an EC public key (P-256 or P-384)")
+    not_before = max(now - backdate, root_cert.not_valid_before_utc)
+    not_after = min(now + ttl, root_cert.not_valid_after_utc)
+    ski = x509.SubjectKeyIdentifier.from_public_key(issuing_public_key)
+    # A distinct name per issuing key keeps generations apart in logs and path building.
+    name = _ca_name(td, subject_cn or f"SPIFFE issuing CA {ski.digest.hex()[:16]}")
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(root_cert.subject)
+        .public_key(issuing_public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_CA_KEY_USAGE, critical=True)
+        .add_extension(ski, critical=False)
+        .add_extension(_issuer_key_identifier(root_cert), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(td.id_string)]),
+            critical=False,
+        )
+    )
+    return builder.sign(root_signer, _hash_for(root_signer))
+
+
+def _normalize_dns(dns_names: Iterable[str]) -> list[str]:
+    result: list[str] = []
+    for raw in dns_names:
+        if not isinstance(raw, str):
+            raise InvalidInput("DNS names must be strings")
+        name = raw.lower()
+        labels = name.split(".")
+        if labels and labels[0] == "*":
+            labels = labels[1:]
+        ok = (
+            0 < len(name) <= 253
+            and len(labels) >= 1
+            and all(
+                0 < len(label) <= 63
+                and label[0] != "-"
+                and label[-1] != "-"
+                and all(c in "abcdefghijklmnopqrstuvwxyz0123456789-" for c in label)
+                for label in labels
+            )
+        )
+        if not ok:
+            raise InvalidInput(
+                f"DNS name {raw[:80]!r} is not a valid hostname (ASCII letters, digits and '-', "
+                "labels of 1..63 characters separated by '.', optional leading '*.')"
+            )
+        if name not in result:
+            result.append(name)
+    return result
+
+
+def build_leaf(
+    issuer_signer: ec.EllipticCurvePrivateKey,
+    issuer_cert: x509.Certificate,
+    public_key: SubjectPublicKey,
+    spiffe_id: SpiffeId | str,
+    now: dt.datetime,
+    ttl: dt.timedelta,
+    dns_names: Iterable[str] = (),
+    subject: x509.Name | None = None,
+    *,
+    backdate: dt.timedelta = DEFAULT_BACKDATE,
+) -> x509.Certificate:
+    """An X509-SVID leaf for `spiffe_id`, signed by the issuing CA (see the module docstring).
+
+    TTL policy is the caller's (`ca.policy`); this function still refuses a non-positive `ttl`
+    (`InvalidTTL`) and one above `HARD_MAX_TTL` (`PolicyViolation`), refuses an ID without a path
+    or outside the issuer's trust domain (`InvalidSpiffeId`), an unsupported subject key or bad
+    DNS name (`InvalidInput`), and an issuer that is expired, not a CA or does not match its
+    signer (`CAStateError`).
+    """
+    sid = spiffe_id if isinstance(spiffe_id, SpiffeId) else SpiffeId.parse(spiffe_id)
+    sid.require_workload()
+    _check_ttl(ttl, "X509-SVID")
+    if ttl > HARD_MAX_TTL:
+        raise PolicyViolation(
+            f"X509-SVID TTL {format_duration(ttl)} exceeds the hard ceiling of "
+            f"{format_duration(HARD_MAX_TTL)}"
+        )
+    _check_backdate(backdate)
+    now = utc(now)
+    _check_issuer(issuer_signer, issuer_cert, now)
+    try:
+        issuer_id: SpiffeId | None = spiffe_id_of(issuer_cert)
+    except InvalidInput:
+        issuer_id = None
+    if issuer_id is not None and not sid.member_of(issuer_id.trust_domain):
+        raise InvalidSpiffeId(
+            f"SPIFFE ID {sid.id_string!r} is not in the issuer's trust domain "
+            f"{issuer_id.trust_domain!r}"
+        )
+    key_type = key_type_of(public_key)
+    dns = _normalize_dns(dns_names)
+    name = subject if subject is not None else x509.Name([])
+    san_names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(sid.id_string)]
+    san_names.extend(x509.DNSName(d) for d in dns)
+    is_rsa = key_type.startswith("rsa-")
+    key_usage = x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=is_rsa,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer_cert.subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(max(now - backdate, issuer_cert.not_valid_before_utc))
+        .not_valid_after(min(now + ttl, issuer_cert.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(key_usage, critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(_issuer_key_identifier(issuer_cert), critical=False)
+        .add_extension(x509.SubjectAlternativeName(san_names), critical=len(name.rdns) == 0)
+    )
+    return builder.sign(issuer_signer, _hash_for(issuer_signer))
+
+
+def _check_leaf_profile(leaf: x509.Certificate) -> SpiffeId:
+    """SPIFFE leaf validation (X509-SVID section 5.2) on top of RFC 5280 path validation."""
+    try:
+        sid = spiffe_id_of(leaf).require_workload()
+    except InvalidInput as exc:
+        raise IntegrityError(f"certificate is not an X509-SVID: {exc}") from None
+    extensions = leaf.extensions
+    try:
+        constraints = extensions.get_extension_for_class(x509.BasicConstraints).value
+        usage = extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound as exc:
+        raise IntegrityError(f"X509-SVID lacks a required extension: {exc}") from None
+    if constraints.ca:
+        raise IntegrityError("X509-SVID leaf has CA:true; a leaf must be CA:false")
+    if not usage.digital_signature or usage.key_cert_sign or usage.crl_sign:
+        raise IntegrityError(
+            "X509-SVID leaf KeyUsage must have digitalSignature and neither keyCertSign nor cRLSign"
+        )
+    return sid
+
+
+def verify_chain(
+    leaf: x509.Certificate,
+    intermediates: Sequence[x509.Certificate],
+    roots: Sequence[x509.Certificate],
+    now: dt.datetime,
+    *,
+    trust_domain: TrustDomain | str | None = None,
+) -> None:
+    """Verify `leaf` as an X509-SVID against `roots` at time `now`; raise `IntegrityError`.
+
+    RFC 5280 path validation is done by cryptography's verifier (`build_client_verifier`,
+    which accepts SPIFFE leaves: empty subject, URI-only SAN, EKU clientAuth required). On top
+    of it: exactly one `spiffe://` URI SAN with a path, CA:false, KeyUsage digitalSignature
+    without keyCertSign/cRLSign, and, if `trust_domain` is given, membership in it.
+    """
+    if not roots:
+        raise IntegrityError("no trust anchors: the trust bundle holds no X.509 authorities")
+    sid = _check_leaf_profile(leaf)
+    if trust_domain is not None and not sid.member_of(trust_domain):
+        raise IntegrityError(
+            f"X509-SVID {sid.id_string!r} is not in trust domain "
+            f"{TrustDomain.of(trust_domain).name!r}"
+        )
+    verifier = PolicyBuilder().store(Store(list(roots))).time(utc(now)).build_client_verifier()
+    try:
+        verifier.verify(leaf, list(intermediates))
+    except VerificationError as exc:
+        raise IntegrityError(f"X509-SVID {sid.id_string!r} does not verify: {exc}") from None
