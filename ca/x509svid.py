@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import ipaddress
 from collections.abc import Iterable, Sequence
 from typing import Final
 
@@ -355,8 +356,12 @@ def build_leaf(
     subject: x509.Name | None = None,
     *,
     backdate: dt.timedelta = DEFAULT_BACKDATE,
+    ip_addresses: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address] = (),
 ) -> x509.Certificate:
     """An X509-SVID leaf for `spiffe_id`, signed by the issuing CA (see the module docstring).
+
+    `ip_addresses` adds IP SANs, for serving certificates reached by address (the broker's
+    own); the SPIFFE ID stays the only URI SAN.
 
     TTL policy is the caller's (`ca.policy`); this function still refuses a non-positive `ttl`
     (`InvalidTTL`) and one above `HARD_MAX_TTL` (`PolicyViolation`), refuses an ID without a path
@@ -389,6 +394,7 @@ def build_leaf(
     name = subject if subject is not None else x509.Name([])
     san_names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(sid.id_string)]
     san_names.extend(x509.DNSName(d) for d in dns)
+    san_names.extend(x509.IPAddress(ip) for ip in ip_addresses)
     is_rsa = key_type.startswith("rsa-")
     key_usage = x509.KeyUsage(
         digital_signature=True,

@@ -58,8 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         current = {p.name: p.read_text() for p in OUT.glob("*.py*")} if OUT.exists() else {}
         if current != files:
-            print("generated code in broker/api/_proto is stale: run python -m broker.api.codegen",
-                  file=sys.stderr)
+            print(
+                "generated code in broker/api/_proto is stale: run python -m broker.api.codegen",
+                file=sys.stderr,
+            )
             return 1
         return 0
     OUT.mkdir(exist_ok=True)

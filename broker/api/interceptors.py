@@ -1,0 +1,246 @@
+"""The interceptor chain every RPC passes:
+
+    authenticate -> rate limit -> authorize (policy) -> audit (fail closed) -> servicer
+
+Servicers raise domain errors; this module turns them into status codes (through
+`broker.api.status`) after the audit event, carrying the outcome, has been committed.
+Health checks and reflection are authenticated, rate limited and authorized like everything
+else but not written to the ledger (they carry no data and would drown it).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from broker.audit import AuditLedger
+from broker.errors import AuditWriteFailed, BrokerError, PermissionDenied, Unauthenticated
+from broker.identity import Authenticator
+from broker.policy import Caller, Policy
+from broker.ratelimit import RateLimiter
+from ca.clock import Clock
+
+from .status import to_status
+
+__all__ = ["CallContext", "MethodSpec", "RequestPipeline", "current_call"]
+
+CORRELATION_HEADER = "x-correlation-id"
+JUSTIFICATION_HEADER = "x-broker-justification"
+_CORRELATION_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_MAX_JUSTIFICATION = 1024
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """How the pipeline treats one RPC: its action name, how to name the resource from the
+    request, and whether it is written to the audit ledger."""
+
+    action: str
+    resource: Callable[[Any], str] = lambda _request: ""
+    audited: bool = True
+
+
+@dataclass
+class CallContext:
+    caller: Caller
+    correlation_id: str
+    justification: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+_CURRENT: contextvars.ContextVar[CallContext] = contextvars.ContextVar("broker_call")
+
+
+def current_call() -> CallContext:
+    """The context of the request being served (set by the pipeline before the servicer)."""
+    return _CURRENT.get()
+
+
+def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in context.invocation_metadata() or ():
+        if isinstance(value, str):
+            out[key] = value
+    return out
+
+
+class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    def __init__(
+        self,
+        specs: Mapping[str, MethodSpec],
+        authenticator: Authenticator,
+        limiter: RateLimiter,
+        policy: Policy,
+        ledger: AuditLedger,
+        clock: Clock,
+    ) -> None:
+        self._specs = specs
+        self._auth = authenticator
+        self._limiter = limiter
+        self._policy = policy
+        self._ledger = ledger
+        self._clock = clock
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        method: str = details.method
+        cached = self._wrapped.get(method)
+        if cached is not None:
+            return cached
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        wrapped = self._wrap(method, handler)
+        self._wrapped[method] = wrapped
+        return wrapped
+
+    # -- wrapping -------------------------------------------------------------------------
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        spec = self._specs.get(method)
+        kwargs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                return await self._unary(method, spec, inner, request, context)
+
+            return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
+        if handler.unary_stream is not None:
+            inner_us = handler.unary_stream
+
+            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                await self._admit(method, spec, request, context)
+                async for item in inner_us(request, context):
+                    yield item
+
+            return grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)
+        if handler.stream_stream is not None:
+            inner_ss = handler.stream_stream
+
+            async def stream_stream(
+                requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+            ) -> Any:
+                await self._admit(method, spec, None, context)
+                async for item in inner_ss(requests, context):
+                    yield item
+
+            return grpc.stream_stream_rpc_method_handler(stream_stream, **kwargs)
+        inner_su = handler.stream_unary
+
+        async def stream_unary(
+            requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+        ) -> Any:
+            await self._admit(method, spec, None, context)
+            return await inner_su(requests, context)
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary, **kwargs)
+
+    # -- the chain ------------------------------------------------------------------------
+
+    def _authorize(
+        self, method: str, spec: MethodSpec | None, request: Any, context: grpc.aio.ServicerContext
+    ) -> tuple[Caller, str, str, str]:
+        """authenticate -> rate limit -> authorize. Returns (caller, action, resource, reason)
+        or raises a BrokerError."""
+        caller = self._auth.caller(context.auth_context())
+        self._limiter.check(caller.spiffe_id)
+        if spec is None:
+            raise PermissionDenied(f"no policy covers {method}; refused")
+        resource = spec.resource(request) if request is not None else ""
+        decision = self._policy.decide(caller, spec.action, resource)
+        if not decision.allowed:
+            raise PermissionDenied(decision.reason)
+        return caller, spec.action, resource, decision.reason
+
+    async def _admit(
+        self, method: str, spec: MethodSpec | None, request: Any, context: grpc.aio.ServicerContext
+    ) -> None:
+        try:
+            self._authorize(method, spec, request, context)
+        except BrokerError as exc:
+            code, message = to_status(exc, "-")
+            await context.abort(code, message)
+
+    async def _unary(
+        self,
+        method: str,
+        spec: MethodSpec | None,
+        inner: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
+        request: Any,
+        context: grpc.aio.ServicerContext,
+    ) -> Any:
+        started = time.perf_counter()
+        meta = _metadata(context)
+        correlation_id = meta.get(CORRELATION_HEADER, "")
+        if not _CORRELATION_RE.match(correlation_id):
+            correlation_id = uuid.uuid4().hex
+        justification = meta.get(JUSTIFICATION_HEADER, "")[:_MAX_JUSTIFICATION]
+        context.set_trailing_metadata(((CORRELATION_HEADER, correlation_id),))
+
+        who, action, resource, decision, reason = "unauthenticated", "", "", "deny", ""
+        response: Any = None
+        error: BaseException | None = None
+        call: CallContext | None = None
+        try:
+            caller, action, resource, reason = self._authorize(method, spec, request, context)
+            who, decision = caller.spiffe_id, "allow"
+            call = CallContext(caller, correlation_id, justification)
+            token = _CURRENT.set(call)
+            try:
+                response = await inner(request, context)
+            finally:
+                _CURRENT.reset(token)
+        except Unauthenticated as exc:
+            error, reason = exc, str(exc)
+        except PermissionDenied as exc:
+            error, reason = exc, str(exc)
+            if who != "unauthenticated" and spec is not None:
+                action = spec.action
+        except Exception as exc:  # mapped to a status below; never re-raised to gRPC
+            error = exc
+        code, message = (
+            (grpc.StatusCode.OK, "") if error is None else to_status(error, correlation_id)
+        )
+
+        if spec is None or spec.audited:
+            event: dict[str, Any] = {
+                "when": self._clock.now().isoformat(timespec="microseconds"),
+                "who": who,
+                "what": action or method,
+                "method": method,
+                "resource": resource,
+                "where": context.peer(),
+                "why": justification,
+                "correlation_id": correlation_id,
+                "decision": decision,
+                "reason": reason,
+                "outcome": code.name,
+                "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+            }
+            if error is not None:
+                event["error"] = message
+            if call is not None and call.details:
+                event["details"] = call.details
+            try:
+                await self._ledger.record(event)
+            except AuditWriteFailed as exc:
+                code, message = to_status(exc, correlation_id)
+                error = exc
+        if error is not None:
+            await context.abort(code, message)
+        return response

@@ -1,0 +1,109 @@
+"""The grpc.aio server: mTLS with a serving certificate from the broker's own CA (swapped in
+on renewal without a restart), the request pipeline, health checking and reflection, and
+bounded message sizes."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from broker.app import TLSMaterial
+from broker.errors import Unavailable
+
+from ._proto import audit_pb2, audit_pb2_grpc, ca_pb2, ca_pb2_grpc
+from .interceptors import RequestPipeline
+from .servicers import METHOD_SPECS, AuditServicer, CertificateAuthorityServicer
+
+__all__ = ["ServingCredentials", "TLSMaterial", "start_server"]
+
+
+class ServingCredentials:
+    """Holds the current serving certificate. gRPC asks on every new handshake; after
+    `update()` new connections get the new certificate and trust bundle."""
+
+    def __init__(self, material: TLSMaterial) -> None:
+        self._lock = threading.Lock()
+        self._material = material
+        self._fresh = False
+
+    def update(self, material: TLSMaterial) -> None:
+        with self._lock:
+            self._material, self._fresh = material, True
+
+    def _config(self, material: TLSMaterial) -> grpc.ServerCertificateConfiguration:
+        return grpc.ssl_server_certificate_configuration(
+            [(material.key_pem, material.chain_pem)], root_certificates=material.client_roots_pem
+        )
+
+    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        with self._lock:
+            if not self._fresh:
+                return None
+            self._fresh = False
+            return self._config(self._material)
+
+    def credentials(self) -> grpc.ServerCredentials:
+        with self._lock:
+            initial = self._config(self._material)
+        return grpc.dynamic_ssl_server_credentials(
+            initial, self._fetch, require_client_authentication=True
+        )
+
+
+async def start_server(
+    *,
+    listen: str,
+    credentials: ServingCredentials,
+    pipeline: RequestPipeline,
+    ca: CertificateAuthorityServicer,
+    audit: AuditServicer,
+    max_message_bytes: int,
+    reuse_port: bool = False,
+) -> tuple[grpc.aio.Server, int]:
+    """Start serving; returns the server and the bound port. Raises Unavailable if the
+    address cannot be bound."""
+    missing = {
+        f"/{s.full_name}/{m.name}"
+        for s in (
+            ca_pb2.DESCRIPTOR.services_by_name["CertificateAuthority"],
+            audit_pb2.DESCRIPTOR.services_by_name["Audit"],
+        )
+        for m in s.methods
+    } - METHOD_SPECS.keys()
+    assert not missing, f"RPCs without a method spec: {sorted(missing)}"
+    server = grpc.aio.server(
+        interceptors=[pipeline],
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ],
+    )
+    ca_pb2_grpc.add_CertificateAuthorityServicer_to_server(ca, server)
+    audit_pb2_grpc.add_AuditServicer_to_server(audit, server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    names = (
+        ca_pb2.DESCRIPTOR.services_by_name["CertificateAuthority"].full_name,
+        audit_pb2.DESCRIPTOR.services_by_name["Audit"].full_name,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    )
+    reflection.enable_server_reflection(names, server)
+    try:
+        port = server.add_secure_port(listen, credentials.credentials())
+    except RuntimeError as exc:
+        raise Unavailable(f"cannot listen on {listen}: {exc}") from exc
+    if port == 0:
+        raise Unavailable(f"cannot listen on {listen}: address in use or not available")
+    await server.start()
+    for name in names[:2]:
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    return server, port

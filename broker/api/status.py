@@ -1,0 +1,47 @@
+"""The one place where domain errors become gRPC status codes.
+
+Messages of known errors go to the client as they are (they are written to be acted on and
+never carry secrets); anything unexpected becomes INTERNAL with the correlation id only, and
+its traceback goes to the server log, never to the client.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from broker import errors
+from ca import errors as ca_errors
+
+__all__ = ["to_status"]
+
+log = logging.getLogger(__name__)
+
+_MAP: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (ca_errors.InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
+    (ca_errors.PolicyViolation, grpc.StatusCode.PERMISSION_DENIED),
+    (ca_errors.IntegrityError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ca_errors.KeyBackendError, grpc.StatusCode.UNAVAILABLE),
+    (ca_errors.CAStateError, grpc.StatusCode.UNAVAILABLE),
+)
+
+
+def to_status(exc: BaseException, correlation_id: str) -> tuple[grpc.StatusCode, str]:
+    """Map an exception raised while serving a request to (code, client-facing message)."""
+    for kind, code in _MAP:
+        if isinstance(exc, kind):
+            message = str(exc) or kind.__name__
+            if code is grpc.StatusCode.UNAVAILABLE:
+                log.warning("unavailable [%s]: %s", correlation_id, message)
+            return code, message
+    log.error("internal error [%s]", correlation_id, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error; correlation id {correlation_id}"

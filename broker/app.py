@@ -1,0 +1,189 @@
+"""Wiring of the domain objects for one broker process, and its background jobs.
+
+No grpc here: `broker.api.server` serves what this builds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import ipaddress
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from broker.audit import AuditLedger
+from broker.authority import CAService, CAServiceConfig
+from broker.config import Config
+from broker.identity import Authenticator
+from broker.policy import DefaultPolicy
+from broker.ratelimit import RateLimiter
+from broker.storage.interface import Storage
+from ca.clock import Clock
+from ca.keys import KeyBackend
+from ca.layout import IdentityLayout
+from ca.spiffeid import SpiffeId
+
+__all__ = ["Application", "TLSMaterial", "write_private_file"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TLSMaterial:
+    key_pem: bytes
+    chain_pem: bytes  # leaf first
+    client_roots_pem: bytes  # the trust bundle: client certificates must chain to it
+    not_after: dt.datetime
+
+
+def write_private_file(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write atomically (temp file + rename); the file is created with `mode` from the start."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+class Application:
+    """One broker process: storage, keys, the CA, the ledger, policy, limits."""
+
+    def __init__(self, config: Config, keys: KeyBackend, storage: Storage, clock: Clock) -> None:
+        self.config = config
+        self.keys = keys
+        self.storage = storage
+        self.clock = clock
+        self.layout = IdentityLayout(config.identity.template, config.identity.default_tenant)
+        self.ca = CAService(
+            CAServiceConfig(
+                trust_domain=config.trust_domain,
+                backend_uri=config.keys.uri,
+                key_type=config.ca.key_type,
+                root_ttl=config.ca.root_ttl,
+                issuing_ttl=config.ca.issuing_ttl,
+                backdate=config.ca.backdate,
+                bundle_refresh_hint=config.ca.bundle_refresh_hint,
+            ),
+            keys,
+            storage,
+            clock,
+        )
+        self.ledger = AuditLedger(storage, keys)
+        self.policy = DefaultPolicy(config.server.operators)
+        self.limiter = RateLimiter(
+            clock, config.server.rate_limit_rps, config.server.rate_limit_burst
+        )
+        self.authenticator = Authenticator(
+            config.trust_domain, config.server.operators, self.layout
+        )
+        self.server_id = SpiffeId.from_segments(config.trust_domain, "broker", "server")
+        self._operator_expiry: dt.datetime | None = None
+
+    async def start(self) -> None:
+        """Migrate storage, make sure the CA and the audit key exist, start the ledger."""
+        await self.storage.migrate()
+        self.ledger.ensure_key()
+        await self.ca.bootstrap()
+        self.ledger.start()
+
+    async def close(self) -> None:
+        await self.ledger.stop()
+        await self.storage.close()
+        self.keys.close()
+
+    # -- the broker's own identities -------------------------------------------------------
+
+    def serving_material(self) -> TLSMaterial:
+        """A fresh serving key and certificate (kept in memory only, never on disk)."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        names = self.config.server.server_names
+        dns = [n for n in names if not _is_ip(n)]
+        ips = [ipaddress.ip_address(n) for n in names if _is_ip(n)]
+        leaf, issuer = self.ca.issue_internal(
+            self.server_id,
+            key.public_key(),
+            self.config.server.server_cert_ttl,
+            dns_names=dns,
+            ip_addresses=ips,
+        )
+        chain = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (leaf, issuer))
+        return TLSMaterial(
+            _pem_key(key), chain, self.ca.trust_bundle_pem(), leaf.not_valid_after_utc
+        )
+
+    def write_operator_identity(self) -> None:
+        """Issue the bootstrap operator identity for the CLI into the data dir (key 0600)."""
+        operator = SpiffeId.parse(self.config.server.operators[0])
+        key = ec.generate_private_key(ec.SECP256R1())
+        leaf, issuer = self.ca.issue_internal(
+            operator, key.public_key(), self.config.server.server_cert_ttl
+        )
+        out = self.config.operator_dir
+        write_private_file(out / "key.pem", _pem_key(key))
+        write_private_file(
+            out / "svid.pem",
+            b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (leaf, issuer)),
+            0o644,
+        )
+        write_private_file(self.config.bundle_path, self.ca.trust_bundle_pem(), 0o644)
+        self._operator_expiry = leaf.not_valid_after_utc
+
+    # -- background jobs --------------------------------------------------------------------
+
+    async def run_background(
+        self, serving: TLSMaterial, on_serving: Callable[[TLSMaterial], None]
+    ) -> None:
+        """Run the rotation schedule, pick up policy changes, and renew the serving and
+        operator certificates at half their life. Runs until cancelled."""
+        interval = self.config.ca.rotation_check_interval.total_seconds()
+        ttl = self.config.server.server_cert_ttl
+        last_bundle = self.ca.bundle().sequence
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.ca.rotate(force=False)
+                await self.ca.refresh_policy()
+                now = self.clock.now()
+                bundle_changed = self.ca.bundle().sequence != last_bundle
+                if bundle_changed or serving.not_after - now < ttl / 2:
+                    serving = self.serving_material()
+                    on_serving(serving)
+                    last_bundle = self.ca.bundle().sequence
+                    log.info("serving certificate renewed until %s", serving.not_after)
+                if (
+                    bundle_changed
+                    or self._operator_expiry is None
+                    or self._operator_expiry - now < ttl / 2
+                ):
+                    self.write_operator_identity()
+            except Exception:
+                log.exception("background job failed; retrying in %ss", interval)
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,283 @@
+"""Configuration: frozen dataclasses loaded once from TOML, then environment overrides,
+validated at startup. Secrets are only ever given by reference (a file path or an env var
+name), never inline: a DSN with a password or a PIN in a URI is refused.
+
+Environment overrides (applied after the file): BROKER_LISTEN, BROKER_TRUST_DOMAIN,
+BROKER_STORAGE_DSN, BROKER_KEYS_URI, BROKER_KEYS_PIN_SOURCE, BROKER_RATE_LIMIT_RPS,
+BROKER_RATE_LIMIT_BURST.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from broker.errors import InvalidArgument
+from ca.duration import parse_duration
+from ca.errors import CAError
+from ca.spiffeid import SpiffeId
+
+__all__ = [
+    "CAConfig",
+    "Config",
+    "IdentityConfig",
+    "KeysConfig",
+    "ServerConfig",
+    "StorageConfig",
+    "load_config",
+]
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    dsn: str
+    password_file: Path | None = None
+    password_env: str | None = None
+
+    def resolved_dsn(self) -> str:
+        """The DSN with the password read from its reference, for the storage layer only."""
+        password = _read_secret_ref(self.password_file, self.password_env, "storage password")
+        if password is None:
+            return self.dsn
+        parts = urlsplit(self.dsn)
+        user = parts.username or ""
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+        from urllib.parse import quote
+
+        netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}{port}"
+        return parts._replace(netloc=netloc).geturl()
+
+
+@dataclass(frozen=True)
+class KeysConfig:
+    uri: str
+    pin_source: str | None = None
+
+
+@dataclass(frozen=True)
+class CAConfig:
+    key_type: str = "ec-p256"
+    root_ttl: dt.timedelta = dt.timedelta(days=3650)
+    issuing_ttl: dt.timedelta = dt.timedelta(days=7)
+    rotation_check_interval: dt.timedelta = dt.timedelta(seconds=60)
+    backdate: dt.timedelta = dt.timedelta(seconds=30)
+    bundle_refresh_hint: dt.timedelta = dt.timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class IdentityConfig:
+    template: str = "{tenant}/{environment}/{service}"
+    default_tenant: str | None = None
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str = "127.0.0.1:8443"
+    operators: tuple[str, ...] = ()
+    server_names: tuple[str, ...] = ("localhost", "127.0.0.1")
+    server_cert_ttl: dt.timedelta = dt.timedelta(hours=24)
+    max_message_bytes: int = 1 << 20
+    rate_limit_rps: float = 500.0
+    rate_limit_burst: float = 1000.0
+
+
+@dataclass(frozen=True)
+class Config:
+    trust_domain: str
+    data_dir: Path
+    storage: StorageConfig
+    keys: KeysConfig
+    ca: CAConfig = field(default_factory=CAConfig)
+    identity: IdentityConfig = field(default_factory=IdentityConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    dev: bool = False
+
+    @property
+    def operator_dir(self) -> Path:
+        """Where the broker keeps the bootstrap operator identity for the CLI."""
+        return self.data_dir / "operator"
+
+    @property
+    def bundle_path(self) -> Path:
+        return self.data_dir / "bundle.pem"
+
+    def validate(self) -> Config:
+        try:
+            td = SpiffeId.parse(f"spiffe://{self.trust_domain}").trust_domain
+            for op in self.server.operators:
+                if not SpiffeId.parse(op).member_of(td):
+                    raise InvalidArgument(f"operator {op} is not in trust domain {td}")
+        except CAError as exc:
+            raise InvalidArgument(f"config: {exc}") from exc
+        if not self.server.operators:
+            raise InvalidArgument("config: server.operators must name at least one SPIFFE ID")
+        _check_listen(self.server.listen)
+        if self.ca.key_type not in ("ec-p256", "ec-p384"):
+            raise InvalidArgument("config: ca.key_type must be ec-p256 or ec-p384")
+        if self.server.max_message_bytes < 4096:
+            raise InvalidArgument("config: server.max_message_bytes must be at least 4096")
+        if urlsplit(self.storage.dsn).password:
+            raise InvalidArgument(
+                "config: storage.dsn must not contain a password; "
+                "use storage.password_file or storage.password_env"
+            )
+        if "pin-value" in self.keys.uri:
+            raise InvalidArgument("config: keys.uri must not contain a PIN; use keys.pin_source")
+        return self
+
+
+def _check_listen(listen: str) -> None:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidArgument(f"listen address {listen!r} must be HOST:PORT")
+
+
+def _read_secret_ref(path: Path | None, env: str | None, what: str) -> str | None:
+    if path is not None:
+        try:
+            return path.read_text().rstrip("\n")
+        except OSError as exc:
+            raise InvalidArgument(f"cannot read {what} from {path}: {exc.strerror}") from exc
+    if env is not None:
+        value = os.environ.get(env)
+        if value is None:
+            raise InvalidArgument(f"{what}: environment variable {env} is not set")
+        return value
+    return None
+
+
+def _duration(section: Mapping[str, Any], key: str, default: dt.timedelta) -> dt.timedelta:
+    if key not in section:
+        return default
+    try:
+        return parse_duration(str(section[key]))
+    except CAError as exc:
+        raise InvalidArgument(f"config: {key}: {exc}") from exc
+
+
+_SECTIONS = {
+    "": {"trust_domain", "data_dir", "storage", "keys", "ca", "identity", "server"},
+    "storage": {"dsn", "password_file", "password_env"},
+    "keys": {"uri", "pin_source"},
+    "ca": {
+        "key_type",
+        "root_ttl",
+        "issuing_ttl",
+        "rotation_check_interval",
+        "backdate",
+        "bundle_refresh_hint",
+    },
+    "identity": {"template", "default_tenant"},
+    "server": {
+        "listen",
+        "operators",
+        "server_names",
+        "server_cert_ttl",
+        "max_message_bytes",
+        "rate_limit_rps",
+        "rate_limit_burst",
+    },
+}
+
+
+def _check_keys(doc: Mapping[str, Any]) -> None:
+    for name, allowed in _SECTIONS.items():
+        section = doc if not name else doc.get(name, {})
+        if not isinstance(section, Mapping):
+            raise InvalidArgument(f"config: [{name}] must be a table")
+        unknown = sorted(set(section) - allowed)
+        if unknown:
+            where = f"[{name}]" if name else "top level"
+            raise InvalidArgument(f"config: unknown key {unknown[0]!r} in {where}")
+
+
+def config_from_document(doc: Mapping[str, Any], base_dir: Path) -> Config:
+    """Build a Config from a parsed TOML document (paths relative to `base_dir`)."""
+    _check_keys(doc)
+    try:
+        storage, keys = doc["storage"], doc["keys"]
+        trust_domain = str(doc["trust_domain"])
+        dsn, uri = str(storage["dsn"]), str(keys["uri"])
+    except KeyError as exc:
+        raise InvalidArgument(f"config: missing required key {exc.args[0]!r}") from exc
+    ca, ident, srv = doc.get("ca", {}), doc.get("identity", {}), doc.get("server", {})
+    defaults_ca, defaults_srv = CAConfig(), ServerConfig()
+
+    def path(value: Any) -> Path | None:
+        return None if value is None else (base_dir / str(value))
+
+    return Config(
+        trust_domain=trust_domain,
+        data_dir=path(doc.get("data_dir", ".")) or base_dir,
+        storage=StorageConfig(
+            dsn=dsn,
+            password_file=path(storage.get("password_file")),
+            password_env=storage.get("password_env"),
+        ),
+        keys=KeysConfig(uri=uri, pin_source=keys.get("pin_source")),
+        ca=CAConfig(
+            key_type=str(ca.get("key_type", defaults_ca.key_type)),
+            root_ttl=_duration(ca, "root_ttl", defaults_ca.root_ttl),
+            issuing_ttl=_duration(ca, "issuing_ttl", defaults_ca.issuing_ttl),
+            rotation_check_interval=_duration(
+                ca, "rotation_check_interval", defaults_ca.rotation_check_interval
+            ),
+            backdate=_duration(ca, "backdate", defaults_ca.backdate),
+            bundle_refresh_hint=_duration(
+                ca, "bundle_refresh_hint", defaults_ca.bundle_refresh_hint
+            ),
+        ),
+        identity=IdentityConfig(
+            template=str(ident.get("template", IdentityConfig.template)),
+            default_tenant=ident.get("default_tenant"),
+        ),
+        server=ServerConfig(
+            listen=str(srv.get("listen", defaults_srv.listen)),
+            operators=tuple(str(o) for o in srv.get("operators", ())),
+            server_names=tuple(str(n) for n in srv.get("server_names", defaults_srv.server_names)),
+            server_cert_ttl=_duration(srv, "server_cert_ttl", defaults_srv.server_cert_ttl),
+            max_message_bytes=int(srv.get("max_message_bytes", defaults_srv.max_message_bytes)),
+            rate_limit_rps=float(srv.get("rate_limit_rps", defaults_srv.rate_limit_rps)),
+            rate_limit_burst=float(srv.get("rate_limit_burst", defaults_srv.rate_limit_burst)),
+        ),
+    )
+
+
+def apply_env(config: Config, environ: Mapping[str, str] | None = None) -> Config:
+    env = os.environ if environ is None else environ
+    server, storage, keys = config.server, config.storage, config.keys
+    try:
+        if "BROKER_LISTEN" in env:
+            server = replace(server, listen=env["BROKER_LISTEN"])
+        if "BROKER_RATE_LIMIT_RPS" in env:
+            server = replace(server, rate_limit_rps=float(env["BROKER_RATE_LIMIT_RPS"]))
+        if "BROKER_RATE_LIMIT_BURST" in env:
+            server = replace(server, rate_limit_burst=float(env["BROKER_RATE_LIMIT_BURST"]))
+    except ValueError as exc:
+        raise InvalidArgument(f"environment: BROKER_RATE_LIMIT_*: {exc}") from exc
+    if "BROKER_STORAGE_DSN" in env:
+        storage = replace(storage, dsn=env["BROKER_STORAGE_DSN"])
+    if "BROKER_KEYS_URI" in env:
+        keys = replace(keys, uri=env["BROKER_KEYS_URI"])
+    if "BROKER_KEYS_PIN_SOURCE" in env:
+        keys = replace(keys, pin_source=env["BROKER_KEYS_PIN_SOURCE"])
+    trust_domain = env.get("BROKER_TRUST_DOMAIN", config.trust_domain)
+    return replace(config, server=server, storage=storage, keys=keys, trust_domain=trust_domain)
+
+
+def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Read a TOML config file, apply env overrides, validate. Raises InvalidArgument."""
+    try:
+        doc = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read config {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidArgument(f"config {path} is not valid TOML: {exc}") from exc
+    return apply_env(config_from_document(doc, path.parent.resolve()), environ).validate()

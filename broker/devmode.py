@@ -1,0 +1,85 @@
+"""`broker serve --dev`: everything embedded in one data directory.
+
+    DIR/broker.db          SQLite storage (WAL)
+    DIR/hsm/               a SoftHSM2 token of our own (softhsm2.conf, tokens/, pin 0600)
+    DIR/keys/              software key backend instead, when SoftHSM2 is not installed
+    DIR/operator/          the operator identity for the CLI (svid.pem, key.pem 0600)
+    DIR/bundle.pem         the trust bundle
+
+Restarting with the same DIR keeps the same CA and data: the key backend that DIR was created
+with is kept (a DIR made with SoftHSM2 refuses to start without it, rather than silently
+making a new CA).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+
+from broker.app import write_private_file
+from broker.config import Config, KeysConfig, ServerConfig, StorageConfig, apply_env
+from broker.daemon_defaults import DEFAULT_LISTEN
+from broker.errors import FailedPrecondition
+from ca.keys.pkcs11 import DEFAULT_PKCS11_MODULE
+from ca.keys.softhsm import configure_process, init_token, softhsm_available
+
+__all__ = ["DEV_OPERATOR", "DEV_TRUST_DOMAIN", "prepare"]
+
+DEV_TRUST_DOMAIN = "broker.local"
+DEV_OPERATOR = f"spiffe://{DEV_TRUST_DOMAIN}/broker/operator/dev"
+TOKEN_LABEL = "broker"  # noqa: S105 - a token label, not a secret
+
+
+def _keys_for(data_dir: Path, warn: Callable[[str], None]) -> KeysConfig:
+    hsm, soft = data_dir / "hsm", data_dir / "keys"
+    conf = hsm / "softhsm2.conf"
+    if conf.exists():
+        if not softhsm_available():
+            raise FailedPrecondition(
+                f"{data_dir} keeps its CA keys in a SoftHSM2 token, but SoftHSM2 is not "
+                "installed (apt-get install softhsm2)"
+            )
+    elif soft.exists() or not softhsm_available():
+        if not soft.exists():
+            warn(
+                "SoftHSM2 is not installed: using the software key backend "
+                f"(keys encrypted under {soft}); apt-get install softhsm2 for an HSM token"
+            )
+        pin_file = data_dir / "keys.pin"
+        if not pin_file.exists():
+            write_private_file(pin_file, secrets.token_urlsafe(24).encode())
+        soft.mkdir(mode=0o700, exist_ok=True)
+        return KeysConfig(uri=f"software:path={soft}", pin_source=f"file:{pin_file}")
+    else:
+        hsm.mkdir(mode=0o700, parents=True, exist_ok=True)
+        pin, so_pin = secrets.token_urlsafe(18), secrets.token_urlsafe(18)
+        write_private_file(hsm / "pin", pin.encode())
+        write_private_file(hsm / "so-pin", so_pin.encode())
+        conf = init_token(hsm, TOKEN_LABEL, pin.encode(), so_pin.encode())
+    configure_process(conf)
+    return KeysConfig(
+        uri=f"pkcs11:token={TOKEN_LABEL}?module-path={DEFAULT_PKCS11_MODULE}",
+        pin_source=f"file:{hsm / 'pin'}",
+    )
+
+
+def prepare(data_dir: Path, listen: str | None, warn: Callable[[str], None]) -> Config:
+    """Create (or reopen) the dev data dir and return its configuration."""
+    data_dir = data_dir.resolve()
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    keys = _keys_for(data_dir, warn)
+    config = Config(
+        trust_domain=DEV_TRUST_DOMAIN,
+        data_dir=data_dir,
+        storage=StorageConfig(dsn=f"sqlite:///{data_dir / 'broker.db'}"),
+        keys=keys,
+        server=ServerConfig(listen=listen or DEFAULT_LISTEN, operators=(DEV_OPERATOR,)),
+        dev=True,
+    )
+    config = apply_env(config)
+    if listen:
+        from dataclasses import replace
+
+        config = replace(config, server=replace(config.server, listen=listen))
+    return config.validate()

@@ -1,0 +1,85 @@
+"""Caller identity: the SPIFFE ID in the verified client certificate of an mTLS connection.
+
+TLS has already checked the chain against the trust bundle and the validity period; here the
+leaf is read for its one SPIFFE ID, which must belong to our trust domain, and the ID is read
+through the identity layout (tenant / environment / service) for policy.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Collection, Mapping, Sequence
+
+from cryptography import x509
+
+from broker.errors import Unauthenticated
+from broker.policy import Caller
+from ca.errors import CAError
+from ca.layout import IdentityLayout
+from ca.spiffeid import SpiffeId
+from ca.x509svid import spiffe_id_of
+
+__all__ = ["Authenticator"]
+
+
+class Authenticator:
+    """Turns a gRPC auth context into a `Caller`. Parsed certificates are cached (bounded)."""
+
+    def __init__(
+        self,
+        trust_domain: str,
+        operators: Collection[str],
+        layout: IdentityLayout,
+        cache_size: int = 4096,
+    ) -> None:
+        self._trust_domain = trust_domain
+        self._operators = frozenset(operators)
+        self._layout = layout
+        self._cache: OrderedDict[bytes, Caller] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+
+    def caller(self, auth_context: Mapping[str, Sequence[bytes]]) -> Caller:
+        """Raises Unauthenticated when there is no client certificate or no usable SPIFFE ID."""
+        certs = auth_context.get("x509_pem_cert") or ()
+        if not certs:
+            raise Unauthenticated("a client certificate (X.509-SVID) is required")
+        pem = certs[0]
+        with self._lock:
+            hit = self._cache.get(pem)
+            if hit is not None:
+                self._cache.move_to_end(pem)
+                return hit
+        caller = self._parse(pem)
+        with self._lock:
+            self._cache[pem] = caller
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return caller
+
+    def caller_for_id(self, spiffe_id: SpiffeId) -> Caller:
+        attributes: dict[str, str] = {}
+        try:
+            ident = self._layout.parse(spiffe_id)
+            attributes = {
+                "tenant": ident.tenant,
+                "environment": ident.environment,
+                "service": ident.service,
+            }
+        except CAError:
+            pass  # IDs outside the layout (operators, the broker itself) carry no attributes
+        sid = spiffe_id.id_string
+        return Caller(sid, sid in self._operators, attributes)
+
+    def _parse(self, pem: bytes) -> Caller:
+        try:
+            cert = x509.load_pem_x509_certificate(pem)
+            spiffe_id = spiffe_id_of(cert)
+        except (ValueError, CAError) as exc:
+            raise Unauthenticated(f"client certificate is not an X.509-SVID: {exc}") from exc
+        if not spiffe_id.member_of(self._trust_domain):
+            raise Unauthenticated(
+                f"client identity {spiffe_id} is not in trust domain {self._trust_domain}"
+            )
+        return self.caller_for_id(spiffe_id)
