@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from broker.errors import AuditWriteFailed, BrokerError
+from broker.errors import AuditWriteFailed
 from broker.storage.interface import AuditRecord, Storage
 from ca.keys import KeyBackend, KeyKind
 
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 GENESIS = bytes(32)
 MAC_KEY_LABEL = "broker-audit-mac"
+HEAD_KEY = "audit_head"
 _MAX_GROUP = 256
 
 
@@ -113,30 +114,59 @@ class AuditLedger:
                     if not p.done.done():
                         p.done.set_exception(failure)
                 continue
+            try:
+                await self._write_head(seqs[-1])
+            except Exception as exc:  # the events are committed; a lagging head is harmless
+                log.warning("audit head not updated: %s", type(exc).__name__)
             for p, seq in zip(group, seqs, strict=True):
                 if not p.done.done():
                     p.done.set_result(seq)
+
+    async def _write_head(self, seq: int) -> None:
+        """Record the newest seq under a MAC, so that cutting entries off the end of the chain
+        (which leaves the remaining chain intact) is found by `verify`. The head may lag the
+        table (it is written after the events commit); it must never be ahead of it."""
+        mac = self._keys.mac(self._label, b"audit-head:" + str(seq).encode()).hex()
+        await self._storage.set_meta(HEAD_KEY, f"{seq}:{mac}")
+
+    async def _head(self) -> int:
+        value = await self._storage.get_meta(HEAD_KEY)
+        if not value:
+            return 0
+        seq_text, _, mac = value.partition(":")
+        expected = self._keys.mac(self._label, b"audit-head:" + seq_text.encode()).hex()
+        if not seq_text.isdigit() or not hmac.compare_digest(mac, expected):
+            return -1
+        return int(seq_text)
 
     async def tail(self, limit: int) -> list[AuditRecord]:
         return await self._storage.audit_tail(limit)
 
     async def verify(self, page: int = 1000) -> Verification:
         """Walk the whole chain: contiguous seqs, linked hashes, recomputed hashes and MACs."""
+        head = await self._head()
         prev_hash, expected_seq, count = GENESIS, 1, 0
         after = 0
         while True:
-            try:
-                records = await self._storage.read_audit(after_seq=after, limit=page)
-            except BrokerError:
-                raise
+            records = await self._storage.read_audit(after_seq=after, limit=page)
             if not records:
-                return Verification(True, count)
+                break
             for rec in records:
                 problem = self._check(rec, expected_seq, prev_hash)
                 if problem:
-                    return Verification(False, count, rec.seq if rec.seq else expected_seq, problem)
+                    return Verification(False, count, expected_seq, problem)
                 prev_hash, expected_seq, count = rec.entry_hash, expected_seq + 1, count + 1
             after = records[-1].seq
+        if head < 0:
+            return Verification(False, count, count + 1, "the recorded ledger head was altered")
+        if head > count:
+            return Verification(
+                False,
+                count,
+                count + 1,
+                f"entries {count + 1} to {head} were cut off the end of the ledger",
+            )
+        return Verification(True, count)
 
     def _check(self, rec: AuditRecord, expected_seq: int, prev_hash: bytes) -> str:
         if rec.seq != expected_seq:

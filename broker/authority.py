@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import ipaddress
 import datetime as dt
+import ipaddress
 import json
 import logging
 import secrets
@@ -161,11 +161,12 @@ class CAService:
         self._clock = clock
         self._td = SpiffeId.parse(f"spiffe://{config.trust_domain}").trust_domain
         self._snapshot: _Snapshot | None = None
-        self._policy = CAPolicy.default(self._td)
-        self._policy_version = PolicyVersion(0, "", "built-in default", clock.now())
         self._rotate_lock = asyncio.Lock()
         self._owner = secrets.token_hex(8)
         self._schedule = rotation.RotationSchedule(ca_ttl=config.issuing_ttl)
+        # The built-in policy never allows SVIDs that the rotation schedule cannot honour.
+        self._policy = CAPolicy.default(self._td, x509_max_ttl=self._schedule.max_safe_svid_ttl())
+        self._policy_version = PolicyVersion(0, "", "built-in default", clock.now())
 
     # -- lifecycle --------------------------------------------------------------------------
 

@@ -295,15 +295,21 @@ class CAPolicy:
         object.__setattr__(self, "rules", rules)
 
     @classmethod
-    def default(cls, trust_domain: TrustDomain | str) -> CAPolicy:
-        """One rule for the whole trust domain: X.509 1h/24h, JWT 5m/1h, EC and RSA keys."""
+    def default(
+        cls, trust_domain: TrustDomain | str, *, x509_max_ttl: dt.timedelta = HARD_MAX_TTL
+    ) -> CAPolicy:
+        """One rule for the whole trust domain: X.509 1h/24h, JWT 5m/1h, EC and RSA keys.
+
+        `x509_max_ttl` lowers the X.509 maximum (never above 24 h), e.g. to what the issuing
+        CA's rotation schedule can honour; the default TTL is lowered with it if needed."""
         td = TrustDomain.of(trust_domain)
+        x509_max = min(x509_max_ttl, HARD_MAX_TTL)
         return cls(
             rules=(
                 PolicyRule(
                     pattern=SpiffeIdPattern(td.name, ("**",)),
-                    x509_default_ttl=dt.timedelta(hours=1),
-                    x509_max_ttl=HARD_MAX_TTL,
+                    x509_default_ttl=min(dt.timedelta(hours=1), x509_max),
+                    x509_max_ttl=x509_max,
                     jwt_default_ttl=dt.timedelta(minutes=5),
                     jwt_max_ttl=dt.timedelta(hours=1),
                     key_types=DEFAULT_KEY_TYPES,
