@@ -1,0 +1,49 @@
+"""The arrows of ARCHITECTURE.md, checked on the import statements themselves."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return found
+
+
+def _modules(package: str) -> list[Path]:
+    return [p for p in (ROOT / package).rglob("*.py") if "_proto" not in p.parts]
+
+
+def test_ca_is_a_library_without_grpc_or_broker() -> None:
+    offenders = {
+        str(p.relative_to(ROOT)): sorted(
+            m for m in _imports(p) if m.split(".")[0] in {"broker", "grpc", "grpc_tools"}
+        )
+        for p in _modules("ca")
+    }
+    assert not {k: v for k, v in offenders.items() if v}
+
+
+def test_only_broker_api_imports_grpc_and_generated_code() -> None:
+    offenders = []
+    for path in _modules("broker"):
+        if (ROOT / "broker" / "api") in path.parents:
+            continue
+        for module in _imports(path):
+            if module.split(".")[0].startswith("grpc") or module.startswith("broker.api._proto"):
+                offenders.append(f"{path.relative_to(ROOT)}: {module}")
+    assert not offenders
+
+
+def test_no_grab_bag_modules() -> None:
+    names = {p.stem for package in ("ca", "broker") for p in _modules(package)}
+    assert not names & {"utils", "util", "helpers", "misc", "common"}
