@@ -112,7 +112,7 @@ def status_table(status: CAStatus) -> str:
             a.fingerprint_sha256[:16] or "-",
             a.key_uri or "-",
         ]
-        for a in status.authorities
+        for a in sorted(status.authorities, key=lambda a: (a.kind != "root", a.kind, a.generation))
     ]
     return "\n".join([*lines, "", *_table(rows)])
 

@@ -55,6 +55,7 @@ _TRANSPORT_FAILURE = re.compile(
     re.IGNORECASE,
 )
 _VERIFY_FAILED = re.compile(r"CERTIFICATE_VERIFY_FAILED:\s*([^:]+)")
+_TOO_LARGE = re.compile(r"message larger than max \((\d+) vs\. (\d+)\)", re.IGNORECASE)
 _TLS_ALERT = re.compile(r"(TLSV1_ALERT_[A-Z_]+|SSLV3_ALERT_[A-Z_]+)")
 
 
@@ -185,11 +186,13 @@ def _host_of(target: str) -> str:
     return target
 
 
-def _is_loopback_literal(host: str) -> bool:
+def _is_local_literal(host: str) -> bool:
+    """A loopback or wildcard (0.0.0.0, ::) address literal: both reach this machine."""
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False
+    return address.is_loopback or address.is_unspecified
 
 
 def _pem_certificates(data: bytes) -> list[x509.Certificate]:
@@ -240,7 +243,9 @@ def _transport_reason(details: str, credentials: ClientCredentials) -> str:
         return "connection refused (is 'broker serve' running there?)"
     if "errors resolving" in lowered or "dns resolution failed" in lowered:
         return "cannot resolve the host name"
-    if "peer name" in lowered and "not in peer certificate" in lowered:
+    if ("peer name" in lowered and "not in peer certificate" in lowered) or (
+        "hostname verification" in lowered
+    ):
         return (
             "TLS handshake failed: the broker's certificate does not name this host "
             "(connect by 'localhost' or the address it listens on)"
@@ -323,6 +328,15 @@ def _error(exc: grpc.RpcError, credentials: ClientCredentials) -> ClientError:
     message = " ".join((details or str(exc) or "no details").split())
     if name == "UNAVAILABLE" and _TRANSPORT_FAILURE.search(message):
         return ClientError(name, _transport_reason(message, credentials), details=message)
+    too_large = _TOO_LARGE.search(message)
+    if name == "RESOURCE_EXHAUSTED" and too_large:
+        sent, limit = too_large.groups()
+        side = "the broker's" if "SERVER" in message.upper() else "this client's"
+        return ClientError(
+            name,
+            f"the message is {sent} bytes, over {side} limit of {limit} bytes",
+            details=message,
+        )
     return ClientError(name, message, details=message)
 
 
@@ -353,9 +367,10 @@ class BrokerClient:
         ]
         if justification and not (justification.isascii() and justification.isprintable()):
             raise ClientError("INVALID_ARGUMENT", "the justification must be printable ASCII text")
-        if server_name is None and _is_loopback_literal(_host_of(target)):
-            # The broker's certificate names DNS:localhost (and the IP it listens on, which
-            # may be a wildcard such as 0.0.0.0); over loopback, "localhost" is the same host.
+        if server_name is None and _is_local_literal(_host_of(target)):
+            # The broker's certificate names DNS:localhost and the IP it listens on, which
+            # need not be the loopback address dialled here; on this machine "localhost" is
+            # the same host, so check the certificate against that name.
             server_name = "localhost"
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
