@@ -23,9 +23,10 @@ from datetime import date, time, timedelta
 from pathlib import Path
 from typing import Any, NoReturn, Protocol, TypeVar
 
-# gRPC core logs TLS handshake failures to stderr at INFO level unless GRPC_VERBOSITY is set
-# before grpc is first imported; the CLI reports them itself, in one line.
-os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+# gRPC core writes its own log lines to stderr (TLS handshake failures at INFO, a busy port at
+# ERROR) unless GRPC_VERBOSITY is set before grpc is first imported. The CLI promises one line
+# per refusal and says what went wrong itself; set GRPC_VERBOSITY to see gRPC's logs again.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 import click
 
@@ -690,6 +691,9 @@ def run(args: Sequence[str] | None = None, obj: CliContext | None = None) -> int
             standalone_mode=False,
             obj=obj if obj is not None else CliContext(),
         )
+    except click.exceptions.NoArgsIsHelpError as exc:
+        exc.show()  # a bare group: its help, as click would print it
+        return exc.exit_code
     except click.UsageError as exc:
         hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
         click.echo(f"broker: {_one_line(exc.format_message())}{hint}", err=True)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import stat
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +43,7 @@ def _workload_id(cli: BrokerCli, service: str) -> str:
 
 
 def _active_issuing(status: dict[str, Any]) -> dict[str, Any]:
-    active = [a for a in status["issuing"] if a["state"] == "active"]
+    active: list[dict[str, Any]] = [a for a in status["issuing"] if a["state"] == "active"]
     assert len(active) == 1, status["issuing"]
     return active[0]
 
@@ -570,3 +572,41 @@ def test_restart_with_the_same_data_dir_keeps_the_root(tmp_path: Path) -> None:
         assert server.stop() == 0, server.stderr_text()
     finally:
         server.ensure_stopped()
+
+
+def test_serve_on_a_busy_port_is_refused_in_one_line(
+    broker_server: BrokerProcess, tmp_path: Path
+) -> None:
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "broker.cli",
+            "serve",
+            "--dev",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--listen",
+            broker_server.address,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if not k.startswith(("BROKER_", "GRPC_"))},
+    )
+    assert completed.returncode == 1, completed.stderr
+    assert "Traceback" not in completed.stderr
+    # The daemon's structured log lines ({...}) and warnings may precede the refusal.
+    refusals = [
+        line
+        for line in completed.stderr.splitlines()
+        if line.startswith("broker: ") and not line.startswith("broker: warning:")
+    ]
+    assert len(refusals) == 1, completed.stderr
+    assert broker_server.address in refusals[0]
+    others = [
+        line for line in completed.stderr.splitlines() if not line.startswith(("broker: ", "{"))
+    ]
+    assert others == [], completed.stderr

@@ -542,6 +542,15 @@ def test_usage_errors_are_one_line_with_exit_2(
     assert "--spiffe-id" in err and err.startswith("broker: ")
 
 
+def test_bare_group_prints_its_help_not_a_squashed_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert run(["ca"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Usage: broker ca")
+    assert "\n  status " in err
+
+
 def test_serve_needs_exactly_one_of_dev_and_config(capsys: pytest.CaptureFixture[str]) -> None:
     assert run(["serve"]) == 2
     assert run(["serve", "--dev", "--config", "x.toml"]) == 2
