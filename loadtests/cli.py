@@ -1,0 +1,416 @@
+"""``python -m loadtests run``: start what is needed, drive it, print and write the report."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from loadtests import csrs, generator, machine, procs, report
+from loadtests.scenarios import SCENARIOS, Scenario
+from loadtests.targets import broker as broker_target
+from loadtests.targets.grpcclient import GrpcSpec
+from loadtests.targets.http import HttpSpec
+
+__all__ = ["main"]
+
+PEERS = ("openbao",)
+SMOKE = {"duration": 2.0, "warmup": 0.5, "concurrency": "2", "csr_pool": 16, "rounds": 1}
+
+
+def _levels(text: str) -> list[int]:
+    try:
+        levels = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from None
+    if not levels or any(n < 1 or n > 4096 for n in levels):
+        raise argparse.ArgumentTypeError("concurrency levels must be 1..4096")
+    return levels
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m loadtests", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run a scenario at one or more concurrency levels")
+    r.add_argument("--scenario", required=True, choices=sorted(SCENARIOS))
+    r.add_argument("--concurrency", default=None, help="comma-separated levels (default 1,8,32)")
+    r.add_argument("--duration", type=float, default=None, help="measured seconds (default 20)")
+    r.add_argument("--warmup", type=float, default=None, help="unmeasured seconds (default 3)")
+    r.add_argument("--report", required=True, type=Path, help="directory for report.json")
+    r.add_argument("--compare", choices=PEERS, default=None, help="also drive this peer")
+    r.add_argument("--server", help="HOST:PORT of a running broker (loopback only)")
+    r.add_argument("--data-dir", type=Path, help="that broker's data dir (operator identity)")
+    r.add_argument("--server-pid", type=int, help="that broker's pid, to measure its CPU")
+    r.add_argument("--tls-server-name", help="override the name checked in the server cert")
+    r.add_argument("--processes", type=int, default=2, help="load worker processes (default 2)")
+    r.add_argument(
+        "--grpc-client",
+        choices=("aio", "sync"),
+        default="aio",
+        help="grpc.aio on an event loop, or sync grpc with a thread per user (default aio)",
+    )
+    r.add_argument("--channels", type=int, default=1, help="gRPC channels per worker process")
+    r.add_argument("--rounds", type=int, default=None, help="repeat all levels (default 1)")
+    r.add_argument("--csr-pool", type=int, default=None, help="pre-made keys/CSRs (default 256)")
+    r.add_argument("--timeout", type=float, default=10.0, help="per-request timeout, seconds")
+    r.add_argument("--openbao-tls", choices=("on", "off"), default="on")
+    r.add_argument("--no-uvloop", action="store_true", help="plain asyncio loop in the workers")
+    r.add_argument("--cooldown", type=float, default=1.0, help="pause between runs, seconds")
+    r.add_argument(
+        "--max-error-rate",
+        type=float,
+        default=0.01,
+        help="exit 1 if any run's error rate exceeds this (default 0.01)",
+    )
+    r.add_argument("--profile", action="store_true", help="py-spy the broker during its runs")
+    r.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny run for CI: concurrency 2, 0.5 s warm-up, 2 s measured, 16 CSRs",
+    )
+    r.add_argument("--keep-temp", action="store_true", help="keep the temp dir (debugging)")
+    return p
+
+
+def _resolve(args: argparse.Namespace) -> None:
+    defaults = {"duration": 20.0, "warmup": 3.0, "concurrency": "1,8,32", "csr_pool": 256}
+    defaults["rounds"] = 1
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, SMOKE[key] if args.smoke else value)
+    args.levels = _levels(args.concurrency)
+    if args.duration <= 0 or args.duration > 3600 or args.warmup < 0 or args.warmup > 600:
+        raise SystemExit("error: --duration must be in (0, 3600] and --warmup in [0, 600]")
+    if not 1 <= args.rounds <= 20:
+        raise SystemExit("error: --rounds must be 1..20")
+    if not 1 <= args.processes <= 64 or not 1 <= args.channels <= 64:
+        raise SystemExit("error: --processes and --channels must be 1..64")
+    if not 1 <= args.csr_pool <= 100_000:
+        raise SystemExit("error: --csr-pool must be 1..100000")
+    if bool(args.server) != bool(args.data_dir):
+        raise SystemExit("error: --server and --data-dir go together")
+    if args.server:
+        host = args.server.rpartition(":")[0]
+        if not procs.is_loopback(host):
+            raise SystemExit(f"error: load may only target loopback addresses, not {host!r}")
+
+
+def _log(msg: str) -> None:
+    print(f"[loadtests {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+class _Session:
+    """Everything one invocation starts, and the results it gathers."""
+
+    def __init__(self, args: argparse.Namespace, scenario: Scenario, tmp: Path) -> None:
+        self.args = args
+        self.scenario = scenario
+        self.tmp = tmp
+        self.targets: dict[str, Any] = {}
+        self.specs: dict[str, generator.ClientSpec] = {}
+        self.pids: dict[str, list[int]] = {}
+        self.alive: dict[str, Any] = {}
+        self.runs: list[report.RunResult] = []
+        self.started_at = _now()
+        self.machine = machine.describe()
+
+    # -- set-up ----------------------------------------------------------------------------
+
+    def setup_broker(self, stack: contextlib.ExitStack) -> None:
+        a = self.args
+        info: dict[str, Any] = {"kind": "broker"}
+        if a.server:
+            address, data_dir = a.server, a.data_dir
+            info.update(started_by_loadtests=False, address=address)
+            if a.server_pid:
+                self.pids["broker"] = [a.server_pid]
+        else:
+            dev = broker_target.DevBroker(self.tmp / "broker" / "data")
+            stack.callback(dev.stop)
+            _log("starting dev broker (SoftHSM2 key backend when softhsm2 is installed)")
+            dev.start()
+            _log(f"broker ready: {dev.ready_line}")
+            address, data_dir = dev.address, dev.data_dir
+            self.pids["broker"] = [dev.pid]
+            self.alive["broker"] = dev.process
+            info.update(
+                started_by_loadtests=True,
+                address=address,
+                command="python -m broker.cli serve --dev --data-dir <tmp> --listen " + address,
+                env=broker_target.RATE_LIMIT_ENV,
+                ready_line=dev.ready_line,
+            )
+        ident = broker_target.load_identity(data_dir)
+        try:
+            st = broker_target.status(address, ident, a.tls_server_name)
+            info["status"] = st
+        except Exception as exc:
+            st = {}
+            info["status_error"] = str(exc)[:500]
+        td = st.get("trust_domain") or broker_target.trust_domain_from_bundle(ident.root_pem)
+        if not td:
+            raise procs.StartupError("could not learn the broker's trust domain")
+        info["trust_domain"] = td
+        backend = str(st.get("key_backend", ""))
+        if backend and "softhsm" not in backend.lower() and "pkcs11" not in backend.lower():
+            _log(f"WARNING: the broker's key backend is {backend!r}, not SoftHSM2")
+        self.targets["broker"] = info
+        self._broker = (address, ident)
+
+    def make_pool(self) -> None:
+        td = self.targets["broker"]["trust_domain"]
+        _log(f"making {self.args.csr_pool} EC P-256 keys and CSRs for spiffe://{td}/...")
+        self.pool = csrs.make_pool(td, self.args.csr_pool)
+
+    def check_broker(self) -> None:
+        a, sc = self.args, self.scenario
+        address, ident = self._broker
+        requests = sc.broker_requests(self.pool)
+        resp = broker_target.mint_once(address, ident, a.tls_server_name, requests[0])
+        leaf = csrs.check_certificate(resp.cert_chain[0], self.pool[0])
+        self.targets["broker"]["sample_certificate"] = {**leaf, "chain_len": len(resp.cert_chain)}
+        self.specs["broker"] = GrpcSpec(
+            address=address,
+            method=sc.broker_method,
+            requests=tuple(requests),
+            response_type=sc.broker_response,
+            require_field=sc.broker_require_field,
+            root_pem=ident.root_pem,
+            cert_pem=ident.cert_pem,
+            key_pem=ident.key_pem,
+            server_name=a.tls_server_name,
+            channels=a.channels,
+            timeout_s=a.timeout,
+            mode="async" if a.grpc_client == "aio" else "threads",
+        )
+
+    def setup_openbao(self, stack: contextlib.ExitStack) -> None:
+        from loadtests.targets.openbao import OpenBao
+
+        sc = self.scenario
+        if sc.openbao_path is None or sc.openbao_bodies is None:
+            raise SystemExit(f"error: scenario {sc.name} has no OpenBao equivalent")
+        td = self.targets["broker"]["trust_domain"]
+        bao = OpenBao(self.tmp / "openbao", tls=self.args.openbao_tls == "on", trust_domain=td)
+        stack.callback(bao.stop)
+        _log(f"starting OpenBao ({bao.binary}), raft storage, TLS {self.args.openbao_tls}")
+        bao.start()
+        _log(f"OpenBao ready at {bao.base_url}: {bao.version}")
+        data = bao.sign_once(self.pool[0].csr_pem, self.pool[0].spiffe_id)
+        from cryptography import x509
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        cert = x509.load_pem_x509_certificate(data["certificate"].encode())
+        leaf = csrs.check_certificate(cert.public_bytes(Encoding.DER), self.pool[0])
+        self.targets["openbao"] = {
+            "kind": "openbao",
+            "version": bao.version,
+            "binary": bao.binary,
+            "address": bao.base_url,
+            "setup": bao.setup_notes,
+            "endpoint": f"POST {sc.openbao_path}",
+            "sample_certificate": leaf,
+        }
+        self.pids["openbao"] = [bao.pid]
+        self.alive["openbao"] = bao.process
+        self.specs["openbao"] = HttpSpec(
+            base_url=bao.base_url,
+            path=sc.openbao_path,
+            headers=(("X-Vault-Token", bao.token), ("Content-Type", "application/json")),
+            bodies=tuple(sc.openbao_bodies(self.pool)),
+            expect=sc.openbao_expect,
+            ca_pem=bao.ca_pem,
+            timeout_s=self.args.timeout,
+        )
+
+    # -- runs ------------------------------------------------------------------------------
+
+    def run_one(self, target: str, concurrency: int, rnd: int) -> report.RunResult:
+        a = self.args
+        proc = self.alive.get(target)
+        if proc is not None:
+            proc.check_alive()
+        profiler = None
+        if a.profile and target == "broker" and self.pids.get("broker"):
+            from loadtests.profile import Profiler
+
+            prof_path = a.report / f"profile-broker-c{concurrency}-r{rnd}.collapsed.txt"
+            profiler = Profiler(self.pids["broker"][0], prof_path, a.warmup + a.duration + 0.2)
+        started = _now()
+        outcome = generator.run_load(
+            self.specs[target],
+            concurrency=concurrency,
+            processes=a.processes,
+            warmup=a.warmup,
+            duration=a.duration,
+            request_timeout=a.timeout,
+            server_pids=self.pids.get(target, []),
+            use_uvloop=not a.no_uvloop,
+        )
+        notes: dict[str, Any] = {"workers": outcome.worker_notes, "loadavg": machine.loadavg()}
+        if profiler is not None:
+            summary = profiler.finish()
+            (a.report / f"profile-broker-c{concurrency}-r{rnd}.top.txt").write_text(summary)
+            notes["profiled"] = True
+        if target == "broker":
+            notes["grpc_client"] = a.grpc_client
+            notes["channels_per_process"] = a.channels
+        result = report.RunResult(
+            target=target,
+            scenario=self.scenario.name,
+            concurrency=concurrency,
+            round=rnd,
+            processes=outcome.processes,
+            warmup_s=a.warmup,
+            duration_s=a.duration,
+            ok=outcome.ok,
+            errors=outcome.errors,
+            error_samples=outcome.error_samples,
+            histogram=outcome.histogram,
+            client_cpu_s=outcome.client_cpu_s,
+            server_cpu_s=outcome.server_cpu_s,
+            started_at=started,
+            notes=notes,
+        )
+        lat = result.latency()
+        _log(
+            f"{target:<8} c={concurrency:<4} round {rnd}: {result.throughput:8.1f} req/s  "
+            f"p50 {lat['p50']} ms  p99 {lat['p99']} ms  errors {result.error_count}"
+            + (f" ({outcome.error_samples[0]})" if outcome.error_samples else "")
+        )
+        return result
+
+    def run_all(self) -> None:
+        a = self.args
+        names = ["broker", *(["openbao"] if a.compare == "openbao" else [])]
+        step = 0
+        for rnd in range(1, a.rounds + 1):
+            for concurrency in a.levels:
+                # Alternate who goes first so drift on a noisy machine hits both alike.
+                order = names if step % 2 == 0 else list(reversed(names))
+                step += 1
+                for target in order:
+                    if self.runs and a.cooldown > 0:
+                        time.sleep(a.cooldown)
+                    self.runs.append(self.run_one(target, concurrency, rnd))
+
+    # -- report ----------------------------------------------------------------------------
+
+    def settings(self) -> dict[str, Any]:
+        a = self.args
+        return {
+            "scenario": a.scenario,
+            "concurrency": a.levels,
+            "duration_s": a.duration,
+            "warmup_s": a.warmup,
+            "rounds": a.rounds,
+            "processes": a.processes,
+            "grpc_client": a.grpc_client,
+            "channels_per_process": a.channels,
+            "csr_pool": a.csr_pool,
+            "request_timeout_s": a.timeout,
+            "uvloop_in_workers": not a.no_uvloop,
+            "compare": a.compare,
+            "openbao_tls": a.openbao_tls if a.compare == "openbao" else None,
+            "profile": a.profile,
+            "smoke": a.smoke,
+            "command": " ".join(["python -m loadtests", *sys.argv[1:]]),
+        }
+
+    def finish(self, interrupted: bool, failure: str | None) -> tuple[dict[str, Any], list[Any]]:
+        comparisons = (
+            report.compare(self.runs, "broker", self.args.compare) if self.args.compare else []
+        )
+        self.machine["loadavg_at_end"] = machine.loadavg()
+        rep = report.build_report(
+            scenario=self.scenario.name,
+            settings=self.settings(),
+            machine=self.machine,
+            targets=self.targets,
+            runs=self.runs,
+            comparisons=comparisons,
+            started_at=self.started_at,
+            finished_at=_now(),
+        )
+        rep["interrupted"] = interrupted
+        rep["failure"] = failure
+        return rep, comparisons
+
+
+def run(args: argparse.Namespace) -> int:
+    _resolve(args)
+    scenario = SCENARIOS[args.scenario]
+    args.report = args.report.resolve()
+    args.report.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="loadtests-"))
+    session = _Session(args, scenario, tmp)
+    interrupted, failure, status = False, None, 0
+    try:
+        with _sigterm_as_interrupt(), contextlib.ExitStack() as stack:
+            session.setup_broker(stack)
+            session.make_pool()
+            session.check_broker()
+            if args.compare == "openbao":
+                session.setup_openbao(stack)
+            session.run_all()
+            _log("stopping servers")
+    except KeyboardInterrupt:
+        interrupted, status = True, 130
+        _log("interrupted: servers stopped, writing what was measured")
+    except (procs.StartupError, generator.WorkerFailed) as exc:
+        failure, status = str(exc), 3
+        _log(f"failed: {exc}")
+    finally:
+        if args.keep_temp:
+            _log(f"temp dir kept: {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    rep, comparisons = session.finish(interrupted, failure)
+    path = report.write_report(args.report, rep)
+    if session.runs:
+        print()
+        print(report.format_table(session.runs))
+        if comparisons:
+            print()
+            print(report.format_comparisons(comparisons))
+    print(f"\nreport: {path}")
+    if status:
+        return status
+    bad = [r for r in session.runs if r.ok == 0 or r.error_rate > args.max_error_rate]
+    if bad:
+        _log(f"{len(bad)} run(s) had no successes or an error rate above {args.max_error_rate}")
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "run":
+        return run(args)
+    return 2

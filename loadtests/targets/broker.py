@@ -1,0 +1,153 @@
+"""The broker under test: a dev broker started here, or a running one given by address and
+data dir. Either way the client identity is the dev operator's (DIR/operator/svid.pem,
+DIR/operator/key.pem, trust anchors DIR/bundle.pem).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loadtests import procs
+
+__all__ = [
+    "RATE_LIMIT_ENV",
+    "BrokerIdentity",
+    "DevBroker",
+    "load_identity",
+    "status",
+]
+
+# The benchmark measures the signing path, not the per-identity limiter: lift it.
+RATE_LIMIT_ENV = {"BROKER_RATE_LIMIT_RPS": "100000", "BROKER_RATE_LIMIT_BURST": "100000"}
+
+CA_SERVICE = "/broker.v1.CertificateAuthority"
+
+
+@dataclass(frozen=True)
+class BrokerIdentity:
+    root_pem: bytes
+    cert_pem: bytes
+    key_pem: bytes
+
+
+def load_identity(data_dir: Path) -> BrokerIdentity:
+    paths = [data_dir / "bundle.pem", data_dir / "operator/svid.pem", data_dir / "operator/key.pem"]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise procs.StartupError(f"broker operator identity not found: {', '.join(missing)}")
+    root, cert, key = (p.read_bytes() for p in paths)
+    return BrokerIdentity(root_pem=root, cert_pem=cert, key_pem=key)
+
+
+class DevBroker:
+    """`broker serve --dev` as a subprocess of this Python, on a free loopback port."""
+
+    def __init__(self, data_dir: Path, *, extra_env: dict[str, str] | None = None) -> None:
+        self.data_dir = data_dir
+        self.port = procs.free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.env = {**os.environ, **RATE_LIMIT_ENV, **(extra_env or {})}
+        self.process: procs.ManagedProcess | None = None
+        self.ready_line = ""
+
+    def start(self, timeout: float = 180.0) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        argv = [
+            sys.executable,
+            "-m",
+            "broker.cli",
+            "serve",
+            "--dev",
+            "--data-dir",
+            str(self.data_dir),
+            "--listen",
+            self.address,
+        ]
+        self.process = procs.ManagedProcess(
+            "broker",
+            argv,
+            log_path=self.data_dir.parent / "broker.log",
+            env=self.env,
+            ready=r"(?i)listening",
+        )
+        self.ready_line = self.process.wait_ready(timeout)
+        m = re.search(r"(127\.0\.0\.1|localhost|\[::1\]):(\d+)", self.ready_line)
+        if m and int(m.group(2)) != self.port:
+            self.address = f"127.0.0.1:{m.group(2)}"
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+            self.process = None
+
+
+def _channel(address: str, ident: BrokerIdentity, server_name: str | None) -> Any:
+    import grpc
+
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=ident.root_pem,
+        private_key=ident.key_pem,
+        certificate_chain=ident.cert_pem,
+    )
+    opts = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+    return grpc.secure_channel(address, creds, opts)
+
+
+def status(address: str, ident: BrokerIdentity, server_name: str | None) -> dict[str, Any]:
+    """GetStatus over mTLS: trust domain, key backend and storage, for the report."""
+    from broker.api._proto import ca_pb2
+
+    with _channel(address, ident, server_name) as ch:
+        call = ch.unary_unary(
+            f"{CA_SERVICE}/GetStatus",
+            request_serializer=ca_pb2.GetStatusRequest.SerializeToString,
+            response_deserializer=ca_pb2.GetStatusResponse.FromString,
+        )
+        st = call(ca_pb2.GetStatusRequest(), timeout=30)
+    return {
+        "trust_domain": st.trust_domain,
+        "key_backend": st.key_backend,
+        "storage": st.storage,
+        "authorities": [
+            {"id": a.id, "kind": a.kind, "state": a.state, "key_uri": a.key_uri}
+            for a in st.authorities
+        ],
+    }
+
+
+def mint_once(address: str, ident: BrokerIdentity, server_name: str | None, request: bytes) -> Any:
+    """One MintX509SVID outside the timed window (checks the path end to end)."""
+    from broker.api._proto import ca_pb2
+
+    with _channel(address, ident, server_name) as ch:
+        call = ch.unary_unary(
+            f"{CA_SERVICE}/MintX509SVID",
+            response_deserializer=ca_pb2.MintX509SVIDResponse.FromString,
+        )
+        return call(request, timeout=30)
+
+
+def trust_domain_from_bundle(root_pem: bytes) -> str | None:
+    """The trust domain named by the first CA certificate's SPIFFE URI SAN, if any."""
+    from cryptography import x509
+
+    for cert in x509.load_pem_x509_certificates(root_pem):
+        try:
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            continue
+        for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
+            m = re.match(r"spiffe://([^/]+)", uri)
+            if m:
+                return m.group(1)
+    return None
