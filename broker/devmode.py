@@ -48,12 +48,12 @@ def _keys_for(data_dir: Path, warn: Callable[[str], None]) -> KeysConfig:
             )
         pin_file = data_dir / "keys.pin"
         if not pin_file.exists():
-            write_private_file(pin_file, secrets.token_urlsafe(24).encode())
+            write_private_file(pin_file, secrets.token_hex(24).encode())
         soft.mkdir(mode=0o700, exist_ok=True)
         return KeysConfig(uri=f"software:path={soft}", pin_source=f"file:{pin_file}")
     else:
         hsm.mkdir(mode=0o700, parents=True, exist_ok=True)
-        pin, so_pin = secrets.token_urlsafe(18), secrets.token_urlsafe(18)
+        pin, so_pin = secrets.token_hex(16), secrets.token_hex(16)
         write_private_file(hsm / "pin", pin.encode())
         write_private_file(hsm / "so-pin", so_pin.encode())
         conf = init_token(hsm, TOKEN_LABEL, pin.encode(), so_pin.encode())
