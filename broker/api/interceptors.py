@@ -153,15 +153,24 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     # -- the chain ------------------------------------------------------------------------
 
     def _authorize(
-        self, method: str, spec: MethodSpec | None, request: Any, context: grpc.aio.ServicerContext
+        self,
+        method: str,
+        spec: MethodSpec | None,
+        request: Any,
+        context: grpc.aio.ServicerContext,
+        seen: dict[str, str] | None = None,
     ) -> tuple[Caller, str, str, str]:
         """authenticate -> rate limit -> authorize. Returns (caller, action, resource, reason)
-        or raises a BrokerError."""
+        or raises a BrokerError. `seen` gets the caller ("who") and "resource" as soon as they
+        are known, so that a refusal can still be audited with them."""
+        seen = {} if seen is None else seen
         caller = self._auth.caller(context.auth_context())
+        seen["who"] = caller.spiffe_id
         self._limiter.check(caller.spiffe_id)
         if spec is None:
             raise PermissionDenied(f"no policy covers {method}; refused")
         resource = spec.resource(request) if request is not None else ""
+        seen["resource"] = resource
         decision = self._policy.decide(caller, spec.action, resource)
         if not decision.allowed:
             raise PermissionDenied(decision.reason)
@@ -193,11 +202,14 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         context.set_trailing_metadata(((CORRELATION_HEADER, correlation_id),))
 
         who, action, resource, decision, reason = "unauthenticated", "", "", "deny", ""
+        if spec is not None:
+            action = spec.action
+        seen: dict[str, str] = {}
         response: Any = None
         error: BaseException | None = None
         call: CallContext | None = None
         try:
-            caller, action, resource, reason = self._authorize(method, spec, request, context)
+            caller, action, resource, reason = self._authorize(method, spec, request, context, seen)
             who, decision = caller.spiffe_id, "allow"
             call = CallContext(caller, correlation_id, justification)
             token = _CURRENT.set(call)
@@ -209,10 +221,13 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             error, reason = exc, str(exc)
         except PermissionDenied as exc:
             error, reason = exc, str(exc)
-            if who != "unauthenticated" and spec is not None:
-                action = spec.action
         except Exception as exc:  # mapped to a status below; never re-raised to gRPC
             error = exc
+        if decision == "deny":  # refused before the servicer: record what was known by then
+            who = seen.get("who", who)
+            resource = seen.get("resource", resource)
+            if not reason and isinstance(error, BrokerError):
+                reason = str(error)  # e.g. the rate limit
         code, message = (
             (grpc.StatusCode.OK, "") if error is None else to_status(error, correlation_id)
         )
