@@ -449,6 +449,7 @@ class CAService:
                 )
             public_key = None
         lifetime = self._policy.resolve_x509(sid, ttl, kt)
+        self._policy.check_dns_names(sid, dns_names)
         if public_key is None:
             key = ec.generate_private_key(_CURVES[kt])
             public_key = key.public_key()

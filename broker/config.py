@@ -135,8 +135,8 @@ class Config:
 
 def _check_listen(listen: str) -> None:
     host, sep, port = listen.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise InvalidArgument(f"listen address {listen!r} must be HOST:PORT")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise InvalidArgument(f"listen address {listen!r} must be HOST:PORT (port 0 picks one)")
 
 
 def _read_secret_ref(path: Path | None, env: str | None, what: str) -> str | None:

@@ -86,7 +86,13 @@ async def _serve(config: Config) -> None:
         material = app.serving_material()
         credentials = ServingCredentials(material)
         pipeline = RequestPipeline(
-            METHOD_SPECS, app.authenticator, app.limiter, app.policy, app.ledger, app.clock
+            METHOD_SPECS,
+            app.authenticator,
+            app.limiter,
+            app.policy,
+            app.ledger,
+            app.clock,
+            max_request_bytes=config.server.max_message_bytes,
         )
         server, port = await start_server(
             listen=config.server.listen,

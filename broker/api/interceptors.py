@@ -21,7 +21,13 @@ from typing import Any
 import grpc
 
 from broker.audit import AuditLedger
-from broker.errors import AuditWriteFailed, BrokerError, PermissionDenied, Unauthenticated
+from broker.errors import (
+    AuditWriteFailed,
+    BrokerError,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+)
 from broker.identity import Authenticator
 from broker.policy import Caller, Policy
 from broker.ratelimit import RateLimiter
@@ -80,7 +86,9 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         policy: Policy,
         ledger: AuditLedger,
         clock: Clock,
+        max_request_bytes: int = 1 << 20,
     ) -> None:
+        self._max_request_bytes = max_request_bytes
         self._specs = specs
         self._auth = authenticator
         self._limiter = limiter
@@ -160,17 +168,28 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         context: grpc.aio.ServicerContext,
         seen: dict[str, str] | None = None,
     ) -> tuple[Caller, str, str, str]:
-        """authenticate -> rate limit -> authorize. Returns (caller, action, resource, reason)
-        or raises a BrokerError. `seen` gets the caller ("who") and "resource" as soon as they
-        are known, so that a refusal can still be audited with them."""
+        """authenticate -> rate limit -> size limit -> authorize.
+
+        Returns (caller, action, resource, reason) or raises a BrokerError. `seen` gets the
+        caller ("who") and "resource" as soon as they are known, so that a refusal can still be
+        audited with them."""
         seen = {} if seen is None else seen
         caller = self._auth.caller(context.auth_context())
         seen["who"] = caller.spiffe_id
+        if spec is not None and request is not None:
+            seen["resource"] = spec.resource(request)
         self._limiter.check(caller.spiffe_id)
+        # The transport admits somewhat larger messages than this so that an oversized request
+        # is refused here, where it is audited, rather than silently by gRPC.
+        size = request.ByteSize() if request is not None else 0
+        if size > self._max_request_bytes:
+            raise ResourceExhausted(
+                f"the request is {size} bytes, over the broker's limit of "
+                f"{self._max_request_bytes} bytes"
+            )
         if spec is None:
             raise PermissionDenied(f"no policy covers {method}; refused")
-        resource = spec.resource(request) if request is not None else ""
-        seen["resource"] = resource
+        resource = seen.get("resource", "")
         decision = self._policy.decide(caller, spec.action, resource)
         if not decision.allowed:
             raise PermissionDenied(decision.reason)

@@ -470,11 +470,9 @@ def test_bad_mint_requests_are_refused_in_one_line_and_issue_nothing(
     assert all(e.get("outcome") != "OK" for e in mints), mints
     if case == "ttl-negative":
         assert mints == []  # refused by the CLI itself, never sent
-    elif case == "csr-huge" and not mints:
-        # Over the server's message size limit: gRPC refuses it before any handler runs.
-        assert "resource exhausted" in line or "too large" in line or "size" in line, line
     else:
-        # Everything that reached the broker was audited as refused.
+        # Everything that reached the broker was audited as refused, the oversized request
+        # included (the pipeline, not the transport, enforces the request size limit).
         assert mints, new_events
         assert all(e.get("outcome") not in ("", "OK") for e in mints)
 

@@ -635,11 +635,6 @@ async def test_bad_mint_request_is_refused_and_issues_nothing(
     assert await ca.GetStatus(ca_pb2.GetStatusRequest(), timeout=TIMEOUT) == status_before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: CAService.mint_x509 never calls CAPolicy.check_dns_names, so DNS SANs are "
-    "issued although the default rule has dns_names_allowed = false",
-)
 async def test_dns_names_refused_unless_policy_allows_them(broker: BrokerHarness) -> None:
     workload = broker.identity(WORKLOAD_ID)
     err = await refused(
