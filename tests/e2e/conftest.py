@@ -40,9 +40,19 @@ class BrokerProcess:
     """One `broker serve --dev` subprocess. `start()` returns once it printed its
     "listening" line; `stop()` sends SIGTERM and requires a clean exit within 10 s."""
 
-    def __init__(self, data_dir: Path, log_dir: Path) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        log_dir: Path,
+        serve_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        """`serve_args` replaces `--dev --data-dir DIR` (e.g. `--config FILE`); `--listen` on
+        a free port is always added."""
         self.data_dir = data_dir
         self.log_dir = log_dir
+        self.serve_args = serve_args or ["--dev", "--data-dir", str(data_dir)]
+        self.env = env or {}
         self.port = 0
         self.listening_line = ""
         self._process: subprocess.Popen[str] | None = None
@@ -70,9 +80,7 @@ class BrokerProcess:
                 "-m",
                 "broker.cli",
                 "serve",
-                "--dev",
-                "--data-dir",
-                str(self.data_dir),
+                *self.serve_args,
                 "--listen",
                 self.address,
             ],
@@ -80,7 +88,7 @@ class BrokerProcess:
             stderr=self._stderr,
             stdin=subprocess.DEVNULL,
             text=True,
-            env=_child_env({}),
+            env=_child_env(self.env),
             cwd=self.log_dir,
         )
         stdout = self._process.stdout
