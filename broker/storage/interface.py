@@ -4,6 +4,10 @@ Every method is a coroutine and owns its own transaction unless it says otherwis
 the underlying database raise `broker.errors.StorageError`; a schema newer than the code raises
 `broker.errors.SchemaTooNew` from `migrate()`. Short-lived SVIDs are never stored here: their
 serial, ID, expiry and caller go into the audit event of the request that minted them.
+
+Datetimes go in aware (naive ones are refused with ValueError) and come back as aware UTC
+datetimes, to the microsecond; bytes come back exactly. Open a Storage with
+`broker.storage.open_storage(dsn)` and call `migrate()` before anything else.
 """
 
 from __future__ import annotations
@@ -58,7 +62,8 @@ class AuthorityRepository(Protocol):
         ...
 
     async def insert_authority(self, record: AuthorityRecord) -> None:
-        """Raises `broker.errors.AlreadyExists` if the id is taken."""
+        """Raises `broker.errors.AlreadyExists` if the id is taken (or the same kind already has
+        this generation)."""
         ...
 
     async def transition_authority(
@@ -114,7 +119,8 @@ class AuditRepository(Protocol):
 
         Serialised across connections and processes (SQLite: BEGIN IMMEDIATE; PostgreSQL: a
         transaction-scoped advisory lock), so the chain never forks. Reads the current head,
-        calls `seal` per event, inserts all rows, commits. All or nothing.
+        calls `seal` per event, inserts all rows, commits. All or nothing: if `seal` raises,
+        nothing is appended and its exception propagates unchanged. No events: returns [].
         """
         ...
 
@@ -142,11 +148,15 @@ class LockRepository(Protocol):
         self, name: str, owner: str, ttl_seconds: float, now: dt.datetime
     ) -> bool:
         """Take or renew a named leader lease. True when `owner` holds it until now + ttl:
-        it was free, expired, or already held by `owner`. Background jobs (CA rotation, lease
-        reaper, retention) run only while they hold their lease."""
+        it was free, expired (expires_at <= now), or already held by `owner` (renewal moves the
+        expiry to now + ttl). Background jobs (CA rotation, lease reaper, retention) run only
+        while they hold their lease. `now` comes from the caller's clock, so replicas need
+        roughly synchronised clocks; ttl_seconds must be positive."""
         ...
 
-    async def release_lease(self, name: str, owner: str) -> None: ...
+    async def release_lease(self, name: str, owner: str) -> None:
+        """Give the lease up; does nothing unless `owner` holds it."""
+        ...
 
 
 class Storage(
