@@ -144,9 +144,7 @@ class MetaRepository(Protocol):
 
 
 class LockRepository(Protocol):
-    async def try_lease(
-        self, name: str, owner: str, ttl_seconds: float, now: dt.datetime
-    ) -> bool:
+    async def try_lease(self, name: str, owner: str, ttl_seconds: float, now: dt.datetime) -> bool:
         """Take or renew a named leader lease. True when `owner` holds it until now + ttl:
         it was free, expired (expires_at <= now), or already held by `owner` (renewal moves the
         expiry to now + ttl). Background jobs (CA rotation, lease reaper, retention) run only
@@ -169,7 +167,7 @@ class Storage(
 ):
     @property
     def dialect(self) -> str:
-        """"sqlite" or "postgresql"."""
+        """ "sqlite" or "postgresql"."""
         ...
 
     async def migrate(self) -> int:
