@@ -164,6 +164,7 @@ class _Session:
                 command="python -m broker.cli serve --dev --data-dir <tmp> --listen " + address,
                 env=broker_target.RATE_LIMIT_ENV,
                 ready_line=dev.ready_line,
+                source=machine.source_revision(Path(__file__).resolve().parents[1]),
             )
         ident = broker_target.load_identity(data_dir)
         try:
@@ -255,12 +256,16 @@ class _Session:
         proc = self.alive.get(target)
         if proc is not None:
             proc.check_alive()
-        profiler = None
+        profiler: list[Any] = []
+        on_window_start = None
         if a.profile and target == "broker" and self.pids.get("broker"):
             from loadtests.profile import Profiler
 
             prof_path = a.report / f"profile-broker-c{concurrency}-r{rnd}.collapsed.txt"
-            profiler = Profiler(self.pids["broker"][0], prof_path, a.warmup + a.duration + 0.2)
+
+            def on_window_start() -> None:
+                profiler.append(Profiler(self.pids["broker"][0], prof_path, a.duration))
+
         started = _now()
         outcome = generator.run_load(
             self.specs[target],
@@ -271,10 +276,13 @@ class _Session:
             request_timeout=a.timeout,
             server_pids=self.pids.get(target, []),
             use_uvloop=not a.no_uvloop,
+            on_window_start=on_window_start,
         )
         notes: dict[str, Any] = {"workers": outcome.worker_notes, "loadavg": machine.loadavg()}
-        if profiler is not None:
-            summary = profiler.finish()
+        if outcome.server_threads:
+            notes["server_busiest_threads"] = outcome.server_threads
+        if profiler:
+            summary = profiler[0].finish()
             (a.report / f"profile-broker-c{concurrency}-r{rnd}.top.txt").write_text(summary)
             notes["profiled"] = True
         if target == "broker":

