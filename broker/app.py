@@ -6,14 +6,11 @@ No grpc here: `broker.api.server` serves what this builds.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import ipaddress
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -21,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from broker.audit import AuditLedger
 from broker.authority import CAService, CAServiceConfig
 from broker.config import Config
+from broker.files import write_private_file
 from broker.identity import Authenticator
 from broker.policy import DefaultPolicy
 from broker.ratelimit import RateLimiter
@@ -30,7 +28,7 @@ from ca.keys import KeyBackend
 from ca.layout import IdentityLayout
 from ca.spiffeid import SpiffeId
 
-__all__ = ["Application", "TLSMaterial", "write_private_file"]
+__all__ = ["Application", "TLSMaterial"]
 
 log = logging.getLogger(__name__)
 
@@ -41,21 +39,6 @@ class TLSMaterial:
     chain_pem: bytes  # leaf first
     client_roots_pem: bytes  # the trust bundle: client certificates must chain to it
     not_after: dt.datetime
-
-
-def write_private_file(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write atomically (temp file + rename); the file is created with `mode` from the start."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -140,6 +123,7 @@ class Application:
             operator, key.public_key(), self.config.server.server_cert_ttl
         )
         out = self.config.operator_dir
+        out.mkdir(mode=0o700, parents=True, exist_ok=True)
         write_private_file(out / "key.pem", _pem_key(key))
         write_private_file(
             out / "svid.pem",

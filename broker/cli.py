@@ -44,6 +44,7 @@ from broker.api.client import (
     Policy,
     RotateResult,
 )
+from broker.files import write_private_file
 
 __all__ = ["BrokerAPI", "CliContext", "ConnectionSettings", "Refusal", "cli", "main", "run"]
 
@@ -371,23 +372,6 @@ def _read_input_file(path: Path, what: str) -> bytes:
         return path.read_bytes()
     except OSError as exc:
         raise Refusal(f"cannot read {what} {path}: {exc.strerror or exc}") from None
-
-
-def write_private_file(path: Path, data: bytes, mode: int) -> None:
-    """Replace `path` with `data` atomically. The file is created with `mode` from the start
-    (O_CREAT|O_EXCL on a fresh temporary name, then rename), so a key is never readable by
-    others, not even for a moment, and an existing looser file is replaced, not reused."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 @svid.command("mint")

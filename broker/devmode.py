@@ -17,10 +17,10 @@ import secrets
 from collections.abc import Callable
 from pathlib import Path
 
-from broker.app import write_private_file
 from broker.config import Config, KeysConfig, ServerConfig, StorageConfig, apply_env
 from broker.daemon_defaults import DEFAULT_LISTEN
 from broker.errors import FailedPrecondition
+from broker.files import write_private_file
 from ca.keys.pkcs11 import DEFAULT_PKCS11_MODULE
 from ca.keys.softhsm import configure_process, init_token, softhsm_available
 
