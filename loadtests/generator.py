@@ -67,8 +67,13 @@ class SyncClient(Protocol):
 class ClientSpec(Protocol):
     """Picklable description of a client; `make()` runs inside the worker process."""
 
-    mode: str  # "async": one event loop drives all users; "threads": one thread per user
-    payload_count: int
+    @property
+    def mode(self) -> str:
+        """`async`: one event loop drives all users; `threads`: one thread per user."""
+        ...
+
+    @property
+    def payload_count(self) -> int: ...
 
     def make(self) -> AsyncClient | SyncClient: ...
 
@@ -238,11 +243,11 @@ def _thread_worker(
         t.join(sched.duration + 60)
     client.close()
     total = _Tally()
-    for t in tallies:
-        total.hist.add(t.hist)
-        total.ok += t.ok
-        total.errors.update(t.errors)
-        total.samples.extend(t.samples[: MAX_ERROR_SAMPLES - len(total.samples)])
+    for tally in tallies:
+        total.hist.add(tally.hist)
+        total.ok += tally.ok
+        total.errors.update(tally.errors)
+        total.samples.extend(tally.samples[: MAX_ERROR_SAMPLES - len(total.samples)])
     return _result(total, cpu1 - cpu0, {"mode": "threads", "users": users})
 
 

@@ -73,7 +73,8 @@ def process_tree(root: int) -> list[int]:
         st = _read_stat(int(entry))
         if st is not None:
             parents.setdefault(st[0], []).append(int(entry))
-    out, todo = [], [root]
+    out: list[int] = []
+    todo = [root]
     while todo and len(out) < 10_000:
         pid = todo.pop()
         out.append(pid)
