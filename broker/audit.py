@@ -5,8 +5,11 @@ event is committed). Events from concurrent requests are written in groups, one 
 group, so the ledger's cost per request stays small under load; the chain is still strictly
 sequential. If a write fails, every request in the group fails with `AuditWriteFailed`.
 
-Chain: entry_hash = SHA-256(prev_hash || seq as 8 bytes big-endian || event JSON);
-mac = HMAC-SHA256(audit key, entry_hash). The first prev_hash is 32 zero bytes.
+Chain: entry_hash = SHA-256(prev_hash || seq as 8 bytes big-endian || event JSON); the first
+prev_hash is 32 zero bytes. The last entry of every committed group carries
+mac = HMAC-SHA256(audit key, entry_hash); since each hash covers everything before it, that one
+MAC (made inside the key backend) authenticates the whole group, and entries without a MAC must
+be followed by one. A MACed head record (the newest seq) catches entries cut off the end.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker.errors import AuditWriteFailed
-from broker.storage.interface import AuditRecord, Storage
+from broker.storage.interface import AuditRecord, Sealer, Storage
 from ca.keys import KeyBackend, KeyKind
 
 __all__ = ["AuditLedger", "Verification", "canonical_json", "chain_hash"]
@@ -77,6 +80,8 @@ class AuditLedger:
         self._writer = asyncio.get_running_loop().create_task(self._run(), name="audit-writer")
 
     async def stop(self) -> None:
+        """Finish writing what is queued, then stop the writer."""
+        await self.drain()
         if self._writer is not None:
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -95,9 +100,18 @@ class AuditLedger:
         self._queue.put_nowait(pending)
         return await pending.done
 
-    def _seal(self, seq: int, prev_hash: bytes, event_json: str) -> tuple[bytes, bytes]:
-        digest = chain_hash(prev_hash, seq, event_json)
-        return digest, self._keys.mac(self._label, digest)
+    def _sealer(self, count: int) -> Sealer:
+        """A sealer for a group of `count` events: hashes every one, MACs only the last."""
+        sealed = 0
+
+        def seal(seq: int, prev_hash: bytes, event_json: str) -> tuple[bytes, bytes]:
+            nonlocal sealed
+            sealed += 1
+            digest = chain_hash(prev_hash, seq, event_json)
+            mac = self._keys.mac(self._label, digest) if sealed == count else b""
+            return digest, mac
+
+        return seal
 
     async def _run(self) -> None:
         assert self._queue is not None
@@ -106,21 +120,31 @@ class AuditLedger:
             while len(group) < _MAX_GROUP and not self._queue.empty():
                 group.append(self._queue.get_nowait())
             try:
-                seqs = await self._storage.append_audit([p.event for p in group], self._seal)
+                events = [p.event for p in group]
+                seqs = await self._storage.append_audit(events, self._sealer(len(events)))
             except Exception as exc:  # every waiting request must learn of the failure
                 log.error("audit write failed: %s", type(exc).__name__)
                 failure = AuditWriteFailed("audit ledger write failed; request refused")
                 for p in group:
                     if not p.done.done():
                         p.done.set_exception(failure)
+                    self._queue.task_done()
                 continue
-            try:
-                await self._write_head(seqs[-1])
-            except Exception as exc:  # the events are committed; a lagging head is harmless
-                log.warning("audit head not updated: %s", type(exc).__name__)
             for p, seq in zip(group, seqs, strict=True):
                 if not p.done.done():
                     p.done.set_result(seq)
+            if self._queue.empty():  # under load the next group's head write covers this one
+                try:
+                    await self._write_head(seqs[-1])
+                except Exception as exc:  # the events are committed; a lagging head is harmless
+                    log.warning("audit head not updated: %s", type(exc).__name__)
+            for _ in group:
+                self._queue.task_done()
+
+    async def drain(self) -> None:
+        """Wait until everything recorded so far is written, the head record included."""
+        if self._queue is not None and self._writer is not None and not self._writer.done():
+            await self._queue.join()
 
     async def _write_head(self, seq: int) -> None:
         """Record the newest seq under a MAC, so that cutting entries off the end of the chain
@@ -146,7 +170,7 @@ class AuditLedger:
         """Walk the whole chain: contiguous seqs, linked hashes, recomputed hashes and MACs."""
         head = await self._head()
         prev_hash, expected_seq, count = GENESIS, 1, 0
-        after = 0
+        after = unauthenticated = 0
         while True:
             records = await self._storage.read_audit(after_seq=after, limit=page)
             if not records:
@@ -155,6 +179,8 @@ class AuditLedger:
                 problem = self._check(rec, expected_seq, prev_hash)
                 if problem:
                     return Verification(False, count, expected_seq, problem)
+                # the first entry not yet followed by a MAC (0 once one covers it)
+                unauthenticated = 0 if rec.mac else (unauthenticated or rec.seq)
                 prev_hash, expected_seq, count = rec.entry_hash, expected_seq + 1, count + 1
             after = records[-1].seq
         if head < 0:
@@ -166,6 +192,13 @@ class AuditLedger:
                 count + 1,
                 f"entries {count + 1} to {head} were cut off the end of the ledger",
             )
+        if unauthenticated:
+            return Verification(
+                False,
+                count,
+                unauthenticated,
+                f"entries from {unauthenticated} on are not covered by any MAC",
+            )
         return Verification(True, count)
 
     def _check(self, rec: AuditRecord, expected_seq: int, prev_hash: bytes) -> str:
@@ -175,6 +208,8 @@ class AuditLedger:
             return f"entry {rec.seq} does not link to entry {rec.seq - 1}"
         if not hmac.compare_digest(chain_hash(prev_hash, rec.seq, rec.event), rec.entry_hash):
             return f"entry {rec.seq} was altered: its hash does not match its content"
-        if not hmac.compare_digest(self._keys.mac(self._label, rec.entry_hash), rec.mac):
+        if rec.mac and not hmac.compare_digest(
+            self._keys.mac(self._label, rec.entry_hash), rec.mac
+        ):
             return f"entry {rec.seq} has an invalid MAC"
         return ""

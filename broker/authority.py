@@ -38,7 +38,7 @@ from ca.keys import KeyBackend, KeyKind
 from ca.keys.uri import key_uri
 from ca.policy import CAPolicy
 from ca.spiffeid import SpiffeId
-from ca.x509svid import build_intermediate, build_leaf, build_root
+from ca.x509svid import LeafIssuer, build_intermediate, build_root
 
 __all__ = [
     "AuthorityView",
@@ -85,7 +85,6 @@ class CAServiceConfig:
 class IssuedX509:
     spiffe_id: str
     chain_der: list[bytes]
-    chain_pem: bytes
     private_key_der: bytes | None
     bundle_der: list[bytes]
     expires_at: dt.datetime
@@ -143,7 +142,7 @@ class _Snapshot:
     records: tuple[AuthorityRecord, ...]
     roots: tuple[x509.Certificate, ...]
     issuing_cert: x509.Certificate
-    issuing_signer: ec.EllipticCurvePrivateKey
+    issuer: LeafIssuer
     jwt_signer: ec.EllipticCurvePrivateKey
     jwt_kid: str
     bundle: BundleView
@@ -247,11 +246,12 @@ class CAService:
             sequence=sequence,
             refresh_hint_seconds=int(self._cfg.bundle_refresh_hint.total_seconds()),
         )
+        issuing_cert = x509.load_der_x509_certificate(current.cert_der)
         self._snapshot = _Snapshot(
             records=records,
             roots=roots,
-            issuing_cert=x509.load_der_x509_certificate(current.cert_der),
-            issuing_signer=self._keys.signer(current.key_label),
+            issuing_cert=issuing_cert,
+            issuer=LeafIssuer(self._keys.signer(current.key_label), issuing_cert),
             jwt_signer=self._keys.signer(current.jwt_key_label),
             jwt_kid=current.jwt_kid,
             bundle=BundleView(
@@ -459,9 +459,7 @@ class CAService:
                 serialization.NoEncryption(),
             )
         snap = self._snap()
-        cert = build_leaf(
-            snap.issuing_signer,
-            snap.issuing_cert,
+        cert = snap.issuer.issue(
             public_key,
             sid,
             self._clock.now(),
@@ -473,8 +471,6 @@ class CAService:
         return IssuedX509(
             spiffe_id=sid.id_string,
             chain_der=[leaf_der, snap.issuing_der],
-            chain_pem=cert.public_bytes(serialization.Encoding.PEM)
-            + snap.issuing_cert.public_bytes(serialization.Encoding.PEM),
             private_key_der=private_der,
             bundle_der=list(snap.root_der),
             expires_at=cert.not_valid_after_utc,
@@ -492,9 +488,7 @@ class CAService:
         """Issue the broker's own identities (serving certificate, operator identity), which
         live under the reserved path and bypass CA policy. Returns (leaf, issuing CA cert)."""
         snap = self._snap()
-        cert = build_leaf(
-            snap.issuing_signer,
-            snap.issuing_cert,
+        cert = snap.issuer.issue(
             public_key,
             spiffe_id,
             self._clock.now(),

@@ -49,6 +49,7 @@ from ca.spiffeid import SpiffeId, TrustDomain
 __all__ = [
     "DEFAULT_BACKDATE",
     "IssuedSVID",
+    "LeafIssuer",
     "build_intermediate",
     "build_leaf",
     "build_root",
@@ -177,7 +178,7 @@ def _check_backdate(backdate: dt.timedelta) -> None:
 
 
 def _check_issuer(
-    signer: ec.EllipticCurvePrivateKey, issuer_cert: x509.Certificate, now: dt.datetime
+    signer: ec.EllipticCurvePrivateKey, issuer_cert: x509.Certificate, now: dt.datetime | None
 ) -> None:
     if not _same_public_key(signer.public_key(), issuer_cert.public_key()):
         raise CAStateError(
@@ -190,6 +191,11 @@ def _check_issuer(
         constraints = None
     if constraints is None or not constraints.ca:
         raise CAStateError("issuer certificate is not a CA (BasicConstraints CA:true missing)")
+    if now is not None:
+        _check_validity(issuer_cert, now)
+
+
+def _check_validity(issuer_cert: x509.Certificate, now: dt.datetime) -> None:
     if issuer_cert.not_valid_after_utc <= now:
         raise CAStateError(
             f"issuer certificate expired at {issuer_cert.not_valid_after_utc.isoformat()}; "
@@ -369,65 +375,115 @@ def build_leaf(
     DNS name (`InvalidInput`), and an issuer that is expired, not a CA or does not match its
     signer (`CAStateError`).
     """
-    sid = spiffe_id if isinstance(spiffe_id, SpiffeId) else SpiffeId.parse(spiffe_id)
-    sid.require_workload()
-    _check_ttl(ttl, "X509-SVID")
-    if ttl > HARD_MAX_TTL:
-        raise PolicyViolation(
-            f"X509-SVID TTL {format_duration(ttl)} exceeds the hard ceiling of "
-            f"{format_duration(HARD_MAX_TTL)}"
-        )
-    _check_backdate(backdate)
-    now = utc(now)
-    _check_issuer(issuer_signer, issuer_cert, now)
-    try:
-        issuer_id: SpiffeId | None = spiffe_id_of(issuer_cert)
-    except InvalidInput:
-        issuer_id = None
-    if issuer_id is not None and not sid.member_of(issuer_id.trust_domain):
-        raise InvalidSpiffeId(
-            f"SPIFFE ID {sid.id_string!r} is not in the issuer's trust domain "
-            f"{issuer_id.trust_domain!r}"
-        )
-    key_type = key_type_of(public_key)
-    dns = _normalize_dns(dns_names)
-    name = subject if subject is not None else x509.Name([])
-    san_names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(sid.id_string)]
-    san_names.extend(x509.DNSName(d) for d in dns)
-    san_names.extend(x509.IPAddress(ip) for ip in ip_addresses)
-    is_rsa = key_type.startswith("rsa-")
-    key_usage = x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=False,
-        key_encipherment=is_rsa,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=False,
-        crl_sign=False,
-        encipher_only=False,
-        decipher_only=False,
+    return LeafIssuer(issuer_signer, issuer_cert, now).issue(
+        public_key,
+        spiffe_id,
+        now,
+        ttl,
+        dns_names,
+        subject,
+        backdate=backdate,
+        ip_addresses=ip_addresses,
     )
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(issuer_cert.subject)
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(max(now - backdate, issuer_cert.not_valid_before_utc))
-        .not_valid_after(min(now + ttl, issuer_cert.not_valid_after_utc))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(key_usage, critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
-            critical=False,
+
+
+class LeafIssuer:
+    """An issuing CA ready to sign X509-SVIDs: the signer/certificate match, the CA flag, the
+    issuer's trust domain and AKI are checked and computed once, at construction, instead of on
+    every certificate (the request path issues thousands per second). Validity is still checked
+    on every `issue()`. Raises `CAStateError` at construction for an unusable issuer.
+    """
+
+    __slots__ = ("_aki", "_cert", "_hash", "_signer", "_td")
+
+    def __init__(
+        self,
+        issuer_signer: ec.EllipticCurvePrivateKey,
+        issuer_cert: x509.Certificate,
+        now: dt.datetime | None = None,
+    ) -> None:
+        _check_issuer(issuer_signer, issuer_cert, utc(now) if now is not None else None)
+        self._signer = issuer_signer
+        self._cert = issuer_cert
+        self._hash = _hash_for(issuer_signer)
+        self._aki = _issuer_key_identifier(issuer_cert)
+        try:
+            self._td: str | None = spiffe_id_of(issuer_cert).trust_domain
+        except InvalidInput:
+            self._td = None
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        return self._cert
+
+    def issue(
+        self,
+        public_key: SubjectPublicKey,
+        spiffe_id: SpiffeId | str,
+        now: dt.datetime,
+        ttl: dt.timedelta,
+        dns_names: Iterable[str] = (),
+        subject: x509.Name | None = None,
+        *,
+        backdate: dt.timedelta = DEFAULT_BACKDATE,
+        ip_addresses: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address] = (),
+    ) -> x509.Certificate:
+        """Issue one X509-SVID leaf; see `build_leaf` for what is refused."""
+        issuer_cert = self._cert
+        sid = spiffe_id if isinstance(spiffe_id, SpiffeId) else SpiffeId.parse(spiffe_id)
+        sid.require_workload()
+        _check_ttl(ttl, "X509-SVID")
+        if ttl > HARD_MAX_TTL:
+            raise PolicyViolation(
+                f"X509-SVID TTL {format_duration(ttl)} exceeds the hard ceiling of "
+                f"{format_duration(HARD_MAX_TTL)}"
+            )
+        _check_backdate(backdate)
+        now = utc(now)
+        _check_validity(issuer_cert, now)
+        if self._td is not None and not sid.member_of(self._td):
+            raise InvalidSpiffeId(
+                f"SPIFFE ID {sid.id_string!r} is not in the issuer's trust domain {self._td!r}"
+            )
+        key_type = key_type_of(public_key)
+        dns = _normalize_dns(dns_names)
+        name = subject if subject is not None else x509.Name([])
+        san_names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(sid.id_string)]
+        san_names.extend(x509.DNSName(d) for d in dns)
+        san_names.extend(x509.IPAddress(ip) for ip in ip_addresses)
+        is_rsa = key_type.startswith("rsa-")
+        key_usage = x509.KeyUsage(
+            digital_signature=True,
+            content_commitment=False,
+            key_encipherment=is_rsa,
+            data_encipherment=False,
+            key_agreement=False,
+            key_cert_sign=False,
+            crl_sign=False,
+            encipher_only=False,
+            decipher_only=False,
         )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-        .add_extension(_issuer_key_identifier(issuer_cert), critical=False)
-        .add_extension(x509.SubjectAlternativeName(san_names), critical=len(name.rdns) == 0)
-    )
-    return builder.sign(issuer_signer, _hash_for(issuer_signer))
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(issuer_cert.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(max(now - backdate, issuer_cert.not_valid_before_utc))
+            .not_valid_after(min(now + ttl, issuer_cert.not_valid_after_utc))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(key_usage, critical=True)
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+            .add_extension(self._aki, critical=False)
+            .add_extension(x509.SubjectAlternativeName(san_names), critical=len(name.rdns) == 0)
+        )
+        return builder.sign(self._signer, self._hash)
 
 
 def _check_leaf_profile(leaf: x509.Certificate) -> SpiffeId:

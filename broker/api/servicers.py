@@ -31,9 +31,9 @@ def _resource(text: str) -> str:
 def _ts(value: dt.datetime | None) -> Timestamp | None:
     if value is None:
         return None
-    stamp = Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
+    # Cheaper than Timestamp.FromDatetime, which shows up in profiles of the mint path.
+    seconds = int(value.timestamp())
+    return Timestamp(seconds=seconds, nanos=value.microsecond * 1000)
 
 
 def _ttl(request: Any, field: str = "ttl_seconds") -> dt.timedelta | None:

@@ -40,11 +40,11 @@ async def ledger(storage: Storage) -> AsyncIterator[AuditLedger]:
 
 
 async def _fill(ledger: AuditLedger, n: int) -> list[int]:
-    return list(
-        await asyncio.gather(
-            *(ledger.record({"who": f"spiffe://td/s/{i}", "what": "svid.mint"}) for i in range(n))
-        )
+    seqs = await asyncio.gather(
+        *(ledger.record({"who": f"spiffe://td/s/{i}", "what": "svid.mint"}) for i in range(n))
     )
+    await ledger.drain()  # the head record is written after the requests are answered
+    return list(seqs)
 
 
 def _tamper(db: Path, sql: str, *args: object) -> None:
@@ -97,6 +97,20 @@ async def test_entries_cut_off_the_end_are_found(ledger: AuditLedger, db: Path) 
     assert "cut off" in result.reason
 
 
+async def test_group_mac_covers_every_entry_and_stripping_it_is_found(
+    ledger: AuditLedger, db: Path
+) -> None:
+    await _fill(ledger, 50)
+    with sqlite3.connect(db) as conn:
+        macs = [m for (m,) in conn.execute("SELECT mac FROM audit ORDER BY seq")]
+    assert macs[-1] != b""  # the last entry of the last group is always MACed
+    assert sum(1 for m in macs if m) < len(macs)  # grouped: not every entry needs its own
+    _tamper(db, "UPDATE audit SET mac = zeroblob(0) WHERE seq = 50")
+    result = await ledger.verify()
+    assert not result.intact
+    assert "not covered by any MAC" in result.reason
+
+
 async def test_recomputed_hash_without_the_key_is_found(ledger: AuditLedger, db: Path) -> None:
     """An attacker who rewrites an event and recomputes the chain hashes still cannot MAC."""
     await _fill(ledger, 3)
@@ -132,7 +146,9 @@ async def test_ledger_verified_with_another_key_fails(
     other.ensure_key()
     result = await other.verify()
     assert not result.intact
-    assert result.first_broken_seq == 1
+    assert "invalid MAC" in result.reason
+    first_maced = next(r.seq for r in await storage.read_audit() if r.mac)
+    assert result.first_broken_seq == first_maced
 
 
 class _BrokenStorage:
