@@ -74,8 +74,10 @@ class Application:
         )
         self.ledger = AuditLedger(storage, keys)
         self.policy = DefaultPolicy(config.server.operators)
+        # Each worker process keeps its own buckets: share the configured rate between them.
+        workers = config.server.workers
         self.limiter = RateLimiter(
-            clock, config.server.rate_limit_rps, config.server.rate_limit_burst
+            clock, config.server.rate_limit_rps / workers, config.server.rate_limit_burst / workers
         )
         self.authenticator = Authenticator(
             config.trust_domain, config.server.operators, self.layout
@@ -136,18 +138,29 @@ class Application:
     # -- background jobs --------------------------------------------------------------------
 
     async def run_background(
-        self, serving: TLSMaterial, on_serving: Callable[[TLSMaterial], None]
+        self,
+        serving: TLSMaterial,
+        on_serving: Callable[[TLSMaterial], None],
+        *,
+        write_operator: bool = True,
+        sync_interval: float = 2.0,
     ) -> None:
-        """Run the rotation schedule, pick up policy changes, and renew the serving and
-        operator certificates at half their life. Runs until cancelled."""
+        """Every `sync_interval` seconds pick up rotations and policy changes made by other
+        processes; every rotation interval run the rotation schedule and renew the serving (and,
+        with `write_operator`, the operator) certificate at half its life. Runs until
+        cancelled."""
         interval = self.config.ca.rotation_check_interval.total_seconds()
         ttl = self.config.server.server_cert_ttl
         last_bundle = self.ca.bundle().sequence
+        loop = asyncio.get_running_loop()
+        next_rotation = loop.time() + interval
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(min(sync_interval, interval))
             try:
-                await self.ca.rotate(force=False)
-                await self.ca.refresh_policy()
+                await self.ca.sync()
+                if loop.time() >= next_rotation:
+                    next_rotation = loop.time() + interval
+                    await self.ca.rotate(force=False)
                 now = self.clock.now()
                 bundle_changed = self.ca.bundle().sequence != last_bundle
                 if bundle_changed or serving.not_after - now < ttl / 2:
@@ -155,14 +168,14 @@ class Application:
                     on_serving(serving)
                     last_bundle = self.ca.bundle().sequence
                     log.info("serving certificate renewed until %s", serving.not_after)
-                if (
+                if write_operator and (
                     bundle_changed
                     or self._operator_expiry is None
                     or self._operator_expiry - now < ttl / 2
                 ):
                     self.write_operator_identity()
             except Exception:
-                log.exception("background job failed; retrying in %ss", interval)
+                log.exception("background job failed; retrying")
 
 
 def _is_ip(name: str) -> bool:

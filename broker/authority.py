@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 ROTATION_LEASE = "ca-rotation"
 BUNDLE_COUNTER = "bundle_sequence"
+JOURNAL_COUNTER = "ca_journal"  # bumped on every change of the CA journal
 POLICY_NAME = "ca"
 RESERVED_PREFIX = "/broker"  # the broker's own identities (server, operators)
 _CURVES: dict[str, ec.EllipticCurve] = {"ec-p256": ec.SECP256R1(), "ec-p384": ec.SECP384R1()}
@@ -160,6 +161,7 @@ class CAService:
         self._clock = clock
         self._td = SpiffeId.parse(f"spiffe://{config.trust_domain}").trust_domain
         self._snapshot: _Snapshot | None = None
+        self._journal_seen: str | None = None
         self._rotate_lock = asyncio.Lock()
         self._owner = secrets.token_hex(8)
         self._schedule = rotation.RotationSchedule(ca_ttl=config.issuing_ttl)
@@ -349,6 +351,9 @@ class CAService:
                     self._destroy_keys(action.id, records)
         if bundle_changed:
             await self._bump_bundle()
+        if done:
+            value = await self._storage.increment_counter(JOURNAL_COUNTER)
+            await self._storage.set_meta(JOURNAL_COUNTER, str(value))
         return done
 
     async def _bump_bundle(self) -> int:
@@ -598,6 +603,15 @@ class CAService:
         self._policy = CAPolicy.from_document(json.loads(stored.document))
         self._policy_version = stored
         return stored.version
+
+    async def sync(self) -> None:
+        """Pick up what another process or replica changed: a rotation (the CA journal's
+        counter moved) or a new CA policy. Two small reads; called every few seconds."""
+        journal = await self._storage.get_meta(JOURNAL_COUNTER)
+        if journal != self._journal_seen:
+            await self.reload()
+            self._journal_seen = journal
+        await self.refresh_policy()
 
     async def refresh_policy(self) -> None:
         """Pick up a policy set through another replica."""

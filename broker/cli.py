@@ -329,7 +329,9 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--dev", is_flag=True, help="Embedded default: SQLite and software keys in DATA_DIR.")
+@click.option(
+    "--dev", is_flag=True, help="Embedded default: SQLite and a SoftHSM2 token in DATA_DIR."
+)
 @click.option(
     "--config",
     "config_file",
@@ -338,8 +340,19 @@ def cli() -> None:
 )
 @_data_dir_option(on_group=False)
 @click.option("--listen", metavar="HOST:PORT", help="Address to listen on.")
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    help="Worker processes sharing the port [default: 1, or server.workers].",
+)
 @click.pass_context
-def serve(ctx: click.Context, dev: bool, config_file: Path | None, listen: str | None) -> None:
+def serve(
+    ctx: click.Context,
+    dev: bool,
+    config_file: Path | None,
+    listen: str | None,
+    workers: int | None,
+) -> None:
     """Run the broker until SIGINT/SIGTERM."""
     if dev == (config_file is not None):
         raise click.UsageError("exactly one of --dev or --config is required", ctx)
@@ -353,6 +366,7 @@ def serve(ctx: click.Context, dev: bool, config_file: Path | None, listen: str |
         data_dir=Path(_setting(ctx, "data_dir") or DEFAULT_DATA_DIR),
         listen=listen,
         config_file=config_file,
+        workers=workers,
     )
     try:
         run_daemon(options)

@@ -4,7 +4,7 @@ name), never inline: a DSN with a password or a PIN in a URI is refused.
 
 Environment overrides (applied after the file): BROKER_LISTEN, BROKER_TRUST_DOMAIN,
 BROKER_STORAGE_DSN, BROKER_KEYS_URI, BROKER_KEYS_PIN_SOURCE, BROKER_RATE_LIMIT_RPS,
-BROKER_RATE_LIMIT_BURST.
+BROKER_RATE_LIMIT_BURST, BROKER_WORKERS.
 """
 
 from __future__ import annotations
@@ -86,6 +86,7 @@ class ServerConfig:
     max_message_bytes: int = 1 << 20
     rate_limit_rps: float = 500.0
     rate_limit_burst: float = 1000.0
+    workers: int = 1  # processes sharing the listen port (SO_REUSEPORT)
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,8 @@ class Config:
         _check_listen(self.server.listen)
         if self.ca.key_type not in ("ec-p256", "ec-p384"):
             raise InvalidArgument("config: ca.key_type must be ec-p256 or ec-p384")
+        if not 1 <= self.server.workers <= 64:
+            raise InvalidArgument("config: server.workers must be between 1 and 64")
         if self.server.max_message_bytes < 4096:
             raise InvalidArgument("config: server.max_message_bytes must be at least 4096")
         if urlsplit(self.storage.dsn).password:
@@ -183,6 +186,7 @@ _SECTIONS = {
         "max_message_bytes",
         "rate_limit_rps",
         "rate_limit_burst",
+        "workers",
     },
 }
 
@@ -246,6 +250,7 @@ def config_from_document(doc: Mapping[str, Any], base_dir: Path) -> Config:
             max_message_bytes=int(srv.get("max_message_bytes", defaults_srv.max_message_bytes)),
             rate_limit_rps=float(srv.get("rate_limit_rps", defaults_srv.rate_limit_rps)),
             rate_limit_burst=float(srv.get("rate_limit_burst", defaults_srv.rate_limit_burst)),
+            workers=int(srv.get("workers", defaults_srv.workers)),
         ),
     )
 
@@ -260,8 +265,10 @@ def apply_env(config: Config, environ: Mapping[str, str] | None = None) -> Confi
             server = replace(server, rate_limit_rps=float(env["BROKER_RATE_LIMIT_RPS"]))
         if "BROKER_RATE_LIMIT_BURST" in env:
             server = replace(server, rate_limit_burst=float(env["BROKER_RATE_LIMIT_BURST"]))
+        if "BROKER_WORKERS" in env:
+            server = replace(server, workers=int(env["BROKER_WORKERS"]))
     except ValueError as exc:
-        raise InvalidArgument(f"environment: BROKER_RATE_LIMIT_*: {exc}") from exc
+        raise InvalidArgument(f"environment: BROKER_RATE_LIMIT_* / BROKER_WORKERS: {exc}") from exc
     if "BROKER_STORAGE_DSN" in env:
         storage = replace(storage, dsn=env["BROKER_STORAGE_DSN"])
     if "BROKER_KEYS_URI" in env:

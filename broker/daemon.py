@@ -1,24 +1,41 @@
-"""Process entry point for `broker serve`: load config, wire the service, serve until stopped."""
+"""Process entry point for `broker serve`: load config, wire the service, serve until stopped.
+
+With `workers > 1` this process is a supervisor: it bootstraps the CA and storage once, then
+starts that many worker processes that share the listen port (SO_REUSEPORT, the kernel spreads
+connections across them), prints the listening line once every worker is ready, forwards
+SIGTERM/SIGINT, and stops them all if one dies. Workers coordinate only through storage: the
+audit chain is serialised by the database, one worker at a time holds the rotation lease, and
+the others pick up rotations and policy changes within seconds (`CAService.sync`).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import multiprocessing
+import multiprocessing.connection
 import signal
+import socket
 import sys
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from broker.app import Application
 from broker.config import Config, load_config
 from broker.daemon_defaults import DEFAULT_LISTEN
+from broker.errors import InvalidArgument, Unavailable
 from ca.clock import SystemClock
 from ca.keys import open_backend
 
 __all__ = ["DEFAULT_LISTEN", "ServeOptions", "serve"]
 
 log = logging.getLogger("broker")
+
+_READY_TIMEOUT = 120.0
+_STOP_TIMEOUT = 15.0
 
 
 @dataclass(frozen=True)
@@ -27,6 +44,7 @@ class ServeOptions:
     data_dir: Path
     listen: str | None = None  # overrides the config file / dev default
     config_file: Path | None = None
+    workers: int | None = None  # overrides server.workers
 
 
 def _warn(message: str) -> None:
@@ -37,12 +55,35 @@ def build_config(options: ServeOptions) -> Config:
     if options.dev:
         from broker.devmode import prepare
 
-        return prepare(options.data_dir, options.listen, _warn)
-    assert options.config_file is not None
-    config = load_config(options.config_file)
-    if options.listen:
-        config = replace(config, server=replace(config.server, listen=options.listen)).validate()
-    return config
+        config = prepare(options.data_dir, options.listen, _warn)
+    else:
+        assert options.config_file is not None
+        config = load_config(options.config_file)
+        if options.listen:
+            config = replace(config, server=replace(config.server, listen=options.listen))
+    if options.workers is not None:
+        config = replace(config, server=replace(config.server, workers=options.workers))
+    return config.validate()
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format='{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s",'
+        '"pid":%(process)d,"msg":%(message)r}',
+    )
+
+
+def _run(coro: Any) -> None:
+    try:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        loop_factory = None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(coro)
 
 
 def serve(options: ServeOptions) -> None:
@@ -51,26 +92,15 @@ def serve(options: ServeOptions) -> None:
     Raises `broker.errors.BrokerError` or `ca.errors.CAError` for configuration problems
     (the CLI turns them into one line on stderr).
     """
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format='{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":%(message)r}',
-    )
+    _configure_logging()
     config = build_config(options)
-    try:
-        import uvloop
-
-        loop_factory = uvloop.new_event_loop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        loop_factory = None
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(_serve(config))
+    if config.server.workers == 1:
+        _run(_serve(config))
+    else:
+        _supervise(config)
 
 
-async def _serve(config: Config) -> None:
-    from broker.api.interceptors import RequestPipeline
-    from broker.api.server import ServingCredentials, start_server
-    from broker.api.servicers import METHOD_SPECS, AuditServicer, CertificateAuthorityServicer
+async def _open(config: Config) -> Application:
     from broker.storage.factory import open_storage
 
     keys = open_backend(config.keys.uri, config.keys.pin_source)
@@ -79,10 +109,24 @@ async def _serve(config: Config) -> None:
     except BaseException:
         keys.close()
         raise
-    app = Application(config, keys, storage, SystemClock())
+    return Application(config, keys, storage, SystemClock())
+
+
+async def _serve(
+    config: Config,
+    worker: int = 0,
+    ready: multiprocessing.connection.Connection | None = None,
+) -> None:
+    """Serve in this process. A worker (`ready` given) reports its port instead of printing."""
+    from broker.api.interceptors import RequestPipeline
+    from broker.api.server import ServingCredentials, start_server
+    from broker.api.servicers import METHOD_SPECS, AuditServicer, CertificateAuthorityServicer
+
+    app = await _open(config)
     try:
         await app.start()
-        app.write_operator_identity()
+        if worker == 0:
+            app.write_operator_identity()
         material = app.serving_material()
         credentials = ServingCredentials(material)
         pipeline = RequestPipeline(
@@ -101,18 +145,19 @@ async def _serve(config: Config) -> None:
             ca=CertificateAuthorityServicer(app.ca),
             audit=AuditServicer(app.ledger),
             max_message_bytes=config.server.max_message_bytes,
-        )
-        host = config.server.listen.rpartition(":")[0]
-        print(
-            f"broker listening on {host}:{port} (trust domain {config.trust_domain}; "
-            f"keys: {keys.description}; storage: {storage.dialect})",
-            flush=True,
+            reuse_port=ready is not None,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        background = asyncio.create_task(app.run_background(material, credentials.update))
+        if ready is None:
+            print(_listening_line(config, port, app), flush=True)
+        else:
+            ready.send(("ready", port, app.keys.description, app.storage.dialect))
+        background = asyncio.create_task(
+            app.run_background(material, credentials.update, write_operator=worker == 0)
+        )
         await stop.wait()
         log.info("shutting down")
         background.cancel()
@@ -121,3 +166,146 @@ async def _serve(config: Config) -> None:
         await server.stop(grace=5)
     finally:
         await app.close()
+
+
+def _listening_line(
+    config: Config, port: int, app: Application | None = None, extra: str = ""
+) -> str:
+    host = config.server.listen.rpartition(":")[0]
+    keys = app.keys.description if app else ""
+    storage = app.storage.dialect if app else ""
+    return (
+        f"broker listening on {host}:{port} (trust domain {config.trust_domain}; "
+        f"keys: {keys}; storage: {storage}{extra})"
+    )
+
+
+# -- several worker processes ----------------------------------------------------------------
+
+
+async def _bootstrap(config: Config) -> None:
+    """Migrate, create the CA on first start and write the operator identity, once, before
+    the workers start (so they never race to create the root)."""
+    app = await _open(config)
+    try:
+        await app.start()
+        app.write_operator_identity()
+    finally:
+        await app.close()
+
+
+def _reserve_port(listen: str) -> tuple[str, socket.socket | None]:
+    """For port 0, pick a free port for all workers: hold a bound (not listening) socket with
+    SO_REUSEPORT until the workers have bound theirs."""
+    host, _, port = listen.rpartition(":")
+    if int(port) != 0:
+        return listen, None
+    family = socket.AF_INET6 if host.startswith("[") else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host.strip("[]"), 0))
+    return f"{host}:{sock.getsockname()[1]}", sock
+
+
+def _worker_main(config: Config, index: int, conn: multiprocessing.connection.Connection) -> None:
+    _configure_logging()
+    try:
+        _run(_serve(config, index, conn))
+    except Exception as exc:
+        with contextlib.suppress(OSError):
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        raise SystemExit(1) from None
+
+
+def _supervise(config: Config) -> None:
+    _run(_bootstrap(config))
+    listen, holder = _reserve_port(config.server.listen)
+    config = replace(config, server=replace(config.server, listen=listen))
+    ctx = multiprocessing.get_context("spawn")
+    workers: list[Any] = []
+    pipes: list[multiprocessing.connection.Connection] = []
+    stopping = False
+
+    def request_stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    old_term = signal.signal(signal.SIGTERM, request_stop)
+    old_int = signal.signal(signal.SIGINT, request_stop)
+    try:
+        for index in range(config.server.workers):
+            parent_end, child_end = ctx.Pipe()
+            proc = ctx.Process(
+                target=_worker_main, args=(config, index, child_end), name=f"broker-worker-{index}"
+            )
+            proc.start()
+            child_end.close()
+            workers.append(proc)
+            pipes.append(parent_end)
+        info = _wait_ready(workers, pipes, lambda: stopping)
+        if holder is not None:
+            holder.close()
+        if info is None:
+            return
+        port, keys, storage = info
+        host = listen.rpartition(":")[0]
+        print(
+            f"broker listening on {host}:{port} (trust domain {config.trust_domain}; "
+            f"keys: {keys}; storage: {storage}; workers: {len(workers)})",
+            flush=True,
+        )
+        while not stopping:
+            dead = [p for p in workers if not p.is_alive()]
+            if dead:
+                raise Unavailable(
+                    f"worker {dead[0].name} exited with status {dead[0].exitcode}; "
+                    "stopping the others"
+                )
+            time.sleep(0.2)
+        log.info("shutting down %d workers", len(workers))
+    finally:
+        _stop_all(workers)
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
+        if holder is not None:
+            holder.close()
+
+
+def _wait_ready(
+    workers: list[Any],
+    pipes: list[multiprocessing.connection.Connection],
+    stopping: Any,
+) -> tuple[int, str, str] | None:
+    deadline = time.monotonic() + _READY_TIMEOUT
+    pending = dict(zip(pipes, workers, strict=True))
+    info: tuple[int, str, str] | None = None
+    while pending:
+        if stopping():
+            return None
+        if time.monotonic() > deadline:
+            raise Unavailable(f"workers did not start within {_READY_TIMEOUT:.0f} s")
+        for ready in multiprocessing.connection.wait(list(pending), timeout=0.2):
+            assert isinstance(ready, multiprocessing.connection.Connection)
+            proc = pending.pop(ready)
+            try:
+                message = ready.recv()
+            except EOFError:
+                raise Unavailable(
+                    f"worker {proc.name} exited before it was ready (status {proc.exitcode})"
+                ) from None
+            if message[0] == "error":
+                raise InvalidArgument(f"worker {proc.name} could not start: {message[1]}")
+            info = (int(message[1]), str(message[2]), str(message[3]))
+    return info
+
+
+def _stop_all(workers: list[Any]) -> None:
+    for proc in workers:
+        if proc.is_alive():
+            proc.terminate()  # SIGTERM: graceful stop, audit ledger drained
+    deadline = time.monotonic() + _STOP_TIMEOUT
+    for proc in workers:
+        proc.join(max(0.0, deadline - time.monotonic()))
+        if proc.is_alive():
+            proc.kill()
+            proc.join()

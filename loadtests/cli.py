@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tls-server-name", help="override the name checked in the server cert")
     r.add_argument("--processes", type=int, default=2, help="load worker processes (default 2)")
     r.add_argument(
+        "--broker-workers",
+        type=int,
+        default=1,
+        help="worker processes of the dev broker it starts (BROKER_WORKERS, default 1)",
+    )
+    r.add_argument(
         "--grpc-client",
         choices=("aio", "sync"),
         default="aio",
@@ -150,19 +156,21 @@ class _Session:
             if a.server_pid:
                 self.pids["broker"] = [a.server_pid]
         else:
-            dev = broker_target.DevBroker(self.tmp / "broker" / "data")
+            workers_env = {"BROKER_WORKERS": str(a.broker_workers)}
+            dev = broker_target.DevBroker(self.tmp / "broker" / "data", extra_env=workers_env)
             stack.callback(dev.stop)
             _log("starting dev broker (SoftHSM2 key backend when softhsm2 is installed)")
             dev.start()
             _log(f"broker ready: {dev.ready_line}")
             address, data_dir = dev.address, dev.data_dir
-            self.pids["broker"] = [dev.pid]
+            # the supervisor and, with --broker-workers > 1, its worker processes
+            self.pids["broker"] = procs.process_tree(dev.pid)
             self.alive["broker"] = dev.process
             info.update(
                 started_by_loadtests=True,
                 address=address,
                 command="python -m broker.cli serve --dev --data-dir <tmp> --listen " + address,
-                env=broker_target.RATE_LIMIT_ENV,
+                env={**broker_target.RATE_LIMIT_ENV, **workers_env},
                 ready_line=dev.ready_line,
                 source=machine.source_revision(Path(__file__).resolve().parents[1]),
             )
