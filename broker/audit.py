@@ -9,7 +9,8 @@ Chain: entry_hash = SHA-256(prev_hash || seq as 8 bytes big-endian || event JSON
 prev_hash is 32 zero bytes. The last entry of every committed group carries
 mac = HMAC-SHA256(audit key, entry_hash); since each hash covers everything before it, that one
 MAC (made inside the key backend) authenticates the whole group, and entries without a MAC must
-be followed by one. A MACed head record (the newest seq) catches entries cut off the end.
+be followed by one. A MACed head record (the newest seq, in the same transaction) catches
+entries cut off the end.
 """
 
 from __future__ import annotations
@@ -121,7 +122,9 @@ class AuditLedger:
                 group.append(self._queue.get_nowait())
             try:
                 events = [p.event for p in group]
-                seqs = await self._storage.append_audit(events, self._sealer(len(events)))
+                seqs = await self._storage.append_audit(
+                    events, self._sealer(len(events)), self._head_record
+                )
             except Exception as exc:  # every waiting request must learn of the failure
                 log.error("audit write failed: %s", type(exc).__name__)
                 failure = AuditWriteFailed("audit ledger write failed; request refused")
@@ -133,25 +136,19 @@ class AuditLedger:
             for p, seq in zip(group, seqs, strict=True):
                 if not p.done.done():
                     p.done.set_result(seq)
-            if self._queue.empty():  # under load the next group's head write covers this one
-                try:
-                    await self._write_head(seqs[-1])
-                except Exception as exc:  # the events are committed; a lagging head is harmless
-                    log.warning("audit head not updated: %s", type(exc).__name__)
-            for _ in group:
                 self._queue.task_done()
 
     async def drain(self) -> None:
-        """Wait until everything recorded so far is written, the head record included."""
+        """Wait until everything recorded so far is written."""
         if self._queue is not None and self._writer is not None and not self._writer.done():
             await self._queue.join()
 
-    async def _write_head(self, seq: int) -> None:
-        """Record the newest seq under a MAC, so that cutting entries off the end of the chain
-        (which leaves the remaining chain intact) is found by `verify`. The head may lag the
-        table (it is written after the events commit); it must never be ahead of it."""
+    def _head_record(self, seq: int) -> tuple[str, str]:
+        """The MACed head record, written in the same transaction as the events: cutting
+        entries off the end of the chain (which leaves the rest intact) is found by `verify`.
+        With several processes the head may briefly lag the table; it is never ahead of it."""
         mac = self._keys.mac(self._label, b"audit-head:" + str(seq).encode()).hex()
-        await self._storage.set_meta(HEAD_KEY, f"{seq}:{mac}")
+        return HEAD_KEY, f"{seq}:{mac}"
 
     async def _head(self) -> int:
         value = await self._storage.get_meta(HEAD_KEY)

@@ -22,6 +22,7 @@ __all__ = [
     "AuditRepository",
     "AuthorityRecord",
     "AuthorityRepository",
+    "HeadRecord",
     "LockRepository",
     "MetaRepository",
     "PolicyRepository",
@@ -112,9 +113,15 @@ class AuditRecord:
 # (seq, prev_hash, event_json) -> (entry_hash, mac)
 Sealer = Callable[[int, bytes, str], tuple[bytes, bytes]]
 
+# Called once, after the last event is sealed, with its seq: -> (meta key, value) to upsert in
+# the same transaction (the audit ledger's MACed head record).
+HeadRecord = Callable[[int], tuple[str, str]]
+
 
 class AuditRepository(Protocol):
-    async def append_audit(self, events: Sequence[str], seal: Sealer) -> list[int]:
+    async def append_audit(
+        self, events: Sequence[str], seal: Sealer, head: HeadRecord | None = None
+    ) -> list[int]:
         """Append events atomically to the end of the chain and return their seqs.
 
         Serialised across connections and processes (SQLite: BEGIN IMMEDIATE; PostgreSQL: a

@@ -7,7 +7,8 @@ for another process's lock. The file is in WAL mode (readers and the writer do n
 other), every write is a `BEGIN IMMEDIATE` transaction (it takes the database's write lock up
 front, so two processes cannot both read the audit head and fork the chain, and SQLite's busy
 handler applies: a deferred transaction that upgrades to a writer gets SQLITE_BUSY immediately),
-and `busy_timeout` lets a writer wait for a lock held by another process instead of failing.
+and a writer waits for a lock held by another process (up to `busy_timeout`) with async retries
+rather than SQLite's sleeping busy handler (see `SqliteBackend._begin_immediate`).
 
 Durability: `synchronous=FULL` by default. In WAL mode, NORMAL skips the fsync of the WAL at each
 commit: a committed transaction survives a crash of the broker but may be rolled back by a power
@@ -24,14 +25,18 @@ acceptable (throwaway dev instances).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import datetime as dt
 import os
+import random
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Final, NoReturn
+from typing import Any, Final, NoReturn, TypeVar
 
 import aiosqlite
 
@@ -48,6 +53,8 @@ _EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _MICROSECOND: Final = dt.timedelta(microseconds=1)
 _UNIQUE_ERRORS: Final = frozenset({"SQLITE_CONSTRAINT_UNIQUE", "SQLITE_CONSTRAINT_PRIMARYKEY"})
 _FOREIGN_KEYS: Final = "PRAGMA foreign_keys = ON"
+_BUSY_ERRORS: Final = frozenset({"SQLITE_BUSY", "SQLITE_LOCKED"})
+_T = TypeVar("_T")
 
 
 def _raise(exc: BaseException) -> NoReturn:
@@ -118,10 +125,23 @@ class _SqliteTx(Tx):
 class SqliteBackend(Backend):
     dialect = "sqlite"
 
+    supports_write_sync = True
+
     def __init__(
-        self, path: Path, writer: aiosqlite.Connection, reader: aiosqlite.Connection
+        self,
+        path: Path,
+        writer: aiosqlite.Connection,
+        reader: aiosqlite.Connection,
+        busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+        synchronous: str = "FULL",
     ) -> None:
         self.path = path
+        self.busy_timeout_ms = busy_timeout_ms
+        self._synchronous = synchronous
+        # A third connection, owned by one thread, for single-hop write transactions
+        # (`run_write_sync`). It shares `_write_lock` with the aiosqlite writer.
+        self._sync_thread = concurrent.futures.ThreadPoolExecutor(1, "sqlite-sync-writer")
+        self._sync_conn: sqlite3.Connection | None = None
         self._writer: aiosqlite.Connection | None = writer
         self._reader: aiosqlite.Connection | None = reader
         self._write_lock = asyncio.Lock()
@@ -141,16 +161,101 @@ class SqliteBackend(Backend):
                 yield tx
                 return
             try:
-                # Inside the try: if we are cancelled while BEGIN waits for the lock, it still
-                # runs on the connection's thread, and the ROLLBACK queued after it undoes it.
-                # (So a cancelled caller waits until BEGIN gets the lock or busy_timeout ends.)
-                await tx.execute("BEGIN IMMEDIATE")
+                # Inside the try: if we are cancelled between attempts, the ROLLBACK below is
+                # harmless; if cancelled while BEGIN runs, the ROLLBACK queued after it undoes it.
+                await self._begin_immediate(tx)
                 yield tx
                 await tx.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(StorageError):  # e.g. the transaction is already gone
                     await tx.execute("ROLLBACK")
                 raise
+
+    async def _begin_immediate(self, tx: _SqliteTx) -> None:
+        """Take the database's write lock, waiting for another process without blocking.
+
+        The writer connection has busy_timeout 0: SQLite's own busy handler would sleep in the
+        connection's thread for 1, 2, 5, ... 100 ms between attempts, which under contention
+        from another broker process added hundreds of milliseconds to requests. Here a busy
+        lock is retried after short, jittered asyncio sleeps (0.2 ms growing to 5 ms) until
+        `busy_timeout_ms` has passed; the event loop keeps serving meanwhile.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.busy_timeout_ms / 1000
+        delay = 0.0002
+        while True:
+            try:
+                await tx.execute("BEGIN IMMEDIATE")
+                return
+            except StorageError as exc:
+                cause = exc.__cause__
+                busy = isinstance(cause, sqlite3.OperationalError) and (
+                    getattr(cause, "sqlite_errorname", "") in _BUSY_ERRORS or "locked" in str(cause)
+                )
+                if not busy or loop.time() >= deadline:
+                    raise
+            await asyncio.sleep(delay * (0.5 + random.random()))  # noqa: S311 - jitter only
+            delay = min(delay * 1.5, 0.005)
+
+    async def run_write_sync(self, fn: Callable[[Any], _T]) -> _T:
+        """Run `fn(connection)` inside BEGIN IMMEDIATE ... COMMIT on the sync writer's thread,
+        in one hop from the event loop; waiting for another process's lock happens on that
+        thread (short sleeps), never on the loop. Rolls back and raises StorageError (or what
+        `fn` raised) on failure."""
+        async with self._write_lock:
+            if self._writer is None:
+                raise StorageError("sqlite: the storage is closed")
+            cancelled = threading.Event()
+            job = asyncio.get_running_loop().run_in_executor(
+                self._sync_thread, self._sync_transaction, fn, cancelled
+            )
+            try:
+                return await asyncio.shield(job)
+            except asyncio.CancelledError:
+                # The thread cannot be interrupted: tell it to roll back unless it is already
+                # committing, and keep the write lock until it is done with the connection.
+                cancelled.set()
+                await asyncio.wait({job})
+                raise
+
+    def _sync_transaction(self, fn: Callable[[Any], _T], cancelled: threading.Event) -> _T:
+        conn = self._sync_conn
+        if conn is None:
+            conn = self._sync_conn = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False
+            )
+            for pragma in (
+                "PRAGMA busy_timeout = 0",
+                f"PRAGMA synchronous = {self._synchronous}",
+                _FOREIGN_KEYS,
+            ):
+                conn.execute(pragma)
+        deadline = time.monotonic() + self.busy_timeout_ms / 1000
+        delay = 0.0002
+        while True:
+            if cancelled.is_set():
+                raise StorageError("sqlite: cancelled while waiting for the write lock")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                break
+            except sqlite3.OperationalError as exc:
+                busy = getattr(exc, "sqlite_errorname", "") in _BUSY_ERRORS or "locked" in str(exc)
+                if not busy or time.monotonic() >= deadline:
+                    _raise(exc)
+            time.sleep(delay * (0.5 + random.random()))  # noqa: S311 - jitter only
+            delay = min(delay * 1.5, 0.002)
+        try:
+            result = fn(conn)
+            if cancelled.is_set():
+                raise StorageError("sqlite: cancelled; rolled back")
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                _raise(exc)
+            raise
+        return result
 
     def encode_ts(self, value: dt.datetime) -> int:
         return (require_aware(value) - _EPOCH) // _MICROSECOND
@@ -160,6 +265,10 @@ class SqliteBackend(Backend):
 
     async def close(self) -> None:
         async with self._write_lock, self._read_lock:
+            if self._sync_conn is not None:
+                sync_conn, self._sync_conn = self._sync_conn, None
+                await asyncio.get_running_loop().run_in_executor(self._sync_thread, sync_conn.close)
+            self._sync_thread.shutdown(wait=False)
             conns = [c for c in (self._writer, self._reader) if c is not None]
             self._writer = self._reader = None
             for conn in conns:
@@ -182,11 +291,24 @@ def _create_file(path: Path) -> Path:
     return file
 
 
-async def _connect(path: Path, pragmas: Sequence[str]) -> aiosqlite.Connection:
+async def _connect(
+    path: Path, pragmas: Sequence[str], lock_wait: float = DEFAULT_BUSY_TIMEOUT_MS / 1000
+) -> aiosqlite.Connection:
+    """Connect and apply `pragmas`. A pragma that finds the file locked is retried until
+    `lock_wait` seconds: when two processes open a new file at once, switching it to WAL can return
+    SQLITE_BUSY without going through the busy handler."""
     conn = await aiosqlite.connect(str(path), isolation_level=None)
+    deadline = asyncio.get_running_loop().time() + lock_wait
     try:
         for pragma in pragmas:
-            await conn.execute_fetchall(pragma)
+            while True:
+                try:
+                    await conn.execute_fetchall(pragma)
+                    break
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) or asyncio.get_running_loop().time() > deadline:
+                        raise
+                    await asyncio.sleep(0.01)
     except BaseException:
         await conn.close()
         raise
@@ -227,10 +349,12 @@ async def open_sqlite(
             file,
             [busy, f"PRAGMA synchronous = {sync}", "PRAGMA query_only = ON", _FOREIGN_KEYS],
         )
+        # From now on the writer waits for locks in SqliteBackend._begin_immediate instead.
+        await writer.execute("PRAGMA busy_timeout = 0")
     except BaseException as exc:
         if writer is not None:
             await writer.close()
         if isinstance(exc, sqlite3.Error):
             raise StorageError(f"sqlite: cannot open {str(file)!r}: {exc}") from exc
         raise
-    return SqlStorage(SqliteBackend(file, writer, reader))
+    return SqlStorage(SqliteBackend(file, writer, reader, int(busy_timeout_ms), sync))

@@ -367,6 +367,33 @@ async def test_failing_sealer_appends_nothing(storage: Storage) -> None:
     assert_valid_chain(await storage.read_audit())
 
 
+async def test_head_record_is_written_in_the_same_transaction(storage: Storage) -> None:
+    seen: list[int] = []
+
+    def head(seq: int) -> tuple[str, str]:
+        seen.append(seq)
+        return "audit_head", f"head-{seq}"
+
+    assert await storage.append_audit(["a", "b", "c"], Sealer(), head) == [1, 2, 3]
+    assert seen == [3]  # once, with the last seq of the group
+    assert await storage.get_meta("audit_head") == "head-3"
+    # a failed append writes neither the events nor the head
+    with pytest.raises(SealFailed):
+        await storage.append_audit(["d", "e"], Sealer(fail_at_call=2), head)
+    assert await storage.get_meta("audit_head") == "head-3"
+    assert [r.seq for r in await storage.read_audit()] == [1, 2, 3]
+
+
+async def test_failing_head_record_appends_nothing(storage: Storage) -> None:
+    def head(seq: int) -> tuple[str, str]:
+        raise SealFailed("the HSM went away while MACing the head")
+
+    with pytest.raises(SealFailed):
+        await storage.append_audit(["a"], Sealer(), head)
+    assert await storage.read_audit() == []
+    assert await storage.get_meta("audit_head") is None
+
+
 async def test_concurrent_appends_never_fork_the_chain(backing: Backing, storage: Storage) -> None:
     # A second Storage on the same file / database: another broker process or replica.
     other = await backing.open()

@@ -157,7 +157,9 @@ class _BrokenStorage:
     def __init__(self, inner: Storage) -> None:
         self._inner = inner
 
-    async def append_audit(self, events: Sequence[str], seal: Sealer) -> list[int]:
+    async def append_audit(
+        self, events: Sequence[str], seal: Sealer, head: object = None
+    ) -> list[int]:
         raise StorageError("disk full")
 
     def __getattr__(self, name: str) -> object:

@@ -184,7 +184,8 @@ async def test_two_processes_share_the_file_without_forking_the_chain(tmp_path: 
         # Both have migrated (concurrently) and wait: start their appends at the same time.
         while not all((tmp_path / f"go.{name}").exists() for name in names):
             assert time.monotonic() < deadline, "children did not get ready"
-            assert all(child.poll() is None for child in children), "a child died early"
+            dead = [child for child in children if child.poll() is not None]
+            assert not dead, "a child died early: " + dead[0].communicate()[1].decode()[-2000:]
             await asyncio.sleep(0.01)
         go.touch()
         for child in children:
