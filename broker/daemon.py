@@ -102,6 +102,7 @@ def serve(options: ServeOptions) -> None:
 
 async def _open(config: Config) -> Application:
     from broker.storage.factory import open_storage
+    from broker.storage.sql import SqlStorage
 
     keys = open_backend(config.keys.uri, config.keys.pin_source)
     try:
@@ -109,6 +110,8 @@ async def _open(config: Config) -> Application:
     except BaseException:
         keys.close()
         raise
+    if config.server.workers > 1 and isinstance(storage, SqlStorage):
+        storage.single_hop_writes = True
     return Application(config, keys, storage, SystemClock())
 
 

@@ -163,8 +163,8 @@ class _Session:
             dev.start()
             _log(f"broker ready: {dev.ready_line}")
             address, data_dir = dev.address, dev.data_dir
-            # the supervisor and, with --broker-workers > 1, its worker processes
-            self.pids["broker"] = procs.process_tree(dev.pid)
+            # the generator measures this process's whole tree (the workers, if any)
+            self.pids["broker"] = [dev.pid]
             self.alive["broker"] = dev.process
             info.update(
                 started_by_loadtests=True,

@@ -19,7 +19,7 @@ import pytest
 from broker.errors import AlreadyExists, SchemaTooNew, StorageError
 from broker.storage import open_storage
 from broker.storage.interface import AuditRecord, AuthorityRecord, Storage
-from broker.storage.sql import latest_version
+from broker.storage.sql import SqlStorage, latest_version
 
 ZERO = bytes(32)
 T0 = dt.datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=dt.UTC)
@@ -34,9 +34,13 @@ class Backing:
     dsn: str
     path: Path | None = None
     opened: list[Storage] = field(default_factory=list)
+    single_hop_writes: bool = False  # SQLite: audit appends in one hop to the DB thread
 
     async def open(self) -> Storage:
         storage = await open_storage(self.dsn)
+        if self.single_hop_writes:
+            assert isinstance(storage, SqlStorage)
+            storage.single_hop_writes = True
         self.opened.append(storage)
         return storage
 
@@ -69,11 +73,17 @@ class Backing:
         return {r[0] for r in rows}
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+@pytest.fixture(
+    params=[
+        "sqlite",
+        "sqlite-single-hop",
+        pytest.param("postgresql", marks=pytest.mark.postgres),
+    ]
+)
 async def backing(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backing]:
-    if request.param == "sqlite":
+    if request.param.startswith("sqlite"):
         path = tmp_path / "broker.db"
-        b = Backing("sqlite", f"sqlite://{path}", path)
+        b = Backing("sqlite", f"sqlite://{path}", path, single_hop_writes="single" in request.param)
     else:
         b = Backing("postgresql", request.getfixturevalue("pg_dsn"))
     yield b

@@ -91,3 +91,15 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
         load_config(tmp_path / "absent.toml", environ={})
     with pytest.raises(InvalidArgument, match="not valid TOML"):
         load_config(_write(tmp_path, "trust_domain = "), environ={})
+
+
+def test_workers_from_file_and_env_and_bounds(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path, GOOD.replace("rate_limit_rps = 200", "rate_limit_rps = 200\nworkers = 3")
+    )
+    assert load_config(path, environ={}).server.workers == 3
+    assert load_config(path, environ={"BROKER_WORKERS": "2"}).server.workers == 2
+    with pytest.raises(InvalidArgument, match="between 1 and 64"):
+        load_config(path, environ={"BROKER_WORKERS": "0"})
+    with pytest.raises(InvalidArgument, match="BROKER_WORKERS"):
+        load_config(path, environ={"BROKER_WORKERS": "many"})

@@ -285,11 +285,13 @@ def test_split_script_keeps_statements_whole() -> None:
         split_script("CREATE TABLE b (x TEXT)")
 
 
+@pytest.mark.parametrize("single_hop", [False, True], ids=["async", "single-hop"])
 async def test_cancelled_while_waiting_for_the_lock_leaves_no_open_transaction(
-    tmp_path: Path,
+    tmp_path: Path, single_hop: bool
 ) -> None:
     path = tmp_path / "broker.db"
     async with opened(f"sqlite://{path}") as storage:
+        storage.single_hop_writes = single_hop  # type: ignore[attr-defined]
         await storage.migrate()
         holder = sqlite3.connect(path, isolation_level=None)
         try:
