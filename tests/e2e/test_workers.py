@@ -4,7 +4,6 @@ stops every worker."""
 
 from __future__ import annotations
 
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,11 +30,20 @@ def workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]
 
 
 def _worker_pids(server: BrokerProcess) -> list[int]:
+    """Children of the supervisor, read from /proc (no procps needed)."""
     assert server._process is not None
-    out = subprocess.run(
-        ["pgrep", "-P", str(server._process.pid)], capture_output=True, text=True, check=False
-    ).stdout
-    return [int(pid) for pid in out.split()]
+    parent = server._process.pid
+    children = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat[stat.rindex(")") + 2 :].split()[1]) == parent:
+            children.append(int(entry.name))
+    return children
 
 
 def _kids(cli: BrokerCli, td: str, n: int) -> set[str]:
