@@ -49,6 +49,7 @@ import contextlib
 import dataclasses
 import hmac
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -176,6 +177,23 @@ def _decode_ec_point(data: bytes, curve: ec.EllipticCurve) -> ec.EllipticCurvePu
         raise KeyBackendError(f"token returned an unreadable {curve.name} public key") from None
 
 
+def _open_with_retry(token: Any, pin: str | bytes, attempts: int = 8) -> Any:
+    """Open a logged-in R/W session. SoftHSM2 answers CKR_GENERAL_ERROR when another process
+    opens or logs in to the same token at the same instant (its file-backed object store is
+    being locked or re-read): seen when several broker workers start together. Retry that, and
+    only that, a few times with a short growing pause; PIN errors are never retried."""
+    delay = 0.02
+    for attempt in range(attempts):
+        try:
+            return token.open(rw=True, user_pin=pin)
+        except p11e.GeneralError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+    raise AssertionError("unreachable")
+
+
 @dataclasses.dataclass
 class _Handle:
     kind: KeyKind
@@ -230,7 +248,7 @@ class _Connection:
         token = self._find_token(allow_refresh)
         name = f"PKCS#11 token {self.token_label!r}"
         try:
-            session = token.open(rw=True, user_pin=self._pin)
+            session = _open_with_retry(token, self._pin)
         except (p11e.PinIncorrect, p11e.PinInvalid, p11e.PinLenRange):
             raise BadPin(f"wrong PIN for {name}") from None
         except p11e.PinLocked:

@@ -296,3 +296,42 @@ def test_softhsm_token_fixture_fields(softhsm_token: SoftHsmToken) -> None:
     assert softhsm_token.pin_file.read_bytes() == softhsm_token.pin + b"\n"
     assert stat.S_IMODE(softhsm_token.pin_file.stat().st_mode) == 0o600
     assert f"token={softhsm_token.token_label}" in softhsm_token.uri
+
+
+class _FlakyToken:
+    """Answers open() with the given exceptions first, then a session."""
+
+    def __init__(self, *failures: Exception) -> None:
+        self.failures = list(failures)
+        self.calls = 0
+
+    def open(self, rw: bool, user_pin: object) -> str:
+        self.calls += 1
+        if self.failures:
+            raise self.failures.pop(0)
+        return "session"
+
+
+def test_session_open_retries_general_error_from_a_concurrent_process() -> None:
+    import pkcs11.exceptions as p11e
+
+    from ca.keys.pkcs11 import _open_with_retry
+
+    token = _FlakyToken(p11e.GeneralError(), p11e.GeneralError())
+    assert _open_with_retry(token, b"pin") == "session"
+    assert token.calls == 3
+    stubborn = _FlakyToken(*(p11e.GeneralError() for _ in range(10)))
+    with pytest.raises(p11e.GeneralError):
+        _open_with_retry(stubborn, b"pin", attempts=3)
+    assert stubborn.calls == 3
+
+
+def test_session_open_never_retries_a_wrong_pin() -> None:
+    import pkcs11.exceptions as p11e
+
+    from ca.keys.pkcs11 import _open_with_retry
+
+    token = _FlakyToken(p11e.PinIncorrect(), p11e.PinIncorrect())
+    with pytest.raises(p11e.PinIncorrect):
+        _open_with_retry(token, b"pin")
+    assert token.calls == 1
