@@ -121,35 +121,15 @@ async def _serve(
     ready: multiprocessing.connection.Connection | None = None,
 ) -> None:
     """Serve in this process. A worker (`ready` given) reports its port instead of printing."""
-    from broker.api.interceptors import RequestPipeline
-    from broker.api.server import ServingCredentials, start_server
-    from broker.api.servicers import METHOD_SPECS, AuditServicer, CertificateAuthorityServicer
+    from broker.api.server import serve_application
 
     app = await _open(config)
     try:
         await app.start()
         if worker == 0:
             app.write_operator_identity()
-        material = app.serving_material()
-        credentials = ServingCredentials(material)
-        pipeline = RequestPipeline(
-            METHOD_SPECS,
-            app.authenticator,
-            app.limiter,
-            app.policy,
-            app.ledger,
-            app.clock,
-            max_request_bytes=config.server.max_message_bytes,
-        )
-        server, port = await start_server(
-            listen=config.server.listen,
-            credentials=credentials,
-            pipeline=pipeline,
-            ca=CertificateAuthorityServicer(app.ca),
-            audit=AuditServicer(app.ledger),
-            max_message_bytes=config.server.max_message_bytes,
-            reuse_port=ready is not None,
-        )
+        served = await serve_application(app, reuse_port=ready is not None)
+        server, port = served.server, served.port
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -159,7 +139,9 @@ async def _serve(
         else:
             ready.send(("ready", port, app.keys.description, app.storage.dialect))
         background = asyncio.create_task(
-            app.run_background(material, credentials.update, write_operator=worker == 0)
+            app.run_background(
+                served.material, served.credentials.update, write_operator=worker == 0
+            )
         )
         await stop.wait()
         log.info("shutting down")

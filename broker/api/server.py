@@ -5,20 +5,22 @@ bounded message sizes."""
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from broker.app import TLSMaterial
+from broker.app import Application, TLSMaterial
+from broker.authority import CAService
 from broker.errors import Unavailable
 
 from ._proto import audit_pb2, audit_pb2_grpc, ca_pb2, ca_pb2_grpc
 from .interceptors import RequestPipeline
 from .servicers import METHOD_SPECS, AuditServicer, CertificateAuthorityServicer
 
-__all__ = ["ServingCredentials", "TLSMaterial", "start_server"]
+__all__ = ["AppServer", "ServingCredentials", "TLSMaterial", "serve_application", "start_server"]
 
 
 class ServingCredentials:
@@ -108,3 +110,40 @@ async def start_server(
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     return server, port
+
+
+@dataclass
+class AppServer:
+    server: grpc.aio.Server
+    port: int
+    credentials: ServingCredentials
+    material: TLSMaterial
+
+
+async def serve_application(
+    app: Application, *, reuse_port: bool = False, ca: CAService | None = None
+) -> AppServer:
+    """Serve a started `Application` on its configured address: a fresh serving certificate,
+    the request pipeline, the servicers. The daemon and the integration tests both use this, so
+    the tests exercise the real wiring. `ca` replaces the CA service (tests only)."""
+    material = app.serving_material()
+    credentials = ServingCredentials(material)
+    pipeline = RequestPipeline(
+        METHOD_SPECS,
+        app.authenticator,
+        app.limiter,
+        app.policy,
+        app.ledger,
+        app.clock,
+        max_request_bytes=app.config.server.max_message_bytes,
+    )
+    server, port = await start_server(
+        listen=app.config.server.listen,
+        credentials=credentials,
+        pipeline=pipeline,
+        ca=CertificateAuthorityServicer(ca if ca is not None else app.ca),
+        audit=AuditServicer(app.ledger),
+        max_message_bytes=app.config.server.max_message_bytes,
+        reuse_port=reuse_port,
+    )
+    return AppServer(server, port, credentials, material)

@@ -16,7 +16,6 @@ storage (`events`, `event_for`).
 from __future__ import annotations
 
 import datetime as dt
-import inspect
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -30,9 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from broker.api._proto import audit_pb2_grpc, ca_pb2_grpc
-from broker.api.interceptors import RequestPipeline
-from broker.api.server import ServingCredentials, start_server
-from broker.api.servicers import METHOD_SPECS, AuditServicer, CertificateAuthorityServicer
+from broker.api.server import ServingCredentials, serve_application
 from broker.app import Application
 from broker.config import CAConfig, Config, KeysConfig, ServerConfig, StorageConfig
 from broker.errors import StorageError
@@ -197,28 +194,8 @@ async def broker_factory(tmp_path: Path) -> AsyncIterator[BrokerFactory]:
         app = Application(config, backend, storage, clock)
         apps.append(app)
         await app.start()
-        material = app.serving_material()
-        serving = ServingCredentials(material)
-        limits: dict[str, Any] = {}
-        if "max_request_bytes" in inspect.signature(RequestPipeline).parameters:
-            limits["max_request_bytes"] = config.server.max_message_bytes  # as _serve does
-        pipeline = RequestPipeline(
-            METHOD_SPECS,
-            app.authenticator,
-            app.limiter,
-            app.policy,
-            app.ledger,
-            app.clock,
-            **limits,
-        )
-        server_obj, port = await start_server(
-            listen=config.server.listen,
-            credentials=serving,
-            pipeline=pipeline,
-            ca=CertificateAuthorityServicer(ca_service if ca_service is not None else app.ca),
-            audit=AuditServicer(app.ledger),
-            max_message_bytes=config.server.max_message_bytes,
-        )
+        served = await serve_application(app, ca=ca_service)
+        server_obj, port, serving = served.server, served.port, served.credentials
         assert port > 0
         harness = BrokerHarness(app, server_obj, port, serving, clock, storage, directory)
         started.append((harness, server_obj))
