@@ -27,6 +27,7 @@ from ca.clock import Clock
 from ca.keys import KeyBackend
 from ca.layout import IdentityLayout
 from ca.spiffeid import SpiffeId
+from ca.x509svid import chain_pem
 
 __all__ = ["Application", "TLSMaterial"]
 
@@ -112,7 +113,7 @@ class Application:
             dns_names=dns,
             ip_addresses=ips,
         )
-        chain = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (leaf, issuer))
+        chain = chain_pem((leaf, issuer))
         return TLSMaterial(
             _pem_key(key), chain, self.ca.trust_bundle_pem(), leaf.not_valid_after_utc
         )
@@ -129,7 +130,7 @@ class Application:
         write_private_file(out / "key.pem", _pem_key(key))
         write_private_file(
             out / "svid.pem",
-            b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (leaf, issuer)),
+            chain_pem((leaf, issuer)),
             0o644,
         )
         write_private_file(self.config.bundle_path, self.ca.trust_bundle_pem(), 0o644)

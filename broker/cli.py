@@ -44,12 +44,12 @@ from broker.api.client import (
     Policy,
     RotateResult,
 )
+from broker.config import DEFAULT_DATA_DIR, DEFAULT_LISTEN
 from broker.files import write_private_file
 
 __all__ = ["BrokerAPI", "CliContext", "ConnectionSettings", "Refusal", "cli", "main", "run"]
 
-DEFAULT_SERVER = "127.0.0.1:8443"
-DEFAULT_DATA_DIR = Path(".broker")
+DEFAULT_SERVER = DEFAULT_LISTEN
 _SETTINGS = "broker.settings"
 _F = TypeVar("_F", bound=Callable[..., Any])
 

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from broker.errors import InvalidArgument
 from ca.duration import parse_duration
@@ -24,6 +24,8 @@ from ca.errors import CAError
 from ca.spiffeid import SpiffeId
 
 __all__ = [
+    "DEFAULT_DATA_DIR",
+    "DEFAULT_LISTEN",
     "CAConfig",
     "Config",
     "IdentityConfig",
@@ -32,6 +34,10 @@ __all__ = [
     "StorageConfig",
     "load_config",
 ]
+
+
+DEFAULT_LISTEN = "127.0.0.1:8443"  # also the CLI's default --server
+DEFAULT_DATA_DIR = Path(".broker")
 
 
 @dataclass(frozen=True)
@@ -49,8 +55,6 @@ class StorageConfig:
         user = parts.username or ""
         host = parts.hostname or ""
         port = f":{parts.port}" if parts.port else ""
-        from urllib.parse import quote
-
         netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}{port}"
         return parts._replace(netloc=netloc).geturl()
 
@@ -79,7 +83,7 @@ class IdentityConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    listen: str = "127.0.0.1:8443"
+    listen: str = DEFAULT_LISTEN
     operators: tuple[str, ...] = ()
     server_names: tuple[str, ...] = ("localhost", "127.0.0.1")
     server_cert_ttl: dt.timedelta = dt.timedelta(hours=24)

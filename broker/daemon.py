@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.app import Application
-from broker.config import Config, load_config
-from broker.daemon_defaults import DEFAULT_LISTEN
+from broker.config import DEFAULT_LISTEN, Config, load_config
 from broker.errors import InvalidArgument, Unavailable
 from ca.clock import SystemClock
 from ca.keys import open_backend
@@ -135,7 +134,8 @@ async def _serve(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         if ready is None:
-            print(_listening_line(config, port, app), flush=True)
+            line = _listening_line(config, port, app.keys.description, app.storage.dialect)
+            print(line, flush=True)
         else:
             ready.send(("ready", port, app.keys.description, app.storage.dialect))
         background = asyncio.create_task(
@@ -153,12 +153,9 @@ async def _serve(
         await app.close()
 
 
-def _listening_line(
-    config: Config, port: int, app: Application | None = None, extra: str = ""
-) -> str:
+def _listening_line(config: Config, port: int, keys: str, storage: str, extra: str = "") -> str:
+    """The one line `broker serve` prints on stdout once it is ready."""
     host = config.server.listen.rpartition(":")[0]
-    keys = app.keys.description if app else ""
-    storage = app.storage.dialect if app else ""
     return (
         f"broker listening on {host}:{port} (trust domain {config.trust_domain}; "
         f"keys: {keys}; storage: {storage}{extra})"
@@ -233,11 +230,8 @@ def _supervise(config: Config) -> None:
         if info is None:
             return
         port, keys, storage = info
-        host = listen.rpartition(":")[0]
         print(
-            f"broker listening on {host}:{port} (trust domain {config.trust_domain}; "
-            f"keys: {keys}; storage: {storage}; workers: {len(workers)})",
-            flush=True,
+            _listening_line(config, port, keys, storage, f"; workers: {len(workers)}"), flush=True
         )
         while not stopping:
             dead = [p for p in workers if not p.is_alive()]

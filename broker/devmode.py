@@ -17,8 +17,14 @@ import secrets
 from collections.abc import Callable
 from pathlib import Path
 
-from broker.config import Config, KeysConfig, ServerConfig, StorageConfig, apply_env
-from broker.daemon_defaults import DEFAULT_LISTEN
+from broker.config import (
+    DEFAULT_LISTEN,
+    Config,
+    KeysConfig,
+    ServerConfig,
+    StorageConfig,
+    apply_env,
+)
 from broker.errors import FailedPrecondition
 from broker.files import write_private_file
 from ca.keys.pkcs11 import DEFAULT_PKCS11_MODULE

@@ -5,7 +5,7 @@ import datetime as dt
 import hashlib
 import hmac
 import json
-from typing import Any, NoReturn
+from typing import Any
 
 import jwt
 import pytest
@@ -29,47 +29,12 @@ from ca.jwtsvid import (
     public_key_from_jwk,
     validate_jwt_svid,
 )
+from tests.unit.ca.signers import NoExportSigner
 
 NOW = dt.datetime(2026, 3, 1, 12, 0, 0, tzinfo=dt.UTC)
 SUB = "spiffe://example.org/acme/prod/web"
 AUD = "spiffe://example.org/acme/prod/db"
 FIVE_MIN = dt.timedelta(minutes=5)
-
-
-class NoExportSigner(ec.EllipticCurvePrivateKey):
-    """Stands in for an HSM key: it signs, but its private material is unreachable."""
-
-    def __init__(self, inner: ec.EllipticCurvePrivateKey) -> None:
-        self._inner = inner
-
-    def sign(self, data: bytes, signature_algorithm: ec.EllipticCurveSignatureAlgorithm) -> bytes:
-        return self._inner.sign(data, signature_algorithm)
-
-    def public_key(self) -> ec.EllipticCurvePublicKey:
-        return self._inner.public_key()
-
-    @property
-    def curve(self) -> ec.EllipticCurve:
-        return self._inner.curve
-
-    @property
-    def key_size(self) -> int:
-        return self._inner.key_size
-
-    def exchange(self, algorithm: ec.ECDH, peer_public_key: ec.EllipticCurvePublicKey) -> bytes:
-        raise AssertionError("ECDH on a CA key")
-
-    def private_numbers(self) -> NoReturn:
-        raise AssertionError("private_numbers() called on an HSM-style signer")
-
-    def private_bytes(self, *args: Any, **kwargs: Any) -> NoReturn:
-        raise AssertionError("private_bytes() called on an HSM-style signer")
-
-    def __copy__(self) -> NoExportSigner:
-        return self
-
-    def __deepcopy__(self, memo: dict[int, object]) -> NoExportSigner:
-        return self
 
 
 @pytest.fixture(scope="module")
