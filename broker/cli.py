@@ -677,6 +677,12 @@ def audit_tail(ctx: click.Context, limit: int) -> None:
         click.echo(clioutput.audit_entry_line(entry))
 
 
+# -- feature command groups ----------------------------------------------------------------------
+# Each module in broker/commands/ attaches its groups to `cli` with the helpers above; they are
+# imported here, once those helpers exist. One line per feature:
+# from broker.commands import <feature> as _<feature>_commands
+
+
 # -- entry points ------------------------------------------------------------------------------
 
 

@@ -1,17 +1,19 @@
 """Authorization: one decision function over (caller, action, resource).
 
 The built-in rule set: operators administer everything; any authenticated identity may read
-the trust bundle and check health; a workload may mint SVIDs only for its own SPIFFE ID.
+the trust bundle and check health; a workload may mint SVIDs only for its own SPIFFE ID, read
+a secret or database credential only as the owning service in the same tenant and environment,
+and renew or revoke only leases issued to it.
 A Rego engine (a later issue) implements the same `Policy` interface.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-__all__ = ["Action", "Caller", "Decision", "DefaultPolicy", "Policy"]
+__all__ = ["Action", "Caller", "Decision", "DefaultPolicy", "Policy", "owner_decision"]
 
 
 class Action:
@@ -28,6 +30,42 @@ class Action:
     AUDIT_READ = "audit.read"
     HEALTH = "health.check"
     REFLECTION = "reflection"
+    # Workload identity (attestation, registration entries, agents)
+    ATTEST = "agent.attest"  # join token / JWT attestation (no client certificate yet)
+    AGENT_RENEW = "agent.renew"  # an agent renews its own SVID over mTLS
+    AGENT_SYNC = "agent.sync"  # an agent fetches the entries it may serve and mints for them
+    TOKEN_CREATE = "token.create"  # noqa: S105 (an action name)
+    ATTESTOR_ADMIN = "attestor.admin"
+    ENTRY_ADMIN = "entry.admin"
+    SVID_DENY = "svid.deny"
+    # Dynamic database credentials
+    DB_CONNECTION_ADMIN = "db.connection.admin"
+    DB_ROLE_ADMIN = "db.role.admin"
+    DB_CREDS = "db.creds"
+    LEASE_RENEW = "lease.renew"
+    LEASE_REVOKE = "lease.revoke"
+    LEASE_LIST = "lease.list"
+    # Static secrets
+    SECRETS_PUT = "secrets.put"
+    SECRETS_GET = "secrets.get"
+    SECRETS_LIST = "secrets.list"
+    SECRETS_SHOW = "secrets.show"
+    SECRETS_ROTATE = "secrets.rotate"
+    SECRETS_ROLLBACK = "secrets.rollback"
+    SECRETS_REVOKE = "secrets.revoke"
+    SECRETS_DELETE = "secrets.delete"
+    KEK_ROTATE = "kek.rotate"
+    # Policy as code, grants, approvals, break-glass
+    POLICY_SET = "policy.set"
+    POLICY_GET = "policy.get"
+    POLICY_TEST = "policy.test"
+    GRANT_CREATE = "grant.create"
+    GRANT_LIST = "grant.list"
+    GRANT_REVOKE = "grant.revoke"
+    APPROVAL_REQUEST = "approval.request"
+    APPROVAL_APPROVE = "approval.approve"
+    APPROVAL_LIST = "approval.list"
+    BREAK_GLASS = "breakglass.issue"
 
 
 @dataclass(frozen=True)
@@ -48,11 +86,58 @@ class Decision:
 
 
 class Policy(Protocol):
-    def decide(self, caller: Caller, action: str, resource: str) -> Decision: ...
+    def decide(
+        self,
+        caller: Caller,
+        action: str,
+        resource: str,
+        *,
+        attributes: Mapping[str, str] | None = None,
+        context: Mapping[str, str] | None = None,
+    ) -> Decision:
+        """`attributes` describe the resource when the servicer has loaded it (see
+        `MethodSpec.deferred`): "tenant", "environment", "owner" (the owning service),
+        "classification", "holder" (the SPIFFE ID a lease was issued to), ...; `context`
+        carries request context such as "justification"."""
+        ...
 
 
 _ANY_CALLER = frozenset({Action.BUNDLE_GET, Action.HEALTH, Action.REFLECTION})
 _SELF_MINT = frozenset({Action.SVID_MINT, Action.JWT_MINT})
+# Reading a credential: only the owning service, in the same tenant and environment.
+_OWNER_ACTIONS = frozenset({Action.SECRETS_GET, Action.DB_CREDS})
+# Acting on a lease: only the identity it was issued to.
+_HOLDER_ACTIONS = frozenset({Action.LEASE_RENEW, Action.LEASE_REVOKE})
+
+
+def owner_decision(caller: Caller, action: str, attributes: Mapping[str, str]) -> Decision:
+    """The standard's ownership rule: the caller's service is the resource's owner, in the
+    same tenant and environment (so dev/test identities never read prod)."""
+    mine = caller.attributes
+    if not mine:
+        return Decision(
+            False,
+            f"{caller.spiffe_id} is not a workload identity (tenant/environment/service)",
+            "owner",
+        )
+    for key, mine_key in (("tenant", "tenant"), ("environment", "environment")):
+        want = attributes.get(key, "")
+        if not want or mine.get(mine_key) != want:
+            return Decision(
+                False,
+                f"{caller.spiffe_id} is in {mine_key} {mine.get(mine_key)!r}, the resource in "
+                f"{want!r}: {action} needs the same {key}",
+                "owner",
+            )
+    owner = attributes.get("owner", "")
+    if not owner or mine.get("service") != owner:
+        return Decision(
+            False,
+            f"{action} is reserved for the owning service {owner!r}; "
+            f"{caller.spiffe_id} is service {mine.get('service')!r}",
+            "owner",
+        )
+    return Decision(True, f"{caller.spiffe_id} is the owning service", "owner")
 
 
 class DefaultPolicy:
@@ -62,7 +147,15 @@ class DefaultPolicy:
     def is_operator(self, spiffe_id: str) -> bool:
         return spiffe_id in self._operators
 
-    def decide(self, caller: Caller, action: str, resource: str) -> Decision:
+    def decide(
+        self,
+        caller: Caller,
+        action: str,
+        resource: str,
+        *,
+        attributes: Mapping[str, str] | None = None,
+        context: Mapping[str, str] | None = None,
+    ) -> Decision:
         if caller.is_operator:
             return Decision(True, "operators administer the broker", "operator")
         if action in _ANY_CALLER:
@@ -75,4 +168,10 @@ class DefaultPolicy:
                 f"{caller.spiffe_id} may mint only its own SPIFFE ID, not {resource}",
                 "self-mint",
             )
+        if action in _OWNER_ACTIONS and attributes is not None:
+            return owner_decision(caller, action, attributes)
+        if action in _HOLDER_ACTIONS and attributes is not None:
+            if attributes.get("holder") == caller.spiffe_id:
+                return Decision(True, "the lease holder acts on its own lease", "holder")
+            return Decision(False, f"{action} is reserved for the lease holder", "holder")
         return Decision(False, f"{action} is reserved for operators", "operator-only")

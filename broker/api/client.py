@@ -404,6 +404,17 @@ class BrokerClient:
         except grpc.RpcError as exc:
             raise _error(exc, self._credentials) from None
 
+    # Feature clients (broker/api/<feature>_client.py) build their stubs on this channel and
+    # call through `call`, so every RPC gets the same metadata, timeout and error mapping.
+
+    @property
+    def channel(self) -> grpc.Channel:
+        return self._channel
+
+    def call(self, method: Callable[..., _Response], request: Any) -> _Response:
+        """Call a unary RPC on `channel`; raises `ClientError` on failure."""
+        return self._call(method, request)
+
     def mint_x509(
         self,
         spiffe_id: str,

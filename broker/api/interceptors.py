@@ -29,7 +29,7 @@ from broker.errors import (
     Unauthenticated,
 )
 from broker.identity import Authenticator
-from broker.policy import Caller, Policy
+from broker.policy import Caller, Decision, Policy
 from broker.ratelimit import RateLimiter
 from ca.clock import Clock
 
@@ -46,11 +46,18 @@ _MAX_JUSTIFICATION = 1024
 @dataclass(frozen=True)
 class MethodSpec:
     """How the pipeline treats one RPC: its action name, how to name the resource from the
-    request, and whether it is written to the audit ledger."""
+    request, and whether it is written to the audit ledger.
+
+    `deferred=True` moves the policy decision into the servicer, for resources whose
+    attributes (owner, tenant, environment, classification) must be loaded first: the servicer
+    calls `current_call().authorize(resource, attributes)` before touching anything. A deferred
+    RPC whose servicer returns without having been authorized fails closed.
+    """
 
     action: str
     resource: Callable[[Any], str] = lambda _request: ""
     audited: bool = True
+    deferred: bool = False
 
 
 @dataclass
@@ -59,6 +66,36 @@ class CallContext:
     correlation_id: str
     justification: str
     details: dict[str, Any] = field(default_factory=dict)
+    action: str = ""
+    resource: str = ""
+    decision: Decision | None = None
+    policy: Policy | None = None
+
+    def authorize(
+        self,
+        resource: str,
+        attributes: Mapping[str, str] | None = None,
+        *,
+        action: str | None = None,
+    ) -> Decision:
+        """The deferred policy decision (see `MethodSpec.deferred`): raises PermissionDenied
+        when refused. `resource` replaces the one the audit event names (e.g. a hash of a
+        secret reference instead of the reference)."""
+        if self.policy is None:
+            raise PermissionDenied("this call was authorized by the pipeline already")
+        self.resource = resource
+        decision = self.policy.decide(
+            self.caller,
+            action or self.action,
+            resource,
+            attributes=attributes,
+            context={"justification": self.justification},
+        )
+        if self.decision is None or self.decision.allowed:
+            self.decision = decision  # a refusal sticks: later allows do not clear it
+        if not decision.allowed:
+            raise PermissionDenied(decision.reason)
+        return decision
 
 
 _CURRENT: contextvars.ContextVar[CallContext] = contextvars.ContextVar("broker_call")
@@ -167,10 +204,11 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         request: Any,
         context: grpc.aio.ServicerContext,
         seen: dict[str, str] | None = None,
-    ) -> tuple[Caller, str, str, str]:
+    ) -> tuple[Caller, str, str, Decision | None]:
         """authenticate -> rate limit -> size limit -> authorize.
 
-        Returns (caller, action, resource, reason) or raises a BrokerError. `seen` gets the
+        Returns (caller, action, resource, decision) or raises a BrokerError; the decision is
+        None for a deferred spec (the servicer decides). `seen` gets the
         caller ("who") and "resource" as soon as they are known, so that a refusal can still be
         audited with them."""
         seen = {} if seen is None else seen
@@ -190,15 +228,20 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if spec is None:
             raise PermissionDenied(f"no policy covers {method}; refused")
         resource = seen.get("resource", "")
+        if spec.deferred:
+            return caller, spec.action, resource, None
         decision = self._policy.decide(caller, spec.action, resource)
         if not decision.allowed:
+            seen["rule"] = decision.rule
             raise PermissionDenied(decision.reason)
-        return caller, spec.action, resource, decision.reason
+        return caller, spec.action, resource, decision
 
     async def _admit(
         self, method: str, spec: MethodSpec | None, request: Any, context: grpc.aio.ServicerContext
     ) -> None:
         try:
+            if spec is not None and spec.deferred:
+                raise PermissionDenied(f"{method}: deferred authorization needs a unary RPC")
             self._authorize(method, spec, request, context)
         except BrokerError as exc:
             code, message = to_status(exc, "-")
@@ -220,7 +263,14 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         justification = meta.get(JUSTIFICATION_HEADER, "")[:_MAX_JUSTIFICATION]
         context.set_trailing_metadata(((CORRELATION_HEADER, correlation_id),))
 
-        who, action, resource, decision, reason = "unauthenticated", "", "", "deny", ""
+        who, action, resource, decision, reason, rule = (
+            "unauthenticated",
+            "",
+            "",
+            "deny",
+            "",
+            "",
+        )
         if spec is not None:
             action = spec.action
         seen: dict[str, str] = {}
@@ -228,23 +278,44 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         error: BaseException | None = None
         call: CallContext | None = None
         try:
-            caller, action, resource, reason = self._authorize(method, spec, request, context, seen)
+            caller, action, resource, verdict = self._authorize(
+                method, spec, request, context, seen
+            )
             who, decision = caller.spiffe_id, "allow"
-            call = CallContext(caller, correlation_id, justification)
+            if verdict is not None:
+                reason, rule = verdict.reason, verdict.rule
+            call = CallContext(
+                caller,
+                correlation_id,
+                justification,
+                action=action,
+                resource=resource,
+                policy=self._policy if verdict is None else None,
+            )
             token = _CURRENT.set(call)
             try:
                 response = await inner(request, context)
             finally:
                 _CURRENT.reset(token)
+            if verdict is None and call.decision is None:
+                raise PermissionDenied(f"{method} was not authorized; refused")
         except Unauthenticated as exc:
             error, reason = exc, str(exc)
         except PermissionDenied as exc:
             error, reason = exc, str(exc)
         except Exception as exc:  # mapped to a status below; never re-raised to gRPC
             error = exc
-        if decision == "deny":  # refused before the servicer: record what was known by then
+        if call is not None and call.policy is not None:  # a deferred decision
+            resource = call.resource
+            if call.decision is None:
+                decision = "deny"
+            else:
+                decision = "allow" if call.decision.allowed else "deny"
+                reason, rule = call.decision.reason, call.decision.rule
+        if decision == "deny" and call is None:  # refused before the servicer
             who = seen.get("who", who)
             resource = seen.get("resource", resource)
+            rule = seen.get("rule", rule)
             if not reason and isinstance(error, BrokerError):
                 reason = str(error)  # e.g. the rate limit
         code, message = (
@@ -263,6 +334,7 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 "correlation_id": correlation_id,
                 "decision": decision,
                 "reason": reason,
+                "rule": rule,
                 "outcome": code.name,
                 "latency_ms": round((time.perf_counter() - started) * 1000, 3),
             }

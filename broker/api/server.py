@@ -5,6 +5,7 @@ bounded message sizes."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -16,9 +17,8 @@ from broker.app import Application, TLSMaterial
 from broker.authority import CAService
 from broker.errors import Unavailable
 
-from ._proto import audit_pb2, audit_pb2_grpc, ca_pb2, ca_pb2_grpc
 from .interceptors import RequestPipeline
-from .servicers import METHOD_SPECS, AuditServicer, CertificateAuthorityServicer
+from .services import ServiceBinding, bindings_for, method_specs
 
 __all__ = ["AppServer", "ServingCredentials", "TLSMaterial", "serve_application", "start_server"]
 
@@ -61,21 +61,13 @@ async def start_server(
     listen: str,
     credentials: ServingCredentials,
     pipeline: RequestPipeline,
-    ca: CertificateAuthorityServicer,
-    audit: AuditServicer,
+    bindings: Sequence[ServiceBinding],
     max_message_bytes: int,
     reuse_port: bool = False,
 ) -> tuple[grpc.aio.Server, int]:
     """Start serving; returns the server and the bound port. Raises Unavailable if the
     address cannot be bound."""
-    missing = {
-        f"/{s.full_name}/{m.name}"
-        for s in (
-            ca_pb2.DESCRIPTOR.services_by_name["CertificateAuthority"],
-            audit_pb2.DESCRIPTOR.services_by_name["Audit"],
-        )
-        for m in s.methods
-    } - METHOD_SPECS.keys()
+    missing = set().union(*(b.missing_specs() for b in bindings))
     assert not missing, f"RPCs without a method spec: {sorted(missing)}"
     server = grpc.aio.server(
         interceptors=[pipeline],
@@ -88,13 +80,13 @@ async def start_server(
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ],
     )
-    ca_pb2_grpc.add_CertificateAuthorityServicer_to_server(ca, server)
-    audit_pb2_grpc.add_AuditServicer_to_server(audit, server)
+    for binding in bindings:
+        binding.add_to_server(binding.servicer, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    served = [b.full_name for b in bindings]
     names = (
-        ca_pb2.DESCRIPTOR.services_by_name["CertificateAuthority"].full_name,
-        audit_pb2.DESCRIPTOR.services_by_name["Audit"].full_name,
+        *served,
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         reflection.SERVICE_NAME,
     )
@@ -106,7 +98,7 @@ async def start_server(
     if port == 0:
         raise Unavailable(f"cannot listen on {listen}: address in use or not available")
     await server.start()
-    for name in names[:2]:
+    for name in served:
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     return server, port
@@ -128,8 +120,9 @@ async def serve_application(
     the tests exercise the real wiring. `ca` replaces the CA service (tests only)."""
     material = app.serving_material()
     credentials = ServingCredentials(material)
+    bindings = bindings_for(app, ca=ca)
     pipeline = RequestPipeline(
-        METHOD_SPECS,
+        method_specs(bindings),
         app.authenticator,
         app.limiter,
         app.policy,
@@ -141,8 +134,7 @@ async def serve_application(
         listen=app.config.server.listen,
         credentials=credentials,
         pipeline=pipeline,
-        ca=CertificateAuthorityServicer(ca if ca is not None else app.ca),
-        audit=AuditServicer(app.ledger),
+        bindings=bindings,
         max_message_bytes=app.config.server.max_message_bytes,
         reuse_port=reuse_port,
     )

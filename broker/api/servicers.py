@@ -19,7 +19,13 @@ from broker.policy import Action
 from ._proto import audit_pb2, audit_pb2_grpc, ca_pb2, ca_pb2_grpc
 from .interceptors import MethodSpec, current_call
 
-__all__ = ["METHOD_SPECS", "AuditServicer", "CertificateAuthorityServicer"]
+__all__ = [
+    "AUDIT_SPECS",
+    "CA_SPECS",
+    "INFRA_SPECS",
+    "AuditServicer",
+    "CertificateAuthorityServicer",
+]
 
 _MAX_RESOURCE = 2100  # a valid SPIFFE ID is at most 2048 bytes; longer ones are cut in the log
 
@@ -44,7 +50,7 @@ def _ttl(request: Any, field: str = "ttl_seconds") -> dt.timedelta | None:
 
 _CA = "/broker.v1.CertificateAuthority/"
 _AUDIT = "/broker.v1.Audit/"
-METHOD_SPECS: dict[str, MethodSpec] = {
+CA_SPECS: dict[str, MethodSpec] = {
     _CA + "MintX509SVID": MethodSpec(Action.SVID_MINT, lambda r: _resource(r.spiffe_id)),
     _CA + "MintJWTSVID": MethodSpec(Action.JWT_MINT, lambda r: _resource(r.spiffe_id)),
     _CA + "GetBundle": MethodSpec(Action.BUNDLE_GET),
@@ -52,8 +58,13 @@ METHOD_SPECS: dict[str, MethodSpec] = {
     _CA + "Rotate": MethodSpec(Action.CA_ROTATE),
     _CA + "GetPolicy": MethodSpec(Action.CA_POLICY_GET),
     _CA + "SetPolicy": MethodSpec(Action.CA_POLICY_SET),
+}
+AUDIT_SPECS: dict[str, MethodSpec] = {
     _AUDIT + "Verify": MethodSpec(Action.AUDIT_VERIFY),
     _AUDIT + "Tail": MethodSpec(Action.AUDIT_READ),
+}
+# Health checks and reflection: authenticated and authorized, not written to the ledger.
+INFRA_SPECS: dict[str, MethodSpec] = {
     "/grpc.health.v1.Health/Check": MethodSpec(Action.HEALTH, audited=False),
     "/grpc.health.v1.Health/Watch": MethodSpec(Action.HEALTH, audited=False),
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": MethodSpec(

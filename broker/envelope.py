@@ -1,0 +1,161 @@
+"""Envelope encryption: a fresh AES-256-GCM data key per value, wrapped by a per-tenant
+key-encryption key (KEK) that lives in the key backend and never leaves it.
+
+A `SealedBlob` names the KEK that wrapped its data key, so blobs sealed before a KEK rotation
+stay readable until they are rewrapped (`Envelope.rewrap`). The associated data binds a blob to
+where it belongs (tenant, reference, version, ...): the caller builds it with `aad(...)`, and a
+blob moved anywhere else fails to open with `IntegrityError`.
+
+KEK labels are `kek.<tenant>.<generation>`; the current generation per tenant is kept in the
+storage meta table under `kek.current.<tenant>`. Tenants named with a leading underscore are
+the broker's own (e.g. `_system` for database admin passwords).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from broker.errors import InvalidArgument
+from broker.storage.interface import MetaRepository
+from ca.errors import IntegrityError, KeyExists
+from ca.keys import KeyBackend, KeyKind
+
+__all__ = ["SYSTEM_TENANT", "Envelope", "SealedBlob", "aad", "kek_label"]
+
+SYSTEM_TENANT: Final = "_system"
+_TENANT_RE: Final = re.compile(r"^_?[a-z0-9][a-z0-9-]{0,62}$")
+_FORMAT: Final = 1
+_NONCE_BYTES: Final = 12
+
+
+def _check_tenant(tenant: str) -> str:
+    if not _TENANT_RE.fullmatch(tenant):
+        raise InvalidArgument(
+            f"invalid tenant {tenant!r}: use 1-63 lowercase letters, digits or '-'"
+        )
+    return tenant
+
+
+def kek_label(tenant: str, generation: int) -> str:
+    return f"kek.{_check_tenant(tenant)}.{generation}"
+
+
+def aad(*parts: str | int) -> bytes:
+    """Unambiguous associated data from parts (length-prefixed, so ("a", "bc") != ("ab", "c"))."""
+    out = bytearray()
+    for part in parts:
+        raw = str(part).encode()
+        out += struct.pack(">I", len(raw)) + raw
+    return bytes(out)
+
+
+@dataclass(frozen=True)
+class SealedBlob:
+    kek_label: str
+    wrapped_key: bytes
+    nonce: bytes
+    ciphertext: bytes  # AES-GCM output (ciphertext || tag)
+
+    def to_bytes(self) -> bytes:
+        label = self.kek_label.encode()
+        return (
+            struct.pack(">BHH", _FORMAT, len(label), len(self.wrapped_key))
+            + label
+            + self.wrapped_key
+            + self.nonce
+            + self.ciphertext
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> SealedBlob:
+        try:
+            version, label_len, wrapped_len = struct.unpack_from(">BHH", data)
+            if version != _FORMAT:
+                raise ValueError(f"unknown format {version}")
+            offset = 5
+            label = data[offset : offset + label_len].decode()
+            offset += label_len
+            wrapped = data[offset : offset + wrapped_len]
+            offset += wrapped_len
+            nonce = data[offset : offset + _NONCE_BYTES]
+            ciphertext = data[offset + _NONCE_BYTES :]
+            if len(wrapped) != wrapped_len or len(nonce) != _NONCE_BYTES or len(ciphertext) < 16:
+                raise ValueError("truncated")
+        except (struct.error, UnicodeDecodeError, ValueError) as exc:
+            raise IntegrityError(f"sealed blob is damaged: {exc}") from None
+        return cls(label, bytes(wrapped), bytes(nonce), bytes(ciphertext))
+
+
+class Envelope:
+    """Seal and open values under per-tenant KEKs held by `keys`."""
+
+    def __init__(self, keys: KeyBackend, meta: MetaRepository) -> None:
+        self._keys = keys
+        self._meta = meta
+
+    @property
+    def keys(self) -> KeyBackend:
+        return self._keys
+
+    async def generation(self, tenant: str) -> int:
+        """The tenant's current KEK generation (0: none yet)."""
+        value = await self._meta.get_meta(f"kek.current.{_check_tenant(tenant)}")
+        return 0 if value is None else int(value)
+
+    async def current_kek(self, tenant: str) -> str:
+        """The label of the tenant's current KEK, creating generation 1 on first use."""
+        generation = await self.generation(tenant)
+        if generation == 0:
+            generation = 1
+            self._ensure(kek_label(tenant, generation))
+            await self._meta.set_meta(f"kek.current.{tenant}", str(generation))
+        return kek_label(tenant, generation)
+
+    async def new_kek(self, tenant: str) -> str:
+        """Create the next KEK generation and make it current; returns its label. Blobs under
+        older generations still open; rewrap them, then destroy the old KEK."""
+        generation = await self.generation(tenant) + 1
+        label = kek_label(tenant, generation)
+        self._ensure(label)
+        await self._meta.set_meta(f"kek.current.{tenant}", str(generation))
+        return label
+
+    def _ensure(self, label: str) -> None:
+        with contextlib.suppress(KeyExists):  # another process created it first
+            self._keys.create_key(label, KeyKind.AES_256)
+
+    async def seal(self, tenant: str, plaintext: bytes, associated: bytes) -> SealedBlob:
+        label = await self.current_kek(tenant)
+        return self.seal_with(label, plaintext, associated)
+
+    def seal_with(self, label: str, plaintext: bytes, associated: bytes) -> SealedBlob:
+        data_key = AESGCM.generate_key(bit_length=256)
+        nonce = os.urandom(_NONCE_BYTES)
+        ciphertext = AESGCM(data_key).encrypt(nonce, plaintext, associated)
+        return SealedBlob(label, self._keys.wrap(label, data_key), nonce, ciphertext)
+
+    def open(self, blob: SealedBlob, associated: bytes) -> bytes:
+        """The plaintext; raises `IntegrityError` for a tampered, swapped or misplaced blob and
+        `KeyNotFound` when its KEK is gone."""
+        data_key = self._keys.unwrap(blob.kek_label, blob.wrapped_key)
+        try:
+            return AESGCM(data_key).decrypt(blob.nonce, blob.ciphertext, associated)
+        except InvalidTag:
+            raise IntegrityError(
+                "sealed value did not verify: tampered with, or moved from another secret, "
+                "version or tenant"
+            ) from None
+
+    def rewrap(self, blob: SealedBlob, label: str) -> SealedBlob:
+        """The same ciphertext with its data key rewrapped under `label` (the value itself is
+        never decrypted)."""
+        data_key = self._keys.unwrap(blob.kek_label, blob.wrapped_key)
+        return SealedBlob(label, self._keys.wrap(label, data_key), blob.nonce, blob.ciphertext)
