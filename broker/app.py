@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from broker.audit import AuditLedger
 from broker.authority import CAService, CAServiceConfig
 from broker.config import Config
+from broker.envelope import Envelope, SealedStore
 from broker.files import write_private_file
 from broker.identity import Authenticator
 from broker.policy import DefaultPolicy
@@ -74,6 +75,9 @@ class Application:
             clock,
         )
         self.ledger = AuditLedger(storage, keys)
+        self.envelope = Envelope(keys, storage)
+        # Every store of sealed blobs registers here, so KEK rotation reaches all of them.
+        self.sealed_stores: list[SealedStore] = []
         self.policy = DefaultPolicy(config.server.operators)
         # Each worker process keeps its own buckets: share the configured rate between them.
         workers = config.server.workers

@@ -18,7 +18,7 @@ import os
 import re
 import struct
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -28,7 +28,7 @@ from broker.storage.interface import MetaRepository
 from ca.errors import IntegrityError, KeyExists
 from ca.keys import KeyBackend, KeyKind
 
-__all__ = ["SYSTEM_TENANT", "Envelope", "SealedBlob", "aad", "kek_label"]
+__all__ = ["SYSTEM_TENANT", "Envelope", "SealedBlob", "SealedStore", "aad", "kek_label"]
 
 SYSTEM_TENANT: Final = "_system"
 _TENANT_RE: Final = re.compile(r"^_?[a-z0-9][a-z0-9-]{0,62}$")
@@ -159,3 +159,17 @@ class Envelope:
         never decrypted)."""
         data_key = self._keys.unwrap(blob.kek_label, blob.wrapped_key)
         return SealedBlob(label, self._keys.wrap(label, data_key), blob.nonce, blob.ciphertext)
+
+
+class SealedStore(Protocol):
+    """A store of sealed blobs (secret versions, database admin passwords, ...). KEK rotation
+    (`broker kek rotate`) walks every registered store (`Application.sealed_stores`)."""
+
+    async def rewrap(self, envelope: Envelope, tenant: str, new_label: str) -> int:
+        """Rewrap every blob of `tenant` not yet under `new_label` (values are never
+        decrypted); return how many were rewrapped."""
+        ...
+
+    async def kek_in_use(self, label: str) -> bool:
+        """True while any blob in this store is still wrapped under `label`."""
+        ...
