@@ -3,4 +3,5 @@
 pytest_plugins = [
     "tests.fixtures.softhsm",
     "tests.fixtures.postgres",
+    "tests.fixtures.mariadb",
 ]
