@@ -1,4 +1,7 @@
-"""``python -m loadtests run``: start what is needed, drive it, print and write the report."""
+"""``python -m loadtests run``: start what is needed, drive it, print and write the report
+(DIR/report.json and DIR/report.html), and with ``--slo`` judge the SLOs.
+``python -m loadtests list`` names the scenarios; ``python -m loadtests html DIR`` redoes the
+HTML page from DIR/report.json."""
 
 from __future__ import annotations
 
@@ -15,10 +18,11 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from loadtests import csrs, generator, machine, procs, report
-from loadtests.scenarios import SCENARIOS, Scenario
+from loadtests import csrs, generator, machine, procs, report, slo
+from loadtests.html import write_html
+from loadtests.scenarios import SCENARIOS, Scenario, broker_operations
 from loadtests.targets import broker as broker_target
-from loadtests.targets.grpcclient import GrpcSpec
+from loadtests.targets.grpcclient import GrpcOp, GrpcSpec, _load
 from loadtests.targets.http import HttpSpec
 
 __all__ = ["main"]
@@ -40,6 +44,9 @@ def _levels(text: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m loadtests", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="name the scenarios and say what each measures")
+    h = sub.add_parser("html", help="write DIR/report.html again from DIR/report.json")
+    h.add_argument("report_dir", type=Path)
     r = sub.add_parser("run", help="run a scenario at one or more concurrency levels")
     r.add_argument("--scenario", required=True, choices=sorted(SCENARIOS))
     r.add_argument("--concurrency", default=None, help="comma-separated levels (default 1,8,32)")
@@ -78,6 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit 1 if any run's error rate exceeds this (default 0.01)",
     )
     r.add_argument("--profile", action="store_true", help="py-spy the broker during its runs")
+    r.add_argument(
+        "--slo",
+        action="store_true",
+        help="judge the SLOs (p95 latency, availability, rotation success); exit 4 if missed",
+    )
+    r.add_argument(
+        "--slo-p95-ms",
+        type=float,
+        default=None,
+        help="replace every operation's p95 objective (default: the scenario's, 150 ms)",
+    )
     r.add_argument(
         "--smoke",
         action="store_true",
@@ -144,6 +162,7 @@ class _Session:
         self.runs: list[report.RunResult] = []
         self.started_at = _now()
         self.machine = machine.describe()
+        self.verdicts: list[slo.Verdict] = []
 
     # -- set-up ----------------------------------------------------------------------------
 
@@ -199,16 +218,44 @@ class _Session:
     def check_broker(self) -> None:
         a, sc = self.args, self.scenario
         address, ident = self._broker
-        requests = sc.broker_requests(self.pool)
-        resp = broker_target.mint_once(address, ident, a.tls_server_name, requests[0])
-        leaf = csrs.check_certificate(resp.cert_chain[0], self.pool[0])
-        self.targets["broker"]["sample_certificate"] = {**leaf, "chain_len": len(resp.cert_chain)}
+        parts = broker_operations(sc)
+        ops, per_op = [], []
+        for part in parts:
+            if part.broker_requests is None:
+                raise SystemExit(f"error: scenario {part.name} has no broker requests")
+            reqs = part.broker_requests(self.pool)
+            resp = broker_target.call_once(
+                address,
+                ident,
+                a.tls_server_name,
+                part.broker_method,
+                _load(part.broker_response),
+                reqs[0],
+            )
+            if not getattr(resp, part.broker_require_field):
+                raise procs.StartupError(f"{part.name}: answer without {part.broker_require_field}")
+            if part.broker_check is not None:
+                sample = part.broker_check(resp, self.pool[0])
+                key = "sample_certificate" if part.name == "svid-csr" else f"sample_{part.name}"
+                self.targets["broker"][key] = sample
+            ops.append(
+                GrpcOp(
+                    part.name, part.broker_method, part.broker_response, part.broker_require_field
+                )
+            )
+            per_op.append(reqs)
+        # Interleave the operations' requests (a, b, a, b, ...) for a mixed load.
+        requests = [req for group in zip(*per_op, strict=False) for req in group]
+        request_ops = [i for _ in range(len(requests) // len(ops)) for i in range(len(ops))]
         self.specs["broker"] = GrpcSpec(
             address=address,
-            method=sc.broker_method,
+            method=parts[0].broker_method,
             requests=tuple(requests),
-            response_type=sc.broker_response,
-            require_field=sc.broker_require_field,
+            response_type=parts[0].broker_response,
+            require_field=parts[0].broker_require_field,
+            name=parts[0].name,
+            ops=tuple(ops) if len(ops) > 1 else (),
+            request_ops=tuple(request_ops) if len(ops) > 1 else (),
             root_pem=ident.root_pem,
             cert_pem=ident.cert_pem,
             key_pem=ident.key_pem,
@@ -255,6 +302,7 @@ class _Session:
             expect=sc.openbao_expect,
             ca_pem=bao.ca_pem,
             timeout_s=self.args.timeout,
+            name=sc.name,
         )
 
     # -- runs ------------------------------------------------------------------------------
@@ -265,14 +313,31 @@ class _Session:
         if proc is not None:
             proc.check_alive()
         profiler: list[Any] = []
-        on_window_start = None
+        rotator: list[broker_target.Rotator] = []
+        starters: list[Any] = []
         if a.profile and target == "broker" and self.pids.get("broker"):
             from loadtests.profile import Profiler
 
             prof_path = a.report / f"profile-broker-c{concurrency}-r{rnd}.collapsed.txt"
 
-            def on_window_start() -> None:
+            def start_profiler() -> None:
                 profiler.append(Profiler(self.pids["broker"][0], prof_path, a.duration))
+
+            starters.append(start_profiler)
+        if self.scenario.rotate_every_s and target == "broker":
+            address, ident = self._broker
+            every = self.scenario.rotate_every_s
+
+            def start_rotator() -> None:
+                rot = broker_target.Rotator(address, ident, a.tls_server_name, every, a.duration)
+                rot.start()
+                rotator.append(rot)
+
+            starters.append(start_rotator)
+
+        def on_window_start() -> None:
+            for start in starters:
+                start()
 
         started = _now()
         outcome = generator.run_load(
@@ -284,8 +349,11 @@ class _Session:
             request_timeout=a.timeout,
             server_pids=self.pids.get(target, []),
             use_uvloop=not a.no_uvloop,
-            on_window_start=on_window_start,
+            on_window_start=on_window_start if starters else None,
         )
+        operations = dict(outcome.operations)
+        if rotator:
+            operations[slo.ROTATION_OPERATION] = rotator[0].finish()
         notes: dict[str, Any] = {"workers": outcome.worker_notes, "loadavg": machine.loadavg()}
         if outcome.server_threads:
             notes["server_busiest_threads"] = outcome.server_threads
@@ -312,6 +380,7 @@ class _Session:
             server_cpu_s=outcome.server_cpu_s,
             started_at=started,
             notes=notes,
+            operations=operations,
         )
         lat = result.latency()
         _log(
@@ -319,6 +388,12 @@ class _Session:
             f"p50 {lat['p50']} ms  p99 {lat['p99']} ms  errors {result.error_count}"
             + (f" ({outcome.error_samples[0]})" if outcome.error_samples else "")
         )
+        if rotator:
+            rot = result.operation_stats()[slo.ROTATION_OPERATION]
+            _log(
+                f"{target:<8} c={concurrency:<4} round {rnd}: {rot['requests_ok']} CA rotations, "
+                f"{rot['error_count']} failed"
+            )
         return result
 
     def run_all(self) -> None:
@@ -354,6 +429,9 @@ class _Session:
             "compare": a.compare,
             "openbao_tls": a.openbao_tls if a.compare == "openbao" else None,
             "profile": a.profile,
+            "slo": a.slo,
+            "slo_p95_ms": a.slo_p95_ms,
+            "rotate_every_s": self.scenario.rotate_every_s,
             "smoke": a.smoke,
             "command": " ".join(["python -m loadtests", *sys.argv[1:]]),
         }
@@ -375,7 +453,23 @@ class _Session:
         )
         rep["interrupted"] = interrupted
         rep["failure"] = failure
+        if self.args.slo:
+            override = self.args.slo_p95_ms
+            verdicts = slo.evaluate(
+                self.runs, _p95_objective if override is None else (lambda _op: override)
+            )
+            rep["slo"] = {
+                "met": bool(verdicts) and all(v.ok for v in verdicts) and not failure,
+                "missed": [v.to_json() for v in verdicts if not v.ok],
+                "verdicts": [v.to_json() for v in verdicts],
+            }
+            self.verdicts = verdicts
         return rep, comparisons
+
+
+def _p95_objective(operation: str) -> float:
+    sc = SCENARIOS.get(operation)
+    return sc.slo_p95_ms if sc is not None else SCENARIOS["svid-csr"].slo_p95_ms
 
 
 def run(args: argparse.Namespace) -> int:
@@ -409,15 +503,23 @@ def run(args: argparse.Namespace) -> int:
 
     rep, comparisons = session.finish(interrupted, failure)
     path = report.write_report(args.report, rep)
+    page = write_html(args.report, rep)
     if session.runs:
         print()
         print(report.format_table(session.runs))
         if comparisons:
             print()
             print(report.format_comparisons(comparisons))
-    print(f"\nreport: {path}")
+    if args.slo:
+        print()
+        print(slo.format_verdicts(session.verdicts))
+    print(f"\nreport: {path}\nhtml:   {page}")
     if status:
         return status
+    if args.slo and not rep["slo"]["met"]:
+        missed = sorted({f"{v.slo} of {v.operation}" for v in session.verdicts if not v.ok})
+        _log(f"SLO missed: {'; '.join(missed) or 'no run was judged'}")
+        return 4
     bad = [r for r in session.runs if r.ok == 0 or r.error_rate > args.max_error_rate]
     if bad:
         _log(f"{len(bad)} run(s) had no successes or an error rate above {args.max_error_rate}")
@@ -429,4 +531,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
         return run(args)
+    if args.command == "list":
+        width = max(len(name) for name in SCENARIOS)
+        for name, sc in SCENARIOS.items():
+            peers = " [--compare openbao]" if sc.openbao_path else ""
+            print(f"{name:<{width}}  {sc.description}{peers}")
+        return 0
+    if args.command == "html":
+        import json
+
+        rep = json.loads((args.report_dir / "report.json").read_text())
+        print(write_html(args.report_dir, rep))
+        return 0
     return 2

@@ -15,6 +15,9 @@ Shape of one run (one target, one concurrency level):
    counted too, so slow answers are never dropped from the tail.
 5. Each worker returns its encoded histogram, counts and its own CPU time over the window; the
    parent merges them and reads the servers' CPU time over the same window from /proc.
+   Everything is also kept per operation (`spec.operation(index)`, when the spec has it: a
+   mixed load names several), with the successes and failures of each second of the window
+   (by the second the request started in), for throughput-over-time plots.
 
 Every loop here is bounded by time (the window plus the client timeout) and by count
 (`max_requests`).
@@ -43,6 +46,7 @@ __all__ = [
     "LoadOutcome",
     "SyncClient",
     "WorkerFailed",
+    "merge_operations",
     "run_load",
     "split_users",
 ]
@@ -93,6 +97,8 @@ class LoadOutcome:
     processes: int
     worker_notes: list[dict[str, Any]] = field(default_factory=list)
     server_threads: list[dict[str, Any]] = field(default_factory=list)
+    # per operation: ok, errors, samples, histogram (encoded), ok_per_s, errors_per_s
+    operations: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def split_users(concurrency: int, processes: int) -> list[int]:
@@ -108,11 +114,53 @@ class _Tally:
     ok: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     samples: list[str] = field(default_factory=list)
+    ok_per_s: Counter[int] = field(default_factory=Counter)
+    errors_per_s: Counter[int] = field(default_factory=Counter)
 
-    def failure(self, kind: str, exc: BaseException) -> None:
+    def failure(self, kind: str, exc: BaseException, second: int = 0) -> None:
         self.errors[kind] += 1
+        self.errors_per_s[second] += 1
         if len(self.samples) < MAX_ERROR_SAMPLES:
             self.samples.append(f"{kind}: {str(exc)[:300]}")
+
+    def success(self, micros: int, second: int = 0) -> None:
+        hist.record_us(self.hist, micros)
+        self.ok += 1
+        self.ok_per_s[second] += 1
+
+    def add(self, other: _Tally) -> None:
+        self.hist.add(other.hist)
+        self.ok += other.ok
+        self.errors.update(other.errors)
+        self.ok_per_s.update(other.ok_per_s)
+        self.errors_per_s.update(other.errors_per_s)
+        self.samples.extend(other.samples[: max(0, MAX_ERROR_SAMPLES - len(self.samples))])
+
+
+class _Tallies:
+    """One tally per operation name."""
+
+    def __init__(self, spec: ClientSpec) -> None:
+        op_of = getattr(spec, "operation", None)
+        self.names = [op_of(i) if op_of else "" for i in range(spec.payload_count)]
+        self.by_op: dict[str, _Tally] = {}
+
+    def of(self, index: int) -> _Tally:
+        name = self.names[index]
+        tally = self.by_op.get(name)
+        if tally is None:
+            tally = self.by_op[name] = _Tally()
+        return tally
+
+    def add(self, other: _Tallies) -> None:
+        for name, tally in other.by_op.items():
+            self.by_op.setdefault(name, _Tally()).add(tally)
+
+    def total(self) -> _Tally:
+        out = _Tally()
+        for tally in self.by_op.values():
+            out.add(tally)
+        return out
 
 
 @dataclass(frozen=True)
@@ -123,12 +171,21 @@ class _Schedule:
     ready_timeout: float
 
 
-def _result(tally: _Tally, cpu: float, extra: dict[str, Any]) -> dict[str, Any]:
+def _tally_json(tally: _Tally) -> dict[str, Any]:
     return {
         "ok": tally.ok,
         "errors": dict(tally.errors),
         "samples": tally.samples,
         "histogram": hist.encode(tally.hist),
+        "ok_per_s": dict(tally.ok_per_s),
+        "errors_per_s": dict(tally.errors_per_s),
+    }
+
+
+def _result(tallies: _Tallies, cpu: float, extra: dict[str, Any]) -> dict[str, Any]:
+    return {
+        **_tally_json(tallies.total()),
+        "ops": {name: _tally_json(t) for name, t in tallies.by_op.items()},
         "cpu_s": cpu,
         "notes": extra,
     }
@@ -154,7 +211,7 @@ async def _async_worker(
     t_start = start_at.value
     t_warm = t_start + sched.warmup
     t_end = t_warm + sched.duration
-    tally = _Tally()
+    tallies = _Tallies(spec)
     cpu: dict[str, float] = {}
 
     async def user(u: int) -> None:
@@ -164,17 +221,18 @@ async def _async_worker(
             if now >= t_end:
                 return
             measured = now >= t_warm
+            second = int(now - t_warm)
+            index = n % spec.payload_count
             t0 = time.perf_counter_ns()
             try:
-                await client.call(n % spec.payload_count)  # type: ignore[misc]
+                await client.call(index)  # type: ignore[misc]
             except Exception as exc:
                 if measured:
-                    tally.failure(client.classify(exc), exc)
+                    tallies.of(index).failure(client.classify(exc), exc, second)
                 await asyncio.sleep(0.005)  # no hot loop against a failing server
             else:
                 if measured:
-                    hist.record_us(tally.hist, (time.perf_counter_ns() - t0) // 1000)
-                    tally.ok += 1
+                    tallies.of(index).success((time.perf_counter_ns() - t0) // 1000, second)
             n += stride
 
     async def cpu_window() -> None:
@@ -186,7 +244,7 @@ async def _async_worker(
     await asyncio.sleep(max(0.0, t_start - time.monotonic()))
     await asyncio.gather(cpu_window(), *(user(u) for u in range(users)))
     await client.close()  # type: ignore[misc]
-    return _result(tally, cpu["end"] - cpu["start"], {"mode": "async", "users": users})
+    return _result(tallies, cpu["end"] - cpu["start"], {"mode": "async", "users": users})
 
 
 def _thread_worker(
@@ -208,10 +266,10 @@ def _thread_worker(
     t_start = start_at.value
     t_warm = t_start + sched.warmup
     t_end = t_warm + sched.duration
-    tallies = [_Tally() for _ in range(users)]
+    tallies = [_Tallies(spec) for _ in range(users)]
 
     def user(u: int) -> None:
-        tally = tallies[u]
+        mine = tallies[u]
         n = first_user + u
         time.sleep(max(0.0, t_start - time.monotonic()))
         for _ in range(sched.max_requests_per_user):
@@ -219,17 +277,18 @@ def _thread_worker(
             if now >= t_end:
                 return
             measured = now >= t_warm
+            second = int(now - t_warm)
+            index = n % spec.payload_count
             t0 = time.perf_counter_ns()
             try:
-                client.call(n % spec.payload_count)
+                client.call(index)
             except Exception as exc:
                 if measured:
-                    tally.failure(client.classify(exc), exc)
+                    mine.of(index).failure(client.classify(exc), exc, second)
                 time.sleep(0.005)
             else:
                 if measured:
-                    hist.record_us(tally.hist, (time.perf_counter_ns() - t0) // 1000)
-                    tally.ok += 1
+                    mine.of(index).success((time.perf_counter_ns() - t0) // 1000, second)
             n += stride
 
     threads = [threading.Thread(target=user, args=(u,), daemon=True) for u in range(users)]
@@ -242,12 +301,9 @@ def _thread_worker(
     for t in threads:
         t.join(sched.duration + 60)
     client.close()
-    total = _Tally()
-    for tally in tallies:
-        total.hist.add(tally.hist)
-        total.ok += tally.ok
-        total.errors.update(tally.errors)
-        total.samples.extend(tally.samples[: MAX_ERROR_SAMPLES - len(total.samples)])
+    total = _Tallies(spec)
+    for mine in tallies:
+        total.add(mine)
     return _result(total, cpu1 - cpu0, {"mode": "threads", "users": users})
 
 
@@ -385,6 +441,7 @@ def run_load(
         errors.update(r["errors"])
         samples.extend(r["samples"])
     return LoadOutcome(
+        operations=merge_operations([r.get("ops", {}) for r in results.values()]),
         ok=sum(r["ok"] for r in results.values()),
         errors=dict(errors),
         error_samples=samples[:MAX_ERROR_SAMPLES],
@@ -413,3 +470,30 @@ def _get(out: Any, deadline: float, workers: list[Any]) -> tuple[str, int, Any]:
                 raise WorkerFailed(
                     f"load worker {dead[0].name} died with exit code {dead[0].exitcode}"
                 ) from None
+
+
+def merge_operations(parts: Sequence[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Add up the workers' per-operation tallies (histograms merged, per-second counts summed;
+    second keys become ints again after pickling through JSON-like dicts)."""
+    names = sorted({name for part in parts for name in part})
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        items = [part[name] for part in parts if name in part]
+        errors: Counter[str] = Counter()
+        ok_per_s: Counter[int] = Counter()
+        errors_per_s: Counter[int] = Counter()
+        samples: list[str] = []
+        for item in items:
+            errors.update(item["errors"])
+            ok_per_s.update({int(k): v for k, v in item["ok_per_s"].items()})
+            errors_per_s.update({int(k): v for k, v in item["errors_per_s"].items()})
+            samples.extend(item["samples"])
+        out[name] = {
+            "ok": sum(item["ok"] for item in items),
+            "errors": dict(errors),
+            "samples": samples[:MAX_ERROR_SAMPLES],
+            "histogram": hist.encode(hist.merge(item["histogram"] for item in items)),
+            "ok_per_s": dict(sorted(ok_per_s.items())),
+            "errors_per_s": dict(sorted(errors_per_s.items())),
+        }
+    return out

@@ -42,6 +42,36 @@ class RunResult:
     server_cpu_s: float | None = None
     started_at: str = ""
     notes: dict[str, Any] = field(default_factory=dict)
+    # per operation (see generator.merge_operations): ok, errors, samples, histogram,
+    # ok_per_s, errors_per_s; a rotation scenario adds "ca-rotate"
+    operations: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def operation_stats(self) -> dict[str, dict[str, Any]]:
+        """Per operation: throughput, latency percentiles, error rate, availability and the
+        successes/failures of each second of the window."""
+        out: dict[str, dict[str, Any]] = {}
+        seconds = max(1, int(self.duration_s + 0.999))
+        for name, op in sorted(self.operations.items()):
+            ok = int(op["ok"])
+            errors = int(sum(op["errors"].values()))
+            attempts = ok + errors
+            h = hist.decode(op["histogram"]) if op.get("histogram") else hist.new_histogram()
+            per_s = {int(k): v for k, v in op.get("ok_per_s", {}).items()}
+            err_s = {int(k): v for k, v in op.get("errors_per_s", {}).items()}
+            out[name] = {
+                "requests_ok": ok,
+                "errors": dict(sorted(op["errors"].items())),
+                "error_count": errors,
+                "error_rate": round(errors / attempts, 6) if attempts else 0.0,
+                "availability": round(ok / attempts, 6) if attempts else None,
+                "throughput_rps": round(ok / self.duration_s, 2) if self.duration_s > 0 else 0.0,
+                "latency_ms": hist.summarize(h),
+                "ok_per_s": [per_s.get(i, 0) for i in range(seconds)],
+                "errors_per_s": [err_s.get(i, 0) for i in range(seconds)],
+                "error_samples": op.get("samples", []),
+                "histogram_us_hdr": op.get("histogram", ""),
+            }
+        return out
 
     @property
     def error_count(self) -> int:
@@ -91,6 +121,7 @@ class RunResult:
             "server_cpu_s": None if self.server_cpu_s is None else round(self.server_cpu_s, 3),
             "server_cpu_ms_per_request": self.per_request_ms(self.server_cpu_s),
             "histogram_us_hdr": self.histogram,
+            "operations": self.operation_stats(),
             "notes": self.notes,
         }
 
@@ -161,6 +192,16 @@ def format_table(runs: list[RunResult]) -> str:
             f"{_fmt(r.per_request_ms(r.server_cpu_s), '9.3f'):>9}ms "
             f"{_fmt(r.per_request_ms(r.client_cpu_s), '9.3f'):>9}ms"
         )
+        ops = r.operation_stats()
+        if len(ops) > 1:
+            for name, op in ops.items():
+                lat = op["latency_ms"]
+                lines.append(
+                    f"  {name:<18} {op['throughput_rps']:>9.1f} "
+                    f"{_fmt(lat['p50'], '8.2f')} {_fmt(lat['p95'], '8.2f')} "
+                    f"{_fmt(lat['p99'], '8.2f')} {_fmt(lat['max'], '8.2f')} "
+                    f"{op['requests_ok']:>8} {op['error_count']:>6}"
+                )
     return "\n".join(lines)
 
 

@@ -18,6 +18,8 @@ __all__ = [
     "RATE_LIMIT_ENV",
     "BrokerIdentity",
     "DevBroker",
+    "Rotator",
+    "call_once",
     "load_identity",
     "status",
 ]
@@ -151,3 +153,115 @@ def trust_domain_from_bundle(root_pem: bytes) -> str | None:
             if m:
                 return m.group(1)
     return None
+
+
+def call_once(
+    address: str,
+    ident: BrokerIdentity,
+    server_name: str | None,
+    method: str,
+    response_type: Any,
+    request: bytes,
+) -> Any:
+    """One call of any unary method outside the timed window (checks the path end to end)."""
+    with _channel(address, ident, server_name) as ch:
+        call = ch.unary_unary(method, response_deserializer=response_type.FromString)
+        return call(request, timeout=30)
+
+
+class Rotator:
+    """Rotates the CA (`Rotate` with force) every `every_s` seconds for `duration_s` seconds,
+    from a thread of the parent while the load runs, and tallies each rotation as a request of
+    the operation `ca-rotate` (latency, failures by gRPC status, per-second counts)."""
+
+    def __init__(
+        self,
+        address: str,
+        ident: BrokerIdentity,
+        server_name: str | None,
+        every_s: float,
+        duration_s: float,
+        timeout_s: float = 30.0,
+    ) -> None:
+        import threading
+
+        from loadtests import hist
+
+        self._args = (address, ident, server_name)
+        self._every, self._duration, self._timeout = every_s, duration_s, timeout_s
+        self.hist = hist.new_histogram()
+        self.ok = 0
+        self.errors: dict[str, int] = {}
+        self.samples: list[str] = []
+        self.ok_per_s: dict[int, int] = {}
+        self.errors_per_s: dict[int, int] = {}
+        self.actions: list[list[str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rotator", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        import time
+
+        import grpc
+
+        from broker.api._proto import ca_pb2
+        from loadtests import hist
+
+        t0 = time.monotonic()
+        request = ca_pb2.RotateRequest(force=True).SerializeToString()
+        with _channel(*self._args) as ch:
+            call = ch.unary_unary(
+                f"{CA_SERVICE}/Rotate", response_deserializer=ca_pb2.RotateResponse.FromString
+            )
+            k = 0
+            # The first rotation half an interval in, then one every interval, all started
+            # inside the window.
+            while not self._stop.is_set():
+                due = t0 + self._every * (k + 0.5)
+                if due >= t0 + self._duration:
+                    return
+                if self._stop.wait(max(0.0, due - time.monotonic())):
+                    return
+                k += 1
+                second = int(time.monotonic() - t0)
+                started = time.perf_counter_ns()
+                try:
+                    resp = call(request, timeout=self._timeout)
+                except grpc.RpcError as exc:
+                    kind = f"grpc {exc.code().name}" if exc.code() is not None else "grpc ?"
+                    self._failure(kind, str(exc.details()), second)
+                    continue
+                except Exception as exc:
+                    self._failure(type(exc).__name__, str(exc), second)
+                    continue
+                hist.record_us(self.hist, (time.perf_counter_ns() - started) // 1000)
+                if not resp.actions:
+                    self._failure("no rotation action", "Rotate(force) did nothing", second)
+                    continue
+                self.ok += 1
+                self.ok_per_s[second] = self.ok_per_s.get(second, 0) + 1
+                self.actions.append(list(resp.actions))
+
+    def _failure(self, kind: str, detail: str, second: int) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+        self.errors_per_s[second] = self.errors_per_s.get(second, 0) + 1
+        if len(self.samples) < 5:
+            self.samples.append(f"{kind}: {detail[:300]}")
+
+    def finish(self) -> dict[str, Any]:
+        """Wait for the last rotation; the tally in the generator's per-operation shape."""
+        from loadtests import hist
+
+        self._thread.join(self._duration + self._timeout + 5)
+        self._stop.set()
+        return {
+            "ok": self.ok,
+            "errors": dict(self.errors),
+            "samples": list(self.samples),
+            "histogram": hist.encode(self.hist),
+            "ok_per_s": dict(self.ok_per_s),
+            "errors_per_s": dict(self.errors_per_s),
+        }

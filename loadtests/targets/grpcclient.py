@@ -10,7 +10,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["GrpcSpec", "ResponseError"]
+__all__ = ["GrpcOp", "GrpcSpec", "ResponseError"]
 
 
 class ResponseError(Exception):
@@ -23,9 +23,22 @@ def _load(dotted: str) -> Any:
 
 
 @dataclass(frozen=True)
+class GrpcOp:
+    """One operation of a mixed load: its name in the report and how to call and check it."""
+
+    name: str
+    method: str
+    response_type: str
+    require_field: str
+
+
+@dataclass(frozen=True)
 class GrpcSpec:
     """Call `method` over mTLS with one of `requests`; the parsed response must have a non-empty
-    `require_field` (a repeated or bytes/string field) to count as a success."""
+    `require_field` (a repeated or bytes/string field) to count as a success.
+
+    With `ops`, request `i` is a call of `ops[request_ops[i]]` instead (a mixed load), and the
+    generator reports each operation by its name."""
 
     address: str
     method: str
@@ -39,10 +52,18 @@ class GrpcSpec:
     channels: int = 1
     timeout_s: float = 10.0
     mode: str = "async"  # or "threads"
+    name: str = ""  # the operation's name in the report (single-operation load)
+    ops: tuple[GrpcOp, ...] = ()
+    request_ops: tuple[int, ...] = ()
 
     @property
     def payload_count(self) -> int:
         return len(self.requests)
+
+    def operation(self, index: int) -> str:
+        if self.ops:
+            return self.ops[self.request_ops[index]].name
+        return self.name
 
     def make(self) -> Any:
         return _AioClient(self) if self.mode == "async" else _SyncClient(self)
@@ -70,12 +91,25 @@ def _classify(exc: BaseException) -> str:
 class _Base:
     def __init__(self, spec: GrpcSpec) -> None:
         self.spec = spec
-        self._parse = _load(spec.response_type).FromString
-        self._calls: list[Any] = []
+        ops = spec.ops or (GrpcOp(spec.name, spec.method, spec.response_type, spec.require_field),)
+        self._ops = ops
+        self._op_of = spec.request_ops or (0,) * len(spec.requests)
+        self._calls: list[list[Any]] = []  # per channel, per operation
 
-    def _check(self, raw: Any) -> None:
-        if not getattr(raw, self.spec.require_field):
-            raise ResponseError(f"response without {self.spec.require_field}")
+    def _stubs(self, channel: Any) -> list[Any]:
+        return [
+            channel.unary_unary(op.method, response_deserializer=_load(op.response_type).FromString)
+            for op in self._ops
+        ]
+
+    def _pick(self, index: int) -> tuple[Any, str]:
+        op = self._op_of[index]
+        return self._calls[index % len(self._calls)][op], self._ops[op].require_field
+
+    @staticmethod
+    def _check(raw: Any, require_field: str) -> None:
+        if not getattr(raw, require_field):
+            raise ResponseError(f"response without {require_field}")
 
     def _credentials(self) -> Any:
         import grpc
@@ -101,14 +135,11 @@ class _AioClient(_Base):
         ]
         for ch in self._channels:
             await ch.channel_ready()
-        self._calls = [
-            ch.unary_unary(self.spec.method, response_deserializer=self._parse)
-            for ch in self._channels
-        ]
+        self._calls = [self._stubs(ch) for ch in self._channels]
 
     async def call(self, index: int) -> None:
-        call = self._calls[index % len(self._calls)]
-        self._check(await call(self.spec.requests[index], timeout=self.spec.timeout_s))
+        call, field = self._pick(index)
+        self._check(await call(self.spec.requests[index], timeout=self.spec.timeout_s), field)
 
     async def close(self) -> None:
         for ch in self._channels:
@@ -126,14 +157,11 @@ class _SyncClient(_Base):
         ]
         for ch in self._channels:
             grpc.channel_ready_future(ch).result(timeout=30)
-        self._calls = [
-            ch.unary_unary(self.spec.method, response_deserializer=self._parse)
-            for ch in self._channels
-        ]
+        self._calls = [self._stubs(ch) for ch in self._channels]
 
     def call(self, index: int) -> None:
-        call = self._calls[index % len(self._calls)]
-        self._check(call(self.spec.requests[index], timeout=self.spec.timeout_s))
+        call, field = self._pick(index)
+        self._check(call(self.spec.requests[index], timeout=self.spec.timeout_s), field)
 
     def close(self) -> None:
         for ch in self._channels:

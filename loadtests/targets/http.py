@@ -28,10 +28,14 @@ class HttpSpec:
     ca_pem: str | None = None
     timeout_s: float = 10.0
     mode: str = "async"
+    name: str = ""  # the operation's name in the report
 
     @property
     def payload_count(self) -> int:
         return len(self.bodies)
+
+    def operation(self, index: int) -> str:
+        return self.name
 
     def make(self) -> _AiohttpClient:
         return _AiohttpClient(self)

@@ -1,0 +1,109 @@
+"""CI smoke run of the load-test suite with the SLO gate on: `python -m loadtests run
+--scenario rotation --smoke --slo` starts its own dev broker (SoftHSM2), drives the mixed load
+(X.509 and JWT SVIDs) while rotating the CA, and must pass the gate and write both reports.
+A few seconds; no OpenBao (the comparison is a benchmark, not a CI gate).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.softhsm]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _loadtests(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    return subprocess.run(
+        [sys.executable, "-m", "loadtests", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_list_names_every_scenario() -> None:
+    res = _loadtests("list")
+    assert res.returncode == 0, res.stderr
+    names = [line.split()[0] for line in res.stdout.splitlines() if line.strip()]
+    assert {"svid-csr", "jwt-mint", "mixed", "rotation"} <= set(names)
+
+
+def test_rotation_smoke_passes_the_slo_gate(tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    res = _loadtests("run", "--scenario", "rotation", "--smoke", "--slo", "--report", str(out))
+    assert res.returncode == 0, f"stdout:\n{res.stdout}\nstderr:\n{res.stderr[-4000:]}"
+    assert "SLO gate: all" in res.stdout
+
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["slo"]["met"] is True and rep["slo"]["missed"] == []
+    (run,) = rep["runs"]
+    ops = run["operations"]
+    assert set(ops) == {"svid-csr", "jwt-mint", "ca-rotate"}
+    assert ops["ca-rotate"]["requests_ok"] >= 1  # the CA did rotate during the load
+    for name in ("svid-csr", "jwt-mint"):
+        assert ops[name]["requests_ok"] > 0
+        assert ops[name]["error_count"] == 0
+    judged = {(v["slo"], v["operation"]) for v in rep["slo"]["verdicts"]}
+    assert ("rotation success", "ca-rotate") in judged
+    assert ("latency p95", "svid-csr") in judged
+    # the issued credentials were checked before the load
+    assert rep["targets"]["broker"]["sample_certificate"]["chain_len"] == 2
+    assert rep["targets"]["broker"]["sample_jwt-mint"]["alg"] == "ES256"
+
+    page = (out / "report.html").read_text()
+    assert "<svg" in page and "SLO gate" in page
+
+
+def test_a_missed_slo_exits_4_and_names_it(tmp_path: Path) -> None:
+    """An objective no real broker can meet (p95 under 1 µs): the gate must fail, exit 4,
+    and name the latency SLO of the operation that missed it."""
+    out = tmp_path / "r"
+    res = _loadtests(
+        "run",
+        "--scenario",
+        "svid-csr",
+        "--smoke",
+        "--slo",
+        "--slo-p95-ms",
+        "0.001",
+        "--report",
+        str(out),
+    )
+    assert res.returncode == 4, res.stderr[-3000:]
+    assert "SLO missed: latency p95 of svid-csr" in res.stderr
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["slo"]["met"] is False
+    assert [(m["slo"], m["operation"]) for m in rep["slo"]["missed"]] == [
+        ("latency p95", "svid-csr")
+    ]
+
+
+def test_an_unreachable_broker_is_no_pass(tmp_path: Path) -> None:
+    """No broker identity or server: exit 3, and the report does not claim the SLOs held."""
+    res = _loadtests(
+        "run",
+        "--scenario",
+        "svid-csr",
+        "--smoke",
+        "--slo",
+        "--report",
+        str(tmp_path / "r"),
+        "--server",
+        "127.0.0.1:9",
+        "--data-dir",
+        str(tmp_path / "data"),
+    )
+    assert res.returncode == 3
+    rep = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert rep["slo"]["met"] is False
