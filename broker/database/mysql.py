@@ -1,0 +1,234 @@
+"""MySQL/MariaDB engine: PyMySQL run off the event loop, on a small pool of admin connections
+(one thread per connection).
+
+Identifiers are backtick-quoted, string literals escaped by the connection (which knows whether
+the server runs with NO_BACKSLASH_ESCAPES). MySQL commits DDL such as CREATE USER at once, so
+a failed creation runs the rollback statements (default: the default revocation). Revocation
+locks the account, kills its connections, then drops every `user`@`host` of that name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import queue
+import threading
+import urllib.parse
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Final, TypeVar
+
+import pymysql
+import pymysql.cursors
+
+from broker.database.engine import EngineUnavailable, NewUser, StatementFailed, scrub
+from broker.database.template import Template
+
+__all__ = ["MySQLEngine", "quote_ident"]
+
+_T = TypeVar("_T")
+CONNECT_TIMEOUT: Final = 5
+IO_TIMEOUT: Final = 15
+POOL_SIZE: Final = 4
+# Client-side errors meaning the server is gone (as opposed to refusing a statement).
+_LOST: Final = frozenset({2002, 2003, 2006, 2013, 2055, 1040, 1053})
+_NO_SUCH_THREAD: Final = 1094
+
+
+def quote_ident(value: str) -> str:
+    return "`" + value.replace("`", "``") + "`"
+
+
+class MySQLEngine:
+    plugin = "mysql"
+    max_username_length = 32
+
+    def __init__(self, dsn: str, password: str, *, pool_size: int = POOL_SIZE) -> None:
+        parts = urllib.parse.urlsplit(dsn)
+        query = dict(urllib.parse.parse_qsl(parts.query))
+        self._dsn = dsn
+        self._password = password
+        self._kwargs: dict[str, Any] = {
+            "user": urllib.parse.unquote(parts.username or ""),
+            "password": password,
+            "database": urllib.parse.unquote(parts.path.lstrip("/")) or None,
+            "connect_timeout": CONNECT_TIMEOUT,
+            "read_timeout": IO_TIMEOUT,
+            "write_timeout": IO_TIMEOUT,
+            "autocommit": True,
+            "charset": "utf8mb4",
+        }
+        if "unix_socket" in query:
+            self._kwargs["unix_socket"] = query["unix_socket"]
+        else:
+            self._kwargs["host"] = parts.hostname or "localhost"
+            self._kwargs["port"] = parts.port or 3306
+        self._where = query.get("unix_socket") or f"{parts.hostname}:{parts.port or 3306}"
+        self._idle: queue.LifoQueue[Any] = queue.LifoQueue()
+        self._executor = ThreadPoolExecutor(pool_size, thread_name_prefix="mysql-engine")
+        self._closed = threading.Event()
+
+    def __repr__(self) -> str:
+        return f"MySQLEngine({self._dsn!r})"
+
+    async def _run(self, fn: Callable[[Any], _T], *secrets: str) -> _T:
+        """Run fn(connection) on a pool thread; map driver errors to the engine's errors."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._with_connection, fn, secrets)
+
+    def _with_connection(self, fn: Callable[[Any], _T], secrets: tuple[str, ...]) -> _T:
+        if self._closed.is_set():
+            raise EngineUnavailable("the mysql engine is closed")
+        conn = None
+        try:
+            try:
+                conn = self._idle.get_nowait()
+                conn.ping(reconnect=False)  # the server may have restarted since
+            except queue.Empty:
+                conn = pymysql.connect(**self._kwargs)
+            result = fn(conn)
+        except pymysql.err.MySQLError as exc:
+            code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else 0
+            message = scrub(
+                str(exc.args[1] if len(exc.args) > 1 else exc), self._password, *secrets
+            )
+            if conn is not None:
+                conn.close()  # its state is unknown after an error
+            if code in _LOST or isinstance(exc, pymysql.err.InterfaceError) or code == 0:
+                raise EngineUnavailable(
+                    f"mysql at {self._where} is unavailable: {message}"
+                ) from None
+            if code in (1045, 1044, 1698):
+                raise StatementFailed(f"mysql refused the admin login: {message}") from None
+            raise StatementFailed(f"mysql refused a statement ({code}): {message}") from None
+        except OSError as exc:
+            if conn is not None:
+                conn.close()
+            raise EngineUnavailable(f"mysql at {self._where} is unavailable: {exc}") from None
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            raise
+        self._idle.put(conn)
+        return result
+
+    @staticmethod
+    def _render(conn: Any, template: Template, values: dict[str, str]) -> list[str]:
+        return template.render(values, quote_ident, conn.escape)
+
+    async def verify(self) -> None:
+        def check(conn: Any) -> None:
+            with conn.cursor() as cursor:
+                cursor.execute("SELECT 1")
+
+        await self._run(check)
+
+    async def create_user(
+        self, creation: Template, user: NewUser, rollback: Template | None = None
+    ) -> None:
+        values = {
+            "name": user.username,
+            "password": user.password,
+            "expiration": user.expiration.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S"),
+        }
+
+        def create(conn: Any) -> None:
+            statements = self._render(conn, creation, values)
+            conn.begin()
+            try:
+                with conn.cursor() as cursor:
+                    for statement in statements:
+                        cursor.execute(statement)
+                conn.commit()
+            except BaseException:
+                conn.rollback()
+                raise
+
+        try:
+            await self._run(create, user.password)
+        except StatementFailed:
+            # DDL commits at once in MySQL: undo whatever got through.
+            try:
+                if rollback is not None:
+
+                    def undo(conn: Any) -> None:
+                        with conn.cursor() as cursor:
+                            for statement in self._render(conn, rollback, values):
+                                cursor.execute(statement)
+
+                    await self._run(undo, user.password)
+                await self.revoke_user(user.username)
+            except (StatementFailed, EngineUnavailable):
+                pass  # best effort; the lease (revoking) makes the reaper finish the job
+            raise
+
+    async def renew_user(self, username: str, expiration: dt.datetime) -> None:
+        return None  # MySQL has no login expiry by time; the reaper is the barrier
+
+    @staticmethod
+    def _hosts(conn: Any, username: str) -> list[str]:
+        with conn.cursor() as cursor:
+            cursor.execute("SELECT Host FROM mysql.user WHERE User = %s", (username,))
+            return [str(row[0]) for row in cursor.fetchall()]
+
+    async def user_exists(self, username: str) -> bool:
+        return bool(await self._run(lambda conn: self._hosts(conn, username)))
+
+    async def revoke_user(self, username: str, revocation: Template | None = None) -> None:
+        def revoke(conn: Any) -> None:
+            hosts = self._hosts(conn, username)
+            if not hosts:
+                return
+            user = quote_ident(username)
+            with conn.cursor() as cursor:
+                for host in hosts:
+                    cursor.execute(f"ALTER USER {user}@{conn.escape(host)} ACCOUNT LOCK")
+                cursor.execute(
+                    "SELECT ID FROM information_schema.PROCESSLIST WHERE USER = %s", (username,)
+                )
+                for (thread_id,) in cursor.fetchall():
+                    try:
+                        cursor.execute(f"KILL CONNECTION {int(thread_id)}")
+                    except pymysql.err.MySQLError as exc:
+                        if not exc.args or exc.args[0] != _NO_SUCH_THREAD:
+                            raise
+                if revocation is None:
+                    for host in hosts:
+                        cursor.execute(f"DROP USER IF EXISTS {user}@{conn.escape(host)}")
+                else:
+                    values = {"name": username, "password": "", "expiration": ""}
+                    for statement in self._render(conn, revocation, values):
+                        cursor.execute(statement)
+            if self._hosts(conn, username):
+                raise StatementFailed(f"the revocation statements left user {username!r} in place")
+
+        await self._run(revoke)
+
+    async def rotate_root(self, new_password: str) -> None:
+        def rotate(conn: Any) -> None:
+            with conn.cursor() as cursor:
+                if "mariadb" in conn.get_server_info().lower():
+                    # MariaDB accepts ALTER USER CURRENT_USER() ... and silently changes
+                    # nothing (10.11); SET PASSWORD works.
+                    cursor.execute(f"SET PASSWORD = PASSWORD({conn.escape(new_password)})")
+                else:
+                    cursor.execute(
+                        f"ALTER USER CURRENT_USER() IDENTIFIED BY {conn.escape(new_password)}"
+                    )
+
+        await self._run(rotate, new_password)
+
+    async def close(self) -> None:
+        self._closed.set()
+        await asyncio.get_running_loop().run_in_executor(None, self._shutdown)
+
+    def _shutdown(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        while True:
+            try:
+                conn = self._idle.get_nowait()
+            except queue.Empty:
+                return
+            with contextlib.suppress(Exception):  # closing a dead connection
+                conn.close()

@@ -1,0 +1,201 @@
+"""PostgreSQL engine: asyncpg with a small pool of admin connections.
+
+Values are quoted with quote_ident / quote_literal semantics; every user also gets
+`VALID UNTIL` its lease's end, a second barrier should the broker be gone when the lease ends.
+Revocation first forbids new logins (NOLOGIN, committed), then terminates the user's sessions
+(waiting for them to end), then drops the role (default: REASSIGN OWNED, DROP OWNED, DROP ROLE).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Final
+
+import asyncpg
+
+from broker.database.engine import EngineUnavailable, NewUser, StatementFailed, scrub
+from broker.database.template import Template
+
+__all__ = ["PostgresEngine", "quote_ident", "quote_literal"]
+
+CONNECT_TIMEOUT: Final = 5.0
+COMMAND_TIMEOUT: Final = 15.0
+POOL_SIZE: Final = 8
+_TERMINATE_WAIT_MS: Final = 5000
+
+_UNAVAILABLE = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.AdminShutdownError,
+)
+
+
+def quote_ident(value: str) -> str:
+    return '"' + value.replace('"', '""') + '"'
+
+
+def quote_literal(value: str) -> str:
+    """PostgreSQL's quote_literal: E'' with doubled backslashes when there is a backslash."""
+    if "\\" in value:
+        return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _expiration(value: dt.datetime) -> str:
+    return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S+00")
+
+
+class PostgresEngine:
+    plugin = "postgresql"
+    max_username_length = 63
+
+    def __init__(self, dsn: str, password: str, *, pool_size: int = POOL_SIZE) -> None:
+        self._dsn = dsn
+        self._password = password
+        self._pool_size = pool_size
+        self._pool: Any = None
+        self._lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"PostgresEngine({self._dsn!r})"
+
+    async def _get_pool(self) -> Any:
+        if self._pool is None:
+            async with self._lock:
+                if self._pool is None:
+                    self._pool = await asyncpg.create_pool(
+                        self._dsn,
+                        password=self._password,
+                        min_size=1,
+                        max_size=self._pool_size,
+                        timeout=CONNECT_TIMEOUT,
+                        command_timeout=COMMAND_TIMEOUT,
+                        statement_cache_size=0,
+                    )
+        return self._pool
+
+    @asynccontextmanager
+    async def _connection(self, *secrets: str) -> AsyncIterator[Any]:
+        """An admin connection; driver errors become EngineUnavailable / StatementFailed."""
+        try:
+            pool = await self._get_pool()
+            async with pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
+                yield conn
+        except (StatementFailed, EngineUnavailable):
+            raise
+        except asyncpg.exceptions.InvalidAuthorizationSpecificationError as exc:
+            raise StatementFailed(f"postgresql refused the admin login: {exc}") from None
+        except _UNAVAILABLE as exc:
+            await self._discard_pool()
+            reason = scrub(str(exc) or type(exc).__name__, self._password, *secrets)
+            raise EngineUnavailable(
+                f"postgresql at {self._where()} is unavailable: {reason}"
+            ) from None
+        except asyncpg.PostgresError as exc:
+            message = scrub(str(exc), self._password, *secrets)
+            raise StatementFailed(f"postgresql refused a statement: {message}") from None
+
+    def _where(self) -> str:
+        import urllib.parse
+
+        parts = urllib.parse.urlsplit(self._dsn)
+        return f"{parts.hostname}:{parts.port or 5432}"
+
+    async def _discard_pool(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.terminate()
+
+    async def verify(self) -> None:
+        async with self._connection() as conn:
+            await conn.fetchval("SELECT 1")
+
+    async def create_user(
+        self, creation: Template, user: NewUser, rollback: Template | None = None
+    ) -> None:
+        values = {
+            "name": user.username,
+            "password": user.password,
+            "expiration": _expiration(user.expiration),
+        }
+        statements = creation.render(values, quote_ident, quote_literal)
+        try:
+            async with self._connection(user.password) as conn, conn.transaction():
+                for statement in statements:
+                    await conn.execute(statement)
+                # The second barrier, whatever the template says.
+                await conn.execute(
+                    f"ALTER ROLE {quote_ident(user.username)} "
+                    f"VALID UNTIL {quote_literal(values['expiration'])}"
+                )
+        except StatementFailed:
+            if rollback is not None:
+                try:
+                    async with self._connection(user.password) as conn, conn.transaction():
+                        for statement in rollback.render(values, quote_ident, quote_literal):
+                            await conn.execute(statement)
+                except (StatementFailed, EngineUnavailable):
+                    pass  # the transaction was rolled back; the rollback is best effort
+            raise
+
+    async def renew_user(self, username: str, expiration: dt.datetime) -> None:
+        async with self._connection() as conn:
+            await conn.execute(
+                f"ALTER ROLE {quote_ident(username)} "
+                f"VALID UNTIL {quote_literal(_expiration(expiration))}"
+            )
+
+    async def user_exists(self, username: str) -> bool:
+        async with self._connection() as conn:
+            return bool(await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", username))
+
+    async def revoke_user(self, username: str, revocation: Template | None = None) -> None:
+        ident = quote_ident(username)
+        async with self._connection() as conn:
+            if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", username):
+                return
+            await conn.execute(f"ALTER ROLE {ident} NOLOGIN")
+            await conn.fetch(
+                "SELECT pg_terminate_backend(pid, $2) FROM pg_stat_activity "
+                "WHERE usename = $1 AND pid <> pg_backend_pid()",
+                username,
+                _TERMINATE_WAIT_MS,
+            )
+            async with conn.transaction():
+                if revocation is None:
+                    # REASSIGN/DROP OWNED need membership in the role (PostgreSQL >= 16 grants
+                    # it to the role's creator; before, CREATEROLE may grant it).
+                    member = await conn.fetchval(
+                        "SELECT pg_has_role(CURRENT_USER, $1, 'USAGE')", username
+                    )
+                    if not member:
+                        await conn.execute(f"GRANT {ident} TO CURRENT_USER")
+                    await conn.execute(f"REASSIGN OWNED BY {ident} TO CURRENT_USER")
+                    await conn.execute(f"DROP OWNED BY {ident}")
+                    await conn.execute(f"DROP ROLE IF EXISTS {ident}")
+                else:
+                    values = {"name": username, "password": "", "expiration": ""}
+                    for statement in revocation.render(values, quote_ident, quote_literal):
+                        await conn.execute(statement)
+            if await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", username):
+                raise StatementFailed(f"the revocation statements left role {username!r} in place")
+
+    async def rotate_root(self, new_password: str) -> None:
+        async with self._connection(new_password) as conn:
+            await conn.execute(f"ALTER ROLE CURRENT_USER PASSWORD {quote_literal(new_password)}")
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), timeout=5)
+            except (TimeoutError, *_UNAVAILABLE):
+                pool.terminate()

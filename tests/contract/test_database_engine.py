@@ -1,0 +1,395 @@
+"""The database engine contract: one suite, run against a throwaway PostgreSQL cluster and a
+throwaway MariaDB server (both checking passwords over TCP)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import secrets
+import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import pymysql
+import pytest
+
+from broker.database.engine import (
+    Engine,
+    EngineUnavailable,
+    NewUser,
+    StatementFailed,
+    open_engine,
+)
+from broker.database.template import Template
+from tests.fixtures.mariadb import MariaDBServer
+from tests.fixtures.postgres import PgCluster
+
+CREATION = {
+    "postgresql": "CREATE ROLE {{name}} WITH LOGIN PASSWORD {{password}} "
+    "VALID UNTIL {{expiration}};\nGRANT SELECT ON items TO {{name}};",
+    "mysql": "CREATE USER {{name}}@'%' IDENTIFIED BY {{password}};\n"
+    "GRANT SELECT ON {db}.items TO {{name}}@'%';",
+}
+FAILING = {
+    "postgresql": "CREATE ROLE {{name}} WITH LOGIN PASSWORD {{password}};\n"
+    "GRANT SELECT ON no_such_table TO {{name}};",
+    "mysql": "CREATE USER {{name}}@'%' IDENTIFIED BY {{password}};\n"
+    "GRANT SELECT ON no_such_db.no_such_table TO {{name}}@'%';",
+}
+ECHO_PASSWORD = {
+    "postgresql": "CREATE ROLE {{name}} WITH LOGIN PASSWORD {{password}};\n"
+    "SELECT CAST({{password}} AS integer);",
+    "mysql": "CREATE USER {{name}}@'%' IDENTIFIED BY {{password}};\n"
+    "SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = {{password}};",
+}
+
+
+@dataclass
+class Target:
+    """A database server, an admin login on it for the engine, and side doors for checks."""
+
+    plugin: str
+    dsn: str  # without password
+    password: str
+    host: str
+    port: int
+    database: str
+    login: Callable[[str, str], Awaitable[Any]]  # -> an open session (raises on refusal)
+    alive: Callable[[Any], Awaitable[bool]]
+    exists: Callable[[str], Awaitable[bool]]
+    close_session: Callable[[Any], Awaitable[None]]
+
+    def engine(self, password: str | None = None) -> Engine:
+        return open_engine(self.plugin, self.dsn, self.password if password is None else password)
+
+    def template(self, text: str) -> Template:
+        return Template.parse(text.replace("{db}", self.database), self.plugin)
+
+    async def can_login(self, user: str, password: str) -> bool:
+        try:
+            session = await self.login(user, password)
+        except (asyncpg.PostgresError, pymysql.MySQLError, OSError):
+            return False
+        await self.close_session(session)
+        return True
+
+
+async def _pg_target(cluster: PgCluster) -> AsyncIterator[Target]:
+    database = f"e_{secrets.token_hex(6)}"
+    admin = f"admin_{secrets.token_hex(4)}"
+    admin_pw = secrets.token_urlsafe(18)
+    cluster.psql(f'CREATE DATABASE "{database}"')
+    cluster.psql(f"CREATE ROLE \"{admin}\" LOGIN CREATEROLE PASSWORD '{admin_pw}'")
+    cluster.psql(f'GRANT ALL ON DATABASE "{database}" TO "{admin}"')
+    cluster.psql(f'ALTER DATABASE "{database}" OWNER TO "{admin}"')
+    cluster.psql("CREATE TABLE items (id int); INSERT INTO items VALUES (1)", database)
+    cluster.psql(f'ALTER TABLE items OWNER TO "{admin}"', database)
+    cluster.psql(f'GRANT pg_signal_backend TO "{admin}"')
+
+    async def login(user: str, password: str) -> Any:
+        return await asyncpg.connect(
+            host=cluster.host,
+            port=cluster.port,
+            user=user,
+            password=password,
+            database=database,
+            timeout=10,
+        )
+
+    async def alive(session: Any) -> bool:
+        try:
+            return await session.fetchval("SELECT 1", timeout=5) == 1
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+            return False
+
+    async def exists(user: str) -> bool:
+        literal = "'" + user.replace("'", "''") + "'"
+        return (
+            cluster.psql(f"SELECT count(*) FROM pg_roles WHERE rolname = {literal}").strip() == "1"
+        )
+
+    async def close_session(session: Any) -> None:
+        with contextlib.suppress(Exception):
+            await session.close(timeout=5)
+
+    dsn = f"postgresql://{admin}@{cluster.host}:{cluster.port}/{database}"
+    yield Target(
+        "postgresql",
+        dsn,
+        admin_pw,
+        cluster.host,
+        cluster.port,
+        database,
+        login,
+        alive,
+        exists,
+        close_session,
+    )
+    cluster.drop_database_soon(database)
+
+
+async def _mysql_target(server: MariaDBServer) -> AsyncIterator[Target]:
+    database = f"e_{secrets.token_hex(6)}"
+    admin = f"admin_{secrets.token_hex(4)}"
+    admin_pw = secrets.token_urlsafe(18)
+    server.sql(f"CREATE DATABASE `{database}`")
+    server.sql(f"CREATE TABLE `{database}`.items (id int)")
+    server.sql(f"INSERT INTO `{database}`.items VALUES (1)")
+    server.sql(f"CREATE USER '{admin}'@'%%' IDENTIFIED BY %s", admin_pw)
+    server.sql(f"GRANT ALL PRIVILEGES ON *.* TO '{admin}'@'%' WITH GRANT OPTION")
+
+    def _connect(user: str, password: str) -> Any:
+        return pymysql.connect(
+            host=server.host,
+            port=server.port,
+            user=user,
+            password=password,
+            database=database,
+            connect_timeout=10,
+            read_timeout=10,
+            autocommit=True,
+        )
+
+    async def login(user: str, password: str) -> Any:
+        return await asyncio.to_thread(_connect, user, password)
+
+    def _alive(session: Any) -> bool:
+        try:
+            with session.cursor() as cursor:
+                cursor.execute("SELECT 1")
+                return bool(cursor.fetchone()[0] == 1)
+        except (pymysql.MySQLError, OSError):
+            return False
+
+    async def alive(session: Any) -> bool:
+        return await asyncio.to_thread(_alive, session)
+
+    async def exists(user: str) -> bool:
+        return bool(server.sql("SELECT 1 FROM mysql.user WHERE User = %s", user))
+
+    async def close_session(session: Any) -> None:
+        with contextlib.suppress(Exception):
+            session.close()
+
+    dsn = f"mysql://{admin}@{server.host}:{server.port}/{database}"
+    yield Target(
+        "mysql",
+        dsn,
+        admin_pw,
+        server.host,
+        server.port,
+        database,
+        login,
+        alive,
+        exists,
+        close_session,
+    )
+    server.sql(f"DROP DATABASE `{database}`")
+
+
+@pytest.fixture(params=["postgresql", "mysql"])
+async def target(request: pytest.FixtureRequest) -> AsyncIterator[Target]:
+    if request.param == "postgresql":
+        gen = _pg_target(request.getfixturevalue("pg_cluster"))
+    else:
+        gen = _mysql_target(request.getfixturevalue("mariadb_server"))
+    value = await gen.__anext__()
+    yield value
+    with contextlib.suppress(StopAsyncIteration):
+        await gen.__anext__()
+
+
+@pytest.fixture
+async def engine(target: Target) -> AsyncIterator[Engine]:
+    engine = target.engine()
+    yield engine
+    await engine.close()
+
+
+def new_user(password: str | None = None, name: str | None = None) -> NewUser:
+    return NewUser(
+        name or f"v_{secrets.token_hex(6)}",
+        password if password is not None else secrets.token_urlsafe(24),
+        dt.datetime.now(dt.UTC) + dt.timedelta(hours=1),
+    )
+
+
+async def test_verify_and_a_wrong_password_is_refused(target: Target, engine: Engine) -> None:
+    await engine.verify()
+    wrong = target.engine("not-the-password")
+    try:
+        with pytest.raises(StatementFailed, match="refused the admin login"):
+            await wrong.verify()
+    finally:
+        await wrong.close()
+
+
+async def test_unreachable_database_is_unavailable(target: Target) -> None:
+    with contextlib.closing(__import__("socket").socket()) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, not listening: connections are refused
+        parts = urllib.parse.urlsplit(target.dsn)
+        dsn = parts._replace(netloc=f"{parts.username}@127.0.0.1:{port}").geturl()
+        engine = open_engine(target.plugin, dsn, target.password)
+        try:
+            with pytest.raises(EngineUnavailable):
+                await engine.verify()
+            with pytest.raises(EngineUnavailable):
+                await engine.create_user(target.template(CREATION[target.plugin]), new_user())
+        finally:
+            await engine.close()
+
+
+async def test_created_user_logs_in_and_has_the_grants(target: Target, engine: Engine) -> None:
+    user = new_user()
+    await engine.create_user(target.template(CREATION[target.plugin]), user)
+    assert await engine.user_exists(user.username)
+    session = await target.login(user.username, user.password)
+    try:
+        assert await target.alive(session)
+    finally:
+        await target.close_session(session)
+    assert not await target.can_login(user.username, user.password + "x")
+
+
+async def test_revoke_ends_sessions_drops_the_user_and_is_idempotent(
+    target: Target, engine: Engine
+) -> None:
+    user = new_user()
+    await engine.create_user(target.template(CREATION[target.plugin]), user)
+    session = await target.login(user.username, user.password)
+    assert await target.alive(session)
+    await engine.revoke_user(user.username)
+    try:
+        assert not await target.alive(session), "revocation must end open sessions"
+    finally:
+        await target.close_session(session)
+    assert not await target.exists(user.username)
+    assert not await target.can_login(user.username, user.password)
+    await engine.revoke_user(user.username)  # already gone: succeeds
+    await engine.revoke_user("v_never_existed")
+
+
+async def test_custom_revocation_statements_run(target: Target, engine: Engine) -> None:
+    user = new_user()
+    await engine.create_user(target.template(CREATION[target.plugin]), user)
+    revocation = {
+        "postgresql": "REVOKE ALL ON items FROM {{name}}; DROP ROLE {{name}};",
+        "mysql": "DROP USER {{name}}@'%';",
+    }[target.plugin]
+    await engine.revoke_user(user.username, target.template(revocation))
+    assert not await target.exists(user.username)
+
+
+async def test_revocation_that_leaves_the_user_fails(target: Target, engine: Engine) -> None:
+    user = new_user()
+    await engine.create_user(target.template(CREATION[target.plugin]), user)
+    with pytest.raises(StatementFailed, match="left"):
+        await engine.revoke_user(user.username, target.template("SELECT 1"))
+    assert await target.exists(user.username)
+    await engine.revoke_user(user.username)
+    assert not await target.exists(user.username)
+
+
+async def test_failed_creation_leaves_no_user(target: Target, engine: Engine) -> None:
+    user = new_user()
+    with pytest.raises(StatementFailed) as failure:
+        await engine.create_user(target.template(FAILING[target.plugin]), user)
+    assert "no_such" in str(failure.value)
+    assert user.password not in str(failure.value)
+    assert not await target.exists(user.username)
+
+
+async def test_the_password_never_appears_in_an_error(target: Target, engine: Engine) -> None:
+    user = new_user(password="Zq9" + secrets.token_hex(12))
+    with pytest.raises(StatementFailed) as failure:
+        await engine.create_user(target.template(ECHO_PASSWORD[target.plugin]), user)
+    assert user.password not in str(failure.value)
+    assert user.password[:8] not in str(failure.value)
+    assert not await target.exists(user.username)
+
+
+@pytest.mark.parametrize(
+    "password",
+    [
+        "a'b\"c`d\\e;f--g/*h*/i$$j",
+        "'; DROP TABLE items; --",
+        "\\'; SELECT 1; #",
+    ],
+)
+async def test_hostile_passwords_are_quoted_not_executed(
+    target: Target, engine: Engine, password: str
+) -> None:
+    user = new_user(password=password)
+    await engine.create_user(target.template(CREATION[target.plugin]), user)
+    assert await target.can_login(user.username, password)
+    session = await target.login(user.username, password)
+    try:
+        assert await target.alive(session)  # and items still exists (the grant worked)
+    finally:
+        await target.close_session(session)
+    await engine.revoke_user(user.username)
+    assert not await target.exists(user.username)
+
+
+async def test_hostile_usernames_are_quoted(target: Target, engine: Engine) -> None:
+    name = "v_a\"b'c`d;e"
+    user = new_user(name=name)
+    await engine.create_user(target.template(CREATION[target.plugin]), user)
+    assert await target.exists(name)
+    await engine.revoke_user(name)
+    assert not await target.exists(name)
+
+
+async def test_vault_style_quoted_placeholders(target: Target, engine: Engine) -> None:
+    text = {
+        "postgresql": "CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' "
+        "VALID UNTIL '{{expiration}}';",
+        "mysql": "CREATE USER '{{name}}'@'%' IDENTIFIED BY '{{password}}';"
+        "GRANT SELECT ON {db}.items TO '{{name}}'@'%';",
+    }[target.plugin]
+    user = new_user(password="it's-" + secrets.token_hex(8))
+    await engine.create_user(target.template(text), user)
+    assert await target.can_login(user.username, user.password)
+    await engine.revoke_user(user.username)
+
+
+async def test_rotate_root_changes_the_admin_password(target: Target, engine: Engine) -> None:
+    fresh = secrets.token_urlsafe(24)
+    await engine.rotate_root(fresh)
+    admin = urllib.parse.urlsplit(target.dsn).username
+    assert admin is not None
+    assert await target.can_login(admin, fresh)
+    assert not await target.can_login(admin, target.password)
+    rotated = target.engine(fresh)
+    try:
+        await rotated.verify()
+    finally:
+        await rotated.close()
+
+
+async def test_renew_moves_the_database_side_expiry(target: Target, engine: Engine) -> None:
+    user = new_user()
+    await engine.create_user(target.template(CREATION[target.plugin]), user)
+    later = user.expiration + dt.timedelta(hours=2)
+    await engine.renew_user(user.username, later)
+    if target.plugin == "postgresql":
+        conn = await asyncpg.connect(
+            host=target.host,
+            port=target.port,
+            user=urllib.parse.urlsplit(target.dsn).username,
+            password=target.password,
+            database=target.database,
+        )
+        try:
+            until = await conn.fetchval(
+                "SELECT rolvaliduntil FROM pg_roles WHERE rolname = $1", user.username
+            )
+        finally:
+            await conn.close()
+        assert abs((until - later).total_seconds()) < 1
+    assert await target.can_login(user.username, user.password)
+    await engine.revoke_user(user.username)
