@@ -17,6 +17,7 @@ import contextlib
 import os
 import re
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -28,7 +29,17 @@ from broker.storage.interface import MetaRepository
 from ca.errors import IntegrityError, KeyExists
 from ca.keys import KeyBackend, KeyKind
 
-__all__ = ["SYSTEM_TENANT", "Envelope", "SealedBlob", "SealedStore", "aad", "kek_label"]
+__all__ = [
+    "SYSTEM_TENANT",
+    "Envelope",
+    "KekRotation",
+    "KekRotator",
+    "KekTenants",
+    "SealedBlob",
+    "SealedStore",
+    "aad",
+    "kek_label",
+]
 
 SYSTEM_TENANT: Final = "_system"
 _TENANT_RE: Final = re.compile(r"^_?[a-z0-9][a-z0-9-]{0,62}$")
@@ -173,3 +184,66 @@ class SealedStore(Protocol):
     async def kek_in_use(self, label: str) -> bool:
         """True while any blob in this store is still wrapped under `label`."""
         ...
+
+
+@dataclass(frozen=True)
+class KekRotation:
+    tenant: str
+    new_label: str
+    rewrapped: int
+    destroyed: tuple[str, ...]
+    kept: tuple[str, ...]  # older KEKs some blob still uses (a concurrent write; rotate again)
+
+
+class KekTenants(Protocol):
+    async def kek_tenants(self) -> list[str]:
+        """Every tenant that has a KEK."""
+        ...
+
+
+class KekRotator:
+    """`broker kek rotate`: a new KEK generation per tenant, every registered store's blobs
+    rewrapped under it (values are never decrypted), then each older generation destroyed once
+    no store uses it. Safe to run again after a failure: rewrapping skips blobs already under
+    the newest KEK and destruction re-checks every store."""
+
+    def __init__(
+        self, envelope: Envelope, stores: Sequence[SealedStore], tenants: KekTenants
+    ) -> None:
+        self._envelope = envelope
+        self._stores = stores
+        self._tenants = tenants
+
+    async def rotate(self, tenant: str | None = None) -> list[KekRotation]:
+        """Rotate `tenant` (every tenant with a KEK when None, including `SYSTEM_TENANT`)."""
+        if tenant is not None:
+            _check_tenant(tenant)
+            tenants = [tenant]
+        else:
+            tenants = await self._tenants.kek_tenants()
+        return [await self._rotate_one(t) for t in tenants]
+
+    async def _rotate_one(self, tenant: str) -> KekRotation:
+        label = await self._envelope.new_kek(tenant)
+        generation = await self._envelope.generation(tenant)
+        rewrapped = 0
+        for store in self._stores:
+            rewrapped += await store.rewrap(self._envelope, tenant, label)
+        destroyed: list[str] = []
+        kept: list[str] = []
+        keys = self._envelope.keys
+        for old in range(1, generation):
+            old_label = kek_label(tenant, old)
+            if not keys.has_key(old_label):
+                continue
+            in_use = False
+            for store in self._stores:
+                if await store.kek_in_use(old_label):
+                    in_use = True
+                    break
+            if in_use:
+                kept.append(old_label)
+            else:
+                keys.destroy_key(old_label)
+                destroyed.append(old_label)
+        return KekRotation(tenant, label, rewrapped, tuple(destroyed), tuple(kept))

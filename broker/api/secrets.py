@@ -1,0 +1,242 @@
+"""The Secrets service: thin servicers over `broker.secrets.SecretService`.
+
+Get is authorized in the servicer (`MethodSpec(deferred=True)`): it loads the secret's metadata
+first and asks the policy with its attributes (tenant, environment, owner, classification,
+service). Every RPC names the secret in the audit ledger only by the SHA-256 of its reference.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from broker.envelope import KekRotation, KekRotator
+from broker.errors import NotFound
+from broker.policy import Action
+from broker.secrets import SecretInfo, SecretRef, SecretService, VersionInfo, reference_hash
+from ca.layout import DEV_TENANT
+
+from ._proto import secrets_pb2, secrets_pb2_grpc
+from .interceptors import MethodSpec, current_call
+
+if TYPE_CHECKING:
+    from broker.app import Application
+
+    from .services import ServiceBinding
+
+__all__ = ["SECRETS_SPECS", "SecretsServicer", "binding"]
+
+_SVC = "/broker.v1.Secrets/"
+
+
+def _ref_resource(request: Any) -> str:
+    return reference_hash(request.reference) if request.reference else ""
+
+
+SECRETS_SPECS: dict[str, MethodSpec] = {
+    _SVC + "Put": MethodSpec(Action.SECRETS_PUT, _ref_resource),
+    _SVC + "Get": MethodSpec(Action.SECRETS_GET, _ref_resource, deferred=True),
+    _SVC + "List": MethodSpec(Action.SECRETS_LIST, lambda r: r.tenant),
+    _SVC + "Show": MethodSpec(Action.SECRETS_SHOW, _ref_resource),
+    _SVC + "Rotate": MethodSpec(Action.SECRETS_ROTATE, _ref_resource),
+    _SVC + "Rollback": MethodSpec(Action.SECRETS_ROLLBACK, _ref_resource),
+    _SVC + "Revoke": MethodSpec(Action.SECRETS_REVOKE, _ref_resource),
+    _SVC + "Delete": MethodSpec(Action.SECRETS_DELETE, _ref_resource),
+    _SVC + "Due": MethodSpec(Action.SECRETS_LIST, lambda r: r.tenant),
+    _SVC + "RotateKEK": MethodSpec(Action.KEK_ROTATE, lambda r: r.tenant),
+}
+
+
+def _ts(value: dt.datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    return Timestamp(seconds=int(value.timestamp()), nanos=value.microsecond * 1000)
+
+
+def _metadata(info: SecretInfo) -> secrets_pb2.SecretMetadata:
+    r = info.record
+    return secrets_pb2.SecretMetadata(
+        tenant=r.tenant,
+        reference=r.ref,
+        reference_sha256=info.sha256,
+        service=r.service or "",
+        environment=r.environment or "",
+        owner=r.owner or "",
+        classification=r.classification or "",
+        rotation_period_seconds=r.rotation_period_s or 0,
+        last_rotated=_ts(r.last_rotated),
+        created_at=_ts(r.created_at),
+        state=r.state,
+        current_version=r.current_version,
+        revoked_at=_ts(r.revoked_at),
+        deleted_at=_ts(r.deleted_at),
+        missing=list(info.missing),
+        rotation_due=_ts(info.rotation_due),
+    )
+
+
+def _version(v: VersionInfo) -> secrets_pb2.SecretVersion:
+    return secrets_pb2.SecretVersion(
+        version=v.version,
+        state=v.state,
+        created_at=_ts(v.created_at),
+        retire_at=_ts(v.retire_at),
+        revoked_at=_ts(v.revoked_at),
+        kek=v.kek,
+    )
+
+
+def _info(info: SecretInfo) -> secrets_pb2.SecretInfo:
+    return secrets_pb2.SecretInfo(
+        metadata=_metadata(info), versions=[_version(v) for v in info.versions]
+    )
+
+
+def _source(request: Any) -> tuple[bytes | None, int | None]:
+    which = request.WhichOneof("source")
+    if which == "value":
+        return bytes(request.value), None
+    if which == "generate_length":
+        return None, int(request.generate_length)
+    return None, None
+
+
+def _rotation(r: KekRotation) -> secrets_pb2.KEKRotation:
+    return secrets_pb2.KEKRotation(
+        tenant=r.tenant,
+        new_kek=r.new_label,
+        rewrapped=r.rewrapped,
+        destroyed=list(r.destroyed),
+        kept=list(r.kept),
+    )
+
+
+class SecretsServicer(secrets_pb2_grpc.SecretsServicer):  # type: ignore[misc]
+    def __init__(self, secrets: SecretService, kek: KekRotator, default_tenant: str) -> None:
+        self._secrets = secrets
+        self._kek = kek
+        self._default_tenant = default_tenant
+
+    def _tenant(self, requested: str) -> str:
+        """The request's tenant: as asked, else the workload's own, else the default. The
+        policy refuses a workload asking for another tenant's secret."""
+        call = current_call()
+        if requested:
+            tenant = requested
+        elif not call.caller.is_operator and call.caller.attributes.get("tenant"):
+            tenant = call.caller.attributes["tenant"]
+        else:
+            tenant = self._default_tenant
+        call.details["tenant"] = tenant
+        return tenant
+
+    def _named(self, request: Any) -> str:
+        tenant = self._tenant(request.tenant)
+        current_call().details["reference_sha256"] = reference_hash(request.reference)
+        return tenant
+
+    async def Put(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        tenant = self._named(request)
+        value, length = _source(request)
+        info = await self._secrets.put(
+            tenant,
+            request.reference,
+            owner=request.owner,
+            classification=request.classification,
+            rotation_period=dt.timedelta(seconds=request.rotation_period_seconds),
+            value=value,
+            generate_length=length,
+        )
+        current_call().details.update(version=1, generated=length is not None)
+        return _info(info)
+
+    async def Get(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        call = current_call()
+        tenant = self._named(request)
+        resource = reference_hash(request.reference)
+        loaded = await self._secrets.load(tenant, request.reference, request.version or None)
+        if loaded is None:
+            # Decide as for a secret nobody owns: workloads learn nothing about what exists.
+            ref = SecretRef.parse(request.reference)
+            attributes = {"tenant": tenant, "environment": ref.environment, "owner": ""}
+            call.authorize(resource, attributes | {"service": ref.service})
+            raise NotFound(f"no such secret in tenant {tenant!r}")
+        info, row = loaded
+        call.authorize(resource, info.attributes())
+        secret = self._secrets.reveal(info, row)
+        call.details["version"] = secret.version
+        return secrets_pb2.GetSecretResponse(
+            value=secret.value,
+            version=secret.version,
+            metadata=_metadata(info),
+            created_at=_ts(secret.created_at),
+        )
+
+    async def List(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        infos = await self._secrets.list_secrets(self._tenant(request.tenant), request.prefix)
+        return secrets_pb2.ListSecretsResponse(secrets=[_metadata(i) for i in infos])
+
+    async def Show(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return _info(await self._secrets.show(self._named(request), request.reference))
+
+    async def Rotate(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        tenant = self._named(request)
+        value, length = _source(request)
+        info, before, after = await self._secrets.rotate(
+            tenant,
+            request.reference,
+            environment=request.environment,
+            ticket=request.ticket,
+            justification=request.justification,
+            value=value,
+            generate_length=length,
+        )
+        current_call().details.update(
+            from_version=before,
+            to_version=after,
+            ticket=request.ticket,
+            generated=length is not None,
+        )
+        return _info(info)
+
+    async def Rollback(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        info, before, after = await self._secrets.rollback(self._named(request), request.reference)
+        current_call().details.update(from_version=before, to_version=after)
+        return _info(info)
+
+    async def Revoke(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        info = await self._secrets.revoke(
+            self._named(request), request.reference, request.justification
+        )
+        current_call().details["versions"] = len(info.versions)
+        return _info(info)
+
+    async def Delete(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return _info(await self._secrets.delete(self._named(request), request.reference))
+
+    async def Due(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        tenant = request.tenant or None
+        infos = await self._secrets.due(tenant)
+        return secrets_pb2.ListSecretsResponse(secrets=[_metadata(i) for i in infos])
+
+    async def RotateKEK(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        rotations = await self._kek.rotate(request.tenant or None)
+        current_call().details["rotations"] = [
+            {"tenant": r.tenant, "kek": r.new_label, "rewrapped": r.rewrapped} for r in rotations
+        ]
+        return secrets_pb2.RotateKEKResponse(rotations=[_rotation(r) for r in rotations])
+
+
+def binding(app: Application) -> ServiceBinding:
+    from .services import ServiceBinding
+
+    default_tenant = app.config.identity.default_tenant or DEV_TENANT
+    return ServiceBinding(
+        secrets_pb2.DESCRIPTOR.services_by_name["Secrets"],
+        secrets_pb2_grpc.add_SecretsServicer_to_server,
+        SecretsServicer(app.secrets, app.kek_rotator, default_tenant),
+        SECRETS_SPECS,
+    )

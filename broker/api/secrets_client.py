@@ -1,0 +1,259 @@
+"""A synchronous client for the Secrets service, over a `BrokerClient`'s mTLS channel.
+
+Every method returns plain Python values; failures raise `broker.api.client.ClientError`.
+`BrokerSecretSource` adapts it to the grpc-free runtime SDK (`broker.secrets_sdk`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol, TypeVar
+
+from broker.api._proto import secrets_pb2, secrets_pb2_grpc
+from broker.api.client import ClientError
+from broker.secrets_sdk import FetchedSecret, SecretRefused, SecretUnavailable
+
+__all__ = [
+    "BrokerSecretSource",
+    "KekRotationResult",
+    "SecretDetails",
+    "SecretMeta",
+    "SecretRead",
+    "SecretVersionView",
+    "SecretsClient",
+]
+
+_R = TypeVar("_R")
+
+# Codes after which the SDK may keep serving a cached value (the broker is briefly away).
+_TRANSIENT = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "CANCELLED"})
+
+
+class _Transport(Protocol):
+    """What this client needs from `BrokerClient`."""
+
+    @property
+    def channel(self) -> Any: ...
+
+    def call(self, method: Callable[..., _R], request: Any) -> _R: ...
+
+
+@dataclass(frozen=True)
+class SecretMeta:
+    tenant: str
+    reference: str
+    reference_sha256: str
+    service: str
+    environment: str
+    owner: str
+    classification: str
+    rotation_period_seconds: int
+    last_rotated: datetime | None
+    created_at: datetime | None
+    state: str
+    current_version: int
+    revoked_at: datetime | None
+    deleted_at: datetime | None
+    missing: tuple[str, ...]
+    rotation_due: datetime | None
+
+
+@dataclass(frozen=True)
+class SecretVersionView:
+    version: int
+    state: str
+    created_at: datetime | None
+    retire_at: datetime | None
+    revoked_at: datetime | None
+    kek: str
+
+
+@dataclass(frozen=True)
+class SecretDetails:
+    metadata: SecretMeta
+    versions: tuple[SecretVersionView, ...]
+
+
+@dataclass(frozen=True)
+class SecretRead:
+    value: bytes
+    version: int
+    created_at: datetime | None
+    metadata: SecretMeta
+
+
+@dataclass(frozen=True)
+class KekRotationResult:
+    tenant: str
+    new_kek: str
+    rewrapped: int
+    destroyed: tuple[str, ...]
+    kept: tuple[str, ...]
+
+
+def _time(message: Any, field: str) -> datetime | None:
+    if not message.HasField(field):
+        return None
+    ts = getattr(message, field)
+    return datetime.fromtimestamp(ts.seconds + ts.nanos / 1e9, UTC)
+
+
+def _meta(m: Any) -> SecretMeta:
+    return SecretMeta(
+        tenant=m.tenant,
+        reference=m.reference,
+        reference_sha256=m.reference_sha256,
+        service=m.service,
+        environment=m.environment,
+        owner=m.owner,
+        classification=m.classification,
+        rotation_period_seconds=m.rotation_period_seconds,
+        last_rotated=_time(m, "last_rotated"),
+        created_at=_time(m, "created_at"),
+        state=m.state,
+        current_version=m.current_version,
+        revoked_at=_time(m, "revoked_at"),
+        deleted_at=_time(m, "deleted_at"),
+        missing=tuple(m.missing),
+        rotation_due=_time(m, "rotation_due"),
+    )
+
+
+def _details(info: Any) -> SecretDetails:
+    return SecretDetails(
+        _meta(info.metadata),
+        tuple(
+            SecretVersionView(
+                v.version,
+                v.state,
+                _time(v, "created_at"),
+                _time(v, "retire_at"),
+                _time(v, "revoked_at"),
+                v.kek,
+            )
+            for v in info.versions
+        ),
+    )
+
+
+def _source(value: bytes | None, generate_length: int | None) -> dict[str, Any]:
+    if value is not None:
+        return {"value": value}
+    if generate_length is not None:
+        return {"generate_length": generate_length}
+    return {}
+
+
+class SecretsClient:
+    def __init__(self, transport: _Transport) -> None:
+        self._t = transport
+        self._stub = secrets_pb2_grpc.SecretsStub(transport.channel)
+
+    def put(
+        self,
+        reference: str,
+        *,
+        owner: str,
+        classification: str,
+        rotation_period_seconds: int,
+        value: bytes | None = None,
+        generate_length: int | None = None,
+        tenant: str = "",
+    ) -> SecretDetails:
+        request = secrets_pb2.PutSecretRequest(
+            tenant=tenant,
+            reference=reference,
+            owner=owner,
+            classification=classification,
+            rotation_period_seconds=rotation_period_seconds,
+            **_source(value, generate_length),
+        )
+        return _details(self._t.call(self._stub.Put, request))
+
+    def get(self, reference: str, *, version: int = 0, tenant: str = "") -> SecretRead:
+        response = self._t.call(
+            self._stub.Get,
+            secrets_pb2.GetSecretRequest(tenant=tenant, reference=reference, version=version),
+        )
+        return SecretRead(
+            bytes(response.value),
+            response.version,
+            _time(response, "created_at"),
+            _meta(response.metadata),
+        )
+
+    def list_secrets(self, *, prefix: str = "", tenant: str = "") -> list[SecretMeta]:
+        response = self._t.call(
+            self._stub.List, secrets_pb2.ListSecretsRequest(tenant=tenant, prefix=prefix)
+        )
+        return [_meta(m) for m in response.secrets]
+
+    def show(self, reference: str, *, tenant: str = "") -> SecretDetails:
+        request = secrets_pb2.ShowSecretRequest(tenant=tenant, reference=reference)
+        return _details(self._t.call(self._stub.Show, request))
+
+    def rotate(
+        self,
+        reference: str,
+        *,
+        environment: str,
+        ticket: str,
+        justification: str,
+        value: bytes | None = None,
+        generate_length: int | None = None,
+        tenant: str = "",
+    ) -> SecretDetails:
+        request = secrets_pb2.RotateSecretRequest(
+            tenant=tenant,
+            reference=reference,
+            environment=environment,
+            ticket=ticket,
+            justification=justification,
+            **_source(value, generate_length),
+        )
+        return _details(self._t.call(self._stub.Rotate, request))
+
+    def rollback(self, reference: str, *, tenant: str = "") -> SecretDetails:
+        request = secrets_pb2.RollbackSecretRequest(tenant=tenant, reference=reference)
+        return _details(self._t.call(self._stub.Rollback, request))
+
+    def revoke(self, reference: str, *, justification: str, tenant: str = "") -> SecretDetails:
+        request = secrets_pb2.RevokeSecretRequest(
+            tenant=tenant, reference=reference, justification=justification
+        )
+        return _details(self._t.call(self._stub.Revoke, request))
+
+    def delete(self, reference: str, *, tenant: str = "") -> SecretDetails:
+        request = secrets_pb2.DeleteSecretRequest(tenant=tenant, reference=reference)
+        return _details(self._t.call(self._stub.Delete, request))
+
+    def due(self, *, tenant: str = "") -> list[SecretMeta]:
+        response = self._t.call(self._stub.Due, secrets_pb2.DueSecretsRequest(tenant=tenant))
+        return [_meta(m) for m in response.secrets]
+
+    def rotate_kek(self, *, tenant: str = "") -> list[KekRotationResult]:
+        response = self._t.call(self._stub.RotateKEK, secrets_pb2.RotateKEKRequest(tenant=tenant))
+        return [
+            KekRotationResult(r.tenant, r.new_kek, r.rewrapped, tuple(r.destroyed), tuple(r.kept))
+            for r in response.rotations
+        ]
+
+
+class BrokerSecretSource:
+    """`broker.secrets_sdk.SecretSource` over a `SecretsClient`: transient failures become
+    `SecretUnavailable` (the SDK may serve its cache), refusals `SecretRefused`."""
+
+    def __init__(self, client: SecretsClient, *, tenant: str = "") -> None:
+        self._client = client
+        self._tenant = tenant
+
+    def fetch(self, reference: str) -> FetchedSecret:
+        try:
+            read = self._client.get(reference, tenant=self._tenant)
+        except ClientError as exc:
+            if exc.code_name in _TRANSIENT:
+                raise SecretUnavailable(f"{exc.code_name}: {exc.message}") from None
+            raise SecretRefused(exc.code_name, exc.message) from None
+        return FetchedSecret(read.value, read.version)

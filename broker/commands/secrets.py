@@ -1,0 +1,487 @@
+"""`broker secrets ...`, `broker kek rotate` and `broker exec`: wrapped static secrets.
+
+JSON documents (`--output json`) are stable: see docs/secrets.md. Values are printed only by
+`broker secrets get`; every other command shows metadata only.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from broker import clioutput
+from broker.api.secrets_client import (
+    BrokerSecretSource,
+    KekRotationResult,
+    SecretDetails,
+    SecretMeta,
+    SecretsClient,
+)
+from broker.cli import (
+    DURATION,
+    CliContext,
+    Refusal,
+    _client,
+    _connection_options,
+    _data_dir_option,
+    _output,
+    _read_input_file,
+    _setting_option,
+    cli,
+)
+from broker.secrets_sdk import SecretRefused, SecretResolver, SecretUnavailable
+
+__all__ = ["exec_command", "kek", "secrets"]
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+CLASSIFICATIONS = ("public", "internal", "confidential", "pii")
+
+
+def _secrets_client(ctx: click.Context) -> SecretsClient:
+    client: Any = _client(ctx)
+    return SecretsClient(client)
+
+
+def _options_requiring_justification(f: _F) -> _F:
+    """The connection options, with --justification required (it is also sent as the audit
+    'why' header)."""
+    options = [
+        _setting_option(
+            "--server", on_group=False, metavar="HOST:PORT", help="The broker to talk to."
+        ),
+        _data_dir_option(on_group=False),
+        _setting_option(
+            "--cert",
+            on_group=False,
+            type=click.Path(path_type=Path, dir_okay=False),
+            help="Client certificate chain (PEM).",
+        ),
+        _setting_option(
+            "--key",
+            on_group=False,
+            type=click.Path(path_type=Path, dir_okay=False),
+            help="Client private key (PEM).",
+        ),
+        _setting_option(
+            "--bundle",
+            on_group=False,
+            type=click.Path(path_type=Path, dir_okay=False),
+            help="Trust bundle (PEM) to verify the broker.",
+        ),
+        _setting_option(
+            "--output",
+            on_group=False,
+            type=click.Choice(["text", "json"]),
+            help="Output format [default: text].",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _tenant_option(f: _F) -> _F:
+    return click.option(
+        "--tenant",
+        default="",
+        metavar="T",
+        help="Tenant [default: the broker's default tenant].",
+    )(f)
+
+
+def _read_value(value_file: Path | None, generate: bool, length: int | None) -> dict[str, Any]:
+    if value_file is not None and generate:
+        raise click.UsageError("give either --value-file or --generate, not both")
+    if length is not None and not generate:
+        raise click.UsageError("--length goes with --generate")
+    if value_file is not None:
+        if str(value_file) == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            data = _read_input_file(value_file, "value file")
+        if not data:
+            raise Refusal(f"value file {value_file} is empty")
+        return {"value": data}
+    if generate:
+        return {"generate_length": length or 32}
+    return {}
+
+
+def _meta_json(m: SecretMeta) -> dict[str, Any]:
+    return {
+        "tenant": m.tenant,
+        "reference": m.reference,
+        "reference_sha256": m.reference_sha256,
+        "service": m.service,
+        "environment": m.environment,
+        "owner": m.owner,
+        "classification": m.classification,
+        "rotation_period_seconds": m.rotation_period_seconds,
+        "last_rotated": clioutput.timestamp(m.last_rotated),
+        "rotation_due": clioutput.timestamp(m.rotation_due),
+        "created_at": clioutput.timestamp(m.created_at),
+        "state": m.state,
+        "current_version": m.current_version,
+        "revoked_at": clioutput.timestamp(m.revoked_at),
+        "deleted_at": clioutput.timestamp(m.deleted_at),
+        "missing": list(m.missing),
+    }
+
+
+def _details_json(d: SecretDetails) -> dict[str, Any]:
+    return {
+        **_meta_json(d.metadata),
+        "versions": [
+            {
+                "version": v.version,
+                "state": v.state,
+                "created_at": clioutput.timestamp(v.created_at),
+                "retire_at": clioutput.timestamp(v.retire_at),
+                "revoked_at": clioutput.timestamp(v.revoked_at),
+                "kek": v.kek,
+            }
+            for v in d.versions
+        ],
+    }
+
+
+def _t(value: Any) -> str:
+    return clioutput.timestamp(value) or "-"
+
+
+def _meta_line(m: SecretMeta) -> str:
+    return (
+        f"{m.reference}  tenant={m.tenant} owner={m.owner or '-'} "
+        f"class={m.classification or '-'} v{m.current_version} {m.state} "
+        f"rotation-due={_t(m.rotation_due)}"
+        + (f" MISSING={','.join(m.missing)}" if m.missing else "")
+    )
+
+
+def _details_text(d: SecretDetails) -> str:
+    m = d.metadata
+    period = m.rotation_period_seconds
+    lines = [
+        f"reference:       {m.reference}",
+        f"reference hash:  {m.reference_sha256}",
+        f"tenant:          {m.tenant}",
+        f"service:         {m.service or '-'}",
+        f"environment:     {m.environment or '-'}",
+        f"owner:           {m.owner or '-'}",
+        f"classification:  {m.classification or '-'}",
+        f"rotation period: {period // 86400}d {period % 86400 // 3600}h"
+        if period
+        else "rotation period: -",
+        f"last rotated:    {_t(m.last_rotated)}",
+        f"rotation due:    {_t(m.rotation_due)}",
+        f"state:           {m.state}",
+        f"current version: {m.current_version}",
+    ]
+    if m.revoked_at:
+        lines.append(f"revoked at:      {_t(m.revoked_at)}")
+    if m.deleted_at:
+        lines.append(f"deleted at:      {_t(m.deleted_at)}")
+    if m.missing:
+        lines.append(f"MISSING:         {', '.join(m.missing)} (distribution refused)")
+    if d.versions:
+        lines.append("versions:")
+        for v in d.versions:
+            extra = ""
+            if v.retire_at and v.state == "previous":
+                extra = f" (rollback window until {_t(v.retire_at)})"
+            elif v.revoked_at:
+                extra = f" (revoked {_t(v.revoked_at)})"
+            lines.append(f"  v{v.version}  {v.state:<9} created {_t(v.created_at)}  {v.kek}{extra}")
+    return "\n".join(lines)
+
+
+def _show(ctx: click.Context, details: SecretDetails, verb: str) -> None:
+    if _output(ctx) == "json":
+        click.echo(clioutput.dumps(_details_json(details)))
+        return
+    m = details.metadata
+    click.echo(f"{verb} {m.reference} (tenant {m.tenant}, version {m.current_version}, {m.state})")
+
+
+@cli.group()
+def secrets() -> None:
+    """Wrapped static secrets: API keys, OAuth client secrets, webhook tokens."""
+
+
+@secrets.command("put")
+@click.argument("reference")
+@click.option(
+    "--value-file",
+    type=click.Path(path_type=Path, dir_okay=False, allow_dash=True),
+    help="Read the value from this file ('-' for stdin); its bytes are stored exactly.",
+)
+@click.option("--generate", is_flag=True, help="Have the broker generate a random value.")
+@click.option("--length", type=click.IntRange(16, 4096), help="Generated length [default: 32].")
+@click.option("--owner", required=True, help="The owning service (may read the secret).")
+@click.option(
+    "--classification", required=True, type=click.Choice(CLASSIFICATIONS), help="Data class."
+)
+@click.option("--rotation-period", required=True, type=DURATION, help="e.g. 90d.")
+@_tenant_option
+@_connection_options(on_group=False)
+@click.pass_context
+def secrets_put(
+    ctx: click.Context,
+    reference: str,
+    value_file: Path | None,
+    generate: bool,
+    length: int | None,
+    owner: str,
+    classification: str,
+    rotation_period: int,
+    tenant: str,
+) -> None:
+    """Store a new secret (version 1)."""
+    source = _read_value(value_file, generate, length)
+    if not source:
+        raise click.UsageError("give --value-file F or --generate")
+    details = _secrets_client(ctx).put(
+        reference,
+        owner=owner,
+        classification=classification,
+        rotation_period_seconds=rotation_period,
+        tenant=tenant,
+        **source,
+    )
+    _show(ctx, details, "stored")
+
+
+@secrets.command("get")
+@click.argument("reference")
+@click.option("--version", type=click.IntRange(1), help="A version still readable.")
+@_tenant_option
+@_connection_options(on_group=False)
+@click.pass_context
+def secrets_get(ctx: click.Context, reference: str, version: int | None, tenant: str) -> None:
+    """Print the value (exactly its bytes); --output json adds version and metadata."""
+    read = _secrets_client(ctx).get(reference, version=version or 0, tenant=tenant)
+    if _output(ctx) == "json":
+        try:
+            value, encoding = read.value.decode("utf-8"), "utf-8"
+        except UnicodeDecodeError:
+            value, encoding = base64.b64encode(read.value).decode("ascii"), "base64"
+        document = {
+            "value": value,
+            "encoding": encoding,
+            "version": read.version,
+            "created_at": clioutput.timestamp(read.created_at),
+            "metadata": _meta_json(read.metadata),
+        }
+        click.echo(clioutput.dumps(document))
+        return
+    sys.stdout.buffer.write(read.value)
+    sys.stdout.buffer.flush()
+
+
+@secrets.command("list")
+@click.option("--prefix", default="", help="Only references starting with this.")
+@_tenant_option
+@_connection_options(on_group=False)
+@click.pass_context
+def secrets_list(ctx: click.Context, prefix: str, tenant: str) -> None:
+    """List secrets (metadata only)."""
+    items = _secrets_client(ctx).list_secrets(prefix=prefix, tenant=tenant)
+    if _output(ctx) == "json":
+        click.echo(clioutput.dumps([_meta_json(m) for m in items]))
+        return
+    for m in items:
+        click.echo(_meta_line(m))
+
+
+@secrets.command("show")
+@click.argument("reference")
+@_tenant_option
+@_connection_options(on_group=False)
+@click.pass_context
+def secrets_show(ctx: click.Context, reference: str, tenant: str) -> None:
+    """Metadata and versions of one secret (never the value)."""
+    details = _secrets_client(ctx).show(reference, tenant=tenant)
+    if _output(ctx) == "json":
+        click.echo(clioutput.dumps(_details_json(details)))
+        return
+    click.echo(_details_text(details))
+
+
+@secrets.command("rotate")
+@click.argument("reference")
+@click.option("--env", "environment", required=True, help="Must match the reference's.")
+@click.option(
+    "--value-file",
+    type=click.Path(path_type=Path, dir_okay=False, allow_dash=True),
+    help="The new value ('-' for stdin) [default: generate one].",
+)
+@click.option("--generate", is_flag=True, help="Generate the new value (the default).")
+@click.option("--length", type=click.IntRange(16, 4096), help="Generated length [default: 32].")
+@click.option("--ticket", required=True, metavar="ID", help="Change ticket, e.g. SEC-1234.")
+@_setting_option(
+    "--justification", on_group=False, required=True, metavar="TEXT", help="Why (audited)."
+)
+@_tenant_option
+@_options_requiring_justification
+@click.pass_context
+def secrets_rotate(
+    ctx: click.Context,
+    reference: str,
+    environment: str,
+    value_file: Path | None,
+    generate: bool,
+    length: int | None,
+    ticket: str,
+    tenant: str,
+) -> None:
+    """Make a new version current; the previous stays readable for the rollback window."""
+    source = _read_value(value_file, generate, length) or {"generate_length": 32}
+    justification = str(ctx.meta["broker.settings"]["justification"])
+    details = _secrets_client(ctx).rotate(
+        reference,
+        environment=environment,
+        ticket=ticket,
+        justification=justification,
+        tenant=tenant,
+        **source,
+    )
+    _show(ctx, details, "rotated")
+
+
+@secrets.command("rollback")
+@click.argument("reference")
+@_tenant_option
+@_connection_options(on_group=False)
+@click.pass_context
+def secrets_rollback(ctx: click.Context, reference: str, tenant: str) -> None:
+    """Make the previous version current again (within its rollback window)."""
+    _show(ctx, _secrets_client(ctx).rollback(reference, tenant=tenant), "rolled back")
+
+
+@secrets.command("revoke")
+@click.argument("reference")
+@_setting_option(
+    "--justification", on_group=False, required=True, metavar="TEXT", help="Why (audited)."
+)
+@_tenant_option
+@_options_requiring_justification
+@click.pass_context
+def secrets_revoke(ctx: click.Context, reference: str, tenant: str) -> None:
+    """Refuse every version of the secret from now on."""
+    justification = str(ctx.meta["broker.settings"]["justification"])
+    details = _secrets_client(ctx).revoke(reference, justification=justification, tenant=tenant)
+    _show(ctx, details, "revoked")
+
+
+@secrets.command("delete")
+@click.argument("reference")
+@_tenant_option
+@_connection_options(on_group=False)
+@click.pass_context
+def secrets_delete(ctx: click.Context, reference: str, tenant: str) -> None:
+    """Soft delete; the data keys are destroyed after the retention period."""
+    _show(ctx, _secrets_client(ctx).delete(reference, tenant=tenant), "deleted")
+
+
+@secrets.command("due")
+@_tenant_option
+@_connection_options(on_group=False)
+@click.pass_context
+def secrets_due(ctx: click.Context, tenant: str) -> None:
+    """Secrets past their rotation period."""
+    items = _secrets_client(ctx).due(tenant=tenant)
+    if _output(ctx) == "json":
+        click.echo(clioutput.dumps([_meta_json(m) for m in items]))
+        return
+    for m in items:
+        click.echo(_meta_line(m))
+
+
+@cli.group()
+def kek() -> None:
+    """Key-encryption keys (per tenant, held in the key backend)."""
+
+
+def _rotation_json(r: KekRotationResult) -> dict[str, Any]:
+    return {
+        "tenant": r.tenant,
+        "new_kek": r.new_kek,
+        "rewrapped": r.rewrapped,
+        "destroyed": list(r.destroyed),
+        "kept": list(r.kept),
+    }
+
+
+@kek.command("rotate")
+@click.option("--tenant", default="", metavar="T", help="One tenant [default: every tenant].")
+@_connection_options(on_group=False)
+@click.pass_context
+def kek_rotate(ctx: click.Context, tenant: str) -> None:
+    """New KEK, every data key rewrapped under it, old KEK destroyed when unused."""
+    rotations = _secrets_client(ctx).rotate_kek(tenant=tenant)
+    if _output(ctx) == "json":
+        click.echo(clioutput.dumps([_rotation_json(r) for r in rotations]))
+        return
+    for r in rotations:
+        gone = ", ".join(r.destroyed) or "none"
+        line = f"{r.tenant}: now {r.new_kek}; {r.rewrapped} data key(s) rewrapped; destroyed {gone}"
+        if r.kept:
+            line += f"; kept {', '.join(r.kept)} (still in use: rotate again)"
+        click.echo(line)
+
+
+def _env_pair(value: str) -> tuple[str, str]:
+    name, sep, reference = value.partition("=")
+    if not sep or not _ENV_NAME.fullmatch(name):
+        raise click.BadParameter(f"{value!r} is not NAME=secret://...", param_hint="--env")
+    if not reference.startswith("secret://"):
+        raise click.BadParameter(f"{name}: {reference!r} is not a secret:// reference")
+    return name, reference
+
+
+@cli.command("exec", context_settings={"allow_interspersed_args": False})
+@click.option(
+    "--env",
+    "pairs",
+    multiple=True,
+    required=True,
+    metavar="NAME=secret://...",
+    help="Set NAME to the secret's value (repeatable).",
+)
+@_tenant_option
+@_connection_options(on_group=False, output=False)
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.pass_context
+def exec_command(
+    ctx: click.Context, pairs: tuple[str, ...], tenant: str, command: tuple[str, ...]
+) -> None:
+    """Run COMMAND with secrets in its environment (nothing is written to disk):
+
+    broker exec --env API_KEY=secret://payments/prod/stripe/api-key -- ./server
+    """
+    wanted = dict(_env_pair(p) for p in pairs)
+    resolver = SecretResolver(BrokerSecretSource(_secrets_client(ctx), tenant=tenant))
+    try:
+        values = resolver.resolve_env(wanted)
+    except (SecretRefused, SecretUnavailable) as exc:
+        raise Refusal(f"cannot resolve the secrets for {command[0]}: {exc}") from None
+    except UnicodeDecodeError:
+        raise Refusal("a secret is not UTF-8 text; it cannot go into an environment") from None
+    obj = ctx.find_object(CliContext)
+    if obj is not None:
+        while obj.clients:
+            obj.clients.pop().close()
+    env = dict(os.environ)
+    env.update(values)
+    try:
+        os.execvpe(command[0], list(command), env)  # noqa: S606 (the operator's command)
+    except OSError as exc:
+        raise Refusal(f"cannot run {command[0]}: {exc.strerror or exc}") from None

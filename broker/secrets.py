@@ -1,0 +1,596 @@
+"""Wrapped static secrets: references, metadata, versions, rotation, revocation, retention.
+
+A secret is named by a reference `secret://<service>/<environment>/<name>[/<more>]` within a
+tenant. Each version is sealed by `broker.envelope.Envelope` under a fresh AES-256-GCM data key
+wrapped by the tenant's KEK; the associated data binds (tenant, reference, version), so a blob
+moved to another secret, version or tenant does not open. Storage holds ciphertext only.
+
+Lifecycle (times from the injected clock):
+- `put` stores version 1; `rotate` adds version n+1 and makes it current; the previous version
+  stays readable by number until its rollback window ends (24 h by default), then it is revoked
+  (at read time already, and for good by `maintain`). `rollback` makes it current again and
+  revokes the version rolled back from.
+- `revoke` refuses every version at once; `rotate` on a revoked secret issues a fresh value and
+  re-enables distribution (the old versions stay revoked).
+- `delete` is a soft delete; `maintain` destroys the sealed data of secrets deleted longer than
+  the retention period (30 days by default) and tombstones their metadata.
+
+A secret missing any required metadata is refused for distribution with `FailedPrecondition`
+naming what is missing. The service also implements `broker.envelope.SealedStore`, so KEK
+rotation rewraps its blobs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import re
+import secrets as _random
+import string
+from dataclasses import dataclass
+from typing import Final
+
+from broker.envelope import Envelope, SealedBlob, aad
+from broker.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
+from broker.storage.interface import LockRepository
+from broker.storage.secrets import SecretRecord, SecretRepository, VersionRecord
+from ca.clock import Clock
+from ca.errors import IntegrityError, KeyNotFound
+
+__all__ = [
+    "CLASSIFICATIONS",
+    "DEFAULT_RETENTION",
+    "DEFAULT_ROTATION_WINDOW",
+    "REQUIRED_METADATA",
+    "SecretInfo",
+    "SecretJanitor",
+    "SecretRef",
+    "SecretService",
+    "SecretValue",
+    "VersionInfo",
+    "reference_hash",
+]
+
+log = logging.getLogger(__name__)
+
+SCHEME: Final = "secret://"
+CLASSIFICATIONS: Final = ("public", "internal", "confidential", "pii")
+REQUIRED_METADATA: Final = (
+    "owner",
+    "service",
+    "environment",
+    "tenant",
+    "data-classification",
+    "rotation-period",
+    "last-rotated",
+)
+DEFAULT_ROTATION_WINDOW: Final = dt.timedelta(hours=24)
+DEFAULT_RETENTION: Final = dt.timedelta(days=30)
+MAX_REFERENCE: Final = 512
+MAX_SEGMENTS: Final = 16
+MAX_VALUE_BYTES: Final = 64 * 1024
+MIN_GENERATE, MAX_GENERATE, DEFAULT_GENERATE = 16, 4096, 32
+MIN_ROTATION_PERIOD: Final = dt.timedelta(hours=1)
+MAX_ROTATION_PERIOD: Final = dt.timedelta(days=3650)
+_SEGMENT_RE: Final = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+_NAME_RE: Final = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+_TICKET_RE: Final = re.compile(r"^[A-Za-z0-9._:#/-]{1,64}$")
+_ALPHABET: Final = string.ascii_letters + string.digits + "-_"
+
+
+def reference_hash(reference: str) -> str:
+    """The hex SHA-256 that names a reference in the audit ledger and logs."""
+    return hashlib.sha256(reference.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class SecretRef:
+    """A validated reference: `secret://<service>/<environment>/<name>[/<more>]`."""
+
+    service: str
+    environment: str
+    path: tuple[str, ...]
+
+    @property
+    def text(self) -> str:
+        return SCHEME + "/".join((self.service, self.environment, *self.path))
+
+    @property
+    def sha256(self) -> str:
+        return reference_hash(self.text)
+
+    def __str__(self) -> str:
+        return self.text
+
+    @classmethod
+    def parse(cls, text: str) -> SecretRef:
+        """Raises `InvalidArgument` saying what is wrong."""
+        if not isinstance(text, str) or not text:
+            raise InvalidArgument("a secret reference is required, e.g. secret://payments/prod/api")
+        if len(text) > MAX_REFERENCE:
+            raise InvalidArgument(f"secret reference is longer than {MAX_REFERENCE} characters")
+        if not text.startswith(SCHEME):
+            raise InvalidArgument(
+                "a secret reference starts with secret://, e.g. secret://payments/prod/stripe/api"
+            )
+        segments = text[len(SCHEME) :].split("/")
+        if len(segments) < 3:
+            raise InvalidArgument(
+                "a secret reference is secret://<service>/<environment>/<name>[/<more>]"
+            )
+        if len(segments) > MAX_SEGMENTS:
+            raise InvalidArgument(f"a secret reference has at most {MAX_SEGMENTS} segments")
+        for position, segment in enumerate(segments, 1):
+            if segment in ("", ".", ".."):
+                raise InvalidArgument(
+                    f"secret reference segment {position} is {segment!r}: empty, '.' and '..' "
+                    "segments are not allowed"
+                )
+            if not _SEGMENT_RE.fullmatch(segment):
+                raise InvalidArgument(
+                    f"secret reference segment {position} has characters outside "
+                    "A-Z a-z 0-9 . _ - (or is longer than 128)"
+                )
+        return cls(segments[0], segments[1], tuple(segments[2:]))
+
+
+def _check_name(value: str, what: str) -> str:
+    if not _NAME_RE.fullmatch(value or ""):
+        raise InvalidArgument(
+            f"{what} {value!r} is invalid: use 1-63 lowercase letters, digits, '.', '_' or '-'"
+        )
+    return value
+
+
+def check_tenant(tenant: str) -> str:
+    if tenant.startswith("_"):
+        raise InvalidArgument(f"tenant {tenant!r} is reserved for the broker itself")
+    return _check_name(tenant, "tenant")
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    version: int
+    state: str  # current | previous | revoked | destroyed
+    created_at: dt.datetime
+    retire_at: dt.datetime | None
+    revoked_at: dt.datetime | None
+    kek: str
+
+
+@dataclass(frozen=True)
+class SecretInfo:
+    """Metadata (never the value) and, for `show`, the versions."""
+
+    record: SecretRecord
+    missing: tuple[str, ...]
+    versions: tuple[VersionInfo, ...] = ()
+
+    @property
+    def sha256(self) -> str:
+        return reference_hash(self.record.ref)
+
+    @property
+    def rotation_due(self) -> dt.datetime | None:
+        r = self.record
+        if r.last_rotated is None or r.rotation_period_s is None:
+            return None
+        return r.last_rotated + dt.timedelta(seconds=r.rotation_period_s)
+
+    def attributes(self) -> dict[str, str]:
+        """What the policy decides on (`Policy.decide(attributes=...)`)."""
+        r = self.record
+        return {
+            "tenant": r.tenant,
+            "environment": r.environment or "",
+            "owner": r.owner or "",
+            "classification": r.classification or "",
+            "service": r.service or "",
+        }
+
+
+@dataclass(frozen=True)
+class SecretValue:
+    value: bytes
+    version: int
+    created_at: dt.datetime
+    info: SecretInfo
+
+
+def missing_metadata(record: SecretRecord) -> tuple[str, ...]:
+    present = {
+        "owner": record.owner,
+        "service": record.service,
+        "environment": record.environment,
+        "tenant": record.tenant,
+        "data-classification": record.classification,
+        "rotation-period": record.rotation_period_s,
+        "last-rotated": record.last_rotated,
+    }
+    return tuple(name for name in REQUIRED_METADATA if present[name] in (None, ""))
+
+
+def _info(record: SecretRecord) -> SecretInfo:
+    return SecretInfo(record, missing_metadata(record))
+
+
+def _value(value: bytes | None, generate_length: int | None) -> bytes:
+    if value is not None and generate_length is not None:
+        raise InvalidArgument("give either a value or a length to generate, not both")
+    if generate_length is not None:
+        if not MIN_GENERATE <= generate_length <= MAX_GENERATE:
+            raise InvalidArgument(
+                f"generated length must be {MIN_GENERATE}..{MAX_GENERATE} characters"
+            )
+        return "".join(_random.choice(_ALPHABET) for _ in range(generate_length)).encode()
+    if value is None or not value:
+        raise InvalidArgument("a secret value is required (or ask for a generated one)")
+    if len(value) > MAX_VALUE_BYTES:
+        raise InvalidArgument(f"a secret value is at most {MAX_VALUE_BYTES} bytes")
+    return bytes(value)
+
+
+class SecretService:
+    """The secrets domain. `tenant` arguments are validated here; the caller (the servicer)
+    decides which tenant a request is for and authorizes it."""
+
+    def __init__(
+        self,
+        repository: SecretRepository,
+        envelope: Envelope,
+        clock: Clock,
+        *,
+        rotation_window: dt.timedelta = DEFAULT_ROTATION_WINDOW,
+        retention: dt.timedelta = DEFAULT_RETENTION,
+    ) -> None:
+        self._repo = repository
+        self._envelope = envelope
+        self._clock = clock
+        self.rotation_window = rotation_window
+        self.retention = retention
+
+    @property
+    def repository(self) -> SecretRepository:
+        return self._repo
+
+    # -- writes --------------------------------------------------------------------------
+
+    async def put(
+        self,
+        tenant: str,
+        reference: str,
+        *,
+        owner: str,
+        classification: str,
+        rotation_period: dt.timedelta,
+        value: bytes | None = None,
+        generate_length: int | None = None,
+    ) -> SecretInfo:
+        """Store version 1. Raises `AlreadyExists` when the reference exists in the tenant (in
+        any state: rotate it instead, or pick another name after a delete)."""
+        ref = SecretRef.parse(reference)
+        check_tenant(tenant)
+        _check_name(owner, "owner")
+        if classification not in CLASSIFICATIONS:
+            raise InvalidArgument(
+                f"classification {classification!r} is not one of {', '.join(CLASSIFICATIONS)}"
+            )
+        if not MIN_ROTATION_PERIOD <= rotation_period <= MAX_ROTATION_PERIOD:
+            raise InvalidArgument("rotation period must be between 1h and 3650d")
+        plaintext = _value(value, generate_length)
+        now = self._clock.now()
+        sealed = await self._envelope.seal(tenant, plaintext, aad(tenant, ref.text, 1))
+        record = SecretRecord(
+            tenant=tenant,
+            ref=ref.text,
+            service=ref.service,
+            environment=ref.environment,
+            owner=owner,
+            classification=classification,
+            rotation_period_s=int(rotation_period.total_seconds()),
+            last_rotated=now,
+            current_version=1,
+            state="active",
+            created_at=now,
+        )
+        try:
+            await self._repo.insert_secret(
+                record, VersionRecord(1, sealed.kek_label, sealed.to_bytes(), now)
+            )
+        except AlreadyExists:
+            raise AlreadyExists(
+                f"the secret already exists in tenant {tenant!r}; use 'broker secrets rotate' to "
+                "change its value"
+            ) from None
+        return _info(record)
+
+    async def rotate(
+        self,
+        tenant: str,
+        reference: str,
+        *,
+        environment: str,
+        ticket: str,
+        justification: str,
+        value: bytes | None = None,
+        generate_length: int | None = None,
+    ) -> tuple[SecretInfo, int, int]:
+        """A new current version; returns (info, previous version, new version). The previous
+        version stays readable by number until now + rotation window."""
+        ref = SecretRef.parse(reference)
+        check_tenant(tenant)
+        if environment != ref.environment:
+            raise InvalidArgument(
+                f"--env {environment!r} does not match the secret's environment "
+                f"({ref.environment!r}); refusing to rotate"
+            )
+        if not _TICKET_RE.fullmatch(ticket or ""):
+            raise InvalidArgument(
+                "a ticket id is required (1-64 of A-Z a-z 0-9 . _ : # / -), e.g. SEC-1234"
+            )
+        if not justification.strip():
+            raise InvalidArgument("a justification is required to rotate a secret")
+        plaintext = _value(value, generate_length)
+        loaded = await self._repo.load(tenant, ref.text)
+        if loaded is None:
+            raise NotFound(f"no such secret in tenant {tenant!r}")
+        record, _ = loaded
+        if record.state not in ("active", "revoked"):
+            raise FailedPrecondition("the secret was deleted; it cannot be rotated")
+        new_version = record.current_version + 1
+        now = self._clock.now()
+        sealed = await self._envelope.seal(tenant, plaintext, aad(tenant, ref.text, new_version))
+        won = await self._repo.add_version(
+            tenant,
+            ref.text,
+            expected_current=record.current_version,
+            new=VersionRecord(new_version, sealed.kek_label, sealed.to_bytes(), now),
+            retire_previous_at=now + self.rotation_window,
+        )
+        if not won:
+            raise FailedPrecondition("the secret changed while rotating it; try again")
+        return await self.show(tenant, reference), record.current_version, new_version
+
+    async def rollback(self, tenant: str, reference: str) -> tuple[SecretInfo, int, int]:
+        """Make the newest earlier version still in its rollback window current again and
+        revoke the current one; returns (info, from version, to version)."""
+        ref = SecretRef.parse(reference)
+        check_tenant(tenant)
+        info = await self.show(tenant, reference)
+        if info.record.state != "active":
+            raise FailedPrecondition(f"the secret is {info.record.state}; nothing to roll back to")
+        now = self._clock.now()
+        candidates = [
+            v
+            for v in info.versions
+            if v.version < info.record.current_version
+            and v.state == "previous"
+            and v.retire_at is not None
+            and v.retire_at > now
+        ]
+        if not candidates:
+            raise FailedPrecondition(
+                f"the secret has no earlier version within its {_hours(self.rotation_window)} "
+                "rollback window"
+            )
+        target = candidates[-1].version
+        current = info.record.current_version
+        if not await self._repo.rollback(
+            tenant, ref.text, from_version=current, to_version=target, at=now
+        ):
+            raise FailedPrecondition("the secret changed while rolling back; try again")
+        return await self.show(tenant, reference), current, target
+
+    async def revoke(self, tenant: str, reference: str, justification: str) -> SecretInfo:
+        """Refuse every version from now on. Raises `FailedPrecondition` if already revoked or
+        deleted, `NotFound` if there is no such secret."""
+        ref = SecretRef.parse(reference)
+        check_tenant(tenant)
+        if not justification.strip():
+            raise InvalidArgument("a justification is required to revoke a secret")
+        if not await self._repo.revoke(tenant, ref.text, self._clock.now()):
+            info = await self.show(tenant, reference)  # NotFound when absent
+            raise FailedPrecondition(f"the secret is already {info.record.state}")
+        return await self.show(tenant, reference)
+
+    async def delete(self, tenant: str, reference: str) -> SecretInfo:
+        """Soft delete; the sealed data is destroyed after the retention period."""
+        ref = SecretRef.parse(reference)
+        check_tenant(tenant)
+        if not await self._repo.mark_deleted(tenant, ref.text, self._clock.now()):
+            info = await self.show(tenant, reference)
+            raise FailedPrecondition(f"the secret is already {info.record.state}")
+        return await self.show(tenant, reference)
+
+    # -- reads ---------------------------------------------------------------------------
+
+    async def load(
+        self, tenant: str, reference: str, version: int | None = None
+    ) -> tuple[SecretInfo, VersionRecord | None] | None:
+        """Metadata and the requested version's row in one read (None: no such secret). Call
+        the policy with `info.attributes()`, then `reveal`."""
+        ref = SecretRef.parse(reference)
+        check_tenant(tenant)
+        if version is not None and version < 1:
+            raise InvalidArgument("a version number is 1 or more")
+        loaded = await self._repo.load(tenant, ref.text, version)
+        if loaded is None:
+            return None
+        record, row = loaded
+        return _info(record), row
+
+    def reveal(self, info: SecretInfo, row: VersionRecord | None) -> SecretValue:
+        """The plaintext, if this version may be distributed now. Raises `FailedPrecondition`
+        (missing metadata, revoked, past the rollback window, deleted), `NotFound` (no such
+        version) or `IntegrityError` (a tampered or misplaced blob)."""
+        record = info.record
+        ref = record.ref
+        if info.missing:
+            raise FailedPrecondition(
+                f"the secret is missing required metadata: {', '.join(info.missing)}; distribution "
+                "is refused until it is set"
+            )
+        if record.state in ("deleted", "destroyed"):
+            raise FailedPrecondition("the secret was deleted; distribution is refused")
+        if record.state == "revoked":
+            raise FailedPrecondition(
+                f"the secret was revoked at {_iso(record.revoked_at)}; every version is refused"
+            )
+        if row is None:
+            raise NotFound("the secret has no such version")
+        if row.revoked_at is not None:
+            raise FailedPrecondition(
+                f"version {row.version} of the secret was revoked at {_iso(row.revoked_at)}"
+            )
+        if row.retire_at is not None and row.retire_at <= self._clock.now():
+            raise FailedPrecondition(
+                f"version {row.version} of the secret left its rollback window at "
+                f"{_iso(row.retire_at)}"
+            )
+        if row.sealed is None:
+            raise FailedPrecondition(f"version {row.version} of the secret was destroyed")
+        try:
+            blob = SealedBlob.from_bytes(row.sealed)
+            if not blob.kek_label.startswith(f"kek.{record.tenant}."):
+                raise IntegrityError("wrapped under another tenant's key")
+            plaintext = self._envelope.open(blob, aad(record.tenant, ref, row.version))
+        except (IntegrityError, KeyNotFound) as exc:
+            # Someone with write access to storage moved or altered ciphertext: refuse, and
+            # leave a trace for the operators (the reference only by its hash).
+            log.warning("secret %s version %d did not open: %s", info.sha256[:16], row.version, exc)
+            raise FailedPrecondition(
+                f"the stored value of version {row.version} did not verify (tampered with, "
+                "moved from another secret, version or tenant, or its key is gone); refused"
+            ) from None
+        return SecretValue(plaintext, row.version, row.created_at, info)
+
+    async def show(self, tenant: str, reference: str) -> SecretInfo:
+        """Metadata and versions, never values; `NotFound` when absent."""
+        ref = SecretRef.parse(reference)
+        check_tenant(tenant)
+        loaded = await self._repo.load(tenant, ref.text)
+        if loaded is None:
+            raise NotFound(f"no such secret in tenant {tenant!r}")
+        record, _ = loaded
+        now = self._clock.now()
+        versions = tuple(
+            self._version_info(record, v, now) for v in await self._repo.versions(tenant, ref.text)
+        )
+        return SecretInfo(record, missing_metadata(record), versions)
+
+    @staticmethod
+    def _version_info(record: SecretRecord, v: VersionRecord, now: dt.datetime) -> VersionInfo:
+        if v.sealed is None:
+            state = "destroyed"
+        elif v.revoked_at is not None or (v.retire_at is not None and v.retire_at <= now):
+            state = "revoked"
+        elif v.version == record.current_version and record.state == "active":
+            state = "current"
+        elif record.state == "active":
+            state = "previous"
+        else:
+            state = "revoked"
+        return VersionInfo(
+            v.version, state, v.created_at, v.retire_at, v.revoked_at, v.kek_label or ""
+        )
+
+    async def list_secrets(self, tenant: str, prefix: str = "") -> list[SecretInfo]:
+        check_tenant(tenant)
+        if len(prefix) > MAX_REFERENCE:
+            raise InvalidArgument(f"prefix is longer than {MAX_REFERENCE} characters")
+        return [_info(r) for r in await self._repo.list_secrets(tenant, prefix)]
+
+    async def due(self, tenant: str | None = None) -> list[SecretInfo]:
+        """Active secrets past their rotation period (or missing what says when), most overdue
+        first."""
+        if tenant is not None:
+            check_tenant(tenant)
+        now = self._clock.now()
+        out = []
+        for record in await self._repo.list_secrets(tenant):
+            if record.state != "active":
+                continue
+            info = _info(record)
+            due = info.rotation_due
+            if due is None or due <= now:
+                out.append(info)
+        return sorted(out, key=lambda i: i.rotation_due or dt.datetime.min.replace(tzinfo=dt.UTC))
+
+    # -- background ----------------------------------------------------------------------
+
+    async def maintain(self) -> tuple[int, list[tuple[str, str]]]:
+        """Revoke versions past their rollback window; destroy the sealed data of secrets
+        deleted longer than the retention period. Returns (versions revoked, destroyed
+        (tenant, ref)s). Idempotent; run by one replica at a time (a leader lease)."""
+        now = self._clock.now()
+        retired = await self._repo.retire_expired(now)
+        destroyed = await self._repo.destroy_deleted(now - self.retention)
+        return retired, destroyed
+
+    # -- SealedStore ---------------------------------------------------------------------
+
+    async def rewrap(self, envelope: Envelope, tenant: str, new_label: str) -> int:
+        count = 0
+        for row in await self._repo.sealed_not_under(tenant, new_label):
+            blob = envelope.rewrap(SealedBlob.from_bytes(row.sealed), new_label)
+            if await self._repo.replace_sealed(row, new_label, blob.to_bytes()):
+                count += 1
+        return count
+
+    async def kek_in_use(self, label: str) -> bool:
+        return await self._repo.kek_in_use(label)
+
+
+def _iso(value: dt.datetime | None) -> str:
+    return "?" if value is None else value.isoformat(timespec="seconds")
+
+
+def _hours(delta: dt.timedelta) -> str:
+    return f"{int(delta.total_seconds() // 3600)} h"
+
+
+class SecretJanitor:
+    """The background job: every `interval` (by the injected clock) the replica holding the
+    "secrets.maintenance" leader lease runs `SecretService.maintain`."""
+
+    LEASE = "secrets.maintenance"
+
+    def __init__(
+        self,
+        service: SecretService,
+        locks: LockRepository,
+        clock: Clock,
+        owner: str,
+        interval: dt.timedelta = dt.timedelta(minutes=1),
+    ) -> None:
+        self._service = service
+        self._locks = locks
+        self._clock = clock
+        self._owner = owner
+        self._interval = interval
+        self._next: dt.datetime | None = None
+
+    async def tick(self) -> tuple[int, list[tuple[str, str]]] | None:
+        """Run once if due and leader; the result of `maintain`, or None when skipped."""
+        now = self._clock.now()
+        if self._next is not None and now < self._next:
+            return None
+        self._next = now + self._interval
+        ttl = self._interval.total_seconds() * 2
+        if not await self._locks.try_lease(self.LEASE, self._owner, ttl, now):
+            return None
+        retired, destroyed = await self._service.maintain()
+        if retired or destroyed:
+            log.info(
+                "secrets maintenance: %d version(s) past their rollback window revoked, "
+                "%d deleted secret(s) destroyed",
+                retired,
+                len(destroyed),
+            )
+        return retired, destroyed

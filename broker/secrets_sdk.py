@@ -1,0 +1,155 @@
+"""The runtime SDK: resolve `secret://` references for a running service, with a short cache.
+
+    from broker.secrets_sdk import SecretResolver
+    from broker.api.client import BrokerClient, ClientCredentials
+    from broker.api.secrets_client import BrokerSecretSource, SecretsClient
+
+    client = BrokerClient("broker.internal:8443", ClientCredentials(chain, key, bundle))
+    secrets = SecretResolver(BrokerSecretSource(SecretsClient(client)))
+    api_key = secrets.get("secret://payments/prod/stripe/api-key")   # bytes
+
+Cache contract (times from the injected clock's monotonic scale):
+- a value is served from the cache for at most `ttl` (5 minutes at most) after it was fetched;
+- after `refresh_after` (80 % of the TTL by default) the next `get` fetches again, so a busy
+  service never sees its cache expire; `refresh_due()` does the same for every entry (call it
+  from a timer to refresh idle entries too);
+- if the broker is unreachable (`SecretUnavailable`) while the cached value is still within its
+  TTL, the cached value is served; past the TTL the error is raised;
+- a refusal (`SecretRefused`: revoked, permission denied, missing metadata, ...) drops the
+  cached value at once and is raised: revocation reaches a service at its next refresh.
+
+No grpc here: the transport is any `SecretSource` (see `broker.api.secrets_client`).
+Thread-safe; values are held in memory only.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+from ca.clock import Clock, SystemClock
+
+__all__ = [
+    "MAX_TTL_SECONDS",
+    "FetchedSecret",
+    "SecretRefused",
+    "SecretResolver",
+    "SecretSource",
+    "SecretUnavailable",
+]
+
+MAX_TTL_SECONDS: Final = 300.0
+
+
+class SecretUnavailable(Exception):
+    """The broker could not be reached (or is overloaded); worth retrying."""
+
+
+class SecretRefused(Exception):
+    """The broker refused: `code` is the gRPC status name (e.g. "FAILED_PRECONDITION")."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class FetchedSecret:
+    value: bytes
+    version: int
+
+
+class SecretSource(Protocol):
+    def fetch(self, reference: str) -> FetchedSecret:
+        """The current value; raises `SecretUnavailable` or `SecretRefused`."""
+        ...
+
+
+@dataclass
+class _Entry:
+    secret: FetchedSecret
+    fetched_at: float
+
+
+class SecretResolver:
+    def __init__(
+        self,
+        source: SecretSource,
+        *,
+        clock: Clock | None = None,
+        ttl_seconds: float = MAX_TTL_SECONDS,
+        refresh_fraction: float = 0.8,
+    ) -> None:
+        if not 0 < ttl_seconds <= MAX_TTL_SECONDS:
+            raise ValueError(f"ttl_seconds must be in (0, {MAX_TTL_SECONDS:g}]")
+        if not 0 < refresh_fraction < 1:
+            raise ValueError("refresh_fraction must be between 0 and 1")
+        self._source = source
+        self._clock = clock or SystemClock()
+        self._ttl = ttl_seconds
+        self._refresh_after = ttl_seconds * refresh_fraction
+        self._cache: dict[str, _Entry] = {}
+        self._lock = threading.Lock()
+
+    def get(self, reference: str) -> bytes:
+        """The value of `reference` (see the module docstring for the cache contract)."""
+        return self.get_versioned(reference).value
+
+    def get_text(self, reference: str, encoding: str = "utf-8") -> str:
+        return self.get(reference).decode(encoding)
+
+    def get_versioned(self, reference: str) -> FetchedSecret:
+        now = self._clock.monotonic()
+        with self._lock:
+            entry = self._cache.get(reference)
+        if entry is not None and now - entry.fetched_at < self._refresh_after:
+            return entry.secret
+        return self._fetch(reference, entry, now)
+
+    def _fetch(self, reference: str, entry: _Entry | None, now: float) -> FetchedSecret:
+        try:
+            secret = self._source.fetch(reference)
+        except SecretUnavailable:
+            if entry is not None and now - entry.fetched_at < self._ttl:
+                return entry.secret  # the broker is briefly away: serve within the TTL
+            with self._lock:
+                self._cache.pop(reference, None)
+            raise
+        except SecretRefused:
+            with self._lock:
+                self._cache.pop(reference, None)
+            raise
+        with self._lock:
+            self._cache[reference] = _Entry(secret, now)
+        return secret
+
+    def refresh_due(self) -> dict[str, Exception]:
+        """Refresh every cached entry past its refresh point; the errors, by reference
+        (entries still within their TTL stay cached through `SecretUnavailable`)."""
+        now = self._clock.monotonic()
+        with self._lock:
+            due = [
+                (r, e) for r, e in self._cache.items() if now - e.fetched_at >= self._refresh_after
+            ]
+        errors: dict[str, Exception] = {}
+        for reference, entry in due:
+            try:
+                self._fetch(reference, entry, now)
+            except (SecretUnavailable, SecretRefused) as exc:
+                errors[reference] = exc
+        return errors
+
+    def resolve_env(self, references: Mapping[str, str]) -> dict[str, str]:
+        """{NAME: "secret://..."} -> {NAME: value} (values decoded as UTF-8)."""
+        return {name: self.get_text(ref) for name, ref in references.items()}
+
+    def forget(self, reference: str | None = None) -> None:
+        """Drop one cached value (all with None)."""
+        with self._lock:
+            if reference is None:
+                self._cache.clear()
+            else:
+                self._cache.pop(reference, None)

@@ -1,0 +1,457 @@
+"""Storage for wrapped static secrets: one row of metadata per secret, one row per version
+holding only its sealed blob (ciphertext + wrapped data key) and the label of the KEK that
+wrapped it. One SQL implementation over the shared `Backend` (SQLite and PostgreSQL).
+
+Each method is its own transaction. A duplicate reference raises `AlreadyExists`; a failing
+database raises `StorageError` (from the backend). Compare-and-set updates return False (and
+change nothing) when the row is not in the expected state, so two replicas racing on the same
+secret cannot both win.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from broker.storage.sql import Backend, Row
+
+__all__ = [
+    "SealedRow",
+    "SecretRecord",
+    "SecretRepository",
+    "SqlSecretRepository",
+    "VersionRecord",
+    "secret_repository",
+]
+
+
+@dataclass(frozen=True)
+class SecretRecord:
+    """Metadata of one secret. Metadata fields are None when missing (a record written by an
+    import or an older broker); such a secret is never distributed."""
+
+    tenant: str
+    ref: str
+    service: str | None
+    environment: str | None
+    owner: str | None
+    classification: str | None
+    rotation_period_s: int | None
+    last_rotated: dt.datetime | None
+    current_version: int
+    state: str  # active | revoked | deleted | destroyed
+    created_at: dt.datetime
+    revoked_at: dt.datetime | None = None
+    deleted_at: dt.datetime | None = None
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    version: int
+    kek_label: str | None  # None once destroyed
+    sealed: bytes | None  # SealedBlob.to_bytes(); None once destroyed
+    created_at: dt.datetime
+    retire_at: dt.datetime | None = None  # end of the rollback window once superseded
+    revoked_at: dt.datetime | None = None
+
+
+@dataclass(frozen=True)
+class SealedRow:
+    tenant: str
+    ref: str
+    version: int
+    kek_label: str
+    sealed: bytes
+
+
+class SecretRepository(Protocol):
+    async def insert_secret(self, record: SecretRecord, first: VersionRecord) -> None:
+        """The secret and its first version, atomically. Raises `AlreadyExists` if the
+        (tenant, ref) is taken, whatever its state."""
+        ...
+
+    async def load(
+        self, tenant: str, ref: str, version: int | None = None
+    ) -> tuple[SecretRecord, VersionRecord | None] | None:
+        """The secret and the requested version (the current one when `version` is None) in one
+        indexed read; None when there is no such secret; (record, None) when the version does
+        not exist."""
+        ...
+
+    async def versions(self, tenant: str, ref: str) -> list[VersionRecord]:
+        """Every version, oldest first (sealed blobs included)."""
+        ...
+
+    async def list_secrets(self, tenant: str | None = None, prefix: str = "") -> list[SecretRecord]:
+        """Secrets of `tenant` (every tenant when None) whose reference starts with `prefix`,
+        ordered by (tenant, ref)."""
+        ...
+
+    async def add_version(
+        self,
+        tenant: str,
+        ref: str,
+        *,
+        expected_current: int,
+        new: VersionRecord,
+        retire_previous_at: dt.datetime,
+    ) -> bool:
+        """Append `new` and make it current if the current version is still
+        `expected_current` and the secret is active or revoked (a revoked secret becomes active
+        again with its new version; old versions stay revoked). The previous current version
+        gets `retire_at`. False when the compare-and-set lost."""
+        ...
+
+    async def rollback(
+        self, tenant: str, ref: str, *, from_version: int, to_version: int, at: dt.datetime
+    ) -> bool:
+        """Make `to_version` current again (clearing its retire_at) and revoke `from_version`,
+        if `from_version` is still current and the secret active. False otherwise."""
+        ...
+
+    async def revoke(self, tenant: str, ref: str, at: dt.datetime) -> bool:
+        """Mark the secret and every version revoked. False when there is no active secret."""
+        ...
+
+    async def mark_deleted(self, tenant: str, ref: str, at: dt.datetime) -> bool:
+        """Soft delete (active or revoked secrets). False when there is nothing to delete."""
+        ...
+
+    async def retire_expired(self, now: dt.datetime) -> int:
+        """Revoke versions whose rollback window ended (retire_at <= now); how many."""
+        ...
+
+    async def destroy_deleted(self, deleted_before: dt.datetime) -> list[tuple[str, str]]:
+        """Destroy the sealed data (wrapped keys and ciphertexts) of secrets deleted before
+        the cutoff and tombstone them (state "destroyed"); the (tenant, ref)s destroyed."""
+        ...
+
+    async def sealed_not_under(self, tenant: str, label: str) -> list[SealedRow]:
+        """Sealed versions of `tenant` whose data key is wrapped under another KEK."""
+        ...
+
+    async def replace_sealed(self, row: SealedRow, new_label: str, sealed: bytes) -> bool:
+        """Compare-and-set one version's blob: only if it is still under `row.kek_label`."""
+        ...
+
+    async def kek_in_use(self, label: str) -> bool: ...
+
+    async def kek_tenants(self) -> list[str]:
+        """Tenants that have a KEK (from the `kek.current.<tenant>` meta keys), sorted."""
+        ...
+
+
+def secret_repository(storage: Any) -> SqlSecretRepository:
+    """The repository over a `SqlStorage`'s backend (the only Storage implementation)."""
+    backend = getattr(storage, "backend", None)
+    if not isinstance(backend, Backend):
+        raise TypeError(f"secrets need a SQL storage backend, got {type(storage).__name__}")
+    return SqlSecretRepository(backend)
+
+
+_RECORD_COLUMNS = (
+    "s.tenant, s.ref, s.service, s.environment, s.owner, s.classification, "
+    "s.rotation_period_s, s.last_rotated, s.current_version, s.state, s.created_at, "
+    "s.revoked_at, s.deleted_at"
+)
+_VERSION_COLUMNS = "v.version, v.kek_label, v.sealed, v.created_at, v.retire_at, v.revoked_at"
+
+
+class SqlSecretRepository:
+    def __init__(self, backend: Backend) -> None:
+        self._b = backend
+
+    def _ts(self, value: dt.datetime | None) -> object:
+        return None if value is None else self._b.encode_ts(value)
+
+    def _dt(self, value: Any) -> dt.datetime | None:
+        return None if value is None else self._b.decode_ts(value)
+
+    def _secret(self, row: Row) -> SecretRecord:
+        ts = self._b.decode_ts
+        return SecretRecord(
+            tenant=row[0],
+            ref=row[1],
+            service=row[2],
+            environment=row[3],
+            owner=row[4],
+            classification=row[5],
+            rotation_period_s=None if row[6] is None else int(row[6]),
+            last_rotated=self._dt(row[7]),
+            current_version=int(row[8]),
+            state=row[9],
+            created_at=ts(row[10]),
+            revoked_at=self._dt(row[11]),
+            deleted_at=self._dt(row[12]),
+        )
+
+    def _version(self, row: Row) -> VersionRecord:
+        return VersionRecord(
+            version=int(row[0]),
+            kek_label=row[1],
+            sealed=None if row[2] is None else bytes(row[2]),
+            created_at=self._b.decode_ts(row[3]),
+            retire_at=self._dt(row[4]),
+            revoked_at=self._dt(row[5]),
+        )
+
+    async def insert_secret(self, record: SecretRecord, first: VersionRecord) -> None:
+        async with self._b.transaction(write=True) as tx:
+            await tx.execute(
+                "INSERT INTO secrets (tenant, ref, service, environment, owner, classification, "
+                "rotation_period_s, last_rotated, current_version, state, created_at, "
+                "revoked_at, deleted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                record.tenant,
+                record.ref,
+                record.service,
+                record.environment,
+                record.owner,
+                record.classification,
+                record.rotation_period_s,
+                self._ts(record.last_rotated),
+                record.current_version,
+                record.state,
+                self._b.encode_ts(record.created_at),
+                self._ts(record.revoked_at),
+                self._ts(record.deleted_at),
+            )
+            await self._insert_version(tx, record.tenant, record.ref, first)
+
+    async def _insert_version(self, tx: Any, tenant: str, ref: str, v: VersionRecord) -> None:
+        await tx.execute(
+            "INSERT INTO secret_versions (tenant, ref, version, kek_label, sealed, created_at, "
+            "retire_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            tenant,
+            ref,
+            v.version,
+            v.kek_label,
+            None if v.sealed is None else bytes(v.sealed),
+            self._b.encode_ts(v.created_at),
+            self._ts(v.retire_at),
+            self._ts(v.revoked_at),
+        )
+
+    async def load(
+        self, tenant: str, ref: str, version: int | None = None
+    ) -> tuple[SecretRecord, VersionRecord | None] | None:
+        join = "v.version = s.current_version" if version is None else "v.version = ?"
+        args: list[object] = [] if version is None else [version]
+        async with self._b.transaction(write=False) as tx:
+            row = await tx.fetchrow(
+                f"SELECT {_RECORD_COLUMNS}, {_VERSION_COLUMNS} FROM secrets s "  # noqa: S608
+                "LEFT JOIN secret_versions v ON v.tenant = s.tenant AND v.ref = s.ref "
+                f"AND {join} WHERE s.tenant = ? AND s.ref = ?",
+                *args,
+                tenant,
+                ref,
+            )
+        if row is None:
+            return None
+        record = self._secret(row[:13])
+        return record, (None if row[13] is None else self._version(row[13:]))
+
+    async def versions(self, tenant: str, ref: str) -> list[VersionRecord]:
+        async with self._b.transaction(write=False) as tx:
+            rows = await tx.fetch(
+                f"SELECT {_VERSION_COLUMNS} FROM secret_versions v "  # noqa: S608 (constant)
+                "WHERE v.tenant = ? AND v.ref = ? ORDER BY v.version",
+                tenant,
+                ref,
+            )
+        return [self._version(r) for r in rows]
+
+    async def list_secrets(self, tenant: str | None = None, prefix: str = "") -> list[SecretRecord]:
+        where: list[str] = []
+        args: list[object] = []
+        if tenant is not None:
+            where.append("s.tenant = ?")
+            args.append(tenant)
+        if prefix:
+            # substr instead of LIKE: no wildcard escaping, same meaning in both dialects.
+            where.append("substr(s.ref, 1, ?) = ?")
+            args.extend([len(prefix), prefix])
+        clause = f"WHERE {' AND '.join(where)} " if where else ""
+        async with self._b.transaction(write=False) as tx:
+            rows = await tx.fetch(
+                f"SELECT {_RECORD_COLUMNS} FROM secrets s {clause}"  # noqa: S608 (constant)
+                "ORDER BY s.tenant, s.ref",
+                *args,
+            )
+        return [self._secret(r) for r in rows]
+
+    async def add_version(
+        self,
+        tenant: str,
+        ref: str,
+        *,
+        expected_current: int,
+        new: VersionRecord,
+        retire_previous_at: dt.datetime,
+    ) -> bool:
+        async with self._b.transaction(write=True) as tx:
+            row = await tx.fetchrow(
+                "UPDATE secrets SET current_version = ?, last_rotated = ?, state = 'active', "
+                "revoked_at = NULL WHERE tenant = ? AND ref = ? AND current_version = ? "
+                "AND state IN ('active', 'revoked') RETURNING tenant",
+                new.version,
+                self._b.encode_ts(new.created_at),
+                tenant,
+                ref,
+                expected_current,
+            )
+            if row is None:
+                return False
+            await tx.execute(
+                "UPDATE secret_versions SET retire_at = ? "
+                "WHERE tenant = ? AND ref = ? AND version = ? AND revoked_at IS NULL",
+                self._b.encode_ts(retire_previous_at),
+                tenant,
+                ref,
+                expected_current,
+            )
+            await self._insert_version(tx, tenant, ref, new)
+        return True
+
+    async def rollback(
+        self, tenant: str, ref: str, *, from_version: int, to_version: int, at: dt.datetime
+    ) -> bool:
+        stamp = self._b.encode_ts(at)
+        async with self._b.transaction(write=True) as tx:
+            target = await tx.fetchrow(
+                "SELECT created_at FROM secret_versions WHERE tenant = ? AND ref = ? "
+                "AND version = ? AND revoked_at IS NULL AND sealed IS NOT NULL",
+                tenant,
+                ref,
+                to_version,
+            )
+            if target is None:
+                return False
+            row = await tx.fetchrow(
+                "UPDATE secrets SET current_version = ?, last_rotated = ? "
+                "WHERE tenant = ? AND ref = ? AND current_version = ? AND state = 'active' "
+                "RETURNING tenant",
+                to_version,
+                target[0],
+                tenant,
+                ref,
+                from_version,
+            )
+            if row is None:
+                return False
+            await tx.execute(
+                "UPDATE secret_versions SET retire_at = NULL "
+                "WHERE tenant = ? AND ref = ? AND version = ?",
+                tenant,
+                ref,
+                to_version,
+            )
+            await tx.execute(
+                "UPDATE secret_versions SET revoked_at = ? "
+                "WHERE tenant = ? AND ref = ? AND version = ? AND revoked_at IS NULL",
+                stamp,
+                tenant,
+                ref,
+                from_version,
+            )
+        return True
+
+    async def revoke(self, tenant: str, ref: str, at: dt.datetime) -> bool:
+        stamp = self._b.encode_ts(at)
+        async with self._b.transaction(write=True) as tx:
+            row = await tx.fetchrow(
+                "UPDATE secrets SET state = 'revoked', revoked_at = ? "
+                "WHERE tenant = ? AND ref = ? AND state = 'active' RETURNING tenant",
+                stamp,
+                tenant,
+                ref,
+            )
+            if row is None:
+                return False
+            await tx.execute(
+                "UPDATE secret_versions SET revoked_at = ? "
+                "WHERE tenant = ? AND ref = ? AND revoked_at IS NULL",
+                stamp,
+                tenant,
+                ref,
+            )
+        return True
+
+    async def mark_deleted(self, tenant: str, ref: str, at: dt.datetime) -> bool:
+        async with self._b.transaction(write=True) as tx:
+            row = await tx.fetchrow(
+                "UPDATE secrets SET state = 'deleted', deleted_at = ? "
+                "WHERE tenant = ? AND ref = ? AND state IN ('active', 'revoked') "
+                "RETURNING tenant",
+                self._b.encode_ts(at),
+                tenant,
+                ref,
+            )
+        return row is not None
+
+    async def retire_expired(self, now: dt.datetime) -> int:
+        async with self._b.transaction(write=True) as tx:
+            rows = await tx.fetch(
+                "UPDATE secret_versions SET revoked_at = retire_at "
+                "WHERE revoked_at IS NULL AND retire_at <= ? RETURNING version",
+                self._b.encode_ts(now),
+            )
+        return len(rows)
+
+    async def destroy_deleted(self, deleted_before: dt.datetime) -> list[tuple[str, str]]:
+        async with self._b.transaction(write=True) as tx:
+            rows = await tx.fetch(
+                "UPDATE secrets SET state = 'destroyed' "
+                "WHERE state = 'deleted' AND deleted_at <= ? RETURNING tenant, ref",
+                self._b.encode_ts(deleted_before),
+            )
+            for tenant, ref in rows:
+                await tx.execute(
+                    "UPDATE secret_versions SET sealed = NULL, kek_label = NULL, "
+                    "revoked_at = COALESCE(revoked_at, ?) WHERE tenant = ? AND ref = ?",
+                    self._b.encode_ts(deleted_before),
+                    tenant,
+                    ref,
+                )
+        return sorted((str(t), str(r)) for t, r in rows)
+
+    async def sealed_not_under(self, tenant: str, label: str) -> list[SealedRow]:
+        async with self._b.transaction(write=False) as tx:
+            rows = await tx.fetch(
+                "SELECT tenant, ref, version, kek_label, sealed FROM secret_versions "
+                "WHERE tenant = ? AND kek_label <> ? AND sealed IS NOT NULL "
+                "ORDER BY ref, version",
+                tenant,
+                label,
+            )
+        return [SealedRow(r[0], r[1], int(r[2]), r[3], bytes(r[4])) for r in rows]
+
+    async def replace_sealed(self, row: SealedRow, new_label: str, sealed: bytes) -> bool:
+        async with self._b.transaction(write=True) as tx:
+            done = await tx.fetchrow(
+                "UPDATE secret_versions SET kek_label = ?, sealed = ? "
+                "WHERE tenant = ? AND ref = ? AND version = ? AND kek_label = ? "
+                "AND sealed IS NOT NULL RETURNING version",
+                new_label,
+                bytes(sealed),
+                row.tenant,
+                row.ref,
+                row.version,
+                row.kek_label,
+            )
+        return done is not None
+
+    async def kek_in_use(self, label: str) -> bool:
+        async with self._b.transaction(write=False) as tx:
+            row = await tx.fetchrow(
+                "SELECT 1 FROM secret_versions WHERE kek_label = ? LIMIT 1", label
+            )
+        return row is not None
+
+    async def kek_tenants(self) -> list[str]:
+        prefix = "kek.current."
+        async with self._b.transaction(write=False) as tx:
+            rows = await tx.fetch(
+                "SELECT key FROM meta WHERE substr(key, 1, ?) = ?", len(prefix), prefix
+            )
+        return sorted(str(r[0])[len(prefix) :] for r in rows)
