@@ -1,0 +1,470 @@
+"""The node agent's logic (no gRPC): attest once, keep its own SVID renewed, learn the entries
+it may serve, hold a fresh X.509-SVID per entry (keys generated here, sent as CSRs), cache
+JWT-SVIDs, and tell subscribers about every change.
+
+Timing is pure and clock-driven: every SVID is renewed at half its life, with up to +-10 %
+jitter so a fleet of agents does not renew in step; entries and the bundle are re-read every
+`sync_interval`. When the broker cannot be reached the agent keeps serving what it holds until
+it expires and retries with exponential backoff (1 s doubling to 60 s). `step()` does one round
+and says how long to wait, so tests drive it with a fake clock and no sleeping.
+
+The broker is reached through `BrokerLink` (implemented over gRPC in
+`broker.api.identity_client`); the Workload API (`broker.api.workload`) reads `snapshot`,
+`svids_for` and `jwt_svids`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import logging
+import random
+import shlex
+import subprocess
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from broker.errors import PermissionDenied, Unavailable
+from broker.files import write_private_file
+from ca.bundle import TrustBundle
+from ca.clock import Clock
+from ca.jwtsvid import validate_jwt_svid
+
+__all__ = [
+    "Agent",
+    "AgentEntry",
+    "BrokerLink",
+    "IssuedSVID",
+    "JWTResult",
+    "Snapshot",
+    "SyncResult",
+    "WorkloadSVID",
+    "renew_at",
+]
+
+log = logging.getLogger("broker.agent")
+
+JITTER = 0.10
+BACKOFF_MIN = 1.0
+BACKOFF_MAX = 60.0
+JWT_CACHE_MAX = 4096
+
+
+@dataclass(frozen=True)
+class AgentEntry:
+    id: str
+    spiffe_id: str
+    selectors: frozenset[str]
+    dns_names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class IssuedSVID:
+    spiffe_id: str
+    chain_der: tuple[bytes, ...]  # leaf first
+    expires_at: dt.datetime
+    not_before: dt.datetime
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    entries: list[AgentEntry]
+    trust_domain: str
+    bundle_jwks: bytes
+    bundle_sequence: int
+
+
+@dataclass(frozen=True)
+class JWTResult:
+    spiffe_id: str
+    token: str
+    expires_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class WorkloadSVID:
+    entry_id: str
+    spiffe_id: str
+    chain_der: tuple[bytes, ...]
+    key_der: bytes  # PKCS#8
+    not_before: dt.datetime
+    expires_at: dt.datetime
+    renew_at: dt.datetime
+
+
+class BrokerLink(Protocol):
+    """What the agent needs from the broker. Blocking calls (run off the event loop); any
+    failure raises a `broker.errors.BrokerError` (Unavailable when unreachable)."""
+
+    def attest(self, csr_der: bytes) -> IssuedSVID:
+        """Attest with the bootstrap credential (join token or JWT) the link was built with."""
+        ...
+
+    def use_identity(self, chain_pem: bytes, key_pem: bytes) -> None:
+        """Authenticate later calls with this SVID (mTLS)."""
+        ...
+
+    def renew(self, csr_der: bytes) -> IssuedSVID: ...
+
+    def sync(self) -> SyncResult: ...
+
+    def mint_x509(self, entry_id: str, csr_der: bytes) -> IssuedSVID: ...
+
+    def mint_jwt(self, entry_id: str, audience: Sequence[str]) -> JWTResult: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything the Workload API serves, swapped atomically on each change."""
+
+    version: int = 0
+    trust_domain: str = ""
+    bundle: TrustBundle | None = None
+    bundle_sequence: int = -1
+    entries: tuple[AgentEntry, ...] = ()
+    svids: Mapping[str, WorkloadSVID] = field(default_factory=dict)
+
+    @property
+    def bundle_der(self) -> bytes:
+        return self.bundle.x509_der_concat() if self.bundle is not None else b""
+
+    @property
+    def jwt_bundle_json(self) -> bytes:
+        return self.bundle.to_jwt_jwks_json() if self.bundle is not None else b'{"keys":[]}'
+
+
+def renew_at(not_before: dt.datetime, expires_at: dt.datetime, rng: random.Random) -> dt.datetime:
+    """Half-life, +-10 % jitter of the half: between 45 % and 55 % of the lifetime."""
+    life = expires_at - not_before
+    return not_before + (life / 2) * (1 + rng.uniform(-JITTER, JITTER))
+
+
+def _new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _csr(key: ec.EllipticCurvePrivateKey) -> bytes:
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .sign(key, hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.DER)
+
+
+def _pkcs8(key: ec.EllipticCurvePrivateKey, encoding: serialization.Encoding) -> bytes:
+    return key.private_bytes(
+        encoding, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _pem_chain(chain_der: Sequence[bytes]) -> bytes:
+    return b"".join(
+        x509.load_der_x509_certificate(c).public_bytes(serialization.Encoding.PEM)
+        for c in chain_der
+    )
+
+
+def matches(entry: AgentEntry, selectors: Collection[str]) -> bool:
+    """An entry matches a caller holding every one of the entry's selectors."""
+    return bool(entry.selectors) and entry.selectors <= frozenset(selectors)
+
+
+@dataclass
+class FileDelivery:
+    """Write svid.pem, key.pem (0600) and bundle.pem for one identity into `directory`, each
+    atomically (temp file + rename), then run `on_rotate` (a shell-free argv split)."""
+
+    directory: Path
+    selectors: frozenset[str]  # whose SVID to write: the agent process's own
+    on_rotate: str | None = None
+    written_serial: bytes = b""
+
+    def deliver(self, snapshot: Snapshot) -> bool:
+        chosen = sorted(
+            (s for s in snapshot.svids.values() if self._wanted(snapshot, s.entry_id)),
+            key=lambda s: s.spiffe_id,
+        )
+        if not chosen or snapshot.bundle is None:
+            return False
+        svid = chosen[0]
+        marker = svid.chain_der[0] + snapshot.bundle_der
+        if marker == self.written_serial:
+            return False
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        key = serialization.load_der_private_key(svid.key_der, password=None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        write_private_file(self.directory / "key.pem", _pkcs8(key, serialization.Encoding.PEM))
+        write_private_file(self.directory / "svid.pem", _pem_chain(svid.chain_der), 0o644)
+        write_private_file(self.directory / "bundle.pem", snapshot.bundle.to_pem(), 0o644)
+        self.written_serial = marker
+        if self.on_rotate:
+            result = subprocess.run(shlex.split(self.on_rotate), check=False, timeout=60)
+            if result.returncode != 0:
+                log.warning("--on-rotate exited with status %d", result.returncode)
+        return True
+
+    def _wanted(self, snapshot: Snapshot, entry_id: str) -> bool:
+        return any(e.id == entry_id and matches(e, self.selectors) for e in snapshot.entries)
+
+
+class Agent:
+    def __init__(
+        self,
+        link: BrokerLink,
+        clock: Clock,
+        *,
+        sync_interval: float = 5.0,
+        rng: random.Random | None = None,
+        delivery: FileDelivery | None = None,
+        blocking: Callable[..., Awaitable[Any]] | None = None,
+    ) -> None:
+        self._link = link
+        self._clock = clock
+        self._sync_interval = dt.timedelta(seconds=sync_interval)
+        self._rng = rng or random.Random()  # noqa: S311 (jitter, not a secret)
+        self._delivery = delivery
+        self._blocking = blocking or asyncio.to_thread
+        self._snapshot = Snapshot()
+        self._changed = asyncio.Condition()
+        self._agent: IssuedSVID | None = None
+        self._agent_renew_at: dt.datetime | None = None
+        self._next_sync = clock.now()
+        self._failures = 0
+        self._retry_at = clock.now()
+        self._jwt_cache: dict[tuple[str, tuple[str, ...]], tuple[JWTResult, dt.datetime]] = {}
+        self.ready = asyncio.Event()
+
+    # -- what the Workload API reads ------------------------------------------------------
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
+
+    @property
+    def agent_id(self) -> str | None:
+        return self._agent.spiffe_id if self._agent else None
+
+    async def wait_change(self, version: int) -> Snapshot:
+        """Return once the snapshot's version differs from `version`."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._snapshot.version != version)
+            return self._snapshot
+
+    def svids_for(
+        self, selectors: Collection[str], snapshot: Snapshot | None = None
+    ) -> list[WorkloadSVID]:
+        """The valid SVIDs of the entries matching `selectors`; PermissionDenied when no
+        entry matches, Unavailable when entries match but nothing valid is held."""
+        snap = snapshot or self._snapshot
+        wanted = [e for e in snap.entries if matches(e, selectors)]
+        if not wanted:
+            if self._agent is None or snap.bundle is None:
+                raise Unavailable("the agent has not attested to the broker yet")
+            raise PermissionDenied("no registration entry matches this caller")
+        now = self._clock.now()
+        held = [snap.svids[e.id] for e in wanted if e.id in snap.svids]
+        valid = [s for s in held if s.expires_at > now]
+        if not valid:
+            raise Unavailable("the agent holds no valid SVID for this caller yet")
+        return sorted(valid, key=lambda s: s.spiffe_id)
+
+    async def jwt_svids(
+        self, selectors: Collection[str], audience: Sequence[str], spiffe_id: str = ""
+    ) -> list[JWTResult]:
+        """JWT-SVIDs for the caller's entries (or the one named), from the cache while they
+        are in the first half of their life."""
+        snap = self._snapshot
+        wanted = [e for e in snap.entries if matches(e, selectors)]
+        if not wanted:
+            if self._agent is None:
+                raise Unavailable("the agent has not attested to the broker yet")
+            raise PermissionDenied("no registration entry matches this caller")
+        if spiffe_id:
+            wanted = [e for e in wanted if e.spiffe_id == spiffe_id]
+            if not wanted:
+                raise PermissionDenied(f"this caller is not entitled to {spiffe_id[:200]}")
+        key_aud = tuple(sorted(audience))
+        now = self._clock.now()
+        out: list[JWTResult] = []
+        for entry in sorted(wanted, key=lambda e: e.spiffe_id):
+            cached = self._jwt_cache.get((entry.id, key_aud))
+            if cached is not None and cached[1] > now:
+                out.append(cached[0])
+                continue
+            try:
+                issued = await self._blocking(self._link.mint_jwt, entry.id, list(audience))
+            except Unavailable:
+                if cached is not None and cached[0].expires_at > now:
+                    out.append(cached[0])  # broker down: serve it while it is still valid
+                    continue
+                raise
+            if len(self._jwt_cache) >= JWT_CACHE_MAX:
+                self._jwt_cache.clear()
+            minted_at = self._clock.now()
+            self._jwt_cache[(entry.id, key_aud)] = (
+                issued,
+                minted_at + (issued.expires_at - minted_at) / 2,
+            )
+            out.append(issued)
+        return out
+
+    def validate_jwt(self, token: str, audience: str) -> tuple[str, dict[str, Any]]:
+        """Validate a JWT-SVID against the trust bundle's JWT keys; returns (sub, claims)."""
+        bundle = self._snapshot.bundle
+        if bundle is None:
+            raise Unavailable("the agent has no trust bundle yet")
+        claims = validate_jwt_svid(
+            token,
+            audience,
+            bundle.jwt_authorities,
+            self._clock.now(),
+            trust_domain=bundle.trust_domain,
+        )
+        return str(claims["sub"]), claims
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    async def run(self, sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> None:
+        """Attest, then keep everything fresh until cancelled."""
+        while True:
+            await sleep(await self.step())
+
+    async def step(self) -> float:
+        """One round: attest or renew the agent's SVID, sync, renew due workload SVIDs.
+        Returns the seconds until the next round is due."""
+        now = self._clock.now()
+        if now < self._retry_at:
+            return (self._retry_at - now).total_seconds()
+        try:
+            if self._agent is None:
+                await self._attest()
+            elif self._agent_renew_at is not None and now >= self._agent_renew_at:
+                await self._renew_agent()
+            if self._clock.now() >= self._next_sync:
+                await self._sync()
+            await self._renew_workloads()
+            self._failures = 0
+        except Exception as exc:  # an outage or a refusal: keep serving, retry with backoff
+            self._failures += 1
+            delay = min(BACKOFF_MAX, BACKOFF_MIN * 2.0 ** (self._failures - 1))
+            self._retry_at = self._clock.now() + dt.timedelta(seconds=delay)
+            log.warning("agent round failed (retry in %.0f s): %s", delay, exc)
+            self._prune()
+            return float(delay)
+        return max(0.05, min(self._due_in(), self._sync_interval.total_seconds()))
+
+    def _due_in(self) -> float:
+        now = self._clock.now()
+        dues = [self._next_sync]
+        if self._agent_renew_at is not None:
+            dues.append(self._agent_renew_at)
+        dues.extend(s.renew_at for s in self._snapshot.svids.values())
+        return max(0.0, (min(dues) - now).total_seconds())
+
+    async def _attest(self) -> None:
+        key = _new_key()
+        issued = await self._blocking(self._link.attest, _csr(key))
+        self._set_agent(issued, key)
+        log.info("attested as %s until %s", issued.spiffe_id, issued.expires_at.isoformat())
+
+    async def _renew_agent(self) -> None:
+        key = _new_key()
+        issued = await self._blocking(self._link.renew, _csr(key))
+        self._set_agent(issued, key)
+        log.info("renewed the agent SVID until %s", issued.expires_at.isoformat())
+
+    def _set_agent(self, issued: IssuedSVID, key: ec.EllipticCurvePrivateKey) -> None:
+        self._link.use_identity(
+            _pem_chain(issued.chain_der), _pkcs8(key, serialization.Encoding.PEM)
+        )
+        self._agent = issued
+        self._agent_renew_at = renew_at(issued.not_before, issued.expires_at, self._rng)
+
+    async def _sync(self) -> None:
+        result: SyncResult = await self._blocking(self._link.sync)
+        self._next_sync = self._clock.now() + self._sync_interval
+        snap = self._snapshot
+        bundle = snap.bundle
+        if result.bundle_sequence != snap.bundle_sequence or bundle is None:
+            bundle = TrustBundle.from_jwks(result.trust_domain, result.bundle_jwks)
+        entries = tuple(sorted(result.entries, key=lambda e: e.id))
+        if bundle is snap.bundle and entries == snap.entries:
+            return
+        keep = {e.id for e in entries}
+        # An entry whose definition changed gets a new SVID.
+        changed = {e.id for e in entries if e not in snap.entries}
+        svids = {k: v for k, v in snap.svids.items() if k in keep and k not in changed}
+        self._jwt_cache = {
+            k: v for k, v in self._jwt_cache.items() if k[0] in keep and k[0] not in changed
+        }
+        await self._publish(
+            dataclasses.replace(
+                snap,
+                trust_domain=result.trust_domain,
+                bundle=bundle,
+                bundle_sequence=result.bundle_sequence,
+                entries=entries,
+                svids=svids,
+            )
+        )
+
+    async def _renew_workloads(self) -> None:
+        snap = self._snapshot
+        now = self._clock.now()
+        due = [
+            e for e in snap.entries if e.id not in snap.svids or snap.svids[e.id].renew_at <= now
+        ]
+        if not due:
+            return
+        svids = dict(snap.svids)
+        try:
+            for entry in due:
+                key = _new_key()
+                issued: IssuedSVID = await self._blocking(self._link.mint_x509, entry.id, _csr(key))
+                svids[entry.id] = WorkloadSVID(
+                    entry_id=entry.id,
+                    spiffe_id=issued.spiffe_id,
+                    chain_der=issued.chain_der,
+                    key_der=_pkcs8(key, serialization.Encoding.DER),
+                    not_before=issued.not_before,
+                    expires_at=issued.expires_at,
+                    renew_at=renew_at(issued.not_before, issued.expires_at, self._rng),
+                )
+        finally:
+            if svids != snap.svids:
+                await self._publish(dataclasses.replace(self._snapshot, svids=svids))
+
+    def _prune(self) -> None:
+        """Drop SVIDs that have expired (they must never be served)."""
+        now = self._clock.now()
+        snap = self._snapshot
+        alive = {k: v for k, v in snap.svids.items() if v.expires_at > now}
+        if len(alive) != len(snap.svids):
+            self._snapshot = dataclasses.replace(snap, svids=alive, version=snap.version + 1)
+            asyncio.get_running_loop().create_task(self._notify())
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _publish(self, snapshot: Snapshot) -> None:
+        snapshot = dataclasses.replace(snapshot, version=self._snapshot.version + 1)
+        self._snapshot = snapshot
+        await self._notify()
+        if snapshot.svids and snapshot.bundle is not None:
+            self.ready.set()
+        if self._delivery is not None:
+            try:
+                await self._blocking(self._delivery.deliver, snapshot)
+            except (OSError, subprocess.SubprocessError) as exc:
+                log.warning("writing the SVID files failed: %s", exc)

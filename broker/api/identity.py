@@ -1,0 +1,249 @@
+"""gRPC servicer for workload identity (broker.v1.WorkloadIdentity): attestation, agent renewal
+and sync, entry minting, join tokens, attestors, registration entries, the denylist."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from cryptography import x509
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from broker.attestation import token_fingerprint
+from broker.authority import IssuedX509
+from broker.errors import InvalidArgument
+from broker.policy import Action
+from broker.storage.identity import AttestorRecord, EntryRecord
+from broker.workloads import IdentityService
+
+from ._proto import identity_pb2, identity_pb2_grpc
+from .interceptors import MethodSpec, current_call
+
+if TYPE_CHECKING:
+    from broker.app import Application
+
+    from .services import ServiceBinding
+
+__all__ = ["IDENTITY_SPECS", "WorkloadIdentityServicer", "binding"]
+
+_SVC = "/broker.v1.WorkloadIdentity/"
+
+
+def _attest_resource(request: Any) -> str:
+    if request.WhichOneof("credential") == "join_token":
+        return "join-token:" + token_fingerprint(request.join_token)
+    return "jwt:" + token_fingerprint(request.jwt)
+
+
+IDENTITY_SPECS: dict[str, MethodSpec] = {
+    _SVC + "Attest": MethodSpec(Action.ATTEST, _attest_resource, bootstrap=True),
+    _SVC + "RenewAgent": MethodSpec(Action.AGENT_RENEW, deferred=True),
+    _SVC + "SyncAgent": MethodSpec(Action.AGENT_SYNC, deferred=True),
+    _SVC + "MintEntryX509": MethodSpec(Action.AGENT_SYNC, lambda r: r.entry_id[:64], deferred=True),
+    _SVC + "MintEntryJWT": MethodSpec(Action.AGENT_SYNC, lambda r: r.entry_id[:64], deferred=True),
+    _SVC + "CreateJoinToken": MethodSpec(Action.TOKEN_CREATE, lambda r: r.spiffe_id[:2100]),
+    _SVC + "AddAttestor": MethodSpec(Action.ATTESTOR_ADMIN, lambda r: r.name[:64]),
+    _SVC + "ListAttestors": MethodSpec(Action.ATTESTOR_ADMIN),
+    _SVC + "RemoveAttestor": MethodSpec(Action.ATTESTOR_ADMIN, lambda r: r.name[:64]),
+    _SVC + "CreateEntry": MethodSpec(Action.ENTRY_ADMIN, lambda r: r.spiffe_id[:2100]),
+    _SVC + "ListEntries": MethodSpec(Action.ENTRY_ADMIN),
+    _SVC + "GetEntry": MethodSpec(Action.ENTRY_ADMIN, lambda r: r.id[:64]),
+    _SVC + "DeleteEntry": MethodSpec(Action.ENTRY_ADMIN, lambda r: r.id[:64]),
+    _SVC + "DenySVID": MethodSpec(Action.SVID_DENY, lambda r: r.target[:2100]),
+}
+
+
+def _ts(value: dt.datetime) -> Timestamp:
+    return Timestamp(seconds=int(value.timestamp()), nanos=value.microsecond * 1000)
+
+
+def _peer_serial(context: grpc.aio.ServicerContext) -> str | None:
+    """The serial (hex) of the verified client certificate, for the denylist."""
+    certs = (context.auth_context() or {}).get("x509_pem_cert") or ()
+    if not certs:
+        return None
+    return format(x509.load_pem_x509_certificate(certs[0]).serial_number, "x")
+
+
+def _agent_svid(issued: IssuedX509) -> identity_pb2.AgentSVID:
+    return identity_pb2.AgentSVID(
+        spiffe_id=issued.spiffe_id,
+        cert_chain=issued.chain_der,
+        bundle=issued.bundle_der,
+        expires_at=_ts(issued.expires_at),
+        serial=issued.serial,
+    )
+
+
+def _entry(e: EntryRecord) -> identity_pb2.Entry:
+    return identity_pb2.Entry(
+        id=e.id,
+        spiffe_id=e.spiffe_id,
+        parent_id=e.parent_id,
+        selectors=list(e.selectors),
+        x509_ttl_seconds=e.x509_ttl,
+        jwt_ttl_seconds=e.jwt_ttl,
+        dns_names=list(e.dns_names),
+        created_at=_ts(e.created_at),
+    )
+
+
+def _attestor(a: AttestorRecord) -> identity_pb2.Attestor:
+    return identity_pb2.Attestor(
+        name=a.name,
+        issuer=a.issuer,
+        audience=a.audience,
+        jwks_json=a.jwks,
+        template=a.template,
+        algorithms=list(a.algorithms),
+        created_at=_ts(a.created_at),
+    )
+
+
+class WorkloadIdentityServicer(identity_pb2_grpc.WorkloadIdentityServicer):  # type: ignore[misc]
+    def __init__(self, service: IdentityService) -> None:
+        self._svc = service
+
+    async def Attest(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        call = current_call()
+        kind = request.WhichOneof("credential")
+        if kind == "join_token":
+            issued = await self._svc.attest_join_token(
+                request.join_token, bytes(request.csr), call.caller
+            )
+        elif kind == "jwt":
+            issued = await self._svc.attest_jwt(request.jwt, bytes(request.csr), call.caller)
+        else:
+            raise InvalidArgument("attestation needs a join_token or a jwt")
+        call.details.update(
+            method=kind,
+            spiffe_id=issued.spiffe_id,
+            serial=issued.serial,
+            expires_at=issued.expires_at.isoformat(),
+        )
+        return _agent_svid(issued)
+
+    async def RenewAgent(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        call = current_call()
+        call.authorize(call.caller.spiffe_id)
+        issued = await self._svc.renew(call.caller, _peer_serial(context) or "", bytes(request.csr))
+        call.details.update(serial=issued.serial, expires_at=issued.expires_at.isoformat())
+        return _agent_svid(issued)
+
+    async def SyncAgent(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        call = current_call()
+        call.authorize(call.caller.spiffe_id)
+        sync = await self._svc.sync(call.caller, _peer_serial(context))
+        call.details.update(entries=len(sync.entries))
+        return identity_pb2.SyncAgentResponse(
+            entries=[_entry(e) for e in sync.entries],
+            trust_domain=sync.trust_domain,
+            bundle_jwks=sync.bundle_jwks,
+            bundle_sequence=sync.bundle_sequence,
+        )
+
+    async def MintEntryX509(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        call = current_call()
+        entry = await self._svc.get_entry(request.entry_id)
+        call.authorize(entry.id, {"parent": entry.parent_id})
+        issued = await self._svc.mint_entry_x509(
+            entry, bytes(request.csr), call.caller, _peer_serial(context)
+        )
+        call.details.update(
+            spiffe_id=issued.spiffe_id,
+            serial=issued.serial,
+            expires_at=issued.expires_at.isoformat(),
+        )
+        return identity_pb2.EntryX509SVID(
+            spiffe_id=issued.spiffe_id,
+            cert_chain=issued.chain_der,
+            bundle=issued.bundle_der,
+            expires_at=_ts(issued.expires_at),
+            serial=issued.serial,
+        )
+
+    async def MintEntryJWT(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        call = current_call()
+        entry = await self._svc.get_entry(request.entry_id)
+        call.authorize(entry.id, {"parent": entry.parent_id})
+        token = await self._svc.mint_entry_jwt(
+            entry, tuple(request.audience), call.caller, _peer_serial(context)
+        )
+        call.details.update(
+            spiffe_id=token.spiffe_id,
+            audience=list(request.audience)[:16],
+            expires_at=token.expires_at.isoformat(),
+            kid=token.kid,
+        )
+        return identity_pb2.EntryJWTSVID(
+            spiffe_id=token.spiffe_id, token=token.token, expires_at=_ts(token.expires_at)
+        )
+
+    async def CreateJoinToken(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        ttl = dt.timedelta(seconds=request.ttl_seconds) if request.HasField("ttl_seconds") else None
+        token, sid, expires = await self._svc.create_join_token(request.spiffe_id, ttl)
+        current_call().details.update(
+            token=token_fingerprint(token), expires_at=expires.isoformat()
+        )
+        return identity_pb2.CreateJoinTokenResponse(
+            token=token, spiffe_id=sid, expires_at=_ts(expires)
+        )
+
+    async def AddAttestor(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        record = await self._svc.add_attestor(
+            request.name,
+            request.issuer,
+            request.audience,
+            request.jwks_json,
+            request.template,
+            tuple(request.algorithms),
+        )
+        return _attestor(record)
+
+    async def ListAttestors(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return identity_pb2.ListAttestorsResponse(
+            attestors=[_attestor(a) for a in await self._svc.list_attestors()]
+        )
+
+    async def RemoveAttestor(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await self._svc.remove_attestor(request.name)
+        return identity_pb2.RemoveAttestorResponse()
+
+    async def CreateEntry(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        entry = await self._svc.create_entry(
+            spiffe_id=request.spiffe_id,
+            parent_id=request.parent_id,
+            selectors=tuple(request.selectors),
+            x509_ttl=request.x509_ttl_seconds,
+            jwt_ttl=request.jwt_ttl_seconds,
+            dns_names=tuple(request.dns_names),
+        )
+        current_call().details.update(entry_id=entry.id)
+        return _entry(entry)
+
+    async def ListEntries(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        entries = await self._svc.list_entries(request.parent_id or None)
+        return identity_pb2.ListEntriesResponse(entries=[_entry(e) for e in entries])
+
+    async def GetEntry(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return _entry(await self._svc.get_entry(request.id))
+
+    async def DeleteEntry(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await self._svc.delete_entry(request.id)
+        return identity_pb2.DeleteEntryResponse()
+
+    async def DenySVID(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        record = await self._svc.deny(request.target)
+        return identity_pb2.DenySVIDResponse(kind=record.kind, value=record.value)
+
+
+def binding(app: Application) -> ServiceBinding:
+    from .services import ServiceBinding
+
+    return ServiceBinding(
+        identity_pb2.DESCRIPTOR.services_by_name["WorkloadIdentity"],
+        identity_pb2_grpc.add_WorkloadIdentityServicer_to_server,
+        WorkloadIdentityServicer(app.workloads),
+        IDENTITY_SPECS,
+    )

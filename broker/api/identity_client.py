@@ -1,0 +1,307 @@
+"""Clients for broker.v1.WorkloadIdentity: `IdentityClient` (operators: join tokens, attestors,
+entries, the denylist) wraps a `BrokerClient`; `GrpcBrokerLink` is the agent's `BrokerLink`
+(attestation over the server-authenticated attestation port, everything else over mTLS with
+the agent's current SVID)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from broker.agent import AgentEntry, IssuedSVID, JWTResult, SyncResult
+from broker.errors import BrokerError, InvalidArgument, PermissionDenied, Unavailable
+
+from ._proto import identity_pb2, identity_pb2_grpc
+from .client import (
+    DEFAULT_TIMEOUT_SECONDS,
+    MAX_MESSAGE_BYTES,
+    BrokerClient,
+    ClientCredentials,
+    ClientError,
+    _error,
+    _host_of,
+    _is_local_literal,
+)
+
+__all__ = ["Attestor", "Entry", "GrpcBrokerLink", "IdentityClient", "JoinToken"]
+
+_R = TypeVar("_R")
+
+
+@dataclass(frozen=True)
+class JoinToken:
+    token: str
+    spiffe_id: str
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class Attestor:
+    name: str
+    issuer: str
+    audience: str
+    template: str
+    algorithms: list[str]
+    created_at: datetime
+    key_ids: list[str]
+
+
+@dataclass(frozen=True)
+class Entry:
+    id: str
+    spiffe_id: str
+    parent_id: str
+    selectors: list[str]
+    x509_ttl_seconds: int
+    jwt_ttl_seconds: int
+    dns_names: list[str]
+    created_at: datetime
+
+
+def _time(ts: timestamp_pb2.Timestamp) -> datetime:
+    return ts.ToDatetime(tzinfo=UTC)
+
+
+def _entry(e: identity_pb2.Entry) -> Entry:
+    return Entry(
+        id=e.id,
+        spiffe_id=e.spiffe_id,
+        parent_id=e.parent_id,
+        selectors=list(e.selectors),
+        x509_ttl_seconds=e.x509_ttl_seconds,
+        jwt_ttl_seconds=e.jwt_ttl_seconds,
+        dns_names=list(e.dns_names),
+        created_at=_time(e.created_at),
+    )
+
+
+def _attestor(a: identity_pb2.Attestor) -> Attestor:
+    import json
+
+    try:
+        kids = [str(k.get("kid", "")) for k in json.loads(a.jwks_json).get("keys", [])]
+    except (ValueError, AttributeError):
+        kids = []
+    return Attestor(
+        name=a.name,
+        issuer=a.issuer,
+        audience=a.audience,
+        template=a.template,
+        algorithms=list(a.algorithms),
+        created_at=_time(a.created_at),
+        key_ids=kids,
+    )
+
+
+class IdentityClient:
+    def __init__(self, client: BrokerClient) -> None:
+        self._client = client
+        self._stub = identity_pb2_grpc.WorkloadIdentityStub(client.channel)
+
+    def create_join_token(self, spiffe_id: str, ttl_seconds: int | None = None) -> JoinToken:
+        request = identity_pb2.CreateJoinTokenRequest(spiffe_id=spiffe_id)
+        if ttl_seconds is not None:
+            request.ttl_seconds = ttl_seconds
+        r = self._client.call(self._stub.CreateJoinToken, request)
+        return JoinToken(r.token, r.spiffe_id, _time(r.expires_at))
+
+    def add_attestor(
+        self,
+        name: str,
+        issuer: str,
+        audience: str,
+        jwks_json: str,
+        template: str,
+        algorithms: Sequence[str] = (),
+    ) -> Attestor:
+        request = identity_pb2.Attestor(
+            name=name,
+            issuer=issuer,
+            audience=audience,
+            jwks_json=jwks_json,
+            template=template,
+            algorithms=list(algorithms),
+        )
+        return _attestor(self._client.call(self._stub.AddAttestor, request))
+
+    def list_attestors(self) -> list[Attestor]:
+        r = self._client.call(self._stub.ListAttestors, identity_pb2.ListAttestorsRequest())
+        return [_attestor(a) for a in r.attestors]
+
+    def remove_attestor(self, name: str) -> None:
+        self._client.call(self._stub.RemoveAttestor, identity_pb2.RemoveAttestorRequest(name=name))
+
+    def create_entry(
+        self,
+        spiffe_id: str,
+        parent_id: str,
+        selectors: Sequence[str],
+        x509_ttl_seconds: int = 0,
+        jwt_ttl_seconds: int = 0,
+        dns_names: Sequence[str] = (),
+    ) -> Entry:
+        request = identity_pb2.Entry(
+            spiffe_id=spiffe_id,
+            parent_id=parent_id,
+            selectors=list(selectors),
+            x509_ttl_seconds=x509_ttl_seconds,
+            jwt_ttl_seconds=jwt_ttl_seconds,
+            dns_names=list(dns_names),
+        )
+        return _entry(self._client.call(self._stub.CreateEntry, request))
+
+    def list_entries(self, parent_id: str = "") -> list[Entry]:
+        r = self._client.call(
+            self._stub.ListEntries, identity_pb2.ListEntriesRequest(parent_id=parent_id)
+        )
+        return [_entry(e) for e in r.entries]
+
+    def get_entry(self, entry_id: str) -> Entry:
+        return _entry(
+            self._client.call(self._stub.GetEntry, identity_pb2.GetEntryRequest(id=entry_id))
+        )
+
+    def delete_entry(self, entry_id: str) -> None:
+        self._client.call(self._stub.DeleteEntry, identity_pb2.DeleteEntryRequest(id=entry_id))
+
+    def deny(self, target: str) -> tuple[str, str]:
+        r = self._client.call(self._stub.DenySVID, identity_pb2.DenySVIDRequest(target=target))
+        return r.kind, r.value
+
+
+def _as_broker_error(exc: ClientError) -> BrokerError:
+    if exc.code_name in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "UNKNOWN"):
+        return Unavailable(exc.message)
+    if exc.code_name in ("PERMISSION_DENIED", "UNAUTHENTICATED"):
+        return PermissionDenied(exc.message)
+    if exc.code_name == "INVALID_ARGUMENT":
+        return InvalidArgument(exc.message)
+    return Unavailable(f"{exc.code_name}: {exc.message}")
+
+
+def _issued(r: Any) -> IssuedSVID:
+    from cryptography import x509
+
+    leaf = x509.load_der_x509_certificate(r.cert_chain[0])
+    return IssuedSVID(
+        spiffe_id=r.spiffe_id,
+        chain_der=tuple(r.cert_chain),
+        expires_at=_time(r.expires_at),
+        not_before=leaf.not_valid_before_utc,
+    )
+
+
+class GrpcBrokerLink:
+    """`broker.agent.BrokerLink` over gRPC. Thread-safe enough for the agent: calls come one
+    at a time from worker threads; `use_identity` swaps the mTLS client under a lock."""
+
+    def __init__(
+        self,
+        server: str,
+        attest_server: str,
+        bundle_pem: bytes,
+        *,
+        join_token: str | None = None,
+        jwt: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,
+    ) -> None:
+        if (join_token is None) == (jwt is None):
+            raise InvalidArgument("give exactly one of a join token or a JWT")
+        self._server = server
+        self._attest_server = attest_server
+        self._bundle = bundle_pem
+        self._join_token = join_token
+        self._jwt = jwt
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._client: BrokerClient | None = None
+        self._stub: Any = None
+
+    def _options(self, target: str) -> list[tuple[str, Any]]:
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ]
+        if _is_local_literal(_host_of(target)):
+            options.append(("grpc.ssl_target_name_override", "localhost"))
+        return options
+
+    def attest(self, csr_der: bytes) -> IssuedSVID:
+        request = identity_pb2.AttestRequest(csr=csr_der)
+        if self._join_token is not None:
+            request.join_token = self._join_token
+        else:
+            assert self._jwt is not None
+            request.jwt = self._jwt
+        creds = grpc.ssl_channel_credentials(root_certificates=self._bundle)
+        target = self._attest_server
+        with grpc.secure_channel(target, creds, options=self._options(target)) as channel:
+            stub = identity_pb2_grpc.WorkloadIdentityStub(channel)
+            try:
+                response = stub.Attest(request, timeout=self._timeout)
+            except grpc.RpcError as exc:
+                none = ClientCredentials(b"", b"", self._bundle)
+                raise _as_broker_error(_error(exc, none)) from None
+        return _issued(response)
+
+    def use_identity(self, chain_pem: bytes, key_pem: bytes) -> None:
+        client = BrokerClient(
+            self._server, ClientCredentials(chain_pem, key_pem, self._bundle), timeout=self._timeout
+        )
+        with self._lock:
+            old, self._client = self._client, client
+            self._stub = identity_pb2_grpc.WorkloadIdentityStub(client.channel)
+        if old is not None:
+            old.close()
+
+    def _call(self, name: str, request: Any) -> Any:
+        with self._lock:
+            client, stub = self._client, self._stub
+        if client is None:
+            raise Unavailable("the agent has not attested yet")
+        method: Callable[..., Any] = getattr(stub, name)
+        try:
+            return client.call(method, request)
+        except ClientError as exc:
+            raise _as_broker_error(exc) from None
+
+    def renew(self, csr_der: bytes) -> IssuedSVID:
+        return _issued(self._call("RenewAgent", identity_pb2.RenewAgentRequest(csr=csr_der)))
+
+    def sync(self) -> SyncResult:
+        r = self._call("SyncAgent", identity_pb2.SyncAgentRequest())
+        return SyncResult(
+            entries=[
+                AgentEntry(e.id, e.spiffe_id, frozenset(e.selectors), tuple(e.dns_names))
+                for e in r.entries
+            ],
+            trust_domain=r.trust_domain,
+            bundle_jwks=r.bundle_jwks,
+            bundle_sequence=r.bundle_sequence,
+        )
+
+    def mint_x509(self, entry_id: str, csr_der: bytes) -> IssuedSVID:
+        return _issued(
+            self._call(
+                "MintEntryX509", identity_pb2.MintEntryX509Request(entry_id=entry_id, csr=csr_der)
+            )
+        )
+
+    def mint_jwt(self, entry_id: str, audience: Sequence[str]) -> JWTResult:
+        r = self._call(
+            "MintEntryJWT",
+            identity_pb2.MintEntryJWTRequest(entry_id=entry_id, audience=list(audience)),
+        )
+        return JWTResult(r.spiffe_id, r.token, _time(r.expires_at))
+
+    def close(self) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()

@@ -1,0 +1,306 @@
+"""Workload identity on the broker side: join tokens, JWT attestors, registration entries, the
+denylist, and the SVIDs agents get for themselves and for the entries they serve.
+
+An agent's identity is the SPIFFE ID its join token was bound to, or the one its attestor's
+template makes from the JWT's claims. An entry names its parent (the agent allowed to serve it);
+the agent sends CSRs for keys it generated, so workload keys never exist on the broker. CA
+policy bounds every SVID minted here (TTL, DNS names), as for any other mint.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from broker.attestation import (
+    JwtAttestor,
+    hash_token,
+    new_join_token,
+    unverified_issuer,
+)
+from broker.authority import CAService, IssuedJWT, IssuedX509
+from broker.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+from broker.policy import Caller
+from broker.storage.identity import (
+    AttestorRecord,
+    DenyRecord,
+    EntryRecord,
+    IdentityRepository,
+    JoinTokenRecord,
+)
+from ca.clock import Clock
+from ca.errors import CAError
+from ca.spiffeid import SpiffeId
+
+__all__ = ["AgentSync", "IdentityService", "check_selector"]
+
+DEFAULT_TOKEN_TTL = dt.timedelta(minutes=10)
+MAX_TOKEN_TTL = dt.timedelta(hours=24)
+MAX_SELECTORS = 16
+MAX_DNS = 32
+_SELECTOR_KEYS = {
+    "uid": r"\d{1,10}",
+    "gid": r"\d{1,10}",
+    "user": r"[^:\s]{1,64}",
+    "group": r"[^:\s]{1,64}",
+}
+_SERIAL = re.compile(r"^[0-9a-f]{1,40}$")
+
+
+def check_selector(selector: str) -> str:
+    """`unix:uid:N`, `unix:gid:N`, `unix:user:NAME` or `unix:group:NAME`; InvalidArgument."""
+    parts = selector.split(":", 2)
+    if len(parts) != 3 or parts[0] != "unix" or parts[1] not in _SELECTOR_KEYS:
+        raise InvalidArgument(
+            f"selector {selector[:80]!r} is not one of unix:uid:N, unix:gid:N, unix:user:NAME, "
+            "unix:group:NAME"
+        )
+    if not re.fullmatch(_SELECTOR_KEYS[parts[1]], parts[2]):
+        raise InvalidArgument(f"selector {selector[:80]!r} has an invalid value")
+    return selector
+
+
+@dataclass(frozen=True)
+class AgentSync:
+    entries: list[EntryRecord]
+    trust_domain: str
+    bundle_jwks: bytes
+    bundle_sequence: int
+
+
+class IdentityService:
+    def __init__(self, ca: CAService, store: IdentityRepository, clock: Clock) -> None:
+        self._ca = ca
+        self._store = store
+        self._clock = clock
+
+    @property
+    def trust_domain(self) -> str:
+        return self._ca.trust_domain
+
+    def _workload_id(self, text: str, what: str) -> str:
+        try:
+            sid = SpiffeId.parse(text).require_member_of(self.trust_domain).require_workload()
+        except CAError as exc:
+            raise InvalidArgument(f"{what}: {exc}") from None
+        if sid.path == "/broker" or sid.path.startswith("/broker/"):
+            raise InvalidArgument(f"{what}: spiffe://{self.trust_domain}/broker/... is reserved")
+        return sid.id_string
+
+    # -- join tokens and attestation --------------------------------------------------------
+
+    async def create_join_token(
+        self, spiffe_id: str, ttl: dt.timedelta | None
+    ) -> tuple[str, str, dt.datetime]:
+        """A one-time token bound to `spiffe_id`; returns (token, id, expiry). Only the hash
+        is stored."""
+        sid = self._workload_id(spiffe_id, "join token SPIFFE ID")
+        ttl = DEFAULT_TOKEN_TTL if ttl is None else ttl
+        if not dt.timedelta(0) < ttl <= MAX_TOKEN_TTL:
+            raise InvalidArgument("join token TTL must be positive and at most 24h")
+        token = new_join_token()
+        now = self._clock.now()
+        await self._store.insert_join_token(JoinTokenRecord(hash_token(token), sid, now, now + ttl))
+        return token, sid, now + ttl
+
+    async def attest_join_token(self, token: str, csr: bytes, caller: Caller) -> IssuedX509:
+        """Consume the token and issue the agent's SVID for `csr`. Raises Unauthenticated for
+        an unknown, expired or used token (one message for all three)."""
+        if not csr:
+            raise InvalidArgument("attestation needs a CSR for the agent's key")
+        if not isinstance(token, str) or not 0 < len(token) <= 256:
+            raise Unauthenticated("join token is unknown, expired or already used")
+        spiffe_id = await self._store.consume_join_token(hash_token(token), self._clock.now())
+        if spiffe_id is None:
+            raise Unauthenticated("join token is unknown, expired or already used")
+        return await self._issue_agent(spiffe_id, csr, caller)
+
+    async def attest_jwt(self, token: str, csr: bytes, caller: Caller) -> IssuedX509:
+        if not csr:
+            raise InvalidArgument("attestation needs a CSR for the agent's key")
+        issuer = unverified_issuer(token)
+        record = await self._store.attestor_for_issuer(issuer)
+        if record is None:
+            raise Unauthenticated("attestation JWT issuer is not a registered attestor")
+        attestor = self._attestor(record)
+        claims = attestor.verify(token, self._clock.now())
+        return await self._issue_agent(attestor.spiffe_id_for(claims), csr, caller)
+
+    async def _issue_agent(self, spiffe_id: str, csr: bytes, caller: Caller) -> IssuedX509:
+        if await self._store.is_denied(spiffe_id, None):
+            raise PermissionDenied(f"{spiffe_id} is on the denylist")
+        return await self._ca.mint_x509(
+            spiffe_id, ttl=None, csr=csr, key_type=None, dns_names=(), caller=caller
+        )
+
+    async def renew(self, caller: Caller, serial: str, csr: bytes) -> IssuedX509:
+        """A new SVID for the caller's own ID (the mTLS certificate proves it)."""
+        if not csr:
+            raise InvalidArgument("renewal needs a CSR")
+        await self.check_allowed(caller.spiffe_id, serial)
+        return await self._ca.mint_x509(
+            caller.spiffe_id, ttl=None, csr=csr, key_type=None, dns_names=(), caller=caller
+        )
+
+    async def check_allowed(self, spiffe_id: str, serial: str | None) -> None:
+        """PermissionDenied when the ID or the certificate serial is on the denylist."""
+        if await self._store.is_denied(spiffe_id, serial):
+            raise PermissionDenied(f"{spiffe_id} (or its certificate) is on the denylist")
+
+    # -- attestors --------------------------------------------------------------------------
+
+    def _attestor(self, record: AttestorRecord) -> JwtAttestor:
+        return JwtAttestor.build(
+            name=record.name,
+            issuer=record.issuer,
+            audience=record.audience,
+            jwks_json=record.jwks,
+            template=record.template,
+            algorithms=record.algorithms,
+            trust_domain=self.trust_domain,
+        )
+
+    async def add_attestor(
+        self,
+        name: str,
+        issuer: str,
+        audience: str,
+        jwks_json: str,
+        template: str,
+        algorithms: Sequence[str],
+    ) -> AttestorRecord:
+        attestor = JwtAttestor.build(
+            name=name,
+            issuer=issuer,
+            audience=audience,
+            jwks_json=jwks_json,
+            template=template,
+            algorithms=algorithms,
+            trust_domain=self.trust_domain,
+        )
+        record = AttestorRecord(
+            name=attestor.name,
+            issuer=issuer,
+            audience=audience,
+            jwks=json.dumps(json.loads(jwks_json), sort_keys=True),
+            template=template,
+            algorithms=attestor.algorithms,
+            created_at=self._clock.now(),
+        )
+        await self._store.insert_attestor(record)
+        return record
+
+    async def list_attestors(self) -> list[AttestorRecord]:
+        return await self._store.list_attestors()
+
+    async def remove_attestor(self, name: str) -> None:
+        if not await self._store.delete_attestor(name):
+            raise NotFound(f"no attestor named {name[:80]!r}")
+
+    # -- registration entries ---------------------------------------------------------------
+
+    async def create_entry(
+        self,
+        *,
+        spiffe_id: str,
+        parent_id: str,
+        selectors: Sequence[str],
+        x509_ttl: int,
+        jwt_ttl: int,
+        dns_names: Sequence[str],
+    ) -> EntryRecord:
+        sid = self._workload_id(spiffe_id, "entry SPIFFE ID")
+        parent = self._workload_id(parent_id, "entry parent ID")
+        if not selectors:
+            raise InvalidArgument("an entry needs at least one selector (e.g. unix:uid:1000)")
+        if len(selectors) > MAX_SELECTORS:
+            raise InvalidArgument(f"at most {MAX_SELECTORS} selectors")
+        chosen = tuple(sorted({check_selector(s) for s in selectors}))
+        if x509_ttl < 0 or jwt_ttl < 0:
+            raise InvalidArgument("TTLs must not be negative")
+        if len(dns_names) > MAX_DNS:
+            raise InvalidArgument(f"at most {MAX_DNS} DNS names")
+        record = EntryRecord(
+            id=uuid.uuid4().hex,
+            spiffe_id=sid,
+            parent_id=parent,
+            selectors=chosen,
+            x509_ttl=x509_ttl,
+            jwt_ttl=jwt_ttl,
+            dns_names=tuple(dns_names),
+            created_at=self._clock.now(),
+        )
+        await self._store.insert_entry(record)
+        return record
+
+    async def get_entry(self, entry_id: str) -> EntryRecord:
+        entry = await self._store.get_entry(entry_id) if entry_id else None
+        if entry is None:
+            raise NotFound(f"no registration entry {entry_id[:80]!r}")
+        return entry
+
+    async def list_entries(self, parent_id: str | None = None) -> list[EntryRecord]:
+        return await self._store.list_entries(parent_id or None)
+
+    async def delete_entry(self, entry_id: str) -> None:
+        if not await self._store.delete_entry(entry_id):
+            raise NotFound(f"no registration entry {entry_id[:80]!r}")
+
+    # -- denylist ---------------------------------------------------------------------------
+
+    async def deny(self, target: str) -> DenyRecord:
+        """Deny a SPIFFE ID or a serial (hex). Idempotent."""
+        text = target.strip()
+        if text.startswith("spiffe://"):
+            try:
+                kind, value = "spiffe_id", SpiffeId.parse(text).id_string
+            except CAError as exc:
+                raise InvalidArgument(str(exc)) from None
+        else:
+            value = text.lower().removeprefix("0x").replace(":", "").lstrip("0") or "0"
+            if not _SERIAL.match(value):
+                raise InvalidArgument("give a SPIFFE ID or a certificate serial in hex")
+            kind = "serial"
+        record = DenyRecord(kind, value, self._clock.now())
+        await self._store.deny(record)
+        return record
+
+    # -- agents -----------------------------------------------------------------------------
+
+    async def sync(self, agent: Caller, serial: str | None) -> AgentSync:
+        await self.check_allowed(agent.spiffe_id, serial)
+        bundle = self._ca.bundle()
+        return AgentSync(
+            entries=await self._store.list_entries(agent.spiffe_id),
+            trust_domain=self.trust_domain,
+            bundle_jwks=bundle.jwks,
+            bundle_sequence=bundle.sequence,
+        )
+
+    async def mint_entry_x509(
+        self, entry: EntryRecord, csr: bytes, agent: Caller, serial: str | None
+    ) -> IssuedX509:
+        """The caller must already be authorized as the entry's parent."""
+        await self.check_allowed(agent.spiffe_id, serial)
+        if not csr:
+            raise InvalidArgument("the agent must send a CSR (workload keys stay on the agent)")
+        ttl = dt.timedelta(seconds=entry.x509_ttl) if entry.x509_ttl else None
+        return await self._ca.mint_x509(
+            entry.spiffe_id,
+            ttl=ttl,
+            csr=csr,
+            key_type=None,
+            dns_names=entry.dns_names,
+            caller=agent,
+        )
+
+    async def mint_entry_jwt(
+        self, entry: EntryRecord, audience: Sequence[str], agent: Caller, serial: str | None
+    ) -> IssuedJWT:
+        await self.check_allowed(agent.spiffe_id, serial)
+        ttl = dt.timedelta(seconds=entry.jwt_ttl) if entry.jwt_ttl else None
+        return await self._ca.mint_jwt(entry.spiffe_id, audience, ttl=ttl, caller=agent)
