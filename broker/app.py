@@ -23,7 +23,9 @@ from broker.files import write_private_file
 from broker.identity import Authenticator
 from broker.policy import DefaultPolicy
 from broker.ratelimit import RateLimiter
+from broker.storage.identity import IdentityStore
 from broker.storage.interface import Storage
+from broker.workloads import IdentityService
 from ca.clock import Clock
 from ca.keys import KeyBackend
 from ca.layout import IdentityLayout
@@ -88,6 +90,9 @@ class Application:
             config.trust_domain, config.server.operators, self.layout
         )
         self.server_id = SpiffeId.from_segments(config.trust_domain, "broker", "server")
+        # Workload identity: attestation, registration entries, agents.
+        store = IdentityStore(storage.backend)  # type: ignore[attr-defined]
+        self.workloads = IdentityService(self.ca, store, clock)
         self._operator_expiry: dt.datetime | None = None
 
     async def start(self) -> None:

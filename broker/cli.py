@@ -682,7 +682,6 @@ def audit_tail(ctx: click.Context, limit: int) -> None:
 # imported here, once those helpers exist. One line per feature:
 # from broker.commands import <feature> as _<feature>_commands
 from broker.commands import identity as _identity_commands  # noqa: E402, F401
-
 from broker.commands import secrets as _secrets_commands  # noqa: E402, F401
 
 # -- entry points ------------------------------------------------------------------------------
@@ -734,4 +733,8 @@ def main() -> NoReturn:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m broker.cli`: run the importable module, so that the feature command groups
+    # (which import broker.cli) attach to the same `cli` object that runs.
+    from broker.cli import main as _main
+
+    _main()

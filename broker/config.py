@@ -4,7 +4,7 @@ name), never inline: a DSN with a password or a PIN in a URI is refused.
 
 Environment overrides (applied after the file): BROKER_LISTEN, BROKER_TRUST_DOMAIN,
 BROKER_STORAGE_DSN, BROKER_KEYS_URI, BROKER_KEYS_PIN_SOURCE, BROKER_RATE_LIMIT_RPS,
-BROKER_RATE_LIMIT_BURST, BROKER_WORKERS.
+BROKER_RATE_LIMIT_BURST, BROKER_WORKERS, BROKER_ATTEST_LISTEN.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from ca.errors import CAError
 from ca.spiffeid import SpiffeId
 
 __all__ = [
+    "DEFAULT_ATTEST_LISTEN",
     "DEFAULT_DATA_DIR",
     "DEFAULT_LISTEN",
     "CAConfig",
@@ -37,6 +38,10 @@ __all__ = [
 
 
 DEFAULT_LISTEN = "127.0.0.1:8443"  # also the CLI's default --server
+# Attestation (no client certificate yet): server-authenticated TLS, only the Attest RPC is
+# admitted without a client certificate. "auto": the listen port + 1 (any free port if that one
+# is taken, or if the listen port is 0); "off": none; otherwise HOST:PORT, which must bind.
+DEFAULT_ATTEST_LISTEN = "auto"
 DEFAULT_DATA_DIR = Path(".broker")
 
 
@@ -91,6 +96,7 @@ class ServerConfig:
     rate_limit_rps: float = 500.0
     rate_limit_burst: float = 1000.0
     workers: int = 1  # processes sharing the listen port (SO_REUSEPORT)
+    attest_listen: str = DEFAULT_ATTEST_LISTEN
 
 
 @dataclass(frozen=True)
@@ -124,6 +130,8 @@ class Config:
         if not self.server.operators:
             raise InvalidArgument("config: server.operators must name at least one SPIFFE ID")
         _check_listen(self.server.listen)
+        if self.server.attest_listen not in ("auto", "off"):
+            _check_listen(self.server.attest_listen)
         if self.ca.key_type not in ("ec-p256", "ec-p384"):
             raise InvalidArgument("config: ca.key_type must be ec-p256 or ec-p384")
         if not 1 <= self.server.workers <= 64:
@@ -191,6 +199,7 @@ _SECTIONS = {
         "rate_limit_rps",
         "rate_limit_burst",
         "workers",
+        "attest_listen",
     },
 }
 
@@ -255,6 +264,7 @@ def config_from_document(doc: Mapping[str, Any], base_dir: Path) -> Config:
             rate_limit_rps=float(srv.get("rate_limit_rps", defaults_srv.rate_limit_rps)),
             rate_limit_burst=float(srv.get("rate_limit_burst", defaults_srv.rate_limit_burst)),
             workers=int(srv.get("workers", defaults_srv.workers)),
+            attest_listen=str(srv.get("attest_listen", defaults_srv.attest_listen)),
         ),
     )
 
@@ -273,6 +283,8 @@ def apply_env(config: Config, environ: Mapping[str, str] | None = None) -> Confi
             server = replace(server, workers=int(env["BROKER_WORKERS"]))
     except ValueError as exc:
         raise InvalidArgument(f"environment: BROKER_RATE_LIMIT_* / BROKER_WORKERS: {exc}") from exc
+    if "BROKER_ATTEST_LISTEN" in env:
+        server = replace(server, attest_listen=env["BROKER_ATTEST_LISTEN"])
     if "BROKER_STORAGE_DSN" in env:
         storage = replace(storage, dsn=env["BROKER_STORAGE_DSN"])
     if "BROKER_KEYS_URI" in env:

@@ -134,7 +134,10 @@ async def _serve(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         if ready is None:
-            line = _listening_line(config, port, app.keys.description, app.storage.dialect)
+            attest = served.attest_port
+            host = config.server.listen.rpartition(":")[0]
+            extra = f"; attestation on {host}:{attest}" if attest else ""
+            line = _listening_line(config, port, app.keys.description, app.storage.dialect, extra)
             print(line, flush=True)
         else:
             ready.send(("ready", port, app.keys.description, app.storage.dialect))

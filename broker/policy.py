@@ -103,6 +103,11 @@ class Policy(Protocol):
 
 
 _ANY_CALLER = frozenset({Action.BUNDLE_GET, Action.HEALTH, Action.REFLECTION})
+# Anyone may try to attest: the join token or JWT in the request is the credential.
+_ATTEST = frozenset({Action.ATTEST})
+# Agents: renew only their own ID; sync and mint only for entries whose parent they are.
+_AGENT_SELF = frozenset({Action.AGENT_RENEW})
+_AGENT_PARENT = frozenset({Action.AGENT_SYNC})
 _SELF_MINT = frozenset({Action.SVID_MINT, Action.JWT_MINT})
 # Reading a credential: only the owning service, in the same tenant and environment.
 _OWNER_ACTIONS = frozenset({Action.SECRETS_GET, Action.DB_CREDS})
@@ -160,6 +165,19 @@ class DefaultPolicy:
             return Decision(True, "operators administer the broker", "operator")
         if action in _ANY_CALLER:
             return Decision(True, f"any authenticated identity may {action}", "authenticated")
+        if action in _ATTEST:
+            return Decision(True, "attestation is authenticated by its credential", "attest")
+        if action in _AGENT_SELF:
+            if resource == caller.spiffe_id:
+                return Decision(True, "an agent renews its own identity", "agent-self")
+            return Decision(False, f"{caller.spiffe_id} may renew only itself", "agent-self")
+        if action in _AGENT_PARENT:
+            parent = resource if attributes is None else attributes.get("parent", "")
+            if parent == caller.spiffe_id:
+                return Decision(True, "the agent is the entry's parent", "agent-parent")
+            return Decision(
+                False, f"{caller.spiffe_id} is not the parent of this entry", "agent-parent"
+            )
         if action in _SELF_MINT:
             if resource == caller.spiffe_id:
                 return Decision(True, "a workload may mint its own identity", "self-mint")

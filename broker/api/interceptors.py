@@ -58,6 +58,9 @@ class MethodSpec:
     resource: Callable[[Any], str] = lambda _request: ""
     audited: bool = True
     deferred: bool = False
+    # Admitted without a client certificate (attestation: the credential is in the request).
+    # The caller is then "bootstrap:<peer host>", rate limited per host and audited as such.
+    bootstrap: bool = False
 
 
 @dataclass
@@ -104,6 +107,15 @@ _CURRENT: contextvars.ContextVar[CallContext] = contextvars.ContextVar("broker_c
 def current_call() -> CallContext:
     """The context of the request being served (set by the pipeline before the servicer)."""
     return _CURRENT.get()
+
+
+def bootstrap_caller(peer: str) -> Caller:
+    """The caller of a bootstrap RPC without a client certificate, named by its host (so the
+    rate limit applies per host, not per connection)."""
+    host = peer
+    if peer.startswith(("ipv4:", "ipv6:")):
+        host = peer.split(":", 1)[1].rsplit(":", 1)[0]
+    return Caller(f"bootstrap:{host[:200]}", False, {})
 
 
 def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
@@ -212,7 +224,12 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         caller ("who") and "resource" as soon as they are known, so that a refusal can still be
         audited with them."""
         seen = {} if seen is None else seen
-        caller = self._auth.caller(context.auth_context())
+        try:
+            caller = self._auth.caller(context.auth_context())
+        except Unauthenticated:
+            if spec is None or not spec.bootstrap:
+                raise
+            caller = bootstrap_caller(context.peer())
         seen["who"] = caller.spiffe_id
         if spec is not None and request is not None:
             seen["resource"] = spec.resource(request)

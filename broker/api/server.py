@@ -31,10 +31,11 @@ class ServingCredentials:
         self._lock = threading.Lock()
         self._material = material
         self._fresh = False
+        self._fresh_attest = False  # the attestation port's credentials fetch on their own
 
     def update(self, material: TLSMaterial) -> None:
         with self._lock:
-            self._material, self._fresh = material, True
+            self._material, self._fresh, self._fresh_attest = material, True, True
 
     def _config(self, material: TLSMaterial) -> grpc.ServerCertificateConfiguration:
         return grpc.ssl_server_certificate_configuration(
@@ -55,6 +56,35 @@ class ServingCredentials:
             initial, self._fetch, require_client_authentication=True
         )
 
+    def _fetch_attest(self) -> grpc.ServerCertificateConfiguration | None:
+        with self._lock:
+            if not self._fresh_attest:
+                return None
+            self._fresh_attest = False
+            return grpc.ssl_server_certificate_configuration(
+                [(self._material.key_pem, self._material.chain_pem)]
+            )
+
+    def attest_credentials(self) -> grpc.ServerCredentials:
+        """Server-authenticated TLS without client certificates, for the attestation port
+        (the pipeline admits only bootstrap RPCs there without a certificate)."""
+        with self._lock:
+            initial = grpc.ssl_server_certificate_configuration(
+                [(self._material.key_pem, self._material.chain_pem)]
+            )
+        return grpc.dynamic_ssl_server_credentials(
+            initial, self._fetch_attest, require_client_authentication=False
+        )
+
+
+def _attest_address(listen: str, attest_listen: str, port: int) -> str | None:
+    if attest_listen == "off":
+        return None
+    if attest_listen != "auto":
+        return attest_listen
+    host = listen.rpartition(":")[0]
+    return f"{host}:{port + 1 if port and port < 65535 else 0}"
+
 
 async def start_server(
     *,
@@ -64,9 +94,11 @@ async def start_server(
     bindings: Sequence[ServiceBinding],
     max_message_bytes: int,
     reuse_port: bool = False,
-) -> tuple[grpc.aio.Server, int]:
-    """Start serving; returns the server and the bound port. Raises Unavailable if the
-    address cannot be bound."""
+    attest_listen: str = "off",
+) -> tuple[grpc.aio.Server, int, int | None]:
+    """Start serving; returns the server, the bound port and the attestation port (None when
+    off). Raises Unavailable if an address cannot be bound (see `ServerConfig.attest_listen`
+    for "auto")."""
     missing = set().union(*(b.missing_specs() for b in bindings))
     assert not missing, f"RPCs without a method spec: {sorted(missing)}"
     server = grpc.aio.server(
@@ -97,11 +129,37 @@ async def start_server(
         raise Unavailable(f"cannot listen on {listen}: {exc}") from exc
     if port == 0:
         raise Unavailable(f"cannot listen on {listen}: address in use or not available")
+    attest_port = _add_attest_port(server, credentials, listen, attest_listen, port, reuse_port)
     await server.start()
     for name in served:
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
-    return server, port
+    return server, port, attest_port
+
+
+def _add_attest_port(
+    server: grpc.aio.Server,
+    credentials: ServingCredentials,
+    listen: str,
+    attest_listen: str,
+    port: int,
+    reuse_port: bool,
+) -> int | None:
+    address = _attest_address(listen, attest_listen, port)
+    if address is None:
+        return None
+    try:
+        bound = server.add_secure_port(address, credentials.attest_credentials())
+    except RuntimeError:
+        bound = 0
+    if bound == 0 and attest_listen == "auto" and not reuse_port:
+        fallback = f"{listen.rpartition(':')[0]}:0"
+        bound = server.add_secure_port(fallback, credentials.attest_credentials())
+    if bound == 0:
+        if attest_listen == "auto":
+            return None  # several workers, port taken: attestation through another replica
+        raise Unavailable(f"cannot listen on {address} (attestation): address in use")
+    return int(bound)
 
 
 @dataclass
@@ -110,6 +168,7 @@ class AppServer:
     port: int
     credentials: ServingCredentials
     material: TLSMaterial
+    attest_port: int | None = None
 
 
 async def serve_application(
@@ -130,12 +189,13 @@ async def serve_application(
         app.clock,
         max_request_bytes=app.config.server.max_message_bytes,
     )
-    server, port = await start_server(
+    server, port, attest_port = await start_server(
         listen=app.config.server.listen,
         credentials=credentials,
         pipeline=pipeline,
         bindings=bindings,
         max_message_bytes=app.config.server.max_message_bytes,
         reuse_port=reuse_port,
+        attest_listen=app.config.server.attest_listen,
     )
-    return AppServer(server, port, credentials, material)
+    return AppServer(server, port, credentials, material, attest_port)

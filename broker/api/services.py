@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from google.protobuf.descriptor import ServiceDescriptor
 
+from . import identity
 from ._proto import audit_pb2, audit_pb2_grpc, ca_pb2, ca_pb2_grpc
 from .interceptors import MethodSpec
 from .servicers import (
@@ -67,6 +68,7 @@ def bindings_for(app: Application, *, ca: CAService | None = None) -> list[Servi
         ),
     ]
     # Features (one line each, in this order):
+    bindings.append(identity.binding(app))
     return bindings
 
 
