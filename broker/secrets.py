@@ -343,16 +343,21 @@ class SecretService:
         record, _ = loaded
         if record.state not in ("active", "revoked"):
             raise FailedPrecondition("the secret was deleted; it cannot be rotated")
-        new_version = record.current_version + 1
+        # After a rollback the newest version is not the current one: never reuse a number.
+        existing = await self._repo.versions(tenant, ref.text)
+        new_version = max((v.version for v in existing), default=0) + 1
         now = self._clock.now()
         sealed = await self._envelope.seal(tenant, plaintext, aad(tenant, ref.text, new_version))
-        won = await self._repo.add_version(
-            tenant,
-            ref.text,
-            expected_current=record.current_version,
-            new=VersionRecord(new_version, sealed.kek_label, sealed.to_bytes(), now),
-            retire_previous_at=now + self.rotation_window,
-        )
+        try:
+            won = await self._repo.add_version(
+                tenant,
+                ref.text,
+                expected_current=record.current_version,
+                new=VersionRecord(new_version, sealed.kek_label, sealed.to_bytes(), now),
+                retire_previous_at=now + self.rotation_window,
+            )
+        except AlreadyExists:  # a concurrent rotation took the number
+            won = False
         if not won:
             raise FailedPrecondition("the secret changed while rotating it; try again")
         return await self.show(tenant, reference), record.current_version, new_version
