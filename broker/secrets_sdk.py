@@ -127,19 +127,27 @@ class SecretResolver:
         return secret
 
     def refresh_due(self) -> dict[str, Exception]:
-        """Refresh every cached entry past its refresh point; the errors, by reference
-        (entries still within their TTL stay cached through `SecretUnavailable`)."""
+        """Refresh every cached entry past its refresh point; the failures, by reference. An
+        entry that could not be refreshed stays cached while within its TTL (broker
+        unreachable) and is dropped on a refusal."""
         now = self._clock.monotonic()
         with self._lock:
-            due = [
-                (r, e) for r, e in self._cache.items() if now - e.fetched_at >= self._refresh_after
-            ]
+            due = [r for r, e in self._cache.items() if now - e.fetched_at >= self._refresh_after]
         errors: dict[str, Exception] = {}
-        for reference, entry in due:
+        for reference in due:
             try:
-                self._fetch(reference, entry, now)
+                secret = self._source.fetch(reference)
             except (SecretUnavailable, SecretRefused) as exc:
                 errors[reference] = exc
+                with self._lock:
+                    entry = self._cache.get(reference)
+                    if entry is not None and (
+                        isinstance(exc, SecretRefused) or now - entry.fetched_at >= self._ttl
+                    ):
+                        del self._cache[reference]
+                continue
+            with self._lock:
+                self._cache[reference] = _Entry(secret, now)
         return errors
 
     def resolve_env(self, references: Mapping[str, str]) -> dict[str, str]:
