@@ -1,0 +1,301 @@
+"""The agent's logic against a fake broker and a fake clock: attestation, half-life renewal
+with jitter, entry matching, caching through a broker outage, backoff, bundle pushes, files."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from broker.agent import (
+    Agent,
+    AgentEntry,
+    FileDelivery,
+    IssuedSVID,
+    JWTResult,
+    SyncResult,
+    renew_at,
+)
+from broker.errors import PermissionDenied, Unavailable
+from ca.bundle import TrustBundle
+from ca.clock import FakeClock
+from ca.jwtsvid import mint_jwt_svid
+from ca.spiffeid import SpiffeId
+from ca.x509svid import LeafIssuer, build_intermediate, build_root
+
+TD = "example.org"
+AGENT_ID = f"spiffe://{TD}/agents/node1"
+WEB = AgentEntry("e-web", f"spiffe://{TD}/acme/prod/web", frozenset({"unix:uid:1000"}))
+DB = AgentEntry("e-db", f"spiffe://{TD}/acme/prod/db", frozenset({"unix:uid:1001", "unix:gid:5"}))
+START = dt.datetime(2026, 5, 1, 12, 0, tzinfo=dt.UTC)
+
+
+class FakeCA:
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        root_key = ec.generate_private_key(ec.SECP256R1())
+        self.root = build_root(root_key, TD, START - dt.timedelta(days=1), dt.timedelta(days=365))
+        key = ec.generate_private_key(ec.SECP256R1())
+        self.issuing = build_intermediate(
+            root_key,
+            self.root,
+            key.public_key(),
+            TD,
+            START - dt.timedelta(days=1),
+            dt.timedelta(days=30),
+        )
+        self.issuer = LeafIssuer(key, self.issuing)
+        self.jwt_key = ec.generate_private_key(ec.SECP256R1())
+        self.sequence = 1
+
+    def bundle(self) -> bytes:
+        return TrustBundle(
+            trust_domain=TD,
+            x509_authorities=[self.root],
+            jwt_authorities={"k1": self.jwt_key.public_key()},
+            sequence=self.sequence,
+            refresh_hint_seconds=60,
+        ).to_jwks_json()
+
+    def issue(self, spiffe_id: str, csr_der: bytes, ttl: dt.timedelta) -> IssuedSVID:
+        csr = x509.load_der_x509_csr(csr_der)
+        cert = self.issuer.issue(
+            csr.public_key(),
+            SpiffeId.parse(spiffe_id),
+            self.clock.now(),
+            ttl,
+            backdate=dt.timedelta(0),
+        )
+        der = (
+            cert.public_bytes(serialization.Encoding.DER),
+            self.issuing.public_bytes(serialization.Encoding.DER),
+        )
+        return IssuedSVID(spiffe_id, der, cert.not_valid_after_utc, cert.not_valid_before_utc)
+
+
+class FakeLink:
+    def __init__(self, ca: FakeCA, entries: list[AgentEntry]) -> None:
+        self.ca = ca
+        self.entries = entries
+        self.down = False
+        self.calls: list[str] = []
+        self.identity: bytes | None = None
+        self.ttl = dt.timedelta(minutes=10)
+
+    def _check(self, name: str) -> None:
+        self.calls.append(name)
+        if self.down:
+            raise Unavailable("connection refused")
+
+    def attest(self, csr_der: bytes) -> IssuedSVID:
+        self._check("attest")
+        return self.ca.issue(AGENT_ID, csr_der, dt.timedelta(hours=1))
+
+    def use_identity(self, chain_pem: bytes, key_pem: bytes) -> None:
+        self.identity = chain_pem
+
+    def renew(self, csr_der: bytes) -> IssuedSVID:
+        self._check("renew")
+        return self.ca.issue(AGENT_ID, csr_der, dt.timedelta(hours=1))
+
+    def sync(self) -> SyncResult:
+        self._check("sync")
+        return SyncResult(list(self.entries), TD, self.ca.bundle(), self.ca.sequence)
+
+    def mint_x509(self, entry_id: str, csr_der: bytes) -> IssuedSVID:
+        self._check("mint_x509")
+        entry = next(e for e in self.entries if e.id == entry_id)
+        return self.ca.issue(entry.spiffe_id, csr_der, self.ttl)
+
+    def mint_jwt(self, entry_id: str, audience: Sequence[str]) -> JWTResult:
+        self._check("mint_jwt")
+        entry = next(e for e in self.entries if e.id == entry_id)
+        svid = mint_jwt_svid(
+            self.ca.jwt_key,
+            SpiffeId.parse(entry.spiffe_id),
+            list(audience),
+            self.ca.clock.now(),
+            dt.timedelta(minutes=5),
+            kid="k1",
+        )
+        return JWTResult(entry.spiffe_id, svid.token, svid.expires_at)
+
+    def close(self) -> None:
+        pass
+
+
+async def _inline(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
+
+
+Blocking = Callable[..., Awaitable[Any]]
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(START)
+
+
+@pytest.fixture
+def link(clock: FakeClock) -> FakeLink:
+    return FakeLink(FakeCA(clock), [WEB, DB])
+
+
+@pytest.fixture
+def agent(link: FakeLink, clock: FakeClock) -> Agent:
+    return Agent(link, clock, sync_interval=5, rng=random.Random(7), blocking=_inline)
+
+
+def test_renewal_is_at_half_life_within_ten_percent_jitter() -> None:
+    rng = random.Random(1)
+    life = dt.timedelta(hours=1)
+    points = [renew_at(START, START + life, rng) - START for _ in range(2000)]
+    assert min(points) >= life * 0.45 and max(points) <= life * 0.55
+    assert max(points) - min(points) > life * 0.08  # it does jitter
+
+
+async def test_first_step_attests_syncs_and_mints_for_every_entry(
+    agent: Agent, link: FakeLink
+) -> None:
+    await agent.step()
+    assert link.calls[:2] == ["attest", "sync"]
+    assert link.calls.count("mint_x509") == 2
+    assert agent.agent_id == AGENT_ID and link.identity is not None
+    assert agent.ready.is_set()
+    [svid] = agent.svids_for({"unix:uid:1000", "unix:gid:7"})
+    assert svid.spiffe_id == WEB.spiffe_id
+    leaf = x509.load_der_x509_certificate(svid.chain_der[0])
+    key = serialization.load_der_private_key(svid.key_der, None)
+    assert leaf.public_key() == key.public_key()  # type: ignore[union-attr]
+
+
+async def test_every_selector_of_an_entry_must_match(agent: Agent) -> None:
+    await agent.step()
+    with pytest.raises(PermissionDenied):
+        agent.svids_for({"unix:uid:1001"})  # DB also needs gid 5
+    assert [s.spiffe_id for s in agent.svids_for({"unix:uid:1001", "unix:gid:5"})] == [DB.spiffe_id]
+    with pytest.raises(PermissionDenied):
+        agent.svids_for({"unix:uid:0"})
+
+
+async def test_before_attestation_callers_get_unavailable(agent: Agent, link: FakeLink) -> None:
+    link.down = True
+    delay = await agent.step()
+    assert delay == 1.0
+    with pytest.raises(Unavailable):
+        agent.svids_for({"unix:uid:1000"})
+
+
+async def test_workload_svids_renew_at_half_life(
+    agent: Agent, link: FakeLink, clock: FakeClock
+) -> None:
+    await agent.step()
+    before = agent.svids_for({"unix:uid:1000"})[0]
+    clock.advance(minutes=4)  # 40 % of 10 minutes: not yet
+    await agent.step()
+    assert agent.svids_for({"unix:uid:1000"})[0] == before
+    clock.advance(minutes=2)  # 60 %: past any jittered half-life
+    await agent.step()
+    after = agent.svids_for({"unix:uid:1000"})[0]
+    assert after.chain_der != before.chain_der and after.key_der != before.key_der
+
+
+async def test_the_agent_renews_its_own_svid_without_reattesting(
+    agent: Agent, link: FakeLink, clock: FakeClock
+) -> None:
+    await agent.step()
+    clock.advance(minutes=34)
+    await agent.step()
+    assert link.calls.count("attest") == 1 and link.calls.count("renew") == 1
+
+
+async def test_an_outage_serves_the_cache_then_backs_off_then_expires(
+    agent: Agent, link: FakeLink, clock: FakeClock
+) -> None:
+    await agent.step()
+    held = agent.svids_for({"unix:uid:1000"})[0]
+    link.down = True
+    clock.advance(minutes=6)  # renewal due, broker down
+    delays = []
+    for _ in range(4):
+        delays.append(await agent.step())
+        clock.advance(seconds=delays[-1])
+    assert delays == [1.0, 2.0, 4.0, 8.0]
+    assert agent.svids_for({"unix:uid:1000"})[0] == held  # still served while valid
+    clock.set(held.expires_at + dt.timedelta(seconds=1))
+    await agent.step()
+    with pytest.raises(Unavailable):
+        agent.svids_for({"unix:uid:1000"})
+    link.down = False
+    clock.advance(seconds=60)
+    await agent.step()
+    assert agent.svids_for({"unix:uid:1000"})[0].expires_at > clock.now()
+
+
+async def test_bundle_and_entry_changes_bump_the_version_and_wake_watchers(
+    agent: Agent, link: FakeLink, clock: FakeClock
+) -> None:
+    await agent.step()
+    version = agent.snapshot.version
+    waiter = asyncio.create_task(agent.wait_change(version))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    link.ca.sequence += 1  # e.g. a prepared CA generation's key was published
+    clock.advance(seconds=5)
+    await agent.step()
+    snapshot = await asyncio.wait_for(waiter, 1)
+    assert snapshot.bundle_sequence == link.ca.sequence
+    link.entries = [WEB]
+    clock.advance(seconds=5)
+    await agent.step()
+    with pytest.raises(PermissionDenied):
+        agent.svids_for({"unix:uid:1001", "unix:gid:5"})
+
+
+async def test_jwt_svids_are_cached_and_validate_against_the_bundle(
+    agent: Agent, link: FakeLink, clock: FakeClock
+) -> None:
+    await agent.step()
+    [first] = await agent.jwt_svids({"unix:uid:1000"}, ["db"])
+    [again] = await agent.jwt_svids({"unix:uid:1000"}, ["db"])
+    assert first == again and link.calls.count("mint_jwt") == 1
+    sub, claims = agent.validate_jwt(first.token, "db")
+    assert sub == WEB.spiffe_id and claims["aud"] in ("db", ["db"])
+    with pytest.raises(PermissionDenied):
+        await agent.jwt_svids({"unix:uid:1000"}, ["db"], spiffe_id=DB.spiffe_id)
+    clock.advance(minutes=3)  # past half of the 5-minute JWT
+    await agent.jwt_svids({"unix:uid:1000"}, ["db"])
+    assert link.calls.count("mint_jwt") == 2
+
+
+async def test_file_delivery_writes_atomically_with_a_private_key(
+    link: FakeLink, clock: FakeClock, tmp_path: Path
+) -> None:
+    marker = tmp_path / "rotated"
+    delivery = FileDelivery(
+        tmp_path / "out", frozenset({"unix:uid:1000"}), on_rotate=f"touch {marker}"
+    )
+    agent = Agent(link, clock, rng=random.Random(3), blocking=_inline, delivery=delivery)
+    await agent.step()
+    out = tmp_path / "out"
+    assert os.stat(out / "key.pem").st_mode & 0o777 == 0o600
+    leaf = x509.load_pem_x509_certificates((out / "svid.pem").read_bytes())[0]
+    key = serialization.load_pem_private_key((out / "key.pem").read_bytes(), None)
+    assert leaf.public_key() == key.public_key()  # type: ignore[union-attr]
+    assert x509.load_pem_x509_certificates((out / "bundle.pem").read_bytes())[0] == link.ca.root
+    assert marker.exists()
+    marker.unlink()
+    clock.advance(minutes=6)
+    await agent.step()
+    assert marker.exists()
+    assert x509.load_pem_x509_certificates((out / "svid.pem").read_bytes())[0] != leaf
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left

@@ -1,0 +1,217 @@
+"""JWT attestation: every refusal the issue lists, and the claim template."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import hmac
+import json
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from broker.attestation import JwtAttestor, hash_token, new_join_token, token_fingerprint
+from broker.errors import InvalidArgument, Unauthenticated
+
+NOW = dt.datetime(2026, 5, 1, 12, 0, tzinfo=dt.UTC)
+ISSUER = "https://kubernetes.default.svc"
+TEMPLATE = "spiffe://{td}/ns/{kubernetes.io.namespace}/sa/{kubernetes.io.serviceaccount.name}"
+
+
+@pytest.fixture(scope="module")
+def rsa_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture(scope="module")
+def ec_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _jwk(key: Any, kid: str) -> dict[str, Any]:
+    if isinstance(key, rsa.RSAPublicKey):
+        doc = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key))
+    else:
+        doc = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key))
+    doc["kid"] = kid
+    return dict(doc)
+
+
+@pytest.fixture(scope="module")
+def attestor(rsa_key: rsa.RSAPrivateKey, ec_key: ec.EllipticCurvePrivateKey) -> JwtAttestor:
+    jwks = {"keys": [_jwk(rsa_key.public_key(), "rsa1"), _jwk(ec_key.public_key(), "ec1")]}
+    return JwtAttestor.build(
+        name="k8s",
+        issuer=ISSUER,
+        audience="broker",
+        jwks_json=json.dumps(jwks),
+        template=TEMPLATE,
+        algorithms=("RS256", "ES256"),
+        trust_domain="example.org",
+    )
+
+
+def _claims(**over: Any) -> dict[str, Any]:
+    claims: dict[str, Any] = {
+        "iss": ISSUER,
+        "aud": "broker",
+        "sub": "system:serviceaccount:shop:web",
+        "exp": int((NOW + dt.timedelta(minutes=10)).timestamp()),
+        "nbf": int((NOW - dt.timedelta(minutes=1)).timestamp()),
+        "kubernetes.io": {"namespace": "shop", "serviceaccount": {"name": "web"}},
+    }
+    claims.update(over)
+    return claims
+
+
+def _sign(key: Any, claims: dict[str, Any], alg: str = "RS256", kid: str = "rsa1") -> str:
+    return jwt.encode(claims, key, algorithm=alg, headers={"kid": kid})
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def test_a_valid_token_maps_to_the_templated_id(attestor: JwtAttestor, rsa_key: Any) -> None:
+    claims = attestor.verify(_sign(rsa_key, _claims()), NOW)
+    assert attestor.spiffe_id_for(claims) == "spiffe://example.org/ns/shop/sa/web"
+
+
+def test_an_ec_signed_token_verifies(attestor: JwtAttestor, ec_key: Any) -> None:
+    token = _sign(ec_key, _claims(), alg="ES256", kid="ec1")
+    assert attestor.verify(token, NOW)["sub"] == "system:serviceaccount:shop:web"
+
+
+@pytest.mark.parametrize(
+    ("claims", "message"),
+    [
+        (_claims(aud="someone-else"), "audience"),
+        (_claims(iss="https://evil.example"), "issuer"),
+        (_claims(exp=int((NOW - dt.timedelta(seconds=1)).timestamp())), "expired"),
+        (_claims(nbf=int((NOW + dt.timedelta(minutes=5)).timestamp())), "not valid yet"),
+    ],
+)
+def test_wrong_claims_are_refused(
+    attestor: JwtAttestor, rsa_key: Any, claims: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(Unauthenticated, match=message):
+        attestor.verify(_sign(rsa_key, claims), NOW)
+
+
+def test_a_token_without_exp_is_refused(attestor: JwtAttestor, rsa_key: Any) -> None:
+    claims = _claims()
+    del claims["exp"]
+    with pytest.raises(Unauthenticated, match="exp"):
+        attestor.verify(_sign(rsa_key, claims), NOW)
+
+
+def test_alg_none_is_refused(attestor: JwtAttestor) -> None:
+    header = _b64(json.dumps({"alg": "none", "kid": "rsa1", "typ": "JWT"}).encode())
+    payload = _b64(json.dumps(_claims()).encode())
+    with pytest.raises(Unauthenticated, match="not allowed"):
+        attestor.verify(f"{header}.{payload}.", NOW)
+
+
+def test_hs256_signed_with_the_public_key_is_refused(attestor: JwtAttestor, rsa_key: Any) -> None:
+    """Key confusion: an HMAC keyed with the issuer's public key (which anyone has)."""
+    public_pem = rsa_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    header = _b64(json.dumps({"alg": "HS256", "kid": "rsa1", "typ": "JWT"}).encode())
+    payload = _b64(json.dumps(_claims()).encode())
+    signature = hmac.new(public_pem, f"{header}.{payload}".encode(), hashlib.sha256).digest()
+    with pytest.raises(Unauthenticated, match="not allowed"):
+        attestor.verify(f"{header}.{payload}.{_b64(signature)}", NOW)
+
+
+def test_rs256_header_naming_the_ec_key_is_refused(attestor: JwtAttestor, rsa_key: Any) -> None:
+    with pytest.raises(Unauthenticated, match="cannot verify"):
+        attestor.verify(_sign(rsa_key, _claims(), kid="ec1"), NOW)
+
+
+def test_unknown_kid_is_refused(attestor: JwtAttestor, rsa_key: Any) -> None:
+    with pytest.raises(Unauthenticated, match="kid is unknown"):
+        attestor.verify(_sign(rsa_key, _claims(), kid="rotated-away"), NOW)
+
+
+def test_a_forged_signature_is_refused(attestor: JwtAttestor) -> None:
+    impostor = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    with pytest.raises(Unauthenticated, match="signature"):
+        attestor.verify(_sign(impostor, _claims()), NOW)
+
+
+def test_a_tampered_payload_is_refused(attestor: JwtAttestor, rsa_key: Any) -> None:
+    header, _, signature = _sign(rsa_key, _claims()).split(".")
+    evil = _claims(
+        **{"kubernetes.io": {"namespace": "kube-system", "serviceaccount": {"name": "x"}}}
+    )
+    with pytest.raises(Unauthenticated, match="signature"):
+        attestor.verify(f"{header}.{_b64(json.dumps(evil).encode())}.{signature}", NOW)
+
+
+@pytest.mark.parametrize("value", ["a/b", "..", "", "x y"])
+def test_a_claim_that_is_not_one_path_segment_is_refused(attestor: JwtAttestor, value: str) -> None:
+    claims = _claims(**{"kubernetes.io": {"namespace": value, "serviceaccount": {"name": "web"}}})
+    with pytest.raises(Unauthenticated):
+        attestor.spiffe_id_for(claims)
+
+
+def test_a_missing_template_claim_is_refused(attestor: JwtAttestor) -> None:
+    with pytest.raises(Unauthenticated, match="lacks the claim"):
+        attestor.spiffe_id_for({"iss": ISSUER})
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("algorithms", ("HS256",), "not allowed"),
+        ("algorithms", ("none",), "not allowed"),
+        ("jwks_json", "not json", "not valid JSON"),
+        ("jwks_json", '{"keys": []}', "non-empty"),
+        ("jwks_json", '{"keys": [{"kty": "oct", "kid": "h", "k": "c2VjcmV0"}]}', "RSA and EC"),
+        ("template", "spiffe://other.org/{x}", "example.org"),
+        ("template", "https://x/{y}", "spiffe://"),
+        ("name", "Bad Name", "attestor name"),
+    ],
+)
+def test_bad_attestor_definitions_are_refused(
+    rsa_key: Any, field: str, value: Any, message: str
+) -> None:
+    args: dict[str, Any] = dict(
+        name="k8s",
+        issuer=ISSUER,
+        audience="broker",
+        jwks_json=json.dumps({"keys": [_jwk(rsa_key.public_key(), "rsa1")]}),
+        template=TEMPLATE,
+        algorithms=("RS256",),
+        trust_domain="example.org",
+    )
+    args[field] = value
+    with pytest.raises(InvalidArgument, match=message):
+        JwtAttestor.build(**args)
+
+
+def test_a_jwks_with_private_material_is_refused(rsa_key: Any) -> None:
+    private = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(rsa_key))
+    private["kid"] = "oops"
+    with pytest.raises(InvalidArgument, match="private"):
+        JwtAttestor.build(
+            name="k8s",
+            issuer=ISSUER,
+            audience="broker",
+            jwks_json=json.dumps({"keys": [private]}),
+            template=TEMPLATE,
+            algorithms=(),
+            trust_domain="example.org",
+        )
+
+
+def test_join_tokens_are_random_and_only_their_hash_is_kept() -> None:
+    a, b = new_join_token(), new_join_token()
+    assert a != b and len(a) > 40
+    assert hash_token(a) == hashlib.sha256(a.encode()).digest()
+    assert a not in token_fingerprint(a) and token_fingerprint(a).startswith("sha256:")
