@@ -9,6 +9,7 @@ import asyncio
 import datetime as dt
 import ipaddress
 import logging
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,13 +19,18 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from broker.audit import AuditLedger
 from broker.authority import CAService, CAServiceConfig
 from broker.config import Config
-from broker.envelope import Envelope, SealedStore
+from broker.database.credentials import CredentialService, DatabaseSettings
+from broker.database.reaper import LeaseReaper
+from broker.envelope import Envelope, KekRotator, SealedStore
 from broker.files import write_private_file
 from broker.identity import Authenticator
 from broker.policy import DefaultPolicy
 from broker.ratelimit import RateLimiter
+from broker.secrets import SecretJanitor, SecretService
+from broker.storage.database import database_store
 from broker.storage.identity import IdentityStore
 from broker.storage.interface import Storage
+from broker.storage.secrets import secret_repository
 from broker.workloads import IdentityService
 from ca.clock import Clock
 from ca.keys import KeyBackend
@@ -80,6 +86,24 @@ class Application:
         self.envelope = Envelope(keys, storage)
         # Every store of sealed blobs registers here, so KEK rotation reaches all of them.
         self.sealed_stores: list[SealedStore] = []
+        # Wrapped static secrets (a SealedStore) and KEK rotation over every sealed store.
+        self.secrets = SecretService(secret_repository(storage), self.envelope, clock)
+        self.sealed_stores.append(self.secrets)
+        # Dynamic database credentials (a SealedStore: the admin passwords) and their reaper.
+        self.database = CredentialService(
+            database_store(storage),
+            self.envelope,
+            clock,
+            settings=DatabaseSettings(
+                reaper_interval=config.database.reaper_interval.total_seconds(),
+                creation_timeout=config.database.creation_timeout,
+            ),
+            audit=self.ledger.record,
+        )
+        self.sealed_stores.append(self.database)
+        self.lease_reaper = LeaseReaper(self.database, storage, clock)
+        self.kek_rotator = KekRotator(self.envelope, self.sealed_stores, self.secrets.repository)
+        self.secret_janitor = SecretJanitor(self.secrets, storage, clock, uuid.uuid4().hex)
         self.policy = DefaultPolicy(config.server.operators)
         # Each worker process keeps its own buckets: share the configured rate between them.
         workers = config.server.workers
@@ -103,6 +127,7 @@ class Application:
         self.ledger.start()
 
     async def close(self) -> None:
+        await self.database.close()
         await self.ledger.stop()
         await self.storage.close()
         self.keys.close()
@@ -171,6 +196,7 @@ class Application:
                 if loop.time() >= next_rotation:
                     next_rotation = loop.time() + interval
                     await self.ca.rotate(force=False)
+                await self.secret_janitor.tick()
                 now = self.clock.now()
                 bundle_changed = self.ca.bundle().sequence != last_bundle
                 if bundle_changed or serving.not_after - now < ttl / 2:

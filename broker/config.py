@@ -4,7 +4,8 @@ name), never inline: a DSN with a password or a PIN in a URI is refused.
 
 Environment overrides (applied after the file): BROKER_LISTEN, BROKER_TRUST_DOMAIN,
 BROKER_STORAGE_DSN, BROKER_KEYS_URI, BROKER_KEYS_PIN_SOURCE, BROKER_RATE_LIMIT_RPS,
-BROKER_RATE_LIMIT_BURST, BROKER_WORKERS, BROKER_ATTEST_LISTEN.
+BROKER_RATE_LIMIT_BURST, BROKER_WORKERS, BROKER_ATTEST_LISTEN, BROKER_METRICS_LISTEN,
+BROKER_DB_REAPER_INTERVAL, BROKER_DB_CREATION_TIMEOUT.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ __all__ = [
     "DEFAULT_LISTEN",
     "CAConfig",
     "Config",
+    "DatabaseConfig",
     "IdentityConfig",
     "KeysConfig",
     "ServerConfig",
@@ -97,6 +99,18 @@ class ServerConfig:
     rate_limit_burst: float = 1000.0
     workers: int = 1  # processes sharing the listen port (SO_REUSEPORT)
     attest_listen: str = DEFAULT_ATTEST_LISTEN
+    # Prometheus /metrics on HOST:PORT; "" (the default) serves none. Unauthenticated: keep it
+    # on loopback or a scrape-only network.
+    metrics_listen: str = ""
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    """Dynamic database credentials: how often the lease reaper runs, and how long a lease may
+    stay pending before its creation counts as failed (and its user, if any, is dropped)."""
+
+    reaper_interval: dt.timedelta = dt.timedelta(seconds=1)
+    creation_timeout: dt.timedelta = dt.timedelta(seconds=30)
 
 
 @dataclass(frozen=True)
@@ -108,6 +122,7 @@ class Config:
     ca: CAConfig = field(default_factory=CAConfig)
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
     dev: bool = False
 
     @property
@@ -132,6 +147,8 @@ class Config:
         _check_listen(self.server.listen)
         if self.server.attest_listen not in ("auto", "off"):
             _check_listen(self.server.attest_listen)
+        if self.server.metrics_listen:
+            _check_listen(self.server.metrics_listen)
         if self.ca.key_type not in ("ec-p256", "ec-p384"):
             raise InvalidArgument("config: ca.key_type must be ec-p256 or ec-p384")
         if not 1 <= self.server.workers <= 64:
@@ -143,6 +160,10 @@ class Config:
                 "config: storage.dsn must not contain a password; "
                 "use storage.password_file or storage.password_env"
             )
+        if not dt.timedelta(seconds=1) <= self.database.creation_timeout <= dt.timedelta(hours=1):
+            raise InvalidArgument("config: database.creation_timeout must be between 1s and 1h")
+        if not dt.timedelta(0) < self.database.reaper_interval <= dt.timedelta(minutes=10):
+            raise InvalidArgument("config: database.reaper_interval must be between 0 and 10m")
         if "pin-value" in self.keys.uri:
             raise InvalidArgument("config: keys.uri must not contain a PIN; use keys.pin_source")
         return self
@@ -178,7 +199,7 @@ def _duration(section: Mapping[str, Any], key: str, default: dt.timedelta) -> dt
 
 
 _SECTIONS = {
-    "": {"trust_domain", "data_dir", "storage", "keys", "ca", "identity", "server"},
+    "": {"trust_domain", "data_dir", "storage", "keys", "ca", "identity", "server", "database"},
     "storage": {"dsn", "password_file", "password_env"},
     "keys": {"uri", "pin_source"},
     "ca": {
@@ -190,6 +211,7 @@ _SECTIONS = {
         "bundle_refresh_hint",
     },
     "identity": {"template", "default_tenant"},
+    "database": {"reaper_interval", "creation_timeout"},
     "server": {
         "listen",
         "operators",
@@ -200,6 +222,7 @@ _SECTIONS = {
         "rate_limit_burst",
         "workers",
         "attest_listen",
+        "metrics_listen",
     },
 }
 
@@ -230,7 +253,13 @@ def config_from_document(doc: Mapping[str, Any], base_dir: Path) -> Config:
     def path(value: Any) -> Path | None:
         return None if value is None else (base_dir / str(value))
 
+    db, defaults_db = doc.get("database", {}), DatabaseConfig()
+    database = DatabaseConfig(
+        reaper_interval=_duration(db, "reaper_interval", defaults_db.reaper_interval),
+        creation_timeout=_duration(db, "creation_timeout", defaults_db.creation_timeout),
+    )
     return Config(
+        database=database,
         trust_domain=trust_domain,
         data_dir=path(doc.get("data_dir", ".")) or base_dir,
         storage=StorageConfig(
@@ -265,6 +294,7 @@ def config_from_document(doc: Mapping[str, Any], base_dir: Path) -> Config:
             rate_limit_burst=float(srv.get("rate_limit_burst", defaults_srv.rate_limit_burst)),
             workers=int(srv.get("workers", defaults_srv.workers)),
             attest_listen=str(srv.get("attest_listen", defaults_srv.attest_listen)),
+            metrics_listen=str(srv.get("metrics_listen", defaults_srv.metrics_listen)),
         ),
     )
 
@@ -285,6 +315,8 @@ def apply_env(config: Config, environ: Mapping[str, str] | None = None) -> Confi
         raise InvalidArgument(f"environment: BROKER_RATE_LIMIT_* / BROKER_WORKERS: {exc}") from exc
     if "BROKER_ATTEST_LISTEN" in env:
         server = replace(server, attest_listen=env["BROKER_ATTEST_LISTEN"])
+    if "BROKER_METRICS_LISTEN" in env:
+        server = replace(server, metrics_listen=env["BROKER_METRICS_LISTEN"])
     if "BROKER_STORAGE_DSN" in env:
         storage = replace(storage, dsn=env["BROKER_STORAGE_DSN"])
     if "BROKER_KEYS_URI" in env:
@@ -292,6 +324,14 @@ def apply_env(config: Config, environ: Mapping[str, str] | None = None) -> Confi
     if "BROKER_KEYS_PIN_SOURCE" in env:
         keys = replace(keys, pin_source=env["BROKER_KEYS_PIN_SOURCE"])
     trust_domain = env.get("BROKER_TRUST_DOMAIN", config.trust_domain)
+    database = config.database
+    for var, name in (
+        ("BROKER_DB_REAPER_INTERVAL", "reaper_interval"),
+        ("BROKER_DB_CREATION_TIMEOUT", "creation_timeout"),
+    ):
+        if var in env:
+            database = replace(database, **{name: _duration(env, var, dt.timedelta(0))})
+    config = replace(config, database=database)
     return replace(config, server=server, storage=storage, keys=keys, trust_domain=trust_domain)
 
 

@@ -146,11 +146,15 @@ async def _serve(
                 served.material, served.credentials.update, write_operator=worker == 0
             )
         )
+        reaper = asyncio.create_task(app.lease_reaper.run())  # database leases, own cadence
         await stop.wait()
         log.info("shutting down")
         background.cancel()
+        reaper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await background
+        with contextlib.suppress(asyncio.CancelledError):
+            await reaper
         await server.stop(grace=5)
     finally:
         await app.close()

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from google.protobuf.descriptor import ServiceDescriptor
 
-from . import identity
+from . import database, identity, secrets
 from ._proto import audit_pb2, audit_pb2_grpc, ca_pb2, ca_pb2_grpc
 from .interceptors import MethodSpec
 from .servicers import (
@@ -69,6 +69,8 @@ def bindings_for(app: Application, *, ca: CAService | None = None) -> list[Servi
     ]
     # Features (one line each, in this order):
     bindings.append(identity.binding(app))
+    bindings.append(secrets.binding(app))
+    bindings.extend(database.binding(app))  # Database and Leases
     return bindings
 
 

@@ -1,0 +1,277 @@
+"""gRPC servicers for dynamic database credentials (`broker.v1.Database`) and their leases
+(`broker.v1.Leases`). Validate, one domain call, convert; never return an admin password."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from broker.database.credentials import CredentialService, IssuedCredentials, RoleSpec
+from broker.errors import InvalidArgument, NotFound
+from broker.policy import Action
+from broker.storage.database import ConnectionRecord, LeaseRecord, RoleRecord
+
+from ._proto import database_pb2, database_pb2_grpc
+from .interceptors import MethodSpec, current_call
+from .servicers import _ts
+
+if TYPE_CHECKING:
+    from broker.app import Application
+
+    from .services import ServiceBinding
+
+__all__ = ["DATABASE_SPECS", "LEASE_SPECS", "DatabaseServicer", "LeasesServicer", "binding"]
+
+_DB = "/broker.v1.Database/"
+_LEASES = "/broker.v1.Leases/"
+_MAX_NAME = 200
+
+
+def _name(text: str) -> str:
+    return text if len(text) <= _MAX_NAME else text[:_MAX_NAME] + "...(truncated)"
+
+
+DATABASE_SPECS: dict[str, MethodSpec] = {
+    _DB + "AddConnection": MethodSpec(Action.DB_CONNECTION_ADMIN, lambda r: _name(r.name)),
+    _DB + "ListConnections": MethodSpec(Action.DB_CONNECTION_ADMIN),
+    _DB + "GetConnection": MethodSpec(Action.DB_CONNECTION_ADMIN, lambda r: _name(r.name)),
+    _DB + "RemoveConnection": MethodSpec(Action.DB_CONNECTION_ADMIN, lambda r: _name(r.name)),
+    _DB + "RotateRoot": MethodSpec(Action.DB_CONNECTION_ADMIN, lambda r: _name(r.name)),
+    _DB + "AddRole": MethodSpec(Action.DB_ROLE_ADMIN, lambda r: _name(r.role.name)),
+    _DB + "ListRoles": MethodSpec(Action.DB_ROLE_ADMIN),
+    _DB + "GetRole": MethodSpec(Action.DB_ROLE_ADMIN, lambda r: _name(r.name)),
+    _DB + "RemoveRole": MethodSpec(Action.DB_ROLE_ADMIN, lambda r: _name(r.name)),
+    _DB + "IssueCredentials": MethodSpec(Action.DB_CREDS, lambda r: _name(r.role), deferred=True),
+}
+LEASE_SPECS: dict[str, MethodSpec] = {
+    _LEASES + "Renew": MethodSpec(Action.LEASE_RENEW, lambda r: _name(r.lease_id), deferred=True),
+    _LEASES + "Revoke": MethodSpec(Action.LEASE_REVOKE, lambda r: _name(r.lease_id), deferred=True),
+    _LEASES + "RevokePrefix": MethodSpec(
+        Action.LEASE_REVOKE, lambda r: _name(r.prefix), deferred=True
+    ),
+    _LEASES + "List": MethodSpec(Action.LEASE_LIST, lambda r: _name(r.prefix)),
+}
+
+
+def _seconds(request: Any, field: str) -> dt.timedelta | None:
+    if not request.HasField(field):
+        return None
+    value = getattr(request, field)
+    if value <= 0:
+        raise InvalidArgument(f"{field.removesuffix('_seconds')} must be positive")
+    return dt.timedelta(seconds=value)
+
+
+def connection_pb(record: ConnectionRecord) -> Any:
+    return database_pb2.DatabaseConnection(
+        name=record.name,
+        plugin=record.plugin,
+        dsn=record.dsn,
+        created_at=_ts(record.created_at),
+        root_rotated_at=_ts(record.rotated_at),
+        kek_label=record.kek_label,
+    )
+
+
+def role_pb(record: RoleRecord) -> Any:
+    return database_pb2.DatabaseRole(
+        name=record.name,
+        connection=record.connection,
+        owner=record.owner,
+        tenant=record.tenant,
+        environment=record.environment,
+        creation_statements=record.creation,
+        revocation_statements=record.revocation or "",
+        rollback_statements=record.rollback or "",
+        default_ttl_seconds=record.default_ttl,
+        max_ttl_seconds=record.max_ttl,
+        username_template=record.username_template,
+        password_length=record.password_length,
+        password_charset=record.password_charset,
+        created_at=_ts(record.created_at),
+    )
+
+
+def lease_pb(record: LeaseRecord, now: dt.datetime | None = None) -> Any:
+    start = record.created_at if now is None else now
+    return database_pb2.Lease(
+        id=record.id,
+        role=record.role,
+        connection=record.connection,
+        username=record.username,
+        holder=record.holder,
+        state=record.state,
+        created_at=_ts(record.created_at),
+        expires_at=_ts(record.expires_at),
+        max_expires_at=_ts(record.max_expires_at),
+        lease_duration_seconds=max(0, int((record.expires_at - start).total_seconds())),
+        renewable=record.state == "active" and record.expires_at < record.max_expires_at,
+        attempts=record.attempts,
+        last_error=record.last_error or "",
+    )
+
+
+def _lease_details(lease: LeaseRecord) -> dict[str, Any]:
+    return {
+        "lease_id": lease.id,
+        "role": lease.role,
+        "username": lease.username,
+        "holder": lease.holder,
+        "expires_at": lease.expires_at.isoformat(),
+    }
+
+
+class DatabaseServicer(database_pb2_grpc.DatabaseServicer):  # type: ignore[misc]
+    def __init__(self, service: CredentialService) -> None:
+        self._db = service
+
+    async def AddConnection(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        record = await self._db.add_connection(
+            request.name,
+            request.plugin,
+            request.dsn,
+            request.password,
+            verify=not request.skip_verify,
+        )
+        current_call().details.update(
+            plugin=record.plugin, dsn=record.dsn, verified=not request.skip_verify
+        )
+        return connection_pb(record)
+
+    async def ListConnections(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        records = await self._db.list_connections()
+        return database_pb2.ListConnectionsResponse(connections=[connection_pb(r) for r in records])
+
+    async def GetConnection(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return connection_pb(await self._db.connection(request.name))
+
+    async def RemoveConnection(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await self._db.remove_connection(request.name)
+        return database_pb2.RemoveConnectionResponse()
+
+    async def RotateRoot(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        record = await self._db.rotate_root(request.name)
+        current_call().details.update(
+            rotated_at=record.rotated_at and record.rotated_at.isoformat()
+        )
+        return connection_pb(record)
+
+    async def AddRole(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        r = request.role
+        spec = RoleSpec(
+            name=r.name,
+            connection=r.connection,
+            creation=r.creation_statements,
+            revocation=r.revocation_statements if request.has_revocation else None,
+            rollback=r.rollback_statements if request.has_rollback else None,
+            default_ttl=dt.timedelta(seconds=r.default_ttl_seconds or 3600),
+            max_ttl=dt.timedelta(seconds=r.max_ttl_seconds or 86400),
+            username_template=r.username_template or RoleSpec.username_template,
+            owner=r.owner,
+            tenant=r.tenant,
+            environment=r.environment,
+            password_length=r.password_length or RoleSpec.password_length,
+            password_charset=r.password_charset or RoleSpec.password_charset,
+        )
+        record = await self._db.add_role(spec)
+        current_call().details.update(
+            connection=record.connection,
+            owner=record.owner,
+            tenant=record.tenant,
+            environment=record.environment,
+            default_ttl=record.default_ttl,
+            max_ttl=record.max_ttl,
+        )
+        return role_pb(record)
+
+    async def ListRoles(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return database_pb2.ListRolesResponse(
+            roles=[role_pb(r) for r in await self._db.list_roles()]
+        )
+
+    async def GetRole(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return role_pb(await self._db.role(request.name))
+
+    async def RemoveRole(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await self._db.remove_role(request.name)
+        return database_pb2.RemoveRoleResponse()
+
+    async def IssueCredentials(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        call = current_call()
+        ttl = _seconds(request, "ttl_seconds")
+        role = await self._db.role(request.role)
+        call.authorize(
+            role.name,
+            {"tenant": role.tenant, "environment": role.environment, "owner": role.owner},
+        )
+        issued: IssuedCredentials = await self._db.issue(role, call.caller.spiffe_id, ttl)
+        call.details.update(_lease_details(issued.lease))  # never the password
+        return database_pb2.DatabaseCredentials(
+            username=issued.username, password=issued.password, lease=lease_pb(issued.lease)
+        )
+
+
+class LeasesServicer(database_pb2_grpc.LeasesServicer):  # type: ignore[misc]
+    def __init__(self, service: CredentialService) -> None:
+        self._db = service
+
+    async def _authorized(self, lease_id: str) -> LeaseRecord:
+        call = current_call()
+        try:
+            lease = await self._db.lease(lease_id)
+        except NotFound:
+            # Unknown lease: decide on the id alone (operators learn it is absent; others are
+            # refused without learning whether it exists).
+            call.authorize(lease_id, {"holder": ""})
+            raise
+        call.authorize(lease.id, {"holder": lease.holder, "role": lease.role})
+        return lease
+
+    async def Renew(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        increment = _seconds(request, "increment_seconds")
+        lease = await self._authorized(request.lease_id)
+        renewed = await self._db.renew(lease, increment)
+        current_call().details.update(_lease_details(renewed))
+        return lease_pb(renewed, self._db.now())
+
+    async def Revoke(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        lease = await self._authorized(request.lease_id)
+        current_call().details.update(_lease_details(lease))
+        await self._db.revoke(lease)
+        return database_pb2.RevokeLeaseResponse(revoked=1)
+
+    async def RevokePrefix(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        call = current_call()
+        call.authorize(request.prefix, {"holder": ""})  # holders revoke one lease at a time
+        revoked, errors = await self._db.revoke_prefix(request.prefix)
+        call.details.update(prefix=request.prefix, revoked=revoked, failed=len(errors))
+        return database_pb2.RevokeLeaseResponse(revoked=revoked, errors=errors[:100])
+
+    async def List(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        limit = request.limit or 1000
+        if not 0 < limit <= 10000:
+            raise InvalidArgument("limit must be between 1 and 10000")
+        leases = await self._db.list_leases(request.prefix, limit)
+        return database_pb2.ListLeasesResponse(leases=[lease_pb(r) for r in leases])
+
+
+def binding(app: Application) -> list[ServiceBinding]:
+    """Both services (Database and Leases), wired to `app.database`."""
+    from .services import ServiceBinding
+
+    return [
+        ServiceBinding(
+            database_pb2.DESCRIPTOR.services_by_name["Database"],
+            database_pb2_grpc.add_DatabaseServicer_to_server,
+            DatabaseServicer(app.database),
+            DATABASE_SPECS,
+        ),
+        ServiceBinding(
+            database_pb2.DESCRIPTOR.services_by_name["Leases"],
+            database_pb2_grpc.add_LeasesServicer_to_server,
+            LeasesServicer(app.database),
+            LEASE_SPECS,
+        ),
+    ]

@@ -1,0 +1,73 @@
+"""The lease reaper: a background job that revokes due leases (expired, stuck pending, or
+waiting for a retry) every `interval` seconds, only while it holds the "db.lease-reaper" leader
+lease, so one replica (or worker) reaps at a time. It keeps no state of its own: after a
+restart it resumes from the leases in storage."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+from broker.database.credentials import CredentialService, ReapResult
+from broker.storage.interface import LockRepository
+from ca.clock import Clock
+
+__all__ = ["LEADER_LEASE", "LeaseReaper"]
+
+log = logging.getLogger(__name__)
+
+LEADER_LEASE = "db.lease-reaper"
+
+
+class LeaseReaper:
+    def __init__(
+        self,
+        service: CredentialService,
+        locks: LockRepository,
+        clock: Clock,
+        *,
+        interval: float | None = None,
+        owner: str | None = None,
+    ) -> None:
+        self._service = service
+        self._locks = locks
+        self._clock = clock
+        self.interval = service.settings.reaper_interval if interval is None else interval
+        self.owner = owner or f"reaper-{uuid.uuid4()}"
+
+    async def tick(self) -> ReapResult | None:
+        """One round: None when another process holds the leader lease."""
+        ttl = max(self.interval * 5, 5.0)
+        if not await self._locks.try_lease(LEADER_LEASE, self.owner, ttl, self._clock.now()):
+            return None
+        result = await self._service.reap_once()
+        # A full batch: more may be due; go again at once rather than after `interval`.
+        while len(result.revoked) + len(result.failed) >= self._service.settings.reap_batch:
+            more = await self._service.reap_once()
+            result = ReapResult(result.revoked + more.revoked, result.failed + more.failed)
+            if not more.revoked:
+                break
+        if result.revoked or result.failed:
+            log.info("lease reaper: %d revoked, %d failed", len(result.revoked), len(result.failed))
+        return result
+
+    async def run(self) -> None:
+        """Settle interrupted root rotations, then reap every `interval` seconds until
+        cancelled. Errors are logged and retried next round."""
+        try:
+            await self._service.recover_all()
+        except Exception:
+            log.exception("root rotation recovery failed")
+        try:
+            while True:
+                try:
+                    await self.tick()
+                except Exception:  # shutting down; the lease expires anyway
+                    log.exception("lease reaper round failed; retrying")
+                await asyncio.sleep(self.interval)
+        finally:
+            try:
+                await asyncio.shield(self._locks.release_lease(LEADER_LEASE, self.owner))
+            except Exception:  # shutting down; the lease expires anyway
+                log.debug("releasing the reaper lease failed", exc_info=True)

@@ -1,0 +1,530 @@
+"""Storage for dynamic database credentials: connections (admin password only sealed), roles,
+leases and root-rotation recovery records. One SQL implementation over the shared `Backend`.
+
+Each method is its own transaction. A duplicate key raises `AlreadyExists`; a failing database
+raises `StorageError` (from the backend). Lease state changes are compare-and-set: they return
+False (or None) and change nothing when the lease is not in the expected state, so the reaper
+and a request acting on the same lease cannot both win.
+
+Lease states: "pending" (written before the user exists; `due_at` is the creation deadline),
+"active" (`due_at` = `expires_at`), "revoking" (`due_at` = the next attempt) and "irrevocable"
+(given up after repeated failures; an operator must act). A revoked lease is deleted.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+from broker.errors import FailedPrecondition
+from broker.storage.sql import Backend, Row, Tx, require_aware
+
+__all__ = [
+    "ConnectionRecord",
+    "DatabaseRepository",
+    "DatabaseStore",
+    "LeaseRecord",
+    "RecoveryRecord",
+    "RoleRecord",
+    "database_store",
+]
+
+LEASE_STATES: Final = frozenset({"pending", "active", "revoking", "irrevocable"})
+
+
+@dataclass(frozen=True)
+class ConnectionRecord:
+    name: str
+    plugin: str
+    dsn: str  # never carries a password
+    sealed_password: bytes  # SealedBlob.to_bytes()
+    kek_label: str
+    created_at: dt.datetime
+    rotated_at: dt.datetime | None = None
+
+
+@dataclass(frozen=True)
+class RoleRecord:
+    name: str
+    connection: str
+    owner: str
+    tenant: str
+    environment: str
+    creation: str
+    revocation: str | None
+    rollback: str | None
+    default_ttl: int  # seconds
+    max_ttl: int
+    username_template: str
+    password_length: int
+    password_charset: str
+    created_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class LeaseRecord:
+    id: str
+    role: str
+    connection: str
+    plugin: str
+    username: str
+    holder: str  # SPIFFE ID of the caller it was issued to
+    state: str
+    revocation: str | None
+    created_at: dt.datetime
+    expires_at: dt.datetime
+    max_expires_at: dt.datetime
+    due_at: dt.datetime
+    attempts: int = 0
+    last_error: str | None = None
+
+
+@dataclass(frozen=True)
+class RecoveryRecord:
+    connection: str
+    sealed_password: bytes  # the NEW admin password, sealed
+    kek_label: str
+    started_at: dt.datetime
+
+
+class DatabaseRepository(Protocol):
+    async def insert_connection(self, record: ConnectionRecord) -> None: ...
+    async def get_connection(self, name: str) -> ConnectionRecord | None: ...
+    async def list_connections(self) -> list[ConnectionRecord]: ...
+    async def delete_connection(self, name: str) -> bool:
+        """False when absent; FailedPrecondition while roles or leases use it."""
+        ...
+
+    async def put_recovery(self, record: RecoveryRecord) -> None:
+        """Write (or replace) the recovery record of a root rotation."""
+        ...
+
+    async def get_recovery(self, connection: str) -> RecoveryRecord | None: ...
+    async def delete_recovery(self, connection: str) -> None: ...
+    async def finish_rotation(
+        self, connection: str, sealed_password: bytes, kek_label: str, at: dt.datetime
+    ) -> None:
+        """Store the new admin password and drop the recovery record, in one transaction."""
+        ...
+
+    async def insert_role(self, record: RoleRecord) -> None: ...
+    async def get_role(self, name: str) -> RoleRecord | None: ...
+    async def list_roles(self) -> list[RoleRecord]: ...
+    async def delete_role(self, name: str) -> bool: ...
+
+    async def insert_lease(self, record: LeaseRecord) -> None: ...
+    async def get_lease(self, lease_id: str) -> LeaseRecord | None: ...
+    async def list_leases(self, prefix: str = "", limit: int = 1000) -> list[LeaseRecord]: ...
+    async def activate_lease(self, lease_id: str) -> bool:
+        """pending -> active (due at its expiry)."""
+        ...
+
+    async def extend_lease(self, lease_id: str, expires_at: dt.datetime) -> bool:
+        """Move an active lease's expiry."""
+        ...
+
+    async def begin_revocation(
+        self,
+        lease_id: str,
+        due_at: dt.datetime,
+        *,
+        from_states: tuple[str, ...],
+        due_before: dt.datetime | None = None,
+    ) -> LeaseRecord | None:
+        """Move the lease to "revoking" (due at `due_at`, the retry time should this attempt
+        fail) when it is in one of `from_states` (and, with `due_before`, due by then); the
+        claimed record, or None."""
+        ...
+
+    async def revocation_failed(
+        self, lease_id: str, due_at: dt.datetime, error: str, *, give_up: bool
+    ) -> None:
+        """Count a failed attempt; "irrevocable" when `give_up`."""
+        ...
+
+    async def delete_lease(self, lease_id: str) -> bool: ...
+    async def due_leases(self, now: dt.datetime, limit: int) -> list[LeaseRecord]:
+        """Leases whose `due_at` has passed, except irrevocable ones, oldest first."""
+        ...
+
+
+class DatabaseStore:
+    """`DatabaseRepository` over a storage `Backend`."""
+
+    def __init__(self, backend: Backend) -> None:
+        self._b = backend
+
+    def _ts(self, value: dt.datetime) -> object:
+        return self._b.encode_ts(require_aware(value))
+
+    # -- connections
+
+    async def insert_connection(self, record: ConnectionRecord) -> None:
+        async with self._b.transaction(write=True) as tx:
+            await tx.execute(
+                "INSERT INTO db_connections (name, plugin, dsn, sealed_password, kek_label, "
+                "created_at, rotated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                record.name,
+                record.plugin,
+                record.dsn,
+                bytes(record.sealed_password),
+                record.kek_label,
+                self._ts(record.created_at),
+                None if record.rotated_at is None else self._ts(record.rotated_at),
+            )
+
+    _CONNECTION = "name, plugin, dsn, sealed_password, kek_label, created_at, rotated_at"
+
+    def _connection(self, row: Row) -> ConnectionRecord:
+        ts = self._b.decode_ts
+        return ConnectionRecord(
+            row[0],
+            row[1],
+            row[2],
+            bytes(row[3]),
+            row[4],
+            ts(row[5]),
+            None if row[6] is None else ts(row[6]),
+        )
+
+    async def get_connection(self, name: str) -> ConnectionRecord | None:
+        async with self._b.transaction(write=False) as tx:
+            row = await tx.fetchrow(
+                f"SELECT {self._CONNECTION} FROM db_connections WHERE name = ?",  # noqa: S608
+                name,
+            )
+        return None if row is None else self._connection(row)
+
+    async def list_connections(self) -> list[ConnectionRecord]:
+        async with self._b.transaction(write=False) as tx:
+            rows = await tx.fetch(
+                f"SELECT {self._CONNECTION} FROM db_connections ORDER BY name"  # noqa: S608
+            )
+        return [self._connection(r) for r in rows]
+
+    async def delete_connection(self, name: str) -> bool:
+        async with self._b.transaction(write=True) as tx:
+            roles = await tx.fetch("SELECT name FROM db_roles WHERE connection = ?", name)
+            if roles:
+                raise FailedPrecondition(
+                    f"connection {name!r} is used by roles "
+                    f"{', '.join(sorted(str(r[0]) for r in roles)[:10])}: remove them first"
+                )
+            leases = await tx.fetchrow("SELECT COUNT(*) FROM db_leases WHERE connection = ?", name)
+            if leases is not None and int(leases[0]):
+                raise FailedPrecondition(
+                    f"connection {name!r} still has {int(leases[0])} lease(s): revoke them first"
+                )
+            await tx.execute("DELETE FROM db_root_recovery WHERE connection = ?", name)
+            row = await tx.fetchrow(
+                "DELETE FROM db_connections WHERE name = ? RETURNING name", name
+            )
+        return row is not None
+
+    # -- root rotation recovery
+
+    async def put_recovery(self, record: RecoveryRecord) -> None:
+        async with self._b.transaction(write=True) as tx:
+            await tx.execute(
+                "INSERT INTO db_root_recovery (connection, sealed_password, kek_label, "
+                "started_at) VALUES (?, ?, ?, ?) ON CONFLICT (connection) DO UPDATE SET "
+                "sealed_password = excluded.sealed_password, kek_label = excluded.kek_label, "
+                "started_at = excluded.started_at",
+                record.connection,
+                bytes(record.sealed_password),
+                record.kek_label,
+                self._ts(record.started_at),
+            )
+
+    async def get_recovery(self, connection: str) -> RecoveryRecord | None:
+        async with self._b.transaction(write=False) as tx:
+            row = await tx.fetchrow(
+                "SELECT connection, sealed_password, kek_label, started_at "
+                "FROM db_root_recovery WHERE connection = ?",
+                connection,
+            )
+        if row is None:
+            return None
+        return RecoveryRecord(row[0], bytes(row[1]), row[2], self._b.decode_ts(row[3]))
+
+    async def delete_recovery(self, connection: str) -> None:
+        async with self._b.transaction(write=True) as tx:
+            await tx.execute("DELETE FROM db_root_recovery WHERE connection = ?", connection)
+
+    async def finish_rotation(
+        self, connection: str, sealed_password: bytes, kek_label: str, at: dt.datetime
+    ) -> None:
+        async with self._b.transaction(write=True) as tx:
+            await tx.execute(
+                "UPDATE db_connections SET sealed_password = ?, kek_label = ?, rotated_at = ? "
+                "WHERE name = ?",
+                bytes(sealed_password),
+                kek_label,
+                self._ts(at),
+                connection,
+            )
+            await tx.execute("DELETE FROM db_root_recovery WHERE connection = ?", connection)
+
+    # -- sealed blobs (KEK rotation)
+
+    async def sealed_blobs(self, not_label: str) -> list[tuple[str, str, bytes]]:
+        """(table, key, blob) of every sealed password not wrapped under `not_label`."""
+        async with self._b.transaction(write=False) as tx:
+            rows = await tx.fetch(
+                "SELECT 'db_connections', name, sealed_password FROM db_connections "
+                "WHERE kek_label <> ? UNION ALL "
+                "SELECT 'db_root_recovery', connection, sealed_password FROM db_root_recovery "
+                "WHERE kek_label <> ?",
+                not_label,
+                not_label,
+            )
+        return [(r[0], r[1], bytes(r[2])) for r in rows]
+
+    async def replace_blob(
+        self, table: str, key: str, old: bytes, new: bytes, new_label: str
+    ) -> bool:
+        """Compare-and-set one sealed password (only if it is still `old`)."""
+        column = {"db_connections": "name", "db_root_recovery": "connection"}[table]
+        async with self._b.transaction(write=True) as tx:
+            row = await tx.fetchrow(
+                f"UPDATE {table} SET sealed_password = ?, kek_label = ? "  # noqa: S608
+                f"WHERE {column} = ? AND sealed_password = ? RETURNING {column}",
+                bytes(new),
+                new_label,
+                key,
+                bytes(old),
+            )
+        return row is not None
+
+    async def label_in_use(self, label: str) -> bool:
+        async with self._b.transaction(write=False) as tx:
+            row = await tx.fetchrow(
+                "SELECT 1 FROM db_connections WHERE kek_label = ? UNION ALL "
+                "SELECT 1 FROM db_root_recovery WHERE kek_label = ?",
+                label,
+                label,
+            )
+        return row is not None
+
+    # -- roles
+
+    _ROLE = (
+        "name, connection, owner, tenant, environment, creation, revocation, rollback, "
+        "default_ttl, max_ttl, username_template, password_length, password_charset, created_at"
+    )
+
+    async def insert_role(self, record: RoleRecord) -> None:
+        async with self._b.transaction(write=True) as tx:
+            if (
+                await tx.fetchrow("SELECT 1 FROM db_connections WHERE name = ?", record.connection)
+                is None
+            ):
+                raise FailedPrecondition(f"no connection named {record.connection!r}")
+            await tx.execute(
+                f"INSERT INTO db_roles ({self._ROLE}) "  # noqa: S608 (constant)
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                record.name,
+                record.connection,
+                record.owner,
+                record.tenant,
+                record.environment,
+                record.creation,
+                record.revocation,
+                record.rollback,
+                record.default_ttl,
+                record.max_ttl,
+                record.username_template,
+                record.password_length,
+                record.password_charset,
+                self._ts(record.created_at),
+            )
+
+    def _role(self, row: Row) -> RoleRecord:
+        return RoleRecord(
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            row[4],
+            row[5],
+            row[6],
+            row[7],
+            int(row[8]),
+            int(row[9]),
+            row[10],
+            int(row[11]),
+            row[12],
+            self._b.decode_ts(row[13]),
+        )
+
+    async def get_role(self, name: str) -> RoleRecord | None:
+        async with self._b.transaction(write=False) as tx:
+            row = await tx.fetchrow(
+                f"SELECT {self._ROLE} FROM db_roles WHERE name = ?",  # noqa: S608
+                name,
+            )
+        return None if row is None else self._role(row)
+
+    async def list_roles(self) -> list[RoleRecord]:
+        async with self._b.transaction(write=False) as tx:
+            rows = await tx.fetch(f"SELECT {self._ROLE} FROM db_roles ORDER BY name")  # noqa: S608
+        return [self._role(r) for r in rows]
+
+    async def delete_role(self, name: str) -> bool:
+        async with self._b.transaction(write=True) as tx:
+            row = await tx.fetchrow("DELETE FROM db_roles WHERE name = ? RETURNING name", name)
+        return row is not None
+
+    # -- leases
+
+    _LEASE = (
+        "id, role, connection, plugin, username, holder, state, revocation, created_at, "
+        "expires_at, max_expires_at, due_at, attempts, last_error"
+    )
+
+    async def insert_lease(self, record: LeaseRecord) -> None:
+        if record.state not in LEASE_STATES:
+            raise ValueError(f"lease state must be one of {sorted(LEASE_STATES)}")
+        async with self._b.transaction(write=True) as tx:
+            await tx.execute(
+                f"INSERT INTO db_leases ({self._LEASE}) "  # noqa: S608 (constant)
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                record.id,
+                record.role,
+                record.connection,
+                record.plugin,
+                record.username,
+                record.holder,
+                record.state,
+                record.revocation,
+                self._ts(record.created_at),
+                self._ts(record.expires_at),
+                self._ts(record.max_expires_at),
+                self._ts(record.due_at),
+                record.attempts,
+                record.last_error,
+            )
+
+    def _lease(self, row: Row) -> LeaseRecord:
+        ts = self._b.decode_ts
+        return LeaseRecord(
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            row[4],
+            row[5],
+            row[6],
+            row[7],
+            ts(row[8]),
+            ts(row[9]),
+            ts(row[10]),
+            ts(row[11]),
+            int(row[12]),
+            row[13],
+        )
+
+    async def get_lease(self, lease_id: str) -> LeaseRecord | None:
+        async with self._b.transaction(write=False) as tx:
+            row = await self._get_lease(tx, lease_id)
+        return None if row is None else self._lease(row)
+
+    async def _get_lease(self, tx: Tx, lease_id: str) -> Row | None:
+        return await tx.fetchrow(
+            f"SELECT {self._LEASE} FROM db_leases WHERE id = ?",  # noqa: S608 (constant)
+            lease_id,
+        )
+
+    async def list_leases(self, prefix: str = "", limit: int = 1000) -> list[LeaseRecord]:
+        async with self._b.transaction(write=False) as tx:
+            rows = await tx.fetch(
+                f"SELECT {self._LEASE} FROM db_leases "  # noqa: S608 (constant)
+                "WHERE substr(id, 1, ?) = ? ORDER BY created_at, id LIMIT ?",
+                len(prefix),
+                prefix,
+                limit,
+            )
+        return [self._lease(r) for r in rows]
+
+    async def activate_lease(self, lease_id: str) -> bool:
+        async with self._b.transaction(write=True) as tx:
+            row = await tx.fetchrow(
+                "UPDATE db_leases SET state = 'active', due_at = expires_at "
+                "WHERE id = ? AND state = 'pending' RETURNING id",
+                lease_id,
+            )
+        return row is not None
+
+    async def extend_lease(self, lease_id: str, expires_at: dt.datetime) -> bool:
+        stamp = self._ts(expires_at)
+        async with self._b.transaction(write=True) as tx:
+            row = await tx.fetchrow(
+                "UPDATE db_leases SET expires_at = ?, due_at = ? "
+                "WHERE id = ? AND state = 'active' RETURNING id",
+                stamp,
+                stamp,
+                lease_id,
+            )
+        return row is not None
+
+    async def begin_revocation(
+        self,
+        lease_id: str,
+        due_at: dt.datetime,
+        *,
+        from_states: tuple[str, ...],
+        due_before: dt.datetime | None = None,
+    ) -> LeaseRecord | None:
+        if not from_states or set(from_states) - LEASE_STATES:
+            raise ValueError(f"lease states must be among {sorted(LEASE_STATES)}")
+        states = ", ".join("?" for _ in from_states)
+        args: list[object] = [self._ts(due_at), lease_id, *from_states]
+        condition = ""
+        if due_before is not None:
+            condition = " AND due_at <= ?"
+            args.append(self._ts(due_before))
+        # One statement, so two revokers (a request and the reaper) cannot both claim it.
+        async with self._b.transaction(write=True) as tx:
+            row = await tx.fetchrow(
+                "UPDATE db_leases SET state = 'revoking', due_at = ? "  # noqa: S608 (placeholders)
+                f"WHERE id = ? AND state IN ({states}){condition} RETURNING {self._LEASE}",
+                *args,
+            )
+        return None if row is None else self._lease(row)
+
+    async def revocation_failed(
+        self, lease_id: str, due_at: dt.datetime, error: str, *, give_up: bool
+    ) -> None:
+        async with self._b.transaction(write=True) as tx:
+            await tx.execute(
+                "UPDATE db_leases SET attempts = attempts + 1, due_at = ?, last_error = ?, "
+                "state = ? WHERE id = ?",
+                self._ts(due_at),
+                error[:1000],
+                "irrevocable" if give_up else "revoking",
+                lease_id,
+            )
+
+    async def delete_lease(self, lease_id: str) -> bool:
+        async with self._b.transaction(write=True) as tx:
+            row = await tx.fetchrow("DELETE FROM db_leases WHERE id = ? RETURNING id", lease_id)
+        return row is not None
+
+    async def due_leases(self, now: dt.datetime, limit: int) -> list[LeaseRecord]:
+        async with self._b.transaction(write=False) as tx:
+            rows = await tx.fetch(
+                f"SELECT {self._LEASE} FROM db_leases "  # noqa: S608 (constant)
+                "WHERE state <> 'irrevocable' AND due_at <= ? ORDER BY due_at LIMIT ?",
+                self._ts(now),
+                limit,
+            )
+        return [self._lease(r) for r in rows]
+
+
+def database_store(storage: Any) -> DatabaseStore:
+    """The store over a `SqlStorage`'s backend (the only Storage implementation)."""
+    backend = getattr(storage, "backend", None)
+    if not isinstance(backend, Backend):
+        raise TypeError(f"database credentials need a SQL storage, got {type(storage).__name__}")
+    return DatabaseStore(backend)
