@@ -1,0 +1,438 @@
+"""`broker agent` end to end: a broker subprocess, an agent subprocess attested with a join token
+or a JWT, and ordinary SPIFFE clients (py-spiffe) reading the Workload API from its socket."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import grpc
+import jwt
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from spiffe import JwtSvid, WorkloadApiClient, X509Source
+from spiffe._proto import workload_pb2, workload_pb2_grpc
+
+from tests.e2e import conftest as e2e
+from tests.e2e.conftest import BrokerCli, BrokerProcess
+
+pytestmark = pytest.mark.e2e
+
+TD = "broker.local"  # the trust domain of `broker serve --dev`
+READY_TIMEOUT = 30.0
+_ATTEST = re.compile(r"attestation on (\S+?):(\d+)\)")
+
+
+def attest_address(server: BrokerProcess) -> str:
+    match = _ATTEST.search(server.listening_line)
+    assert match, server.listening_line
+    return f"{match.group(1)}:{match.group(2)}"
+
+
+class AgentProcess:
+    """`broker agent` as a subprocess; `start()` returns once it printed its serving line."""
+
+    def __init__(self, server: BrokerProcess, socket_dir: Path, log_dir: Path, *args: str) -> None:
+        self.server = server
+        self.socket = socket_dir / "agent.sock"
+        self.log_dir = log_dir
+        self.args = args
+        self.line = ""
+        self.startup_seconds = 0.0
+        self._process: subprocess.Popen[str] | None = None
+        self._stderr: IO[str] | None = None
+
+    def start(self) -> None:
+        self._stderr = open(self.log_dir / "agent.stderr", "a")  # noqa: SIM115
+        started = time.perf_counter()
+        self._process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "broker.cli",
+                "agent",
+                "--server",
+                self.server.address,
+                "--attest-server",
+                attest_address(self.server),
+                "--bundle",
+                str(self.server.data_dir / "bundle.pem"),
+                "--socket",
+                str(self.socket),
+                "--sync-interval",
+                "0.5",
+                *self.args,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env={k: v for k, v in os.environ.items() if not k.startswith("BROKER_")},
+        )
+        lines: queue.Queue[str | None] = queue.Queue()
+        stdout = self._process.stdout
+        assert stdout is not None
+
+        def pump() -> None:
+            for line in stdout:
+                lines.put(line.rstrip("\n"))
+            lines.put(None)
+
+        threading.Thread(target=pump, daemon=True).start()
+        try:
+            line = lines.get(timeout=READY_TIMEOUT)
+        except queue.Empty:
+            line = None
+        self.startup_seconds = time.perf_counter() - started
+        if line is None or "serving the Workload API" not in line:
+            self.stop()
+            pytest.fail(f"agent did not start: {line!r}; stderr:\n{self.stderr_text()}")
+        self.line = line
+
+    def stderr_text(self) -> str:
+        path = self.log_dir / "agent.stderr"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    @property
+    def endpoint(self) -> str:
+        return f"unix://{self.socket}"
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.send_signal(signal.SIGTERM)
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+            if self._process.stdout is not None:
+                self._process.stdout.close()
+            self._process = None
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
+
+
+@pytest.fixture
+def socket_dir() -> Iterator[Path]:
+    """A directory other users can traverse (tmp_path is 0700), for the uid test."""
+    path = Path(tempfile.mkdtemp(prefix="agent-sock-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def agents() -> Iterator[list[AgentProcess]]:
+    started: list[AgentProcess] = []
+    yield started
+    for agent in started:
+        agent.stop()
+
+
+def _entry(cli: BrokerCli, spiffe_id: str, parent: str, *extra: str) -> dict[str, Any]:
+    result = cli.ok(
+        "entry", "create", "--spiffe-id", spiffe_id, "--parent-id", parent, *extra,
+        "--output", "json",
+    )  # fmt: skip
+    return dict(result.json())
+
+
+def _join_agent(
+    cli: BrokerCli, socket_dir: Path, tmp_path: Path, agents: list[AgentProcess], name: str,
+    *args: str,
+) -> AgentProcess:  # fmt: skip
+    token = cli.ok("token", "create", "--spiffe-id", f"spiffe://{TD}/agents/{name}").stdout.strip()
+    agent = AgentProcess(cli.server, socket_dir, tmp_path, "--join-token", token, *args)
+    agents.append(agent)
+    agent.start()
+    return agent
+
+
+def test_a_workload_gets_every_kind_of_svid_through_py_spiffe(
+    broker_cli: BrokerCli, socket_dir: Path, tmp_path: Path, agents: list[AgentProcess]
+) -> None:
+    web = f"spiffe://{TD}/acme/prod/web"
+    _entry(broker_cli, web, f"spiffe://{TD}/agents/node-a", "--selector", f"unix:uid:{os.getuid()}")
+    out = tmp_path / "files"
+    agent = _join_agent(broker_cli, socket_dir, tmp_path, agents, "node-a", "--write-dir", str(out))
+    assert f"spiffe://{TD}/agents/node-a" in agent.line
+    assert agent.startup_seconds < 30  # the benchmark measures the figure; this is a sanity bound
+
+    with WorkloadApiClient(agent.endpoint) as client:
+        svid = client.fetch_x509_svid()
+        assert str(svid.spiffe_id) == web
+        assert svid.leaf.public_key() == svid.private_key.public_key()
+        bundles = client.fetch_x509_bundles()
+        bundle = bundles.get_bundle_for_trust_domain(svid.spiffe_id.trust_domain)
+        assert bundle is not None
+        roots = list(bundle.x509_authorities)
+        store = x509.verification.Store(roots)
+        builder = x509.verification.PolicyBuilder().store(store)
+        verifier = builder.build_client_verifier()
+        verifier.verify(svid.leaf, list(svid.cert_chain[1:]))  # raises if it does not chain
+
+        jwt_svid = client.fetch_jwt_svid(audience={"db"})
+        assert str(jwt_svid.spiffe_id) == web
+        jwt_bundles = client.fetch_jwt_bundles()
+        jwt_bundle = jwt_bundles.get_bundle_for_trust_domain(jwt_svid.spiffe_id.trust_domain)
+        assert jwt_bundle is not None
+        parsed = JwtSvid.parse_and_validate(jwt_svid.token, jwt_bundle, {"db"})
+        assert str(parsed.spiffe_id) == web
+        validated = client.validate_jwt_svid(jwt_svid.token, "db")
+        assert str(validated.spiffe_id) == web
+        with pytest.raises(Exception, match="audience"):
+            client.validate_jwt_svid(jwt_svid.token, "someone-else")
+
+    assert stat.S_IMODE(os.stat(out / "key.pem").st_mode) == 0o600
+    leaf = x509.load_pem_x509_certificates((out / "svid.pem").read_bytes())[0]
+    key = serialization.load_pem_private_key((out / "key.pem").read_bytes(), None)
+    assert leaf.public_key() == key.public_key()  # type: ignore[union-attr]
+    assert (out / "bundle.pem").read_bytes().startswith(b"-----BEGIN CERTIFICATE-----")
+
+
+def _raw_stub(agent: AgentProcess) -> tuple[grpc.Channel, Any]:
+    channel = grpc.insecure_channel(f"unix:{agent.socket}")
+    return channel, workload_pb2_grpc.SpiffeWorkloadAPIStub(channel)
+
+
+def test_the_security_header_is_required_and_unknown_rpcs_are_unimplemented(
+    broker_cli: BrokerCli, socket_dir: Path, tmp_path: Path, agents: list[AgentProcess]
+) -> None:
+    _entry(
+        broker_cli, f"spiffe://{TD}/acme/prod/hdr", f"spiffe://{TD}/agents/node-h",
+        "--selector", f"unix:uid:{os.getuid()}",
+    )  # fmt: skip
+    agent = _join_agent(broker_cli, socket_dir, tmp_path, agents, "node-h")
+    channel, stub = _raw_stub(agent)
+    with channel:
+        with pytest.raises(grpc.RpcError) as err:
+            stub.FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=["x"]), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "security header" in (err.value.details() or "")
+        with pytest.raises(grpc.RpcError) as err:
+            next(iter(stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), timeout=10)))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        header = [("workload.spiffe.io", "true")]
+        response = stub.FetchJWTSVID(
+            workload_pb2.JWTSVIDRequest(audience=["x"]), metadata=header, timeout=10
+        )
+        assert response.svids[0].spiffe_id == f"spiffe://{TD}/acme/prod/hdr"
+        with pytest.raises(grpc.RpcError) as err:
+            stub.FetchJWTSVID(workload_pb2.JWTSVIDRequest(), metadata=header, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        unknown = channel.unary_unary("/SpiffeWorkloadAPI/FetchWITSVID")
+        with pytest.raises(grpc.RpcError) as err:
+            unknown(b"", metadata=header, timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+_UID_PROBE = """
+import os, sys
+from spiffe import WorkloadApiClient
+# The interpreter and its modules live where only root may read: load them first, then become
+# the other user before connecting (the kernel records the peer's uid at connect time).
+uid = int(sys.argv[2])
+os.setgroups([])
+os.setgid(uid)
+os.setuid(uid)
+try:
+    with WorkloadApiClient(sys.argv[1]) as client:
+        print("GOT", client.fetch_x509_svid().spiffe_id)
+except Exception as exc:
+    print("ERROR", type(exc).__name__, exc)
+"""
+
+
+def _as_uid(uid: int, endpoint: str) -> str:
+    completed = subprocess.run(
+        [sys.executable, "-c", _UID_PROBE, endpoint, str(uid)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+        check=False,
+    )
+    return completed.stdout + completed.stderr
+
+
+def test_callers_are_identified_by_their_uid(
+    broker_cli: BrokerCli, socket_dir: Path, tmp_path: Path, agents: list[AgentProcess]
+) -> None:
+    nobody = 65534
+    _entry(
+        broker_cli, f"spiffe://{TD}/acme/prod/root-only", f"spiffe://{TD}/agents/node-u",
+        "--selector", "unix:uid:0",
+    )  # fmt: skip
+    agent = _join_agent(broker_cli, socket_dir, tmp_path, agents, "node-u")
+    denied = _as_uid(nobody, agent.endpoint)
+    assert "ERROR" in denied and "PERMISSION_DENIED" in denied.upper().replace(" ", "_"), denied
+    # Give uid 65534 an entry: now the same process gets its own ID, not root's.
+    _entry(
+        broker_cli, f"spiffe://{TD}/acme/prod/nobody", f"spiffe://{TD}/agents/node-u",
+        "--selector", f"unix:uid:{nobody}",
+    )  # fmt: skip
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        result = _as_uid(nobody, agent.endpoint)
+        if "GOT" in result:
+            break
+        time.sleep(0.3)
+    assert f"GOT spiffe://{TD}/acme/prod/nobody" in result, result
+
+
+def test_an_x509_source_sees_rotations_and_the_agent_survives_a_broker_restart(
+    tmp_path: Path, socket_dir: Path, agents: list[AgentProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = BrokerProcess(tmp_path / "data", tmp_path)
+    server.start()
+    try:
+        cli = BrokerCli(server, tmp_path)
+        _entry(
+            cli, f"spiffe://{TD}/acme/prod/short", f"spiffe://{TD}/agents/node-r",
+            "--selector", f"unix:uid:{os.getuid()}", "--x509-ttl", "6s",
+        )  # fmt: skip
+        agent = _join_agent(cli, socket_dir, tmp_path, agents, "node-r")
+        source = X509Source(socket_path=agent.endpoint, timeout_in_seconds=20)
+        try:
+            seen = {source.get_x509_context().default_svid.leaf.serial_number}
+            deadline = time.monotonic() + 20
+            while len(seen) < 3 and time.monotonic() < deadline:
+                seen.add(source.get_x509_context().default_svid.leaf.serial_number)
+                time.sleep(0.2)
+            assert len(seen) >= 3, "the X509Source saw no rotation"
+
+            # Broker down: the agent keeps serving what it holds.
+            port = server.port
+            assert server.stop() == 0
+            with WorkloadApiClient(agent.endpoint) as client:
+                held = client.fetch_x509_svid()
+            assert str(held.spiffe_id) == f"spiffe://{TD}/acme/prod/short"
+
+            # Same address again (the agent was told where the broker is).
+            monkeypatch.setattr(e2e, "free_port", lambda: port)
+            server.start()
+            deadline = time.monotonic() + 30
+            renewed = None
+            while time.monotonic() < deadline:
+                with WorkloadApiClient(agent.endpoint) as client:
+                    current = client.fetch_x509_svid()
+                if current.leaf.not_valid_before_utc > held.leaf.not_valid_before_utc:
+                    renewed = current
+                    break
+                time.sleep(0.3)
+            assert renewed is not None, f"no renewal after the restart:\n{agent.stderr_text()}"
+        finally:
+            source.close()
+    finally:
+        for agent in agents:
+            agent.stop()
+        server.ensure_stopped()
+
+
+def test_jwt_attestation_and_bundle_pushes_on_ca_rotation(
+    broker_cli: BrokerCli, socket_dir: Path, tmp_path: Path, agents: list[AgentProcess]
+) -> None:
+    issuer_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(issuer_key.public_key()))
+    jwk["kid"] = "cluster-1"
+    jwks_file = tmp_path / "jwks.json"
+    jwks_file.write_text(json.dumps({"keys": [jwk]}))
+    broker_cli.ok(
+        "attestor", "add", "--name", "k8s", "--issuer", "https://k8s.example",
+        "--audience", "broker", "--jwks-file", str(jwks_file),
+        "--template", "spiffe://{td}/k8s/ns/{kubernetes.io.namespace}/sa/"
+        "{kubernetes.io.serviceaccount.name}",
+    )  # fmt: skip
+    listed = broker_cli.ok("attestor", "list", "--output", "json").json()
+    assert [a["name"] for a in listed["attestors"]] == ["k8s"]
+    agent_id = f"spiffe://{TD}/k8s/ns/infra/sa/agent"
+    _entry(
+        broker_cli, f"spiffe://{TD}/acme/prod/pods", agent_id,
+        "--selector", f"unix:uid:{os.getuid()}",
+    )  # fmt: skip
+    now = int(time.time())
+    token = jwt.encode(
+        {
+            "iss": "https://k8s.example",
+            "aud": "broker",
+            "sub": "system:serviceaccount:infra:agent",
+            "exp": now + 600,
+            "kubernetes.io": {"namespace": "infra", "serviceaccount": {"name": "agent"}},
+        },
+        issuer_key,
+        algorithm="RS256",
+        headers={"kid": "cluster-1"},
+    )
+    token_file = tmp_path / "token.jwt"
+    token_file.write_text(token)
+    agent = AgentProcess(broker_cli.server, socket_dir, tmp_path, "--jwt-file", str(token_file))
+    agents.append(agent)
+    agent.start()
+    assert agent_id in agent.line
+
+    channel, stub = _raw_stub(agent)
+    header = [("workload.spiffe.io", "true")]
+    with channel:
+        stream = stub.FetchJWTBundles(workload_pb2.JWTBundlesRequest(), metadata=header, timeout=60)
+        first = json.loads(next(stream).bundles[f"spiffe://{TD}"])
+        before = {k["kid"] for k in first["keys"]}
+        broker_cli.ok("ca", "rotate", "--force")
+        second = json.loads(next(stream).bundles[f"spiffe://{TD}"])
+        after = {k["kid"] for k in second["keys"]}
+        stream.cancel()
+    assert after - before, "the new CA generation's JWT key was not pushed"
+    with WorkloadApiClient(agent.endpoint) as client:
+        fresh = client.fetch_jwt_svid(audience={"after-rotation"})
+        bundle = client.fetch_jwt_bundles().get_bundle_for_trust_domain(
+            fresh.spiffe_id.trust_domain
+        )
+        assert bundle is not None
+        JwtSvid.parse_and_validate(fresh.token, bundle, {"after-rotation"})
+
+
+def test_entry_and_token_cli_contract(broker_cli: BrokerCli) -> None:
+    parent = f"spiffe://{TD}/agents/cli"
+    created = _entry(
+        broker_cli, f"spiffe://{TD}/acme/prod/cli", parent, "--selector", "unix:uid:1000",
+        "--selector", "unix:gid:1000", "--x509-ttl", "10m", "--jwt-ttl", "1m",
+        "--dns", "cli.example",
+    )  # fmt: skip
+    assert created["selectors"] == ["unix:gid:1000", "unix:uid:1000"]
+    assert created["x509_ttl_seconds"] == 600 and created["dns_names"] == ["cli.example"]
+    shown = broker_cli.ok("entry", "show", created["id"], "--output", "json").json()
+    assert shown == created
+    listed = broker_cli.ok("entry", "list", "--parent-id", parent, "--output", "json").json()
+    assert [e["id"] for e in listed["entries"]] == [created["id"]]
+    broker_cli.ok("entry", "delete", created["id"])
+    missing = broker_cli.run("entry", "show", created["id"])
+    assert missing.returncode == 1 and missing.stderr.startswith("broker: not found")
+    bad = broker_cli.run(
+        "entry", "create", "--spiffe-id", f"spiffe://{TD}/x", "--parent-id", parent,
+        "--selector", "docker:label:x",
+    )  # fmt: skip
+    assert bad.returncode == 1 and len(bad.stderr_lines) == 1
+    assert bad.stderr.startswith("broker: invalid argument")
+    token = broker_cli.ok(
+        "token", "create", "--spiffe-id", parent, "--ttl", "1m", "--output", "json"
+    ).json()
+    assert token["spiffe_id"] == parent and token["token"].startswith("bjt_")
+    denied = broker_cli.ok("svid", "deny", parent, "--output", "json").json()
+    assert denied == {"kind": "spiffe_id", "value": parent}
+    usage = broker_cli.run("agent", "--bundle", "x", "--socket", "/tmp/x.sock")
+    assert usage.returncode == 2 and usage.stderr.startswith("broker: ")
