@@ -1,0 +1,286 @@
+"""Workload API through `broker agent`: agent start to first SVID, then FetchX509SVID and
+FetchJWTSVID latency at N concurrent callers, served from the agent's cache.
+
+    .venv/bin/python -m loadtests.agent [--callers 32] [--duration 10] [--warmup 2]
+        [--processes 4] [--report FILE]
+
+Starts `broker serve --dev` and, after a join token and one registration entry for this uid,
+`broker agent` (both subprocesses in a temp dir, stopped at the end). "Start to first SVID" is
+the wall time from spawning the agent to the first FetchX509SVID answer on its socket (it
+includes the interpreter start, attestation, sync and the first mint). The load: `--callers`
+callers spread over `--processes` worker processes, each caller with its own connection to the
+socket, back to back; a FetchX509SVID call opens the stream and reads the first message. Every
+answer is checked (the SPIFFE ID), so an error cannot pass as a fast reply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+TD = "broker.local"
+HEADER = (("workload.spiffe.io", "true"),)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _cli(data: Path, port: int, *args: str) -> str:
+    env = {**os.environ, "BROKER_ADDR": f"127.0.0.1:{port}", "BROKER_DATA_DIR": str(data)}
+    out = subprocess.run(
+        [sys.executable, "-m", "broker.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        timeout=60,
+    )
+    return out.stdout.strip()
+
+
+def _wait_line(proc: subprocess.Popen[str], needle: str, timeout: float) -> str:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if needle in line:
+            return line.strip()
+        if not line and proc.poll() is not None:
+            break
+    raise RuntimeError(f"no {needle!r} line from {proc.args!r}")
+
+
+@contextlib.contextmanager
+def _process(args: list[str], **kw: Any) -> Iterator[subprocess.Popen[str]]:
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, **kw)
+    try:
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _first_svid(socket_path: Path, deadline: float) -> float:
+    import grpc
+
+    from broker.api._proto import workload_pb2, workload_pb2_grpc
+
+    while time.monotonic() < deadline:
+        if socket_path.exists():
+            with grpc.insecure_channel(f"unix:{socket_path}") as channel:
+                stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel)
+                try:
+                    stream = stub.FetchX509SVID(
+                        workload_pb2.X509SVIDRequest(), metadata=HEADER, timeout=5
+                    )
+                    if next(iter(stream)).svids:
+                        stream.cancel()
+                        return time.monotonic()
+                except grpc.RpcError:
+                    pass
+        time.sleep(0.005)
+    raise RuntimeError("no SVID from the agent in time")
+
+
+async def _caller(
+    socket_path: str, kind: str, until: float, warm_until: float, out: list[float]
+) -> int:
+    import grpc
+
+    from broker.api._proto import workload_pb2, workload_pb2_grpc
+
+    errors = 0
+    async with grpc.aio.insecure_channel(f"unix:{socket_path}") as channel:
+        stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel)
+        while True:
+            started = time.monotonic()
+            if started >= until:
+                return errors
+            try:
+                if kind == "x509":
+                    call = stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=HEADER)
+                    message = await call.read()
+                    call.cancel()
+                    ok = message.svids[0].spiffe_id.startswith(f"spiffe://{TD}/")
+                else:
+                    reply = await stub.FetchJWTSVID(
+                        workload_pb2.JWTSVIDRequest(audience=["bench"]), metadata=HEADER
+                    )
+                    ok = reply.svids[0].spiffe_id.startswith(f"spiffe://{TD}/")
+            except grpc.RpcError:
+                ok = False
+            elapsed = time.monotonic() - started
+            if not ok:
+                errors += 1
+            elif started >= warm_until:
+                out.append(elapsed)
+
+
+def _worker(
+    socket_path: str,
+    kind: str,
+    callers: int,
+    start: float,
+    warmup: float,
+    duration: float,
+    conn: Any,
+) -> None:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    samples: list[float] = []
+
+    async def main() -> int:
+        delay = start - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        warm_until = start + warmup
+        until = warm_until + duration
+        results = await asyncio.gather(
+            *(_caller(socket_path, kind, until, warm_until, samples) for _ in range(callers))
+        )
+        return sum(results)
+
+    errors = asyncio.run(main())
+    conn.send((samples, errors))
+    conn.close()
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[index]
+
+
+def _load(
+    socket_path: Path, kind: str, callers: int, processes: int, warmup: float, duration: float
+) -> dict[str, Any]:
+    ctx = multiprocessing.get_context("spawn")
+    start = time.monotonic() + 2.0
+    shares = [
+        callers // processes + (1 if i < callers % processes else 0) for i in range(processes)
+    ]
+    pipes, procs = [], []
+    for share in shares:
+        if share == 0:
+            continue
+        parent, child = ctx.Pipe()
+        p = ctx.Process(
+            target=_worker, args=(str(socket_path), kind, share, start, warmup, duration, child)
+        )
+        p.start()
+        pipes.append(parent)
+        procs.append(p)
+    samples: list[float] = []
+    errors = 0
+    for parent in pipes:
+        got, errs = parent.recv()
+        samples.extend(got)
+        errors += errs
+    for p in procs:
+        p.join()
+    samples.sort()
+    ms = [s * 1000 for s in samples]
+    return {
+        "operation": "FetchX509SVID" if kind == "x509" else "FetchJWTSVID",
+        "callers": callers,
+        "requests": len(ms),
+        "errors": errors,
+        "rps": round(len(ms) / duration, 1),
+        "p50_ms": round(_percentile(ms, 0.50), 3),
+        "p95_ms": round(_percentile(ms, 0.95), 3),
+        "p99_ms": round(_percentile(ms, 0.99), 3),
+        "max_ms": round(ms[-1], 3) if ms else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--callers", type=int, default=32)
+    p.add_argument("--processes", type=int, default=4)
+    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--starts", type=int, default=3, help="agent starts to time")
+    p.add_argument("--report", type=Path)
+    args = p.parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="loadtests-agent-"))
+    data, port = tmp / "data", _free_port()
+    env = {**os.environ, "BROKER_RATE_LIMIT_RPS": "100000", "BROKER_RATE_LIMIT_BURST": "100000"}
+    report: dict[str, Any] = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "loadavg_before": os.getloadavg(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "starts": [],
+        "runs": [],
+    }
+    try:
+        serve = [sys.executable, "-m", "broker.cli", "serve", "--dev", "--data-dir", str(data),
+                 "--listen", f"127.0.0.1:{port}"]  # fmt: skip
+        with _process(serve, env=env, stderr=subprocess.DEVNULL) as broker:
+            line = _wait_line(broker, "listening", 120)
+            attest = line.split("attestation on ", 1)[1].rstrip(")")
+            _cli(data, port, "entry", "create", "--spiffe-id", f"spiffe://{TD}/bench/web",
+                 "--parent-id", f"spiffe://{TD}/agents/bench", "--selector",
+                 f"unix:uid:{os.getuid()}")  # fmt: skip
+            for i in range(args.starts):
+                token = _cli(
+                    data, port, "token", "create", "--spiffe-id", f"spiffe://{TD}/agents/bench"
+                )
+                sock = tmp / f"agent-{i}.sock"
+                agent_args = [sys.executable, "-m", "broker.cli", "agent", "--server",
+                              f"127.0.0.1:{port}", "--attest-server", attest, "--bundle",
+                              str(data / "bundle.pem"), "--join-token", token,
+                              "--socket", str(sock)]  # fmt: skip
+                spawned = time.monotonic()
+                with _process(agent_args, stderr=subprocess.DEVNULL) as _agent:
+                    first = _first_svid(sock, spawned + 60)
+                    report["starts"].append(round(first - spawned, 3))
+                    print(f"agent start to first SVID: {first - spawned:.3f} s", file=sys.stderr)
+                    if i == args.starts - 1:
+                        for kind in ("x509", "jwt"):
+                            run = _load(
+                                sock, kind, args.callers, args.processes, args.warmup, args.duration
+                            )
+                            report["runs"].append(run)
+                            print(json.dumps(run), file=sys.stderr)
+        report["machine"]["loadavg_after"] = os.getloadavg()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.report:
+        args.report.write_text(text)
+    return 0 if all(r["errors"] == 0 and r["requests"] > 0 for r in report["runs"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
