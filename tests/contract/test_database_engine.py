@@ -3,17 +3,13 @@ throwaway MariaDB server (both checking passwords over TCP)."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import datetime as dt
 import secrets
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import AsyncIterator
 
 import asyncpg
-import pymysql
 import pytest
 
 from broker.database.engine import (
@@ -23,15 +19,12 @@ from broker.database.engine import (
     StatementFailed,
     open_engine,
 )
-from broker.database.template import Template
-from tests.fixtures.mariadb import MariaDBServer
-from tests.fixtures.postgres import PgCluster
+from tests.fixtures import dbtargets
+from tests.fixtures.dbtargets import Target, target_for
 
 CREATION = {
-    "postgresql": "CREATE ROLE {{name}} WITH LOGIN PASSWORD {{password}} "
-    "VALID UNTIL {{expiration}};\nGRANT SELECT ON items TO {{name}};",
-    "mysql": "CREATE USER {{name}}@'%' IDENTIFIED BY {{password}};\n"
-    "GRANT SELECT ON {db}.items TO {{name}}@'%';",
+    "postgresql": dbtargets.CREATION["postgresql"],
+    "mysql": dbtargets.CREATION["mysql"],
 }
 FAILING = {
     "postgresql": "CREATE ROLE {{name}} WITH LOGIN PASSWORD {{password}};\n"
@@ -47,159 +40,10 @@ ECHO_PASSWORD = {
 }
 
 
-@dataclass
-class Target:
-    """A database server, an admin login on it for the engine, and side doors for checks."""
-
-    plugin: str
-    dsn: str  # without password
-    password: str
-    host: str
-    port: int
-    database: str
-    login: Callable[[str, str], Awaitable[Any]]  # -> an open session (raises on refusal)
-    alive: Callable[[Any], Awaitable[bool]]
-    exists: Callable[[str], Awaitable[bool]]
-    close_session: Callable[[Any], Awaitable[None]]
-
-    def engine(self, password: str | None = None) -> Engine:
-        return open_engine(self.plugin, self.dsn, self.password if password is None else password)
-
-    def template(self, text: str) -> Template:
-        return Template.parse(text.replace("{db}", self.database), self.plugin)
-
-    async def can_login(self, user: str, password: str) -> bool:
-        try:
-            session = await self.login(user, password)
-        except (asyncpg.PostgresError, pymysql.MySQLError, OSError):
-            return False
-        await self.close_session(session)
-        return True
-
-
-async def _pg_target(cluster: PgCluster) -> AsyncIterator[Target]:
-    database = f"e_{secrets.token_hex(6)}"
-    admin = f"admin_{secrets.token_hex(4)}"
-    admin_pw = secrets.token_urlsafe(18)
-    cluster.psql(f'CREATE DATABASE "{database}"')
-    cluster.psql(f"CREATE ROLE \"{admin}\" LOGIN CREATEROLE PASSWORD '{admin_pw}'")
-    cluster.psql(f'GRANT ALL ON DATABASE "{database}" TO "{admin}"')
-    cluster.psql(f'ALTER DATABASE "{database}" OWNER TO "{admin}"')
-    cluster.psql("CREATE TABLE items (id int); INSERT INTO items VALUES (1)", database)
-    cluster.psql(f'ALTER TABLE items OWNER TO "{admin}"', database)
-    cluster.psql(f'GRANT pg_signal_backend TO "{admin}"')
-
-    async def login(user: str, password: str) -> Any:
-        return await asyncpg.connect(
-            host=cluster.host,
-            port=cluster.port,
-            user=user,
-            password=password,
-            database=database,
-            timeout=10,
-        )
-
-    async def alive(session: Any) -> bool:
-        try:
-            return await session.fetchval("SELECT 1", timeout=5) == 1
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-            return False
-
-    async def exists(user: str) -> bool:
-        literal = "'" + user.replace("'", "''") + "'"
-        return (
-            cluster.psql(f"SELECT count(*) FROM pg_roles WHERE rolname = {literal}").strip() == "1"
-        )
-
-    async def close_session(session: Any) -> None:
-        with contextlib.suppress(Exception):
-            await session.close(timeout=5)
-
-    dsn = f"postgresql://{admin}@{cluster.host}:{cluster.port}/{database}"
-    yield Target(
-        "postgresql",
-        dsn,
-        admin_pw,
-        cluster.host,
-        cluster.port,
-        database,
-        login,
-        alive,
-        exists,
-        close_session,
-    )
-    cluster.drop_database_soon(database)
-
-
-async def _mysql_target(server: MariaDBServer) -> AsyncIterator[Target]:
-    database = f"e_{secrets.token_hex(6)}"
-    admin = f"admin_{secrets.token_hex(4)}"
-    admin_pw = secrets.token_urlsafe(18)
-    server.sql(f"CREATE DATABASE `{database}`")
-    server.sql(f"CREATE TABLE `{database}`.items (id int)")
-    server.sql(f"INSERT INTO `{database}`.items VALUES (1)")
-    server.sql(f"CREATE USER '{admin}'@'%%' IDENTIFIED BY %s", admin_pw)
-    server.sql(f"GRANT ALL PRIVILEGES ON *.* TO '{admin}'@'%' WITH GRANT OPTION")
-
-    def _connect(user: str, password: str) -> Any:
-        return pymysql.connect(
-            host=server.host,
-            port=server.port,
-            user=user,
-            password=password,
-            database=database,
-            connect_timeout=10,
-            read_timeout=10,
-            autocommit=True,
-        )
-
-    async def login(user: str, password: str) -> Any:
-        return await asyncio.to_thread(_connect, user, password)
-
-    def _alive(session: Any) -> bool:
-        try:
-            with session.cursor() as cursor:
-                cursor.execute("SELECT 1")
-                return bool(cursor.fetchone()[0] == 1)
-        except (pymysql.MySQLError, OSError):
-            return False
-
-    async def alive(session: Any) -> bool:
-        return await asyncio.to_thread(_alive, session)
-
-    async def exists(user: str) -> bool:
-        return bool(server.sql("SELECT 1 FROM mysql.user WHERE User = %s", user))
-
-    async def close_session(session: Any) -> None:
-        with contextlib.suppress(Exception):
-            session.close()
-
-    dsn = f"mysql://{admin}@{server.host}:{server.port}/{database}"
-    yield Target(
-        "mysql",
-        dsn,
-        admin_pw,
-        server.host,
-        server.port,
-        database,
-        login,
-        alive,
-        exists,
-        close_session,
-    )
-    server.sql(f"DROP DATABASE `{database}`")
-
-
 @pytest.fixture(params=["postgresql", "mysql"])
 async def target(request: pytest.FixtureRequest) -> AsyncIterator[Target]:
-    if request.param == "postgresql":
-        gen = _pg_target(request.getfixturevalue("pg_cluster"))
-    else:
-        gen = _mysql_target(request.getfixturevalue("mariadb_server"))
-    value = await gen.__anext__()
-    yield value
-    with contextlib.suppress(StopAsyncIteration):
-        await gen.__anext__()
+    async with target_for(request.param, request) as value:
+        yield value
 
 
 @pytest.fixture
