@@ -133,13 +133,18 @@ class Snapshot:
     entries: tuple[AgentEntry, ...] = ()
     svids: Mapping[str, WorkloadSVID] = field(default_factory=dict)
 
-    @property
-    def bundle_der(self) -> bytes:
-        return self.bundle.x509_der_concat() if self.bundle is not None else b""
+    bundle_der: bytes = b""  # concatenated DER of the X.509 authorities
+    jwt_bundle_json: bytes = b'{"keys":[]}'  # the JWT authorities as a plain JWKS
 
-    @property
-    def jwt_bundle_json(self) -> bytes:
-        return self.bundle.to_jwt_jwks_json() if self.bundle is not None else b'{"keys":[]}'
+    def with_bundle(self, bundle: TrustBundle, sequence: int) -> Snapshot:
+        """A copy with a new bundle and its serialized forms (computed once, served often)."""
+        return dataclasses.replace(
+            self,
+            bundle=bundle,
+            bundle_sequence=sequence,
+            bundle_der=bundle.x509_der_concat(),
+            jwt_bundle_json=bundle.to_jwt_jwks_json(),
+        )
 
 
 def renew_at(not_before: dt.datetime, expires_at: dt.datetime, rng: random.Random) -> dt.datetime:
@@ -249,6 +254,10 @@ class Agent:
     @property
     def snapshot(self) -> Snapshot:
         return self._snapshot
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
 
     @property
     def agent_id(self) -> str | None:
@@ -407,16 +416,12 @@ class Agent:
         self._jwt_cache = {
             k: v for k, v in self._jwt_cache.items() if k[0] in keep and k[0] not in changed
         }
-        await self._publish(
-            dataclasses.replace(
-                snap,
-                trust_domain=result.trust_domain,
-                bundle=bundle,
-                bundle_sequence=result.bundle_sequence,
-                entries=entries,
-                svids=svids,
-            )
+        updated = dataclasses.replace(
+            snap, trust_domain=result.trust_domain, entries=entries, svids=svids
         )
+        if bundle is not snap.bundle:
+            updated = updated.with_bundle(bundle, result.bundle_sequence)
+        await self._publish(updated)
 
     async def _renew_workloads(self) -> None:
         snap = self._snapshot

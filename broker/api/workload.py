@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import grp
 import itertools
 import json
@@ -26,10 +27,10 @@ import socket
 import struct
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.protobuf import struct_pb2
@@ -102,17 +103,23 @@ class PeerRegistry:
 
 class PeerCredentialProxy:
     def __init__(self, registry: PeerRegistry, public_path: Path, upstream_path: Path) -> None:
-        self._registry = registry
+        self.registry = registry
         self._public = public_path
-        self._upstream = str(upstream_path)
+        self.upstream = str(upstream_path)
         self._prefix = f"broker-agent-{secrets.token_hex(8)}-"
         self._counter = itertools.count()
         self._server: asyncio.AbstractServer | None = None
 
+    def next_tag(self) -> str:
+        return self._prefix + str(next(self._counter))
+
     async def start(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self._public.unlink()
-        self._server = await asyncio.start_unix_server(self._handle, path=str(self._public))
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(
+            lambda: _Downstream(self), path=str(self._public)
+        )
         os.chmod(self._public, 0o777)  # noqa: S103 (any local process may ask; entries decide)
 
     async def close(self) -> None:
@@ -123,44 +130,133 @@ class PeerCredentialProxy:
         with contextlib.suppress(FileNotFoundError):
             self._public.unlink()
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sock = writer.get_extra_info("socket")
-        tag = self._prefix + str(next(self._counter))
+
+class _Downstream(asyncio.Protocol):
+    """The workload's connection. Protocol callbacks (not streams): each chunk is written
+    straight to the other side, with flow control passed through (pause/resume)."""
+
+    def __init__(self, proxy: PeerCredentialProxy) -> None:
+        self._proxy = proxy
+        self.transport: asyncio.Transport | None = None
+        self.upstream: _Upstream | None = None
+        self._tag = ""
+        self._pending: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        sock = transport.get_extra_info("socket")
         try:
             raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-            pid, uid, gid = _PEERCRED.unpack(raw)
-            upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            upstream.bind("\0" + tag)
-            upstream.setblocking(False)
-            await asyncio.get_running_loop().sock_connect(upstream, self._upstream)
-            up_reader, up_writer = await asyncio.open_unix_connection(sock=upstream)
         except OSError as exc:
-            log.warning("workload connection refused: %s", exc)
-            writer.close()
+            log.warning("workload connection refused: no peer credentials (%s)", exc)
+            transport.close()
             return
-        self._registry.add(tag, PeerInfo(pid, uid, gid))
+        pid, uid, gid = _PEERCRED.unpack(raw)
+        self._tag = self._proxy.next_tag()
+        asyncio.get_running_loop().create_task(self._connect(PeerInfo(pid, uid, gid)))
+
+    async def _connect(self, peer: PeerInfo) -> None:
+        loop = asyncio.get_running_loop()
+        upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
-        finally:
-            self._registry.remove(tag)
-            for w in (writer, up_writer):
-                w.close()
+            upstream.bind("\0" + self._tag)
+            upstream.setblocking(False)
+            await loop.sock_connect(upstream, self._proxy.upstream)
+            self._proxy.registry.add(self._tag, peer)
+            _, protocol = await loop.create_unix_connection(lambda: _Upstream(self), sock=upstream)
+        except OSError as exc:
+            upstream.close()
+            self._proxy.registry.remove(self._tag)
+            log.warning("workload connection refused: %s", exc)
+            if self.transport is not None:
+                self.transport.close()
+            return
+        self.upstream = protocol
+        for chunk in self._pending:
+            protocol.write(chunk)
+        self._pending.clear()
+        if self.transport is None or self.transport.is_closing():
+            protocol.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self.upstream is None:
+            self._pending.append(data)
+        else:
+            self.upstream.write(data)
+
+    def eof_received(self) -> bool:
+        if self.upstream is not None:
+            self.upstream.write_eof()
+        return True
+
+    def pause_writing(self) -> None:
+        if self.upstream is not None:
+            self.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None:
+            self.upstream.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self._proxy.registry.remove(self._tag)
+        if self.upstream is not None:
+            self.upstream.close()
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while True:
-            data = await reader.read(65536)
-            if not data:
-                break
-            writer.write(data)
-            await writer.drain()
-    except (ConnectionError, OSError):
-        pass
-    finally:
-        with contextlib.suppress(Exception):
-            if writer.can_write_eof():
-                writer.write_eof()
+class _Upstream(asyncio.Protocol):
+    """The proxy's connection to the gRPC server, from the tagged abstract address."""
+
+    def __init__(self, downstream: _Downstream) -> None:
+        self._down = downstream
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+
+    def write(self, data: bytes) -> None:
+        if self._transport is not None:
+            self._transport.write(data)
+
+    def write_eof(self) -> None:
+        if self._transport is not None and self._transport.can_write_eof():
+            self._transport.write_eof()
+
+    def pause_reading(self) -> None:
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._transport is not None:
+            self._transport.resume_reading()
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        down = self._down.transport
+        if down is not None:
+            down.write(data)
+
+    def eof_received(self) -> bool:
+        down = self._down.transport
+        if down is not None and down.can_write_eof():
+            down.write_eof()
+        return True
+
+    def pause_writing(self) -> None:
+        if self._down.transport is not None:
+            self._down.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._down.transport is not None:
+            self._down.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        if self._down.transport is not None:
+            self._down.transport.close()
 
 
 def _claims_struct(claims: dict[str, Any]) -> struct_pb2.Struct:
@@ -173,6 +269,11 @@ class WorkloadAPIServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type:
     def __init__(self, agent: Agent, registry: PeerRegistry) -> None:
         self._agent = agent
         self._registry = registry
+        # Rendered stream messages per (kind, snapshot version, caller selectors): callers
+        # with the same selectors share one message until the snapshot changes or an SVID in
+        # it expires.
+        self._rendered: dict[tuple[str, int, frozenset[str]], tuple[Any, bytes, dt.datetime]] = {}
+        self._rendered_version = -1
 
     async def _caller(self, context: grpc.aio.ServicerContext) -> frozenset[str]:
         """Check the security header, then identify the caller; aborts on failure."""
@@ -187,63 +288,66 @@ class WorkloadAPIServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type:
             await _abort(context, exc)
             raise
 
-    async def _stream(
-        self,
-        context: grpc.aio.ServicerContext,
-        render: Callable[[frozenset[str], Snapshot], Any],
-    ) -> AsyncIterator[Any]:
+    def _render(self, kind: str, selectors: frozenset[str], snap: Snapshot) -> tuple[Any, bytes]:
+        """The message of stream `kind` for this caller; raises BrokerError."""
+        if snap.version != self._rendered_version or len(self._rendered) > 4096:
+            self._rendered.clear()
+            self._rendered_version = snap.version
+        key = (kind, snap.version, selectors)
+        hit = self._rendered.get(key)
+        now = self._agent.clock.now()
+        if hit is not None and hit[2] > now:
+            return hit[0], hit[1]
+        svids = self._agent.svids_for(selectors, snap)  # entitlement for every stream
+        if kind == "x509":
+            message: Any = workload_pb2.X509SVIDResponse(
+                svids=[
+                    workload_pb2.X509SVID(
+                        spiffe_id=s.spiffe_id,
+                        x509_svid=b"".join(s.chain_der),
+                        x509_svid_key=s.key_der,
+                        bundle=snap.bundle_der,
+                    )
+                    for s in svids
+                ]
+            )
+        elif kind == "x509-bundles":
+            message = workload_pb2.X509BundlesResponse(
+                bundles={f"spiffe://{snap.trust_domain}": snap.bundle_der}
+            )
+        else:
+            message = workload_pb2.JWTBundlesResponse(
+                bundles={f"spiffe://{snap.trust_domain}": snap.jwt_bundle_json}
+            )
+        encoded = message.SerializeToString(deterministic=True)
+        self._rendered[key] = (message, encoded, min(s.expires_at for s in svids))
+        return message, encoded
+
+    async def _stream(self, context: grpc.aio.ServicerContext, kind: str) -> AsyncIterator[Any]:
         selectors = await self._caller(context)
         snapshot = self._agent.snapshot
         last: bytes | None = None
         while True:
             try:
-                message = render(selectors, snapshot)
+                message, encoded = self._render(kind, selectors, snapshot)
             except (BrokerError, CAError) as exc:
                 await _abort(context, exc)  # also mid-stream, e.g. the entry was deleted
                 return
-            encoded = message.SerializeToString(deterministic=True)
             if encoded != last:
                 last = encoded
                 yield message
             snapshot = await self._agent.wait_change(snapshot.version)
 
-    def _x509(self, selectors: frozenset[str], snap: Snapshot) -> Any:
-        svids = self._agent.svids_for(selectors, snap)
-        bundle = snap.bundle_der
-        return workload_pb2.X509SVIDResponse(
-            svids=[
-                workload_pb2.X509SVID(
-                    spiffe_id=s.spiffe_id,
-                    x509_svid=b"".join(s.chain_der),
-                    x509_svid_key=s.key_der,
-                    bundle=bundle,
-                )
-                for s in svids
-            ]
-        )
-
-    def _x509_bundles(self, selectors: frozenset[str], snap: Snapshot) -> Any:
-        self._agent.svids_for(selectors, snap)  # the caller must be entitled to something
-        return workload_pb2.X509BundlesResponse(
-            bundles={f"spiffe://{snap.trust_domain}": snap.bundle_der}
-        )
-
-    def _jwt_bundles(self, selectors: frozenset[str], snap: Snapshot) -> Any:
-        self._agent.svids_for(selectors, snap)
-        return workload_pb2.JWTBundlesResponse(
-            bundles={f"spiffe://{snap.trust_domain}": snap.jwt_bundle_json}
-        )
-
     async def FetchX509SVID(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async for message in self._stream(context, self._x509):
+        async for message in self._stream(context, "x509"):
             yield message
 
     async def FetchX509Bundles(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async for message in self._stream(context, self._x509_bundles):
+        async for message in self._stream(context, "x509-bundles"):
             yield message
 
     async def FetchJWTBundles(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async for message in self._stream(context, self._jwt_bundles):
+        async for message in self._stream(context, "jwt-bundles"):
             yield message
 
     async def FetchJWTSVID(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
