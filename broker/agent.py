@@ -355,8 +355,8 @@ class Agent:
         if now < self._retry_at:
             return (self._retry_at - now).total_seconds()
         try:
-            if self._agent is None:
-                await self._attest()
+            if self._agent is None or now >= self._agent.expires_at:
+                await self._attest()  # first start, or the SVID ran out (e.g. a long outage)
             elif self._agent_renew_at is not None and now >= self._agent_renew_at:
                 await self._renew_agent()
             if self._clock.now() >= self._next_sync:

@@ -9,8 +9,10 @@ Starts `broker serve --dev` and, after a join token and one registration entry f
 the wall time from spawning the agent to the first FetchX509SVID answer on its socket (it
 includes the interpreter start, attestation, sync and the first mint). The load: `--callers`
 callers spread over `--processes` worker processes, each caller with its own connection to the
-socket, back to back; a FetchX509SVID call opens the stream and reads the first message. Every
-answer is checked (the SPIFFE ID), so an error cannot pass as a fast reply.
+socket, either back to back (a closed loop: the figure is the agent's saturation latency) or
+paced at `--rates` requests per second per caller (an open loop, latency measured from each
+call's scheduled time); a FetchX509SVID call opens the stream and reads the first message.
+Every answer is checked (the SPIFFE ID), so an error cannot pass as a fast reply.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import json
 import multiprocessing
 import os
 import platform
+import random
 import shutil
 import signal
 import socket
@@ -105,7 +108,12 @@ def _first_svid(socket_path: Path, deadline: float) -> float:
 
 
 async def _caller(
-    socket_path: str, kind: str, until: float, warm_until: float, out: list[float]
+    socket_path: str,
+    kind: str,
+    until: float,
+    warm_until: float,
+    out: list[float],
+    rate: float = 0.0,
 ) -> int:
     import grpc
 
@@ -114,8 +122,18 @@ async def _caller(
     errors = 0
     async with grpc.aio.insecure_channel(f"unix:{socket_path}") as channel:
         stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel)
+        interval = 1.0 / rate if rate else 0.0
+        # Paced callers start at random phases, so they do not all fire at once.
+        next_at = time.monotonic() + (random.random() * interval if rate else 0.0)
         while True:
-            started = time.monotonic()
+            if rate:
+                pause = next_at - time.monotonic()
+                if pause > 0:
+                    await asyncio.sleep(pause)
+                started = next_at  # latency from the scheduled time (no coordinated omission)
+                next_at += interval
+            else:
+                started = time.monotonic()
             if started >= until:
                 return errors
             try:
@@ -146,6 +164,7 @@ def _worker(
     warmup: float,
     duration: float,
     conn: Any,
+    rate: float = 0.0,
 ) -> None:
     try:
         import uvloop
@@ -162,7 +181,7 @@ def _worker(
         warm_until = start + warmup
         until = warm_until + duration
         results = await asyncio.gather(
-            *(_caller(socket_path, kind, until, warm_until, samples) for _ in range(callers))
+            *(_caller(socket_path, kind, until, warm_until, samples, rate) for _ in range(callers))
         )
         return sum(results)
 
@@ -179,7 +198,13 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 
 
 def _load(
-    socket_path: Path, kind: str, callers: int, processes: int, warmup: float, duration: float
+    socket_path: Path,
+    kind: str,
+    callers: int,
+    processes: int,
+    warmup: float,
+    duration: float,
+    rate: float = 0.0,
 ) -> dict[str, Any]:
     ctx = multiprocessing.get_context("spawn")
     start = time.monotonic() + 2.0
@@ -192,7 +217,8 @@ def _load(
             continue
         parent, child = ctx.Pipe()
         p = ctx.Process(
-            target=_worker, args=(str(socket_path), kind, share, start, warmup, duration, child)
+            target=_worker,
+            args=(str(socket_path), kind, share, start, warmup, duration, child, rate),
         )
         p.start()
         pipes.append(parent)
@@ -210,6 +236,7 @@ def _load(
     return {
         "operation": "FetchX509SVID" if kind == "x509" else "FetchJWTSVID",
         "callers": callers,
+        "per_caller_rate": rate or "back to back",
         "requests": len(ms),
         "errors": errors,
         "rps": round(len(ms) / duration, 1),
@@ -227,6 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--starts", type=int, default=3, help="agent starts to time")
+    p.add_argument(
+        "--rates",
+        default="0,20",
+        help="per-caller request rates to run, comma-separated (0 = back to back) [0,20]",
+    )
     p.add_argument("--report", type=Path)
     args = p.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="loadtests-agent-"))
@@ -266,12 +298,14 @@ def main(argv: list[str] | None = None) -> int:
                     report["starts"].append(round(first - spawned, 3))
                     print(f"agent start to first SVID: {first - spawned:.3f} s", file=sys.stderr)
                     if i == args.starts - 1:
-                        for kind in ("x509", "jwt"):
-                            run = _load(
-                                sock, kind, args.callers, args.processes, args.warmup, args.duration
-                            )
-                            report["runs"].append(run)
-                            print(json.dumps(run), file=sys.stderr)
+                        for rate in (float(r) for r in args.rates.split(",")):
+                            for kind in ("x509", "jwt"):
+                                run = _load(
+                                    sock, kind, args.callers, args.processes, args.warmup,
+                                    args.duration, rate,
+                                )  # fmt: skip
+                                report["runs"].append(run)
+                                print(json.dumps(run), file=sys.stderr)
         report["machine"]["loadavg_after"] = os.getloadavg()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

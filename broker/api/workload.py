@@ -24,6 +24,7 @@ import pwd
 import secrets
 import signal
 import socket
+import stat
 import struct
 import sys
 import tempfile
@@ -114,8 +115,12 @@ class PeerCredentialProxy:
         return self._prefix + str(next(self._counter))
 
     async def start(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self._public.unlink()
+        if self._public.exists() or self._public.is_symlink():
+            if not stat.S_ISSOCK(self._public.lstat().st_mode):
+                raise InvalidArgument(
+                    f"{self._public} exists and is not a socket; not replacing it"
+                )
+            self._public.unlink()  # a stale socket from an earlier run
         loop = asyncio.get_running_loop()
         self._server = await loop.create_unix_server(
             lambda: _Downstream(self), path=str(self._public)
@@ -123,10 +128,11 @@ class PeerCredentialProxy:
         os.chmod(self._public, 0o777)  # noqa: S103 (any local process may ask; entries decide)
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
+        if self._server is None:
+            return  # never listened: the path is not ours to remove
+        self._server.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._server.wait_closed(), 2)
         with contextlib.suppress(FileNotFoundError):
             self._public.unlink()
 
@@ -420,8 +426,13 @@ async def serve_workload_api(agent: Agent, socket_path: Path) -> WorkloadEndpoin
     server.add_insecure_port(f"unix:{upstream}")
     await server.start()
     proxy = PeerCredentialProxy(registry, socket_path, upstream)
-    await proxy.start()
-    return WorkloadEndpoint(server, proxy, private_dir)
+    endpoint = WorkloadEndpoint(server, proxy, private_dir)
+    try:
+        await proxy.start()
+    except BaseException:
+        await endpoint.stop()
+        raise
+    return endpoint
 
 
 # -- the `broker agent` process ---------------------------------------------------------------

@@ -23,6 +23,7 @@ from broker.cli import (
     cli,
     svid,
 )
+from broker.errors import BrokerError
 
 __all__ = ["agent", "attestor", "entry", "token"]
 
@@ -348,16 +349,19 @@ def agent(
         raise Refusal(f"the directory of --socket {socket_path} does not exist")
     if not 0.1 <= sync_interval <= 3600:
         raise click.UsageError("--sync-interval must be between 0.1 and 3600 seconds")
-    run_agent(
-        AgentOptions(
-            server=server,
-            attest_server=attest_server or _default_attest(server),
-            bundle_pem=bundle,
-            socket_path=socket_path.absolute(),
-            join_token=join_token,
-            jwt=jwt,
-            write_dir=write_dir,
-            on_rotate=on_rotate,
-            sync_interval=sync_interval,
+    try:
+        run_agent(
+            AgentOptions(
+                server=server,
+                attest_server=attest_server or _default_attest(server),
+                bundle_pem=bundle,
+                socket_path=socket_path.absolute(),
+                join_token=join_token,
+                jwt=jwt,
+                write_dir=write_dir,
+                on_rotate=on_rotate,
+                sync_interval=sync_interval,
+            )
         )
-    )
+    except BrokerError as exc:
+        raise Refusal(str(exc)) from None

@@ -436,3 +436,22 @@ def test_entry_and_token_cli_contract(broker_cli: BrokerCli) -> None:
     assert denied == {"kind": "spiffe_id", "value": parent}
     usage = broker_cli.run("agent", "--bundle", "x", "--socket", "/tmp/x.sock")
     assert usage.returncode == 2 and usage.stderr.startswith("broker: ")
+
+
+def test_the_agent_never_replaces_a_file_that_is_not_a_socket(
+    broker_cli: BrokerCli, tmp_path: Path
+) -> None:
+    precious = tmp_path / "notes.txt"
+    precious.write_text("keep me")
+    token = broker_cli.ok("token", "create", "--spiffe-id", f"spiffe://{TD}/agents/careful")
+    result = broker_cli.run(
+        "agent", "--server", broker_cli.server.address,
+        "--attest-server", attest_address(broker_cli.server),
+        "--bundle", str(broker_cli.server.data_dir / "bundle.pem"),
+        "--join-token", token.stdout.strip(), "--socket", str(precious),
+    )  # fmt: skip
+    assert result.returncode == 1, result.describe()
+    assert result.stderr_lines == [
+        f"broker: {precious} exists and is not a socket; not replacing it"
+    ]
+    assert precious.read_text() == "keep me"
