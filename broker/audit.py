@@ -21,10 +21,12 @@ import hashlib
 import hmac
 import json
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from broker import metrics
 from broker.errors import AuditWriteFailed
 from broker.storage.interface import AuditRecord, Sealer, Storage
 from ca.keys import KeyBackend, KeyKind
@@ -97,9 +99,16 @@ class AuditLedger:
         """
         if self._queue is None:
             raise AuditWriteFailed("audit ledger is not running; request refused")
+        started = time.perf_counter()
         pending = _Pending(canonical_json(event), asyncio.get_running_loop().create_future())
         self._queue.put_nowait(pending)
-        return await pending.done
+        try:
+            seq = await pending.done
+        except BaseException:
+            metrics.observe_audit_write(time.perf_counter() - started, ok=False)
+            raise
+        metrics.observe_audit_write(time.perf_counter() - started, ok=True)
+        return seq
 
     def _sealer(self, count: int) -> Sealer:
         """A sealer for a group of `count` events: hashes every one, MACs only the last."""

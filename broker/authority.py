@@ -19,6 +19,7 @@ import ipaddress
 import json
 import logging
 import secrets
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,6 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from broker import metrics
 from broker.errors import InvalidArgument
 from broker.policy import Caller
 from broker.storage.interface import AuthorityRecord, PolicyVersion, Storage
@@ -276,7 +278,19 @@ class CAService:
 
     async def rotate(self, force: bool = False) -> list[str]:
         """Apply the rotation schedule (or force one). Only the holder of the rotation lease
-        acts; other replicas just reload. Returns what was done, e.g. ["prepared issuing-2"]."""
+        acts; other replicas just reload. Returns what was done, e.g. ["prepared issuing-2"].
+        Each run is measured (broker_ca_rotation_duration_seconds: rotated, noop or error)."""
+        started, outcome = time.perf_counter(), "error"
+        try:
+            done = await self._rotate(force)
+            outcome = "rotated" if done else "noop"
+            return done
+        finally:
+            metrics.observe_rotation(
+                "forced" if force else "schedule", outcome, time.perf_counter() - started
+            )
+
+    async def _rotate(self, force: bool) -> list[str]:
         async with self._rotate_lock:
             now = self._clock.now()
             if not await self._storage.try_lease(ROTATION_LEASE, self._owner, 60.0, now):

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
+import shutil
 import signal
 import socket
 import sys
@@ -26,6 +27,8 @@ from typing import Any
 from broker.app import Application
 from broker.config import DEFAULT_LISTEN, Config, load_config
 from broker.errors import InvalidArgument, Unavailable
+from broker.logs import configure as configure_logs
+from broker.metrics import MetricsServer, mark_worker_dead, multiprocess_dir, serve_metrics
 from ca.clock import SystemClock
 from ca.keys import open_backend
 
@@ -66,12 +69,8 @@ def build_config(options: ServeOptions) -> Config:
 
 
 def _configure_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format='{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s",'
-        '"pid":%(process)d,"msg":%(message)r}',
-    )
+    # JSON lines on stderr, secret fields redacted (broker.logs).
+    configure_logs(logging.INFO, sys.stderr)
 
 
 def _run(coro: Any) -> None:
@@ -123,11 +122,14 @@ async def _serve(
     from broker.api.server import serve_application
 
     app = await _open(config)
+    metrics_server = None
     try:
         await app.start()
         if worker == 0:
             app.write_operator_identity()
         served = await serve_application(app, reuse_port=ready is not None)
+        if ready is None and config.server.metrics_listen:
+            metrics_server = _start_metrics(config.server.metrics_listen)
         server, port = served.server, served.port
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -157,7 +159,19 @@ async def _serve(
             await reaper
         await server.stop(grace=5)
     finally:
+        if metrics_server is not None:
+            metrics_server.close()
         await app.close()
+
+
+def _start_metrics(listen: str, owned_dir: Path | None = None) -> MetricsServer:
+    """The /metrics endpoint (see broker.metrics); says where on stderr."""
+    try:
+        served = serve_metrics(listen, owned_dir=owned_dir)
+    except OSError as exc:
+        raise Unavailable(f"cannot serve metrics on {listen}: {exc.strerror or exc}") from exc
+    log.info("metrics on http://%s:%d/metrics", served.host, served.port)
+    return served
 
 
 def _listening_line(config: Config, port: int, keys: str, storage: str, extra: str = "") -> str:
@@ -208,6 +222,10 @@ def _worker_main(config: Config, index: int, conn: multiprocessing.connection.Co
 
 def _supervise(config: Config) -> None:
     _run(_bootstrap(config))
+    # Workers inherit PROMETHEUS_MULTIPROC_DIR and write their samples there; this process
+    # serves their sum (see broker.metrics).
+    metrics_dir = multiprocess_dir() if config.server.metrics_listen else None
+    metrics_server: MetricsServer | None = None
     listen, holder = _reserve_port(config.server.listen)
     config = replace(config, server=replace(config.server, listen=listen))
     ctx = multiprocessing.get_context("spawn")
@@ -237,6 +255,8 @@ def _supervise(config: Config) -> None:
         if info is None:
             return
         port, keys, storage = info
+        if config.server.metrics_listen:
+            metrics_server = _start_metrics(config.server.metrics_listen, metrics_dir)
         print(
             _listening_line(config, port, keys, storage, f"; workers: {len(workers)}"), flush=True
         )
@@ -251,6 +271,13 @@ def _supervise(config: Config) -> None:
         log.info("shutting down %d workers", len(workers))
     finally:
         _stop_all(workers)
+        for proc in workers:
+            if proc.pid is not None:
+                mark_worker_dead(proc.pid)
+        if metrics_server is not None:
+            metrics_server.close()
+        elif metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
         signal.signal(signal.SIGTERM, old_term)
         signal.signal(signal.SIGINT, old_int)
         if holder is not None:

@@ -11,6 +11,7 @@ else but not written to the ledger (they carry no data and would drown it).
 from __future__ import annotations
 
 import contextvars
+import json
 import re
 import time
 import uuid
@@ -20,6 +21,7 @@ from typing import Any
 
 import grpc
 
+from broker import metrics
 from broker.audit import AuditLedger
 from broker.errors import (
     AuditWriteFailed,
@@ -136,8 +138,12 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         ledger: AuditLedger,
         clock: Clock,
         max_request_bytes: int = 1 << 20,
+        observer: Callable[[Mapping[str, Any]], Mapping[str, Any] | None] | None = None,
     ) -> None:
         self._max_request_bytes = max_request_bytes
+        # Sees every audited event after it is written (anomaly detection); an event it returns
+        # is written to the ledger too.
+        self._observer = observer
         self._specs = specs
         self._auth = authenticator
         self._limiter = limiter
@@ -250,6 +256,8 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         decision = self._policy.decide(caller, spec.action, resource)
         if not decision.allowed:
             seen["rule"] = decision.rule
+            if decision.flags:
+                seen["flags"] = json.dumps(dict(decision.flags))
             raise PermissionDenied(decision.reason)
         return caller, spec.action, resource, decision
 
@@ -291,6 +299,7 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if spec is not None:
             action = spec.action
         seen: dict[str, str] = {}
+        flags: Mapping[str, str] = {}
         response: Any = None
         error: BaseException | None = None
         call: CallContext | None = None
@@ -301,6 +310,7 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             who, decision = caller.spiffe_id, "allow"
             if verdict is not None:
                 reason, rule = verdict.reason, verdict.rule
+                flags = verdict.flags
             call = CallContext(
                 caller,
                 correlation_id,
@@ -329,10 +339,12 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             else:
                 decision = "allow" if call.decision.allowed else "deny"
                 reason, rule = call.decision.reason, call.decision.rule
+                flags = call.decision.flags
         if decision == "deny" and call is None:  # refused before the servicer
             who = seen.get("who", who)
             resource = seen.get("resource", resource)
             rule = seen.get("rule", rule)
+            flags = json.loads(seen.get("flags", "{}"))
             if not reason and isinstance(error, BrokerError):
                 reason = str(error)  # e.g. the rate limit
         code, message = (
@@ -359,11 +371,18 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 event["error"] = message
             if call is not None and call.details:
                 event["details"] = call.details
+            if flags:
+                event["flags"] = dict(flags)  # grant / approval / break-glass used
             try:
                 await self._ledger.record(event)
+                if self._observer is not None:
+                    extra = self._observer(event)
+                    if extra is not None:
+                        await self._ledger.record(dict(extra))
             except AuditWriteFailed as exc:
                 code, message = to_status(exc, correlation_id)
                 error = exc
+        metrics.observe_rpc(method, code.name, time.perf_counter() - started)
         if error is not None:
             await context.abort(code, message)
         return response

@@ -1,0 +1,233 @@
+"""Prometheus metrics of one broker (prometheus-client), and the endpoint that serves them.
+
+No grpc here: the request pipeline, the CA and the audit ledger call the `observe_*`
+functions; other features call the `record_*`/`set_*` functions below (names and labels are
+documented in docs/observability.md). Every function is cheap and never raises into a request.
+
+Several worker processes (`server.workers > 1`): the supervisor points every worker at one
+directory through PROMETHEUS_MULTIPROC_DIR *before* it starts them (prometheus-client picks
+its value store at import), each worker writes its samples there (mmap files), and the
+supervisor alone serves `/metrics` with a `MultiProcessCollector` that adds them up: one
+scrape target, counts and histograms summed over the workers, gauges as documented per metric.
+One process: the endpoint serves the process's own registry.
+
+Labels never carry a secret, a credential or a caller-chosen string of unbounded variety:
+`method` is the gRPC method path (a fixed set), `code` a gRPC status name, the rest fixed
+words chosen here or by the calling feature.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from time import perf_counter
+from typing import Any
+
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
+
+__all__ = [
+    "MULTIPROC_ENV",
+    "MetricsServer",
+    "mark_worker_dead",
+    "multiprocess_dir",
+    "observe_audit_write",
+    "observe_rotation",
+    "observe_rpc",
+    "record_anomaly",
+    "record_sdk_cache",
+    "serve_metrics",
+    "set_active_leases",
+    "set_reaper_lag",
+    "timed",
+]
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+# Seconds: sub-millisecond answers up to the 150 ms SLO and past it, then timeouts.
+_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+_ROTATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+RPC_DURATION = Histogram(
+    "broker_rpc_duration_seconds",
+    "Time from a unary RPC's arrival to its answer (audit write included), by method and "
+    "gRPC status code",
+    ["method", "code"],
+    buckets=_LATENCY_BUCKETS,
+)
+AUDIT_WRITE_DURATION = Histogram(
+    "broker_audit_write_duration_seconds",
+    "Time to commit one audit event (queued, sealed and written), by outcome",
+    ["outcome"],
+    buckets=_LATENCY_BUCKETS,
+)
+ROTATION_DURATION = Histogram(
+    "broker_ca_rotation_duration_seconds",
+    "CA rotation runs by trigger (schedule, forced) and outcome (rotated, noop, error)",
+    ["trigger", "outcome"],
+    buckets=_ROTATION_BUCKETS,
+)
+SDK_CACHE = Counter(
+    "broker_sdk_cache_requests",
+    "Client SDK cache look-ups by kind of credential and result (hit, miss); "
+    "hit rate = hit / (hit + miss)",
+    ["kind", "result"],
+)
+ACTIVE_LEASES = Gauge(
+    "broker_active_leases",
+    "Leases not yet ended, by kind (e.g. database, secret), as last counted by the reaper",
+    ["kind"],
+    multiprocess_mode="livemostrecent",
+)
+REAPER_LAG = Gauge(
+    "broker_reaper_lag_seconds",
+    "How long past its expiry the oldest unrevoked expired lease was at the reaper's last pass",
+    ["kind"],
+    multiprocess_mode="livemostrecent",
+)
+ANOMALIES = Counter(
+    "broker_anomalies",
+    "Anomalies detected (e.g. unusual access pattern, denied burst), by kind",
+    ["kind"],
+)
+
+
+def _safe(fn: Any, *args: Any) -> None:
+    # Metrics must never fail a request or a job.
+    try:
+        fn(*args)
+    except Exception:  # pragma: no cover - prometheus-client does not raise on these
+        return
+
+
+def observe_rpc(method: str, code: str, seconds: float) -> None:
+    _safe(lambda: RPC_DURATION.labels(method, code).observe(seconds))
+
+
+def observe_audit_write(seconds: float, ok: bool) -> None:
+    _safe(lambda: AUDIT_WRITE_DURATION.labels("ok" if ok else "error").observe(seconds))
+
+
+def observe_rotation(trigger: str, outcome: str, seconds: float) -> None:
+    _safe(lambda: ROTATION_DURATION.labels(trigger, outcome).observe(seconds))
+
+
+def record_sdk_cache(kind: str, hit: bool) -> None:
+    """One SDK cache look-up (call it from the client SDK: hit or miss)."""
+    _safe(lambda: SDK_CACHE.labels(kind, "hit" if hit else "miss").inc())
+
+
+def set_active_leases(kind: str, count: int) -> None:
+    """The number of live leases of one kind (the reaper counts them at each pass)."""
+    _safe(lambda: ACTIVE_LEASES.labels(kind).set(count))
+
+
+def set_reaper_lag(kind: str, seconds: float) -> None:
+    """How far behind the reaper is: now - expiry of the oldest expired lease still to revoke
+    (0 when it is up to date)."""
+    _safe(lambda: REAPER_LAG.labels(kind).set(max(0.0, seconds)))
+
+
+def record_anomaly(kind: str) -> None:
+    """One detected anomaly of a fixed kind (never a caller-supplied string)."""
+    _safe(lambda: ANOMALIES.labels(kind).inc())
+
+
+@contextmanager
+def timed() -> Iterator[list[float]]:
+    """`with timed() as t: ...` then `t[0]` holds the elapsed seconds."""
+    out: list[float] = [0.0]
+    started = perf_counter()
+    try:
+        yield out
+    finally:
+        out[0] = perf_counter() - started
+
+
+# -- the endpoint ----------------------------------------------------------------------------
+
+
+@dataclass
+class MetricsServer:
+    """A running /metrics endpoint; `close()` stops it (and removes a multiprocess dir it
+    made)."""
+
+    host: str
+    port: int
+    _server: Any
+    _thread: threading.Thread
+    _owned_dir: Path | None = None
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+        if self._owned_dir is not None:
+            shutil.rmtree(self._owned_dir, ignore_errors=True)
+
+
+def multiprocess_dir() -> Path:
+    """Make an empty directory for the workers' samples and point PROMETHEUS_MULTIPROC_DIR at
+    it (in this process's environment, which spawned workers inherit). Call before starting
+    the workers."""
+    path = Path(tempfile.mkdtemp(prefix="broker-metrics-"))
+    os.environ[MULTIPROC_ENV] = str(path)
+    return path
+
+
+def serve_metrics(listen: str, *, owned_dir: Path | None = None) -> MetricsServer:
+    """Serve /metrics on HOST:PORT (port 0 picks one) from a daemon thread.
+
+    With PROMETHEUS_MULTIPROC_DIR set, serves the sum of every process writing there;
+    otherwise this process's own registry. Raises OSError when the address is taken.
+    """
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    registry: CollectorRegistry = REGISTRY
+    if os.environ.get(MULTIPROC_ENV):
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    server, thread = start_http_server(int(port), addr=host, registry=registry)
+    return MetricsServer(host, int(server.server_address[1]), server, thread, owned_dir)
+
+
+def mark_worker_dead(pid: int) -> None:
+    """Drop a stopped worker's live gauges (multiprocess mode)."""
+    if os.environ.get(MULTIPROC_ENV):
+        from prometheus_client import multiprocess
+
+        _safe(multiprocess.mark_process_dead, pid)
