@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from broker.access import AccessControl
+from broker.anomaly import AnomalyDetector
 from broker.audit import AuditLedger
 from broker.authority import CAService, CAServiceConfig
 from broker.config import Config
@@ -24,9 +26,10 @@ from broker.database.reaper import LeaseReaper
 from broker.envelope import Envelope, KekRotator, SealedStore
 from broker.files import write_private_file
 from broker.identity import Authenticator
-from broker.policy import DefaultPolicy
+from broker.policy import DefaultPolicy, Policy
 from broker.ratelimit import RateLimiter
 from broker.secrets import SecretJanitor, SecretService
+from broker.storage.access import SqlAccessRepository
 from broker.storage.database import database_store
 from broker.storage.identity import IdentityStore
 from broker.storage.interface import Storage
@@ -104,7 +107,18 @@ class Application:
         self.lease_reaper = LeaseReaper(self.database, storage, clock)
         self.kek_rotator = KekRotator(self.envelope, self.sealed_stores, self.secrets.repository)
         self.secret_janitor = SecretJanitor(self.secrets, storage, clock, uuid.uuid4().hex)
-        self.policy = DefaultPolicy(config.server.operators)
+        # The policy: Rego (shipped default or set by operators) over the built-in rules, with
+        # just-in-time grants, two-party approvals and break-glass credentials.
+        self.access = AccessControl(
+            SqlAccessRepository(storage.backend),  # type: ignore[attr-defined]
+            storage,
+            clock,
+            trust_domain=config.trust_domain,
+            operators=config.server.operators,
+            builtin=DefaultPolicy(config.server.operators),
+        )
+        self.policy: Policy = self.access
+        self.anomalies = AnomalyDetector(clock)
         # Each worker process keeps its own buckets: share the configured rate between them.
         workers = config.server.workers
         self.limiter = RateLimiter(
@@ -122,6 +136,7 @@ class Application:
     async def start(self) -> None:
         """Migrate storage, make sure the CA and the audit key exist, start the ledger."""
         await self.storage.migrate()
+        await self.access.load()
         self.ledger.ensure_key()
         await self.ca.bootstrap()
         self.ledger.start()
@@ -193,6 +208,7 @@ class Application:
             await asyncio.sleep(min(sync_interval, interval))
             try:
                 await self.ca.sync()
+                await self.access.sync()
                 if loop.time() >= next_rotation:
                     next_rotation = loop.time() + interval
                     await self.ca.rotate(force=False)

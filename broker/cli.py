@@ -681,6 +681,7 @@ def audit_tail(ctx: click.Context, limit: int) -> None:
 # Each module in broker/commands/ attaches its groups to `cli` with the helpers above; they are
 # imported here, once those helpers exist. One line per feature:
 # from broker.commands import <feature> as _<feature>_commands
+from broker.commands import access as _access_commands  # noqa: E402, F401
 from broker.commands import database as _database_commands  # noqa: E402, F401
 from broker.commands import identity as _identity_commands  # noqa: E402, F401
 from broker.commands import secrets as _secrets_commands  # noqa: E402, F401

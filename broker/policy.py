@@ -66,6 +66,8 @@ class Action:
     APPROVAL_APPROVE = "approval.approve"
     APPROVAL_LIST = "approval.list"
     BREAK_GLASS = "breakglass.issue"
+    BREAK_GLASS_LIST = "breakglass.list"
+    BREAK_GLASS_REVOKE = "breakglass.revoke"
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,9 @@ class Decision:
     allowed: bool
     reason: str
     rule: str
+    # What the decision used or noticed, for the audit event: e.g. {"grant": id},
+    # {"approval": id}, {"breakglass": id} (every request made with a break-glass credential).
+    flags: Mapping[str, str] = field(default_factory=dict)
 
 
 class Policy(Protocol):

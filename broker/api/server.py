@@ -188,6 +188,7 @@ async def serve_application(
         app.ledger,
         app.clock,
         max_request_bytes=app.config.server.max_message_bytes,
+        observer=app.anomalies.observe,
     )
     server, port, attest_port = await start_server(
         listen=app.config.server.listen,

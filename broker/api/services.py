@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from google.protobuf.descriptor import ServiceDescriptor
 
-from . import database, identity, secrets
+from . import access, database, identity, secrets
 from ._proto import audit_pb2, audit_pb2_grpc, ca_pb2, ca_pb2_grpc
 from .interceptors import MethodSpec
 from .servicers import (
@@ -71,6 +71,7 @@ def bindings_for(app: Application, *, ca: CAService | None = None) -> list[Servi
     bindings.append(identity.binding(app))
     bindings.append(secrets.binding(app))
     bindings.extend(database.binding(app))  # Database and Leases
+    bindings.append(access.binding(app))  # Rego policy, grants, approvals, break-glass
     return bindings
 
 

@@ -1,0 +1,440 @@
+"""`broker policy ...`, `broker grant ...`, `broker approval ...`, `broker breakglass ...`:
+policy as code (Rego), just-in-time grants, two-party approvals and break-glass credentials.
+
+`broker policy set` dispatches on the file extension: `.rego` files (one or more) replace the
+Rego policy; one `.toml` or `.json` file replaces the CA policy (as `broker ca policy set`).
+JSON documents (`--output json`) are stable: see docs/policy.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from broker import clioutput
+from broker.api.access_client import (
+    AccessClient,
+    ApprovalView,
+    BreakGlassView,
+    GrantView,
+    RegoPolicy,
+)
+from broker.cli import (
+    DURATION,
+    Refusal,
+    _client,
+    _connection_options,
+    _output,
+    _read_input_file,
+    _setting,
+    cli,
+    policy_document_json,
+)
+from broker.files import write_private_file
+
+__all__ = ["approval", "breakglass", "grant", "policy"]
+
+_REGO = ".rego"
+_CA = (".toml", ".json")
+
+
+def _access(ctx: click.Context) -> AccessClient:
+    client: Any = _client(ctx)
+    return AccessClient(client)
+
+
+def _json(value: Any) -> Any:
+    """A view dataclass as a JSON document (timestamps as RFC 3339 UTC)."""
+    out = {}
+    for f in dataclasses.fields(value):
+        item = getattr(value, f.name)
+        out[f.name] = clioutput.timestamp(item) if hasattr(item, "astimezone") else item
+    return out
+
+
+def _justification(ctx: click.Context) -> str:
+    text = _setting(ctx, "justification")
+    if not text or not str(text).strip():
+        raise click.UsageError("--justification TEXT is required", ctx)
+    return str(text)
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
+
+
+def _when(value: Any) -> str:
+    return clioutput.timestamp(value) or "-"
+
+
+def _rego_modules(files: tuple[Path, ...]) -> dict[str, str]:
+    modules: dict[str, str] = {}
+    for path in files:
+        data = _read_input_file(path, "policy file")
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise Refusal(f"policy file {path} is not UTF-8 text") from None
+        if path.name in modules:
+            raise Refusal(f"two policy files are named {path.name}; module names must differ")
+        modules[path.name] = text
+    return modules
+
+
+# -- broker policy -----------------------------------------------------------------------------
+
+
+@cli.group()
+def policy() -> None:
+    """Authorization policy (Rego) and CA policy: set, get, test."""
+
+
+@policy.command("set")
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path, dir_okay=False))
+@_connection_options(on_group=False)
+@click.pass_context
+def policy_set(ctx: click.Context, files: tuple[Path, ...]) -> None:
+    """Replace the Rego policy with FILE.rego [FILE.rego ...], or the CA policy with one
+    FILE.toml / FILE.json. A policy that does not compile is refused; the one in force stays."""
+    suffixes = {f.suffix.lower() for f in files}
+    if suffixes == {_REGO}:
+        version = _access(ctx).set_rego_policy(_rego_modules(files))
+        kind = "rego"
+    elif len(files) == 1 and suffixes <= set(_CA):
+        document = policy_document_json(files[0], _read_input_file(files[0], "policy file"))
+        version = _client(ctx).set_policy(document)
+        kind = "ca"
+    else:
+        raise click.UsageError(
+            "give one or more .rego files (the authorization policy) or one .toml/.json file "
+            "(the CA policy)",
+            ctx,
+        )
+    if _output(ctx) == "json":
+        click.echo(clioutput.dumps({"kind": kind, "version": version}))
+    else:
+        click.echo(f"{'Rego' if kind == 'rego' else 'CA'} policy version {version}")
+
+
+def _rego_json(view: RegoPolicy) -> dict[str, Any]:
+    return {
+        "version": view.version,
+        "author": view.author,
+        "updated_at": clioutput.timestamp(view.updated_at),
+        "modules": view.modules,
+    }
+
+
+@policy.command("get")
+@click.option("--rego", "which", flag_value="rego", help="Only the Rego policy.")
+@click.option("--ca", "which", flag_value="ca", help="Only the CA policy.")
+@_connection_options(on_group=False)
+@click.pass_context
+def policy_get(ctx: click.Context, which: str | None) -> None:
+    """Print the Rego policy and the CA policy in force (or one of them)."""
+    document: dict[str, Any] = {}
+    if which in (None, "rego"):
+        document["rego"] = _rego_json(_access(ctx).get_rego_policy())
+    if which in (None, "ca"):
+        document["ca"] = clioutput.policy_json(_client(ctx).get_policy())
+    if _output(ctx) == "json":
+        click.echo(clioutput.dumps(document))
+        return
+    if "rego" in document:
+        rego = document["rego"]
+        click.echo(
+            f"# Rego policy version {rego['version']}, set by {rego['author'] or '-'} "
+            f"at {rego['updated_at'] or '-'}"
+        )
+        for name, text in sorted(rego["modules"].items()):
+            click.echo(f"# --- {name} ---")
+            click.echo(text, nl=not text.endswith("\n"))
+    if "ca" in document:
+        ca = document["ca"]
+        click.echo(
+            f"# CA policy version {ca['version']}, set by {ca['author'] or '-'} "
+            f"at {ca['updated_at'] or '-'}"
+        )
+        click.echo(clioutput.dumps(ca["document"]))
+
+
+@policy.command("test")
+@click.option(
+    "--input",
+    "input_file",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="The request (JSON): caller, action, resource, attributes, context.",
+)
+@click.argument("candidates", nargs=-1, type=click.Path(path_type=Path, dir_okay=False))
+@click.option(
+    "--expect",
+    type=click.Choice(["allow", "deny"]),
+    help="Exit 1 unless the decision is this (for policy tests in CI).",
+)
+@_connection_options(on_group=False)
+@click.pass_context
+def policy_test(
+    ctx: click.Context, input_file: Path, candidates: tuple[Path, ...], expect: str | None
+) -> None:
+    """Print the decision for --input and the rule that made it, with the policy in force or
+    with candidate .rego files (not stored)."""
+    data = _read_input_file(input_file, "input file")
+    try:
+        document = json.loads(data.decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise Refusal(f"input file {input_file} is not valid JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise Refusal(f"input file {input_file} must hold a JSON object")
+    if any(c.suffix.lower() != _REGO for c in candidates):
+        raise click.UsageError("candidate policy files must be .rego files", ctx)
+    modules = _rego_modules(candidates) if candidates else None
+    result = _access(ctx).test_policy(document, modules)
+    verdict = "allow" if result.allowed else "deny"
+    if _output(ctx) == "json":
+        click.echo(
+            clioutput.dumps(
+                {
+                    "decision": verdict,
+                    "rule": result.rule,
+                    "reason": result.reason,
+                    "flags": result.flags,
+                    "input": result.input,
+                }
+            )
+        )
+    else:
+        click.echo(f"{verdict} (rule {result.rule}): {result.reason}")
+        for key, value in sorted(result.flags.items()):
+            click.echo(f"  {key}: {value}")
+    if expect is not None and expect != verdict:
+        raise Refusal(f"expected {expect}, the policy says {verdict} (rule {result.rule})")
+
+
+# -- broker grant ------------------------------------------------------------------------------
+
+
+@cli.group()
+def grant() -> None:
+    """Just-in-time grants (at most 8 h; they expire on their own)."""
+
+
+def _grant_rows(grants: list[GrantView]) -> str:
+    rows = [["ID", "GRANTEE", "ACTION", "RESOURCE", "EXPIRES", "STATE", "BY"]]
+    for g in grants:
+        rows.append(
+            [g.id, g.grantee, g.action, g.resource, _when(g.expires_at), g.state, g.created_by]
+        )
+    return _table(rows)
+
+
+@grant.command("create")
+@click.option("--to", "grantee", required=True, metavar="SPIFFE_ID", help="Who gets the grant.")
+@click.option("--action", required=True, help="The action, e.g. secrets.get.")
+@click.option("--resource", required=True, help="The resource (exact, prefix*, or *).")
+@click.option("--ttl", required=True, type=DURATION, help="How long, at most 8h.")
+@_connection_options(on_group=False)
+@click.pass_context
+def grant_create(ctx: click.Context, grantee: str, action: str, resource: str, ttl: int) -> None:
+    """Grant SPIFFE_ID the action on the resource for --ttl (--justification required)."""
+    created = _access(ctx).create_grant(grantee, action, resource, ttl, _justification(ctx))
+    if _output(ctx) == "json":
+        click.echo(clioutput.dumps(_json(created)))
+    else:
+        click.echo(created.id)
+        click.echo(
+            f"{created.grantee} may {created.action} on {created.resource} until "
+            f"{_when(created.expires_at)}",
+            err=True,
+        )
+
+
+@grant.command("list")
+@click.option("--all", "include_inactive", is_flag=True, help="Also expired and revoked.")
+@_connection_options(on_group=False)
+@click.pass_context
+def grant_list(ctx: click.Context, include_inactive: bool) -> None:
+    """The grants in force (with --all, every grant)."""
+    grants = _access(ctx).list_grants(include_inactive)
+    if _output(ctx) == "json":
+        click.echo(clioutput.dumps([_json(g) for g in grants]))
+    elif grants:
+        click.echo(_grant_rows(grants))
+
+
+@grant.command("revoke")
+@click.argument("grant_id", metavar="ID")
+@_connection_options(on_group=False)
+@click.pass_context
+def grant_revoke(ctx: click.Context, grant_id: str) -> None:
+    """Revoke a grant now."""
+    revoked = _access(ctx).revoke_grant(grant_id)
+    if _output(ctx) == "json":
+        click.echo(clioutput.dumps(_json(revoked)))
+    else:
+        click.echo(f"revoked {revoked.id}")
+
+
+# -- broker approval ---------------------------------------------------------------------------
+
+
+@cli.group()
+def approval() -> None:
+    """Two-party approvals: one asks, a different operator approves; single use, expiring."""
+
+
+def _approval_rows(approvals: list[ApprovalView]) -> str:
+    rows = [["ID", "REQUESTER", "ACTION", "RESOURCE", "STATE", "APPROVER", "EXPIRES"]]
+    for a in approvals:
+        rows.append(
+            [
+                a.id,
+                a.requester,
+                a.action,
+                a.resource,
+                a.state,
+                a.approved_by or "-",
+                _when(a.expires_at),
+            ]
+        )
+    return _table(rows)
+
+
+@approval.command("request")
+@click.option("--action", required=True, help="The action, e.g. secrets.get or secrets.rotate.")
+@click.option("--resource", required=True, help="The resource (e.g. the secret reference).")
+@_connection_options(on_group=False)
+@click.pass_context
+def approval_request(ctx: click.Context, action: str, resource: str) -> None:
+    """Ask for a second operator's approval; prints its id (--justification required)."""
+    created = _access(ctx).request_approval(action, resource, _justification(ctx))
+    if _output(ctx) == "json":
+        click.echo(clioutput.dumps(_json(created)))
+    else:
+        click.echo(created.id)
+
+
+@approval.command("approve")
+@click.argument("approval_id", metavar="ID")
+@_connection_options(on_group=False)
+@click.pass_context
+def approval_approve(ctx: click.Context, approval_id: str) -> None:
+    """Approve someone else's request (never your own)."""
+    approved = _access(ctx).approve(approval_id)
+    if _output(ctx) == "json":
+        click.echo(clioutput.dumps(_json(approved)))
+    else:
+        click.echo(
+            f"approved {approved.id}: {approved.requester} may {approved.action} on "
+            f"{approved.resource} once, until {_when(approved.expires_at)}"
+        )
+
+
+@approval.command("list")
+@click.option("--all", "include_inactive", is_flag=True, help="Also used and expired.")
+@_connection_options(on_group=False)
+@click.pass_context
+def approval_list(ctx: click.Context, include_inactive: bool) -> None:
+    """Pending and approved requests (with --all, every request)."""
+    approvals = _access(ctx).list_approvals(include_inactive)
+    if _output(ctx) == "json":
+        click.echo(clioutput.dumps([_json(a) for a in approvals]))
+    elif approvals:
+        click.echo(_approval_rows(approvals))
+
+
+# -- broker breakglass -------------------------------------------------------------------------
+
+
+@cli.group()
+def breakglass() -> None:
+    """Break-glass credentials: approved by a second operator, single use, at most 8 h."""
+
+
+def _breakglass_rows(records: list[BreakGlassView]) -> str:
+    rows = [["ID", "OPERATOR", "ACTION", "RESOURCE", "STATE", "EXPIRES"]]
+    for b in records:
+        rows.append([b.id, b.operator, b.action, b.resource, b.state, _when(b.expires_at)])
+    return _table(rows)
+
+
+@breakglass.command("issue")
+@click.option("--approval", "approval_id", required=True, help="Your approved request's id.")
+@click.option("--ttl", type=DURATION, default="1h", show_default=True, help="At most 8h.")
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Directory for svid.pem, key.pem and bundle.pem.",
+)
+@_connection_options(on_group=False)
+@click.pass_context
+def breakglass_issue(ctx: click.Context, approval_id: str, ttl: int, out_dir: Path) -> None:
+    """Exchange an approved request for a break-glass credential (use it with --cert/--key)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise Refusal(f"--out {out_dir} exists and is not a directory")
+    issued = _access(ctx).issue_breakglass(approval_id, ttl)
+    files = [
+        (
+            out_dir / "svid.pem",
+            b"".join(clioutput.pem("CERTIFICATE", c) for c in issued.cert_chain),
+            0o644,
+        ),
+        (out_dir / "key.pem", clioutput.pem("PRIVATE KEY", issued.private_key), 0o600),
+        (
+            out_dir / "bundle.pem",
+            b"".join(clioutput.pem("CERTIFICATE", c) for c in issued.bundle),
+            0o644,
+        ),
+    ]
+    try:
+        out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for path, data, mode in files:
+            write_private_file(path, data, mode)
+    except OSError as exc:
+        raise Refusal(f"cannot write the credential to {out_dir}: {exc.strerror or exc}") from None
+    record = issued.record
+    if _output(ctx) == "json":
+        click.echo(clioutput.dumps(_json(record) | {"files": [str(p) for p, _, _ in files]}))
+        return
+    click.echo(record.id)
+    click.echo(
+        f"{record.spiffe_id} may {record.action} on {record.resource} once, until "
+        f"{_when(record.expires_at)}; every request with it is flagged in the audit ledger. "
+        f"Use: broker --cert {files[0][0]} --key {files[1][0]} ...",
+        err=True,
+    )
+
+
+@breakglass.command("list")
+@click.option("--all", "include_inactive", is_flag=True, help="Also used, revoked and expired.")
+@_connection_options(on_group=False)
+@click.pass_context
+def breakglass_list(ctx: click.Context, include_inactive: bool) -> None:
+    """Break-glass credentials that can still be used (with --all, every one)."""
+    records = _access(ctx).list_breakglass(include_inactive)
+    if _output(ctx) == "json":
+        click.echo(clioutput.dumps([_json(b) for b in records]))
+    elif records:
+        click.echo(_breakglass_rows(records))
+
+
+@breakglass.command("revoke")
+@click.argument("record_id", metavar="ID")
+@_connection_options(on_group=False)
+@click.pass_context
+def breakglass_revoke(ctx: click.Context, record_id: str) -> None:
+    """Revoke a break-glass credential before it is used or expires."""
+    revoked = _access(ctx).revoke_breakglass(record_id)
+    if _output(ctx) == "json":
+        click.echo(clioutput.dumps(_json(revoked)))
+    else:
+        click.echo(f"revoked {revoked.id}")
