@@ -219,6 +219,13 @@ class _Session:
         a, sc = self.args, self.scenario
         address, ident = self._broker
         parts = broker_operations(sc)
+        for part in parts:
+            if part.broker_setup is not None:
+                part.broker_setup(
+                    lambda method, rtype, req: broker_target.call_once(
+                        address, ident, a.tls_server_name, method, rtype, req
+                    )
+                )
         ops, per_op = [], []
         for part in parts:
             if part.broker_requests is None:
@@ -277,21 +284,24 @@ class _Session:
         _log(f"starting OpenBao ({bao.binary}), raft storage, TLS {self.args.openbao_tls}")
         bao.start()
         _log(f"OpenBao ready at {bao.base_url}: {bao.version}")
-        data = bao.sign_once(self.pool[0].csr_pem, self.pool[0].spiffe_id)
-        from cryptography import x509
-        from cryptography.hazmat.primitives.serialization import Encoding
-
-        cert = x509.load_pem_x509_certificate(data["certificate"].encode())
-        leaf = csrs.check_certificate(cert.public_bytes(Encoding.DER), self.pool[0])
         self.targets["openbao"] = {
             "kind": "openbao",
             "version": bao.version,
             "binary": bao.binary,
             "address": bao.base_url,
             "setup": bao.setup_notes,
-            "endpoint": f"POST {sc.openbao_path}",
-            "sample_certificate": leaf,
+            "endpoint": f"{sc.openbao_method} {sc.openbao_path}",
         }
+        if sc.openbao_setup is not None:
+            sc.openbao_setup(bao)
+        else:
+            data = bao.sign_once(self.pool[0].csr_pem, self.pool[0].spiffe_id)
+            from cryptography import x509
+            from cryptography.hazmat.primitives.serialization import Encoding
+
+            cert = x509.load_pem_x509_certificate(data["certificate"].encode())
+            leaf = csrs.check_certificate(cert.public_bytes(Encoding.DER), self.pool[0])
+            self.targets["openbao"]["sample_certificate"] = leaf
         self.pids["openbao"] = [bao.pid]
         self.alive["openbao"] = bao.process
         self.specs["openbao"] = HttpSpec(
@@ -303,6 +313,7 @@ class _Session:
             ca_pem=bao.ca_pem,
             timeout_s=self.args.timeout,
             name=sc.name,
+            method=sc.openbao_method,
         )
 
     # -- runs ------------------------------------------------------------------------------

@@ -44,6 +44,11 @@ class Scenario:
     mix: tuple[str, ...] = ()  # names of scenarios whose broker requests are interleaved
     rotate_every_s: float | None = None  # rotate the CA this often during the load
     slo_p95_ms: float = DEFAULT_SLO_P95_MS
+    # Set-up outside the timed window (e.g. storing the secrets the load reads): gets a
+    # `call(method, response_type, request_bytes) -> response` on the broker (operator identity).
+    broker_setup: Callable[[Callable[[str, Any, bytes], Any]], None] | None = None
+    openbao_method: str = "POST"
+    openbao_setup: Callable[[Any], None] | None = None  # gets the started OpenBao
 
 
 def _mint_csr_requests(pool: list[CsrItem]) -> list[bytes]:
@@ -101,6 +106,64 @@ def _bao_sign_bodies(pool: list[CsrItem]) -> list[bytes]:
     return [json.dumps({"csr": item.csr_pem, "uri_sans": item.spiffe_id}).encode() for item in pool]
 
 
+# -- secret-get: one wrapped static secret read by reference ---------------------------------
+
+SECRET_REF = "secret://bench/dev/api-key"
+BAO_KV_PATH = "bench/api-key"
+_SECRET_VALUE: dict[str, bytes] = {}
+
+
+def _secret_setup(call: Callable[[str, Any, bytes], Any]) -> None:
+    """Store the secret (a value generated now) unless a previous run stored it."""
+    import secrets as random
+
+    from broker.api._proto import secrets_pb2
+
+    get = secrets_pb2.GetSecretRequest(reference=SECRET_REF).SerializeToString()
+    try:
+        found = call("/broker.v1.Secrets/Get", secrets_pb2.GetSecretResponse, get)
+        _SECRET_VALUE["broker"] = found.value
+        return
+    except Exception:
+        pass
+    value = f"bench_{random.token_hex(24)}".encode()
+    put = secrets_pb2.PutSecretRequest(
+        reference=SECRET_REF,
+        value=value,
+        owner="bench",
+        classification="confidential",
+        rotation_period_seconds=90 * 86400,
+    )
+    call("/broker.v1.Secrets/Put", secrets_pb2.SecretInfo, put.SerializeToString())
+    _SECRET_VALUE["broker"] = value
+
+
+def _secret_get_requests(pool: list[CsrItem]) -> list[bytes]:
+    from broker.api._proto import secrets_pb2
+
+    request = secrets_pb2.GetSecretRequest(reference=SECRET_REF).SerializeToString()
+    return [request for _ in pool]
+
+
+def _check_secret(resp: Any, item: CsrItem) -> dict[str, Any]:
+    if resp.value != _SECRET_VALUE.get("broker"):
+        raise ValueError("the broker returned another value than the one stored")
+    return {"version": resp.version, "value_bytes": len(resp.value)}
+
+
+def _bao_kv_setup(bao: Any) -> None:
+    """A KV v2 mount at secret/ holding one value (generated now)."""
+    import secrets as random
+
+    bao._cli("secrets", "enable", "-path=secret", "kv-v2")
+    bao._cli("kv", "put", "-mount=secret", BAO_KV_PATH, f"value=bench_{random.token_hex(24)}")
+    bao.setup_notes["kv"] = {"mount": "secret (kv-v2)", "path": BAO_KV_PATH}
+
+
+def _bao_get_bodies(pool: list[CsrItem]) -> list[bytes]:
+    return [b"" for _ in pool]
+
+
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in [
@@ -144,6 +207,25 @@ SCENARIOS: dict[str, Scenario] = {
             ),
             mix=("svid-csr", "jwt-mint"),
             rotate_every_s=2.0,
+        ),
+        Scenario(
+            name="secret-get",
+            description=(
+                "read one wrapped static secret by reference: broker Secrets/Get (policy on "
+                "its metadata, one indexed read, one KEK unwrap in the key backend, AES-GCM, "
+                "audited); OpenBao GET /v1/secret/data/<path> (KV v2)"
+            ),
+            broker_method="/broker.v1.Secrets/Get",
+            broker_response="broker.api._proto.secrets_pb2:GetSecretResponse",
+            broker_require_field="value",
+            broker_requests=_secret_get_requests,
+            broker_check=_check_secret,
+            broker_setup=_secret_setup,
+            openbao_path=f"/v1/secret/data/{BAO_KV_PATH}",
+            openbao_method="GET",
+            openbao_bodies=_bao_get_bodies,
+            openbao_expect=b'"value"',
+            openbao_setup=_bao_kv_setup,
         ),
     ]
 }

@@ -29,6 +29,7 @@ class HttpSpec:
     timeout_s: float = 10.0
     mode: str = "async"
     name: str = ""  # the operation's name in the report
+    method: str = "POST"  # GET sends no body (bodies then only set the payload count)
 
     @property
     def payload_count(self) -> int:
@@ -64,7 +65,8 @@ class _AiohttpClient:
         )
 
     async def call(self, index: int) -> None:
-        async with self._session.post(self._url, data=self.spec.bodies[index]) as resp:
+        data = None if self.spec.method == "GET" else self.spec.bodies[index]
+        async with self._session.request(self.spec.method, self._url, data=data) as resp:
             body = await resp.read()
             if resp.status != 200 or self.spec.expect not in body:
                 raise HttpError(resp.status, body)
