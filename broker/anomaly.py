@@ -9,7 +9,8 @@ identity's normal rate is learnt and an idle identity's baseline decays.
 
 Two anomalies, each reported at most once per window per identity:
 - "request-spike": requests in the window above max(min_requests, spike_factor x baseline
-  requests per window);
+  requests per window); before an identity has a baseline (its first window), above
+  spike_factor x min_requests;
 - "denial-burst": at least `denial_burst` denials in the window and denials at least
   `denial_ratio` of its requests.
 A detection returns an audit event (the pipeline writes it to the ledger) and counts
@@ -56,6 +57,7 @@ class AnomalyConfig:
 class _Track:
     buckets: deque[list[int]] = field(default_factory=deque)  # [bucket, requests, denials]
     baseline: float = 0.0  # requests per bucket
+    learnt: bool = False  # a first bucket has left the window
     last_reported: dict[str, int] = field(default_factory=dict)  # kind -> bucket
     seen_since: int = 0
 
@@ -86,7 +88,10 @@ class AnomalyDetector:
         while track.buckets and track.buckets[0][0] < oldest:
             bucket, requests, _ = track.buckets.popleft()
             following = track.buckets[0][0] if track.buckets else oldest
-            track.baseline = (1 - cfg.alpha) * track.baseline + cfg.alpha * requests
+            if track.learnt:
+                track.baseline = (1 - cfg.alpha) * track.baseline + cfg.alpha * requests
+            else:
+                track.baseline, track.learnt = float(requests), True
             empty = min(max(0, min(following, oldest) - bucket - 1), 10_000)
             track.baseline *= (1 - cfg.alpha) ** empty
 
@@ -112,7 +117,10 @@ class AnomalyDetector:
         denials = sum(b[2] for b in track.buckets)
         cfg = self.config
         expected = track.baseline * cfg.buckets
-        if requests > max(cfg.min_requests, cfg.spike_factor * expected):
+        # Until a first window has passed there is no baseline: only a rate spike_factor times
+        # min_requests counts as a spike.
+        floor = cfg.min_requests if track.learnt else cfg.spike_factor * cfg.min_requests
+        if requests > max(floor, cfg.spike_factor * expected):
             reason = (
                 f"{requests} requests in {_span(cfg.window)}, baseline {expected:.1f} "
                 f"(threshold x{cfg.spike_factor:g}, at least {cfg.min_requests})"

@@ -61,6 +61,9 @@ class Authenticator:
     def caller_for_id(self, spiffe_id: SpiffeId) -> Caller:
         attributes: dict[str, str] = {}
         try:
+            if spiffe_id.path.startswith("/broker/"):
+                # The broker's own identities (operators, break-glass) are not workloads.
+                raise CAError("reserved")
             ident = self._layout.parse(spiffe_id)
             attributes = {
                 "tenant": ident.tenant,
