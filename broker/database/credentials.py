@@ -19,15 +19,17 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import logging
 import re
 import secrets
 import string
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from broker.database.engine import (
+    AdminLoginRefused,
     Engine,
     EngineFactory,
     EngineUnavailable,
@@ -66,6 +68,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 _NAME: Final = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _USERNAME_VARS: Final = re.compile(r"\{\{\s*([a-z_]+)\s*\}\}")
@@ -151,6 +154,12 @@ def _charset(spec: str) -> str:
             "printable ASCII characters (no spaces)"
         )
     return chars
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed(source: str, plugin: str) -> Template:
+    """Parsed statements (validated when the role was added), cached per text."""
+    return Template.parse(source, plugin)
 
 
 def _password_aad(connection: str) -> bytes:
@@ -295,6 +304,19 @@ class CredentialService:
                 engine = self._open_engine(record.plugin, record.dsn, password)
                 self._engines[name] = engine
         return engine
+
+    async def _on_engine(self, name: str, op: Callable[[Engine], Awaitable[_T]]) -> _T:
+        """op(engine of `name`); when the admin login is refused (another broker process
+        rotated the password), reopen the engine with the stored password and try once more."""
+        engine = await self._engine(name)
+        try:
+            return await op(engine)
+        except AdminLoginRefused:
+            async with self._engine_lock:
+                if self._engines.get(name) is engine:
+                    del self._engines[name]
+            await engine.close()
+            return await op(await self._engine(name))
 
     async def rotate_root(self, name: str) -> ConnectionRecord:
         """Change the admin password to a fresh random one (never shown to anyone)."""
@@ -485,20 +507,17 @@ class CredentialService:
                 f"requested TTL {int(ttl.total_seconds())}s exceeds the max TTL "
                 f"{role.max_ttl}s of role {role.name!r}"
             )
-        connection = await self.connection(role.connection)
-        creation = Template.parse(role.creation, connection.plugin)
-        rollback = (
-            Template.parse(role.rollback, connection.plugin) if role.rollback is not None else None
-        )
-        engine = await self._engine(connection.name)
+        engine = await self._engine(role.connection)  # cached: no lookup per request
+        creation = _parsed(role.creation, engine.plugin)
+        rollback = _parsed(role.rollback, engine.plugin) if role.rollback is not None else None
         chars = _charset(role.password_charset)
         password = "".join(secrets.choice(chars) for _ in range(role.password_length))
         now = self._clock.now()
         lease = LeaseRecord(
             id=f"db/{role.name}/{secrets.token_hex(12)}",
             role=role.name,
-            connection=connection.name,
-            plugin=connection.plugin,
+            connection=role.connection,
+            plugin=engine.plugin,
             username=self._username(role, holder, engine.max_username_length),
             holder=holder,
             state="pending",
@@ -512,7 +531,7 @@ class CredentialService:
         user = NewUser(lease.username, password, lease.expires_at)
         try:
             await asyncio.wait_for(
-                engine.create_user(creation, user, rollback),
+                self._on_engine(role.connection, lambda e: e.create_user(creation, user, rollback)),
                 self.settings.creation_timeout.total_seconds() / 2,
             )
         except StatementFailed:
@@ -527,7 +546,7 @@ class CredentialService:
             await self._hand_to_reaper(lease)  # a user may or may not exist
             if isinstance(exc, TimeoutError):
                 raise Unavailable(
-                    f"creating the user on {connection.name!r} timed out; the lease is revoked"
+                    f"creating the user on {role.connection!r} timed out; the lease is revoked"
                 ) from None
             raise
         except BaseException:
@@ -580,19 +599,22 @@ class CredentialService:
         if increment < dt.timedelta(seconds=1) or increment % dt.timedelta(seconds=1):
             raise InvalidArgument("increment must be a whole number of seconds, at least 1s")
         expires_at = min(now + increment, lease.max_expires_at)
-        engine = await self._engine(lease.connection)
+
+        def move(e: Engine) -> Awaitable[None]:
+            return e.renew_user(lease.username, expires_at)
+
         if expires_at > lease.expires_at:
-            await engine.renew_user(lease.username, expires_at)  # the database barrier first
+            await self._on_engine(lease.connection, move)  # the database barrier first
         if not await self._store.extend_lease(lease.id, expires_at):
             raise FailedPrecondition(f"lease {lease.id} is no longer active")
         if expires_at < lease.expires_at:
-            await engine.renew_user(lease.username, expires_at)
+            await self._on_engine(lease.connection, move)
         return replace(lease, expires_at=expires_at, due_at=expires_at)
 
     def _revocation(self, lease: LeaseRecord) -> Template | None:
         if lease.revocation is None:
             return None
-        return Template.parse(lease.revocation, lease.plugin)
+        return _parsed(lease.revocation, lease.plugin)
 
     def _backoff(self, attempts: int) -> dt.timedelta:
         delay: dt.timedelta = self.settings.backoff_base * int(2 ** min(attempts, 20))
@@ -612,8 +634,10 @@ class CredentialService:
 
     async def _revoke_claimed(self, lease: LeaseRecord) -> None:
         try:
-            engine = await self._engine(lease.connection)
-            await engine.revoke_user(lease.username, self._revocation(lease))
+            revocation = self._revocation(lease)
+            await self._on_engine(
+                lease.connection, lambda e: e.revoke_user(lease.username, revocation)
+            )
         except BrokerError as exc:
             attempts = lease.attempts + 1
             give_up = attempts >= self.settings.max_attempts

@@ -21,6 +21,7 @@ from broker.errors import FailedPrecondition, InvalidArgument, Unavailable
 
 __all__ = [
     "PLUGINS",
+    "AdminLoginRefused",
     "Engine",
     "EngineFactory",
     "EngineUnavailable",
@@ -40,6 +41,11 @@ class EngineUnavailable(Unavailable):
 
 class StatementFailed(FailedPrecondition):
     """The target database refused a statement; the message is the database's, minus secrets."""
+
+
+class AdminLoginRefused(StatementFailed):
+    """The database refused the admin login (e.g. its password was rotated by another broker
+    process): nothing was run."""
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,13 @@ from typing import Any, Final, TypeVar
 import pymysql
 import pymysql.cursors
 
-from broker.database.engine import EngineUnavailable, NewUser, StatementFailed, scrub
+from broker.database.engine import (
+    AdminLoginRefused,
+    EngineUnavailable,
+    NewUser,
+    StatementFailed,
+    scrub,
+)
 from broker.database.template import Template
 
 __all__ = ["MySQLEngine", "quote_ident"]
@@ -100,7 +106,7 @@ class MySQLEngine:
                     f"mysql at {self._where} is unavailable: {message}"
                 ) from None
             if code in (1045, 1044, 1698):
-                raise StatementFailed(f"mysql refused the admin login: {message}") from None
+                raise AdminLoginRefused(f"mysql refused the admin login: {message}") from None
             raise StatementFailed(f"mysql refused a statement ({code}): {message}") from None
         except OSError as exc:
             if conn is not None:

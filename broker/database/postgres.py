@@ -16,7 +16,13 @@ from typing import Any, Final
 
 import asyncpg
 
-from broker.database.engine import EngineUnavailable, NewUser, StatementFailed, scrub
+from broker.database.engine import (
+    AdminLoginRefused,
+    EngineUnavailable,
+    NewUser,
+    StatementFailed,
+    scrub,
+)
 from broker.database.template import Template
 
 __all__ = ["PostgresEngine", "quote_ident", "quote_literal"]
@@ -25,6 +31,8 @@ CONNECT_TIMEOUT: Final = 5.0
 COMMAND_TIMEOUT: Final = 15.0
 POOL_SIZE: Final = 8
 _TERMINATE_WAIT_MS: Final = 5000
+_RETRIES: Final = 8
+_DDL_LOCK: Final = 0x62726F6B6572_0D0C  # advisory lock key ("broker" + 0x0D0C) for retries
 
 _UNAVAILABLE = (
     OSError,
@@ -36,6 +44,19 @@ _UNAVAILABLE = (
     asyncpg.exceptions.TooManyConnectionsError,
     asyncpg.exceptions.AdminShutdownError,
 )
+
+
+class _Conflict(StatementFailed):
+    """Two transactions changed the same catalog row (concurrent GRANTs on one table fail with
+    "tuple concurrently updated"), a serialization failure or a deadlock: safe to retry."""
+
+
+def _is_conflict(exc: BaseException) -> bool:
+    if isinstance(
+        exc, asyncpg.exceptions.SerializationError | asyncpg.exceptions.DeadlockDetectedError
+    ):
+        return True
+    return isinstance(exc, asyncpg.exceptions.InternalServerError) and "concurrently" in str(exc)
 
 
 def quote_ident(value: str) -> str:
@@ -92,7 +113,7 @@ class PostgresEngine:
         except (StatementFailed, EngineUnavailable):
             raise
         except asyncpg.exceptions.InvalidAuthorizationSpecificationError as exc:
-            raise StatementFailed(f"postgresql refused the admin login: {exc}") from None
+            raise AdminLoginRefused(f"postgresql refused the admin login: {exc}") from None
         except _UNAVAILABLE as exc:
             await self._discard_pool()
             reason = scrub(str(exc) or type(exc).__name__, self._password, *secrets)
@@ -101,7 +122,24 @@ class PostgresEngine:
             ) from None
         except asyncpg.PostgresError as exc:
             message = scrub(str(exc), self._password, *secrets)
-            raise StatementFailed(f"postgresql refused a statement: {message}") from None
+            kind = _Conflict if _is_conflict(exc) else StatementFailed
+            raise kind(f"postgresql refused a statement: {message}") from None
+
+    async def _transaction(self, statements: list[str], *secrets: str) -> None:
+        """Run `statements` as one transaction in ONE round trip (a multi-statement simple
+        query is atomic: all or nothing). They first take a transaction-scoped advisory lock:
+        user changes on one database queue up instead of failing on each other (concurrent
+        GRANTs on one table fail with "tuple concurrently updated"). Conflicts that still occur
+        (serialization failures, deadlocks) are retried."""
+        script = ";\n".join([f"SELECT pg_advisory_xact_lock({_DDL_LOCK})", *statements])
+        for attempt in range(_RETRIES):
+            try:
+                async with self._connection(*secrets) as conn:
+                    await conn.execute(script)
+                return
+            except _Conflict:
+                if attempt + 1 == _RETRIES:
+                    raise
 
     def _where(self) -> str:
         import urllib.parse
@@ -127,15 +165,13 @@ class PostgresEngine:
             "expiration": _expiration(user.expiration),
         }
         statements = creation.render(values, quote_ident, quote_literal)
+        # The second barrier, whatever the template says.
+        statements.append(
+            f"ALTER ROLE {quote_ident(user.username)} "
+            f"VALID UNTIL {quote_literal(values['expiration'])}"
+        )
         try:
-            async with self._connection(user.password) as conn, conn.transaction():
-                for statement in statements:
-                    await conn.execute(statement)
-                # The second barrier, whatever the template says.
-                await conn.execute(
-                    f"ALTER ROLE {quote_ident(user.username)} "
-                    f"VALID UNTIL {quote_literal(values['expiration'])}"
-                )
+            await self._transaction(statements, user.password)
         except StatementFailed:
             if rollback is not None:
                 try:
@@ -160,8 +196,15 @@ class PostgresEngine:
     async def revoke_user(self, username: str, revocation: Template | None = None) -> None:
         ident = quote_ident(username)
         async with self._connection() as conn:
-            if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", username):
+            # None: no such role. REASSIGN/DROP OWNED need membership in the role (PostgreSQL
+            # >= 16 grants it to the role's creator; before, CREATEROLE may grant it).
+            member = await conn.fetchval(
+                "SELECT pg_has_role(CURRENT_USER, oid, 'USAGE') FROM pg_roles WHERE rolname = $1",
+                username,
+            )
+            if member is None:
                 return
+            # No new logins (committed at once), then end the sessions, waiting for them.
             await conn.execute(f"ALTER ROLE {ident} NOLOGIN")
             await conn.fetch(
                 "SELECT pg_terminate_backend(pid, $2) FROM pg_stat_activity "
@@ -169,24 +212,19 @@ class PostgresEngine:
                 username,
                 _TERMINATE_WAIT_MS,
             )
-            async with conn.transaction():
-                if revocation is None:
-                    # REASSIGN/DROP OWNED need membership in the role (PostgreSQL >= 16 grants
-                    # it to the role's creator; before, CREATEROLE may grant it).
-                    member = await conn.fetchval(
-                        "SELECT pg_has_role(CURRENT_USER, $1, 'USAGE')", username
-                    )
-                    if not member:
-                        await conn.execute(f"GRANT {ident} TO CURRENT_USER")
-                    await conn.execute(f"REASSIGN OWNED BY {ident} TO CURRENT_USER")
-                    await conn.execute(f"DROP OWNED BY {ident}")
-                    await conn.execute(f"DROP ROLE IF EXISTS {ident}")
-                else:
-                    values = {"name": username, "password": "", "expiration": ""}
-                    for statement in revocation.render(values, quote_ident, quote_literal):
-                        await conn.execute(statement)
-            if await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", username):
-                raise StatementFailed(f"the revocation statements left role {username!r} in place")
+        if revocation is None:
+            statements = [] if member else [f"GRANT {ident} TO CURRENT_USER"]
+            statements += [
+                f"REASSIGN OWNED BY {ident} TO CURRENT_USER",
+                f"DROP OWNED BY {ident}",
+                f"DROP ROLE IF EXISTS {ident}",
+            ]
+            await self._transaction(statements)
+            return
+        values = {"name": username, "password": "", "expiration": ""}
+        await self._transaction(revocation.render(values, quote_ident, quote_literal))
+        if await self.user_exists(username):
+            raise StatementFailed(f"the revocation statements left role {username!r} in place")
 
     async def rotate_root(self, new_password: str) -> None:
         async with self._connection(new_password) as conn:

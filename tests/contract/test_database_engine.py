@@ -3,6 +3,7 @@ throwaway MariaDB server (both checking passwords over TCP)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import secrets
@@ -237,3 +238,18 @@ async def test_renew_moves_the_database_side_expiry(target: Target, engine: Engi
         assert abs((until - later).total_seconds()) < 1
     assert await target.can_login(user.username, user.password)
     await engine.revoke_user(user.username)
+
+
+async def test_concurrent_creations_and_revocations_all_succeed(
+    target: Target, engine: Engine
+) -> None:
+    # Concurrent GRANTs on one table make PostgreSQL fail with "tuple concurrently updated"
+    # unless the engine serialises them; none of these may fail.
+    users = [new_user() for _ in range(12)]
+    creation = target.template(CREATION[target.plugin])
+    await asyncio.gather(*(engine.create_user(creation, u) for u in users))
+    for u in users:
+        assert await target.exists(u.username)
+    await asyncio.gather(*(engine.revoke_user(u.username) for u in users))
+    for u in users:
+        assert not await target.exists(u.username)
