@@ -338,9 +338,15 @@ class _Session:
         if self.scenario.rotate_every_s and target == "broker":
             address, ident = self._broker
             every = self.scenario.rotate_every_s
+            calls = [broker_target.ca_rotation()]
+            for part in broker_operations(self.scenario):
+                if part.rotation is not None:
+                    calls.append(broker_target.RotationCall(*part.rotation()))
 
             def start_rotator() -> None:
-                rot = broker_target.Rotator(address, ident, a.tls_server_name, every, a.duration)
+                rot = broker_target.Rotator(
+                    address, ident, a.tls_server_name, every, a.duration, calls
+                )
                 rot.start()
                 rotator.append(rot)
 
@@ -364,7 +370,7 @@ class _Session:
         )
         operations = dict(outcome.operations)
         if rotator:
-            operations[slo.ROTATION_OPERATION] = rotator[0].finish()
+            operations.update(rotator[0].finish())
         notes: dict[str, Any] = {"workers": outcome.worker_notes, "loadavg": machine.loadavg()}
         if outcome.server_threads:
             notes["server_busiest_threads"] = outcome.server_threads
@@ -399,12 +405,13 @@ class _Session:
             f"p50 {lat['p50']} ms  p99 {lat['p99']} ms  errors {result.error_count}"
             + (f" ({outcome.error_samples[0]})" if outcome.error_samples else "")
         )
-        if rotator:
-            rot = result.operation_stats()[slo.ROTATION_OPERATION]
-            _log(
-                f"{target:<8} c={concurrency:<4} round {rnd}: {rot['requests_ok']} CA rotations, "
-                f"{rot['error_count']} failed"
-            )
+        for name, op in result.operation_stats().items():
+            if slo.is_rotation(name):
+                _log(
+                    f"{target:<8} c={concurrency:<4} round {rnd}: {name}: {op['requests_ok']} "
+                    f"rotations, {op['error_count']} failed"
+                    + (f" ({op['error_samples'][0]})" if op["error_samples"] else "")
+                )
         return result
 
     def run_all(self) -> None:

@@ -42,7 +42,10 @@ class Scenario:
     # ValueError when wrong); returns facts for the report.
     broker_check: Callable[[Any, CsrItem], dict[str, Any]] | None = None
     mix: tuple[str, ...] = ()  # names of scenarios whose broker requests are interleaved
-    rotate_every_s: float | None = None  # rotate the CA this often during the load
+    rotate_every_s: float | None = None  # rotate the CA (and rotations) this often under load
+    # What a rotation scenario rotates besides the CA, when this scenario is in its mix:
+    # (operation name, method, response class, request bytes, required answer field).
+    rotation: Callable[[], tuple[str, str, Any, bytes, str]] | None = None
     slo_p95_ms: float = DEFAULT_SLO_P95_MS
     # Set-up outside the timed window (e.g. storing the secrets the load reads): gets a
     # `call(method, response_type, request_bytes) -> response` on the broker (operator identity).
@@ -160,6 +163,26 @@ def _bao_kv_setup(bao: Any) -> None:
     bao.setup_notes["kv"] = {"mount": "secret (kv-v2)", "path": BAO_KV_PATH}
 
 
+def _secret_rotation() -> tuple[str, str, Any, bytes, str]:
+    """A new generated value for the secret the load reads (rotation scenario)."""
+    from broker.api._proto import secrets_pb2
+
+    request = secrets_pb2.RotateSecretRequest(
+        reference=SECRET_REF,
+        environment="dev",
+        generate_length=32,
+        ticket="LOADTEST-1",
+        justification="load test: rotate while the secret is read",
+    )
+    return (
+        "secret-rotate",
+        "/broker.v1.Secrets/Rotate",
+        secrets_pb2.SecretInfo,
+        request.SerializeToString(),
+        "versions",
+    )
+
+
 def _bao_get_bodies(pool: list[CsrItem]) -> list[bytes]:
     return [b"" for _ in pool]
 
@@ -194,18 +217,20 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(
             name="mixed",
             description=(
-                "a fleet starting up: many workloads asking at once for X.509-SVIDs (CSR) and "
-                "JWT-SVIDs, requests interleaved; each operation keeps its own figures and SLO"
+                "a fleet starting up: many workloads asking at once for X.509-SVIDs (CSR), "
+                "JWT-SVIDs and secrets, requests interleaved; each operation keeps its own "
+                "figures and SLO"
             ),
-            mix=("svid-csr", "jwt-mint"),
+            mix=("svid-csr", "jwt-mint", "secret-get"),
         ),
         Scenario(
             name="rotation",
             description=(
-                "the mixed load while the CA rotates (Rotate force=true every few seconds, "
-                "a new issuing CA and JWT key each time); counts failed mints and rotations"
+                "the mixed load while the CA and the secret rotate every 2 s (CA Rotate "
+                "force=true: a new issuing CA and JWT key; Secrets/Rotate: a new version); "
+                "counts failed requests and rotations"
             ),
-            mix=("svid-csr", "jwt-mint"),
+            mix=("svid-csr", "jwt-mint", "secret-get"),
             rotate_every_s=2.0,
         ),
         Scenario(
@@ -226,6 +251,7 @@ SCENARIOS: dict[str, Scenario] = {
             openbao_bodies=_bao_get_bodies,
             openbao_expect=b'"value"',
             openbao_setup=_bao_kv_setup,
+            rotation=_secret_rotation,
         ),
     ]
 }

@@ -18,7 +18,9 @@ __all__ = [
     "RATE_LIMIT_ENV",
     "BrokerIdentity",
     "DevBroker",
+    "RotationCall",
     "Rotator",
+    "ca_rotation",
     "call_once",
     "load_identity",
     "status",
@@ -169,10 +171,72 @@ def call_once(
         return call(request, timeout=30)
 
 
+@dataclass(frozen=True)
+class RotationCall:
+    """One rotation the Rotator makes at each tick: `operation` names it in the report; the
+    answer must have a non-empty `require_field`."""
+
+    operation: str
+    method: str
+    response_type: Any
+    request: bytes
+    require_field: str
+
+
+def ca_rotation() -> RotationCall:
+    from broker.api._proto import ca_pb2
+
+    return RotationCall(
+        "ca-rotate",
+        f"{CA_SERVICE}/Rotate",
+        ca_pb2.RotateResponse,
+        ca_pb2.RotateRequest(force=True).SerializeToString(),
+        "actions",
+    )
+
+
+class _RotationTally:
+    def __init__(self) -> None:
+        from loadtests import hist
+
+        self.hist = hist.new_histogram()
+        self.ok = 0
+        self.errors: dict[str, int] = {}
+        self.samples: list[str] = []
+        self.ok_per_s: dict[int, int] = {}
+        self.errors_per_s: dict[int, int] = {}
+
+    def success(self, micros: int, second: int) -> None:
+        from loadtests import hist
+
+        hist.record_us(self.hist, micros)
+        self.ok += 1
+        self.ok_per_s[second] = self.ok_per_s.get(second, 0) + 1
+
+    def failure(self, kind: str, detail: str, second: int) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+        self.errors_per_s[second] = self.errors_per_s.get(second, 0) + 1
+        if len(self.samples) < 5:
+            self.samples.append(f"{kind}: {detail[:300]}")
+
+    def to_json(self) -> dict[str, Any]:
+        from loadtests import hist
+
+        return {
+            "ok": self.ok,
+            "errors": dict(self.errors),
+            "samples": list(self.samples),
+            "histogram": hist.encode(self.hist),
+            "ok_per_s": dict(self.ok_per_s),
+            "errors_per_s": dict(self.errors_per_s),
+        }
+
+
 class Rotator:
-    """Rotates the CA (`Rotate` with force) every `every_s` seconds for `duration_s` seconds,
-    from a thread of the parent while the load runs, and tallies each rotation as a request of
-    the operation `ca-rotate` (latency, failures by gRPC status, per-second counts)."""
+    """Makes each of `calls` (the CA's `Rotate` with force, a secret's `Rotate`, ...) every
+    `every_s` seconds for `duration_s` seconds, from a thread of the parent while the load
+    runs, and tallies each as a request of its operation (latency, failures by gRPC status,
+    per-second counts)."""
 
     def __init__(
         self,
@@ -181,21 +245,15 @@ class Rotator:
         server_name: str | None,
         every_s: float,
         duration_s: float,
+        calls: list[RotationCall] | None = None,
         timeout_s: float = 30.0,
     ) -> None:
         import threading
 
-        from loadtests import hist
-
         self._args = (address, ident, server_name)
         self._every, self._duration, self._timeout = every_s, duration_s, timeout_s
-        self.hist = hist.new_histogram()
-        self.ok = 0
-        self.errors: dict[str, int] = {}
-        self.samples: list[str] = []
-        self.ok_per_s: dict[int, int] = {}
-        self.errors_per_s: dict[int, int] = {}
-        self.actions: list[list[str]] = []
+        self.calls = calls if calls is not None else [ca_rotation()]
+        self.tallies = {c.operation: _RotationTally() for c in self.calls}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rotator", daemon=True)
 
@@ -207,18 +265,15 @@ class Rotator:
 
         import grpc
 
-        from broker.api._proto import ca_pb2
-        from loadtests import hist
-
         t0 = time.monotonic()
-        request = ca_pb2.RotateRequest(force=True).SerializeToString()
         with _channel(*self._args) as ch:
-            call = ch.unary_unary(
-                f"{CA_SERVICE}/Rotate", response_deserializer=ca_pb2.RotateResponse.FromString
-            )
+            stubs = [
+                ch.unary_unary(c.method, response_deserializer=c.response_type.FromString)
+                for c in self.calls
+            ]
             k = 0
-            # The first rotation half an interval in, then one every interval, all started
-            # inside the window.
+            # The first tick half an interval in, then one every interval, all started inside
+            # the window.
             while not self._stop.is_set():
                 due = t0 + self._every * (k + 0.5)
                 if due >= t0 + self._duration:
@@ -226,42 +281,27 @@ class Rotator:
                 if self._stop.wait(max(0.0, due - time.monotonic())):
                     return
                 k += 1
-                second = int(time.monotonic() - t0)
-                started = time.perf_counter_ns()
-                try:
-                    resp = call(request, timeout=self._timeout)
-                except grpc.RpcError as exc:
-                    kind = f"grpc {exc.code().name}" if exc.code() is not None else "grpc ?"
-                    self._failure(kind, str(exc.details()), second)
-                    continue
-                except Exception as exc:
-                    self._failure(type(exc).__name__, str(exc), second)
-                    continue
-                hist.record_us(self.hist, (time.perf_counter_ns() - started) // 1000)
-                if not resp.actions:
-                    self._failure("no rotation action", "Rotate(force) did nothing", second)
-                    continue
-                self.ok += 1
-                self.ok_per_s[second] = self.ok_per_s.get(second, 0) + 1
-                self.actions.append(list(resp.actions))
+                for c, stub in zip(self.calls, stubs, strict=True):
+                    tally = self.tallies[c.operation]
+                    second = int(time.monotonic() - t0)
+                    started = time.perf_counter_ns()
+                    try:
+                        resp = stub(c.request, timeout=self._timeout)
+                    except grpc.RpcError as exc:
+                        code = exc.code()
+                        kind = f"grpc {code.name}" if code is not None else "grpc ?"
+                        tally.failure(kind, str(exc.details()), second)
+                        continue
+                    except Exception as exc:
+                        tally.failure(type(exc).__name__, str(exc), second)
+                        continue
+                    if not getattr(resp, c.require_field):
+                        tally.failure("empty answer", f"no {c.require_field}", second)
+                        continue
+                    tally.success((time.perf_counter_ns() - started) // 1000, second)
 
-    def _failure(self, kind: str, detail: str, second: int) -> None:
-        self.errors[kind] = self.errors.get(kind, 0) + 1
-        self.errors_per_s[second] = self.errors_per_s.get(second, 0) + 1
-        if len(self.samples) < 5:
-            self.samples.append(f"{kind}: {detail[:300]}")
-
-    def finish(self) -> dict[str, Any]:
-        """Wait for the last rotation; the tally in the generator's per-operation shape."""
-        from loadtests import hist
-
-        self._thread.join(self._duration + self._timeout + 5)
+    def finish(self) -> dict[str, dict[str, Any]]:
+        """Wait for the last tick; per operation, the tally in the generator's shape."""
+        self._thread.join(self._duration + self._timeout * len(self.calls) + 5)
         self._stop.set()
-        return {
-            "ok": self.ok,
-            "errors": dict(self.errors),
-            "samples": list(self.samples),
-            "histogram": hist.encode(self.hist),
-            "ok_per_s": dict(self.ok_per_s),
-            "errors_per_s": dict(self.errors_per_s),
-        }
+        return {name: tally.to_json() for name, tally in self.tallies.items()}

@@ -1,6 +1,7 @@
 """CI smoke run of the load-test suite with the SLO gate on: `python -m loadtests run
 --scenario rotation --smoke --slo` starts its own dev broker (SoftHSM2), drives the mixed load
-(X.509 and JWT SVIDs) while rotating the CA, and must pass the gate and write both reports.
+(X.509 and JWT SVIDs, secret reads) while rotating the CA and the secret, and must pass the gate
+and write both reports.
 A few seconds; no OpenBao (the comparison is a benchmark, not a CI gate).
 """
 
@@ -49,13 +50,16 @@ def test_rotation_smoke_passes_the_slo_gate(tmp_path: Path) -> None:
     assert rep["slo"]["met"] is True and rep["slo"]["missed"] == []
     (run,) = rep["runs"]
     ops = run["operations"]
-    assert set(ops) == {"svid-csr", "jwt-mint", "ca-rotate"}
+    assert set(ops) == {"svid-csr", "jwt-mint", "secret-get", "ca-rotate", "secret-rotate"}
     assert ops["ca-rotate"]["requests_ok"] >= 1  # the CA did rotate during the load
-    for name in ("svid-csr", "jwt-mint"):
+    assert ops["secret-rotate"]["requests_ok"] >= 1  # and so did the secret
+    for name in ("svid-csr", "jwt-mint", "secret-get"):
         assert ops[name]["requests_ok"] > 0
         assert ops[name]["error_count"] == 0
     judged = {(v["slo"], v["operation"]) for v in rep["slo"]["verdicts"]}
     assert ("rotation success", "ca-rotate") in judged
+    assert ("rotation success", "secret-rotate") in judged
+    assert ("latency p95", "secret-get") in judged
     assert ("latency p95", "svid-csr") in judged
     # the issued credentials were checked before the load
     assert rep["targets"]["broker"]["sample_certificate"]["chain_len"] == 2
