@@ -149,7 +149,7 @@ class AccessControl:
         self._view = RegoPolicyView(0, self._engine.modules, "built-in default", clock.now())
         self._state = _State()
         self._version = -1
-        self._cache: dict[str, Decision] = {}
+        self._cache: dict[tuple[Any, ...], tuple[Decision, dt.datetime]] = {}
         self._cache_size = cache_size
         self._spent: set[str] = set()  # approval / break-glass ids used since the last load
         self._pending: set[asyncio.Task[None]] = set()
@@ -284,23 +284,49 @@ class AccessControl:
         attributes: Mapping[str, str] | None = None,
         context: Mapping[str, str] | None = None,
     ) -> Decision:
-        document = self.policy_input(caller, action, resource, attributes, context)
-        key = json.dumps(document, sort_keys=True, separators=(",", ":"))
-        decision = self._cache.get(key)
-        if decision is None:
+        now = self._clock.now()
+        context = context or {}
+        # Everything the input is made of: the request itself and the minute (the input's
+        # time); the grants, approvals and break-glass state are dropped with the cache when
+        # they change, and an entry lapses when the first of them it relied on expires.
+        key = (
+            caller.spiffe_id,
+            caller.is_operator,
+            frozenset(caller.attributes.items()),
+            action,
+            resource,
+            frozenset(attributes.items()) if attributes else frozenset(),
+            context.get("justification", ""),
+            context.get("ticket", ""),
+            int(now.timestamp()) // 60,
+        )
+        hit = self._cache.get(key)
+        if hit is not None and now < hit[1]:
+            self.cache_hits += 1
+            decision = hit[0]
+        else:
             self.cache_misses += 1
+            document = self.policy_input(caller, action, resource, attributes, context)
             decision = self.evaluate(document)
             if len(self._cache) >= self._cache_size:
                 self._cache.clear()
-            self._cache[key] = decision
-        else:
-            self.cache_hits += 1
+            self._cache[key] = (decision, self._lapses(caller.spiffe_id, now))
         if decision.allowed:
             for kind in ("approval", "breakglass"):
                 spent = decision.flags.get(kind)
                 if spent:
                     self._spend(kind, spent)
         return decision
+
+    def _lapses(self, who: str, now: dt.datetime) -> dt.datetime:
+        """When the first grant, approval or break-glass credential of `who` in force now
+        expires (a cached decision that saw it lapses then)."""
+        ends = [g.expires_at for g in self._state.grants.get(who, ()) if g.in_force(now)]
+        ends += [a.expires_at for a in self._state.approvals.get(who, ()) if a.in_force(now)]
+        record = self._state.breakglass.get(who)
+        if record is not None and record.in_force(now):
+            ends.append(record.expires_at)
+        return min(ends, default=dt.datetime.max.replace(tzinfo=dt.UTC))
 
     def evaluate(self, document: Mapping[str, Any], engine: RegoEngine | None = None) -> Decision:
         """Evaluate one input with the policy in force (or `engine`); fails closed."""

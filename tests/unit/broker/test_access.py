@@ -208,6 +208,20 @@ async def test_a_grant_lifts_cross_service_until_it_expires(env: Env) -> None:
     assert [g.id for g in await env.access.list_grants(include_inactive=True)] == [grant.id]
 
 
+async def test_a_cached_allow_lapses_with_its_grant_within_the_minute(env: Env) -> None:
+    db = workload("acme", "prod", "db")
+    resource = attrs("acme", "prod", "web", "internal")
+    await env.access.create_grant(
+        ALICE, db.spiffe_id, "secrets.get", "h", dt.timedelta(seconds=90), "j"
+    )
+    env.clock.advance(61)  # 12:01:01, same minute as the expiry at 12:01:30
+    assert env.access.decide(db, "secrets.get", "h", attributes=resource).allowed
+    assert env.access.decide(db, "secrets.get", "h", attributes=resource).allowed  # cached
+    env.clock.advance(29)  # 12:01:30
+    after = env.access.decide(db, "secrets.get", "h", attributes=resource)
+    assert (after.allowed, after.rule) == (False, "cross-service")
+
+
 async def test_a_grant_does_not_lift_the_guardrails(env: Env) -> None:
     dev = workload("acme", "dev", "web")
     await env.access.create_grant(
