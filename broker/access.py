@@ -312,10 +312,12 @@ class AccessControl:
                 self._cache.clear()
             self._cache[key] = (decision, self._lapses(caller.spiffe_id, now))
         if decision.allowed:
-            for kind in ("approval", "breakglass"):
-                spent = decision.flags.get(kind)
-                if spent:
-                    self._spend(kind, spent)
+            # Every request with a break-glass credential is flagged; only the one its
+            # break-glass rule allowed spends it (not, say, fetching the trust bundle).
+            if decision.rule == "break-glass" and decision.flags.get("breakglass"):
+                self._spend("breakglass", decision.flags["breakglass"])
+            if decision.flags.get("approval"):
+                self._spend("approval", decision.flags["approval"])
         return decision
 
     def _lapses(self, who: str, now: dt.datetime) -> dt.datetime:

@@ -402,6 +402,8 @@ async def test_breakglass_is_approved_single_use_and_flagged(env: Env) -> None:
     mint = env.access.decide(bg, "svid.mint", record.spiffe_id)
     assert not mint.allowed and mint.flags == {"breakglass": record.id}
 
+    bundle = env.access.decide(bg, "ca.bundle.get", "")
+    assert bundle.allowed and bundle.flags == {"breakglass": record.id}  # flagged, not spent
     used = env.access.decide(bg, "secrets.get", SECRET, attributes=PROD_PII)
     assert used.allowed and used.rule == "break-glass"
     assert used.flags == {"breakglass": record.id}
