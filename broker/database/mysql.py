@@ -14,12 +14,14 @@ import contextlib
 import datetime as dt
 import queue
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final, TypeVar
 
 import pymysql
+import pymysql.constants.CLIENT
 import pymysql.cursors
 
 from broker.database.engine import (
@@ -40,6 +42,7 @@ POOL_SIZE: Final = 4
 # Client-side errors meaning the server is gone (as opposed to refusing a statement).
 _LOST: Final = frozenset({2002, 2003, 2006, 2013, 2055, 1040, 1053})
 _NO_SUCH_THREAD: Final = 1094
+_PING_AFTER: Final = 5.0  # seconds idle after which a pooled connection is checked first
 
 
 def quote_ident(value: str) -> str:
@@ -64,6 +67,7 @@ class MySQLEngine:
             "write_timeout": IO_TIMEOUT,
             "autocommit": True,
             "charset": "utf8mb4",
+            "client_flag": pymysql.constants.CLIENT.MULTI_STATEMENTS,
         }
         if "unix_socket" in query:
             self._kwargs["unix_socket"] = query["unix_socket"]
@@ -71,7 +75,7 @@ class MySQLEngine:
             self._kwargs["host"] = parts.hostname or "localhost"
             self._kwargs["port"] = parts.port or 3306
         self._where = query.get("unix_socket") or f"{parts.hostname}:{parts.port or 3306}"
-        self._idle: queue.LifoQueue[Any] = queue.LifoQueue()
+        self._idle: queue.LifoQueue[tuple[Any, float]] = queue.LifoQueue()
         self._executor = ThreadPoolExecutor(pool_size, thread_name_prefix="mysql-engine")
         self._closed = threading.Event()
 
@@ -89,8 +93,9 @@ class MySQLEngine:
         conn = None
         try:
             try:
-                conn = self._idle.get_nowait()
-                conn.ping(reconnect=False)  # the server may have restarted since
+                conn, idle_since = self._idle.get_nowait()
+                if time.monotonic() - idle_since > _PING_AFTER:
+                    conn.ping(reconnect=False)  # the server may have restarted since
             except queue.Empty:
                 conn = pymysql.connect(**self._kwargs)
             result = fn(conn)
@@ -116,7 +121,7 @@ class MySQLEngine:
             if conn is not None:
                 conn.close()
             raise
-        self._idle.put(conn)
+        self._idle.put((conn, time.monotonic()))
         return result
 
     @staticmethod
@@ -140,13 +145,15 @@ class MySQLEngine:
         }
 
         def create(conn: Any) -> None:
-            statements = self._render(conn, creation, values)
-            conn.begin()
+            # One round trip: the statements in one transaction, sent together (the
+            # connection allows several statements per query; the server stops at the first
+            # failure, and every result is read so an error in any of them is raised).
+            statements = ["BEGIN", *self._render(conn, creation, values), "COMMIT"]
             try:
                 with conn.cursor() as cursor:
-                    for statement in statements:
-                        cursor.execute(statement)
-                conn.commit()
+                    cursor.execute(";\n".join(statements))
+                    while cursor.nextset():
+                        pass
             except BaseException:
                 conn.rollback()
                 raise
@@ -233,7 +240,7 @@ class MySQLEngine:
         self._executor.shutdown(wait=True, cancel_futures=True)
         while True:
             try:
-                conn = self._idle.get_nowait()
+                conn, _ = self._idle.get_nowait()
             except queue.Empty:
                 return
             with contextlib.suppress(Exception):  # closing a dead connection
