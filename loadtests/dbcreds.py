@@ -39,87 +39,9 @@ from pathlib import Path
 from typing import Any
 
 from loadtests import machine, procs
+from loadtests.targets.database import CREATION, ROLE, Database, bao_setup
 
 __all__ = ["main"]
-
-ROLE = "bench"
-CREATION = {
-    "postgresql": "CREATE ROLE {{name}} WITH LOGIN PASSWORD {{password}} "
-    "VALID UNTIL {{expiration}};\nGRANT SELECT ON items TO {{name}};",
-    "mysql": "CREATE USER {{name}}@'%' IDENTIFIED BY {{password}};\n"
-    "GRANT SELECT ON app.items TO {{name}}@'%';",
-}
-BAO_CREATION = {
-    "postgresql": "CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' "
-    "VALID UNTIL '{{expiration}}'; GRANT SELECT ON items TO \"{{name}}\";",
-    "mysql": "CREATE USER '{{name}}'@'%' IDENTIFIED BY '{{password}}'; "
-    "GRANT SELECT ON app.items TO '{{name}}'@'%';",
-}
-
-
-# -- the target database ------------------------------------------------------------------------
-
-
-class Database:
-    """A throwaway PostgreSQL cluster or MariaDB server with database `app`, table `items`."""
-
-    def __init__(self, plugin: str) -> None:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        self.plugin = plugin
-        if plugin == "postgresql":
-            from tests.fixtures.postgres import start_cluster
-
-            self.pg = start_cluster()
-            self.pg.psql("CREATE DATABASE app")
-            self.pg.psql("CREATE TABLE items (id int); INSERT INTO items VALUES (1)", "app")
-            self.host, self.port = self.pg.host, self.pg.port
-            self.user, self.password = self.pg.superuser, self.pg.password
-            self.data_dir = self.pg.data_dir
-        else:
-            from tests.fixtures.mariadb import start_mariadb
-
-            self.my = start_mariadb()
-            self.my.sql("CREATE DATABASE app")
-            self.my.sql("CREATE TABLE app.items (id int)")
-            self.host, self.port = self.my.host, self.my.port
-            self.user, self.password = "root", self.my.root_password
-            self.data_dir = self.my.base_dir / "data"
-
-    @property
-    def dsn(self) -> str:
-        scheme = "postgresql" if self.plugin == "postgresql" else "mysql"
-        return f"{scheme}://{self.user}@{self.host}:{self.port}/app"
-
-    def users(self, prefix: str) -> int:
-        """How many users' names start with `prefix` (letters, digits, '_' and '-' only)."""
-        assert all(c.isalnum() or c in "_-" for c in prefix)
-        if self.plugin == "postgresql":
-            out = self.pg.psql(
-                f"SELECT count(*) FROM pg_roles WHERE left(rolname, {len(prefix)}) = '{prefix}'"
-            )
-            return int(out.strip())
-        rows = self.my.sql(
-            "SELECT count(*) FROM mysql.user WHERE LEFT(User, %s) = %s", len(prefix), prefix
-        )
-        return int(rows[0][0])
-
-    def pids(self) -> list[int]:
-        """The server's processes (PostgreSQL: postmaster and every backend)."""
-        if self.plugin == "postgresql":
-            pid = int((self.pg.data_dir / "postmaster.pid").read_text().split()[0])
-            return procs.process_tree(pid)
-        assert self.my.process is not None
-        return [self.my.process.pid]
-
-    def cpu(self) -> float:
-        return procs.cpu_seconds(self.pids())
-
-    def stop(self) -> None:
-        if self.plugin == "postgresql":
-            self.pg.stop()
-        else:
-            self.my.stop()
-
 
 # -- load ---------------------------------------------------------------------------------------
 
@@ -338,31 +260,7 @@ class BaoSide:
         self.db = db
         self.bao = OpenBao(workdir / "bao", tls=True, trust_domain="bench.local")
         self.bao.start()
-        cli = self.bao._cli
-        cli("secrets", "enable", "database")
-        if db.plugin == "postgresql":
-            url = f"postgresql://{{{{username}}}}:{{{{password}}}}@{db.host}:{db.port}/app"
-            plugin = "postgresql-database-plugin"
-        else:
-            url = f"{{{{username}}}}:{{{{password}}}}@tcp({db.host}:{db.port})/"
-            plugin = "mysql-database-plugin"
-        cli(
-            "write",
-            "database/config/bench",
-            f"plugin_name={plugin}",
-            f"connection_url={url}",
-            f"username={db.user}",
-            f"password={db.password}",
-            f"allowed_roles={ROLE}",
-        )
-        cli(
-            "write",
-            f"database/roles/{ROLE}",
-            "db_name=bench",
-            f"creation_statements={BAO_CREATION[db.plugin]}",
-            "default_ttl=1h",
-            "max_ttl=24h",
-        )
+        bao_setup(db.plugin, self.bao)
         self.session: Any = None
 
     async def _session(self) -> Any:

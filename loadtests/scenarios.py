@@ -187,6 +187,49 @@ def _bao_get_bodies(pool: list[CsrItem]) -> list[bytes]:
     return [b"" for _ in pool]
 
 
+# -- db-creds: one dynamic database login per request (a throwaway PostgreSQL / MariaDB) --------
+
+
+def _db_creds_requests(pool: list[CsrItem]) -> list[bytes]:
+    from broker.api._proto import database_pb2
+    from loadtests.targets.database import ROLE
+
+    request = database_pb2.IssueCredentialsRequest(role=ROLE).SerializeToString()
+    return [request for _ in pool]
+
+
+def _check_db_creds(resp: Any, item: CsrItem) -> dict[str, Any]:
+    if not resp.username or not resp.password or not resp.lease.id:
+        raise ValueError("the broker answered without username, password or lease")
+    return {"lease_duration_s": resp.lease.lease_duration_seconds, "username": resp.username}
+
+
+def _db_creds(plugin: str) -> Scenario:
+    from functools import partial
+
+    from loadtests.targets import database
+
+    return Scenario(
+        name=f"db-creds-{plugin}",
+        description=(
+            f"a fresh {plugin} login under a 1 h lease (CREATE + GRANT SELECT on one table): "
+            "broker Database/IssueCredentials; OpenBao GET /v1/database/creds/<role>. "
+            "Revocation throughput: python -m loadtests.dbcreds"
+        ),
+        broker_method="/broker.v1.Database/IssueCredentials",
+        broker_response="broker.api._proto.database_pb2:DatabaseCredentials",
+        broker_require_field="password",
+        broker_requests=_db_creds_requests,
+        broker_check=_check_db_creds,
+        broker_setup=partial(database.broker_setup, plugin),
+        openbao_path=f"/v1/database/creds/{database.ROLE}",
+        openbao_method="GET",
+        openbao_bodies=_bao_get_bodies,
+        openbao_expect=b'"password"',
+        openbao_setup=partial(database.bao_setup, plugin),
+    )
+
+
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in [
@@ -253,6 +296,8 @@ SCENARIOS: dict[str, Scenario] = {
             openbao_setup=_bao_kv_setup,
             rotation=_secret_rotation,
         ),
+        _db_creds("postgresql"),
+        _db_creds("mysql"),
     ]
 }
 
