@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Final
 
-from regopy import Interpreter, RegoError
+from regopy import Interpreter, LogLevel, RegoError
 
 from broker.errors import InvalidArgument
 
@@ -153,6 +153,7 @@ class RegoEngine:
         ):
             raise InvalidRegoPolicy(f"no module declares 'package {PACKAGE}'")
         self._rego = Interpreter()
+        self._rego.log_level = LogLevel.NONE  # errors come back in the exception, not on stdout
         try:
             for name, text in self.modules.items():
                 self._rego.add_module(name, text)

@@ -26,7 +26,7 @@ ALICE = Caller(f"spiffe://{TD}/broker/operator/alice", True, {})
 BOB = Caller(f"spiffe://{TD}/broker/operator/bob", True, {})
 OPERATORS = (ALICE.spiffe_id, BOB.spiffe_id)
 T0 = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.UTC)
-SECRET = "secret://web/prod/stripe"
+REFERENCE = "secret://web/prod/stripe"
 
 
 def workload(tenant: str, environment: str, service: str) -> Caller:
@@ -284,24 +284,24 @@ PROD_PII = attrs("acme", "prod", "web", "pii")
 
 
 async def test_prod_pii_needs_a_second_operator_and_the_approval_is_single_use(env: Env) -> None:
-    denied = env.access.decide(ALICE, "secrets.get", SECRET, attributes=PROD_PII)
+    denied = env.access.decide(ALICE, "secrets.get", REFERENCE, attributes=PROD_PII)
     assert (denied.allowed, denied.rule) == (False, "two-person")
 
-    request = await env.access.request_approval(ALICE, "secrets.get", SECRET, "INC-7 restore")
+    request = await env.access.request_approval(ALICE, "secrets.get", REFERENCE, "INC-7 restore")
     assert request.state(env.clock.now()) == "pending"
-    still = env.access.decide(ALICE, "secrets.get", SECRET, attributes=PROD_PII)
+    still = env.access.decide(ALICE, "secrets.get", REFERENCE, attributes=PROD_PII)
     assert not still.allowed  # pending is not approved
 
     approved = await env.access.approve(request.id, BOB)
     assert approved.approved_by == BOB.spiffe_id
     # BOB's approval is for ALICE only
-    assert not env.access.decide(BOB, "secrets.get", SECRET, attributes=PROD_PII).allowed
+    assert not env.access.decide(BOB, "secrets.get", REFERENCE, attributes=PROD_PII).allowed
     # ... and for this action and resource only
-    assert not env.access.decide(ALICE, "secrets.rotate", SECRET, attributes=PROD_PII).allowed
+    assert not env.access.decide(ALICE, "secrets.rotate", REFERENCE, attributes=PROD_PII).allowed
 
-    first = env.access.decide(ALICE, "secrets.get", SECRET, attributes=PROD_PII)
+    first = env.access.decide(ALICE, "secrets.get", REFERENCE, attributes=PROD_PII)
     assert first.allowed and first.flags.get("approval") == request.id
-    second = env.access.decide(ALICE, "secrets.get", SECRET, attributes=PROD_PII)
+    second = env.access.decide(ALICE, "secrets.get", REFERENCE, attributes=PROD_PII)
     assert (second.allowed, second.rule) == (False, "two-person")
 
     await env.access.flush()
@@ -310,14 +310,14 @@ async def test_prod_pii_needs_a_second_operator_and_the_approval_is_single_use(e
     # another worker, loading from storage, does not get a second use either
     other = env.another_worker()
     await other.load()
-    assert not other.decide(ALICE, "secrets.get", SECRET, attributes=PROD_PII).allowed
+    assert not other.decide(ALICE, "secrets.get", REFERENCE, attributes=PROD_PII).allowed
 
 
 async def test_the_approval_also_matches_the_hashed_reference(env: Env) -> None:
     import hashlib
 
-    hashed = hashlib.sha256(SECRET.encode()).hexdigest()
-    request = await env.access.request_approval(ALICE, "secrets.get", SECRET, "INC-8")
+    hashed = hashlib.sha256(REFERENCE.encode()).hexdigest()
+    request = await env.access.request_approval(ALICE, "secrets.get", REFERENCE, "INC-8")
     await env.access.approve(request.id, BOB)
     decision = env.access.decide(ALICE, "secrets.get", hashed, attributes=PROD_PII)
     assert decision.allowed and decision.flags["approval"] == request.id
@@ -325,33 +325,33 @@ async def test_the_approval_also_matches_the_hashed_reference(env: Env) -> None:
 
 async def test_the_owner_needs_no_approval(env: Env) -> None:
     owner = workload("acme", "prod", "web")
-    decision = env.access.decide(owner, "secrets.get", SECRET, attributes=PROD_PII)
+    decision = env.access.decide(owner, "secrets.get", REFERENCE, attributes=PROD_PII)
     assert decision.allowed and decision.rule == "owner"
 
 
 async def test_self_approval_is_refused_and_changes_nothing(env: Env) -> None:
-    request = await env.access.request_approval(ALICE, "secrets.get", SECRET, "INC-9")
+    request = await env.access.request_approval(ALICE, "secrets.get", REFERENCE, "INC-9")
     with pytest.raises(PermissionDenied, match="cannot approve it"):
         await env.access.approve(request.id, ALICE)
     stored = await env.repo.get_approval(request.id)
     assert stored is not None and stored.approved_by is None
-    assert not env.access.decide(ALICE, "secrets.get", SECRET, attributes=PROD_PII).allowed
+    assert not env.access.decide(ALICE, "secrets.get", REFERENCE, attributes=PROD_PII).allowed
     # and the database refuses it too, should the check above ever be bypassed
     assert not await env.repo.approve(request.id, ALICE.spiffe_id, env.clock.now())
 
 
 async def test_workloads_cannot_approve_and_approvals_expire(env: Env) -> None:
-    request = await env.access.request_approval(ALICE, "secrets.get", SECRET, "INC-10")
+    request = await env.access.request_approval(ALICE, "secrets.get", REFERENCE, "INC-10")
     with pytest.raises(PermissionDenied):
         await env.access.approve(request.id, workload("acme", "prod", "web"))
     env.clock.advance(hours=1)
     with pytest.raises(FailedPrecondition, match="expired"):
         await env.access.approve(request.id, BOB)
 
-    fresh = await env.access.request_approval(ALICE, "secrets.get", SECRET, "INC-11")
+    fresh = await env.access.request_approval(ALICE, "secrets.get", REFERENCE, "INC-11")
     await env.access.approve(fresh.id, BOB)
     env.clock.advance(hours=1)  # approved but never used: expires all the same
-    assert not env.access.decide(ALICE, "secrets.get", SECRET, attributes=PROD_PII).allowed
+    assert not env.access.decide(ALICE, "secrets.get", REFERENCE, attributes=PROD_PII).allowed
     with pytest.raises(FailedPrecondition):
         await env.access.approve(fresh.id, BOB)
 
@@ -365,9 +365,9 @@ async def test_the_invariant_holds_whatever_the_rego_policy_says(env: Env) -> No
     await env.access.set_policy({"open.rego": allow_all}, ALICE)
     web = workload("acme", "prod", "db")
     assert env.access.decide(web, "ca.rotate", "").allowed  # the open policy is in force
-    decision = env.access.decide(ALICE, "secrets.get", SECRET, attributes=PROD_PII)
+    decision = env.access.decide(ALICE, "secrets.get", REFERENCE, attributes=PROD_PII)
     assert (decision.allowed, decision.rule) == (False, "two-person")
-    assert not env.access.decide(web, "secrets.get", SECRET, attributes=PROD_PII).allowed
+    assert not env.access.decide(web, "secrets.get", REFERENCE, attributes=PROD_PII).allowed
 
 
 # -- break-glass ---------------------------------------------------------------------------------
@@ -379,7 +379,7 @@ def breakglass_caller(spiffe_id: str) -> Caller:
 
 
 async def test_breakglass_is_approved_single_use_and_flagged(env: Env) -> None:
-    request = await env.access.request_approval(ALICE, "secrets.get", SECRET, "INC-12 outage")
+    request = await env.access.request_approval(ALICE, "secrets.get", REFERENCE, "INC-12 outage")
     with pytest.raises(FailedPrecondition, match="pending"):
         await env.access.issue_breakglass(ALICE, request.id, dt.timedelta(hours=1))
     await env.access.approve(request.id, BOB)
@@ -404,10 +404,10 @@ async def test_breakglass_is_approved_single_use_and_flagged(env: Env) -> None:
 
     bundle = env.access.decide(bg, "ca.bundle.get", "")
     assert bundle.allowed and bundle.flags == {"breakglass": record.id}  # flagged, not spent
-    used = env.access.decide(bg, "secrets.get", SECRET, attributes=PROD_PII)
+    used = env.access.decide(bg, "secrets.get", REFERENCE, attributes=PROD_PII)
     assert used.allowed and used.rule == "break-glass"
     assert used.flags == {"breakglass": record.id}
-    again = env.access.decide(bg, "secrets.get", SECRET, attributes=PROD_PII)
+    again = env.access.decide(bg, "secrets.get", REFERENCE, attributes=PROD_PII)
     assert (again.allowed, again.rule) == (False, "breakglass-spent")
     assert again.flags == {"breakglass": record.id}
 
@@ -420,21 +420,21 @@ async def test_breakglass_is_approved_single_use_and_flagged(env: Env) -> None:
 async def test_breakglass_expires_and_can_be_revoked(env: Env) -> None:
     records = []
     for _ in range(2):
-        request = await env.access.request_approval(ALICE, "secrets.get", SECRET, "INC-13")
+        request = await env.access.request_approval(ALICE, "secrets.get", REFERENCE, "INC-13")
         await env.access.approve(request.id, BOB)
         records.append(await env.access.issue_breakglass(ALICE, request.id, dt.timedelta(hours=2)))
     revoked = await env.access.revoke_breakglass(records[0].id)
     assert revoked.revoked_at is not None
-    first = env.access.decide(breakglass_caller(records[0].spiffe_id), "secrets.get", SECRET)
+    first = env.access.decide(breakglass_caller(records[0].spiffe_id), "secrets.get", REFERENCE)
     assert (first.allowed, first.rule) == (False, "breakglass-spent")
     env.clock.advance(hours=2)
-    second = env.access.decide(breakglass_caller(records[1].spiffe_id), "secrets.get", SECRET)
+    second = env.access.decide(breakglass_caller(records[1].spiffe_id), "secrets.get", REFERENCE)
     assert (second.allowed, second.rule) == (False, "breakglass-spent")
 
 
 async def test_an_unknown_breakglass_identity_gets_nothing(env: Env) -> None:
     forged = breakglass_caller(f"spiffe://{TD}/broker/breakglass/bg-0000")
-    decision = env.access.decide(forged, "secrets.get", SECRET, attributes=PROD_PII)
+    decision = env.access.decide(forged, "secrets.get", REFERENCE, attributes=PROD_PII)
     assert not decision.allowed
 
 
