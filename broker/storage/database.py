@@ -13,6 +13,7 @@ Lease states: "pending" (written before the user exists; `due_at` is the creatio
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
@@ -149,11 +150,65 @@ class DatabaseRepository(Protocol):
         ...
 
 
-class DatabaseStore:
-    """`DatabaseRepository` over a storage `Backend`."""
+class _GroupCommit:
+    """Single-row writes from concurrent requests, committed together: while one transaction
+    runs, the writes that arrive queue up and go in the next one (one commit, one fsync, for
+    all of them). A failing batch is retried one write at a time, so each caller gets its own
+    result or error. Each caller returns only once its write is committed."""
 
     def __init__(self, backend: Backend) -> None:
         self._b = backend
+        self._queue: list[tuple[str, tuple[object, ...], asyncio.Future[Row | None]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def fetchrow(self, sql: str, *args: object) -> Row | None:
+        future: asyncio.Future[Row | None] = asyncio.get_running_loop().create_future()
+        self._queue.append((sql, args, future))
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue, []
+            try:
+                async with self._b.transaction(write=True) as tx:
+                    rows = [await tx.fetchrow(sql, *args) for sql, args, _ in batch]
+            except Exception as exc:
+                if len(batch) == 1:
+                    _settle(batch[0][2], exc=exc)
+                    continue
+                for sql, args, future in batch:
+                    try:
+                        async with self._b.transaction(write=True) as tx:
+                            row = await tx.fetchrow(sql, *args)
+                    except Exception as one:
+                        _settle(future, exc=one)
+                    else:
+                        _settle(future, row)
+                continue
+            for (_, _, future), row in zip(batch, rows, strict=True):
+                _settle(future, row)
+
+
+def _settle(
+    future: asyncio.Future[Row | None], row: Row | None = None, exc: Exception | None = None
+) -> None:
+    if future.done():  # the caller gave up (cancelled); the write stands or not, as it went
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(row)
+
+
+class DatabaseStore:
+    """`DatabaseRepository` over a storage `Backend`. Lease inserts and activations, the two
+    writes on the path of every credential, are group-committed (`_GroupCommit`)."""
+
+    def __init__(self, backend: Backend) -> None:
+        self._b = backend
+        self._group = _GroupCommit(backend)
 
     def _ts(self, value: dt.datetime) -> object:
         return self._b.encode_ts(require_aware(value))
@@ -386,25 +441,24 @@ class DatabaseStore:
     async def insert_lease(self, record: LeaseRecord) -> None:
         if record.state not in LEASE_STATES:
             raise ValueError(f"lease state must be one of {sorted(LEASE_STATES)}")
-        async with self._b.transaction(write=True) as tx:
-            await tx.execute(
-                f"INSERT INTO db_leases ({self._LEASE}) "  # noqa: S608 (constant)
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                record.id,
-                record.role,
-                record.connection,
-                record.plugin,
-                record.username,
-                record.holder,
-                record.state,
-                record.revocation,
-                self._ts(record.created_at),
-                self._ts(record.expires_at),
-                self._ts(record.max_expires_at),
-                self._ts(record.due_at),
-                record.attempts,
-                record.last_error,
-            )
+        await self._group.fetchrow(
+            f"INSERT INTO db_leases ({self._LEASE}) "  # noqa: S608 (constant)
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            record.id,
+            record.role,
+            record.connection,
+            record.plugin,
+            record.username,
+            record.holder,
+            record.state,
+            record.revocation,
+            self._ts(record.created_at),
+            self._ts(record.expires_at),
+            self._ts(record.max_expires_at),
+            self._ts(record.due_at),
+            record.attempts,
+            record.last_error,
+        )
 
     def _lease(self, row: Row) -> LeaseRecord:
         ts = self._b.decode_ts
@@ -448,12 +502,11 @@ class DatabaseStore:
         return [self._lease(r) for r in rows]
 
     async def activate_lease(self, lease_id: str) -> bool:
-        async with self._b.transaction(write=True) as tx:
-            row = await tx.fetchrow(
-                "UPDATE db_leases SET state = 'active', due_at = expires_at "
-                "WHERE id = ? AND state = 'pending' RETURNING id",
-                lease_id,
-            )
+        row = await self._group.fetchrow(
+            "UPDATE db_leases SET state = 'active', due_at = expires_at "
+            "WHERE id = ? AND state = 'pending' RETURNING id",
+            lease_id,
+        )
         return row is not None
 
     async def extend_lease(self, lease_id: str, expires_at: dt.datetime) -> bool:
