@@ -25,6 +25,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from spiffe import JwtSvid, WorkloadApiClient, X509Source
 from spiffe._proto import workload_pb2, workload_pb2_grpc
 
@@ -240,6 +241,12 @@ def test_the_security_header_is_required_and_unknown_rpcs_are_unimplemented(
         with pytest.raises(grpc.RpcError) as err:
             unknown(b"", metadata=header, timeout=10)
         assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        answers = reflection.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+        )
+        names = {s.name for s in next(iter(answers)).list_services_response.service}
+        assert "SpiffeWorkloadAPI" in names
 
 
 _UID_PROBE = """
