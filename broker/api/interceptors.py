@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import contextvars
 import json
+import os
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -284,7 +284,9 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         meta = _metadata(context)
         correlation_id = meta.get(CORRELATION_HEADER, "")
         if not _CORRELATION_RE.match(correlation_id):
-            correlation_id = uuid.uuid4().hex
+            # 128 random bits as 32 hex digits, like uuid4().hex without building a UUID
+            # object (a measurable share of the request path in profiles).
+            correlation_id = os.urandom(16).hex()
         justification = meta.get(JUSTIFICATION_HEADER, "")[:_MAX_JUSTIFICATION]
         context.set_trailing_metadata(((CORRELATION_HEADER, correlation_id),))
 
