@@ -9,6 +9,7 @@ import datetime as dt
 import secrets
 import urllib.parse
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import pytest
@@ -253,3 +254,33 @@ async def test_concurrent_creations_and_revocations_all_succeed(
     await asyncio.gather(*(engine.revoke_user(u.username) for u in users))
     for u in users:
         assert not await target.exists(u.username)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "CREATE ROLE {{name}} WITH LOGIN PASSWORD {{password}}",  # no VALID UNTIL at all
+        "CREATE ROLE {{name}} LOGIN PASSWORD {{password}} VALID UNTIL 'infinity'",
+        "CREATE ROLE {{name}} LOGIN PASSWORD {{password}} VALID UNTIL {{expiration}};"
+        "ALTER ROLE {{name}} VALID UNTIL 'infinity'",
+    ],
+)
+async def test_postgresql_users_always_get_valid_until_the_lease_end(
+    pg_cluster: Any, text: str
+) -> None:
+    from tests.fixtures.dbtargets import pg_target
+
+    async for target in pg_target(pg_cluster):
+        engine = target.engine()
+        try:
+            user = new_user()
+            await engine.create_user(target.template(text), user)
+            literal = "'" + user.username.replace("'", "''") + "'"
+            until = pg_cluster.psql(
+                "SELECT extract(epoch FROM rolvaliduntil)::bigint FROM pg_roles "
+                f"WHERE rolname = {literal}"
+            ).strip()
+            assert int(until) == int(user.expiration.timestamp())
+            await engine.revoke_user(user.username)
+        finally:
+            await engine.close()
