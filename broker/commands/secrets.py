@@ -10,6 +10,7 @@ import base64
 import os
 import re
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -36,6 +37,8 @@ from broker.cli import (
     _setting_option,
     cli,
 )
+from broker.errors import BrokerError
+from broker.secretfiles import SecretFiles
 from broker.secrets_sdk import SecretRefused, SecretResolver, SecretUnavailable
 
 __all__ = ["exec_command", "kek", "secrets"]
@@ -403,6 +406,69 @@ def secrets_due(ctx: click.Context, tenant: str) -> None:
         return
     for m in items:
         click.echo(_meta_line(m))
+
+
+def _file_pair(value: str) -> tuple[str, str]:
+    name, sep, reference = value.partition("=")
+    if not sep or not reference.startswith("secret://"):
+        raise click.BadParameter(f"{value!r} is not NAME=secret://...", param_hint="--file")
+    return name, reference
+
+
+@secrets.command("sync")
+@click.option(
+    "--write-dir",
+    required=True,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Directory for the files (use a tmpfs, e.g. /run/<service>/secrets).",
+)
+@click.option(
+    "--file",
+    "pairs",
+    multiple=True,
+    required=True,
+    metavar="NAME=secret://...",
+    help="Keep the secret in WRITE_DIR/NAME, mode 0600 (repeatable).",
+)
+@click.option("--interval", type=DURATION, default="60s", help="Poll interval [default: 60s].")
+@click.option("--once", is_flag=True, help="Sync once and exit (1 if any file failed).")
+@_tenant_option
+@_connection_options(on_group=False)
+@click.pass_context
+def secrets_sync(
+    ctx: click.Context,
+    write_dir: Path,
+    pairs: tuple[str, ...],
+    interval: int,
+    once: bool,
+    tenant: str,
+) -> None:
+    """Keep secrets as 0600 files, rewritten on rotation and removed when refused."""
+    wanted = dict(_file_pair(p) for p in pairs)
+    try:
+        files = SecretFiles(
+            BrokerSecretSource(_secrets_client(ctx), tenant=tenant), write_dir, wanted
+        )
+    except BrokerError as exc:
+        raise click.BadParameter(str(exc), param_hint="--file") from None
+    if interval < 1:
+        raise click.BadParameter("must be at least 1s", param_hint="--interval")
+    while True:
+        try:
+            results = files.sync()
+        except OSError as exc:
+            raise Refusal(f"cannot write to {write_dir}: {exc.strerror or exc}") from None
+        for r in results:
+            if not r.error:
+                click.echo(f"{r.name}: {r.outcome} (version {r.version})")
+            elif not once:  # a long-running sync reports each failure and carries on
+                click.echo(f"broker: {r.name}: {r.outcome}: {r.error}", err=True)
+        failed = [f"{r.name} {r.outcome} ({r.error})" for r in results if r.error]
+        if once:
+            if failed:
+                raise Refusal(f"could not sync: {'; '.join(failed)}")
+            return
+        time.sleep(interval)
 
 
 @cli.group()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import secrets as random
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,24 @@ def test_a_workload_gets_its_secrets_with_broker_exec(
 
     bad = cli.run("exec", "--env", "1X=secret://a/b/c", "--", "true", env=payments)
     assert bad.returncode == 2
+
+    # File delivery: 0600 files in a directory, removed once the secret is revoked.
+    out = tmp_path / "run" / "secrets"
+    synced = cli.ok(
+        "secrets", "sync", "--write-dir", str(out), "--file", f"hook={HOOK}", "--once",
+        env=payments,
+    )  # fmt: skip
+    assert synced.stdout.startswith("hook: written (version 1)")
+    assert (out / "hook").read_bytes() == hook
+    assert stat.S_IMODE((out / "hook").stat().st_mode) == 0o600
+    cli.ok("secrets", "revoke", HOOK, "--justification", "rotate the webhook")
+    gone = cli.run(
+        "secrets", "sync", "--write-dir", str(out), "--file", f"hook={HOOK}", "--once",
+        env=payments,
+    )  # fmt: skip
+    assert gone.returncode == 1 and len(gone.stderr_lines) == 1
+    assert "hook removed" in gone.stderr and "revoked" in gone.stderr
+    assert not (out / "hook").exists()
 
     tail = cli.ok("audit", "tail", "-n", "50", "--output", "json").json()
     text = json.dumps(tail)
