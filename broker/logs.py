@@ -6,7 +6,7 @@ to the message, its arguments, the extra fields and exception text:
 
 - a field whose *name* says it holds a secret (password, secret, token, private key, PIN,
   credential, authorization, api key, DSN, or exactly `value`) is replaced by "[REDACTED]";
-- inside any string: a password in a URL (`scheme://user:PASSWORD@host`), a PEM private key
+- inside any string: the password in a URL's user-info part, a PEM private key
   block, a compact JWT, and `password=...`/`token: ...` style pairs are replaced.
 
 Secrets are named in logs by a hashed reference only: `hashed_ref(reference)`.
@@ -51,8 +51,8 @@ _STANDARD = frozenset(
 
 
 def hashed_ref(reference: str) -> str:
-    """How a log line names a secret: `sha256:` and the first 16 hex digits of the
-    reference's SHA-256 (never the reference, never the value)."""
+    """What a log line carries instead of a reference: `sha256` and the first 16 hex digits of
+    its SHA-256 (never the reference, never the value)."""
     return "sha256:" + hashlib.sha256(reference.encode()).hexdigest()[:16]
 
 
