@@ -39,7 +39,7 @@ from broker.errors import (
     NotFound,
 )
 from broker.storage.interface import LockRepository
-from broker.storage.secrets import SecretRecord, SecretRepository, VersionRecord
+from broker.storage.secrets import SealedRow, SecretRecord, SecretRepository, VersionRecord
 from ca.clock import Clock
 from ca.errors import IntegrityError, KeyNotFound
 
@@ -308,6 +308,7 @@ class SecretService:
                 f"the secret already exists in tenant {tenant!r}; use 'broker secrets rotate' to "
                 "change its value"
             ) from None
+        await self._settle(tenant, ref.text, 1, sealed.kek_label, plaintext)
         return _info(record)
 
     async def rotate(
@@ -360,7 +361,24 @@ class SecretService:
             won = False
         if not won:
             raise FailedPrecondition("the secret changed while rotating it; try again")
+        await self._settle(tenant, ref.text, new_version, sealed.kek_label, plaintext)
         return await self.show(tenant, reference), record.current_version, new_version
+
+    async def _settle(
+        self, tenant: str, ref: str, version: int, label: str, plaintext: bytes
+    ) -> None:
+        """Close the race with a concurrent `broker kek rotate`: a KEK rotation makes its new
+        generation current before it rewraps and destroys, so a blob stored after the rotation
+        read the table may sit under a KEK about to be destroyed. Reading the generation again
+        after our commit tells: if it moved, seal again under the current KEK (the plaintext is
+        still in hand; the old KEK is not needed) and compare-and-set the blob."""
+        current = await self._envelope.current_kek(tenant)
+        if current == label:
+            return
+        fresh = self._envelope.seal_with(current, plaintext, aad(tenant, ref, version))
+        await self._repo.replace_sealed(
+            SealedRow(tenant, ref, version, label, b""), current, fresh.to_bytes()
+        )
 
     async def rollback(self, tenant: str, reference: str) -> tuple[SecretInfo, int, int]:
         """Make the newest earlier version still in its rollback window current again and

@@ -514,3 +514,46 @@ async def test_kek_rotation_keeps_an_old_kek_still_in_use(world: World) -> None:
     assert world.keys.has_key("kek.acme.1")
     assert await world.get() == value
     assert SealedBlob.from_bytes(stale).kek_label == "kek.acme.1"
+
+
+async def test_a_write_racing_a_kek_rotation_is_not_lost(world: World) -> None:
+    """The rotation runs between sealing a value and storing it: it cannot see the blob, so it
+    destroys the KEK the blob is under; the write notices and seals again under the new KEK."""
+    await world.put(OTHER)  # kek.acme.1 exists
+
+    class Racing:
+        def __init__(self, inner: SqlSecretRepository) -> None:
+            self._inner = inner
+
+        async def insert_secret(self, record: SecretRecord, first: VersionRecord) -> None:
+            await world.rotator.rotate("acme")  # rewraps OTHER, destroys the KEK of `first`
+            await self._inner.insert_secret(record, first)
+
+        async def add_version(self, *args: Any, **kwargs: Any) -> bool:
+            await world.rotator.rotate("acme")
+            return await self._inner.add_version(*args, **kwargs)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._inner, name)
+
+    service = SecretService(Racing(world.repo), world.envelope, world.clock)  # type: ignore[arg-type]
+    value = new_value()
+    await service.put(
+        "acme",
+        REF,
+        owner="payments",
+        classification="pii",
+        rotation_period=dt.timedelta(days=30),
+        value=value,
+    )
+    assert not world.keys.has_key("kek.acme.1")
+    assert await world.get() == value
+    rotated = new_value()
+    await service.rotate(
+        "acme", REF, environment="prod", ticket="SEC-3", justification="race", value=rotated
+    )
+    assert not world.keys.has_key("kek.acme.2")
+    assert await world.get() == rotated
+    assert await world.get(version=1) == value
+    labels = await world.raw("SELECT DISTINCT kek_label FROM secret_versions WHERE tenant = 'acme'")
+    assert labels == [("kek.acme.3",)]
