@@ -131,6 +131,7 @@ class Application:
         # Workload identity: attestation, registration entries, agents.
         store = IdentityStore(storage.backend)  # type: ignore[attr-defined]
         self.workloads = IdentityService(self.ca, store, clock)
+        self.authenticator.denylist = self.workloads.denylist
         self._operator_expiry: dt.datetime | None = None
 
     async def start(self) -> None:
@@ -139,6 +140,7 @@ class Application:
         await self.access.load()
         self.ledger.ensure_key()
         await self.ca.bootstrap()
+        await self.workloads.refresh_denylist()
         self.ledger.start()
 
     async def close(self) -> None:
@@ -208,6 +210,7 @@ class Application:
             await asyncio.sleep(min(sync_interval, interval))
             try:
                 await self.ca.sync()
+                await self.workloads.refresh_denylist()
                 await self.access.sync()
                 if loop.time() >= next_rotation:
                     next_rotation = loop.time() + interval

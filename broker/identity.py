@@ -10,17 +10,22 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Collection, Mapping, Sequence
+from typing import Protocol
 
 from cryptography import x509
 
-from broker.errors import Unauthenticated
+from broker.errors import PermissionDenied, Unauthenticated
 from broker.policy import Caller
 from ca.errors import CAError
 from ca.layout import IdentityLayout
 from ca.spiffeid import SpiffeId
 from ca.x509svid import spiffe_id_of
 
-__all__ = ["Authenticator"]
+__all__ = ["Authenticator", "DenylistView"]
+
+
+class DenylistView(Protocol):
+    def blocks(self, spiffe_id: str, serial: str | None) -> bool: ...
 
 
 class Authenticator:
@@ -36,12 +41,15 @@ class Authenticator:
         self._trust_domain = trust_domain
         self._operators = frozenset(operators)
         self._layout = layout
-        self._cache: OrderedDict[bytes, Caller] = OrderedDict()
+        self._cache: OrderedDict[bytes, tuple[Caller, str]] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
+        # The SVID denylist (`broker svid deny`), checked on every call when set.
+        self.denylist: DenylistView | None = None
 
     def caller(self, auth_context: Mapping[str, Sequence[bytes]]) -> Caller:
-        """Raises Unauthenticated when there is no client certificate or no usable SPIFFE ID."""
+        """Raises Unauthenticated when there is no client certificate or no usable SPIFFE ID,
+        PermissionDenied when the ID or the certificate is on the denylist."""
         certs = auth_context.get("x509_pem_cert") or ()
         if not certs:
             raise Unauthenticated("a client certificate (X.509-SVID) is required")
@@ -50,12 +58,15 @@ class Authenticator:
             hit = self._cache.get(pem)
             if hit is not None:
                 self._cache.move_to_end(pem)
-                return hit
-        caller = self._parse(pem)
-        with self._lock:
-            self._cache[pem] = caller
-            if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+        if hit is None:
+            hit = self._parse(pem)
+            with self._lock:
+                self._cache[pem] = hit
+                if len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+        caller, serial = hit
+        if self.denylist is not None and self.denylist.blocks(caller.spiffe_id, serial):
+            raise PermissionDenied(f"{caller.spiffe_id} (or this certificate) is on the denylist")
         return caller
 
     def caller_for_id(self, spiffe_id: SpiffeId) -> Caller:
@@ -75,7 +86,7 @@ class Authenticator:
         sid = spiffe_id.id_string
         return Caller(sid, sid in self._operators, attributes)
 
-    def _parse(self, pem: bytes) -> Caller:
+    def _parse(self, pem: bytes) -> tuple[Caller, str]:
         try:
             cert = x509.load_pem_x509_certificate(pem)
             spiffe_id = spiffe_id_of(cert)
@@ -85,4 +96,4 @@ class Authenticator:
             raise Unauthenticated(
                 f"client identity {spiffe_id} is not in trust domain {self._trust_domain}"
             )
-        return self.caller_for_id(spiffe_id)
+        return self.caller_for_id(spiffe_id), format(cert.serial_number, "x")

@@ -36,7 +36,7 @@ from ca.clock import Clock
 from ca.errors import CAError
 from ca.spiffeid import SpiffeId
 
-__all__ = ["AgentSync", "IdentityService", "check_selector"]
+__all__ = ["AgentSync", "Denylist", "IdentityService", "check_selector"]
 
 DEFAULT_TOKEN_TTL = dt.timedelta(minutes=10)
 MAX_TOKEN_TTL = dt.timedelta(hours=24)
@@ -64,6 +64,29 @@ def check_selector(selector: str) -> str:
     return selector
 
 
+class Denylist:
+    """The denylist in memory, for the request path (`Authenticator`): a set lookup per call.
+    Refreshed from storage every few seconds (`IdentityService.refresh_denylist`) and at once
+    for denials made through this process."""
+
+    def __init__(self) -> None:
+        self._ids: frozenset[str] = frozenset()
+        self._serials: frozenset[str] = frozenset()
+
+    def replace(self, records: Sequence[DenyRecord]) -> None:
+        self._ids = frozenset(r.value for r in records if r.kind == "spiffe_id")
+        self._serials = frozenset(r.value for r in records if r.kind == "serial")
+
+    def add(self, record: DenyRecord) -> None:
+        if record.kind == "spiffe_id":
+            self._ids = self._ids | {record.value}
+        else:
+            self._serials = self._serials | {record.value}
+
+    def blocks(self, spiffe_id: str, serial: str | None) -> bool:
+        return spiffe_id in self._ids or (serial is not None and serial in self._serials)
+
+
 @dataclass(frozen=True)
 class AgentSync:
     entries: list[EntryRecord]
@@ -77,6 +100,10 @@ class IdentityService:
         self._ca = ca
         self._store = store
         self._clock = clock
+        self.denylist = Denylist()
+
+    async def refresh_denylist(self) -> None:
+        self.denylist.replace(await self._store.list_denied())
 
     @property
     def trust_domain(self) -> str:
@@ -267,6 +294,7 @@ class IdentityService:
             kind = "serial"
         record = DenyRecord(kind, value, self._clock.now())
         await self._store.deny(record)
+        self.denylist.add(record)
         return record
 
     # -- agents -----------------------------------------------------------------------------

@@ -93,6 +93,8 @@ class IdentityRepository(Protocol):
 
     async def is_denied(self, spiffe_id: str, serial: str | None) -> bool: ...
 
+    async def list_denied(self) -> list[DenyRecord]: ...
+
 
 _ENTRY_COLUMNS = "id, spiffe_id, parent_id, selectors, x509_ttl, jwt_ttl, dns_names, created_at"
 _ATTESTOR_COLUMNS = "name, issuer, audience, jwks, template, algorithms, created_at"
@@ -254,3 +256,10 @@ class IdentityStore:
                 serial or "",
             )
         return row is not None
+
+    async def list_denied(self) -> list[DenyRecord]:
+        async with self._b.transaction(write=False) as tx:
+            rows = await tx.fetch(
+                "SELECT kind, value, created_at FROM svid_denylist ORDER BY kind, value"
+            )
+        return [DenyRecord(r[0], r[1], self._b.decode_ts(r[2])) for r in rows]

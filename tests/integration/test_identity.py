@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from broker.api._proto import identity_pb2, identity_pb2_grpc
+from broker.api._proto import ca_pb2, ca_pb2_grpc, identity_pb2, identity_pb2_grpc
 from broker.api.server import AppServer, serve_application
 from broker.app import Application
 from broker.storage.factory import open_storage
@@ -249,6 +249,9 @@ async def test_entry_ttls_are_bounded_by_ca_policy(broker: Served) -> None:
 
 async def test_renewal_over_mtls_then_the_denylist_stops_it(broker: Served) -> None:
     response, _, _, agent = await _attested(broker)
+    # Before any denial the agent may self-mint its own ID through the CA API.
+    ca = ca_pb2_grpc.CertificateAuthorityStub(broker.channels[-1])  # the agent's channel
+    assert (await ca.MintX509SVID(ca_pb2.MintX509SVIDRequest(spiffe_id=AGENT_ID))).spiffe_id
     renewed = await agent.RenewAgent(
         identity_pb2.RenewAgentRequest(csr=_csr(ec.generate_private_key(ec.SECP256R1())))
     )
@@ -264,6 +267,11 @@ async def test_renewal_over_mtls_then_the_denylist_stops_it(broker: Served) -> N
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await agent.SyncAgent(identity_pb2.SyncAgentRequest())
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # Nor can the denied certificate "renew" by self-minting through the CA API.
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await ca.MintX509SVID(ca_pb2.MintX509SVIDRequest(spiffe_id=AGENT_ID))
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "denylist" in (err.value.details() or "")
     # Deny the ID: a fresh token for it no longer attests either.
     await op.DenySVID(identity_pb2.DenySVIDRequest(target=AGENT_ID))
     token = await op.CreateJoinToken(identity_pb2.CreateJoinTokenRequest(spiffe_id=AGENT_ID))
