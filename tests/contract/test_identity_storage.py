@@ -130,3 +130,5 @@ async def test_denylist_by_id_and_by_serial_is_idempotent(store: IdentityStore) 
     await store.deny(DenyRecord("serial", "ab12", T0))
     assert await store.is_denied(other, "ab12")
     assert not await store.is_denied(other, "ab13")
+    listed = [(r.kind, r.value) for r in await store.list_denied()]
+    assert listed == [("serial", "ab12"), ("spiffe_id", AGENT)]
