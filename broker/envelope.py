@@ -153,6 +153,18 @@ class Envelope:
         ciphertext = AESGCM(data_key).encrypt(nonce, plaintext, associated)
         return SealedBlob(label, self._keys.wrap(label, data_key), nonce, ciphertext)
 
+    async def reseal_if_stale(
+        self, tenant: str, blob: SealedBlob, plaintext: bytes, associated: bytes
+    ) -> SealedBlob | None:
+        """Call after storing `blob`: None if its KEK is still the tenant's current one, else
+        the value sealed again under the current KEK, to compare-and-set over the stored blob.
+        This closes the race with a concurrent KEK rotation (which makes the new generation
+        current before it rewraps and destroys, so it may not have seen `blob`)."""
+        current = await self.current_kek(tenant)
+        if blob.kek_label == current:
+            return None
+        return self.seal_with(current, plaintext, associated)
+
     def open(self, blob: SealedBlob, associated: bytes) -> bytes:
         """The plaintext; raises `IntegrityError` for a tampered, swapped or misplaced blob and
         `KeyNotFound` when its KEK is gone."""

@@ -308,7 +308,7 @@ class SecretService:
                 f"the secret already exists in tenant {tenant!r}; use 'broker secrets rotate' to "
                 "change its value"
             ) from None
-        await self._settle(tenant, ref.text, 1, sealed.kek_label, plaintext)
+        await self._settle(tenant, ref.text, 1, sealed, plaintext)
         return _info(record)
 
     async def rotate(
@@ -361,24 +361,24 @@ class SecretService:
             won = False
         if not won:
             raise FailedPrecondition("the secret changed while rotating it; try again")
-        await self._settle(tenant, ref.text, new_version, sealed.kek_label, plaintext)
+        await self._settle(tenant, ref.text, new_version, sealed, plaintext)
         return await self.show(tenant, reference), record.current_version, new_version
 
     async def _settle(
-        self, tenant: str, ref: str, version: int, label: str, plaintext: bytes
+        self, tenant: str, ref: str, version: int, blob: SealedBlob, plaintext: bytes
     ) -> None:
-        """Close the race with a concurrent `broker kek rotate`: a KEK rotation makes its new
-        generation current before it rewraps and destroys, so a blob stored after the rotation
-        read the table may sit under a KEK about to be destroyed. Reading the generation again
-        after our commit tells: if it moved, seal again under the current KEK (the plaintext is
-        still in hand; the old KEK is not needed) and compare-and-set the blob."""
-        current = await self._envelope.current_kek(tenant)
-        if current == label:
-            return
-        fresh = self._envelope.seal_with(current, plaintext, aad(tenant, ref, version))
-        await self._repo.replace_sealed(
-            SealedRow(tenant, ref, version, label, b""), current, fresh.to_bytes()
+        """Close the race with a concurrent `broker kek rotate` (see
+        `Envelope.reseal_if_stale`): a blob stored under a KEK that stopped being current is
+        sealed again under the current one."""
+        fresh = await self._envelope.reseal_if_stale(
+            tenant, blob, plaintext, aad(tenant, ref, version)
         )
+        if fresh is not None:
+            await self._repo.replace_sealed(
+                SealedRow(tenant, ref, version, blob.kek_label, b""),
+                fresh.kek_label,
+                fresh.to_bytes(),
+            )
 
     async def rollback(self, tenant: str, reference: str) -> tuple[SecretInfo, int, int]:
         """Make the newest earlier version still in its rollback window current again and
