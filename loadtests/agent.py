@@ -190,6 +190,53 @@ def _worker(
     conn.close()
 
 
+def _baseline_server(path: str, seconds: float) -> None:
+    """A bare grpc.aio Workload API server answering FetchJWTSVID with a constant: the ceiling
+    of Python gRPC on this machine, with no proxy, no matching and no agent."""
+    import grpc
+
+    from broker.api._proto import workload_pb2, workload_pb2_grpc
+
+    class Constant(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[misc]
+        async def FetchJWTSVID(self, request: Any, context: Any) -> Any:
+            return workload_pb2.JWTSVIDResponse(
+                svids=[workload_pb2.JWTSVID(spiffe_id=f"spiffe://{TD}/baseline", svid="a.b.c")]
+            )
+
+    async def serve() -> None:
+        server = grpc.aio.server()
+        workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(Constant(), server)
+        server.add_insecure_port(f"unix:{path}")
+        await server.start()
+        await asyncio.sleep(seconds)
+        await server.stop(None)
+
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        uvloop.install()
+    asyncio.run(serve())
+
+
+def _baseline(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+    path = tmp / "baseline.sock"
+    seconds = args.warmup + args.duration + 30
+    proc = multiprocessing.get_context("spawn").Process(
+        target=_baseline_server, args=(str(path), seconds)
+    )
+    proc.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        run = _load(path, "jwt", args.callers, args.processes, args.warmup, args.duration)
+        run["operation"] = "baseline: bare grpc.aio FetchJWTSVID"
+        return run
+    finally:
+        proc.terminate()
+        proc.join()
+
+
 def _percentile(sorted_values: list[float], q: float) -> float:
     if not sorted_values:
         return float("nan")
@@ -260,6 +307,11 @@ def main(argv: list[str] | None = None) -> int:
         help="per-caller request rates to run, comma-separated (0 = back to back) [0,20]",
     )
     p.add_argument("--report", type=Path)
+    p.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also drive a bare grpc.aio server (constant answers) the same way, for reference",
+    )
     args = p.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="loadtests-agent-"))
     data, port = tmp / "data", _free_port()
@@ -306,6 +358,10 @@ def main(argv: list[str] | None = None) -> int:
                                 )  # fmt: skip
                                 report["runs"].append(run)
                                 print(json.dumps(run), file=sys.stderr)
+        if args.baseline:
+            run = _baseline(tmp, args)
+            report["runs"].append(run)
+            print(json.dumps(run), file=sys.stderr)
         report["machine"]["loadavg_after"] = os.getloadavg()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
