@@ -18,7 +18,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from loadtests import csrs, generator, machine, procs, report, slo
+from loadtests import csrs, generator, machine, procs, report, servermetrics, slo
 from loadtests.html import write_html
 from loadtests.scenarios import SCENARIOS, Scenario, broker_operations
 from loadtests.targets import broker as broker_target
@@ -163,6 +163,7 @@ class _Session:
         self.started_at = _now()
         self.machine = machine.describe()
         self.verdicts: list[slo.Verdict] = []
+        self.metrics_url: str | None = None  # the dev broker's /metrics
 
     # -- set-up ----------------------------------------------------------------------------
 
@@ -185,6 +186,7 @@ class _Session:
             # the generator measures this process's whole tree (the workers, if any)
             self.pids["broker"] = [dev.pid]
             self.alive["broker"] = dev.process
+            self.metrics_url = dev.metrics_url
             info.update(
                 started_by_loadtests=True,
                 address=address,
@@ -352,6 +354,16 @@ class _Session:
 
             starters.append(start_rotator)
 
+        scraped: list[servermetrics.Snapshot] = []
+        if target == "broker" and self.metrics_url:
+            url = self.metrics_url
+
+            def scrape_metrics() -> None:
+                with contextlib.suppress(OSError):
+                    scraped.append(servermetrics.scrape(url))
+
+            starters.append(scrape_metrics)
+
         def on_window_start() -> None:
             for start in starters:
                 start()
@@ -372,6 +384,10 @@ class _Session:
         if rotator:
             operations.update(rotator[0].finish())
         notes: dict[str, Any] = {"workers": outcome.worker_notes, "loadavg": machine.loadavg()}
+        if scraped and self.metrics_url:
+            with contextlib.suppress(OSError):
+                after = servermetrics.scrape(self.metrics_url)
+                notes["server_rpc_latency"] = servermetrics.diff(scraped[0], after)
         if outcome.server_threads:
             notes["server_busiest_threads"] = outcome.server_threads
         if profiler:

@@ -220,6 +220,25 @@ def _slo_section(slo: dict[str, Any] | None) -> str:
     return "".join(rows)
 
 
+def _server_view(rows: list[dict[str, Any]]) -> str:
+    """The broker's own latency (its /metrics, over the window) beside the client's."""
+    if not rows:
+        return ""
+    out = [
+        "<table><tr><th class=l>broker's own view: method</th><th class=l>code</th>"
+        "<th>requests</th><th>mean ms</th><th>p50 ms</th><th>p95 ms</th><th>p99 ms</th></tr>"
+    ]
+    for row in rows:
+        out.append(
+            f"<tr><td class=l>{_esc(row['method'])}</td><td class=l>{_esc(row['code'])}</td>"
+            f"<td>{row['requests']}</td><td>{_fmt(row['mean_ms'])}</td>"
+            f"<td>{_fmt(row['p50_ms'])}</td><td>{_fmt(row['p95_ms'])}</td>"
+            f"<td>{_fmt(row['p99_ms'])}</td></tr>"
+        )
+    out.append("</table>")
+    return "".join(out)
+
+
 def render(report: dict[str, Any]) -> str:
     settings = report.get("settings", {})
     machine = report.get("machine", {})
@@ -268,6 +287,7 @@ def render(report: dict[str, Any]) -> str:
                 )
             )
         parts.append("</div>")
+        parts.append(_server_view(r.get("notes", {}).get("server_rpc_latency") or []))
     parts.append("</body></html>\n")
     return "".join(parts)
 

@@ -55,7 +55,11 @@ class DevBroker:
         self.data_dir = data_dir
         self.port = procs.free_port()
         self.address = f"127.0.0.1:{self.port}"
-        self.env = {**os.environ, **RATE_LIMIT_ENV, **(extra_env or {})}
+        # Its Prometheus endpoint, scraped around each run (loadtests.servermetrics).
+        self.metrics_port = procs.free_port()
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        metrics_env = {"BROKER_METRICS_LISTEN": f"127.0.0.1:{self.metrics_port}"}
+        self.env = {**os.environ, **RATE_LIMIT_ENV, **metrics_env, **(extra_env or {})}
         self.process: procs.ManagedProcess | None = None
         self.ready_line = ""
 

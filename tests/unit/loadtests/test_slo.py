@@ -176,3 +176,25 @@ def test_latency_bins_hold_every_request() -> None:
     assert sum(c for _, _, c in bins) == 5
     assert bins[0][0] == 0.1 and bins[-1][1] >= 100.0
     assert html.latency_bins("") == []
+
+
+def test_server_metrics_diff_and_quantiles_follow_promql() -> None:
+    from loadtests import servermetrics
+
+    key = ("/broker.v1.CertificateAuthority/MintX509SVID", "OK")
+    before = {key: {"count": 10.0, "sum": 0.1, "buckets": {0.01: 10.0, 0.1: 10.0, math_inf: 10.0}}}
+    # 100 more requests: 50 under 10 ms, 40 in (10, 100] ms, 10 beyond the last finite bucket
+    after = {
+        key: {"count": 110.0, "sum": 4.1, "buckets": {0.01: 60.0, 0.1: 100.0, math_inf: 110.0}},
+        ("/x", "OK"): {"count": 3.0, "sum": 1.0, "buckets": {}},  # no change: left out
+    }
+    before[("/x", "OK")] = after[("/x", "OK")]
+    (row,) = servermetrics.diff(before, after)
+    assert row["requests"] == 100 and row["mean_ms"] == 40.0
+    assert row["p50_ms"] == 10.0  # the 50th of 100 is the last of the first bucket
+    assert row["p95_ms"] == 100.0  # in the +Inf bucket: the last finite bound
+    assert servermetrics.quantile(0.5, {}) is None
+    assert servermetrics.quantile(0.75, {1.0: 0.0, 2.0: 4.0}) == pytest.approx(1.75)
+
+
+math_inf = float("inf")
