@@ -111,7 +111,7 @@ def _bao_sign_bodies(pool: list[CsrItem]) -> list[bytes]:
 
 # -- secret-get: one wrapped static secret read by reference ---------------------------------
 
-SECRET_REF = "secret://bench/dev/api-key"
+BENCH_REF = "secret://bench/dev/api-key"
 BAO_KV_PATH = "bench/api-key"
 _SECRET_VALUE: dict[str, bytes] = {}
 
@@ -122,7 +122,7 @@ def _secret_setup(call: Callable[[str, Any, bytes], Any]) -> None:
 
     from broker.api._proto import secrets_pb2
 
-    get = secrets_pb2.GetSecretRequest(reference=SECRET_REF).SerializeToString()
+    get = secrets_pb2.GetSecretRequest(reference=BENCH_REF).SerializeToString()
     try:
         found = call("/broker.v1.Secrets/Get", secrets_pb2.GetSecretResponse, get)
         _SECRET_VALUE["broker"] = found.value
@@ -131,7 +131,7 @@ def _secret_setup(call: Callable[[str, Any, bytes], Any]) -> None:
         pass
     value = f"bench_{random.token_hex(24)}".encode()
     put = secrets_pb2.PutSecretRequest(
-        reference=SECRET_REF,
+        reference=BENCH_REF,
         value=value,
         owner="bench",
         classification="confidential",
@@ -144,7 +144,7 @@ def _secret_setup(call: Callable[[str, Any, bytes], Any]) -> None:
 def _secret_get_requests(pool: list[CsrItem]) -> list[bytes]:
     from broker.api._proto import secrets_pb2
 
-    request = secrets_pb2.GetSecretRequest(reference=SECRET_REF).SerializeToString()
+    request = secrets_pb2.GetSecretRequest(reference=BENCH_REF).SerializeToString()
     return [request for _ in pool]
 
 
@@ -168,7 +168,7 @@ def _secret_rotation() -> tuple[str, str, Any, bytes, str]:
     from broker.api._proto import secrets_pb2
 
     request = secrets_pb2.RotateSecretRequest(
-        reference=SECRET_REF,
+        reference=BENCH_REF,
         environment="dev",
         generate_length=32,
         ticket="LOADTEST-1",

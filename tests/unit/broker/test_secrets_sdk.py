@@ -122,7 +122,7 @@ def test_refresh_due_refreshes_idle_entries(source: FakeSource, clock: FakeClock
 
 def test_resolve_env(source: FakeSource, clock: FakeClock) -> None:
     sdk = SecretResolver(source, clock=clock)
-    assert sdk.resolve_env({"API_KEY": REF}) == {"API_KEY": "v1"}
+    assert sdk.resolve_env({"STRIPE": REF}) == {"STRIPE": "v1"}
     sdk.forget()
     source.value = b"v3"
     assert sdk.get_text(REF) == "v3"
