@@ -300,7 +300,13 @@ def _default_attest(server: str) -> str:
     type=click.Path(path_type=Path, dir_okay=False),
     help="Trust bundle (PEM) to verify the broker.",
 )
-@click.option("--join-token", metavar="TOKEN", help="One-time join token.")
+@click.option(
+    "--join-token",
+    metavar="TOKEN",
+    envvar="BROKER_JOIN_TOKEN",
+    show_envvar=True,
+    help="One-time join token (the environment variable keeps it out of the process list).",
+)
 @click.option(
     "--jwt-file",
     type=click.Path(path_type=Path, dir_okay=False),

@@ -48,8 +48,16 @@ def attest_address(server: BrokerProcess) -> str:
 class AgentProcess:
     """`broker agent` as a subprocess; `start()` returns once it printed its serving line."""
 
-    def __init__(self, server: BrokerProcess, socket_dir: Path, log_dir: Path, *args: str) -> None:
+    def __init__(
+        self,
+        server: BrokerProcess,
+        socket_dir: Path,
+        log_dir: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.server = server
+        self.extra_env = env or {}
         self.socket = socket_dir / "agent.sock"
         self.log_dir = log_dir
         self.args = args
@@ -83,7 +91,10 @@ class AgentProcess:
             stderr=self._stderr,
             stdin=subprocess.DEVNULL,
             text=True,
-            env={k: v for k, v in os.environ.items() if not k.startswith("BROKER_")},
+            env={
+                **{k: v for k, v in os.environ.items() if not k.startswith("BROKER_")},
+                **self.extra_env,
+            },
         )
         lines: queue.Queue[str | None] = queue.Queue()
         stdout = self._process.stdout
@@ -159,7 +170,8 @@ def _join_agent(
     *args: str,
 ) -> AgentProcess:  # fmt: skip
     token = cli.ok("token", "create", "--spiffe-id", f"spiffe://{TD}/agents/{name}").stdout.strip()
-    agent = AgentProcess(cli.server, socket_dir, tmp_path, "--join-token", token, *args)
+    # The token in the environment, not on the command line (where `ps` would show it).
+    agent = AgentProcess(cli.server, socket_dir, tmp_path, *args, env={"BROKER_JOIN_TOKEN": token})
     agents.append(agent)
     agent.start()
     return agent
