@@ -11,8 +11,9 @@ credential changes, here or in another worker (`sync` polls the storage counter)
 Whatever the Rego policy says, one invariant is enforced here too: reading or rotating a
 prod + pii resource needs its owning service, an approval by a second operator, or a
 break-glass credential (which itself needed one). Approvals and break-glass credentials are
-single use: the decision that uses one spends it (in memory at once, in storage right after;
-another worker learns of it within its sync interval).
+single use: the decision that uses one spends it in memory at once and in storage right after
+(compare-and-set); `settle` lets the request pipeline wait for that write before answering, so
+a use that lost the race against another worker is refused.
 """
 
 from __future__ import annotations
@@ -152,7 +153,8 @@ class AccessControl:
         self._cache: dict[tuple[Any, ...], tuple[Decision, dt.datetime]] = {}
         self._cache_size = cache_size
         self._spent: set[str] = set()  # approval / break-glass ids used since the last load
-        self._pending: set[asyncio.Task[None]] = set()
+        # approval / break-glass id -> the task recording its use in storage (True: ours)
+        self._uses: dict[str, asyncio.Task[bool]] = {}
         self.cache_hits = 0
         self.cache_misses = 0
 
@@ -185,12 +187,12 @@ class AccessControl:
         for record in await self._repo.list_breakglass(active_at=now):
             state.breakglass[record.spiffe_id] = record
         self._state = state
-        self._spent = {s for s in self._spent if s in self._pending_ids()}
+        # Uses being written stay spent; written ones are no longer in force in storage (or
+        # failed to be written, and then the answer was withheld: usable again).
+        self._uses = {k: t for k, t in self._uses.items() if not t.done()}
+        self._spent = {s for s in self._spent if s in self._uses}
         self._version = version
         self._cache.clear()
-
-    def _pending_ids(self) -> set[str]:
-        return {t.get_name() for t in self._pending if not t.done()}
 
     async def sync(self) -> None:
         """Pick up changes made through another worker or replica (one small read)."""
@@ -199,8 +201,27 @@ class AccessControl:
 
     async def flush(self) -> None:
         """Wait until every approval and break-glass use is written to storage."""
-        while self._pending:
-            await asyncio.gather(*list(self._pending), return_exceptions=True)
+        await asyncio.gather(*self._uses.values(), return_exceptions=True)
+
+    async def settle(self, decision: Decision) -> bool:
+        """For a decision that spent an approval or a break-glass credential: wait until the
+        use is recorded in storage. False when another worker or replica used it first, or
+        the write failed: the request pipeline then withholds the answer, so a single-use
+        permission serves one request across every process."""
+        ids = [decision.flags.get("approval", "")]
+        if decision.rule == "break-glass":
+            ids.append(decision.flags.get("breakglass", ""))
+        for spent_id in filter(None, ids):
+            task = self._uses.get(spent_id)
+            if task is None:
+                continue  # recorded and reloaded already
+            try:
+                if not await asyncio.shield(task):
+                    return False
+            except Exception:
+                log.exception("recording the use of %s failed", spent_id)
+                return False
+        return True
 
     # -- the decision ------------------------------------------------------------------------
 
@@ -347,17 +368,16 @@ class AccessControl:
         self._cache.clear()
         now = self._clock.now()
 
-        async def persist() -> None:
+        async def persist() -> bool:
             if kind == "approval":
                 ok = await self._repo.consume_approval(spent_id, now)
             else:
                 ok = await self._repo.use_breakglass(spent_id, now)
             if not ok:
                 log.warning("%s %s was already used or revoked elsewhere", kind, spent_id)
+            return ok
 
-        task = asyncio.get_running_loop().create_task(persist(), name=spent_id)
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        self._uses[spent_id] = asyncio.get_running_loop().create_task(persist(), name=spent_id)
 
     # -- the Rego policy ---------------------------------------------------------------------
 

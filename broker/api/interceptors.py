@@ -261,6 +261,20 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             raise PermissionDenied(decision.reason)
         return caller, spec.action, resource, decision
 
+    async def _settle(self, decision: Decision | None) -> None:
+        """A decision that spent a single-use permission (an approval, a break-glass
+        credential; see `broker.access.AccessControl.settle`) is recorded in storage before the
+        answer leaves; if another process spent it first, the answer is withheld."""
+        settle = getattr(self._policy, "settle", None)
+        if decision is None or not decision.allowed or settle is None:
+            return
+        if not decision.flags.get("approval") and decision.rule != "break-glass":
+            return
+        if not await settle(decision):
+            raise PermissionDenied(
+                "the approval or break-glass credential this request used was already used"
+            )
+
     async def _admit(
         self, method: str, spec: MethodSpec | None, request: Any, context: grpc.aio.ServicerContext
     ) -> None:
@@ -328,6 +342,7 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 _CURRENT.reset(token)
             if verdict is None and call.decision is None:
                 raise PermissionDenied(f"{method} was not authorized; refused")
+            await self._settle(verdict if verdict is not None else call.decision)
         except Unauthenticated as exc:
             error, reason = exc, str(exc)
         except PermissionDenied as exc:

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 
 from broker.api._proto import access_pb2, access_pb2_grpc, ca_pb2, secrets_pb2, secrets_pb2_grpc
 from broker.secrets import reference_hash
+from broker.storage.access import SqlAccessRepository
 
 from .conftest import CORRELATION_HEADER, OPERATOR_ID, BrokerFactory, BrokerHarness, Identity
 
@@ -116,6 +117,27 @@ async def test_prod_pii_needs_the_owner_or_two_operators(broker: BrokerHarness) 
     await broker.app.access.flush()
     listed = await access(broker).ListApprovals(access_pb2.ListApprovalsRequest(all=True))
     assert [a.state for a in listed.approvals] == ["used"]
+
+
+async def test_an_approval_used_by_another_worker_withholds_the_answer(
+    broker: BrokerHarness,
+) -> None:
+    await put_pii(broker)
+    request = await access(broker).RequestApproval(
+        access_pb2.RequestApprovalRequest(action="secrets.get", resource=REF, justification="x")
+    )
+    bob = broker.identity(SECOND_OPERATOR)
+    await access(broker, bob).Approve(access_pb2.ApproveRequest(id=request.id))
+    # Another worker spends it (straight in storage: this one has not synced yet).
+    other_worker = SqlAccessRepository(broker.app.storage.backend)
+    assert await other_worker.consume_approval(request.id, broker.clock.now())
+
+    err = await refused(secrets_stub(broker).Get(get(), metadata=cid("raced")))
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "already used" in (err.details() or "")
+    event = await broker.event_for("raced")
+    assert event["outcome"] == "PERMISSION_DENIED"
+    assert event["flags"] == {"approval": request.id}
 
 
 async def test_breakglass_requests_are_flagged_and_the_credential_is_spent(

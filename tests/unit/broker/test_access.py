@@ -313,6 +313,18 @@ async def test_prod_pii_needs_a_second_operator_and_the_approval_is_single_use(e
     assert not other.decide(ALICE, "secrets.get", REFERENCE, attributes=PROD_PII).allowed
 
 
+async def test_two_workers_racing_for_one_approval_settle_once(env: Env) -> None:
+    other = env.another_worker()
+    request = await env.access.request_approval(ALICE, "secrets.get", REFERENCE, "INC-7b")
+    await env.access.approve(request.id, BOB)
+    await other.load()  # both workers now hold the approval in force
+    here = env.access.decide(ALICE, "secrets.get", REFERENCE, attributes=PROD_PII)
+    there = other.decide(ALICE, "secrets.get", REFERENCE, attributes=PROD_PII)
+    assert here.allowed and there.allowed  # neither knows of the other's use yet
+    settled = [await env.access.settle(here), await other.settle(there)]
+    assert sorted(settled) == [False, True]
+
+
 async def test_the_approval_also_matches_the_hashed_reference(env: Env) -> None:
     import hashlib
 
