@@ -6,12 +6,15 @@ in tests/integration/test_access.py (the dev broker has one operator identity on
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from broker.api.client import BrokerClient, ClientCredentials, ClientError
 from broker.rego import default_modules
-from tests.e2e.conftest import BrokerCli, CliResult
+from tests.e2e.conftest import BrokerCli, BrokerProcess, CliResult
 
 pytestmark = pytest.mark.e2e
 
@@ -160,3 +163,76 @@ def test_grants_and_approvals_from_the_cli(broker_cli: BrokerCli) -> None:
     )
     assert "failed precondition" in line and "pending" in line
     assert not Path(broker_cli.workdir, "bg").exists()
+
+
+MAINTENANCE = """package broker.authz
+
+import rego.v1
+
+import data.broker.authz.base
+
+allow contains v if some v in base.allow
+
+deny contains v if some v in base.deny
+
+deny contains {"rule": "maintenance", "reason": "ca status is closed"} if {
+	input.action == "ca.status"
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
+    root = tmp_path_factory.mktemp("policy-workers")
+    data = root / "data"
+    server = BrokerProcess(data, root, ["--dev", "--data-dir", str(data), "--workers", "2"])
+    server.start()
+    try:
+        yield server
+        assert server.stop() == 0, f"broker exited uncleanly; stderr:\n{server.stderr_text()}"
+    finally:
+        server.ensure_stopped()
+
+
+def _statuses(server: BrokerProcess, connections: int) -> list[str]:
+    """`ca status` over `connections` fresh connections (spread over the workers): the gRPC
+    code of each ("OK" when answered)."""
+    operator = server.data_dir / "operator"
+    credentials = ClientCredentials(
+        (operator / "svid.pem").read_bytes(),
+        (operator / "key.pem").read_bytes(),
+        (server.data_dir / "bundle.pem").read_bytes(),
+    )
+    codes = []
+    for _ in range(connections):
+        with BrokerClient(server.address, credentials) as client:
+            try:
+                client.status()
+                codes.append("OK")
+            except ClientError as exc:
+                codes.append(exc.code_name)
+    return codes
+
+
+def test_a_policy_set_through_one_worker_reaches_every_worker(
+    two_workers: BrokerProcess, tmp_path: Path
+) -> None:
+    assert "workers: 2" in two_workers.listening_line
+    assert _statuses(two_workers, 8) == ["OK"] * 8
+    cli = BrokerCli(two_workers, tmp_path)
+    base = tmp_path / "base.rego"
+    base.write_text(
+        default_modules()["default.rego"].replace(
+            "package broker.authz\n", "package broker.authz.base\n", 1
+        )
+    )
+    closed = tmp_path / "maintenance.rego"
+    closed.write_text(MAINTENANCE)
+    cli.ok("policy", "set", str(base), str(closed))
+    deadline = time.monotonic() + 15
+    while True:  # every worker drops its cached decisions within its sync interval (2 s)
+        codes = _statuses(two_workers, 8)
+        if codes == ["PERMISSION_DENIED"] * 8:
+            break
+        assert time.monotonic() < deadline, f"a worker still answers with the old policy: {codes}"
+        time.sleep(1)
