@@ -59,6 +59,7 @@ APPROVAL_TTL: Final = dt.timedelta(hours=1)
 TWO_PERSON_ACTIONS: Final = frozenset({"secrets.get", "secrets.rotate", "db.creds"})
 _MAX_TEXT: Final = 1024
 _CACHE_SIZE: Final = 65536
+_USE_MEMORY_SECONDS: Final = 300.0
 # Deny rules reported first when several match (the most specific reason wins).
 _DENY_ORDER: Final = (
     "breakglass-spent",
@@ -153,8 +154,9 @@ class AccessControl:
         self._cache: dict[tuple[Any, ...], tuple[Decision, dt.datetime]] = {}
         self._cache_size = cache_size
         self._spent: set[str] = set()  # approval / break-glass ids used since the last load
-        # approval / break-glass id -> the task recording its use in storage (True: ours)
-        self._uses: dict[str, asyncio.Task[bool]] = {}
+        # approval / break-glass id -> (the task recording its use in storage, True when the
+        # use is ours; when it started, on the monotonic clock)
+        self._uses: dict[str, tuple[asyncio.Task[bool], float]] = {}
         self.cache_hits = 0
         self.cache_misses = 0
 
@@ -187,9 +189,15 @@ class AccessControl:
         for record in await self._repo.list_breakglass(active_at=now):
             state.breakglass[record.spiffe_id] = record
         self._state = state
-        # Uses being written stay spent; written ones are no longer in force in storage (or
-        # failed to be written, and then the answer was withheld: usable again).
-        self._uses = {k: t for k, t in self._uses.items() if not t.done()}
+        # Uses stay known until `settle` has surely read them (a request settles within its
+        # own lifetime); then they are no longer in force in storage either (or their write
+        # failed, the answer was withheld, and they are usable again).
+        horizon = self._clock.monotonic() - _USE_MEMORY_SECONDS
+        self._uses = {
+            k: (task, started)
+            for k, (task, started) in self._uses.items()
+            if not task.done() or started > horizon
+        }
         self._spent = {s for s in self._spent if s in self._uses}
         self._version = version
         self._cache.clear()
@@ -201,7 +209,7 @@ class AccessControl:
 
     async def flush(self) -> None:
         """Wait until every approval and break-glass use is written to storage."""
-        await asyncio.gather(*self._uses.values(), return_exceptions=True)
+        await asyncio.gather(*(task for task, _ in self._uses.values()), return_exceptions=True)
 
     async def settle(self, decision: Decision) -> bool:
         """For a decision that spent an approval or a break-glass credential: wait until the
@@ -212,11 +220,11 @@ class AccessControl:
         if decision.rule == "break-glass":
             ids.append(decision.flags.get("breakglass", ""))
         for spent_id in filter(None, ids):
-            task = self._uses.get(spent_id)
-            if task is None:
-                continue  # recorded and reloaded already
+            use = self._uses.get(spent_id)
+            if use is None:
+                continue  # not spent by a decision of this process
             try:
-                if not await asyncio.shield(task):
+                if not await asyncio.shield(use[0]):
                     return False
             except Exception:
                 log.exception("recording the use of %s failed", spent_id)
@@ -377,7 +385,8 @@ class AccessControl:
                 log.warning("%s %s was already used or revoked elsewhere", kind, spent_id)
             return ok
 
-        self._uses[spent_id] = asyncio.get_running_loop().create_task(persist(), name=spent_id)
+        task = asyncio.get_running_loop().create_task(persist(), name=spent_id)
+        self._uses[spent_id] = (task, self._clock.monotonic())
 
     # -- the Rego policy ---------------------------------------------------------------------
 

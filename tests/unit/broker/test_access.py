@@ -321,6 +321,12 @@ async def test_two_workers_racing_for_one_approval_settle_once(env: Env) -> None
     here = env.access.decide(ALICE, "secrets.get", REFERENCE, attributes=PROD_PII)
     there = other.decide(ALICE, "secrets.get", REFERENCE, attributes=PROD_PII)
     assert here.allowed and there.allowed  # neither knows of the other's use yet
+    # Both writes are done (one lost the compare-and-set) and both workers reload (the counter
+    # moved) before their requests settle: still exactly one use.
+    await env.access.flush()
+    await other.flush()
+    await env.access.sync()
+    await other.sync()
     settled = [await env.access.settle(here), await other.settle(there)]
     assert sorted(settled) == [False, True]
 
