@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtests import machine, procs
-from loadtests.targets.database import CREATION, ROLE, Database, bao_setup
+from loadtests.targets.database import CREATION, ROLE, Database, bao_setup, shared
 
 __all__ = ["main"]
 
@@ -53,6 +53,7 @@ class Run:
     seconds: float
     ok: int = 0
     errors: dict[str, int] = field(default_factory=dict)
+    error_samples: dict[str, str] = field(default_factory=dict)
     latencies_ms: list[float] = field(default_factory=list)
     db_cpu_s: float = 0.0
     server_cpu_s: float = 0.0
@@ -69,6 +70,7 @@ class Run:
             "seconds": round(self.seconds, 2),
             "ok": self.ok,
             "errors": self.errors,
+            "error_samples": self.error_samples,
             "per_s": round(self.ok / self.seconds, 1) if self.seconds else 0.0,
             "p50_ms": pct(50),
             "p95_ms": pct(95),
@@ -114,6 +116,9 @@ async def drive(
                     kind = str(code())
                 if t0 >= window[0]:
                     run.errors[kind] = run.errors.get(kind, 0) + 1
+                    if kind not in run.error_samples:
+                        details = getattr(exc, "details", None)
+                        run.error_samples[kind] = str(details() if callable(details) else exc)[:300]
                 continue
             t1 = loop.time()
             if t0 >= window[0] and t1 <= window[1]:
@@ -382,7 +387,7 @@ def _ratios(broker: dict[str, Any], bao: dict[str, Any]) -> list[dict[str, Any]]
 
 async def _session(args: argparse.Namespace, tmp: Path, report: dict[str, Any]) -> None:
     with contextlib.ExitStack() as stack:
-        db = Database(args.plugin)
+        db = shared(args.plugin)  # the one OpenBao's set-up uses too
         stack.callback(db.stop)
         broker = BrokerSide(tmp, db)
         stack.callback(broker.stop)

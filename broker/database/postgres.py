@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Final
@@ -32,6 +33,7 @@ COMMAND_TIMEOUT: Final = 15.0
 POOL_SIZE: Final = 8
 _TERMINATE_WAIT_MS: Final = 5000
 _RETRIES: Final = 8
+_CREATES: Final = re.compile(r"\s*CREATE\s+(ROLE|USER)\b", re.IGNORECASE)
 _DDL_LOCK: Final = 0x62726F6B6572_0D0C  # advisory lock key ("broker" + 0x0D0C) for retries
 
 _UNAVAILABLE = (
@@ -131,7 +133,15 @@ class PostgresEngine:
         user changes on one database queue up instead of failing on each other (concurrent
         GRANTs on one table fail with "tuple concurrently updated"). Conflicts that still occur
         (serialization failures, deadlocks) are retried."""
-        script = ";\n".join([f"SELECT pg_advisory_xact_lock({_DDL_LOCK})", *statements])
+        # The lock goes after the leading CREATE ROLE/USER statements: they touch no shared
+        # row (new names) and hash the password (SCRAM, the costly part), so they run in
+        # parallel; the GRANTs after them queue. (Placement only affects speed: conflicts
+        # are retried either way.)
+        first = 0
+        while first < len(statements) and _CREATES.match(statements[first]):
+            first += 1
+        lock = f"SELECT pg_advisory_xact_lock({_DDL_LOCK})"
+        script = ";\n".join([*statements[:first], lock, *statements[first:]])
         for attempt in range(_RETRIES):
             try:
                 async with self._connection(*secrets) as conn:
