@@ -142,7 +142,9 @@ async def _serve(
             line = _listening_line(config, port, app.keys.description, app.storage.dialect, extra)
             print(line, flush=True)
         else:
-            ready.send(("ready", port, app.keys.description, app.storage.dialect))
+            ready.send(
+                ("ready", port, app.keys.description, app.storage.dialect, served.attest_port)
+            )
         background = asyncio.create_task(
             app.run_background(
                 served.material, served.credentials.update, write_operator=worker == 0
@@ -254,11 +256,14 @@ def _supervise(config: Config) -> None:
             holder.close()
         if info is None:
             return
-        port, keys, storage = info
+        port, keys, storage, attest = info
+        host = config.server.listen.rpartition(":")[0]
+        attest_text = f"; attestation on {host}:{attest}" if attest else ""
         if config.server.metrics_listen:
             metrics_server = _start_metrics(config.server.metrics_listen, metrics_dir)
         print(
-            _listening_line(config, port, keys, storage, f"; workers: {len(workers)}"), flush=True
+            _listening_line(config, port, keys, storage, f"; workers: {len(workers)}{attest_text}"),
+            flush=True,
         )
         while not stopping:
             dead = [p for p in workers if not p.is_alive()]
@@ -288,10 +293,10 @@ def _wait_ready(
     workers: list[Any],
     pipes: list[multiprocessing.connection.Connection],
     stopping: Any,
-) -> tuple[int, str, str] | None:
+) -> tuple[int, str, str, int | None] | None:
     deadline = time.monotonic() + _READY_TIMEOUT
     pending = dict(zip(pipes, workers, strict=True))
-    info: tuple[int, str, str] | None = None
+    info: tuple[int, str, str, int | None] | None = None
     while pending:
         if stopping():
             return None
@@ -308,7 +313,8 @@ def _wait_ready(
                 ) from None
             if message[0] == "error":
                 raise InvalidArgument(f"worker {proc.name} could not start: {message[1]}")
-            info = (int(message[1]), str(message[2]), str(message[3]))
+            attest = int(message[4]) if len(message) > 4 and message[4] else None
+            info = (int(message[1]), str(message[2]), str(message[3]), attest)
     return info
 
 
