@@ -304,3 +304,40 @@ async def test_bad_entries_are_refused(broker: Served) -> None:
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     listed = await op.ListEntries(identity_pb2.ListEntriesRequest())
     assert list(listed.entries) == []
+
+
+async def test_jwt_attestation_through_the_rpc(broker: Served) -> None:
+    import jwt as pyjwt
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    issuer_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = json.loads(pyjwt.algorithms.RSAAlgorithm.to_jwk(issuer_key.public_key()))
+    jwk["kid"] = "k1"
+    op = broker.operator()
+    await op.AddAttestor(
+        identity_pb2.Attestor(
+            name="ci",
+            issuer="https://ci.example",
+            audience="broker",
+            jwks_json=json.dumps({"keys": [jwk]}),
+            template="spiffe://{td}/ci/{repository}",
+        )
+    )
+    now = int(dt.datetime.now(dt.UTC).timestamp())
+
+    def token(**over: Any) -> str:
+        claims = {"iss": "https://ci.example", "aud": "broker", "exp": now + 300}
+        claims.update(repository="shop", **over)
+        return pyjwt.encode(claims, issuer_key, algorithm="RS256", headers={"kid": "k1"})
+
+    stub = broker.attest_stub()
+    csr = _csr(ec.generate_private_key(ec.SECP256R1()))
+    svid = await stub.Attest(identity_pb2.AttestRequest(jwt=token(), csr=csr))
+    assert svid.spiffe_id == f"spiffe://{TRUST_DOMAIN}/ci/shop"
+    for bad in (token(aud="other"), token(iss="https://evil.example"), token(exp=now - 5)):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Attest(identity_pb2.AttestRequest(jwt=bad, csr=csr))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    events = [e for e in await broker.events() if e["what"] == "agent.attest"]
+    assert [e["outcome"] for e in events] == ["OK"] + ["UNAUTHENTICATED"] * 3
+    assert all(e["resource"].startswith("jwt:sha256:") for e in events)
