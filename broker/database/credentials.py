@@ -12,7 +12,8 @@ to "revoking", which the reaper finishes, with backoff, until it succeeds or giv
 The admin password of a connection is stored only sealed (`broker.envelope`, tenant
 `_system`, associated data binding the connection name) and is never returned by any method.
 Root rotation writes a recovery record (the new password, sealed) before changing the password
-on the database, so a crash mid-rotation never loses the working password: `recover` settles it.
+on the database, so a crash mid-rotation never loses the admin login that works; `recover`
+settles it.
 """
 
 from __future__ import annotations

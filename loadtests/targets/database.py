@@ -46,7 +46,8 @@ class Database:
             self.pg.psql("CREATE DATABASE app")
             self.pg.psql("CREATE TABLE items (id int); INSERT INTO items VALUES (1)", "app")
             self.host, self.port = self.pg.host, self.pg.port
-            self.user, self.password = self.pg.superuser, self.pg.password
+            self.user = self.pg.superuser
+            self.password = self.pg.password
             self.data_dir = self.pg.data_dir
         else:
             from tests.fixtures.mariadb import start_mariadb
@@ -55,7 +56,8 @@ class Database:
             self.my.sql("CREATE DATABASE app")
             self.my.sql("CREATE TABLE app.items (id int)")
             self.host, self.port = self.my.host, self.my.port
-            self.user, self.password = "root", self.my.root_password
+            self.user = "root"
+            self.password = self.my.root_password
             self.data_dir = self.my.base_dir / "data"
 
     @property
