@@ -9,6 +9,7 @@ import asyncio
 import logging
 import uuid
 
+from broker import metrics
 from broker.database.credentials import CredentialService, ReapResult
 from broker.storage.interface import LockRepository
 from ca.clock import Clock
@@ -48,6 +49,10 @@ class LeaseReaper:
             result = ReapResult(result.revoked + more.revoked, result.failed + more.failed)
             if not more.revoked:
                 break
+        count, oldest_due = await self._service.store.lease_stats(self._clock.now())
+        metrics.set_active_leases("database", count)
+        lag = 0.0 if oldest_due is None else (self._clock.now() - oldest_due).total_seconds()
+        metrics.set_reaper_lag("database", lag)
         if result.revoked or result.failed:
             log.info("lease reaper: %d revoked, %d failed", len(result.revoked), len(result.failed))
         return result

@@ -564,6 +564,18 @@ class DatabaseStore:
             row = await tx.fetchrow("DELETE FROM db_leases WHERE id = ? RETURNING id", lease_id)
         return row is not None
 
+    async def lease_stats(self, now: dt.datetime) -> tuple[int, dt.datetime | None]:
+        """(leases in storage, the oldest `due_at` at or before `now` of a lease the reaper
+        still has to handle, or None)."""
+        async with self._b.transaction(write=False) as tx:
+            row = await tx.fetchrow(
+                "SELECT COUNT(*), MIN(CASE WHEN state <> 'irrevocable' AND due_at <= ? "
+                "THEN due_at END) FROM db_leases",
+                self._ts(now),
+            )
+        assert row is not None
+        return int(row[0]), None if row[1] is None else self._b.decode_ts(row[1])
+
     async def due_leases(self, now: dt.datetime, limit: int) -> list[LeaseRecord]:
         async with self._b.transaction(write=False) as tx:
             rows = await tx.fetch(

@@ -162,3 +162,14 @@ async def test_recovery_records_and_sealed_blobs(store: DatabaseStore) -> None:
     assert not await store.label_in_use("kek._system.1")
     assert not await store.replace_blob("db_connections", "main", b"stale", b"x", "kek._system.3")
     assert await store.replace_blob("db_connections", "main", b"final", b"x", "kek._system.3")
+
+
+async def test_lease_stats(store: DatabaseStore) -> None:
+    assert await store.lease_stats(T0) == (0, None)
+    await store.insert_lease(lease("db/app/1", "u1"))  # pending, due T0 + 30 s
+    await store.insert_lease(lease("db/app/2", "u2", due_at=T0 + dt.timedelta(seconds=5)))
+    assert await store.lease_stats(T0) == (2, None)
+    later = T0 + dt.timedelta(seconds=40)
+    assert await store.lease_stats(later) == (2, T0 + dt.timedelta(seconds=5))
+    await store.revocation_failed("db/app/2", later, "x", give_up=True)  # irrevocable: ignored
+    assert await store.lease_stats(later) == (2, T0 + dt.timedelta(seconds=30))

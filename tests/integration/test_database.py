@@ -194,6 +194,10 @@ async def test_reaper_revokes_expired_leases_on_the_fake_clock(
     assert not await target.exists(short.username)
     assert await target.exists(long.username)
     assert [r.id for r in await lease_rows(broker)] == [long.lease.id]
+    from prometheus_client import REGISTRY
+
+    assert REGISTRY.get_sample_value("broker_active_leases", {"kind": "database"}) == 1
+    assert REGISTRY.get_sample_value("broker_reaper_lag_seconds", {"kind": "database"}) == 0
     events = [e for e in await broker.events() if e["what"] == "lease.expire"]
     assert events and events[-1]["resource"] == short.lease.id
     assert short.password not in json.dumps(events)
