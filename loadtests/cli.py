@@ -73,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--channels", type=int, default=1, help="gRPC channels per worker process")
     r.add_argument("--rounds", type=int, default=None, help="repeat all levels (default 1)")
+    r.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="open loop: this many requests/s in all (latency from the intended send time); "
+        "--concurrency then bounds the requests in flight. Default: closed loop",
+    )
     r.add_argument("--csr-pool", type=int, default=None, help="pre-made keys/CSRs (default 256)")
     r.add_argument("--timeout", type=float, default=10.0, help="per-request timeout, seconds")
     r.add_argument("--openbao-tls", choices=("on", "off"), default="on")
@@ -116,6 +123,8 @@ def _resolve(args: argparse.Namespace) -> None:
         raise SystemExit("error: --duration must be in (0, 3600] and --warmup in [0, 600]")
     if not 1 <= args.rounds <= 20:
         raise SystemExit("error: --rounds must be 1..20")
+    if args.rate is not None and not 0 < args.rate <= 1_000_000:
+        raise SystemExit("error: --rate must be in (0, 1000000] requests per second")
     if not 1 <= args.processes <= 64 or not 1 <= args.channels <= 64:
         raise SystemExit("error: --processes and --channels must be 1..64")
     if not 1 <= args.csr_pool <= 100_000:
@@ -379,6 +388,7 @@ class _Session:
             server_pids=self.pids.get(target, []),
             use_uvloop=not a.no_uvloop,
             on_window_start=on_window_start if starters else None,
+            rate=a.rate,
         )
         operations = dict(outcome.operations)
         if rotator:
@@ -454,6 +464,8 @@ class _Session:
             "duration_s": a.duration,
             "warmup_s": a.warmup,
             "rounds": a.rounds,
+            "rate_rps": a.rate,
+            "loop": "open" if a.rate else "closed",
             "processes": a.processes,
             "grpc_client": a.grpc_client,
             "channels_per_process": a.channels,

@@ -169,6 +169,13 @@ class _Schedule:
     duration: float
     max_requests_per_user: int
     ready_timeout: float
+    # Open loop: each user sends every `user_interval` seconds (0: closed loop), starting at
+    # offset (user number) / rate so that the users' sends interleave evenly.
+    user_interval: float = 0.0
+    rate: float = 0.0
+
+    def first_send(self, t_start: float, user: int) -> float:
+        return t_start + (user / self.rate if self.rate else 0.0)
 
 
 def _tally_json(tally: _Tally) -> dict[str, Any]:
@@ -216,20 +223,28 @@ async def _async_worker(
 
     async def user(u: int) -> None:
         n = first_user + u
+        next_at = sched.first_send(t_start, n)
         for _ in range(sched.max_requests_per_user):
             now = time.monotonic()
+            if sched.user_interval:
+                # Open loop: wait for the intended send time; latency counts from it, so a
+                # late send (the server was slow) is charged to the server, not dropped.
+                if next_at > now:
+                    await asyncio.sleep(next_at - now)
+                now, next_at = next_at, next_at + sched.user_interval
             if now >= t_end:
                 return
             measured = now >= t_warm
             second = int(now - t_warm)
             index = n % spec.payload_count
-            t0 = time.perf_counter_ns()
+            t0 = time.perf_counter_ns() - int((time.monotonic() - now) * 1e9)
             try:
                 await client.call(index)  # type: ignore[misc]
             except Exception as exc:
                 if measured:
                     tallies.of(index).failure(client.classify(exc), exc, second)
-                await asyncio.sleep(0.005)  # no hot loop against a failing server
+                if not sched.user_interval:
+                    await asyncio.sleep(0.005)  # no hot loop against a failing server
             else:
                 if measured:
                     tallies.of(index).success((time.perf_counter_ns() - t0) // 1000, second)
@@ -272,20 +287,26 @@ def _thread_worker(
         mine = tallies[u]
         n = first_user + u
         time.sleep(max(0.0, t_start - time.monotonic()))
+        next_at = sched.first_send(t_start, n)
         for _ in range(sched.max_requests_per_user):
             now = time.monotonic()
+            if sched.user_interval:
+                if next_at > now:
+                    time.sleep(next_at - now)
+                now, next_at = next_at, next_at + sched.user_interval
             if now >= t_end:
                 return
             measured = now >= t_warm
             second = int(now - t_warm)
             index = n % spec.payload_count
-            t0 = time.perf_counter_ns()
+            t0 = time.perf_counter_ns() - int((time.monotonic() - now) * 1e9)
             try:
                 client.call(index)
             except Exception as exc:
                 if measured:
                     mine.of(index).failure(client.classify(exc), exc, second)
-                time.sleep(0.005)
+                if not sched.user_interval:
+                    time.sleep(0.005)
             else:
                 if measured:
                     mine.of(index).success((time.perf_counter_ns() - t0) // 1000, second)
@@ -354,8 +375,14 @@ def run_load(
     use_uvloop: bool = True,
     ready_timeout: float = 120.0,
     on_window_start: Callable[[], None] | None = None,
+    rate: float | None = None,
 ) -> LoadOutcome:
     """Drive `spec` at `concurrency` users spread over up to `processes` workers.
+
+    Closed loop by default (each user sends when its previous answer came). With `rate`
+    (requests per second, all users together) the load is open loop: each user sends every
+    concurrency / rate seconds whatever the answers, and latency counts from the intended
+    send time (no coordinated omission); `concurrency` then bounds the requests in flight.
 
     `server_pids[0]` is a server process whose tree's CPU time is measured over the window
     (with a per-thread breakdown of that process); `on_window_start` runs when the measured
@@ -369,6 +396,8 @@ def run_load(
         duration=duration,
         max_requests_per_user=max(1, max_requests // concurrency),
         ready_timeout=ready_timeout,
+        user_interval=concurrency / rate if rate else 0.0,
+        rate=rate or 0.0,
     )
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
