@@ -38,6 +38,8 @@ from typing import Any
 
 TD = "broker.local"
 HEADER = (("workload.spiffe.io", "true"),)
+AGENT_CPUS = {0}
+LOAD_CPUS = tuple(range(1, os.cpu_count() or 2))
 
 
 def _free_port() -> int:
@@ -165,7 +167,10 @@ def _worker(
     duration: float,
     conn: Any,
     rate: float = 0.0,
+    cpus: tuple[int, ...] = (),
 ) -> None:
+    if cpus:
+        os.sched_setaffinity(0, cpus)
     try:
         import uvloop
 
@@ -190,12 +195,15 @@ def _worker(
     conn.close()
 
 
-def _baseline_server(path: str, seconds: float) -> None:
+def _baseline_server(path: str, seconds: float, cpus: tuple[int, ...] = ()) -> None:
     """A bare grpc.aio Workload API server answering FetchJWTSVID with a constant: the ceiling
     of Python gRPC on this machine, with no proxy, no matching and no agent."""
     import grpc
 
     from broker.api._proto import workload_pb2, workload_pb2_grpc
+
+    if cpus:
+        os.sched_setaffinity(0, cpus)
 
     class Constant(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[misc]
         async def FetchJWTSVID(self, request: Any, context: Any) -> Any:
@@ -222,14 +230,18 @@ def _baseline(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     path = tmp / "baseline.sock"
     seconds = args.warmup + args.duration + 30
     proc = multiprocessing.get_context("spawn").Process(
-        target=_baseline_server, args=(str(path), seconds)
+        target=_baseline_server,
+        args=(str(path), seconds, tuple(AGENT_CPUS) if args.pin else ()),
     )
     proc.start()
     try:
         deadline = time.monotonic() + 30
         while not path.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        run = _load(path, "jwt", args.callers, args.processes, args.warmup, args.duration)
+        run = _load(
+            path, "jwt", args.callers, args.processes, args.warmup, args.duration, 0.0,
+            LOAD_CPUS if args.pin else (),
+        )  # fmt: skip
         run["operation"] = "baseline: bare grpc.aio FetchJWTSVID"
         return run
     finally:
@@ -252,6 +264,7 @@ def _load(
     warmup: float,
     duration: float,
     rate: float = 0.0,
+    cpus: tuple[int, ...] = (),
 ) -> dict[str, Any]:
     ctx = multiprocessing.get_context("spawn")
     start = time.monotonic() + 2.0
@@ -265,7 +278,7 @@ def _load(
         parent, child = ctx.Pipe()
         p = ctx.Process(
             target=_worker,
-            args=(str(socket_path), kind, share, start, warmup, duration, child, rate),
+            args=(str(socket_path), kind, share, start, warmup, duration, child, rate, cpus),
         )
         p.start()
         pipes.append(parent)
@@ -308,6 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--report", type=Path)
     p.add_argument(
+        "--pin",
+        action="store_true",
+        help="pin the agent to CPU 0 and the load processes to the other CPUs",
+    )
+    p.add_argument(
         "--baseline",
         action="store_true",
         help="also drive a bare grpc.aio server (constant answers) the same way, for reference",
@@ -345,7 +363,9 @@ def main(argv: list[str] | None = None) -> int:
                               str(data / "bundle.pem"), "--join-token", token,
                               "--socket", str(sock)]  # fmt: skip
                 spawned = time.monotonic()
-                with _process(agent_args, stderr=subprocess.DEVNULL) as _agent:
+                with _process(agent_args, stderr=subprocess.DEVNULL) as agent:
+                    if args.pin:
+                        os.sched_setaffinity(agent.pid, AGENT_CPUS)
                     first = _first_svid(sock, spawned + 60)
                     report["starts"].append(round(first - spawned, 3))
                     print(f"agent start to first SVID: {first - spawned:.3f} s", file=sys.stderr)
@@ -354,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
                             for kind in ("x509", "jwt"):
                                 run = _load(
                                     sock, kind, args.callers, args.processes, args.warmup,
-                                    args.duration, rate,
+                                    args.duration, rate, LOAD_CPUS if args.pin else (),
                                 )  # fmt: skip
                                 report["runs"].append(run)
                                 print(json.dumps(run), file=sys.stderr)
