@@ -493,3 +493,34 @@ def test_the_agent_never_replaces_a_file_that_is_not_a_socket(
         f"broker: {precious} exists and is not a socket; not replacing it"
     ]
     assert precious.read_text() == "keep me"
+
+
+def test_sidecar_files_from_the_agent_feed_secrets_sync(
+    broker_cli: BrokerCli, socket_dir: Path, tmp_path: Path, agents: list[AgentProcess]
+) -> None:
+    """Secrets as files: the agent's --write-dir identity is the workload's mTLS identity for
+    `broker secrets sync` (the secrets feature's file delivery), with no operator credentials."""
+    service = "agentdemo"
+    reference = f"secret://{service}/dev/db/password"
+    _entry(
+        broker_cli, f"spiffe://{TD}/default/dev/{service}", f"spiffe://{TD}/agents/node-f",
+        "--selector", f"unix:uid:{os.getuid()}",
+    )  # fmt: skip
+    identity = tmp_path / "identity"
+    _join_agent(broker_cli, socket_dir, tmp_path, agents, "node-f", "--write-dir", str(identity))
+    value_file = tmp_path / "value"
+    value_file.write_bytes(os.urandom(16).hex().encode())
+    broker_cli.ok(
+        "secrets", "put", reference, "--value-file", str(value_file), "--owner", service,
+        "--classification", "confidential", "--rotation-period", "90d",
+    )  # fmt: skip
+    secrets_dir = tmp_path / "secrets"
+    synced = broker_cli.ok(
+        "secrets", "sync", "--once", "--write-dir", str(secrets_dir),
+        "--file", f"db-password={reference}",
+        "--cert", str(identity / "svid.pem"), "--key", str(identity / "key.pem"),
+        "--bundle", str(identity / "bundle.pem"),
+    )  # fmt: skip
+    assert "db-password: written" in synced.stdout
+    assert (secrets_dir / "db-password").read_bytes() == value_file.read_bytes()
+    assert stat.S_IMODE(os.stat(secrets_dir / "db-password").st_mode) == 0o600
