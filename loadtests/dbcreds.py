@@ -39,7 +39,14 @@ from pathlib import Path
 from typing import Any
 
 from loadtests import machine, procs
-from loadtests.targets.database import CREATION, ROLE, Database, bao_setup, shared
+from loadtests.targets.database import (
+    CREATION,
+    ROLE,
+    TABLE_GRANT,
+    Database,
+    bao_setup,
+    shared,
+)
 
 __all__ = ["main"]
 
@@ -163,7 +170,8 @@ async def revoke_all(
 class BrokerSide:
     user_prefix = f"v_{ROLE}_"  # the role's default username template: v_{{role}}_{{random}}
 
-    def __init__(self, workdir: Path, db: Database) -> None:
+    def __init__(self, workdir: Path, db: Database, creation: str | None = None) -> None:
+        self.creation = creation or CREATION[db.plugin]
         from loadtests.targets.broker import DevBroker, load_identity
 
         self.db = db
@@ -201,7 +209,7 @@ class BrokerSide:
                 role=database_pb2.DatabaseRole(
                     name=ROLE,
                     connection="bench",
-                    creation_statements=CREATION[self.db.plugin],
+                    creation_statements=self.creation,
                     default_ttl_seconds=3600,
                     max_ttl_seconds=86400,
                 )
@@ -259,13 +267,13 @@ class BrokerSide:
 class BaoSide:
     user_prefix = "v-"  # OpenBao's default: v-<display name>-<role>-<random>-<time>
 
-    def __init__(self, workdir: Path, db: Database) -> None:
+    def __init__(self, workdir: Path, db: Database, creation: str | None = None) -> None:
         from loadtests.targets.openbao import OpenBao
 
         self.db = db
         self.bao = OpenBao(workdir / "bao", tls=True, trust_domain="bench.local")
         self.bao.start()
-        bao_setup(db.plugin, self.bao)
+        bao_setup(db.plugin, self.bao, creation)
         self.session: Any = None
 
     async def _session(self) -> Any:
@@ -365,6 +373,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per run")
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--compare", choices=["openbao"], default=None)
+    parser.add_argument(
+        "--grant",
+        choices=["group", "table"],
+        default="group",
+        help="PostgreSQL statements: GRANT a group role (default) or GRANT SELECT ON the table "
+        "to each user (collides under concurrency; ~1,700 live users fill the table's ACL)",
+    )
     parser.add_argument("--report", type=Path, default=None, help="write the JSON report here")
     parser.add_argument("--keep-temp", action="store_true")
     return parser
@@ -389,13 +404,14 @@ async def _session(args: argparse.Namespace, tmp: Path, report: dict[str, Any]) 
     with contextlib.ExitStack() as stack:
         db = shared(args.plugin)  # the one OpenBao's set-up uses too
         stack.callback(db.stop)
-        broker = BrokerSide(tmp, db)
+        table = args.grant == "table"
+        broker = BrokerSide(tmp, db, TABLE_GRANT["broker"] if table else None)
         stack.callback(broker.stop)
         await broker.setup()
         report["broker"] = await measure(broker, "broker", args, db)
         broker.stop()
         if args.compare == "openbao":
-            bao = BaoSide(tmp, db)
+            bao = BaoSide(tmp, db, TABLE_GRANT["openbao"] if table else None)
             stack.callback(bao.stop)
             report["openbao"] = await measure(bao, "openbao", args, db)
             report["ratios"] = _ratios(report["broker"], report["openbao"])

@@ -212,7 +212,7 @@ def _db_creds(plugin: str) -> Scenario:
     return Scenario(
         name=f"db-creds-{plugin}",
         description=(
-            f"a fresh {plugin} login under a 1 h lease (CREATE + GRANT SELECT on one table): "
+            f"a fresh {plugin} login under a 1 h lease (CREATE + GRANT): "
             "broker Database/IssueCredentials; OpenBao GET /v1/database/creds/<role>. "
             "Revocation throughput: python -m loadtests.dbcreds"
         ),

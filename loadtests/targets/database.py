@@ -1,7 +1,8 @@
 """Target databases for the database-credential benchmarks: a throwaway PostgreSQL cluster or
 MariaDB server (from tests/fixtures: initdb / mariadb-install-db into a temp dir, free port,
-passwords checked), with a database `app` holding a table `items`, and the statements that
-the broker's role and OpenBao's role both run.
+passwords checked), with a database `app` holding a table `items` (PostgreSQL: readable by the
+group role `bench_reader`), and the statements that the broker's role and OpenBao's role both
+run.
 
 `shared(plugin)` starts one per process on first use and stops it at exit (the scenario
 set-ups of the broker and of OpenBao use the same server).
@@ -16,18 +17,37 @@ from typing import Any
 
 from loadtests import procs
 
-__all__ = ["BAO_CREATION", "CREATION", "ROLE", "Database", "bao_setup", "broker_setup", "shared"]
+__all__ = [
+    "BAO_CREATION",
+    "CREATION",
+    "ROLE",
+    "TABLE_GRANT",
+    "Database",
+    "bao_setup",
+    "broker_setup",
+    "shared",
+]
 
 ROLE = "bench"
+# PostgreSQL: membership in a group role holding the privilege (GRANT SELECT ON a table to
+# each user grows the table's ACL until "row is too big" after ~1,700 live users, for both).
 CREATION = {
     "postgresql": "CREATE ROLE {{name}} WITH LOGIN PASSWORD {{password}} "
-    "VALID UNTIL {{expiration}};\nGRANT SELECT ON items TO {{name}};",
+    "VALID UNTIL {{expiration}};\nGRANT bench_reader TO {{name}};",
     "mysql": "CREATE USER {{name}}@'%' IDENTIFIED BY {{password}};\n"
     "GRANT SELECT ON app.items TO {{name}}@'%';",
 }
+# The issue's original shape, kept for comparison (python -m loadtests.dbcreds --grant table):
+# concurrent GRANTs on one table collide ("tuple concurrently updated") and grow its ACL.
+TABLE_GRANT = {
+    "broker": "CREATE ROLE {{name}} WITH LOGIN PASSWORD {{password}} "
+    "VALID UNTIL {{expiration}};\nGRANT SELECT ON items TO {{name}};",
+    "openbao": "CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' "
+    "VALID UNTIL '{{expiration}}'; GRANT SELECT ON items TO \"{{name}}\";",
+}
 BAO_CREATION = {
     "postgresql": "CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' "
-    "VALID UNTIL '{{expiration}}'; GRANT SELECT ON items TO \"{{name}}\";",
+    "VALID UNTIL '{{expiration}}'; GRANT bench_reader TO \"{{name}}\";",
     "mysql": "CREATE USER '{{name}}'@'%' IDENTIFIED BY '{{password}}'; "
     "GRANT SELECT ON app.items TO '{{name}}'@'%';",
 }
@@ -45,6 +65,9 @@ class Database:
             self.pg = start_cluster()
             self.pg.psql("CREATE DATABASE app")
             self.pg.psql("CREATE TABLE items (id int); INSERT INTO items VALUES (1)", "app")
+            self.pg.psql(
+                "CREATE ROLE bench_reader NOLOGIN; GRANT SELECT ON items TO bench_reader", "app"
+            )
             self.host, self.port = self.pg.host, self.pg.port
             self.user = self.pg.superuser
             self.password = self.pg.password
@@ -108,7 +131,7 @@ def shared(plugin: str) -> Database:
     return _SHARED[plugin]
 
 
-def broker_setup(plugin: str, call: Any) -> None:
+def broker_setup(plugin: str, call: Any, creation: str | None = None) -> None:
     """Connection `bench` and role `bench` on the broker (operator identity), unless there."""
     from broker.api._proto import database_pb2
 
@@ -137,7 +160,7 @@ def broker_setup(plugin: str, call: Any) -> None:
             role=database_pb2.DatabaseRole(
                 name=ROLE,
                 connection="bench",
-                creation_statements=CREATION[plugin],
+                creation_statements=creation or CREATION[plugin],
                 default_ttl_seconds=3600,
                 max_ttl_seconds=86400,
             )
@@ -145,7 +168,7 @@ def broker_setup(plugin: str, call: Any) -> None:
     )
 
 
-def bao_setup(plugin: str, bao: Any) -> None:
+def bao_setup(plugin: str, bao: Any, creation: str | None = None) -> None:
     """OpenBao's database engine on the same server, the same statements, TTL 1 h."""
     db = shared(plugin)
     bao._cli("secrets", "enable", "database")
@@ -168,7 +191,7 @@ def bao_setup(plugin: str, bao: Any) -> None:
         "write",
         f"database/roles/{ROLE}",
         "db_name=bench",
-        f"creation_statements={BAO_CREATION[plugin]}",
+        f"creation_statements={creation or BAO_CREATION[plugin]}",
         "default_ttl=1h",
         "max_ttl=24h",
     )
