@@ -261,6 +261,10 @@ class SecretService:
 
     # -- writes --------------------------------------------------------------------------
 
+    def now(self) -> dt.datetime:
+        """The service's clock (the injected one)."""
+        return self._clock.now()
+
     async def put(
         self,
         tenant: str,

@@ -41,7 +41,7 @@ SECRETS_SPECS: dict[str, MethodSpec] = {
     _SVC + "Get": MethodSpec(Action.SECRETS_GET, _ref_resource, deferred=True),
     _SVC + "List": MethodSpec(Action.SECRETS_LIST, lambda r: r.tenant),
     _SVC + "Show": MethodSpec(Action.SECRETS_SHOW, _ref_resource),
-    _SVC + "Rotate": MethodSpec(Action.SECRETS_ROTATE, _ref_resource),
+    _SVC + "Rotate": MethodSpec(Action.SECRETS_ROTATE, _ref_resource, deferred=True),
     _SVC + "Rollback": MethodSpec(Action.SECRETS_ROLLBACK, _ref_resource),
     _SVC + "Revoke": MethodSpec(Action.SECRETS_REVOKE, _ref_resource),
     _SVC + "Delete": MethodSpec(Action.SECRETS_DELETE, _ref_resource),
@@ -183,8 +183,19 @@ class SecretsServicer(secrets_pb2_grpc.SecretsServicer):  # type: ignore[misc]
         return _info(await self._secrets.show(self._named(request), request.reference))
 
     async def Rotate(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        call = current_call()
         tenant = self._named(request)
         value, length = _source(request)
+        # Decided on the secret's attributes (a prod + pii secret rotated off schedule needs a
+        # second operator's approval), so load them first.
+        info = await self._secrets.show(tenant, request.reference)
+        due = info.rotation_due
+        on_schedule = due is None or due <= self._secrets.now()
+        call.details["on_schedule"] = on_schedule
+        call.authorize(
+            reference_hash(request.reference),
+            info.attributes() | {"on_schedule": "true" if on_schedule else "false"},
+        )
         info, before, after = await self._secrets.rotate(
             tenant,
             request.reference,

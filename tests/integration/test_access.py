@@ -119,6 +119,59 @@ async def test_prod_pii_needs_the_owner_or_two_operators(broker: BrokerHarness) 
     assert [a.state for a in listed.approvals] == ["used"]
 
 
+def rotate(value: bytes) -> Any:
+    return secrets_pb2.RotateSecretRequest(
+        reference=REF,
+        environment="prod",
+        value=value,
+        ticket="CHG-7",
+        justification="suspected leak",
+    )
+
+
+async def current_version(broker: BrokerHarness) -> int:
+    shown = await secrets_stub(broker).Show(secrets_pb2.ShowSecretRequest(reference=REF))
+    return max(v.version for v in shown.versions if v.state == "current")
+
+
+async def test_rotating_prod_pii_off_schedule_needs_a_second_operator(
+    broker: BrokerHarness,
+) -> None:
+    value = await put_pii(broker)
+    err = await refused(secrets_stub(broker).Rotate(rotate(b"new-1"), metadata=cid("rot-alone")))
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "second operator" in (err.details() or "")
+    event = await broker.event_for("rot-alone")
+    assert (event["decision"], event["rule"]) == ("deny", "two-person")
+    assert event["details"]["on_schedule"] is False
+    # nothing changed: still version 1, still the old value for the owner
+    assert await current_version(broker) == 1
+    owner = broker.identity(OWNER)
+    assert (await secrets_stub(broker, owner).Get(get())).value == value
+
+    request = await access(broker).RequestApproval(
+        access_pb2.RequestApprovalRequest(
+            action="secrets.rotate", resource=REF, justification="CHG-7 suspected leak"
+        )
+    )
+    bob = broker.identity(SECOND_OPERATOR)
+    await access(broker, bob).Approve(access_pb2.ApproveRequest(id=request.id))
+    await secrets_stub(broker).Rotate(rotate(b"new-2"), metadata=cid("rot-approved"))
+    event = await broker.event_for("rot-approved")
+    assert event["flags"] == {"approval": request.id}
+    assert await current_version(broker) == 2
+    assert (await secrets_stub(broker, owner).Get(get())).value == b"new-2"
+
+
+async def test_rotating_prod_pii_on_schedule_is_routine(broker: BrokerHarness) -> None:
+    await put_pii(broker)
+    broker.clock.advance(days=91)  # past the 90-day rotation period: due
+    await secrets_stub(broker).Rotate(rotate(b"due-1"), metadata=cid("rot-due"))
+    event = await broker.event_for("rot-due")
+    assert (event["decision"], event["details"]["on_schedule"]) == ("allow", True)
+    assert await current_version(broker) == 2
+
+
 async def test_an_approval_used_by_another_worker_withholds_the_answer(
     broker: BrokerHarness,
 ) -> None:
