@@ -237,6 +237,20 @@ class CredentialService:
     async def _seal(self, password: str, associated: bytes) -> SealedBlob:
         return await self._envelope.seal(SYSTEM_TENANT, password.encode(), associated)
 
+    async def _reseal_if_stale(
+        self, table: str, key: str, blob: SealedBlob, password: str, associated: bytes
+    ) -> None:
+        """After storing `blob`: if a KEK rotation made a new generation current meanwhile
+        (and so may not have seen this blob before destroying the old KEK), store the value
+        sealed under the current KEK instead (compare-and-set over `blob`)."""
+        fresh = await self._envelope.reseal_if_stale(
+            SYSTEM_TENANT, blob, password.encode(), associated
+        )
+        if fresh is not None:
+            await self._store.replace_blob(
+                table, key, blob.to_bytes(), fresh.to_bytes(), fresh.kek_label
+            )
+
     def _open(self, blob: bytes, associated: bytes) -> str:
         try:
             return self._envelope.open(SealedBlob.from_bytes(blob), associated).decode()
@@ -270,7 +284,8 @@ class CredentialService:
             await self._store.insert_connection(record)
         except AlreadyExists:
             raise AlreadyExists(f"connection {name!r} already exists") from None
-        return record
+        await self._reseal_if_stale("db_connections", name, blob, password, _password_aad(name))
+        return await self.connection(name)
 
     async def connection(self, name: str) -> ConnectionRecord:
         record = await self._store.get_connection(name)
@@ -329,6 +344,9 @@ class CredentialService:
         await self._store.put_recovery(
             RecoveryRecord(name, blob.to_bytes(), blob.kek_label, self._clock.now())
         )
+        await self._reseal_if_stale(
+            "db_root_recovery", name, blob, new_password, _recovery_aad(name)
+        )
         try:
             await engine.rotate_root(new_password)
         except StatementFailed:
@@ -339,10 +357,7 @@ class CredentialService:
         return await self.connection(name)
 
     async def _finish_rotation(self, name: str, new_password: str) -> None:
-        sealed = await self._seal(new_password, _password_aad(name))
-        await self._store.finish_rotation(
-            name, sealed.to_bytes(), sealed.kek_label, self._clock.now()
-        )
+        await self._store_password(name, new_password)
         async with self._engine_lock:
             old = self._engines.pop(name, None)
         if old is not None:
@@ -366,10 +381,15 @@ class CredentialService:
         finally:
             await probe.close()
         log.warning("finishing an interrupted root rotation of %s", name)
-        sealed = await self._seal(new_password, _password_aad(name))
+        await self._store_password(name, new_password)
+
+    async def _store_password(self, name: str, password: str) -> None:
+        """The new admin password, sealed, in place of the old; the recovery record goes."""
+        sealed = await self._seal(password, _password_aad(name))
         await self._store.finish_rotation(
             name, sealed.to_bytes(), sealed.kek_label, self._clock.now()
         )
+        await self._reseal_if_stale("db_connections", name, sealed, password, _password_aad(name))
 
     async def recover_all(self) -> None:
         """Settle every interrupted root rotation (at startup); failures are logged."""

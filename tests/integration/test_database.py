@@ -500,3 +500,29 @@ def test_usernames_fit_the_engine_and_are_unique() -> None:
         assert len(names) == 200
         assert all(len(n) <= limit for n in names)
         assert all(set(n) <= set("abcdefghijklmnopqrstuvwxyz0123456789_-") for n in names)
+
+
+async def test_a_kek_rotation_racing_a_write_leaves_no_blob_under_the_old_kek(
+    broker: BrokerHarness, target: Target
+) -> None:
+    service = broker.app.database
+    store = service.store
+    insert = store.insert_connection
+    rotated: list[str] = []
+
+    async def rotate_then_insert(record: Any) -> None:
+        # the rotation makes a new KEK current after our blob was sealed, before it is stored
+        rotated.append(await broker.app.envelope.new_kek("_system"))
+        await insert(record)
+
+    store.insert_connection = rotate_then_insert  # type: ignore[method-assign]
+    try:
+        added = await service.add_connection("raced", target.plugin, target.dsn, target.password)
+    finally:
+        store.insert_connection = insert  # type: ignore[method-assign]
+    assert rotated and added.kek_label == rotated[0]
+    stored = await store.get_connection("raced")
+    assert stored is not None and stored.kek_label == rotated[0]
+    assert not await service.kek_in_use("kek._system.1")
+    engine = await service._engine("raced")  # the password still opens
+    await engine.verify()
