@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final, Protocol
 
+from broker import metrics
 from ca.clock import Clock, SystemClock
 
 __all__ = [
@@ -106,7 +107,9 @@ class SecretResolver:
         with self._lock:
             entry = self._cache.get(reference)
         if entry is not None and now - entry.fetched_at < self._refresh_after:
+            metrics.record_sdk_cache("secret", hit=True)
             return entry.secret
+        metrics.record_sdk_cache("secret", hit=False)
         return self._fetch(reference, entry, now)
 
     def _fetch(self, reference: str, entry: _Entry | None, now: float) -> FetchedSecret:

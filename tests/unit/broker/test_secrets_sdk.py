@@ -126,3 +126,22 @@ def test_resolve_env(source: FakeSource, clock: FakeClock) -> None:
     sdk.forget()
     source.value = b"v3"
     assert sdk.get_text(REF) == "v3"
+
+
+def _sdk_cache_count(result: str) -> float:
+    from broker import metrics
+
+    value = metrics.SDK_CACHE.labels("secret", result)._value.get()
+    return float(value)
+
+
+def test_cache_hits_and_misses_are_counted(source: FakeSource, clock: FakeClock) -> None:
+    hits, misses = _sdk_cache_count("hit"), _sdk_cache_count("miss")
+    sdk = SecretResolver(source, clock=clock, ttl_seconds=300)
+    sdk.get(REF)  # miss: fetched
+    sdk.get(REF)  # hit
+    sdk.get(REF)  # hit
+    clock.advance(240)
+    sdk.get(REF)  # past the refresh point: a miss again
+    assert _sdk_cache_count("hit") - hits == 2
+    assert _sdk_cache_count("miss") - misses == 2
