@@ -83,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--csr-pool", type=int, default=None, help="pre-made keys/CSRs (default 256)")
     r.add_argument("--timeout", type=float, default=10.0, help="per-request timeout, seconds")
     r.add_argument("--openbao-tls", choices=("on", "off"), default="on")
+    r.add_argument(
+        "--openbao-audit",
+        choices=("none", "file"),
+        default="none",
+        help="OpenBao audit device: none (default) or file (every request logged, as the "
+        "broker audits every request)",
+    )
     r.add_argument("--no-uvloop", action="store_true", help="plain asyncio loop in the workers")
     r.add_argument("--cooldown", type=float, default=1.0, help="pause between runs, seconds")
     r.add_argument(
@@ -290,9 +297,17 @@ class _Session:
         if sc.openbao_path is None or sc.openbao_bodies is None:
             raise SystemExit(f"error: scenario {sc.name} has no OpenBao equivalent")
         td = self.targets["broker"]["trust_domain"]
-        bao = OpenBao(self.tmp / "openbao", tls=self.args.openbao_tls == "on", trust_domain=td)
+        bao = OpenBao(
+            self.tmp / "openbao",
+            tls=self.args.openbao_tls == "on",
+            trust_domain=td,
+            audit=self.args.openbao_audit,
+        )
         stack.callback(bao.stop)
-        _log(f"starting OpenBao ({bao.binary}), raft storage, TLS {self.args.openbao_tls}")
+        _log(
+            f"starting OpenBao ({bao.binary}), raft storage, TLS {self.args.openbao_tls}, "
+            f"audit device {self.args.openbao_audit}"
+        )
         bao.start()
         _log(f"OpenBao ready at {bao.base_url}: {bao.version}")
         self.targets["openbao"] = {
@@ -474,6 +489,7 @@ class _Session:
             "uvloop_in_workers": not a.no_uvloop,
             "compare": a.compare,
             "openbao_tls": a.openbao_tls if a.compare == "openbao" else None,
+            "openbao_audit": a.openbao_audit if a.compare == "openbao" else None,
             "profile": a.profile,
             "slo": a.slo,
             "slo_p95_ms": a.slo_p95_ms,

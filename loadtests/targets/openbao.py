@@ -88,9 +88,12 @@ def _self_signed(directory: Path) -> tuple[Path, Path, str]:
 class OpenBao:
     """One OpenBao server on 127.0.0.1, from start to a PKI role ready to sign."""
 
-    def __init__(self, workdir: Path, *, tls: bool, trust_domain: str) -> None:
+    def __init__(self, workdir: Path, *, tls: bool, trust_domain: str, audit: str = "none") -> None:
+        if audit not in ("none", "file"):
+            raise ValueError(f"audit must be 'none' or 'file', not {audit!r}")
         self.workdir = workdir
         self.tls = tls
+        self.audit = audit
         self.trust_domain = trust_domain
         self.binary = bao_binary()
         self.port = procs.free_port()
@@ -142,6 +145,11 @@ class OpenBao:
         self.token = init["root_token"]
         self._cli("operator", "unseal", init["unseal_keys_b64"][0])
         self._wait_health(lambda code: code == 200, timeout)  # unsealed and active
+        if self.audit == "file":
+            # Every request logged (and, like the broker's ledger, written before it is
+            # answered: OpenBao fails a request whose audit write fails).
+            log = self.workdir / "audit.log"
+            self._cli("audit", "enable", "file", f"file_path={log}")
         self._setup_pki()
 
     def stop(self) -> None:
@@ -257,7 +265,11 @@ class OpenBao:
                     "no_store": True,
                     "ttl": "1h",
                 },
-                "audit_device": "none",
+                "audit_device": (
+                    "file (every request and response, HMAC'd fields)"
+                    if self.audit == "file"
+                    else "none"
+                ),
             }
         )
 
