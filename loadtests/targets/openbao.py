@@ -127,6 +127,14 @@ class OpenBao:
             f'cluster_addr = "https://127.0.0.1:{self.cluster_port}"\n'
             'disable_mlock = true\nui = false\nlog_level = "warn"\n'
         )
+        if self.audit == "file":
+            # Every request and response logged before it is answered (OpenBao fails a
+            # request whose audit write fails), as the broker's ledger does. OpenBao 2.x
+            # accepts audit devices only from its configuration, not over the API.
+            config += (
+                f'audit "file" "bench" {{\n  options {{\n'
+                f'    file_path = "{self.workdir / "audit.log"}"\n  }}\n}}\n'
+            )
         config_path = self.workdir / "config.hcl"
         config_path.write_text(config)
         self.version = self._cli("version", timeout=30).strip()
@@ -145,11 +153,6 @@ class OpenBao:
         self.token = init["root_token"]
         self._cli("operator", "unseal", init["unseal_keys_b64"][0])
         self._wait_health(lambda code: code == 200, timeout)  # unsealed and active
-        if self.audit == "file":
-            # Every request logged (and, like the broker's ledger, written before it is
-            # answered: OpenBao fails a request whose audit write fails).
-            log = self.workdir / "audit.log"
-            self._cli("audit", "enable", "file", f"file_path={log}")
         self._setup_pki()
 
     def stop(self) -> None:
