@@ -193,6 +193,7 @@ class FileDelivery:
     selectors: frozenset[str]  # whose SVID to write: the agent process's own
     on_rotate: str | None = None
     written_serial: bytes = b""
+    on_written: Callable[[], None] | None = None  # e.g. refresh secret files as the new SVID
 
     def deliver(self, snapshot: Snapshot) -> bool:
         chosen = sorted(
@@ -212,6 +213,8 @@ class FileDelivery:
         write_private_file(self.directory / "svid.pem", _pem_chain(svid.chain_der), 0o644)
         write_private_file(self.directory / "bundle.pem", snapshot.bundle.to_pem(), 0o644)
         self.written_serial = marker
+        if self.on_written is not None:
+            self.on_written()
         if self.on_rotate:
             result = subprocess.run(shlex.split(self.on_rotate), check=False, timeout=60)
             if result.returncode != 0:

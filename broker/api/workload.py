@@ -28,8 +28,8 @@ import stat
 import struct
 import sys
 import tempfile
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -449,6 +449,75 @@ class AgentOptions:
     write_dir: Path | None = None
     on_rotate: str | None = None
     sync_interval: float = 5.0
+    # Secrets to keep as 0600 files in `write_dir` (file name -> secret://...), fetched with
+    # the identity the agent writes there (the workload's own), refreshed every
+    # `secret_interval` seconds and right after each SVID rotation.
+    secrets: dict[str, str] = field(default_factory=dict)
+    secret_interval: float = 10.0
+
+
+RESERVED_FILES = frozenset({"svid.pem", "key.pem", "bundle.pem"})
+
+
+class _SecretFileSync:
+    """Keeps `AgentOptions.secrets` as files in the write dir, as the workload whose SVID the
+    agent writes there: its mTLS identity is the one the policy sees."""
+
+    def __init__(self, options: AgentOptions) -> None:
+        from broker.secretfiles import SecretFiles
+
+        assert options.write_dir is not None
+        for name in options.secrets:
+            if name in RESERVED_FILES:
+                raise InvalidArgument(f"secret file name {name!r} is taken by the agent's SVID")
+        self._options = options
+        self._dir = options.write_dir
+        self._files_type = SecretFiles
+        self._identity: bytes = b""
+        self._files: Any = None
+        self._client: Any = None
+        self.wake = asyncio.Event()
+
+    def _source_for_identity(self) -> bool:
+        """(Re)build the client when the SVID in the write dir changed; False if none yet."""
+        from .client import BrokerClient, ClientCredentials
+        from .secrets_client import BrokerSecretSource, SecretsClient
+
+        try:
+            chain = (self._dir / "svid.pem").read_bytes()
+            key = (self._dir / "key.pem").read_bytes()
+            bundle = (self._dir / "bundle.pem").read_bytes()
+        except FileNotFoundError:
+            return False
+        if chain + bundle != self._identity:
+            if self._client is not None:
+                self._client.close()
+            self._client = BrokerClient(self._options.server, ClientCredentials(chain, key, bundle))
+            source = BrokerSecretSource(SecretsClient(self._client))
+            self._files = self._files_type(source, self._dir, self._options.secrets)
+            self._identity = chain + bundle
+        return True
+
+    def sync_once(self) -> None:
+        if not self._source_for_identity():
+            return
+        for result in self._files.sync():
+            if result.outcome in ("removed", "kept"):
+                log.warning("secret file %s %s: %s", result.name, result.outcome, result.error)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(self.sync_once)
+            except Exception:
+                log.exception("secret file sync failed; retrying")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), self._options.secret_interval)
+            self.wake.clear()
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
 
 
 async def _agent_main(options: AgentOptions, clock: Clock) -> None:
@@ -460,17 +529,30 @@ async def _agent_main(options: AgentOptions, clock: Clock) -> None:
         jwt=options.jwt,
     )
     delivery = None
+    secret_files = None
+    loop = asyncio.get_running_loop()
     if options.write_dir is not None:
+        wake: Callable[[], None] | None = None
+        if options.secrets:
+            secret_files = _SecretFileSync(options)
+            event = secret_files.wake
+
+            def wake() -> None:  # deliver() may run on a worker thread: go through the loop
+                loop.call_soon_threadsafe(event.set)
+
         delivery = FileDelivery(
-            options.write_dir, selectors_of(os.getuid(), os.getgid()), options.on_rotate
+            options.write_dir,
+            selectors_of(os.getuid(), os.getgid()),
+            options.on_rotate,
+            on_written=wake,
         )
     agent = Agent(link, clock, sync_interval=options.sync_interval, delivery=delivery)
     endpoint = await serve_workload_api(agent, options.socket_path)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     runner = asyncio.create_task(agent.run())
+    secrets_task = None if secret_files is None else asyncio.create_task(secret_files.run())
     announced = asyncio.create_task(agent.ready.wait())
     stopping = asyncio.create_task(stop.wait())
     try:
@@ -485,10 +567,16 @@ async def _agent_main(options: AgentOptions, clock: Clock) -> None:
     finally:
         for task in (runner, announced, stopping):
             task.cancel()
+        if secrets_task is not None:
+            secrets_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await secrets_task
         with contextlib.suppress(asyncio.CancelledError):
             await runner
         await endpoint.stop()
         link.close()
+        if secret_files is not None:
+            secret_files.close()
 
 
 def run_agent(options: AgentOptions, clock: Clock | None = None) -> None:

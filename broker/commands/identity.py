@@ -325,6 +325,21 @@ def _default_attest(server: str) -> str:
     help="Also write svid.pem, key.pem and bundle.pem here on every rotation.",
 )
 @click.option("--on-rotate", metavar="CMD", help="Run CMD after each write to --write-dir.")
+@click.option(
+    "--secret",
+    "secret_files",
+    multiple=True,
+    metavar="NAME=secret://...",
+    help="Also keep this secret as the 0600 file NAME in --write-dir, read as the workload "
+    "whose SVID is written there; refreshed on rotation (repeatable).",
+)
+@click.option(
+    "--secret-interval",
+    type=DURATION,
+    default="10s",
+    show_default=True,
+    help="How often --secret files are refreshed.",
+)
 @click.option("--sync-interval", type=float, default=5.0, hidden=True)
 @click.pass_context
 def agent(
@@ -337,6 +352,8 @@ def agent(
     socket_path: Path,
     write_dir: Path | None,
     on_rotate: str | None,
+    secret_files: tuple[str, ...],
+    secret_interval: int,
     sync_interval: float,
 ) -> None:
     """Attest to the broker and serve the SPIFFE Workload API on a Unix socket."""
@@ -346,6 +363,20 @@ def agent(
         raise click.UsageError("give exactly one of --join-token or --jwt-file")
     if on_rotate and write_dir is None:
         raise click.UsageError("--on-rotate needs --write-dir")
+    if secret_files and write_dir is None:
+        raise click.UsageError("--secret needs --write-dir")
+    if secret_interval < 1:
+        raise click.UsageError("--secret-interval must be at least 1s")
+    secrets: dict[str, str] = {}
+    for item in secret_files:
+        name, sep, reference = item.partition("=")
+        if not sep or not name or not reference.startswith("secret://"):
+            raise click.UsageError(f"--secret {item!r}: use NAME=secret://...")
+        if name in secrets:
+            raise click.UsageError(f"--secret {name!r} given twice")
+        if name in ("svid.pem", "key.pem", "bundle.pem"):
+            raise click.UsageError(f"--secret {name!r}: that file name is the agent's own")
+        secrets[name] = reference
     server = agent_server or str(_setting(ctx, "server") or DEFAULT_SERVER)
     jwt = None
     if jwt_file is not None:
@@ -367,6 +398,8 @@ def agent(
                 write_dir=write_dir,
                 on_rotate=on_rotate,
                 sync_interval=sync_interval,
+                secrets=secrets,
+                secret_interval=float(secret_interval),
             )
         )
     except BrokerError as exc:

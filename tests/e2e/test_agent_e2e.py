@@ -524,3 +524,69 @@ def test_sidecar_files_from_the_agent_feed_secrets_sync(
     assert "db-password: written" in synced.stdout
     assert (secrets_dir / "db-password").read_bytes() == value_file.read_bytes()
     assert stat.S_IMODE(os.stat(secrets_dir / "db-password").st_mode) == 0o600
+
+
+def _wait_for(predicate: Any, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_the_agent_writes_selected_secrets_into_its_write_dir(
+    broker_cli: BrokerCli, socket_dir: Path, tmp_path: Path, agents: list[AgentProcess]
+) -> None:
+    """`broker agent --write-dir D --secret NAME=secret://...`: the secret as a 0600 file in D,
+    read as the workload whose SVID the agent writes there, rewritten when the secret rotates,
+    removed when it is revoked."""
+    service = "filedemo"
+    reference = f"secret://{service}/dev/api/token"
+    _entry(
+        broker_cli, f"spiffe://{TD}/default/dev/{service}", f"spiffe://{TD}/agents/node-g",
+        "--selector", f"unix:uid:{os.getuid()}",
+    )  # fmt: skip
+    value_file = tmp_path / "value"
+    value_file.write_bytes(os.urandom(16).hex().encode())
+    broker_cli.ok(
+        "secrets", "put", reference, "--value-file", str(value_file), "--owner", service,
+        "--classification", "confidential", "--rotation-period", "90d",
+    )  # fmt: skip
+    out = tmp_path / "files"
+    _join_agent(
+        broker_cli, socket_dir, tmp_path, agents, "node-g", "--write-dir", str(out),
+        "--secret", f"api-token={reference}", "--secret-interval", "1s",
+    )  # fmt: skip
+    target = out / "api-token"
+    _wait_for(lambda: target.exists(), "the secret file")
+    assert target.read_bytes() == value_file.read_bytes()
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o600
+    assert (out / "svid.pem").exists()
+
+    rotated = tmp_path / "rotated"
+    rotated.write_bytes(os.urandom(16).hex().encode())
+    broker_cli.ok(
+        "secrets", "rotate", reference, "--env", "dev", "--value-file", str(rotated),
+        "--ticket", "CHG-1", "--justification", "test rotation",
+    )  # fmt: skip
+    _wait_for(
+        lambda: target.exists() and target.read_bytes() == rotated.read_bytes(), "the rotation"
+    )
+
+    broker_cli.ok("secrets", "revoke", reference, "--justification", "leaked")
+    _wait_for(lambda: not target.exists(), "the file to be removed after the revocation")
+    assert (out / "svid.pem").exists()  # the identity files stay
+
+
+def test_agent_secret_files_refuse_bad_names(broker_cli: BrokerCli, tmp_path: Path) -> None:
+    for args, message in (
+        (["--secret", "x=secret://a/dev/b"], "--secret needs --write-dir"),
+        (["--write-dir", str(tmp_path), "--secret", "x"], "use NAME=secret://"),
+        (["--write-dir", str(tmp_path), "--secret", "key.pem=secret://a/dev/b"], "agent's own"),
+    ):
+        result = broker_cli.run(
+            "agent", "--bundle", str(tmp_path / "none.pem"), "--join-token", "t",
+            "--socket", str(tmp_path / "s.sock"), *args,
+        )  # fmt: skip
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr
