@@ -11,7 +11,6 @@ else but not written to the ledger (they carry no data and would drown it).
 from __future__ import annotations
 
 import contextvars
-import json
 import os
 import re
 import time
@@ -144,6 +143,10 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         # Sees every audited event after it is written (anomaly detection); an event it returns
         # is written to the ledger too.
         self._observer = observer
+        # A policy that spends single-use permissions says so with `settle` (AccessControl).
+        self._settle_use: Callable[[Decision], Awaitable[bool]] | None = getattr(
+            policy, "settle", None
+        )
         self._specs = specs
         self._auth = authenticator
         self._limiter = limiter
@@ -221,7 +224,7 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         spec: MethodSpec | None,
         request: Any,
         context: grpc.aio.ServicerContext,
-        seen: dict[str, str] | None = None,
+        seen: dict[str, Any] | None = None,
     ) -> tuple[Caller, str, str, Decision | None]:
         """authenticate -> rate limit -> size limit -> authorize.
 
@@ -257,7 +260,7 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if not decision.allowed:
             seen["rule"] = decision.rule
             if decision.flags:
-                seen["flags"] = json.dumps(dict(decision.flags))
+                seen["flags"] = decision.flags
             raise PermissionDenied(decision.reason)
         return caller, spec.action, resource, decision
 
@@ -265,7 +268,7 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         """A decision that spent a single-use permission (an approval, a break-glass
         credential; see `broker.access.AccessControl.settle`) is recorded in storage before the
         answer leaves; if another process spent it first, the answer is withheld."""
-        settle = getattr(self._policy, "settle", None)
+        settle = self._settle_use
         if decision is None or not decision.allowed or settle is None:
             return
         if not decision.flags.get("approval") and decision.rule != "break-glass":
@@ -314,7 +317,7 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         )
         if spec is not None:
             action = spec.action
-        seen: dict[str, str] = {}
+        seen: dict[str, Any] = {}
         flags: Mapping[str, str] = {}
         response: Any = None
         error: BaseException | None = None
@@ -361,7 +364,7 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             who = seen.get("who", who)
             resource = seen.get("resource", resource)
             rule = seen.get("rule", rule)
-            flags = json.loads(seen.get("flags", "{}"))
+            flags = seen.get("flags", {})
             if not reason and isinstance(error, BrokerError):
                 reason = str(error)  # e.g. the rate limit
         code, message = (

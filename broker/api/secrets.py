@@ -188,7 +188,10 @@ class SecretsServicer(secrets_pb2_grpc.SecretsServicer):  # type: ignore[misc]
         value, length = _source(request)
         # Decided on the secret's attributes (a prod + pii secret rotated off schedule needs a
         # second operator's approval), so load them first.
-        info = await self._secrets.show(tenant, request.reference)
+        loaded = await self._secrets.load(tenant, request.reference)
+        if loaded is None:
+            raise NotFound(f"no such secret in tenant {tenant!r}")
+        info = loaded[0]
         due = info.rotation_due
         on_schedule = due is None or due <= self._secrets.now()
         call.details["on_schedule"] = on_schedule

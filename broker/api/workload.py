@@ -39,11 +39,14 @@ from grpc_reflection.v1alpha import reflection
 
 from broker.agent import Agent, FileDelivery, Snapshot
 from broker.errors import BrokerError, InvalidArgument, PermissionDenied
+from broker.secretfiles import SecretFiles
 from ca.clock import Clock, SystemClock
 from ca.errors import CAError
 
 from ._proto import workload_pb2, workload_pb2_grpc
+from .client import BrokerClient, ClientCredentials
 from .identity_client import GrpcBrokerLink
+from .secrets_client import BrokerSecretSource, SecretsClient
 from .status import to_status
 
 __all__ = [
@@ -464,25 +467,19 @@ class _SecretFileSync:
     agent writes there: its mTLS identity is the one the policy sees."""
 
     def __init__(self, options: AgentOptions) -> None:
-        from broker.secretfiles import SecretFiles
-
         assert options.write_dir is not None
         for name in options.secrets:
             if name in RESERVED_FILES:
                 raise InvalidArgument(f"secret file name {name!r} is taken by the agent's SVID")
         self._options = options
         self._dir = options.write_dir
-        self._files_type = SecretFiles
         self._identity: bytes = b""
-        self._files: Any = None
-        self._client: Any = None
+        self._files: SecretFiles | None = None
+        self._client: BrokerClient | None = None
         self.wake = asyncio.Event()
 
     def _source_for_identity(self) -> bool:
         """(Re)build the client when the SVID in the write dir changed; False if none yet."""
-        from .client import BrokerClient, ClientCredentials
-        from .secrets_client import BrokerSecretSource, SecretsClient
-
         try:
             chain = (self._dir / "svid.pem").read_bytes()
             key = (self._dir / "key.pem").read_bytes()
@@ -494,12 +491,12 @@ class _SecretFileSync:
                 self._client.close()
             self._client = BrokerClient(self._options.server, ClientCredentials(chain, key, bundle))
             source = BrokerSecretSource(SecretsClient(self._client))
-            self._files = self._files_type(source, self._dir, self._options.secrets)
+            self._files = SecretFiles(source, self._dir, self._options.secrets)
             self._identity = chain + bundle
         return True
 
     def sync_once(self) -> None:
-        if not self._source_for_identity():
+        if not self._source_for_identity() or self._files is None:
             return
         for result in self._files.sync():
             if result.outcome in ("removed", "kept"):
