@@ -263,15 +263,18 @@ def test_the_security_header_is_required_and_unknown_rpcs_are_unimplemented(
 
 _UID_PROBE = """
 import os, sys
+import grpc._channel  # grpc imports this lazily, on the first channel
 from spiffe import WorkloadApiClient
-# The interpreter and its modules live where only root may read: load them first, then become
-# the other user before connecting (the kernel records the peer's uid at connect time).
+# The interpreter and its modules may live where only root can read (a checkout in a 0700
+# directory): load them and build the client first, then become the other user before the
+# first call connects (gRPC connects lazily; the kernel records the peer's uid at connect time).
 uid = int(sys.argv[2])
+client = WorkloadApiClient(sys.argv[1])
 os.setgroups([])
 os.setgid(uid)
 os.setuid(uid)
 try:
-    with WorkloadApiClient(sys.argv[1]) as client:
+    with client:
         print("GOT", client.fetch_x509_svid().spiffe_id)
 except Exception as exc:
     print("ERROR", type(exc).__name__, exc)
