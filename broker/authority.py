@@ -38,7 +38,7 @@ from ca.csr import parse_csr
 from ca.errors import CAError, CAStateError, InvalidPolicy, PolicyViolation
 from ca.keys import KeyBackend, KeyKind
 from ca.keys.uri import key_uri
-from ca.policy import CAPolicy
+from ca.policy import CAPolicy, is_reserved_dns_name
 from ca.spiffeid import SpiffeId
 from ca.x509svid import LeafIssuer, build_intermediate, build_root
 
@@ -82,6 +82,9 @@ class CAServiceConfig:
     backdate: dt.timedelta = dt.timedelta(seconds=30)
     bundle_refresh_hint: dt.timedelta = dt.timedelta(minutes=5)
     max_csr_bytes: int = 16384
+    # The broker's own server names (DNS SANs of its serving certificate): never issued to a
+    # workload, whatever CA policy says, so no workload SVID can pose as the broker.
+    server_names: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -468,7 +471,7 @@ class CAService:
                 )
             public_key = None
         lifetime = self._policy.resolve_x509(sid, ttl, kt)
-        self._policy.check_dns_names(sid, dns_names)
+        self._policy.check_dns_names(sid, dns_names, reserved=self._cfg.server_names)
         if public_key is None:
             key = ec.generate_private_key(_CURVES[kt])
             public_key = key.public_key()
@@ -495,6 +498,16 @@ class CAService:
             expires_at=cert.not_valid_after_utc,
             serial=format(cert.serial_number, "x"),
         )
+
+    def check_dns_names_issuable(self, dns_names: Sequence[str]) -> None:
+        """PolicyViolation if a DNS name is one of the broker's own server names (checked when
+        an entry is created, so a refused entry is never stored)."""
+        for name in dns_names:
+            if isinstance(name, str) and is_reserved_dns_name(name, self._cfg.server_names):
+                raise PolicyViolation(
+                    f"DNS name {name[:80]!r} is one of the broker's own server names; it is "
+                    "never issued to anything but the broker"
+                )
 
     def issue_internal(
         self,

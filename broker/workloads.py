@@ -251,6 +251,7 @@ class IdentityService:
             raise InvalidArgument("TTLs must not be negative")
         if len(dns_names) > MAX_DNS:
             raise InvalidArgument(f"at most {MAX_DNS} DNS names")
+        self._ca.check_dns_names_issuable(dns_names)
         record = EntryRecord(
             id=uuid.uuid4().hex,
             spiffe_id=sid,

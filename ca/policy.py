@@ -17,7 +17,15 @@ Document shape (JSON or TOML), strictly validated (unknown keys refused):
                 "x509_default_ttl": "1h", "x509_max_ttl": "24h",
                 "jwt_default_ttl": "5m", "jwt_max_ttl": "1h",
                 "key_types": ["ec-p256", "ec-p384", "rsa-2048"],
-                "dns_names_allowed": false}]}
+                "dns_names": ["*.web.internal", "web.example.org"]}]}
+
+`dns_names` lists the DNS SANs a rule's SVIDs may carry, as patterns: an exact host name, or
+`*.<suffix>` for exactly one label before `<suffix>` (also the wildcard name `*.<suffix>`
+itself), or `*` alone for any name. No pattern (the default) means no DNS SANs. The broker's
+own server names are refused whatever a rule says (`check_dns_names(reserved=...)`, and
+`ca.x509svid.is_reserved_dns_name`), and no pattern may name the reserved `spiffe.invalid`
+domain. Older documents said `"dns_names_allowed": true/false`; they are still read, `true` as
+`["*"]` and `false` as `[]`.
 """
 
 from __future__ import annotations
@@ -35,9 +43,11 @@ __all__ = [
     "DEFAULT_KEY_TYPES",
     "HARD_MAX_TTL",
     "KNOWN_KEY_TYPES",
+    "SERVER_NAME_DOMAIN",
     "CAPolicy",
     "PolicyRule",
     "SpiffeIdPattern",
+    "is_reserved_dns_name",
 ]
 
 HARD_MAX_TTL: Final = dt.timedelta(hours=24)
@@ -57,10 +67,17 @@ _RULE_KEYS: Final = frozenset(
         "jwt_default_ttl",
         "jwt_max_ttl",
         "key_types",
-        "dns_names_allowed",
+        "dns_names",
+        "dns_names_allowed",  # the old yes/no flag, read as ["*"] or []
     }
 )
-_REQUIRED_RULE_KEYS: Final = _RULE_KEYS - {"dns_names_allowed"}
+_REQUIRED_RULE_KEYS: Final = _RULE_KEYS - {"dns_names", "dns_names_allowed"}
+_ANY_DNS_NAME: Final = "*"
+_MAX_DNS_PATTERNS: Final = 100
+_DNS_LABEL_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
+SERVER_NAME_DOMAIN: Final = "spiffe.invalid"
+"""Names under this domain are the broker's own (`ca.x509svid.server_name`): `.invalid` is never
+resolvable nor issued by a public CA (RFC 6761), and this CA refuses it to every workload."""
 _DOCUMENT_KEYS: Final = frozenset({"version", "rules"})
 
 
@@ -127,6 +144,64 @@ class SpiffeIdPattern:
         return SCHEME_PREFIX + self.trust_domain + "".join("/" + s for s in self.segments)
 
 
+def _valid_host_name(name: str) -> bool:
+    labels = name.split(".")
+    return 0 < len(name) <= 253 and all(
+        0 < len(label) <= 63
+        and label[0] != "-"
+        and label[-1] != "-"
+        and all(c in _DNS_LABEL_CHARS for c in label)
+        for label in labels
+    )
+
+
+def _dns_pattern(raw: object, where: str) -> str:
+    """One normalised DNS-name pattern (lowercase, no trailing dot); `InvalidPolicy` if bad."""
+    if not isinstance(raw, str):
+        raise InvalidPolicy(f"{where}: DNS name patterns must be strings")
+    pattern = raw.strip().lower().rstrip(".")
+    if pattern == _ANY_DNS_NAME:
+        return pattern
+    host = pattern[2:] if pattern.startswith("*.") else pattern
+    if not _valid_host_name(host) or (pattern.startswith("*.") and "." not in host):
+        raise InvalidPolicy(
+            f"{where}: DNS name pattern {raw[:80]!r} is not valid; use a host name "
+            "('web.example.org'), '*.<domain>' for one label under a domain of at least two "
+            "labels ('*.web.internal'), or '*' for any name"
+        )
+    if host == SERVER_NAME_DOMAIN or host.endswith("." + SERVER_NAME_DOMAIN):
+        raise InvalidPolicy(
+            f"{where}: DNS name pattern {raw[:80]!r} is in {SERVER_NAME_DOMAIN}, which is "
+            "reserved for the broker's own serving certificate"
+        )
+    return pattern
+
+
+def _dns_matches(pattern: str, name: str) -> bool:
+    if pattern == _ANY_DNS_NAME:
+        return True
+    if pattern.startswith("*."):
+        label, dot, rest = name.partition(".")
+        return bool(label) and bool(dot) and rest == pattern[2:]
+    return name == pattern
+
+
+def is_reserved_dns_name(name: str, reserved: Iterable[str] = ()) -> bool:
+    """Whether a certificate naming `name` could pose as the broker: `name` (or, for a
+    wildcard `*.x`, a name it covers) is under `SERVER_NAME_DOMAIN` or is one of `reserved`
+    (the broker's configured server names). Case and a trailing dot are ignored."""
+    wanted = name.lower().rstrip(".")
+    if wanted == SERVER_NAME_DOMAIN or wanted.endswith("." + SERVER_NAME_DOMAIN):
+        return True
+    for other in reserved:
+        target = other.lower().rstrip(".")
+        if wanted == target:
+            return True
+        if wanted.startswith("*.") and target.partition(".")[2] == wanted[2:]:
+            return True
+    return False
+
+
 def _check_rule_ttl(name: str, value: dt.timedelta, pattern: str) -> None:
     if not isinstance(value, dt.timedelta):
         raise InvalidPolicy(f"rule {pattern}: {name} must be a duration")
@@ -152,7 +227,7 @@ class PolicyRule:
     jwt_default_ttl: dt.timedelta
     jwt_max_ttl: dt.timedelta
     key_types: frozenset[str]
-    dns_names_allowed: bool = False
+    dns_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.pattern, str):
@@ -180,8 +255,25 @@ class PolicyRule:
         if not key_types:
             raise InvalidPolicy(f"rule {p}: key_types is empty; list at least one key type")
         object.__setattr__(self, "key_types", key_types)
-        if not isinstance(self.dns_names_allowed, bool):
-            raise InvalidPolicy(f"rule {p}: dns_names_allowed must be true or false")
+        if isinstance(self.dns_names, str) or not isinstance(self.dns_names, list | tuple):
+            raise InvalidPolicy(f"rule {p}: dns_names must be a list of DNS name patterns")
+        if len(self.dns_names) > _MAX_DNS_PATTERNS:
+            raise InvalidPolicy(f"rule {p}: at most {_MAX_DNS_PATTERNS} DNS name patterns")
+        patterns: list[str] = []
+        for raw in self.dns_names:
+            pattern = _dns_pattern(raw, f"rule {p}")
+            if pattern not in patterns:
+                patterns.append(pattern)
+        object.__setattr__(self, "dns_names", tuple(patterns))
+
+    @property
+    def dns_names_allowed(self) -> bool:
+        """Whether the rule allows any DNS SAN at all (the old flag's meaning)."""
+        return bool(self.dns_names)
+
+    def allows_dns_name(self, name: str) -> bool:
+        """Whether `name` (lowercase, no trailing dot) matches one of the rule's patterns."""
+        return any(_dns_matches(p, name) for p in self.dns_names)
 
     @classmethod
     def from_document(cls, doc: Mapping[str, Any], where: str = "rule") -> PolicyRule:
@@ -213,9 +305,24 @@ class PolicyRule:
             raise InvalidPolicy(f"{where}.key_types must be a list of strings")
         if len(set(key_types)) != len(key_types):
             raise InvalidPolicy(f"{where}.key_types lists a key type twice")
-        dns_allowed = doc.get("dns_names_allowed", False)
-        if not isinstance(dns_allowed, bool):
-            raise InvalidPolicy(f"{where}.dns_names_allowed must be true or false")
+        if "dns_names" in doc and "dns_names_allowed" in doc:
+            raise InvalidPolicy(
+                f"{where}: give dns_names (patterns) or the old dns_names_allowed, not both"
+            )
+        if "dns_names_allowed" in doc:
+            dns_allowed = doc["dns_names_allowed"]
+            if not isinstance(dns_allowed, bool):
+                raise InvalidPolicy(
+                    f"{where}.dns_names_allowed must be true or false (better: dns_names = "
+                    "['*.your.domain'])"
+                )
+            dns_names: Any = [_ANY_DNS_NAME] if dns_allowed else []
+        else:
+            dns_names = doc.get("dns_names", [])
+            if not isinstance(dns_names, list | tuple):
+                raise InvalidPolicy(
+                    f"{where}.dns_names must be a list of patterns like ['*.web.internal']"
+                )
         try:
             return cls(
                 pattern=pattern,
@@ -224,7 +331,7 @@ class PolicyRule:
                 jwt_default_ttl=ttls["jwt_default_ttl"],
                 jwt_max_ttl=ttls["jwt_max_ttl"],
                 key_types=frozenset(key_types),
-                dns_names_allowed=dns_allowed,
+                dns_names=tuple(dns_names),
             )
         except InvalidPolicy as exc:
             raise InvalidPolicy(f"{where}: {exc}") from None
@@ -237,7 +344,7 @@ class PolicyRule:
             "jwt_default_ttl": format_duration(self.jwt_default_ttl),
             "jwt_max_ttl": format_duration(self.jwt_max_ttl),
             "key_types": sorted(self.key_types),
-            "dns_names_allowed": self.dns_names_allowed,
+            "dns_names": list(self.dns_names),
         }
 
 
@@ -378,17 +485,33 @@ class CAPolicy:
             "JWT", spiffe_id, rule, requested_ttl, rule.jwt_default_ttl, rule.jwt_max_ttl
         )
 
-    def check_dns_names(self, spiffe_id: SpiffeId, dns_names: Iterable[str]) -> None:
-        """`PolicyViolation` if DNS SANs are requested and the matching rule does not allow them."""
-        names = list(dns_names)
+    def check_dns_names(
+        self, spiffe_id: SpiffeId, dns_names: Iterable[str], *, reserved: Iterable[str] = ()
+    ) -> None:
+        """`PolicyViolation` unless every requested DNS name matches a `dns_names` pattern of
+        the rule for `spiffe_id`. A name in `reserved` (the broker's own server names; a
+        wildcard covering one counts) or under `spiffe.invalid` is refused whatever the rule
+        says: such a certificate could pose as the broker."""
+        names = [n.lower().rstrip(".") if isinstance(n, str) else n for n in dns_names]
         if not names:
             return
+        reserved = tuple(reserved)
+        for name in names:
+            if not isinstance(name, str):
+                raise PolicyViolation("DNS names must be strings")
+            if is_reserved_dns_name(name, reserved):
+                raise PolicyViolation(
+                    f"DNS name {name[:80]!r} is one of the broker's own server names; it is "
+                    "never issued to anything but the broker"
+                )
         rule = self.rule_for(spiffe_id)
-        if not rule.dns_names_allowed:
-            raise PolicyViolation(
-                f"DNS SANs are not allowed for {spiffe_id} by rule {rule.pattern} "
-                "(set dns_names_allowed = true on the rule)"
-            )
+        for name in names:
+            if not rule.allows_dns_name(name):
+                allowed = ", ".join(rule.dns_names) or "none"
+                raise PolicyViolation(
+                    f"DNS name {name[:80]!r} is not allowed for {spiffe_id} by rule "
+                    f"{rule.pattern} (its dns_names patterns: {allowed})"
+                )
 
     def max_x509_ttl(self) -> dt.timedelta:
         """The longest X509-SVID TTL any rule allows (0 with no rules); for rotation checks."""

@@ -43,11 +43,12 @@ from ca.errors import (
     InvalidTTL,
     PolicyViolation,
 )
-from ca.policy import HARD_MAX_TTL
+from ca.policy import HARD_MAX_TTL, SERVER_NAME_DOMAIN, is_reserved_dns_name
 from ca.spiffeid import SpiffeId, TrustDomain
 
 __all__ = [
     "DEFAULT_BACKDATE",
+    "SERVER_NAME_DOMAIN",
     "IssuedSVID",
     "LeafIssuer",
     "build_intermediate",
@@ -55,7 +56,10 @@ __all__ = [
     "build_root",
     "chain_der",
     "chain_pem",
+    "is_reserved_dns_name",
+    "server_name",
     "spiffe_id_of",
+    "trust_domain_of_roots",
     "verify_chain",
 ]
 
@@ -140,6 +144,50 @@ def spiffe_id_of(cert: x509.Certificate) -> SpiffeId:
             f"certificate has {len(uris)} URI SANs; an X509-SVID has exactly one (its SPIFFE ID)"
         )
     return SpiffeId.parse(uris[0])
+
+
+def server_name(trust_domain: TrustDomain | str) -> str:
+    """The DNS name that stands for `spiffe://<td>/broker/server` in the broker's serving
+    certificate, e.g. `server.broker.example.org.spiffe.invalid`.
+
+    gRPC's TLS client checks a server by DNS/IP name only, never by URI SAN, so clients pin
+    this name instead (`ssl_target_name_override`); it is as good as the SPIFFE ID because the
+    CA puts it into the serving certificate only (`is_reserved_dns_name` refuses it to every
+    workload). A trust domain that is not a valid host name (an underscore, too long) is
+    replaced by the hex SHA-256 of its name, cut to one DNS label.
+    """
+    td = TrustDomain.of(trust_domain).name
+    name = f"server.broker.{td}.{SERVER_NAME_DOMAIN}"
+    try:
+        _normalize_dns([name])
+    except InvalidInput:
+        digest = hashes.Hash(hashes.SHA256())
+        digest.update(td.encode())
+        name = f"server.broker.{digest.finalize().hex()[:48]}.{SERVER_NAME_DOMAIN}"
+    return name
+
+
+def trust_domain_of_roots(roots: Iterable[x509.Certificate]) -> TrustDomain:
+    """The one trust domain named by the roots' `spiffe://<td>` URI SANs (`build_root` writes
+    it). Raises `InvalidInput` when no root names one, or when they name different ones."""
+    found: set[str] = set()
+    for cert in roots:
+        try:
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except (x509.ExtensionNotFound, ValueError, x509.DuplicateExtension):
+            continue
+        for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
+            try:
+                found.add(SpiffeId.parse(uri).trust_domain)
+            except InvalidInput:
+                continue
+    if len(found) != 1:
+        what = "no trust domain" if not found else f"several ({', '.join(sorted(found))})"
+        raise InvalidInput(
+            f"the bundle's roots name {what}; a broker bundle's roots carry the URI SAN "
+            "spiffe://<trust domain>"
+        )
+    return TrustDomain(found.pop())
 
 
 def _hash_for(signer: ec.EllipticCurvePrivateKey) -> hashes.SHA256 | hashes.SHA384 | hashes.SHA512:

@@ -296,8 +296,79 @@ def test_resolve_jwt(policy: CAPolicy) -> None:
 def test_dns_names(policy: CAPolicy) -> None:
     policy.check_dns_names(sid("spiffe://example.org/acme/prod/web"), ["web.example.org"])
     policy.check_dns_names(sid("spiffe://example.org/acme/dev/web"), [])
-    with pytest.raises(PolicyViolation, match="DNS SANs are not allowed"):
+    with pytest.raises(PolicyViolation, match="DNS name 'x.example.org' is not allowed"):
         policy.check_dns_names(sid("spiffe://example.org/acme/dev/web"), ["x.example.org"])
+
+
+def _rule_doc(**extra: Any) -> dict[str, Any]:
+    rule = dict(DOCUMENT["rules"][1])
+    rule.pop("dns_names_allowed", None)
+    rule.update(extra)
+    return {"rules": [rule]}
+
+
+DEV = "spiffe://example.org/acme/dev/web"
+
+
+def test_dns_name_patterns_allow_only_what_they_match() -> None:
+    policy = CAPolicy.from_document(_rule_doc(dns_names=["*.Web.Internal.", "api.example.org"]))
+    assert policy.rules[0].dns_names == ("*.web.internal", "api.example.org")
+    policy.check_dns_names(sid(DEV), ["a.web.internal", "API.example.org.", "*.web.internal"])
+    for name in ("web.internal", "a.b.web.internal", "a.web.internal.evil", "x.example.org"):
+        with pytest.raises(PolicyViolation, match=r"is not allowed .*\*\.web\.internal"):
+            policy.check_dns_names(sid(DEV), [name])
+    round_trip = CAPolicy.from_document(json.loads(json.dumps(policy.to_document())))
+    assert round_trip == policy
+
+
+def test_the_old_flag_is_still_read() -> None:
+    allowed = CAPolicy.from_document(_rule_doc(dns_names_allowed=True))
+    assert allowed.rules[0].dns_names == ("*",)
+    allowed.check_dns_names(sid(DEV), ["anything.example.net"])
+    assert allowed.to_document()["rules"][0]["dns_names"] == ["*"]
+    assert "dns_names_allowed" not in allowed.to_document()["rules"][0]
+    refused = CAPolicy.from_document(_rule_doc(dns_names_allowed=False))
+    assert refused.rules[0].dns_names == ()
+    with pytest.raises(PolicyViolation, match="patterns: none"):
+        refused.check_dns_names(sid(DEV), ["a.example.net"])
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"dns_names": "*.web.internal"}, "dns_names must be a list"),
+        ({"dns_names": [7]}, "patterns must be strings"),
+        ({"dns_names": ["web.*.internal"]}, r"'web\.\*\.internal' is not valid"),
+        ({"dns_names": ["*web.internal"]}, "is not valid"),
+        ({"dns_names": ["**.web.internal"]}, "is not valid"),
+        ({"dns_names": ["*.internal"]}, "domain of at least two labels"),
+        ({"dns_names": [""]}, "is not valid"),
+        ({"dns_names": ["bad_name.example"]}, "is not valid"),
+        ({"dns_names": ["*.example.org.spiffe.invalid"]}, "reserved for the broker"),
+        ({"dns_names": [], "dns_names_allowed": True}, "not both"),
+        ({"dns_names_allowed": "yes"}, "dns_names_allowed must be true or false"),
+    ],
+)
+def test_invalid_dns_name_patterns_are_refused(extra: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidPolicy, match=message):
+        CAPolicy.from_document(_rule_doc(**extra))
+
+
+def test_the_brokers_server_names_are_never_issued_whatever_the_rule_says() -> None:
+    policy = CAPolicy.from_document(_rule_doc(dns_names=["*"]))
+    reserved = ("localhost", "broker.internal")
+    for name in (
+        "localhost",
+        "LOCALHOST.",
+        "broker.internal",
+        "*.internal",
+        "server.broker.example.org.spiffe.invalid",
+        "*.example.org.spiffe.invalid",
+        "spiffe.invalid",
+    ):
+        with pytest.raises(PolicyViolation, match="broker's own server names"):
+            policy.check_dns_names(sid(DEV), ["ok.example.org", name], reserved=reserved)
+    policy.check_dns_names(sid(DEV), ["web.internal", "x.localhost"], reserved=reserved)
 
 
 def test_default_policy() -> None:
