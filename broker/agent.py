@@ -11,6 +11,19 @@ and says how long to wait, so tests drive it with a fake clock and no sleeping.
 The broker is reached through `BrokerLink` (implemented over gRPC in
 `broker.api.identity_client`); the Workload API (`broker.api.workload`) reads `snapshot`,
 `svids_for` and `jwt_svids`.
+
+Trust (whoever answers is not trusted for it): the agent starts from the pinned roots
+(`trust_anchors`, the `--bundle` file) and the link verifies the broker against the current
+roots and the broker's own serving identity on every connection. On top of that:
+- every X.509-SVID, the agent's own and each workload's, must verify against the current roots
+  (RFC 5280 path validation by cryptography, SPIFFE leaf profile), name the SPIFFE ID asked for
+  and certify the key the agent generated; anything else is refused and never served;
+- every JWT-SVID must validate against the bundle's JWT keys for the audience and ID asked for;
+- a bundle change is accepted only for the pinned trust domain and only while it keeps at
+  least one currently trusted, unexpired root (the roots that verified the connection it came
+  over): new roots and JWT keys arrive from the authenticated broker while the old roots still
+  verify it, never as a replacement of everything trusted. A refused bundle changes nothing;
+- after a bundle change, SVIDs that no longer verify are dropped (and minted again).
 """
 
 from __future__ import annotations
@@ -28,14 +41,17 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from broker.errors import PermissionDenied, Unavailable
+from broker.errors import InvalidArgument, PermissionDenied, Unauthenticated, Unavailable
 from broker.files import write_private_file
 from ca.bundle import TrustBundle
 from ca.clock import Clock
+from ca.errors import CAError
 from ca.jwtsvid import validate_jwt_svid
+from ca.x509svid import spiffe_id_of, trust_domain_of_roots, verify_chain
 
 __all__ = [
     "Agent",
@@ -109,6 +125,10 @@ class BrokerLink(Protocol):
 
     def use_identity(self, chain_pem: bytes, key_pem: bytes) -> None:
         """Authenticate later calls with this SVID (mTLS)."""
+        ...
+
+    def use_roots(self, roots_pem: bytes) -> None:
+        """Verify the broker against these roots from now on (after a bundle change)."""
         ...
 
     def renew(self, csr_der: bytes) -> IssuedSVID: ...
@@ -231,6 +251,7 @@ class Agent:
         link: BrokerLink,
         clock: Clock,
         *,
+        trust_anchors: Sequence[x509.Certificate],
         sync_interval: float = 5.0,
         rng: random.Random | None = None,
         delivery: FileDelivery | None = None,
@@ -250,6 +271,12 @@ class Agent:
         self._failures = 0
         self._retry_at = clock.now()
         self._jwt_cache: dict[tuple[str, tuple[str, ...]], tuple[JWTResult, dt.datetime]] = {}
+        anchors = tuple(trust_anchors)
+        try:
+            self._trust_domain = trust_domain_of_roots(anchors).name
+        except CAError as exc:
+            raise InvalidArgument(f"the pinned bundle is not usable: {exc}") from None
+        self._anchors = anchors
         self.ready = asyncio.Event()
 
     # -- what the Workload API reads ------------------------------------------------------
@@ -315,6 +342,7 @@ class Agent:
                 continue
             try:
                 issued = await self._blocking(self._link.mint_jwt, entry.id, list(audience))
+                self._verify_jwt(issued, entry.spiffe_id, audience)
             except Unavailable:
                 if cached is not None and cached[0].expires_at > now:
                     out.append(cached[0])  # broker down: serve it while it is still valid
@@ -330,6 +358,29 @@ class Agent:
             out.append(issued)
         return out
 
+    def _verify_jwt(self, issued: JWTResult, spiffe_id: str, audience: Sequence[str]) -> None:
+        """Unauthenticated unless the broker's JWT-SVID validates against the bundle's JWT
+        keys for every audience asked for and names `spiffe_id`."""
+        bundle = self._snapshot.bundle
+        if bundle is None:
+            raise Unavailable("the agent has no trust bundle yet")
+        try:
+            for aud in audience:
+                claims = validate_jwt_svid(
+                    issued.token,
+                    aud,
+                    bundle.jwt_authorities,
+                    self._clock.now(),
+                    trust_domain=self._trust_domain,
+                )
+        except CAError as exc:
+            raise Unauthenticated(
+                f"refusing the JWT-SVID for {spiffe_id}: it does not validate against the "
+                f"trusted bundle ({exc})"
+            ) from None
+        if not audience or claims.get("sub") != spiffe_id or issued.spiffe_id != spiffe_id:
+            raise Unauthenticated(f"refusing the JWT-SVID for {spiffe_id}: wrong subject")
+
     def validate_jwt(self, token: str, audience: str) -> tuple[str, dict[str, Any]]:
         """Validate a JWT-SVID against the trust bundle's JWT keys; returns (sub, claims)."""
         bundle = self._snapshot.bundle
@@ -343,6 +394,97 @@ class Agent:
             trust_domain=bundle.trust_domain,
         )
         return str(claims["sub"]), claims
+
+    # -- trust ------------------------------------------------------------------------------
+
+    @property
+    def trust_anchors(self) -> tuple[x509.Certificate, ...]:
+        """The X.509 roots the agent currently trusts (the pinned ones until a change)."""
+        return self._anchors
+
+    def _verify_svid(
+        self,
+        issued: IssuedSVID,
+        key: ec.EllipticCurvePrivateKey,
+        expected_id: str | None,
+    ) -> None:
+        """Unauthenticated unless `issued` verifies against the trusted roots as an X509-SVID
+        of `expected_id` (any ID of the trust domain when None) for `key`."""
+        what = expected_id or "the agent"
+        try:
+            certs = [x509.load_der_x509_certificate(c) for c in issued.chain_der]
+        except ValueError:
+            raise Unauthenticated(f"the SVID for {what} from the broker is not DER") from None
+        if not certs:
+            raise Unauthenticated(f"the broker returned an empty chain for {what}")
+        leaf = certs[0]
+        try:
+            verify_chain(
+                leaf, certs[1:], self._anchors, self._clock.now(), trust_domain=self._trust_domain
+            )
+            sid = spiffe_id_of(leaf).id_string
+        except CAError as exc:
+            raise Unauthenticated(
+                f"refusing the SVID for {what}: it does not verify against the trusted "
+                f"bundle ({exc})"
+            ) from None
+        if sid != issued.spiffe_id or (expected_id is not None and sid != expected_id):
+            raise Unauthenticated(f"refusing the SVID for {what}: it names {sid[:200]}")
+        spki = serialization.PublicFormat.SubjectPublicKeyInfo
+        der = serialization.Encoding.DER
+        if leaf.public_key().public_bytes(der, spki) != key.public_key().public_bytes(der, spki):
+            raise Unauthenticated(f"refusing the SVID for {what}: it is not for the agent's key")
+
+    def _still_verifies(self, svid: WorkloadSVID) -> bool:
+        try:
+            certs = [x509.load_der_x509_certificate(c) for c in svid.chain_der]
+            verify_chain(
+                certs[0],
+                certs[1:],
+                self._anchors,
+                self._clock.now(),
+                trust_domain=self._trust_domain,
+            )
+        except (CAError, ValueError, IndexError):
+            return False
+        return True
+
+    def _check_bundle(self, trust_domain: str, bundle: TrustBundle) -> None:
+        """Unauthenticated unless `bundle` may replace the current trust (module docstring)."""
+        if trust_domain != self._trust_domain:
+            raise Unauthenticated(
+                f"refusing a bundle for trust domain {trust_domain[:100]!r}; the agent's pinned "
+                f"bundle is for {self._trust_domain!r}"
+            )
+        roots = tuple(bundle.x509_authorities)
+        if not roots:
+            raise Unauthenticated("refusing a bundle without X.509 roots")
+        now = self._clock.now()
+        for root in roots:
+            try:
+                root.verify_directly_issued_by(root)
+                td = trust_domain_of_roots([root]).name
+                ca = root.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+            except (CAError, ValueError, TypeError, x509.ExtensionNotFound, InvalidSignature):
+                raise Unauthenticated(
+                    f"refusing a bundle whose root {root.subject.rfc4514_string()[:100]!r} is "
+                    "not a self-signed CA of this trust domain"
+                ) from None
+            if td != self._trust_domain or not ca:
+                raise Unauthenticated(
+                    f"refusing a bundle whose root {root.subject.rfc4514_string()[:100]!r} is "
+                    "not a self-signed CA of this trust domain"
+                )
+        kept = [
+            r
+            for r in roots
+            if r in self._anchors and r.not_valid_before_utc <= now < r.not_valid_after_utc
+        ]
+        if not kept:
+            raise Unauthenticated(
+                "refusing a bundle that keeps none of the roots the agent trusts: new roots are "
+                "accepted only while a trusted root still verifies the broker"
+            )
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -386,12 +528,14 @@ class Agent:
     async def _attest(self) -> None:
         key = _new_key()
         issued = await self._blocking(self._link.attest, _csr(key))
+        self._verify_svid(issued, key, None)
         self._set_agent(issued, key)
         log.info("attested as %s until %s", issued.spiffe_id, issued.expires_at.isoformat())
 
     async def _renew_agent(self) -> None:
         key = _new_key()
         issued = await self._blocking(self._link.renew, _csr(key))
+        self._verify_svid(issued, key, self._agent.spiffe_id if self._agent else None)
         self._set_agent(issued, key)
         log.info("renewed the agent SVID until %s", issued.expires_at.isoformat())
 
@@ -408,7 +552,12 @@ class Agent:
         snap = self._snapshot
         bundle = snap.bundle
         if result.bundle_sequence != snap.bundle_sequence or bundle is None:
-            bundle = TrustBundle.from_jwks(result.trust_domain, result.bundle_jwks)
+            try:
+                candidate = TrustBundle.from_jwks(result.trust_domain, result.bundle_jwks)
+            except CAError as exc:
+                raise Unauthenticated(f"refusing the broker's bundle: {exc}") from None
+            self._check_bundle(result.trust_domain, candidate)
+            bundle = candidate
         entries = tuple(sorted(result.entries, key=lambda e: e.id))
         if bundle is snap.bundle and entries == snap.entries:
             return
@@ -419,6 +568,14 @@ class Agent:
         self._jwt_cache = {
             k: v for k, v in self._jwt_cache.items() if k[0] in keep and k[0] not in changed
         }
+        if bundle is not snap.bundle:
+            roots = tuple(bundle.x509_authorities)
+            if roots != self._anchors:
+                self._link.use_roots(bundle.to_pem())
+                self._anchors = roots
+                # Every SVID served must verify against the bundle served with it.
+                svids = {k: v for k, v in svids.items() if self._still_verifies(v)}
+            self._jwt_cache.clear()  # minted under the old JWT keys: validate again
         updated = dataclasses.replace(
             snap, trust_domain=result.trust_domain, entries=entries, svids=svids
         )
@@ -439,6 +596,7 @@ class Agent:
             for entry in due:
                 key = _new_key()
                 issued: IssuedSVID = await self._blocking(self._link.mint_x509, entry.id, _csr(key))
+                self._verify_svid(issued, key, entry.spiffe_id)
                 svids[entry.id] = WorkloadSVID(
                     entry_id=entry.id,
                     spiffe_id=issued.spiffe_id,

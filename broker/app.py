@@ -39,7 +39,7 @@ from ca.clock import Clock
 from ca.keys import KeyBackend
 from ca.layout import IdentityLayout
 from ca.spiffeid import SpiffeId
-from ca.x509svid import chain_pem
+from ca.x509svid import chain_pem, server_name
 
 __all__ = ["Application", "TLSMaterial"]
 
@@ -80,6 +80,7 @@ class Application:
                 issuing_ttl=config.ca.issuing_ttl,
                 backdate=config.ca.backdate,
                 bundle_refresh_hint=config.ca.bundle_refresh_hint,
+                server_names=tuple(config.server.server_names),
             ),
             keys,
             storage,
@@ -155,7 +156,10 @@ class Application:
         """A fresh serving key and certificate (kept in memory only, never on disk)."""
         key = ec.generate_private_key(ec.SECP256R1())
         names = self.config.server.server_names
-        dns = [n for n in names if not _is_ip(n)]
+        # The first DNS name is the one clients check (ca.x509svid.server_name: it stands for
+        # spiffe://<td>/broker/server, which gRPC cannot check itself); the configured names
+        # serve other TLS clients (health probes, grpcurl).
+        dns = [server_name(self.config.trust_domain)] + [n for n in names if not _is_ip(n)]
         ips = [ipaddress.ip_address(n) for n in names if _is_ip(n)]
         leaf, issuer = self.ca.issue_internal(
             self.server_id,

@@ -23,6 +23,8 @@ from cryptography.exceptions import InvalidSignature
 from google.protobuf import timestamp_pb2
 
 from broker.api._proto import audit_pb2, audit_pb2_grpc, ca_pb2, ca_pb2_grpc
+from ca.errors import CAError
+from ca.x509svid import server_name, trust_domain_of_roots
 
 __all__ = [
     "JWTSVID",
@@ -38,6 +40,8 @@ __all__ = [
     "ClientError",
     "Policy",
     "RotateResult",
+    "broker_server_name",
+    "channel_options",
 ]
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -247,8 +251,9 @@ def _transport_reason(details: str, credentials: ClientCredentials) -> str:
         "hostname verification" in lowered
     ):
         return (
-            "TLS handshake failed: the broker's certificate does not name this host "
-            "(connect by 'localhost' or the address it listens on)"
+            "TLS handshake failed: the server's certificate is not the broker's "
+            "(it lacks the broker's identity, spiffe://<trust domain>/broker/server); "
+            "refusing to talk to it"
         )
     verify = _VERIFY_FAILED.search(details)
     if verify:
@@ -340,12 +345,34 @@ def _error(exc: grpc.RpcError, credentials: ClientCredentials) -> ClientError:
     return ClientError(name, message, details=message)
 
 
+def broker_server_name(root_certificates: bytes) -> str:
+    """The name a client checks the broker's certificate against: the DNS name that stands for
+    `spiffe://<td>/broker/server` (`ca.x509svid.server_name`), for the trust domain the bundle's
+    roots name. Raises `ClientError` (INVALID_ARGUMENT) when the bundle names none."""
+    try:
+        return server_name(trust_domain_of_roots(_pem_certificates(root_certificates)))
+    except CAError as exc:
+        raise ClientError("INVALID_ARGUMENT", f"the trust bundle is not usable: {exc}") from None
+
+
+def channel_options(root_certificates: bytes) -> list[tuple[str, Any]]:
+    """gRPC channel options for a connection to the broker: bounded messages, and the server
+    accepted only if its certificate is the broker's own (see `broker_server_name`) — never
+    merely one naming the host dialled, which a workload SVID with a DNS SAN could."""
+    return [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.ssl_target_name_override", broker_server_name(root_certificates)),
+    ]
+
+
 class BrokerClient:
     """A connection to one broker. Not thread-safe to close while calls are running;
     use it as a context manager or call `close()`.
 
-    `server_name` overrides the name the server's certificate is checked against (by default
-    the host in `target`; IP literals are matched against the certificate's IP SANs).
+    The server is accepted only if its certificate chains to the bundle in `credentials` and
+    is the broker's serving certificate for that trust domain (`channel_options`), whatever
+    host `target` names.
     """
 
     def __init__(
@@ -355,25 +382,14 @@ class BrokerClient:
         *,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
         justification: str | None = None,
-        server_name: str | None = None,
     ) -> None:
         self.target = target
         self._credentials = credentials
         self._timeout = timeout
         self._justification = justification
-        options: list[tuple[str, Any]] = [
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ]
         if justification and not (justification.isascii() and justification.isprintable()):
             raise ClientError("INVALID_ARGUMENT", "the justification must be printable ASCII text")
-        if server_name is None and _is_local_literal(_host_of(target)):
-            # The broker's certificate names DNS:localhost and the IP it listens on, which
-            # need not be the loopback address dialled here; on this machine "localhost" is
-            # the same host, so check the certificate against that name.
-            server_name = "localhost"
-        if server_name:
-            options.append(("grpc.ssl_target_name_override", server_name))
+        options = channel_options(credentials.root_certificates)
         channel_credentials = grpc.ssl_channel_credentials(
             root_certificates=credentials.root_certificates,
             private_key=credentials.private_key,

@@ -20,13 +20,11 @@ from broker.errors import BrokerError, InvalidArgument, PermissionDenied, Unavai
 from ._proto import identity_pb2, identity_pb2_grpc
 from .client import (
     DEFAULT_TIMEOUT_SECONDS,
-    MAX_MESSAGE_BYTES,
     BrokerClient,
     ClientCredentials,
     ClientError,
     _error,
-    _host_of,
-    _is_local_literal,
+    channel_options,
 )
 
 __all__ = ["Attestor", "Entry", "GrpcBrokerLink", "IdentityClient", "JoinToken"]
@@ -199,7 +197,9 @@ def _issued(r: Any) -> IssuedSVID:
 
 class GrpcBrokerLink:
     """`broker.agent.BrokerLink` over gRPC. Thread-safe enough for the agent: calls come one
-    at a time from worker threads; `use_identity` swaps the mTLS client under a lock."""
+    at a time from worker threads; `use_identity` and `use_roots` swap the mTLS client under a
+    lock. Every connection, the attestation port's too, accepts the server only if its
+    certificate chains to the current roots and is the broker's own (`channel_options`)."""
 
     def __init__(
         self,
@@ -222,15 +222,7 @@ class GrpcBrokerLink:
         self._lock = threading.Lock()
         self._client: BrokerClient | None = None
         self._stub: Any = None
-
-    def _options(self, target: str) -> list[tuple[str, Any]]:
-        options: list[tuple[str, Any]] = [
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ]
-        if _is_local_literal(_host_of(target)):
-            options.append(("grpc.ssl_target_name_override", "localhost"))
-        return options
+        self._identity: tuple[bytes, bytes] | None = None
 
     def attest(self, csr_der: bytes) -> IssuedSVID:
         request = identity_pb2.AttestRequest(csr=csr_der)
@@ -239,21 +231,47 @@ class GrpcBrokerLink:
         else:
             assert self._jwt is not None
             request.jwt = self._jwt
-        creds = grpc.ssl_channel_credentials(root_certificates=self._bundle)
+        with self._lock:
+            roots = self._bundle
+        creds = grpc.ssl_channel_credentials(root_certificates=roots)
         target = self._attest_server
-        with grpc.secure_channel(target, creds, options=self._options(target)) as channel:
+        try:
+            options = channel_options(roots)
+        except ClientError as exc:
+            raise _as_broker_error(exc) from None
+        with grpc.secure_channel(target, creds, options=options) as channel:
             stub = identity_pb2_grpc.WorkloadIdentityStub(channel)
             try:
                 response = stub.Attest(request, timeout=self._timeout)
             except grpc.RpcError as exc:
-                none = ClientCredentials(b"", b"", self._bundle)
+                none = ClientCredentials(b"", b"", roots)
                 raise _as_broker_error(_error(exc, none)) from None
         return _issued(response)
 
     def use_identity(self, chain_pem: bytes, key_pem: bytes) -> None:
-        client = BrokerClient(
-            self._server, ClientCredentials(chain_pem, key_pem, self._bundle), timeout=self._timeout
-        )
+        with self._lock:
+            roots = self._bundle
+            self._identity = (chain_pem, key_pem)
+        self._connect(chain_pem, key_pem, roots)
+
+    def use_roots(self, roots_pem: bytes) -> None:
+        """Verify the broker against these roots from now on (the agent calls this once it
+        has accepted a bundle change; see `broker.agent`)."""
+        with self._lock:
+            if roots_pem == self._bundle:
+                return
+            self._bundle = roots_pem
+            identity = self._identity
+        if identity is not None:
+            self._connect(*identity, roots_pem)
+
+    def _connect(self, chain_pem: bytes, key_pem: bytes, roots: bytes) -> None:
+        try:
+            client = BrokerClient(
+                self._server, ClientCredentials(chain_pem, key_pem, roots), timeout=self._timeout
+            )
+        except ClientError as exc:
+            raise _as_broker_error(exc) from None
         with self._lock:
             old, self._client = self._client, client
             self._stub = identity_pb2_grpc.WorkloadIdentityStub(client.channel)

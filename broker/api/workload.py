@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import grpc
+from cryptography import x509
 from google.protobuf import struct_pb2
 from grpc_reflection.v1alpha import reflection
 
@@ -517,6 +518,15 @@ class _SecretFileSync:
             self._client.close()
 
 
+def pinned_roots(bundle_pem: bytes) -> list[x509.Certificate]:
+    """The roots of the `--bundle` file: what the agent trusts before the broker says more."""
+    try:
+        roots = x509.load_pem_x509_certificates(bundle_pem)
+    except ValueError:
+        raise InvalidArgument("the --bundle file holds no PEM certificates") from None
+    return roots
+
+
 async def _agent_main(options: AgentOptions, clock: Clock) -> None:
     link = GrpcBrokerLink(
         options.server,
@@ -543,7 +553,13 @@ async def _agent_main(options: AgentOptions, clock: Clock) -> None:
             options.on_rotate,
             on_written=wake,
         )
-    agent = Agent(link, clock, sync_interval=options.sync_interval, delivery=delivery)
+    agent = Agent(
+        link,
+        clock,
+        trust_anchors=pinned_roots(options.bundle_pem),
+        sync_interval=options.sync_interval,
+        delivery=delivery,
+    )
     endpoint = await serve_workload_api(agent, options.socket_path)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -644,5 +644,5 @@ async def test_dns_names_refused_unless_policy_allows_them(broker: BrokerHarness
             timeout=TIMEOUT,
         )
     )
-    assert_refusal(err, grpc.StatusCode.PERMISSION_DENIED, "dns_names_allowed")
+    assert_refusal(err, grpc.StatusCode.PERMISSION_DENIED, "dns_names patterns")
     assert "serial" not in (await broker.event_for("dns-sans")).get("details", {})

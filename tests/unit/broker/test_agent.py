@@ -103,6 +103,9 @@ class FakeLink:
     def use_identity(self, chain_pem: bytes, key_pem: bytes) -> None:
         self.identity = chain_pem
 
+    def use_roots(self, roots_pem: bytes) -> None:
+        self.roots = roots_pem
+
     def renew(self, csr_der: bytes) -> IssuedSVID:
         self._check("renew")
         return self.ca.issue(AGENT_ID, csr_der, dt.timedelta(hours=1))
@@ -152,7 +155,14 @@ def link(clock: FakeClock) -> FakeLink:
 
 @pytest.fixture
 def agent(link: FakeLink, clock: FakeClock) -> Agent:
-    return Agent(link, clock, sync_interval=5, rng=random.Random(7), blocking=_inline)
+    return Agent(
+        link,
+        clock,
+        trust_anchors=[link.ca.root],
+        sync_interval=5,
+        rng=random.Random(7),
+        blocking=_inline,
+    )
 
 
 def test_renewal_is_at_half_life_within_ten_percent_jitter() -> None:
@@ -284,7 +294,14 @@ async def test_file_delivery_writes_atomically_with_a_private_key(
     delivery = FileDelivery(
         tmp_path / "out", frozenset({"unix:uid:1000"}), on_rotate=f"touch {marker}"
     )
-    agent = Agent(link, clock, rng=random.Random(3), blocking=_inline, delivery=delivery)
+    agent = Agent(
+        link,
+        clock,
+        trust_anchors=[link.ca.root],
+        rng=random.Random(3),
+        blocking=_inline,
+        delivery=delivery,
+    )
     await agent.step()
     out = tmp_path / "out"
     assert os.stat(out / "key.pem").st_mode & 0o777 == 0o600

@@ -296,7 +296,7 @@ def test_resolve_jwt(policy: CAPolicy) -> None:
 def test_dns_names(policy: CAPolicy) -> None:
     policy.check_dns_names(sid("spiffe://example.org/acme/prod/web"), ["web.example.org"])
     policy.check_dns_names(sid("spiffe://example.org/acme/dev/web"), [])
-    with pytest.raises(PolicyViolation, match="DNS name 'x.example.org' is not allowed"):
+    with pytest.raises(PolicyViolation, match=r"DNS name 'x\.example\.org' is not allowed"):
         policy.check_dns_names(sid("spiffe://example.org/acme/dev/web"), ["x.example.org"])
 
 
