@@ -4,7 +4,9 @@ with jitter, entry matching, caching through a broker outage, backoff, bundle pu
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
+import json
 import os
 import random
 from collections.abc import Awaitable, Callable, Sequence
@@ -15,6 +17,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.hashes import SHA256
 
 from broker.agent import (
     Agent,
@@ -25,7 +28,7 @@ from broker.agent import (
     SyncResult,
     renew_at,
 )
-from broker.errors import PermissionDenied, Unavailable
+from broker.errors import InvalidArgument, PermissionDenied, Unauthenticated, Unavailable
 from ca.bundle import TrustBundle
 from ca.clock import FakeClock
 from ca.jwtsvid import mint_jwt_svid
@@ -89,7 +92,16 @@ class FakeLink:
         self.down = False
         self.calls: list[str] = []
         self.identity: bytes | None = None
+        self.roots: bytes | None = None
         self.ttl = dt.timedelta(minutes=10)
+        # What an impostor (or a compromised path) would change:
+        self.bundle_jwks: bytes | None = None  # instead of the CA's bundle
+        self.trust_domain = TD
+        self.attest_ca: FakeCA | None = None  # who signs the agent's SVID
+        self.mint_ca: FakeCA | None = None  # who signs workload SVIDs
+        self.mint_as: str | None = None  # the ID put into workload SVIDs
+        self.mint_key: ec.EllipticCurvePrivateKey | None = None  # the key certified instead
+        self.jwt_key: ec.EllipticCurvePrivateKey | None = None  # who signs JWT-SVIDs
 
     def _check(self, name: str) -> None:
         self.calls.append(name)
@@ -98,7 +110,7 @@ class FakeLink:
 
     def attest(self, csr_der: bytes) -> IssuedSVID:
         self._check("attest")
-        return self.ca.issue(AGENT_ID, csr_der, dt.timedelta(hours=1))
+        return (self.attest_ca or self.ca).issue(AGENT_ID, csr_der, dt.timedelta(hours=1))
 
     def use_identity(self, chain_pem: bytes, key_pem: bytes) -> None:
         self.identity = chain_pem
@@ -112,18 +124,26 @@ class FakeLink:
 
     def sync(self) -> SyncResult:
         self._check("sync")
-        return SyncResult(list(self.entries), TD, self.ca.bundle(), self.ca.sequence)
+        return SyncResult(
+            list(self.entries),
+            self.trust_domain,
+            self.bundle_jwks or self.ca.bundle(),
+            self.ca.sequence,
+        )
 
     def mint_x509(self, entry_id: str, csr_der: bytes) -> IssuedSVID:
         self._check("mint_x509")
         entry = next(e for e in self.entries if e.id == entry_id)
-        return self.ca.issue(entry.spiffe_id, csr_der, self.ttl)
+        if self.mint_key is not None:
+            csr_der = _csr_for(self.mint_key)
+        issued = (self.mint_ca or self.ca).issue(self.mint_as or entry.spiffe_id, csr_der, self.ttl)
+        return dataclasses.replace(issued, spiffe_id=entry.spiffe_id)
 
     def mint_jwt(self, entry_id: str, audience: Sequence[str]) -> JWTResult:
         self._check("mint_jwt")
         entry = next(e for e in self.entries if e.id == entry_id)
         svid = mint_jwt_svid(
-            self.ca.jwt_key,
+            self.jwt_key or self.ca.jwt_key,
             SpiffeId.parse(entry.spiffe_id),
             list(audience),
             self.ca.clock.now(),
@@ -134,6 +154,11 @@ class FakeLink:
 
     def close(self) -> None:
         pass
+
+
+def _csr_for(key: ec.EllipticCurvePrivateKey) -> bytes:
+    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, SHA256())
+    return csr.public_bytes(serialization.Encoding.DER)
 
 
 async def _inline(fn: Callable[..., Any], *args: Any) -> Any:
@@ -316,3 +341,145 @@ async def test_file_delivery_writes_atomically_with_a_private_key(
     assert marker.exists()
     assert x509.load_pem_x509_certificates((out / "svid.pem").read_bytes())[0] != leaf
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+# -- trust: whoever answers is not trusted for it (issue 20, finding 5) ------------------------
+
+
+def _bundle_of(*cas: FakeCA, sequence: int, td: str = TD) -> bytes:
+    return TrustBundle(
+        trust_domain=td,
+        x509_authorities=[ca.root for ca in cas],
+        jwt_authorities={f"k{i}": ca.jwt_key.public_key() for i, ca in enumerate(cas)},
+        sequence=sequence,
+    ).to_jwks_json()
+
+
+def _delivering_agent(link: FakeLink, clock: FakeClock, out: Path) -> Agent:
+    delivery = FileDelivery(out, frozenset({"unix:uid:1000"}))
+    return Agent(
+        link,
+        clock,
+        trust_anchors=[link.ca.root],
+        rng=random.Random(5),
+        blocking=_inline,
+        delivery=delivery,
+    )
+
+
+def test_an_unusable_pinned_bundle_is_refused(link: FakeLink, clock: FakeClock) -> None:
+    with pytest.raises(InvalidArgument, match="pinned bundle"):
+        Agent(link, clock, trust_anchors=[], blocking=_inline)
+
+
+async def test_a_foreign_bundle_at_the_first_sync_is_refused_and_nothing_is_served(
+    link: FakeLink, clock: FakeClock, tmp_path: Path
+) -> None:
+    link.bundle_jwks = _bundle_of(FakeCA(clock), sequence=9)  # "evilca" root and JWT key
+    agent = _delivering_agent(link, clock, tmp_path / "out")
+    assert await agent.step() == 1.0  # the round failed: backoff
+    assert agent.snapshot.bundle is None and not agent.snapshot.svids
+    assert "mint_x509" not in link.calls and link.roots is None
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(Unavailable):
+        agent.svids_for({"unix:uid:1000"})
+
+
+async def test_a_bundle_replacing_every_trusted_root_is_refused_and_changes_nothing(
+    link: FakeLink, clock: FakeClock, tmp_path: Path
+) -> None:
+    agent = _delivering_agent(link, clock, tmp_path / "out")
+    await agent.step()
+    before = agent.snapshot
+    written = (tmp_path / "out" / "bundle.pem").read_bytes()
+    evil = FakeCA(clock)
+    link.bundle_jwks = _bundle_of(evil, sequence=2)
+    link.ca.sequence = 2
+    clock.advance(seconds=6)
+    await agent.step()
+    assert agent.snapshot.bundle is before.bundle
+    assert agent.trust_anchors == (link.ca.root,) and link.roots is None
+    assert agent.svids_for({"unix:uid:1000"})  # still served: they verify
+    assert (tmp_path / "out" / "bundle.pem").read_bytes() == written
+    jwks = json.loads(agent.snapshot.jwt_bundle_json)
+    assert [k["kid"] for k in jwks["keys"]] == ["k1"]  # not the attacker's JWT key
+
+
+async def test_a_bundle_for_another_trust_domain_is_refused(
+    agent: Agent, link: FakeLink, clock: FakeClock
+) -> None:
+    await agent.step()
+    link.trust_domain = "evil.org"
+    link.bundle_jwks = _bundle_of(FakeCA(clock), sequence=2, td="evil.org")
+    link.ca.sequence = 2
+    clock.advance(seconds=6)
+    await agent.step()
+    assert agent.snapshot.bundle is not None
+    assert agent.snapshot.bundle.trust_domain == TD and agent.snapshot.bundle_sequence == 1
+
+
+async def test_a_new_root_is_taken_while_a_trusted_root_stays_and_svids_must_verify(
+    agent: Agent, link: FakeLink, clock: FakeClock
+) -> None:
+    await agent.step()
+    held = agent.svids_for({"unix:uid:1000"})[0]
+    new = FakeCA(clock)
+    link.bundle_jwks = _bundle_of(link.ca, new, sequence=2)  # the next root, published early
+    link.ca.sequence = 2
+    clock.advance(seconds=6)
+    await agent.step()
+    assert agent.trust_anchors == (link.ca.root, new.root)
+    assert link.roots is not None and len(x509.load_pem_x509_certificates(link.roots)) == 2
+    assert agent.svids_for({"unix:uid:1000"})[0] == held  # still verifies via the old root
+    # The old root leaves the bundle: SVIDs chaining only to it are no longer served, and
+    # new ones from the old CA are refused.
+    link.bundle_jwks = _bundle_of(new, sequence=3)
+    link.ca.sequence = 3
+    clock.advance(seconds=6)
+    await agent.step()
+    assert agent.trust_anchors == (new.root,)
+    with pytest.raises(Unavailable):
+        agent.svids_for({"unix:uid:1000"})
+    link.ca, link.mint_ca = new, new  # the broker now signs under the new root
+    clock.advance(seconds=60)
+    await agent.step()
+    assert agent.svids_for({"unix:uid:1000"})[0].spiffe_id == WEB.spiffe_id
+
+
+async def test_an_agent_svid_from_a_foreign_ca_is_refused(
+    agent: Agent, link: FakeLink, clock: FakeClock
+) -> None:
+    link.attest_ca = FakeCA(clock)
+    await agent.step()
+    assert agent.agent_id is None and link.identity is None
+    assert link.calls == ["attest"]
+
+
+@pytest.mark.parametrize("attack", ["foreign CA", "another ID", "another key"])
+async def test_workload_svids_that_do_not_verify_are_never_served(
+    link: FakeLink, clock: FakeClock, tmp_path: Path, attack: str
+) -> None:
+    if attack == "foreign CA":
+        link.mint_ca = FakeCA(clock)
+    elif attack == "another ID":
+        link.mint_as = f"spiffe://{TD}/acme/prod/admin"
+    else:
+        link.mint_key = ec.generate_private_key(ec.SECP256R1())
+    agent = _delivering_agent(link, clock, tmp_path / "out")
+    assert await agent.step() == 1.0
+    assert agent.snapshot.bundle is not None and not agent.snapshot.svids
+    with pytest.raises(Unavailable):
+        agent.svids_for({"unix:uid:1000"})
+    assert not (tmp_path / "out").exists()
+    assert not agent.ready.is_set()
+
+
+async def test_a_jwt_svid_signed_by_a_foreign_key_is_refused_and_not_cached(
+    agent: Agent, link: FakeLink
+) -> None:
+    await agent.step()
+    link.jwt_key = ec.generate_private_key(ec.SECP256R1())  # same kid, another key
+    for _ in range(2):
+        with pytest.raises(Unauthenticated, match="does not validate"):
+            await agent.jwt_svids({"unix:uid:1000"}, ["db"])
+    assert link.calls.count("mint_jwt") == 2
