@@ -8,7 +8,6 @@ code, so callers need not import grpc.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import re
 import uuid
@@ -177,26 +176,6 @@ class AuditEntry:
     event: dict[str, Any]
     event_json: str
     entry_hash: str
-
-
-def _host_of(target: str) -> str:
-    """The host part of "host:port", "[v6]:port", "ipv4:host:port" or a bare host."""
-    for scheme in ("dns:///", "ipv4:", "ipv6:"):
-        target = target.removeprefix(scheme)
-    if target.startswith("["):
-        return target[1 : target.find("]")] if "]" in target else target
-    if target.count(":") == 1:
-        return target.rsplit(":", 1)[0]
-    return target
-
-
-def _is_local_literal(host: str) -> bool:
-    """A loopback or wildcard (0.0.0.0, ::) address literal: both reach this machine."""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return address.is_loopback or address.is_unspecified
 
 
 def _pem_certificates(data: bytes) -> list[x509.Certificate]:
