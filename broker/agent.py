@@ -575,7 +575,9 @@ class Agent:
                 self._anchors = roots
                 # Every SVID served must verify against the bundle served with it.
                 svids = {k: v for k, v in svids.items() if self._still_verifies(v)}
-            self._jwt_cache.clear()  # minted under the old JWT keys: validate again
+            old_keys = snap.bundle.jwt_authorities if snap.bundle is not None else {}
+            if any(bundle.jwt_authorities.get(kid) != key for kid, key in old_keys.items()):
+                self._jwt_cache.clear()  # a JWT key left the bundle: mint (and check) again
         updated = dataclasses.replace(
             snap, trust_domain=result.trust_domain, entries=entries, svids=svids
         )

@@ -483,3 +483,35 @@ async def test_a_jwt_svid_signed_by_a_foreign_key_is_refused_and_not_cached(
         with pytest.raises(Unauthenticated, match="does not validate"):
             await agent.jwt_svids({"unix:uid:1000"}, ["db"])
     assert link.calls.count("mint_jwt") == 2
+
+
+async def test_jwt_cache_survives_a_new_jwt_key_and_is_dropped_when_a_key_leaves(
+    agent: Agent, link: FakeLink, clock: FakeClock
+) -> None:
+    await agent.step()
+    await agent.jwt_svids({"unix:uid:1000"}, ["db"])
+    prepared = FakeCA(clock)
+    both = TrustBundle(
+        trust_domain=TD,
+        x509_authorities=[link.ca.root],
+        jwt_authorities={"k1": link.ca.jwt_key.public_key(), "k2": prepared.jwt_key.public_key()},
+        sequence=2,
+    )
+    link.bundle_jwks, link.ca.sequence = both.to_jwks_json(), 2
+    clock.advance(seconds=6)
+    await agent.step()
+    await agent.jwt_svids({"unix:uid:1000"}, ["db"])
+    assert link.calls.count("mint_jwt") == 1  # still cached: its key is still published
+    only_new = TrustBundle(
+        trust_domain=TD,
+        x509_authorities=[link.ca.root],
+        jwt_authorities={"k2": prepared.jwt_key.public_key()},
+        sequence=3,
+    )
+    link.bundle_jwks, link.ca.sequence = only_new.to_jwks_json(), 3
+    link.jwt_key = prepared.jwt_key
+    clock.advance(seconds=6)
+    await agent.step()
+    with pytest.raises(Unauthenticated):  # the fake still says kid k1: refused, not cached
+        await agent.jwt_svids({"unix:uid:1000"}, ["db"])
+    assert link.calls.count("mint_jwt") == 2
