@@ -114,6 +114,7 @@ class PeerCredentialProxy:
         self._prefix = f"broker-agent-{secrets.token_hex(8)}-"
         self._counter = itertools.count()
         self._server: asyncio.AbstractServer | None = None
+        self.connections: set[_Downstream] = set()
 
     def next_tag(self) -> str:
         return self._prefix + str(next(self._counter))
@@ -135,6 +136,8 @@ class PeerCredentialProxy:
         if self._server is None:
             return  # never listened: the path is not ours to remove
         self._server.close()
+        for connection in list(self.connections):  # Server.close() leaves accepted ones open
+            connection.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._server.wait_closed(), 2)
         with contextlib.suppress(FileNotFoundError):
@@ -154,6 +157,7 @@ class _Downstream(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self._proxy.connections.add(self)
         sock = transport.get_extra_info("socket")
         try:
             raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
@@ -209,7 +213,14 @@ class _Downstream(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self._proxy.connections.discard(self)
         self._proxy.registry.remove(self._tag)
+        if self.upstream is not None:
+            self.upstream.close()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
         if self.upstream is not None:
             self.upstream.close()
 

@@ -33,12 +33,14 @@ from broker.api._proto import (
     identity_pb2_grpc,
     secrets_pb2,
     secrets_pb2_grpc,
+    workload_pb2,
+    workload_pb2_grpc,
 )
 from broker.api.client import BrokerClient, ClientCredentials, ClientError
 from broker.api.identity_client import GrpcBrokerLink
 from broker.api.secrets_client import BrokerSecretSource, SecretsClient
 from broker.api.server import AppServer, serve_application
-from broker.api.workload import pinned_roots, selectors_of
+from broker.api.workload import pinned_roots, selectors_of, serve_workload_api
 from broker.app import Application
 from broker.cli import run
 from broker.errors import Unauthenticated
@@ -286,6 +288,44 @@ def _agent(
     return agent, link
 
 
+async def _workload_api(agent: Agent, socket_dir: Path) -> dict[str, Any]:
+    """What a workload of this uid gets from the agent's Workload API (a real socket): each
+    method's first message, or its gRPC status code."""
+    endpoint = await serve_workload_api(agent, socket_dir / "agent.sock")
+    answers: dict[str, Any] = {}
+    channel = grpc.aio.insecure_channel(f"unix:{socket_dir / 'agent.sock'}")
+    stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel)
+    header = [("workload.spiffe.io", "true")]
+    calls: dict[str, Callable[[], Any]] = {
+        "x509": lambda: stub.FetchX509SVID(workload_pb2.X509SVIDRequest(), metadata=header),
+        "x509-bundles": lambda: stub.FetchX509Bundles(
+            workload_pb2.X509BundlesRequest(), metadata=header
+        ),
+        "jwt-bundles": lambda: stub.FetchJWTBundles(
+            workload_pb2.JWTBundlesRequest(), metadata=header
+        ),
+    }
+    try:
+        for name, call in calls.items():
+            stream = call()
+            try:
+                answers[name] = await asyncio.wait_for(stream.read(), 10)
+            except grpc.aio.AioRpcError as exc:
+                answers[name] = exc.code()
+            finally:
+                stream.cancel()
+        try:
+            answers["jwt"] = await stub.FetchJWTSVID(
+                workload_pb2.JWTSVIDRequest(audience=["db"]), metadata=header, timeout=10
+            )
+        except grpc.aio.AioRpcError as exc:
+            answers["jwt"] = exc.code()
+    finally:
+        await channel.close()
+        await endpoint.stop()
+    return answers
+
+
 def _cli(broker: Broker, server: str, tmp_path: Path, *args: str) -> int:
     chain, key = broker.issue(OPERATOR_ID)
     (tmp_path / "op.pem").write_bytes(chain)
@@ -471,6 +511,8 @@ async def test_an_impostor_with_the_brokers_identity_cannot_plant_a_foreign_ca(
             c.subject for c in pinned_roots(broker.bundle_pem)
         ]
         assert not (write_dir / "bundle.pem").exists()
+        answers = await _workload_api(agent, tmp_path)
+        assert all(isinstance(a, grpc.StatusCode) for a in answers.values()), answers
     finally:
         link.close()
 
@@ -497,5 +539,10 @@ async def test_an_impostor_with_the_brokers_identity_cannot_plant_a_foreign_ca(
             await agent.jwt_svids(selectors, ["db"])
         assert not (write_dir / "svid.pem").exists()
         assert not (write_dir / "bundle.pem").exists()
+        answers = await _workload_api(agent, tmp_path)
+        assert answers["x509"] == grpc.StatusCode.UNAVAILABLE  # nothing that verifies
+        assert answers["x509-bundles"] == grpc.StatusCode.UNAVAILABLE
+        assert answers["jwt-bundles"] == grpc.StatusCode.UNAVAILABLE
+        assert answers["jwt"] == grpc.StatusCode.UNAUTHENTICATED
     finally:
         link.close()
