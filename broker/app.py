@@ -39,7 +39,7 @@ from ca.clock import Clock
 from ca.keys import KeyBackend
 from ca.layout import IdentityLayout
 from ca.spiffeid import SpiffeId
-from ca.x509svid import chain_pem, server_name
+from ca.x509svid import SERVER_PATH, chain_pem, server_name
 
 __all__ = ["Application", "TLSMaterial"]
 
@@ -128,7 +128,7 @@ class Application:
         self.authenticator = Authenticator(
             config.trust_domain, config.server.operators, self.layout
         )
-        self.server_id = SpiffeId.from_segments(config.trust_domain, "broker", "server")
+        self.server_id = SpiffeId.from_segments(config.trust_domain, *SERVER_PATH)
         # Workload identity: attestation, registration entries, agents.
         store = IdentityStore(storage.backend)  # type: ignore[attr-defined]
         self.workloads = IdentityService(self.ca, store, clock)

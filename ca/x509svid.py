@@ -49,6 +49,7 @@ from ca.spiffeid import SpiffeId, TrustDomain
 __all__ = [
     "DEFAULT_BACKDATE",
     "SERVER_NAME_DOMAIN",
+    "SERVER_PATH",
     "IssuedSVID",
     "LeafIssuer",
     "build_intermediate",
@@ -146,6 +147,10 @@ def spiffe_id_of(cert: x509.Certificate) -> SpiffeId:
     return SpiffeId.parse(uris[0])
 
 
+SERVER_PATH: Final = ("broker", "server")
+"""The path of the broker's serving identity, `spiffe://<td>/broker/server`."""
+
+
 def server_name(trust_domain: TrustDomain | str) -> str:
     """The DNS name that stands for `spiffe://<td>/broker/server` in the broker's serving
     certificate, e.g. `server.broker.example.org.spiffe.invalid`.
@@ -165,6 +170,20 @@ def server_name(trust_domain: TrustDomain | str) -> str:
         digest.update(td.encode())
         name = f"server.broker.{digest.finalize().hex()[:48]}.{SERVER_NAME_DOMAIN}"
     return name
+
+
+def _check_server_name(sid: SpiffeId, dns: Sequence[str]) -> None:
+    """The reserved server name goes only with the broker's own ID, so a certificate holding
+    it holds `spiffe://<td>/broker/server` too, whoever asked for it (`PolicyViolation`)."""
+    for name in dns:
+        if not is_reserved_dns_name(name):
+            continue
+        server_id = SpiffeId.from_segments(sid.trust_domain, *SERVER_PATH)
+        if sid != server_id or name != server_name(sid.trust_domain):
+            raise PolicyViolation(
+                f"DNS name {name[:80]!r} is reserved for the broker's serving certificate "
+                f"({server_id.id_string}); it is never issued to {sid.id_string[:200]}"
+            )
 
 
 def trust_domain_of_roots(roots: Iterable[x509.Certificate]) -> TrustDomain:
@@ -495,6 +514,7 @@ class LeafIssuer:
             )
         key_type = key_type_of(public_key)
         dns = _normalize_dns(dns_names)
+        _check_server_name(sid, dns)
         name = subject if subject is not None else x509.Name([])
         san_names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(sid.id_string)]
         san_names.extend(x509.DNSName(d) for d in dns)

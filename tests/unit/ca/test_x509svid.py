@@ -35,7 +35,9 @@ from ca.x509svid import (
     build_root,
     chain_der,
     chain_pem,
+    server_name,
     spiffe_id_of,
+    trust_domain_of_roots,
     verify_chain,
 )
 from tests.unit.ca.signers import NoExportSigner
@@ -244,6 +246,32 @@ def test_leaf_dns_names(pki: PKI) -> None:
 def test_leaf_bad_dns_names_refused(pki: PKI, bad: str) -> None:
     with pytest.raises(InvalidInput, match="not a valid hostname"):
         pki.leaf(dns_names=[bad])
+
+
+SERVER = SpiffeId.parse("spiffe://example.org/broker/server")
+
+
+def test_the_reserved_server_name_goes_only_with_the_brokers_id(pki: PKI) -> None:
+    name = server_name(TD)
+    cert = pki.leaf(spiffe_id=SERVER, dns_names=[name, "localhost"])
+    san = ext(cert, x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == [name, "localhost"]
+    for sid, dns in (
+        (WORKLOAD, name),  # a workload with the broker's name
+        (WORKLOAD, "*.example.org.spiffe.invalid"),
+        (SERVER, "server.broker.other.org.spiffe.invalid"),  # another domain's name
+    ):
+        with pytest.raises(PolicyViolation, match="reserved for the broker's serving"):
+            pki.leaf(spiffe_id=sid, dns_names=[dns])
+
+
+def test_the_trust_domain_of_a_bundle_comes_from_its_roots(pki: PKI) -> None:
+    assert trust_domain_of_roots([pki.root]).name == TD
+    with pytest.raises(InvalidInput, match="no trust domain"):
+        trust_domain_of_roots([])
+    other = build_root(ec.generate_private_key(ec.SECP256R1()), "other.org", NOW, DAY)
+    with pytest.raises(InvalidInput, match="several"):
+        trust_domain_of_roots([pki.root, other])
 
 
 def test_leaf_signature_hash_follows_issuer_curve() -> None:
