@@ -14,10 +14,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from broker.audit import AuditLedger
 from broker.authority import AuthorityView, CAService, CAStatus
 from broker.errors import InvalidArgument
+from broker.identity import Authenticator
 from broker.policy import Action
+from ca.errors import CAError
+from ca.spiffeid import SpiffeId
 
 from ._proto import audit_pb2, audit_pb2_grpc, ca_pb2, ca_pb2_grpc
-from .interceptors import MethodSpec, current_call
+from .interceptors import CallContext, MethodSpec, current_call
 
 __all__ = [
     "AUDIT_SPECS",
@@ -51,8 +54,12 @@ def _ttl(request: Any, field: str = "ttl_seconds") -> dt.timedelta | None:
 _CA = "/broker.v1.CertificateAuthority/"
 _AUDIT = "/broker.v1.Audit/"
 CA_SPECS: dict[str, MethodSpec] = {
-    _CA + "MintX509SVID": MethodSpec(Action.SVID_MINT, lambda r: _resource(r.spiffe_id)),
-    _CA + "MintJWTSVID": MethodSpec(Action.JWT_MINT, lambda r: _resource(r.spiffe_id)),
+    # Deferred: the decision needs the target ID's attributes (a prod identity minted by an
+    # operator needs a second operator's approval).
+    _CA + "MintX509SVID": MethodSpec(
+        Action.SVID_MINT, lambda r: _resource(r.spiffe_id), deferred=True
+    ),
+    _CA + "MintJWTSVID": MethodSpec(Action.JWT_MINT, lambda r: _resource(r.spiffe_id), deferred=True),
     _CA + "GetBundle": MethodSpec(Action.BUNDLE_GET),
     _CA + "GetStatus": MethodSpec(Action.CA_STATUS),
     _CA + "Rotate": MethodSpec(Action.CA_ROTATE),
@@ -106,11 +113,26 @@ def _status(s: CAStatus) -> ca_pb2.GetStatusResponse:
 
 
 class CertificateAuthorityServicer(ca_pb2_grpc.CertificateAuthorityServicer):  # type: ignore[misc]
-    def __init__(self, ca: CAService) -> None:
+    def __init__(self, ca: CAService, authenticator: Authenticator | None = None) -> None:
         self._ca = ca
+        self._auth = authenticator
+
+    def _authorize_mint(self, spiffe_id: str) -> CallContext:
+        """Decide the mint with the target ID's layout attributes (tenant, environment,
+        service) as the resource's; an ID outside the layout has none (the CA refuses a
+        malformed one after this, with its own message)."""
+        call = current_call()
+        attributes: dict[str, str] = {}
+        if self._auth is not None:
+            try:
+                attributes = self._auth.caller_for_id(SpiffeId.parse(spiffe_id)).attributes
+            except CAError:
+                attributes = {}
+        call.authorize(_resource(spiffe_id), attributes)
+        return call
 
     async def MintX509SVID(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        call = current_call()
+        call = self._authorize_mint(request.spiffe_id)
         issued = await self._ca.mint_x509(
             request.spiffe_id,
             ttl=_ttl(request),
@@ -135,7 +157,7 @@ class CertificateAuthorityServicer(ca_pb2_grpc.CertificateAuthorityServicer):  #
         )
 
     async def MintJWTSVID(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        call = current_call()
+        call = self._authorize_mint(request.spiffe_id)
         token = await self._ca.mint_jwt(
             request.spiffe_id, tuple(request.audience), ttl=_ttl(request), caller=call.caller
         )
