@@ -59,7 +59,9 @@ CA_SPECS: dict[str, MethodSpec] = {
     _CA + "MintX509SVID": MethodSpec(
         Action.SVID_MINT, lambda r: _resource(r.spiffe_id), deferred=True
     ),
-    _CA + "MintJWTSVID": MethodSpec(Action.JWT_MINT, lambda r: _resource(r.spiffe_id), deferred=True),
+    _CA + "MintJWTSVID": MethodSpec(
+        Action.JWT_MINT, lambda r: _resource(r.spiffe_id), deferred=True
+    ),
     _CA + "GetBundle": MethodSpec(Action.BUNDLE_GET),
     _CA + "GetStatus": MethodSpec(Action.CA_STATUS),
     _CA + "Rotate": MethodSpec(Action.CA_ROTATE),
