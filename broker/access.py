@@ -58,9 +58,9 @@ MAX_GRANT_TTL: Final = dt.timedelta(hours=8)
 MAX_BREAKGLASS_TTL: Final = dt.timedelta(hours=8)
 APPROVAL_TTL: Final = dt.timedelta(hours=1)
 TWO_PERSON_ACTIONS: Final = frozenset({"secrets.get", "secrets.rotate", "db.creds"})
-# Minting a production identity is the same power as reading its data: an operator needs a
-# second person's approval for it (see `_two_person`).
-TWO_PERSON_MINT_ACTIONS: Final = frozenset({"svid.mint", "jwt.mint"})
+# Minting a production identity (directly, or by a join token bound to it) is the same power
+# as reading its data: an operator needs a second person's approval for it (`_two_person`).
+TWO_PERSON_MINT_ACTIONS: Final = frozenset({"svid.mint", "jwt.mint", "token.create"})
 _MAX_TEXT: Final = 1024
 _CACHE_SIZE: Final = 65536
 _USE_MEMORY_SECONDS: Final = 300.0

@@ -48,6 +48,10 @@ class Authenticator:
         # The SVID denylist (`broker svid deny`), checked on every call when set.
         self.denylist: DenylistView | None = None
 
+    @property
+    def trust_domain(self) -> str:
+        return self._trust_domain
+
     def caller(self, auth_context: Mapping[str, Sequence[bytes]]) -> Caller:
         """Raises Unauthenticated when there is no client certificate or no usable SPIFFE ID,
         PermissionDenied when the ID or the certificate is on the denylist."""

@@ -28,6 +28,7 @@ __all__ = [
     "INFRA_SPECS",
     "AuditServicer",
     "CertificateAuthorityServicer",
+    "identity_attributes",
 ]
 
 _MAX_RESOURCE = 2100  # a valid SPIFFE ID is at most 2048 bytes; longer ones are cut in the log
@@ -85,6 +86,22 @@ INFRA_SPECS: dict[str, MethodSpec] = {
 }
 
 
+def identity_attributes(auth: Authenticator | None, spiffe_id: str) -> dict[str, str]:
+    """The layout attributes (tenant, environment, service) of the SPIFFE ID an RPC would issue
+    a credential for, as the resource's attributes for policy: an operator issuing a prod
+    identity needs a second operator. An ID outside the layout or the trust domain has none
+    (the domain refuses a malformed one afterwards, with its own message)."""
+    if auth is None:
+        return {}
+    try:
+        sid = SpiffeId.parse(spiffe_id)
+    except CAError:
+        return {}
+    if not sid.member_of(auth.trust_domain):
+        return {}
+    return dict(auth.caller_for_id(sid).attributes)
+
+
 def _authority(a: AuthorityView) -> ca_pb2.Authority:
     return ca_pb2.Authority(
         id=a.id,
@@ -120,17 +137,8 @@ class CertificateAuthorityServicer(ca_pb2_grpc.CertificateAuthorityServicer):  #
         self._auth = authenticator
 
     def _authorize_mint(self, spiffe_id: str) -> CallContext:
-        """Decide the mint with the target ID's layout attributes (tenant, environment,
-        service) as the resource's; an ID outside the layout has none (the CA refuses a
-        malformed one after this, with its own message)."""
         call = current_call()
-        attributes: dict[str, str] = {}
-        if self._auth is not None:
-            try:
-                attributes = self._auth.caller_for_id(SpiffeId.parse(spiffe_id)).attributes
-            except CAError:
-                attributes = {}
-        call.authorize(_resource(spiffe_id), attributes)
+        call.authorize(_resource(spiffe_id), identity_attributes(self._auth, spiffe_id))
         return call
 
     async def MintX509SVID(self, request: Any, context: grpc.aio.ServicerContext) -> Any:

@@ -208,7 +208,24 @@ async def test_an_operator_cannot_mint_a_prod_identity_alone(broker: BrokerHarne
     err = await refused(ca.MintJWTSVID(ca_pb2.MintJWTSVIDRequest(spiffe_id=WEB, audience=["x"])))
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED
     assert await issued_serials(broker) == before
+    # Nor by proxy: a join token bound to the prod ID would hand its holder that identity.
+    op = identity_stub(broker)
+    err = await refused(
+        op.CreateJoinToken(
+            identity_pb2.CreateJoinTokenRequest(spiffe_id=WEB), metadata=cid("token-web")
+        )
+    )
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "second operator" in (err.details() or "")
+    assert "token" not in (await broker.event_for("token-web")).get("details", {})
+    approval = await approve(broker, broker.operator, "token.create", WEB)
+    token = await op.CreateJoinToken(
+        identity_pb2.CreateJoinTokenRequest(spiffe_id=WEB), metadata=cid("token-approved")
+    )
+    assert token.spiffe_id == WEB
+    assert (await broker.event_for("token-approved"))["flags"] == {"approval": approval}
     # Non-production identities stay an operator's to mint alone.
+    assert (await op.CreateJoinToken(identity_pb2.CreateJoinTokenRequest(spiffe_id=AGENT_ID))).token
     dev = await ca.MintX509SVID(ca_pb2.MintX509SVIDRequest(spiffe_id=DEV_WORKLOAD))
     assert dev.spiffe_id == DEV_WORKLOAD
     assert Lineage.of(leaf(dev)) == Lineage(
