@@ -638,13 +638,23 @@ def _verdict(
 
 
 def _two_person_mint(decision: Decision, document: Mapping[str, Any]) -> Decision:
-    """An operator minting a production identity (any ID whose environment is prod: only those
-    can own prod data) needs an approval of (action, SPIFFE ID) by a second operator."""
+    """Anyone but the identity itself (an operator, or whoever a custom Rego policy lets mint
+    other IDs) minting a production identity (any ID whose environment is prod: only those can
+    own prod data) needs an approval of (action, SPIFFE ID) by a second operator, or a
+    break-glass credential for exactly that."""
     caller, resource = document["caller"], document["resource"]
-    if not caller.get("operator") or resource.get("environment") != "prod":
+    if resource.get("environment") != "prod":
         return decision
     name = str(resource.get("name", ""))
     if name == caller.get("id"):
+        return decision
+    breakglass = caller.get("breakglass")
+    if (
+        breakglass
+        and breakglass.get("active")
+        and breakglass.get("action") in (document["action"], "*")
+        and _covers(str(breakglass.get("resource", "")), name)
+    ):
         return decision
     for approval in caller.get("approvals", ()):
         if approval["action"] == document["action"] and _covers(approval["resource"], name):
