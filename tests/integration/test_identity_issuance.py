@@ -257,7 +257,8 @@ async def test_an_operator_minted_svid_reads_as_the_operator(broker: BrokerHarne
         )
     )
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert (await broker.event_for("read-minted"))["rule"] == "two-person"
+    event = await broker.event_for("read-minted")
+    assert (event["who"], event["rule"], event["minted_by"]) == (WEB, "two-person", OPERATOR_ID)
     # Its own approval request, approved by the operator who minted it, does not count.
     request = await access_stub(broker, fake_web).RequestApproval(
         access_pb2.RequestApprovalRequest(
@@ -285,7 +286,8 @@ async def test_an_operator_minted_svid_reads_as_the_operator(broker: BrokerHarne
         secrets_pb2.GetSecretRequest(reference=WEB_REF), metadata=cid("read-approved")
     )
     assert response.value == value
-    assert (await broker.event_for("read-approved"))["flags"] == {"approval": read}
+    event = await broker.event_for("read-approved")
+    assert (event["flags"], event["minted_by"]) == ({"approval": read}, OPERATOR_ID)
     err = await refused(
         secrets_stub(broker, fake_web).Get(secrets_pb2.GetSecretRequest(reference=WEB_REF))
     )
