@@ -119,5 +119,5 @@ def test_denying_an_ancestor_serial_denies_the_descendant(ca: CA) -> None:
 )
 def test_a_malformed_lineage_is_unauthenticated(ca: CA, value: bytes) -> None:
     pem = ca.raw_pem(WEB, x509.UnrecognizedExtension(LINEAGE_OID, value))
-    with pytest.raises(Unauthenticated, match="not an X.509-SVID"):
+    with pytest.raises(Unauthenticated, match=r"not an X\.509-SVID"):
         authenticator().caller(ctx(pem))
