@@ -46,6 +46,7 @@ __all__ = [
     "MAX_GRANT_TTL",
     "POLICY_NAME",
     "TWO_PERSON_ACTIONS",
+    "TWO_PERSON_MINT_ACTIONS",
     "AccessControl",
     "RegoPolicyView",
 ]
@@ -57,6 +58,9 @@ MAX_GRANT_TTL: Final = dt.timedelta(hours=8)
 MAX_BREAKGLASS_TTL: Final = dt.timedelta(hours=8)
 APPROVAL_TTL: Final = dt.timedelta(hours=1)
 TWO_PERSON_ACTIONS: Final = frozenset({"secrets.get", "secrets.rotate", "db.creds"})
+# Minting a production identity (directly, or by a join token bound to it) is the same power
+# as reading its data: an operator needs a second person's approval for it (`_two_person`).
+TWO_PERSON_MINT_ACTIONS: Final = frozenset({"svid.mint", "jwt.mint", "token.create"})
 _MAX_TEXT: Final = 1024
 _CACHE_SIZE: Final = 65536
 _USE_MEMORY_SECONDS: Final = 300.0
@@ -245,6 +249,10 @@ class AccessControl:
         now = self._clock.now()
         context = context or {}
         who = caller.spiffe_id
+        # An SVID an operator minted for another ID acts as that operator for the two-person
+        # rule: the approvals that count are the operator's (approved by someone else), never
+        # ones the minted identity asked for itself.
+        approver_of = caller.minted_by or who
         doc_caller: dict[str, Any] = {
             "id": who,
             "operator": caller.is_operator,
@@ -268,10 +276,12 @@ class AccessControl:
                     "resource_sha256": _sha256(a.resource),
                     "approved_by": a.approved_by or "",
                 }
-                for a in self._state.approvals.get(who, ())
-                if a.in_force(now) and a.id not in self._spent
+                for a in self._state.approvals.get(approver_of, ())
+                if a.in_force(now) and a.id not in self._spent and a.approved_by != approver_of
             ],
         }
+        if caller.minted_by:
+            doc_caller["minted_by"] = caller.minted_by
         if who.startswith(self._breakglass_prefix):
             record = self._state.breakglass.get(who)
             doc_caller["breakglass"] = {
@@ -321,6 +331,7 @@ class AccessControl:
         key = (
             caller.spiffe_id,
             caller.is_operator,
+            caller.minted_by,
             frozenset(caller.attributes.items()),
             action,
             resource,
@@ -339,7 +350,7 @@ class AccessControl:
             decision = self.evaluate(document)
             if len(self._cache) >= self._cache_size:
                 self._cache.clear()
-            self._cache[key] = (decision, self._lapses(caller.spiffe_id, now))
+            self._cache[key] = (decision, self._lapses(caller.minted_by or caller.spiffe_id, now))
         if decision.allowed:
             # Every request with a break-glass credential is flagged; only the one its
             # break-glass rule allowed spends it (not, say, fetching the trust bundle).
@@ -626,8 +637,44 @@ def _verdict(
     )
 
 
+def _two_person_mint(decision: Decision, document: Mapping[str, Any]) -> Decision:
+    """Anyone but the identity itself (an operator, or whoever a custom Rego policy lets mint
+    other IDs) minting a production identity (any ID whose environment is prod: only those can
+    own prod data) needs an approval of (action, SPIFFE ID) by a second operator, or a
+    break-glass credential for exactly that."""
+    caller, resource = document["caller"], document["resource"]
+    if resource.get("environment") != "prod":
+        return decision
+    name = str(resource.get("name", ""))
+    if name == caller.get("id"):
+        return decision
+    breakglass = caller.get("breakglass")
+    if (
+        breakglass
+        and breakglass.get("active")
+        and breakglass.get("action") in (document["action"], "*")
+        and _covers(str(breakglass.get("resource", "")), name)
+    ):
+        return decision
+    for approval in caller.get("approvals", ()):
+        if approval["action"] == document["action"] and _covers(approval["resource"], name):
+            flags = dict(decision.flags) | {"approval": approval["id"]}
+            return Decision(True, decision.reason, decision.rule, flags)
+    return Decision(
+        False,
+        f"minting the production identity {name} is the same power as reading its data: it "
+        "needs an approval by a second operator (broker approval request --action "
+        f"{document['action']} --resource {name})",
+        "two-person",
+        decision.flags,
+    )
+
+
 def _two_person(decision: Decision, document: Mapping[str, Any]) -> Decision:
-    """The invariant no Rego policy can lift: prod + pii needs the owner or two people."""
+    """The invariant no Rego policy can lift: prod + pii needs the owner or two people, and so
+    does an operator minting a prod identity. An SVID an operator minted is never the owner."""
+    if decision.allowed and document["action"] in TWO_PERSON_MINT_ACTIONS:
+        return _two_person_mint(decision, document)
     if not decision.allowed or document["action"] not in TWO_PERSON_ACTIONS:
         return decision
     resource = document["resource"]
@@ -639,6 +686,7 @@ def _two_person(decision: Decision, document: Mapping[str, Any]) -> Decision:
     name = str(resource.get("name", ""))
     if (
         not caller.get("operator")
+        and not caller.get("minted_by")
         and "breakglass" not in caller
         and caller.get("service")
         and caller.get("service") == resource.get("owner")

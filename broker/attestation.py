@@ -9,7 +9,12 @@ issuer) registered with its JWKS, the audience its tokens must carry, the algori
 shape, `alg` on the attestor's allow-list (so `none` and HMAC never reach a key), `kid` known in
 the JWKS and of the key type the algorithm needs (no key confusion), then signature, `iss`,
 `aud`, `exp` and `nbf` against the injected clock. Every refusal raises `Unauthenticated` with a
-message that names the check, never the token.
+message that names the check, never the token. A verified token is usable once: the caller
+records `replay_key` (its `jti`, or its hash when it has none) until `token_expiry`; tokens
+valid for more than `MAX_JWT_LIFETIME` from now are refused, which bounds that record.
+
+A template must be able to yield a workload ID: one whose path starts at the broker's reserved
+`/broker/...` namespace (operators, the broker's own identities) is refused when added.
 """
 
 from __future__ import annotations
@@ -45,6 +50,9 @@ ALLOWED_ALGORITHMS = frozenset(
 )
 DEFAULT_ALGORITHMS = ("RS256", "ES256")
 MAX_JWT_BYTES = 16384
+MAX_JWT_LIFETIME = dt.timedelta(hours=24)  # an attestation JWT's exp, at most this far ahead
+_MAX_JTI = 256
+RESERVED_SEGMENT = "broker"  # spiffe://<td>/broker/... belongs to the broker itself
 _TEMPLATE_FIELD = re.compile(r"\{([^{}]*)\}")
 _SEGMENT = re.compile(r"^[A-Za-z0-9._-]+$")
 TOKEN_PREFIX = "bjt_"  # noqa: S105 (a prefix, not a secret)
@@ -61,6 +69,20 @@ def hash_token(token: str) -> bytes:
 def token_fingerprint(token: str) -> str:
     """What the audit ledger records about a bootstrap credential: a short hash, never it."""
     return "sha256:" + hashlib.sha256(token.encode()).hexdigest()[:16]
+
+
+def replay_key(token: str, claims: Mapping[str, Any]) -> str:
+    """What identifies a verified attestation JWT for the replay cache: `jti:<jti>` when it has
+    a usable one, else `sha256:<hash of the token>` (the exact token cannot be reused either)."""
+    jti = claims.get("jti")
+    if isinstance(jti, str) and 0 < len(jti) <= _MAX_JTI and jti.isprintable():
+        return "jti:" + jti
+    return "sha256:" + hashlib.sha256(token.encode()).hexdigest()
+
+
+def token_expiry(claims: Mapping[str, Any]) -> dt.datetime:
+    """The verified token's `exp` as a UTC datetime (`JwtAttestor.verify` checked it)."""
+    return dt.datetime.fromtimestamp(float(claims["exp"]), dt.UTC)
 
 
 def _key_fits(key: Any, alg: str) -> bool:
@@ -138,6 +160,13 @@ class JwtAttestor:
             raise InvalidArgument(f"the template does not make a SPIFFE ID: {exc}") from None
         if not sid.member_of(self.trust_domain):
             raise InvalidArgument(f"the template must make IDs in {self.trust_domain}")
+        first = self.template[len("spiffe://") :].partition("/")[2].partition("/")[0]
+        if first == RESERVED_SEGMENT:
+            raise InvalidArgument(
+                f"the template can only make IDs under spiffe://{self.trust_domain}/broker/, "
+                "which is reserved for the broker's own identities (operators, the server) and "
+                "never minted"
+            )
 
     def verify(self, token: str, now: dt.datetime) -> dict[str, Any]:
         """The verified claims; raises Unauthenticated."""
@@ -182,8 +211,12 @@ class JwtAttestor:
             raise Unauthenticated(f"attestation JWT is invalid: {exc}") from None
         moment = now.timestamp()
         exp = claims.get("exp")
-        if not isinstance(exp, int | float) or moment >= exp:
+        if isinstance(exp, bool) or not isinstance(exp, int | float) or moment >= exp:
             raise Unauthenticated("attestation JWT has expired")
+        if exp - moment > MAX_JWT_LIFETIME.total_seconds():
+            raise Unauthenticated(
+                "attestation JWT expires more than 24h from now; use a short-lived token"
+            )
         nbf = claims.get("nbf")
         if nbf is not None and (not isinstance(nbf, int | float) or moment < nbf):
             raise Unauthenticated("attestation JWT is not valid yet (nbf)")

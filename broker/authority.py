@@ -40,7 +40,7 @@ from ca.keys import KeyBackend, KeyKind
 from ca.keys.uri import key_uri
 from ca.policy import CAPolicy, is_reserved_dns_name
 from ca.spiffeid import SpiffeId
-from ca.x509svid import LeafIssuer, build_intermediate, build_root
+from ca.x509svid import LeafIssuer, Lineage, build_intermediate, build_root
 
 __all__ = [
     "AuthorityView",
@@ -439,6 +439,28 @@ class CAService:
             )
         return sid
 
+    @staticmethod
+    def lineage_for(sid: SpiffeId, caller: Caller, *, renewal: bool = False) -> Lineage | None:
+        """The lineage of an SVID for `sid` minted through the caller's certificate.
+
+        - An operator minting another ID: marked `minted_by` the operator, so that requests made
+          with it count as the operator's own (two-person rule).
+        - A caller minting its own ID (self-mint): the caller's serial is recorded, so denying
+          it denies the child, and the child never outlives the caller's certificate (nor the
+          cap the caller itself inherited).
+        - Renewal (`renewal=True`, an agent's own ID): recorded like a self-mint, without a new
+          cap, but an inherited cap still holds (renewal cannot extend a self-minted chain).
+        - Anything else (attestation, an agent minting for the entries it serves): None.
+        """
+        if not caller.serial:
+            return None
+        parent = caller.lineage if caller.lineage is not None else Lineage()
+        if caller.is_operator and sid.id_string != caller.spiffe_id:
+            return Lineage(minted_by=caller.spiffe_id, ancestors=(caller.serial,))
+        if sid.id_string != caller.spiffe_id:
+            return None
+        return parent.child(caller.serial, capped_until=None if renewal else caller.not_after)
+
     async def mint_x509(
         self,
         spiffe_id: str,
@@ -448,9 +470,12 @@ class CAService:
         key_type: str | None,
         dns_names: Sequence[str],
         caller: Caller,
+        renewal: bool = False,
     ) -> IssuedX509:
         """Issue an X.509-SVID from a CSR, or with a broker-generated key returned once.
 
+        The SVID carries the lineage `lineage_for` gives (self-minted SVIDs end no later than
+        the caller's certificate; `renewal` is an agent renewing its own SVID).
         Raises InvalidArgument / InvalidCSR / InvalidTTL for malformed input and
         PolicyViolation when CA policy does not allow the ID, TTL or key type."""
         sid = self._check_id(spiffe_id)
@@ -488,6 +513,7 @@ class CAService:
             lifetime,
             dns_names=dns_names,
             backdate=self._cfg.backdate,
+            lineage=self.lineage_for(sid, caller, renewal=renewal),
         )
         leaf_der = cert.public_bytes(serialization.Encoding.DER)
         return IssuedX509(
@@ -552,6 +578,13 @@ class CAService:
         lifetime = self._policy.resolve_jwt(sid, ttl)
         snap = self._snap()
         now = self._clock.now()
+        lineage = self.lineage_for(sid, caller)
+        if lineage is not None and lineage.capped_until is not None:
+            # A self-minted JWT-SVID ends no later than the certificate it was minted through.
+            remaining = lineage.capped_until - now
+            if remaining < dt.timedelta(seconds=1):
+                raise PolicyViolation("the caller's certificate expires too soon to mint through")
+            lifetime = min(lifetime, remaining)
         svid = jwtsvid.mint_jwt_svid(
             snap.jwt_signer, sid, list(audience), now, lifetime, kid=snap.jwt_kid
         )

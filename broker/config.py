@@ -28,6 +28,7 @@ __all__ = [
     "DEFAULT_ATTEST_LISTEN",
     "DEFAULT_DATA_DIR",
     "DEFAULT_LISTEN",
+    "OPERATOR_PREFIX",
     "CAConfig",
     "Config",
     "DatabaseConfig",
@@ -45,6 +46,7 @@ DEFAULT_LISTEN = "127.0.0.1:8443"  # also the CLI's default --server
 # is taken, or if the listen port is 0); "off": none; otherwise HOST:PORT, which must bind.
 DEFAULT_ATTEST_LISTEN = "auto"
 DEFAULT_DATA_DIR = Path(".broker")
+OPERATOR_PREFIX = "/broker/operator/"  # operator identities; reserved, never minted
 
 
 @dataclass(frozen=True)
@@ -138,8 +140,18 @@ class Config:
         try:
             td = SpiffeId.parse(f"spiffe://{self.trust_domain}").trust_domain
             for op in self.server.operators:
-                if not SpiffeId.parse(op).member_of(td):
+                sid = SpiffeId.parse(op)
+                if not sid.member_of(td):
                     raise InvalidArgument(f"operator {op} is not in trust domain {td}")
+                # Operator IDs live only under the reserved prefix, which the CA never mints
+                # for anyone (no RPC, entry, join token or attestor can yield one).
+                if not sid.path.startswith(OPERATOR_PREFIX) or sid.path == OPERATOR_PREFIX:
+                    raise InvalidArgument(
+                        f"config: operator {op} is outside the reserved prefix "
+                        f"spiffe://{td}{OPERATOR_PREFIX}: operator IDs must be "
+                        f"spiffe://{td}{OPERATOR_PREFIX}NAME, so that no workload can ever be "
+                        "minted one"
+                    )
         except CAError as exc:
             raise InvalidArgument(f"config: {exc}") from exc
         if not self.server.operators:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Collection, Mapping, Sequence
+from dataclasses import replace
 from typing import Protocol
 
 from cryptography import x509
@@ -19,7 +20,7 @@ from broker.policy import Caller
 from ca.errors import CAError
 from ca.layout import IdentityLayout
 from ca.spiffeid import SpiffeId
-from ca.x509svid import spiffe_id_of
+from ca.x509svid import Lineage, spiffe_id_of
 
 __all__ = ["Authenticator", "DenylistView"]
 
@@ -41,11 +42,15 @@ class Authenticator:
         self._trust_domain = trust_domain
         self._operators = frozenset(operators)
         self._layout = layout
-        self._cache: OrderedDict[bytes, tuple[Caller, str]] = OrderedDict()
+        self._cache: OrderedDict[bytes, Caller] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
         # The SVID denylist (`broker svid deny`), checked on every call when set.
         self.denylist: DenylistView | None = None
+
+    @property
+    def trust_domain(self) -> str:
+        return self._trust_domain
 
     def caller(self, auth_context: Mapping[str, Sequence[bytes]]) -> Caller:
         """Raises Unauthenticated when there is no client certificate or no usable SPIFFE ID,
@@ -64,10 +69,18 @@ class Authenticator:
                 self._cache[pem] = hit
                 if len(self._cache) > self._cache_size:
                     self._cache.popitem(last=False)
-        caller, serial = hit
-        if self.denylist is not None and self.denylist.blocks(caller.spiffe_id, serial):
+        caller = hit
+        if self.denylist is not None and self._denied(self.denylist, caller):
             raise PermissionDenied(f"{caller.spiffe_id} (or this certificate) is on the denylist")
         return caller
+
+    @staticmethod
+    def _denied(denylist: DenylistView, caller: Caller) -> bool:
+        """The ID, the certificate's serial, or any certificate it was minted through."""
+        if denylist.blocks(caller.spiffe_id, caller.serial):
+            return True
+        ancestors = caller.lineage.ancestors if caller.lineage is not None else ()
+        return any(denylist.blocks(caller.spiffe_id, serial) for serial in ancestors)
 
     def caller_for_id(self, spiffe_id: SpiffeId) -> Caller:
         attributes: dict[str, str] = {}
@@ -86,14 +99,25 @@ class Authenticator:
         sid = spiffe_id.id_string
         return Caller(sid, sid in self._operators, attributes)
 
-    def _parse(self, pem: bytes) -> tuple[Caller, str]:
+    def _parse(self, pem: bytes) -> Caller:
         try:
             cert = x509.load_pem_x509_certificate(pem)
             spiffe_id = spiffe_id_of(cert)
+            lineage = Lineage.of(cert)
         except (ValueError, CAError) as exc:
             raise Unauthenticated(f"client certificate is not an X.509-SVID: {exc}") from exc
         if not spiffe_id.member_of(self._trust_domain):
             raise Unauthenticated(
                 f"client identity {spiffe_id} is not in trust domain {self._trust_domain}"
             )
-        return self.caller_for_id(spiffe_id), format(cert.serial_number, "x")
+        caller = self.caller_for_id(spiffe_id)
+        minted_by = lineage.minted_by if lineage is not None else ""
+        return replace(
+            caller,
+            # An SVID an operator minted for another ID is never an operator itself.
+            is_operator=caller.is_operator and not minted_by,
+            minted_by=minted_by,
+            serial=format(cert.serial_number, "x"),
+            not_after=cert.not_valid_after_utc,
+            lineage=lineage,
+        )

@@ -9,9 +9,12 @@ A Rego engine (a later issue) implements the same `Policy` interface.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from ca.x509svid import Lineage
 
 __all__ = ["Action", "Caller", "Decision", "DefaultPolicy", "Policy", "owner_decision"]
 
@@ -73,11 +76,19 @@ class Action:
 @dataclass(frozen=True)
 class Caller:
     """An authenticated caller. `attributes` holds the parsed identity layout (tenant,
-    environment, service) when the SPIFFE ID fits it."""
+    environment, service) when the SPIFFE ID fits it.
+
+    From its certificate: `serial` (lower-case hex), `not_after`, and `lineage` when it was
+    minted through another certificate; `minted_by` is the operator who minted it (or an SVID it
+    descends from) for someone else's ID, so policy counts its requests as that operator's."""
 
     spiffe_id: str
     is_operator: bool
     attributes: dict[str, str] = field(default_factory=dict)
+    minted_by: str = ""
+    serial: str = ""
+    not_after: dt.datetime | None = None
+    lineage: Lineage | None = None
 
 
 @dataclass(frozen=True)

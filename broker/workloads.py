@@ -20,6 +20,8 @@ from broker.attestation import (
     JwtAttestor,
     hash_token,
     new_join_token,
+    replay_key,
+    token_expiry,
     unverified_issuer,
 )
 from broker.authority import CAService, IssuedJWT, IssuedX509
@@ -154,8 +156,16 @@ class IdentityService:
         if record is None:
             raise Unauthenticated("attestation JWT issuer is not a registered attestor")
         attestor = self._attestor(record)
-        claims = attestor.verify(token, self._clock.now())
-        return await self._issue_agent(attestor.spiffe_id_for(claims), csr, caller)
+        now = self._clock.now()
+        claims = attestor.verify(token, now)
+        spiffe_id = attestor.spiffe_id_for(claims)
+        # Single use, like a join token: (issuer, jti) is recorded until the token expires, in
+        # storage, so a replay is refused by every worker and replica.
+        if not await self._store.use_attestation_jwt(
+            record.issuer, replay_key(token, claims), token_expiry(claims), now
+        ):
+            raise Unauthenticated("attestation JWT was already used (replay refused)")
+        return await self._issue_agent(spiffe_id, csr, caller)
 
     async def _issue_agent(self, spiffe_id: str, csr: bytes, caller: Caller) -> IssuedX509:
         if await self._store.is_denied(spiffe_id, None):
@@ -168,15 +178,29 @@ class IdentityService:
         """A new SVID for the caller's own ID (the mTLS certificate proves it)."""
         if not csr:
             raise InvalidArgument("renewal needs a CSR")
-        await self.check_allowed(caller.spiffe_id, serial)
+        await self.check_allowed(caller.spiffe_id, serial, _ancestors(caller))
         return await self._ca.mint_x509(
-            caller.spiffe_id, ttl=None, csr=csr, key_type=None, dns_names=(), caller=caller
+            caller.spiffe_id,
+            ttl=None,
+            csr=csr,
+            key_type=None,
+            dns_names=(),
+            caller=caller,
+            renewal=True,
         )
 
-    async def check_allowed(self, spiffe_id: str, serial: str | None) -> None:
-        """PermissionDenied when the ID or the certificate serial is on the denylist."""
+    async def check_allowed(
+        self, spiffe_id: str, serial: str | None, ancestors: Sequence[str] = ()
+    ) -> None:
+        """PermissionDenied when the ID, the certificate serial or the serial of a certificate
+        it was minted through (`ancestors`, from its lineage) is on the denylist."""
         if await self._store.is_denied(spiffe_id, serial):
             raise PermissionDenied(f"{spiffe_id} (or its certificate) is on the denylist")
+        for ancestor in ancestors:
+            if await self._store.is_denied(spiffe_id, ancestor):
+                raise PermissionDenied(
+                    f"{spiffe_id}: a certificate it was minted through is on the denylist"
+                )
 
     # -- attestors --------------------------------------------------------------------------
 
@@ -301,7 +325,7 @@ class IdentityService:
     # -- agents -----------------------------------------------------------------------------
 
     async def sync(self, agent: Caller, serial: str | None) -> AgentSync:
-        await self.check_allowed(agent.spiffe_id, serial)
+        await self.check_allowed(agent.spiffe_id, serial, _ancestors(agent))
         bundle = self._ca.bundle()
         return AgentSync(
             entries=await self._store.list_entries(agent.spiffe_id),
@@ -313,8 +337,10 @@ class IdentityService:
     async def mint_entry_x509(
         self, entry: EntryRecord, csr: bytes, agent: Caller, serial: str | None
     ) -> IssuedX509:
-        """The caller must already be authorized as the entry's parent."""
-        await self.check_allowed(agent.spiffe_id, serial)
+        """The caller must already be authorized as the entry's parent. PermissionDenied when
+        the agent (its ID, certificate or lineage) or the entry's own SPIFFE ID is denied."""
+        await self.check_allowed(agent.spiffe_id, serial, _ancestors(agent))
+        await self._check_entry_allowed(entry)
         if not csr:
             raise InvalidArgument("the agent must send a CSR (workload keys stay on the agent)")
         ttl = dt.timedelta(seconds=entry.x509_ttl) if entry.x509_ttl else None
@@ -330,6 +356,18 @@ class IdentityService:
     async def mint_entry_jwt(
         self, entry: EntryRecord, audience: Sequence[str], agent: Caller, serial: str | None
     ) -> IssuedJWT:
-        await self.check_allowed(agent.spiffe_id, serial)
+        await self.check_allowed(agent.spiffe_id, serial, _ancestors(agent))
+        await self._check_entry_allowed(entry)
         ttl = dt.timedelta(seconds=entry.jwt_ttl) if entry.jwt_ttl else None
         return await self._ca.mint_jwt(entry.spiffe_id, audience, ttl=ttl, caller=agent)
+
+    async def _check_entry_allowed(self, entry: EntryRecord) -> None:
+        """The entry's own SPIFFE ID on the denylist: its agent gets nothing for it."""
+        if self.denylist.blocks(entry.spiffe_id, None) or await self._store.is_denied(
+            entry.spiffe_id, None
+        ):
+            raise PermissionDenied(f"{entry.spiffe_id} is on the denylist")
+
+
+def _ancestors(caller: Caller) -> tuple[str, ...]:
+    return caller.lineage.ancestors if caller.lineage is not None else ()

@@ -15,7 +15,12 @@ Leaf profile (X509-SVID standard, section 3-4):
   keyEncipherment for RSA keys), never keyCertSign/cRLSign; EKU serverAuth + clientAuth;
 - SKI and AKI; a random positive serial with at least 64 bits of entropy;
 - notBefore backdated by a small clock skew allowance, never before the issuer's notBefore;
-  notAfter = min(now + ttl, issuer notAfter), and never more than `HARD_MAX_TTL` after now.
+  notAfter = min(now + ttl, issuer notAfter, notBefore + `HARD_MAX_TTL`): the 24 h ceiling is on
+  the whole validity window, backdate included;
+- optionally a non-critical lineage extension (`Lineage`, OID `LINEAGE_OID`): who minted the
+  SVID on someone else's behalf and the serials of the certificates it was minted through, so
+  that a relying party (the broker) can deny a whole self-minted chain by one serial and count
+  an operator-minted SVID as the operator.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import ipaddress
+import json
 from collections.abc import Iterable, Sequence
 from typing import Final
 
@@ -48,10 +54,13 @@ from ca.spiffeid import SpiffeId, TrustDomain
 
 __all__ = [
     "DEFAULT_BACKDATE",
+    "LINEAGE_OID",
+    "MAX_LINEAGE",
     "SERVER_NAME_DOMAIN",
     "SERVER_PATH",
     "IssuedSVID",
     "LeafIssuer",
+    "Lineage",
     "build_intermediate",
     "build_leaf",
     "build_root",
@@ -115,6 +124,123 @@ class IssuedSVID:
 
     def chain_pem(self) -> bytes:
         return chain_pem(self.chain)
+
+
+LINEAGE_OID: Final = x509.ObjectIdentifier("2.25.135983794404665652223373681657808187328")
+"""A UUID-based OID (ITU-T X.667) for the broker's lineage extension."""
+
+MAX_LINEAGE: Final = 16
+"""How many ancestor serials a lineage keeps (the most recent ones)."""
+
+_MAX_LINEAGE_BYTES: Final = 4096
+_SERIAL_CHARS: Final = frozenset("0123456789abcdef")
+
+
+def _der_utf8(text: str) -> bytes:
+    data = text.encode()
+    size = len(data)
+    if size < 0x80:
+        return bytes((0x0C, size)) + data
+    length = size.to_bytes((size.bit_length() + 7) // 8, "big")
+    return bytes((0x0C, 0x80 | len(length))) + length + data
+
+
+def _der_utf8_decode(der: bytes) -> str:
+    if len(der) < 2 or der[0] != 0x0C:
+        raise InvalidInput("lineage extension is not a UTF8String")
+    size, offset = der[1], 2
+    if size & 0x80:
+        count = size & 0x7F
+        if not 0 < count <= 2 or len(der) < 2 + count:
+            raise InvalidInput("lineage extension has a bad length")
+        size, offset = int.from_bytes(der[2 : 2 + count], "big"), 2 + count
+    if len(der) != offset + size:
+        raise InvalidInput("lineage extension has a bad length")
+    return der[offset:].decode()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Lineage:
+    """Where an SVID came from, when it was minted through another certificate.
+
+    - `minted_by`: the SPIFFE ID of the operator who minted it (or an ancestor of it) for an ID
+      other than the operator's own; "" when a workload minted its own identity.
+    - `ancestors`: serials (lower-case hex) of the certificates it was minted through, oldest
+      first, at most `MAX_LINEAGE` (the most recent ones).
+    - `capped_until`: when set, no SVID minted through this one may outlive this moment (the
+      end of the first self-minted certificate's parent): renewal cannot extend a chain that
+      self-minting created.
+    """
+
+    minted_by: str = ""
+    ancestors: tuple[str, ...] = ()
+    capped_until: dt.datetime | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.minted_by, str) or len(self.minted_by) > 2048:
+            raise InvalidInput("lineage minted_by must be a SPIFFE ID")
+        ancestors = tuple(self.ancestors)[-MAX_LINEAGE:]
+        for serial in ancestors:
+            if not isinstance(serial, str) or not 0 < len(serial) <= 40:
+                raise InvalidInput("lineage serials must be 1..40 hex digits")
+            if not set(serial) <= _SERIAL_CHARS:
+                raise InvalidInput("lineage serials must be lower-case hex")
+        object.__setattr__(self, "ancestors", ancestors)
+        if self.capped_until is not None:
+            object.__setattr__(self, "capped_until", utc(self.capped_until))
+
+    def child(
+        self, serial: str, *, minted_by: str | None = None, capped_until: dt.datetime | None
+    ) -> Lineage:
+        """The lineage of an SVID minted through the certificate `serial` that has this lineage:
+        the serial is appended, `minted_by` is inherited unless given, and the cap is the
+        earlier of this one and `capped_until`."""
+        caps = [c for c in (self.capped_until, capped_until) if c is not None]
+        return Lineage(
+            minted_by=self.minted_by if minted_by is None else minted_by,
+            ancestors=(*self.ancestors, serial),
+            capped_until=min(caps) if caps else None,
+        )
+
+    def to_extension(self) -> x509.UnrecognizedExtension:
+        doc: dict[str, object] = {"ancestors": list(self.ancestors)}
+        if self.minted_by:
+            doc["minted_by"] = self.minted_by
+        if self.capped_until is not None:
+            doc["capped_until"] = int(self.capped_until.timestamp())
+        text = json.dumps(doc, separators=(",", ":"), sort_keys=True)
+        return x509.UnrecognizedExtension(LINEAGE_OID, _der_utf8(text))
+
+    @classmethod
+    def of(cls, cert: x509.Certificate) -> Lineage | None:
+        """The certificate's lineage, or None without one. `InvalidInput` when malformed."""
+        try:
+            ext = cert.extensions.get_extension_for_oid(LINEAGE_OID)
+        except x509.ExtensionNotFound:
+            return None
+        value = ext.value
+        if not isinstance(value, x509.UnrecognizedExtension) or len(value.value) > (
+            _MAX_LINEAGE_BYTES
+        ):
+            raise InvalidInput("lineage extension is malformed")
+        try:
+            doc = json.loads(_der_utf8_decode(value.value))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise InvalidInput("lineage extension is not valid JSON") from None
+        if not isinstance(doc, dict):
+            raise InvalidInput("lineage extension is malformed")
+        ancestors = doc.get("ancestors", [])
+        minted_by = doc.get("minted_by", "")
+        capped = doc.get("capped_until")
+        if not isinstance(ancestors, list) or (
+            capped is not None and (isinstance(capped, bool) or not isinstance(capped, int))
+        ):
+            raise InvalidInput("lineage extension is malformed")
+        try:
+            cap = None if capped is None else dt.datetime.fromtimestamp(capped, dt.UTC)
+        except (OverflowError, OSError, ValueError):
+            raise InvalidInput("lineage extension has a bad cap") from None
+        return cls(minted_by=minted_by, ancestors=tuple(ancestors), capped_until=cap)
 
 
 def chain_pem(certs: Iterable[x509.Certificate]) -> bytes:
@@ -430,6 +556,7 @@ def build_leaf(
     *,
     backdate: dt.timedelta = DEFAULT_BACKDATE,
     ip_addresses: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address] = (),
+    lineage: Lineage | None = None,
 ) -> x509.Certificate:
     """An X509-SVID leaf for `spiffe_id`, signed by the issuing CA (see the module docstring).
 
@@ -451,6 +578,7 @@ def build_leaf(
         subject,
         backdate=backdate,
         ip_addresses=ip_addresses,
+        lineage=lineage,
     )
 
 
@@ -494,8 +622,10 @@ class LeafIssuer:
         *,
         backdate: dt.timedelta = DEFAULT_BACKDATE,
         ip_addresses: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address] = (),
+        lineage: Lineage | None = None,
     ) -> x509.Certificate:
-        """Issue one X509-SVID leaf; see `build_leaf` for what is refused."""
+        """Issue one X509-SVID leaf; see `build_leaf` for what is refused. `lineage`, when
+        given, is added as a non-critical extension; its `capped_until` also bounds notAfter."""
         issuer_cert = self._cert
         sid = spiffe_id if isinstance(spiffe_id, SpiffeId) else SpiffeId.parse(spiffe_id)
         sid.require_workload()
@@ -531,14 +661,23 @@ class LeafIssuer:
             encipher_only=False,
             decipher_only=False,
         )
+        not_before = max(now - backdate, issuer_cert.not_valid_before_utc)
+        # The 24 h ceiling bounds the validity window, so the backdate comes out of it.
+        not_after = min(now + ttl, issuer_cert.not_valid_after_utc, not_before + HARD_MAX_TTL)
+        if lineage is not None and lineage.capped_until is not None:
+            if lineage.capped_until <= now:
+                raise PolicyViolation(
+                    "the certificate this SVID would be minted through has expired"
+                )
+            not_after = min(not_after, lineage.capped_until)
         builder = (
             x509.CertificateBuilder()
             .subject_name(name)
             .issuer_name(issuer_cert.subject)
             .public_key(public_key)
             .serial_number(x509.random_serial_number())
-            .not_valid_before(max(now - backdate, issuer_cert.not_valid_before_utc))
-            .not_valid_after(min(now + ttl, issuer_cert.not_valid_after_utc))
+            .not_valid_before(not_before)
+            .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(key_usage, critical=True)
             .add_extension(
@@ -551,6 +690,8 @@ class LeafIssuer:
             .add_extension(self._aki, critical=False)
             .add_extension(x509.SubjectAlternativeName(san_names), critical=len(name.rdns) == 0)
         )
+        if lineage is not None:
+            builder = builder.add_extension(lineage.to_extension(), critical=False)
         return builder.sign(self._signer, self._hash)
 
 

@@ -13,12 +13,14 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from broker.attestation import token_fingerprint
 from broker.authority import IssuedX509
 from broker.errors import InvalidArgument
+from broker.identity import Authenticator
 from broker.policy import Action
 from broker.storage.identity import AttestorRecord, EntryRecord
 from broker.workloads import IdentityService
 
 from ._proto import identity_pb2, identity_pb2_grpc
 from .interceptors import MethodSpec, current_call
+from .servicers import identity_attributes
 
 if TYPE_CHECKING:
     from broker.app import Application
@@ -42,7 +44,10 @@ IDENTITY_SPECS: dict[str, MethodSpec] = {
     _SVC + "SyncAgent": MethodSpec(Action.AGENT_SYNC, deferred=True),
     _SVC + "MintEntryX509": MethodSpec(Action.AGENT_SYNC, lambda r: r.entry_id[:64], deferred=True),
     _SVC + "MintEntryJWT": MethodSpec(Action.AGENT_SYNC, lambda r: r.entry_id[:64], deferred=True),
-    _SVC + "CreateJoinToken": MethodSpec(Action.TOKEN_CREATE, lambda r: r.spiffe_id[:2100]),
+    # Deferred: a join token for a prod identity is minting it by proxy (second operator).
+    _SVC + "CreateJoinToken": MethodSpec(
+        Action.TOKEN_CREATE, lambda r: r.spiffe_id[:2100], deferred=True
+    ),
     _SVC + "AddAttestor": MethodSpec(Action.ATTESTOR_ADMIN, lambda r: r.name[:64]),
     _SVC + "ListAttestors": MethodSpec(Action.ATTESTOR_ADMIN),
     _SVC + "RemoveAttestor": MethodSpec(Action.ATTESTOR_ADMIN, lambda r: r.name[:64]),
@@ -102,8 +107,11 @@ def _attestor(a: AttestorRecord) -> identity_pb2.Attestor:
 
 
 class WorkloadIdentityServicer(identity_pb2_grpc.WorkloadIdentityServicer):  # type: ignore[misc]
-    def __init__(self, service: IdentityService) -> None:
+    def __init__(
+        self, service: IdentityService, authenticator: Authenticator | None = None
+    ) -> None:
         self._svc = service
+        self._auth = authenticator
 
     async def Attest(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         call = current_call()
@@ -181,6 +189,9 @@ class WorkloadIdentityServicer(identity_pb2_grpc.WorkloadIdentityServicer):  # t
         )
 
     async def CreateJoinToken(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        current_call().authorize(
+            request.spiffe_id[:2100], identity_attributes(self._auth, request.spiffe_id)
+        )
         ttl = dt.timedelta(seconds=request.ttl_seconds) if request.HasField("ttl_seconds") else None
         token, sid, expires = await self._svc.create_join_token(request.spiffe_id, ttl)
         current_call().details.update(
@@ -244,6 +255,6 @@ def binding(app: Application) -> ServiceBinding:
     return ServiceBinding(
         identity_pb2.DESCRIPTOR.services_by_name["WorkloadIdentity"],
         identity_pb2_grpc.add_WorkloadIdentityServicer_to_server,
-        WorkloadIdentityServicer(app.workloads),
+        WorkloadIdentityServicer(app.workloads, app.authenticator),
         IDENTITY_SPECS,
     )

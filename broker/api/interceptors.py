@@ -240,6 +240,8 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 raise
             caller = bootstrap_caller(context.peer())
         seen["who"] = caller.spiffe_id
+        if caller.minted_by:  # an SVID an operator minted: the ledger says whose it is
+            seen["minted_by"] = caller.minted_by
         if spec is not None and request is not None:
             seen["resource"] = spec.resource(request)
         self._limiter.check(caller.spiffe_id)
@@ -393,6 +395,8 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 event["details"] = call.details
             if flags:
                 event["flags"] = dict(flags)  # grant / approval / break-glass used
+            if seen.get("minted_by"):
+                event["minted_by"] = seen["minted_by"]
             try:
                 await self._ledger.record(event)
                 if self._observer is not None:

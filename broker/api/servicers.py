@@ -14,10 +14,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from broker.audit import AuditLedger
 from broker.authority import AuthorityView, CAService, CAStatus
 from broker.errors import InvalidArgument
+from broker.identity import Authenticator
 from broker.policy import Action
+from ca.errors import CAError
+from ca.spiffeid import SpiffeId
 
 from ._proto import audit_pb2, audit_pb2_grpc, ca_pb2, ca_pb2_grpc
-from .interceptors import MethodSpec, current_call
+from .interceptors import CallContext, MethodSpec, current_call
 
 __all__ = [
     "AUDIT_SPECS",
@@ -25,6 +28,7 @@ __all__ = [
     "INFRA_SPECS",
     "AuditServicer",
     "CertificateAuthorityServicer",
+    "identity_attributes",
 ]
 
 _MAX_RESOURCE = 2100  # a valid SPIFFE ID is at most 2048 bytes; longer ones are cut in the log
@@ -51,8 +55,14 @@ def _ttl(request: Any, field: str = "ttl_seconds") -> dt.timedelta | None:
 _CA = "/broker.v1.CertificateAuthority/"
 _AUDIT = "/broker.v1.Audit/"
 CA_SPECS: dict[str, MethodSpec] = {
-    _CA + "MintX509SVID": MethodSpec(Action.SVID_MINT, lambda r: _resource(r.spiffe_id)),
-    _CA + "MintJWTSVID": MethodSpec(Action.JWT_MINT, lambda r: _resource(r.spiffe_id)),
+    # Deferred: the decision needs the target ID's attributes (a prod identity minted by an
+    # operator needs a second operator's approval).
+    _CA + "MintX509SVID": MethodSpec(
+        Action.SVID_MINT, lambda r: _resource(r.spiffe_id), deferred=True
+    ),
+    _CA + "MintJWTSVID": MethodSpec(
+        Action.JWT_MINT, lambda r: _resource(r.spiffe_id), deferred=True
+    ),
     _CA + "GetBundle": MethodSpec(Action.BUNDLE_GET),
     _CA + "GetStatus": MethodSpec(Action.CA_STATUS),
     _CA + "Rotate": MethodSpec(Action.CA_ROTATE),
@@ -74,6 +84,22 @@ INFRA_SPECS: dict[str, MethodSpec] = {
         Action.REFLECTION, audited=False
     ),
 }
+
+
+def identity_attributes(auth: Authenticator | None, spiffe_id: str) -> dict[str, str]:
+    """The layout attributes (tenant, environment, service) of the SPIFFE ID an RPC would issue
+    a credential for, as the resource's attributes for policy: an operator issuing a prod
+    identity needs a second operator. An ID outside the layout or the trust domain has none
+    (the domain refuses a malformed one afterwards, with its own message)."""
+    if auth is None:
+        return {}
+    try:
+        sid = SpiffeId.parse(spiffe_id)
+    except CAError:
+        return {}
+    if not sid.member_of(auth.trust_domain):
+        return {}
+    return dict(auth.caller_for_id(sid).attributes)
 
 
 def _authority(a: AuthorityView) -> ca_pb2.Authority:
@@ -106,11 +132,17 @@ def _status(s: CAStatus) -> ca_pb2.GetStatusResponse:
 
 
 class CertificateAuthorityServicer(ca_pb2_grpc.CertificateAuthorityServicer):  # type: ignore[misc]
-    def __init__(self, ca: CAService) -> None:
+    def __init__(self, ca: CAService, authenticator: Authenticator | None = None) -> None:
         self._ca = ca
+        self._auth = authenticator
+
+    def _authorize_mint(self, spiffe_id: str) -> CallContext:
+        call = current_call()
+        call.authorize(_resource(spiffe_id), identity_attributes(self._auth, spiffe_id))
+        return call
 
     async def MintX509SVID(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        call = current_call()
+        call = self._authorize_mint(request.spiffe_id)
         issued = await self._ca.mint_x509(
             request.spiffe_id,
             ttl=_ttl(request),
@@ -135,7 +167,7 @@ class CertificateAuthorityServicer(ca_pb2_grpc.CertificateAuthorityServicer):  #
         )
 
     async def MintJWTSVID(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        call = current_call()
+        call = self._authorize_mint(request.spiffe_id)
         token = await self._ca.mint_jwt(
             request.spiffe_id, tuple(request.audience), ttl=_ttl(request), caller=call.caller
         )

@@ -57,7 +57,7 @@ def bindings_for(app: Application, *, ca: CAService | None = None) -> list[Servi
         ServiceBinding(
             ca_pb2.DESCRIPTOR.services_by_name["CertificateAuthority"],
             ca_pb2_grpc.add_CertificateAuthorityServicer_to_server,
-            CertificateAuthorityServicer(ca if ca is not None else app.ca),
+            CertificateAuthorityServicer(ca if ca is not None else app.ca, app.authenticator),
             CA_SPECS,
         ),
         ServiceBinding(

@@ -4,9 +4,12 @@
 #   input.action     "secrets.get", "db.creds", "svid.mint", "ca.policy.set", ...
 #   input.caller     {id, operator, tenant, environment, service, attestation,
 #                     grants: [{id, action, resource}], approvals: [{id, action, resource}],
-#                     breakglass: {id, action, resource, active}}   (breakglass only when the
+#                     breakglass: {id, action, resource, active},   (breakglass only when the
 #                     caller presents a break-glass credential; tenant/environment/service only
 #                     when its SPIFFE ID fits the identity layout)
+#                     minted_by}   (the operator who minted the caller's SVID for it; its
+#                     approvals are then that operator's, and broker.access never counts it as
+#                     the owning service for the two-person rule)
 #   input.resource   {name, tenant, environment, owner, classification, plane, holder, ...}
 #   input.context    {time (UTC, to the minute), justification, ticket}
 #

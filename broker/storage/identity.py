@@ -71,6 +71,14 @@ class IdentityRepository(Protocol):
         expired or already used (a second consumer of the same token always gets None)."""
         ...
 
+    async def use_attestation_jwt(
+        self, issuer: str, jti: str, expires_at: dt.datetime, now: dt.datetime
+    ) -> bool:
+        """Record the first use of the attestation JWT (issuer, jti) until `expires_at`, and
+        prune records of tokens expired by `now`, in one transaction. False (nothing written)
+        when it was used before: a replay. Atomic across workers and replicas."""
+        ...
+
     async def insert_attestor(self, record: AttestorRecord) -> None: ...
 
     async def list_attestors(self) -> list[AttestorRecord]: ...
@@ -132,6 +140,23 @@ class IdentityStore:
                 stamp,
             )
         return None if row is None else str(row[0])
+
+    async def use_attestation_jwt(
+        self, issuer: str, jti: str, expires_at: dt.datetime, now: dt.datetime
+    ) -> bool:
+        ts = self._b.encode_ts
+        stamp = ts(require_aware(now))
+        async with self._b.transaction(write=True) as tx:
+            await tx.execute("DELETE FROM attestation_jwt_uses WHERE expires_at <= ?", stamp)
+            row = await tx.fetchrow(
+                "INSERT INTO attestation_jwt_uses (issuer, jti, expires_at, used_at) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (issuer, jti) DO NOTHING RETURNING jti",
+                issuer,
+                jti,
+                ts(require_aware(expires_at)),
+                stamp,
+            )
+        return row is not None
 
     # -- attestors
 

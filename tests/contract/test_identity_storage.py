@@ -132,3 +132,31 @@ async def test_denylist_by_id_and_by_serial_is_idempotent(store: IdentityStore) 
     assert not await store.is_denied(other, "ab13")
     listed = [(r.kind, r.value) for r in await store.list_denied()]
     assert listed == [("serial", "ab12"), ("spiffe_id", AGENT)]
+
+
+async def test_an_attestation_jwt_is_used_once_even_concurrently(store: IdentityStore) -> None:
+    """Issue 20 finding 14: the jti replay cache is shared through storage, so two workers (or
+    replicas) racing with one token get it once; other issuers' jtis are separate."""
+    exp = T0 + dt.timedelta(minutes=5)
+    results = await asyncio.gather(
+        *(store.use_attestation_jwt("https://ci", "jti:a", exp, T0) for _ in range(8))
+    )
+    assert sorted(results) == [False] * 7 + [True]
+    assert await store.use_attestation_jwt("https://ci", "jti:a", exp, T0) is False
+    assert await store.use_attestation_jwt("https://other", "jti:a", exp, T0) is True
+    assert await store.use_attestation_jwt("https://ci", "jti:b", exp, T0) is True
+
+
+async def test_expired_attestation_jwt_records_are_pruned(store: IdentityStore) -> None:
+    short = T0 + dt.timedelta(minutes=1)
+    assert await store.use_attestation_jwt("https://ci", "jti:old", short, T0) is True
+    assert await store.use_attestation_jwt("https://ci", "jti:old", short, T0) is False
+    # Once the token has expired (it can no longer verify) its record goes with the next use.
+    later = short + dt.timedelta(seconds=1)
+    assert await store.use_attestation_jwt(
+        "https://ci", "jti:new", later + dt.timedelta(minutes=1), later
+    )
+    backend = store._b  # the table itself: the expired record is gone
+    async with backend.transaction(write=False) as tx:
+        rows = await tx.fetch("SELECT jti FROM attestation_jwt_uses ORDER BY jti")
+    assert [r[0] for r in rows] == ["jti:new"]

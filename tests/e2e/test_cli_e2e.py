@@ -443,6 +443,11 @@ BAD_REQUESTS = [
     ("csr-truncated", lambda td: f"spiffe://{td}/default/dev/csr-truncated", ["csr:truncated"]),
     ("csr-bad-signature", lambda td: f"spiffe://{td}/default/dev/csr-sig", ["csr:bad-signature"]),
     ("csr-huge", lambda td: f"spiffe://{td}/default/dev/csr-huge", ["csr:huge"]),
+    # Nobody mints an operator (issue 11 item 5) or the broker itself; one operator alone does
+    # not mint a production identity (issue 20 finding 4).
+    ("operator-id", lambda td: f"spiffe://{td}/broker/operator/bob", []),
+    ("server-id", lambda td: f"spiffe://{td}/broker/server", []),
+    ("prod-alone", lambda td: f"spiffe://{td}/default/prod/web", []),
 ]
 
 

@@ -82,7 +82,10 @@ def test_production_config_serves_from_postgres_and_the_hsm(
     assert status["key_backend"].startswith(f"pkcs11 token={token.token_label}")
     assert all(a["key_uri"].startswith("pkcs11:token=") for a in status["authorities"])
     out = tmp_path / "svid"
-    cli.ok("svid", "mint", "--spiffe-id", f"spiffe://{TD}/acme/prod/web", "--out", str(out))
+    # One operator alone mints non-production identities; a prod one needs a second operator.
+    refused = cli.run("svid", "mint", "--spiffe-id", f"spiffe://{TD}/acme/prod/web", "--out", "x")
+    assert refused.returncode != 0 and "second operator" in refused.stderr, refused.describe()
+    cli.ok("svid", "mint", "--spiffe-id", f"spiffe://{TD}/acme/dev/web", "--out", str(out))
     assert (out / "key.pem").stat().st_mode & 0o777 == 0o600
     cli.ok("audit", "verify")
     events = [e["event"] for e in cli.ok("audit", "tail", "--output", "json").json()]

@@ -55,7 +55,7 @@ from ca.x509svid import LeafIssuer, build_intermediate, build_root, server_name
 from tests.integration.conftest import OPERATOR_ID, TRUST_DOMAIN, make_config
 
 AGENT_ID = f"spiffe://{TRUST_DOMAIN}/agents/node1"
-WEB_ID = f"spiffe://{TRUST_DOMAIN}/acme/prod/web"
+WEB_ID = f"spiffe://{TRUST_DOMAIN}/acme/dev/web"
 SERVER_ID = f"spiffe://{TRUST_DOMAIN}/broker/server"
 HOUR = dt.timedelta(hours=1)
 

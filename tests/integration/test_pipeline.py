@@ -37,6 +37,9 @@ from .conftest import (
 )
 
 TIMEOUT = 10.0
+# What an operator mints alone: a production identity needs a second operator's approval
+# (tests/integration/test_identity_issuance.py).
+DEV_WORKLOAD_ID = f"spiffe://{TRUST_DOMAIN}/acme/dev/web"
 CA_SERVICE = "broker.v1.CertificateAuthority"
 AUDIT_SERVICE = "broker.v1.Audit"
 
@@ -162,7 +165,7 @@ async def test_operator_mints_x509_svid_that_verifies_and_is_audited(
     b = any_broker
     ca = b.ca()
     call = ca.MintX509SVID(
-        ca_pb2.MintX509SVIDRequest(spiffe_id=WORKLOAD_ID, ttl_seconds=600),
+        ca_pb2.MintX509SVIDRequest(spiffe_id=DEV_WORKLOAD_ID, ttl_seconds=600),
         metadata=cid("it-mint-0001"),
         timeout=TIMEOUT,
     )
@@ -175,7 +178,7 @@ async def test_operator_mints_x509_svid_that_verifies_and_is_audited(
     roots = x509.load_pem_x509_certificates(bundle.pem.encode())
     assert [r.public_bytes(serialization.Encoding.DER) for r in roots] == list(resp.bundle)
     verify_chain(leaf, intermediates, roots, b.clock.now(), trust_domain=TRUST_DOMAIN)
-    assert spiffe_id_of(leaf).id_string == WORKLOAD_ID == resp.spiffe_id
+    assert spiffe_id_of(leaf).id_string == DEV_WORKLOAD_ID == resp.spiffe_id
     lifetime = leaf.not_valid_after_utc - b.clock.now()  # X.509 times have whole seconds
     assert dt.timedelta(seconds=599) < lifetime <= dt.timedelta(seconds=600)
     assert resp.expires_at.ToDatetime(dt.UTC) == leaf.not_valid_after_utc
@@ -188,7 +191,7 @@ async def test_operator_mints_x509_svid_that_verifies_and_is_audited(
     assert event["who"] == OPERATOR_ID
     assert event["what"] == "svid.mint"
     assert event["method"] == "/broker.v1.CertificateAuthority/MintX509SVID"
-    assert event["resource"] == WORKLOAD_ID
+    assert event["resource"] == DEV_WORKLOAD_ID
     assert event["decision"] == "allow"
     assert event["outcome"] == "OK"
     assert event["correlation_id"] == "it-mint-0001"
@@ -370,7 +373,7 @@ async def test_audit_write_failure_fails_the_request(broker_factory: BrokerFacto
     b = await broker_factory(wrap_storage=wrap)
     storage = wrappers[0]
     ca = b.ca()
-    request = ca_pb2.MintX509SVIDRequest(spiffe_id=WORKLOAD_ID)
+    request = ca_pb2.MintX509SVIDRequest(spiffe_id=DEV_WORKLOAD_ID)
     assert (await ca.MintX509SVID(request, timeout=TIMEOUT)).cert_chain  # wiring works
 
     storage.fail_audit = True
@@ -401,7 +404,7 @@ async def test_unexpected_exception_becomes_internal_without_details(
     b = await broker_factory(ca_service=ExplodingCA())
     err = await refused(
         b.ca().MintX509SVID(
-            ca_pb2.MintX509SVIDRequest(spiffe_id=WORKLOAD_ID),
+            ca_pb2.MintX509SVIDRequest(spiffe_id=DEV_WORKLOAD_ID),
             metadata=cid("it-internal-1"),
             timeout=TIMEOUT,
         )
@@ -434,7 +437,7 @@ async def test_oversized_request_is_refused(broker_factory: BrokerFactory, kib: 
     before = await b.events()
     err = await refused(
         ca.MintX509SVID(
-            ca_pb2.MintX509SVIDRequest(spiffe_id=WORKLOAD_ID, csr=b"\x30" * (kib * 1024)),
+            ca_pb2.MintX509SVIDRequest(spiffe_id=DEV_WORKLOAD_ID, csr=b"\x30" * (kib * 1024)),
             metadata=cid(f"too-big-{kib}"),
             timeout=TIMEOUT,
         )
@@ -457,7 +460,7 @@ async def test_csr_over_the_csr_limit_is_invalid_argument(broker_factory: Broker
     csr = pem + b"\n" * (20 * 1024 - len(pem))  # a valid CSR, padded to 20 KiB
     err = await refused(
         b.ca().MintX509SVID(
-            ca_pb2.MintX509SVIDRequest(spiffe_id=WORKLOAD_ID, csr=csr),
+            ca_pb2.MintX509SVIDRequest(spiffe_id=DEV_WORKLOAD_ID, csr=csr),
             metadata=cid("csr-20k"),
             timeout=TIMEOUT,
         )
@@ -579,32 +582,32 @@ BAD_REQUESTS = {
         ("lowercase 'spiffe://'",),
     ),
     "ttl-zero": (
-        {"spiffe_id": WORKLOAD_ID, "ttl_seconds": 0},
+        {"spiffe_id": DEV_WORKLOAD_ID, "ttl_seconds": 0},
         grpc.StatusCode.INVALID_ARGUMENT,
         ("TTL 0s must be positive",),
     ),
     "ttl-negative": (
-        {"spiffe_id": WORKLOAD_ID, "ttl_seconds": -60},
+        {"spiffe_id": DEV_WORKLOAD_ID, "ttl_seconds": -60},
         grpc.StatusCode.INVALID_ARGUMENT,
         ("TTL -1m must be positive",),
     ),
     "ttl-25h": (
-        {"spiffe_id": WORKLOAD_ID, "ttl_seconds": 25 * 3600},
+        {"spiffe_id": DEV_WORKLOAD_ID, "ttl_seconds": 25 * 3600},
         grpc.StatusCode.PERMISSION_DENIED,
         ("25h", "24h"),
     ),
     "csr-bad-signature": (
-        {"spiffe_id": WORKLOAD_ID, "csr": _broken_signature_csr()},
+        {"spiffe_id": DEV_WORKLOAD_ID, "csr": _broken_signature_csr()},
         grpc.StatusCode.INVALID_ARGUMENT,
         ("CSR signature does not verify",),
     ),
     "csr-truncated": (
-        {"spiffe_id": WORKLOAD_ID, "csr": make_csr()[:60]},
+        {"spiffe_id": DEV_WORKLOAD_ID, "csr": make_csr()[:60]},
         grpc.StatusCode.INVALID_ARGUMENT,
         ("malformed or truncated",),
     ),
     "csr-garbage": (
-        {"spiffe_id": WORKLOAD_ID, "csr": b"\x00\x01garbage, not a CSR\xff"},
+        {"spiffe_id": DEV_WORKLOAD_ID, "csr": b"\x00\x01garbage, not a CSR\xff"},
         grpc.StatusCode.INVALID_ARGUMENT,
         ("neither PEM", "nor DER"),
     ),

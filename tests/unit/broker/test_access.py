@@ -388,6 +388,40 @@ async def test_the_invariant_holds_whatever_the_rego_policy_says(env: Env) -> No
     assert not env.access.decide(web, "secrets.get", REFERENCE, attributes=PROD_PII).allowed
 
 
+async def test_minting_a_prod_identity_needs_two_whatever_the_rego_policy_says(env: Env) -> None:
+    """Issue 20 finding 4: minting a prod identity is the same power as reading its data."""
+    allow_all = (
+        "package broker.authz\nimport rego.v1\n"
+        'allow contains {"rule": "anything", "reason": "yes"} if true\n'
+        "deny := set()\n"
+    )
+    await env.access.set_policy({"open.rego": allow_all}, ALICE)
+    web_id = f"spiffe://{TD}/acme/prod/web"
+    prod_web = {"tenant": "acme", "environment": "prod", "service": "web"}
+    dev = workload("acme", "dev", "db")
+    for who in (ALICE, dev):
+        for action in ("svid.mint", "jwt.mint", "token.create"):
+            decision = env.access.decide(who, action, web_id, attributes=prod_web)
+            assert (decision.allowed, decision.rule) == (False, "two-person"), (who, action)
+    # The identity itself, and non-prod identities, need nobody.
+    web = workload("acme", "prod", "web")
+    assert env.access.decide(web, "svid.mint", web_id, attributes=prod_web).allowed
+    dev_web = {"tenant": "acme", "environment": "dev", "service": "web"}
+    assert env.access.decide(ALICE, "svid.mint", f"spiffe://{TD}/acme/dev/web", attributes=dev_web)
+
+
+async def test_an_operator_minted_caller_is_never_the_owner(env: Env) -> None:
+    web = workload("acme", "prod", "web")
+    minted = Caller(web.spiffe_id, False, dict(web.attributes), minted_by=ALICE.spiffe_id)
+    data = attrs("acme", "prod", "web", "pii")
+    assert env.access.decide(web, "secrets.get", REFERENCE, attributes=data).allowed
+    decision = env.access.decide(minted, "secrets.get", REFERENCE, attributes=data)
+    assert (decision.allowed, decision.rule) == (False, "two-person")
+    assert env.access.policy_input(minted, "secrets.get", REFERENCE, data)["caller"][
+        "minted_by"
+    ] == (ALICE.spiffe_id)
+
+
 # -- break-glass ---------------------------------------------------------------------------------
 
 

@@ -14,7 +14,14 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from broker.attestation import JwtAttestor, hash_token, new_join_token, token_fingerprint
+from broker.attestation import (
+    JwtAttestor,
+    hash_token,
+    new_join_token,
+    replay_key,
+    token_expiry,
+    token_fingerprint,
+)
 from broker.errors import InvalidArgument, Unauthenticated
 
 NOW = dt.datetime(2026, 5, 1, 12, 0, tzinfo=dt.UTC)
@@ -176,6 +183,10 @@ def test_a_missing_template_claim_is_refused(attestor: JwtAttestor) -> None:
         ("template", "spiffe://other.org/{x}", "example.org"),
         ("template", "https://x/{y}", "spiffe://"),
         ("name", "Bad Name", "attestor name"),
+        # Issue 20 finding 14: templates that can only yield the broker's reserved IDs
+        ("template", "spiffe://{td}/broker/operator/{sub}", "reserved"),
+        ("template", "spiffe://example.org/broker/server", "reserved"),
+        ("template", "spiffe://{td}/broker/{sub}", "reserved"),
     ],
 )
 def test_bad_attestor_definitions_are_refused(
@@ -215,3 +226,36 @@ def test_join_tokens_are_random_and_only_their_hash_is_kept() -> None:
     assert a != b and len(a) > 40
     assert hash_token(a) == hashlib.sha256(a.encode()).digest()
     assert a not in token_fingerprint(a) and token_fingerprint(a).startswith("sha256:")
+
+
+def test_a_template_that_may_yield_other_ids_is_accepted(rsa_key: Any) -> None:
+    """Only templates that can *only* make reserved IDs are refused at add time; a claim that
+    happens to say "broker" is refused by the CA at mint time (tests/integration)."""
+    attestor = JwtAttestor.build(
+        name="k8s",
+        issuer=ISSUER,
+        audience="broker",
+        jwks_json=json.dumps({"keys": [_jwk(rsa_key.public_key(), "rsa1")]}),
+        template="spiffe://{td}/{sub}/x",
+        algorithms=("RS256",),
+        trust_domain="example.org",
+    )
+    assert attestor.template == "spiffe://{td}/{sub}/x"
+
+
+def test_a_token_valid_for_more_than_a_day_is_refused(attestor: JwtAttestor, rsa_key: Any) -> None:
+    """The replay cache keeps a token's record until its exp: exp is bounded to keep it small."""
+    far = int((NOW + dt.timedelta(hours=24, seconds=1)).timestamp())
+    with pytest.raises(Unauthenticated, match="more than 24h"):
+        attestor.verify(_sign(rsa_key, _claims(exp=far)), NOW)
+    near = int((NOW + dt.timedelta(hours=24)).timestamp())
+    claims = attestor.verify(_sign(rsa_key, _claims(exp=near)), NOW)
+    assert token_expiry(claims) == NOW + dt.timedelta(hours=24)
+
+
+def test_the_replay_key_is_the_jti_or_the_tokens_hash(rsa_key: Any) -> None:
+    token = _sign(rsa_key, _claims(jti="abc-1"))
+    assert replay_key(token, {"jti": "abc-1"}) == "jti:abc-1"
+    hashed = "sha256:" + hashlib.sha256(token.encode()).hexdigest()
+    for claims in ({}, {"jti": ""}, {"jti": 7}, {"jti": "x" * 257}, {"jti": "a\nb"}):
+        assert replay_key(token, claims) == hashed

@@ -21,7 +21,7 @@ def _config(**server: object) -> Config:
         data_dir=Path("/tmp/x"),
         storage=StorageConfig(dsn="sqlite:///tmp/x.db"),
         keys=KeysConfig(uri="software:"),
-        server=ServerConfig(operators=("spiffe://example.org/op",), **server),  # type: ignore[arg-type]
+        server=ServerConfig(operators=("spiffe://example.org/broker/operator/op",), **server),  # type: ignore[arg-type]
     )
 
 

@@ -29,7 +29,10 @@ from ca.errors import (
 from ca.spiffeid import SpiffeId
 from ca.x509svid import (
     DEFAULT_BACKDATE,
+    LINEAGE_OID,
+    MAX_LINEAGE,
     IssuedSVID,
+    Lineage,
     build_intermediate,
     build_leaf,
     build_root,
@@ -298,7 +301,40 @@ def test_leaf_non_positive_ttl_refused(pki: PKI, ttl: dt.timedelta) -> None:
 def test_leaf_over_24h_refused(pki: PKI) -> None:
     with pytest.raises(PolicyViolation, match="hard ceiling of 24h"):
         pki.leaf(ttl=DAY + dt.timedelta(seconds=1))
-    assert pki.leaf(ttl=DAY).not_valid_after_utc == NOW + DAY
+    # The 24 h ceiling is on the validity window: the 30 s backdate comes out of it.
+    full = pki.leaf(ttl=DAY)
+    assert full.not_valid_after_utc - full.not_valid_before_utc == DAY
+    assert full.not_valid_after_utc == NOW + DAY - DEFAULT_BACKDATE
+
+
+@pytest.mark.parametrize("backdate", [dt.timedelta(0), DEFAULT_BACKDATE, dt.timedelta(minutes=10)])
+def test_leaf_validity_window_never_exceeds_24h(pki: PKI, backdate: dt.timedelta) -> None:
+    """Issue 20 finding 13: a --ttl 24h SVID was valid 24 h 30 s (notBefore backdated)."""
+    for ttl in (DAY, DAY - dt.timedelta(seconds=1), HOUR):
+        cert = pki.leaf(ttl=ttl, backdate=backdate)
+        window = cert.not_valid_after_utc - cert.not_valid_before_utc
+        assert window <= DAY
+        assert cert.not_valid_after_utc == min(NOW + ttl, NOW - backdate + DAY)
+
+
+def test_lineage_round_trips_and_caps_not_after(pki: PKI) -> None:
+    cap = NOW + dt.timedelta(minutes=10)
+    lineage = Lineage(minted_by="spiffe://example.org/broker/operator/a", ancestors=("ab12",))
+    child = lineage.child("cd34", capped_until=cap)
+    cert = pki.leaf(ttl=DAY, lineage=child)
+    assert cert.not_valid_after_utc == cap
+    got = Lineage.of(cert)
+    assert got == Lineage("spiffe://example.org/broker/operator/a", ("ab12", "cd34"), cap)
+    assert not cert.extensions.get_extension_for_oid(LINEAGE_OID).critical
+    assert Lineage.of(pki.leaf()) is None
+    # A chain keeps only its most recent ancestors; the cap is inherited and only lowered.
+    long = Lineage(ancestors=tuple(format(i + 1, "x") for i in range(MAX_LINEAGE)))
+    assert long.child("ff", capped_until=None).ancestors[-1] == "ff"
+    assert len(long.child("ff", capped_until=None).ancestors) == MAX_LINEAGE
+    assert child.child("ee", capped_until=None).capped_until == cap
+    assert child.child("ee", capped_until=NOW).capped_until == NOW
+    with pytest.raises(PolicyViolation, match="expired"):
+        pki.leaf(lineage=Lineage(ancestors=("ab",), capped_until=NOW))
 
 
 def test_leaf_without_path_refused(pki: PKI) -> None:
