@@ -14,7 +14,7 @@ from typing import Protocol
 
 from cryptography import x509
 
-from broker.errors import PermissionDenied, Unauthenticated
+from broker.errors import Denylisted, Unauthenticated
 from broker.policy import Caller
 from ca.errors import CAError
 from ca.layout import IdentityLayout
@@ -49,7 +49,7 @@ class Authenticator:
 
     def caller(self, auth_context: Mapping[str, Sequence[bytes]]) -> Caller:
         """Raises Unauthenticated when there is no client certificate or no usable SPIFFE ID,
-        PermissionDenied when the ID or the certificate is on the denylist."""
+        Denylisted (a PermissionDenied) when the ID or the certificate is on the denylist."""
         certs = auth_context.get("x509_pem_cert") or ()
         if not certs:
             raise Unauthenticated("a client certificate (X.509-SVID) is required")
@@ -66,7 +66,11 @@ class Authenticator:
                     self._cache.popitem(last=False)
         caller, serial = hit
         if self.denylist is not None and self.denylist.blocks(caller.spiffe_id, serial):
-            raise PermissionDenied(f"{caller.spiffe_id} (or this certificate) is on the denylist")
+            raise Denylisted(
+                f"{caller.spiffe_id} (or this certificate) is on the denylist",
+                caller.spiffe_id,
+                serial,
+            )
         return caller
 
     def caller_for_id(self, spiffe_id: SpiffeId) -> Caller:

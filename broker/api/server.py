@@ -1,12 +1,20 @@
-"""The grpc.aio server: mTLS with a serving certificate from the broker's own CA (swapped in
+"""The grpc.aio servers: mTLS with a serving certificate from the broker's own CA (swapped in
 on renewal without a restart), the request pipeline, health checking and reflection, and
-bounded message sizes."""
+bounded message sizes and handshakes.
+
+The attestation port (no client certificate) is a server of its own, so that it can read much
+smaller messages than the main port: it parses what anyone sends before authentication.
+Both close connections whose TLS handshake is not done within `handshake_timeout` and cap the
+connections they hold (docs/security.md, "Connections").
+"""
 
 from __future__ import annotations
 
+import asyncio
+import resource
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -16,11 +24,24 @@ from grpc_reflection.v1alpha import reflection
 from broker.app import Application, TLSMaterial
 from broker.authority import CAService
 from broker.errors import Unavailable
+from broker.ratelimit import RefusalSampler
 
 from .interceptors import RequestPipeline
 from .services import ServiceBinding, bindings_for, method_specs
 
-__all__ = ["AppServer", "ServingCredentials", "TLSMaterial", "serve_application", "start_server"]
+__all__ = [
+    "AppServer",
+    "ConnectionLimits",
+    "ServerGroup",
+    "ServingCredentials",
+    "TLSMaterial",
+    "serve_application",
+    "start_server",
+]
+
+# Headroom over the pipeline's request limit on the main port: a request a little too large is
+# refused by the pipeline (and audited); anything larger is refused by gRPC before it is read.
+_MAIN_RECEIVE_SLACK = 64 * 1024
 
 
 class ServingCredentials:
@@ -86,6 +107,75 @@ def _attest_address(listen: str, attest_listen: str, port: int) -> str | None:
     return f"{host}:{port + 1 if port and port < 65535 else 0}"
 
 
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """Transport bounds (see `ServerConfig`): `max_connections` 0 means gRPC's default (none)."""
+
+    handshake_timeout_ms: int = 10_000
+    max_connections: int = 0
+    attest_max_message_bytes: int = 64 * 1024
+
+
+class ServerGroup:
+    """The main server and, when on, the attestation server: started and stopped together
+    (the rest of the broker sees one server)."""
+
+    def __init__(self, main: grpc.aio.Server, attest: grpc.aio.Server | None) -> None:
+        self.main = main
+        self.attest = attest
+        self._all = [main] if attest is None else [main, attest]
+
+    async def start(self) -> None:
+        for server in self._all:
+            await server.start()
+
+    async def stop(self, grace: float | None) -> None:
+        await asyncio.gather(*(server.stop(grace) for server in self._all))
+
+
+def connection_budget() -> int:
+    """How many client connections this process can hold: its fd soft limit less a reserve
+    for storage, the HSM, logs and the metrics endpoint (see `broker.daemon.raise_fd_limit`)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    return max(64, soft - max(256, soft // 10))
+
+
+def _transport_options(
+    receive_bytes: int, send_bytes: int, reuse_port: bool, limits: ConnectionLimits
+) -> list[tuple[str, int]]:
+    options = [
+        ("grpc.max_receive_message_length", receive_bytes),
+        ("grpc.max_send_message_length", send_bytes),
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        # gRPC's default is 120 s: an idle connection that never says hello holds an fd
+        # that long (GRPC_ARG_SERVER_HANDSHAKE_TIMEOUT_MS).
+        ("grpc.server_handshake_timeout_ms", limits.handshake_timeout_ms),
+    ]
+    if limits.max_connections > 0:
+        # Refused at accept beyond this (GRPC_ARG_MAX_ALLOWED_INCOMING_CONNECTIONS), so the
+        # process keeps the fds it needs for storage, the HSM and logs.
+        options.append(("grpc.max_allowed_incoming_connections", limits.max_connections))
+    return options
+
+
+def _add_services(
+    server: grpc.aio.Server, bindings: Sequence[ServiceBinding], health: HealthServicer
+) -> None:
+    for binding in bindings:
+        binding.add_to_server(binding.servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    names = (
+        *(b.full_name for b in bindings),
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    )
+    reflection.enable_server_reflection(names, server)
+
+
 async def start_server(
     *,
     listen: str,
@@ -95,46 +185,56 @@ async def start_server(
     max_message_bytes: int,
     reuse_port: bool = False,
     attest_listen: str = "off",
-) -> tuple[grpc.aio.Server, int, int | None]:
-    """Start serving; returns the server, the bound port and the attestation port (None when
+    limits: ConnectionLimits | None = None,
+) -> tuple[ServerGroup, int, int | None]:
+    """Start serving; returns the servers, the bound port and the attestation port (None when
     off). Raises Unavailable if an address cannot be bound (see `ServerConfig.attest_listen`
     for "auto")."""
     missing = set().union(*(b.missing_specs() for b in bindings))
     assert not missing, f"RPCs without a method spec: {sorted(missing)}"
+    limits = limits or ConnectionLimits()
+    attest_limits = limits
+    if limits.max_connections > 0 and attest_listen != "off":
+        # One budget for both servers: a quarter for the attestation port.
+        attest_limits = replace(limits, max_connections=max(1, limits.max_connections // 4))
+        limits = replace(
+            limits, max_connections=max(1, limits.max_connections - attest_limits.max_connections)
+        )
     server = grpc.aio.server(
         interceptors=[pipeline],
-        options=[
-            # 4x the request limit: the pipeline refuses (and audits) what lies between.
-            ("grpc.max_receive_message_length", 4 * max_message_bytes),
-            ("grpc.max_send_message_length", 4 * max_message_bytes),
-            ("grpc.so_reuseport", 1 if reuse_port else 0),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-        ],
+        options=_transport_options(
+            max_message_bytes + _MAIN_RECEIVE_SLACK, 4 * max_message_bytes, reuse_port, limits
+        ),
     )
-    for binding in bindings:
-        binding.add_to_server(binding.servicer, server)
     health = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    served = [b.full_name for b in bindings]
-    names = (
-        *served,
-        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-        reflection.SERVICE_NAME,
-    )
-    reflection.enable_server_reflection(names, server)
+    _add_services(server, bindings, health)
     try:
         port = server.add_secure_port(listen, credentials.credentials())
     except RuntimeError as exc:
         raise Unavailable(f"cannot listen on {listen}: {exc}") from exc
     if port == 0:
         raise Unavailable(f"cannot listen on {listen}: address in use or not available")
-    attest_port = _add_attest_port(server, credentials, listen, attest_listen, port, reuse_port)
-    await server.start()
-    for name in served:
+    attest_server: grpc.aio.Server | None = None
+    attest_port: int | None = None
+    if _attest_address(listen, attest_listen, port) is not None:
+        attest_server = grpc.aio.server(
+            interceptors=[pipeline],
+            options=_transport_options(
+                limits.attest_max_message_bytes, 4 * max_message_bytes, reuse_port, attest_limits
+            ),
+        )
+        _add_services(attest_server, bindings, health)
+        attest_port = _add_attest_port(
+            attest_server, credentials, listen, attest_listen, port, reuse_port
+        )
+        if attest_port is None:
+            attest_server = None
+    group = ServerGroup(server, attest_server)
+    await group.start()
+    for name in (b.full_name for b in bindings):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
-    return server, port, attest_port
+    return group, port, attest_port
 
 
 def _add_attest_port(
@@ -164,11 +264,12 @@ def _add_attest_port(
 
 @dataclass
 class AppServer:
-    server: grpc.aio.Server
+    server: ServerGroup
     port: int
     credentials: ServingCredentials
     material: TLSMaterial
     attest_port: int | None = None
+    pipeline: RequestPipeline | None = field(default=None, repr=False)
 
 
 async def serve_application(
@@ -189,6 +290,15 @@ async def serve_application(
         app.clock,
         max_request_bytes=app.config.server.max_message_bytes,
         observer=app.anomalies.observe,
+        refusals=RefusalSampler(
+            app.clock, app.config.server.refusal_audit_interval.total_seconds()
+        ),
+    )
+    server_config = app.config.server
+    limits = ConnectionLimits(
+        handshake_timeout_ms=max(1, int(server_config.handshake_timeout.total_seconds() * 1000)),
+        max_connections=server_config.max_connections or connection_budget(),
+        attest_max_message_bytes=server_config.attest_max_message_bytes,
     )
     server, port, attest_port = await start_server(
         listen=app.config.server.listen,
@@ -198,5 +308,6 @@ async def serve_application(
         max_message_bytes=app.config.server.max_message_bytes,
         reuse_port=reuse_port,
         attest_listen=app.config.server.attest_listen,
+        limits=limits,
     )
-    return AppServer(server, port, credentials, material, attest_port)
+    return AppServer(server, port, credentials, material, attest_port, pipeline)
