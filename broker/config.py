@@ -109,8 +109,11 @@ class ServerConfig:
     # default is 120 s); see docs/security.md, "Connections".
     handshake_timeout: dt.timedelta = dt.timedelta(seconds=10)
     # Open connections per peer address, and in all (0: derived from the fd limit at start).
+    # The per-peer cap needs the connection gate (broker.api.gate) in front of a port:
+    # "attest" (the attestation port, the default), "all" (the main port too), "off".
     max_connections_per_peer: int = 64
     max_connections: int = 0
+    connection_gate: str = "attest"
     # The largest message the attestation port (no client certificate) reads.
     attest_max_message_bytes: int = 64 * 1024
 
@@ -175,6 +178,8 @@ class Config:
             raise InvalidArgument("config: server.handshake_timeout must be between 0s and 5m")
         if self.server.refusal_audit_interval < dt.timedelta(0):
             raise InvalidArgument("config: server.refusal_audit_interval must not be negative")
+        if self.server.connection_gate not in ("attest", "all", "off"):
+            raise InvalidArgument('config: server.connection_gate must be "attest", "all" or "off"')
         if self.server.max_connections_per_peer < 1 or self.server.max_connections < 0:
             raise InvalidArgument(
                 "config: server.max_connections_per_peer must be at least 1 and "
@@ -252,6 +257,7 @@ _SECTIONS = {
         "handshake_timeout",
         "max_connections_per_peer",
         "max_connections",
+        "connection_gate",
         "attest_max_message_bytes",
     },
 }
@@ -333,6 +339,7 @@ def config_from_document(doc: Mapping[str, Any], base_dir: Path) -> Config:
                 srv.get("max_connections_per_peer", defaults_srv.max_connections_per_peer)
             ),
             max_connections=int(srv.get("max_connections", defaults_srv.max_connections)),
+            connection_gate=str(srv.get("connection_gate", defaults_srv.connection_gate)),
             attest_max_message_bytes=int(
                 srv.get("attest_max_message_bytes", defaults_srv.attest_max_message_bytes)
             ),

@@ -217,8 +217,11 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         max_request_bytes: int = 1 << 20,
         observer: Callable[[Mapping[str, Any]], Mapping[str, Any] | None] | None = None,
         refusals: RefusalSampler | None = None,
+        peers: Callable[[str], str | None] | None = None,
     ) -> None:
         self._max_request_bytes = max_request_bytes
+        # The client behind a connection that came through a ConnectionGate (broker.api.gate).
+        self._peers = peers
         self._refusals = refusals or RefusalSampler(clock, DEFAULT_REFUSAL_AUDIT_INTERVAL)
         # Sees every audited event after it is written (anomaly detection); an event it returns
         # is written to the ledger too.
@@ -298,6 +301,13 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     # -- the chain ------------------------------------------------------------------------
 
+    def _where(self, context: grpc.aio.ServicerContext) -> str:
+        """The client's address: gRPC's peer, or the client behind a connection gate."""
+        peer: str = context.peer()
+        if self._peers is not None and peer.startswith("unix-abstract:"):
+            return self._peers(peer) or peer
+        return peer
+
     def _authorize(
         self,
         method: str,
@@ -317,9 +327,9 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             caller = self._auth.caller(context.auth_context())
         except Unauthenticated:
             if spec is None or not spec.bootstrap:
-                seen["sample"] = f"unauthenticated:{peer_host(context.peer())}"
+                seen["sample"] = f"unauthenticated:{peer_host(self._where(context))}"
                 raise
-            caller = bootstrap_caller(context.peer())
+            caller = bootstrap_caller(self._where(context))
         except Denylisted as exc:
             # Audited under its own name and serial; a denylisted caller that floods is
             # rate limited (and then sampled) like anyone else.
@@ -515,7 +525,7 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 "what": action or method,
                 "method": method,
                 "resource": resource,
-                "where": context.peer(),
+                "where": self._where(context),
                 "why": justification,
                 "correlation_id": correlation_id,
                 "decision": decision,

@@ -26,6 +26,7 @@ from broker.authority import CAService
 from broker.errors import Unavailable
 from broker.ratelimit import RefusalSampler
 
+from .gate import ConnectionGate
 from .interceptors import RequestPipeline
 from .services import ServiceBinding, bindings_for, method_specs
 
@@ -109,20 +110,29 @@ def _attest_address(listen: str, attest_listen: str, port: int) -> str | None:
 
 @dataclass(frozen=True)
 class ConnectionLimits:
-    """Transport bounds (see `ServerConfig`): `max_connections` 0 means gRPC's default (none)."""
+    """Transport bounds (see `ServerConfig`): `max_connections` 0 means gRPC's default (none).
+    `main_gate` / `attest_gate` put a `ConnectionGate` (per-peer cap) in front of the port."""
 
     handshake_timeout_ms: int = 10_000
     max_connections: int = 0
     attest_max_message_bytes: int = 64 * 1024
+    main_gate: ConnectionGate | None = None
+    attest_gate: ConnectionGate | None = None
 
 
 class ServerGroup:
-    """The main server and, when on, the attestation server: started and stopped together
-    (the rest of the broker sees one server)."""
+    """The main server and, when on, the attestation server, with their connection gates:
+    started and stopped together (the rest of the broker sees one server)."""
 
-    def __init__(self, main: grpc.aio.Server, attest: grpc.aio.Server | None) -> None:
+    def __init__(
+        self,
+        main: grpc.aio.Server,
+        attest: grpc.aio.Server | None,
+        gates: Sequence[ConnectionGate] = (),
+    ) -> None:
         self.main = main
         self.attest = attest
+        self.gates = list(gates)
         self._all = [main] if attest is None else [main, attest]
 
     async def start(self) -> None:
@@ -130,7 +140,40 @@ class ServerGroup:
             await server.start()
 
     async def stop(self, grace: float | None) -> None:
+        for gate in self.gates:
+            gate.stop_accepting()
         await asyncio.gather(*(server.stop(grace) for server in self._all))
+        for gate in self.gates:
+            await gate.close()
+
+
+async def _bind(
+    server: grpc.aio.Server,
+    address: str,
+    credentials: grpc.ServerCredentials,
+    gate: ConnectionGate | None,
+    reuse_port: bool,
+) -> int:
+    """Listen on `address`, directly or through `gate`; returns the port, 0 if not bound."""
+    if gate is None:
+        try:
+            return int(server.add_secure_port(address, credentials))
+        except RuntimeError:
+            return 0
+    host, _, port = address.rpartition(":")
+    try:
+        return await gate.start(host, int(port), reuse_port=reuse_port)
+    except OSError:
+        return 0
+
+
+def _bind_upstream(
+    server: grpc.aio.Server, credentials: grpc.ServerCredentials, gate: ConnectionGate | None
+) -> None:
+    if gate is not None and not server.add_secure_port(
+        f"unix-abstract:{gate.upstream}", credentials
+    ):
+        raise Unavailable(f"cannot listen on the abstract socket {gate.upstream}")
 
 
 def connection_budget() -> int:
@@ -208,12 +251,12 @@ async def start_server(
     )
     health = HealthServicer()
     _add_services(server, bindings, health)
-    try:
-        port = server.add_secure_port(listen, credentials.credentials())
-    except RuntimeError as exc:
-        raise Unavailable(f"cannot listen on {listen}: {exc}") from exc
+    main_credentials = credentials.credentials()
+    _bind_upstream(server, main_credentials, limits.main_gate)
+    port = await _bind(server, listen, main_credentials, limits.main_gate, reuse_port)
     if port == 0:
         raise Unavailable(f"cannot listen on {listen}: address in use or not available")
+    gates = [limits.main_gate] if limits.main_gate is not None else []
     attest_server: grpc.aio.Server | None = None
     attest_port: int | None = None
     if _attest_address(listen, attest_listen, port) is not None:
@@ -224,12 +267,14 @@ async def start_server(
             ),
         )
         _add_services(attest_server, bindings, health)
-        attest_port = _add_attest_port(
-            attest_server, credentials, listen, attest_listen, port, reuse_port
+        attest_port = await _add_attest_port(
+            attest_server, credentials, listen, attest_listen, port, reuse_port, limits.attest_gate
         )
         if attest_port is None:
             attest_server = None
-    group = ServerGroup(server, attest_server)
+        elif limits.attest_gate is not None:
+            gates.append(limits.attest_gate)
+    group = ServerGroup(server, attest_server, gates)
     await group.start()
     for name in (b.full_name for b in bindings):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -237,24 +282,24 @@ async def start_server(
     return group, port, attest_port
 
 
-def _add_attest_port(
+async def _add_attest_port(
     server: grpc.aio.Server,
     credentials: ServingCredentials,
     listen: str,
     attest_listen: str,
     port: int,
     reuse_port: bool,
+    gate: ConnectionGate | None,
 ) -> int | None:
     address = _attest_address(listen, attest_listen, port)
     if address is None:
         return None
-    try:
-        bound = server.add_secure_port(address, credentials.attest_credentials())
-    except RuntimeError:
-        bound = 0
+    attest_credentials = credentials.attest_credentials()
+    _bind_upstream(server, attest_credentials, gate)
+    bound = await _bind(server, address, attest_credentials, gate, reuse_port)
     if bound == 0 and attest_listen == "auto" and not reuse_port:
         fallback = f"{listen.rpartition(':')[0]}:0"
-        bound = server.add_secure_port(fallback, credentials.attest_credentials())
+        bound = await _bind(server, fallback, attest_credentials, gate, reuse_port)
     if bound == 0:
         if attest_listen == "auto":
             return None  # several workers, port taken: attestation through another replica
@@ -281,6 +326,36 @@ async def serve_application(
     material = app.serving_material()
     credentials = ServingCredentials(material)
     bindings = bindings_for(app, ca=ca)
+    server_config = app.config.server
+    budget = server_config.max_connections or connection_budget()
+    attest_on = server_config.attest_listen != "off"
+
+    def gate(share: int) -> ConnectionGate:
+        # A gated connection holds three fds: the client's, the gate's upstream, gRPC's.
+        return ConnectionGate(
+            ConnectionGate.new_upstream_name(),
+            max_per_peer=server_config.max_connections_per_peer,
+            max_connections=max(1, share // 3),
+            idle_timeout=server_config.handshake_timeout.total_seconds(),
+        )
+
+    main_gate = (
+        gate(budget - budget // 4 if attest_on else budget)
+        if server_config.connection_gate == "all"
+        else None
+    )
+    attest_gate = (
+        gate(budget // 4) if attest_on and server_config.connection_gate != "off" else None
+    )
+    gates = [g for g in (main_gate, attest_gate) if g is not None]
+
+    def peer_of(grpc_peer: str) -> str | None:
+        for g in gates:
+            found = g.peer_of(grpc_peer)
+            if found is not None:
+                return found
+        return None
+
     pipeline = RequestPipeline(
         method_specs(bindings),
         app.authenticator,
@@ -293,12 +368,14 @@ async def serve_application(
         refusals=RefusalSampler(
             app.clock, app.config.server.refusal_audit_interval.total_seconds()
         ),
+        peers=peer_of if gates else None,
     )
-    server_config = app.config.server
     limits = ConnectionLimits(
         handshake_timeout_ms=max(1, int(server_config.handshake_timeout.total_seconds() * 1000)),
-        max_connections=server_config.max_connections or connection_budget(),
+        max_connections=budget,
         attest_max_message_bytes=server_config.attest_max_message_bytes,
+        main_gate=main_gate,
+        attest_gate=attest_gate,
     )
     server, port, attest_port = await start_server(
         listen=app.config.server.listen,
