@@ -402,6 +402,8 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         cancellation, waits for the work and its audit event, then lets the cancellation
         through."""
         cancellation = _Cancellation()
+        if spec is not None and not spec.audited:  # health, reflection: nothing to record
+            return await self._unary_work(method, spec, inner, request, context, cancellation)
         work = asyncio.ensure_future(
             self._unary_work(method, spec, inner, request, context, cancellation)
         )
