@@ -568,10 +568,9 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 code, message = to_status(exc, correlation_id)
                 error = exc
         if cancellation.outcome is not None:
-            code = cancellation.outcome
-        metrics.observe_rpc(method, code.name, time.perf_counter() - started)
-        if cancellation.outcome is not None:
+            metrics.observe_rpc(method, cancellation.outcome.name, time.perf_counter() - started)
             return None  # nobody is waiting for the answer
+        metrics.observe_rpc(method, code.name, time.perf_counter() - started)
         if error is not None:
             await context.abort(code, message)
         return response
