@@ -39,7 +39,6 @@ TIMEOUT = 10.0
 PUT = "/broker.v1.Secrets/Put"
 CREATE_GRANT = "/broker.v1.Access/CreateGrant"
 GRANTEE = "spiffe://example.org/default/prod/web"
-SECRET_OWNER = "spiffe://example.org/default/prod/payments"
 
 
 def cid(name: str) -> tuple[tuple[str, str], ...]:
