@@ -104,6 +104,20 @@ class ServerConfig:
     # Prometheus /metrics on HOST:PORT; "" (the default) serves none. Unauthenticated: keep it
     # on loopback or a scrape-only network.
     metrics_listen: str = ""
+    # Rate-limit refusals (and calls without an identity on the attestation port) reach the
+    # audit ledger once per caller per interval, with a count; the metric counts every one.
+    refusal_audit_interval: dt.timedelta = dt.timedelta(seconds=10)
+    # A connection that has not finished its TLS handshake by then is closed (gRPC's own
+    # default is 120 s); see docs/security.md, "Connections".
+    handshake_timeout: dt.timedelta = dt.timedelta(seconds=10)
+    # Open connections per peer address, and in all (0: derived from the fd limit at start).
+    # The per-peer cap needs the connection gate (broker.api.gate) in front of a port:
+    # "attest" (the attestation port, the default), "all" (the main port too), "off".
+    max_connections_per_peer: int = 64
+    max_connections: int = 0
+    connection_gate: str = "attest"
+    # The largest message the attestation port (no client certificate) reads.
+    attest_max_message_bytes: int = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -167,6 +181,22 @@ class Config:
             raise InvalidArgument("config: server.workers must be between 1 and 64")
         if self.server.max_message_bytes < 4096:
             raise InvalidArgument("config: server.max_message_bytes must be at least 4096")
+        if not 1024 <= self.server.attest_max_message_bytes <= self.server.max_message_bytes:
+            raise InvalidArgument(
+                "config: server.attest_max_message_bytes must be between 1024 and "
+                "server.max_message_bytes"
+            )
+        if not dt.timedelta(0) < self.server.handshake_timeout <= dt.timedelta(minutes=5):
+            raise InvalidArgument("config: server.handshake_timeout must be between 0s and 5m")
+        if self.server.refusal_audit_interval < dt.timedelta(0):
+            raise InvalidArgument("config: server.refusal_audit_interval must not be negative")
+        if self.server.connection_gate not in ("attest", "all", "off"):
+            raise InvalidArgument('config: server.connection_gate must be "attest", "all" or "off"')
+        if self.server.max_connections_per_peer < 1 or self.server.max_connections < 0:
+            raise InvalidArgument(
+                "config: server.max_connections_per_peer must be at least 1 and "
+                "server.max_connections at least 0 (0: from the fd limit)"
+            )
         if urlsplit(self.storage.dsn).password:
             raise InvalidArgument(
                 "config: storage.dsn must not contain a password; "
@@ -235,6 +265,12 @@ _SECTIONS = {
         "workers",
         "attest_listen",
         "metrics_listen",
+        "refusal_audit_interval",
+        "handshake_timeout",
+        "max_connections_per_peer",
+        "max_connections",
+        "connection_gate",
+        "attest_max_message_bytes",
     },
 }
 
@@ -307,6 +343,18 @@ def config_from_document(doc: Mapping[str, Any], base_dir: Path) -> Config:
             workers=int(srv.get("workers", defaults_srv.workers)),
             attest_listen=str(srv.get("attest_listen", defaults_srv.attest_listen)),
             metrics_listen=str(srv.get("metrics_listen", defaults_srv.metrics_listen)),
+            refusal_audit_interval=_duration(
+                srv, "refusal_audit_interval", defaults_srv.refusal_audit_interval
+            ),
+            handshake_timeout=_duration(srv, "handshake_timeout", defaults_srv.handshake_timeout),
+            max_connections_per_peer=int(
+                srv.get("max_connections_per_peer", defaults_srv.max_connections_per_peer)
+            ),
+            max_connections=int(srv.get("max_connections", defaults_srv.max_connections)),
+            connection_gate=str(srv.get("connection_gate", defaults_srv.connection_gate)),
+            attest_max_message_bytes=int(
+                srv.get("attest_max_message_bytes", defaults_srv.attest_max_message_bytes)
+            ),
         ),
     )
 

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
+import resource
 import shutil
 import signal
 import socket
@@ -32,7 +33,7 @@ from broker.metrics import MetricsServer, mark_worker_dead, multiprocess_dir, se
 from ca.clock import SystemClock
 from ca.keys import open_backend
 
-__all__ = ["DEFAULT_LISTEN", "ServeOptions", "serve"]
+__all__ = ["DEFAULT_LISTEN", "ServeOptions", "raise_fd_limit", "serve"]
 
 log = logging.getLogger("broker")
 
@@ -73,6 +74,37 @@ def _configure_logging() -> None:
     configure_logs(logging.INFO, sys.stderr)
 
 
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit, so that idle or slow
+    connections cannot exhaust the fds the broker needs (the gRPC servers cap connections
+    below it: `broker.api.server.connection_budget`). Logs one line saying what it did and
+    returns (before, after); a refusal by the kernel is logged and the old limit kept."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard or soft == resource.RLIM_INFINITY:
+        log.info("file descriptor limit: %s (already the hard limit)", _limit_text(soft))
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:
+        log.warning(
+            "file descriptor limit stays at %s: cannot raise it to the hard limit %s (%s)",
+            _limit_text(soft),
+            _limit_text(hard),
+            exc,
+        )
+        return soft, soft
+    log.info(
+        "file descriptor limit raised from %s to the hard limit %s",
+        _limit_text(soft),
+        _limit_text(hard),
+    )
+    return soft, hard
+
+
+def _limit_text(limit: int) -> str:
+    return "unlimited" if limit == resource.RLIM_INFINITY else str(limit)
+
+
 def _run(coro: Any) -> None:
     try:
         import uvloop
@@ -92,6 +124,7 @@ def serve(options: ServeOptions) -> None:
     """
     _configure_logging()
     config = build_config(options)
+    raise_fd_limit()  # inherited by the worker processes
     if config.server.workers == 1:
         _run(_serve(config))
     else:

@@ -5,11 +5,14 @@
     +-- InvalidArgument      -> INVALID_ARGUMENT
     +-- Unauthenticated      -> UNAUTHENTICATED
     +-- PermissionDenied     -> PERMISSION_DENIED
+    |   +-- Denylisted       (the caller's ID or certificate is on the SVID denylist)
     +-- NotFound             -> NOT_FOUND
     +-- AlreadyExists        -> ALREADY_EXISTS
+    |   +-- StorageConflict  (a uniqueness constraint; its text stays on the server)
     +-- FailedPrecondition   -> FAILED_PRECONDITION
     |   +-- SchemaTooNew
     +-- ResourceExhausted    -> RESOURCE_EXHAUSTED (rate limits)
+    |   +-- RateLimited      (the caller's token bucket is empty)
     +-- Unavailable          -> UNAVAILABLE (a backend is down)
         +-- StorageError
         +-- AuditWriteFailed
@@ -34,12 +37,27 @@ class PermissionDenied(BrokerError):
     pass
 
 
+class Denylisted(PermissionDenied):
+    """The caller's SPIFFE ID or certificate serial is on the denylist; carries both so the
+    refusal is audited under the caller's name."""
+
+    def __init__(self, message: str, spiffe_id: str, serial: str) -> None:
+        super().__init__(message)
+        self.spiffe_id = spiffe_id
+        self.serial = serial
+
+
 class NotFound(BrokerError):
     pass
 
 
 class AlreadyExists(BrokerError):
     pass
+
+
+class StorageConflict(AlreadyExists):
+    """The storage refused a write that breaks a uniqueness constraint. Its message is the
+    driver's (table and column names): logged, never sent to a client."""
 
 
 class FailedPrecondition(BrokerError):
@@ -52,6 +70,10 @@ class SchemaTooNew(FailedPrecondition):
 
 class ResourceExhausted(BrokerError):
     pass
+
+
+class RateLimited(ResourceExhausted):
+    """Refused by the per-caller rate limiter (counted, and sampled into the audit ledger)."""
 
 
 class Unavailable(BrokerError):

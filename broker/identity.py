@@ -15,7 +15,7 @@ from typing import Protocol
 
 from cryptography import x509
 
-from broker.errors import PermissionDenied, Unauthenticated
+from broker.errors import Denylisted, Unauthenticated
 from broker.policy import Caller
 from ca.errors import CAError
 from ca.layout import IdentityLayout
@@ -54,7 +54,7 @@ class Authenticator:
 
     def caller(self, auth_context: Mapping[str, Sequence[bytes]]) -> Caller:
         """Raises Unauthenticated when there is no client certificate or no usable SPIFFE ID,
-        PermissionDenied when the ID or the certificate is on the denylist."""
+        Denylisted (a PermissionDenied) when the ID or the certificate is on the denylist."""
         certs = auth_context.get("x509_pem_cert") or ()
         if not certs:
             raise Unauthenticated("a client certificate (X.509-SVID) is required")
@@ -71,7 +71,11 @@ class Authenticator:
                     self._cache.popitem(last=False)
         caller = hit
         if self.denylist is not None and self._denied(self.denylist, caller):
-            raise PermissionDenied(f"{caller.spiffe_id} (or this certificate) is on the denylist")
+            raise Denylisted(
+                f"{caller.spiffe_id} (or this certificate) is on the denylist",
+                caller.spiffe_id,
+                caller.serial,
+            )
         return caller
 
     @staticmethod

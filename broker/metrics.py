@@ -47,6 +47,7 @@ __all__ = [
     "observe_rotation",
     "observe_rpc",
     "record_anomaly",
+    "record_refusal",
     "record_sdk_cache",
     "serve_metrics",
     "set_active_leases",
@@ -122,6 +123,12 @@ ANOMALIES = Counter(
     "Anomalies detected (e.g. unusual access pattern, denied burst), by kind",
     ["kind"],
 )
+REFUSALS = Counter(
+    "broker_refusals",
+    "Requests refused before authorization, by reason (rate_limit, unauthenticated); every "
+    "one is counted here, while the audit ledger gets a sample per caller and interval",
+    ["reason"],
+)
 
 
 def _safe(fn: Any, *args: Any) -> None:
@@ -163,6 +170,11 @@ def set_reaper_lag(kind: str, seconds: float) -> None:
 def record_anomaly(kind: str) -> None:
     """One detected anomaly of a fixed kind (never a caller-supplied string)."""
     _safe(lambda: ANOMALIES.labels(kind).inc())
+
+
+def record_refusal(reason: str) -> None:
+    """One request refused before authorization, for a fixed reason (never a caller string)."""
+    _safe(lambda: REFUSALS.labels(reason).inc())
 
 
 @contextmanager

@@ -6,10 +6,21 @@ Servicers raise domain errors; this module turns them into status codes (through
 `broker.api.status`) after the audit event, carrying the outcome, has been committed.
 Health checks and reflection are authenticated, rate limited and authorized like everything
 else but not written to the ledger (they carry no data and would drown it).
+
+A unary call's work (servicer and audit write) runs in a task of its own that the client
+cannot cancel: when the client goes away or its deadline passes, the work finishes and its
+event is written with the outcome CANCELLED or DEADLINE_EXCEEDED and `effect` saying whether
+the change took effect (`applied`, `none`, or `unknown` after an unexpected error). So no
+change is ever made without its event.
+
+Refusals by the rate limiter, and calls without an identity refused on the attestation port,
+are counted (`broker_refusals`) and sampled into the ledger: one event per caller (or peer
+address) per interval, carrying the previous interval's count (`broker.ratelimit.RefusalSampler`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import os
 import re
@@ -25,13 +36,17 @@ from broker.audit import AuditLedger
 from broker.errors import (
     AuditWriteFailed,
     BrokerError,
+    Denylisted,
+    InvalidArgument,
     PermissionDenied,
+    RateLimited,
     ResourceExhausted,
     Unauthenticated,
 )
 from broker.identity import Authenticator
 from broker.policy import Caller, Decision, Policy
-from broker.ratelimit import RateLimiter
+from broker.ratelimit import RateLimiter, RefusalSampler
+from ca import errors as ca_errors
 from ca.clock import Clock
 
 from .status import to_status
@@ -42,6 +57,10 @@ CORRELATION_HEADER = "x-correlation-id"
 JUSTIFICATION_HEADER = "x-broker-justification"
 _CORRELATION_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _MAX_JUSTIFICATION = 1024
+# The bound on every `*_seconds` field of a request (TTLs, periods, increments): 100 years.
+# Larger values (up to +-2^63) would overflow date arithmetic deep in the domain code.
+MAX_DURATION_SECONDS = 100 * 366 * 86_400
+DEFAULT_REFUSAL_AUDIT_INTERVAL = 10.0
 
 
 @dataclass(frozen=True)
@@ -110,13 +129,72 @@ def current_call() -> CallContext:
     return _CURRENT.get()
 
 
-def bootstrap_caller(peer: str) -> Caller:
-    """The caller of a bootstrap RPC without a client certificate, named by its host (so the
-    rate limit applies per host, not per connection)."""
+def peer_host(peer: str) -> str:
+    """The host part of a gRPC peer string ("ipv4:10.0.0.1:5555" -> "10.0.0.1")."""
     host = peer
     if peer.startswith(("ipv4:", "ipv6:")):
         host = peer.split(":", 1)[1].rsplit(":", 1)[0]
-    return Caller(f"bootstrap:{host[:200]}", False, {})
+    return host[:200]
+
+
+def bootstrap_caller(peer: str) -> Caller:
+    """The caller of a bootstrap RPC without a client certificate, named by its host (so the
+    rate limit applies per host, not per connection)."""
+    return Caller(f"bootstrap:{peer_host(peer)}", False, {})
+
+
+_DURATION_FIELDS: dict[str, tuple[Any, ...]] = {}
+
+
+def _duration_fields(descriptor: Any) -> tuple[Any, ...]:
+    """The `*_seconds` integer fields and the message fields that may hold some, of one
+    message type (cached per type; recursive types are cut at the second visit)."""
+    cached = _DURATION_FIELDS.get(descriptor.full_name)
+    if cached is not None:
+        return cached
+    _DURATION_FIELDS[descriptor.full_name] = ()  # breaks cycles
+    found = []
+    for field_ in descriptor.fields:
+        if field_.message_type is not None:
+            if _duration_fields(field_.message_type):
+                found.append(field_)
+        elif field_.name.endswith("_seconds") and field_.cpp_type in _INT_TYPES:
+            found.append(field_)
+    _DURATION_FIELDS[descriptor.full_name] = result = tuple(found)
+    return result
+
+
+_INT_TYPES = frozenset({1, 2, 3, 4})  # FieldDescriptor.CPPTYPE_INT32/INT64/UINT32/UINT64
+
+
+def check_durations(message: Any, path: str = "") -> None:
+    """Raises InvalidArgument when a `*_seconds` field anywhere in `message` lies beyond
+    +-MAX_DURATION_SECONDS (the domain checks the sign and its own limits)."""
+    for field_ in _duration_fields(message.DESCRIPTOR):
+        value = getattr(message, field_.name)
+        name = f"{path}{field_.name}"
+        if field_.message_type is not None:
+            if field_.is_repeated:
+                if field_.message_type.GetOptions().map_entry:
+                    continue  # maps of messages carry no durations in our API
+                for item in value:
+                    check_durations(item, f"{name}.")
+            elif message.HasField(field_.name):
+                check_durations(value, f"{name}.")
+            continue
+        values = value if field_.is_repeated else (value,)
+        for number in values:
+            if abs(number) > MAX_DURATION_SECONDS:
+                raise InvalidArgument(
+                    f"{name} = {number} is out of range: at most {MAX_DURATION_SECONDS} "
+                    "seconds (100 years)"
+                )
+
+
+class _Cancellation:
+    """Set by the RPC's own task when gRPC cancels it (client gone, deadline passed)."""
+
+    outcome: grpc.StatusCode | None = None
 
 
 def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
@@ -138,8 +216,13 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         clock: Clock,
         max_request_bytes: int = 1 << 20,
         observer: Callable[[Mapping[str, Any]], Mapping[str, Any] | None] | None = None,
+        refusals: RefusalSampler | None = None,
+        peers: Callable[[str], str | None] | None = None,
     ) -> None:
         self._max_request_bytes = max_request_bytes
+        # The client behind a connection that came through a ConnectionGate (broker.api.gate).
+        self._peers = peers
+        self._refusals = refusals or RefusalSampler(clock, DEFAULT_REFUSAL_AUDIT_INTERVAL)
         # Sees every audited event after it is written (anomaly detection); an event it returns
         # is written to the ledger too.
         self._observer = observer
@@ -218,6 +301,13 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     # -- the chain ------------------------------------------------------------------------
 
+    def _where(self, context: grpc.aio.ServicerContext) -> str:
+        """The client's address: gRPC's peer, or the client behind a connection gate."""
+        peer: str = context.peer()
+        if self._peers is not None and peer.startswith("unix-abstract:"):
+            return self._peers(peer) or peer
+        return peer
+
     def _authorize(
         self,
         method: str,
@@ -237,8 +327,17 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             caller = self._auth.caller(context.auth_context())
         except Unauthenticated:
             if spec is None or not spec.bootstrap:
+                seen["sample"] = f"unauthenticated:{peer_host(self._where(context))}"
                 raise
-            caller = bootstrap_caller(context.peer())
+            caller = bootstrap_caller(self._where(context))
+        except Denylisted as exc:
+            # Audited under its own name and serial; a denylisted caller that floods is
+            # rate limited (and then sampled) like anyone else.
+            seen["who"], seen["serial"] = exc.spiffe_id, exc.serial
+            if spec is not None and request is not None:
+                seen["resource"] = spec.resource(request)
+            self._limiter.check(exc.spiffe_id)
+            raise
         seen["who"] = caller.spiffe_id
         if caller.minted_by:  # an SVID an operator minted: the ledger says whose it is
             seen["minted_by"] = caller.minted_by
@@ -253,6 +352,8 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 f"the request is {size} bytes, over the broker's limit of "
                 f"{self._max_request_bytes} bytes"
             )
+        if request is not None:
+            check_durations(request)
         if spec is None:
             raise PermissionDenied(f"no policy covers {method}; refused")
         resource = seen.get("resource", "")
@@ -298,6 +399,44 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         inner: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
         request: Any,
         context: grpc.aio.ServicerContext,
+    ) -> Any:
+        """Runs the call in a task gRPC cannot cancel (see the module docstring): on
+        cancellation, waits for the work and its audit event, then lets the cancellation
+        through."""
+        cancellation = _Cancellation()
+        if spec is not None and not spec.audited:  # health, reflection: nothing to record
+            return await self._unary_work(method, spec, inner, request, context, cancellation)
+        work = asyncio.ensure_future(
+            self._unary_work(method, spec, inner, request, context, cancellation)
+        )
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            if work.done():
+                raise
+            remaining = context.time_remaining()
+            cancellation.outcome = (
+                grpc.StatusCode.DEADLINE_EXCEEDED
+                if remaining is not None and remaining <= 0
+                else grpc.StatusCode.CANCELLED
+            )
+            while not work.done():
+                try:
+                    await asyncio.wait((work,))
+                except asyncio.CancelledError:
+                    continue  # cancelled again (e.g. server stop): the work still finishes
+            if not work.cancelled():
+                work.exception()  # retrieved: it was logged or audited already
+            raise
+
+    async def _unary_work(
+        self,
+        method: str,
+        spec: MethodSpec | None,
+        inner: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
+        request: Any,
+        context: grpc.aio.ServicerContext,
+        cancellation: _Cancellation,
     ) -> Any:
         started = time.perf_counter()
         meta = _metadata(context)
@@ -372,15 +511,25 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         code, message = (
             (grpc.StatusCode.OK, "") if error is None else to_status(error, correlation_id)
         )
+        sampled: int | None = 0
+        sample_key = ""
+        if isinstance(error, RateLimited):
+            metrics.record_refusal("rate_limit")
+            sample_key = f"rate:{who}"
+        elif isinstance(error, Unauthenticated) and "sample" in seen:
+            metrics.record_refusal("unauthenticated")
+            sample_key = seen["sample"]
+        if sample_key:
+            sampled = self._refusals.admit(sample_key)
 
-        if spec is None or spec.audited:
+        if (spec is None or spec.audited) and sampled is not None:
             event: dict[str, Any] = {
                 "when": self._clock.now().isoformat(timespec="microseconds"),
                 "who": who,
                 "what": action or method,
                 "method": method,
                 "resource": resource,
-                "where": context.peer(),
+                "where": self._where(context),
                 "why": justification,
                 "correlation_id": correlation_id,
                 "decision": decision,
@@ -391,6 +540,22 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             }
             if error is not None:
                 event["error"] = message
+            if "serial" in seen:
+                event["serial"] = seen["serial"]
+            if sample_key:  # one event per caller and interval stands for all its refusals
+                event["sampled"] = {
+                    "interval_seconds": self._refusals.interval,
+                    "previous_interval_refusals": sampled,
+                }
+            if cancellation.outcome is not None:
+                event["outcome"] = cancellation.outcome.name
+                event["effect"] = (
+                    "applied"
+                    if error is None
+                    else "none"
+                    if isinstance(error, BrokerError | ca_errors.CAError)
+                    else "unknown"
+                )
             if call is not None and call.details:
                 event["details"] = call.details
             if flags:
@@ -406,6 +571,9 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             except AuditWriteFailed as exc:
                 code, message = to_status(exc, correlation_id)
                 error = exc
+        if cancellation.outcome is not None:
+            metrics.observe_rpc(method, cancellation.outcome.name, time.perf_counter() - started)
+            return None  # nobody is waiting for the answer
         metrics.observe_rpc(method, code.name, time.perf_counter() - started)
         if error is not None:
             await context.abort(code, message)

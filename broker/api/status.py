@@ -2,7 +2,9 @@
 
 Messages of known errors go to the client as they are (they are written to be acted on and
 never carry secrets); anything unexpected becomes INTERNAL with the correlation id only, and
-its traceback goes to the server log, never to the client.
+its traceback goes to the server log, never to the client. Storage errors are known but their
+text is the driver's (tables, columns, paths): it is logged, and the client gets a generic
+message with the correlation id.
 """
 
 from __future__ import annotations
@@ -37,6 +39,16 @@ _MAP: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
 
 def to_status(exc: BaseException, correlation_id: str) -> tuple[grpc.StatusCode, str]:
     """Map an exception raised while serving a request to (code, client-facing message)."""
+    if isinstance(exc, errors.StorageConflict):
+        log.info("storage conflict [%s]: %s", correlation_id, exc)
+        return grpc.StatusCode.ALREADY_EXISTS, (
+            f"a record with the same name or key already exists; correlation id {correlation_id}"
+        )
+    if isinstance(exc, errors.StorageError):
+        log.warning("storage unavailable [%s]: %s", correlation_id, exc)
+        return grpc.StatusCode.UNAVAILABLE, (
+            f"the broker's storage is unavailable; retry later (correlation id {correlation_id})"
+        )
     for kind, code in _MAP:
         if isinstance(exc, kind):
             message = str(exc) or kind.__name__

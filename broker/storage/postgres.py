@@ -21,7 +21,7 @@ from typing import Any, Final, NoReturn
 
 import asyncpg
 
-from broker.errors import AlreadyExists, StorageError
+from broker.errors import StorageConflict, StorageError
 from broker.storage.factory import dsn_secrets, redact_dsn, scrub
 from broker.storage.sql import Backend, Row, SqlStorage, Tx, require_aware
 
@@ -94,9 +94,9 @@ class PostgresBackend(Backend):
         return f"PostgresBackend({self.redacted_dsn!r})"
 
     def fail(self, exc: BaseException) -> NoReturn:
-        """Re-raise a driver error as AlreadyExists or StorageError, password scrubbed."""
+        """Re-raise a driver error as StorageConflict or StorageError, password scrubbed."""
         if isinstance(exc, asyncpg.UniqueViolationError):
-            raise AlreadyExists(f"postgresql: {scrub(str(exc), self._secrets)}") from exc
+            raise StorageConflict(f"postgresql: {scrub(str(exc), self._secrets)}") from exc
         text = scrub(f"{type(exc).__name__}: {exc}", self._secrets)
         raise StorageError(f"postgresql ({self.redacted_dsn}): {text}") from exc
 

@@ -40,7 +40,7 @@ from typing import Any, Final, NoReturn, TypeVar
 
 import aiosqlite
 
-from broker.errors import AlreadyExists, StorageError
+from broker.errors import StorageConflict, StorageError
 from broker.storage.sql import Backend, Row, SqlStorage, Tx, require_aware
 
 __all__ = ["MIN_SQLITE_VERSION", "SYNCHRONOUS_MODES", "SqliteBackend", "open_sqlite"]
@@ -61,7 +61,7 @@ def _raise(exc: BaseException) -> NoReturn:
     if isinstance(exc, sqlite3.IntegrityError) and (
         getattr(exc, "sqlite_errorname", None) in _UNIQUE_ERRORS
     ):
-        raise AlreadyExists(f"sqlite: {exc}") from exc
+        raise StorageConflict(f"sqlite: {exc}") from exc
     if isinstance(exc, ValueError):  # aiosqlite: "Connection closed" / "no active connection"
         raise StorageError("sqlite: the storage is closed") from exc
     raise StorageError(f"sqlite: {exc}") from exc

@@ -92,6 +92,7 @@ class BrokerHarness:
     tmp_path: Path
     operator: Identity = field(init=False)
     _channels: list[grpc.aio.Channel] = field(default_factory=list)
+    attest_port: int | None = None
 
     def __post_init__(self) -> None:
         self.operator = self.identity(OPERATOR_ID)
@@ -198,6 +199,7 @@ async def broker_factory(tmp_path: Path) -> AsyncIterator[BrokerFactory]:
         server_obj, port, serving = served.server, served.port, served.credentials
         assert port > 0
         harness = BrokerHarness(app, server_obj, port, serving, clock, storage, directory)
+        harness.attest_port = served.attest_port
         started.append((harness, server_obj))
         return harness
 
