@@ -16,7 +16,14 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from broker.envelope import KekRotation, KekRotator
 from broker.errors import NotFound
 from broker.policy import Action
-from broker.secrets import SecretInfo, SecretRef, SecretService, VersionInfo, reference_hash
+from broker.secrets import (
+    SecretInfo,
+    SecretIntegrityError,
+    SecretRef,
+    SecretService,
+    VersionInfo,
+    reference_hash,
+)
 from ca.layout import DEV_TENANT
 
 from ._proto import secrets_pb2, secrets_pb2_grpc
@@ -153,18 +160,36 @@ class SecretsServicer(secrets_pb2_grpc.SecretsServicer):  # type: ignore[misc]
         current_call().details.update(version=1, generated=length is not None)
         return _info(info)
 
+    async def _load(self, tenant: str, request: Any, version: int | None = None) -> Any:
+        """The secret's metadata and version row, or (absent, or metadata that did not verify)
+        the request decided as for a secret nobody owns, so a caller learns nothing about what
+        exists, and then NotFound or the integrity refusal (audited with the request)."""
+        call = current_call()
+        try:
+            loaded = await self._secrets.load(tenant, request.reference, version)
+        except SecretIntegrityError:
+            call.details["integrity"] = "metadata MAC mismatch"
+            self._authorize_unowned(tenant, request.reference)
+            raise
+        if loaded is None:
+            self._authorize_unowned(tenant, request.reference)
+            raise NotFound(f"no such secret in tenant {tenant!r}")
+        return loaded
+
+    @staticmethod
+    def _authorize_unowned(tenant: str, reference: str) -> None:
+        ref = SecretRef.parse(reference)
+        attributes = {"tenant": tenant, "environment": ref.environment, "owner": ""}
+        current_call().authorize(
+            reference_hash(reference),
+            attributes | {"service": ref.service, "reference": ref.text},
+        )
+
     async def Get(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         call = current_call()
         tenant = self._named(request)
         resource = reference_hash(request.reference)
-        loaded = await self._secrets.load(tenant, request.reference, request.version or None)
-        if loaded is None:
-            # Decide as for a secret nobody owns: workloads learn nothing about what exists.
-            ref = SecretRef.parse(request.reference)
-            attributes = {"tenant": tenant, "environment": ref.environment, "owner": ""}
-            call.authorize(resource, attributes | {"service": ref.service})
-            raise NotFound(f"no such secret in tenant {tenant!r}")
-        info, row = loaded
+        info, row = await self._load(tenant, request, request.version or None)
         call.authorize(resource, info.attributes())
         secret = self._secrets.reveal(info, row)
         call.details["version"] = secret.version
@@ -188,10 +213,7 @@ class SecretsServicer(secrets_pb2_grpc.SecretsServicer):  # type: ignore[misc]
         value, length = _source(request)
         # Decided on the secret's attributes (a prod + pii secret rotated off schedule needs a
         # second operator's approval), so load them first.
-        loaded = await self._secrets.load(tenant, request.reference)
-        if loaded is None:
-            raise NotFound(f"no such secret in tenant {tenant!r}")
-        info = loaded[0]
+        info = (await self._load(tenant, request))[0]
         due = info.rotation_due
         on_schedule = due is None or due <= self._secrets.now()
         call.details["on_schedule"] = on_schedule

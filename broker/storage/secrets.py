@@ -6,17 +6,27 @@ Each method is its own transaction. A duplicate reference raises `AlreadyExists`
 database raises `StorageError` (from the backend). Compare-and-set updates return False (and
 change nothing) when the row is not in the expected state, so two replicas racing on the same
 secret cannot both win.
+
+Every metadata row carries `meta_mac`, a MAC over all its columns made by the `MetadataSeal`
+the repository is built with (an HMAC key in the key backend). Each write checks the row's MAC
+before changing it, inside the same transaction, and raises `ca.errors.IntegrityError` when it
+does not verify (so a row altered by someone with database access is never re-sealed by a
+legitimate change); it then writes the new MAC. Reads return the stored MAC in
+`SecretRecord.mac`; the domain verifies it before using the record.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from broker.storage.sql import Backend, Row
+from ca.errors import IntegrityError
 
 __all__ = [
+    "MetadataSeal",
     "SealedRow",
     "SecretRecord",
     "SecretRepository",
@@ -44,6 +54,23 @@ class SecretRecord:
     created_at: dt.datetime
     revoked_at: dt.datetime | None = None
     deleted_at: dt.datetime | None = None
+    # The stored MAC over the fields above (None: written before MACs, or stripped).
+    mac: bytes | None = field(default=None, compare=False, repr=False)
+
+
+class MetadataSeal(Protocol):
+    """Makes and checks the MAC over a secret's metadata row (`broker.secrets.MetadataMac`)."""
+
+    def seal(self, record: SecretRecord) -> bytes:
+        """The MAC over every metadata field of `record` (not `record.mac`)."""
+        ...
+
+    def verify(self, record: SecretRecord) -> bool:
+        """True when `record.mac` is the MAC of its fields."""
+        ...
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -66,6 +93,11 @@ class SealedRow:
 
 
 class SecretRepository(Protocol):
+    @property
+    def seal(self) -> MetadataSeal:
+        """What MACs the metadata rows (the domain verifies records with it)."""
+        ...
+
     async def insert_secret(self, record: SecretRecord, first: VersionRecord) -> None:
         """The secret and its first version, atomically. Raises `AlreadyExists` if the
         (tenant, ref) is taken, whatever its state."""
@@ -81,6 +113,15 @@ class SecretRepository(Protocol):
 
     async def versions(self, tenant: str, ref: str) -> list[VersionRecord]:
         """Every version, oldest first (sealed blobs included)."""
+        ...
+
+    async def unsealed(self) -> list[SecretRecord]:
+        """Records without a MAC (written before MACs existed), for the one-time upgrade."""
+        ...
+
+    async def seal_unsealed(self, record: SecretRecord) -> bool:
+        """Write the MAC of `record` if its row still has none and still holds exactly
+        `record`'s fields; False otherwise."""
         ...
 
     async def list_secrets(self, tenant: str | None = None, prefix: str = "") -> list[SecretRecord]:
@@ -142,25 +183,31 @@ class SecretRepository(Protocol):
         ...
 
 
-def secret_repository(storage: Any) -> SqlSecretRepository:
+def secret_repository(storage: Any, seal: MetadataSeal) -> SqlSecretRepository:
     """The repository over a `SqlStorage`'s backend (the only Storage implementation)."""
     backend = getattr(storage, "backend", None)
     if not isinstance(backend, Backend):
         raise TypeError(f"secrets need a SQL storage backend, got {type(storage).__name__}")
-    return SqlSecretRepository(backend)
+    return SqlSecretRepository(backend, seal)
 
 
 _RECORD_COLUMNS = (
     "s.tenant, s.ref, s.service, s.environment, s.owner, s.classification, "
     "s.rotation_period_s, s.last_rotated, s.current_version, s.state, s.created_at, "
-    "s.revoked_at, s.deleted_at"
+    "s.revoked_at, s.deleted_at, s.meta_mac"
 )
+_RECORD_WIDTH = 14
 _VERSION_COLUMNS = "v.version, v.kek_label, v.sealed, v.created_at, v.retire_at, v.revoked_at"
 
 
 class SqlSecretRepository:
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, seal: MetadataSeal) -> None:
         self._b = backend
+        self._seal = seal
+
+    @property
+    def seal(self) -> MetadataSeal:
+        return self._seal
 
     def _ts(self, value: dt.datetime | None) -> object:
         return None if value is None else self._b.encode_ts(value)
@@ -184,7 +231,40 @@ class SqlSecretRepository:
             created_at=ts(row[10]),
             revoked_at=self._dt(row[11]),
             deleted_at=self._dt(row[12]),
+            mac=None if row[13] is None else bytes(row[13]),
         )
+
+    async def _checked(self, tx: Any, tenant: str, ref: str) -> SecretRecord | None:
+        """The row as stored, refusing (IntegrityError) one whose MAC does not verify; None
+        when there is no such secret. Call first in every write transaction."""
+        row = await tx.fetchrow(
+            f"SELECT {_RECORD_COLUMNS} FROM secrets s "  # noqa: S608 (constant)
+            "WHERE s.tenant = ? AND s.ref = ?",
+            tenant,
+            ref,
+        )
+        if row is None:
+            return None
+        record = self._secret(row)
+        if not self._seal.verify(record):
+            raise IntegrityError("secret metadata did not verify against its MAC")
+        return record
+
+    async def _reseal(self, tx: Any, tenant: str, ref: str) -> None:
+        """Write the MAC of the row as it is now (after a change in this transaction)."""
+        row = await tx.fetchrow(
+            f"SELECT {_RECORD_COLUMNS} FROM secrets s "  # noqa: S608 (constant)
+            "WHERE s.tenant = ? AND s.ref = ?",
+            tenant,
+            ref,
+        )
+        if row is not None:
+            await tx.execute(
+                "UPDATE secrets SET meta_mac = ? WHERE tenant = ? AND ref = ?",
+                self._seal.seal(self._secret(row)),
+                tenant,
+                ref,
+            )
 
     def _version(self, row: Row) -> VersionRecord:
         return VersionRecord(
@@ -201,7 +281,8 @@ class SqlSecretRepository:
             await tx.execute(
                 "INSERT INTO secrets (tenant, ref, service, environment, owner, classification, "
                 "rotation_period_s, last_rotated, current_version, state, created_at, "
-                "revoked_at, deleted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "revoked_at, deleted_at, meta_mac) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 record.tenant,
                 record.ref,
                 record.service,
@@ -215,6 +296,7 @@ class SqlSecretRepository:
                 self._b.encode_ts(record.created_at),
                 self._ts(record.revoked_at),
                 self._ts(record.deleted_at),
+                self._seal.seal(record),
             )
             await self._insert_version(tx, record.tenant, record.ref, first)
 
@@ -248,8 +330,9 @@ class SqlSecretRepository:
             )
         if row is None:
             return None
-        record = self._secret(row[:13])
-        return record, (None if row[13] is None else self._version(row[13:]))
+        record = self._secret(row[:_RECORD_WIDTH])
+        version_row = row[_RECORD_WIDTH:]
+        return record, (None if version_row[0] is None else self._version(version_row))
 
     async def versions(self, tenant: str, ref: str) -> list[VersionRecord]:
         async with self._b.transaction(write=False) as tx:
@@ -260,6 +343,32 @@ class SqlSecretRepository:
                 ref,
             )
         return [self._version(r) for r in rows]
+
+    async def unsealed(self) -> list[SecretRecord]:
+        async with self._b.transaction(write=False) as tx:
+            rows = await tx.fetch(
+                f"SELECT {_RECORD_COLUMNS} FROM secrets s "  # noqa: S608 (constant)
+                "WHERE s.meta_mac IS NULL ORDER BY s.tenant, s.ref"
+            )
+        return [self._secret(r) for r in rows]
+
+    async def seal_unsealed(self, record: SecretRecord) -> bool:
+        async with self._b.transaction(write=True) as tx:
+            row = await tx.fetchrow(
+                f"SELECT {_RECORD_COLUMNS} FROM secrets s "  # noqa: S608 (constant)
+                "WHERE s.tenant = ? AND s.ref = ? AND s.meta_mac IS NULL",
+                record.tenant,
+                record.ref,
+            )
+            if row is None or self._secret(row) != record:
+                return False
+            await tx.execute(
+                "UPDATE secrets SET meta_mac = ? WHERE tenant = ? AND ref = ? AND meta_mac IS NULL",
+                self._seal.seal(record),
+                record.tenant,
+                record.ref,
+            )
+        return True
 
     async def list_secrets(self, tenant: str | None = None, prefix: str = "") -> list[SecretRecord]:
         where: list[str] = []
@@ -290,6 +399,8 @@ class SqlSecretRepository:
         retire_previous_at: dt.datetime,
     ) -> bool:
         async with self._b.transaction(write=True) as tx:
+            if await self._checked(tx, tenant, ref) is None:
+                return False
             row = await tx.fetchrow(
                 "UPDATE secrets SET current_version = ?, last_rotated = ?, state = 'active', "
                 "revoked_at = NULL WHERE tenant = ? AND ref = ? AND current_version = ? "
@@ -311,6 +422,7 @@ class SqlSecretRepository:
                 expected_current,
             )
             await self._insert_version(tx, tenant, ref, new)
+            await self._reseal(tx, tenant, ref)
         return True
 
     async def rollback(
@@ -318,6 +430,8 @@ class SqlSecretRepository:
     ) -> bool:
         stamp = self._b.encode_ts(at)
         async with self._b.transaction(write=True) as tx:
+            if await self._checked(tx, tenant, ref) is None:
+                return False
             target = await tx.fetchrow(
                 "SELECT created_at FROM secret_versions WHERE tenant = ? AND ref = ? "
                 "AND version = ? AND revoked_at IS NULL AND sealed IS NOT NULL",
@@ -354,11 +468,14 @@ class SqlSecretRepository:
                 ref,
                 from_version,
             )
+            await self._reseal(tx, tenant, ref)
         return True
 
     async def revoke(self, tenant: str, ref: str, at: dt.datetime) -> bool:
         stamp = self._b.encode_ts(at)
         async with self._b.transaction(write=True) as tx:
+            if await self._checked(tx, tenant, ref) is None:
+                return False
             row = await tx.fetchrow(
                 "UPDATE secrets SET state = 'revoked', revoked_at = ? "
                 "WHERE tenant = ? AND ref = ? AND state = 'active' RETURNING tenant",
@@ -375,10 +492,13 @@ class SqlSecretRepository:
                 tenant,
                 ref,
             )
+            await self._reseal(tx, tenant, ref)
         return True
 
     async def mark_deleted(self, tenant: str, ref: str, at: dt.datetime) -> bool:
         async with self._b.transaction(write=True) as tx:
+            if await self._checked(tx, tenant, ref) is None:
+                return False
             row = await tx.fetchrow(
                 "UPDATE secrets SET state = 'deleted', deleted_at = ? "
                 "WHERE tenant = ? AND ref = ? AND state IN ('active', 'revoked') "
@@ -387,6 +507,8 @@ class SqlSecretRepository:
                 tenant,
                 ref,
             )
+            if row is not None:
+                await self._reseal(tx, tenant, ref)
         return row is not None
 
     async def retire_expired(self, now: dt.datetime) -> int:
@@ -400,12 +522,31 @@ class SqlSecretRepository:
 
     async def destroy_deleted(self, deleted_before: dt.datetime) -> list[tuple[str, str]]:
         async with self._b.transaction(write=True) as tx:
-            rows = await tx.fetch(
-                "UPDATE secrets SET state = 'destroyed' "
-                "WHERE state = 'deleted' AND deleted_at <= ? RETURNING tenant, ref",
+            candidates = await tx.fetch(
+                f"SELECT {_RECORD_COLUMNS} FROM secrets s "  # noqa: S608 (constant)
+                "WHERE s.state = 'deleted' AND s.deleted_at <= ?",
                 self._b.encode_ts(deleted_before),
             )
+            rows: list[tuple[str, str]] = []
+            for candidate in candidates:
+                record = self._secret(candidate)
+                if not self._seal.verify(record):
+                    # Marked deleted by someone who could write the database but not MAC:
+                    # destroying its data would finish their attack. Keep it, loudly.
+                    log.warning(
+                        "not destroying a secret of tenant %r: its metadata did not verify "
+                        "against its MAC (tampered with?)",
+                        record.tenant,
+                    )
+                    continue
+                rows.append((record.tenant, record.ref))
             for tenant, ref in rows:
+                await tx.execute(
+                    "UPDATE secrets SET state = 'destroyed' WHERE tenant = ? AND ref = ?",
+                    tenant,
+                    ref,
+                )
+                await self._reseal(tx, tenant, ref)
                 await tx.execute(
                     "UPDATE secret_versions SET sealed = NULL, kek_label = NULL, "
                     "revoked_at = COALESCE(revoked_at, ?) WHERE tenant = ? AND ref = ?",
