@@ -322,6 +322,8 @@ class SecretInfo:
             "owner": r.owner or "",
             "classification": r.classification or "",
             "service": r.service or "",
+            # The real name: grant and approval wildcards match it (never the SHA-256).
+            "reference": r.ref,
         }
 
 
@@ -446,6 +448,15 @@ class SecretService:
         ref = SecretRef.parse(reference)
         check_tenant(tenant)
         _check_name(owner, "owner")
+        if owner != ref.service:
+            # Each service owns its namespace (the standard: no cross-service sharing); reading
+            # across services is a time-bound, audited grant, never a mismatched owner.
+            raise InvalidArgument(
+                f"owner {owner!r} does not match the secret's namespace {ref.service!r}: a "
+                f"secret under secret://{ref.service}/ is owned by service {ref.service!r}; to "
+                "let another service read it, an operator creates a grant "
+                "(broker grant create --to SPIFFE_ID --action secrets.get --resource REF)"
+            )
         if classification not in CLASSIFICATIONS:
             raise InvalidArgument(
                 f"classification {classification!r} is not one of {', '.join(CLASSIFICATIONS)}"

@@ -228,7 +228,12 @@ def secrets() -> None:
 )
 @click.option("--generate", is_flag=True, help="Have the broker generate a random value.")
 @click.option("--length", type=click.IntRange(16, 4096), help="Generated length [default: 32].")
-@click.option("--owner", required=True, help="The owning service (may read the secret).")
+@click.option(
+    "--owner",
+    default="",
+    help="The owning service (may read the secret); must be the reference's namespace "
+    "service, which is the default.",
+)
 @click.option(
     "--classification", required=True, type=click.Choice(CLASSIFICATIONS), help="Data class."
 )
@@ -265,12 +270,20 @@ def secrets_put(
 @secrets.command("get")
 @click.argument("reference")
 @click.option("--version", type=click.IntRange(1), help="A version still readable.")
+@click.option(
+    "--purpose",
+    default="",
+    help="What a workload reads it for (recorded in the audit event); people reading prod "
+    "or pii secrets give --justification.",
+)
 @_tenant_option
 @_connection_options(on_group=False)
 @click.pass_context
-def secrets_get(ctx: click.Context, reference: str, version: int | None, tenant: str) -> None:
+def secrets_get(
+    ctx: click.Context, reference: str, version: int | None, purpose: str, tenant: str
+) -> None:
     """Print the value (exactly its bytes); --output json adds version and metadata."""
-    read = _secrets_client(ctx).get(reference, version=version or 0, tenant=tenant)
+    read = _secrets_client(ctx).get(reference, version=version or 0, tenant=tenant, purpose=purpose)
     if _output(ctx) == "json":
         try:
             value, encoding = read.value.decode("utf-8"), "utf-8"

@@ -592,7 +592,7 @@ async def test_tampered_metadata_is_refused_on_read_and_write(
     if column == "state":
         await world.service.revoke("acme", REF, "compromised")
     before_versions = await world.raw("SELECT * FROM secret_versions ORDER BY version")
-    await world.raw(f"UPDATE secrets SET {column} = ? WHERE ref = ?", value, REF)  # noqa: S608
+    await world.raw(f"UPDATE secrets SET {column} = ? WHERE ref = ?", value, REF)
     tampered = await _row(world)
     for attempt in (
         world.get,
