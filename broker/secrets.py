@@ -32,6 +32,7 @@ rotation rewraps its blobs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import hashlib
 import hmac
@@ -114,9 +115,10 @@ class SecretIntegrityError(FailedPrecondition):
 
 def _integrity_refusal() -> SecretIntegrityError:
     return SecretIntegrityError(
-        "integrity check failed: the secret's metadata (owner, classification, state or "
-        "current version) was changed outside the broker; refused, nothing was served or "
-        "changed. Restore the row from a backup or rotate the secret after investigating"
+        "integrity check failed: the secret's metadata (owner, classification, state, "
+        "current version or a version's revocation) was changed outside the broker; refused, "
+        "nothing was served or changed. Restore the row from a backup or rotate the secret "
+        "after investigating"
     )
 
 
@@ -153,11 +155,25 @@ def metadata_bytes(record: SecretRecord) -> bytes:
     )
 
 
+def version_bytes(tenant: str, ref: str, version: VersionRecord) -> bytes:
+    """The canonical bytes a version's MAC covers: where it belongs and its lifecycle."""
+    return aad(
+        "broker.secret-version.v1",
+        tenant,
+        ref,
+        version.version,
+        _field(version.created_at),
+        _field(version.retire_at),
+        _field(version.revoked_at),
+    )
+
+
 class MetadataMac:
     """HMAC-SHA256, under a key that never leaves the key backend, over a secret's metadata
-    row (`broker.storage.secrets.MetadataSeal`). Verified pairs are remembered (bounded), so
-    the read path asks the backend once per distinct row state, not once per read; only pairs
-    that verified are remembered, so a forged row never hits the memory."""
+    row and over each version's lifecycle (`broker.storage.secrets.MetadataSeal`). Verified
+    pairs are remembered (bounded), so the read path asks the backend once per distinct row
+    state, not once per read; only pairs that verified are remembered, so a forged row never
+    hits the memory."""
 
     def __init__(self, keys: KeyBackend, label: str = METADATA_MAC_KEY) -> None:
         self._keys = keys
@@ -168,11 +184,25 @@ class MetadataMac:
         return self._keys.mac(self._label, metadata_bytes(record))
 
     def verify(self, record: SecretRecord) -> bool:
-        if record.mac is None:
+        return self._check(metadata_bytes(record), record.mac)
+
+    def seal_version(self, tenant: str, ref: str, version: VersionRecord) -> bytes:
+        return self._keys.mac(self._label, version_bytes(tenant, ref, version))
+
+    def verify_version(self, tenant: str, ref: str, version: VersionRecord) -> bool:
+        if self._check(version_bytes(tenant, ref, version), version.mac):
+            return True
+        if version.revoked_at is not None and version.revoked_at == version.retire_at:
+            # `retire_expired` revokes in bulk SQL: the MAC it left is the one from before.
+            before = dataclasses.replace(version, revoked_at=None)
+            return self._check(version_bytes(tenant, ref, before), version.mac)
+        return False
+
+    def _check(self, data: bytes, mac: bytes | None) -> bool:
+        if mac is None:
             return False
-        data = metadata_bytes(record)
         known = self._verified.get(data)
-        if known is not None and hmac.compare_digest(known, record.mac):
+        if known is not None and hmac.compare_digest(known, mac):
             return True
         try:
             expected = self._keys.mac(self._label, data)
@@ -181,7 +211,7 @@ class MetadataMac:
                 "the secrets metadata MAC key %r is missing from the key backend", self._label
             )
             return False
-        if not hmac.compare_digest(expected, record.mac):
+        if not hmac.compare_digest(expected, mac):
             return False
         if len(self._verified) >= _MAC_CACHE_SIZE:
             self._verified.clear()
@@ -394,12 +424,16 @@ class SecretService:
     async def start(self, mac: MetadataMac) -> int:
         """Before serving: make sure the metadata MAC key exists and, once (until the upgrade
         is recorded in the key backend), give rows written before MACs existed their MAC.
-        Returns how many rows were sealed. Safe to run on several replicas at once."""
+        Returns how many rows (metadata and version rows) were sealed. Safe to run on several
+        replicas at once."""
         if not mac.prepare():
             return 0
         sealed = 0
         for record in await self._repo.unsealed():
             if await self._repo.seal_unsealed(record):
+                sealed += 1
+        for tenant, ref, version in await self._repo.unsealed_versions():
+            if await self._repo.seal_unsealed_version(tenant, ref, version):
                 sealed += 1
         mac.upgraded()
         if sealed:
@@ -654,6 +688,14 @@ class SecretService:
             )
         if row is None:
             raise NotFound("the secret has no such version")
+        if not self._repo.seal.verify_version(record.tenant, ref, row):
+            log.warning(
+                "secret %s version %d: its lifecycle did not verify against its MAC (tampered "
+                "with outside the broker); refused",
+                info.sha256[:16],
+                row.version,
+            )
+            raise _integrity_refusal()
         if row.revoked_at is not None:
             raise FailedPrecondition(
                 f"version {row.version} of the secret was revoked at {_iso(row.revoked_at)}"

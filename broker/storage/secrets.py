@@ -7,12 +7,15 @@ database raises `StorageError` (from the backend). Compare-and-set updates retur
 change nothing) when the row is not in the expected state, so two replicas racing on the same
 secret cannot both win.
 
-Every metadata row carries `meta_mac`, a MAC over all its columns made by the `MetadataSeal`
-the repository is built with (an HMAC key in the key backend). Each write checks the row's MAC
-before changing it, inside the same transaction, and raises `ca.errors.IntegrityError` when it
-does not verify (so a row altered by someone with database access is never re-sealed by a
-legitimate change); it then writes the new MAC. Reads return the stored MAC in
-`SecretRecord.mac`; the domain verifies it before using the record.
+Every metadata row carries `meta_mac`, a MAC over all its columns, and every version row
+`state_mac`, a MAC over its lifecycle (version, created, retire and revoke times), both made by
+the `MetadataSeal` the repository is built with (an HMAC key in the key backend). Each write
+checks the MACs of the rows it builds on before changing them, inside the same transaction,
+and raises `ca.errors.IntegrityError` when one does not verify (so a row altered by someone
+with database access is never re-sealed by a legitimate change); it then writes the new MACs.
+Revoking is the exception: it only ever makes versions unreadable, so it seals every version
+revoked whatever it held. Reads return the stored MACs in `SecretRecord.mac` and
+`VersionRecord.mac`; the domain verifies them before using the records.
 """
 
 from __future__ import annotations
@@ -69,6 +72,17 @@ class MetadataSeal(Protocol):
         """True when `record.mac` is the MAC of its fields."""
         ...
 
+    def seal_version(self, tenant: str, ref: str, version: VersionRecord) -> bytes:
+        """The MAC over the lifecycle fields of one version (not its sealed blob, which the
+        AEAD binds, nor its KEK label, which a KEK rotation changes)."""
+        ...
+
+    def verify_version(self, tenant: str, ref: str, version: VersionRecord) -> bool:
+        """True when `version.mac` is the MAC of its lifecycle fields, or of the same fields
+        with `revoked_at` unset when it equals `retire_at` (the janitor's `retire_expired`,
+        which only ever makes a version unreadable)."""
+        ...
+
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +95,8 @@ class VersionRecord:
     created_at: dt.datetime
     retire_at: dt.datetime | None = None  # end of the rollback window once superseded
     revoked_at: dt.datetime | None = None
+    # The stored MAC over version, created_at, retire_at and revoked_at (None: see SecretRecord).
+    mac: bytes | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -122,6 +138,14 @@ class SecretRepository(Protocol):
     async def seal_unsealed(self, record: SecretRecord) -> bool:
         """Write the MAC of `record` if its row still has none and still holds exactly
         `record`'s fields; False otherwise."""
+        ...
+
+    async def unsealed_versions(self) -> list[tuple[str, str, VersionRecord]]:
+        """(tenant, ref, version) of version rows without a MAC, for the one-time upgrade."""
+        ...
+
+    async def seal_unsealed_version(self, tenant: str, ref: str, version: VersionRecord) -> bool:
+        """As `seal_unsealed`, for one version row."""
         ...
 
     async def list_secrets(self, tenant: str | None = None, prefix: str = "") -> list[SecretRecord]:
@@ -197,7 +221,9 @@ _RECORD_COLUMNS = (
     "s.revoked_at, s.deleted_at, s.meta_mac"
 )
 _RECORD_WIDTH = 14
-_VERSION_COLUMNS = "v.version, v.kek_label, v.sealed, v.created_at, v.retire_at, v.revoked_at"
+_VERSION_COLUMNS = (
+    "v.version, v.kek_label, v.sealed, v.created_at, v.retire_at, v.revoked_at, v.state_mac"
+)
 
 
 class SqlSecretRepository:
@@ -274,7 +300,36 @@ class SqlSecretRepository:
             created_at=self._b.decode_ts(row[3]),
             retire_at=self._dt(row[4]),
             revoked_at=self._dt(row[5]),
+            mac=None if row[6] is None else bytes(row[6]),
         )
+
+    async def _version_row(self, tx: Any, tenant: str, ref: str, version: int) -> Row | None:
+        row: Row | None = await tx.fetchrow(
+            f"SELECT {_VERSION_COLUMNS} FROM secret_versions v "  # noqa: S608 (constant)
+            "WHERE v.tenant = ? AND v.ref = ? AND v.version = ?",
+            tenant,
+            ref,
+            version,
+        )
+        return row
+
+    async def _checked_version(self, tx: Any, tenant: str, ref: str, version: int) -> None:
+        """Refuse (IntegrityError) a version row whose MAC does not verify; absent is fine."""
+        row = await self._version_row(tx, tenant, ref, version)
+        if row is not None and not self._seal.verify_version(tenant, ref, self._version(row)):
+            raise IntegrityError(f"version {version} did not verify against its MAC")
+
+    async def _reseal_version(self, tx: Any, tenant: str, ref: str, version: int) -> None:
+        row = await self._version_row(tx, tenant, ref, version)
+        if row is not None:
+            await tx.execute(
+                "UPDATE secret_versions SET state_mac = ? "
+                "WHERE tenant = ? AND ref = ? AND version = ?",
+                self._seal.seal_version(tenant, ref, self._version(row)),
+                tenant,
+                ref,
+                version,
+            )
 
     async def insert_secret(self, record: SecretRecord, first: VersionRecord) -> None:
         async with self._b.transaction(write=True) as tx:
@@ -303,7 +358,7 @@ class SqlSecretRepository:
     async def _insert_version(self, tx: Any, tenant: str, ref: str, v: VersionRecord) -> None:
         await tx.execute(
             "INSERT INTO secret_versions (tenant, ref, version, kek_label, sealed, created_at, "
-            "retire_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "retire_at, revoked_at, state_mac) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             tenant,
             ref,
             v.version,
@@ -312,6 +367,7 @@ class SqlSecretRepository:
             self._b.encode_ts(v.created_at),
             self._ts(v.retire_at),
             self._ts(v.revoked_at),
+            self._seal.seal_version(tenant, ref, v),
         )
 
     async def load(
@@ -370,6 +426,29 @@ class SqlSecretRepository:
             )
         return True
 
+    async def unsealed_versions(self) -> list[tuple[str, str, VersionRecord]]:
+        async with self._b.transaction(write=False) as tx:
+            rows = await tx.fetch(
+                f"SELECT v.tenant, v.ref, {_VERSION_COLUMNS} FROM secret_versions v "  # noqa: S608
+                "WHERE v.state_mac IS NULL ORDER BY v.tenant, v.ref, v.version"
+            )
+        return [(str(r[0]), str(r[1]), self._version(r[2:])) for r in rows]
+
+    async def seal_unsealed_version(self, tenant: str, ref: str, version: VersionRecord) -> bool:
+        async with self._b.transaction(write=True) as tx:
+            row = await self._version_row(tx, tenant, ref, version.version)
+            if row is None or row[6] is not None or self._version(row) != version:
+                return False
+            await tx.execute(
+                "UPDATE secret_versions SET state_mac = ? "
+                "WHERE tenant = ? AND ref = ? AND version = ? AND state_mac IS NULL",
+                self._seal.seal_version(tenant, ref, version),
+                tenant,
+                ref,
+                version.version,
+            )
+        return True
+
     async def list_secrets(self, tenant: str | None = None, prefix: str = "") -> list[SecretRecord]:
         where: list[str] = []
         args: list[object] = []
@@ -401,6 +480,7 @@ class SqlSecretRepository:
         async with self._b.transaction(write=True) as tx:
             if await self._checked(tx, tenant, ref) is None:
                 return False
+            await self._checked_version(tx, tenant, ref, expected_current)
             row = await tx.fetchrow(
                 "UPDATE secrets SET current_version = ?, last_rotated = ?, state = 'active', "
                 "revoked_at = NULL WHERE tenant = ? AND ref = ? AND current_version = ? "
@@ -422,6 +502,7 @@ class SqlSecretRepository:
                 expected_current,
             )
             await self._insert_version(tx, tenant, ref, new)
+            await self._reseal_version(tx, tenant, ref, expected_current)
             await self._reseal(tx, tenant, ref)
         return True
 
@@ -432,6 +513,8 @@ class SqlSecretRepository:
         async with self._b.transaction(write=True) as tx:
             if await self._checked(tx, tenant, ref) is None:
                 return False
+            await self._checked_version(tx, tenant, ref, from_version)
+            await self._checked_version(tx, tenant, ref, to_version)
             target = await tx.fetchrow(
                 "SELECT created_at FROM secret_versions WHERE tenant = ? AND ref = ? "
                 "AND version = ? AND revoked_at IS NULL AND sealed IS NOT NULL",
@@ -468,6 +551,8 @@ class SqlSecretRepository:
                 ref,
                 from_version,
             )
+            await self._reseal_version(tx, tenant, ref, from_version)
+            await self._reseal_version(tx, tenant, ref, to_version)
             await self._reseal(tx, tenant, ref)
         return True
 
@@ -492,6 +577,12 @@ class SqlSecretRepository:
                 tenant,
                 ref,
             )
+            # Every version is revoked now, whatever its row held: sealing it cannot make
+            # anything readable again.
+            for (number,) in await tx.fetch(
+                "SELECT version FROM secret_versions WHERE tenant = ? AND ref = ?", tenant, ref
+            ):
+                await self._reseal_version(tx, tenant, ref, int(number))
             await self._reseal(tx, tenant, ref)
         return True
 

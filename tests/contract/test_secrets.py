@@ -641,11 +641,43 @@ async def test_a_stripped_mac_is_not_legacy_after_the_upgrade(world: World) -> N
 async def test_rows_from_before_macs_are_sealed_once_at_start(world: World) -> None:
     value = await world.put()
     await world.raw("UPDATE secrets SET meta_mac = NULL WHERE ref = ?", REF)
+    await world.raw("UPDATE secret_versions SET state_mac = NULL WHERE ref = ?", REF)
     # As on a broker upgraded from before MACs: the key backend has no upgrade marker yet.
     world.keys.destroy_key(METADATA_MAC_UPGRADED)
-    assert await world.service.start(MetadataMac(world.keys)) == 1
+    assert await world.service.start(MetadataMac(world.keys)) == 2  # the row and its version
     assert await world.get() == value
     assert world.keys.has_key(METADATA_MAC_UPGRADED)
+    await world.raw("UPDATE secret_versions SET state_mac = NULL WHERE ref = ?", REF)
+    assert await world.service.start(MetadataMac(world.keys)) == 0  # upgraded: never again
+    with pytest.raises(SecretIntegrityError):
+        await world.get()
+
+
+async def test_an_old_version_brought_back_by_sql_is_refused(world: World) -> None:
+    """Clearing a version's retire/revoke times (to read a rotated-away value by number, or to
+    roll back to it) is refused; the janitor's own revocation still verifies."""
+    await world.put()
+    await world.rotate()
+    world.clock.advance(days=2)  # version 1 left its rollback window
+    with pytest.raises(FailedPrecondition, match="left its rollback window"):
+        await world.get(version=1)
+    assert await world.service.maintain() == (1, [])  # revoked_at = retire_at, in bulk SQL
+    with pytest.raises(FailedPrecondition, match="version 1 of the secret was revoked"):
+        await world.get(version=1)  # the janitor's change verifies: an ordinary refusal
+    before = await world.raw("SELECT * FROM secrets")
+    await world.raw(
+        "UPDATE secret_versions SET retire_at = NULL, revoked_at = NULL WHERE version = 1"
+    )
+    with pytest.raises(SecretIntegrityError):
+        await world.get(version=1)
+    # Pushing the window out instead, to roll back to it: refused, nothing changed.
+    await world.raw(
+        "UPDATE secret_versions SET retire_at = ?, revoked_at = NULL WHERE version = 1",
+        world.storage.backend.encode_ts(world.clock.now() + DAY),
+    )
+    with pytest.raises(SecretIntegrityError):
+        await world.service.rollback("acme", REF)
+    assert await world.raw("SELECT * FROM secrets") == before
 
 
 async def test_a_lost_metadata_mac_key_stops_the_start(world: World) -> None:
