@@ -40,7 +40,7 @@ import logging
 import re
 import secrets as _random
 import string
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
@@ -178,34 +178,42 @@ class MetadataMac:
     def __init__(self, keys: KeyBackend, label: str = METADATA_MAC_KEY) -> None:
         self._keys = keys
         self._label = label
-        self._verified: dict[bytes, bytes] = {}
+        # Verified row states (records compare without their MAC) -> their MAC.
+        self._verified: dict[object, bytes] = {}
 
     def seal(self, record: SecretRecord) -> bytes:
         return self._keys.mac(self._label, metadata_bytes(record))
 
     def verify(self, record: SecretRecord) -> bool:
-        return self._check(metadata_bytes(record), record.mac)
+        return self._check(record, record.mac, lambda: metadata_bytes(record))
 
     def seal_version(self, tenant: str, ref: str, version: VersionRecord) -> bytes:
         return self._keys.mac(self._label, version_bytes(tenant, ref, version))
 
     def verify_version(self, tenant: str, ref: str, version: VersionRecord) -> bool:
-        if self._check(version_bytes(tenant, ref, version), version.mac):
+        state = (tenant, ref, version.version, version.created_at, version.retire_at)
+        if self._check(
+            (*state, version.revoked_at),
+            version.mac,
+            lambda: version_bytes(tenant, ref, version),
+        ):
             return True
         if version.revoked_at is not None and version.revoked_at == version.retire_at:
             # `retire_expired` revokes in bulk SQL: the MAC it left is the one from before.
             before = dataclasses.replace(version, revoked_at=None)
-            return self._check(version_bytes(tenant, ref, before), version.mac)
+            return self._check(
+                (*state, None), version.mac, lambda: version_bytes(tenant, ref, before)
+            )
         return False
 
-    def _check(self, data: bytes, mac: bytes | None) -> bool:
+    def _check(self, key: object, mac: bytes | None, data: Callable[[], bytes]) -> bool:
         if mac is None:
             return False
-        known = self._verified.get(data)
-        if known is not None and hmac.compare_digest(known, mac):
-            return True
+        known = self._verified.get(key)
+        if known is not None:
+            return hmac.compare_digest(known, mac)
         try:
-            expected = self._keys.mac(self._label, data)
+            expected = self._keys.mac(self._label, data())
         except KeyNotFound:
             log.error(
                 "the secrets metadata MAC key %r is missing from the key backend", self._label
@@ -215,7 +223,7 @@ class MetadataMac:
             return False
         if len(self._verified) >= _MAC_CACHE_SIZE:
             self._verified.clear()
-        self._verified[data] = expected
+        self._verified[key] = expected
         return True
 
     def prepare(self) -> bool:
