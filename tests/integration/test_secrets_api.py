@@ -383,3 +383,21 @@ async def test_a_wildcard_grant_covers_references_not_digests(broker: BrokerHarn
     )
     assert star.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "'*' is refused" in (star.details() or "")
+
+
+async def test_the_sdk_sends_the_workload_purpose(broker: BrokerHarness) -> None:
+    value = await put(broker)
+    owner = broker.identity(OWNER)
+    client = BrokerClient(
+        broker.address,
+        ClientCredentials(owner.chain_pem, owner.key_pem, broker.bundle_pem),
+        timeout=5,
+    )
+    source = BrokerSecretSource(SecretsClient(client), purpose="billing: nightly invoices")
+    try:
+        assert (await asyncio.to_thread(source.fetch, REF)).value == value
+    finally:
+        client.close()
+    reads = [e for e in await broker.events() if e.get("what") == "secrets.get"]
+    assert reads[-1]["details"]["purpose"] == "billing: nightly invoices"
+    assert reads[-1]["decision"] == "allow"
