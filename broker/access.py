@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from broker.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
-from broker.policy import Caller, Decision, DefaultPolicy, Policy
+from broker.policy import Action, Caller, Decision, DefaultPolicy, Policy
 from broker.rego import InvalidRegoPolicy, RegoEngine, default_modules
 from broker.storage.access import (
     AccessRepository,
@@ -42,6 +42,7 @@ from ca.clock import Clock
 
 __all__ = [
     "APPROVAL_TTL",
+    "GRANTABLE_ACTIONS",
     "MAX_BREAKGLASS_TTL",
     "MAX_GRANT_TTL",
     "POLICY_NAME",
@@ -73,6 +74,7 @@ _DENY_ORDER: Final = (
     "prod-only",
     "environment",
     "cross-service",
+    "namespace",
     "two-person",
     "owner",
     "self-mint",
@@ -101,10 +103,23 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _covers(pattern: str, resource: str) -> bool:
-    if pattern in ("*", resource) or _sha256(pattern) == resource:
+def _covers(pattern: str, resource: Mapping[str, Any]) -> bool:
+    """Whether a grant/approval/break-glass `pattern` covers the policy input's resource: `*`,
+    the exact name, the exact reference (or its SHA-256, the name secrets go by), or a
+    trailing-`*` prefix of the real name (the reference when there is one). A wildcard never
+    matches the hex digest that stands in for a reference (`1d*` covers no secret)."""
+    name = str(resource.get("name", ""))
+    reference = str(resource.get("reference", ""))
+    if pattern == "*" or pattern in (name, reference) or _sha256(pattern) == name:
         return True
-    return pattern.endswith("*") and resource.startswith(pattern[:-1])
+    return pattern.endswith("*") and (reference or name).startswith(pattern[:-1])
+
+
+# Grants name one action: `*` would be a standing broad grant (the standard allows none), and
+# an unknown name would be accepted and grant nothing.
+GRANTABLE_ACTIONS: Final = frozenset(
+    value for key, value in vars(Action).items() if key.isupper() and isinstance(value, str)
+)
 
 
 def _check_text(value: str, what: str, *, required: bool = True) -> str:
@@ -453,6 +468,12 @@ class AccessControl:
         if not grantee.startswith(f"spiffe://{self._td}/"):
             raise InvalidArgument(f"grantee {grantee} is not in trust domain {self._td}")
         action = _check_text(action, "--action")
+        if action == "*" or action not in GRANTABLE_ACTIONS:
+            raise InvalidArgument(
+                f"--action {action!r} is not one action: a grant names exactly one, e.g. "
+                "secrets.get, secrets.rotate or db.creds (create one grant per action; '*' "
+                "is refused because grants are narrow and time-bound)"
+            )
         resource = _check_text(resource, "--resource")
         if ttl <= dt.timedelta(0):
             raise InvalidArgument("a grant's ttl must be positive")
@@ -683,7 +704,6 @@ def _two_person(decision: Decision, document: Mapping[str, Any]) -> Decision:
     if document["action"] == "secrets.rotate" and resource.get("on_schedule") == "true":
         return decision  # rotating a secret that is due is routine; off schedule needs two
     caller = document["caller"]
-    name = str(resource.get("name", ""))
     if (
         not caller.get("operator")
         and not caller.get("minted_by")
@@ -699,11 +719,11 @@ def _two_person(decision: Decision, document: Mapping[str, Any]) -> Decision:
         breakglass
         and breakglass.get("active")
         and breakglass.get("action") in (document["action"], "*")
-        and _covers(str(breakglass.get("resource", "")), name)
+        and _covers(str(breakglass.get("resource", "")), resource)
     ):
         return decision
     for approval in caller.get("approvals", ()):
-        if approval["action"] == document["action"] and _covers(approval["resource"], name):
+        if approval["action"] == document["action"] and _covers(approval["resource"], resource):
             flags = dict(decision.flags) | {"approval": approval["id"]}
             return Decision(True, decision.reason, decision.rule, flags)
     return Decision(

@@ -28,7 +28,7 @@ from broker.files import write_private_file
 from broker.identity import Authenticator
 from broker.policy import DefaultPolicy, Policy
 from broker.ratelimit import RateLimiter
-from broker.secrets import SecretJanitor, SecretService
+from broker.secrets import MetadataMac, SecretJanitor, SecretService
 from broker.storage.access import SqlAccessRepository
 from broker.storage.database import database_store
 from broker.storage.identity import IdentityStore
@@ -91,7 +91,11 @@ class Application:
         # Every store of sealed blobs registers here, so KEK rotation reaches all of them.
         self.sealed_stores: list[SealedStore] = []
         # Wrapped static secrets (a SealedStore) and KEK rotation over every sealed store.
-        self.secrets = SecretService(secret_repository(storage), self.envelope, clock)
+        # Secret metadata rows are MACed under a key in the key backend (verified on read).
+        self.secret_mac = MetadataMac(keys)
+        self.secrets = SecretService(
+            secret_repository(storage, self.secret_mac), self.envelope, clock
+        )
         self.sealed_stores.append(self.secrets)
         # Dynamic database credentials (a SealedStore: the admin passwords) and their reaper.
         self.database = CredentialService(
@@ -140,6 +144,7 @@ class Application:
         await self.storage.migrate()
         await self.access.load()
         self.ledger.ensure_key()
+        await self.secrets.start(self.secret_mac)
         await self.ca.bootstrap()
         await self.workloads.refresh_denylist()
         self.ledger.start()

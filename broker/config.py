@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -129,6 +130,19 @@ class DatabaseConfig:
     creation_timeout: dt.timedelta = dt.timedelta(seconds=30)
 
 
+# Reads of secrets whose environment or classification is listed need a justification when
+# the reader is a person (operator or break-glass holder); workloads declare a purpose instead.
+DEFAULT_JUSTIFICATION_REQUIRED: tuple[str, ...] = ("prod", "pii")
+
+
+@dataclass(frozen=True)
+class SecretsConfig:
+    """Wrapped static secrets: which environments and classifications people must justify
+    reading (`justification_required`, e.g. ["prod", "pii"]; [] requires none)."""
+
+    justification_required: tuple[str, ...] = DEFAULT_JUSTIFICATION_REQUIRED
+
+
 @dataclass(frozen=True)
 class Config:
     trust_domain: str
@@ -139,6 +153,7 @@ class Config:
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    secrets: SecretsConfig = field(default_factory=SecretsConfig)
     dev: bool = False
 
     @property
@@ -206,6 +221,12 @@ class Config:
             raise InvalidArgument("config: database.creation_timeout must be between 1s and 1h")
         if not dt.timedelta(0) < self.database.reaper_interval <= dt.timedelta(minutes=10):
             raise InvalidArgument("config: database.reaper_interval must be between 0 and 10m")
+        for name in self.secrets.justification_required:
+            if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,62}", name):
+                raise InvalidArgument(
+                    f"config: secrets.justification_required entry {name!r} is not an "
+                    'environment or classification name (e.g. "prod", "pii")'
+                )
         if "pin-value" in self.keys.uri:
             raise InvalidArgument("config: keys.uri must not contain a PIN; use keys.pin_source")
         return self
@@ -241,7 +262,18 @@ def _duration(section: Mapping[str, Any], key: str, default: dt.timedelta) -> dt
 
 
 _SECTIONS = {
-    "": {"trust_domain", "data_dir", "storage", "keys", "ca", "identity", "server", "database"},
+    "": {
+        "trust_domain",
+        "data_dir",
+        "storage",
+        "keys",
+        "ca",
+        "identity",
+        "server",
+        "database",
+        "secrets",
+    },
+    "secrets": {"justification_required"},
     "storage": {"dsn", "password_file", "password_env"},
     "keys": {"uri", "pin_source"},
     "ca": {
@@ -306,8 +338,14 @@ def config_from_document(doc: Mapping[str, Any], base_dir: Path) -> Config:
         reaper_interval=_duration(db, "reaper_interval", defaults_db.reaper_interval),
         creation_timeout=_duration(db, "creation_timeout", defaults_db.creation_timeout),
     )
+    required = doc.get("secrets", {}).get("justification_required", DEFAULT_JUSTIFICATION_REQUIRED)
+    if not isinstance(required, list | tuple) or not all(isinstance(v, str) for v in required):
+        raise InvalidArgument(
+            'config: secrets.justification_required must be a list of names, e.g. ["prod", "pii"]'
+        )
     return Config(
         database=database,
+        secrets=SecretsConfig(justification_required=tuple(required)),
         trust_domain=trust_domain,
         data_dir=path(doc.get("data_dir", ".")) or base_dir,
         storage=StorageConfig(

@@ -15,6 +15,15 @@ Lifecycle (times from the injected clock):
 - `delete` is a soft delete; `maintain` destroys the sealed data of secrets deleted longer than
   the retention period (30 days by default) and tombstones their metadata.
 
+Metadata integrity: every metadata row (owner, classification, state, current version, rotation
+period and times, ...) carries an HMAC made in the key backend (`MetadataMac`), written with
+every change and verified on every read and before every change. A row altered by someone with
+database write access but no key access (`UPDATE secrets SET owner = ...`) is refused with
+`SecretIntegrityError` (FAILED_PRECONDITION, "integrity") and nothing is served or changed.
+Rows written before MACs existed get theirs once, at start (`SecretService.start`); after that
+upgrade (recorded by a marker key in the key backend, which storage cannot forge) a row without
+a MAC is a tampered row.
+
 A secret missing any required metadata is refused for distribution with `FailedPrecondition`
 naming what is missing. The service also implements `broker.envelope.SealedStore`, so KEK
 rotation rewraps its blobs.
@@ -22,12 +31,16 @@ rotation rewraps its blobs.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime as dt
 import hashlib
+import hmac
 import logging
 import re
 import secrets as _random
 import string
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
@@ -41,14 +54,19 @@ from broker.errors import (
 from broker.storage.interface import LockRepository
 from broker.storage.secrets import SealedRow, SecretRecord, SecretRepository, VersionRecord
 from ca.clock import Clock
-from ca.errors import IntegrityError, KeyNotFound
+from ca.errors import IntegrityError, KeyExists, KeyNotFound
+from ca.keys import KeyBackend, KeyKind
 
 __all__ = [
     "CLASSIFICATIONS",
     "DEFAULT_RETENTION",
     "DEFAULT_ROTATION_WINDOW",
+    "METADATA_MAC_KEY",
+    "METADATA_MAC_UPGRADED",
     "REQUIRED_METADATA",
+    "MetadataMac",
     "SecretInfo",
+    "SecretIntegrityError",
     "SecretJanitor",
     "SecretRef",
     "SecretService",
@@ -82,6 +100,156 @@ _SEGMENT_RE: Final = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _NAME_RE: Final = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _TICKET_RE: Final = re.compile(r"^[A-Za-z0-9._:#/-]{1,64}$")
 _ALPHABET: Final = string.ascii_letters + string.digits + "-_"
+
+
+METADATA_MAC_KEY: Final = "secrets.metadata-mac"
+# Created in the key backend once every row written before MACs existed has its MAC: from then
+# on a row without one is a tampered row, never "legacy" (storage alone cannot bring it back).
+METADATA_MAC_UPGRADED: Final = "secrets.metadata-mac.upgraded"
+_MAC_CACHE_SIZE: Final = 65536
+
+
+class SecretIntegrityError(FailedPrecondition):
+    """A secret's metadata row does not verify against its MAC: altered outside the broker."""
+
+
+def _integrity_refusal() -> SecretIntegrityError:
+    return SecretIntegrityError(
+        "integrity check failed: the secret's metadata (owner, classification, state, "
+        "current version or a version's revocation) was changed outside the broker; refused, "
+        "nothing was served or changed. Restore the row from a backup or rotate the secret "
+        "after investigating"
+    )
+
+
+def _field(value: object) -> str:
+    if value is None:
+        return "\x00"  # absent, distinct from any text (the empty string included)
+    if isinstance(value, dt.datetime):
+        return value.astimezone(dt.UTC).isoformat(timespec="microseconds")
+    return str(value)
+
+
+def metadata_bytes(record: SecretRecord) -> bytes:
+    """The canonical, unambiguous bytes a metadata MAC covers: every field but the MAC."""
+    return aad(
+        "broker.secret-metadata.v1",
+        *(
+            _field(v)
+            for v in (
+                record.tenant,
+                record.ref,
+                record.service,
+                record.environment,
+                record.owner,
+                record.classification,
+                record.rotation_period_s,
+                record.last_rotated,
+                record.current_version,
+                record.state,
+                record.created_at,
+                record.revoked_at,
+                record.deleted_at,
+            )
+        ),
+    )
+
+
+def version_bytes(tenant: str, ref: str, version: VersionRecord) -> bytes:
+    """The canonical bytes a version's MAC covers: where it belongs and its lifecycle."""
+    return aad(
+        "broker.secret-version.v1",
+        tenant,
+        ref,
+        version.version,
+        _field(version.created_at),
+        _field(version.retire_at),
+        _field(version.revoked_at),
+    )
+
+
+class MetadataMac:
+    """HMAC-SHA256, under a key that never leaves the key backend, over a secret's metadata
+    row and over each version's lifecycle (`broker.storage.secrets.MetadataSeal`). Verified
+    pairs are remembered (bounded), so the read path asks the backend once per distinct row
+    state, not once per read; only pairs that verified are remembered, so a forged row never
+    hits the memory."""
+
+    def __init__(self, keys: KeyBackend, label: str = METADATA_MAC_KEY) -> None:
+        self._keys = keys
+        self._label = label
+        # Verified row states (records compare without their MAC) -> their MAC.
+        self._verified: dict[object, bytes] = {}
+
+    def seal(self, record: SecretRecord) -> bytes:
+        return self._keys.mac(self._label, metadata_bytes(record))
+
+    def verify(self, record: SecretRecord) -> bool:
+        return self._check(record, record.mac, lambda: metadata_bytes(record))
+
+    def seal_version(self, tenant: str, ref: str, version: VersionRecord) -> bytes:
+        return self._keys.mac(self._label, version_bytes(tenant, ref, version))
+
+    def verify_version(self, tenant: str, ref: str, version: VersionRecord) -> bool:
+        state = (tenant, ref, version.version, version.created_at, version.retire_at)
+        if self._check(
+            (*state, version.revoked_at),
+            version.mac,
+            lambda: version_bytes(tenant, ref, version),
+        ):
+            return True
+        if version.revoked_at is not None and version.revoked_at == version.retire_at:
+            # `retire_expired` revokes in bulk SQL: the MAC it left is the one from before.
+            before = dataclasses.replace(version, revoked_at=None)
+            return self._check(
+                (*state, None), version.mac, lambda: version_bytes(tenant, ref, before)
+            )
+        return False
+
+    def _check(self, key: object, mac: bytes | None, data: Callable[[], bytes]) -> bool:
+        if mac is None:
+            return False
+        known = self._verified.get(key)
+        if known is not None:
+            return hmac.compare_digest(known, mac)
+        try:
+            expected = self._keys.mac(self._label, data())
+        except KeyNotFound:
+            log.error(
+                "the secrets metadata MAC key %r is missing from the key backend", self._label
+            )
+            return False
+        if not hmac.compare_digest(expected, mac):
+            return False
+        if len(self._verified) >= _MAC_CACHE_SIZE:
+            self._verified.clear()
+        self._verified[key] = expected
+        return True
+
+    def prepare(self) -> bool:
+        """Create the MAC key if needed; True while rows written before MACs may still need
+        theirs (the upgrade has not completed), False once it has."""
+        if self._keys.has_key(self._upgraded_label):
+            if not self._keys.has_key(self._label):
+                # Never replace a lost key silently: every stored MAC would stop verifying and
+                # a new key would invite re-sealing rows nobody vouches for.
+                raise FailedPrecondition(
+                    f"the secrets metadata MAC key {self._label!r} is missing from the key "
+                    "backend while secrets were sealed with it; restore the token from backup"
+                )
+            return False
+        with contextlib.suppress(KeyExists):  # another replica created it first
+            self._keys.create_key(self._label, KeyKind.HMAC_SHA256)
+        return True
+
+    def upgraded(self) -> None:
+        """Record in the key backend that every legacy row has its MAC."""
+        with contextlib.suppress(KeyExists):
+            self._keys.create_key(self._upgraded_label, KeyKind.HMAC_SHA256)
+
+    @property
+    def _upgraded_label(self) -> str:
+        return f"{self._label}.upgraded"  # METADATA_MAC_UPGRADED for the default key
 
 
 def reference_hash(reference: str) -> str:
@@ -192,6 +360,8 @@ class SecretInfo:
             "owner": r.owner or "",
             "classification": r.classification or "",
             "service": r.service or "",
+            # The real name: grant and approval wildcards match it (never the SHA-256).
+            "reference": r.ref,
         }
 
 
@@ -259,6 +429,45 @@ class SecretService:
     def repository(self) -> SecretRepository:
         return self._repo
 
+    async def start(self, mac: MetadataMac) -> int:
+        """Before serving: make sure the metadata MAC key exists and, once (until the upgrade
+        is recorded in the key backend), give rows written before MACs existed their MAC.
+        Returns how many rows (metadata and version rows) were sealed. Safe to run on several
+        replicas at once."""
+        if not mac.prepare():
+            return 0
+        sealed = 0
+        for record in await self._repo.unsealed():
+            if await self._repo.seal_unsealed(record):
+                sealed += 1
+        for tenant, ref, version in await self._repo.unsealed_versions():
+            if await self._repo.seal_unsealed_version(tenant, ref, version):
+                sealed += 1
+        mac.upgraded()
+        if sealed:
+            log.info("secrets: computed the metadata MAC of %d secret(s) stored before", sealed)
+        return sealed
+
+    def _verified(self, record: SecretRecord) -> SecretRecord:
+        """`record` if its metadata MAC verifies; else log, and raise SecretIntegrityError."""
+        if not self._repo.seal.verify(record):
+            log.warning(
+                "secret %s of tenant %r: metadata did not verify against its MAC (tampered "
+                "with outside the broker); refused",
+                reference_hash(record.ref)[:16],
+                record.tenant,
+            )
+            raise _integrity_refusal()
+        return record
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Map the repository's in-transaction MAC check to the domain's refusal."""
+        try:
+            yield
+        except IntegrityError:
+            raise _integrity_refusal() from None
+
     # -- writes --------------------------------------------------------------------------
 
     def now(self) -> dt.datetime:
@@ -281,6 +490,15 @@ class SecretService:
         ref = SecretRef.parse(reference)
         check_tenant(tenant)
         _check_name(owner, "owner")
+        if owner != ref.service:
+            # Each service owns its namespace (the standard: no cross-service sharing); reading
+            # across services is a time-bound, audited grant, never a mismatched owner.
+            raise InvalidArgument(
+                f"owner {owner!r} does not match the secret's namespace {ref.service!r}: a "
+                f"secret under secret://{ref.service}/ is owned by service {ref.service!r}; to "
+                "let another service read it, an operator creates a grant "
+                "(broker grant create --to SPIFFE_ID --action secrets.get --resource REF)"
+            )
         if classification not in CLASSIFICATIONS:
             raise InvalidArgument(
                 f"classification {classification!r} is not one of {', '.join(CLASSIFICATIONS)}"
@@ -345,7 +563,7 @@ class SecretService:
         loaded = await self._repo.load(tenant, ref.text)
         if loaded is None:
             raise NotFound(f"no such secret in tenant {tenant!r}")
-        record, _ = loaded
+        record = self._verified(loaded[0])
         if record.state not in ("active", "revoked"):
             raise FailedPrecondition("the secret was deleted; it cannot be rotated")
         # After a rollback the newest version is not the current one: never reuse a number.
@@ -354,13 +572,14 @@ class SecretService:
         now = self._clock.now()
         sealed = await self._envelope.seal(tenant, plaintext, aad(tenant, ref.text, new_version))
         try:
-            won = await self._repo.add_version(
-                tenant,
-                ref.text,
-                expected_current=record.current_version,
-                new=VersionRecord(new_version, sealed.kek_label, sealed.to_bytes(), now),
-                retire_previous_at=now + self.rotation_window,
-            )
+            with self._writing():
+                won = await self._repo.add_version(
+                    tenant,
+                    ref.text,
+                    expected_current=record.current_version,
+                    new=VersionRecord(new_version, sealed.kek_label, sealed.to_bytes(), now),
+                    retire_previous_at=now + self.rotation_window,
+                )
         except AlreadyExists:  # a concurrent rotation took the number
             won = False
         if not won:
@@ -408,9 +627,11 @@ class SecretService:
             )
         target = candidates[-1].version
         current = info.record.current_version
-        if not await self._repo.rollback(
-            tenant, ref.text, from_version=current, to_version=target, at=now
-        ):
+        with self._writing():
+            won = await self._repo.rollback(
+                tenant, ref.text, from_version=current, to_version=target, at=now
+            )
+        if not won:
             raise FailedPrecondition("the secret changed while rolling back; try again")
         return await self.show(tenant, reference), current, target
 
@@ -421,7 +642,9 @@ class SecretService:
         check_tenant(tenant)
         if not justification.strip():
             raise InvalidArgument("a justification is required to revoke a secret")
-        if not await self._repo.revoke(tenant, ref.text, self._clock.now()):
+        with self._writing():
+            done = await self._repo.revoke(tenant, ref.text, self._clock.now())
+        if not done:
             info = await self.show(tenant, reference)  # NotFound when absent
             raise FailedPrecondition(f"the secret is already {info.record.state}")
         return await self.show(tenant, reference)
@@ -430,7 +653,9 @@ class SecretService:
         """Soft delete; the sealed data is destroyed after the retention period."""
         ref = SecretRef.parse(reference)
         check_tenant(tenant)
-        if not await self._repo.mark_deleted(tenant, ref.text, self._clock.now()):
+        with self._writing():
+            done = await self._repo.mark_deleted(tenant, ref.text, self._clock.now())
+        if not done:
             info = await self.show(tenant, reference)
             raise FailedPrecondition(f"the secret is already {info.record.state}")
         return await self.show(tenant, reference)
@@ -450,7 +675,7 @@ class SecretService:
         if loaded is None:
             return None
         record, row = loaded
-        return _info(record), row
+        return _info(self._verified(record)), row
 
     def reveal(self, info: SecretInfo, row: VersionRecord | None) -> SecretValue:
         """The plaintext, if this version may be distributed now. Raises `FailedPrecondition`
@@ -471,6 +696,14 @@ class SecretService:
             )
         if row is None:
             raise NotFound("the secret has no such version")
+        if not self._repo.seal.verify_version(record.tenant, ref, row):
+            log.warning(
+                "secret %s version %d: its lifecycle did not verify against its MAC (tampered "
+                "with outside the broker); refused",
+                info.sha256[:16],
+                row.version,
+            )
+            raise _integrity_refusal()
         if row.revoked_at is not None:
             raise FailedPrecondition(
                 f"version {row.version} of the secret was revoked at {_iso(row.revoked_at)}"
@@ -504,7 +737,7 @@ class SecretService:
         loaded = await self._repo.load(tenant, ref.text)
         if loaded is None:
             raise NotFound(f"no such secret in tenant {tenant!r}")
-        record, _ = loaded
+        record = self._verified(loaded[0])
         now = self._clock.now()
         versions = tuple(
             self._version_info(record, v, now) for v in await self._repo.versions(tenant, ref.text)

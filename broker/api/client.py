@@ -393,9 +393,14 @@ class BrokerClient:
             metadata.append((JUSTIFICATION_HEADER, self._justification))
         return metadata
 
-    def _call(self, method: Callable[..., _Response], request: Any) -> _Response:
+    def _call(
+        self,
+        method: Callable[..., _Response],
+        request: Any,
+        extra: Sequence[tuple[str, str]] = (),
+    ) -> _Response:
         try:
-            return method(request, timeout=self._timeout, metadata=self._metadata())
+            return method(request, timeout=self._timeout, metadata=[*self._metadata(), *extra])
         except grpc.RpcError as exc:
             raise _error(exc, self._credentials) from None
 
@@ -406,9 +411,15 @@ class BrokerClient:
     def channel(self) -> grpc.Channel:
         return self._channel
 
-    def call(self, method: Callable[..., _Response], request: Any) -> _Response:
-        """Call a unary RPC on `channel`; raises `ClientError` on failure."""
-        return self._call(method, request)
+    def call(
+        self,
+        method: Callable[..., _Response],
+        request: Any,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> _Response:
+        """Call a unary RPC on `channel` (with extra `metadata` headers); raises
+        `ClientError` on failure."""
+        return self._call(method, request, metadata)
 
     def mint_x509(
         self,

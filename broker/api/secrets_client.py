@@ -6,7 +6,7 @@ Every method returns plain Python values; failures raise `broker.api.client.Clie
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
@@ -37,7 +37,13 @@ class _Transport(Protocol):
     @property
     def channel(self) -> Any: ...
 
-    def call(self, method: Callable[..., _R], request: Any) -> _R: ...
+    def call(
+        self, method: Callable[..., _R], request: Any, metadata: Sequence[tuple[str, str]] = ()
+    ) -> _R: ...
+
+
+# The purpose a workload declares for a read (recorded in the audit event of the read).
+PURPOSE_HEADER = "x-broker-purpose"
 
 
 @dataclass(frozen=True)
@@ -172,10 +178,19 @@ class SecretsClient:
         )
         return _details(self._t.call(self._stub.Put, request))
 
-    def get(self, reference: str, *, version: int = 0, tenant: str = "") -> SecretRead:
+    def get(
+        self, reference: str, *, version: int = 0, tenant: str = "", purpose: str = ""
+    ) -> SecretRead:
+        """`purpose`: what the caller reads it for (e.g. "checkout: charge cards"), recorded
+        in the audit event; people give a justification instead (`BrokerClient`)."""
+        if purpose and not (len(purpose) <= 256 and purpose.isascii() and purpose.isprintable()):
+            raise ClientError(
+                "INVALID_ARGUMENT", "the purpose must be printable ASCII of at most 256 characters"
+            )
         response = self._t.call(
             self._stub.Get,
             secrets_pb2.GetSecretRequest(tenant=tenant, reference=reference, version=version),
+            ((PURPOSE_HEADER, purpose),) if purpose else (),
         )
         return SecretRead(
             bytes(response.value),
@@ -245,13 +260,14 @@ class BrokerSecretSource:
     """`broker.secrets_sdk.SecretSource` over a `SecretsClient`: transient failures become
     `SecretUnavailable` (the SDK may serve its cache), refusals `SecretRefused`."""
 
-    def __init__(self, client: SecretsClient, *, tenant: str = "") -> None:
+    def __init__(self, client: SecretsClient, *, tenant: str = "", purpose: str = "") -> None:
         self._client = client
         self._tenant = tenant
+        self._purpose = purpose
 
     def fetch(self, reference: str) -> FetchedSecret:
         try:
-            read = self._client.get(reference, tenant=self._tenant)
+            read = self._client.get(reference, tenant=self._tenant, purpose=self._purpose)
         except ClientError as exc:
             if exc.code_name in _TRANSIENT:
                 raise SecretUnavailable(f"{exc.code_name}: {exc.message}") from None

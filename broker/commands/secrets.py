@@ -228,7 +228,12 @@ def secrets() -> None:
 )
 @click.option("--generate", is_flag=True, help="Have the broker generate a random value.")
 @click.option("--length", type=click.IntRange(16, 4096), help="Generated length [default: 32].")
-@click.option("--owner", required=True, help="The owning service (may read the secret).")
+@click.option(
+    "--owner",
+    default="",
+    help="The owning service (may read the secret); must be the reference's namespace "
+    "service, which is the default.",
+)
 @click.option(
     "--classification", required=True, type=click.Choice(CLASSIFICATIONS), help="Data class."
 )
@@ -262,15 +267,27 @@ def secrets_put(
     _show(ctx, details, "stored")
 
 
+_purpose_option = click.option(
+    "--purpose",
+    default="",
+    metavar="TEXT",
+    help="What the workload reads secrets for (recorded in the audit event of each read); "
+    "people reading prod or pii secrets give --justification instead.",
+)
+
+
 @secrets.command("get")
 @click.argument("reference")
 @click.option("--version", type=click.IntRange(1), help="A version still readable.")
+@_purpose_option
 @_tenant_option
 @_connection_options(on_group=False)
 @click.pass_context
-def secrets_get(ctx: click.Context, reference: str, version: int | None, tenant: str) -> None:
+def secrets_get(
+    ctx: click.Context, reference: str, version: int | None, purpose: str, tenant: str
+) -> None:
     """Print the value (exactly its bytes); --output json adds version and metadata."""
-    read = _secrets_client(ctx).get(reference, version=version or 0, tenant=tenant)
+    read = _secrets_client(ctx).get(reference, version=version or 0, tenant=tenant, purpose=purpose)
     if _output(ctx) == "json":
         try:
             value, encoding = read.value.decode("utf-8"), "utf-8"
@@ -432,6 +449,7 @@ def _file_pair(value: str) -> tuple[str, str]:
 )
 @click.option("--interval", type=DURATION, default="60s", help="Poll interval [default: 60s].")
 @click.option("--once", is_flag=True, help="Sync once and exit (1 if any file failed).")
+@_purpose_option
 @_tenant_option
 @_connection_options(on_group=False)
 @click.pass_context
@@ -441,13 +459,16 @@ def secrets_sync(
     pairs: tuple[str, ...],
     interval: int,
     once: bool,
+    purpose: str,
     tenant: str,
 ) -> None:
     """Keep secrets as 0600 files, rewritten on rotation and removed when refused."""
     wanted = dict(_file_pair(p) for p in pairs)
     try:
         files = SecretFiles(
-            BrokerSecretSource(_secrets_client(ctx), tenant=tenant), write_dir, wanted
+            BrokerSecretSource(_secrets_client(ctx), tenant=tenant, purpose=purpose),
+            write_dir,
+            wanted,
         )
     except BrokerError as exc:
         raise click.BadParameter(str(exc), param_hint="--file") from None
@@ -522,19 +543,26 @@ def _env_pair(value: str) -> tuple[str, str]:
     metavar="NAME=secret://...",
     help="Set NAME to the secret's value (repeatable).",
 )
+@_purpose_option
 @_tenant_option
 @_connection_options(on_group=False, output=False)
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_context
 def exec_command(
-    ctx: click.Context, pairs: tuple[str, ...], tenant: str, command: tuple[str, ...]
+    ctx: click.Context,
+    pairs: tuple[str, ...],
+    purpose: str,
+    tenant: str,
+    command: tuple[str, ...],
 ) -> None:
     """Run COMMAND with secrets in its environment (nothing is written to disk):
 
     broker exec --env API_KEY=secret://payments/prod/stripe/api-key -- ./server
     """
     wanted = dict(_env_pair(p) for p in pairs)
-    resolver = SecretResolver(BrokerSecretSource(_secrets_client(ctx), tenant=tenant))
+    resolver = SecretResolver(
+        BrokerSecretSource(_secrets_client(ctx), tenant=tenant, purpose=purpose)
+    )
     try:
         values = resolver.resolve_env(wanted)
     except (SecretRefused, SecretUnavailable) as exc:

@@ -72,9 +72,16 @@ covers(pattern) if pattern == resource.name
 
 covers(pattern) if pattern == resource.reference
 
+# A wildcard matches the real name: the secret reference when there is one, never the SHA-256
+# that names a secret in the ledger (`secret://api/*` covers secret://api/dev/key, `1d*` does
+# not).
+real_name := object.get(resource, "reference", "") if object.get(resource, "reference", "") != ""
+
+real_name := resource.name if object.get(resource, "reference", "") == ""
+
 covers(pattern) if {
 	endswith(pattern, "*")
-	startswith(resource.name, trim_suffix(pattern, "*"))
+	startswith(real_name, trim_suffix(pattern, "*"))
 }
 
 # A grant or approval names its resource as written by the operator (e.g. a secret reference);
@@ -207,6 +214,18 @@ deny contains {"rule": "cross-service", "reason": sprintf("%s is reserved for th
 	workload
 	resource.owner
 	caller.service != resource.owner
+	count(granted) == 0
+}
+
+# A secret is owned by the service its namespace names (secret://<service>/...): a row whose
+# owner says otherwise (written before this rule, or altered) is served to nobody by the owner
+# rule; reading across services is a grant.
+deny contains {"rule": "namespace", "reason": sprintf("the secret's owner '%s' does not match its namespace '%s'; only a grant lets another service read it", [resource.owner, resource.service])} if {
+	workload
+	resource.reference
+	resource.owner
+	resource.service
+	resource.owner != resource.service
 	count(granted) == 0
 }
 

@@ -19,7 +19,14 @@ import pytest
 
 from broker.envelope import SYSTEM_TENANT, Envelope, KekRotator, SealedBlob, aad, kek_label
 from broker.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from broker.secrets import SecretJanitor, SecretService
+from broker.secrets import (
+    METADATA_MAC_KEY,
+    METADATA_MAC_UPGRADED,
+    MetadataMac,
+    SecretIntegrityError,
+    SecretJanitor,
+    SecretService,
+)
 from broker.storage import open_storage
 from broker.storage.secrets import SecretRecord, SqlSecretRepository, VersionRecord
 from broker.storage.sql import SqlStorage
@@ -129,9 +136,11 @@ async def world(
     assert isinstance(storage, SqlStorage)
     await storage.migrate()
     clock = FakeClock(T0)
-    repo = SqlSecretRepository(storage.backend)
+    mac = MetadataMac(keys)
+    repo = SqlSecretRepository(storage.backend, mac)
     envelope = Envelope(keys, storage)
     service = SecretService(repo, envelope, clock)
+    await service.start(mac)
     rotator = KekRotator(envelope, [service], repo)
     try:
         yield World(
@@ -557,3 +566,140 @@ async def test_a_write_racing_a_kek_rotation_is_not_lost(world: World) -> None:
     assert await world.get(version=1) == value
     labels = await world.raw("SELECT DISTINCT kek_label FROM secret_versions WHERE tenant = 'acme'")
     assert labels == [("kek.acme.3",)]
+
+
+# -- metadata integrity (issue 20, finding 12) ----------------------------------------------------
+
+
+async def _row(world: World, ref: str = REF) -> list[tuple[Any, ...]]:
+    return await world.raw(
+        "SELECT owner, classification, state, current_version, meta_mac FROM secrets "
+        "WHERE tenant = 'acme' AND ref = ?",
+        ref,
+    )
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [("owner", "api"), ("classification", "public"), ("state", "active"), ("service", "api")],
+)
+async def test_tampered_metadata_is_refused_on_read_and_write(
+    world: World, column: str, value: str
+) -> None:
+    """`UPDATE secrets SET owner = 'api'` (or a declassification, or un-revoking) by someone
+    with database write access: every read and every change refuses, nothing is served."""
+    await world.put()
+    if column == "state":
+        await world.service.revoke("acme", REF, "compromised")
+    before_versions = await world.raw("SELECT * FROM secret_versions ORDER BY version")
+    await world.raw(f"UPDATE secrets SET {column} = ? WHERE ref = ?", value, REF)
+    tampered = await _row(world)
+    for attempt in (
+        world.get,
+        lambda: world.service.show("acme", REF),
+        world.rotate,
+        lambda: world.service.rollback("acme", REF),
+        lambda: world.service.revoke("acme", REF, "again"),
+        lambda: world.service.delete("acme", REF),
+    ):
+        with pytest.raises(SecretIntegrityError, match="integrity check failed"):
+            await attempt()
+    assert await _row(world) == tampered  # not re-sealed by a legitimate-looking change
+    assert await world.raw("SELECT * FROM secret_versions ORDER BY version") == before_versions
+
+
+async def test_current_version_moved_back_serves_nothing(world: World) -> None:
+    """`UPDATE secrets SET current_version = 1` must not silently serve the old value."""
+    await world.put()
+    await world.rotate()
+    await world.raw("UPDATE secrets SET current_version = 1 WHERE ref = ?", REF)
+    with pytest.raises(SecretIntegrityError):
+        await world.get()
+    # The MAC of another secret's row does not fit either (it covers tenant and reference).
+    await world.put(OTHER)
+    other_mac = (await _row(world, OTHER))[0][4]
+    await world.raw(
+        "UPDATE secrets SET current_version = 2, meta_mac = ? WHERE ref = ?", other_mac, REF
+    )
+    with pytest.raises(SecretIntegrityError):
+        await world.get()
+
+
+async def test_a_stripped_mac_is_not_legacy_after_the_upgrade(world: World) -> None:
+    """Setting meta_mac to NULL (to pass as a row from before MACs) is refused, and a restart
+    does not seal the tampered row: the upgrade is recorded in the key backend."""
+    await world.put()
+    await world.raw("UPDATE secrets SET owner = 'api', meta_mac = NULL WHERE ref = ?", REF)
+    with pytest.raises(SecretIntegrityError):
+        await world.get()
+    assert await world.service.start(MetadataMac(world.keys)) == 0
+    with pytest.raises(SecretIntegrityError):
+        await world.get()
+    assert (await _row(world))[0][4] is None
+
+
+async def test_rows_from_before_macs_are_sealed_once_at_start(world: World) -> None:
+    value = await world.put()
+    await world.raw("UPDATE secrets SET meta_mac = NULL WHERE ref = ?", REF)
+    await world.raw("UPDATE secret_versions SET state_mac = NULL WHERE ref = ?", REF)
+    # As on a broker upgraded from before MACs: the key backend has no upgrade marker yet.
+    world.keys.destroy_key(METADATA_MAC_UPGRADED)
+    assert await world.service.start(MetadataMac(world.keys)) == 2  # the row and its version
+    assert await world.get() == value
+    assert world.keys.has_key(METADATA_MAC_UPGRADED)
+    await world.raw("UPDATE secret_versions SET state_mac = NULL WHERE ref = ?", REF)
+    assert await world.service.start(MetadataMac(world.keys)) == 0  # upgraded: never again
+    with pytest.raises(SecretIntegrityError):
+        await world.get()
+
+
+async def test_an_old_version_brought_back_by_sql_is_refused(world: World) -> None:
+    """Clearing a version's retire/revoke times (to read a rotated-away value by number, or to
+    roll back to it) is refused; the janitor's own revocation still verifies."""
+    await world.put()
+    await world.rotate()
+    world.clock.advance(days=2)  # version 1 left its rollback window
+    with pytest.raises(FailedPrecondition, match="left its rollback window"):
+        await world.get(version=1)
+    assert await world.service.maintain() == (1, [])  # revoked_at = retire_at, in bulk SQL
+    with pytest.raises(FailedPrecondition, match="version 1 of the secret was revoked"):
+        await world.get(version=1)  # the janitor's change verifies: an ordinary refusal
+    before = await world.raw("SELECT * FROM secrets")
+    await world.raw(
+        "UPDATE secret_versions SET retire_at = NULL, revoked_at = NULL WHERE version = 1"
+    )
+    with pytest.raises(SecretIntegrityError):
+        await world.get(version=1)
+    # Pushing the window out instead, to roll back to it: refused, nothing changed.
+    await world.raw(
+        "UPDATE secret_versions SET retire_at = ?, revoked_at = NULL WHERE version = 1",
+        world.storage.backend.encode_ts(world.clock.now() + DAY),
+    )
+    with pytest.raises(SecretIntegrityError):
+        await world.service.rollback("acme", REF)
+    assert await world.raw("SELECT * FROM secrets") == before
+
+
+async def test_a_lost_metadata_mac_key_stops_the_start(world: World) -> None:
+    await world.put()
+    world.keys.destroy_key(METADATA_MAC_KEY)
+    with pytest.raises(FailedPrecondition, match="missing from the key backend"):
+        await world.service.start(MetadataMac(world.keys))
+    assert not world.keys.has_key(METADATA_MAC_KEY)  # never silently replaced
+    with pytest.raises(SecretIntegrityError):
+        await world.get()
+
+
+async def test_the_janitor_does_not_destroy_a_row_marked_deleted_by_sql(world: World) -> None:
+    value = await world.put()
+    await world.raw(
+        "UPDATE secrets SET state = 'deleted', deleted_at = created_at WHERE ref = ?", REF
+    )
+    world.clock.advance(days=365)
+    _, destroyed = await world.service.maintain()
+    assert destroyed == []
+    assert await world.sealed(REF, 1)  # the data is still there to restore
+    await world.raw(
+        "UPDATE secrets SET state = 'active', deleted_at = NULL WHERE ref = ?", REF
+    )  # the operator restores the row: it verifies again
+    assert await world.get() == value

@@ -72,15 +72,20 @@ def test_secrets_on_postgresql_and_the_hsm(
         "secrets", "put", REF, "--value-file", str(tmp_path / "value"), "--owner", "payments",
         "--classification", "confidential", "--rotation-period", "90d", "--tenant", "acme",
     )  # fmt: skip
-    assert cli.ok("secrets", "get", REF, "--tenant", "acme").stdout == value.decode()
+    # A person reading a prod secret says why (secrets.justification_required, issue 20).
+    unjustified = cli.run("secrets", "get", REF, "--tenant", "acme")
+    assert unjustified.returncode == 1 and len(unjustified.stderr_lines) == 1
+    assert "justification is required" in unjustified.stderr_lines[0]
+    read = ("secrets", "get", REF, "--tenant", "acme", "--justification", "INC-1 verify")
+    assert cli.ok(*read).stdout == value.decode()
 
     assert server.stop() == 0
     server.start()  # the KEK lives in the token, the blob in PostgreSQL
-    assert cli.ok("secrets", "get", REF, "--tenant", "acme").stdout == value.decode()
+    assert cli.ok(*read).stdout == value.decode()
 
     [rotation] = cli.ok("kek", "rotate", "--tenant", "acme", "--output", "json").json()
     assert rotation["destroyed"] == ["kek.acme.1"] and rotation["rewrapped"] == 1
-    assert cli.ok("secrets", "get", REF, "--tenant", "acme").stdout == value.decode()
+    assert cli.ok(*read).stdout == value.decode()
 
     dump = asyncio.run(_dump(dsn))
     assert value not in dump and value.hex().encode() not in dump

@@ -32,7 +32,8 @@ async def broker(broker_factory: BrokerFactory) -> BrokerHarness:
 
 
 def cid(name: str) -> tuple[tuple[str, str], ...]:
-    return ((CORRELATION_HEADER, name),)
+    # People reading prod/pii secrets give a justification (secrets.justification_required).
+    return ((CORRELATION_HEADER, name), ("x-broker-justification", f"INC-42 {name}"))
 
 
 def access(broker: BrokerHarness, identity: Identity | None = None) -> Any:
@@ -102,9 +103,15 @@ async def test_prod_pii_needs_the_owner_or_two_operators(broker: BrokerHarness) 
     approved = await access(broker, bob).Approve(access_pb2.ApproveRequest(id=request.id))
     assert (approved.state, approved.approved_by) == ("approved", SECOND_OPERATOR)
     # Bob's approval is Alice's, not his own
-    err = await refused(secrets_stub(broker, bob).Get(get()))
+    err = await refused(secrets_stub(broker, bob).Get(get(), metadata=cid("bob")))
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED
 
+    # Without a justification the read is refused before the decision: the approval is kept.
+    unjustified = await refused(
+        secrets_stub(broker).Get(get(), metadata=((CORRELATION_HEADER, "op-unjustified"),))
+    )
+    assert unjustified.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "justification is required" in (unjustified.details() or "")
     response = await secrets_stub(broker).Get(get(), metadata=cid("op-approved"))
     assert response.value == value
     event = await broker.event_for("op-approved")

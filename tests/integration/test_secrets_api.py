@@ -101,9 +101,12 @@ async def test_other_identities_are_denied(
         stub(broker, broker.identity(spiffe_id)).Get(get(tenant=tenant), metadata=cid("deny"))
     )
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED, err.details()
-    assert reason in (err.details() or "")
     assert value.decode() not in (err.details() or "")
+    # The caller is told what it is told for an absent secret (issue 20, finding 14); the
+    # ledger keeps the rule's reason.
+    assert "payments" not in (err.details() or "")
     event = await broker.event_for("deny")
+    assert reason in event["reason"]
     assert event["decision"] == "deny" and event["outcome"] == "PERMISSION_DENIED"
     assert event["resource"] == reference_hash(REF)
     # Nothing changed: the owner still reads the same value.
@@ -234,3 +237,167 @@ async def test_sdk_drops_a_revoked_secret_at_its_next_refresh(broker: BrokerHarn
         assert info.value.code == "FAILED_PRECONDITION"
     finally:
         client.close()
+
+
+# -- issue 20: findings 12, 13 (second half), 14 (parts) -----------------------------------------
+
+JUSTIFIED = (("x-broker-justification", "INC-77 verify the webhook key"),)
+
+
+async def test_refusals_do_not_reveal_whether_a_secret_exists(broker: BrokerHarness) -> None:
+    await put(broker)
+    web = stub(broker, broker.identity(OTHER_SERVICE))
+    existing = await refused(web.Get(get(), metadata=cid("existing")))
+    absent = await refused(web.Get(get("secret://payments/prod/nope"), metadata=cid("absent")))
+    assert existing.code() == absent.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert existing.details() == absent.details()
+    assert "payments" not in (existing.details() or "")
+    # The ledger still tells the operators which rule refused the existing one.
+    assert (await broker.event_for("existing"))["rule"] == "cross-service"
+
+
+async def test_tampered_metadata_is_refused_over_grpc_and_audited(broker: BrokerHarness) -> None:
+    """`UPDATE secrets SET owner = 'web'`: web does not get payments' secret, nobody is served
+    the value, and the refusal is in the ledger."""
+    value = await put(broker)
+    async with broker.app.storage.backend.transaction(write=True) as tx:  # type: ignore[attr-defined]
+        await tx.execute("UPDATE secrets SET owner = 'web', service = 'web' WHERE ref = ?", REF)
+    web = stub(broker, broker.identity(OTHER_SERVICE))
+    err = await refused(web.Get(get(), metadata=cid("tampered-web")))
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    ops = await refused(stub(broker).Get(get(), metadata=(*cid("tampered-op"), *JUSTIFIED)))
+    assert ops.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "integrity" in (ops.details() or "")
+    event = await broker.event_for("tampered-op")
+    assert event["outcome"] == "FAILED_PRECONDITION" and "integrity" in event["error"]
+    assert event["details"]["integrity"] == "metadata MAC mismatch"
+    text = await ledger_text(broker)
+    assert value.decode() not in text
+
+
+async def test_the_owner_must_be_the_namespace_service(broker: BrokerHarness) -> None:
+    ops = stub(broker)
+    request = secrets_pb2.PutSecretRequest(
+        reference="secret://payments/prod/x",
+        value=b"y" * 24,
+        owner="web",
+        classification="internal",
+        rotation_period_seconds=86400,
+    )
+    err = await refused(ops.Put(request))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "does not match the secret's namespace 'payments'" in (err.details() or "")
+    assert not await broker.app.secrets.repository.list_secrets(prefix="secret://payments/")
+    # Without --owner the namespace service owns it, and only it reads it.
+    request.owner = ""
+    info = await ops.Put(request)
+    assert info.metadata.owner == "payments"
+    web = stub(broker, broker.identity(OTHER_SERVICE))
+    assert (await refused(web.Get(get("secret://payments/prod/x")))).code() == (
+        grpc.StatusCode.PERMISSION_DENIED
+    )
+    owner = stub(broker, broker.identity(OWNER))
+    assert (await owner.Get(get("secret://payments/prod/x"))).value == b"y" * 24
+
+
+async def test_a_mismatched_legacy_owner_serves_no_workload(broker: BrokerHarness) -> None:
+    """A row stored before the rule with owner 'web' under secret://payments/: neither web (the
+    namespace rule) nor payments (not the owner) reads it without a grant."""
+    app = broker.app
+    now = broker.clock.now()
+    blob = await app.envelope.seal("default", b"legacy-value-456", aad("default", REF, 1))
+    await app.secrets.repository.insert_secret(
+        SecretRecord(
+            "default", REF, "payments", "prod", "web", "internal", 86400, now, 1, "active", now
+        ),
+        VersionRecord(1, blob.kek_label, blob.to_bytes(), now),
+    )
+    web = stub(broker, broker.identity(OTHER_SERVICE))
+    await refused(web.Get(get(), metadata=cid("legacy-web")))
+    assert (await broker.event_for("legacy-web"))["rule"] == "namespace"
+    payments = stub(broker, broker.identity(OWNER))
+    err = await refused(payments.Get(get()))
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_people_justify_prod_and_pii_reads_workloads_declare_a_purpose(
+    broker: BrokerHarness,
+) -> None:
+    value = await put(broker)  # prod
+    ops = stub(broker)
+    err = await refused(ops.Get(get(), metadata=cid("unjustified")))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "justification is required to read a prod secret" in (err.details() or "")
+    assert (await broker.event_for("unjustified"))["outcome"] == "INVALID_ARGUMENT"
+    read = await ops.Get(get(), metadata=(*cid("justified"), *JUSTIFIED))
+    assert read.value == value
+    assert (await broker.event_for("justified"))["why"] == JUSTIFIED[0][1]
+    # A dev, internal secret needs none.
+    dev = "secret://payments/dev/token"
+    await put(broker, dev)
+    await stub(broker).Show(secrets_pb2.ShowSecretRequest(reference=dev))
+    assert (await ops.Get(get(dev))).value
+    # A workload reads without a justification; its declared purpose is in the ledger.
+    owner = stub(broker, broker.identity(OWNER))
+    purpose = (("x-broker-purpose", "checkout: charge cards"),)
+    assert (await owner.Get(get(), metadata=(*cid("purpose"), *purpose))).value == value
+    assert (await broker.event_for("purpose"))["details"]["purpose"] == "checkout: charge cards"
+    bad = await refused(owner.Get(get(), metadata=(("x-broker-purpose", "x" * 300),)))
+    assert bad.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_wildcard_grant_covers_references_not_digests(broker: BrokerHarness) -> None:
+    from broker.api._proto import access_pb2, access_pb2_grpc
+
+    value = await put(broker)
+    web = broker.identity(OTHER_SERVICE)
+    access = access_pb2_grpc.AccessStub(broker.channel(broker.operator))
+
+    async def grant(resource: str) -> None:
+        await access.CreateGrant(
+            access_pb2.CreateGrantRequest(
+                grantee=OTHER_SERVICE,
+                action="secrets.get",
+                resource=resource,
+                ttl_seconds=3600,
+                justification="INC-5 migrate",
+            )
+        )
+
+    await grant(reference_hash(REF)[:2] + "*")  # the attack: a prefix of the digest
+    err = await refused(stub(broker, web).Get(get()))
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    await grant("secret://payments/prod/*")  # the documented form
+    assert (await stub(broker, web).Get(get(), metadata=cid("granted"))).value == value
+    assert (await broker.event_for("granted"))["rule"] == "grant"
+    star = await refused(
+        access.CreateGrant(
+            access_pb2.CreateGrantRequest(
+                grantee=OTHER_SERVICE,
+                action="*",
+                resource=REF,
+                ttl_seconds=3600,
+                justification="everything",
+            )
+        )
+    )
+    assert star.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "'*' is refused" in (star.details() or "")
+
+
+async def test_the_sdk_sends_the_workload_purpose(broker: BrokerHarness) -> None:
+    value = await put(broker)
+    owner = broker.identity(OWNER)
+    client = BrokerClient(
+        broker.address,
+        ClientCredentials(owner.chain_pem, owner.key_pem, broker.bundle_pem),
+        timeout=5,
+    )
+    source = BrokerSecretSource(SecretsClient(client), purpose="billing: nightly invoices")
+    try:
+        assert (await asyncio.to_thread(source.fetch, REF)).value == value
+    finally:
+        client.close()
+    reads = [e for e in await broker.events() if e.get("what") == "secrets.get"]
+    assert reads[-1]["details"]["purpose"] == "billing: nightly invoices"
+    assert reads[-1]["decision"] == "allow"

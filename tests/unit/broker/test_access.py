@@ -581,3 +581,71 @@ async def test_policy_test_evaluates_candidates_without_storing_them(env: Env) -
     assert (candidate.allowed, candidate.rule) == (False, "no-mint")
     assert env.access.policy().version == 0
     assert env.access.policy().modules == default_modules()
+
+
+# -- wildcards, grant actions (issue 20, finding 14) -----------------------------------------------
+
+
+def _secret(reference: str, owner: str = "api", environment: str = "dev") -> dict[str, str]:
+    import hashlib
+
+    name = hashlib.sha256(reference.encode()).hexdigest()
+    return attrs("acme", environment, owner, "internal") | {"reference": reference, "name": name}
+
+
+def _decide(env: Env, caller: Caller, action: str, reference: str, **kw: str) -> Decision:
+    resource = _secret(reference, **kw)
+    name = resource.pop("name")
+    return env.access.decide(caller, action, name, attributes=resource)
+
+
+async def test_a_wildcard_grant_matches_the_reference_not_its_digest(env: Env) -> None:
+    web = workload("acme", "dev", "web")
+    key = "secret://api/dev/key"
+    import hashlib
+
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    # Before the fix a digest prefix granted the secret: the attack.
+    await env.access.create_grant(
+        ALICE, web.spiffe_id, "secrets.get", digest[:2] + "*", dt.timedelta(hours=1), "x"
+    )
+    refused = _decide(env, web, "secrets.get", key)
+    assert (refused.allowed, refused.rule) == (False, "cross-service")
+    # The documented form covers every secret under secret://api/ and nothing else.
+    grant = await env.access.create_grant(
+        ALICE, web.spiffe_id, "secrets.get", "secret://api/*", dt.timedelta(hours=1), "y"
+    )
+    allowed = _decide(env, web, "secrets.get", key)
+    assert allowed.allowed and allowed.flags == {"grant": grant.id}
+    other = _decide(env, web, "secrets.get", "secret://billing/dev/key", owner="billing")
+    assert (other.allowed, other.rule) == (False, "cross-service")
+
+
+async def test_a_wildcard_approval_matches_the_reference_not_its_digest(env: Env) -> None:
+    import hashlib
+
+    key = "secret://web/prod/stripe"
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    pii = attrs("acme", "prod", "web", "pii") | {"reference": key}
+    bad = await env.access.request_approval(ALICE, "secrets.get", digest[:3] + "*", "INC-9")
+    await env.access.approve(bad.id, BOB)
+    refused = env.access.decide(ALICE, "secrets.get", digest, attributes=pii)
+    assert (refused.allowed, refused.rule) == (False, "two-person")
+    good = await env.access.request_approval(ALICE, "secrets.get", "secret://web/prod/*", "INC-9")
+    await env.access.approve(good.id, BOB)
+    allowed = env.access.decide(ALICE, "secrets.get", digest, attributes=pii)
+    assert allowed.allowed and allowed.flags["approval"] == good.id
+
+
+@pytest.mark.parametrize("action", ["*", "secrets.*", "secrets.gett", ""])
+async def test_a_grant_must_name_one_known_action(env: Env, action: str) -> None:
+    with pytest.raises(InvalidArgument, match="--action"):
+        await env.access.create_grant(
+            ALICE,
+            f"spiffe://{TD}/acme/dev/web",
+            action,
+            "secret://api/*",
+            dt.timedelta(hours=1),
+            "j",
+        )
+    assert await env.access.list_grants(include_inactive=True) == []

@@ -103,3 +103,18 @@ def test_workers_from_file_and_env_and_bounds(tmp_path: Path) -> None:
         load_config(path, environ={"BROKER_WORKERS": "0"})
     with pytest.raises(InvalidArgument, match="BROKER_WORKERS"):
         load_config(path, environ={"BROKER_WORKERS": "many"})
+
+
+def test_secrets_justification_required(tmp_path: Path) -> None:
+    (tmp_path / "db-password").write_text("pw\n")
+    assert load_config(_write(tmp_path, GOOD), environ={}).secrets.justification_required == (
+        "prod",
+        "pii",
+    )
+    custom = GOOD + '\n[secrets]\njustification_required = ["pii", "confidential"]\n'
+    config = load_config(_write(tmp_path, custom), environ={})
+    assert config.secrets.justification_required == ("pii", "confidential")
+    for bad in ('"prod"', '["Prod!"]', "[1]"):
+        text = GOOD + f"\n[secrets]\njustification_required = {bad}\n"
+        with pytest.raises(InvalidArgument, match="justification_required"):
+            load_config(_write(tmp_path, text), environ={})
