@@ -674,11 +674,11 @@ def _two_person_mint(decision: Decision, document: Mapping[str, Any]) -> Decisio
         breakglass
         and breakglass.get("active")
         and breakglass.get("action") in (document["action"], "*")
-        and _covers(str(breakglass.get("resource", "")), name)
+        and _covers(str(breakglass.get("resource", "")), resource)
     ):
         return decision
     for approval in caller.get("approvals", ()):
-        if approval["action"] == document["action"] and _covers(approval["resource"], name):
+        if approval["action"] == document["action"] and _covers(approval["resource"], resource):
             flags = dict(decision.flags) | {"approval": approval["id"]}
             return Decision(True, decision.reason, decision.rule, flags)
     return Decision(
