@@ -139,7 +139,11 @@ class AccessControl:
         operators: Iterable[str],
         builtin: Policy | None = None,
         cache_size: int = _CACHE_SIZE,
+        breakglass_needs_login: bool = False,
     ) -> None:
+        # With operator login configured, break-glass credentials go only to a person who
+        # logged in with MFA (not to a configured bootstrap identity).
+        self._breakglass_needs_login = breakglass_needs_login
         self._repo = repository
         self._policies = policies
         self._clock = clock
@@ -248,6 +252,8 @@ class AccessControl:
         doc_caller: dict[str, Any] = {
             "id": who,
             "operator": caller.is_operator,
+            "roles": sorted(caller.roles),
+            "subject": caller.subject,
             "attestation": str(getattr(caller, "attestation", "") or "x509-svid"),
             "grants": [
                 {
@@ -321,6 +327,8 @@ class AccessControl:
         key = (
             caller.spiffe_id,
             caller.is_operator,
+            caller.roles,
+            caller.subject,
             frozenset(caller.attributes.items()),
             action,
             resource,
@@ -534,6 +542,11 @@ class AccessControl:
         credential for `record.spiffe_id`."""
         if not by.is_operator:
             raise PermissionDenied("break-glass credentials are for operators")
+        if self._breakglass_needs_login and not by.subject:
+            raise PermissionDenied(
+                "break-glass credentials are issued only to a person logged in with MFA "
+                "(broker login), so that every use names them"
+            )
         if ttl <= dt.timedelta(0) or ttl > MAX_BREAKGLASS_TTL:
             raise InvalidArgument(
                 f"a break-glass credential lasts more than 0 and at most "
@@ -610,6 +623,9 @@ def _verdict(
 ) -> Decision:
     breakglass = document["caller"].get("breakglass")
     flags = {"breakglass": breakglass["id"]} if breakglass else {}
+    if breakglass and breakglass.get("operator"):
+        # Whose credential it is, in every event a break-glass request writes.
+        flags["breakglass_operator"] = str(breakglass["operator"])
     if deny:
         first = _first(deny, _DENY_ORDER)
         return Decision(False, str(first.get("reason", "")), str(first["rule"]), flags)

@@ -15,6 +15,7 @@ from typing import Protocol
 from cryptography import x509
 
 from broker.errors import PermissionDenied, Unauthenticated
+from broker.operators.roles import ADMIN, operator_claims_of
 from broker.policy import Caller
 from ca.errors import CAError
 from ca.layout import IdentityLayout
@@ -22,6 +23,8 @@ from ca.spiffeid import SpiffeId
 from ca.x509svid import spiffe_id_of
 
 __all__ = ["Authenticator", "DenylistView"]
+
+_OPERATOR_PATH = "/broker/operator/"
 
 
 class DenylistView(Protocol):
@@ -84,7 +87,10 @@ class Authenticator:
         except CAError:
             pass  # IDs outside the layout (operators, the broker itself) carry no attributes
         sid = spiffe_id.id_string
-        return Caller(sid, sid in self._operators, attributes)
+        if sid in self._operators:
+            # Configured (bootstrap / dev-mode) operators administer: the admin role.
+            return Caller(sid, True, attributes, roles=frozenset({ADMIN}))
+        return Caller(sid, False, attributes)
 
     def _parse(self, pem: bytes) -> tuple[Caller, str]:
         try:
@@ -96,4 +102,12 @@ class Authenticator:
             raise Unauthenticated(
                 f"client identity {spiffe_id} is not in trust domain {self._trust_domain}"
             )
-        return self.caller_for_id(spiffe_id), format(cert.serial_number, "x")
+        serial = format(cert.serial_number, "x")
+        if spiffe_id.path.startswith(_OPERATOR_PATH):
+            # A person who logged in: the roles are in the certificate, written only by the
+            # login path and signed by the CA (TLS verified the chain).
+            login = operator_claims_of(cert)
+            if login is not None and login.roles:
+                sid = spiffe_id.id_string
+                return Caller(sid, True, {}, roles=login.roles, subject=login.subject), serial
+        return self.caller_for_id(spiffe_id), serial

@@ -427,8 +427,10 @@ class LeafIssuer:
         *,
         backdate: dt.timedelta = DEFAULT_BACKDATE,
         ip_addresses: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address] = (),
+        extra_extensions: Iterable[x509.ExtensionType] = (),
     ) -> x509.Certificate:
-        """Issue one X509-SVID leaf; see `build_leaf` for what is refused."""
+        """Issue one X509-SVID leaf; see `build_leaf` for what is refused. `extra_extensions`
+        are added as non-critical extensions (e.g. what a login attests about its holder)."""
         issuer_cert = self._cert
         sid = spiffe_id if isinstance(spiffe_id, SpiffeId) else SpiffeId.parse(spiffe_id)
         sid.require_workload()
@@ -483,6 +485,8 @@ class LeafIssuer:
             .add_extension(self._aki, critical=False)
             .add_extension(x509.SubjectAlternativeName(san_names), critical=len(name.rdns) == 0)
         )
+        for extension in extra_extensions:
+            builder = builder.add_extension(extension, critical=False)
         return builder.sign(self._signer, self._hash)
 
 
