@@ -372,7 +372,7 @@ async def test_unknown_kid_refreshes_the_jwks_once(served: Served) -> None:
     keys = served.app.operators.verifier.keys
     fetched = keys.fetches
     token, nonce = code_flow_token(served.provider, "bob")
-    header, claims = _parts(token)
+    _, claims = _parts(token)
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     forged = jwt.encode(claims, key, algorithm="RS256", headers={"kid": "made-up-0"})
     await refused(served.login_with(forged, nonce))
