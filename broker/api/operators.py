@@ -32,7 +32,7 @@ OPERATOR_SPECS: dict[str, MethodSpec] = {
     _SVC + "Login": MethodSpec(
         Action.OPERATOR_LOGIN, lambda r: "id-token:" + token_fingerprint(r.id_token), bootstrap=True
     ),
-    _SVC + "LoginConfig": MethodSpec(Action.OPERATOR_LOGIN_CONFIG, bootstrap=True, audited=False),
+    _SVC + "LoginConfig": MethodSpec(Action.OPERATOR_LOGIN_CONFIG, bootstrap=True),
     _SVC + "WhoAmI": MethodSpec(Action.OPERATOR_WHOAMI),
     _SVC + "Logout": MethodSpec(Action.OPERATOR_LOGOUT),
     _SVC + "ListOperators": MethodSpec(Action.OPERATOR_LIST),
@@ -77,9 +77,12 @@ class OperatorsServicer(operators_pb2_grpc.OperatorsServicer):  # type: ignore[m
 
     async def Login(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         ttl = dt.timedelta(seconds=request.ttl_seconds) if request.ttl_seconds else None
-        result = await self._svc.login(request.id_token, request.nonce, bytes(request.csr), ttl)
+        details = current_call().details
+        result = await self._svc.login(
+            request.id_token, request.nonce, bytes(request.csr), ttl, notes=details
+        )
         s = result.session
-        current_call().details.update(
+        details.update(
             subject=s.subject,
             spiffe_id=s.spiffe_id,
             amr=list(s.amr),

@@ -139,10 +139,19 @@ class OperatorService:
         return min(wanted, left)
 
     async def login(
-        self, id_token: str, nonce: str, csr: bytes, ttl: dt.timedelta | None
+        self,
+        id_token: str,
+        nonce: str,
+        csr: bytes,
+        ttl: dt.timedelta | None,
+        notes: dict[str, Any] | None = None,
     ) -> LoginResult:
         """Verify, then issue. Raises Unauthenticated (token), PermissionDenied (no MFA, no
-        role), InvalidArgument (TTL, subject, CSR); nothing is issued or recorded then."""
+        role), InvalidArgument (TTL, subject, CSR); nothing is issued or recorded then.
+        `notes` (the audit event's details) gets who the verified token names (subject, amr,
+        acr, roles) as soon as it is known, so a refused login still says who tried; never
+        the token."""
+        notes = {} if notes is None else notes
         if ttl is not None and ttl <= dt.timedelta(0):
             raise InvalidArgument("the TTL must be positive")
         verifier = self.verifier
@@ -150,14 +159,22 @@ class OperatorService:
             raise InvalidArgument("the nonce must be printable and at most 256 characters")
         now = self._clock.now()
         claims = await verifier.verify(id_token, nonce, now)
-        amr = self._mfa(claims)
         subject = claims.get(self.config.subject_claim)
+        notes.update(
+            subject=str(subject)[:256],
+            amr=[str(a)[:32] for a in claims.get("amr") or ()][:16]
+            if isinstance(claims.get("amr"), list)
+            else [],
+            acr=str(claims.get("acr", ""))[:256],
+        )
+        amr = self._mfa(claims)
         if self.config.subject_claim != "sub" and subject is None:
             raise Unauthenticated(
                 f"the ID token has no {self.config.subject_claim!r} claim to name the operator"
             )
         spiffe_id = self.operator_id(subject)  # type: ignore[arg-type]
         roles = map_roles(claims, self.config.roles_claim, self.config.roles)
+        notes["roles"] = sorted(roles)
         if not roles:
             raise PermissionDenied(
                 f"{subject} has no broker role: none of the values of the "

@@ -355,6 +355,16 @@ async def test_bad_tokens_are_refused_audited_and_issue_nothing(
     assert await _sessions(served) == []  # nothing issued
 
 
+async def test_a_refused_login_says_who_tried(served: Served) -> None:
+    token, nonce = code_flow_token(served.provider, "bob", mfa=False)
+    err = await refused(served.login_with(token, nonce, cid="bob-no-mfa"))
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    event = await served.harness.event_for("bob-no-mfa")
+    assert event["details"]["subject"] == "bob" and event["details"]["amr"] == ["pwd"]
+    assert event["outcome"] == "PERMISSION_DENIED" and "login needs MFA" in event["error"]
+    assert token not in json.dumps(event)
+
+
 async def test_a_token_logs_in_once(served: Served) -> None:
     token, nonce = code_flow_token(served.provider, "alice")
     await served.login_with(token, nonce)
