@@ -139,11 +139,12 @@ class AccessControl:
         operators: Iterable[str],
         builtin: Policy | None = None,
         cache_size: int = _CACHE_SIZE,
-        breakglass_needs_login: bool = False,
+        people_log_in: bool = False,
     ) -> None:
-        # With operator login configured, break-glass credentials go only to a person who
-        # logged in with MFA (not to a configured bootstrap identity).
-        self._breakglass_needs_login = breakglass_needs_login
+        # With operator login configured, approvals and break-glass credentials count people:
+        # only a person who logged in with MFA (`broker login`) may approve or take one, not a
+        # configured bootstrap identity (whoever holds that certificate file).
+        self._people_log_in = people_log_in
         self._repo = repository
         self._policies = policies
         self._clock = clock
@@ -509,6 +510,11 @@ class AccessControl:
         for an approval that is already approved, used or expired."""
         if not by.is_operator:
             raise PermissionDenied("only an operator may approve")
+        if self._people_log_in and not by.subject:
+            raise PermissionDenied(
+                "approvals count people: only a person logged in with MFA (broker login) may "
+                "approve"
+            )
         existing = await self._repo.get_approval(approval_id)
         if existing is None:
             raise NotFound(f"no approval {approval_id}")
@@ -542,7 +548,7 @@ class AccessControl:
         credential for `record.spiffe_id`."""
         if not by.is_operator:
             raise PermissionDenied("break-glass credentials are for operators")
-        if self._breakglass_needs_login and not by.subject:
+        if self._people_log_in and not by.subject:
             raise PermissionDenied(
                 "break-glass credentials are issued only to a person logged in with MFA "
                 "(broker login), so that every use names them"

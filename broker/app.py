@@ -118,7 +118,7 @@ class Application:
             trust_domain=config.trust_domain,
             operators=config.server.operators,
             builtin=DefaultPolicy(config.server.operators),
-            breakglass_needs_login=config.operators.enabled,
+            people_log_in=config.operators.enabled,
         )
         self.policy: Policy = self.access
         self.anomalies = AnomalyDetector(clock)

@@ -508,6 +508,12 @@ async def test_prod_pii_needs_two_different_people(served: Served) -> None:
     dave, _ = await served.login("dave")
     err = await refused(served.access(dave).Approve(access_pb2.ApproveRequest(id=request.id)))
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    # the configured bootstrap identity is whoever holds its certificate file: no approver
+    err = await refused(
+        served.access(served.harness.operator).Approve(access_pb2.ApproveRequest(id=request.id))
+    )
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "logged in with MFA" in (err.details() or "")
     # bob, another person with the approver role
     bob, _ = await served.login("bob")
     approved = await served.access(bob).Approve(access_pb2.ApproveRequest(id=request.id))
