@@ -158,7 +158,12 @@ class AccessControl:
         operators: Iterable[str],
         builtin: Policy | None = None,
         cache_size: int = _CACHE_SIZE,
+        people_log_in: bool = False,
     ) -> None:
+        # With operator login configured, approvals and break-glass credentials count people:
+        # only a person who logged in with MFA (`broker login`) may approve or take one, not a
+        # configured bootstrap identity (whoever holds that certificate file).
+        self._people_log_in = people_log_in
         self._repo = repository
         self._policies = policies
         self._clock = clock
@@ -271,6 +276,8 @@ class AccessControl:
         doc_caller: dict[str, Any] = {
             "id": who,
             "operator": caller.is_operator,
+            "roles": sorted(caller.roles),
+            "subject": caller.subject,
             "attestation": str(getattr(caller, "attestation", "") or "x509-svid"),
             "grants": [
                 {
@@ -347,6 +354,8 @@ class AccessControl:
             caller.spiffe_id,
             caller.is_operator,
             caller.minted_by,
+            caller.roles,
+            caller.subject,
             frozenset(caller.attributes.items()),
             action,
             resource,
@@ -533,6 +542,11 @@ class AccessControl:
         for an approval that is already approved, used or expired."""
         if not by.is_operator:
             raise PermissionDenied("only an operator may approve")
+        if self._people_log_in and not by.subject:
+            raise PermissionDenied(
+                "approvals count people: only a person logged in with MFA (broker login) may "
+                "approve"
+            )
         existing = await self._repo.get_approval(approval_id)
         if existing is None:
             raise NotFound(f"no approval {approval_id}")
@@ -566,6 +580,11 @@ class AccessControl:
         credential for `record.spiffe_id`."""
         if not by.is_operator:
             raise PermissionDenied("break-glass credentials are for operators")
+        if self._people_log_in and not by.subject:
+            raise PermissionDenied(
+                "break-glass credentials are issued only to a person logged in with MFA "
+                "(broker login), so that every use names them"
+            )
         if ttl <= dt.timedelta(0) or ttl > MAX_BREAKGLASS_TTL:
             raise InvalidArgument(
                 f"a break-glass credential lasts more than 0 and at most "
@@ -642,6 +661,9 @@ def _verdict(
 ) -> Decision:
     breakglass = document["caller"].get("breakglass")
     flags = {"breakglass": breakglass["id"]} if breakglass else {}
+    if breakglass and breakglass.get("operator"):
+        # Whose credential it is, in every event a break-glass request writes.
+        flags["breakglass_operator"] = str(breakglass["operator"])
     if deny:
         first = _first(deny, _DENY_ORDER)
         return Decision(False, str(first.get("reason", "")), str(first["rule"]), flags)

@@ -26,6 +26,7 @@ from broker.database.reaper import LeaseReaper
 from broker.envelope import Envelope, KekRotator, SealedStore
 from broker.files import write_private_file
 from broker.identity import Authenticator
+from broker.operators.service import OperatorService
 from broker.policy import DefaultPolicy, Policy
 from broker.ratelimit import RateLimiter
 from broker.secrets import MetadataMac, SecretJanitor, SecretService
@@ -33,6 +34,7 @@ from broker.storage.access import SqlAccessRepository
 from broker.storage.database import database_store
 from broker.storage.identity import IdentityStore
 from broker.storage.interface import Storage
+from broker.storage.operators import SqlOperatorRepository
 from broker.storage.secrets import secret_repository
 from broker.workloads import IdentityService
 from ca.clock import Clock
@@ -121,6 +123,7 @@ class Application:
             trust_domain=config.trust_domain,
             operators=config.server.operators,
             builtin=DefaultPolicy(config.server.operators),
+            people_log_in=config.operators.enabled,
         )
         self.policy: Policy = self.access
         self.anomalies = AnomalyDetector(clock)
@@ -137,6 +140,15 @@ class Application:
         store = IdentityStore(storage.backend)  # type: ignore[attr-defined]
         self.workloads = IdentityService(self.ca, store, clock)
         self.authenticator.denylist = self.workloads.denylist
+        # Operators: login with an OpenID provider, roles, the registry of operator SVIDs.
+        self.operators = OperatorService(
+            config.operators,
+            self.ca,
+            SqlOperatorRepository(storage.backend),  # type: ignore[attr-defined]
+            self.workloads.deny,
+            clock,
+            trust_domain=config.trust_domain,
+        )
         self._operator_expiry: dt.datetime | None = None
 
     async def start(self) -> None:

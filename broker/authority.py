@@ -557,6 +557,40 @@ class CAService:
         )
         return cert, snap.issuing_cert
 
+    def issue_operator_svid(
+        self,
+        spiffe_id: SpiffeId,
+        csr: bytes,
+        ttl: dt.timedelta,
+        login_extension: x509.ExtensionType,
+    ) -> IssuedX509:
+        """The one path that issues operator identities (spiffe://<td>/broker/operator/...):
+        called by `broker.operators` after a verified login, never reached by the mint RPCs
+        or registration entries. The CSR's proof of possession is checked; `login_extension`
+        (who logged in, with which roles) is written into the certificate. Raises InvalidCSR
+        for a bad CSR, InvalidArgument for an ID outside the operator prefix."""
+        prefix = f"spiffe://{self._cfg.trust_domain}/broker/operator/"
+        if not spiffe_id.id_string.startswith(prefix) or spiffe_id.path.count("/") != 3:
+            raise InvalidArgument(f"{spiffe_id} is not an operator identity")
+        info = parse_csr(csr, max_bytes=self._cfg.max_csr_bytes)
+        snap = self._snap()
+        cert = snap.issuer.issue(
+            info.public_key,
+            spiffe_id,
+            self._clock.now(),
+            ttl,
+            backdate=self._cfg.backdate,
+            extra_extensions=(login_extension,),
+        )
+        return IssuedX509(
+            spiffe_id=spiffe_id.id_string,
+            chain_der=[cert.public_bytes(serialization.Encoding.DER), snap.issuing_der],
+            private_key_der=None,
+            bundle_der=list(snap.root_der),
+            expires_at=cert.not_valid_after_utc,
+            serial=format(cert.serial_number, "x"),
+        )
+
     async def mint_jwt(
         self,
         spiffe_id: str,

@@ -231,11 +231,34 @@ def _read_credential(path: Path, what: str, flag: str) -> bytes:
         raise Refusal(f"cannot read {what} at {path}: {exc.strerror or exc}") from None
 
 
-def _client(ctx: click.Context) -> BrokerAPI:
+def broker_home() -> Path:
+    """Where `broker login` keeps the operator identity: $BROKER_HOME, default
+    ~/.config/broker (its operator/ holds svid.pem, key.pem (0600) and bundle.pem)."""
+    home = os.environ.get("BROKER_HOME")
+    return Path(home) if home else Path.home() / ".config" / "broker"
+
+
+def _identity_paths(ctx: click.Context) -> tuple[Path, Path, Path]:
+    """The default client identity: the login under $BROKER_HOME when there is one and
+    neither --data-dir nor --cert was given, else the operator identity `serve --dev` writes
+    under DATA_DIR (as before logins existed)."""
+    if _setting(ctx, "data_dir") is None and _setting(ctx, "cert") is None:
+        login = broker_home() / "operator"
+        if (login / "svid.pem").is_file():
+            return login / "svid.pem", login / "key.pem", login / "bundle.pem"
     data_dir = Path(_setting(ctx, "data_dir") or DEFAULT_DATA_DIR)
-    cert = Path(_setting(ctx, "cert") or data_dir / "operator" / "svid.pem")
-    key = Path(_setting(ctx, "key") or data_dir / "operator" / "key.pem")
-    bundle = Path(_setting(ctx, "bundle") or data_dir / "bundle.pem")
+    return (
+        data_dir / "operator" / "svid.pem",
+        data_dir / "operator" / "key.pem",
+        (data_dir / "bundle.pem"),
+    )
+
+
+def _client(ctx: click.Context) -> BrokerAPI:
+    default_cert, default_key, default_bundle = _identity_paths(ctx)
+    cert = Path(_setting(ctx, "cert") or default_cert)
+    key = Path(_setting(ctx, "key") or default_key)
+    bundle = Path(_setting(ctx, "bundle") or default_bundle)
     credentials = ClientCredentials(
         cert_chain=_read_credential(cert, "client certificate", "--cert"),
         private_key=_read_credential(key, "client key", "--key"),
@@ -684,6 +707,7 @@ def audit_tail(ctx: click.Context, limit: int) -> None:
 from broker.commands import access as _access_commands  # noqa: E402, F401
 from broker.commands import database as _database_commands  # noqa: E402, F401
 from broker.commands import identity as _identity_commands  # noqa: E402, F401
+from broker.commands import operators as _operators_commands  # noqa: E402, F401
 from broker.commands import secrets as _secrets_commands  # noqa: E402, F401
 
 # -- entry points ------------------------------------------------------------------------------

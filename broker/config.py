@@ -35,6 +35,7 @@ __all__ = [
     "DatabaseConfig",
     "IdentityConfig",
     "KeysConfig",
+    "OperatorsConfig",
     "ServerConfig",
     "StorageConfig",
     "load_config",
@@ -143,6 +144,73 @@ class SecretsConfig:
     justification_required: tuple[str, ...] = DEFAULT_JUSTIFICATION_REQUIRED
 
 
+DEFAULT_MFA_AMR = ("mfa", "otp", "hwk", "swk")
+MAX_OPERATOR_TTL = dt.timedelta(hours=8)
+
+
+@dataclass(frozen=True)
+class OperatorsConfig:
+    """Operator login against an OpenID Connect provider (`broker login`); off without an
+    issuer. `roles` maps each broker role (admin, security, approver, auditor) to the values of
+    `roles_claim` that grant it. A login needs MFA: an `amr` value in `mfa_amr` or an `acr` in
+    `mfa_acr`. Certificates last `default_ttl` (at most `max_ttl`, itself at most 8 h) and never
+    beyond the ID token's session: `auth_time + session_max` (or `exp` without auth_time)."""
+
+    issuer: str = ""
+    client_id: str = ""
+    audience: tuple[str, ...] = ()  # accepted ID-token audiences; default: (client_id,)
+    scopes: tuple[str, ...] = ("openid", "email", "groups")
+    algorithms: tuple[str, ...] = ("RS256", "ES256")
+    mfa_amr: tuple[str, ...] = DEFAULT_MFA_AMR
+    mfa_acr: tuple[str, ...] = ()
+    roles_claim: str = "groups"
+    roles: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    subject_claim: str = "sub"
+    default_ttl: dt.timedelta = dt.timedelta(hours=1)
+    max_ttl: dt.timedelta = MAX_OPERATOR_TTL
+    session_max: dt.timedelta = MAX_OPERATOR_TTL
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.issuer)
+
+    @property
+    def audiences(self) -> tuple[str, ...]:
+        return self.audience or (self.client_id,)
+
+    def validate(self) -> None:
+        if not self.enabled:
+            return
+        from broker.operators.oidc import ALLOWED_ALGORITHMS
+        from broker.operators.roles import ROLES
+
+        parts = urlsplit(self.issuer)
+        loopback = parts.hostname in ("127.0.0.1", "::1", "localhost")
+        if parts.scheme != "https" and not (parts.scheme == "http" and loopback):
+            raise InvalidArgument("config: operators.issuer must be an https URL")
+        if not self.client_id:
+            raise InvalidArgument("config: operators.client_id is required with an issuer")
+        bad = sorted(set(self.algorithms) - ALLOWED_ALGORITHMS)
+        if bad or not self.algorithms:
+            raise InvalidArgument(
+                f"config: operators.algorithms must be asymmetric ({', '.join(bad) or 'empty'})"
+            )
+        unknown = sorted(set(self.roles) - set(ROLES))
+        if unknown:
+            raise InvalidArgument(
+                f"config: operators.roles: unknown role {unknown[0]!r} "
+                f"(roles are {', '.join(ROLES)})"
+            )
+        if not self.mfa_amr and not self.mfa_acr:
+            raise InvalidArgument("config: operators needs mfa_amr or mfa_acr: MFA is required")
+        if not dt.timedelta(minutes=1) <= self.max_ttl <= MAX_OPERATOR_TTL:
+            raise InvalidArgument("config: operators.max_ttl must be between 1m and 8h")
+        if not dt.timedelta(0) < self.default_ttl <= self.max_ttl:
+            raise InvalidArgument("config: operators.default_ttl must be between 0 and max_ttl")
+        if not dt.timedelta(0) < self.session_max <= dt.timedelta(hours=24):
+            raise InvalidArgument("config: operators.session_max must be between 0 and 24h")
+
+
 @dataclass(frozen=True)
 class Config:
     trust_domain: str
@@ -154,6 +222,8 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     secrets: SecretsConfig = field(default_factory=SecretsConfig)
+
+    operators: OperatorsConfig = field(default_factory=OperatorsConfig)
     dev: bool = False
 
     @property
@@ -229,6 +299,7 @@ class Config:
                 )
         if "pin-value" in self.keys.uri:
             raise InvalidArgument("config: keys.uri must not contain a PIN; use keys.pin_source")
+        self.operators.validate()
         return self
 
 
@@ -272,8 +343,24 @@ _SECTIONS = {
         "server",
         "database",
         "secrets",
+        "operators",
     },
     "secrets": {"justification_required"},
+    "operators": {
+        "issuer",
+        "client_id",
+        "audience",
+        "scopes",
+        "algorithms",
+        "mfa_amr",
+        "mfa_acr",
+        "roles_claim",
+        "roles",
+        "subject_claim",
+        "default_ttl",
+        "max_ttl",
+        "session_max",
+    },
     "storage": {"dsn", "password_file", "password_env"},
     "keys": {"uri", "pin_source"},
     "ca": {
@@ -344,6 +431,7 @@ def config_from_document(doc: Mapping[str, Any], base_dir: Path) -> Config:
             'config: secrets.justification_required must be a list of names, e.g. ["prod", "pii"]'
         )
     return Config(
+        operators=_operators(doc.get("operators", {})),
         database=database,
         secrets=SecretsConfig(justification_required=tuple(required)),
         trust_domain=trust_domain,
@@ -394,6 +482,37 @@ def config_from_document(doc: Mapping[str, Any], base_dir: Path) -> Config:
                 srv.get("attest_max_message_bytes", defaults_srv.attest_max_message_bytes)
             ),
         ),
+    )
+
+
+def _strings(section: Mapping[str, Any], key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    value = section.get(key, default)
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise InvalidArgument(f"config: operators.{key} must be a list of strings")
+    return tuple(value)
+
+
+def _operators(section: Mapping[str, Any]) -> OperatorsConfig:
+    d = OperatorsConfig()
+    roles = section.get("roles", {})
+    if not isinstance(roles, Mapping):
+        raise InvalidArgument("config: [operators.roles] must be a table of role = [claim values]")
+    return OperatorsConfig(
+        issuer=str(section.get("issuer", "")),
+        client_id=str(section.get("client_id", "")),
+        audience=_strings(section, "audience", ()),
+        scopes=_strings(section, "scopes", d.scopes),
+        algorithms=_strings(section, "algorithms", d.algorithms),
+        mfa_amr=_strings(section, "mfa_amr", d.mfa_amr),
+        mfa_acr=_strings(section, "mfa_acr", d.mfa_acr),
+        roles_claim=str(section.get("roles_claim", d.roles_claim)),
+        roles={str(k): _strings(roles, str(k), ()) for k in roles},
+        subject_claim=str(section.get("subject_claim", d.subject_claim)),
+        default_ttl=_duration(section, "default_ttl", d.default_ttl),
+        max_ttl=_duration(section, "max_ttl", d.max_ttl),
+        session_max=_duration(section, "session_max", d.session_max),
     )
 
 

@@ -16,6 +16,7 @@ from typing import Protocol
 from cryptography import x509
 
 from broker.errors import Denylisted, Unauthenticated
+from broker.operators.roles import ADMIN, operator_claims_of
 from broker.policy import Caller
 from ca.errors import CAError
 from ca.layout import IdentityLayout
@@ -23,6 +24,8 @@ from ca.spiffeid import SpiffeId
 from ca.x509svid import Lineage, spiffe_id_of
 
 __all__ = ["Authenticator", "DenylistView"]
+
+_OPERATOR_PATH = "/broker/operator/"
 
 
 class DenylistView(Protocol):
@@ -101,7 +104,10 @@ class Authenticator:
         except CAError:
             pass  # IDs outside the layout (operators, the broker itself) carry no attributes
         sid = spiffe_id.id_string
-        return Caller(sid, sid in self._operators, attributes)
+        if sid in self._operators:
+            # Configured (bootstrap / dev-mode) operators administer: the admin role.
+            return Caller(sid, True, attributes, roles=frozenset({ADMIN}))
+        return Caller(sid, False, attributes)
 
     def _parse(self, pem: bytes) -> Caller:
         try:
@@ -115,11 +121,22 @@ class Authenticator:
                 f"client identity {spiffe_id} is not in trust domain {self._trust_domain}"
             )
         caller = self.caller_for_id(spiffe_id)
+        if spiffe_id.path.startswith(_OPERATOR_PATH):
+            # A person who logged in: the roles are in the certificate, written only by the
+            # login path and signed by the CA (TLS verified the chain).
+            login = operator_claims_of(cert)
+            if login is not None and login.roles:
+                caller = Caller(
+                    spiffe_id.id_string, True, {}, roles=login.roles, subject=login.subject
+                )
         minted_by = lineage.minted_by if lineage is not None else ""
         return replace(
             caller,
-            # An SVID an operator minted for another ID is never an operator itself.
+            # An SVID an operator minted for another ID is never an operator itself, and
+            # carries none of an operator's roles.
             is_operator=caller.is_operator and not minted_by,
+            roles=frozenset() if minted_by else caller.roles,
+            subject="" if minted_by else caller.subject,
             minted_by=minted_by,
             serial=format(cert.serial_number, "x"),
             not_after=cert.not_valid_after_utc,

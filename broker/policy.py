@@ -58,6 +58,13 @@ class Action:
     SECRETS_REVOKE = "secrets.revoke"
     SECRETS_DELETE = "secrets.delete"
     KEK_ROTATE = "kek.rotate"
+    # Operators (people who log in)
+    OPERATOR_LOGIN = "operator.login"  # no client certificate: the ID token is the credential
+    OPERATOR_LOGIN_CONFIG = "operator.login_config"
+    OPERATOR_WHOAMI = "operator.whoami"
+    OPERATOR_LOGOUT = "operator.logout"
+    OPERATOR_LIST = "operator.list"
+    OPERATOR_REVOKE = "operator.revoke"
     # Policy as code, grants, approvals, break-glass
     POLICY_SET = "policy.set"
     POLICY_GET = "policy.get"
@@ -89,6 +96,10 @@ class Caller:
     serial: str = ""
     not_after: dt.datetime | None = None
     lineage: Lineage | None = None
+    # Operator roles (admin, security, approver, auditor; see broker.operators.roles) and, for
+    # a person who logged in (`broker login`, with MFA), the provider's subject.
+    roles: frozenset[str] = frozenset()
+    subject: str = ""
 
 
 @dataclass(frozen=True)
@@ -121,6 +132,8 @@ class Policy(Protocol):
 _ANY_CALLER = frozenset({Action.BUNDLE_GET, Action.HEALTH, Action.REFLECTION})
 # Anyone may try to attest: the join token or JWT in the request is the credential.
 _ATTEST = frozenset({Action.ATTEST})
+# Anyone may try to log in: the ID token in the request is the credential.
+_LOGIN = frozenset({Action.OPERATOR_LOGIN, Action.OPERATOR_LOGIN_CONFIG})
 # Agents: renew only their own ID; sync and mint only for entries whose parent they are.
 _AGENT_SELF = frozenset({Action.AGENT_RENEW})
 _AGENT_PARENT = frozenset({Action.AGENT_SYNC})
@@ -161,6 +174,27 @@ def owner_decision(caller: Caller, action: str, attributes: Mapping[str, str]) -
     return Decision(True, f"{caller.spiffe_id} is the owning service", "owner")
 
 
+def _operator_decision(caller: Caller, action: str) -> Decision:
+    """Operators act by role: admin administers everything; security, approver and auditor
+    only their own actions (broker.operators.roles); every operator may see and end its own
+    login."""
+    from broker.operators.roles import ADMIN, ROLE_ACTIONS, SELF_SERVICE_ACTIONS
+
+    if ADMIN in caller.roles:
+        return Decision(True, "operators with the admin role administer the broker", "operator")
+    for role in sorted(caller.roles):
+        if action in ROLE_ACTIONS.get(role, ()):
+            return Decision(True, f"the {role} role may {action}", f"role:{role}")
+    if action in SELF_SERVICE_ACTIONS or action in _ANY_CALLER:
+        return Decision(True, f"any operator may {action}", "self-service")
+    if action == Action.APPROVAL_REQUEST:
+        return Decision(True, "any identity may ask for an approval", "approval-request")
+    roles = ", ".join(sorted(caller.roles)) or "none"
+    return Decision(
+        False, f"{action} needs a role that allows it; {caller.spiffe_id} has: {roles}", "role"
+    )
+
+
 class DefaultPolicy:
     def __init__(self, operators: Iterable[str]) -> None:
         self._operators = frozenset(operators)
@@ -178,10 +212,10 @@ class DefaultPolicy:
         context: Mapping[str, str] | None = None,
     ) -> Decision:
         if caller.is_operator:
-            return Decision(True, "operators administer the broker", "operator")
+            return _operator_decision(caller, action)
         if action in _ANY_CALLER:
             return Decision(True, f"any authenticated identity may {action}", "authenticated")
-        if action in _ATTEST:
+        if action in _ATTEST or action in _LOGIN:
             return Decision(True, "attestation is authenticated by its credential", "attest")
         if action in _AGENT_SELF:
             if resource == caller.spiffe_id:

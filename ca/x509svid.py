@@ -623,9 +623,12 @@ class LeafIssuer:
         backdate: dt.timedelta = DEFAULT_BACKDATE,
         ip_addresses: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address] = (),
         lineage: Lineage | None = None,
+        extra_extensions: Iterable[x509.ExtensionType] = (),
     ) -> x509.Certificate:
         """Issue one X509-SVID leaf; see `build_leaf` for what is refused. `lineage`, when
-        given, is added as a non-critical extension; its `capped_until` also bounds notAfter."""
+        given, is added as a non-critical extension; its `capped_until` also bounds notAfter.
+        `extra_extensions` are added as non-critical extensions (e.g. what a login attests
+        about its holder)."""
         issuer_cert = self._cert
         sid = spiffe_id if isinstance(spiffe_id, SpiffeId) else SpiffeId.parse(spiffe_id)
         sid.require_workload()
@@ -692,6 +695,8 @@ class LeafIssuer:
         )
         if lineage is not None:
             builder = builder.add_extension(lineage.to_extension(), critical=False)
+        for extension in extra_extensions:
+            builder = builder.add_extension(extension, critical=False)
         return builder.sign(self._signer, self._hash)
 
 

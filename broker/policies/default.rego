@@ -2,7 +2,7 @@
 #
 # Input (built by broker.access for every decision):
 #   input.action     "secrets.get", "db.creds", "svid.mint", "ca.policy.set", ...
-#   input.caller     {id, operator, tenant, environment, service, attestation,
+#   input.caller     {id, operator, roles, subject, tenant, environment, service, attestation,
 #                     grants: [{id, action, resource}], approvals: [{id, action, resource}],
 #                     breakglass: {id, action, resource, active},   (breakglass only when the
 #                     caller presents a break-glass credential; tenant/environment/service only
@@ -110,8 +110,44 @@ breakglass_covers if {
 
 # ---------------------------------------------------------------------------------- allow
 
-allow contains {"rule": "operator", "reason": "operators administer the broker"} if {
+# Operators act by role (roles come from the login's ID token, mapped in the config; configured
+# and dev-mode operators are admins). admin administers everything; the others only their own.
+read_only_actions := {
+	"audit.read", "audit.verify", "ca.status", "ca.policy.get", "policy.get", "grant.list",
+	"approval.list", "breakglass.list", "lease.list", "secrets.list", "secrets.show",
+	"operator.list",
+}
+
+security_actions := {
+	"svid.deny", "kek.rotate", "lease.revoke", "secrets.revoke", "breakglass.revoke",
+	"approval.approve", "operator.revoke", "ca.rotate",
+}
+
+approver_actions := {"approval.approve", "approval.list", "ca.status"}
+
+role_allows(role, action) if {
+	role in {"security", "auditor"}
+	action in read_only_actions
+}
+
+role_allows("security", action) if action in security_actions
+
+role_allows("approver", action) if action in approver_actions
+
+allow contains {"rule": "operator", "reason": "operators with the admin role administer the broker"} if {
 	caller.operator
+	"admin" in caller.roles
+}
+
+allow contains {"rule": sprintf("role:%s", [role]), "reason": sprintf("the %s role may %s", [role, input.action])} if {
+	caller.operator
+	some role in caller.roles
+	role_allows(role, input.action)
+}
+
+allow contains {"rule": "self-service", "reason": sprintf("any operator may %s", [input.action])} if {
+	caller.operator
+	input.action in {"operator.whoami", "operator.logout"}
 }
 
 allow contains {"rule": "authenticated", "reason": sprintf("any authenticated identity may %s", [input.action])} if {

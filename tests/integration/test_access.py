@@ -227,6 +227,8 @@ async def test_breakglass_requests_are_flagged_and_the_credential_is_spent(
         metadata=cid("issue"),
     )
     record = issued.record
+    # every event of a break-glass request names the credential and whose it is
+    flagged = {"breakglass": record.id, "breakglass_operator": record.operator}
     leaf = x509.load_der_x509_certificate(issued.cert_chain[0])
     lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc
     assert lifetime <= dt.timedelta(hours=1, minutes=1)
@@ -247,19 +249,19 @@ async def test_breakglass_requests_are_flagged_and_the_credential_is_spent(
     )
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED
     event = await broker.event_for("bg-mint")
-    assert event["flags"] == {"breakglass": record.id} and event["decision"] == "deny"
+    assert event["flags"] == flagged and event["decision"] == "deny"
 
     response = await secrets_stub(broker, glass).Get(get(), metadata=cid("bg-use"))
     assert response.value == value
     event = await broker.event_for("bg-use")
     assert event["who"] == record.spiffe_id
     assert (event["decision"], event["rule"]) == ("allow", "break-glass")
-    assert event["flags"] == {"breakglass": record.id}
+    assert event["flags"] == flagged
 
     spent = await refused(secrets_stub(broker, glass).Get(get(), metadata=cid("bg-again")))
     assert spent.code() == grpc.StatusCode.PERMISSION_DENIED
     event = await broker.event_for("bg-again")
-    assert (event["rule"], event["flags"]) == ("breakglass-spent", {"breakglass": record.id})
+    assert (event["rule"], event["flags"]) == ("breakglass-spent", flagged)
     await broker.app.access.flush()
     listed = await access(broker).ListBreakGlass(access_pb2.ListBreakGlassRequest(all=True))
     assert [(b.id, b.state) for b in listed.records] == [(record.id, "used")]

@@ -22,8 +22,8 @@ from broker.storage.interface import Storage
 from ca.clock import FakeClock
 
 TD = "example.org"
-ALICE = Caller(f"spiffe://{TD}/broker/operator/alice", True, {})
-BOB = Caller(f"spiffe://{TD}/broker/operator/bob", True, {})
+ALICE = Caller(f"spiffe://{TD}/broker/operator/alice", True, {}, roles=frozenset({"admin"}))
+BOB = Caller(f"spiffe://{TD}/broker/operator/bob", True, {}, roles=frozenset({"admin"}))
 OPERATORS = (ALICE.spiffe_id, BOB.spiffe_id)
 T0 = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.UTC)
 REFERENCE = "secret://web/prod/stripe"
@@ -448,20 +448,22 @@ async def test_breakglass_is_approved_single_use_and_flagged(env: Env) -> None:
         await env.access.issue_breakglass(ALICE, request.id, dt.timedelta(hours=1))
 
     bg = breakglass_caller(record.spiffe_id)
+    # every decision for it names the credential and whose it is
+    flagged = {"breakglass": record.id, "breakglass_operator": ALICE.spiffe_id}
     outside = env.access.decide(bg, "secrets.get", "secret://other", attributes=PROD_PII)
     assert (outside.allowed, outside.rule) == (False, "breakglass-scope")
-    assert outside.flags == {"breakglass": record.id}
+    assert outside.flags == flagged
     mint = env.access.decide(bg, "svid.mint", record.spiffe_id)
-    assert not mint.allowed and mint.flags == {"breakglass": record.id}
+    assert not mint.allowed and mint.flags == flagged
 
     bundle = env.access.decide(bg, "ca.bundle.get", "")
-    assert bundle.allowed and bundle.flags == {"breakglass": record.id}  # flagged, not spent
+    assert bundle.allowed and bundle.flags == flagged  # flagged, not spent
     used = env.access.decide(bg, "secrets.get", REFERENCE, attributes=PROD_PII)
     assert used.allowed and used.rule == "break-glass"
-    assert used.flags == {"breakglass": record.id}
+    assert used.flags == flagged
     again = env.access.decide(bg, "secrets.get", REFERENCE, attributes=PROD_PII)
     assert (again.allowed, again.rule) == (False, "breakglass-spent")
-    assert again.flags == {"breakglass": record.id}
+    assert again.flags == flagged
 
     await env.access.flush()
     stored = await env.repo.get_breakglass(record.id)

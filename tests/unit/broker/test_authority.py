@@ -25,7 +25,7 @@ from ca.keys import SoftwareBackend
 from ca.x509svid import verify_chain
 
 TD = "example.org"
-OPERATOR = Caller("spiffe://example.org/broker/operator/ops", True)
+OPERATOR = Caller("spiffe://example.org/broker/operator/ops", True, roles=frozenset({"admin"}))
 WEB = "spiffe://example.org/acme/prod/web"
 START = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
 

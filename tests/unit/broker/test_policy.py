@@ -6,7 +6,8 @@ WORKLOAD = "spiffe://td/acme/prod/web"
 
 def _decide(caller_id: str, action: str, resource: str = "") -> bool:
     policy = DefaultPolicy([OPERATOR])
-    caller = Caller(caller_id, policy.is_operator(caller_id))
+    operator = policy.is_operator(caller_id)
+    caller = Caller(caller_id, operator, roles=frozenset({"admin"} if operator else ()))
     return policy.decide(caller, action, resource).allowed
 
 
