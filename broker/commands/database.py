@@ -22,6 +22,7 @@ from broker.cli import (
     _read_input_file,
     cli,
 )
+from broker.dsn import password_in_dsn, redact
 
 __all__ = ["db", "lease"]
 
@@ -45,7 +46,7 @@ def connection_json(c: Connection) -> dict[str, Any]:
     return {
         "name": c.name,
         "plugin": c.plugin,
-        "dsn": c.dsn,
+        "dsn": redact(c.dsn),
         "created_at": clioutput.timestamp(c.created_at),
         "root_rotated_at": clioutput.timestamp(c.root_rotated_at),
         "kek_label": c.kek_label,
@@ -139,6 +140,11 @@ def connection_add(
     ctx: click.Context, name: str, plugin: str, dsn: str, password_file: Path, verify: bool
 ) -> None:
     """Add connection NAME."""
+    where = password_in_dsn(dsn)
+    if where is not None:  # refused here too, so the password never even leaves this process
+        raise Refusal(
+            f"--dsn must not carry a password (it has {where}): give it with --password-file"
+        )
     password = _text_file(password_file, "password file").rstrip("\r\n")
     if not password:
         raise Refusal(f"password file {password_file} is empty")
@@ -146,7 +152,7 @@ def connection_add(
     if _output(ctx) == "json":
         click.echo(clioutput.dumps(connection_json(result)))
     else:
-        click.echo(f"connection {result.name} added ({result.plugin}, {result.dsn})")
+        click.echo(f"connection {result.name} added ({result.plugin}, {redact(result.dsn)})")
 
 
 @connection.command("list")
@@ -160,7 +166,10 @@ def connection_list(ctx: click.Context) -> None:
         return
     _echo_table(
         ["NAME", "PLUGIN", "DSN", "ROOT ROTATED"],
-        [[c.name, c.plugin, c.dsn, clioutput.timestamp(c.root_rotated_at) or "-"] for c in items],
+        [
+            [c.name, c.plugin, redact(c.dsn), clioutput.timestamp(c.root_rotated_at) or "-"]
+            for c in items
+        ],
     )
 
 

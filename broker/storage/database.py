@@ -18,7 +18,8 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-from broker.errors import FailedPrecondition
+from broker.dsn import password_in_dsn
+from broker.errors import FailedPrecondition, InvalidArgument
 from broker.storage.sql import Backend, Row, Tx, require_aware
 
 __all__ = [
@@ -216,6 +217,9 @@ class DatabaseStore:
     # -- connections
 
     async def insert_connection(self, record: ConnectionRecord) -> None:
+        """Raises InvalidArgument for a DSN carrying a password (never stored, not even here)."""
+        if password_in_dsn(record.dsn) is not None:
+            raise InvalidArgument("refusing to store a connection DSN that carries a password")
         async with self._b.transaction(write=True) as tx:
             await tx.execute(
                 "INSERT INTO db_connections (name, plugin, dsn, sealed_password, kek_label, "
