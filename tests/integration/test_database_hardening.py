@@ -1,0 +1,86 @@
+"""Issue 20 findings on dynamic database credentials, repeated as attacks through the whole
+request path (mTLS, policy, audit) against the throwaway PostgreSQL cluster and MariaDB server."""
+
+from __future__ import annotations
+
+import json
+import urllib.parse
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from broker.api._proto import database_pb2
+from broker.storage.database import database_store
+from tests.fixtures.dbtargets import Target, target_for
+
+from .conftest import BrokerHarness
+from .test_database import Api, refused
+
+PLUGINS = ["postgresql", "mysql"]
+
+
+@pytest.fixture(params=PLUGINS)
+async def target(request: pytest.FixtureRequest) -> AsyncIterator[Target]:
+    async with target_for(request.param, request) as value:
+        yield value
+
+
+def _password_forms(dsn: str, password: str) -> list[str]:
+    """The target's real admin password smuggled into its DSN every way a driver would read."""
+    quoted = urllib.parse.quote(password, safe="")
+    sep = "&" if "?" in dsn else "?"
+    user = urllib.parse.urlsplit(dsn).username or ""
+    return [
+        f"{dsn}{sep}password={quoted}",
+        f"{dsn}{sep}PASSWORD={quoted}",
+        f"{dsn}{sep}Pass%77ord={quoted}",
+        f"{dsn}{sep}sslmode=disable&password={quoted}",
+        f"{dsn}#password={quoted}",
+        dsn.replace(f"{user}@", f"{user}:{quoted}@", 1),
+        dsn.replace(f"{user}@", f"{user}%3A{quoted}@", 1),
+    ]
+
+
+async def test_a_password_in_the_dsn_is_refused_and_nothing_is_stored(
+    broker: BrokerHarness, target: Target
+) -> None:
+    """Finding 8: `?password=` in the DSN used to be accepted, returned by `show`, stored in
+    plaintext and audited. Every form is refused with INVALID_ARGUMENT; no connection, no
+    password in the database file (WAL included), in the ledger or in the reply."""
+    ops = Api(broker, broker.operator)
+    for i, dsn in enumerate(_password_forms(target.dsn, target.password)):
+        for verify in (True, False):
+            err = await refused(
+                ops.db.AddConnection(
+                    database_pb2.AddConnectionRequest(
+                        name=f"smuggled{i}",
+                        plugin=target.plugin,
+                        dsn=dsn,
+                        password=target.password,
+                        skip_verify=not verify,
+                    )
+                )
+            )
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, dsn
+            assert "must not carry a password" in (err.details() or "")
+            assert target.password not in (err.details() or "")
+    listed = await ops.db.ListConnections(database_pb2.ListConnectionsRequest())
+    assert list(listed.connections) == []
+    assert await database_store(broker.app.storage).list_connections() == []
+    for name in ("broker.db", "broker.db-wal"):
+        path = broker.tmp_path / name
+        if path.exists():
+            assert target.password.encode() not in path.read_bytes()
+    events = await broker.events()
+    assert any(e["what"].endswith("AddConnection") or "connection" in e["what"] for e in events)
+    assert target.password not in json.dumps(events)
+
+    # the same connection without the password is fine, and shows no secret
+    await ops.db.AddConnection(
+        database_pb2.AddConnectionRequest(
+            name="clean", plugin=target.plugin, dsn=target.dsn, password=target.password
+        )
+    )
+    shown = await ops.db.GetConnection(database_pb2.GetConnectionRequest(name="clean"))
+    assert shown.dsn == target.dsn and target.password not in str(shown)
