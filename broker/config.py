@@ -188,7 +188,7 @@ class Config:
                     f"(got {value!r})"
                 )
         day = dt.timedelta(days=1)
-        for name, value, low, high in (
+        for key, span, shortest, longest in (
             ("ca.root_ttl", ca.root_ttl, day, dt.timedelta(days=36500)),
             ("ca.issuing_ttl", ca.issuing_ttl, dt.timedelta(hours=1), dt.timedelta(days=3650)),
             (
@@ -206,10 +206,10 @@ class Config:
                 dt.timedelta(days=366),
             ),
         ):
-            if not low <= value <= high:
+            if not shortest <= span <= longest:
                 raise InvalidArgument(
-                    f"config: {name} must be between {_human(low)} and {_human(high)} "
-                    f"(got {_human(value)})"
+                    f"config: {key} must be between {_human(shortest)} and {_human(longest)} "
+                    f"(got {_human(span)})"
                 )
         if ca.issuing_ttl * 2 > ca.root_ttl:
             raise InvalidArgument(

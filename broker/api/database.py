@@ -111,6 +111,9 @@ def lease_pb(record: LeaseRecord, now: dt.datetime | None = None) -> Any:
         renewable=record.state == "active" and record.expires_at < record.max_expires_at,
         attempts=record.attempts,
         last_error=record.last_error or "",
+        next_attempt_at=(
+            _ts(record.due_at) if record.state in ("revoking", "irrevocable") else None
+        ),
     )
 
 

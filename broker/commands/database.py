@@ -87,6 +87,7 @@ def lease_json(item: Lease) -> dict[str, Any]:
         "renewable": item.renewable,
         "attempts": item.attempts,
         "last_error": item.last_error or None,
+        "next_attempt_at": clioutput.timestamp(item.next_attempt_at),
     }
 
 
@@ -460,9 +461,32 @@ def lease_list(ctx: click.Context, prefix: str) -> None:
         click.echo(clioutput.dumps([lease_json(i) for i in items]))
         return
     _echo_table(
-        ["LEASE", "USERNAME", "STATE", "EXPIRES", "HOLDER"],
+        ["LEASE", "USERNAME", "STATE", "EXPIRES", "HOLDER", "ATTEMPTS", "NEXT RETRY", "LAST ERROR"],
         [
-            [i.id, i.username, i.state, clioutput.timestamp(i.expires_at) or "-", i.holder]
+            [
+                i.id,
+                i.username,
+                i.state,
+                clioutput.timestamp(i.expires_at) or "-",
+                i.holder,
+                str(i.attempts),
+                clioutput.timestamp(i.next_attempt_at) or "-",
+                _short(i.last_error),
+            ]
             for i in items
         ],
     )
+    stuck = sum(1 for i in items if i.state == "irrevocable")
+    if stuck:
+        click.echo(
+            f"warning: {stuck} irrevocable lease(s): their users may still log in; the broker "
+            "keeps retrying (see LAST ERROR)",
+            err=True,
+        )
+
+
+def _short(text: str, limit: int = 60) -> str:
+    line = " ".join(text.split())
+    if not line:
+        return "-"
+    return line if len(line) <= limit else line[: limit - 3] + "..."

