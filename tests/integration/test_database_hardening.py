@@ -8,6 +8,7 @@ import signal
 import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from pathlib import Path
 
 import grpc
 import pytest
@@ -127,3 +128,57 @@ async def test_a_lease_that_outlives_its_database_outage_is_still_revoked(
         assert REGISTRY.get_sample_value("broker_leases_irrevocable", {"kind": "database"}) == 0
         alerts = [e for e in await broker.events() if e["what"] == "lease.irrevocable"]
         assert [e["resource"] for e in alerts] == [creds.lease.id]
+
+
+async def test_passwords_never_reach_the_statement_log(
+    broker: BrokerHarness, target: Target, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """Finding 14: rotate-root sent the new admin password as a literal (visible with
+    log_statement = all). Now PostgreSQL gets a SCRAM-SHA-256 verifier computed by the broker,
+    for the rotated admin password and for every credential's password; MariaDB gets the
+    mysql_native_password hash for the admin. The server log holds neither password, and both
+    still log in."""
+    if target.plugin == "postgresql":
+        cluster = request.getfixturevalue("pg_cluster")
+        cluster.psql("ALTER SYSTEM SET log_statement = 'all'")
+        cluster.psql("SELECT pg_reload_conf()")
+        log_path = cluster.log_file
+
+        def restore() -> None:
+            cluster.psql("ALTER SYSTEM RESET log_statement")
+            cluster.psql("SELECT pg_reload_conf()")
+    else:
+        server = request.getfixturevalue("mariadb_server")
+        log_path = tmp_path / "general.log"
+        server.sql(f"SET GLOBAL general_log_file = '{log_path}'")
+        server.sql("SET GLOBAL general_log = 1")
+
+        def restore() -> None:
+            server.sql("SET GLOBAL general_log = 0")
+
+    start = log_path.stat().st_size if log_path.exists() else 0
+    try:
+        ops = await setup_role(broker, target)
+        await ops.db.RotateRoot(database_pb2.RotateRootRequest(name="main"))
+        web = Api(broker, broker.identity(WORKLOAD_ID))
+        creds = await web.db.IssueCredentials(database_pb2.IssueCredentialsRequest(role="app"))
+        await ops.db.RotateRoot(database_pb2.RotateRootRequest(name="main"))
+        assert await target.can_login(creds.username, creds.password)
+    finally:
+        restore()
+    # The new admin password is in no log: read it back the way the broker does.
+    service = broker.app.database
+    record = await service.connection("main")
+    from broker.database.credentials import _password_aad
+
+    admin_password = service._open(record.sealed_password, _password_aad("main"))
+    assert admin_password != target.password
+    assert await target.can_login(target.admin, admin_password)
+    logged = log_path.read_bytes()[start:].decode(errors="replace")
+    if target.plugin == "postgresql":
+        assert "ALTER ROLE CURRENT_USER PASSWORD 'SCRAM-SHA-256$4096:" in logged  # it was on
+        assert creds.username in logged
+        assert creds.password not in logged
+    else:
+        assert "SET PASSWORD = '*" in logged  # the log was on; the admin went as a hash
+    assert admin_password not in logged
