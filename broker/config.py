@@ -114,6 +114,9 @@ class DatabaseConfig:
 
     reaper_interval: dt.timedelta = dt.timedelta(seconds=1)
     creation_timeout: dt.timedelta = dt.timedelta(seconds=30)
+    # PBKDF2 iterations of the SCRAM-SHA-256 verifiers sent to PostgreSQL instead of passwords
+    # (docs/database.md: the server's CPU per credential follows it).
+    scram_iterations: int = 4096
 
 
 @dataclass(frozen=True)
@@ -168,6 +171,8 @@ class Config:
             raise InvalidArgument("config: database.creation_timeout must be between 1s and 1h")
         if not dt.timedelta(0) < self.database.reaper_interval <= dt.timedelta(minutes=10):
             raise InvalidArgument("config: database.reaper_interval must be between 0 and 10m")
+        if not 1 <= self.database.scram_iterations <= 1_000_000:
+            raise InvalidArgument("config: database.scram_iterations must be between 1 and 1000000")
         if "pin-value" in self.keys.uri:
             raise InvalidArgument("config: keys.uri must not contain a PIN; use keys.pin_source")
         self._check_ranges()
@@ -288,6 +293,13 @@ def _duration(section: Mapping[str, Any], key: str, default: dt.timedelta) -> dt
         raise InvalidArgument(f"config: {key}: {exc}") from exc
 
 
+def _integer(section: Mapping[str, Any], key: str, default: int) -> int:
+    value = section.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(f"config: {key} must be a whole number (got {value!r})")
+    return value
+
+
 _SECTIONS = {
     "": {"trust_domain", "data_dir", "storage", "keys", "ca", "identity", "server", "database"},
     "storage": {"dsn", "password_file", "password_env"},
@@ -301,7 +313,7 @@ _SECTIONS = {
         "bundle_refresh_hint",
     },
     "identity": {"template", "default_tenant"},
-    "database": {"reaper_interval", "creation_timeout"},
+    "database": {"reaper_interval", "creation_timeout", "scram_iterations"},
     "server": {
         "listen",
         "operators",
@@ -354,6 +366,7 @@ def _from_document(doc: Mapping[str, Any], base_dir: Path) -> Config:
     database = DatabaseConfig(
         reaper_interval=_duration(db, "reaper_interval", defaults_db.reaper_interval),
         creation_timeout=_duration(db, "creation_timeout", defaults_db.creation_timeout),
+        scram_iterations=_integer(db, "scram_iterations", defaults_db.scram_iterations),
     )
     return Config(
         database=database,
@@ -427,7 +440,8 @@ def apply_env(config: Config, environ: Mapping[str, str] | None = None) -> Confi
         ("BROKER_DB_CREATION_TIMEOUT", "creation_timeout"),
     ):
         if var in env:
-            database = replace(database, **{name: _duration(env, var, dt.timedelta(0))})
+            value: Any = _duration(env, var, dt.timedelta(0))
+            database = replace(database, **{name: value})
     config = replace(config, database=database)
     return replace(config, server=server, storage=storage, keys=keys, trust_domain=trust_domain)
 

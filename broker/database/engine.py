@@ -136,13 +136,17 @@ def scrub(message: str, *secrets: str) -> str:
     return text[:500]
 
 
-def open_engine(plugin: str, dsn: str, password: str) -> Engine:
-    """The engine for `plugin` (imports its driver lazily)."""
+def open_engine(
+    plugin: str, dsn: str, password: str, *, scram_iterations: int | None = None
+) -> Engine:
+    """The engine for `plugin` (imports its driver lazily). `scram_iterations`: the cost of
+    the SCRAM-SHA-256 verifiers the PostgreSQL engine sends instead of passwords (default
+    4096)."""
     parse_dsn(plugin, dsn)
     if plugin == "postgresql":
-        from broker.database.postgres import PostgresEngine
+        from broker.database.postgres import SCRAM_ITERATIONS, PostgresEngine
 
-        return PostgresEngine(dsn, password)
+        return PostgresEngine(dsn, password, scram_iterations=scram_iterations or SCRAM_ITERATIONS)
     from broker.database.mysql import MySQLEngine
 
     return MySQLEngine(dsn, password)

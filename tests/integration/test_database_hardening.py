@@ -182,3 +182,35 @@ async def test_passwords_never_reach_the_statement_log(
     else:
         assert "SET PASSWORD = '*" in logged  # the log was on; the admin went as a hash
     assert admin_password not in logged
+
+
+@pytest.mark.parametrize("iterations", [1, 4096])
+async def test_scram_verifiers_of_any_cost_log_in(
+    request: pytest.FixtureRequest, iterations: int
+) -> None:
+    """The verifier the broker computes is what PostgreSQL stores, at the configured cost
+    (database.scram_iterations), and the plaintext password logs in against it."""
+    import datetime as dt
+
+    from broker.database.engine import NewUser, open_engine
+
+    async with target_for("postgresql", request) as target:
+        engine = open_engine(
+            target.plugin, target.dsn, target.password, scram_iterations=iterations
+        )
+        try:
+            user = NewUser(
+                f"v_scram_{iterations}", "A" * 8 + "b" * 8 + "3" * 8,
+                dt.datetime.now(dt.UTC) + dt.timedelta(hours=1),
+            )  # fmt: skip
+            await engine.create_user(target.template(target.creation), user)
+            assert await target.can_login(user.username, user.password)
+            assert not await target.can_login(user.username, user.password + "x")
+            cluster = request.getfixturevalue("pg_cluster")
+            stored = cluster.psql(
+                f"SELECT rolpassword FROM pg_authid WHERE rolname = '{user.username}'"
+            )
+            assert f"SCRAM-SHA-256${iterations}:" in stored
+            await engine.revoke_user(user.username)
+        finally:
+            await engine.close()

@@ -190,3 +190,13 @@ def test_storage_dsn_with_a_password_anywhere_is_refused(tmp_path: Path, dsn: st
         with pytest.raises(InvalidArgument, match="must not contain a password") as info:
             load_config(path, environ=env)
         assert "hunter2" not in str(info.value) and "shadow" not in str(info.value)
+
+
+def test_scram_iterations_setting(tmp_path: Path) -> None:
+    assert load_config(_write(tmp_path, GOOD), environ={}).database.scram_iterations == 4096
+    text = GOOD + "\n[database]\nscram_iterations = 1\n"
+    assert load_config(_write(tmp_path, text), environ={}).database.scram_iterations == 1
+    for bad, message in (("0", "between 1 and"), ('"many"', "whole number"), ("1.5", "whole")):
+        text = GOOD + f"\n[database]\nscram_iterations = {bad}\n"
+        with pytest.raises(InvalidArgument, match=message):
+            load_config(_write(tmp_path, text), environ={})
