@@ -14,7 +14,7 @@ from __future__ import annotations
 import urllib.parse
 from typing import Final
 
-__all__ = ["REDACTED", "is_secret_param", "password_in_dsn", "redact"]
+__all__ = ["REDACTED", "is_secret_param", "password_in_dsn", "redact", "without_password"]
 
 REDACTED: Final = "***"
 # Substrings of a (decoded, lowercased) parameter name that mark its value as a secret.
@@ -98,3 +98,32 @@ def redact(dsn: str) -> str:
         + (f"?{query}" if "?" in dsn else "")
         + (f"#{fragment}" if parts.fragment else "")
     )
+
+
+def without_password(dsn: str) -> str | None:
+    """`dsn` with every password removed (the user part's, and secret parameters dropped), for
+    cleaning up a DSN stored before passwords were refused; None when it cannot be parsed."""
+    try:
+        parts = urllib.parse.urlsplit(dsn)
+    except ValueError:
+        return None
+    rest = dsn.partition("://")[2]
+    if "@" not in parts.netloc and "@" in rest.split("?", 1)[0].split("#", 1)[0]:
+        return None
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    netloc = parts.netloc
+    if at and ":" in _decoded(userinfo):
+        user = _decoded(userinfo).partition(":")[0]
+        netloc = f"{urllib.parse.quote(user, safe='')}@{hosts}"
+
+    def keep(text: str) -> str:
+        pieces = [p for p in text.split("&") if not any(is_secret_param(k) for k, _ in _params(p))]
+        return "&".join(pieces)
+
+    query, fragment = keep(parts.query), keep(parts.fragment)
+    cleaned = (
+        f"{parts.scheme}://{netloc}{parts.path}"
+        + (f"?{query}" if query else "")
+        + (f"#{fragment}" if fragment else "")
+    )
+    return cleaned if password_in_dsn(cleaned) is None else None

@@ -41,6 +41,7 @@ from broker.database.engine import (
     parse_dsn,
 )
 from broker.database.template import Template
+from broker.dsn import password_in_dsn, redact, without_password
 from broker.envelope import SYSTEM_TENANT, Envelope, SealedBlob, aad
 from broker.errors import (
     AlreadyExists,
@@ -405,8 +406,42 @@ class CredentialService:
         )
         await self._reseal_if_stale("db_connections", name, sealed, password, _password_aad(name))
 
+    async def scrub_stored_dsns(self) -> int:
+        """Remove the password from any connection DSN stored before DSN passwords were
+        refused (the engines take the sealed admin password, which wins over the DSN's).
+        Returns how many were cleaned; a DSN that cannot be cleaned is logged (redacted)."""
+        cleaned = 0
+        for connection in await self._store.list_connections():
+            if password_in_dsn(connection.dsn) is None:
+                continue
+            clean = without_password(connection.dsn)
+            if clean is None or not await self._store.replace_dsn(
+                connection.name, connection.dsn, clean
+            ):
+                log.error(
+                    "connection %s has a password in its stored DSN %s that could not be "
+                    "removed: remove and re-add the connection",
+                    connection.name,
+                    redact(connection.dsn),
+                )
+                continue
+            await self._drop_engine(connection.name)
+            log.warning(
+                "removed a password from the stored DSN of connection %s (now %s); rotate its "
+                "admin password (broker db connection rotate-root %s): it was stored in clear",
+                connection.name,
+                clean,
+                connection.name,
+            )
+            cleaned += 1
+        return cleaned
+
     async def recover_all(self) -> None:
         """Settle every interrupted root rotation (at startup); failures are logged."""
+        try:
+            await self.scrub_stored_dsns()
+        except BrokerError as exc:
+            log.warning("cleaning stored DSNs: %s", exc)
         for connection in await self._store.list_connections():
             try:
                 await self._recover(connection.name)

@@ -94,6 +94,10 @@ class RecoveryRecord:
 class DatabaseRepository(Protocol):
     async def insert_connection(self, record: ConnectionRecord) -> None: ...
     async def get_connection(self, name: str) -> ConnectionRecord | None: ...
+    async def replace_dsn(self, name: str, old: str, new: str) -> bool:
+        """Compare-and-set a connection's DSN; False when it is absent or changed."""
+        ...
+
     async def list_connections(self) -> list[ConnectionRecord]: ...
     async def delete_connection(self, name: str) -> bool:
         """False when absent; FailedPrecondition while roles or leases use it."""
@@ -235,6 +239,18 @@ class DatabaseStore:
                 self._ts(record.created_at),
                 None if record.rotated_at is None else self._ts(record.rotated_at),
             )
+
+    async def replace_dsn(self, name: str, old: str, new: str) -> bool:
+        if password_in_dsn(new) is not None:
+            raise InvalidArgument("refusing to store a connection DSN that carries a password")
+        async with self._b.transaction(write=True) as tx:
+            row = await tx.fetchrow(
+                "UPDATE db_connections SET dsn = ? WHERE name = ? AND dsn = ? RETURNING name",
+                new,
+                name,
+                old,
+            )
+        return row is not None
 
     _CONNECTION = "name, plugin, dsn, sealed_password, kek_label, created_at, rotated_at"
 

@@ -214,3 +214,27 @@ async def test_scram_verifiers_of_any_cost_log_in(
             await engine.revoke_user(user.username)
         finally:
             await engine.close()
+
+
+async def test_a_password_stored_in_a_dsn_before_the_fix_is_removed_at_start(
+    broker: BrokerHarness, target: Target
+) -> None:
+    """A connection added before DSN passwords were refused keeps its password in storage;
+    start-up (the reaper's recovery pass) removes it, and the connection keeps working with
+    the sealed admin password."""
+    ops = await setup_role(broker, target)
+    quoted = urllib.parse.quote(target.password, safe="")
+    sep = "&" if "?" in target.dsn else "?"
+    legacy = f"{target.dsn}{sep}PassWord={quoted}"
+    store = database_store(broker.app.storage)
+    async with store._b.transaction(write=True) as tx:  # as an old broker would have stored it
+        await tx.execute("UPDATE db_connections SET dsn = ? WHERE name = 'main'", legacy)
+    shown = await ops.db.GetConnection(database_pb2.GetConnectionRequest(name="main"))
+    assert target.password not in str(shown) and "PassWord=***" in shown.dsn  # redacted
+    await broker.app.database.close()
+    await broker.app.database.recover_all()
+    record = await store.get_connection("main")
+    assert record is not None and record.dsn == target.dsn
+    web = Api(broker, broker.identity(WORKLOAD_ID))
+    creds = await web.db.IssueCredentials(database_pb2.IssueCredentialsRequest(role="app"))
+    assert await target.can_login(creds.username, creds.password)

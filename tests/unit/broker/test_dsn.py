@@ -54,3 +54,22 @@ def test_engine_dsn_check_refuses_without_echoing_the_password(dsn: str) -> None
 def test_clean_dsns_pass_unchanged(dsn: str) -> None:
     assert password_in_dsn(dsn) is None
     assert redact(dsn) == dsn
+
+
+@pytest.mark.parametrize("dsn", WITH_PASSWORD)
+def test_without_password_leaves_no_password(dsn: str) -> None:
+    from broker.dsn import without_password
+
+    clean = without_password(dsn)
+    if clean is not None:  # None: cannot tell where the password ends (refused, not cleaned)
+        assert SMUGGLED not in clean and password_in_dsn(clean) is None
+        assert clean.startswith(dsn.partition("://")[0] + "://")
+
+
+def test_without_password_keeps_everything_else() -> None:
+    from broker.dsn import without_password
+
+    assert (
+        without_password(f"postgresql://postgres:{SMUGGLED}@db:5432/app?sslmode=require&password=x")
+        == "postgresql://postgres@db:5432/app?sslmode=require"
+    )
