@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import ipaddress
 import logging
 import uuid
@@ -22,6 +23,7 @@ from broker.audit import AuditLedger
 from broker.authority import CAService, CAServiceConfig
 from broker.config import Config
 from broker.database.credentials import CredentialService, DatabaseSettings
+from broker.database.engine import open_engine
 from broker.database.reaper import LeaseReaper
 from broker.envelope import Envelope, KekRotator, SealedStore
 from broker.files import write_private_file
@@ -109,6 +111,9 @@ class Application:
                 creation_timeout=config.database.creation_timeout,
             ),
             audit=self.ledger.record,
+            engines=functools.partial(
+                open_engine, scram_iterations=config.database.scram_iterations
+            ),
         )
         self.sealed_stores.append(self.database)
         self.lease_reaper = LeaseReaper(self.database, storage, clock)

@@ -11,6 +11,7 @@ BROKER_DB_REAPER_INTERVAL, BROKER_DB_CREATION_TIMEOUT.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 import re
 import tomllib
@@ -20,9 +21,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from broker.dsn import password_in_dsn
 from broker.errors import InvalidArgument
 from ca.duration import parse_duration
 from ca.errors import CAError
+from ca.layout import IdentityLayout
 from ca.spiffeid import SpiffeId
 
 __all__ = [
@@ -129,6 +132,9 @@ class DatabaseConfig:
 
     reaper_interval: dt.timedelta = dt.timedelta(seconds=1)
     creation_timeout: dt.timedelta = dt.timedelta(seconds=30)
+    # PBKDF2 iterations of the SCRAM-SHA-256 verifiers sent to PostgreSQL instead of passwords
+    # (docs/database.md: the server's CPU per credential follows it).
+    scram_iterations: int = 4096
 
 
 # Reads of secrets whose environment or classification is listed need a justification when
@@ -282,10 +288,11 @@ class Config:
                 "config: server.max_connections_per_peer must be at least 1 and "
                 "server.max_connections at least 0 (0: from the fd limit)"
             )
-        if urlsplit(self.storage.dsn).password:
+        where = password_in_dsn(self.storage.dsn)
+        if where is not None:
             raise InvalidArgument(
-                "config: storage.dsn must not contain a password; "
-                "use storage.password_file or storage.password_env"
+                f"config: storage.dsn must not contain a password (it has {where}); "
+                "use storage.password_file or storage.password_env (BROKER_STORAGE_DSN too)"
             )
         if not dt.timedelta(seconds=1) <= self.database.creation_timeout <= dt.timedelta(hours=1):
             raise InvalidArgument("config: database.creation_timeout must be between 1s and 1h")
@@ -297,10 +304,98 @@ class Config:
                     f"config: secrets.justification_required entry {name!r} is not an "
                     'environment or classification name (e.g. "prod", "pii")'
                 )
+        if not 1 <= self.database.scram_iterations <= 1_000_000:
+            raise InvalidArgument("config: database.scram_iterations must be between 1 and 1000000")
         if "pin-value" in self.keys.uri:
             raise InvalidArgument("config: keys.uri must not contain a PIN; use keys.pin_source")
         self.operators.validate()
+        self._check_ranges()
+        _check_identity(self.identity)
         return self
+
+    def _check_ranges(self) -> None:
+        """Numbers and durations within sane bounds (NaN and infinities are refused: every
+        comparison with NaN is false, so a plain `x <= 0` check lets it through)."""
+        srv, ca = self.server, self.ca
+        for name, value, low, high in (
+            ("rate_limit_rps", srv.rate_limit_rps, 0.001, 1e6),
+            ("rate_limit_burst", srv.rate_limit_burst, 1.0, 1e7),
+        ):
+            if not (math.isfinite(value) and low <= value <= high):
+                raise InvalidArgument(
+                    f"config: server.{name} must be a number between {low:g} and {high:g} "
+                    f"(got {value!r})"
+                )
+        day = dt.timedelta(days=1)
+        for key, span, shortest, longest in (
+            ("ca.root_ttl", ca.root_ttl, day, dt.timedelta(days=36500)),
+            ("ca.issuing_ttl", ca.issuing_ttl, dt.timedelta(hours=1), dt.timedelta(days=3650)),
+            (
+                "ca.rotation_check_interval",
+                ca.rotation_check_interval,
+                dt.timedelta(seconds=1),
+                day,
+            ),
+            ("ca.backdate", ca.backdate, dt.timedelta(0), dt.timedelta(hours=1)),
+            ("ca.bundle_refresh_hint", ca.bundle_refresh_hint, dt.timedelta(seconds=1), day),
+            (
+                "server.server_cert_ttl",
+                srv.server_cert_ttl,
+                dt.timedelta(minutes=5),
+                dt.timedelta(days=366),
+            ),
+        ):
+            if not shortest <= span <= longest:
+                raise InvalidArgument(
+                    f"config: {key} must be between {_human(shortest)} and {_human(longest)} "
+                    f"(got {_human(span)})"
+                )
+        if ca.issuing_ttl * 2 > ca.root_ttl:
+            raise InvalidArgument(
+                f"config: ca.root_ttl ({_human(ca.root_ttl)}) must be at least twice "
+                f"ca.issuing_ttl ({_human(ca.issuing_ttl)}): the root must outlive its "
+                "issuing CAs"
+            )
+
+    def check_persistent_keys(self) -> Config:
+        """Refuse in-memory keys: storage is always persistent (SQLite file or PostgreSQL), and
+        what it holds sealed (KEKs wrap every secret, the CA signs every SVID) would be lost
+        at the first restart."""
+        if self.keys.uri.strip() == "software:" or self.keys.uri.startswith("software:object"):
+            raise InvalidArgument(
+                "config: keys.uri 'software:' keeps keys in memory, lost at exit, while the "
+                "storage is persistent: use pkcs11:token=... or software:path=DIR"
+            )
+        return self
+
+
+_MAX_TEMPLATE = 256
+_MAX_SEGMENTS = 16
+
+
+def _check_identity(identity: IdentityConfig) -> None:
+    """The identity template, checked here (bounded: length and segment count first, then one
+    linear pass in IdentityLayout) so a bad one is one clear line at startup."""
+    template = identity.template
+    if len(template) > _MAX_TEMPLATE or template.count("/") >= _MAX_SEGMENTS:
+        raise InvalidArgument(
+            f"config: identity.template is too long (at most {_MAX_TEMPLATE} characters and "
+            f"{_MAX_SEGMENTS} segments)"
+        )
+    if identity.default_tenant is not None and len(identity.default_tenant) > _MAX_TEMPLATE:
+        raise InvalidArgument("config: identity.default_tenant is too long")
+    try:
+        IdentityLayout(template, identity.default_tenant)
+    except CAError as exc:
+        raise InvalidArgument(f"config: {exc}") from None
+
+
+def _human(value: dt.timedelta) -> str:
+    seconds = int(value.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 def _check_listen(listen: str) -> None:
@@ -330,6 +425,13 @@ def _duration(section: Mapping[str, Any], key: str, default: dt.timedelta) -> dt
         return parse_duration(str(section[key]))
     except CAError as exc:
         raise InvalidArgument(f"config: {key}: {exc}") from exc
+
+
+def _integer(section: Mapping[str, Any], key: str, default: int) -> int:
+    value = section.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(f"config: {key} must be a whole number (got {value!r})")
+    return value
 
 
 _SECTIONS = {
@@ -372,7 +474,7 @@ _SECTIONS = {
         "bundle_refresh_hint",
     },
     "identity": {"template", "default_tenant"},
-    "database": {"reaper_interval", "creation_timeout"},
+    "database": {"reaper_interval", "creation_timeout", "scram_iterations"},
     "server": {
         "listen",
         "operators",
@@ -409,6 +511,13 @@ def config_from_document(doc: Mapping[str, Any], base_dir: Path) -> Config:
     """Build a Config from a parsed TOML document (paths relative to `base_dir`)."""
     _check_keys(doc)
     try:
+        return _from_document(doc, base_dir)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(f"config: a value has the wrong type: {exc}") from None
+
+
+def _from_document(doc: Mapping[str, Any], base_dir: Path) -> Config:
+    try:
         storage, keys = doc["storage"], doc["keys"]
         trust_domain = str(doc["trust_domain"])
         dsn, uri = str(storage["dsn"]), str(keys["uri"])
@@ -424,6 +533,7 @@ def config_from_document(doc: Mapping[str, Any], base_dir: Path) -> Config:
     database = DatabaseConfig(
         reaper_interval=_duration(db, "reaper_interval", defaults_db.reaper_interval),
         creation_timeout=_duration(db, "creation_timeout", defaults_db.creation_timeout),
+        scram_iterations=_integer(db, "scram_iterations", defaults_db.scram_iterations),
     )
     required = doc.get("secrets", {}).get("justification_required", DEFAULT_JUSTIFICATION_REQUIRED)
     if not isinstance(required, list | tuple) or not all(isinstance(v, str) for v in required):
@@ -547,7 +657,8 @@ def apply_env(config: Config, environ: Mapping[str, str] | None = None) -> Confi
         ("BROKER_DB_CREATION_TIMEOUT", "creation_timeout"),
     ):
         if var in env:
-            database = replace(database, **{name: _duration(env, var, dt.timedelta(0))})
+            value: Any = _duration(env, var, dt.timedelta(0))
+            database = replace(database, **{name: value})
     config = replace(config, database=database)
     return replace(config, server=server, storage=storage, keys=keys, trust_domain=trust_domain)
 
@@ -560,4 +671,5 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
         raise InvalidArgument(f"cannot read config {path}: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise InvalidArgument(f"config {path} is not valid TOML: {exc}") from exc
-    return apply_env(config_from_document(doc, path.parent.resolve()), environ).validate()
+    config = apply_env(config_from_document(doc, path.parent.resolve()), environ)
+    return config.validate().check_persistent_keys()

@@ -8,7 +8,9 @@
 
 Restarting with the same DIR keeps the same CA and data: the key backend that DIR was created
 with is kept (a DIR made with SoftHSM2 refuses to start without it, rather than silently
-making a new CA).
+making a new CA). hsm/softhsm2.conf is rewritten at every start from DIR's actual location, so
+a moved, copied or restored DIR uses its own token, never the original's; a DIR whose token
+directory is missing or resolves outside it is refused.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from broker.config import (
 from broker.errors import FailedPrecondition
 from broker.files import write_private_file
 from ca.keys.pkcs11 import DEFAULT_PKCS11_MODULE
-from ca.keys.softhsm import configure_process, init_token, softhsm_available
+from ca.keys.softhsm import configure_process, init_token, softhsm_available, write_config
 
 __all__ = ["DEV_OPERATOR", "DEV_TRUST_DOMAIN", "prepare"]
 
@@ -40,12 +42,13 @@ TOKEN_LABEL = "broker"  # noqa: S105 - a token label, not a secret
 def _keys_for(data_dir: Path, warn: Callable[[str], None]) -> KeysConfig:
     hsm, soft = data_dir / "hsm", data_dir / "keys"
     conf = hsm / "softhsm2.conf"
-    if conf.exists():
+    if conf.exists() or conf.is_symlink():
         if not softhsm_available():
             raise FailedPrecondition(
                 f"{data_dir} keeps its CA keys in a SoftHSM2 token, but SoftHSM2 is not "
                 "installed (apt-get install softhsm2)"
             )
+        conf = _own_token_conf(data_dir, hsm, warn)
     elif soft.exists() or not softhsm_available():
         if not soft.exists():
             warn(
@@ -68,6 +71,57 @@ def _keys_for(data_dir: Path, warn: Callable[[str], None]) -> KeysConfig:
         uri=f"pkcs11:token={TOKEN_LABEL}?module-path={DEFAULT_PKCS11_MODULE}",
         pin_source=f"file:{hsm / 'pin'}",
     )
+
+
+def _tokendir(conf: Path) -> str | None:
+    try:
+        lines = conf.read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    for line in lines:
+        key, sep, value = line.partition("=")
+        if sep and key.strip() == "directories.tokendir":
+            return value.strip()
+    return None
+
+
+def _own_token_conf(data_dir: Path, hsm: Path, warn: Callable[[str], None]) -> Path:
+    """The data dir's SoftHSM2 configuration, regenerated at every start from where the data
+    dir actually is (SoftHSM2 needs an absolute token directory, so a copied or restored data
+    dir would otherwise keep using the original's token). Refuses (FailedPrecondition) when the
+    data dir has no token of its own, or when its token directory resolves outside it."""
+    tokens = hsm / "tokens"
+    try:
+        inside = tokens.resolve(strict=True).is_relative_to(data_dir)
+    except OSError:
+        raise FailedPrecondition(
+            f"{data_dir} was made with a SoftHSM2 token but {tokens} is missing: restore the "
+            "whole data dir (with hsm/tokens), or start with a new, empty one"
+        ) from None
+    if not inside or tokens.is_symlink():
+        raise FailedPrecondition(
+            f"{tokens} points outside {data_dir} (to {tokens.resolve()}): refusing to use "
+            "another data dir's token; copy the token files into the data dir"
+        )
+    if not any(child.is_dir() for child in tokens.iterdir()):
+        raise FailedPrecondition(
+            f"{tokens} holds no token: restore the data dir's hsm/tokens, or start with a new, "
+            "empty data dir"
+        )
+    conf = hsm / "softhsm2.conf"
+    before = _tokendir(conf) if not conf.is_symlink() else None
+    if conf.is_symlink():
+        conf.unlink()  # never write through a link to somewhere else
+    written = write_config(hsm)
+    after = _tokendir(written)
+    if after is None or not Path(after).resolve().is_relative_to(data_dir):
+        raise FailedPrecondition(f"{written} does not point inside {data_dir}: refusing to start")
+    if before is not None and before != after:
+        warn(
+            f"{written} pointed at {before} (the data dir was moved, copied or restored); "
+            f"it now uses this data dir's own token in {after}"
+        )
+    return written
 
 
 def prepare(data_dir: Path, listen: str | None, warn: Callable[[str], None]) -> Config:

@@ -118,6 +118,13 @@ REAPER_LAG = Gauge(
     ["kind"],
     multiprocess_mode="livemostrecent",
 )
+IRREVOCABLE_LEASES = Gauge(
+    "broker_leases_irrevocable",
+    "Leases whose revocation failed repeatedly (their user may still log in); the reaper keeps "
+    "retrying them with capped backoff. Alert on > 0",
+    ["kind"],
+    multiprocess_mode="livemostrecent",
+)
 ANOMALIES = Counter(
     "broker_anomalies",
     "Anomalies detected (e.g. unusual access pattern, denied burst), by kind",
@@ -165,6 +172,11 @@ def set_reaper_lag(kind: str, seconds: float) -> None:
     """How far behind the reaper is: now - expiry of the oldest expired lease still to revoke
     (0 when it is up to date)."""
     _safe(lambda: REAPER_LAG.labels(kind).set(max(0.0, seconds)))
+
+
+def set_irrevocable_leases(kind: str, count: int) -> None:
+    """The number of irrevocable leases of one kind (the reaper counts them at each pass)."""
+    _safe(lambda: IRREVOCABLE_LEASES.labels(kind).set(count))
 
 
 def record_anomaly(kind: str) -> None:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from broker.database.credentials import CredentialService, IssuedCredentials, RoleSpec
+from broker.dsn import redact
 from broker.errors import InvalidArgument, NotFound
 from broker.policy import Action
 from broker.storage.database import ConnectionRecord, LeaseRecord, RoleRecord
@@ -68,7 +69,7 @@ def connection_pb(record: ConnectionRecord) -> Any:
     return database_pb2.DatabaseConnection(
         name=record.name,
         plugin=record.plugin,
-        dsn=record.dsn,
+        dsn=redact(record.dsn),
         created_at=_ts(record.created_at),
         root_rotated_at=_ts(record.rotated_at),
         kek_label=record.kek_label,
@@ -110,6 +111,9 @@ def lease_pb(record: LeaseRecord, now: dt.datetime | None = None) -> Any:
         renewable=record.state == "active" and record.expires_at < record.max_expires_at,
         attempts=record.attempts,
         last_error=record.last_error or "",
+        next_attempt_at=(
+            _ts(record.due_at) if record.state in ("revoking", "irrevocable") else None
+        ),
     )
 
 
@@ -136,7 +140,7 @@ class DatabaseServicer(database_pb2_grpc.DatabaseServicer):  # type: ignore[misc
             verify=not request.skip_verify,
         )
         current_call().details.update(
-            plugin=record.plugin, dsn=record.dsn, verified=not request.skip_verify
+            plugin=record.plugin, dsn=redact(record.dsn), verified=not request.skip_verify
         )
         return connection_pb(record)
 

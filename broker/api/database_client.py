@@ -65,6 +65,7 @@ class Lease:
     renewable: bool
     attempts: int
     last_error: str
+    next_attempt_at: datetime | None = None  # revoking / irrevocable: the reaper's next try
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,7 @@ def _lease(m: Any) -> Lease:
         m.renewable,
         m.attempts,
         m.last_error,
+        _time(m, "next_attempt_at"),
     )
 
 

@@ -22,6 +22,7 @@ from broker.cli import (
     _read_input_file,
     cli,
 )
+from broker.dsn import password_in_dsn, redact
 
 __all__ = ["db", "lease"]
 
@@ -45,7 +46,7 @@ def connection_json(c: Connection) -> dict[str, Any]:
     return {
         "name": c.name,
         "plugin": c.plugin,
-        "dsn": c.dsn,
+        "dsn": redact(c.dsn),
         "created_at": clioutput.timestamp(c.created_at),
         "root_rotated_at": clioutput.timestamp(c.root_rotated_at),
         "kek_label": c.kek_label,
@@ -86,6 +87,7 @@ def lease_json(item: Lease) -> dict[str, Any]:
         "renewable": item.renewable,
         "attempts": item.attempts,
         "last_error": item.last_error or None,
+        "next_attempt_at": clioutput.timestamp(item.next_attempt_at),
     }
 
 
@@ -139,6 +141,11 @@ def connection_add(
     ctx: click.Context, name: str, plugin: str, dsn: str, password_file: Path, verify: bool
 ) -> None:
     """Add connection NAME."""
+    where = password_in_dsn(dsn)
+    if where is not None:  # refused here too, so the password never even leaves this process
+        raise Refusal(
+            f"--dsn must not carry a password (it has {where}): give it with --password-file"
+        )
     password = _text_file(password_file, "password file").rstrip("\r\n")
     if not password:
         raise Refusal(f"password file {password_file} is empty")
@@ -146,7 +153,7 @@ def connection_add(
     if _output(ctx) == "json":
         click.echo(clioutput.dumps(connection_json(result)))
     else:
-        click.echo(f"connection {result.name} added ({result.plugin}, {result.dsn})")
+        click.echo(f"connection {result.name} added ({result.plugin}, {redact(result.dsn)})")
 
 
 @connection.command("list")
@@ -160,7 +167,10 @@ def connection_list(ctx: click.Context) -> None:
         return
     _echo_table(
         ["NAME", "PLUGIN", "DSN", "ROOT ROTATED"],
-        [[c.name, c.plugin, c.dsn, clioutput.timestamp(c.root_rotated_at) or "-"] for c in items],
+        [
+            [c.name, c.plugin, redact(c.dsn), clioutput.timestamp(c.root_rotated_at) or "-"]
+            for c in items
+        ],
     )
 
 
@@ -451,9 +461,32 @@ def lease_list(ctx: click.Context, prefix: str) -> None:
         click.echo(clioutput.dumps([lease_json(i) for i in items]))
         return
     _echo_table(
-        ["LEASE", "USERNAME", "STATE", "EXPIRES", "HOLDER"],
+        ["LEASE", "USERNAME", "STATE", "EXPIRES", "HOLDER", "ATTEMPTS", "NEXT RETRY", "LAST ERROR"],
         [
-            [i.id, i.username, i.state, clioutput.timestamp(i.expires_at) or "-", i.holder]
+            [
+                i.id,
+                i.username,
+                i.state,
+                clioutput.timestamp(i.expires_at) or "-",
+                i.holder,
+                str(i.attempts),
+                clioutput.timestamp(i.next_attempt_at) or "-",
+                _short(i.last_error),
+            ]
             for i in items
         ],
     )
+    stuck = sum(1 for i in items if i.state == "irrevocable")
+    if stuck:
+        click.echo(
+            f"warning: {stuck} irrevocable lease(s): their users may still log in; the broker "
+            "keeps retrying (see LAST ERROR)",
+            err=True,
+        )
+
+
+def _short(text: str, limit: int = 60) -> str:
+    line = " ".join(text.split())
+    if not line:
+        return "-"
+    return line if len(line) <= limit else line[: limit - 3] + "..."

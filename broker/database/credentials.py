@@ -6,8 +6,9 @@ Invariant 4 (ARCHITECTURE.md): a lease is written ("pending") before its user ex
 is needed to revoke its user (connection, username, revocation statements), so removing its
 role never orphans a user. Anything that may have left a user behind without an active lease
 (a database that went away mid-creation, a crash, a lost race with the reaper) moves the lease
-to "revoking", which the reaper finishes, with backoff, until it succeeds or gives up
-("irrevocable", for an operator).
+to "revoking", which the reaper finishes, with backoff. After `max_attempts` failures the lease
+is "irrevocable": alerted (log event, audit event, metric, hook) and still retried at the
+capped backoff until the user is gone, since nothing else ends it (MariaDB has no VALID UNTIL).
 
 The admin password of a connection is stored only sealed (`broker.envelope`, tenant
 `_system`, associated data binding the connection name) and is never returned by any method.
@@ -40,6 +41,7 @@ from broker.database.engine import (
     parse_dsn,
 )
 from broker.database.template import Template
+from broker.dsn import password_in_dsn, redact, without_password
 from broker.envelope import SYSTEM_TENANT, Envelope, SealedBlob, aad
 from broker.errors import (
     AlreadyExists,
@@ -66,6 +68,7 @@ __all__ = [
     "IssuedCredentials",
     "ReapResult",
     "RoleSpec",
+    "revocation_backoff",
 ]
 
 log = logging.getLogger(__name__)
@@ -90,7 +93,7 @@ class DatabaseSettings:
 
     reaper_interval: float = 1.0
     creation_timeout: dt.timedelta = dt.timedelta(seconds=30)
-    max_attempts: int = 8
+    max_attempts: int = 8  # failed attempts before a lease is "irrevocable" (alerted, retried)
     backoff_base: dt.timedelta = dt.timedelta(seconds=2)
     backoff_max: dt.timedelta = dt.timedelta(minutes=5)
     revoke_concurrency: int = 16
@@ -136,6 +139,16 @@ class ReapResult:
 
 
 Auditor = Callable[[Mapping[str, Any]], Awaitable[object]]
+# Called once when a lease becomes irrevocable (e.g. to page someone).
+IrrevocableHook = Callable[[LeaseRecord], Awaitable[None]]
+
+
+def revocation_backoff(attempts: int, settings: DatabaseSettings) -> dt.timedelta:
+    """How long after its `attempts`-th failed attempt a revocation is tried again: doubling
+    from `backoff_base`, capped at `backoff_max` (also for irrevocable leases, which are retried
+    at that cap for as long as their user may exist)."""
+    delay: dt.timedelta = settings.backoff_base * int(2 ** min(max(attempts, 0), 20))
+    return min(delay, settings.backoff_max)
 
 
 def _check_name(name: str, what: str) -> str:
@@ -193,8 +206,10 @@ class CredentialService:
         engines: EngineFactory = open_engine,
         settings: DatabaseSettings | None = None,
         audit: Auditor | None = None,
+        notify: IrrevocableHook | None = None,
     ) -> None:
         self._store = store
+        self._notify = notify
         self._envelope = envelope
         self._clock = clock
         self._open_engine = engines
@@ -391,8 +406,42 @@ class CredentialService:
         )
         await self._reseal_if_stale("db_connections", name, sealed, password, _password_aad(name))
 
+    async def scrub_stored_dsns(self) -> int:
+        """Remove the password from any connection DSN stored before DSN passwords were
+        refused (the engines take the sealed admin password, which wins over the DSN's).
+        Returns how many were cleaned; a DSN that cannot be cleaned is logged (redacted)."""
+        cleaned = 0
+        for connection in await self._store.list_connections():
+            if password_in_dsn(connection.dsn) is None:
+                continue
+            clean = without_password(connection.dsn)
+            if clean is None or not await self._store.replace_dsn(
+                connection.name, connection.dsn, clean
+            ):
+                log.error(
+                    "connection %s has a password in its stored DSN %s that could not be "
+                    "removed: remove and re-add the connection",
+                    connection.name,
+                    redact(connection.dsn),
+                )
+                continue
+            await self._drop_engine(connection.name)
+            log.warning(
+                "removed a password from the stored DSN of connection %s (now %s); rotate its "
+                "admin password (broker db connection rotate-root %s): it was stored in clear",
+                connection.name,
+                clean,
+                connection.name,
+            )
+            cleaned += 1
+        return cleaned
+
     async def recover_all(self) -> None:
         """Settle every interrupted root rotation (at startup); failures are logged."""
+        try:
+            await self.scrub_stored_dsns()
+        except BrokerError as exc:
+            log.warning("cleaning stored DSNs: %s", exc)
         for connection in await self._store.list_connections():
             try:
                 await self._recover(connection.name)
@@ -638,8 +687,7 @@ class CredentialService:
         return _parsed(lease.revocation, lease.plugin)
 
     def _backoff(self, attempts: int) -> dt.timedelta:
-        delay: dt.timedelta = self.settings.backoff_base * int(2 ** min(attempts, 20))
-        return min(delay, self.settings.backoff_max)
+        return revocation_backoff(attempts, self.settings)
 
     async def revoke(self, lease: LeaseRecord) -> None:
         """Revoke now: end the user's sessions, drop it, delete the lease. On failure the lease
@@ -662,11 +710,10 @@ class CredentialService:
         except BrokerError as exc:
             attempts = lease.attempts + 1
             give_up = attempts >= self.settings.max_attempts
-            await self._store.revocation_failed(
-                lease.id, self._clock.now() + self._backoff(attempts), str(exc), give_up=give_up
-            )
-            if give_up:
-                log.error("lease %s is irrevocable after %d attempts: %s", lease.id, attempts, exc)
+            retry_at = self._clock.now() + self._backoff(attempts)
+            await self._store.revocation_failed(lease.id, retry_at, str(exc), give_up=give_up)
+            if give_up and lease.state != "irrevocable":
+                await self._irrevocable(replace(lease, attempts=attempts), str(exc), retry_at)
             raise
         await self._store.delete_lease(lease.id)
 
@@ -713,7 +760,7 @@ class CredentialService:
                 claimed = await self._store.begin_revocation(
                     lease.id,
                     now + self._backoff(lease.attempts),
-                    from_states=("pending", "active", "revoking"),
+                    from_states=("pending", "active", "revoking", "irrevocable"),
                     due_before=now,
                 )
                 if claimed is None:
@@ -730,13 +777,48 @@ class CredentialService:
         await asyncio.gather(*(one(lease) for lease in due))
         return result
 
-    async def _audit_reaper(self, lease: LeaseRecord, outcome: str, error: str) -> None:
+    async def _irrevocable(self, lease: LeaseRecord, error: str, retry_at: dt.datetime) -> None:
+        """Alert, once per lease, that its user may outlive it: an error log event, an audit
+        event and the `notify` hook. The reaper keeps retrying it (capped backoff)."""
+        log.error(
+            "lease %s is irrevocable after %d attempts (user %s on %s may still log in); "
+            "retrying every %ds at most: %s",
+            lease.id,
+            lease.attempts,
+            lease.username,
+            lease.connection,
+            int(self.settings.backoff_max.total_seconds()),
+            error,
+            extra={"event": "lease.irrevocable", "lease_id": lease.id},
+        )
+        await self._audit_reaper(
+            replace(lease, state="irrevocable"),
+            "irrevocable",
+            error,
+            what="lease.irrevocable",
+            extra={"attempts": lease.attempts, "next_attempt_at": retry_at.isoformat()},
+        )
+        if self._notify is not None:
+            try:
+                await self._notify(replace(lease, state="irrevocable", last_error=error))
+            except Exception:  # a broken hook must not stop the reaper
+                log.exception("the irrevocable-lease hook failed for %s", lease.id)
+
+    async def _audit_reaper(
+        self,
+        lease: LeaseRecord,
+        outcome: str,
+        error: str,
+        *,
+        what: str = "lease.expire",
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
         if self._audit is None:
             return
         event: dict[str, Any] = {
             "when": self._clock.now().isoformat(timespec="microseconds"),
             "who": "broker/lease-reaper",
-            "what": "lease.expire",
+            "what": what,
             "method": "",
             "resource": lease.id,
             "where": "broker",
@@ -746,7 +828,12 @@ class CredentialService:
             "decision": "allow",
             "reason": f"lease was {lease.state} and due",
             "outcome": outcome,
-            "details": {"lease_id": lease.id, "role": lease.role, "username": lease.username},
+            "details": {
+                "lease_id": lease.id,
+                "role": lease.role,
+                "username": lease.username,
+                **(extra or {}),
+            },
         }
         if error:
             event["error"] = error

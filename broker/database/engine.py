@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 from broker.database.template import Template
+from broker.dsn import password_in_dsn
 from broker.errors import FailedPrecondition, InvalidArgument, Unavailable
 
 __all__ = [
@@ -101,18 +102,19 @@ def parse_dsn(plugin: str, dsn: str) -> urllib.parse.SplitResult:
     if plugin not in PLUGINS:
         raise InvalidArgument(f"unknown plugin {plugin!r}: use one of {', '.join(PLUGINS)}")
     schemes = ("postgresql", "postgres") if plugin == "postgresql" else ("mysql", "mariadb")
+    where = password_in_dsn(dsn)
+    if where is not None:
+        raise InvalidArgument(
+            f"the DSN must not carry a password (it has {where}): give the password with "
+            "--password-file (it is stored encrypted and never returned)"
+        )
     try:
         parts = urllib.parse.urlsplit(dsn)
         parts.port  # noqa: B018 (validates the port)
-    except ValueError as exc:
-        raise InvalidArgument(f"invalid DSN: {exc}") from None
+    except ValueError:  # its text quotes the DSN: never echo it
+        raise InvalidArgument("invalid DSN: its host or port cannot be parsed") from None
     if parts.scheme not in schemes:
         raise InvalidArgument(f"a {plugin} DSN starts with {schemes[0]}://")
-    if parts.password is not None:
-        raise InvalidArgument(
-            "the DSN must not carry a password: give it with --password-file (it is stored "
-            "encrypted and never returned)"
-        )
     if not parts.username:
         raise InvalidArgument("the DSN must name the admin user (scheme://USER@host/...)")
     if not parts.hostname and "host=" not in parts.query and "unix_socket=" not in parts.query:
@@ -134,13 +136,17 @@ def scrub(message: str, *secrets: str) -> str:
     return text[:500]
 
 
-def open_engine(plugin: str, dsn: str, password: str) -> Engine:
-    """The engine for `plugin` (imports its driver lazily)."""
+def open_engine(
+    plugin: str, dsn: str, password: str, *, scram_iterations: int | None = None
+) -> Engine:
+    """The engine for `plugin` (imports its driver lazily). `scram_iterations`: the cost of
+    the SCRAM-SHA-256 verifiers the PostgreSQL engine sends instead of passwords (default
+    4096)."""
     parse_dsn(plugin, dsn)
     if plugin == "postgresql":
-        from broker.database.postgres import PostgresEngine
+        from broker.database.postgres import SCRAM_ITERATIONS, PostgresEngine
 
-        return PostgresEngine(dsn, password)
+        return PostgresEngine(dsn, password, scram_iterations=scram_iterations or SCRAM_ITERATIONS)
     from broker.database.mysql import MySQLEngine
 
     return MySQLEngine(dsn, password)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import hashlib
 import queue
 import threading
 import time
@@ -33,7 +34,7 @@ from broker.database.engine import (
 )
 from broker.database.template import Template
 
-__all__ = ["MySQLEngine", "quote_ident"]
+__all__ = ["MySQLEngine", "native_password_hash", "quote_ident"]
 
 _T = TypeVar("_T")
 CONNECT_TIMEOUT: Final = 5
@@ -47,6 +48,12 @@ _PING_AFTER: Final = 5.0  # seconds idle after which a pooled connection is chec
 
 def quote_ident(value: str) -> str:
     return "`" + value.replace("`", "``") + "`"
+
+
+def native_password_hash(password: str) -> str:
+    """mysql_native_password's stored form: `*` + upper-case hex SHA1(SHA1(password))."""
+    inner = hashlib.sha1(password.encode("utf-8")).digest()  # noqa: S324 (the protocol's hash)
+    return "*" + hashlib.sha1(inner).hexdigest().upper()  # noqa: S324
 
 
 class MySQLEngine:
@@ -219,18 +226,39 @@ class MySQLEngine:
         await self._run(revoke)
 
     async def rotate_root(self, new_password: str) -> None:
+        """For a mysql_native_password admin (the common case, and MariaDB's default) the new
+        password is sent only as its hash (`*` + SHA1(SHA1(password)), the stored form), so the
+        general log and the processlist never hold it. Other plugins (caching_sha2_password,
+        ed25519) take the text: the server hashes it (and MySQL masks it in its logs; MariaDB
+        does not). See docs/database.md."""
+        hashed = native_password_hash(new_password)
+
         def rotate(conn: Any) -> None:
+            mariadb = "mariadb" in conn.get_server_info().lower()
             with conn.cursor() as cursor:
-                if "mariadb" in conn.get_server_info().lower():
-                    # MariaDB accepts ALTER USER CURRENT_USER() ... and silently changes
-                    # nothing (10.11); SET PASSWORD works.
+                cursor.execute(
+                    "SELECT plugin FROM mysql.user WHERE CONCAT(User, '@', Host) = CURRENT_USER()"
+                )
+                row = cursor.fetchone()
+                plugin = str(row[0]) if row and row[0] is not None else ""
+                if plugin in ("", "mysql_native_password"):
+                    if mariadb:
+                        # MariaDB accepts ALTER USER CURRENT_USER() ... and silently changes
+                        # nothing (10.11); SET PASSWORD with the hash works.
+                        cursor.execute(f"SET PASSWORD = {conn.escape(hashed)}")
+                    else:
+                        cursor.execute(
+                            "ALTER USER CURRENT_USER() IDENTIFIED WITH mysql_native_password "
+                            f"AS {conn.escape(hashed)}"
+                        )
+                elif mariadb:
                     cursor.execute(f"SET PASSWORD = PASSWORD({conn.escape(new_password)})")
                 else:
                     cursor.execute(
                         f"ALTER USER CURRENT_USER() IDENTIFIED BY {conn.escape(new_password)}"
                     )
 
-        await self._run(rotate, new_password)
+        await self._run(rotate, new_password, hashed)
 
     async def close(self) -> None:
         self._closed.set()

@@ -2,6 +2,15 @@
 
 Values are quoted with quote_ident / quote_literal semantics; every user also gets
 `VALID UNTIL` its lease's end, a second barrier should the broker be gone when the lease ends.
+
+Passwords never reach the server as text: `{{password}}` in creation statements and the new
+admin password of `rotate_root` are sent as a SCRAM-SHA-256 verifier computed here (RFC 5802 /
+7677, PostgreSQL's `SCRAM-SHA-256$iterations:salt$StoredKey:ServerKey`), so statement logs
+(`log_statement = all`), pg_stat_activity and error reports only ever hold the verifier. The
+server stores a verifier as given. `scram_iterations` (default 4096, what libpq and PostgreSQL
+use) sets its cost; PostgreSQL still runs PBKDF2 over that count when the role is created, so
+creation cost follows it (see docs/database.md). Passwords are broker-generated ASCII, for which
+SASLprep is the identity.
 Revocation first forbids new logins (NOLOGIN, committed), then terminates the user's sessions
 (waiting for them to end), then drops the role (default: REASSIGN OWNED, DROP OWNED, DROP ROLE).
 """
@@ -9,8 +18,12 @@ Revocation first forbids new logins (NOLOGIN, committed), then terminates the us
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
+import hashlib
+import hmac
 import re
+import secrets as _secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Final
@@ -35,6 +48,7 @@ _TERMINATE_WAIT_MS: Final = 5000
 _RETRIES: Final = 8
 _CREATES: Final = re.compile(r"\s*CREATE\s+(ROLE|USER)\b", re.IGNORECASE)
 _DDL_LOCK: Final = 0x62726F6B6572_0D0C  # advisory lock key ("broker" + 0x0D0C) for retries
+SCRAM_ITERATIONS: Final = 4096
 
 _UNAVAILABLE = (
     OSError,
@@ -72,6 +86,25 @@ def quote_literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+def scram_verifier(
+    password: str, iterations: int = SCRAM_ITERATIONS, salt: bytes | None = None
+) -> str:
+    """PostgreSQL's stored form of `password` for SCRAM-SHA-256 (what `ALTER ROLE ... PASSWORD`
+    computes server-side from the text), computed here so the text is never sent."""
+    if not 1 <= iterations <= 10_000_000:
+        raise ValueError("SCRAM iterations must be between 1 and 10,000,000")
+    salt = _secrets.token_bytes(16) if salt is None else salt
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, iterations)
+    client_key = hmac.digest(salted, b"Client Key", "sha256")
+    stored_key = hashlib.sha256(client_key).digest()
+    server_key = hmac.digest(salted, b"Server Key", "sha256")
+
+    def b64(raw: bytes) -> str:
+        return base64.b64encode(raw).decode("ascii")
+
+    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
+
+
 def _expiration(value: dt.datetime) -> str:
     return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S+00")
 
@@ -80,10 +113,18 @@ class PostgresEngine:
     plugin = "postgresql"
     max_username_length = 63
 
-    def __init__(self, dsn: str, password: str, *, pool_size: int = POOL_SIZE) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        password: str,
+        *,
+        pool_size: int = POOL_SIZE,
+        scram_iterations: int = SCRAM_ITERATIONS,
+    ) -> None:
         self._dsn = dsn
         self._password = password
         self._pool_size = pool_size
+        self._iterations = scram_iterations
         self._pool: Any = None
         self._lock = asyncio.Lock()
 
@@ -169,9 +210,11 @@ class PostgresEngine:
     async def create_user(
         self, creation: Template, user: NewUser, rollback: Template | None = None
     ) -> None:
+        # PBKDF2 off the event loop (hashlib releases the GIL).
+        verifier = await asyncio.to_thread(scram_verifier, user.password, self._iterations)
         values = {
             "name": user.username,
-            "password": user.password,
+            "password": verifier,
             "expiration": _expiration(user.expiration),
         }
         statements = creation.render(values, quote_ident, quote_literal)
@@ -182,11 +225,14 @@ class PostgresEngine:
         if not (len(setting) == 1 and until in setting[0]):
             statements.append(f"ALTER ROLE {quote_ident(user.username)} {until}")
         try:
-            await self._transaction(statements, user.password)
+            await self._transaction(statements, user.password, verifier)
         except StatementFailed:
             if rollback is not None:
                 try:
-                    async with self._connection(user.password) as conn, conn.transaction():
+                    async with (
+                        self._connection(user.password, verifier) as conn,
+                        conn.transaction(),
+                    ):
                         for statement in rollback.render(values, quote_ident, quote_literal):
                             await conn.execute(statement)
                 except (StatementFailed, EngineUnavailable):
@@ -238,8 +284,9 @@ class PostgresEngine:
             raise StatementFailed(f"the revocation statements left role {username!r} in place")
 
     async def rotate_root(self, new_password: str) -> None:
-        async with self._connection(new_password) as conn:
-            await conn.execute(f"ALTER ROLE CURRENT_USER PASSWORD {quote_literal(new_password)}")
+        verifier = await asyncio.to_thread(scram_verifier, new_password, self._iterations)
+        async with self._connection(new_password, verifier) as conn:
+            await conn.execute(f"ALTER ROLE CURRENT_USER PASSWORD {quote_literal(verifier)}")
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None

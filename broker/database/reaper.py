@@ -1,7 +1,7 @@
-"""The lease reaper: a background job that revokes due leases (expired, stuck pending, or
-waiting for a retry) every `interval` seconds, only while it holds the "db.lease-reaper" leader
-lease, so one replica (or worker) reaps at a time. It keeps no state of its own: after a
-restart it resumes from the leases in storage."""
+"""The lease reaper: a background job that revokes due leases (expired, stuck pending, waiting
+for a retry, or irrevocable and due for another try) every `interval` seconds, only while it
+holds the "db.lease-reaper" leader lease, so one replica (or worker) reaps at a time. It keeps
+no state of its own: after a restart it resumes from the leases in storage."""
 
 from __future__ import annotations
 
@@ -53,6 +53,7 @@ class LeaseReaper:
         metrics.set_active_leases("database", count)
         lag = 0.0 if oldest_due is None else (self._clock.now() - oldest_due).total_seconds()
         metrics.set_reaper_lag("database", lag)
+        metrics.set_irrevocable_leases("database", await self._service.store.irrevocable_count())
         if result.revoked or result.failed:
             log.info("lease reaper: %d revoked, %d failed", len(result.revoked), len(result.failed))
         return result

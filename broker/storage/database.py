@@ -8,7 +8,8 @@ and a request acting on the same lease cannot both win.
 
 Lease states: "pending" (written before the user exists; `due_at` is the creation deadline),
 "active" (`due_at` = `expires_at`), "revoking" (`due_at` = the next attempt) and "irrevocable"
-(given up after repeated failures; an operator must act). A revoked lease is deleted.
+(failed repeatedly: alerted, and still retried at `due_at` with capped backoff until the user
+is gone). A revoked lease is deleted.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-from broker.errors import FailedPrecondition
+from broker.dsn import password_in_dsn
+from broker.errors import FailedPrecondition, InvalidArgument
 from broker.storage.sql import Backend, Row, Tx, require_aware
 
 __all__ = [
@@ -92,6 +94,10 @@ class RecoveryRecord:
 class DatabaseRepository(Protocol):
     async def insert_connection(self, record: ConnectionRecord) -> None: ...
     async def get_connection(self, name: str) -> ConnectionRecord | None: ...
+    async def replace_dsn(self, name: str, old: str, new: str) -> bool:
+        """Compare-and-set a connection's DSN; False when it is absent or changed."""
+        ...
+
     async def list_connections(self) -> list[ConnectionRecord]: ...
     async def delete_connection(self, name: str) -> bool:
         """False when absent; FailedPrecondition while roles or leases use it."""
@@ -145,8 +151,10 @@ class DatabaseRepository(Protocol):
         ...
 
     async def delete_lease(self, lease_id: str) -> bool: ...
+    async def irrevocable_count(self) -> int: ...
     async def due_leases(self, now: dt.datetime, limit: int) -> list[LeaseRecord]:
-        """Leases whose `due_at` has passed, except irrevocable ones, oldest first."""
+        """Leases whose `due_at` has passed (irrevocable ones included: they are retried),
+        oldest first."""
         ...
 
 
@@ -216,6 +224,9 @@ class DatabaseStore:
     # -- connections
 
     async def insert_connection(self, record: ConnectionRecord) -> None:
+        """Raises InvalidArgument for a DSN carrying a password (never stored, not even here)."""
+        if password_in_dsn(record.dsn) is not None:
+            raise InvalidArgument("refusing to store a connection DSN that carries a password")
         async with self._b.transaction(write=True) as tx:
             await tx.execute(
                 "INSERT INTO db_connections (name, plugin, dsn, sealed_password, kek_label, "
@@ -228,6 +239,18 @@ class DatabaseStore:
                 self._ts(record.created_at),
                 None if record.rotated_at is None else self._ts(record.rotated_at),
             )
+
+    async def replace_dsn(self, name: str, old: str, new: str) -> bool:
+        if password_in_dsn(new) is not None:
+            raise InvalidArgument("refusing to store a connection DSN that carries a password")
+        async with self._b.transaction(write=True) as tx:
+            row = await tx.fetchrow(
+                "UPDATE db_connections SET dsn = ? WHERE name = ? AND dsn = ? RETURNING name",
+                new,
+                name,
+                old,
+            )
+        return row is not None
 
     _CONNECTION = "name, plugin, dsn, sealed_password, kek_label, created_at, rotated_at"
 
@@ -540,7 +563,9 @@ class DatabaseStore:
         # One statement, so two revokers (a request and the reaper) cannot both claim it.
         async with self._b.transaction(write=True) as tx:
             row = await tx.fetchrow(
-                "UPDATE db_leases SET state = 'revoking', due_at = ? "  # noqa: S608 (placeholders)
+                # An irrevocable lease stays irrevocable (alerted) while it is retried.
+                "UPDATE db_leases SET due_at = ?, "  # noqa: S608 (placeholders)
+                "state = CASE WHEN state = 'irrevocable' THEN state ELSE 'revoking' END "
                 f"WHERE id = ? AND state IN ({states}){condition} RETURNING {self._LEASE}",
                 *args,
             )
@@ -576,11 +601,17 @@ class DatabaseStore:
         assert row is not None
         return int(row[0]), None if row[1] is None else self._b.decode_ts(row[1])
 
+    async def irrevocable_count(self) -> int:
+        async with self._b.transaction(write=False) as tx:
+            row = await tx.fetchrow("SELECT COUNT(*) FROM db_leases WHERE state = 'irrevocable'")
+        assert row is not None
+        return int(row[0])
+
     async def due_leases(self, now: dt.datetime, limit: int) -> list[LeaseRecord]:
         async with self._b.transaction(write=False) as tx:
             rows = await tx.fetch(
                 f"SELECT {self._LEASE} FROM db_leases "  # noqa: S608 (constant)
-                "WHERE state <> 'irrevocable' AND due_at <= ? ORDER BY due_at LIMIT ?",
+                "WHERE due_at <= ? ORDER BY due_at LIMIT ?",
                 self._ts(now),
                 limit,
             )

@@ -19,12 +19,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Final
 
+from broker.dsn import is_secret_param, redact
 from broker.storage.interface import Storage
 
 __all__ = ["SqliteTarget", "open_storage", "parse_sqlite_dsn", "redact_dsn", "scrub"]
 
 REDACTED: Final = "***"
-_SECRET_PARAMS: Final = frozenset({"password", "sslpassword"})
 _SQLITE_PARAMS: Final = frozenset({"synchronous", "busy_timeout"})
 
 
@@ -46,11 +46,11 @@ def redact_dsn(dsn: str) -> str:
         pieces = []
         for piece in parts.query.split("&"):
             key, eq, _ = piece.partition("=")
-            if eq and urllib.parse.unquote_plus(key).lower() in _SECRET_PARAMS:
+            if eq and is_secret_param(key):
                 piece = f"{key}={REDACTED}"
             pieces.append(piece)
         redacted = redacted.replace(f"?{parts.query}", "?" + "&".join(pieces), 1)
-    return redacted
+    return redact(redacted)  # also `;`-separated and fragment parameters
 
 
 def _malformed_userinfo(dsn: str, netloc: str) -> bool:
@@ -73,7 +73,7 @@ def dsn_secrets(dsn: str) -> list[str]:
         rest = dsn.partition("://")[2]
         found.append(rest[: rest.rfind("@")].partition(":")[2])
     for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
-        if key.lower() in _SECRET_PARAMS:
+        if is_secret_param(key):
             found.append(value)
     found += [urllib.parse.unquote(s) for s in found]
     return sorted({s for s in found if s}, key=len, reverse=True)

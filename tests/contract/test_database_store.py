@@ -131,8 +131,18 @@ async def test_lease_lifecycle_is_compare_and_set(store: DatabaseStore) -> None:
     assert failed is not None and (failed.attempts, failed.last_error) == (1, "down")
     await store.revocation_failed("db/app/1", later, "still down", give_up=True)
     assert (await store.get_lease("db/app/1")).state == "irrevocable"  # type: ignore[union-attr]
-    assert await store.due_leases(later + dt.timedelta(days=1), 10) == []
+    assert await store.irrevocable_count() == 1
+    # Irrevocable leases are still due (retried until the user is gone, issue 20 #6), and
+    # claiming one for another try keeps it irrevocable (still alerted).
+    assert await store.due_leases(later - dt.timedelta(seconds=1), 10) == []
+    assert [x.id for x in await store.due_leases(later, 10)] == ["db/app/1"]
+    again = await store.begin_revocation(
+        "db/app/1", later + dt.timedelta(minutes=5), from_states=("irrevocable",), due_before=later
+    )
+    assert again is not None and again.state == "irrevocable"
+    assert await store.due_leases(later + dt.timedelta(minutes=4), 10) == []
     assert await store.delete_lease("db/app/1")
+    assert await store.irrevocable_count() == 0
     assert await store.get_lease("db/app/1") is None
 
 

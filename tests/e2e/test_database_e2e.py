@@ -285,3 +285,39 @@ async def test_kill_9_while_leases_are_live_and_being_created(
     assert await target.users_like(f"v_{role}") == []
     assert _leases(server) == []
     assert server.stop() == 0
+
+
+async def test_cli_refuses_a_password_in_the_dsn(
+    broker_cli: BrokerCli, target: Target, tmp_path: Path
+) -> None:
+    """Issue 20 finding 8 from the CLI: `--dsn "...?password=..."` (any case, encoded, in the
+    user part) is refused with one line on stderr; nothing is added, shown or stored."""
+    import urllib.parse
+
+    cli = broker_cli
+    password_file, _ = _files(tmp_path, target, target.creation)
+    quoted = urllib.parse.quote(target.password, safe="")
+    sep = "&" if "?" in target.dsn else "?"
+    user = urllib.parse.urlsplit(target.dsn).username or ""
+    forms = [
+        f"{target.dsn}{sep}password={quoted}",
+        f"{target.dsn}{sep}PassWord={quoted}",
+        f"{target.dsn}{sep}pass%77ord={quoted}",
+        target.dsn.replace(f"{user}@", f"{user}:{quoted}@", 1),
+    ]
+    name = f"smuggled{target.plugin[:2]}"
+    for dsn in forms:
+        result = cli.run(
+            "db", "connection", "add", name, "--plugin", target.plugin, "--dsn", dsn,
+            "--password-file", str(password_file),
+        )  # fmt: skip
+        assert result.returncode != 0, result.describe()
+        assert len(result.stderr_lines) == 1, result.describe()
+        assert "must not carry a password" in result.stderr
+        assert target.password not in result.stdout + result.stderr
+    listed = cli.ok("db", "connection", "list", "--output", "json").json()
+    assert name not in [c["name"] for c in listed]
+    data = cli.server.data_dir
+    for file in ("broker.db", "broker.db-wal"):
+        if (data / file).exists():
+            assert target.password.encode() not in (data / file).read_bytes()

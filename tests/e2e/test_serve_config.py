@@ -129,3 +129,57 @@ def test_config_with_an_inline_password_is_refused_in_one_line(
     assert len(lines) == 1, done.stderr
     assert "must not contain a password" in lines[0]
     assert "hunter2" not in done.stderr
+
+
+BASE = """
+trust_domain = "example.org"
+data_dir = "data"
+[storage]
+dsn = "sqlite:///{tmp}/broker.db"
+[keys]
+uri = "software:path={tmp}/keys"
+pin_source = "env:BROKER_TEST_PIN"
+[server]
+listen = "127.0.0.1:0"
+operators = ["spiffe://example.org/broker/operator/alice"]
+"""
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (("[server]", "[server]\nrate_limit_rps = -5"), "rate_limit_rps must be a number"),
+        (("[server]", "[server]\nrate_limit_rps = nan"), "rate_limit_rps must be a number"),
+        (("[keys]", '[ca]\nroot_ttl = "1s"\n[keys]'), "ca.root_ttl must be"),
+        (('uri = "software:path={tmp}/keys"', 'uri = "software:"'), "in memory"),
+        (
+            ("[server]", '[identity]\ntemplate = "{{tenant}}/{{environment}}"\n[server]'),
+            "{service}",
+        ),
+        (("[server]", f'[identity]\ntemplate = "{"a/" * 40}"\n[server]'), "too long"),
+        (("sqlite:///{tmp}/broker.db", "postgresql://u@db/x?PASSWORD=hunter2"), "password"),
+    ],
+)
+def test_bad_config_exits_at_once_in_one_line(
+    tmp_path: Path, change: tuple[str, str], message: str
+) -> None:
+    """Issue 20 finding 14: these were accepted, or (a bad identity template) printed an error
+    and then hung; now `serve` exits non-zero at once with one line."""
+    text = BASE.replace(*change).replace("{tmp}", str(tmp_path))
+    text = text.replace("{{", "{").replace("}}", "}")
+    config = tmp_path / "broker.toml"
+    config.write_text(text)
+    done = subprocess.run(
+        [sys.executable, "-m", "broker.cli", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env=_child_env({"BROKER_TEST_PIN": "123456"}),
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("broker: config: "), done.stderr
+    assert message in lines[0]
+    assert "hunter2" not in done.stderr
+    assert not (tmp_path / "broker.db").exists()

@@ -355,12 +355,18 @@ async def test_repeated_failures_make_a_lease_irrevocable(
             broker.clock.advance(seconds=3600)
         row = (await lease_rows(broker))[0]
         assert row.state == "irrevocable" and row.attempts == attempts
-        result = await broker.app.lease_reaper.tick()  # the reaper leaves it alone now
-        assert result is not None and result.revoked == [] and result.failed == []
+        # The reaper keeps retrying it (issue 20 #6), at most every backoff_max; it stays
+        # irrevocable (alerted) meanwhile.
+        result = await broker.app.lease_reaper.tick()
+        assert result is not None and result.revoked == [] and len(result.failed) == 1
         ops = Api(broker, broker.operator)
         listed = (await ops.leases.List(database_pb2.ListLeasesRequest())).leases
         assert [(lease.id, lease.state) for lease in listed] == [(creds.lease.id, "irrevocable")]
-        # an operator retries once the database is back
+        assert listed[0].attempts == attempts + 1 and listed[0].last_error
+        assert listed[0].next_attempt_at.ToDatetime(dt.UTC) > broker.clock.now()
+        events = [e for e in await broker.events() if e["what"] == "lease.irrevocable"]
+        assert len(events) == 1 and events[0]["resource"] == creds.lease.id
+        # an operator may retry at once when the database is back
         proxy.up()
         await ops.leases.Revoke(database_pb2.RevokeLeaseRequest(lease_id=creds.lease.id))
         assert not await target.exists(creds.username)

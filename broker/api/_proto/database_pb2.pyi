@@ -159,7 +159,7 @@ class DatabaseCredentials(_message.Message):
     def __init__(self, username: _Optional[str] = ..., password: _Optional[str] = ..., lease: _Optional[_Union[Lease, _Mapping]] = ...) -> None: ...
 
 class Lease(_message.Message):
-    __slots__ = ("id", "role", "connection", "username", "holder", "state", "created_at", "expires_at", "max_expires_at", "lease_duration_seconds", "renewable", "attempts", "last_error")
+    __slots__ = ("id", "role", "connection", "username", "holder", "state", "created_at", "expires_at", "max_expires_at", "lease_duration_seconds", "renewable", "attempts", "last_error", "next_attempt_at")
     ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     CONNECTION_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +173,7 @@ class Lease(_message.Message):
     RENEWABLE_FIELD_NUMBER: _ClassVar[int]
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    NEXT_ATTEMPT_AT_FIELD_NUMBER: _ClassVar[int]
     id: str
     role: str
     connection: str
@@ -186,7 +187,8 @@ class Lease(_message.Message):
     renewable: bool
     attempts: int
     last_error: str
-    def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., connection: _Optional[str] = ..., username: _Optional[str] = ..., holder: _Optional[str] = ..., state: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lease_duration_seconds: _Optional[int] = ..., renewable: _Optional[bool] = ..., attempts: _Optional[int] = ..., last_error: _Optional[str] = ...) -> None: ...
+    next_attempt_at: _timestamp_pb2.Timestamp
+    def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., connection: _Optional[str] = ..., username: _Optional[str] = ..., holder: _Optional[str] = ..., state: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lease_duration_seconds: _Optional[int] = ..., renewable: _Optional[bool] = ..., attempts: _Optional[int] = ..., last_error: _Optional[str] = ..., next_attempt_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class RenewLeaseRequest(_message.Message):
     __slots__ = ("lease_id", "increment_seconds")

@@ -118,3 +118,100 @@ def test_secrets_justification_required(tmp_path: Path) -> None:
         text = GOOD + f"\n[secrets]\njustification_required = {bad}\n"
         with pytest.raises(InvalidArgument, match="justification_required"):
             load_config(_write(tmp_path, text), environ={})
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("rate_limit_rps = 200", "rate_limit_rps = -5", "rate_limit_rps must be a number"),
+        ("rate_limit_rps = 200", "rate_limit_rps = nan", "rate_limit_rps must be a number"),
+        ("rate_limit_rps = 200", "rate_limit_rps = inf", "rate_limit_rps must be a number"),
+        ("rate_limit_rps = 200", "rate_limit_rps = 0", "rate_limit_rps must be a number"),
+        ("rate_limit_rps = 200", "rate_limit_burst = -nan", "rate_limit_burst must be a number"),
+        ("rate_limit_rps = 200", 'rate_limit_rps = "fast"', "wrong type"),
+        ("rate_limit_rps = 200", 'workers = "many"', "wrong type"),
+        ('issuing_ttl = "168h"', 'issuing_ttl = "168h"\nroot_ttl = "1s"', "ca.root_ttl must be"),
+        ('issuing_ttl = "168h"', 'root_ttl = "2d"', "at least twice"),
+        ('issuing_ttl = "168h"', 'issuing_ttl = "1s"', "ca.issuing_ttl must be"),
+        ('issuing_ttl = "168h"', 'backdate = "3h"', "ca.backdate must be"),
+        ('listen = "0.0.0.0:9443"', 'server_cert_ttl = "1s"', "server_cert_ttl must be"),
+    ],
+)
+def test_out_of_range_numbers_and_durations_are_refused(
+    tmp_path: Path, old: str, new: str, message: str
+) -> None:
+    assert old in GOOD
+    with pytest.raises(InvalidArgument, match=message) as info:
+        load_config(_write(tmp_path, GOOD.replace(old, new)), environ={})
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("value", ["-5", "nan", "NaN", "inf", "0"])
+def test_rate_limit_from_the_environment_is_range_checked(tmp_path: Path, value: str) -> None:
+    with pytest.raises(InvalidArgument, match="rate_limit_rps must be a number"):
+        load_config(_write(tmp_path, GOOD), environ={"BROKER_RATE_LIMIT_RPS": value})
+
+
+@pytest.mark.parametrize("uri", ["software:", "software:object=x", "software: "])
+def test_in_memory_keys_with_persistent_storage_are_refused(tmp_path: Path, uri: str) -> None:
+    text = GOOD.replace(
+        'uri = "pkcs11:token=broker?module-path=/usr/lib/softhsm/libsofthsm2.so"',
+        f'uri = "{uri}"',
+    )
+    with pytest.raises(InvalidArgument, match="in memory"):
+        load_config(_write(tmp_path, text), environ={})
+    ok = text.replace(f'uri = "{uri}"', f'uri = "software:path={tmp_path}"')
+    assert load_config(_write(tmp_path, ok), environ={}).keys.uri.startswith("software:path=")
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("{tenant}/{environment}", "must appear exactly once"),
+        ("{tenant}/{environment}/{service}/{bogus}", "placeholder"),
+        ("{tenant}/{environment}/{service" * 2000, "too long"),
+        ("/".join(["a"] * 40) + "/{tenant}/{environment}/{service}", "too long"),
+        ("{tenant}/{environment}/{service}/" + "a" * 200 + "!", "is not allowed"),
+        ("{tenant}/{environment}/{service}/bad segment", "invalid"),
+    ],
+)
+def test_bad_identity_template_is_refused_at_once(
+    tmp_path: Path, template: str, message: str
+) -> None:
+    text = GOOD + f"\n[identity]\ntemplate = {template!r}\n".replace("'", '"')
+    with pytest.raises(InvalidArgument, match=message) as info:
+        load_config(_write(tmp_path, text), environ={})
+    assert str(info.value).startswith("config: ")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "postgresql://broker@db.internal:5432/broker?password=hunter2hunter2",
+        "postgresql://broker@db.internal:5432/broker?PASSWORD=hunter2hunter2",
+        "postgresql://broker@db.internal:5432/broker?pass%77ord=hunter2hunter2",
+        "postgresql://broker@db.internal:5432/broker?sslmode=require&Password=hunter2hunter2",
+        "postgresql://broker@db.internal:5432/broker?passfile=/etc/shadow",
+        f"postgresql://broker:{'hunter2' * 2}@db.internal:5432/broker",
+        "postgresql://broker@db.internal:5432/broker#password=hunter2hunter2",
+    ],
+)
+def test_storage_dsn_with_a_password_anywhere_is_refused(tmp_path: Path, dsn: str) -> None:
+    """Issue 20 finding 8 (storage DSN): in the file and in BROKER_STORAGE_DSN."""
+    text = GOOD.replace("postgresql://broker@db.internal:5432/broker", dsn)
+    for document, env in ((text, {}), (GOOD, {"BROKER_STORAGE_DSN": dsn})):
+        path = _write(tmp_path, document)
+        with pytest.raises(InvalidArgument, match="must not contain a password") as info:
+            load_config(path, environ=env)
+        assert "hunter2" not in str(info.value) and "shadow" not in str(info.value)
+
+
+def test_scram_iterations_setting(tmp_path: Path) -> None:
+    assert load_config(_write(tmp_path, GOOD), environ={}).database.scram_iterations == 4096
+    text = GOOD + "\n[database]\nscram_iterations = 1\n"
+    assert load_config(_write(tmp_path, text), environ={}).database.scram_iterations == 1
+    for bad, message in (("0", "between 1 and"), ('"many"', "whole number"), ("1.5", "whole")):
+        text = GOOD + f"\n[database]\nscram_iterations = {bad}\n"
+        with pytest.raises(InvalidArgument, match=message):
+            load_config(_write(tmp_path, text), environ={})

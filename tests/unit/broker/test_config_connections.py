@@ -13,7 +13,7 @@ trust_domain = "example.org"
 [storage]
 dsn = "sqlite:///broker.db"
 [keys]
-uri = "software:"
+uri = "software:path=keys"
 [server]
 operators = ["spiffe://example.org/broker/operator/alice"]
 """
