@@ -10,10 +10,12 @@ credential changes, here or in another worker (`sync` polls the storage counter)
 
 Whatever the Rego policy says, one invariant is enforced here too: reading or rotating a
 prod + pii resource needs its owning service, an approval by a second operator, or a
-break-glass credential (which itself needed one). Approvals and break-glass credentials are
-single use: the decision that uses one spends it in memory at once and in storage right after
-(compare-and-set); `settle` lets the request pipeline wait for that write before answering, so
-a use that lost the race against another worker is refused.
+break-glass credential (which itself needed one); and so does handing out a production
+identity, directly (svid/jwt mint) or by proxy (a join token, a registration entry, an
+attestor whose template can yield one: `TWO_PERSON_MINT_ACTIONS`). Approvals and break-glass
+credentials are single use: the decision that uses one spends it in memory at once and in
+storage right after (compare-and-set); `settle` lets the request pipeline wait for that write
+before answering, so a use that lost the race against another worker is refused.
 """
 
 from __future__ import annotations
