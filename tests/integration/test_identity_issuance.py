@@ -39,6 +39,7 @@ from broker.api._proto import (
 from broker.attestation import attestor_resource
 from broker.config import CAConfig, Config, KeysConfig, ServerConfig, StorageConfig
 from broker.errors import InvalidArgument
+from broker.storage.access import SqlAccessRepository
 from ca.x509svid import Lineage
 
 from .conftest import (
@@ -389,6 +390,35 @@ async def test_an_operator_cannot_hand_a_prod_identity_to_their_agent_alone(
         identity_pb2.Entry(spiffe_id=DEV_WORKLOAD, parent_id=AGENT_ID, selectors=["unix:uid:1"])
     )
     assert dev.spiffe_id == DEV_WORKLOAD
+
+
+async def test_an_approval_another_worker_used_first_stores_no_entry(
+    broker: BrokerHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Single use across workers: this worker still holds the approval in memory while another
+    one has used it. The entry takes effect once stored, so the use must be settled before the
+    entry is stored, not after (when only the answer could be withheld)."""
+    op = identity_stub(broker)
+    approval = await approve(broker, broker.operator, "entry.admin", WEB)
+
+    async def not_yet() -> None:  # this worker has not picked up the other's use yet
+        return None
+
+    monkeypatch.setattr(broker.app.access, "sync", not_yet)
+    other_worker = SqlAccessRepository(broker.app.storage.backend)
+    assert await other_worker.consume_approval(approval, broker.clock.now())
+    err = await refused(
+        op.CreateEntry(
+            identity_pb2.Entry(spiffe_id=WEB, parent_id=AGENT_ID, selectors=["unix:uid:1000"]),
+            metadata=cid("entry-raced"),
+        )
+    )
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "already used" in (err.details() or "")
+    assert list((await op.ListEntries(identity_pb2.ListEntriesRequest())).entries) == []
+    event = await broker.event_for("entry-raced")
+    assert event["outcome"] == "PERMISSION_DENIED"
+    assert "entry_id" not in event.get("details", {})
 
 
 async def test_an_operator_cannot_add_a_prod_capable_attestor_alone(
