@@ -503,14 +503,16 @@ def test_a_prod_capable_attestor_needs_a_second_operator(
         "attestor", "add", "--name", "mine", "--issuer", "https://mine.example",
         "--audience", "broker", "--jwks-file", str(jwks_file),
     ]  # fmt: skip
-    alone = broker_cli.run(
-        *args, "--template", "spiffe://{td}/ns/{kubernetes.io.namespace}/sa/{sub}"
-    )
+    prod_capable = ["--template", "spiffe://{td}/ns/{kubernetes.io.namespace}/sa/{sub}"]
+    alone = broker_cli.run(*args, *prod_capable)
     assert alone.returncode == 1 and len(alone.stderr_lines) == 1, alone.describe()
     assert alone.stderr.startswith("broker: permission denied:")
-    assert "broker approval request --action attestor.admin --resource attestor:mine@sha256:" in (
-        alone.stderr
-    )
+    # The resource to ask approval for is what `attestor resource` computes locally from the
+    # same definition (what the approving operator checks).
+    resource = broker_cli.ok("attestor", "resource", *args[2:], *prod_capable).stdout.strip()
+    assert resource.startswith("attestor:mine@sha256:")
+    command = f"broker approval request --action attestor.admin --resource {resource}"
+    assert command in alone.stderr, alone.describe()
     listed = broker_cli.ok("attestor", "list", "--output", "json").json()
     assert "mine" not in [a["name"] for a in listed["attestors"]]
     # A template that can only yield dev identities is the operator's to add alone.
