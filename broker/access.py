@@ -10,10 +10,12 @@ credential changes, here or in another worker (`sync` polls the storage counter)
 
 Whatever the Rego policy says, one invariant is enforced here too: reading or rotating a
 prod + pii resource needs its owning service, an approval by a second operator, or a
-break-glass credential (which itself needed one). Approvals and break-glass credentials are
-single use: the decision that uses one spends it in memory at once and in storage right after
-(compare-and-set); `settle` lets the request pipeline wait for that write before answering, so
-a use that lost the race against another worker is refused.
+break-glass credential (which itself needed one); and so does handing out a production
+identity, directly (svid/jwt mint) or by proxy (a join token, a registration entry, an
+attestor whose template can yield one: `TWO_PERSON_MINT_ACTIONS`). Approvals and break-glass
+credentials are single use: the decision that uses one spends it in memory at once and in
+storage right after (compare-and-set); `settle` lets the request pipeline wait for that write
+before answering, so a use that lost the race against another worker is refused.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ __all__ = [
     "MAX_BREAKGLASS_TTL",
     "MAX_GRANT_TTL",
     "POLICY_NAME",
+    "PROD_ENVIRONMENT",
     "TWO_PERSON_ACTIONS",
     "TWO_PERSON_MINT_ACTIONS",
     "AccessControl",
@@ -59,9 +62,15 @@ MAX_GRANT_TTL: Final = dt.timedelta(hours=8)
 MAX_BREAKGLASS_TTL: Final = dt.timedelta(hours=8)
 APPROVAL_TTL: Final = dt.timedelta(hours=1)
 TWO_PERSON_ACTIONS: Final = frozenset({"secrets.get", "secrets.rotate", "db.creds"})
-# Minting a production identity (directly, or by a join token bound to it) is the same power
-# as reading its data: an operator needs a second person's approval for it (`_two_person`).
-TWO_PERSON_MINT_ACTIONS: Final = frozenset({"svid.mint", "jwt.mint", "token.create"})
+# Minting a production identity (directly, or by proxy: a join token bound to it, a registration
+# entry for it, an attestor whose template can yield it) is the same power as reading its data:
+# an operator needs a second person's approval for it (`_two_person`).
+TWO_PERSON_MINT_ACTIONS: Final = frozenset(
+    {"svid.mint", "jwt.mint", "token.create", "entry.admin", "attestor.admin"}
+)
+# The layout environment whose identities can own prod data (the resource attribute
+# "environment" of an identity, see broker.api.servicers.identity_attributes).
+PROD_ENVIRONMENT: Final = "prod"
 _MAX_TEXT: Final = 1024
 _CACHE_SIZE: Final = 65536
 _USE_MEMORY_SECONDS: Final = 300.0
@@ -683,10 +692,13 @@ def _verdict(
 def _two_person_mint(decision: Decision, document: Mapping[str, Any]) -> Decision:
     """Anyone but the identity itself (an operator, or whoever a custom Rego policy lets mint
     other IDs) minting a production identity (any ID whose environment is prod: only those can
-    own prod data) needs an approval of (action, SPIFFE ID) by a second operator, or a
-    break-glass credential for exactly that."""
+    own prod data) needs an approval of (action, resource) by a second operator, or a
+    break-glass credential for exactly that. By proxy too: a join token bound to it
+    (`token.create`), a registration entry for it (`entry.admin`: its parent agent gets it), an
+    attestor whose template can yield it (`attestor.admin`: whoever holds its keys gets it);
+    the servicer names such a request's resource with environment "prod"."""
     caller, resource = document["caller"], document["resource"]
-    if resource.get("environment") != "prod":
+    if resource.get("environment") != PROD_ENVIRONMENT:
         return decision
     name = str(resource.get("name", ""))
     if name == caller.get("id"):
@@ -703,11 +715,22 @@ def _two_person_mint(decision: Decision, document: Mapping[str, Any]) -> Decisio
         if approval["action"] == document["action"] and _covers(approval["resource"], resource):
             flags = dict(decision.flags) | {"approval": approval["id"]}
             return Decision(True, decision.reason, decision.rule, flags)
+    if document["action"] == "entry.admin":
+        what = (
+            f"a registration entry for the production identity {name} hands that identity to "
+            "the entry's parent agent, which"
+        )
+    elif document["action"] == "attestor.admin":
+        what = (
+            f"an attestor whose template ({str(resource.get('template', ''))[:200]}) can yield "
+            "production identities hands them to whoever holds its signing keys, which"
+        )
+    else:
+        what = f"minting the production identity {name}"
     return Decision(
         False,
-        f"minting the production identity {name} is the same power as reading its data: it "
-        "needs an approval by a second operator (broker approval request --action "
-        f"{document['action']} --resource {name})",
+        f"{what} is the same power as reading its data: it needs an approval by a second "
+        f"operator (broker approval request --action {document['action']} --resource {name})",
         "two-person",
         decision.flags,
     )

@@ -15,6 +15,9 @@ valid for more than `MAX_JWT_LIFETIME` from now are refused, which bounds that r
 
 A template must be able to yield a workload ID: one whose path starts at the broker's reserved
 `/broker/...` namespace (operators, the broker's own identities) is refused when added.
+`template_can_yield` tells whether some claims make a template yield an ID in a given layout
+environment (an attestor that can yield production identities needs a second operator), and
+`attestor_resource` names an attestor's whole definition for policy and approvals.
 """
 
 from __future__ import annotations
@@ -33,14 +36,17 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from broker.errors import InvalidArgument, Unauthenticated
 from ca.errors import CAError
+from ca.layout import IdentityLayout
 from ca.spiffeid import SpiffeId
 
 __all__ = [
     "ALLOWED_ALGORITHMS",
     "DEFAULT_ALGORITHMS",
     "JwtAttestor",
+    "attestor_resource",
     "hash_token",
     "new_join_token",
+    "template_can_yield",
     "token_fingerprint",
 ]
 
@@ -55,6 +61,7 @@ _MAX_JTI = 256
 RESERVED_SEGMENT = "broker"  # spiffe://<td>/broker/... belongs to the broker itself
 _TEMPLATE_FIELD = re.compile(r"\{([^{}]*)\}")
 _SEGMENT = re.compile(r"^[A-Za-z0-9._-]+$")
+_CLAIM_VALUE = "[A-Za-z0-9._-]+"  # what `_SEGMENT` lets a claim put into a segment
 TOKEN_PREFIX = "bjt_"  # noqa: S105 (a prefix, not a secret)
 
 
@@ -242,6 +249,69 @@ class JwtAttestor:
             return SpiffeId.parse(text).require_member_of(self.trust_domain).id_string
         except CAError as exc:
             raise Unauthenticated(f"attestation JWT maps to no valid SPIFFE ID: {exc}") from None
+
+
+def attestor_resource(
+    name: str,
+    issuer: str,
+    audience: str,
+    jwks_json: str,
+    template: str,
+    algorithms: Sequence[str],
+) -> str:
+    """`attestor:NAME@sha256:HEX`, the hash over the attestor's whole definition (issuer,
+    audience, JWKS with sorted keys, template, algorithms as given or the defaults): what policy
+    decides and a second operator approves, so an approval for one definition cannot be spent
+    on other signing keys or another template. Call after `JwtAttestor.build` accepted it."""
+    definition = {
+        "name": name,
+        "issuer": issuer,
+        "audience": audience,
+        "jwks": json.loads(jwks_json),
+        "template": template,
+        "algorithms": list(algorithms or DEFAULT_ALGORITHMS),
+    }
+    digest = hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()
+    return f"attestor:{name}@sha256:{digest}"
+
+
+def _segment_patterns(template: str, trust_domain: str) -> list[re.Pattern[str]]:
+    """One pattern per path segment of `template`, matching every value that segment can take:
+    `{td}` is the trust domain, any other placeholder one claim value (a claim never holds a
+    '/', so the segments are fixed by the template)."""
+    tokens = _TEMPLATE_FIELD.split(template.removeprefix("spiffe://"))
+    segments: list[list[str]] = [[]]
+    for index, piece in enumerate(tokens):
+        if index % 2:  # a placeholder's name
+            segments[-1].append(re.escape(trust_domain) if piece == "td" else _CLAIM_VALUE)
+            continue
+        first, *rest = piece.split("/")
+        segments[-1].append(re.escape(first))
+        segments.extend([re.escape(part)] for part in rest)
+    return [re.compile("".join(parts)) for parts in segments[1:]]  # [0] is the trust domain
+
+
+def template_can_yield(
+    template: str, trust_domain: str, layout: IdentityLayout, environment: str
+) -> bool:
+    """Whether some claims make `template` (already accepted by `JwtAttestor.build`) yield an
+    ID that the layout reads as being in `environment`. Each placeholder is taken as free of
+    the others (a claim used twice is not tied to one value), so the answer errs towards True:
+    an attestor may be asked for an approval it could do without, never the other way."""
+    patterns = _segment_patterns(template, trust_domain)
+    parts = layout.template.split("/")
+    if len(patterns) < len(parts):
+        return False  # too few segments: the layout reads no environment from its IDs
+    for part, pattern in zip(parts, patterns, strict=False):
+        if part == "{environment}":
+            wanted = environment
+        elif part in ("{tenant}", "{service}"):
+            continue  # any one segment will do
+        else:
+            wanted = part  # a literal segment of the layout
+        if not pattern.fullmatch(wanted):
+            return False
+    return True
 
 
 def _claim(claims: Mapping[str, Any], parts: list[str]) -> Any:

@@ -55,6 +55,10 @@ class Authenticator:
     def trust_domain(self) -> str:
         return self._trust_domain
 
+    @property
+    def layout(self) -> IdentityLayout:
+        return self._layout
+
     def caller(self, auth_context: Mapping[str, Sequence[bytes]]) -> Caller:
         """Raises Unauthenticated when there is no client certificate or no usable SPIFFE ID,
         Denylisted (a PermissionDenied) when the ID or the certificate is on the denylist."""

@@ -13,7 +13,7 @@ import datetime as dt
 import json
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from broker.attestation import (
@@ -38,7 +38,20 @@ from ca.clock import Clock
 from ca.errors import CAError
 from ca.spiffeid import SpiffeId
 
-__all__ = ["AgentSync", "Denylist", "IdentityService", "check_selector"]
+__all__ = [
+    "AgentSync",
+    "AuthorizeAttestor",
+    "AuthorizeEntry",
+    "Denylist",
+    "IdentityService",
+    "check_selector",
+]
+
+# The request pipeline's decision on a validated entry or attestor, made before anything is
+# stored (a prod identity by proxy needs a second operator's approval, single use: the use is
+# recorded before the change). Raises PermissionDenied.
+AuthorizeEntry = Callable[["EntryRecord"], Awaitable[None]]
+AuthorizeAttestor = Callable[["AttestorRecord"], Awaitable[None]]
 
 DEFAULT_TOKEN_TTL = dt.timedelta(minutes=10)
 MAX_TOKEN_TTL = dt.timedelta(hours=24)
@@ -223,7 +236,10 @@ class IdentityService:
         jwks_json: str,
         template: str,
         algorithms: Sequence[str],
+        authorize: AuthorizeAttestor | None = None,
     ) -> AttestorRecord:
+        """Validate and store an attestor; InvalidArgument names what is wrong. `authorize`
+        decides the validated record before it is stored (PermissionDenied stores nothing)."""
         attestor = JwtAttestor.build(
             name=name,
             issuer=issuer,
@@ -242,6 +258,8 @@ class IdentityService:
             algorithms=attestor.algorithms,
             created_at=self._clock.now(),
         )
+        if authorize is not None:
+            await authorize(record)
         await self._store.insert_attestor(record)
         return record
 
@@ -263,7 +281,11 @@ class IdentityService:
         x509_ttl: int,
         jwt_ttl: int,
         dns_names: Sequence[str],
+        authorize: AuthorizeEntry | None = None,
     ) -> EntryRecord:
+        """Validate and store a registration entry; InvalidArgument names what is wrong.
+        `authorize` decides the validated record before it is stored (PermissionDenied stores
+        nothing)."""
         sid = self._workload_id(spiffe_id, "entry SPIFFE ID")
         parent = self._workload_id(parent_id, "entry parent ID")
         if not selectors:
@@ -286,6 +308,8 @@ class IdentityService:
             dns_names=tuple(dns_names),
             created_at=self._clock.now(),
         )
+        if authorize is not None:
+            await authorize(record)
         await self._store.insert_entry(record)
         return record
 

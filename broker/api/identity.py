@@ -10,7 +10,7 @@ import grpc
 from cryptography import x509
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from broker.attestation import token_fingerprint
+from broker.attestation import attestor_resource, token_fingerprint
 from broker.authority import IssuedX509
 from broker.errors import InvalidArgument
 from broker.identity import Authenticator
@@ -20,7 +20,7 @@ from broker.workloads import IdentityService
 
 from ._proto import identity_pb2, identity_pb2_grpc
 from .interceptors import MethodSpec, current_call
-from .servicers import identity_attributes
+from .servicers import identity_attributes, template_attributes
 
 if TYPE_CHECKING:
     from broker.app import Application
@@ -48,10 +48,14 @@ IDENTITY_SPECS: dict[str, MethodSpec] = {
     _SVC + "CreateJoinToken": MethodSpec(
         Action.TOKEN_CREATE, lambda r: r.spiffe_id[:2100], deferred=True
     ),
-    _SVC + "AddAttestor": MethodSpec(Action.ATTESTOR_ADMIN, lambda r: r.name[:64]),
+    # Deferred, like the two below: an attestor whose template can yield a prod identity, or an
+    # entry for one, hands that identity to someone (a second operator must approve).
+    _SVC + "AddAttestor": MethodSpec(Action.ATTESTOR_ADMIN, lambda r: r.name[:64], deferred=True),
     _SVC + "ListAttestors": MethodSpec(Action.ATTESTOR_ADMIN),
     _SVC + "RemoveAttestor": MethodSpec(Action.ATTESTOR_ADMIN, lambda r: r.name[:64]),
-    _SVC + "CreateEntry": MethodSpec(Action.ENTRY_ADMIN, lambda r: r.spiffe_id[:2100]),
+    _SVC + "CreateEntry": MethodSpec(
+        Action.ENTRY_ADMIN, lambda r: r.spiffe_id[:2100], deferred=True
+    ),
     _SVC + "ListEntries": MethodSpec(Action.ENTRY_ADMIN),
     _SVC + "GetEntry": MethodSpec(Action.ENTRY_ADMIN, lambda r: r.id[:64]),
     _SVC + "DeleteEntry": MethodSpec(Action.ENTRY_ADMIN, lambda r: r.id[:64]),
@@ -202,6 +206,16 @@ class WorkloadIdentityServicer(identity_pb2_grpc.WorkloadIdentityServicer):  # t
         )
 
     async def AddAttestor(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        call = current_call()
+        call.authorize(request.name[:64])  # who may administer attestors at all, before parsing
+
+        async def authorize(a: AttestorRecord) -> None:
+            resource = attestor_resource(
+                a.name, a.issuer, a.audience, a.jwks, a.template, a.algorithms
+            )
+            call.authorize(resource, template_attributes(self._auth, a.template))
+            await call.settle()
+
         record = await self._svc.add_attestor(
             request.name,
             request.issuer,
@@ -209,6 +223,7 @@ class WorkloadIdentityServicer(identity_pb2_grpc.WorkloadIdentityServicer):  # t
             request.jwks_json,
             request.template,
             tuple(request.algorithms),
+            authorize=authorize,
         )
         return _attestor(record)
 
@@ -222,6 +237,14 @@ class WorkloadIdentityServicer(identity_pb2_grpc.WorkloadIdentityServicer):  # t
         return identity_pb2.RemoveAttestorResponse()
 
     async def CreateEntry(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        call = current_call()
+        call.authorize(request.spiffe_id[:2100])  # who may administer entries at all
+
+        async def authorize(e: EntryRecord) -> None:
+            call.details.update(parent_id=e.parent_id)
+            call.authorize(e.spiffe_id, identity_attributes(self._auth, e.spiffe_id))
+            await call.settle()
+
         entry = await self._svc.create_entry(
             spiffe_id=request.spiffe_id,
             parent_id=request.parent_id,
@@ -229,8 +252,9 @@ class WorkloadIdentityServicer(identity_pb2_grpc.WorkloadIdentityServicer):  # t
             x509_ttl=request.x509_ttl_seconds,
             jwt_ttl=request.jwt_ttl_seconds,
             dns_names=tuple(request.dns_names),
+            authorize=authorize,
         )
-        current_call().details.update(entry_id=entry.id)
+        call.details.update(entry_id=entry.id)
         return _entry(entry)
 
     async def ListEntries(self, request: Any, context: grpc.aio.ServicerContext) -> Any:

@@ -120,6 +120,22 @@ class CallContext:
             raise PermissionDenied(decision.reason)
         return decision
 
+    async def settle(self) -> None:
+        """After `authorize`, when the decision spent a single-use approval or break-glass
+        credential: wait until the use is recorded in storage. For servicers whose change takes
+        effect once stored (a registration entry, an attestor), so withholding the answer later
+        would not undo it. PermissionDenied when another worker or replica used it first."""
+        settle = getattr(self.policy, "settle", None)
+        decision = self.decision
+        if settle is None or decision is None or not decision.allowed:
+            return
+        if not decision.flags.get("approval") and decision.rule != "break-glass":
+            return
+        if not await settle(decision):
+            raise PermissionDenied(
+                "the approval or break-glass credential this request used was already used"
+            )
+
 
 _CURRENT: contextvars.ContextVar[CallContext] = contextvars.ContextVar("broker_call")
 

@@ -11,6 +11,8 @@ from typing import Any
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from broker.access import PROD_ENVIRONMENT
+from broker.attestation import template_can_yield
 from broker.audit import AuditLedger
 from broker.authority import AuthorityView, CAService, CAStatus
 from broker.errors import InvalidArgument
@@ -29,6 +31,7 @@ __all__ = [
     "AuditServicer",
     "CertificateAuthorityServicer",
     "identity_attributes",
+    "template_attributes",
 ]
 
 _MAX_RESOURCE = 2100  # a valid SPIFFE ID is at most 2048 bytes; longer ones are cut in the log
@@ -100,6 +103,17 @@ def identity_attributes(auth: Authenticator | None, spiffe_id: str) -> dict[str,
     if not sid.member_of(auth.trust_domain):
         return {}
     return dict(auth.caller_for_id(sid).attributes)
+
+
+def template_attributes(auth: Authenticator | None, template: str) -> dict[str, str]:
+    """The resource attributes of an attestor's ID template, for policy: environment "prod"
+    (as `identity_attributes` gives a prod ID) when some claims make it yield a production
+    identity, so an operator adding it needs a second operator; none otherwise."""
+    if auth is None or not template_can_yield(
+        template, auth.trust_domain, auth.layout, PROD_ENVIRONMENT
+    ):
+        return {}
+    return {"environment": PROD_ENVIRONMENT, "template": template[:_MAX_RESOURCE]}
 
 
 def _authority(a: AuthorityView) -> ca_pb2.Authority:

@@ -1,4 +1,4 @@
-"""CLI for workload identity: `broker token create`, `broker attestor add|list|remove`,
+"""CLI for workload identity: `broker token create`, `broker attestor add|resource|list|remove`,
 `broker entry create|list|show|delete`, `broker svid deny`, and `broker agent`."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import click
 from broker import clioutput
 from broker.api.client import BrokerClient
 from broker.api.identity_client import Attestor, Entry, IdentityClient
+from broker.attestation import attestor_resource
 from broker.cli import (
     DEFAULT_SERVER,
     DURATION,
@@ -105,28 +106,46 @@ def attestor() -> None:
     """JWT/OIDC issuers whose tokens attest agents."""
 
 
+def _definition_options(command: Any) -> Any:
+    """The options that define an attestor (shared by `add` and `resource`)."""
+    options = (
+        click.option("--name", required=True, help="A short name for the issuer."),
+        click.option("--issuer", required=True, help="The expected iss claim."),
+        click.option("--audience", required=True, help="The expected aud claim."),
+        click.option(
+            "--jwks-file",
+            type=click.Path(path_type=Path, dir_okay=False),
+            help="The issuer's JWKS (public keys) as a JSON file.",
+        ),
+        click.option("--jwks", "jwks_inline", metavar="JSON", help="The JWKS inline."),
+        click.option(
+            "--template",
+            required=True,
+            help="SPIFFE ID template, e.g. spiffe://{td}/ns/{kubernetes.io.namespace}/sa/"
+            "{kubernetes.io.serviceaccount.name}",
+        ),
+        click.option(
+            "--algorithm",
+            "algorithms",
+            multiple=True,
+            help="Allowed JWS algorithm (repeatable) [default: RS256, ES256].",
+        ),
+    )
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _jwks_text(jwks_file: Path | None, jwks_inline: str | None) -> str:
+    if (jwks_file is None) == (jwks_inline is None):
+        raise click.UsageError("give exactly one of --jwks-file or --jwks")
+    if jwks_file is not None:
+        return _read_input_file(jwks_file, "JWKS file").decode("utf-8", "replace")
+    return jwks_inline or ""
+
+
 @attestor.command("add")
-@click.option("--name", required=True, help="A short name for the issuer.")
-@click.option("--issuer", required=True, help="The expected iss claim.")
-@click.option("--audience", required=True, help="The expected aud claim.")
-@click.option(
-    "--jwks-file",
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="The issuer's JWKS (public keys) as a JSON file.",
-)
-@click.option("--jwks", "jwks_inline", metavar="JSON", help="The JWKS inline.")
-@click.option(
-    "--template",
-    required=True,
-    help="SPIFFE ID template, e.g. spiffe://{td}/ns/{kubernetes.io.namespace}/sa/"
-    "{kubernetes.io.serviceaccount.name}",
-)
-@click.option(
-    "--algorithm",
-    "algorithms",
-    multiple=True,
-    help="Allowed JWS algorithm (repeatable) [default: RS256, ES256].",
-)
+@_definition_options
 @_connection_options(on_group=False)
 @click.pass_context
 def attestor_add(
@@ -139,17 +158,36 @@ def attestor_add(
     template: str,
     algorithms: tuple[str, ...],
 ) -> None:
-    """Register a JWT issuer with its JWKS, audience and SPIFFE ID template."""
-    if (jwks_file is None) == (jwks_inline is None):
-        raise click.UsageError("give exactly one of --jwks-file or --jwks")
-    text = jwks_inline if jwks_inline is not None else ""
-    if jwks_file is not None:
-        text = _read_input_file(jwks_file, "JWKS file").decode("utf-8", "replace")
+    """Register a JWT issuer with its JWKS, audience and SPIFFE ID template. One whose template
+    can yield a production identity needs a second operator's approval of `attestor.admin` on
+    the resource `broker attestor resource` prints for the same options."""
+    text = _jwks_text(jwks_file, jwks_inline)
     result = _identity(ctx).add_attestor(name, issuer, audience, text, template, algorithms)
     if _output(ctx) == "json":
         click.echo(clioutput.dumps(_attestor_json(result)))
     else:
         click.echo(f"added attestor {result.name} for {result.issuer}")
+
+
+@attestor.command("resource")
+@_definition_options
+def attestor_resource_command(
+    name: str,
+    issuer: str,
+    audience: str,
+    jwks_file: Path | None,
+    jwks_inline: str | None,
+    template: str,
+    algorithms: tuple[str, ...],
+) -> None:
+    """Print the resource an approval of this attestor names (attestor:NAME@sha256:HEX over its
+    whole definition), computed locally: what the requester asks for and what the approving
+    operator checks against the definition they were shown. Contacts no broker."""
+    text = _jwks_text(jwks_file, jwks_inline)
+    try:
+        click.echo(attestor_resource(name, issuer, audience, text, template, algorithms))
+    except ValueError as exc:
+        raise Refusal(f"the JWKS is not JSON: {exc}") from None
 
 
 @attestor.command("list")

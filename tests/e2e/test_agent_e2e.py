@@ -180,7 +180,7 @@ def _join_agent(
 def test_a_workload_gets_every_kind_of_svid_through_py_spiffe(
     broker_cli: BrokerCli, socket_dir: Path, tmp_path: Path, agents: list[AgentProcess]
 ) -> None:
-    web = f"spiffe://{TD}/acme/prod/web"
+    web = f"spiffe://{TD}/acme/dev/web"
     _entry(broker_cli, web, f"spiffe://{TD}/agents/node-a", "--selector", f"unix:uid:{os.getuid()}")
     out = tmp_path / "files"
     agent = _join_agent(broker_cli, socket_dir, tmp_path, agents, "node-a", "--write-dir", str(out))
@@ -228,7 +228,7 @@ def test_the_security_header_is_required_and_unknown_rpcs_are_unimplemented(
     broker_cli: BrokerCli, socket_dir: Path, tmp_path: Path, agents: list[AgentProcess]
 ) -> None:
     _entry(
-        broker_cli, f"spiffe://{TD}/acme/prod/hdr", f"spiffe://{TD}/agents/node-h",
+        broker_cli, f"spiffe://{TD}/acme/dev/hdr", f"spiffe://{TD}/agents/node-h",
         "--selector", f"unix:uid:{os.getuid()}",
     )  # fmt: skip
     agent = _join_agent(broker_cli, socket_dir, tmp_path, agents, "node-h")
@@ -245,7 +245,7 @@ def test_the_security_header_is_required_and_unknown_rpcs_are_unimplemented(
         response = stub.FetchJWTSVID(
             workload_pb2.JWTSVIDRequest(audience=["x"]), metadata=header, timeout=10
         )
-        assert response.svids[0].spiffe_id == f"spiffe://{TD}/acme/prod/hdr"
+        assert response.svids[0].spiffe_id == f"spiffe://{TD}/acme/dev/hdr"
         with pytest.raises(grpc.RpcError) as err:
             stub.FetchJWTSVID(workload_pb2.JWTSVIDRequest(), metadata=header, timeout=10)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -298,7 +298,7 @@ def test_callers_are_identified_by_their_uid(
 ) -> None:
     nobody = 65534
     _entry(
-        broker_cli, f"spiffe://{TD}/acme/prod/root-only", f"spiffe://{TD}/agents/node-u",
+        broker_cli, f"spiffe://{TD}/acme/dev/root-only", f"spiffe://{TD}/agents/node-u",
         "--selector", "unix:uid:0",
     )  # fmt: skip
     agent = _join_agent(broker_cli, socket_dir, tmp_path, agents, "node-u")
@@ -306,7 +306,7 @@ def test_callers_are_identified_by_their_uid(
     assert "ERROR" in denied and "PERMISSION_DENIED" in denied.upper().replace(" ", "_"), denied
     # Give uid 65534 an entry: now the same process gets its own ID, not root's.
     _entry(
-        broker_cli, f"spiffe://{TD}/acme/prod/nobody", f"spiffe://{TD}/agents/node-u",
+        broker_cli, f"spiffe://{TD}/acme/dev/nobody", f"spiffe://{TD}/agents/node-u",
         "--selector", f"unix:uid:{nobody}",
     )  # fmt: skip
     deadline = time.monotonic() + 20
@@ -315,21 +315,21 @@ def test_callers_are_identified_by_their_uid(
         if "GOT" in result:
             break
         time.sleep(0.3)
-    assert f"GOT spiffe://{TD}/acme/prod/nobody" in result, result
+    assert f"GOT spiffe://{TD}/acme/dev/nobody" in result, result
 
 
 def test_an_x509_source_sees_a_rotation(
     broker_cli: BrokerCli, socket_dir: Path, tmp_path: Path, agents: list[AgentProcess]
 ) -> None:
     _entry(
-        broker_cli, f"spiffe://{TD}/acme/prod/short", f"spiffe://{TD}/agents/node-s",
+        broker_cli, f"spiffe://{TD}/acme/dev/short", f"spiffe://{TD}/agents/node-s",
         "--selector", f"unix:uid:{os.getuid()}", "--x509-ttl", "4s",
     )  # fmt: skip
     agent = _join_agent(broker_cli, socket_dir, tmp_path, agents, "node-s")
     source = X509Source(socket_path=agent.endpoint, timeout_in_seconds=20)
     try:
         first = source.get_x509_context().default_svid
-        assert str(first.spiffe_id) == f"spiffe://{TD}/acme/prod/short"
+        assert str(first.spiffe_id) == f"spiffe://{TD}/acme/dev/short"
         deadline = time.monotonic() + 30
         current = first
         while time.monotonic() < deadline:
@@ -352,7 +352,7 @@ def test_the_agent_serves_through_a_broker_restart(
     try:
         cli = BrokerCli(server, tmp_path)
         _entry(
-            cli, f"spiffe://{TD}/acme/prod/steady", f"spiffe://{TD}/agents/node-r",
+            cli, f"spiffe://{TD}/acme/dev/steady", f"spiffe://{TD}/agents/node-r",
             "--selector", f"unix:uid:{os.getuid()}", "--x509-ttl", "30s",
         )  # fmt: skip
         agent = _join_agent(cli, socket_dir, tmp_path, agents, "node-r")
@@ -364,7 +364,7 @@ def test_the_agent_serves_through_a_broker_restart(
         assert server.stop() == 0
         with WorkloadApiClient(agent.endpoint) as client:
             held = client.fetch_x509_svid()
-        assert str(held.spiffe_id) == f"spiffe://{TD}/acme/prod/steady"
+        assert str(held.spiffe_id) == f"spiffe://{TD}/acme/dev/steady"
         assert held.leaf.not_valid_before_utc >= before.leaf.not_valid_before_utc
 
         # Same address again (the agent was told where the broker is): it renews there.
@@ -404,7 +404,7 @@ def test_jwt_attestation_and_bundle_pushes_on_ca_rotation(
     assert [a["name"] for a in listed["attestors"]] == ["k8s"]
     agent_id = f"spiffe://{TD}/k8s/ns/infra/sa/agent"
     _entry(
-        broker_cli, f"spiffe://{TD}/acme/prod/pods", agent_id,
+        broker_cli, f"spiffe://{TD}/acme/dev/pods", agent_id,
         "--selector", f"unix:uid:{os.getuid()}",
     )  # fmt: skip
     now = int(time.time())
@@ -450,11 +450,20 @@ def test_jwt_attestation_and_bundle_pushes_on_ca_rotation(
 def test_entry_and_token_cli_contract(broker_cli: BrokerCli) -> None:
     parent = f"spiffe://{TD}/agents/cli"
     created = _entry(
-        broker_cli, f"spiffe://{TD}/acme/prod/cli", parent, "--selector", "unix:uid:1000",
+        broker_cli, f"spiffe://{TD}/acme/dev/cli", parent, "--selector", "unix:uid:1000",
         "--selector", "unix:gid:1000", "--x509-ttl", "10m", "--jwt-ttl", "1m",
         "--dns", "cli.example",
     )  # fmt: skip
     assert created["selectors"] == ["unix:gid:1000", "unix:uid:1000"]
+    # One operator alone does not hand a production identity to an agent (issue 20 finding 4):
+    # one line naming the approval to ask a second operator for, nothing stored.
+    prod = f"spiffe://{TD}/acme/prod/cli"
+    alone = broker_cli.run(
+        "entry", "create", "--spiffe-id", prod, "--parent-id", parent, "--selector", "unix:uid:1",
+    )  # fmt: skip
+    assert alone.returncode == 1 and len(alone.stderr_lines) == 1, alone.describe()
+    assert alone.stderr.startswith("broker: permission denied:")
+    assert f"broker approval request --action entry.admin --resource {prod}" in alone.stderr
     assert created["x509_ttl_seconds"] == 600 and created["dns_names"] == ["cli.example"]
     shown = broker_cli.ok("entry", "show", created["id"], "--output", "json").json()
     assert shown == created
@@ -477,6 +486,38 @@ def test_entry_and_token_cli_contract(broker_cli: BrokerCli) -> None:
     assert denied == {"kind": "spiffe_id", "value": parent}
     usage = broker_cli.run("agent", "--bundle", "x", "--socket", "/tmp/x.sock")
     assert usage.returncode == 2 and usage.stderr.startswith("broker: ")
+
+
+def test_a_prod_capable_attestor_needs_a_second_operator(
+    broker_cli: BrokerCli, tmp_path: Path
+) -> None:
+    """Issue 20 finding 4 by proxy: an attestor with the operator's own keys whose template
+    takes the environment from a claim (the README's Kubernetes example under the default
+    layout) would hand any prod identity to whoever signs a token."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+    jwk["kid"] = "mine"
+    jwks_file = tmp_path / "mine.json"
+    jwks_file.write_text(json.dumps({"keys": [jwk]}))
+    args = [
+        "attestor", "add", "--name", "mine", "--issuer", "https://mine.example",
+        "--audience", "broker", "--jwks-file", str(jwks_file),
+    ]  # fmt: skip
+    prod_capable = ["--template", "spiffe://{td}/ns/{kubernetes.io.namespace}/sa/{sub}"]
+    alone = broker_cli.run(*args, *prod_capable)
+    assert alone.returncode == 1 and len(alone.stderr_lines) == 1, alone.describe()
+    assert alone.stderr.startswith("broker: permission denied:")
+    # The resource to ask approval for is what `attestor resource` computes locally from the
+    # same definition (what the approving operator checks).
+    resource = broker_cli.ok("attestor", "resource", *args[2:], *prod_capable).stdout.strip()
+    assert resource.startswith("attestor:mine@sha256:")
+    command = f"broker approval request --action attestor.admin --resource {resource}"
+    assert command in alone.stderr, alone.describe()
+    listed = broker_cli.ok("attestor", "list", "--output", "json").json()
+    assert "mine" not in [a["name"] for a in listed["attestors"]]
+    # A template that can only yield dev identities is the operator's to add alone.
+    broker_cli.ok(*args, "--template", "spiffe://{td}/ci/dev/{sub}")
+    broker_cli.ok("attestor", "remove", "mine")
 
 
 def test_the_agent_never_replaces_a_file_that_is_not_a_socket(

@@ -27,6 +27,9 @@ from tests.integration.conftest import OPERATOR_ID, TRUST_DOMAIN, Identity, make
 
 AGENT_ID = f"spiffe://{TRUST_DOMAIN}/agents/node1"
 WEB_ID = f"spiffe://{TRUST_DOMAIN}/acme/prod/web"
+# Entries here are not about production: an operator creates dev ones alone (an entry for a prod
+# ID needs a second operator, tests/integration/test_identity_issuance.py).
+DEV_WEB_ID = f"spiffe://{TRUST_DOMAIN}/acme/dev/web"
 
 
 @dataclass
@@ -199,11 +202,11 @@ async def test_an_agent_cannot_create_tokens_or_entries(broker: Served) -> None:
 async def test_agents_mint_only_for_their_own_entries(broker: Served) -> None:
     op = broker.operator()
     mine = await op.CreateEntry(
-        identity_pb2.Entry(spiffe_id=WEB_ID, parent_id=AGENT_ID, selectors=["unix:uid:1000"])
+        identity_pb2.Entry(spiffe_id=DEV_WEB_ID, parent_id=AGENT_ID, selectors=["unix:uid:1000"])
     )
     theirs = await op.CreateEntry(
         identity_pb2.Entry(
-            spiffe_id=f"spiffe://{TRUST_DOMAIN}/acme/prod/db",
+            spiffe_id=f"spiffe://{TRUST_DOMAIN}/acme/dev/db",
             parent_id=f"spiffe://{TRUST_DOMAIN}/agents/node2",
             selectors=["unix:uid:1000"],
             x509_ttl_seconds=300,
@@ -215,7 +218,7 @@ async def test_agents_mint_only_for_their_own_entries(broker: Served) -> None:
     assert sync.trust_domain == TRUST_DOMAIN and sync.bundle_sequence >= 1
     csr = _csr(ec.generate_private_key(ec.SECP256R1()))
     svid = await agent.MintEntryX509(identity_pb2.MintEntryX509Request(entry_id=mine.id, csr=csr))
-    assert svid.spiffe_id == WEB_ID
+    assert svid.spiffe_id == DEV_WEB_ID
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await agent.MintEntryX509(identity_pb2.MintEntryX509Request(entry_id=theirs.id, csr=csr))
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
@@ -227,14 +230,14 @@ async def test_agents_mint_only_for_their_own_entries(broker: Served) -> None:
     jwt_svid = await agent.MintEntryJWT(
         identity_pb2.MintEntryJWTRequest(entry_id=mine.id, audience=["db"])
     )
-    assert jwt_svid.spiffe_id == WEB_ID and jwt_svid.token.count(".") == 2
+    assert jwt_svid.spiffe_id == DEV_WEB_ID and jwt_svid.token.count(".") == 2
 
 
 async def test_entry_ttls_are_bounded_by_ca_policy(broker: Served) -> None:
     op = broker.operator()
     entry = await op.CreateEntry(
         identity_pb2.Entry(
-            spiffe_id=WEB_ID,
+            spiffe_id=DEV_WEB_ID,
             parent_id=AGENT_ID,
             selectors=["unix:uid:1000"],
             x509_ttl_seconds=30 * 24 * 3600,

@@ -3,8 +3,9 @@ issue 11 item 5), each repeated against the broker and answered with a refusal t
 nothing:
 
 - a denied entry ID gets no SVIDs through its agent;
-- an operator cannot become a production workload without a second operator, and an SVID an
-  operator minted reads as that operator for the two-person rule;
+- an operator cannot become a production workload without a second operator, neither directly
+  nor by proxy (a registration entry for an agent they attested, an attestor with their own
+  keys), and an SVID an operator minted reads as that operator for the two-person rule;
 - a self-minted chain ends with its root and dies with it when the root's serial is denied;
 - no SVID (nor the operator certificate) is valid for more than 24 h, backdate included;
 - a JWT attestation token works once;
@@ -35,8 +36,10 @@ from broker.api._proto import (
     secrets_pb2,
     secrets_pb2_grpc,
 )
+from broker.attestation import attestor_resource
 from broker.config import CAConfig, Config, KeysConfig, ServerConfig, StorageConfig
 from broker.errors import InvalidArgument
+from broker.storage.access import SqlAccessRepository
 from ca.x509svid import Lineage
 
 from .conftest import (
@@ -300,6 +303,198 @@ async def test_an_operator_minted_svid_reads_as_the_operator(broker: BrokerHarne
         access_stub(broker, fake_web).Approve(access_pb2.ApproveRequest(id=pending.id))
     )
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+# -- finding 4, by proxy: an entry for an agent the operator controls, an attestor with own keys --
+
+
+def agent_identity(response: Any, key: ec.EllipticCurvePrivateKey) -> Identity:
+    """The SVID an Attest response returned for `key` (the agent's CSR) as an mTLS identity."""
+    certs = [x509.load_der_x509_certificate(c) for c in response.cert_chain]
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    chain = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+    return Identity(response.spiffe_id, chain, key_pem, certs[0].serial_number)
+
+
+async def own_agent(broker: BrokerHarness) -> Identity:
+    """What the operator can do alone: a join token for a non-prod agent ID, attested."""
+    token = await identity_stub(broker).CreateJoinToken(
+        identity_pb2.CreateJoinTokenRequest(spiffe_id=AGENT_ID)
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    svid = await identity_stub(broker).Attest(
+        identity_pb2.AttestRequest(join_token=token.token, csr=_csr(key))
+    )
+    assert svid.spiffe_id == AGENT_ID
+    return agent_identity(svid, key)
+
+
+async def test_an_operator_cannot_hand_a_prod_identity_to_their_agent_alone(
+    broker: BrokerHarness,
+) -> None:
+    op = identity_stub(broker)
+    agent = identity_stub(broker, await own_agent(broker))
+    before = await issued_serials(broker)
+    web_entry = identity_pb2.Entry(spiffe_id=WEB, parent_id=AGENT_ID, selectors=["unix:uid:1000"])
+
+    err = await refused(op.CreateEntry(web_entry, metadata=cid("entry-web")))
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    details = err.details() or ""
+    assert "second operator" in details
+    assert f"broker approval request --action entry.admin --resource {WEB}" in details
+    event = await broker.event_for("entry-web")
+    assert (event["decision"], event["rule"], event["resource"]) == ("deny", "two-person", WEB)
+    assert "entry_id" not in event.get("details", {})
+    # Nothing stored, so the agent has nothing to serve or mint.
+    assert list((await op.ListEntries(identity_pb2.ListEntriesRequest())).entries) == []
+    assert list((await agent.SyncAgent(identity_pb2.SyncAgentRequest())).entries) == []
+    assert await issued_serials(broker) == before
+
+    # The operator's own approval request does not count until a second operator approves it.
+    pending = await access_stub(broker).RequestApproval(
+        access_pb2.RequestApprovalRequest(
+            action="entry.admin", resource=WEB, justification="node1 serves web"
+        )
+    )
+    err = await refused(access_stub(broker).Approve(access_pb2.ApproveRequest(id=pending.id)))
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    err = await refused(op.CreateEntry(web_entry))
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert list((await op.ListEntries(identity_pb2.ListEntriesRequest())).entries) == []
+
+    # With Bob's approval: allowed, once.
+    await access_stub(broker, broker.identity(BOB)).Approve(
+        access_pb2.ApproveRequest(id=pending.id)
+    )
+    entry = await op.CreateEntry(web_entry, metadata=cid("entry-approved"))
+    event = await broker.event_for("entry-approved")
+    assert event["flags"] == {"approval": pending.id}
+    assert event["details"] == {"parent_id": AGENT_ID, "entry_id": entry.id}
+    synced = (await agent.SyncAgent(identity_pb2.SyncAgentRequest())).entries
+    assert [e.id for e in synced] == [entry.id]
+    key = ec.generate_private_key(ec.SECP256R1())
+    minted = await agent.MintEntryX509(
+        identity_pb2.MintEntryX509Request(entry_id=entry.id, csr=_csr(key))
+    )
+    assert minted.spiffe_id == WEB
+    err = await refused(op.CreateEntry(web_entry, metadata=cid("entry-again")))
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert (await broker.event_for("entry-again"))["rule"] == "two-person"
+    assert [e.id for e in (await op.ListEntries(identity_pb2.ListEntriesRequest())).entries] == [
+        entry.id
+    ]
+    # Non-production entries stay an operator's to create alone.
+    dev = await op.CreateEntry(
+        identity_pb2.Entry(spiffe_id=DEV_WORKLOAD, parent_id=AGENT_ID, selectors=["unix:uid:1"])
+    )
+    assert dev.spiffe_id == DEV_WORKLOAD
+
+
+async def test_an_approval_another_worker_used_first_stores_no_entry(
+    broker: BrokerHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Single use across workers: this worker still holds the approval in memory while another
+    one has used it. The entry takes effect once stored, so the use must be settled before the
+    entry is stored, not after (when only the answer could be withheld)."""
+    op = identity_stub(broker)
+    approval = await approve(broker, broker.operator, "entry.admin", WEB)
+
+    async def not_yet() -> None:  # this worker has not picked up the other's use yet
+        return None
+
+    monkeypatch.setattr(broker.app.access, "sync", not_yet)
+    other_worker = SqlAccessRepository(broker.app.storage.backend)
+    assert await other_worker.consume_approval(approval, broker.clock.now())
+    err = await refused(
+        op.CreateEntry(
+            identity_pb2.Entry(spiffe_id=WEB, parent_id=AGENT_ID, selectors=["unix:uid:1000"]),
+            metadata=cid("entry-raced"),
+        )
+    )
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "already used" in (err.details() or "")
+    assert list((await op.ListEntries(identity_pb2.ListEntriesRequest())).entries) == []
+    event = await broker.event_for("entry-raced")
+    assert event["outcome"] == "PERMISSION_DENIED"
+    assert "entry_id" not in event.get("details", {})
+
+
+async def test_an_operator_cannot_add_a_prod_capable_attestor_alone(
+    broker: BrokerHarness,
+) -> None:
+    """Their own signing keys and a template whose environment is a claim: any prod identity
+    for a token they sign themselves."""
+    op = identity_stub(broker)
+    own_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = json.loads(pyjwt.algorithms.RSAAlgorithm.to_jwk(own_key.public_key()))
+    jwk["kid"] = "k1"
+    jwks = json.dumps({"keys": [jwk]})
+    template = "spiffe://{td}/default/{env}/{svc}"
+    definition = identity_pb2.Attestor(
+        name="mine", issuer="https://mine.example", audience="broker", jwks_json=jwks,
+        template=template,
+    )  # fmt: skip
+    resource = attestor_resource(
+        "mine", "https://mine.example", "broker", jwks, template, ("RS256", "ES256")
+    )
+    now = int(dt.datetime.now(dt.UTC).timestamp())
+
+    def token(jti: str) -> str:
+        claims = {"iss": "https://mine.example", "aud": "broker", "exp": now + 300, "jti": jti}
+        claims |= {"env": "prod", "svc": "web"}
+        return pyjwt.encode(claims, own_key, algorithm="RS256", headers={"kid": "k1"})
+
+    before = await issued_serials(broker)
+    err = await refused(op.AddAttestor(definition, metadata=cid("attestor-mine")))
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    details = err.details() or ""
+    assert "second operator" in details
+    assert f"broker approval request --action attestor.admin --resource {resource}" in details
+    event = await broker.event_for("attestor-mine")
+    assert (event["decision"], event["rule"], event["resource"]) == (
+        "deny",
+        "two-person",
+        resource,
+    )
+    assert list((await op.ListAttestors(identity_pb2.ListAttestorsRequest())).attestors) == []
+    csr = _csr(ec.generate_private_key(ec.SECP256R1()))
+    err = await refused(op.Attest(identity_pb2.AttestRequest(jwt=token("t1"), csr=csr)))
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert await issued_serials(broker) == before
+
+    # Bob approves this definition; the same name with other keys is not what he approved.
+    approval = await approve(broker, broker.operator, "attestor.admin", resource)
+    other_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    other_jwk = json.loads(pyjwt.algorithms.RSAAlgorithm.to_jwk(other_key.public_key()))
+    other_jwk["kid"] = "k1"
+    swapped = identity_pb2.Attestor()
+    swapped.CopyFrom(definition)
+    swapped.jwks_json = json.dumps({"keys": [other_jwk]})
+    err = await refused(op.AddAttestor(swapped))
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert list((await op.ListAttestors(identity_pb2.ListAttestorsRequest())).attestors) == []
+
+    added = await op.AddAttestor(definition, metadata=cid("attestor-approved"))
+    assert added.name == "mine"
+    event = await broker.event_for("attestor-approved")
+    assert (event["resource"], event["flags"]) == (resource, {"approval": approval})
+    svid = await op.Attest(identity_pb2.AttestRequest(jwt=token("t2"), csr=csr))
+    assert svid.spiffe_id == WEB  # what the approval was for: the keys' holder becomes prod/web
+
+    # Single use: removed and added again, it needs a new approval.
+    await op.RemoveAttestor(identity_pb2.RemoveAttestorRequest(name="mine"))
+    err = await refused(op.AddAttestor(definition, metadata=cid("attestor-again")))
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert (await broker.event_for("attestor-again"))["rule"] == "two-person"
+    assert list((await op.ListAttestors(identity_pb2.ListAttestorsRequest())).attestors) == []
+
+    # A template that can only yield dev identities stays an operator's to add alone.
+    dev_only = identity_pb2.Attestor()
+    dev_only.CopyFrom(definition)
+    dev_only.template = "spiffe://{td}/default/dev/{svc}"
+    assert (await op.AddAttestor(dev_only)).template == dev_only.template
 
 
 # -- finding 7: a self-minted chain outlives its root ------------------------------------------

@@ -410,6 +410,54 @@ async def test_minting_a_prod_identity_needs_two_whatever_the_rego_policy_says(e
     assert env.access.decide(ALICE, "svid.mint", f"spiffe://{TD}/acme/dev/web", attributes=dev_web)
 
 
+async def test_a_prod_identity_by_proxy_needs_two_and_each_approval_serves_once(env: Env) -> None:
+    """Issue 20 finding 4, by proxy: a registration entry for a prod ID (its parent agent gets
+    the identity) or an attestor whose template can yield one (whoever holds its keys gets it)
+    needs a second operator's approval, whatever the Rego policy says; single use."""
+    allow_all = (
+        "package broker.authz\nimport rego.v1\n"
+        'allow contains {"rule": "anything", "reason": "yes"} if true\n'
+        "deny := set()\n"
+    )
+    await env.access.set_policy({"open.rego": allow_all}, ALICE)
+    web_id = f"spiffe://{TD}/acme/prod/web"
+    prod_web = {"tenant": "acme", "environment": "prod", "service": "web"}
+    attestor = "attestor:k8s@sha256:" + "ab" * 32
+    template = "spiffe://{td}/ns/{kubernetes.io.namespace}/sa/{sa}"
+    prod_capable = {"environment": "prod", "template": template}
+    cases = (("entry.admin", web_id, prod_web), ("attestor.admin", attestor, prod_capable))
+    for action, resource, attributes in cases:
+        denied = env.access.decide(ALICE, action, resource, attributes=attributes)
+        assert (denied.allowed, denied.rule) == (False, "two-person"), action
+        command = f"broker approval request --action {action} --resource {resource}"
+        assert command in denied.reason
+        assert "second operator" in denied.reason
+        # Without the prod attributes (a dev ID, a template that cannot yield prod, listing,
+        # removing) the operator acts alone.
+        assert env.access.decide(ALICE, action, resource).allowed
+    entry = env.access.decide(ALICE, "entry.admin", web_id, attributes=prod_web)
+    assert "parent agent" in entry.reason
+    added = env.access.decide(ALICE, "attestor.admin", attestor, attributes=prod_capable)
+    assert template in added.reason
+
+    for action, resource, attributes in cases:
+        request = await env.access.request_approval(ALICE, action, resource, "INC-12 new node")
+        # An approval of another action does not stand in for this one.
+        assert not env.access.decide(ALICE, "svid.mint", resource, attributes=attributes).allowed
+        await env.access.approve(request.id, BOB)
+        assert not env.access.decide(BOB, action, resource, attributes=attributes).allowed
+        first = env.access.decide(ALICE, action, resource, attributes=attributes)
+        assert first.allowed and first.flags.get("approval") == request.id
+        second = env.access.decide(ALICE, action, resource, attributes=attributes)
+        assert (second.allowed, second.rule) == (False, "two-person")
+        assert await env.access.settle(first)
+    # An attestor approval names one definition: another one (other keys) is not covered.
+    other = "attestor:k8s@sha256:" + "cd" * 32
+    request = await env.access.request_approval(ALICE, "attestor.admin", attestor, "INC-13")
+    await env.access.approve(request.id, BOB)
+    assert not env.access.decide(ALICE, "attestor.admin", other, attributes=prod_capable).allowed
+
+
 async def test_an_operator_minted_caller_is_never_the_owner(env: Env) -> None:
     web = workload("acme", "prod", "web")
     minted = Caller(web.spiffe_id, False, dict(web.attributes), minted_by=ALICE.spiffe_id)

@@ -16,13 +16,16 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from broker.attestation import (
     JwtAttestor,
+    attestor_resource,
     hash_token,
     new_join_token,
     replay_key,
+    template_can_yield,
     token_expiry,
     token_fingerprint,
 )
 from broker.errors import InvalidArgument, Unauthenticated
+from ca.layout import IdentityLayout
 
 NOW = dt.datetime(2026, 5, 1, 12, 0, tzinfo=dt.UTC)
 ISSUER = "https://kubernetes.default.svc"
@@ -259,3 +262,64 @@ def test_the_replay_key_is_the_jti_or_the_tokens_hash(rsa_key: Any) -> None:
     hashed = "sha256:" + hashlib.sha256(token.encode()).hexdigest()
     for claims in ({}, {"jti": ""}, {"jti": 7}, {"jti": "x" * 257}, {"jti": "a\nb"}):
         assert replay_key(token, claims) == hashed
+
+
+# -- which templates can yield a production identity -----------------------------------------
+
+DEFAULT_LAYOUT = IdentityLayout()  # {tenant}/{environment}/{service}
+K8S_LAYOUT = IdentityLayout("ns/{environment}/sa/{service}", default_tenant="default")
+
+
+@pytest.mark.parametrize(
+    ("template", "layout", "can"),
+    [
+        # the environment segment is a claim: a token saying "prod" yields a prod ID
+        (TEMPLATE, DEFAULT_LAYOUT, True),
+        ("spiffe://{td}/acme/{env}/web", DEFAULT_LAYOUT, True),
+        ("spiffe://{td}/{a}/{b}/{c}/{d}", DEFAULT_LAYOUT, True),
+        ("spiffe://{td}/acme/prod/{sa}", DEFAULT_LAYOUT, True),
+        # part of a segment is enough ("p" + "rod")
+        ("spiffe://{td}/acme/p{x}/web", DEFAULT_LAYOUT, True),
+        ("spiffe://{td}/ns/{n}/sa/{s}", K8S_LAYOUT, True),
+        # a literal non-prod environment, too few segments, a literal the layout does not have
+        ("spiffe://{td}/acme/dev/{sa}", DEFAULT_LAYOUT, False),
+        ("spiffe://{td}/acme/staging{x}/web", DEFAULT_LAYOUT, False),
+        ("spiffe://{td}/ci/{repository}", DEFAULT_LAYOUT, False),
+        ("spiffe://{td}/k8s/{n}/sa/{s}", K8S_LAYOUT, False),
+        ("spiffe://{td}/ns/dev/sa/{s}", K8S_LAYOUT, False),
+        # {td} is the trust domain, never a claim
+        ("spiffe://{td}/acme/{td}/web", DEFAULT_LAYOUT, False),
+    ],
+)
+def test_template_can_yield_prod(template: str, layout: IdentityLayout, can: bool) -> None:
+    assert template_can_yield(template, "example.org", layout, "prod") is can
+
+
+def test_the_verdict_matches_what_a_token_makes(attestor: JwtAttestor) -> None:
+    """The template said to yield prod does yield a prod ID from a token with those claims."""
+    assert template_can_yield(TEMPLATE, "example.org", DEFAULT_LAYOUT, "prod")
+    made = attestor.spiffe_id_for(
+        {"kubernetes.io": {"namespace": "prod", "serviceaccount": {"name": "web"}}}
+    )
+    assert DEFAULT_LAYOUT.parse(made).environment == "prod"
+
+
+def test_the_attestor_resource_names_its_whole_definition(rsa_key: Any, ec_key: Any) -> None:
+    jwks = json.dumps({"keys": [_jwk(rsa_key.public_key(), "rsa1")]})
+    base = ("k8s", ISSUER, "broker", jwks, TEMPLATE, ("RS256",))
+    name = attestor_resource(*base)
+    assert name.startswith("attestor:k8s@sha256:") and len(name) == len("attestor:k8s@sha256:") + 64
+    # The same definition with its JWKS written differently names the same resource ...
+    reordered = json.dumps(json.loads(jwks), sort_keys=True, indent=2)
+    assert attestor_resource("k8s", ISSUER, "broker", reordered, TEMPLATE, ("RS256",)) == name
+    # ... and every change of what it trusts or yields names another one.
+    others = json.dumps({"keys": [_jwk(ec_key.public_key(), "rsa1")]})
+    for changed in (
+        ("k8s", ISSUER, "broker", others, TEMPLATE, ("RS256",)),
+        ("k8s", "https://evil", "broker", jwks, TEMPLATE, ("RS256",)),
+        ("k8s", ISSUER, "other", jwks, TEMPLATE, ("RS256",)),
+        ("k8s", ISSUER, "broker", jwks, "spiffe://{td}/acme/prod/{sa}", ("RS256",)),
+        ("k8s", ISSUER, "broker", jwks, TEMPLATE, ("RS256", "ES256")),
+        ("k9s", ISSUER, "broker", jwks, TEMPLATE, ("RS256",)),
+    ):
+        assert attestor_resource(*changed) != name, changed
