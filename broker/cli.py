@@ -118,6 +118,14 @@ class Refusal(click.ClickException):
         click.echo(f"broker: {self.format_message()}", err=True)
 
 
+def default_attest_server(server: str) -> str:
+    """The attestation port's address when none is given: the --server port + 1."""
+    host, _, port = server.rpartition(":")
+    if not host or not port.isdigit():
+        raise click.UsageError(f"--server {server!r} must be HOST:PORT")
+    return f"{host}:{int(port) + 1}"
+
+
 def _one_line(text: str) -> str:
     return " ".join(text.split())
 

@@ -22,6 +22,7 @@ from broker.cli import (
     _read_input_file,
     _setting,
     cli,
+    default_attest_server,
     svid,
 )
 from broker.errors import BrokerError
@@ -317,13 +318,6 @@ def svid_deny(ctx: click.Context, target: str) -> None:
 # -- the agent --------------------------------------------------------------------------------
 
 
-def _default_attest(server: str) -> str:
-    host, _, port = server.rpartition(":")
-    if not host or not port.isdigit():
-        raise click.UsageError(f"--server {server!r} must be HOST:PORT")
-    return f"{host}:{int(port) + 1}"
-
-
 @cli.command("agent")
 @click.option("--server", "agent_server", metavar="HOST:PORT", help="The broker (mTLS port).")
 @click.option(
@@ -428,7 +422,7 @@ def agent(
         run_agent(
             AgentOptions(
                 server=server,
-                attest_server=attest_server or _default_attest(server),
+                attest_server=attest_server or default_attest_server(server),
                 bundle_pem=bundle,
                 socket_path=socket_path.absolute(),
                 join_token=join_token,

@@ -35,8 +35,8 @@ from broker.cli import (
     broker_home,
     cli,
     client_error_message,
+    default_attest_server,
 )
-from broker.commands.identity import _default_attest
 from broker.config import DEFAULT_DATA_DIR
 from broker.files import write_private_file
 from broker.operators.flows import CodeFlow, DeviceFlow, LoginFlowError, discover
@@ -152,7 +152,7 @@ def login_group(
     if device and id_token_file is not None:
         raise click.UsageError("--device and --id-token-file exclude each other", ctx)
     server = str(_setting(ctx, "server") or DEFAULT_SERVER)
-    attest = attest_server or _default_attest(server)
+    attest = attest_server or default_attest_server(server)
     ctx.meta["broker.server"] = attest
     bundle = _login_bundle(ctx)
     if id_token_file is not None:

@@ -47,3 +47,15 @@ def test_only_broker_api_imports_grpc_and_generated_code() -> None:
 def test_no_grab_bag_modules() -> None:
     names = {p.stem for package in ("ca", "broker") for p in _modules(package)}
     assert not names & {"utils", "util", "helpers", "misc", "common"}
+
+
+def test_command_modules_do_not_import_each_other() -> None:
+    """`broker.cli` imports the command modules at its end; one command module importing
+    another then meets it half initialised (a cycle that broke `import broker.commands.identity`).
+    What they share lives in `broker.cli` (shared options) or in a domain module."""
+    offenders = []
+    for path in _modules("broker/commands"):
+        for module in _imports(path):
+            if module.startswith("broker.commands"):
+                offenders.append(f"{path.relative_to(ROOT)}: {module}")
+    assert not offenders
