@@ -85,7 +85,9 @@ class Application:
             storage,
             clock,
         )
-        self.ledger = AuditLedger(storage, keys)
+        # Integrity failures are logged CRITICAL and counted by the ledger itself; more hooks
+        # (pager, webhook) attach with `ledger.add_integrity_hook`.
+        self.ledger = AuditLedger(storage, keys, clock=clock)
         self.envelope = Envelope(keys, storage)
         # Every store of sealed blobs registers here, so KEK rotation reaches all of them.
         self.sealed_stores: list[SealedStore] = []
@@ -134,11 +136,14 @@ class Application:
         self.authenticator.denylist = self.workloads.denylist
         self._operator_expiry: dt.datetime | None = None
 
-    async def start(self) -> None:
-        """Migrate storage, make sure the CA and the audit key exist, start the ledger."""
+    async def start(self, *, new_ledger_epoch: str | None = None) -> None:
+        """Migrate storage, check the audit ledger and its keys (raises LedgerStartRefused when
+        a key is missing or changed, or the ledger's tail does not match its head, unless
+        `new_ledger_epoch` gives the operator's reason to start a new epoch), make sure the CA
+        exists, start the ledger."""
         await self.storage.migrate()
         await self.access.load()
-        self.ledger.ensure_key()
+        await self.ledger.open(new_epoch_reason=new_ledger_epoch, actor="operator (serve)")
         await self.ca.bootstrap()
         await self.workloads.refresh_denylist()
         self.ledger.start()
