@@ -404,6 +404,33 @@ async def test_failing_head_record_appends_nothing(storage: Storage) -> None:
     assert await storage.get_meta("audit_head") is None
 
 
+@pytest.mark.parametrize("single_hop", [False, True])
+async def test_tip_guard_sees_the_tip_and_head_and_can_refuse(
+    storage: Storage, single_hop: bool
+) -> None:
+    from broker.storage.interface import TipGuard
+
+    storage.single_hop_writes = single_hop  # type: ignore[attr-defined]
+    seen: list[tuple[int | None, str | None]] = []
+
+    def check(tip: AuditRecord | None, head: str | None) -> None:
+        seen.append((None if tip is None else tip.seq, head))
+        if tip is not None and tip.seq >= 2:
+            raise SealFailed("the tail does not match the head")
+
+    def head(seq: int) -> tuple[str, str]:
+        return "audit_head", f"head-{seq}"
+
+    guard = TipGuard("audit_head", check)
+    assert await storage.append_audit(["a"], Sealer(), head, guard) == [1]
+    assert await storage.append_audit(["b"], Sealer(), head, guard) == [2]
+    with pytest.raises(SealFailed):
+        await storage.append_audit(["c", "d"], Sealer(), head, guard)
+    assert seen == [(None, None), (1, "head-1"), (2, "head-2")]
+    assert [r.event for r in await storage.read_audit()] == ["a", "b"]
+    assert await storage.get_meta("audit_head") == "head-2"
+
+
 async def test_concurrent_appends_never_fork_the_chain(backing: Backing, storage: Storage) -> None:
     # A second Storage on the same file / database: another broker process or replica.
     other = await backing.open()
