@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from broker.access import AccessControl
 from broker.anomaly import AnomalyDetector
-from broker.audit import AuditLedger
+from broker.audit import AuditLedger, CheckpointJob
 from broker.authority import CAService, CAServiceConfig
 from broker.config import Config
 from broker.database.credentials import CredentialService, DatabaseSettings
@@ -88,6 +88,13 @@ class Application:
         # Integrity failures are logged CRITICAL and counted by the ledger itself; more hooks
         # (pager, webhook) attach with `ledger.add_integrity_hook`.
         self.ledger = AuditLedger(storage, keys, clock=clock)
+        self.checkpoints = CheckpointJob(
+            self.ledger,
+            storage,
+            clock,
+            config.audit.checkpoint_interval,
+            f"checkpoint-{uuid.uuid4().hex}",
+        )
         self.envelope = Envelope(keys, storage)
         # Every store of sealed blobs registers here, so KEK rotation reaches all of them.
         self.sealed_stores: list[SealedStore] = []
@@ -221,6 +228,7 @@ class Application:
                     next_rotation = loop.time() + interval
                     await self.ca.rotate(force=False)
                 await self.secret_janitor.tick()
+                await self.checkpoints.tick()
                 now = self.clock.now()
                 bundle_changed = self.ca.bundle().sequence != last_bundle
                 if bundle_changed or serving.not_after - now < ttl / 2:

@@ -1,4 +1,4 @@
-"""The audit ledger: append-only, hash-chained, every entry covered by a MAC made in the key backend.
+"""The audit ledger: append-only, hash-chained, every entry covered by a MAC from the key backend.
 
 Every request is recorded before it is answered (`AuditLedger.record` returns only once the
 event is committed). Events from concurrent requests are written in groups, one transaction per
@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import datetime as dt
 import hashlib
 import hmac
 import json
@@ -60,6 +61,7 @@ __all__ = [
     "CHECKPOINT_KEY_LABEL",
     "AuditLedger",
     "Checkpoint",
+    "CheckpointJob",
     "Verification",
     "canonical_json",
     "chain_hash",
@@ -116,6 +118,27 @@ def _entry_mac(first: int, group_key: bytes) -> bytes:
 def _head_value(epoch: int, first: int, last: int, last_hash: bytes, group_key: bytes) -> str:
     tag = _tag(group_key, b"head").hex()
     return f"{_MAC_V2}:{epoch}:{first}:{last}:{last_hash.hex()}:{tag}"
+
+
+def _ledger_event(
+    what: str, who: str, when: dt.datetime, reason: str, details: dict[str, Any]
+) -> dict[str, Any]:
+    """An event the ledger writes about itself, shaped like a request's event."""
+    return {
+        "when": when.isoformat(timespec="microseconds"),
+        "who": who,
+        "what": what,
+        "method": "",
+        "resource": "audit",
+        "where": "",
+        "why": reason,
+        "correlation_id": f"{what}-{details.get('epoch', 0)}-{details.get('seq', 0)}",
+        "decision": "allow",
+        "reason": reason,
+        "rule": "ledger",
+        "outcome": "OK",
+        "details": details,
+    }
 
 
 @dataclass(frozen=True)
@@ -392,17 +415,18 @@ class AuditLedger:
     async def _write_epoch(
         self, epoch: int, previous: int | None, reason: str, actor: str, state: str
     ) -> None:
-        body: dict[str, Any] = {
-            "what": EPOCH_EVENT,
-            "who": actor,
-            "when": self._clock.now().isoformat().replace("+00:00", "Z"),
-            "epoch": epoch,
-            "key": self._label(epoch),
-            "previous_epoch": previous,
-            "reason": reason,
-            "found": state,
-            "outcome": "OK",
-        }
+        body = _ledger_event(
+            EPOCH_EVENT,
+            actor,
+            self._clock.now(),
+            reason,
+            {
+                "epoch": epoch,
+                "key": self._label(epoch),
+                "previous_epoch": previous,
+                "found": state,
+            },
+        )
         body["signature"] = self._sign(canonical_json(body).encode())
         self._epoch = epoch
         await self._append([canonical_json(body)], guard=None)
@@ -552,7 +576,9 @@ class AuditLedger:
             if not hmac.compare_digest(head.tag, expected):
                 return "the head record was altered (invalid MAC)"
             if head.last != tip.seq:
-                return f"the head says entry {head.last} is the newest, the ledger ends at {tip.seq}"
+                return (
+                    f"the head says entry {head.last} is the newest, the ledger ends at {tip.seq}"
+                )
             if len(tip.mac) != 32 or not hmac.compare_digest(
                 tip.mac, self._keys.mac(label, tip.entry_hash)
             ):
@@ -637,14 +663,13 @@ class AuditLedger:
         await self._storage.set_meta(CHECKPOINT_META, checkpoint.to_json())
         if self._queue is not None:
             await self.record(
-                {
-                    "what": CHECKPOINT_EVENT,
-                    "who": "broker",
-                    "when": checkpoint.time,
-                    "resource": f"audit:{checkpoint.seq}",
-                    "details": {"epoch": epoch, "seq": rec.seq, "hash": rec.entry_hash.hex()},
-                    "outcome": "OK",
-                }
+                _ledger_event(
+                    CHECKPOINT_EVENT,
+                    "broker",
+                    self._clock.now(),
+                    "signed checkpoint",
+                    {"epoch": epoch, "seq": rec.seq, "hash": rec.entry_hash.hex()},
+                )
             )
         return checkpoint
 
@@ -658,7 +683,7 @@ class AuditLedger:
             return None
 
     async def check_checkpoint(self, checkpoint: Checkpoint) -> str:
-        """"" when the ledger holds entry `checkpoint.seq` with `checkpoint.hash` and the
+        """ "" when the ledger holds entry `checkpoint.seq` with `checkpoint.hash` and the
         checkpoint was signed by this broker's checkpoint key; otherwise why not."""
         try:
             checkpoint.verify_signature()
@@ -727,7 +752,10 @@ class AuditLedger:
         self, walk: _Walk, last: AuditRecord | None, count: int
     ) -> tuple[int, str] | None:
         if walk.pending_from:
-            return walk.pending_from, f"entries from {walk.pending_from} on are not covered by any MAC"
+            return (
+                walk.pending_from,
+                f"entries from {walk.pending_from} on are not covered by any MAC",
+            )
         problem = self._diagnose(last, await self._storage.get_meta(HEAD_KEY))
         if problem:
             return count + 1 if last is None or "cut off" in problem else last.seq, problem
@@ -780,10 +808,11 @@ class AuditLedger:
             return f"entry {rec.seq} is not JSON"
         if not isinstance(event, dict) or event.get("what") != EPOCH_EVENT:
             return ""
-        epoch = event.get("epoch")
+        details = event.get("details")
+        epoch = details.get("epoch") if isinstance(details, dict) else None
         if rec.seq == 1 and epoch == 1:
             if not self._check_epoch_signature(event):
-                return f"entry 1 (the ledger's first epoch record) has an invalid signature"
+                return "entry 1 (the ledger's first epoch record) has an invalid signature"
             return ""
         if not isinstance(epoch, int) or epoch <= walk.epoch:
             return f"entry {rec.seq} starts epoch {epoch!r} after epoch {walk.epoch}"
@@ -796,10 +825,11 @@ class AuditLedger:
                 f"entries {walk.hash_only_from} to {rec.seq - 1} (epoch {walk.epoch}) are "
                 f"checked by hash chain only: MAC key '{walk.label}' is not in the key backend"
             )
+        assert isinstance(details, dict)
         walk.notes.append(
             f"epoch {epoch} begins at entry {rec.seq} ({event.get('when', '?')}, by "
             f"{event.get('who', '?')}): {event.get('reason', '')}; the ledger was found: "
-            f"{event.get('found', '?')}"
+            f"{details.get('found', '?')}"
         )
         walk.epoch = epoch
         walk.label = self._label(epoch)
@@ -807,3 +837,47 @@ class AuditLedger:
         walk.hash_only_from = 0 if walk.key_present else rec.seq
         walk.v2_seen = False
         return ""
+
+
+CHECKPOINT_LEASE = "audit.checkpoint"
+
+
+class CheckpointJob:
+    """Makes a signed checkpoint every `interval`, in one process at a time (the leader lease
+    `audit.checkpoint`, as the lease reaper does). `tick()` is cheap between checkpoints: it
+    looks at the storage only when the interval since its last look has passed."""
+
+    def __init__(
+        self,
+        ledger: AuditLedger,
+        locks: Any,
+        clock: Clock,
+        interval: dt.timedelta,
+        owner: str,
+    ) -> None:
+        self._ledger = ledger
+        self._locks = locks
+        self._clock = clock
+        self.interval = interval
+        self.owner = owner
+        self._next_look: dt.datetime | None = None
+
+    async def tick(self) -> Checkpoint | None:
+        """Make a checkpoint if this process leads and the latest is older than `interval`.
+        Returns it, or None. Raises what `make_checkpoint` raises (a broken ledger)."""
+        now = self._clock.now()
+        if self._next_look is not None and now < self._next_look:
+            return None
+        self._next_look = now + min(self.interval, dt.timedelta(minutes=1))
+        ttl = max(self.interval.total_seconds() * 2, 120.0)
+        if not await self._locks.try_lease(CHECKPOINT_LEASE, self.owner, ttl, now):
+            return None
+        latest = await self._ledger.latest_checkpoint()
+        if latest is not None:
+            with contextlib.suppress(ValueError):
+                made = dt.datetime.fromisoformat(latest.time.replace("Z", "+00:00"))
+                if now - made < self.interval:
+                    return None
+        checkpoint = await self._ledger.make_checkpoint()
+        log.info("audit checkpoint made at entry %d", checkpoint.seq)
+        return checkpoint

@@ -28,6 +28,7 @@ __all__ = [
     "DEFAULT_ATTEST_LISTEN",
     "DEFAULT_DATA_DIR",
     "DEFAULT_LISTEN",
+    "AuditConfig",
     "CAConfig",
     "Config",
     "DatabaseConfig",
@@ -114,6 +115,13 @@ class DatabaseConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """The audit ledger: how often a signed checkpoint is made (docs/ledger.md)."""
+
+    checkpoint_interval: dt.timedelta = dt.timedelta(hours=1)
+
+
+@dataclass(frozen=True)
 class Config:
     trust_domain: str
     data_dir: Path
@@ -123,6 +131,7 @@ class Config:
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     dev: bool = False
 
     @property
@@ -164,6 +173,8 @@ class Config:
             raise InvalidArgument("config: database.creation_timeout must be between 1s and 1h")
         if not dt.timedelta(0) < self.database.reaper_interval <= dt.timedelta(minutes=10):
             raise InvalidArgument("config: database.reaper_interval must be between 0 and 10m")
+        if not dt.timedelta(minutes=1) <= self.audit.checkpoint_interval <= dt.timedelta(days=7):
+            raise InvalidArgument("config: audit.checkpoint_interval must be between 1m and 7d")
         if "pin-value" in self.keys.uri:
             raise InvalidArgument("config: keys.uri must not contain a PIN; use keys.pin_source")
         return self
@@ -199,7 +210,18 @@ def _duration(section: Mapping[str, Any], key: str, default: dt.timedelta) -> dt
 
 
 _SECTIONS = {
-    "": {"trust_domain", "data_dir", "storage", "keys", "ca", "identity", "server", "database"},
+    "": {
+        "trust_domain",
+        "data_dir",
+        "storage",
+        "keys",
+        "ca",
+        "identity",
+        "server",
+        "database",
+        "audit",
+    },
+    "audit": {"checkpoint_interval"},
     "storage": {"dsn", "password_file", "password_env"},
     "keys": {"uri", "pin_source"},
     "ca": {
@@ -258,7 +280,12 @@ def config_from_document(doc: Mapping[str, Any], base_dir: Path) -> Config:
         reaper_interval=_duration(db, "reaper_interval", defaults_db.reaper_interval),
         creation_timeout=_duration(db, "creation_timeout", defaults_db.creation_timeout),
     )
+    aud = doc.get("audit", {})
+    audit = AuditConfig(
+        checkpoint_interval=_duration(aud, "checkpoint_interval", AuditConfig.checkpoint_interval),
+    )
     return Config(
+        audit=audit,
         database=database,
         trust_domain=trust_domain,
         data_dir=path(doc.get("data_dir", ".")) or base_dir,
@@ -332,6 +359,9 @@ def apply_env(config: Config, environ: Mapping[str, str] | None = None) -> Confi
         if var in env:
             database = replace(database, **{name: _duration(env, var, dt.timedelta(0))})
     config = replace(config, database=database)
+    if "BROKER_AUDIT_CHECKPOINT_INTERVAL" in env:
+        interval = _duration(env, "BROKER_AUDIT_CHECKPOINT_INTERVAL", dt.timedelta(0))
+        config = replace(config, audit=replace(config.audit, checkpoint_interval=interval))
     return replace(config, server=server, storage=storage, keys=keys, trust_domain=trust_domain)
 
 

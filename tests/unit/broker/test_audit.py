@@ -6,17 +6,27 @@ Each ledger starts with its signed epoch record (entry 1), so n recorded events 
 from __future__ import annotations
 
 import asyncio
+import base64
+import datetime as dt
 import json
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
-from broker.audit import AuditLedger, canonical_json
-from broker.errors import AuditIntegrityError, AuditWriteFailed, LedgerStartRefused, StorageError
+from broker.audit import AuditLedger, Checkpoint, CheckpointJob, canonical_json, parse_checkpoint
+from broker.errors import (
+    AuditIntegrityError,
+    AuditWriteFailed,
+    InvalidArgument,
+    LedgerStartRefused,
+    StorageError,
+)
 from broker.storage.factory import open_storage
 from broker.storage.interface import Sealer, Storage
+from ca.clock import FakeClock
 from ca.keys import KeyBackend, KeyKind, SoftwareBackend
 
 
@@ -312,7 +322,7 @@ async def test_wiped_ledger_stops_a_restart(
     await _fill(ledger, 3)
     _tamper(db, "DELETE FROM audit")
     _tamper(db, "DELETE FROM meta WHERE key = 'audit_head'")
-    with pytest.raises(LedgerStartRefused, match="docs/ledger.md"):
+    with pytest.raises(LedgerStartRefused, match=r"docs/ledger\.md"):
         await AuditLedger(storage, keys).open()
     assert _rows(db) == [] and _head(db) is None
 
@@ -414,7 +424,8 @@ async def test_new_epoch_is_recorded_signed_and_reported(
     assert keys.has_key("broker-audit-mac.2") and not keys.has_key("broker-audit-mac")
     (record,) = await led.tail(1)
     event = json.loads(record.event)
-    assert (record.seq, event["what"], event["epoch"], event["who"]) == (5, "ledger.epoch", 2, "alice")
+    epoch = event["details"]["epoch"]
+    assert (record.seq, event["what"], epoch, event["who"]) == (5, "ledger.epoch", 2, "alice")
     assert event["reason"] == "token lost in DC fire, INC-7" and event["signature"]
     led.start()
     try:
@@ -473,3 +484,115 @@ async def test_softhsm_key_removed_from_the_token_stops_the_start(
         assert len(await store.read_audit()) == 6
     finally:
         await store.close()
+
+
+# -- signed checkpoints: a witness of the past that survives the database ------------------------
+
+
+def _snapshot(db: Path, to: Path) -> None:
+    with sqlite3.connect(db) as src, sqlite3.connect(to) as dst:
+        src.backup(dst)
+
+
+async def test_checkpoint_detects_a_rollback_of_the_whole_database(
+    tmp_path: Path, keys: SoftwareBackend
+) -> None:
+    db = tmp_path / "live.db"
+    store = await open_storage(f"sqlite:///{db}")
+    await store.migrate()
+    led = AuditLedger(store, keys)
+    await led.open()
+    led.start()
+    await _fill(led, 5)
+    _snapshot(db, tmp_path / "old.db")  # an attacker keeps an older, consistent copy
+    await _fill(led, 5)
+    exported = (await led.make_checkpoint()).to_json()
+    await led.stop()
+    await store.close()
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    _snapshot(tmp_path / "old.db", db)  # ... and puts it back: the last entries vanish
+
+    store = await open_storage(f"sqlite:///{db}")
+    try:
+        rolled_back = AuditLedger(store, keys)
+        await rolled_back.open()  # consistent in itself: only a checkpoint can tell
+        assert (await rolled_back.verify()).intact
+        checkpoint = parse_checkpoint(exported)  # offline: format and signature
+        result = await rolled_back.verify(checkpoint=checkpoint)
+        assert (result.intact, result.first_broken_seq) == (False, checkpoint.seq)
+        assert "no longer has it" in result.reason
+    finally:
+        await store.close()
+
+
+async def test_checkpoint_verifies_and_detects_a_rewritten_entry(
+    ledger: AuditLedger, db: Path
+) -> None:
+    await _fill(ledger, 4)
+    checkpoint = parse_checkpoint((await ledger.make_checkpoint()).to_json())
+    await ledger.drain()
+    result = await ledger.verify(checkpoint=checkpoint)
+    assert result.intact, result.reason
+    assert any(f"(entry {checkpoint.seq}) is in the ledger" in n for n in result.notes)
+    tail = json.loads((await ledger.tail(1))[0].event)
+    assert tail["what"] == "ledger.checkpoint"  # making one is itself recorded
+    _tamper(db, "UPDATE audit SET entry_hash = zeroblob(32) WHERE seq = ?", checkpoint.seq)
+    assert "differs from the one the checkpoint witnessed" in (
+        await ledger.check_checkpoint(checkpoint)
+    )
+
+
+async def test_forged_checkpoints_are_refused(ledger: AuditLedger) -> None:
+    await _fill(ledger, 2)
+    doc = json.loads((await ledger.make_checkpoint()).to_json())
+    with pytest.raises(InvalidArgument, match="signature does not verify"):
+        parse_checkpoint(json.dumps({**doc, "seq": doc["seq"] + 1}))
+    with pytest.raises(InvalidArgument, match="not a broker-audit-checkpoint"):
+        parse_checkpoint("{}")
+    # a checkpoint that verifies under somebody else's key is not this broker's
+    other = AuditLedger(ledger._storage, SoftwareBackend())
+    other._ensure_checkpoint_key()
+    foreign = Checkpoint(
+        epoch=1,
+        seq=doc["seq"],
+        hash=bytes.fromhex(doc["hash"]),
+        time=doc["time"],
+        key="x",
+        public_key_pem=other._keys.public_key("broker-audit-checkpoint")
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode(),
+        signature=b"",
+    )
+    signed = Checkpoint(
+        **{
+            **foreign.__dict__,
+            "signature": base64.b64decode(other._sign(foreign.payload())),
+        }
+    )
+    parse_checkpoint(signed.to_json())  # well-formed and self-consistent ...
+    assert "not signed by this broker" in await ledger.check_checkpoint(signed)
+
+
+async def test_checkpoint_job_runs_on_the_leader_at_its_interval(
+    storage: Storage, keys: SoftwareBackend
+) -> None:
+    clock = FakeClock()
+    led = AuditLedger(storage, keys, clock=clock)
+    await led.open()
+    led.start()
+    try:
+        interval = dt.timedelta(minutes=30)
+        job = CheckpointJob(led, storage, clock, interval, "a")
+        other = CheckpointJob(led, storage, clock, interval, "b")
+        first = await job.tick()
+        assert first is not None
+        assert await other.tick() is None  # not the leader
+        assert await job.tick() is None  # not due yet
+        clock.advance(minutes=31)
+        second = await job.tick()
+        assert second is not None and second.seq > first.seq
+        latest = await led.latest_checkpoint()
+        assert latest is not None and latest.seq == second.seq
+    finally:
+        await led.stop()
