@@ -688,8 +688,7 @@ def audit_verify(ctx: click.Context, checkpoint_file: Path | None) -> None:
 
 @audit.command("checkpoint")
 @click.option(
-    "--output",
-    "-o",
+    "--out",
     "output_file",
     type=click.Path(path_type=Path, dir_okay=False),
     help="Write the checkpoint to FILE instead of stdout.",
