@@ -645,9 +645,23 @@ def audit() -> None:
     type=click.Path(path_type=Path, dir_okay=False),
     help="An exported checkpoint: also check that the ledger still holds what it witnessed.",
 )
+@click.option(
+    "--offline",
+    is_flag=True,
+    help="Read the database and key backend directly (the dev data dir, or --config), not "
+    "through a broker: for a broker that refuses to start or to write.",
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="With --offline: the broker's configuration file (TOML).",
+)
 @_connection_options(on_group=False)
 @click.pass_context
-def audit_verify(ctx: click.Context, checkpoint_file: Path | None) -> None:
+def audit_verify(
+    ctx: click.Context, checkpoint_file: Path | None, offline: bool, config_file: Path | None
+) -> None:
     """Check the whole hash chain and every MAC; exit 1 if anything is broken."""
     checkpoint_json = ""
     if checkpoint_file is not None:
@@ -660,7 +674,13 @@ def audit_verify(ctx: click.Context, checkpoint_file: Path | None) -> None:
         except InvalidArgument as exc:
             raise Refusal(_one_line(f"{checkpoint_file}: {exc}")) from None
         checkpoint_json = text
-    result = _client(ctx).audit_verify(checkpoint_json)
+    if config_file is not None and not offline:
+        raise click.UsageError("--config goes with --offline", ctx)
+    result: Any
+    if offline:
+        result = _verify_offline(ctx, config_file, checkpoint_json)
+    else:
+        result = _client(ctx).audit_verify(checkpoint_json)
     if _output(ctx) == "json":
         click.echo(
             clioutput.dumps(
@@ -684,6 +704,31 @@ def audit_verify(ctx: click.Context, checkpoint_file: Path | None) -> None:
         click.echo(f"audit ledger intact: {result.entries} entries")
         for note in result.notes:
             click.echo(f"  note: {_one_line(note)}")
+
+
+def _offline_options(ctx: click.Context, config_file: Path | None, reason: str | None) -> Any:
+    from broker.daemon import ServeOptions
+
+    data_dir = Path(_setting(ctx, "data_dir") or DEFAULT_DATA_DIR)
+    if config_file is None and not data_dir.is_dir():
+        raise Refusal(f"no broker data directory at {data_dir} (give --data-dir or --config)")
+    return ServeOptions(
+        dev=config_file is None,
+        data_dir=data_dir,
+        config_file=config_file,
+        new_ledger_epoch=reason,
+    )
+
+
+def _verify_offline(ctx: click.Context, config_file: Path | None, checkpoint_json: str) -> Any:
+    from broker.daemon import verify_ledger
+    from broker.errors import BrokerError
+    from ca.errors import CAError
+
+    try:
+        return verify_ledger(_offline_options(ctx, config_file, None), checkpoint_json)
+    except (BrokerError, CAError) as exc:
+        raise Refusal(_one_line(str(exc)) or type(exc).__name__) from None
 
 
 @audit.command("checkpoint")

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.app import Application
+from broker.audit import Verification
 from broker.config import DEFAULT_LISTEN, Config, load_config
 from broker.errors import InvalidArgument, Unavailable
 from broker.logs import configure as configure_logs
@@ -207,14 +208,34 @@ def new_ledger_epoch(options: ServeOptions) -> tuple[int, int]:
         finally:
             await app.close()
 
-    result: tuple[int, int] = (0, 0)
+    result: list[tuple[int, int]] = []
 
     async def keep() -> None:
-        nonlocal result
-        result = await run()
+        result.append(await run())
 
     _run(keep())
-    return result
+    return result[0]
+
+
+def verify_ledger(options: ServeOptions, checkpoint_json: str = "") -> Verification:
+    """`broker audit verify --offline`: verify the ledger straight from storage and the key
+    backend, without a running broker (and without writing anything)."""
+    from broker.audit import parse_checkpoint
+
+    _configure_logging()
+    config = build_config(options)
+    checkpoint = parse_checkpoint(checkpoint_json) if checkpoint_json else None
+    result: list[Verification] = []
+
+    async def run() -> None:
+        app = await _open(config)
+        try:
+            result.append(await app.ledger.verify(checkpoint=checkpoint))
+        finally:
+            await app.close()
+
+    _run(run())
+    return result[0]
 
 
 async def _bootstrap(config: Config, new_epoch: str | None = None) -> None:

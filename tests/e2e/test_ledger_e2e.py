@@ -4,6 +4,7 @@ new epoch on purpose; verify then reports the boundary, and an exported checkpoi
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -68,6 +69,18 @@ def test_lost_audit_key_stops_the_broker_until_a_new_epoch(tmp_path: Path) -> No
         last = refused.stderr.strip().splitlines()[-1]
         assert last.startswith("broker: the audit MAC key 'broker-audit-mac' is missing"), last
         assert "docs/ledger.md" in last and "broker audit new-epoch" in last
+        offline = _python(
+            data_dir,
+            "-m",
+            "broker.cli",
+            "audit",
+            "verify",
+            "--offline",
+            "--data-dir",
+            str(data_dir),
+        )
+        assert offline.returncode == 1
+        assert "MAC key 'broker-audit-mac' is missing" in offline.stderr
 
         # the operator starts a new epoch on purpose, offline
         epoch = _python(
@@ -91,5 +104,36 @@ def test_lost_audit_key_stops_the_broker_until_a_new_epoch(tmp_path: Path) -> No
         assert "epoch 2 begins at entry" in verified and "audit key lost, INC-42" in verified
         assert "checked by hash chain only" in verified
         assert "checkpoint of" in verified
+    finally:
+        server.ensure_stopped()
+
+
+def test_cut_off_tail_makes_the_broker_refuse_until_an_operator_acts(tmp_path: Path) -> None:
+    """Finding 1 as reported: delete the last row (after dropping the append-only trigger); the
+    next requests must not chain onto the shortened ledger and make it look intact."""
+    data_dir = tmp_path / "data"
+    server = BrokerProcess(data_dir, tmp_path)
+    cli = BrokerCli(server, tmp_path)
+    server.start()
+    try:
+        cli.ok("ca", "status")
+        cli.ok("audit", "tail", "-n", "1")
+        with sqlite3.connect(data_dir / "broker.db") as conn:
+            conn.execute("DROP TRIGGER audit_no_delete")
+            conn.execute("DELETE FROM audit WHERE seq = (SELECT MAX(seq) FROM audit)")
+            rows = conn.execute("SELECT COUNT(*) FROM audit").fetchone()[0]
+        for _ in range(2):  # the first verify used to be appended and "repair" the second
+            refused = cli.run("audit", "verify")
+            assert refused.returncode == 1
+            assert refused.stderr_lines == [
+                "broker: failed precondition: audit ledger failed its integrity check; request "
+                "refused "
+                "(operators: broker audit verify, docs/ledger.md#key-loss-runbook)"
+            ], refused.describe()
+        offline = cli.run("audit", "verify", "--offline")
+        assert offline.returncode == 1
+        assert "were cut off the end of the ledger" in offline.stderr, offline.describe()
+        with sqlite3.connect(data_dir / "broker.db") as conn:
+            assert conn.execute("SELECT COUNT(*) FROM audit").fetchone()[0] == rows
     finally:
         server.ensure_stopped()
