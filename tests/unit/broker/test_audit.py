@@ -596,3 +596,49 @@ async def test_checkpoint_job_runs_on_the_leader_at_its_interval(
         assert latest is not None and latest.seq == second.seq
     finally:
         await led.stop()
+
+
+async def test_a_ledger_written_in_the_previous_format_keeps_verifying_and_continues(
+    storage: Storage, keys: SoftwareBackend, db: Path
+) -> None:
+    """Upgrade: entries MACed the old way (HMAC of the last entry's hash per group, head
+    "seq:mac") verify as before; new groups continue the chain in the new format."""
+    from broker.audit import chain_hash
+
+    keys.create_key("broker-audit-mac", KeyKind.HMAC_SHA256)
+
+    def old_sealer(count: int) -> Sealer:
+        done = 0
+
+        def seal(seq: int, prev: bytes, event: str) -> tuple[bytes, bytes]:
+            nonlocal done
+            done += 1
+            digest = chain_hash(prev, seq, event)
+            return digest, keys.mac("broker-audit-mac", digest) if done == count else b""
+
+        return seal
+
+    def old_head(seq: int) -> tuple[str, str]:
+        return (
+            "audit_head",
+            f"{seq}:{keys.mac('broker-audit-mac', f'audit-head:{seq}'.encode()).hex()}",
+        )
+
+    for group in (["a", "b", "c"], ["d"]):
+        events = [canonical_json({"who": "old", "what": e}) for e in group]
+        await storage.append_audit(events, old_sealer(len(events)), old_head)
+    led = AuditLedger(storage, keys)
+    await led.open()
+    led.start()
+    try:
+        await _fill(led, 3)
+    finally:
+        await led.stop()
+    result = await led.verify()
+    assert (result.intact, result.entries) == (True, 7), result.reason
+    # the old format is no excuse once the new one began: an old-style MAC there is refused
+    last = (await storage.read_audit())[-1]
+    old_style = keys.mac("broker-audit-mac", last.entry_hash)
+    _tamper(db, "UPDATE audit SET mac = ? WHERE seq = ?", old_style, last.seq)
+    result = await led.verify()
+    assert (result.intact, result.first_broken_seq) == (False, last.seq)
