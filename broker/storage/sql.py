@@ -419,11 +419,13 @@ class SqlStorage:
             )
         async with self._b.transaction(write=True) as tx:
             await tx.lock(AUDIT_LOCK_KEY)
-            row = await tx.fetchrow(_SELECT_TIP)
+            # One round trip for the newest entry and the head (each await is a thread hop on
+            # SQLite, and this runs once per committed group).
+            row = await tx.fetchrow(_SELECT_TIP_AND_HEAD, "" if guard is None else guard.head_key)
+            tip = _tip(row)
             if guard is not None:
-                meta = await tx.fetchrow(_SELECT_META, guard.head_key)
-                guard.check(None if row is None else _audit(row), _meta_value(meta))
-            rows = _seal_rows(row, events, seal)
+                guard.check(tip, _meta_value(row))
+            rows = _seal_rows(tip, events, seal)
             await tx.executemany(_INSERT_AUDIT, rows)
             if head is not None:
                 await tx.execute(_UPSERT_META, *head(rows[-1][0]))
@@ -513,10 +515,23 @@ def _check_limit(limit: int) -> None:
 
 
 def _meta_value(row: Row | None) -> str | None:
-    return None if row is None else str(row[0])
+    """The first column (meta.value) of a row, or None."""
+    return None if row is None or row[0] is None else str(row[0])
 
 
-_SELECT_TIP = "SELECT seq, event, prev_hash, entry_hash, mac FROM audit ORDER BY seq DESC LIMIT 1"
+def _tip(row: Row | None) -> AuditRecord | None:
+    """The newest entry from a `_SELECT_TIP_AND_HEAD` row (its event is not loaded: "")."""
+    if row is None or row[1] is None:
+        return None
+    return AuditRecord(int(row[1]), "", bytes(row[2]), bytes(row[3]), bytes(row[4]))
+
+
+# Always exactly one row: (head value or NULL, newest seq, prev_hash, entry_hash, mac or NULLs).
+_SELECT_TIP_AND_HEAD = (
+    "SELECT m.value, a.seq, a.prev_hash, a.entry_hash, a.mac FROM (SELECT 1 AS one) o "
+    "LEFT JOIN (SELECT seq, prev_hash, entry_hash, mac FROM audit ORDER BY seq DESC LIMIT 1) a "
+    "ON TRUE LEFT JOIN meta m ON m.key = ?"
+)
 _SELECT_META = "SELECT value FROM meta WHERE key = ?"
 _INSERT_AUDIT = "INSERT INTO audit (seq, event, prev_hash, entry_hash, mac) VALUES (?, ?, ?, ?, ?)"
 _UPSERT_META = (
@@ -526,11 +541,10 @@ _UPSERT_META = (
 
 
 def _seal_rows(
-    head: Row | None, events: Sequence[str], seal: Sealer
+    head: AuditRecord | None, events: Sequence[str], seal: Sealer
 ) -> list[tuple[int, str, bytes, bytes, bytes]]:
-    """Chain `events` onto `head` (the newest row as read by `_SELECT_TIP`, or None):
-    (seq, event, prev, hash, mac)."""
-    seq, prev = (0, ZERO_HASH) if head is None else (int(head[0]), bytes(head[3]))
+    """Chain `events` onto `head` (the newest entry, or None): (seq, event, prev, hash, mac)."""
+    seq, prev = (0, ZERO_HASH) if head is None else (head.seq, head.entry_hash)
     rows: list[tuple[int, str, bytes, bytes, bytes]] = []
     for event in events:
         seq += 1
@@ -552,11 +566,11 @@ def _append_audit_sync(
     conn: Any,
 ) -> list[int]:
     """The whole append on a DB-API connection already inside a write transaction."""
-    row = conn.execute(_SELECT_TIP).fetchone()
+    row = conn.execute(_SELECT_TIP_AND_HEAD, ("" if guard is None else guard.head_key,)).fetchone()
+    tip = _tip(row)
     if guard is not None:
-        meta = conn.execute(_SELECT_META, (guard.head_key,)).fetchone()
-        guard.check(None if row is None else _audit(row), _meta_value(meta))
-    rows = _seal_rows(row, events, seal)
+        guard.check(tip, _meta_value(row))
+    rows = _seal_rows(tip, events, seal)
     conn.executemany(_INSERT_AUDIT, rows)
     if head is not None:
         conn.execute(_UPSERT_META, head(rows[-1][0]))
