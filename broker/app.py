@@ -228,7 +228,7 @@ class Application:
                     next_rotation = loop.time() + interval
                     await self.ca.rotate(force=False)
                 await self.secret_janitor.tick()
-                await self.checkpoints.tick()
+                await self._checkpoint()
                 now = self.clock.now()
                 bundle_changed = self.ca.bundle().sequence != last_bundle
                 if bundle_changed or serving.not_after - now < ttl / 2:
@@ -244,6 +244,14 @@ class Application:
                     self.write_operator_identity()
             except Exception:
                 log.exception("background job failed; retrying")
+
+
+    async def _checkpoint(self) -> None:
+        # A broken ledger (already alarmed by the ledger itself) must not stop the other jobs.
+        try:
+            await self.checkpoints.tick()
+        except Exception as exc:
+            log.warning("audit checkpoint not made: %s", exc)
 
 
 def _is_ip(name: str) -> bool:
