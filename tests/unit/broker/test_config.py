@@ -115,5 +115,5 @@ def test_audit_checkpoint_interval_from_file_and_env_and_bounds(tmp_path: Path) 
     assert load_config(path, environ=env).audit.checkpoint_interval == dt.timedelta(hours=2)
     for bad in ("10s", "8d"):
         bad_path = _write(tmp_path, GOOD + f'\n[audit]\ncheckpoint_interval = "{bad}"\n')
-        with pytest.raises(InvalidArgument, match="audit.checkpoint_interval"):
+        with pytest.raises(InvalidArgument, match=r"audit\.checkpoint_interval"):
             load_config(bad_path, environ={})
