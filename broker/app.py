@@ -245,7 +245,6 @@ class Application:
             except Exception:
                 log.exception("background job failed; retrying")
 
-
     async def _checkpoint(self) -> None:
         # A broken ledger (already alarmed by the ledger itself) must not stop the other jobs.
         try:
