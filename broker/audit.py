@@ -253,6 +253,14 @@ def parse_checkpoint(text: str) -> Checkpoint:
     return checkpoint
 
 
+class _TipMismatch(Exception):
+    """Raised by the append guard: the newest entry and the head disagree."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(problem)
+        self.problem = problem
+
+
 @dataclass
 class _Pending:
     event: str
@@ -331,7 +339,8 @@ class AuditLedger:
         return self._label(self._epoch)
 
     def add_integrity_hook(self, hook: IntegrityHook) -> None:
-        """Called (with the reason) every time the writer refuses to append to a broken ledger."""
+        """Called (with the reason, on the event loop's thread) every time the writer refuses
+        to append to a broken ledger or a checkpoint finds it broken. Must not block."""
         self._hooks.append(hook)
 
     async def open(self, *, new_epoch_reason: str | None = None, actor: str = "") -> None:
@@ -540,11 +549,8 @@ class AuditLedger:
             return  # exactly what this process wrote or verified last: nothing to recompute
         problem = self._diagnose(tip, head_value)
         if problem:
-            self._integrity_failure(problem)
-            raise AuditIntegrityError(
-                "audit ledger failed its integrity check; request refused "
-                f"(operators: broker audit verify, {RUNBOOK})"
-            )
+            # May run on the database thread: the alarm is raised by the writer, on the loop.
+            raise _TipMismatch(problem)
         assert tip is not None and head_value is not None
         self._tip = _Tip(tip.seq, tip.entry_hash, tip.mac, head_value)
 
@@ -607,13 +613,16 @@ class AuditLedger:
             try:
                 seqs = await self._append([p.event for p in group], guard=self._guard())
             except Exception as exc:  # every waiting request must learn of the failure
-                failure = (
-                    exc
-                    if isinstance(exc, AuditIntegrityError)
-                    else AuditWriteFailed("audit ledger write failed; request refused")
-                )
-                if not isinstance(exc, AuditIntegrityError):
+                failure: AuditWriteFailed
+                if isinstance(exc, _TipMismatch):
+                    self._integrity_failure(exc.problem)
+                    failure = AuditIntegrityError(
+                        "audit ledger failed its integrity check; request refused "
+                        f"(operators: broker audit verify, {RUNBOOK})"
+                    )
+                else:
                     log.error("audit write failed: %s", type(exc).__name__)
+                    failure = AuditWriteFailed("audit ledger write failed; request refused")
                 for p in group:
                     if not p.done.done():
                         p.done.set_exception(failure)
