@@ -320,6 +320,7 @@ class AuditLedger:
         self._queue: asyncio.Queue[_Pending] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._tip: _Tip | None = None
+        self._broken = ""  # why the writer last refused; "" once an append succeeds again
         self._opened = False
         self._hooks: list[IntegrityHook] = []
         if on_integrity_failure is not None:
@@ -500,6 +501,7 @@ class AuditLedger:
         seqs = await self._storage.append_audit(
             events, self._sealer(len(events), sealed), self._head_recorder(sealed), guard
         )
+        self._broken = ""
         self._tip = _Tip(
             sealed.last,
             sealed.last_hash,
@@ -554,7 +556,19 @@ class AuditLedger:
         assert tip is not None and head_value is not None
         self._tip = _Tip(tip.seq, tip.entry_hash, tip.mac, head_value)
 
+    def ensure_writable(self) -> None:
+        """Raise AuditIntegrityError while the writer knows the ledger is broken, so that the
+        request pipeline refuses a request BEFORE it acts (its event could not be recorded).
+        Cheap (no I/O): the state is learnt from the last append, and cleared by the next one
+        that passes the check (after an operator restored the ledger)."""
+        if self._broken:
+            raise AuditIntegrityError(
+                "audit ledger failed its integrity check; request refused "
+                f"(operators: broker audit verify, {RUNBOOK})"
+            )
+
     def _integrity_failure(self, problem: str) -> None:
+        self._broken = problem
         log.critical("audit ledger integrity failure, writes refused: %s", problem)
         metrics.record_audit_integrity_failure()
         for hook in self._hooks:
