@@ -55,6 +55,7 @@ from broker import metrics
 from broker.errors import AuditIntegrityError, AuditWriteFailed, InvalidArgument, LedgerStartRefused
 from broker.storage.interface import AuditRecord, Sealer, Storage, TipGuard
 from ca.clock import Clock, SystemClock
+from ca.errors import CAError
 from ca.keys import KeyBackend, KeyKind
 
 __all__ = [
@@ -452,7 +453,7 @@ class AuditLedger:
             self._keys.public_key(CHECKPOINT_KEY_LABEL).verify(
                 signature, canonical_json(body).encode(), _ECDSA
             )
-        except (ValueError, InvalidSignature):
+        except (ValueError, InvalidSignature, CAError):  # CAError: the checkpoint key is gone
             return False
         return True
 
@@ -824,6 +825,22 @@ class AuditLedger:
             return ""
         return f"entry {rec.seq} has an invalid MAC"
 
+    def _epoch_signature(
+        self, rec: AuditRecord, event: Mapping[str, Any], epoch: int, walk: _Walk
+    ) -> str:
+        """An epoch record must verify under the checkpoint key. If that key was lost and made
+        anew, the record is still trusted through its epoch's MAC (checked with its group),
+        which needs that epoch's MAC key: without either, it is refused."""
+        if self._check_epoch_signature(event):
+            return ""
+        if self._keys.has_key(self._label(epoch)):
+            walk.notes.append(
+                f"entry {rec.seq} (start of epoch {epoch}) is not signed by the current "
+                "checkpoint key (lost and made anew?); it is trusted through its MAC"
+            )
+            return ""
+        return f"entry {rec.seq} (start of epoch {epoch}) has an invalid signature"
+
     def _enter_epoch(self, rec: AuditRecord, walk: _Walk) -> str:
         try:
             event = json.loads(rec.event)
@@ -834,15 +851,14 @@ class AuditLedger:
         details = event.get("details")
         epoch = details.get("epoch") if isinstance(details, dict) else None
         if rec.seq == 1 and epoch == 1:
-            if not self._check_epoch_signature(event):
-                return "entry 1 (the ledger's first epoch record) has an invalid signature"
-            return ""
+            return self._epoch_signature(rec, event, 1, walk)
         if not isinstance(epoch, int) or epoch <= walk.epoch:
             return f"entry {rec.seq} starts epoch {epoch!r} after epoch {walk.epoch}"
         if walk.pending_from:
             return f"entries from {walk.pending_from} on are not covered by any MAC"
-        if not self._check_epoch_signature(event):
-            return f"entry {rec.seq} (start of epoch {epoch}) has an invalid signature"
+        problem = self._epoch_signature(rec, event, epoch, walk)
+        if problem:
+            return problem
         if walk.hash_only_from:
             walk.notes.append(
                 f"entries {walk.hash_only_from} to {rec.seq - 1} (epoch {walk.epoch}) are "

@@ -642,3 +642,43 @@ async def test_a_ledger_written_in_the_previous_format_keeps_verifying_and_conti
     _tamper(db, "UPDATE audit SET mac = ? WHERE seq = ?", old_style, last.seq)
     result = await led.verify()
     assert (result.intact, result.first_broken_seq) == (False, last.seq)
+
+
+async def test_a_lost_checkpoint_key_leaves_epoch_records_trusted_by_their_mac(
+    storage: Storage, keys: SoftwareBackend, ledger: AuditLedger
+) -> None:
+    await _fill(ledger, 2)
+    keys.destroy_key("broker-audit-checkpoint")
+    result = await ledger.verify()  # no checkpoint key at all: reported, not a crash
+    assert result.intact, result.reason
+    assert any("not signed by the current checkpoint key" in n for n in result.notes)
+    await ledger.stop()
+    await AuditLedger(storage, keys).open()  # made anew at start, with a warning
+    assert keys.has_key("broker-audit-checkpoint")
+    assert (await ledger.verify()).intact
+
+
+async def test_epoch_record_forged_for_a_key_that_does_not_exist_is_refused(
+    storage: Storage, keys: SoftwareBackend, ledger: AuditLedger, db: Path
+) -> None:
+    """A fake 'epoch 2' pointing at a missing key would switch verify to hash-only checking:
+    without the checkpoint key's signature it is refused."""
+    await _fill(ledger, 2)
+    await ledger.stop()
+    (last,) = await storage.audit_tail(1)
+    from broker.audit import chain_hash
+
+    forged = canonical_json(
+        {"what": "ledger.epoch", "who": "x", "details": {"epoch": 2}, "signature": "AAAA"}
+    )
+    _tamper(
+        db,
+        "INSERT INTO audit (seq, event, prev_hash, entry_hash, mac) VALUES (?, ?, ?, ?, x'')",
+        last.seq + 1,
+        forged,
+        last.entry_hash,
+        chain_hash(last.entry_hash, last.seq + 1, forged),
+    )
+    result = await AuditLedger(storage, keys).verify()
+    assert (result.intact, result.first_broken_seq) == (False, last.seq + 1)
+    assert "invalid signature" in result.reason
