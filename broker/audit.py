@@ -555,6 +555,9 @@ class AuditLedger:
             # May run on the database thread: the alarm is raised by the writer, on the loop.
             raise _TipMismatch(problem)
         assert tip is not None and head_value is not None
+        head = _parse_head(head_value)
+        if head is not None:  # another process may have started a new epoch meanwhile
+            self._epoch = head.epoch
         self._tip = _Tip(tip.seq, tip.entry_hash, tip.mac, head_value)
 
     def ensure_writable(self) -> None:

@@ -682,3 +682,16 @@ async def test_epoch_record_forged_for_a_key_that_does_not_exist_is_refused(
     result = await AuditLedger(storage, keys).verify()
     assert (result.intact, result.first_broken_seq) == (False, last.seq + 1)
     assert "invalid signature" in result.reason
+
+
+async def test_a_running_writer_follows_a_new_epoch_started_by_another_process(
+    storage: Storage, keys: SoftwareBackend, ledger: AuditLedger
+) -> None:
+    await _fill(ledger, 2)
+    other = AuditLedger(storage, keys)
+    await other.open(new_epoch_reason="key rotation, CHG-9", actor="bob")
+    await ledger.record({"who": "spiffe://td/s/after", "what": "svid.mint"})
+    assert ledger.epoch == 2
+    result = await ledger.verify()
+    assert result.intact, result.reason
+    assert any("epoch 2 begins" in n for n in result.notes)
