@@ -362,10 +362,11 @@ class AuditLedger:
         if head is not None:
             self._epoch = head.epoch
         fresh = not tip and head_value is None
-        if fresh and not self._keys.has_key(self._label(1)) and new_epoch_reason is None:
+        if fresh and not self._keys.has_key(self._label(1)):
             self._ensure_checkpoint_key(first_start=True)
             self._keys.create_key(self._label(1), KeyKind.HMAC_SHA256)
-            await self._write_epoch(1, None, "first start", actor or "broker", "new ledger")
+            reason = " ".join((new_epoch_reason or "first start").split()) or "first start"
+            await self._write_epoch(1, None, reason, actor or "broker", "new ledger")
             self._opened = True
             return
         if new_epoch_reason is not None:
@@ -386,7 +387,7 @@ class AuditLedger:
             raise LedgerStartRefused(
                 f"the audit ledger failed its start-up check: {problem}. Either the database "
                 f"was altered or the audit MAC key '{label}' was changed; run `broker audit "
-                f"verify` offline, then follow {RUNBOOK}"
+                f"verify --offline`, then follow {RUNBOOK}"
             )
         self._ensure_checkpoint_key()
         self._opened = True

@@ -695,3 +695,13 @@ async def test_a_running_writer_follows_a_new_epoch_started_by_another_process(
     result = await ledger.verify()
     assert result.intact, result.reason
     assert any("epoch 2 begins" in n for n in result.notes)
+
+
+async def test_new_epoch_flag_on_a_first_start_just_starts_epoch_one(
+    storage: Storage, keys: SoftwareBackend
+) -> None:
+    led = AuditLedger(storage, keys)
+    await led.open(new_epoch_reason="fresh install", actor="alice")
+    assert led.epoch == 1 and not keys.has_key("broker-audit-mac.2")
+    result = await led.verify()
+    assert (result.intact, result.entries, result.notes) == (True, 1, ())
