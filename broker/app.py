@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from broker.access import AccessControl
 from broker.anomaly import AnomalyDetector
-from broker.audit import AuditLedger
+from broker.audit import AuditLedger, CheckpointJob
 from broker.authority import CAService, CAServiceConfig
 from broker.config import Config
 from broker.database.credentials import CredentialService, DatabaseSettings
@@ -90,7 +90,16 @@ class Application:
             storage,
             clock,
         )
-        self.ledger = AuditLedger(storage, keys)
+        # Integrity failures are logged CRITICAL and counted by the ledger itself; more hooks
+        # (pager, webhook) attach with `ledger.add_integrity_hook`.
+        self.ledger = AuditLedger(storage, keys, clock=clock)
+        self.checkpoints = CheckpointJob(
+            self.ledger,
+            storage,
+            clock,
+            config.audit.checkpoint_interval,
+            f"checkpoint-{uuid.uuid4().hex}",
+        )
         self.envelope = Envelope(keys, storage)
         # Every store of sealed blobs registers here, so KEK rotation reaches all of them.
         self.sealed_stores: list[SealedStore] = []
@@ -156,11 +165,14 @@ class Application:
         )
         self._operator_expiry: dt.datetime | None = None
 
-    async def start(self) -> None:
-        """Migrate storage, make sure the CA and the audit key exist, start the ledger."""
+    async def start(self, *, new_ledger_epoch: str | None = None) -> None:
+        """Migrate storage, check the audit ledger and its keys (raises LedgerStartRefused when
+        a key is missing or changed, or the ledger's tail does not match its head, unless
+        `new_ledger_epoch` gives the operator's reason to start a new epoch), make sure the CA
+        exists, start the ledger."""
         await self.storage.migrate()
         await self.access.load()
-        self.ledger.ensure_key()
+        await self.ledger.open(new_epoch_reason=new_ledger_epoch, actor="operator (serve)")
         await self.secrets.start(self.secret_mac)
         await self.ca.bootstrap()
         await self.workloads.refresh_denylist()
@@ -242,6 +254,7 @@ class Application:
                     next_rotation = loop.time() + interval
                     await self.ca.rotate(force=False)
                 await self.secret_janitor.tick()
+                await self._checkpoint()
                 now = self.clock.now()
                 bundle_changed = self.ca.bundle().sequence != last_bundle
                 if bundle_changed or serving.not_after - now < ttl / 2:
@@ -257,6 +270,13 @@ class Application:
                     self.write_operator_identity()
             except Exception:
                 log.exception("background job failed; retrying")
+
+    async def _checkpoint(self) -> None:
+        # A broken ledger (already alarmed by the ledger itself) must not stop the other jobs.
+        try:
+            await self.checkpoints.tick()
+        except Exception as exc:
+            log.warning("audit checkpoint not made: %s", exc)
 
 
 def _is_ip(name: str) -> bool:

@@ -80,7 +80,9 @@ class BrokerAPI(Protocol):
 
     def set_policy(self, document_json: str) -> int: ...
 
-    def audit_verify(self) -> AuditVerification: ...
+    def audit_verify(self, checkpoint_json: str = "") -> AuditVerification: ...
+
+    def audit_checkpoint(self, fresh: bool = False) -> str: ...
 
     def audit_tail(self, limit: int = 20) -> list[AuditEntry]: ...
 
@@ -376,6 +378,13 @@ def cli() -> None:
     type=click.IntRange(1, 64),
     help="Worker processes sharing the port [default: 1, or server.workers].",
 )
+@click.option(
+    "--new-ledger-epoch",
+    "new_ledger_epoch",
+    metavar="REASON",
+    help="Start a new audit ledger epoch (new MAC key, signed record) before serving: only "
+    "after the audit MAC key was lost (docs/ledger.md).",
+)
 @click.pass_context
 def serve(
     ctx: click.Context,
@@ -383,6 +392,7 @@ def serve(
     config_file: Path | None,
     listen: str | None,
     workers: int | None,
+    new_ledger_epoch: str | None,
 ) -> None:
     """Run the broker until SIGINT/SIGTERM."""
     if dev == (config_file is not None):
@@ -398,6 +408,7 @@ def serve(
         listen=listen,
         config_file=config_file,
         workers=workers,
+        new_ledger_epoch=new_ledger_epoch,
     )
     try:
         run_daemon(options)
@@ -659,11 +670,48 @@ def audit() -> None:
 
 
 @audit.command("verify")
+@click.option(
+    "--checkpoint",
+    "checkpoint_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="An exported checkpoint: also check that the ledger still holds what it witnessed.",
+)
+@click.option(
+    "--offline",
+    is_flag=True,
+    help="Read the database and key backend directly (the dev data dir, or --config), not "
+    "through a broker: for a broker that refuses to start or to write.",
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="With --offline: the broker's configuration file (TOML).",
+)
 @_connection_options(on_group=False)
 @click.pass_context
-def audit_verify(ctx: click.Context) -> None:
+def audit_verify(
+    ctx: click.Context, checkpoint_file: Path | None, offline: bool, config_file: Path | None
+) -> None:
     """Check the whole hash chain and every MAC; exit 1 if anything is broken."""
-    result = _client(ctx).audit_verify()
+    checkpoint_json = ""
+    if checkpoint_file is not None:
+        from broker.audit import parse_checkpoint
+        from broker.errors import InvalidArgument
+
+        text = _read_input_file(checkpoint_file, "checkpoint file").decode(errors="replace")
+        try:
+            parse_checkpoint(text)  # offline: format and signature, before asking the broker
+        except InvalidArgument as exc:
+            raise Refusal(_one_line(f"{checkpoint_file}: {exc}")) from None
+        checkpoint_json = text
+    if config_file is not None and not offline:
+        raise click.UsageError("--config goes with --offline", ctx)
+    result: Any
+    if offline:
+        result = _verify_offline(ctx, config_file, checkpoint_json)
+    else:
+        result = _client(ctx).audit_verify(checkpoint_json)
     if _output(ctx) == "json":
         click.echo(
             clioutput.dumps(
@@ -672,6 +720,7 @@ def audit_verify(ctx: click.Context) -> None:
                     "entries": result.entries,
                     "first_broken_seq": result.first_broken_seq,
                     "reason": result.reason,
+                    "notes": list(result.notes),
                 }
             )
         )
@@ -684,6 +733,92 @@ def audit_verify(ctx: click.Context) -> None:
         )
     if _output(ctx) != "json":
         click.echo(f"audit ledger intact: {result.entries} entries")
+        for note in result.notes:
+            click.echo(f"  note: {_one_line(note)}")
+
+
+def _offline_options(ctx: click.Context, config_file: Path | None, reason: str | None) -> Any:
+    from broker.daemon import ServeOptions
+
+    data_dir = Path(_setting(ctx, "data_dir") or DEFAULT_DATA_DIR)
+    if config_file is None and not data_dir.is_dir():
+        raise Refusal(f"no broker data directory at {data_dir} (give --data-dir or --config)")
+    return ServeOptions(
+        dev=config_file is None,
+        data_dir=data_dir,
+        config_file=config_file,
+        new_ledger_epoch=reason,
+    )
+
+
+def _verify_offline(ctx: click.Context, config_file: Path | None, checkpoint_json: str) -> Any:
+    from broker.daemon import verify_ledger
+    from broker.errors import BrokerError
+    from ca.errors import CAError
+
+    try:
+        return verify_ledger(_offline_options(ctx, config_file, None), checkpoint_json)
+    except (BrokerError, CAError) as exc:
+        raise Refusal(_one_line(str(exc)) or type(exc).__name__) from None
+
+
+@audit.command("checkpoint")
+@click.option(
+    "--out",
+    "output_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Write the checkpoint to FILE instead of stdout.",
+)
+@click.option("--new", "fresh", is_flag=True, help="Make a new checkpoint of the ledger now.")
+@_connection_options(on_group=False)
+@click.pass_context
+def audit_checkpoint(ctx: click.Context, output_file: Path | None, fresh: bool) -> None:
+    """Export the latest signed ledger checkpoint (made now if there is none, or with --new).
+
+    Keep it somewhere the broker's database cannot reach: `broker audit verify --checkpoint
+    FILE` then proves the ledger still holds that past, even if the database is replaced."""
+    text = _client(ctx).audit_checkpoint(fresh)
+    if output_file is None:
+        click.echo(text, nl=False)
+        return
+    try:
+        output_file.write_text(text)
+    except OSError as exc:
+        raise Refusal(f"cannot write {output_file}: {exc.strerror or exc}") from None
+
+
+@audit.command("new-epoch")
+@click.option("--reason", required=True, help="Why (recorded and signed in the ledger).")
+@click.option("--dev", is_flag=True, help="The embedded default data directory.")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Production configuration file (TOML).",
+)
+@_data_dir_option(on_group=False)
+@click.pass_context
+def audit_new_epoch(ctx: click.Context, reason: str, dev: bool, config_file: Path | None) -> None:
+    """Offline, with the broker stopped: start a new ledger epoch after the audit MAC key was
+    lost (docs/ledger.md, key-loss runbook). Creates a new MAC key and writes a signed record
+    of the reason and of the state the ledger was found in."""
+    if dev == (config_file is not None):
+        raise click.UsageError("exactly one of --dev or --config is required", ctx)
+    from broker.daemon import ServeOptions, new_ledger_epoch
+    from broker.errors import BrokerError
+    from ca.errors import CAError
+
+    options = ServeOptions(
+        dev=dev,
+        data_dir=Path(_setting(ctx, "data_dir") or DEFAULT_DATA_DIR),
+        config_file=config_file,
+        new_ledger_epoch=reason,
+    )
+    try:
+        epoch, seq = new_ledger_epoch(options)
+    except (BrokerError, CAError) as exc:
+        raise Refusal(_one_line(str(exc)) or type(exc).__name__) from None
+    click.echo(f"audit ledger epoch {epoch} started at entry {seq}")
 
 
 @audit.command("tail")

@@ -33,6 +33,7 @@ __all__ = [
     "DEFAULT_DATA_DIR",
     "DEFAULT_LISTEN",
     "OPERATOR_PREFIX",
+    "AuditConfig",
     "CAConfig",
     "Config",
     "DatabaseConfig",
@@ -218,6 +219,13 @@ class OperatorsConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """The audit ledger: how often a signed checkpoint is made (docs/ledger.md)."""
+
+    checkpoint_interval: dt.timedelta = dt.timedelta(hours=1)
+
+
+@dataclass(frozen=True)
 class Config:
     trust_domain: str
     data_dir: Path
@@ -230,6 +238,7 @@ class Config:
     secrets: SecretsConfig = field(default_factory=SecretsConfig)
 
     operators: OperatorsConfig = field(default_factory=OperatorsConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     dev: bool = False
 
     @property
@@ -306,6 +315,8 @@ class Config:
                 )
         if not 1 <= self.database.scram_iterations <= 1_000_000:
             raise InvalidArgument("config: database.scram_iterations must be between 1 and 1000000")
+        if not dt.timedelta(minutes=1) <= self.audit.checkpoint_interval <= dt.timedelta(days=7):
+            raise InvalidArgument("config: audit.checkpoint_interval must be between 1m and 7d")
         if "pin-value" in self.keys.uri:
             raise InvalidArgument("config: keys.uri must not contain a PIN; use keys.pin_source")
         self.operators.validate()
@@ -446,7 +457,9 @@ _SECTIONS = {
         "database",
         "secrets",
         "operators",
+        "audit",
     },
+    "audit": {"checkpoint_interval"},
     "secrets": {"justification_required"},
     "operators": {
         "issuer",
@@ -535,12 +548,17 @@ def _from_document(doc: Mapping[str, Any], base_dir: Path) -> Config:
         creation_timeout=_duration(db, "creation_timeout", defaults_db.creation_timeout),
         scram_iterations=_integer(db, "scram_iterations", defaults_db.scram_iterations),
     )
+    aud = doc.get("audit", {})
+    audit = AuditConfig(
+        checkpoint_interval=_duration(aud, "checkpoint_interval", AuditConfig.checkpoint_interval),
+    )
     required = doc.get("secrets", {}).get("justification_required", DEFAULT_JUSTIFICATION_REQUIRED)
     if not isinstance(required, list | tuple) or not all(isinstance(v, str) for v in required):
         raise InvalidArgument(
             'config: secrets.justification_required must be a list of names, e.g. ["prod", "pii"]'
         )
     return Config(
+        audit=audit,
         operators=_operators(doc.get("operators", {})),
         database=database,
         secrets=SecretsConfig(justification_required=tuple(required)),
@@ -660,6 +678,9 @@ def apply_env(config: Config, environ: Mapping[str, str] | None = None) -> Confi
             value: Any = _duration(env, var, dt.timedelta(0))
             database = replace(database, **{name: value})
     config = replace(config, database=database)
+    if "BROKER_AUDIT_CHECKPOINT_INTERVAL" in env:
+        interval = _duration(env, "BROKER_AUDIT_CHECKPOINT_INTERVAL", dt.timedelta(0))
+        config = replace(config, audit=replace(config.audit, checkpoint_interval=interval))
     return replace(config, server=server, storage=storage, keys=keys, trust_domain=trust_domain)
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.app import Application
+from broker.audit import Verification
 from broker.config import DEFAULT_LISTEN, Config, load_config
 from broker.errors import InvalidArgument, Unavailable
 from broker.logs import configure as configure_logs
@@ -48,6 +49,7 @@ class ServeOptions:
     listen: str | None = None  # overrides the config file / dev default
     config_file: Path | None = None
     workers: int | None = None  # overrides server.workers
+    new_ledger_epoch: str | None = None  # the operator's reason to start a new ledger epoch
 
 
 def _warn(message: str) -> None:
@@ -126,9 +128,9 @@ def serve(options: ServeOptions) -> None:
     config = build_config(options)
     raise_fd_limit()  # inherited by the worker processes
     if config.server.workers == 1:
-        _run(_serve(config))
+        _run(_serve(config, new_epoch=options.new_ledger_epoch))
     else:
-        _supervise(config)
+        _supervise(config, options.new_ledger_epoch)
 
 
 async def _open(config: Config) -> Application:
@@ -150,6 +152,7 @@ async def _serve(
     config: Config,
     worker: int = 0,
     ready: multiprocessing.connection.Connection | None = None,
+    new_epoch: str | None = None,
 ) -> None:
     """Serve in this process. A worker (`ready` given) reports its port instead of printing."""
     from broker.api.server import serve_application
@@ -157,7 +160,7 @@ async def _serve(
     app = await _open(config)
     metrics_server = None
     try:
-        await app.start()
+        await app.start(new_ledger_epoch=new_epoch)
         if worker == 0:
             app.write_operator_identity()
         served = await serve_application(app, reuse_port=ready is not None)
@@ -221,12 +224,59 @@ def _listening_line(config: Config, port: int, keys: str, storage: str, extra: s
 # -- several worker processes ----------------------------------------------------------------
 
 
-async def _bootstrap(config: Config) -> None:
+def new_ledger_epoch(options: ServeOptions) -> tuple[int, int]:
+    """`broker audit new-epoch`: open storage and keys as `serve` would, start a new audit
+    ledger epoch (see broker.audit), stop. Returns (epoch, seq of its record)."""
+    _configure_logging()
+    config = build_config(options)
+    reason = options.new_ledger_epoch or ""
+
+    async def run() -> tuple[int, int]:
+        app = await _open(config)
+        try:
+            await app.storage.migrate()
+            await app.ledger.open(new_epoch_reason=reason, actor="operator (audit new-epoch)")
+            (record,) = await app.ledger.tail(1)
+            return app.ledger.epoch, record.seq
+        finally:
+            await app.close()
+
+    result: list[tuple[int, int]] = []
+
+    async def keep() -> None:
+        result.append(await run())
+
+    _run(keep())
+    return result[0]
+
+
+def verify_ledger(options: ServeOptions, checkpoint_json: str = "") -> Verification:
+    """`broker audit verify --offline`: verify the ledger straight from storage and the key
+    backend, without a running broker (and without writing anything)."""
+    from broker.audit import parse_checkpoint
+
+    _configure_logging()
+    config = build_config(options)
+    checkpoint = parse_checkpoint(checkpoint_json) if checkpoint_json else None
+    result: list[Verification] = []
+
+    async def run() -> None:
+        app = await _open(config)
+        try:
+            result.append(await app.ledger.verify(checkpoint=checkpoint))
+        finally:
+            await app.close()
+
+    _run(run())
+    return result[0]
+
+
+async def _bootstrap(config: Config, new_epoch: str | None = None) -> None:
     """Migrate, create the CA on first start and write the operator identity, once, before
     the workers start (so they never race to create the root)."""
     app = await _open(config)
     try:
-        await app.start()
+        await app.start(new_ledger_epoch=new_epoch)
         app.write_operator_identity()
     finally:
         await app.close()
@@ -255,8 +305,8 @@ def _worker_main(config: Config, index: int, conn: multiprocessing.connection.Co
         raise SystemExit(1) from None
 
 
-def _supervise(config: Config) -> None:
-    _run(_bootstrap(config))
+def _supervise(config: Config, new_epoch: str | None = None) -> None:
+    _run(_bootstrap(config, new_epoch))
     # Workers inherit PROMETHEUS_MULTIPROC_DIR and write their samples there; this process
     # serves their sum (see broker.metrics).
     metrics_dir = multiprocess_dir() if config.server.metrics_listen else None

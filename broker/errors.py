@@ -11,11 +11,13 @@
     |   +-- StorageConflict  (a uniqueness constraint; its text stays on the server)
     +-- FailedPrecondition   -> FAILED_PRECONDITION
     |   +-- SchemaTooNew
+    |   +-- LedgerStartRefused
     +-- ResourceExhausted    -> RESOURCE_EXHAUSTED (rate limits)
     |   +-- RateLimited      (the caller's token bucket is empty)
     +-- Unavailable          -> UNAVAILABLE (a backend is down)
         +-- StorageError
         +-- AuditWriteFailed
+            +-- AuditIntegrityError
 """
 
 from __future__ import annotations
@@ -68,6 +70,11 @@ class SchemaTooNew(FailedPrecondition):
     """The database schema is newer than this code knows; refuse to start."""
 
 
+class LedgerStartRefused(FailedPrecondition):
+    """The audit ledger or its keys are not what they were (a missing or changed MAC key, a
+    tail that does not match its head): the broker must not start until an operator acts."""
+
+
 class ResourceExhausted(BrokerError):
     pass
 
@@ -86,3 +93,8 @@ class StorageError(Unavailable):
 
 class AuditWriteFailed(Unavailable):
     """The audit ledger could not be written; the request must fail (fail closed)."""
+
+
+class AuditIntegrityError(AuditWriteFailed):
+    """The ledger's newest entry does not match its MACed head: the writer refuses to chain
+    onto it (fail closed) until an operator investigates."""

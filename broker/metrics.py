@@ -47,6 +47,7 @@ __all__ = [
     "observe_rotation",
     "observe_rpc",
     "record_anomaly",
+    "record_audit_integrity_failure",
     "record_refusal",
     "record_sdk_cache",
     "serve_metrics",
@@ -93,6 +94,11 @@ AUDIT_WRITE_DURATION = Histogram(
     "Time to commit one audit event (queued, sealed and written), by outcome",
     ["outcome"],
     buckets=_LATENCY_BUCKETS,
+)
+AUDIT_INTEGRITY_FAILURES = Counter(
+    "broker_audit_integrity_failures",
+    "Times the audit writer refused to append because the ledger's tail did not match its "
+    "MACed head (a cut-off or rewritten ledger); any increase needs an operator",
 )
 ROTATION_DURATION = Histogram(
     "broker_ca_rotation_duration_seconds",
@@ -152,6 +158,10 @@ def observe_rpc(method: str, code: str, seconds: float) -> None:
 
 def observe_audit_write(seconds: float, ok: bool) -> None:
     _safe(lambda: AUDIT_WRITE_DURATION.labels("ok" if ok else "error").observe(seconds))
+
+
+def record_audit_integrity_failure() -> None:
+    _safe(AUDIT_INTEGRITY_FAILURES.inc)
 
 
 def observe_rotation(trigger: str, outcome: str, seconds: float) -> None:

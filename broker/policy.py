@@ -31,6 +31,7 @@ class Action:
     CA_POLICY_SET = "ca.policy.set"
     AUDIT_VERIFY = "audit.verify"
     AUDIT_READ = "audit.read"
+    AUDIT_CHECKPOINT = "audit.checkpoint"
     HEALTH = "health.check"
     REFLECTION = "reflection"
     # Workload identity (attestation, registration entries, agents)

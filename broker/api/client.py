@@ -168,6 +168,7 @@ class AuditVerification:
     entries: int
     first_broken_seq: int
     reason: str
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -501,16 +502,24 @@ class BrokerClient:
         )
         return response.version
 
-    def audit_verify(self) -> AuditVerification:
+    def audit_verify(self, checkpoint_json: str = "") -> AuditVerification:
         response: audit_pb2.VerifyAuditResponse = self._call(
-            self._audit.Verify, audit_pb2.VerifyAuditRequest()
+            self._audit.Verify, audit_pb2.VerifyAuditRequest(checkpoint_json=checkpoint_json)
         )
         return AuditVerification(
             intact=response.intact,
             entries=response.entries,
             first_broken_seq=response.first_broken_seq,
             reason=response.reason,
+            notes=tuple(response.notes),
         )
+
+    def audit_checkpoint(self, fresh: bool = False) -> str:
+        """The latest signed ledger checkpoint as JSON (made now if none, or if `fresh`)."""
+        response: audit_pb2.CheckpointResponse = self._call(
+            self._audit.Checkpoint, audit_pb2.CheckpointRequest(fresh=fresh)
+        )
+        return str(response.checkpoint_json)
 
     def audit_tail(self, limit: int = 20) -> list[AuditEntry]:
         """The newest `limit` entries, oldest first."""

@@ -495,6 +495,7 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 resource=resource,
                 policy=self._policy if verdict is None else None,
             )
+            self._ledger.ensure_writable()  # a known-broken ledger: refuse before acting
             token = _CURRENT.set(call)
             try:
                 response = await inner(request, context)

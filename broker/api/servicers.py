@@ -13,7 +13,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from broker.access import PROD_ENVIRONMENT
 from broker.attestation import template_can_yield
-from broker.audit import AuditLedger
+from broker.audit import AuditLedger, parse_checkpoint
 from broker.authority import AuthorityView, CAService, CAStatus
 from broker.errors import InvalidArgument
 from broker.identity import Authenticator
@@ -75,6 +75,7 @@ CA_SPECS: dict[str, MethodSpec] = {
 AUDIT_SPECS: dict[str, MethodSpec] = {
     _AUDIT + "Verify": MethodSpec(Action.AUDIT_VERIFY),
     _AUDIT + "Tail": MethodSpec(Action.AUDIT_READ),
+    _AUDIT + "Checkpoint": MethodSpec(Action.AUDIT_CHECKPOINT),
 }
 # Health checks and reflection: authenticated and authorized, not written to the ledger.
 INFRA_SPECS: dict[str, MethodSpec] = {
@@ -231,13 +232,24 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):  # type: ignore[misc]
         self._ledger = ledger
 
     async def Verify(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        result = await self._ledger.verify()
+        checkpoint = None
+        if request.checkpoint_json:
+            checkpoint = parse_checkpoint(request.checkpoint_json)  # InvalidArgument if bad
+        result = await self._ledger.verify(checkpoint=checkpoint)
         return audit_pb2.VerifyAuditResponse(
             intact=result.intact,
             entries=result.entries,
             first_broken_seq=result.first_broken_seq,
             reason=result.reason,
+            notes=list(result.notes),
         )
+
+    async def Checkpoint(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        checkpoint = None if request.fresh else await self._ledger.latest_checkpoint()
+        if checkpoint is None:
+            checkpoint = await self._ledger.make_checkpoint()
+        current_call().details.update(checkpoint_seq=checkpoint.seq)
+        return audit_pb2.CheckpointResponse(checkpoint_json=checkpoint.to_json())
 
     async def Tail(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         limit = request.limit or 20

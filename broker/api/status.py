@@ -21,6 +21,8 @@ __all__ = ["to_status"]
 log = logging.getLogger(__name__)
 
 _MAP: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    # Not transient: the ledger's state needs an operator before any retry can succeed.
+    (errors.AuditIntegrityError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),

@@ -29,6 +29,7 @@ __all__ = [
     "PolicyVersion",
     "Sealer",
     "Storage",
+    "TipGuard",
 ]
 
 
@@ -118,16 +119,33 @@ Sealer = Callable[[int, bytes, str], tuple[bytes, bytes]]
 HeadRecord = Callable[[int], tuple[str, str]]
 
 
+@dataclass(frozen=True)
+class TipGuard:
+    """Checked inside the append transaction, before anything is sealed or written:
+    `check(newest record or None, value of the meta row `head_key` or None)` raises to refuse
+    the append (nothing is written; the exception propagates unchanged). The audit ledger uses
+    it to refuse to chain onto a tail that does not match its MACed head."""
+
+    head_key: str
+    check: Callable[[AuditRecord | None, str | None], None]
+
+
 class AuditRepository(Protocol):
     async def append_audit(
-        self, events: Sequence[str], seal: Sealer, head: HeadRecord | None = None
+        self,
+        events: Sequence[str],
+        seal: Sealer,
+        head: HeadRecord | None = None,
+        guard: TipGuard | None = None,
     ) -> list[int]:
         """Append events atomically to the end of the chain and return their seqs.
 
         Serialised across connections and processes (SQLite: BEGIN IMMEDIATE; PostgreSQL: a
-        transaction-scoped advisory lock), so the chain never forks. Reads the current head,
-        calls `seal` per event, inserts all rows, commits. All or nothing: if `seal` raises,
-        nothing is appended and its exception propagates unchanged. No events: returns [].
+        transaction-scoped advisory lock), so the chain never forks. Reads the current newest
+        record (and, with `guard`, the meta row it names) and runs `guard.check`, then calls
+        `seal` per event, inserts all rows, upserts the head record, commits. All or nothing: if
+        `guard.check`, `seal` or `head` raises, nothing is appended and its exception propagates
+        unchanged. No events: returns [] without checking anything.
         """
         ...
 

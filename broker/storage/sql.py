@@ -44,6 +44,7 @@ from broker.storage.interface import (
     HeadRecord,
     PolicyVersion,
     Sealer,
+    TipGuard,
 )
 
 _T = TypeVar("_T")
@@ -395,7 +396,11 @@ class SqlStorage:
     # -- audit
 
     async def append_audit(
-        self, events: Sequence[str], seal: Sealer, head: HeadRecord | None = None
+        self,
+        events: Sequence[str],
+        seal: Sealer,
+        head: HeadRecord | None = None,
+        guard: TipGuard | None = None,
     ) -> list[int]:
         events = list(events)
         for event in events:
@@ -409,11 +414,18 @@ class SqlStorage:
             # write lock while waiting for a busy event loop (measured, svid-csr at 32 clients,
             # two workers: p99 45 ms this way vs 102 ms async). With one process the async path
             # was faster (~1,300 vs ~1,120 req/s), hence the switch.
-            return await self._b.run_write_sync(partial(_append_audit_sync, events, seal, head))
+            return await self._b.run_write_sync(
+                partial(_append_audit_sync, events, seal, head, guard)
+            )
         async with self._b.transaction(write=True) as tx:
             await tx.lock(AUDIT_LOCK_KEY)
-            row = await tx.fetchrow("SELECT seq, entry_hash FROM audit ORDER BY seq DESC LIMIT 1")
-            rows = _seal_rows(row, events, seal)
+            # One round trip for the newest entry and the head (each await is a thread hop on
+            # SQLite, and this runs once per committed group).
+            row = await tx.fetchrow(_SELECT_TIP_AND_HEAD, "" if guard is None else guard.head_key)
+            tip = _tip(row)
+            if guard is not None:
+                guard.check(tip, _meta_value(row))
+            rows = _seal_rows(tip, events, seal)
             await tx.executemany(_INSERT_AUDIT, rows)
             if head is not None:
                 await tx.execute(_UPSERT_META, *head(rows[-1][0]))
@@ -444,8 +456,8 @@ class SqlStorage:
 
     async def get_meta(self, key: str) -> str | None:
         async with self._b.transaction(write=False) as tx:
-            row = await tx.fetchrow("SELECT value FROM meta WHERE key = ?", key)
-        return None if row is None else str(row[0])
+            row = await tx.fetchrow(_SELECT_META, key)
+        return _meta_value(row)
 
     async def set_meta(self, key: str, value: str) -> None:
         async with self._b.transaction(write=True) as tx:
@@ -502,6 +514,25 @@ def _check_limit(limit: int) -> None:
         raise ValueError("limit must not be negative")
 
 
+def _meta_value(row: Row | None) -> str | None:
+    """The first column (meta.value) of a row, or None."""
+    return None if row is None or row[0] is None else str(row[0])
+
+
+def _tip(row: Row | None) -> AuditRecord | None:
+    """The newest entry from a `_SELECT_TIP_AND_HEAD` row (its event is not loaded: "")."""
+    if row is None or row[1] is None:
+        return None
+    return AuditRecord(int(row[1]), "", bytes(row[2]), bytes(row[3]), bytes(row[4]))
+
+
+# Always exactly one row: (head value or NULL, newest seq, prev_hash, entry_hash, mac or NULLs).
+_SELECT_TIP_AND_HEAD = (
+    "SELECT m.value, a.seq, a.prev_hash, a.entry_hash, a.mac FROM (SELECT 1 AS one) o "
+    "LEFT JOIN (SELECT seq, prev_hash, entry_hash, mac FROM audit ORDER BY seq DESC LIMIT 1) a "
+    "ON TRUE LEFT JOIN meta m ON m.key = ?"
+)
+_SELECT_META = "SELECT value FROM meta WHERE key = ?"
 _INSERT_AUDIT = "INSERT INTO audit (seq, event, prev_hash, entry_hash, mac) VALUES (?, ?, ?, ?, ?)"
 _UPSERT_META = (
     "INSERT INTO meta (key, value) VALUES (?, ?) "
@@ -510,10 +541,10 @@ _UPSERT_META = (
 
 
 def _seal_rows(
-    head: Row | None, events: Sequence[str], seal: Sealer
+    head: AuditRecord | None, events: Sequence[str], seal: Sealer
 ) -> list[tuple[int, str, bytes, bytes, bytes]]:
-    """Chain `events` onto `head` (the newest row, or None): (seq, event, prev, hash, mac)."""
-    seq, prev = (0, ZERO_HASH) if head is None else (int(head[0]), bytes(head[1]))
+    """Chain `events` onto `head` (the newest entry, or None): (seq, event, prev, hash, mac)."""
+    seq, prev = (0, ZERO_HASH) if head is None else (head.seq, head.entry_hash)
     rows: list[tuple[int, str, bytes, bytes, bytes]] = []
     for event in events:
         seq += 1
@@ -528,11 +559,18 @@ def _seal_rows(
 
 
 def _append_audit_sync(
-    events: Sequence[str], seal: Sealer, head: HeadRecord | None, conn: Any
+    events: Sequence[str],
+    seal: Sealer,
+    head: HeadRecord | None,
+    guard: TipGuard | None,
+    conn: Any,
 ) -> list[int]:
     """The whole append on a DB-API connection already inside a write transaction."""
-    row = conn.execute("SELECT seq, entry_hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
-    rows = _seal_rows(row, events, seal)
+    row = conn.execute(_SELECT_TIP_AND_HEAD, ("" if guard is None else guard.head_key,)).fetchone()
+    tip = _tip(row)
+    if guard is not None:
+        guard.check(tip, _meta_value(row))
+    rows = _seal_rows(tip, events, seal)
     conn.executemany(_INSERT_AUDIT, rows)
     if head is not None:
         conn.execute(_UPSERT_META, head(rows[-1][0]))

@@ -404,6 +404,78 @@ async def test_failing_head_record_appends_nothing(storage: Storage) -> None:
     assert await storage.get_meta("audit_head") is None
 
 
+@pytest.mark.parametrize("single_hop", [False, True])
+async def test_tip_guard_sees_the_tip_and_head_and_can_refuse(
+    storage: Storage, single_hop: bool
+) -> None:
+    from broker.storage.interface import TipGuard
+
+    storage.single_hop_writes = single_hop  # type: ignore[attr-defined]
+    seen: list[tuple[int | None, str | None]] = []
+
+    def check(tip: AuditRecord | None, head: str | None) -> None:
+        seen.append((None if tip is None else tip.seq, head))
+        if tip is not None and tip.seq >= 2:
+            raise SealFailed("the tail does not match the head")
+
+    def head(seq: int) -> tuple[str, str]:
+        return "audit_head", f"head-{seq}"
+
+    guard = TipGuard("audit_head", check)
+    assert await storage.append_audit(["a"], Sealer(), head, guard) == [1]
+    assert await storage.append_audit(["b"], Sealer(), head, guard) == [2]
+    with pytest.raises(SealFailed):
+        await storage.append_audit(["c", "d"], Sealer(), head, guard)
+    assert seen == [(None, None), (1, "head-1"), (2, "head-2")]
+    assert [r.event for r in await storage.read_audit()] == ["a", "b"]
+    assert await storage.get_meta("audit_head") == "head-2"
+
+
+async def _drop_audit_guards(backing: Backing) -> None:
+    """What anyone with write access to the database can do first."""
+    if backing.kind == "sqlite":
+        for (name,) in await backing.raw("SELECT name FROM sqlite_master WHERE type = 'trigger'"):
+            await backing.raw(f'DROP TRIGGER "{name}"')
+    else:
+        await backing.raw("ALTER TABLE audit DISABLE TRIGGER USER")
+
+
+async def test_ledger_refuses_to_chain_onto_a_cut_off_tail(
+    backing: Backing, storage: Storage
+) -> None:
+    """Issue 20 finding 1 on every backend: cut the last entry, then the head too; later
+    requests are refused, nothing is written, and verify keeps saying so."""
+    from broker.audit import AuditLedger
+    from broker.errors import AuditIntegrityError
+    from ca.keys import SoftwareBackend
+
+    ledger = AuditLedger(storage, SoftwareBackend())
+    await ledger.open()
+    ledger.start()
+    try:
+        for i in range(4):
+            await ledger.record({"who": f"w{i}", "what": "svid.mint"})
+        await _drop_audit_guards(backing)
+        await backing.raw("DELETE FROM audit WHERE seq = 5")
+        for attack in ("cut", "cut and head deleted"):
+            if attack != "cut":
+                await backing.raw("DELETE FROM meta WHERE key = 'audit_head'")
+            rows = await storage.read_audit()
+            with pytest.raises(AuditIntegrityError):
+                await ledger.record({"who": "unauthenticated", "what": "Attest"})
+            assert await storage.read_audit() == rows
+            for _ in range(2):
+                result = await ledger.verify()
+                assert (result.intact, result.entries) == (False, 4), attack
+        await backing.raw("DELETE FROM audit")
+        with pytest.raises(AuditIntegrityError):
+            await ledger.record({"who": "unauthenticated", "what": "Attest"})
+        assert await storage.read_audit() == []
+        assert not (await ledger.verify()).intact
+    finally:
+        await ledger.stop()
+
+
 async def test_concurrent_appends_never_fork_the_chain(backing: Backing, storage: Storage) -> None:
     # A second Storage on the same file / database: another broker process or replica.
     other = await backing.open()

@@ -71,11 +71,13 @@ class FailingAuditStorage:
         self.fail_audit = False
         self.failed_appends = 0
 
-    async def append_audit(self, events: Sequence[str], seal: Any, head: Any = None) -> list[int]:
+    async def append_audit(
+        self, events: Sequence[str], seal: Any, head: Any = None, guard: Any = None
+    ) -> list[int]:
         if self.fail_audit:
             self.failed_appends += 1
             raise StorageError("sqlite: disk I/O error (injected by the test)")
-        return await self._inner.append_audit(events, seal, head)
+        return await self._inner.append_audit(events, seal, head, guard)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import socket
 import ssl
 from collections.abc import Awaitable
@@ -649,3 +650,45 @@ async def test_dns_names_refused_unless_policy_allows_them(broker: BrokerHarness
     )
     assert_refusal(err, grpc.StatusCode.PERMISSION_DENIED, "dns_names patterns")
     assert "serial" not in (await broker.event_for("dns-sans")).get("details", {})
+
+
+# -- issue 20 finding 1: a broken ledger refuses requests before they act ---------------------
+
+
+async def test_broken_ledger_refuses_requests_before_they_change_anything(
+    broker: BrokerHarness,
+) -> None:
+    import sqlite3
+
+    from broker import metrics
+
+    ca = broker.ca()
+
+    current = json.loads(broker.app.ca.policy_document().document)
+
+    def policy(ttl: str) -> ca_pb2.SetPolicyRequest:
+        rules = [{**current["rules"][0], "x509_max_ttl": ttl}, *current["rules"][1:]]
+        return ca_pb2.SetPolicyRequest(document_json=json.dumps({**current, "rules": rules}))
+
+    before = (await ca.SetPolicy(policy("2h"), timeout=TIMEOUT)).version  # a valid change
+    alarms: list[str] = []
+    broker.app.ledger.add_integrity_hook(alarms.append)
+    failures = metrics.AUDIT_INTEGRITY_FAILURES._value.get()
+    with sqlite3.connect(broker.tmp_path / "broker.db") as conn:  # cut the last entry off
+        conn.execute("DROP TRIGGER audit_no_delete")
+        conn.execute("DELETE FROM audit WHERE seq = (SELECT MAX(seq) FROM audit)")
+    rows = len(await broker.events())
+
+    # the first request after the cut learns it when its event is refused ...
+    err = await refused(ca.GetStatus(ca_pb2.GetStatusRequest(), timeout=TIMEOUT))
+    assert_refusal(err, grpc.StatusCode.FAILED_PRECONDITION, "audit ledger", "integrity")
+    assert alarms and "cut off" in alarms[0]
+    assert metrics.AUDIT_INTEGRITY_FAILURES._value.get() == failures + 1
+    # ... and from then on requests are refused before the servicer acts
+    err = await refused(ca.SetPolicy(policy("3h"), timeout=TIMEOUT))
+    assert_refusal(err, grpc.StatusCode.FAILED_PRECONDITION, "audit ledger")
+    assert broker.app.ca.policy_document().version == before
+    assert "3h" not in broker.app.ca.policy_document().document
+    verification = await broker.app.ledger.verify()
+    assert not verification.intact and "cut off" in verification.reason
+    assert len(await broker.events()) == rows  # nothing chained onto the cut tail

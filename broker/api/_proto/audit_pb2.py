@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x62roker/v1/audit.proto\x12\tbroker.v1\"\x14\n\x12VerifyAuditRequest\"`\n\x13VerifyAuditResponse\x12\x0e\n\x06intact\x18\x01 \x01(\x08\x12\x0f\n\x07\x65ntries\x18\x02 \x01(\x03\x12\x18\n\x10\x66irst_broken_seq\x18\x03 \x01(\x03\x12\x0e\n\x06reason\x18\x04 \x01(\t\"!\n\x10TailAuditRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\"A\n\nAuditEntry\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x12\n\nevent_json\x18\x02 \x01(\t\x12\x12\n\nentry_hash\x18\x03 \x01(\t\";\n\x11TailAuditResponse\x12&\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x15.broker.v1.AuditEntry2\x93\x01\n\x05\x41udit\x12G\n\x06Verify\x12\x1d.broker.v1.VerifyAuditRequest\x1a\x1e.broker.v1.VerifyAuditResponse\x12\x41\n\x04Tail\x12\x1b.broker.v1.TailAuditRequest\x1a\x1c.broker.v1.TailAuditResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x62roker/v1/audit.proto\x12\tbroker.v1\"-\n\x12VerifyAuditRequest\x12\x17\n\x0f\x63heckpoint_json\x18\x01 \x01(\t\"o\n\x13VerifyAuditResponse\x12\x0e\n\x06intact\x18\x01 \x01(\x08\x12\x0f\n\x07\x65ntries\x18\x02 \x01(\x03\x12\x18\n\x10\x66irst_broken_seq\x18\x03 \x01(\x03\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\r\n\x05notes\x18\x05 \x03(\t\"\"\n\x11\x43heckpointRequest\x12\r\n\x05\x66resh\x18\x01 \x01(\x08\"-\n\x12\x43heckpointResponse\x12\x17\n\x0f\x63heckpoint_json\x18\x01 \x01(\t\"!\n\x10TailAuditRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\"A\n\nAuditEntry\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x12\n\nevent_json\x18\x02 \x01(\t\x12\x12\n\nentry_hash\x18\x03 \x01(\t\";\n\x11TailAuditResponse\x12&\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x15.broker.v1.AuditEntry2\xde\x01\n\x05\x41udit\x12G\n\x06Verify\x12\x1d.broker.v1.VerifyAuditRequest\x1a\x1e.broker.v1.VerifyAuditResponse\x12\x41\n\x04Tail\x12\x1b.broker.v1.TailAuditRequest\x1a\x1c.broker.v1.TailAuditResponse\x12I\n\nCheckpoint\x12\x1c.broker.v1.CheckpointRequest\x1a\x1d.broker.v1.CheckpointResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,15 +33,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'broker.v1.audit_pb2', _glob
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_VERIFYAUDITREQUEST']._serialized_start=36
-  _globals['_VERIFYAUDITREQUEST']._serialized_end=56
-  _globals['_VERIFYAUDITRESPONSE']._serialized_start=58
-  _globals['_VERIFYAUDITRESPONSE']._serialized_end=154
-  _globals['_TAILAUDITREQUEST']._serialized_start=156
-  _globals['_TAILAUDITREQUEST']._serialized_end=189
-  _globals['_AUDITENTRY']._serialized_start=191
-  _globals['_AUDITENTRY']._serialized_end=256
-  _globals['_TAILAUDITRESPONSE']._serialized_start=258
-  _globals['_TAILAUDITRESPONSE']._serialized_end=317
-  _globals['_AUDIT']._serialized_start=320
-  _globals['_AUDIT']._serialized_end=467
+  _globals['_VERIFYAUDITREQUEST']._serialized_end=81
+  _globals['_VERIFYAUDITRESPONSE']._serialized_start=83
+  _globals['_VERIFYAUDITRESPONSE']._serialized_end=194
+  _globals['_CHECKPOINTREQUEST']._serialized_start=196
+  _globals['_CHECKPOINTREQUEST']._serialized_end=230
+  _globals['_CHECKPOINTRESPONSE']._serialized_start=232
+  _globals['_CHECKPOINTRESPONSE']._serialized_end=277
+  _globals['_TAILAUDITREQUEST']._serialized_start=279
+  _globals['_TAILAUDITREQUEST']._serialized_end=312
+  _globals['_AUDITENTRY']._serialized_start=314
+  _globals['_AUDITENTRY']._serialized_end=379
+  _globals['_TAILAUDITRESPONSE']._serialized_start=381
+  _globals['_TAILAUDITRESPONSE']._serialized_end=440
+  _globals['_AUDIT']._serialized_start=443
+  _globals['_AUDIT']._serialized_end=665
 # @@protoc_insertion_point(module_scope)

@@ -8,20 +8,36 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class VerifyAuditRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("checkpoint_json",)
+    CHECKPOINT_JSON_FIELD_NUMBER: _ClassVar[int]
+    checkpoint_json: str
+    def __init__(self, checkpoint_json: _Optional[str] = ...) -> None: ...
 
 class VerifyAuditResponse(_message.Message):
-    __slots__ = ("intact", "entries", "first_broken_seq", "reason")
+    __slots__ = ("intact", "entries", "first_broken_seq", "reason", "notes")
     INTACT_FIELD_NUMBER: _ClassVar[int]
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     FIRST_BROKEN_SEQ_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
     intact: bool
     entries: int
     first_broken_seq: int
     reason: str
-    def __init__(self, intact: _Optional[bool] = ..., entries: _Optional[int] = ..., first_broken_seq: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+    notes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, intact: _Optional[bool] = ..., entries: _Optional[int] = ..., first_broken_seq: _Optional[int] = ..., reason: _Optional[str] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class CheckpointRequest(_message.Message):
+    __slots__ = ("fresh",)
+    FRESH_FIELD_NUMBER: _ClassVar[int]
+    fresh: bool
+    def __init__(self, fresh: _Optional[bool] = ...) -> None: ...
+
+class CheckpointResponse(_message.Message):
+    __slots__ = ("checkpoint_json",)
+    CHECKPOINT_JSON_FIELD_NUMBER: _ClassVar[int]
+    checkpoint_json: str
+    def __init__(self, checkpoint_json: _Optional[str] = ...) -> None: ...
 
 class TailAuditRequest(_message.Message):
     __slots__ = ("limit",)

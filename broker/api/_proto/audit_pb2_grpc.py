@@ -45,6 +45,11 @@ class AuditStub:
                 request_serializer=broker_dot_v1_dot_audit__pb2.TailAuditRequest.SerializeToString,
                 response_deserializer=broker_dot_v1_dot_audit__pb2.TailAuditResponse.FromString,
                 _registered_method=True)
+        self.Checkpoint = channel.unary_unary(
+                '/broker.v1.Audit/Checkpoint',
+                request_serializer=broker_dot_v1_dot_audit__pb2.CheckpointRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_audit__pb2.CheckpointResponse.FromString,
+                _registered_method=True)
 
 
 class AuditServicer:
@@ -64,6 +69,13 @@ class AuditServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Checkpoint(self, request, context):
+        """The latest signed checkpoint (made now if there is none, or if fresh is set).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuditServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +88,11 @@ def add_AuditServicer_to_server(servicer, server):
                     servicer.Tail,
                     request_deserializer=broker_dot_v1_dot_audit__pb2.TailAuditRequest.FromString,
                     response_serializer=broker_dot_v1_dot_audit__pb2.TailAuditResponse.SerializeToString,
+            ),
+            'Checkpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.Checkpoint,
+                    request_deserializer=broker_dot_v1_dot_audit__pb2.CheckpointRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_audit__pb2.CheckpointResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +149,33 @@ class Audit:
             '/broker.v1.Audit/Tail',
             broker_dot_v1_dot_audit__pb2.TailAuditRequest.SerializeToString,
             broker_dot_v1_dot_audit__pb2.TailAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Checkpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.Audit/Checkpoint',
+            broker_dot_v1_dot_audit__pb2.CheckpointRequest.SerializeToString,
+            broker_dot_v1_dot_audit__pb2.CheckpointResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -77,6 +77,7 @@ class FakeClient:
     fail: ClientError | None = None
     closed: bool = False
     intact: bool = True
+    checkpoint_json: str = ""
 
     def _record(self, name: str, **kwargs: Any) -> None:
         self.calls.append((name, kwargs))
@@ -135,11 +136,16 @@ class FakeClient:
         self._record("set_policy", document_json=document_json)
         return 3
 
-    def audit_verify(self) -> AuditVerification:
-        self._record("audit_verify")
+    def audit_verify(self, checkpoint_json: str = "") -> AuditVerification:
+        self._record("audit_verify", checkpoint_json=checkpoint_json)
         if self.intact:
-            return AuditVerification(True, 42, 0, "")
+            notes = ("checkpoint of T (entry 9) is in the ledger",) if checkpoint_json else ()
+            return AuditVerification(True, 42, 0, "", notes)
         return AuditVerification(False, 42, 7, "MAC mismatch\non entry 7")
+
+    def audit_checkpoint(self, fresh: bool = False) -> str:
+        self._record("audit_checkpoint", fresh=fresh)
+        return self.checkpoint_json
 
     def audit_tail(self, limit: int = 20) -> list[AuditEntry]:
         self._record("audit_tail", limit=limit)
@@ -162,9 +168,12 @@ class Harness:
     clients: list[FakeClient] = field(default_factory=list)
     fail: ClientError | None = None
     intact: bool = True
+    checkpoint_json: str = ""
 
     def factory(self, settings: ConnectionSettings) -> BrokerAPI:
-        client = FakeClient(settings, fail=self.fail, intact=self.intact)
+        client = FakeClient(
+            settings, fail=self.fail, intact=self.intact, checkpoint_json=self.checkpoint_json
+        )
         self.clients.append(client)
         return client
 
@@ -769,6 +778,47 @@ def test_audit_verify_intact_and_broken(harness: Harness) -> None:
     assert _one_line_refusal(broken) == (
         "broker: audit ledger broken at entry 7: MAC mismatch on entry 7"
     )
+
+
+def _signed_checkpoint() -> str:
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from broker.audit import Checkpoint
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    unsigned = Checkpoint(1, 9, bytes(range(32)), "2026-01-01T00:00:00Z", "k", pem.decode(), b"")
+    signature = key.sign(unsigned.payload(), ec.ECDSA(hashes.SHA256()))
+    return Checkpoint(**{**unsigned.__dict__, "signature": signature}).to_json()
+
+
+def test_audit_checkpoint_export_and_verify(harness: Harness, tmp_path: Path) -> None:
+    harness.checkpoint_json = _signed_checkpoint()
+    out = tmp_path / "cp.json"
+    result = harness.invoke("audit", "checkpoint", "--new", "--out", str(out))
+    assert result.exit_code == 0, result.stderr
+    assert out.read_text() == harness.checkpoint_json
+    assert harness.calls[-1] == ("audit_checkpoint", {"fresh": True})
+    verified = harness.invoke("audit", "verify", "--checkpoint", str(out))
+    assert verified.exit_code == 0, verified.stderr
+    assert verified.stdout == (
+        "audit ledger intact: 42 entries\n  note: checkpoint of T (entry 9) is in the ledger\n"
+    )
+    assert harness.calls[-1] == ("audit_verify", {"checkpoint_json": harness.checkpoint_json})
+
+
+def test_audit_verify_refuses_a_forged_checkpoint_offline(harness: Harness, tmp_path: Path) -> None:
+    doc = json.loads(_signed_checkpoint())
+    forged = tmp_path / "forged.json"
+    forged.write_text(json.dumps({**doc, "seq": 1}))  # an older entry: signature breaks
+    calls = len(harness.calls)
+    result = harness.invoke("audit", "verify", "--checkpoint", str(forged))
+    assert result.exit_code == 1
+    assert "signature does not verify" in _one_line_refusal(result)
+    assert len(harness.calls) == calls  # refused before asking the broker
 
 
 def test_audit_tail_json_and_limit(harness: Harness) -> None:

@@ -215,3 +215,17 @@ def test_scram_iterations_setting(tmp_path: Path) -> None:
         text = GOOD + f"\n[database]\nscram_iterations = {bad}\n"
         with pytest.raises(InvalidArgument, match=message):
             load_config(_write(tmp_path, text), environ={})
+
+
+def test_audit_checkpoint_interval_from_file_and_env_and_bounds(tmp_path: Path) -> None:
+    assert load_config(_write(tmp_path, GOOD), environ={}).audit.checkpoint_interval == (
+        dt.timedelta(hours=1)
+    )
+    path = _write(tmp_path, GOOD + '\n[audit]\ncheckpoint_interval = "15m"\n')
+    assert load_config(path, environ={}).audit.checkpoint_interval == dt.timedelta(minutes=15)
+    env = {"BROKER_AUDIT_CHECKPOINT_INTERVAL": "2h"}
+    assert load_config(path, environ=env).audit.checkpoint_interval == dt.timedelta(hours=2)
+    for bad in ("10s", "8d"):
+        bad_path = _write(tmp_path, GOOD + f'\n[audit]\ncheckpoint_interval = "{bad}"\n')
+        with pytest.raises(InvalidArgument, match=r"audit\.checkpoint_interval"):
+            load_config(bad_path, environ={})
