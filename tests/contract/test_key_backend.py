@@ -258,7 +258,8 @@ def test_wrap_unwrap_round_trip(backend: KeyBackend, size: int) -> None:
     backend.create_key("kek", KeyKind.AES_256)
     data_key = bytes(range(size))
     wrapped = backend.wrap("kek", data_key)
-    assert len(wrapped) == size + 8
+    # RFC 3394 (size + 8), or PKCS#11's one-call format (a marker and a nonce in front of it).
+    assert len(wrapped) in (size + 8, size + 8 + 13)
     assert data_key not in wrapped
     assert backend.unwrap("kek", wrapped) == data_key
 

@@ -122,7 +122,7 @@ def test_lost_session_reconnects(pkcs11_backend: Pkcs11Backend) -> None:
     _verify(pkcs11_backend, "ca")
     assert pkcs11_backend.reconnects == 0
 
-    pkcs11_backend._conn._session.close()  # behind the backend's back (logs out too)
+    pkcs11_backend._conn._login.close()  # behind the backend's back (logs out too)
 
     signature = signer.sign(b"after", ec.ECDSA(hashes.SHA256()))
     signer.public_key().verify(signature, b"after", ec.ECDSA(hashes.SHA256()))
