@@ -23,7 +23,7 @@ from broker.authority import CAService, CAServiceConfig
 from broker.config import Config
 from broker.database.credentials import CredentialService, DatabaseSettings
 from broker.database.reaper import LeaseReaper
-from broker.envelope import Envelope, KekRotator, SealedStore
+from broker.envelope import DataKeyCache, Envelope, KekRotator, SealedStore
 from broker.files import write_private_file
 from broker.identity import Authenticator
 from broker.policy import DefaultPolicy, Policy
@@ -86,7 +86,8 @@ class Application:
             clock,
         )
         self.ledger = AuditLedger(storage, keys)
-        self.envelope = Envelope(keys, storage)
+        # Data keys unwrapped for secret reads stay in memory for a while (see DataKeyCache).
+        self.envelope = Envelope(keys, storage, DataKeyCache(clock))
         # Every store of sealed blobs registers here, so KEK rotation reaches all of them.
         self.sealed_stores: list[SealedStore] = []
         # Wrapped static secrets (a SealedStore) and KEK rotation over every sealed store.
@@ -212,6 +213,7 @@ class Application:
                 await self.ca.sync()
                 await self.workloads.refresh_denylist()
                 await self.access.sync()
+                await self.envelope.sync()
                 if loop.time() >= next_rotation:
                     next_rotation = loop.time() + interval
                     await self.ca.rotate(force=False)

@@ -166,7 +166,7 @@ class SecretsServicer(secrets_pb2_grpc.SecretsServicer):  # type: ignore[misc]
             raise NotFound(f"no such secret in tenant {tenant!r}")
         info, row = loaded
         call.authorize(resource, info.attributes())
-        secret = self._secrets.reveal(info, row)
+        secret = await self._secrets.reveal(info, row)
         call.details["version"] = secret.version
         return secrets_pb2.GetSecretResponse(
             value=secret.value,

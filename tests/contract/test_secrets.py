@@ -79,7 +79,7 @@ class World:
         if loaded is None:
             raise NotFound("absent")
         info, row = loaded
-        return self.service.reveal(info, row).value
+        return (await self.service.reveal(info, row)).value
 
     async def raw(self, sql: str, *args: object) -> list[tuple[Any, ...]]:
         """Side door: one statement straight on the backend (not through the repository)."""
