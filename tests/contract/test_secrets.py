@@ -17,7 +17,15 @@ from typing import Any
 import asyncpg
 import pytest
 
-from broker.envelope import SYSTEM_TENANT, Envelope, KekRotator, SealedBlob, aad, kek_label
+from broker.envelope import (
+    SYSTEM_TENANT,
+    DataKeyCache,
+    Envelope,
+    KekRotator,
+    SealedBlob,
+    aad,
+    kek_label,
+)
 from broker.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from broker.secrets import SecretJanitor, SecretService
 from broker.storage import open_storage
@@ -130,7 +138,8 @@ async def world(
     await storage.migrate()
     clock = FakeClock(T0)
     repo = SqlSecretRepository(storage.backend)
-    envelope = Envelope(keys, storage)
+    # As the broker runs it: unwrapped data keys cached, so every refusal below holds with it.
+    envelope = Envelope(keys, storage, DataKeyCache(clock))
     service = SecretService(repo, envelope, clock)
     rotator = KekRotator(envelope, [service], repo)
     try:
