@@ -58,8 +58,8 @@ import concurrent.futures
 import contextlib
 import ctypes
 import dataclasses
-import os
 import hmac
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -235,6 +235,21 @@ class _ThreadedLib(_pkcs11.lib):  # type: ignore[misc,name-defined]
         self.initialize()
 
 
+def _threaded_or_plain(module_path: str) -> Any:
+    """`_ThreadedLib`, or python-pkcs11's own `lib` for a module whose C_GetFunctionList hands
+    out a fresh instance per call (p11-kit-client.so does: each list is its own RPC client), so
+    initialising ours does not initialise the binding's (C_GetInfo answers "not
+    initialized"). That one is initialised with NULL and served one call at a time."""
+    try:
+        return _ThreadedLib(module_path)
+    except p11e.PKCS11Error as exc:
+        if "not initialized" not in str(exc):
+            raise
+    with contextlib.suppress(Exception):
+        _function_list(module_path).C_Finalize(None)
+    return _pkcs11.lib(module_path)
+
+
 def _module_lock(module_path: str) -> threading.RLock:
     """The lock that serialises every call into a module that is not thread-safe, and session
     set-up and re-initialisation in every module (see the module docstring)."""
@@ -249,7 +264,7 @@ def _load_module(module_path: str) -> Any:
             return lib
         try:
             loaded = pkcs11._loaded.get(module_path)
-            lib = loaded if loaded is not None else _ThreadedLib(module_path)
+            lib = loaded if loaded is not None else _threaded_or_plain(module_path)
         except (p11e.PKCS11Error, OSError) as exc:
             raise KeyBackendError(
                 f"cannot load PKCS#11 module {module_path}: {exc or type(exc).__name__}"
@@ -278,7 +293,15 @@ def refresh_module(module_path: str = DEFAULT_PKCS11_MODULE) -> None:
     with _REGISTRY_LOCK, _module_lock(module_path):
         lib = _load_module(module_path)
         try:
-            lib.reinitialize()
+            if isinstance(lib, _ThreadedLib):
+                lib.reinitialize()
+            else:
+                # A fresh instance: a module handing out one instance per C_GetFunctionList
+                # (p11-kit-client.so) reads its configuration, e.g. the server address, then.
+                with contextlib.suppress(p11e.PKCS11Error):
+                    lib.finalize()
+                fresh = _pkcs11.lib(module_path)
+                _LIBS[module_path] = pkcs11._loaded[module_path] = fresh
         except p11e.PKCS11Error as exc:
             raise KeyBackendError(
                 f"cannot re-initialise PKCS#11 module {module_path}: {type(exc).__name__}"
@@ -455,8 +478,7 @@ class _Connection:
             if isinstance(exc, _SESSION_LOST):
                 raise
             raise KeyBackendError(
-                f"cannot open a session on PKCS#11 token {self.token_label!r}: "
-                f"{type(exc).__name__}"
+                f"cannot open a session on PKCS#11 token {self.token_label!r}: {type(exc).__name__}"
             ) from None
         return _Session(session, epoch)
 

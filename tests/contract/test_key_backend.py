@@ -43,7 +43,7 @@ class Store:
     persistent: bool
 
 
-@pytest.fixture(params=["software-memory", "software-dir", "pkcs11"])
+@pytest.fixture(params=["software-memory", "software-dir", "pkcs11", "pkcs11-remote"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
     if request.param == "software-memory":
         return Store("software-memory", SoftwareBackend, persistent=False)
@@ -52,6 +52,14 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
         return Store(
             "software-dir",
             lambda: SoftwareBackend(directory=directory, pin=b"contract-pin"),
+            persistent=True,
+        )
+    if request.param == "pkcs11-remote":
+        # SoftHSM2 behind `p11-kit server`, reached through p11-kit-client.so.
+        remote = request.getfixturevalue("p11kit_token")
+        return Store(
+            "pkcs11-remote",
+            lambda: Pkcs11Backend(remote.token_label, remote.pin, module_path=remote.module_path),
             persistent=True,
         )
     token = request.getfixturevalue("softhsm_token")
