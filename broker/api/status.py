@@ -14,11 +14,11 @@ import grpc
 from broker import errors
 from ca import errors as ca_errors
 
-__all__ = ["TOKEN_ERROR_PREFIX", "to_status"]
+__all__ = ["KEY_BACKEND_ERROR_PREFIX", "to_status"]
 
 #: Starts the message of an UNAVAILABLE that came from the key backend (the HSM), so clients
 #: tell a token failure from a broker they cannot reach.
-TOKEN_ERROR_PREFIX = "key backend error: "
+KEY_BACKEND_ERROR_PREFIX = "key backend error: "
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def to_status(exc: BaseException, correlation_id: str) -> tuple[grpc.StatusCode,
         if isinstance(exc, kind):
             message = str(exc) or kind.__name__
             if isinstance(exc, ca_errors.KeyBackendError):
-                message = TOKEN_ERROR_PREFIX + message
+                message = KEY_BACKEND_ERROR_PREFIX + message
             if code is grpc.StatusCode.UNAVAILABLE:
                 log.warning("unavailable [%s]: %s", correlation_id, message)
             return code, message

@@ -143,7 +143,7 @@ _PROPERTY_ATTRS = {
 _REGISTRY_LOCK = threading.RLock()
 _CONNECTIONS: dict[tuple[str, str], _Connection] = {}
 _MODULE_LOCKS: dict[str, threading.RLock] = {}
-_LIBS: dict[str, _ThreadedLib] = {}
+_LIBS: dict[str, Any] = {}
 
 #: Sessions (and token threads) per token and process when the module allows concurrent
 #: sessions; a network HSM needs several calls in flight to hide its round trip.
