@@ -144,6 +144,11 @@ _REGISTRY_LOCK = threading.RLock()
 _CONNECTIONS: dict[tuple[str, str], _Connection] = {}
 _MODULE_LOCKS: dict[str, threading.RLock] = {}
 _LIBS: dict[str, Any] = {}
+#: Modules whose every C_GetFunctionList is an independent instance (p11-kit-client.so: its
+#: own connection to the server, its own login). Each pooled session then gets an instance of
+#: its own, so calls still run concurrently (one thread per instance at a time) and a network
+#: round trip is hidden by the others in flight.
+_PER_CALL_INSTANCES: set[str] = set()
 
 #: Sessions (and token threads) per token and process when the module allows concurrent
 #: sessions; a network HSM needs several calls in flight to hide its round trip.
@@ -247,6 +252,7 @@ def _threaded_or_plain(module_path: str) -> Any:
             raise
     with contextlib.suppress(Exception):
         _function_list(module_path).C_Finalize(None)
+    _PER_CALL_INSTANCES.add(module_path)
     return _pkcs11.lib(module_path)
 
 
@@ -357,12 +363,13 @@ class _Session:
     """One PKCS#11 session of the pool and the key handles resolved in it (python-pkcs11's key
     objects are bound to the session that found them). Used by one thread at a time."""
 
-    __slots__ = ("epoch", "handles", "session")
+    __slots__ = ("epoch", "handles", "instance", "session")
 
-    def __init__(self, session: Any, epoch: int) -> None:
+    def __init__(self, session: Any, epoch: int, instance: Any = None) -> None:
         self.session = session
         self.epoch = epoch
         self.handles: dict[str, _Handle] = {}
+        self.instance = instance  # the module instance it lives in, when it has its own
 
 
 class _Connection:
@@ -394,6 +401,7 @@ class _Connection:
         self._closed = False
         self._opened_before = False
         self.thread_safe = module_thread_safe(module_path)
+        self.instances = module_path in _PER_CALL_INSTANCES
 
     def pin_matches(self, pin: str) -> bool:
         return hmac.compare_digest(self._pin.encode(), pin.encode())
@@ -472,6 +480,8 @@ class _Connection:
                     self._open(allow_refresh=False)
             with self._state:
                 token, epoch = self._token, self._epoch
+        if self.instances:
+            return self._instance_session(epoch)
         try:
             session = token.open(rw=True)
         except p11e.PKCS11Error as exc:
@@ -481,6 +491,44 @@ class _Connection:
                 f"cannot open a session on PKCS#11 token {self.token_label!r}: {type(exc).__name__}"
             ) from None
         return _Session(session, epoch)
+
+    def _instance_session(self, epoch: int) -> _Session:
+        """A session in a module instance of its own, logged in there (see
+        `_PER_CALL_INSTANCES`)."""
+        name = f"PKCS#11 token {self.token_label!r}"
+        try:
+            instance, session = self._new_instance()
+        except (p11e.PinIncorrect, p11e.PinInvalid, p11e.PinLenRange, p11e.PinLocked):
+            raise BadPin(f"{name} refused the PIN") from None
+        except p11e.PKCS11Error as exc:
+            if isinstance(exc, _SESSION_LOST):
+                raise
+            raise KeyBackendError(
+                f"cannot open a session on {name}: {type(exc).__name__}"
+            ) from None
+        return _Session(session, epoch, instance)
+
+    def _new_instance(self, attempts: int = 8) -> tuple[Any, Any]:
+        """A new module instance and a logged-in session in it. Behind p11-kit each instance
+        is a new connection and a new SoftHSM2 process on the server side, which may briefly
+        not list the token, answer CKR_GENERAL_ERROR or see no user PIN while another one
+        writes the same token files: retry that a few times with a short growing pause (the
+        login session of `_open` already proved the token and PIN good)."""
+        delay = 0.02
+        for attempt in range(attempts):
+            try:
+                instance = _pkcs11.lib(self.module_path)
+                token = instance.get_token(token_label=self.token_label)
+                try:
+                    return instance, token.open(rw=True, user_pin=self._pin)
+                except p11e.UserAlreadyLoggedIn:
+                    return instance, token.open(rw=True)
+            except (p11e.NoSuchToken, p11e.GeneralError, p11e.UserPinNotInitialized):
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
+        raise AssertionError("unreachable")
 
     def _checkin(self, session: _Session) -> None:
         with self._state:
@@ -527,7 +575,7 @@ class _Connection:
         if self._closed:
             raise KeyBackendError(f"key backend {self.description} is closed")
         with self._slots:
-            if self.thread_safe:
+            if self.thread_safe or self.instances:
                 return self._call(what, op)
             with self.lock:
                 return self._call(what, op)
