@@ -142,6 +142,9 @@ class DataKeyCache:
             collections.OrderedDict()
         )
         self._lock = threading.Lock()
+        #: Moves on every `clear`: a key unwrapped by a read that started before a clear is
+        #: not cached after it (`put(..., generation=)`).
+        self.generation = 0
         self.hits = 0
         self.misses = 0
 
@@ -159,9 +162,14 @@ class DataKeyCache:
             self.hits += 1
             return entry[0]
 
-    def put(self, kek_label: str, wrapped: bytes, data_key: bytes) -> None:
+    def put(
+        self, kek_label: str, wrapped: bytes, data_key: bytes, *, generation: int | None = None
+    ) -> None:
+        """Keep `data_key`, unless the cache was cleared since `generation` was read."""
         expires = self._clock.monotonic() + self._max_age
         with self._lock:
+            if generation is not None and generation != self.generation:
+                return
             self._entries[(kek_label, wrapped)] = (data_key, expires)
             self._entries.move_to_end((kek_label, wrapped))
             while len(self._entries) > self._max_entries:
@@ -170,6 +178,7 @@ class DataKeyCache:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self.generation += 1
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -273,6 +282,7 @@ class Envelope:
         on its executor (never on the event loop). Same errors as `open`; a data key is cached
         only once the value verified under it."""
         cache = self._data_keys
+        generation = 0 if cache is None else cache.generation
         data_key = None if cache is None else cache.get(blob.kek_label, blob.wrapped_key)
         fresh = data_key is None
         if data_key is None:
@@ -287,7 +297,7 @@ class Envelope:
                 "version or tenant"
             ) from None
         if fresh and cache is not None:
-            cache.put(blob.kek_label, blob.wrapped_key, data_key)
+            cache.put(blob.kek_label, blob.wrapped_key, data_key, generation=generation)
         return plaintext
 
     async def forget_data_keys(self) -> None:

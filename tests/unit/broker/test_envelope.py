@@ -130,6 +130,14 @@ def test_the_cache_is_bounded_in_count_and_age() -> None:
         DataKeyCache(clock, max_age=dt.timedelta(minutes=5, seconds=1))
 
 
+def test_a_key_unwrapped_before_a_clear_is_not_cached_after_it() -> None:
+    cache = DataKeyCache(FakeClock(T0))
+    generation = cache.generation  # a read starts, goes to the token...
+    cache.clear()  # ...meanwhile the secret is revoked
+    cache.put("kek.acme.1", b"w" * 40, b"k" * 32, generation=generation)
+    assert len(cache) == 0
+
+
 async def _rotate(w: World) -> None:
     await w.a.service.rotate(
         "acme", REF, environment="prod", ticket="SEC-1", justification="t", generate_length=32
