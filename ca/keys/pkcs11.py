@@ -23,10 +23,11 @@ CKA_SENSITIVE and not CKA_EXTRACTABLE; CKA_LABEL is the key label and CKA_ID its
 Sessions: per token and process, one logged-in session held only for the login (PKCS#11
 login state is per application and token: a second C_Login fails with
 CKR_USER_ALREADY_LOGGED_IN, and a C_Logout from one session logs all others out) and a pool of
-up to `sessions` (default 8) read/write sessions that calls run on, one thread per session at
-a time, shared by every `Pkcs11Backend` opened on that token. Key handles and public keys are
-cached per session by label. `Pkcs11Backend.executor` is a thread pool of the same size: the
-broker awaits token calls there, never on its event loop.
+up to `sessions` (default 2 in process, 8 for a remoting module) read/write sessions that
+calls run on, one thread per session at a time, shared by every `Pkcs11Backend` opened on
+that token. Key handles and public keys are cached per session by label.
+`Pkcs11Backend.executor` is a thread pool of the same size: the broker awaits token calls
+there, never on its event loop.
 
 Threads: python-pkcs11 0.10 initialises modules with ``C_Initialize(NULL)``, which by the
 PKCS#11 spec promises the module that it is never called from two threads at once (SoftHSM2
@@ -88,6 +89,7 @@ from ca.keys.uri import DEFAULT_PKCS11_MODULE, validate_label
 
 __all__ = [
     "DEFAULT_PKCS11_MODULE",
+    "DEFAULT_REMOTE_SESSIONS",
     "DEFAULT_SESSIONS",
     "Pkcs11Backend",
     "Pkcs11Signer",
@@ -150,9 +152,12 @@ _LIBS: dict[str, Any] = {}
 #: round trip is hidden by the others in flight.
 _PER_CALL_INSTANCES: set[str] = set()
 
-#: Sessions (and token threads) per token and process when the module allows concurrent
-#: sessions; a network HSM needs several calls in flight to hide its round trip.
-DEFAULT_SESSIONS = 8
+#: Sessions (and token threads) per token and process, when not configured: a module in this
+#: process gets 2 (SoftHSM2 signs no faster with more threads on two cores, and its locks cost
+#: CPU; docs/keys.md), a remoting module (one instance per session, calls that wait on a
+#: network) gets 8, enough to hide a few milliseconds of round trip.
+DEFAULT_SESSIONS = 2
+DEFAULT_REMOTE_SESSIONS = 8
 
 # -- PKCS#11 initialisation with CKF_OS_LOCKING_OK ----------------------------------------------
 #
@@ -742,7 +747,7 @@ class Pkcs11Backend:
         pin: bytes,
         module_path: str = DEFAULT_PKCS11_MODULE,
         *,
-        sessions: int = DEFAULT_SESSIONS,
+        sessions: int | None = None,
     ) -> None:
         if not token_label:
             raise InvalidInput("a PKCS#11 token label is required")
@@ -754,7 +759,7 @@ class Pkcs11Backend:
             raise InvalidInput(
                 f"the PIN for PKCS#11 token {token_label!r} is not valid UTF-8"
             ) from None
-        if not 1 <= sessions <= 256:
+        if sessions is not None and not 1 <= sessions <= 256:
             raise InvalidInput("a PKCS#11 backend needs 1 to 256 sessions")
         self._token_label = token_label
         self._module_path = module_path
@@ -766,6 +771,10 @@ class Pkcs11Backend:
                 if not conn.pin_matches(pin_text):
                     raise BadPin(f"wrong PIN for PKCS#11 token {token_label!r}")
             else:
+                if sessions is None:
+                    _load_module(module_path)
+                    remote = module_path in _PER_CALL_INSTANCES
+                    sessions = DEFAULT_REMOTE_SESSIONS if remote else DEFAULT_SESSIONS
                 conn = _Connection(module_path, token_label, pin_text, sessions)
                 try:
                     conn.open(allow_refresh=True)

@@ -5,7 +5,8 @@ Backends are chosen by URI:
 - ``pkcs11:token=broker?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/run/pin``
   (RFC 7512 style: path attributes separated by ``;``, query attributes by ``&``, values
   percent-encoded). ``token`` is required; ``module-path`` defaults to SoftHSM2's module;
-  ``max-sessions`` (1..256, default 8) bounds the sessions and token threads per process;
+  ``max-sessions`` (1..256; default 2, or 8 for a remoting module) bounds the sessions and
+  token threads per process;
   ``object`` may be present and is ignored when opening a backend (it names a key).
   ``pin-value`` is refused: PINs are never accepted inline.
 - ``software:`` (keys in memory, gone on exit) and ``software:path=/dir`` (keys in files under
