@@ -60,6 +60,7 @@ import contextlib
 import ctypes
 import dataclasses
 import hmac
+import logging
 import os
 import threading
 import time
@@ -98,6 +99,8 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 #: Errors after which the session (or a handle in it) is gone: reconnect and retry once.
 _SESSION_LOST: tuple[type[Exception], ...] = (
@@ -782,6 +785,19 @@ class Pkcs11Backend:
                     conn.executor.shutdown(wait=False)
                     raise
                 _CONNECTIONS[key] = conn
+                log.info(
+                    "PKCS#11 module %s, token labelled %r: %d session(s), %s; data keys "
+                    "wrapped in one call (CKM_AES_ECB-derived key + RFC 3394) under KEKs that "
+                    "allow it",
+                    module_path,
+                    token_label,
+                    sessions,
+                    "one module instance per session (remoting module)"
+                    if conn.instances
+                    else "concurrent (CKF_OS_LOCKING_OK)"
+                    if conn.thread_safe
+                    else "one call at a time (the module cannot lock)",
+                )
             conn.refcount += 1
         self._conn = conn
 
