@@ -624,6 +624,9 @@ class _Connection:
                 raise KeyBackendError(
                     f"{self.description}: {what} failed ({type(exc).__name__})"
                 ) from None
+            except BaseException:
+                self._checkin(session)  # not the session's fault: keep it in the pool
+                raise
             else:
                 self._checkin(session)
                 return result
