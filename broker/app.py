@@ -25,7 +25,7 @@ from broker.config import Config
 from broker.database.credentials import CredentialService, DatabaseSettings
 from broker.database.engine import open_engine
 from broker.database.reaper import LeaseReaper
-from broker.envelope import Envelope, KekRotator, SealedStore
+from broker.envelope import DataKeyCache, Envelope, KekRotator, SealedStore
 from broker.files import write_private_file
 from broker.identity import Authenticator
 from broker.operators.service import OperatorService
@@ -100,7 +100,8 @@ class Application:
             config.audit.checkpoint_interval,
             f"checkpoint-{uuid.uuid4().hex}",
         )
-        self.envelope = Envelope(keys, storage)
+        # Data keys unwrapped for secret reads stay in memory for a while (see DataKeyCache).
+        self.envelope = Envelope(keys, storage, DataKeyCache(clock))
         # Every store of sealed blobs registers here, so KEK rotation reaches all of them.
         self.sealed_stores: list[SealedStore] = []
         # Wrapped static secrets (a SealedStore) and KEK rotation over every sealed store.
@@ -250,6 +251,7 @@ class Application:
                 await self.ca.sync()
                 await self.workloads.refresh_denylist()
                 await self.access.sync()
+                await self.envelope.sync()
                 if loop.time() >= next_rotation:
                     next_rotation = loop.time() + interval
                     await self.ca.rotate(force=False)

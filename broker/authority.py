@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import functools
 import ipaddress
 import json
 import logging
@@ -37,6 +38,7 @@ from ca.clock import Clock
 from ca.csr import parse_csr
 from ca.errors import CAError, CAStateError, InvalidPolicy, PolicyViolation
 from ca.keys import KeyBackend, KeyKind
+from ca.keys.executor import token_call
 from ca.keys.uri import key_uri
 from ca.policy import CAPolicy, is_reserved_dns_name
 from ca.spiffeid import SpiffeId
@@ -506,14 +508,19 @@ class CAService:
                 serialization.NoEncryption(),
             )
         snap = self._snap()
-        cert = snap.issuer.issue(
-            public_key,
-            sid,
-            self._clock.now(),
-            lifetime,
-            dns_names=dns_names,
-            backdate=self._cfg.backdate,
-            lineage=self.lineage_for(sid, caller, renewal=renewal),
+        # The signature is the token's work: on the key backend's executor, off the loop.
+        cert = await token_call(
+            self._keys,
+            functools.partial(
+                snap.issuer.issue,
+                public_key,
+                sid,
+                self._clock.now(),
+                lifetime,
+                dns_names=dns_names,
+                backdate=self._cfg.backdate,
+                lineage=self.lineage_for(sid, caller, renewal=renewal),
+            ),
         )
         leaf_der = cert.public_bytes(serialization.Encoding.DER)
         return IssuedX509(
@@ -619,8 +626,17 @@ class CAService:
             if remaining < dt.timedelta(seconds=1):
                 raise PolicyViolation("the caller's certificate expires too soon to mint through")
             lifetime = min(lifetime, remaining)
-        svid = jwtsvid.mint_jwt_svid(
-            snap.jwt_signer, sid, list(audience), now, lifetime, kid=snap.jwt_kid
+        svid = await token_call(
+            self._keys,
+            functools.partial(
+                jwtsvid.mint_jwt_svid,
+                snap.jwt_signer,
+                sid,
+                list(audience),
+                now,
+                lifetime,
+                kid=snap.jwt_kid,
+            ),
         )
         return IssuedJWT(sid.id_string, svid.token, svid.expires_at, snap.jwt_kid)
 

@@ -301,6 +301,9 @@ _CODE_TEXT = {
 
 def client_error_message(error: ClientError, server: str) -> str:
     """The one line (without "broker: ") for a failed call."""
+    if error.code_name == "UNAVAILABLE" and error.message.startswith("key backend error: "):
+        # The broker answered: its token (HSM) failed, e.g. a mechanism it does not offer.
+        return _one_line(error.message)
     if error.code_name == "UNAVAILABLE":
         return _one_line(f"cannot reach the broker at {server}: {error.message}")
     text = _CODE_TEXT.get(error.code_name, error.code_name.lower().replace("_", " "))

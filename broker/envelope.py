@@ -13,10 +13,13 @@ the broker's own (e.g. `_system` for database admin passwords).
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import datetime as dt
 import os
 import re
 import struct
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
@@ -26,11 +29,16 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from broker.errors import InvalidArgument
 from broker.storage.interface import MetaRepository
+from ca.clock import Clock
 from ca.errors import IntegrityError, KeyExists
 from ca.keys import KeyBackend, KeyKind
+from ca.keys.executor import token_call
 
 __all__ = [
+    "DATA_KEYS_COUNTER",
+    "MAX_DATA_KEY_AGE",
     "SYSTEM_TENANT",
+    "DataKeyCache",
     "Envelope",
     "KekRotation",
     "KekRotator",
@@ -42,6 +50,9 @@ __all__ = [
 ]
 
 SYSTEM_TENANT: Final = "_system"
+#: Storage counter moved whenever cached data keys must go on every worker and replica.
+DATA_KEYS_COUNTER: Final = "data_keys"
+MAX_DATA_KEY_AGE: Final = dt.timedelta(minutes=5)
 _TENANT_RE: Final = re.compile(r"^_?[a-z0-9][a-z0-9-]{0,62}$")
 _FORMAT: Final = 1
 _NONCE_BYTES: Final = 12
@@ -105,12 +116,94 @@ class SealedBlob:
         return cls(label, bytes(wrapped), bytes(nonce), bytes(ciphertext))
 
 
+class DataKeyCache:
+    """Data keys unwrapped for reads, kept in this process's memory only: never written,
+    logged or pickled, bounded in count (least recently used go first) and in age (at most
+    `MAX_DATA_KEY_AGE` by the injected clock's monotonic time). Keyed by (KEK label, wrapped
+    key): a blob rewrapped under another KEK or sealed afresh is a different entry.
+
+    What it trades: a secret read that hits skips the token (one round trip to the HSM) at the
+    cost of data keys staying in memory for up to five minutes after their last unwrap; the
+    KEK never leaves the token. `Envelope.forget_data_keys` empties it at once on rotate,
+    rollback, revoke, delete and KEK rotation, and other workers and replicas follow within
+    their 2 s sync (`Envelope.sync`). Thread-safe."""
+
+    def __init__(
+        self, clock: Clock, *, max_entries: int = 4096, max_age: dt.timedelta = MAX_DATA_KEY_AGE
+    ) -> None:
+        if not 1 <= max_entries <= 1_000_000:
+            raise ValueError("max_entries must be 1..1000000")
+        if not dt.timedelta(0) < max_age <= MAX_DATA_KEY_AGE:
+            raise ValueError(f"max_age must be positive and at most {MAX_DATA_KEY_AGE}")
+        self._clock = clock
+        self._max_entries = max_entries
+        self._max_age = max_age.total_seconds()
+        self._entries: collections.OrderedDict[tuple[str, bytes], tuple[bytes, float]] = (
+            collections.OrderedDict()
+        )
+        self._lock = threading.Lock()
+        #: Moves on every `clear`: a key unwrapped by a read that started before a clear is
+        #: not cached after it (`put(..., generation=)`).
+        self.generation = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, kek_label: str, wrapped: bytes) -> bytes | None:
+        key = (kek_label, wrapped)
+        now = self._clock.monotonic()
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or entry[1] <= now:
+                if entry is not None:
+                    del self._entries[key]
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return entry[0]
+
+    def put(
+        self, kek_label: str, wrapped: bytes, data_key: bytes, *, generation: int | None = None
+    ) -> None:
+        """Keep `data_key`, unless the cache was cleared since `generation` was read."""
+        expires = self._clock.monotonic() + self._max_age
+        with self._lock:
+            if generation is not None and generation != self.generation:
+                return
+            self._entries[(kek_label, wrapped)] = (data_key, expires)
+            self._entries.move_to_end((kek_label, wrapped))
+            while len(self._entries) > self._max_entries:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.generation += 1
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"<DataKeyCache {len(self._entries)} entries>"  # never the keys
+
+    def __reduce__(self) -> tuple[object, ...]:
+        raise TypeError("a DataKeyCache holds data keys and is never pickled")
+
+
 class Envelope:
     """Seal and open values under per-tenant KEKs held by `keys`."""
 
-    def __init__(self, keys: KeyBackend, meta: MetaRepository) -> None:
+    def __init__(
+        self, keys: KeyBackend, meta: MetaRepository, data_keys: DataKeyCache | None = None
+    ) -> None:
         self._keys = keys
         self._meta = meta
+        self._data_keys = data_keys
+        self._data_keys_seen: str | None = None
+
+    @property
+    def data_keys(self) -> DataKeyCache | None:
+        return self._data_keys
 
     @property
     def keys(self) -> KeyBackend:
@@ -145,7 +238,14 @@ class Envelope:
 
     async def seal(self, tenant: str, plaintext: bytes, associated: bytes) -> SealedBlob:
         label = await self.current_kek(tenant)
-        return self.seal_with(label, plaintext, associated)
+        return await self._seal_off_loop(label, plaintext, associated)
+
+    async def _seal_off_loop(self, label: str, plaintext: bytes, associated: bytes) -> SealedBlob:
+        data_key = AESGCM.generate_key(bit_length=256)
+        nonce = os.urandom(_NONCE_BYTES)
+        ciphertext = AESGCM(data_key).encrypt(nonce, plaintext, associated)
+        wrapped = await token_call(self._keys, self._keys.wrap, label, data_key)
+        return SealedBlob(label, wrapped, nonce, ciphertext)
 
     def seal_with(self, label: str, plaintext: bytes, associated: bytes) -> SealedBlob:
         data_key = AESGCM.generate_key(bit_length=256)
@@ -163,7 +263,7 @@ class Envelope:
         current = await self.current_kek(tenant)
         if blob.kek_label == current:
             return None
-        return self.seal_with(current, plaintext, associated)
+        return await self._seal_off_loop(current, plaintext, associated)
 
     def open(self, blob: SealedBlob, associated: bytes) -> bytes:
         """The plaintext; raises `IntegrityError` for a tampered, swapped or misplaced blob and
@@ -176,6 +276,46 @@ class Envelope:
                 "sealed value did not verify: tampered with, or moved from another secret, "
                 "version or tenant"
             ) from None
+
+    async def unseal(self, blob: SealedBlob, associated: bytes) -> bytes:
+        """`open` for the request path: the data key from the cache, or unwrapped by the token
+        on its executor (never on the event loop). Same errors as `open`; a data key is cached
+        only once the value verified under it."""
+        cache = self._data_keys
+        generation = 0 if cache is None else cache.generation
+        data_key = None if cache is None else cache.get(blob.kek_label, blob.wrapped_key)
+        fresh = data_key is None
+        if data_key is None:
+            data_key = await token_call(
+                self._keys, self._keys.unwrap, blob.kek_label, blob.wrapped_key
+            )
+        try:
+            plaintext = AESGCM(data_key).decrypt(blob.nonce, blob.ciphertext, associated)
+        except InvalidTag:
+            raise IntegrityError(
+                "sealed value did not verify: tampered with, or moved from another secret, "
+                "version or tenant"
+            ) from None
+        if fresh and cache is not None:
+            cache.put(blob.kek_label, blob.wrapped_key, data_key, generation=generation)
+        return plaintext
+
+    async def forget_data_keys(self) -> None:
+        """Drop every cached data key here at once, and on every other worker and replica at
+        their next `sync` (the storage counter moves)."""
+        if self._data_keys is not None:
+            self._data_keys.clear()
+        value = await self._meta.increment_counter(DATA_KEYS_COUNTER)
+        await self._meta.set_meta(DATA_KEYS_COUNTER, str(value))
+        self._data_keys_seen = str(value)
+
+    async def sync(self) -> None:
+        """Drop the cached data keys if another process asked for it (one small read)."""
+        seen = await self._meta.get_meta(DATA_KEYS_COUNTER)
+        if seen != self._data_keys_seen:
+            if self._data_keys is not None:
+                self._data_keys.clear()
+            self._data_keys_seen = seen
 
     def rewrap(self, blob: SealedBlob, label: str) -> SealedBlob:
         """The same ciphertext with its data key rewrapped under `label` (the value itself is
@@ -241,6 +381,8 @@ class KekRotator:
         rewrapped = 0
         for store in self._stores:
             rewrapped += await store.rewrap(self._envelope, tenant, label)
+        # Data keys unwrapped under the old generations go from every process's memory now.
+        await self._envelope.forget_data_keys()
         destroyed: list[str] = []
         kept: list[str] = []
         keys = self._envelope.keys

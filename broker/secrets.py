@@ -584,6 +584,7 @@ class SecretService:
             won = False
         if not won:
             raise FailedPrecondition("the secret changed while rotating it; try again")
+        await self._envelope.forget_data_keys()
         await self._settle(tenant, ref.text, new_version, sealed, plaintext)
         return await self.show(tenant, reference), record.current_version, new_version
 
@@ -633,6 +634,7 @@ class SecretService:
             )
         if not won:
             raise FailedPrecondition("the secret changed while rolling back; try again")
+        await self._envelope.forget_data_keys()
         return await self.show(tenant, reference), current, target
 
     async def revoke(self, tenant: str, reference: str, justification: str) -> SecretInfo:
@@ -647,6 +649,7 @@ class SecretService:
         if not done:
             info = await self.show(tenant, reference)  # NotFound when absent
             raise FailedPrecondition(f"the secret is already {info.record.state}")
+        await self._envelope.forget_data_keys()
         return await self.show(tenant, reference)
 
     async def delete(self, tenant: str, reference: str) -> SecretInfo:
@@ -658,6 +661,7 @@ class SecretService:
         if not done:
             info = await self.show(tenant, reference)
             raise FailedPrecondition(f"the secret is already {info.record.state}")
+        await self._envelope.forget_data_keys()
         return await self.show(tenant, reference)
 
     # -- reads ---------------------------------------------------------------------------
@@ -677,7 +681,7 @@ class SecretService:
         record, row = loaded
         return _info(self._verified(record)), row
 
-    def reveal(self, info: SecretInfo, row: VersionRecord | None) -> SecretValue:
+    async def reveal(self, info: SecretInfo, row: VersionRecord | None) -> SecretValue:
         """The plaintext, if this version may be distributed now. Raises `FailedPrecondition`
         (missing metadata, revoked, past the rollback window, deleted), `NotFound` (no such
         version) or `IntegrityError` (a tampered or misplaced blob)."""
@@ -719,7 +723,7 @@ class SecretService:
             blob = SealedBlob.from_bytes(row.sealed)
             if not blob.kek_label.startswith(f"kek.{record.tenant}."):
                 raise IntegrityError("wrapped under another tenant's key")
-            plaintext = self._envelope.open(blob, aad(record.tenant, ref, row.version))
+            plaintext = await self._envelope.unseal(blob, aad(record.tenant, ref, row.version))
         except (IntegrityError, KeyNotFound) as exc:
             # Someone with write access to storage moved or altered ciphertext: refuse, and
             # leave a trace for the operators (the reference only by its hash).

@@ -2,6 +2,7 @@
 
 pytest_plugins = [
     "tests.fixtures.softhsm",
+    "tests.fixtures.p11kit",
     "tests.fixtures.postgres",
     "tests.fixtures.mariadb",
     "tests.fixtures.oidc_provider",

@@ -263,7 +263,7 @@ class SecretsServicer(secrets_pb2_grpc.SecretsServicer):  # type: ignore[misc]
         info, row = await self._load(tenant, request, request.version or None)
         self._require_justification(info)
         self._decide(request.reference, info.attributes())
-        secret = self._secrets.reveal(info, row)
+        secret = await self._secrets.reveal(info, row)
         call.details["version"] = secret.version
         return secrets_pb2.GetSecretResponse(
             value=secret.value,

@@ -16,7 +16,11 @@ import grpc
 from broker import errors
 from ca import errors as ca_errors
 
-__all__ = ["to_status"]
+__all__ = ["KEY_BACKEND_ERROR_PREFIX", "to_status"]
+
+#: Starts the message of an UNAVAILABLE that came from the key backend (the HSM), so clients
+#: tell a token failure from a broker they cannot reach.
+KEY_BACKEND_ERROR_PREFIX = "key backend error: "
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,8 @@ def to_status(exc: BaseException, correlation_id: str) -> tuple[grpc.StatusCode,
     for kind, code in _MAP:
         if isinstance(exc, kind):
             message = str(exc) or kind.__name__
+            if isinstance(exc, ca_errors.KeyBackendError):
+                message = KEY_BACKEND_ERROR_PREFIX + message
             if code is grpc.StatusCode.UNAVAILABLE:
                 log.warning("unavailable [%s]: %s", correlation_id, message)
             return code, message

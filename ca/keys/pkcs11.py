@@ -7,26 +7,36 @@ CKA_SENSITIVE and not CKA_EXTRACTABLE; CKA_LABEL is the key label and CKA_ID its
   CKM_ECDSA over the digest (raw ``r || s``), converted to DER for cryptography/X.509;
   `BackendSigner.sign_raw_digest()` gives the raw form for JWS.
 - HMAC-SHA256: a 256-bit CKK_GENERIC_SECRET key, CKM_SHA256_HMAC.
-- AES-256 key-encryption keys, wrap/unwrap with CKM_AES_KEY_WRAP (RFC 3394), the token-side
-  way: `wrap()` imports the data key as a short-lived *session* object (CKK_GENERIC_SECRET,
-  extractable) and calls C_WrapKey with the KEK, then destroys the object; `unwrap()` calls
-  C_UnwrapKey into a session object, reads its value and destroys it. (C_Encrypt with the
-  key-wrap mechanism is not offered by SoftHSM2, so this is the portable route.) The output is
-  byte-for-byte RFC 3394, the same format as the software backend's. A wrapped blob that fails
-  the RFC 3394 integrity check raises `IntegrityError` (SoftHSM2 reports it as
-  CKR_GENERAL_ERROR, other tokens as CKR_WRAPPED_KEY_INVALID / CKR_ENCRYPTED_DATA_INVALID).
+- AES-256 key-encryption keys (CKA_ENCRYPT/DECRYPT and CKA_WRAP/UNWRAP, never extractable).
+  `wrap()` makes one token call: CKM_AES_ECB under the KEK over two counter blocks after a fresh
+  12-byte nonce derives a per-blob key (the KEK as a PRF), and the data key is RFC 3394-wrapped
+  under that key here; the blob is ``0x02 || nonce || RFC 3394``. `unwrap()` derives the same
+  key in one call and unwraps here (the RFC 3394 check gives `IntegrityError`). Why: CKM_AES_ECB
+  without parameters crosses p11-kit's remoting (p11-kit 0.24 refuses CKM_AES_KEY_WRAP and
+  CKM_AES_GCM with MechanismInvalid), and one call replaces three (create object, C_WrapKey,
+  destroy). The KEK never leaves the token; the derived key lives as briefly as the data key.
+  Blobs in the older format (plain RFC 3394 via C_WrapKey/C_UnwrapKey, length a multiple of 8)
+  still open, and a KEK created before this format (no CKA_ENCRYPT) keeps wrapping that way.
+  A wrapped blob that fails the RFC 3394 check raises `IntegrityError` (SoftHSM2 reports it
+  as CKR_GENERAL_ERROR, other tokens as CKR_WRAPPED_KEY_INVALID / CKR_ENCRYPTED_DATA_INVALID).
 
-Sessions: one logged-in read/write session per token per process, shared by every
-`Pkcs11Backend` opened on that token (PKCS#11 login state is per application and token: a
-second C_Login would fail with CKR_USER_ALREADY_LOGGED_IN, and a C_Logout from one session
-would log all others out). Key handles and public keys are cached by label.
+Sessions: per token and process, one logged-in session held only for the login (PKCS#11
+login state is per application and token: a second C_Login fails with
+CKR_USER_ALREADY_LOGGED_IN, and a C_Logout from one session logs all others out) and a pool of
+up to `sessions` (default 2 in process, 8 for a remoting module) read/write sessions that
+calls run on, one thread per session at a time, shared by every `Pkcs11Backend` opened on
+that token. Key handles and public keys are cached per session by label.
+`Pkcs11Backend.executor` is a thread pool of the same size: the broker awaits token calls
+there, never on its event loop.
 
-Threads: python-pkcs11 initialises modules with ``C_Initialize(NULL)``, which by the PKCS#11
-spec promises the module that it is never called from two threads at once, and SoftHSM2 then
-runs without internal locking (two threads signing on two sessions at once crash the process).
-So every call into a module goes through one lock per module (python-pkcs11 releases the GIL in
-token calls, which is why a lock and not the GIL is what protects us). Other code in the process
-must not call the same module concurrently behind these backends' backs.
+Threads: python-pkcs11 0.10 initialises modules with ``C_Initialize(NULL)``, which by the
+PKCS#11 spec promises the module that it is never called from two threads at once (SoftHSM2
+then runs without internal locking: two threads signing on two sessions at once crash the
+process), and offers no way to pass CK_C_INITIALIZE_ARGS. This module therefore initialises
+the module itself with CKF_OS_LOCKING_OK (see `_ThreadedLib`); calls on distinct sessions then
+run concurrently (python-pkcs11 releases the GIL in token calls). A module answering
+CKR_CANT_LOCK, or already initialised by other code in this process, is served one call at a
+time under one lock per module, as before (`module_thread_safe()` tells which).
 
 Lost sessions: when a call fails because the session or a handle was lost (closed session,
 device removed, module re-initialised, user logged out, ...), the session is reopened, the user
@@ -45,9 +55,13 @@ other code in the process opened on the same module directly are invalidated by 
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import ctypes
 import dataclasses
 import hmac
+import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -55,7 +69,8 @@ from typing import Any, TypeVar
 
 import pkcs11
 from cryptography.hazmat.primitives.asymmetric import ec
-from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
+from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
+from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass, _pkcs11
 from pkcs11 import exceptions as p11e
 from pkcs11.util.ec import encode_named_curve_parameters
 
@@ -73,9 +88,19 @@ from ca.keys.signer import BackendSigner, prehashed_for_digest
 from ca.keys.software import check_data_key, check_wrapped
 from ca.keys.uri import DEFAULT_PKCS11_MODULE, validate_label
 
-__all__ = ["DEFAULT_PKCS11_MODULE", "Pkcs11Backend", "Pkcs11Signer", "refresh_module"]
+__all__ = [
+    "DEFAULT_PKCS11_MODULE",
+    "DEFAULT_REMOTE_SESSIONS",
+    "DEFAULT_SESSIONS",
+    "Pkcs11Backend",
+    "Pkcs11Signer",
+    "module_thread_safe",
+    "refresh_module",
+]
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 #: Errors after which the session (or a handle in it) is gone: reconnect and retry once.
 _SESSION_LOST: tuple[type[Exception], ...] = (
@@ -123,34 +148,174 @@ _PROPERTY_ATTRS = {
 _REGISTRY_LOCK = threading.RLock()
 _CONNECTIONS: dict[tuple[str, str], _Connection] = {}
 _MODULE_LOCKS: dict[str, threading.RLock] = {}
+_LIBS: dict[str, Any] = {}
+#: Modules whose every C_GetFunctionList is an independent instance (p11-kit-client.so: its
+#: own connection to the server, its own login). Each pooled session then gets an instance of
+#: its own, so calls still run concurrently (one thread per instance at a time) and a network
+#: round trip is hidden by the others in flight.
+_PER_CALL_INSTANCES: set[str] = set()
+
+#: Sessions (and token threads) per token and process, when not configured: a module in this
+#: process gets 2 (SoftHSM2 signs no faster with more threads on two cores, and its locks cost
+#: CPU; docs/keys.md), a remoting module (one instance per session, calls that wait on a
+#: network) gets 8, enough to hide a few milliseconds of round trip.
+DEFAULT_SESSIONS = 2
+DEFAULT_REMOTE_SESSIONS = 8
+
+# -- PKCS#11 initialisation with CKF_OS_LOCKING_OK ----------------------------------------------
+#
+# python-pkcs11 0.10 calls C_Initialize(NULL), which tells the module that the application will
+# never call it from two threads at once; SoftHSM2 then runs without internal locking. There is
+# no option upstream to pass CK_C_INITIALIZE_ARGS, so `_ThreadedLib` overrides the binding's
+# `initialize` (a cpdef method, which Cython dispatches to a Python override) and calls the
+# module's own C_Initialize through ctypes with CKF_OS_LOCKING_OK. A module that cannot lock
+# (CKR_CANT_LOCK) or was already initialised by other code in this process is used as before:
+# one call at a time under the module lock.
+
+_CKF_OS_LOCKING_OK = 0x00000002
+_CKR_OK = 0x000
+_CKR_CANT_LOCK = 0x00A
+_CKR_CRYPTOKI_ALREADY_INITIALIZED = 0x191
+_CK_RV_FN = ctypes.CFUNCTYPE(ctypes.c_ulong, ctypes.c_void_p)
+
+
+class _CkVersion(ctypes.Structure):
+    _fields_ = [("major", ctypes.c_ubyte), ("minor", ctypes.c_ubyte)]
+
+
+class _CkInitializeArgs(ctypes.Structure):
+    _fields_ = [
+        ("CreateMutex", ctypes.c_void_p),
+        ("DestroyMutex", ctypes.c_void_p),
+        ("LockMutex", ctypes.c_void_p),
+        ("UnlockMutex", ctypes.c_void_p),
+        ("flags", ctypes.c_ulong),
+        ("pReserved", ctypes.c_void_p),
+    ]
+
+
+class _CkFunctionList(ctypes.Structure):
+    # Only the head of CK_FUNCTION_LIST: the version, then C_Initialize and C_Finalize.
+    _fields_ = [("version", _CkVersion), ("C_Initialize", _CK_RV_FN), ("C_Finalize", _CK_RV_FN)]
+
+
+def _function_list(module_path: str) -> Any:
+    # dlopen of the same path returns the module python-pkcs11 loads: one instance per process.
+    library = ctypes.CDLL(module_path)
+    get_list = library.C_GetFunctionList
+    get_list.restype = ctypes.c_ulong
+    get_list.argtypes = [ctypes.POINTER(ctypes.POINTER(_CkFunctionList))]
+    functions = ctypes.POINTER(_CkFunctionList)()
+    rv = get_list(ctypes.byref(functions))
+    if rv != _CKR_OK or not functions:
+        raise p11e.PKCS11Error(f"C_GetFunctionList failed (0x{rv:x})")
+    return functions.contents
+
+
+class _ThreadedLib(_pkcs11.lib):  # type: ignore[misc,name-defined]
+    """python-pkcs11's `lib`, initialised with CKF_OS_LOCKING_OK when the module allows it.
+
+    `thread_safe` says whether calls on distinct sessions may run concurrently."""
+
+    thread_safe: bool = False
+    _up: bool = False
+
+    def initialize(self) -> None:
+        if self._up:
+            return
+        functions = _function_list(self.so)
+        args = _CkInitializeArgs(None, None, None, None, _CKF_OS_LOCKING_OK, None)
+        rv = functions.C_Initialize(ctypes.addressof(args))
+        if rv == _CKR_CANT_LOCK:
+            rv = functions.C_Initialize(None)
+            self.thread_safe = False
+        elif rv == _CKR_CRYPTOKI_ALREADY_INITIALIZED:
+            rv = _CKR_OK  # other code initialised it, we cannot know how: serialise
+            self.thread_safe = False
+        else:
+            self.thread_safe = rv == _CKR_OK
+        if rv != _CKR_OK:
+            raise p11e.PKCS11Error(f"C_Initialize failed (0x{rv:x})")
+        self._up = True
+
+    def finalize(self) -> None:
+        if self._up:
+            _function_list(self.so).C_Finalize(None)
+            self._up = False
+
+    def reinitialize(self) -> None:
+        self.finalize()
+        self.initialize()
+
+
+def _threaded_or_plain(module_path: str) -> Any:
+    """`_ThreadedLib`, or python-pkcs11's own `lib` for a module whose C_GetFunctionList hands
+    out a fresh instance per call (p11-kit-client.so does: each list is its own RPC client), so
+    initialising ours does not initialise the binding's (C_GetInfo answers "not
+    initialized"). That one is initialised with NULL and served one call at a time."""
+    try:
+        return _ThreadedLib(module_path)
+    except p11e.PKCS11Error as exc:
+        if "not initialized" not in str(exc):
+            raise
+    with contextlib.suppress(Exception):
+        _function_list(module_path).C_Finalize(None)
+    _PER_CALL_INSTANCES.add(module_path)
+    return _pkcs11.lib(module_path)
 
 
 def _module_lock(module_path: str) -> threading.RLock:
-    """The lock that serialises every call into one PKCS#11 module (see the module docstring)."""
+    """The lock that serialises every call into a module that is not thread-safe, and session
+    set-up and re-initialisation in every module (see the module docstring)."""
     with _REGISTRY_LOCK:
         return _MODULE_LOCKS.setdefault(module_path, threading.RLock())
 
 
 def _load_module(module_path: str) -> Any:
-    try:
-        return pkcs11.lib(module_path)
-    except (p11e.PKCS11Error, OSError) as exc:
-        raise KeyBackendError(
-            f"cannot load PKCS#11 module {module_path}: {exc or type(exc).__name__}"
-        ) from None
+    with _REGISTRY_LOCK:
+        lib = _LIBS.get(module_path)
+        if lib is not None:
+            return lib
+        try:
+            loaded = pkcs11._loaded.get(module_path)
+            lib = loaded if loaded is not None else _threaded_or_plain(module_path)
+        except (p11e.PKCS11Error, OSError) as exc:
+            raise KeyBackendError(
+                f"cannot load PKCS#11 module {module_path}: {exc or type(exc).__name__}"
+            ) from None
+        # Other code calling pkcs11.lib(path) gets this instance (a second one would call
+        # C_Initialize again and fail).
+        pkcs11._loaded[module_path] = lib
+        _LIBS[module_path] = lib
+        return lib
+
+
+def module_thread_safe(module_path: str) -> bool:
+    """True when this process initialised the module with CKF_OS_LOCKING_OK (concurrent calls
+    on distinct sessions); False when every call is serialised."""
+    return bool(getattr(_load_module(module_path), "thread_safe", False))
 
 
 def refresh_module(module_path: str = DEFAULT_PKCS11_MODULE) -> None:
     """Re-initialise a PKCS#11 module (C_Finalize + C_Initialize) so it re-reads its
     configuration and sees tokens created since it was loaded.
 
-    Every `Pkcs11Backend` on the module waits for the duration (module lock) and reconnects on
-    its next call; sessions opened by other code on the same module are invalidated.
+    Every `Pkcs11Backend` on the module reconnects on its next call; calls in flight on other
+    threads may fail once with a token error. Sessions opened by other code on the same module
+    are invalidated.
     """
     with _REGISTRY_LOCK, _module_lock(module_path):
         lib = _load_module(module_path)
         try:
-            lib.reinitialize()
+            if isinstance(lib, _ThreadedLib):
+                lib.reinitialize()
+            else:
+                # A fresh instance: a module handing out one instance per C_GetFunctionList
+                # (p11-kit-client.so) reads its configuration, e.g. the server address, then.
+                with contextlib.suppress(p11e.PKCS11Error):
+                    lib.finalize()
+                fresh = _pkcs11.lib(module_path)
+                _LIBS[module_path] = pkcs11._loaded[module_path] = fresh
         except p11e.PKCS11Error as exc:
             raise KeyBackendError(
                 f"cannot re-initialise PKCS#11 module {module_path}: {type(exc).__name__}"
@@ -197,30 +362,59 @@ def _open_with_retry(token: Any, pin: str | bytes, attempts: int = 8) -> Any:
 @dataclasses.dataclass
 class _Handle:
     kind: KeyKind
-    key: Any  # a python-pkcs11 PrivateKey or SecretKey bound to the current session
+    key: Any  # a python-pkcs11 PrivateKey or SecretKey bound to one session
     public: ec.EllipticCurvePublicKey | None = None
+    encrypts: bool = False  # an AES key with CKA_ENCRYPT: wraps with the one-call format
+
+
+class _Session:
+    """One PKCS#11 session of the pool and the key handles resolved in it (python-pkcs11's key
+    objects are bound to the session that found them). Used by one thread at a time."""
+
+    __slots__ = ("epoch", "handles", "instance", "session")
+
+    def __init__(self, session: Any, epoch: int, instance: Any = None) -> None:
+        self.session = session
+        self.epoch = epoch
+        self.handles: dict[str, _Handle] = {}
+        self.instance = instance  # the module instance it lives in, when it has its own
 
 
 class _Connection:
-    """One logged-in session on one token, shared by the backends on that token."""
+    """The sessions of this process on one token, shared by the backends on that token.
 
-    def __init__(self, module_path: str, token_label: str, pin: str) -> None:
+    One session is logged in and kept only to hold the login (PKCS#11 login state is per
+    application and token; closing a logged-in session through python-pkcs11 logs every session
+    out). Calls run on a pool of up to `size` further sessions, one thread per session at a
+    time; when the module is not thread-safe every call also holds the module lock."""
+
+    def __init__(self, module_path: str, token_label: str, pin: str, size: int) -> None:
         self.module_path = module_path
         self.token_label = token_label
         self.lock = _module_lock(module_path)
         self.refcount = 0
         self.reconnects = 0
         self.description = f"pkcs11 token={token_label}"
+        self.size = size
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=size, thread_name_prefix=f"pkcs11-{token_label}"
+        )
         self._pin = pin
-        self._session: Any = None
-        self._handles: dict[str, _Handle] = {}
+        self._token: Any = None
+        self._login: Any = None
+        self._idle: list[_Session] = []
+        self._slots = threading.BoundedSemaphore(size)
+        self._epoch = 0
+        self._state = threading.Lock()  # guards _idle, _epoch, _login, _token
         self._closed = False
         self._opened_before = False
+        self.thread_safe = module_thread_safe(module_path)
+        self.instances = module_path in _PER_CALL_INSTANCES
 
     def pin_matches(self, pin: str) -> bool:
         return hmac.compare_digest(self._pin.encode(), pin.encode())
 
-    # -- session lifecycle (callers hold self.lock) --------------------------------------------
+    # -- session lifecycle --------------------------------------------------------------------
 
     def _find_token(self, allow_refresh: bool) -> Any:
         lib = _load_module(self.module_path)
@@ -245,6 +439,11 @@ class _Connection:
         return self._find_token(allow_refresh=False)
 
     def open(self, allow_refresh: bool = False) -> None:
+        """Find the token and log in (the login session). Holds the module lock."""
+        with self.lock:
+            self._open(allow_refresh)
+
+    def _open(self, allow_refresh: bool) -> None:
         token = self._find_token(allow_refresh)
         name = f"PKCS#11 token {self.token_label!r}"
         try:
@@ -262,13 +461,8 @@ class _Connection:
             raise BadPin(f"{name} has no user PIN set (initialise the token first)") from None
         except p11e.UserAlreadyLoggedIn:
             # Other code in this process logged in to the token already (login state is per
-            # application): a session opened now shares that login.
-            try:
-                session = token.open(rw=True)
-            except p11e.PKCS11Error as exc:
-                raise KeyBackendError(
-                    f"cannot open a session on {name}: {type(exc).__name__}"
-                ) from None
+            # application): sessions opened now share that login.
+            session = None
         except p11e.PKCS11Error as exc:
             raise KeyBackendError(
                 f"cannot open a session on {name}: {type(exc).__name__}"
@@ -276,64 +470,174 @@ class _Connection:
         if self._opened_before:
             self.reconnects += 1
         self._opened_before = True
-        self._session = session
-        self._handles.clear()
+        with self._state:
+            self._token = token
+            self._login = session
         manufacturer = str(token.manufacturer_id).strip()
         model = str(token.model).strip()
         self.description = f"pkcs11 token={self.token_label} ({manufacturer} {model})"
 
+    def _checkout(self) -> _Session:
+        with self._state:
+            if self._idle:
+                return self._idle.pop()
+            token, epoch = self._token, self._epoch
+        if token is None:
+            with self.lock:
+                if self._token is None:
+                    self._open(allow_refresh=False)
+            with self._state:
+                token, epoch = self._token, self._epoch
+        if self.instances:
+            return self._instance_session(epoch)
+        try:
+            session = token.open(rw=True)
+        except p11e.PKCS11Error as exc:
+            if isinstance(exc, _SESSION_LOST):
+                raise
+            raise KeyBackendError(
+                f"cannot open a session on PKCS#11 token {self.token_label!r}: {type(exc).__name__}"
+            ) from None
+        return _Session(session, epoch)
+
+    def _instance_session(self, epoch: int) -> _Session:
+        """A session in a module instance of its own, logged in there (see
+        `_PER_CALL_INSTANCES`)."""
+        name = f"PKCS#11 token {self.token_label!r}"
+        try:
+            instance, session = self._new_instance()
+        except (p11e.PinIncorrect, p11e.PinInvalid, p11e.PinLenRange, p11e.PinLocked):
+            raise BadPin(f"{name} refused the PIN") from None
+        except p11e.PKCS11Error as exc:
+            if isinstance(exc, _SESSION_LOST):
+                raise
+            raise KeyBackendError(
+                f"cannot open a session on {name}: {type(exc).__name__}"
+            ) from None
+        return _Session(session, epoch, instance)
+
+    def _new_instance(self, attempts: int = 8) -> tuple[Any, Any]:
+        """A new module instance and a logged-in session in it. Behind p11-kit each instance
+        is a new connection and a new SoftHSM2 process on the server side, which may briefly
+        not list the token, answer CKR_GENERAL_ERROR or see no user PIN while another one
+        writes the same token files: retry that a few times with a short growing pause (the
+        login session of `_open` already proved the token and PIN good)."""
+        delay = 0.02
+        for attempt in range(attempts):
+            try:
+                instance = _pkcs11.lib(self.module_path)
+                token = instance.get_token(token_label=self.token_label)
+                try:
+                    return instance, token.open(rw=True, user_pin=self._pin)
+                except p11e.UserAlreadyLoggedIn:
+                    return instance, token.open(rw=True)
+            except (p11e.NoSuchToken, p11e.GeneralError, p11e.UserPinNotInitialized):
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
+        raise AssertionError("unreachable")
+
+    def _checkin(self, session: _Session) -> None:
+        with self._state:
+            if session.epoch == self._epoch and not self._closed:
+                self._idle.append(session)
+                return
+        with contextlib.suppress(p11e.PKCS11Error):
+            session.session.close()
+
     def invalidate(self) -> None:
-        """Forget the session and handles without calling the token (it is gone already)."""
-        self._session = None
-        self._handles.clear()
+        """Forget every session without calling the token (it is gone already)."""
+        with self._state:
+            self._epoch += 1
+            self._idle.clear()
+            self._token = None
+            self._login = None
 
     def drop(self) -> None:
-        """Close the session if possible and forget it."""
-        session, self._session = self._session, None
-        self._handles.clear()
-        if session is not None:
+        """Close the sessions if possible and forget them; the next call logs in again."""
+        with self._state:
+            self._epoch += 1
+            idle, self._idle = self._idle, []
+            login, self._login = self._login, None
+            self._token = None
+        for pooled in idle:
             with contextlib.suppress(p11e.PKCS11Error):
-                session.close()
+                pooled.session.close()
+        if login is not None:
+            with contextlib.suppress(p11e.PKCS11Error):
+                login.close()
 
     def close(self) -> None:
         with self.lock:
             self._closed = True
             self.drop()
             self._pin = ""
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
     # -- calls --------------------------------------------------------------------------------
 
-    def run(self, what: str, op: Callable[[Any], T]) -> T:
-        """Run `op(session)` under the lock; reconnect and retry once if the session was lost."""
-        with self.lock:
+    def run(self, what: str, op: Callable[[_Session], T]) -> T:
+        """Run `op(session)` on a pooled session; reconnect and retry once if the session was
+        lost. Blocks while every session is busy."""
+        if self._closed:
+            raise KeyBackendError(f"key backend {self.description} is closed")
+        with self._slots:
+            if self.thread_safe or self.instances:
+                return self._call(what, op)
+            with self.lock:
+                return self._call(what, op)
+
+    def _call(self, what: str, op: Callable[[_Session], T]) -> T:
+        for attempt in (1, 2):
             if self._closed:
                 raise KeyBackendError(f"key backend {self.description} is closed")
-            for attempt in (1, 2):
-                try:
-                    if self._session is None:
-                        self.open()
-                    return op(self._session)
-                except CAError:
-                    raise
-                except _SESSION_LOST as exc:
-                    self.drop()
-                    if attempt == 2:
-                        raise KeyBackendError(
-                            f"{self.description}: {what} failed even after reconnecting "
-                            f"({type(exc).__name__})"
-                        ) from None
-                except p11e.PKCS11Error as exc:
+            try:
+                session = self._checkout()
+            except _SESSION_LOST as exc:
+                self.drop()
+                if attempt == 2:
                     raise KeyBackendError(
-                        f"{self.description}: {what} failed ({type(exc).__name__})"
+                        f"{self.description}: {what} failed even after reconnecting "
+                        f"({type(exc).__name__})"
                     ) from None
-            raise AssertionError("unreachable")  # pragma: no cover
+                continue
+            try:
+                result = op(session)
+            except CAError:
+                self._checkin(session)
+                raise
+            except _SESSION_LOST as exc:
+                with self._state:
+                    current = session.epoch == self._epoch
+                if current:
+                    self.drop()
+                with contextlib.suppress(p11e.PKCS11Error):
+                    session.session.close()
+                if attempt == 2:
+                    raise KeyBackendError(
+                        f"{self.description}: {what} failed even after reconnecting "
+                        f"({type(exc).__name__})"
+                    ) from None
+            except p11e.PKCS11Error as exc:
+                self._checkin(session)
+                raise KeyBackendError(
+                    f"{self.description}: {what} failed ({type(exc).__name__})"
+                ) from None
+            except BaseException:
+                self._checkin(session)  # not the session's fault: keep it in the pool
+                raise
+            else:
+                self._checkin(session)
+                return result
+        raise AssertionError("unreachable")  # pragma: no cover
 
-    def resolve(self, session: Any, label: str) -> _Handle:
-        """The cached handle for `label`, found on the token if not cached. Lock held."""
-        handle = self._handles.get(label)
+    def resolve(self, session: _Session, label: str) -> _Handle:
+        """The handle for `label` in `session`, found on the token if not cached there."""
+        handle = session.handles.get(label)
         if handle is not None:
             return handle
-        objects = list(session.get_objects({Attribute.LABEL: label}))
+        objects = list(session.session.get_objects({Attribute.LABEL: label}))
         private = [o for o in objects if isinstance(o, pkcs11.PrivateKey)]
         public = [o for o in objects if isinstance(o, pkcs11.PublicKey)]
         secret = [o for o in objects if isinstance(o, pkcs11.SecretKey)]
@@ -365,23 +669,59 @@ class _Connection:
         else:
             secret_key = secret[0]
             if secret_key.key_type == KeyType.AES:
-                kind = KeyKind.AES_256
+                handle = _Handle(KeyKind.AES_256, secret_key, encrypts=_can_encrypt(secret_key))
             elif secret_key.key_type in (KeyType.GENERIC_SECRET, KeyType.SHA256_HMAC):
-                kind = KeyKind.HMAC_SHA256
+                handle = _Handle(KeyKind.HMAC_SHA256, secret_key)
             else:
                 raise KeyBackendError(
                     f"secret key {label!r} on {self.description} has unsupported type "
                     f"{secret_key.key_type!r}"
                 )
-            handle = _Handle(kind, secret_key)
-        self._handles[label] = handle
+        session.handles[label] = handle
         return handle
 
     def forget(self, label: str) -> None:
-        self._handles.pop(label, None)
+        """Drop `label` from every session's handle cache (the key was destroyed)."""
+        with self._state:
+            self._epoch += 1  # sessions in use elsewhere hold stale handles: retire them
+            idle, self._idle = self._idle, []
+        for pooled in idle:
+            with contextlib.suppress(p11e.PKCS11Error):
+                pooled.session.close()
 
-    def remember(self, label: str, handle: _Handle) -> None:
-        self._handles[label] = handle
+
+def _can_encrypt(key: Any) -> bool:
+    try:
+        return bool(key[Attribute.ENCRYPT])
+    except p11e.PKCS11Error:
+        return False
+
+
+#: The one-call wrap format: this byte, a 12-byte random nonce, then RFC 3394 of the data key
+#: under the per-blob key AES-256-ECB_KEK(nonce || 1) || AES-256-ECB_KEK(nonce || 2) (32-bit
+#: big-endian counters: the KEK used as a PRF, NIST SP 800-108 counter-mode key derivation).
+#: Its length (13 + a multiple of 8) never equals an RFC 3394 blob's (a multiple of 8).
+_DERIVED_FORMAT = b"\x02"
+_NONCE_BYTES = 12
+
+
+def _kdf_input(nonce: bytes) -> bytes:
+    return nonce + b"\x00\x00\x00\x01" + nonce + b"\x00\x00\x00\x02"
+
+
+def _split_derived(wrapped: bytes) -> tuple[bytes, bytes] | None:
+    """(nonce, RFC 3394 blob) of a one-call-format blob, None for a plain RFC 3394 blob."""
+    if not isinstance(wrapped, bytes | bytearray | memoryview):
+        raise InvalidInput("a wrapped data key must be bytes")
+    data = bytes(wrapped)
+    head = len(_DERIVED_FORMAT) + _NONCE_BYTES
+    if len(data) % 8 == 0:
+        return None
+    if data[:1] != _DERIVED_FORMAT or len(data) < head:
+        raise IntegrityError(
+            f"wrapped data key has an impossible length ({len(data)} bytes): damaged or forged"
+        )
+    return data[1:head], check_wrapped(data[head:])
 
 
 class Pkcs11Signer(BackendSigner):
@@ -408,7 +748,12 @@ class Pkcs11Backend:
     """Key custody in a PKCS#11 token. Thread-safe; see the module docstring."""
 
     def __init__(
-        self, token_label: str, pin: bytes, module_path: str = DEFAULT_PKCS11_MODULE
+        self,
+        token_label: str,
+        pin: bytes,
+        module_path: str = DEFAULT_PKCS11_MODULE,
+        *,
+        sessions: int | None = None,
     ) -> None:
         if not token_label:
             raise InvalidInput("a PKCS#11 token label is required")
@@ -420,6 +765,8 @@ class Pkcs11Backend:
             raise InvalidInput(
                 f"the PIN for PKCS#11 token {token_label!r} is not valid UTF-8"
             ) from None
+        if sessions is not None and not 1 <= sessions <= 256:
+            raise InvalidInput("a PKCS#11 backend needs 1 to 256 sessions")
         self._token_label = token_label
         self._module_path = module_path
         self._closed = False
@@ -430,10 +777,30 @@ class Pkcs11Backend:
                 if not conn.pin_matches(pin_text):
                     raise BadPin(f"wrong PIN for PKCS#11 token {token_label!r}")
             else:
-                conn = _Connection(module_path, token_label, pin_text)
-                with conn.lock:
+                if sessions is None:
+                    _load_module(module_path)
+                    remote = module_path in _PER_CALL_INSTANCES
+                    sessions = DEFAULT_REMOTE_SESSIONS if remote else DEFAULT_SESSIONS
+                conn = _Connection(module_path, token_label, pin_text, sessions)
+                try:
                     conn.open(allow_refresh=True)
+                except BaseException:
+                    conn.executor.shutdown(wait=False)
+                    raise
                 _CONNECTIONS[key] = conn
+                log.info(
+                    "PKCS#11 module %s, token labelled %r: %d session(s), %s; data keys "
+                    "wrapped in one call (CKM_AES_ECB-derived key + RFC 3394) under KEKs that "
+                    "allow it",
+                    module_path,
+                    token_label,
+                    sessions,
+                    "one module instance per session (remoting module)"
+                    if conn.instances
+                    else "concurrent (CKF_OS_LOCKING_OK)"
+                    if conn.thread_safe
+                    else "one call at a time (the module cannot lock)",
+                )
             conn.refcount += 1
         self._conn = conn
 
@@ -452,6 +819,16 @@ class Pkcs11Backend:
         return self._module_path
 
     @property
+    def executor(self) -> concurrent.futures.Executor:
+        """Where token calls run off the event loop: one thread per pooled session."""
+        return self._conn.executor
+
+    @property
+    def thread_safe(self) -> bool:
+        """True when calls on distinct sessions run concurrently (CKF_OS_LOCKING_OK)."""
+        return self._conn.thread_safe
+
+    @property
     def reconnects(self) -> int:
         """How many times the token session was lost and reopened (for status and tests)."""
         return self._conn.reconnects
@@ -461,7 +838,8 @@ class Pkcs11Backend:
         if not isinstance(kind, KeyKind):
             raise InvalidInput(f"unknown key kind {kind!r}")
 
-        def op(session: Any) -> None:
+        def op(pooled: _Session) -> None:
+            session = pooled.session
             if list(session.get_objects({Attribute.LABEL: label})):
                 raise KeyExists(f"key {label!r} already exists on {self.description}")
             key_id = label.encode("utf-8")
@@ -482,7 +860,7 @@ class Pkcs11Backend:
                     private_template=dict(_PROTECTED_ATTRS),
                 )
                 public = _decode_ec_point(bytes(pub[Attribute.EC_POINT]), curve)
-                self._conn.remember(label, _Handle(kind, priv, public))
+                pooled.handles[label] = _Handle(kind, priv, public)
             elif kind is KeyKind.HMAC_SHA256:
                 secret = session.generate_key(
                     KeyType.GENERIC_SECRET,
@@ -494,7 +872,7 @@ class Pkcs11Backend:
                     mechanism=Mechanism.GENERIC_SECRET_KEY_GEN,
                     template=dict(_PROTECTED_ATTRS),
                 )
-                self._conn.remember(label, _Handle(kind, secret))
+                pooled.handles[label] = _Handle(kind, secret)
             else:
                 secret = session.generate_key(
                     KeyType.AES,
@@ -502,11 +880,16 @@ class Pkcs11Backend:
                     label=label,
                     id=key_id,
                     store=True,
-                    capabilities=MechanismFlag.WRAP | MechanismFlag.UNWRAP,
+                    # ENCRYPT/DECRYPT for the one-call wrap (CKM_AES_ECB over a nonce, which
+                    # crosses p11-kit's remoting); WRAP/UNWRAP kept for tokens that use it.
+                    capabilities=MechanismFlag.WRAP
+                    | MechanismFlag.UNWRAP
+                    | MechanismFlag.ENCRYPT
+                    | MechanismFlag.DECRYPT,
                     mechanism=Mechanism.AES_KEY_GEN,
                     template=dict(_PROTECTED_ATTRS),
                 )
-                self._conn.remember(label, _Handle(kind, secret))
+                pooled.handles[label] = _Handle(kind, secret, encrypts=True)
 
         self._run(f"create key {label!r}", op)
 
@@ -514,7 +897,7 @@ class Pkcs11Backend:
         validate_label(label)
         return self._run(
             f"look up key {label!r}",
-            lambda session: bool(list(session.get_objects({Attribute.LABEL: label}))),
+            lambda pooled: bool(list(pooled.session.get_objects({Attribute.LABEL: label}))),
         )
 
     def signer(self, label: str) -> ec.EllipticCurvePrivateKey:
@@ -523,7 +906,7 @@ class Pkcs11Backend:
     def public_key(self, label: str) -> ec.EllipticCurvePublicKey:
         validate_label(label)
 
-        def op(session: Any) -> ec.EllipticCurvePublicKey:
+        def op(session: _Session) -> ec.EllipticCurvePublicKey:
             handle = self._conn.resolve(session, label)
             if handle.public is None:
                 raise InvalidInput(
@@ -537,77 +920,107 @@ class Pkcs11Backend:
         validate_label(label)
         payload = bytes(data)
 
-        def op(session: Any) -> bytes:
+        def op(session: _Session) -> bytes:
             handle = self._typed(session, label, KeyKind.HMAC_SHA256, "mac")
             return bytes(handle.key.sign(payload, mechanism=Mechanism.SHA256_HMAC))
 
         return self._run(f"mac with key {label!r}", op)
 
     def wrap(self, label: str, key_material: bytes) -> bytes:
+        """See the module docstring: the one-call format under a KEK with CKA_ENCRYPT, RFC 3394
+        through C_WrapKey under an older KEK without it."""
         validate_label(label)
         material = check_data_key(key_material)
 
-        def op(session: Any) -> bytes:
-            kek = self._typed(session, label, KeyKind.AES_256, "wrap").key
-            data_key = session.create_object(
-                {
-                    Attribute.CLASS: ObjectClass.SECRET_KEY,
-                    Attribute.KEY_TYPE: KeyType.GENERIC_SECRET,
-                    Attribute.VALUE: material,
-                    Attribute.TOKEN: False,
-                    Attribute.PRIVATE: True,
-                    Attribute.SENSITIVE: False,
-                    Attribute.EXTRACTABLE: True,
-                }
-            )
-            try:
-                return bytes(kek.wrap_key(data_key, mechanism=Mechanism.AES_KEY_WRAP))
-            finally:
-                with contextlib.suppress(p11e.PKCS11Error):
-                    data_key.destroy()
+        def op(session: _Session) -> bytes:
+            handle = self._typed(session, label, KeyKind.AES_256, "wrap")
+            if handle.encrypts:
+                nonce = os.urandom(_NONCE_BYTES)
+                blob_key = bytes(handle.key.encrypt(_kdf_input(nonce), mechanism=Mechanism.AES_ECB))
+                return _DERIVED_FORMAT + nonce + aes_key_wrap(blob_key, material)
+            return self._wrap_rfc3394(session, handle, material)
 
         return self._run(f"wrap with key {label!r}", op)
 
     def unwrap(self, label: str, wrapped: bytes) -> bytes:
         validate_label(label)
-        blob = check_wrapped(wrapped)
+        derived = _split_derived(wrapped)
+        blob = check_wrapped(wrapped) if derived is None else b""
 
-        def op(session: Any) -> bytes:
-            kek = self._typed(session, label, KeyKind.AES_256, "unwrap").key
-            try:
-                data_key = kek.unwrap_key(
-                    ObjectClass.SECRET_KEY,
-                    KeyType.GENERIC_SECRET,
-                    blob,
-                    mechanism=Mechanism.AES_KEY_WRAP,
-                    store=False,
-                    capabilities=0,
-                    template={
-                        Attribute.TOKEN: False,
-                        Attribute.PRIVATE: True,
-                        Attribute.SENSITIVE: False,
-                        Attribute.EXTRACTABLE: True,
-                    },
+        def op(session: _Session) -> bytes:
+            handle = self._typed(session, label, KeyKind.AES_256, "unwrap")
+            if derived is None:
+                return self._unwrap_rfc3394(session, handle, label, blob)
+            nonce, inner = derived
+            if not handle.encrypts:
+                raise IntegrityError(
+                    f"wrapped data key did not verify under key {label!r}: damaged, forged or "
+                    "wrapped under another key"
                 )
-            except _UNWRAP_FAILED:
+            blob_key = bytes(handle.key.encrypt(_kdf_input(nonce), mechanism=Mechanism.AES_ECB))
+            try:
+                return aes_key_unwrap(blob_key, inner)
+            except InvalidUnwrap:
                 raise IntegrityError(
                     f"wrapped data key did not verify under key {label!r}: damaged, forged or "
                     "wrapped under another key"
                 ) from None
-            try:
-                return bytes(data_key[Attribute.VALUE])
-            finally:
-                with contextlib.suppress(p11e.PKCS11Error):
-                    data_key.destroy()
 
         return self._run(f"unwrap with key {label!r}", op)
+
+    @staticmethod
+    def _wrap_rfc3394(session: _Session, handle: _Handle, material: bytes) -> bytes:
+        data_key = session.session.create_object(
+            {
+                Attribute.CLASS: ObjectClass.SECRET_KEY,
+                Attribute.KEY_TYPE: KeyType.GENERIC_SECRET,
+                Attribute.VALUE: material,
+                Attribute.TOKEN: False,
+                Attribute.PRIVATE: True,
+                Attribute.SENSITIVE: False,
+                Attribute.EXTRACTABLE: True,
+            }
+        )
+        try:
+            return bytes(handle.key.wrap_key(data_key, mechanism=Mechanism.AES_KEY_WRAP))
+        finally:
+            with contextlib.suppress(p11e.PKCS11Error):
+                data_key.destroy()
+
+    @staticmethod
+    def _unwrap_rfc3394(session: _Session, handle: _Handle, label: str, blob: bytes) -> bytes:
+        try:
+            data_key = handle.key.unwrap_key(
+                ObjectClass.SECRET_KEY,
+                KeyType.GENERIC_SECRET,
+                blob,
+                mechanism=Mechanism.AES_KEY_WRAP,
+                store=False,
+                capabilities=0,
+                template={
+                    Attribute.TOKEN: False,
+                    Attribute.PRIVATE: True,
+                    Attribute.SENSITIVE: False,
+                    Attribute.EXTRACTABLE: True,
+                },
+            )
+        except _UNWRAP_FAILED:
+            raise IntegrityError(
+                f"wrapped data key did not verify under key {label!r}: damaged, forged or "
+                "wrapped under another key"
+            ) from None
+        try:
+            return bytes(data_key[Attribute.VALUE])
+        finally:
+            with contextlib.suppress(p11e.PKCS11Error):
+                data_key.destroy()
 
     def destroy_key(self, label: str) -> None:
         validate_label(label)
 
-        def op(session: Any) -> None:
+        def op(session: _Session) -> None:
             self._conn.forget(label)
-            for obj in list(session.get_objects({Attribute.LABEL: label})):
+            for obj in list(session.session.get_objects({Attribute.LABEL: label})):
                 obj.destroy()
 
         self._run(f"destroy key {label!r}", op)
@@ -635,7 +1048,7 @@ class Pkcs11Backend:
         (token, private, sensitive, extractable, always_sensitive, never_extractable, local)."""
         validate_label(label)
 
-        def op(session: Any) -> dict[str, bool]:
+        def op(session: _Session) -> dict[str, bool]:
             key = self._conn.resolve(session, label).key
             return {name: bool(key[attr]) for name, attr in _PROPERTY_ATTRS.items()}
 
@@ -643,12 +1056,12 @@ class Pkcs11Backend:
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _run(self, what: str, op: Callable[[Any], T]) -> T:
+    def _run(self, what: str, op: Callable[[_Session], T]) -> T:
         if self._closed:
             raise KeyBackendError(f"key backend {self.description} is closed")
         return self._conn.run(what, op)
 
-    def _typed(self, session: Any, label: str, kind: KeyKind, operation: str) -> _Handle:
+    def _typed(self, session: _Session, label: str, kind: KeyKind, operation: str) -> _Handle:
         handle = self._conn.resolve(session, label)
         if handle.kind is not kind:
             raise InvalidInput(
@@ -657,7 +1070,7 @@ class Pkcs11Backend:
         return handle
 
     def _sign_digest(self, label: str, digest: bytes) -> bytes:
-        def op(session: Any) -> bytes:
+        def op(session: _Session) -> bytes:
             handle = self._conn.resolve(session, label)
             if handle.public is None:
                 raise InvalidInput(

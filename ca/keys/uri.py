@@ -5,6 +5,8 @@ Backends are chosen by URI:
 - ``pkcs11:token=broker?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/run/pin``
   (RFC 7512 style: path attributes separated by ``;``, query attributes by ``&``, values
   percent-encoded). ``token`` is required; ``module-path`` defaults to SoftHSM2's module;
+  ``max-sessions`` (1..256; default 2, or 8 for a remoting module) bounds the sessions and
+  token threads per process;
   ``object`` may be present and is ignored when opening a backend (it names a key).
   ``pin-value`` is refused: PINs are never accepted inline.
 - ``software:`` (keys in memory, gone on exit) and ``software:path=/dir`` (keys in files under
@@ -46,7 +48,7 @@ _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PATH_SAFE = ":[]@!$'()*+,=&"
 _QUERY_SAFE = ":[]@!$'()*+,=/?|"
 _PKCS11_PATH_ATTRS = frozenset({"token", "object"})
-_PKCS11_QUERY_ATTRS = frozenset({"module-path", "pin-source"})
+_PKCS11_QUERY_ATTRS = frozenset({"module-path", "pin-source", "max-sessions"})
 _SOFTWARE_PATH_ATTRS = frozenset({"path", "object"})
 _SOFTWARE_QUERY_ATTRS = frozenset({"pin-source"})
 
@@ -140,6 +142,7 @@ class Pkcs11Uri:
     module_path: str = DEFAULT_PKCS11_MODULE
     object: str | None = None
     pin_source: PinSource | None = None
+    max_sessions: int | None = None  # None: the backend's default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,11 +223,15 @@ def parse_backend_uri(uri: str) -> Pkcs11Uri | SoftwareUri:
         if not module_path:
             raise InvalidInput(f"backend URI {uri!r}: module-path is empty")
         obj = attrs.get("object")
+        sessions = attrs.get("max-sessions")
+        if sessions is not None and not (sessions.isdigit() and 1 <= int(sessions) <= 256):
+            raise InvalidInput(f"backend URI {uri!r}: max-sessions must be a number 1..256")
         return Pkcs11Uri(
             token=_check_token_label(attrs["token"], uri),
             module_path=module_path,
             object=validate_label(obj) if obj is not None else None,
             pin_source=PinSource.parse(attrs["pin-source"]) if "pin-source" in attrs else None,
+            max_sessions=int(sessions) if sessions is not None else None,
         )
     attrs = _parse_attrs(body, _SOFTWARE_PATH_ATTRS, _SOFTWARE_QUERY_ATTRS, uri)
     path = attrs.get("path")
@@ -280,7 +287,14 @@ def open_backend(uri: str, pin_source: PinSource | str | None = None) -> KeyBack
             )
         from ca.keys.pkcs11 import Pkcs11Backend
 
-        return Pkcs11Backend(parsed.token, source.read(), module_path=parsed.module_path)
+        if parsed.max_sessions is None:
+            return Pkcs11Backend(parsed.token, source.read(), module_path=parsed.module_path)
+        return Pkcs11Backend(
+            parsed.token,
+            source.read(),
+            module_path=parsed.module_path,
+            sessions=parsed.max_sessions,
+        )
 
     from ca.keys.software import SoftwareBackend
 

@@ -17,7 +17,15 @@ from typing import Any
 import asyncpg
 import pytest
 
-from broker.envelope import SYSTEM_TENANT, Envelope, KekRotator, SealedBlob, aad, kek_label
+from broker.envelope import (
+    SYSTEM_TENANT,
+    DataKeyCache,
+    Envelope,
+    KekRotator,
+    SealedBlob,
+    aad,
+    kek_label,
+)
 from broker.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from broker.secrets import (
     METADATA_MAC_KEY,
@@ -86,7 +94,7 @@ class World:
         if loaded is None:
             raise NotFound("absent")
         info, row = loaded
-        return self.service.reveal(info, row).value
+        return (await self.service.reveal(info, row)).value
 
     async def raw(self, sql: str, *args: object) -> list[tuple[Any, ...]]:
         """Side door: one statement straight on the backend (not through the repository)."""
@@ -138,7 +146,8 @@ async def world(
     clock = FakeClock(T0)
     mac = MetadataMac(keys)
     repo = SqlSecretRepository(storage.backend, mac)
-    envelope = Envelope(keys, storage)
+    # As the broker runs it: unwrapped data keys cached, so every refusal below holds with it.
+    envelope = Envelope(keys, storage, DataKeyCache(clock))
     service = SecretService(repo, envelope, clock)
     await service.start(mac)
     rotator = KekRotator(envelope, [service], repo)

@@ -840,3 +840,21 @@ def test_cli_module_does_not_import_grpc_directly() -> None:
     assert "import grpc" not in source
     assert "_proto" not in source
     assert isinstance(broker.cli.cli, click.Group)
+
+
+def test_a_token_error_is_reported_as_a_token_error_not_as_an_unreachable_broker() -> None:
+    import grpc
+
+    from broker.api.status import to_status
+    from broker.cli import client_error_message
+    from ca.errors import KeyBackendError
+
+    code, message = to_status(
+        KeyBackendError("pkcs11 token=broker: wrap with key 'kek.default.1' failed (X)"), "cid"
+    )
+    assert code is grpc.StatusCode.UNAVAILABLE
+    line = client_error_message(ClientError("UNAVAILABLE", message), "127.0.0.1:8443")
+    assert line.startswith("key backend error: pkcs11 token=broker: wrap with key")
+    assert "cannot reach" not in line
+    unreachable = client_error_message(ClientError("UNAVAILABLE", "connection refused"), "h:1")
+    assert unreachable.startswith("cannot reach the broker at h:1")

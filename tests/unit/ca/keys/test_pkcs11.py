@@ -13,10 +13,10 @@ import pkcs11
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from pkcs11 import Attribute, ObjectClass
+from pkcs11 import Attribute, KeyType, MechanismFlag, ObjectClass
 from pkcs11 import exceptions as p11e
 
-from ca.errors import BadPin, InvalidInput, KeyBackendError, KeyNotFound
+from ca.errors import BadPin, IntegrityError, InvalidInput, KeyBackendError, KeyNotFound
 from ca.keys import KeyKind, Pkcs11Backend, open_backend
 from ca.keys.pkcs11 import refresh_module
 from ca.keys.softhsm import SOFTHSM_MODULE, init_token, write_config
@@ -122,7 +122,7 @@ def test_lost_session_reconnects(pkcs11_backend: Pkcs11Backend) -> None:
     _verify(pkcs11_backend, "ca")
     assert pkcs11_backend.reconnects == 0
 
-    pkcs11_backend._conn._session.close()  # behind the backend's back (logs out too)
+    pkcs11_backend._conn._login.close()  # behind the backend's back (logs out too)
 
     signature = signer.sign(b"after", ec.ECDSA(hashes.SHA256()))
     signer.public_key().verify(signature, b"after", ec.ECDSA(hashes.SHA256()))
@@ -335,3 +335,53 @@ def test_session_open_never_retries_a_wrong_pin() -> None:
     with pytest.raises(p11e.PinIncorrect):
         _open_with_retry(token, b"pin")
     assert token.calls == 1
+
+
+def test_softhsm_is_initialised_for_concurrent_sessions(pkcs11_backend: Pkcs11Backend) -> None:
+    from ca.keys.pkcs11 import module_thread_safe
+
+    # CKF_OS_LOCKING_OK was accepted: calls on distinct sessions run at once (the contract's
+    # eight-thread signing test exercises it); python-pkcs11 itself would have passed NULL.
+    assert module_thread_safe(pkcs11_backend.module_path)
+    assert pkcs11_backend.thread_safe
+    assert pkcs11_backend.executor is not None
+
+
+def test_data_keys_wrapped_the_old_way_still_open(
+    pkcs11_backend: Pkcs11Backend, softhsm_token: SoftHsmToken
+) -> None:
+    # A KEK made before the one-call format (WRAP/UNWRAP only, no CKA_ENCRYPT) keeps wrapping
+    # with C_WrapKey (plain RFC 3394), and its blobs open.
+    lib = pkcs11.lib(softhsm_token.module_path)
+    with lib.get_token(token_label=softhsm_token.token_label).open(rw=True) as session:
+        session.generate_key(
+            KeyType.AES,
+            256,
+            label="old-kek",
+            id=b"old-kek",
+            store=True,
+            capabilities=MechanismFlag.WRAP | MechanismFlag.UNWRAP,
+            template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False},
+        )
+    data_key = bytes(range(32))
+    old = pkcs11_backend.wrap("old-kek", data_key)
+    assert len(old) == 40  # RFC 3394
+    assert pkcs11_backend.unwrap("old-kek", old) == data_key
+    # A current KEK opens RFC 3394 blobs wrapped under it by C_WrapKey too.
+    pkcs11_backend.create_key("new-kek", KeyKind.AES_256)
+    new = pkcs11_backend.wrap("new-kek", data_key)
+    assert len(new) == 53 and new[0] == 2
+    legacy = pkcs11_backend._run(
+        "wrap",
+        lambda s: pkcs11_backend._wrap_rfc3394(
+            s, pkcs11_backend._conn.resolve(s, "new-kek"), data_key
+        ),
+    )
+    assert len(legacy) == 40
+    assert (
+        pkcs11_backend.unwrap("new-kek", legacy)
+        == data_key
+        == pkcs11_backend.unwrap("new-kek", new)
+    )
+    with pytest.raises(IntegrityError):
+        pkcs11_backend.unwrap("old-kek", new)  # the one-call format needs CKA_ENCRYPT

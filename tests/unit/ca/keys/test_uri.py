@@ -62,7 +62,10 @@ def test_inline_pin_is_refused(uri: str) -> None:
         ("pkcs11:token=" + "x" * 33, "32 bytes"),
         ("pkcs11:token=a;token=b", "given twice"),
         ("pkcs11:token=a;slot-id=3", "unsupported path attribute 'slot-id'"),
-        ("pkcs11:token=a?max-sessions=3", "unsupported query attribute 'max-sessions'"),
+        ("pkcs11:token=a?max-threads=3", "unsupported query attribute 'max-threads'"),
+        ("pkcs11:token=a?max-sessions=0", "max-sessions must be a number 1..256"),
+        ("pkcs11:token=a?max-sessions=257", "max-sessions must be a number 1..256"),
+        ("pkcs11:token=a?max-sessions=-1", "max-sessions must be a number 1..256"),
         ("pkcs11:token", "has no value"),
         ("pkcs11:token=a?module-path=", "module-path is empty"),
         ("pkcs11:token=a?pin-source=http://x", "unsupported PIN source"),
@@ -211,3 +214,10 @@ def test_open_refuses_two_different_pin_sources() -> None:
 def test_open_pkcs11_reads_pin_and_reports_missing_pin(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput, match="does not exist"):
         open_backend(f"pkcs11:token=broker?pin-source=file:{tmp_path / 'missing'}")
+
+
+def test_pkcs11_uri_max_sessions() -> None:
+    parsed = parse_backend_uri("pkcs11:token=a?max-sessions=2")
+    assert isinstance(parsed, Pkcs11Uri) and parsed.max_sessions == 2
+    default = parse_backend_uri("pkcs11:token=a")
+    assert isinstance(default, Pkcs11Uri) and default.max_sessions is None
