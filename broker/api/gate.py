@@ -26,6 +26,8 @@ from typing import cast
 
 from broker import metrics
 
+from .relay import RelayEnd
+
 __all__ = ["ConnectionGate"]
 
 log = logging.getLogger(__name__)
@@ -119,7 +121,7 @@ def _grpc_peer(address: tuple[str, int] | tuple[str, int, int, int]) -> str:
     return f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
 
 
-class _Client(asyncio.Protocol):
+class _Client(RelayEnd):
     """A client's connection. Protocol callbacks (not streams): each chunk goes straight to
     the other side, with flow control passed through (pause/resume)."""
 
@@ -213,42 +215,19 @@ class _Client(asyncio.Protocol):
 
     # -- called by _Upstream --------------------------------------------------------------
 
-    def write(self, data: bytes) -> None:
-        if self._transport is not None:
-            self._transport.write(data)
-
-    def write_eof(self) -> None:
-        if self._transport is not None and self._transport.can_write_eof():
-            self._transport.write_eof()
-
-    def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
-
     def abort(self) -> None:
         if self._upstream is not None:
             self._upstream.abort()
         if self._transport is not None:
             self._transport.abort()
 
-    def pause_reading(self) -> None:
-        if self._transport is not None:
-            self._transport.pause_reading()
 
-    def resume_reading(self) -> None:
-        if self._transport is not None:
-            self._transport.resume_reading()
-
-
-class _Upstream(asyncio.Protocol):
+class _Upstream(RelayEnd):
     """The gate's connection to the gRPC server, from the client's tagged abstract address."""
 
     def __init__(self, client: _Client) -> None:
         self._client = client
         self._transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self._client.write(data)
@@ -266,27 +245,3 @@ class _Upstream(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
         self._client.close()
-
-    def write(self, data: bytes) -> None:
-        if self._transport is not None:
-            self._transport.write(data)
-
-    def write_eof(self) -> None:
-        if self._transport is not None and self._transport.can_write_eof():
-            self._transport.write_eof()
-
-    def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
-
-    def abort(self) -> None:
-        if self._transport is not None:
-            self._transport.abort()
-
-    def pause_reading(self) -> None:
-        if self._transport is not None:
-            self._transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self._transport is not None:
-            self._transport.resume_reading()

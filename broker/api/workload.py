@@ -47,6 +47,7 @@ from ca.errors import CAError
 from ._proto import workload_pb2, workload_pb2_grpc
 from .client import BrokerClient, ClientCredentials
 from .identity_client import GrpcBrokerLink
+from .relay import RelayEnd
 from .secrets_client import BrokerSecretSource, SecretsClient
 from .status import to_status
 
@@ -225,35 +226,12 @@ class _Downstream(asyncio.Protocol):
             self.upstream.close()
 
 
-class _Upstream(asyncio.Protocol):
+class _Upstream(RelayEnd):
     """The proxy's connection to the gRPC server, from the tagged abstract address."""
 
     def __init__(self, downstream: _Downstream) -> None:
         self._down = downstream
         self._transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)
-
-    def write(self, data: bytes) -> None:
-        if self._transport is not None:
-            self._transport.write(data)
-
-    def write_eof(self) -> None:
-        if self._transport is not None and self._transport.can_write_eof():
-            self._transport.write_eof()
-
-    def pause_reading(self) -> None:
-        if self._transport is not None:
-            self._transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self._transport is not None:
-            self._transport.resume_reading()
-
-    def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
 
     def data_received(self, data: bytes) -> None:
         down = self._down.transport
