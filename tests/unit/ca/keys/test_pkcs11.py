@@ -16,10 +16,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from pkcs11 import Attribute, KeyType, MechanismFlag, ObjectClass
 from pkcs11 import exceptions as p11e
 
+from broker.softhsm import SOFTHSM_MODULE, init_token, write_config
 from ca.errors import BadPin, IntegrityError, InvalidInput, KeyBackendError, KeyNotFound
 from ca.keys import KeyKind, Pkcs11Backend, open_backend
 from ca.keys.pkcs11 import refresh_module
-from ca.keys.softhsm import SOFTHSM_MODULE, init_token, write_config
 from tests.fixtures import softhsm as softhsm_fixtures
 from tests.fixtures.softhsm import SoftHsmEnv, SoftHsmToken
 
