@@ -43,6 +43,11 @@ device removed, module re-initialised, user logged out, ...), the session is reo
 logged in again, the handle re-resolved and the call retried once. The PIN is therefore kept in
 memory for the backend's lifetime.
 
+The seam: the backend reaches the module only through the private protocols `_P11Module`,
+`_P11Token`, `_P11Session` and `_P11Key` (python-pkcs11's shapes); `Pkcs11Backend(module=)`
+takes a double for them, so the pool, retries and error mapping are unit-tested without a token
+(tests/fixtures/fake_pkcs11.py) while the contract suite runs the same code on SoftHSM2.
+
 Module (re)initialisation: PKCS#11 modules read their configuration and enumerate tokens in
 C_Initialize; python-pkcs11 loads and initialises a module once per process and caches it.
 SoftHSM2 in particular reads ``SOFTHSM2_CONF`` and scans its token directory only then, so a
