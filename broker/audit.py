@@ -56,7 +56,7 @@ from broker.errors import AuditIntegrityError, AuditWriteFailed, InvalidArgument
 from broker.storage.interface import AuditRecord, Sealer, Storage, TipGuard
 from ca.clock import Clock, SystemClock
 from ca.errors import CAError
-from ca.keys import KeyBackend, KeyKind
+from ca.keys import KeyBackend, KeyKind, mac_signer
 
 __all__ = [
     "CHECKPOINT_KEY_LABEL",
@@ -314,7 +314,7 @@ class AuditLedger:
         on_integrity_failure: IntegrityHook | None = None,
     ):
         self._storage = storage
-        self._keys = keys
+        self._keys = mac_signer(keys)
         self._base_label = mac_key_label
         self._epoch = 1
         self._clock = clock or SystemClock()

@@ -37,7 +37,7 @@ from ca.bundle import TrustBundle
 from ca.clock import Clock
 from ca.csr import parse_csr
 from ca.errors import CAError, CAStateError, InvalidPolicy, PolicyViolation
-from ca.keys import KeyBackend, KeyKind
+from ca.keys import KeyBackend, KeyKind, key_destroyer
 from ca.keys.executor import token_call
 from ca.keys.uri import key_uri
 from ca.policy import CAPolicy, is_reserved_dns_name
@@ -421,11 +421,12 @@ class CAService:
         return record.id
 
     def _destroy_keys(self, authority_id: str, records: Sequence[AuthorityRecord]) -> None:
+        keys = key_destroyer(self._keys)
         for r in records:
             if r.id == authority_id:
-                self._keys.destroy_key(r.key_label)
+                keys.destroy_key(r.key_label)
                 if r.jwt_key_label:
-                    self._keys.destroy_key(r.jwt_key_label)
+                    keys.destroy_key(r.jwt_key_label)
 
     # -- issuance ---------------------------------------------------------------------------
 

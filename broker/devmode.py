@@ -29,8 +29,8 @@ from broker.config import (
 )
 from broker.errors import FailedPrecondition
 from broker.files import write_private_file
+from broker.softhsm import configure_process, init_token, softhsm_available, write_config
 from ca.keys.pkcs11 import DEFAULT_PKCS11_MODULE
-from ca.keys.softhsm import configure_process, init_token, softhsm_available, write_config
 
 __all__ = ["DEV_OPERATOR", "DEV_TRUST_DOMAIN", "prepare"]
 

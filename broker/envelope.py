@@ -31,7 +31,7 @@ from broker.errors import InvalidArgument
 from broker.storage.interface import MetaRepository
 from ca.clock import Clock
 from ca.errors import IntegrityError, KeyExists
-from ca.keys import KeyBackend, KeyKind
+from ca.keys import KeyBackend, KeyKind, data_key_wrapper, key_destroyer
 from ca.keys.executor import token_call
 
 __all__ = [
@@ -196,7 +196,7 @@ class Envelope:
     def __init__(
         self, keys: KeyBackend, meta: MetaRepository, data_keys: DataKeyCache | None = None
     ) -> None:
-        self._keys = keys
+        self._keys = data_key_wrapper(keys)
         self._meta = meta
         self._data_keys = data_keys
         self._data_keys_seen: str | None = None
@@ -385,7 +385,7 @@ class KekRotator:
         await self._envelope.forget_data_keys()
         destroyed: list[str] = []
         kept: list[str] = []
-        keys = self._envelope.keys
+        keys = key_destroyer(self._envelope.keys)
         for old in range(1, generation):
             old_label = kek_label(tenant, old)
             if not keys.has_key(old_label):

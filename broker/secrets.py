@@ -55,7 +55,7 @@ from broker.storage.interface import LockRepository
 from broker.storage.secrets import SealedRow, SecretRecord, SecretRepository, VersionRecord
 from ca.clock import Clock
 from ca.errors import IntegrityError, KeyExists, KeyNotFound
-from ca.keys import KeyBackend, KeyKind
+from ca.keys import KeyBackend, KeyKind, mac_signer
 
 __all__ = [
     "CLASSIFICATIONS",
@@ -176,7 +176,7 @@ class MetadataMac:
     hits the memory."""
 
     def __init__(self, keys: KeyBackend, label: str = METADATA_MAC_KEY) -> None:
-        self._keys = keys
+        self._keys = mac_signer(keys)
         self._label = label
         # Verified row states (records compare without their MAC) -> their MAC.
         self._verified: dict[object, bytes] = {}

@@ -11,6 +11,7 @@
     |   +-- KeyNotFound
     |   +-- KeyExists
     |   +-- BadPin
+    |   +-- CapabilityMissing   the backend lacks an optional power (wrap, MAC, destroy)
     +-- IntegrityError          a signature, MAC or ciphertext did not verify
     +-- CAStateError            the CA is not ready for this (no active authority, ...)
 
@@ -62,6 +63,10 @@ class KeyExists(KeyBackendError):
 
 class BadPin(KeyBackendError):
     pass
+
+
+class CapabilityMissing(KeyBackendError):
+    """The key backend lacks an optional power the caller needs (`ca.keys.backend`)."""
 
 
 class IntegrityError(CAError):

@@ -49,8 +49,8 @@ class _CountingKeys:
 
 
 def _softhsm_backend(directory: Path) -> KeyBackend:
+    from broker.softhsm import SOFTHSM_MODULE, configure_process, init_token, write_config
     from ca.keys.pkcs11 import Pkcs11Backend
-    from ca.keys.softhsm import SOFTHSM_MODULE, configure_process, init_token, write_config
 
     configure_process(write_config(directory))
     pin = secrets.token_hex(8).encode()

@@ -38,7 +38,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ca.keys.softhsm import SOFTHSM_MODULE, init_token
+from broker.softhsm import SOFTHSM_MODULE, init_token
 
 __all__ = ["add_parser", "run"]
 

@@ -15,9 +15,9 @@ import threading
 import time
 from pathlib import Path
 
+from broker.softhsm import configure_process, init_token
 from ca.keys import KeyKind
 from ca.keys.pkcs11 import Pkcs11Backend
-from ca.keys.softhsm import configure_process, init_token
 
 
 def main() -> None:

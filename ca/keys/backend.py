@@ -2,16 +2,51 @@
 
 The CA only ever holds a signer; an HSM key and a software key look the same to it. Private
 material never leaves a backend: not in return values, logs, storage or error messages.
+
+`KeyBackend` is the small interface every backend has (create, look up, sign, public key,
+close). Optional powers are separate protocols, as in smallstep's kms/apiv1: `DataKeyWrapper`
+(wrap/unwrap a data key), `MacSigner` (HMAC) and `KeyDestroyer` (delete a key). A caller that
+needs one asks for it with `data_key_wrapper()`, `mac_signer()` or `key_destroyer()`, which
+return the backend typed for that power or raise `ca.errors.CapabilityMissing` naming the
+backend and the power.
+
+The input checks every backend shares (`validate_label`, `check_data_key`, `check_wrapped`)
+live here too, so backends import this module and never `ca.keys.uri` (which imports the
+backends to open them).
 """
 
 from __future__ import annotations
 
 import enum
+import re
 from typing import Protocol, runtime_checkable
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-__all__ = ["KeyBackend", "KeyKind"]
+from ca.errors import CapabilityMissing, IntegrityError, InvalidInput
+
+__all__ = [
+    "DEFAULT_PKCS11_MODULE",
+    "DataKeyWrapper",
+    "DestroyingBackend",
+    "KeyBackend",
+    "KeyDestroyer",
+    "KeyKind",
+    "MacBackend",
+    "MacSigner",
+    "WrappingBackend",
+    "check_data_key",
+    "check_wrapped",
+    "data_key_wrapper",
+    "key_destroyer",
+    "mac_signer",
+    "validate_label",
+]
+
+#: The PKCS#11 module a ``pkcs11:`` URI uses when it names none (SoftHSM2, Debian's path).
+DEFAULT_PKCS11_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+
+_LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 
 class KeyKind(enum.Enum):
@@ -21,6 +56,44 @@ class KeyKind(enum.Enum):
     EC_P384 = "ec-p384"
     HMAC_SHA256 = "hmac-sha256"
     AES_256 = "aes-256"
+
+
+def validate_label(label: str) -> str:
+    """Check a key label: 1-128 characters of ``A-Z a-z 0-9 . _ : -``, starting alphanumeric.
+
+    The same rule holds for every backend, so a label valid on one is valid on all (and is
+    safe as a file name and inside a URI).
+    """
+    if not isinstance(label, str) or _LABEL_RE.fullmatch(label) is None:
+        raise InvalidInput(
+            f"invalid key label {label!r}: use 1-128 characters of letters, digits, '.', '_', "
+            "':' or '-', starting with a letter or digit"
+        )
+    return label
+
+
+def check_data_key(material: bytes) -> bytes:
+    """A data key to wrap: 16..64 bytes, a multiple of 8 (AES key wrap, RFC 3394)."""
+    if not isinstance(material, bytes | bytearray | memoryview):
+        raise InvalidInput("a data key must be bytes")
+    data = bytes(material)
+    if not 16 <= len(data) <= 64 or len(data) % 8:
+        raise InvalidInput(
+            f"a data key to wrap must be 16 to 64 bytes and a multiple of 8, got {len(data)}"
+        )
+    return data
+
+
+def check_wrapped(wrapped: bytes) -> bytes:
+    """A wrapped data key: 24..72 bytes, a multiple of 8; anything else cannot be genuine."""
+    if not isinstance(wrapped, bytes | bytearray | memoryview):
+        raise InvalidInput("a wrapped data key must be bytes")
+    data = bytes(wrapped)
+    if not 24 <= len(data) <= 72 or len(data) % 8:
+        raise IntegrityError(
+            f"wrapped data key has an impossible length ({len(data)} bytes): damaged or forged"
+        )
+    return data
 
 
 @runtime_checkable
@@ -54,9 +127,14 @@ class KeyBackend(Protocol):
 
     def public_key(self, label: str) -> ec.EllipticCurvePublicKey: ...
 
-    def mac(self, label: str, data: bytes) -> bytes:
-        """HMAC-SHA256 of `data` under an HMAC_SHA256 key."""
+    def close(self) -> None:
+        """Release sessions and handles. Idempotent."""
         ...
+
+
+@runtime_checkable
+class DataKeyWrapper(Protocol):
+    """Optional power: wrap data keys under a key-encryption key held by the backend."""
 
     def wrap(self, label: str, key_material: bytes) -> bytes:
         """Wrap a data key (16..64 bytes, multiple of 8) under an AES_256 key (AES key wrap)."""
@@ -66,10 +144,61 @@ class KeyBackend(Protocol):
         """Inverse of `wrap`; raises `ca.errors.IntegrityError` if `wrapped` was tampered with."""
         ...
 
+
+@runtime_checkable
+class MacSigner(Protocol):
+    """Optional power: HMAC under a key that never leaves the backend."""
+
+    def mac(self, label: str, data: bytes) -> bytes:
+        """HMAC-SHA256 of `data` under an HMAC_SHA256 key."""
+        ...
+
+
+@runtime_checkable
+class KeyDestroyer(Protocol):
+    """Optional power: delete keys."""
+
     def destroy_key(self, label: str) -> None:
         """Delete the key. Idempotent: succeeds when the key is already gone."""
         ...
 
-    def close(self) -> None:
-        """Release sessions and handles. Idempotent."""
-        ...
+
+@runtime_checkable
+class WrappingBackend(KeyBackend, DataKeyWrapper, Protocol):
+    """A backend that wraps data keys (what `broker.envelope` needs)."""
+
+
+@runtime_checkable
+class MacBackend(KeyBackend, MacSigner, Protocol):
+    """A backend that computes MACs (what the audit ledger and secret metadata need)."""
+
+
+@runtime_checkable
+class DestroyingBackend(KeyBackend, KeyDestroyer, Protocol):
+    """A backend that deletes keys (what CA and KEK rotation need to retire old keys)."""
+
+
+def _missing(backend: object, power: str) -> CapabilityMissing:
+    name = getattr(backend, "description", None) or type(backend).__name__
+    return CapabilityMissing(f"key backend {name} cannot {power}")
+
+
+def data_key_wrapper(backend: KeyBackend) -> WrappingBackend:
+    """`backend` typed as one that wraps data keys; `CapabilityMissing` if it cannot."""
+    if not isinstance(backend, WrappingBackend):
+        raise _missing(backend, "wrap data keys (it has no wrap/unwrap)")
+    return backend
+
+
+def mac_signer(backend: KeyBackend) -> MacBackend:
+    """`backend` typed as one that computes MACs; `CapabilityMissing` if it cannot."""
+    if not isinstance(backend, MacBackend):
+        raise _missing(backend, "compute MACs (it has no mac)")
+    return backend
+
+
+def key_destroyer(backend: KeyBackend) -> DestroyingBackend:
+    """`backend` typed as one that deletes keys; `CapabilityMissing` if it cannot."""
+    if not isinstance(backend, DestroyingBackend):
+        raise _missing(backend, "destroy keys (it has no destroy_key)")
+    return backend

@@ -43,6 +43,11 @@ device removed, module re-initialised, user logged out, ...), the session is reo
 logged in again, the handle re-resolved and the call retried once. The PIN is therefore kept in
 memory for the backend's lifetime.
 
+The seam: the backend reaches the module only through the private protocols `_P11Module`,
+`_P11Token`, `_P11Session` and `_P11Key` (python-pkcs11's shapes); `Pkcs11Backend(module=)`
+takes a double for them, so the pool, retries and error mapping are unit-tested without a token
+(tests/fixtures/fake_pkcs11.py) while the contract suite runs the same code on SoftHSM2.
+
 Module (re)initialisation: PKCS#11 modules read their configuration and enumerate tokens in
 C_Initialize; python-pkcs11 loads and initialises a module once per process and caches it.
 SoftHSM2 in particular reads ``SOFTHSM2_CONF`` and scans its token directory only then, so a
@@ -64,8 +69,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol, TypeVar
 
 import pkcs11
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -83,10 +88,14 @@ from ca.errors import (
     KeyExists,
     KeyNotFound,
 )
-from ca.keys.backend import KeyKind
+from ca.keys.backend import (
+    DEFAULT_PKCS11_MODULE,
+    KeyKind,
+    check_data_key,
+    check_wrapped,
+    validate_label,
+)
 from ca.keys.signer import BackendSigner, prehashed_for_digest
-from ca.keys.software import check_data_key, check_wrapped
-from ca.keys.uri import DEFAULT_PKCS11_MODULE, validate_label
 
 __all__ = [
     "DEFAULT_PKCS11_MODULE",
@@ -101,6 +110,82 @@ __all__ = [
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
+
+# -- the PKCS#11 seam ---------------------------------------------------------------------------
+#
+# Everything this backend asks of a PKCS#11 module, in the shape python-pkcs11 gives it (as
+# smallstep's kms/pkcs11 puts crypto11 behind its `P11` interface). The backend's pool, retry,
+# error mapping and wrap formats are written against these protocols only, so a test double
+# (tests/fixtures/fake_pkcs11.py) can stand in for the module: `Pkcs11Backend(..., module=)`.
+# Objects are told apart by `object_class` (never by python-pkcs11's classes), so the double
+# needs no python-pkcs11 types. Errors are python-pkcs11's (`pkcs11.exceptions`), which a
+# double raises as they are: the mapping to `ca.errors` below is the code under test.
+# python-pkcs11's own classes fit these protocols at run time; its stubs type some parameters
+# more narrowly, so real modules enter the seam as `Any` (in `_load_module`).
+
+
+class _P11Object(Protocol):
+    """A token object bound to the session that found or made it."""
+
+    @property
+    def object_class(self) -> Any: ...  # ObjectClass
+
+    def __getitem__(self, attribute: Attribute) -> Any: ...
+
+    def destroy(self) -> None: ...
+
+
+class _P11Key(_P11Object, Protocol):
+    """A private or secret key: sign/MAC, encrypt (the one-call wrap), C_WrapKey/C_UnwrapKey."""
+
+    @property
+    def key_type(self) -> Any: ...  # KeyType
+
+    def sign(self, data: bytes, *, mechanism: Mechanism) -> bytes: ...
+
+    def encrypt(self, data: bytes, *, mechanism: Mechanism) -> bytes: ...
+
+    def wrap_key(self, key: _P11Object, *, mechanism: Mechanism) -> bytes: ...
+
+    def unwrap_key(
+        self, object_class: ObjectClass, key_type: KeyType, key_data: bytes, **kwargs: Any
+    ) -> _P11Object: ...
+
+
+class _P11Session(Protocol):
+    """One PKCS#11 session: find, generate and create objects; close."""
+
+    def get_objects(self, attrs: Mapping[Attribute, Any]) -> Iterable[Any]: ...
+
+    def generate_keypair(self, key_type: KeyType, **kwargs: Any) -> tuple[Any, Any]: ...
+
+    def generate_key(self, key_type: KeyType, key_length: int, **kwargs: Any) -> Any: ...
+
+    def create_object(self, attrs: Mapping[Attribute, Any]) -> _P11Object: ...
+
+    def close(self) -> None: ...
+
+
+class _P11Token(Protocol):
+    """A token (slot) of the module; `open` starts a session, logging in when given a PIN."""
+
+    @property
+    def manufacturer_id(self) -> str: ...
+
+    @property
+    def model(self) -> str: ...
+
+    def open(self, rw: bool = False, user_pin: str | None = None) -> _P11Session: ...
+
+
+class _P11Module(Protocol):
+    """A loaded and initialised module. `thread_safe` (optional attribute): calls on distinct
+    sessions may run concurrently; `reinitialize` re-reads configuration and tokens."""
+
+    def get_token(self, **kwargs: Any) -> _P11Token: ...  # token_label=
+
+    def reinitialize(self) -> None: ...
+
 
 #: Errors after which the session (or a handle in it) is gone: reconnect and retry once.
 _SESSION_LOST: tuple[type[Exception], ...] = (
@@ -148,7 +233,9 @@ _PROPERTY_ATTRS = {
 _REGISTRY_LOCK = threading.RLock()
 _CONNECTIONS: dict[tuple[str, str], _Connection] = {}
 _MODULE_LOCKS: dict[str, threading.RLock] = {}
-_LIBS: dict[str, Any] = {}
+_LIBS: dict[str, _P11Module] = {}
+#: Module paths served by a module passed to `Pkcs11Backend(module=)` (a test double).
+_GIVEN: set[str] = set()
 #: Modules whose every C_GetFunctionList is an independent instance (p11-kit-client.so: its
 #: own connection to the server, its own login). Each pooled session then gets an instance of
 #: its own, so calls still run concurrently (one thread per instance at a time) and a network
@@ -271,23 +358,34 @@ def _module_lock(module_path: str) -> threading.RLock:
         return _MODULE_LOCKS.setdefault(module_path, threading.RLock())
 
 
-def _load_module(module_path: str) -> Any:
+def _load_module(module_path: str) -> _P11Module:
     with _REGISTRY_LOCK:
         lib = _LIBS.get(module_path)
         if lib is not None:
             return lib
         try:
             loaded = pkcs11._loaded.get(module_path)
-            lib = loaded if loaded is not None else _threaded_or_plain(module_path)
+            fresh: _P11Module = loaded if loaded is not None else _threaded_or_plain(module_path)
         except (p11e.PKCS11Error, OSError) as exc:
             raise KeyBackendError(
                 f"cannot load PKCS#11 module {module_path}: {exc or type(exc).__name__}"
             ) from None
         # Other code calling pkcs11.lib(path) gets this instance (a second one would call
         # C_Initialize again and fail).
-        pkcs11._loaded[module_path] = lib
-        _LIBS[module_path] = lib
-        return lib
+        pkcs11._loaded[module_path] = fresh
+        _LIBS[module_path] = fresh
+        return fresh
+
+
+def _give_module(module_path: str, module: _P11Module) -> None:
+    """Serve `module_path` with `module` (see `Pkcs11Backend`). Holds the registry lock."""
+    current = _LIBS.get(module_path)
+    if current is module:
+        return
+    if current is not None:
+        raise InvalidInput(f"PKCS#11 module {module_path} is already loaded in this process")
+    _LIBS[module_path] = module
+    _GIVEN.add(module_path)
 
 
 def module_thread_safe(module_path: str) -> bool:
@@ -305,16 +403,16 @@ def refresh_module(module_path: str = DEFAULT_PKCS11_MODULE) -> None:
     are invalidated.
     """
     with _REGISTRY_LOCK, _module_lock(module_path):
-        lib = _load_module(module_path)
+        lib: Any = _load_module(module_path)
         try:
-            if isinstance(lib, _ThreadedLib):
-                lib.reinitialize()
+            if isinstance(lib, _ThreadedLib) or not isinstance(lib, _pkcs11.lib):
+                lib.reinitialize()  # ours, or a module given to the backend
             else:
                 # A fresh instance: a module handing out one instance per C_GetFunctionList
                 # (p11-kit-client.so) reads its configuration, e.g. the server address, then.
                 with contextlib.suppress(p11e.PKCS11Error):
                     lib.finalize()
-                fresh = _pkcs11.lib(module_path)
+                fresh: Any = _pkcs11.lib(module_path)  # python-pkcs11 fits the seam loosely
                 _LIBS[module_path] = pkcs11._loaded[module_path] = fresh
         except p11e.PKCS11Error as exc:
             raise KeyBackendError(
@@ -342,7 +440,7 @@ def _decode_ec_point(data: bytes, curve: ec.EllipticCurve) -> ec.EllipticCurvePu
         raise KeyBackendError(f"token returned an unreadable {curve.name} public key") from None
 
 
-def _open_with_retry(token: Any, pin: str | bytes, attempts: int = 8) -> Any:
+def _open_with_retry(token: _P11Token, pin: str, attempts: int = 8) -> _P11Session:
     """Open a logged-in R/W session. SoftHSM2 answers CKR_GENERAL_ERROR when another process
     opens or logs in to the same token at the same instant (its file-backed object store is
     being locked or re-read): seen when several broker workers start together. Retry that, and
@@ -362,7 +460,7 @@ def _open_with_retry(token: Any, pin: str | bytes, attempts: int = 8) -> Any:
 @dataclasses.dataclass
 class _Handle:
     kind: KeyKind
-    key: Any  # a python-pkcs11 PrivateKey or SecretKey bound to one session
+    key: _P11Key  # a private or secret key bound to one session
     public: ec.EllipticCurvePublicKey | None = None
     encrypts: bool = False  # an AES key with CKA_ENCRYPT: wraps with the one-call format
 
@@ -373,7 +471,7 @@ class _Session:
 
     __slots__ = ("epoch", "handles", "instance", "session")
 
-    def __init__(self, session: Any, epoch: int, instance: Any = None) -> None:
+    def __init__(self, session: _P11Session, epoch: int, instance: Any = None) -> None:
         self.session = session
         self.epoch = epoch
         self.handles: dict[str, _Handle] = {}
@@ -400,8 +498,8 @@ class _Connection:
             max_workers=size, thread_name_prefix=f"pkcs11-{token_label}"
         )
         self._pin = pin
-        self._token: Any = None
-        self._login: Any = None
+        self._token: _P11Token | None = None
+        self._login: _P11Session | None = None
         self._idle: list[_Session] = []
         self._slots = threading.BoundedSemaphore(size)
         self._epoch = 0
@@ -416,7 +514,7 @@ class _Connection:
 
     # -- session lifecycle --------------------------------------------------------------------
 
-    def _find_token(self, allow_refresh: bool) -> Any:
+    def _find_token(self, allow_refresh: bool) -> _P11Token:
         lib = _load_module(self.module_path)
         try:
             return lib.get_token(token_label=self.token_label)
@@ -490,6 +588,8 @@ class _Connection:
                 token, epoch = self._token, self._epoch
         if self.instances:
             return self._instance_session(epoch)
+        if token is None:  # invalidated again by another thread since: a lost session
+            raise p11e.SessionHandleInvalid()
         try:
             session = token.open(rw=True)
         except p11e.PKCS11Error as exc:
@@ -638,9 +738,9 @@ class _Connection:
         if handle is not None:
             return handle
         objects = list(session.session.get_objects({Attribute.LABEL: label}))
-        private = [o for o in objects if isinstance(o, pkcs11.PrivateKey)]
-        public = [o for o in objects if isinstance(o, pkcs11.PublicKey)]
-        secret = [o for o in objects if isinstance(o, pkcs11.SecretKey)]
+        private = [o for o in objects if o.object_class == ObjectClass.PRIVATE_KEY]
+        public = [o for o in objects if o.object_class == ObjectClass.PUBLIC_KEY]
+        secret = [o for o in objects if o.object_class == ObjectClass.SECRET_KEY]
         if not objects:
             raise KeyNotFound(f"no key {label!r} on {self.description}")
         if len(private) + len(secret) != 1:
@@ -690,7 +790,7 @@ class _Connection:
                 pooled.session.close()
 
 
-def _can_encrypt(key: Any) -> bool:
+def _can_encrypt(key: _P11Key) -> bool:
     try:
         return bool(key[Attribute.ENCRYPT])
     except p11e.PKCS11Error:
@@ -754,7 +854,14 @@ class Pkcs11Backend:
         module_path: str = DEFAULT_PKCS11_MODULE,
         *,
         sessions: int | None = None,
+        module: _P11Module | None = None,
     ) -> None:
+        """Open (or share) this process's connection to the token.
+
+        `module`: an already initialised module to use for `module_path` instead of loading
+        the shared library (a test double; see the PKCS#11 seam above). Refused when
+        `module_path` is served by another module already.
+        """
         if not token_label:
             raise InvalidInput("a PKCS#11 token label is required")
         if not pin:
@@ -772,6 +879,8 @@ class Pkcs11Backend:
         self._closed = False
         key = (module_path, token_label)
         with _REGISTRY_LOCK:
+            if module is not None:
+                _give_module(module_path, module)
             conn = _CONNECTIONS.get(key)
             if conn is not None:
                 if not conn.pin_matches(pin_text):
@@ -1037,6 +1146,11 @@ class Pkcs11Backend:
             if _CONNECTIONS.get(key) is self._conn:
                 del _CONNECTIONS[key]
             self._conn.close()
+            if self._module_path in _GIVEN and not any(
+                path == self._module_path for path, _ in _CONNECTIONS
+            ):
+                _GIVEN.discard(self._module_path)
+                _LIBS.pop(self._module_path, None)
 
     def __repr__(self) -> str:
         return f"<Pkcs11Backend {self.description}>"

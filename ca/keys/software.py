@@ -47,9 +47,8 @@ from cryptography.hazmat.primitives.keywrap import (
 from cryptography.utils import Buffer
 
 from ca.errors import BadPin, IntegrityError, InvalidInput, KeyBackendError, KeyExists, KeyNotFound
-from ca.keys.backend import KeyKind
+from ca.keys.backend import KeyKind, check_data_key, check_wrapped, validate_label
 from ca.keys.signer import BackendSigner, digest_for, prehashed_for_digest
-from ca.keys.uri import validate_label
 
 __all__ = ["SoftwareBackend", "SoftwareSigner"]
 
@@ -73,30 +72,6 @@ def _unb64(text: object) -> bytes:
     if not isinstance(text, str):
         raise ValueError("expected base64 text")
     return base64.b64decode(text, validate=True)
-
-
-def check_data_key(material: bytes) -> bytes:
-    """A data key to wrap: 16..64 bytes, a multiple of 8 (AES key wrap, RFC 3394)."""
-    if not isinstance(material, bytes | bytearray | memoryview):
-        raise InvalidInput("a data key must be bytes")
-    data = bytes(material)
-    if not 16 <= len(data) <= 64 or len(data) % 8:
-        raise InvalidInput(
-            f"a data key to wrap must be 16 to 64 bytes and a multiple of 8, got {len(data)}"
-        )
-    return data
-
-
-def check_wrapped(wrapped: bytes) -> bytes:
-    """A wrapped data key: 24..72 bytes, a multiple of 8; anything else cannot be genuine."""
-    if not isinstance(wrapped, bytes | bytearray | memoryview):
-        raise InvalidInput("a wrapped data key must be bytes")
-    data = bytes(wrapped)
-    if not 24 <= len(data) <= 72 or len(data) % 8:
-        raise IntegrityError(
-            f"wrapped data key has an impossible length ({len(data)} bytes): damaged or forged"
-        )
-    return data
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,37 +12,41 @@ Backends are chosen by URI:
 - ``software:`` (keys in memory, gone on exit) and ``software:path=/dir`` (keys in files under
   ``/dir``, encrypted under the PIN; needs a PIN source).
 
+Each scheme is an entry in a registry (scheme -> `BackendFactory`: parse, open); a backend's
+module is imported only when a URI of its scheme is opened, so a machine without python-pkcs11
+can still use ``software:`` and gets an error naming the package for ``pkcs11:``. Backends
+never import this module (their shared checks live in `ca.keys.backend`).
+
 A PIN source is ``file:/path`` (the file's bytes, trailing newline stripped) or ``env:NAME``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 from urllib.parse import quote, unquote
 
-from ca.errors import InvalidInput
-
-if TYPE_CHECKING:
-    from ca.keys.backend import KeyBackend
+from ca.errors import InvalidInput, KeyBackendError
+from ca.keys.backend import DEFAULT_PKCS11_MODULE, KeyBackend, validate_label
 
 __all__ = [
     "DEFAULT_PKCS11_MODULE",
+    "BackendFactory",
     "PinSource",
     "Pkcs11Uri",
     "SoftwareUri",
+    "backend_schemes",
     "key_uri",
     "open_backend",
     "parse_backend_uri",
     "validate_label",
 ]
 
-DEFAULT_PKCS11_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
-
-_LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # RFC 7512: characters that may stay unencoded in path (p-pchar) and query (q-pchar) values.
 _PATH_SAFE = ":[]@!$'()*+,=&"
@@ -51,20 +55,6 @@ _PKCS11_PATH_ATTRS = frozenset({"token", "object"})
 _PKCS11_QUERY_ATTRS = frozenset({"module-path", "pin-source", "max-sessions"})
 _SOFTWARE_PATH_ATTRS = frozenset({"path", "object"})
 _SOFTWARE_QUERY_ATTRS = frozenset({"pin-source"})
-
-
-def validate_label(label: str) -> str:
-    """Check a key label: 1-128 characters of ``A-Z a-z 0-9 . _ : -``, starting alphanumeric.
-
-    The same rule holds for every backend, so a label valid on one is valid on all (and is
-    safe as a file name and inside a URI).
-    """
-    if not isinstance(label, str) or _LABEL_RE.fullmatch(label) is None:
-        raise InvalidInput(
-            f"invalid key label {label!r}: use 1-128 characters of letters, digits, '.', '_', "
-            "':' or '-', starting with a letter or digit"
-        )
-    return label
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,33 +196,27 @@ def _check_token_label(token: str, uri: str) -> str:
     return token
 
 
-def parse_backend_uri(uri: str) -> Pkcs11Uri | SoftwareUri:
-    """Parse a backend URI (see the module docstring). Bad input -> `InvalidInput`."""
-    if not isinstance(uri, str):
-        raise InvalidInput("a backend URI must be a string")
-    scheme, sep, body = uri.partition(":")
-    if not sep or scheme not in ("pkcs11", "software"):
-        raise InvalidInput(
-            f"unsupported key backend URI {uri!r}: use pkcs11:token=NAME?... or software:[path=DIR]"
-        )
-    if scheme == "pkcs11":
-        attrs = _parse_attrs(body, _PKCS11_PATH_ATTRS, _PKCS11_QUERY_ATTRS, uri)
-        if "token" not in attrs:
-            raise InvalidInput(f"backend URI {uri!r} names no token; add token=LABEL")
-        module_path = attrs.get("module-path", DEFAULT_PKCS11_MODULE)
-        if not module_path:
-            raise InvalidInput(f"backend URI {uri!r}: module-path is empty")
-        obj = attrs.get("object")
-        sessions = attrs.get("max-sessions")
-        if sessions is not None and not (sessions.isdigit() and 1 <= int(sessions) <= 256):
-            raise InvalidInput(f"backend URI {uri!r}: max-sessions must be a number 1..256")
-        return Pkcs11Uri(
-            token=_check_token_label(attrs["token"], uri),
-            module_path=module_path,
-            object=validate_label(obj) if obj is not None else None,
-            pin_source=PinSource.parse(attrs["pin-source"]) if "pin-source" in attrs else None,
-            max_sessions=int(sessions) if sessions is not None else None,
-        )
+def _parse_pkcs11(body: str, uri: str) -> Pkcs11Uri:
+    attrs = _parse_attrs(body, _PKCS11_PATH_ATTRS, _PKCS11_QUERY_ATTRS, uri)
+    if "token" not in attrs:
+        raise InvalidInput(f"backend URI {uri!r} names no token; add token=LABEL")
+    module_path = attrs.get("module-path", DEFAULT_PKCS11_MODULE)
+    if not module_path:
+        raise InvalidInput(f"backend URI {uri!r}: module-path is empty")
+    obj = attrs.get("object")
+    sessions = attrs.get("max-sessions")
+    if sessions is not None and not (sessions.isdigit() and 1 <= int(sessions) <= 256):
+        raise InvalidInput(f"backend URI {uri!r}: max-sessions must be a number 1..256")
+    return Pkcs11Uri(
+        token=_check_token_label(attrs["token"], uri),
+        module_path=module_path,
+        object=validate_label(obj) if obj is not None else None,
+        pin_source=PinSource.parse(attrs["pin-source"]) if "pin-source" in attrs else None,
+        max_sessions=int(sessions) if sessions is not None else None,
+    )
+
+
+def _parse_software(body: str, uri: str) -> SoftwareUri:
     attrs = _parse_attrs(body, _SOFTWARE_PATH_ATTRS, _SOFTWARE_QUERY_ATTRS, uri)
     path = attrs.get("path")
     if path is not None and not path:
@@ -243,6 +227,89 @@ def parse_backend_uri(uri: str) -> Pkcs11Uri | SoftwareUri:
         object=validate_label(obj) if obj is not None else None,
         pin_source=PinSource.parse(attrs["pin-source"]) if "pin-source" in attrs else None,
     )
+
+
+def _import_backend(module: str, scheme: str, needs: str, package: str) -> Any:
+    """Import a backend module on first use, so a missing optional package (python-pkcs11,
+    imported as `needs`) matters only to those who open that kind of backend, and the error
+    names the package."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        if exc.name is None or exc.name.split(".")[0] != needs:
+            raise
+        raise KeyBackendError(
+            f"the {scheme} key backend needs the Python package {package}, which is not "
+            f"installed (pip install {package})"
+        ) from None
+
+
+def _open_pkcs11(parsed: Pkcs11Uri, source: PinSource | None) -> KeyBackend:
+    if source is None:
+        raise InvalidInput(
+            f"the pkcs11 backend for token {parsed.token!r} needs a PIN: add "
+            "pin-source=file:/path or pin-source=env:NAME"
+        )
+    module = _import_backend("ca.keys.pkcs11", "pkcs11", "pkcs11", "python-pkcs11")
+    backend: KeyBackend
+    if parsed.max_sessions is None:
+        backend = module.Pkcs11Backend(parsed.token, source.read(), module_path=parsed.module_path)
+    else:
+        backend = module.Pkcs11Backend(
+            parsed.token,
+            source.read(),
+            module_path=parsed.module_path,
+            sessions=parsed.max_sessions,
+        )
+    return backend
+
+
+def _open_software(parsed: SoftwareUri, source: PinSource | None) -> KeyBackend:
+    from ca.keys.software import SoftwareBackend
+
+    if parsed.path is None:
+        return SoftwareBackend()
+    if source is None:
+        raise InvalidInput(
+            f"the software backend in {parsed.path} needs a PIN to encrypt its key files: add "
+            "pin-source=file:/path or pin-source=env:NAME"
+        )
+    return SoftwareBackend(directory=parsed.path, pin=source.read())
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendFactory:
+    """One URI scheme: how to parse the rest of the URI and how to open the backend it names
+    (with the PIN source, or None when none was given)."""
+
+    parse: Callable[[str, str], Pkcs11Uri | SoftwareUri]
+    open: Callable[[Any, PinSource | None], KeyBackend]
+
+
+#: URI scheme -> backend factory. Backend modules are imported only when a URI of their scheme
+#: is opened.
+_SCHEMES: dict[str, BackendFactory] = {
+    "pkcs11": BackendFactory(_parse_pkcs11, _open_pkcs11),
+    "software": BackendFactory(_parse_software, _open_software),
+}
+
+
+def backend_schemes() -> tuple[str, ...]:
+    """The URI schemes `open_backend` knows, sorted."""
+    return tuple(sorted(_SCHEMES))
+
+
+def parse_backend_uri(uri: str) -> Pkcs11Uri | SoftwareUri:
+    """Parse a backend URI (see the module docstring). Bad input -> `InvalidInput`."""
+    if not isinstance(uri, str):
+        raise InvalidInput("a backend URI must be a string")
+    scheme, sep, body = uri.partition(":")
+    factory = _SCHEMES.get(scheme) if sep else None
+    if factory is None:
+        raise InvalidInput(
+            f"unsupported key backend URI {uri!r}: use pkcs11:token=NAME?... or software:[path=DIR]"
+        )
+    return factory.parse(body, uri)
 
 
 def key_uri(backend_uri: str, label: str) -> str:
@@ -279,30 +346,4 @@ def open_backend(uri: str, pin_source: PinSource | str | None = None) -> KeyBack
             "give one"
         )
     source = explicit or parsed.pin_source
-    if isinstance(parsed, Pkcs11Uri):
-        if source is None:
-            raise InvalidInput(
-                f"the pkcs11 backend for token {parsed.token!r} needs a PIN: add "
-                "pin-source=file:/path or pin-source=env:NAME"
-            )
-        from ca.keys.pkcs11 import Pkcs11Backend
-
-        if parsed.max_sessions is None:
-            return Pkcs11Backend(parsed.token, source.read(), module_path=parsed.module_path)
-        return Pkcs11Backend(
-            parsed.token,
-            source.read(),
-            module_path=parsed.module_path,
-            sessions=parsed.max_sessions,
-        )
-
-    from ca.keys.software import SoftwareBackend
-
-    if parsed.path is None:
-        return SoftwareBackend()
-    if source is None:
-        raise InvalidInput(
-            f"the software backend in {parsed.path} needs a PIN to encrypt its key files: add "
-            "pin-source=file:/path or pin-source=env:NAME"
-        )
-    return SoftwareBackend(directory=parsed.path, pin=source.read())
+    return _SCHEMES[uri.partition(":")[0]].open(parsed, source)

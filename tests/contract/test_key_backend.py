@@ -1,4 +1,6 @@
-"""One contract, every key backend: software in memory, software in a directory, PKCS#11.
+"""One contract, every key backend: software in memory, software in a directory, PKCS#11 on
+SoftHSM2 (in process and through p11-kit where installed) and PKCS#11 on the module double of
+tests/fixtures/fake_pkcs11.py (so the double is held to what the real token does).
 
 The CA cannot tell the backends apart; these tests make sure it never has to.
 """
@@ -8,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import pickle
+import secrets
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,12 +26,16 @@ from cryptography.x509.oid import NameOID
 from ca.errors import IntegrityError, InvalidInput, KeyBackendError, KeyExists, KeyNotFound
 from ca.keys import (
     BackendSigner,
+    DataKeyWrapper,
     KeyBackend,
+    KeyDestroyer,
     KeyKind,
+    MacSigner,
     Pkcs11Backend,
     SoftwareBackend,
     jws_signature,
 )
+from tests.fixtures.fake_pkcs11 import FakeModule
 
 CURVES = {KeyKind.EC_P256: ec.SECP256R1, KeyKind.EC_P384: ec.SECP384R1}
 EC_KINDS = [KeyKind.EC_P256, KeyKind.EC_P384]
@@ -43,8 +50,19 @@ class Store:
     persistent: bool
 
 
-@pytest.fixture(params=["software-memory", "software-dir", "pkcs11", "pkcs11-remote"])
+@pytest.fixture(
+    params=["software-memory", "software-dir", "pkcs11", "pkcs11-remote", "pkcs11-fake"]
+)
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    if request.param == "pkcs11-fake":
+        module = FakeModule()
+        module.add_token("fake", "fake-pin-1234")
+        path = f"fake-pkcs11-{secrets.token_hex(4)}"
+        return Store(
+            "pkcs11-fake",
+            lambda: Pkcs11Backend("fake", b"fake-pin-1234", module_path=path, module=module),
+            persistent=True,
+        )
     if request.param == "software-memory":
         return Store("software-memory", SoftwareBackend, persistent=False)
     if request.param == "software-dir":
@@ -102,6 +120,10 @@ def _self_signed(
 
 def test_backend_satisfies_protocol(backend: KeyBackend) -> None:
     assert isinstance(backend, KeyBackend)
+    # Every backend here has the optional powers too.
+    assert isinstance(backend, DataKeyWrapper)
+    assert isinstance(backend, MacSigner)
+    assert isinstance(backend, KeyDestroyer)
     assert backend.description
     assert "pin" not in backend.description.lower()
 

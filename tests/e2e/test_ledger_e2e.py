@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from broker.devmode import TOKEN_LABEL
-from ca.keys.softhsm import softhsm_missing
+from broker.softhsm import softhsm_missing
 
 from .conftest import BrokerCli, BrokerProcess, _child_env, free_port
 

@@ -59,3 +59,43 @@ def test_command_modules_do_not_import_each_other() -> None:
             if module.startswith("broker.commands"):
                 offenders.append(f"{path.relative_to(ROOT)}: {module}")
     assert not offenders
+
+
+def _graph(package: str) -> dict[str, set[str]]:
+    """Module -> the modules of `package` it imports (at any depth in the file, so imports
+    deferred into functions count too)."""
+    dotted = package.replace("/", ".")
+    graph: dict[str, set[str]] = {}
+    for path in _modules(package):
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        name = name.removesuffix(".__init__")
+        graph[name] = {m for m in _imports(path) if m.startswith(dotted + ".")}
+    return graph
+
+
+def test_key_custody_has_no_import_cycle() -> None:
+    """ca.keys.uri opens backends by scheme, so it imports them; backends share their checks
+    through ca.keys.backend and never import uri (issue 17: that cycle is gone)."""
+    graph = _graph("ca/keys")
+    cycles = []
+    for start in graph:
+        stack = [(start, [start])]
+        seen: set[str] = set()
+        while stack:
+            node, trail = stack.pop()
+            for nxt in graph.get(node, set()) - {"ca.keys"}:
+                if nxt == start:
+                    cycles.append(" -> ".join([*trail, nxt]))
+                elif nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, [*trail, nxt]))
+    assert not cycles
+    importers_of_uri = sorted(m for m, deps in graph.items() if "ca.keys.uri" in deps)
+    assert importers_of_uri == ["ca.keys"]  # the package's public surface, never a backend
+
+
+def test_ca_library_provisions_no_tokens() -> None:
+    """Making SoftHSM2 tokens is dev mode's job (broker.softhsm), not the CA library's."""
+    assert not (ROOT / "ca" / "keys" / "softhsm.py").exists()
+    offenders = [str(p.relative_to(ROOT)) for p in _modules("ca") if "subprocess" in _imports(p)]
+    assert not offenders

@@ -13,7 +13,7 @@ import pytest
 
 import broker.devmode as devmode
 from broker.errors import FailedPrecondition
-from ca.keys.softhsm import softhsm_available
+from broker.softhsm import softhsm_available
 
 pytestmark = pytest.mark.skipif(
     not softhsm_available() and os.environ.get("CI") != "true", reason="SoftHSM2 not installed"

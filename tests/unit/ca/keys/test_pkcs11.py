@@ -16,10 +16,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from pkcs11 import Attribute, KeyType, MechanismFlag, ObjectClass
 from pkcs11 import exceptions as p11e
 
+from broker.softhsm import SOFTHSM_MODULE
 from ca.errors import BadPin, IntegrityError, InvalidInput, KeyBackendError, KeyNotFound
 from ca.keys import KeyKind, Pkcs11Backend, open_backend
 from ca.keys.pkcs11 import refresh_module
-from ca.keys.softhsm import SOFTHSM_MODULE, init_token, write_config
 from tests.fixtures import softhsm as softhsm_fixtures
 from tests.fixtures.softhsm import SoftHsmEnv, SoftHsmToken
 
@@ -246,33 +246,7 @@ def test_concurrent_use_of_two_tokens_is_serialised(
         other.close()
 
 
-# -- SoftHSM2 helpers and fixtures -------------------------------------------------------------
-
-
-def test_write_config_points_softhsm_at_our_directory(tmp_path: Path) -> None:
-    conf = write_config(tmp_path)
-    assert conf == tmp_path / "softhsm2.conf"
-    text = conf.read_text()
-    assert f"directories.tokendir = {tmp_path / 'tokens'}\n" in text
-    assert "objectstore.backend = file\n" in text
-    assert "log.level = ERROR\n" in text
-    assert (tmp_path / "tokens").is_dir()
-    assert write_config(tmp_path) == conf  # idempotent
-
-
-@pytest.mark.parametrize(
-    ("label", "pin", "message"),
-    [
-        ("", b"123456", "token label"),
-        ("x" * 33, b"123456", "token label"),
-        ("ok", b"123", "4 to 255"),
-        ("ok", b"-123456", "must not start"),
-    ],
-)
-def test_init_token_refuses_bad_input(tmp_path: Path, label: str, pin: bytes, message: str) -> None:
-    with pytest.raises(InvalidInput, match=message) as excinfo:
-        init_token(tmp_path, label, pin, b"so-pin-1234")
-    assert pin.decode() not in str(excinfo.value)
+# -- SoftHSM2 fixtures (provisioning: tests/unit/broker/test_softhsm.py) -----------------------
 
 
 def test_fixtures_skip_locally_and_fail_in_ci_without_softhsm(

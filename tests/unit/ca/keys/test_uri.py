@@ -221,3 +221,32 @@ def test_pkcs11_uri_max_sessions() -> None:
     assert isinstance(parsed, Pkcs11Uri) and parsed.max_sessions == 2
     default = parse_backend_uri("pkcs11:token=a")
     assert isinstance(default, Pkcs11Uri) and default.max_sessions is None
+
+
+def test_backend_schemes_are_a_registry() -> None:
+    from ca.keys.uri import backend_schemes
+
+    assert backend_schemes() == ("pkcs11", "software")
+
+
+def test_pkcs11_without_python_pkcs11_names_the_package(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import sys
+
+    from ca.errors import KeyBackendError
+
+    pin = tmp_path / "pin"
+    pin.write_text("pin-1234\n")
+    monkeypatch.setitem(sys.modules, "pkcs11", None)  # as if python-pkcs11 were not installed
+    monkeypatch.delitem(sys.modules, "ca.keys.pkcs11", raising=False)
+    with pytest.raises(KeyBackendError) as excinfo:
+        open_backend(f"pkcs11:token=broker?pin-source=file:{pin}")
+    assert str(excinfo.value) == (
+        "the pkcs11 key backend needs the Python package python-pkcs11, which is not "
+        "installed (pip install python-pkcs11)"
+    )
+    assert "ca.keys.pkcs11" not in sys.modules
+    software = open_backend("software:")  # the other schemes do not need it
+    assert isinstance(software, SoftwareBackend)
+    software.close()

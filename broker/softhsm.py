@@ -1,4 +1,7 @@
-"""SoftHSM2 tokens kept in a directory of our own (tests, development, CI).
+"""SoftHSM2 tokens kept in a directory of our own (`broker dev`, tests, CI).
+
+Token provisioning is no key custody: it lives beside dev mode (`broker.devmode`), which the
+test fixtures and load tests share, not in the CA library.
 
 Layout: ``DIR/softhsm2.conf`` and ``DIR/tokens/``. SoftHSM2 finds its configuration through the
 ``SOFTHSM2_CONF`` environment variable, which it reads in C_Initialize; it also enumerates the
@@ -24,7 +27,7 @@ import subprocess
 from pathlib import Path
 
 from ca.errors import InvalidInput, KeyBackendError
-from ca.keys.uri import DEFAULT_PKCS11_MODULE
+from ca.keys.backend import DEFAULT_PKCS11_MODULE
 
 __all__ = [
     "SOFTHSM_MODULE",
