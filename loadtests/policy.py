@@ -35,7 +35,6 @@ from typing import Any
 from broker.access import AccessControl
 from broker.policy import Caller, DefaultPolicy
 from broker.storage import open_storage
-from broker.storage.access import SqlAccessRepository
 from ca.clock import FakeClock
 
 TD = "example.org"
@@ -112,7 +111,7 @@ async def run(decisions: int, distinct: int) -> dict[str, Any]:
         await storage.migrate()
         clock = FakeClock(dt.datetime.now(dt.UTC))
         access = AccessControl(
-            SqlAccessRepository(storage.backend),  # type: ignore[attr-defined]
+            storage.access(),
             storage,
             clock,
             trust_domain=TD,

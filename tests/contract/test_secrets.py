@@ -145,7 +145,7 @@ async def world(
     await storage.migrate()
     clock = FakeClock(T0)
     mac = MetadataMac(keys)
-    repo = SqlSecretRepository(storage.backend, mac)
+    repo = storage.secrets(mac)
     # As the broker runs it: unwrapped data keys cached, so every refusal below holds with it.
     envelope = Envelope(keys, storage, DataKeyCache(clock))
     service = SecretService(repo, envelope, clock)
