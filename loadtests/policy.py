@@ -65,7 +65,7 @@ def _percentiles(samples_ns: list[int]) -> dict[str, float]:
 def _requests(distinct: int) -> list[tuple[Caller, str, str, dict[str, str]]]:
     """`distinct` (caller, action, resource, attributes) tuples: workloads reading secrets of
     every kind (own, other service, other environment, other tenant, prod+pii)."""
-    out = []
+    out: list[tuple[Caller, str, str, dict[str, str]]] = []
     i = 0
     while len(out) < distinct:
         tenant = TENANTS[i % 2]

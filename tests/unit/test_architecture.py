@@ -59,3 +59,16 @@ def test_command_modules_do_not_import_each_other() -> None:
             if module.startswith("broker.commands"):
                 offenders.append(f"{path.relative_to(ROOT)}: {module}")
     assert not offenders
+
+
+def test_grpc_tools_is_needed_only_to_regenerate_code() -> None:
+    """grpcio-tools is a dev dependency: only the code generator may import it."""
+    codegen = ROOT / "broker" / "api" / "codegen.py"
+    offenders = [
+        str(path.relative_to(ROOT))
+        for package in ("ca", "broker", "loadtests")
+        for path in _modules(package)
+        if path != codegen and any(m.split(".")[0] == "grpc_tools" for m in _imports(path))
+    ]
+    assert not offenders
+    assert "grpc_tools" in {m.split(".")[0] for m in _imports(codegen)}
