@@ -218,13 +218,6 @@ class SecretRepository(Protocol):
         ...
 
 
-def _secret_state(value: str) -> SecretState:
-    try:
-        return SecretState(value)
-    except ValueError:  # only someone writing to the database directly gets here
-        raise IntegrityError(f"secret row has an unknown state {value!r}") from None
-
-
 _RECORD_COLUMNS = (
     "s.tenant, s.ref, s.service, s.environment, s.owner, s.classification, "
     "s.rotation_period_s, s.last_rotated, s.current_version, s.state, s.created_at, "
@@ -266,7 +259,7 @@ class SqlSecretRepository:
             rotation_period_s=None if row[6] is None else int(row[6]),
             last_rotated=self._dt(row[7]),
             current_version=int(row[8]),
-            state=_secret_state(row[9]),
+            state=SecretState(row[9]),  # the column CHECKs its values
             created_at=ts(row[10]),
             revoked_at=self._dt(row[11]),
             deleted_at=self._dt(row[12]),

@@ -15,6 +15,7 @@ from broker.storage.database import (
     ConnectionRecord,
     DatabaseRepository,
     LeaseRecord,
+    LeaseState,
     RecoveryRecord,
     RoleRecord,
 )
@@ -98,6 +99,26 @@ async def test_connections_roles_and_their_dependencies(store: DatabaseRepositor
     assert await store.delete_connection("main")
     assert not await store.delete_connection("main")
     assert await store.list_connections() == []
+
+
+async def test_lease_states_are_stored_as_before_and_read_as_lease_states(
+    store: DatabaseRepository,
+) -> None:
+    await store.insert_lease(lease(state=LeaseState.PENDING))
+    assert await store.activate_lease("db/app/1")
+    record = await store.get_lease("db/app/1")
+    assert record is not None
+    assert type(record.state) is LeaseState
+    assert record.state == LeaseState.ACTIVE == "active"
+    claimed = await store.begin_revocation(
+        "db/app/1", T0, from_states=(LeaseState.PENDING, LeaseState.ACTIVE)
+    )
+    assert claimed is not None and claimed.state is LeaseState.REVOKING
+    with pytest.raises(ValueError, match="lease states must be among"):
+        await store.begin_revocation("db/app/1", T0, from_states=("bogus",))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="lease state must be one of"):
+        await store.insert_lease(lease("db/app/2", "v_app_2", state="bogus"))
+    assert [r.id for r in await store.list_leases()] == ["db/app/1"]
 
 
 async def test_lease_lifecycle_is_compare_and_set(store: DatabaseRepository) -> None:
