@@ -1,7 +1,10 @@
 """One SQL implementation of `broker.storage.interface.Storage` over a thin dialect seam.
 
-`SqlStorage` holds every query. It talks to a `Backend` (SQLite in `sqlite.py`, PostgreSQL in
-`postgres.py`) through a handful of operations on a transaction handle (`Tx`):
+`SqlStorage` holds the queries of the core records (CA journal, policies, audit, meta, leader
+leases) and hands out the feature repositories (`access()`, `identity()`, `database()`,
+`operators()`, `secrets(seal)`), each holding its own queries in `broker.storage.<feature>`. All
+of them talk to a `Backend` (`backend.py`; SQLite in `sqlite.py`, PostgreSQL in `postgres.py`)
+through a handful of operations on a transaction handle (`Tx`):
 
 - queries are written once, with `?` placeholders; the PostgreSQL backend rewrites them to `$n`;
 - upserts use `INSERT ... ON CONFLICT (...) DO UPDATE ... WHERE ... RETURNING`, which both

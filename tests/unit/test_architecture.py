@@ -72,3 +72,10 @@ def test_grpc_tools_is_needed_only_to_regenerate_code() -> None:
     ]
     assert not offenders
     assert "grpc_tools" in {m.split(".")[0] for m in _imports(codegen)}
+
+
+def test_storage_backend_seam_is_a_leaf() -> None:
+    """The feature repositories and the `Storage` protocol all import the dialect seam; it
+    importing any of them back would be a cycle."""
+    imported = _imports(ROOT / "broker" / "storage" / "backend.py")
+    assert not {m for m in imported if m.startswith("broker")}
