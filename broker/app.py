@@ -32,12 +32,7 @@ from broker.operators.service import OperatorService
 from broker.policy import DefaultPolicy, Policy
 from broker.ratelimit import RateLimiter
 from broker.secrets import MetadataMac, SecretJanitor, SecretService
-from broker.storage.access import SqlAccessRepository
-from broker.storage.database import database_store
-from broker.storage.identity import IdentityStore
-from broker.storage.interface import Storage
-from broker.storage.operators import SqlOperatorRepository
-from broker.storage.secrets import secret_repository
+from broker.storage import Storage
 from broker.workloads import IdentityService
 from ca.clock import Clock
 from ca.keys import KeyBackend
@@ -107,13 +102,11 @@ class Application:
         # Wrapped static secrets (a SealedStore) and KEK rotation over every sealed store.
         # Secret metadata rows are MACed under a key in the key backend (verified on read).
         self.secret_mac = MetadataMac(keys)
-        self.secrets = SecretService(
-            secret_repository(storage, self.secret_mac), self.envelope, clock
-        )
+        self.secrets = SecretService(storage.secrets(self.secret_mac), self.envelope, clock)
         self.sealed_stores.append(self.secrets)
         # Dynamic database credentials (a SealedStore: the admin passwords) and their reaper.
         self.database = CredentialService(
-            database_store(storage),
+            storage.database(),
             self.envelope,
             clock,
             settings=DatabaseSettings(
@@ -132,7 +125,7 @@ class Application:
         # The policy: Rego (shipped default or set by operators) over the built-in rules, with
         # just-in-time grants, two-party approvals and break-glass credentials.
         self.access = AccessControl(
-            SqlAccessRepository(storage.backend),  # type: ignore[attr-defined]
+            storage.access(),
             storage,
             clock,
             trust_domain=config.trust_domain,
@@ -152,14 +145,13 @@ class Application:
         )
         self.server_id = SpiffeId.from_segments(config.trust_domain, *SERVER_PATH)
         # Workload identity: attestation, registration entries, agents.
-        store = IdentityStore(storage.backend)  # type: ignore[attr-defined]
-        self.workloads = IdentityService(self.ca, store, clock)
+        self.workloads = IdentityService(self.ca, storage.identity(), clock)
         self.authenticator.denylist = self.workloads.denylist
         # Operators: login with an OpenID provider, roles, the registry of operator SVIDs.
         self.operators = OperatorService(
             config.operators,
             self.ca,
-            SqlOperatorRepository(storage.backend),  # type: ignore[attr-defined]
+            storage.operators(),
             self.workloads.deny,
             clock,
             trust_domain=config.trust_domain,

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import enum
 import hashlib
 import hmac
 import logging
@@ -52,7 +53,13 @@ from broker.errors import (
     NotFound,
 )
 from broker.storage.interface import LockRepository
-from broker.storage.secrets import SealedRow, SecretRecord, SecretRepository, VersionRecord
+from broker.storage.secrets import (
+    SealedRow,
+    SecretRecord,
+    SecretRepository,
+    SecretState,
+    VersionRecord,
+)
 from ca.clock import Clock
 from ca.errors import IntegrityError, KeyExists, KeyNotFound
 from ca.keys import KeyBackend, KeyKind, mac_signer
@@ -72,6 +79,7 @@ __all__ = [
     "SecretService",
     "SecretValue",
     "VersionInfo",
+    "VersionState",
     "reference_hash",
 ]
 
@@ -322,10 +330,20 @@ def check_tenant(tenant: str) -> str:
     return _check_name(tenant, "tenant")
 
 
+class VersionState(enum.StrEnum):
+    """What a secret's version is to readers (derived, not stored): the values are what JSON
+    output shows."""
+
+    CURRENT = "current"
+    PREVIOUS = "previous"  # readable during the rollback window
+    REVOKED = "revoked"
+    DESTROYED = "destroyed"
+
+
 @dataclass(frozen=True)
 class VersionInfo:
     version: int
-    state: str  # current | previous | revoked | destroyed
+    state: VersionState
     created_at: dt.datetime
     retire_at: dt.datetime | None
     revoked_at: dt.datetime | None
@@ -518,7 +536,7 @@ class SecretService:
             rotation_period_s=int(rotation_period.total_seconds()),
             last_rotated=now,
             current_version=1,
-            state="active",
+            state=SecretState.ACTIVE,
             created_at=now,
         )
         try:
@@ -751,15 +769,15 @@ class SecretService:
     @staticmethod
     def _version_info(record: SecretRecord, v: VersionRecord, now: dt.datetime) -> VersionInfo:
         if v.sealed is None:
-            state = "destroyed"
+            state = VersionState.DESTROYED
         elif v.revoked_at is not None or (v.retire_at is not None and v.retire_at <= now):
-            state = "revoked"
-        elif v.version == record.current_version and record.state == "active":
-            state = "current"
-        elif record.state == "active":
-            state = "previous"
+            state = VersionState.REVOKED
+        elif v.version == record.current_version and record.state == SecretState.ACTIVE:
+            state = VersionState.CURRENT
+        elif record.state == SecretState.ACTIVE:
+            state = VersionState.PREVIOUS
         else:
-            state = "revoked"
+            state = VersionState.REVOKED
         return VersionInfo(
             v.version, state, v.created_at, v.retire_at, v.revoked_at, v.kek_label or ""
         )

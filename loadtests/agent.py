@@ -205,7 +205,9 @@ def _baseline_server(path: str, seconds: float, cpus: tuple[int, ...] = ()) -> N
     if cpus:
         os.sched_setaffinity(0, cpus)
 
-    class Constant(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[misc]
+    class Constant(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
+        """Serves FetchJWTSVID only; the generated base answers UNIMPLEMENTED to the rest."""
+
         async def FetchJWTSVID(self, request: Any, context: Any) -> Any:
             return workload_pb2.JWTSVIDResponse(
                 svids=[workload_pb2.JWTSVID(spiffe_id=f"spiffe://{TD}/baseline", svid="a.b.c")]
@@ -213,7 +215,9 @@ def _baseline_server(path: str, seconds: float, cpus: tuple[int, ...] = ()) -> N
 
     async def serve() -> None:
         server = grpc.aio.server()
-        workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(Constant(), server)
+        # The stubs declare every RPC abstract; at run time the base class implements them.
+        servicer = Constant()  # type: ignore[abstract]
+        workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(servicer, server)
         server.add_insecure_port(f"unix:{path}")
         await server.start()
         await asyncio.sleep(seconds)

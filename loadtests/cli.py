@@ -13,7 +13,8 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -348,83 +349,17 @@ class _Session:
     # -- runs ------------------------------------------------------------------------------
 
     def run_one(self, target: str, concurrency: int, rnd: int) -> report.RunResult:
-        a = self.args
+        """One timed window against `target` at `concurrency`, with what runs beside it."""
         proc = self.alive.get(target)
         if proc is not None:
             proc.check_alive()
-        profiler: list[Any] = []
-        rotator: list[broker_target.Rotator] = []
-        starters: list[Any] = []
-        if a.profile and target == "broker" and self.pids.get("broker"):
-            from loadtests.profile import Profiler
-
-            prof_path = a.report / f"profile-broker-c{concurrency}-r{rnd}.collapsed.txt"
-
-            def start_profiler() -> None:
-                profiler.append(Profiler(self.pids["broker"][0], prof_path, a.duration))
-
-            starters.append(start_profiler)
-        if self.scenario.rotate_every_s and target == "broker":
-            address, ident = self._broker
-            every = self.scenario.rotate_every_s
-            calls = [broker_target.ca_rotation()]
-            for part in broker_operations(self.scenario):
-                if part.rotation is not None:
-                    calls.append(broker_target.RotationCall(*part.rotation()))
-
-            def start_rotator() -> None:
-                rot = broker_target.Rotator(
-                    address, ident, a.tls_server_name, every, a.duration, calls
-                )
-                rot.start()
-                rotator.append(rot)
-
-            starters.append(start_rotator)
-
-        scraped: list[servermetrics.Snapshot] = []
-        if target == "broker" and self.metrics_url:
-            url = self.metrics_url
-
-            def scrape_metrics() -> None:
-                with contextlib.suppress(OSError):
-                    scraped.append(servermetrics.scrape(url))
-
-            starters.append(scrape_metrics)
-
-        def on_window_start() -> None:
-            for start in starters:
-                start()
-
+        extras = self._extras(target, concurrency, rnd)
         started = _now()
-        outcome = generator.run_load(
-            self.specs[target],
-            concurrency=concurrency,
-            processes=a.processes,
-            warmup=a.warmup,
-            duration=a.duration,
-            request_timeout=a.timeout,
-            server_pids=self.pids.get(target, []),
-            use_uvloop=not a.no_uvloop,
-            on_window_start=on_window_start if starters else None,
-            rate=a.rate,
-        )
+        outcome = self._load(target, concurrency, extras)
         operations = dict(outcome.operations)
-        if rotator:
-            operations.update(rotator[0].finish())
-        notes: dict[str, Any] = {"workers": outcome.worker_notes, "loadavg": machine.loadavg()}
-        if scraped and self.metrics_url:
-            with contextlib.suppress(OSError):
-                after = servermetrics.scrape(self.metrics_url)
-                notes["server_rpc_latency"] = servermetrics.diff(scraped[0], after)
-        if outcome.server_threads:
-            notes["server_busiest_threads"] = outcome.server_threads
-        if profiler:
-            summary = profiler[0].finish()
-            (a.report / f"profile-broker-c{concurrency}-r{rnd}.top.txt").write_text(summary)
-            notes["profiled"] = True
-        if target == "broker":
-            notes["grpc_client"] = a.grpc_client
-            notes["channels_per_process"] = a.channels
+        if extras.rotator:
+            operations.update(extras.rotator[0].finish())
+        a = self.args
         result = report.RunResult(
             target=target,
             scenario=self.scenario.name,
@@ -440,23 +375,89 @@ class _Session:
             client_cpu_s=outcome.client_cpu_s,
             server_cpu_s=outcome.server_cpu_s,
             started_at=started,
-            notes=notes,
+            notes=self._notes(target, concurrency, rnd, outcome, extras),
             operations=operations,
         )
-        lat = result.latency()
-        _log(
-            f"{target:<8} c={concurrency:<4} round {rnd}: {result.throughput:8.1f} req/s  "
-            f"p50 {lat['p50']} ms  p99 {lat['p99']} ms  errors {result.error_count}"
-            + (f" ({outcome.error_samples[0]})" if outcome.error_samples else "")
-        )
-        for name, op in result.operation_stats().items():
-            if slo.is_rotation(name):
-                _log(
-                    f"{target:<8} c={concurrency:<4} round {rnd}: {name}: {op['requests_ok']} "
-                    f"rotations, {op['error_count']} failed"
-                    + (f" ({op['error_samples'][0]})" if op["error_samples"] else "")
-                )
+        _log_run(result)
         return result
+
+    def _extras(self, target: str, concurrency: int, rnd: int) -> _Extras:
+        """What starts with the timed window: the profiler (--profile), the rotation calls
+        (scenarios with rotate_every_s) and the first /metrics scrape (a dev broker)."""
+        extras = _Extras()
+        if target != "broker":
+            return extras
+        a = self.args
+        if a.profile and self.pids.get("broker"):
+            from loadtests.profile import Profiler
+
+            pid = self.pids["broker"][0]
+            path = a.report / f"profile-broker-c{concurrency}-r{rnd}.collapsed.txt"
+            extras.starters.append(lambda: extras.profiler.append(Profiler(pid, path, a.duration)))
+        every = self.scenario.rotate_every_s
+        if every:
+            extras.starters.append(lambda: extras.rotator.append(self._start_rotator(every)))
+        if self.metrics_url:
+            url = self.metrics_url
+
+            def scrape_metrics() -> None:
+                with contextlib.suppress(OSError):
+                    extras.scraped.append(servermetrics.scrape(url))
+
+            extras.starters.append(scrape_metrics)
+        return extras
+
+    def _start_rotator(self, every: float) -> broker_target.Rotator:
+        address, ident = self._broker
+        calls = [broker_target.ca_rotation()]
+        for part in broker_operations(self.scenario):
+            if part.rotation is not None:
+                calls.append(broker_target.RotationCall(*part.rotation()))
+        a = self.args
+        rotator = broker_target.Rotator(address, ident, a.tls_server_name, every, a.duration, calls)
+        rotator.start()
+        return rotator
+
+    def _load(self, target: str, concurrency: int, extras: _Extras) -> generator.LoadOutcome:
+        a = self.args
+        return generator.run_load(
+            self.specs[target],
+            concurrency=concurrency,
+            processes=a.processes,
+            warmup=a.warmup,
+            duration=a.duration,
+            request_timeout=a.timeout,
+            server_pids=self.pids.get(target, []),
+            use_uvloop=not a.no_uvloop,
+            on_window_start=extras.start if extras.starters else None,
+            rate=a.rate,
+        )
+
+    def _notes(
+        self,
+        target: str,
+        concurrency: int,
+        rnd: int,
+        outcome: generator.LoadOutcome,
+        extras: _Extras,
+    ) -> dict[str, Any]:
+        """The run's notes: workers, load, and what the extras measured (finishing them)."""
+        a = self.args
+        notes: dict[str, Any] = {"workers": outcome.worker_notes, "loadavg": machine.loadavg()}
+        if extras.scraped and self.metrics_url:
+            with contextlib.suppress(OSError):
+                after = servermetrics.scrape(self.metrics_url)
+                notes["server_rpc_latency"] = servermetrics.diff(extras.scraped[0], after)
+        if outcome.server_threads:
+            notes["server_busiest_threads"] = outcome.server_threads
+        if extras.profiler:
+            summary = extras.profiler[0].finish()
+            (a.report / f"profile-broker-c{concurrency}-r{rnd}.top.txt").write_text(summary)
+            notes["profiled"] = True
+        if target == "broker":
+            notes["grpc_client"] = a.grpc_client
+            notes["channels_per_process"] = a.channels
+        return notes
 
     def run_all(self) -> None:
         a = self.args
@@ -530,6 +531,37 @@ class _Session:
             }
             self.verdicts = verdicts
         return rep, comparisons
+
+
+@dataclass
+class _Extras:
+    """What runs beside one timed window, started when the window opens (after warm-up)."""
+
+    starters: list[Callable[[], None]] = field(default_factory=list)
+    profiler: list[Any] = field(default_factory=list)
+    rotator: list[broker_target.Rotator] = field(default_factory=list)
+    scraped: list[servermetrics.Snapshot] = field(default_factory=list)
+
+    def start(self) -> None:
+        for start in self.starters:
+            start()
+
+
+def _log_run(result: report.RunResult) -> None:
+    target, concurrency, rnd = result.target, result.concurrency, result.round
+    lat = result.latency()
+    _log(
+        f"{target:<8} c={concurrency:<4} round {rnd}: {result.throughput:8.1f} req/s  "
+        f"p50 {lat['p50']} ms  p99 {lat['p99']} ms  errors {result.error_count}"
+        + (f" ({result.error_samples[0]})" if result.error_samples else "")
+    )
+    for name, op in result.operation_stats().items():
+        if slo.is_rotation(name):
+            _log(
+                f"{target:<8} c={concurrency:<4} round {rnd}: {name}: {op['requests_ok']} "
+                f"rotations, {op['error_count']} failed"
+                + (f" ({op['error_samples'][0]})" if op["error_samples"] else "")
+            )
 
 
 def _p95_objective(operation: str) -> float:

@@ -225,7 +225,7 @@ class BrokerSide:
             database_pb2_grpc.DatabaseStub(self._channel())
             for _ in range(max(1, (concurrency + 7) // 8))
         ]
-        calls = []
+        calls: list[Callable[[], Awaitable[str]]] = []
         for stub in stubs:
 
             async def call(stub: Any = stub) -> str:

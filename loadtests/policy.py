@@ -35,7 +35,6 @@ from typing import Any
 from broker.access import AccessControl
 from broker.policy import Caller, DefaultPolicy
 from broker.storage import open_storage
-from broker.storage.access import SqlAccessRepository
 from ca.clock import FakeClock
 
 TD = "example.org"
@@ -66,7 +65,7 @@ def _percentiles(samples_ns: list[int]) -> dict[str, float]:
 def _requests(distinct: int) -> list[tuple[Caller, str, str, dict[str, str]]]:
     """`distinct` (caller, action, resource, attributes) tuples: workloads reading secrets of
     every kind (own, other service, other environment, other tenant, prod+pii)."""
-    out = []
+    out: list[tuple[Caller, str, str, dict[str, str]]] = []
     i = 0
     while len(out) < distinct:
         tenant = TENANTS[i % 2]
@@ -112,7 +111,7 @@ async def run(decisions: int, distinct: int) -> dict[str, Any]:
         await storage.migrate()
         clock = FakeClock(dt.datetime.now(dt.UTC))
         access = AccessControl(
-            SqlAccessRepository(storage.backend),  # type: ignore[attr-defined]
+            storage.access(),
             storage,
             clock,
             trust_domain=TD,

@@ -198,9 +198,9 @@ def main() -> None:
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="servermodels-") as tmp:
         for _ in range(args.rounds):
-            for work in (float(w) for w in args.work_us.split(",")):
+            for work_us in (float(w) for w in args.work_us.split(",")):
                 for model in ("aio", "sync"):
-                    print(_measure(args, model, work, Path(tmp)), flush=True)
+                    print(_measure(args, model, work_us, Path(tmp)), flush=True)
 
 
 if __name__ == "__main__":

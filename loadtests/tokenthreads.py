@@ -59,7 +59,7 @@ def _rate(backend: Pkcs11Backend, args: argparse.Namespace) -> float:
         t.start()
     for t in threads:
         t.join()
-    return sum(counts) / args.seconds
+    return sum(counts) / float(args.seconds)
 
 
 if __name__ == "__main__":

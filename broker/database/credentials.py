@@ -53,8 +53,9 @@ from broker.errors import (
 )
 from broker.storage.database import (
     ConnectionRecord,
-    DatabaseStore,
+    DatabaseRepository,
     LeaseRecord,
+    LeaseState,
     RecoveryRecord,
     RoleRecord,
 )
@@ -194,12 +195,12 @@ def _sanitize(text: str) -> str:
 
 
 class CredentialService:
-    """Connections, roles, credentials and leases over a `DatabaseStore`; engines are opened
+    """Connections, roles, credentials and leases over a `DatabaseRepository`; engines are opened
     through `engines` (one per connection, kept open)."""
 
     def __init__(
         self,
-        store: DatabaseStore,
+        store: DatabaseRepository,
         envelope: Envelope,
         clock: Clock,
         *,
@@ -219,7 +220,7 @@ class CredentialService:
         self._engine_lock = asyncio.Lock()
 
     @property
-    def store(self) -> DatabaseStore:
+    def store(self) -> DatabaseRepository:
         return self._store
 
     def now(self) -> dt.datetime:
@@ -590,7 +591,7 @@ class CredentialService:
             plugin=engine.plugin,
             username=self._username(role, holder, engine.max_username_length),
             holder=holder,
-            state="pending",
+            state=LeaseState.PENDING,
             revocation=role.revocation,
             created_at=now,
             expires_at=now + ttl,
@@ -626,12 +627,12 @@ class CredentialService:
             # The reaper took the lease (creation ran past its deadline): undo the user.
             await self._revoke_quietly(engine, lease)
             raise Unavailable("creating the user took too long; it was revoked, try again")
-        active = replace(lease, state="active", due_at=lease.expires_at)
+        active = replace(lease, state=LeaseState.ACTIVE, due_at=lease.expires_at)
         return IssuedCredentials(lease.username, password, active)
 
     async def _hand_to_reaper(self, lease: LeaseRecord) -> None:
         await self._store.begin_revocation(
-            lease.id, self._clock.now(), from_states=("pending", "active")
+            lease.id, self._clock.now(), from_states=(LeaseState.PENDING, LeaseState.ACTIVE)
         )
 
     async def _revoke_quietly(self, engine: Engine, lease: LeaseRecord) -> None:
@@ -695,7 +696,7 @@ class CredentialService:
         claimed = await self._store.begin_revocation(
             lease.id,
             self._clock.now() + self._backoff(lease.attempts),
-            from_states=("pending", "active", "revoking", "irrevocable"),
+            from_states=tuple(LeaseState),
         )
         if claimed is None:
             raise NotFound(f"no lease {lease.id!r}")
@@ -760,7 +761,7 @@ class CredentialService:
                 claimed = await self._store.begin_revocation(
                     lease.id,
                     now + self._backoff(lease.attempts),
-                    from_states=("pending", "active", "revoking", "irrevocable"),
+                    from_states=tuple(LeaseState),
                     due_before=now,
                 )
                 if claimed is None:
@@ -792,7 +793,7 @@ class CredentialService:
             extra={"event": "lease.irrevocable", "lease_id": lease.id},
         )
         await self._audit_reaper(
-            replace(lease, state="irrevocable"),
+            replace(lease, state=LeaseState.IRREVOCABLE),
             "irrevocable",
             error,
             what="lease.irrevocable",
@@ -800,7 +801,7 @@ class CredentialService:
         )
         if self._notify is not None:
             try:
-                await self._notify(replace(lease, state="irrevocable", last_error=error))
+                await self._notify(replace(lease, state=LeaseState.IRREVOCABLE, last_error=error))
             except Exception:  # a broken hook must not stop the reaper
                 log.exception("the irrevocable-lease hook failed for %s", lease.id)
 

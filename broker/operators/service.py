@@ -39,7 +39,7 @@ from broker.operators.roles import (
     subject_segment,
 )
 from broker.policy import Caller
-from broker.storage.operators import OperatorSessionRecord, SqlOperatorRepository
+from broker.storage.operators import OperatorRepository, OperatorSessionRecord
 from ca.clock import Clock
 from ca.spiffeid import SpiffeId
 
@@ -74,7 +74,7 @@ class OperatorService:
         self,
         config: OperatorsConfig,
         issuer: OperatorIssuer,
-        repository: SqlOperatorRepository,
+        repository: OperatorRepository,
         deny_serial: Callable[[str], Awaitable[Any]],
         clock: Clock,
         *,

@@ -1,9 +1,9 @@
 """Storage for just-in-time grants, two-party approvals and break-glass credentials.
 
-`SqlAccessRepository` runs over the same `Backend` as `SqlStorage` (SQLite or PostgreSQL), with
-the tables of migration 0005. Every write bumps the `access` counter in the same transaction,
-so other workers and replicas notice the change by polling `access_version()` and drop their
-cached decisions.
+`SqlAccessRepository` runs over the same `Backend` as `SqlStorage` (SQLite or PostgreSQL;
+`storage.access()` builds one), with the tables of migration 0005. Every write bumps the
+`access` counter in the same transaction, so other workers and replicas notice the change by
+polling `access_version()` and drop their cached decisions.
 
 State changes are compare-and-set: `approve`, `consume_approval`, `use_breakglass` and the
 revocations return False (and change nothing) when the row is absent or not in the expected
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from broker.errors import AlreadyExists
-from broker.storage.sql import Backend, Row, Tx, require_aware
+from broker.storage.backend import Backend, Row, Tx, require_aware
 
 __all__ = [
     "ACCESS_COUNTER",
@@ -184,7 +184,8 @@ _BUMP: Final = (
 
 
 class SqlAccessRepository:
-    """`AccessRepository` over a `broker.storage.sql.Backend` (`storage.backend`)."""
+    """`AccessRepository` over a `broker.storage.backend.Backend`; build it with
+    `storage.access()`."""
 
     def __init__(self, backend: Backend) -> None:
         self._b = backend

@@ -16,24 +16,43 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import enum
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Final, Protocol
 
 from broker.dsn import password_in_dsn
 from broker.errors import FailedPrecondition, InvalidArgument
-from broker.storage.sql import Backend, Row, Tx, require_aware
+from broker.storage.backend import Backend, Row, Tx, require_aware
 
 __all__ = [
     "ConnectionRecord",
     "DatabaseRepository",
-    "DatabaseStore",
     "LeaseRecord",
+    "LeaseState",
     "RecoveryRecord",
     "RoleRecord",
-    "database_store",
+    "SqlDatabaseRepository",
 ]
 
-LEASE_STATES: Final = frozenset({"pending", "active", "revoking", "irrevocable"})
+
+class LeaseState(enum.StrEnum):
+    """The states of a lease (see the module docstring); the values are what the `state`
+    column holds and what JSON output shows."""
+
+    PENDING = "pending"
+    ACTIVE = "active"
+    REVOKING = "revoking"
+    IRREVOCABLE = "irrevocable"
+
+
+LEASE_STATES: Final = frozenset(s.value for s in LeaseState)
+
+
+def _lease_states(states: tuple[str, ...]) -> list[LeaseState]:
+    try:
+        return [LeaseState(s) for s in states]
+    except ValueError:
+        raise ValueError(f"lease states must be among {sorted(LEASE_STATES)}") from None
 
 
 @dataclass(frozen=True)
@@ -73,7 +92,7 @@ class LeaseRecord:
     plugin: str
     username: str
     holder: str  # SPIFFE ID of the caller it was issued to
-    state: str
+    state: LeaseState
     revocation: str | None
     created_at: dt.datetime
     expires_at: dt.datetime
@@ -115,6 +134,22 @@ class DatabaseRepository(Protocol):
         """Store the new admin password and drop the recovery record, in one transaction."""
         ...
 
+    async def sealed_blobs(self, not_label: str) -> list[tuple[str, str, bytes]]:
+        """(table, key, blob) of every sealed password (connections and recovery records) not
+        wrapped under `not_label`, for KEK rotation."""
+        ...
+
+    async def replace_blob(
+        self, table: str, key: str, old: bytes, new: bytes, new_label: str
+    ) -> bool:
+        """Compare-and-set one sealed password from `sealed_blobs` (only if it is still
+        `old`); False when it changed meanwhile."""
+        ...
+
+    async def label_in_use(self, label: str) -> bool:
+        """Whether any sealed password is wrapped under the KEK `label`."""
+        ...
+
     async def insert_role(self, record: RoleRecord) -> None: ...
     async def get_role(self, name: str) -> RoleRecord | None: ...
     async def list_roles(self) -> list[RoleRecord]: ...
@@ -136,7 +171,7 @@ class DatabaseRepository(Protocol):
         lease_id: str,
         due_at: dt.datetime,
         *,
-        from_states: tuple[str, ...],
+        from_states: tuple[LeaseState, ...],
         due_before: dt.datetime | None = None,
     ) -> LeaseRecord | None:
         """Move the lease to "revoking" (due at `due_at`, the retry time should this attempt
@@ -151,6 +186,11 @@ class DatabaseRepository(Protocol):
         ...
 
     async def delete_lease(self, lease_id: str) -> bool: ...
+    async def lease_stats(self, now: dt.datetime) -> tuple[int, dt.datetime | None]:
+        """(leases in storage, the oldest `due_at` at or before `now` of a lease the reaper
+        still has to handle (irrevocable ones left out), or None)."""
+        ...
+
     async def irrevocable_count(self) -> int: ...
     async def due_leases(self, now: dt.datetime, limit: int) -> list[LeaseRecord]:
         """Leases whose `due_at` has passed (irrevocable ones included: they are retried),
@@ -210,8 +250,9 @@ def _settle(
         future.set_result(row)
 
 
-class DatabaseStore:
-    """`DatabaseRepository` over a storage `Backend`. Lease inserts and activations, the two
+class SqlDatabaseRepository:
+    """`DatabaseRepository` over a `broker.storage.backend.Backend`; build it with
+    `storage.database()`. Lease inserts and activations, the two
     writes on the path of every credential, are group-committed (`_GroupCommit`)."""
 
     def __init__(self, backend: Backend) -> None:
@@ -464,6 +505,7 @@ class DatabaseStore:
     async def insert_lease(self, record: LeaseRecord) -> None:
         if record.state not in LEASE_STATES:
             raise ValueError(f"lease state must be one of {sorted(LEASE_STATES)}")
+        state = LeaseState(record.state)
         await self._group.fetchrow(
             f"INSERT INTO db_leases ({self._LEASE}) "  # noqa: S608 (constant)
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -473,7 +515,7 @@ class DatabaseStore:
             record.plugin,
             record.username,
             record.holder,
-            record.state,
+            state.value,
             record.revocation,
             self._ts(record.created_at),
             self._ts(record.expires_at),
@@ -492,7 +534,7 @@ class DatabaseStore:
             row[3],
             row[4],
             row[5],
-            row[6],
+            LeaseState(row[6]),
             row[7],
             ts(row[8]),
             ts(row[9]),
@@ -549,13 +591,14 @@ class DatabaseStore:
         lease_id: str,
         due_at: dt.datetime,
         *,
-        from_states: tuple[str, ...],
+        from_states: tuple[LeaseState, ...],
         due_before: dt.datetime | None = None,
     ) -> LeaseRecord | None:
-        if not from_states or set(from_states) - LEASE_STATES:
+        wanted = _lease_states(from_states)
+        if not wanted:
             raise ValueError(f"lease states must be among {sorted(LEASE_STATES)}")
-        states = ", ".join("?" for _ in from_states)
-        args: list[object] = [self._ts(due_at), lease_id, *from_states]
+        states = ", ".join("?" for _ in wanted)
+        args: list[object] = [self._ts(due_at), lease_id, *(s.value for s in wanted)]
         condition = ""
         if due_before is not None:
             condition = " AND due_at <= ?"
@@ -580,7 +623,7 @@ class DatabaseStore:
                 "state = ? WHERE id = ?",
                 self._ts(due_at),
                 error[:1000],
-                "irrevocable" if give_up else "revoking",
+                (LeaseState.IRREVOCABLE if give_up else LeaseState.REVOKING).value,
                 lease_id,
             )
 
@@ -616,11 +659,3 @@ class DatabaseStore:
                 limit,
             )
         return [self._lease(r) for r in rows]
-
-
-def database_store(storage: Any) -> DatabaseStore:
-    """The store over a `SqlStorage`'s backend (the only Storage implementation)."""
-    backend = getattr(storage, "backend", None)
-    if not isinstance(backend, Backend):
-        raise TypeError(f"database credentials need a SQL storage, got {type(storage).__name__}")
-    return DatabaseStore(backend)

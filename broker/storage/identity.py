@@ -12,15 +12,15 @@ import json
 from dataclasses import dataclass
 from typing import Protocol
 
-from broker.storage.sql import Backend, Row, require_aware
+from broker.storage.backend import Backend, Row, require_aware
 
 __all__ = [
     "AttestorRecord",
     "DenyRecord",
     "EntryRecord",
     "IdentityRepository",
-    "IdentityStore",
     "JoinTokenRecord",
+    "SqlIdentityRepository",
 ]
 
 
@@ -108,8 +108,9 @@ _ENTRY_COLUMNS = "id, spiffe_id, parent_id, selectors, x509_ttl, jwt_ttl, dns_na
 _ATTESTOR_COLUMNS = "name, issuer, audience, jwks, template, algorithms, created_at"
 
 
-class IdentityStore:
-    """`IdentityRepository` over the broker's SQL backend (`SqlStorage.backend`)."""
+class SqlIdentityRepository:
+    """`IdentityRepository` over a `broker.storage.backend.Backend`; build it with
+    `storage.identity()`."""
 
     def __init__(self, backend: Backend) -> None:
         self._b = backend

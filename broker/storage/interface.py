@@ -8,6 +8,12 @@ serial, ID, expiry and caller go into the audit event of the request that minted
 Datetimes go in aware (naive ones are refused with ValueError) and come back as aware UTC
 datetimes, to the microsecond; bytes come back exactly. Open a Storage with
 `broker.storage.open_storage(dsn)` and call `migrate()` before anything else.
+
+The CA journal, policy, audit, meta and lock records are methods of `Storage` itself; every
+other feature has its own repository, built one way for all of them: `storage.<feature>()`
+(`access()`, `identity()`, `database()`, `operators()`, `secrets(seal)`) returns the feature's
+`XxxRepository` protocol (from `broker.storage.<feature>`), implemented by `SqlXxxRepository`
+over the same connection. Each call builds a new repository; build each once when wiring.
 """
 
 from __future__ import annotations
@@ -16,6 +22,12 @@ import datetime as dt
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+from broker.storage.access import AccessRepository
+from broker.storage.database import DatabaseRepository
+from broker.storage.identity import IdentityRepository
+from broker.storage.operators import OperatorRepository
+from broker.storage.secrets import MetadataSeal, SecretRepository
 
 __all__ = [
     "AuditRecord",
@@ -37,10 +49,11 @@ __all__ = [
 class AuthorityRecord:
     """One CA in the CA journal: the root, or one generation of the issuing CA.
 
-    `kind` is "root" or "issuing". `state` is one of "prepared", "active", "retired" (still
-    published, no longer signing) or "expired" (dropped from the bundle). An issuing generation
-    also owns a JWT signing key (`jwt_key_label`, `jwt_kid`); a root has neither. Private keys are
-    only ever referenced by label in the key backend.
+    `kind` is "root" or "issuing". `state` is a `ca.rotation.GenerationState`: "prepared",
+    "active", "retired" (still published, no longer signing) or "expired" (dropped from the
+    bundle); records read from storage carry the enum member, writers may pass its value. An
+    issuing generation also owns a JWT signing key (`jwt_key_label`, `jwt_kid`); a root has
+    neither. Private keys are only ever referenced by label in the key backend.
     """
 
     id: str
@@ -71,9 +84,10 @@ class AuthorityRepository(Protocol):
     async def transition_authority(
         self, authority_id: str, *, from_state: str, to_state: str, at: dt.datetime
     ) -> bool:
-        """Compare-and-set the state. Sets activated_at when moving to "active" and retired_at
-        when moving to "retired". Returns False (and changes nothing) when the record is not in
-        `from_state`, so two replicas cannot both apply the same transition."""
+        """Compare-and-set the state (`GenerationState` values). Sets activated_at when moving
+        to "active" and retired_at when moving to "retired". Returns False (and changes nothing)
+        when the record is not in `from_state`, so two replicas cannot both apply the same
+        transition."""
         ...
 
 
@@ -202,3 +216,25 @@ class Storage(
     async def schema_version(self) -> int: ...
 
     async def close(self) -> None: ...
+
+    # -- feature repositories over the same connection (see the module docstring)
+
+    def access(self) -> AccessRepository:
+        """Just-in-time grants, two-party approvals and break-glass credentials."""
+        ...
+
+    def identity(self) -> IdentityRepository:
+        """Join tokens, JWT attestors, registration entries and the SVID denylist."""
+        ...
+
+    def database(self) -> DatabaseRepository:
+        """Database connections, roles, leases and root-rotation recovery records."""
+        ...
+
+    def operators(self) -> OperatorRepository:
+        """Operator login sessions and used ID tokens."""
+        ...
+
+    def secrets(self, seal: MetadataSeal) -> SecretRepository:
+        """Wrapped static secrets, their rows MACed by `seal`."""
+        ...

@@ -1,7 +1,8 @@
 """Storage for operator logins: the operator certificates `broker login` issued (serial,
 subject, roles, expiry, revocation) and the ID tokens already used (migration 0006).
 
-Runs over the same `Backend` as `SqlStorage`. Methods own their transaction; datetimes must
+`OperatorRepository`; `SqlOperatorRepository` runs over the same `Backend` as `SqlStorage`
+(`storage.operators()`). Methods own their transaction; datetimes must
 be aware. `use_token` is the replay guard: an insert that fails when the key is taken.
 """
 
@@ -10,12 +11,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 from broker.errors import AlreadyExists
-from broker.storage.sql import Backend, Row, require_aware
+from broker.storage.backend import Backend, Row, require_aware
 
-__all__ = ["OperatorSessionRecord", "SqlOperatorRepository"]
+__all__ = ["OperatorRepository", "OperatorSessionRecord", "SqlOperatorRepository"]
 
 _COLUMNS: Final = (
     "serial, subject, spiffe_id, issuer, roles, amr, issued_at, expires_at, revoked_at"
@@ -38,7 +39,32 @@ class OperatorSessionRecord:
         return self.revoked_at is None and now < self.expires_at
 
 
+class OperatorRepository(Protocol):
+    async def insert_session(self, record: OperatorSessionRecord) -> None:
+        """Raises `AlreadyExists` when the serial is taken."""
+        ...
+
+    async def list_sessions(
+        self, active_at: dt.datetime | None = None
+    ) -> list[OperatorSessionRecord]:
+        """All sessions (newest first), or only those not revoked and unexpired at `active_at`."""
+        ...
+
+    async def get_session(self, serial: str) -> OperatorSessionRecord | None: ...
+
+    async def revoke_session(self, serial: str, at: dt.datetime) -> bool:
+        """False when absent or already revoked."""
+        ...
+
+    async def use_token(self, key: str, expires_at: dt.datetime, now: dt.datetime) -> bool:
+        """Record an ID token (by nonce or hash) as used; False when it was used before."""
+        ...
+
+
 class SqlOperatorRepository:
+    """`OperatorRepository` over a `broker.storage.backend.Backend`; build it with
+    `storage.operators()`."""
+
     def __init__(self, backend: Backend) -> None:
         self._b = backend
 

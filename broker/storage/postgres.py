@@ -22,8 +22,9 @@ from typing import Any, Final, NoReturn
 import asyncpg
 
 from broker.errors import StorageConflict, StorageError
+from broker.storage.backend import Backend, Row, Tx, require_aware
 from broker.storage.factory import dsn_secrets, redact_dsn, scrub
-from broker.storage.sql import Backend, Row, SqlStorage, Tx, require_aware
+from broker.storage.sql import SqlStorage
 
 __all__ = ["PostgresBackend", "open_postgres", "qmark_to_numbered"]
 

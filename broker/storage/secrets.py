@@ -21,11 +21,12 @@ revoked whatever it held. Reads return the stored MACs in `SecretRecord.mac` and
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from broker.storage.sql import Backend, Row
+from broker.storage.backend import Backend, Row
 from ca.errors import IntegrityError
 
 __all__ = [
@@ -33,10 +34,20 @@ __all__ = [
     "SealedRow",
     "SecretRecord",
     "SecretRepository",
+    "SecretState",
     "SqlSecretRepository",
     "VersionRecord",
-    "secret_repository",
 ]
+
+
+class SecretState(enum.StrEnum):
+    """The states of a secret; the values are what the `state` column holds (and what the
+    metadata MAC covers) and what JSON output shows."""
+
+    ACTIVE = "active"
+    REVOKED = "revoked"  # every version revoked; a rotation makes it active again
+    DELETED = "deleted"  # soft-deleted; its sealed data is destroyed after the grace period
+    DESTROYED = "destroyed"  # a tombstone: sealed data gone
 
 
 @dataclass(frozen=True)
@@ -53,7 +64,7 @@ class SecretRecord:
     rotation_period_s: int | None
     last_rotated: dt.datetime | None
     current_version: int
-    state: str  # active | revoked | deleted | destroyed
+    state: SecretState
     created_at: dt.datetime
     revoked_at: dt.datetime | None = None
     deleted_at: dt.datetime | None = None
@@ -207,14 +218,6 @@ class SecretRepository(Protocol):
         ...
 
 
-def secret_repository(storage: Any, seal: MetadataSeal) -> SqlSecretRepository:
-    """The repository over a `SqlStorage`'s backend (the only Storage implementation)."""
-    backend = getattr(storage, "backend", None)
-    if not isinstance(backend, Backend):
-        raise TypeError(f"secrets need a SQL storage backend, got {type(storage).__name__}")
-    return SqlSecretRepository(backend, seal)
-
-
 _RECORD_COLUMNS = (
     "s.tenant, s.ref, s.service, s.environment, s.owner, s.classification, "
     "s.rotation_period_s, s.last_rotated, s.current_version, s.state, s.created_at, "
@@ -227,6 +230,9 @@ _VERSION_COLUMNS = (
 
 
 class SqlSecretRepository:
+    """`SecretRepository` over a `broker.storage.backend.Backend`; build it with
+    `storage.secrets(seal)`."""
+
     def __init__(self, backend: Backend, seal: MetadataSeal) -> None:
         self._b = backend
         self._seal = seal
@@ -253,7 +259,7 @@ class SqlSecretRepository:
             rotation_period_s=None if row[6] is None else int(row[6]),
             last_rotated=self._dt(row[7]),
             current_version=int(row[8]),
-            state=row[9],
+            state=SecretState(row[9]),  # the column CHECKs its values
             created_at=ts(row[10]),
             revoked_at=self._dt(row[11]),
             deleted_at=self._dt(row[12]),
@@ -347,7 +353,7 @@ class SqlSecretRepository:
                 record.rotation_period_s,
                 self._ts(record.last_rotated),
                 record.current_version,
-                record.state,
+                SecretState(record.state).value,
                 self._b.encode_ts(record.created_at),
                 self._ts(record.revoked_at),
                 self._ts(record.deleted_at),

@@ -1,7 +1,10 @@
 """One SQL implementation of `broker.storage.interface.Storage` over a thin dialect seam.
 
-`SqlStorage` holds every query. It talks to a `Backend` (SQLite in `sqlite.py`, PostgreSQL in
-`postgres.py`) through a handful of operations on a transaction handle (`Tx`):
+`SqlStorage` holds the queries of the core records (CA journal, policies, audit, meta, leader
+leases) and hands out the feature repositories (`access()`, `identity()`, `database()`,
+`operators()`, `secrets(seal)`), each holding its own queries in `broker.storage.<feature>`. All
+of them talk to a `Backend` (`backend.py`; SQLite in `sqlite.py`, PostgreSQL in `postgres.py`)
+through a handful of operations on a transaction handle (`Tx`):
 
 - queries are written once, with `?` placeholders; the PostgreSQL backend rewrites them to `$n`;
 - upserts use `INSERT ... ON CONFLICT (...) DO UPDATE ... WHERE ... RETURNING`, which both
@@ -26,18 +29,20 @@ records each applied version.
 
 from __future__ import annotations
 
-import abc
 import datetime as dt
 import functools
 import re
-from collections.abc import Callable, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from importlib import resources
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 from broker.errors import AlreadyExists, SchemaTooNew
+from broker.storage.access import SqlAccessRepository
+from broker.storage.backend import Backend, Row, Tx
+from broker.storage.database import SqlDatabaseRepository
+from broker.storage.identity import SqlIdentityRepository
 from broker.storage.interface import (
     AuditRecord,
     AuthorityRecord,
@@ -46,8 +51,9 @@ from broker.storage.interface import (
     Sealer,
     TipGuard,
 )
-
-_T = TypeVar("_T")
+from broker.storage.operators import SqlOperatorRepository
+from broker.storage.secrets import MetadataSeal, SqlSecretRepository
+from ca.rotation import GenerationState
 
 __all__ = [
     "AUDIT_LOCK_KEY",
@@ -55,16 +61,11 @@ __all__ = [
     "MIGRATION_LOCK_KEY",
     "POLICY_LOCK_KEY",
     "ZERO_HASH",
-    "Backend",
     "Migration",
-    "Row",
     "SqlStorage",
-    "Tx",
     "latest_version",
     "load_migrations",
 ]
-
-Row = tuple[Any, ...]
 
 DIALECTS: Final = ("sqlite", "postgresql")
 ZERO_HASH: Final = bytes(32)
@@ -74,71 +75,7 @@ MIGRATION_LOCK_KEY: Final = 0x62726F6B6572_0002
 POLICY_LOCK_KEY: Final = 0x62726F6B6572_0003
 
 _AUTHORITY_KINDS: Final = frozenset({"root", "issuing"})
-_AUTHORITY_STATES: Final = frozenset({"prepared", "active", "retired", "expired"})
-
-
-class Tx(abc.ABC):
-    """One transaction (write) or one connection's turn (read) on a backend."""
-
-    @abc.abstractmethod
-    async def execute(self, sql: str, *args: object) -> None: ...
-
-    @abc.abstractmethod
-    async def executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> None: ...
-
-    @abc.abstractmethod
-    async def fetch(self, sql: str, *args: object) -> list[Row]: ...
-
-    async def fetchrow(self, sql: str, *args: object) -> Row | None:
-        rows = await self.fetch(sql, *args)
-        return rows[0] if rows else None
-
-    @abc.abstractmethod
-    async def lock(self, key: int) -> None:
-        """Block until this transaction is the only writer holding `key`; held until it ends."""
-
-    @abc.abstractmethod
-    async def run_script(self, script: str) -> None:
-        """Run a migration script (several statements) inside this transaction."""
-
-    @abc.abstractmethod
-    async def table_exists(self, name: str) -> bool: ...
-
-
-class Backend(abc.ABC):
-    """A database connection (or pool) plus what differs between dialects."""
-
-    dialect: str
-
-    @abc.abstractmethod
-    def transaction(self, *, write: bool) -> AbstractAsyncContextManager[Tx]:
-        """`write=True`: a transaction that commits when the block ends normally and rolls back
-        when it raises. `write=False`: autocommit reads, one statement at a time."""
-
-    @abc.abstractmethod
-    def encode_ts(self, value: dt.datetime) -> object: ...
-
-    @abc.abstractmethod
-    def decode_ts(self, value: Any) -> dt.datetime: ...
-
-    @abc.abstractmethod
-    async def close(self) -> None: ...
-
-    # Optional power: run a synchronous function(connection) inside one write transaction on
-    # the database's own thread, in a single hop from the event loop.
-    supports_write_sync: bool = False
-
-    async def run_write_sync(self, fn: Callable[[Any], _T]) -> _T:
-        raise NotImplementedError(f"{self.dialect} has no synchronous write path")
-
-
-def require_aware(value: dt.datetime) -> dt.datetime:
-    """`value` in UTC; refuses naive datetimes."""
-    if not isinstance(value, dt.datetime):
-        raise TypeError(f"expected a datetime, got {type(value).__name__}")
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise ValueError(f"naive datetime {value.isoformat()} refused: pass an aware UTC datetime")
-    return value.astimezone(dt.UTC)
+_AUTHORITY_STATES: Final = frozenset(s.value for s in GenerationState)
 
 
 # --------------------------------------------------------------------------------- migrations
@@ -228,6 +165,23 @@ class SqlStorage:
     async def close(self) -> None:
         await self._b.close()
 
+    # -- feature repositories (see broker.storage.interface)
+
+    def access(self) -> SqlAccessRepository:
+        return SqlAccessRepository(self._b)
+
+    def identity(self) -> SqlIdentityRepository:
+        return SqlIdentityRepository(self._b)
+
+    def database(self) -> SqlDatabaseRepository:
+        return SqlDatabaseRepository(self._b)
+
+    def operators(self) -> SqlOperatorRepository:
+        return SqlOperatorRepository(self._b)
+
+    def secrets(self, seal: MetadataSeal) -> SqlSecretRepository:
+        return SqlSecretRepository(self._b, seal)
+
     # -- schema
 
     async def migrate(self) -> int:
@@ -289,7 +243,7 @@ class SqlStorage:
             record.id,
             record.kind,
             record.generation,
-            record.state,
+            GenerationState(record.state).value,
             record.key_label,
             bytes(record.cert_der),
             record.jwt_key_label,
@@ -325,13 +279,13 @@ class SqlStorage:
                 "activated_at = CASE WHEN ? THEN ? ELSE activated_at END, "
                 "retired_at = CASE WHEN ? THEN ? ELSE retired_at END "
                 "WHERE id = ? AND state = ? RETURNING id",
-                to_state,
-                to_state == "active",
+                GenerationState(to_state).value,
+                to_state == GenerationState.ACTIVE,
                 stamp,
-                to_state == "retired",
+                to_state == GenerationState.RETIRED,
                 stamp,
                 authority_id,
-                from_state,
+                str(from_state),
             )
         return row is not None
 
@@ -341,7 +295,7 @@ class SqlStorage:
             id=row[0],
             kind=row[1],
             generation=int(row[2]),
-            state=row[3],
+            state=GenerationState(row[3]),
             key_label=row[4],
             cert_der=bytes(row[5]),
             jwt_key_label=row[6],

@@ -41,7 +41,8 @@ from typing import Any, Final, NoReturn, TypeVar
 import aiosqlite
 
 from broker.errors import StorageConflict, StorageError
-from broker.storage.sql import Backend, Row, SqlStorage, Tx, require_aware
+from broker.storage.backend import Backend, Row, Tx, require_aware
+from broker.storage.sql import SqlStorage
 
 __all__ = ["MIN_SQLITE_VERSION", "SYNCHRONOUS_MODES", "SqliteBackend", "open_sqlite"]
 

@@ -133,18 +133,6 @@ def status(address: str, ident: BrokerIdentity, server_name: str | None) -> dict
     }
 
 
-def mint_once(address: str, ident: BrokerIdentity, server_name: str | None, request: bytes) -> Any:
-    """One MintX509SVID outside the timed window (checks the path end to end)."""
-    from broker.api._proto import ca_pb2
-
-    with _channel(address, ident, server_name) as ch:
-        call = ch.unary_unary(
-            f"{CA_SERVICE}/MintX509SVID",
-            response_deserializer=ca_pb2.MintX509SVIDResponse.FromString,
-        )
-        return call(request, timeout=30)
-
-
 def trust_domain_from_bundle(root_pem: bytes) -> str | None:
     """The trust domain named by the first CA certificate's SPIFFE URI SAN, if any."""
     from cryptography import x509

@@ -13,10 +13,10 @@ import pytest
 from broker.errors import AlreadyExists
 from broker.storage import open_storage
 from broker.storage.access import (
+    AccessRepository,
     ApprovalRecord,
     BreakGlassRecord,
     GrantRecord,
-    SqlAccessRepository,
 )
 from broker.storage.sql import SqlStorage
 
@@ -28,9 +28,7 @@ WEB = "spiffe://example.org/acme/prod/web"
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-async def repo(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> AsyncIterator[SqlAccessRepository]:
+async def repo(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AccessRepository]:
     if request.param == "sqlite":
         dsn = f"sqlite://{tmp_path / 'broker.db'}"
     else:
@@ -39,7 +37,7 @@ async def repo(
     assert isinstance(storage, SqlStorage)
     await storage.migrate()
     try:
-        yield SqlAccessRepository(storage.backend)
+        yield storage.access()
     finally:
         await storage.close()
 
@@ -67,7 +65,7 @@ def breakglass(record_id: str, approval_id: str, operator: str = ALICE) -> Break
     )
 
 
-async def test_grants_round_trip_filter_and_revoke_once(repo: SqlAccessRepository) -> None:
+async def test_grants_round_trip_filter_and_revoke_once(repo: AccessRepository) -> None:
     assert await repo.access_version() == 0
     await repo.insert_grant(grant("g1"))
     await repo.insert_grant(grant("g2", T0 + dt.timedelta(minutes=5)))
@@ -89,7 +87,7 @@ async def test_grants_round_trip_filter_and_revoke_once(repo: SqlAccessRepositor
 
 
 async def test_approve_is_compare_and_set_and_never_by_the_requester(
-    repo: SqlAccessRepository,
+    repo: AccessRepository,
 ) -> None:
     await repo.insert_approval(approval("a1"))
     assert await repo.approve("a1", ALICE, T0) is False  # the requester
@@ -104,7 +102,7 @@ async def test_approve_is_compare_and_set_and_never_by_the_requester(
 
 
 async def test_an_approval_is_consumed_once_even_under_concurrency(
-    repo: SqlAccessRepository,
+    repo: AccessRepository,
 ) -> None:
     await repo.insert_approval(approval("a2"))
     await repo.approve("a2", BOB, T0)
@@ -116,7 +114,7 @@ async def test_an_approval_is_consumed_once_even_under_concurrency(
 
 
 async def test_breakglass_consumes_its_approval_in_the_same_transaction(
-    repo: SqlAccessRepository,
+    repo: AccessRepository,
 ) -> None:
     await repo.insert_approval(approval("a3"))
     assert await repo.insert_breakglass(breakglass("b1", "a3")) is False  # pending approval
@@ -129,7 +127,7 @@ async def test_breakglass_consumes_its_approval_in_the_same_transaction(
     assert [b.id for b in await repo.list_breakglass(active_at=T0)] == ["b1"]
 
 
-async def test_breakglass_is_used_once_and_revoked_once(repo: SqlAccessRepository) -> None:
+async def test_breakglass_is_used_once_and_revoked_once(repo: AccessRepository) -> None:
     await repo.insert_approval(approval("a4"))
     await repo.approve("a4", BOB, T0)
     await repo.insert_breakglass(breakglass("b3", "a4"))
@@ -143,7 +141,7 @@ async def test_breakglass_is_used_once_and_revoked_once(repo: SqlAccessRepositor
     assert [b.id for b in await repo.list_breakglass()] == ["b3"]
 
 
-async def test_expired_breakglass_cannot_be_used(repo: SqlAccessRepository) -> None:
+async def test_expired_breakglass_cannot_be_used(repo: AccessRepository) -> None:
     await repo.insert_approval(approval("a5"))
     await repo.approve("a5", BOB, T0)
     await repo.insert_breakglass(breakglass("b4", "a5"))
@@ -151,7 +149,7 @@ async def test_expired_breakglass_cannot_be_used(repo: SqlAccessRepository) -> N
     assert await repo.list_breakglass(active_at=T0 + HOUR) == []
 
 
-async def test_the_counter_moves_on_every_change(repo: SqlAccessRepository) -> None:
+async def test_the_counter_moves_on_every_change(repo: AccessRepository) -> None:
     seen = [await repo.access_version()]
     await repo.insert_approval(approval("a6"))
     seen.append(await repo.access_version())

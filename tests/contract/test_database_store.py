@@ -13,25 +13,27 @@ from broker.errors import AlreadyExists, FailedPrecondition
 from broker.storage import open_storage
 from broker.storage.database import (
     ConnectionRecord,
-    DatabaseStore,
+    DatabaseRepository,
     LeaseRecord,
+    LeaseState,
     RecoveryRecord,
     RoleRecord,
-    database_store,
 )
 
 T0 = dt.datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=dt.UTC)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[DatabaseStore]:
+async def store(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[DatabaseRepository]:
     if request.param == "sqlite":
         dsn = f"sqlite://{tmp_path / 'broker.db'}"
     else:
         dsn = request.getfixturevalue("pg_dsn")
     storage = await open_storage(dsn)
     await storage.migrate()
-    yield database_store(storage)
+    yield storage.database()
     await storage.close()
 
 
@@ -76,7 +78,7 @@ def lease(lease_id: str = "db/app/1", username: str = "v_app_1", **kw: object) -
     return replace(base, **kw)  # type: ignore[arg-type]
 
 
-async def test_connections_roles_and_their_dependencies(store: DatabaseStore) -> None:
+async def test_connections_roles_and_their_dependencies(store: DatabaseRepository) -> None:
     await store.insert_connection(connection())
     with pytest.raises(AlreadyExists):
         await store.insert_connection(connection())
@@ -99,7 +101,27 @@ async def test_connections_roles_and_their_dependencies(store: DatabaseStore) ->
     assert await store.list_connections() == []
 
 
-async def test_lease_lifecycle_is_compare_and_set(store: DatabaseStore) -> None:
+async def test_lease_states_are_stored_as_before_and_read_as_lease_states(
+    store: DatabaseRepository,
+) -> None:
+    await store.insert_lease(lease(state=LeaseState.PENDING))
+    assert await store.activate_lease("db/app/1")
+    record = await store.get_lease("db/app/1")
+    assert record is not None
+    assert type(record.state) is LeaseState
+    assert record.state == LeaseState.ACTIVE == "active"
+    claimed = await store.begin_revocation(
+        "db/app/1", T0, from_states=(LeaseState.PENDING, LeaseState.ACTIVE)
+    )
+    assert claimed is not None and claimed.state is LeaseState.REVOKING
+    with pytest.raises(ValueError, match="lease states must be among"):
+        await store.begin_revocation("db/app/1", T0, from_states=("bogus",))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="lease state must be one of"):
+        await store.insert_lease(lease("db/app/2", "v_app_2", state="bogus"))
+    assert [r.id for r in await store.list_leases()] == ["db/app/1"]
+
+
+async def test_lease_lifecycle_is_compare_and_set(store: DatabaseRepository) -> None:
     await store.insert_lease(lease())
     with pytest.raises(AlreadyExists):
         await store.insert_lease(lease(username="other"))  # same id
@@ -146,7 +168,7 @@ async def test_lease_lifecycle_is_compare_and_set(store: DatabaseStore) -> None:
     assert await store.get_lease("db/app/1") is None
 
 
-async def test_list_by_prefix(store: DatabaseStore) -> None:
+async def test_list_by_prefix(store: DatabaseRepository) -> None:
     for i, prefix in enumerate(["db/app/", "db/app/", "db/apple/", "db/b/"]):
         await store.insert_lease(lease(f"{prefix}{i}", f"u{i}"))
     assert [x.id for x in await store.list_leases("db/app/")] == ["db/app/0", "db/app/1"]
@@ -155,7 +177,7 @@ async def test_list_by_prefix(store: DatabaseStore) -> None:
     assert await store.list_leases("db/app%") == []  # no LIKE wildcards
 
 
-async def test_recovery_records_and_sealed_blobs(store: DatabaseStore) -> None:
+async def test_recovery_records_and_sealed_blobs(store: DatabaseRepository) -> None:
     await store.insert_connection(connection())
     await store.put_recovery(RecoveryRecord("main", b"new", "kek._system.1", T0))
     await store.put_recovery(RecoveryRecord("main", b"newer", "kek._system.1", T0))
@@ -174,7 +196,7 @@ async def test_recovery_records_and_sealed_blobs(store: DatabaseStore) -> None:
     assert await store.replace_blob("db_connections", "main", b"final", b"x", "kek._system.3")
 
 
-async def test_lease_stats(store: DatabaseStore) -> None:
+async def test_lease_stats(store: DatabaseRepository) -> None:
     assert await store.lease_stats(T0) == (0, None)
     await store.insert_lease(lease("db/app/1", "u1"))  # pending, due T0 + 30 s
     await store.insert_lease(lease("db/app/2", "u2", due_at=T0 + dt.timedelta(seconds=5)))

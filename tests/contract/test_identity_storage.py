@@ -17,7 +17,7 @@ from broker.storage.identity import (
     AttestorRecord,
     DenyRecord,
     EntryRecord,
-    IdentityStore,
+    IdentityRepository,
     JoinTokenRecord,
 )
 from broker.storage.sql import SqlStorage
@@ -27,7 +27,9 @@ AGENT = "spiffe://example.org/agents/node1"
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[IdentityStore]:
+async def store(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[IdentityRepository]:
     if request.param == "sqlite":
         dsn = f"sqlite://{tmp_path / 'broker.db'}"
     else:
@@ -36,7 +38,7 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     assert isinstance(storage, SqlStorage)
     await storage.migrate()
     try:
-        yield IdentityStore(storage.backend)
+        yield storage.identity()
     finally:
         await storage.close()
 
@@ -45,7 +47,7 @@ def _hash(text: str) -> bytes:
     return hashlib.sha256(text.encode()).digest()
 
 
-async def test_a_join_token_is_consumed_exactly_once(store: IdentityStore) -> None:
+async def test_a_join_token_is_consumed_exactly_once(store: IdentityRepository) -> None:
     await store.insert_join_token(
         JoinTokenRecord(_hash("t1"), AGENT, T0, T0 + dt.timedelta(minutes=10))
     )
@@ -53,7 +55,7 @@ async def test_a_join_token_is_consumed_exactly_once(store: IdentityStore) -> No
     assert await store.consume_join_token(_hash("t1"), T0) is None
 
 
-async def test_concurrent_consumers_of_one_token_get_it_once(store: IdentityStore) -> None:
+async def test_concurrent_consumers_of_one_token_get_it_once(store: IdentityRepository) -> None:
     await store.insert_join_token(
         JoinTokenRecord(_hash("race"), AGENT, T0, T0 + dt.timedelta(minutes=10))
     )
@@ -61,7 +63,7 @@ async def test_concurrent_consumers_of_one_token_get_it_once(store: IdentityStor
     assert [r for r in results if r is not None] == [AGENT]
 
 
-async def test_an_expired_or_unknown_token_is_refused(store: IdentityStore) -> None:
+async def test_an_expired_or_unknown_token_is_refused(store: IdentityRepository) -> None:
     await store.insert_join_token(
         JoinTokenRecord(_hash("old"), AGENT, T0, T0 + dt.timedelta(minutes=10))
     )
@@ -71,7 +73,7 @@ async def test_an_expired_or_unknown_token_is_refused(store: IdentityStore) -> N
     assert await store.consume_join_token(_hash("old"), T0 + dt.timedelta(hours=1)) is None
 
 
-async def test_duplicate_token_hash_is_refused(store: IdentityStore) -> None:
+async def test_duplicate_token_hash_is_refused(store: IdentityRepository) -> None:
     record = JoinTokenRecord(_hash("dup"), AGENT, T0, T0 + dt.timedelta(minutes=1))
     await store.insert_join_token(record)
     with pytest.raises(AlreadyExists):
@@ -93,7 +95,7 @@ def _entry(
     )
 
 
-async def test_entries_round_trip_and_filter_by_parent(store: IdentityStore) -> None:
+async def test_entries_round_trip_and_filter_by_parent(store: IdentityRepository) -> None:
     await store.insert_entry(_entry("e1"))
     await store.insert_entry(_entry("e2", parent="spiffe://example.org/agents/node2"))
     assert await store.get_entry("e1") == _entry("e1")
@@ -106,7 +108,7 @@ async def test_entries_round_trip_and_filter_by_parent(store: IdentityStore) -> 
     assert await store.get_entry("e1") is None
 
 
-async def test_attestors_are_unique_by_name_and_issuer(store: IdentityStore) -> None:
+async def test_attestors_are_unique_by_name_and_issuer(store: IdentityRepository) -> None:
     record = AttestorRecord(
         "k8s", "https://issuer.example", "broker", '{"keys": []}', "spiffe://{td}/x", ("RS256",), T0
     )
@@ -120,7 +122,7 @@ async def test_attestors_are_unique_by_name_and_issuer(store: IdentityStore) -> 
     assert await store.list_attestors() == []
 
 
-async def test_denylist_by_id_and_by_serial_is_idempotent(store: IdentityStore) -> None:
+async def test_denylist_by_id_and_by_serial_is_idempotent(store: IdentityRepository) -> None:
     assert not await store.is_denied(AGENT, "ab12")
     assert await store.deny(DenyRecord("spiffe_id", AGENT, T0)) is True
     assert await store.deny(DenyRecord("spiffe_id", AGENT, T0)) is False
@@ -134,7 +136,7 @@ async def test_denylist_by_id_and_by_serial_is_idempotent(store: IdentityStore) 
     assert listed == [("serial", "ab12"), ("spiffe_id", AGENT)]
 
 
-async def test_an_attestation_jwt_is_used_once_even_concurrently(store: IdentityStore) -> None:
+async def test_an_attestation_jwt_is_used_once_even_concurrently(store: IdentityRepository) -> None:
     """Issue 20 finding 14: the jti replay cache is shared through storage, so two workers (or
     replicas) racing with one token get it once; other issuers' jtis are separate."""
     exp = T0 + dt.timedelta(minutes=5)
@@ -147,7 +149,7 @@ async def test_an_attestation_jwt_is_used_once_even_concurrently(store: Identity
     assert await store.use_attestation_jwt("https://ci", "jti:b", exp, T0) is True
 
 
-async def test_expired_attestation_jwt_records_are_pruned(store: IdentityStore) -> None:
+async def test_expired_attestation_jwt_records_are_pruned(store: IdentityRepository) -> None:
     short = T0 + dt.timedelta(minutes=1)
     assert await store.use_attestation_jwt("https://ci", "jti:old", short, T0) is True
     assert await store.use_attestation_jwt("https://ci", "jti:old", short, T0) is False

@@ -34,9 +34,10 @@ from broker.secrets import (
     SecretIntegrityError,
     SecretJanitor,
     SecretService,
+    VersionState,
 )
 from broker.storage import open_storage
-from broker.storage.secrets import SecretRecord, SqlSecretRepository, VersionRecord
+from broker.storage.secrets import SecretRecord, SecretState, SqlSecretRepository, VersionRecord
 from broker.storage.sql import SqlStorage
 from ca.clock import FakeClock
 from ca.keys import KeyBackend, SoftwareBackend
@@ -145,7 +146,7 @@ async def world(
     await storage.migrate()
     clock = FakeClock(T0)
     mac = MetadataMac(keys)
-    repo = SqlSecretRepository(storage.backend, mac)
+    repo = storage.secrets(mac)
     # As the broker runs it: unwrapped data keys cached, so every refusal below holds with it.
     envelope = Envelope(keys, storage, DataKeyCache(clock))
     service = SecretService(repo, envelope, clock)
@@ -184,6 +185,16 @@ async def test_put_get_show_list_round_trip(world: World) -> None:
     with pytest.raises(AlreadyExists, match="rotate"):
         await world.put()
     assert await world.get() == value  # the refused put changed nothing
+
+
+async def test_states_are_stored_as_before_and_read_as_enums(world: World) -> None:
+    await world.put()
+    await world.rotate()
+    assert await world.raw("SELECT state FROM secrets WHERE ref = ?", REF) == [("active",)]
+    info = await world.service.show("acme", REF)
+    assert type(info.record.state) is SecretState and info.record.state == "active"
+    assert [v.state for v in info.versions] == [VersionState.PREVIOUS, VersionState.CURRENT]
+    assert [type(v.state) for v in info.versions] == [VersionState, VersionState]
 
 
 async def test_no_plaintext_at_rest(world: World) -> None:

@@ -20,6 +20,7 @@ from broker.errors import AlreadyExists, SchemaTooNew, StorageError
 from broker.storage import open_storage
 from broker.storage.interface import AuditRecord, AuthorityRecord, Storage
 from broker.storage.sql import SqlStorage, latest_version
+from ca.rotation import GenerationState
 
 ZERO = bytes(32)
 T0 = dt.datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=dt.UTC)
@@ -271,6 +272,50 @@ async def test_authority_transition_is_compare_and_set(storage: Storage) -> None
     assert not await storage.transition_authority(
         "no-such-id", from_state="prepared", to_state="active", at=at
     )
+
+
+async def test_authority_states_come_back_as_generation_states(storage: Storage) -> None:
+    """Stored as the same strings as before, read back as `GenerationState` members; writers
+    may pass members or their values."""
+    await storage.insert_authority(make_authority("issuing-1", state=GenerationState.PREPARED))
+    assert await storage.transition_authority(
+        "issuing-1", from_state=GenerationState.PREPARED, to_state=GenerationState.ACTIVE, at=T0
+    )
+    (record,) = await storage.list_authorities()
+    assert type(record.state) is GenerationState
+    assert record.state == GenerationState.ACTIVE == "active"
+    assert record.activated_at == T0
+    with pytest.raises(ValueError, match="authority state"):
+        await storage.transition_authority(
+            "issuing-1", from_state="active", to_state="bogus", at=T0
+        )
+
+
+async def test_feature_repositories_come_from_the_storage(storage: Storage) -> None:
+    """One way to build each feature's repository, all over the storage's own connection: a
+    change through one repository is seen through another built later."""
+    assert await storage.access().bump_access_version() == 1
+    assert await storage.access().access_version() == 1
+    assert await storage.identity().list_entries() == []
+    assert await storage.database().list_leases() == []
+    assert await storage.operators().list_sessions() == []
+    assert await storage.secrets(_NoSeal()).kek_tenants() == []
+
+
+class _NoSeal:
+    """A MetadataSeal for a read that never seals (kek_tenants reads meta keys only)."""
+
+    def seal(self, record: object) -> bytes:
+        raise AssertionError("nothing is sealed here")
+
+    def verify(self, record: object) -> bool:
+        raise AssertionError("nothing is verified here")
+
+    def seal_version(self, tenant: str, ref: str, version: object) -> bytes:
+        raise AssertionError("nothing is sealed here")
+
+    def verify_version(self, tenant: str, ref: str, version: object) -> bool:
+        raise AssertionError("nothing is verified here")
 
 
 async def test_concurrent_identical_transitions_only_one_wins(

@@ -16,7 +16,6 @@ from cryptography.hazmat.primitives import serialization
 
 from broker.api._proto import access_pb2, access_pb2_grpc, ca_pb2, secrets_pb2, secrets_pb2_grpc
 from broker.secrets import reference_hash
-from broker.storage.access import SqlAccessRepository
 
 from .conftest import CORRELATION_HEADER, OPERATOR_ID, BrokerFactory, BrokerHarness, Identity
 
@@ -189,7 +188,7 @@ async def test_an_approval_used_by_another_worker_withholds_the_answer(
     bob = broker.identity(SECOND_OPERATOR)
     await access(broker, bob).Approve(access_pb2.ApproveRequest(id=request.id))
     # Another worker spends it (straight in storage: this one has not synced yet).
-    other_worker = SqlAccessRepository(broker.app.storage.backend)
+    other_worker = broker.app.storage.access()
     assert await other_worker.consume_approval(request.id, broker.clock.now())
 
     err = await refused(secrets_stub(broker).Get(get(), metadata=cid("raced")))

@@ -14,7 +14,6 @@ import grpc
 import pytest
 
 from broker.api._proto import database_pb2, database_pb2_grpc
-from broker.storage.database import database_store
 from tests.fixtures.dbtargets import Target, target_for
 from tests.fixtures.tcpproxy import TcpProxy
 
@@ -83,7 +82,7 @@ async def setup_role(
 
 
 async def lease_rows(broker: BrokerHarness) -> list[Any]:
-    return await database_store(broker.app.storage).list_leases()
+    return await broker.app.storage.database().list_leases()
 
 
 async def test_issue_login_renew_capped_revoke(broker: BrokerHarness, target: Target) -> None:
@@ -382,7 +381,7 @@ async def test_admin_password_is_sealed_and_never_returned(
     shown = await ops.db.GetConnection(database_pb2.GetConnectionRequest(name="main"))
     assert target.password not in str(shown)
     assert shown.kek_label.startswith("kek._system.")
-    record = await database_store(broker.app.storage).get_connection("main")
+    record = await broker.app.storage.database().get_connection("main")
     assert record is not None
     assert target.password.encode() not in record.sealed_password
     db_file = (broker.tmp_path / "broker.db").read_bytes()
@@ -401,7 +400,7 @@ async def test_rotate_root_and_recovery(broker: BrokerHarness, target: Target) -
     # A crash after the database took a new password but before the broker stored it: the
     # recovery record (written first) holds it, and the next use settles it.
     service = broker.app.database
-    store = database_store(broker.app.storage)
+    store = broker.app.storage.database()
     fresh = secrets.token_urlsafe(20)
     from broker.database.credentials import _recovery_aad
     from broker.storage.database import RecoveryRecord
@@ -433,7 +432,7 @@ async def test_rotate_root_and_recovery(broker: BrokerHarness, target: Target) -
 
 async def test_kek_rotation_rewraps_admin_passwords(broker: BrokerHarness, target: Target) -> None:
     await setup_role(broker, target)
-    store = database_store(broker.app.storage)
+    store = broker.app.storage.database()
     before = await store.get_connection("main")
     assert before is not None
     label = await broker.app.envelope.new_kek("_system")

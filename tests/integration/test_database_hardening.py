@@ -15,7 +15,6 @@ import pytest
 from prometheus_client import REGISTRY
 
 from broker.api._proto import database_pb2
-from broker.storage.database import database_store
 from tests.fixtures.dbtargets import Target, target_for
 
 from .conftest import WORKLOAD_ID, BrokerHarness
@@ -71,7 +70,7 @@ async def test_a_password_in_the_dsn_is_refused_and_nothing_is_stored(
             assert target.password not in (err.details() or "")
     listed = await ops.db.ListConnections(database_pb2.ListConnectionsRequest())
     assert list(listed.connections) == []
-    assert await database_store(broker.app.storage).list_connections() == []
+    assert await broker.app.storage.database().list_connections() == []
     for name in ("broker.db", "broker.db-wal"):
         path = broker.tmp_path / name
         if path.exists():
@@ -114,7 +113,7 @@ async def test_a_lease_that_outlives_its_database_outage_is_still_revoked(
                 result = await broker.app.lease_reaper.tick()
                 assert result is not None and result.revoked == [] and len(result.failed) == 1
                 broker.clock.advance(seconds=service.settings.backoff_max.total_seconds())
-            (row,) = await database_store(broker.app.storage).list_leases()
+            (row,) = await broker.app.storage.database().list_leases()
             assert row.state == "irrevocable"
             assert row.attempts == service.settings.max_attempts + 1
             assert REGISTRY.get_sample_value("broker_leases_irrevocable", {"kind": "database"}) == 1
@@ -124,7 +123,7 @@ async def test_a_lease_that_outlives_its_database_outage_is_still_revoked(
         assert result is not None and [r.id for r in result.revoked] == [creds.lease.id]
         assert not await target.exists(creds.username)
         assert not await target.can_login(creds.username, creds.password)
-        assert await database_store(broker.app.storage).list_leases() == []
+        assert await broker.app.storage.database().list_leases() == []
         assert REGISTRY.get_sample_value("broker_leases_irrevocable", {"kind": "database"}) == 0
         alerts = [e for e in await broker.events() if e["what"] == "lease.irrevocable"]
         assert [e["resource"] for e in alerts] == [creds.lease.id]
@@ -226,7 +225,7 @@ async def test_a_password_stored_in_a_dsn_before_the_fix_is_removed_at_start(
     quoted = urllib.parse.quote(target.password, safe="")
     sep = "&" if "?" in target.dsn else "?"
     legacy = f"{target.dsn}{sep}PassWord={quoted}"
-    store = database_store(broker.app.storage)
+    store = broker.app.storage.database()
     async with store._b.transaction(write=True) as tx:  # as an old broker would have stored it
         await tx.execute("UPDATE db_connections SET dsn = ? WHERE name = 'main'", legacy)
     shown = await ops.db.GetConnection(database_pb2.GetConnectionRequest(name="main"))

@@ -39,7 +39,6 @@ from broker.api._proto import (
 from broker.attestation import attestor_resource
 from broker.config import CAConfig, Config, KeysConfig, ServerConfig, StorageConfig
 from broker.errors import InvalidArgument
-from broker.storage.access import SqlAccessRepository
 from ca.x509svid import Lineage
 
 from .conftest import (
@@ -405,7 +404,7 @@ async def test_an_approval_another_worker_used_first_stores_no_entry(
         return None
 
     monkeypatch.setattr(broker.app.access, "sync", not_yet)
-    other_worker = SqlAccessRepository(broker.app.storage.backend)
+    other_worker = broker.app.storage.access()
     assert await other_worker.consume_approval(approval, broker.clock.now())
     err = await refused(
         op.CreateEntry(

@@ -99,3 +99,23 @@ def test_ca_library_provisions_no_tokens() -> None:
     assert not (ROOT / "ca" / "keys" / "softhsm.py").exists()
     offenders = [str(p.relative_to(ROOT)) for p in _modules("ca") if "subprocess" in _imports(p)]
     assert not offenders
+
+
+def test_grpc_tools_is_needed_only_to_regenerate_code() -> None:
+    """grpcio-tools is a dev dependency: only the code generator may import it."""
+    codegen = ROOT / "broker" / "api" / "codegen.py"
+    offenders = [
+        str(path.relative_to(ROOT))
+        for package in ("ca", "broker", "loadtests")
+        for path in _modules(package)
+        if path != codegen and any(m.split(".")[0] == "grpc_tools" for m in _imports(path))
+    ]
+    assert not offenders
+    assert "grpc_tools" in {m.split(".")[0] for m in _imports(codegen)}
+
+
+def test_storage_backend_seam_is_a_leaf() -> None:
+    """The feature repositories and the `Storage` protocol all import the dialect seam; it
+    importing any of them back would be a cycle."""
+    imported = _imports(ROOT / "broker" / "storage" / "backend.py")
+    assert not {m for m in imported if m.startswith("broker")}

@@ -17,7 +17,7 @@ from broker.errors import FailedPrecondition, InvalidArgument, NotFound, Permiss
 from broker.policy import Caller, Decision
 from broker.rego import InvalidRegoPolicy, default_modules
 from broker.storage import open_storage
-from broker.storage.access import SqlAccessRepository
+from broker.storage.access import AccessRepository
 from broker.storage.interface import Storage
 from ca.clock import FakeClock
 
@@ -52,11 +52,11 @@ class Env:
     storage: Storage
     clock: FakeClock
     access: AccessControl
-    repo: SqlAccessRepository
+    repo: AccessRepository
 
     def another_worker(self) -> AccessControl:
         return AccessControl(
-            SqlAccessRepository(self.storage.backend),  # type: ignore[attr-defined]
+            self.storage.access(),
             self.storage,
             self.clock,
             trust_domain=TD,
@@ -69,7 +69,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     storage = await open_storage(f"sqlite:///{tmp_path / 'broker.db'}")
     await storage.migrate()
     clock = FakeClock(T0)
-    repo = SqlAccessRepository(storage.backend)  # type: ignore[attr-defined]
+    repo = storage.access()
     access = AccessControl(
         repo,
         storage,

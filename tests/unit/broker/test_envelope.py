@@ -18,7 +18,6 @@ from broker.envelope import DataKeyCache, Envelope, KekRotator
 from broker.errors import FailedPrecondition
 from broker.secrets import MetadataMac, SecretService
 from broker.storage import open_storage
-from broker.storage.secrets import SqlSecretRepository
 from broker.storage.sql import SqlStorage
 from ca.clock import FakeClock
 from ca.keys import SoftwareBackend
@@ -81,7 +80,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
             keys = CountingKeys(token)
             cache = DataKeyCache(clock)
             envelope = Envelope(keys, storage, cache)  # type: ignore[arg-type]
-            service = SecretService(SqlSecretRepository(storage.backend, mac), envelope, clock)
+            service = SecretService(storage.secrets(mac), envelope, clock)
             await service.start(mac)
             workers.append(Worker(keys, cache, envelope, service))
         yield World(clock, workers[0], workers[1], storage)

@@ -17,7 +17,7 @@ from broker.database.credentials import CredentialService, DatabaseSettings, rev
 from broker.database.engine import EngineUnavailable
 from broker.database.reaper import LeaseReaper
 from broker.storage import open_storage
-from broker.storage.database import ConnectionRecord, LeaseRecord, database_store
+from broker.storage.database import ConnectionRecord, LeaseRecord
 from ca.clock import FakeClock
 
 T0 = dt.datetime(2026, 3, 1, 12, 0, 0, tzinfo=dt.UTC)
@@ -59,7 +59,7 @@ class FlakyEngine:
 async def setup(tmp_path: Path) -> AsyncIterator[tuple[CredentialService, FakeClock, Any]]:
     storage = await open_storage(f"sqlite://{tmp_path / 'broker.db'}")
     await storage.migrate()
-    store = database_store(storage)
+    store = storage.database()
     clock = FakeClock(T0)
     engine = FlakyEngine()
     audited: list[Mapping[str, Any]] = []

@@ -21,7 +21,7 @@ from broker.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from broker.operators.roles import operator_claims_of
 from broker.operators.service import OperatorService
 from broker.storage import open_storage
-from broker.storage.operators import SqlOperatorRepository
+from broker.storage.operators import OperatorRepository
 from ca.clock import FakeClock
 from ca.spiffeid import SpiffeId
 from tests.unit.broker.operators.test_oidc import ISSUER, T0, Provider
@@ -83,7 +83,7 @@ class Env:
     provider: Provider
     clock: FakeClock
     issuer: RecordingIssuer
-    repo: SqlOperatorRepository
+    repo: OperatorRepository
     denied: list[str]
 
     def service(self, **overrides: Any) -> OperatorService:
@@ -118,7 +118,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
         Provider(),
         clock,
         RecordingIssuer(clock),
-        SqlOperatorRepository(storage.backend),  # type: ignore[attr-defined]
+        storage.operators(),
         [],
     )
     await storage.close()

@@ -7,8 +7,9 @@ import re
 
 import pytest
 
+from broker.storage.backend import require_aware
 from broker.storage.postgres import qmark_to_numbered
-from broker.storage.sql import DIALECTS, latest_version, load_migrations, require_aware
+from broker.storage.sql import DIALECTS, latest_version, load_migrations
 
 _TX_CONTROL = re.compile(
     r"^\s*(BEGIN|COMMIT|ROLLBACK|START\s+TRANSACTION)\s*(TRANSACTION|WORK)?\s*;",
