@@ -13,6 +13,12 @@ Layout: `root` (the group and entry points) imports one module per feature group
 `serve`: serve/agent); those import only the shared modules: `clients` (the `Clients` seam,
 the only importer of the client SDK), `options`, `inputs`, `refusals` and `render`. Commands
 get their clients from the click context (`CliContext.connect`), so tests hand in fakes.
+
+To add a command group: a module `broker/cli/<feature>.py` defining `@click.group()` commands
+with `connection_options(on_group=False)`, taking its client from `clients(ctx).<feature>`
+(add the client to `Clients` and `GrpcClients` in clients.py if it is new) and printing with
+`render(ctx, record_json(record), text)`; attach it in root.py with one line; test its JSON
+and text against fakes in tests/unit/broker/cli/ (fakes.py).
 """
 
 from __future__ import annotations
