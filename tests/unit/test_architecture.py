@@ -49,15 +49,61 @@ def test_no_grab_bag_modules() -> None:
     assert not names & {"utils", "util", "helpers", "misc", "common"}
 
 
-def test_command_modules_do_not_import_each_other() -> None:
-    """`broker.cli` imports the command modules at its end; one command module importing
-    another then meets it half initialised (a cycle that broke `import broker.commands.identity`).
-    What they share lives in `broker.cli` (shared options) or in a domain module."""
-    offenders = []
-    for path in _modules("broker/commands"):
-        for module in _imports(path):
-            if module.startswith("broker.commands"):
-                offenders.append(f"{path.relative_to(ROOT)}: {module}")
+_CLI_SHARED = {"clients", "inputs", "options", "refusals", "render"}
+_CLI_TOP = {"__init__", "__main__", "root"}
+
+
+def _cli_modules() -> dict[str, set[str]]:
+    """broker/cli/*.py by stem -> the broker.cli modules it imports ("" for the package)."""
+    found = {}
+    for path in (ROOT / "broker" / "cli").glob("*.py"):
+        found[path.stem] = {
+            m.removeprefix("broker.cli").removeprefix(".")
+            for m in _imports(path)
+            if m == "broker.cli" or m.startswith("broker.cli.")
+        }
+    return found
+
+
+def test_cli_feature_modules_import_only_the_shared_modules() -> None:
+    """The root group (broker/cli/root.py) imports the feature modules; a feature module
+    importing another, the root or the package would meet it half initialised (the cycle the
+    old cli.py had, importing its command modules at its end). What features share lives in
+    the shared modules, which import no feature module either."""
+    modules = _cli_modules()
+    features = set(modules) - _CLI_SHARED - _CLI_TOP
+    assert features, "no feature modules found under broker/cli"
+    offenders = [
+        f"broker/cli/{name}.py imports broker.cli{'.' + m if m else ''}"
+        for name in sorted(features | _CLI_SHARED)
+        for m in sorted(modules[name])
+        if m not in _CLI_SHARED
+    ]
+    assert not offenders
+
+
+def test_nothing_in_the_cli_imports_its_entry_points() -> None:
+    """`python -m broker.cli` runs __main__; importing it (or, from a feature, the root)
+    would run the CLI or re-enter the package."""
+    offenders = [
+        f"broker/cli/{name}.py: {m}"
+        for name, imported in _cli_modules().items()
+        for m in imported
+        if m == "__main__" or (m == "root" and name not in {"__init__", "__main__"})
+    ]
+    assert not offenders
+
+
+def test_only_the_cli_clients_module_imports_the_client_sdk() -> None:
+    """Every client the CLI uses comes through broker/cli/clients.py (the `Clients` seam), so
+    the client package can move by rewriting one module."""
+    offenders = [
+        f"{path.relative_to(ROOT)}: {module}"
+        for path in _modules("broker/cli")
+        if path.stem != "clients"
+        for module in _imports(path)
+        if module.startswith("broker.api") or module == "broker.secrets_sdk"
+    ]
     assert not offenders
 
 

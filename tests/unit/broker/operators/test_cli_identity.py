@@ -10,7 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from broker.cli import BrokerAPI, CliContext, ConnectionSettings, cli
-from tests.unit.broker.test_cli import FakeClient
+from tests.unit.broker.cli.fakes import FakeClients
+from tests.unit.broker.cli.test_cli import FakeClient
 
 
 def _write(directory: Path, tag: str, bundle_dir: Path | None = None) -> None:
@@ -35,7 +36,9 @@ def _presented(args: list[str], env: dict[str, str]) -> ConnectionSettings:
         seen.append(settings)
         return FakeClient(settings)
 
-    result = CliRunner().invoke(cli, args, obj=CliContext(client_factory=factory), env=env)
+    result = CliRunner().invoke(
+        cli, args, obj=CliContext(connect=lambda s: FakeClients(ca=factory(s))), env=env
+    )
     assert result.exit_code == 0, result.output
     return seen[0]
 

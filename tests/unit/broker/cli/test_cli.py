@@ -30,6 +30,7 @@ from broker.api.client import (
     RotateResult,
 )
 from broker.cli import BrokerAPI, CliContext, ConnectionSettings, cli, run
+from tests.unit.broker.cli.fakes import FakeClients
 
 EXPIRES = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
 LEAF, INTERMEDIATE, ROOT = b"leaf-der", b"intermediate-der", b"root-der"
@@ -187,7 +188,7 @@ class Harness:
         return runner.invoke(
             cli,
             list(args),
-            obj=CliContext(client_factory=self.factory),
+            obj=CliContext(connect=lambda s: FakeClients(ca=self.factory(s))),
             env=full_env,
             catch_exceptions=False,
         )
@@ -276,7 +277,7 @@ def test_bad_ttl_is_refused_locally_in_one_line(
             "x",
             f"--ttl={ttl}",
         ],
-        CliContext(client_factory=harness.factory),
+        CliContext(connect=lambda s: FakeClients(ca=harness.factory(s))),
     )
     captured = capsys.readouterr()
     assert code == 2
@@ -544,7 +545,10 @@ def test_client_errors_become_one_line(
 def test_usage_errors_are_one_line_with_exit_2(
     harness: Harness, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = run(["svid", "mint", "--out", "x"], CliContext(client_factory=harness.factory))
+    code = run(
+        ["svid", "mint", "--out", "x"],
+        CliContext(connect=lambda s: FakeClients(ca=harness.factory(s))),
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1

@@ -41,7 +41,7 @@ def test_usage_errors_exit_2_without_a_connection(
     (tmp_path / "x").write_bytes(b"value-bytes-123")
     code = run(
         ["--data-dir", str(tmp_path), *[a if a != "x" else str(tmp_path / "x") for a in args]],
-        CliContext(client_factory=NoClient()),  # type: ignore[arg-type]
+        CliContext(connect=NoClient()),  # type: ignore[arg-type]
     )
     captured = capsys.readouterr()
     assert code == 2, captured

@@ -15,62 +15,55 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from broker import clioutput
-from broker.api.client import ClientError
-from broker.api.operators_client import (
+from broker.cli.clients import (
+    ClientError,
     OperatorsClient,
     OperatorSession,
     login,
     login_config,
 )
-from broker.cli import (
+from broker.cli.inputs import read_input_file
+from broker.cli.options import (
     DEFAULT_SERVER,
     DURATION,
-    Refusal,
-    _client,
-    _connection_options,
-    _output,
-    _read_input_file,
-    _setting,
+    SERVER_KEY,
+    SETTINGS_KEY,
     broker_home,
-    cli,
-    client_error_message,
+    clients,
+    connection_options,
+    data_dir,
     default_attest_server,
+    setting,
 )
-from broker.config import DEFAULT_DATA_DIR
+from broker.cli.refusals import Refusal, client_error_message
+from broker.cli.render import record_json, render, table, timestamp
 from broker.files import write_private_file
 from broker.operators.flows import CodeFlow, DeviceFlow, LoginFlowError, discover
 
-__all__ = ["login_group", "logout", "operator"]
+__all__ = ["login_group", "logout", "operator", "session_json"]
 
 
-def _session_json(s: OperatorSession) -> dict[str, Any]:
-    return {
-        "subject": s.subject,
-        "spiffe_id": s.spiffe_id,
-        "roles": s.roles,
-        "amr": s.amr,
-        "serial": s.serial,
-        "issuer": s.issuer,
-        "issued_at": clioutput.timestamp(s.issued_at),
-        "expires_at": clioutput.timestamp(s.expires_at),
-        "revoked_at": clioutput.timestamp(s.revoked_at),
-    }
+def _operators(ctx: click.Context) -> OperatorsClient:
+    return clients(ctx).operators
+
+
+def session_json(s: OperatorSession) -> dict[str, Any]:
+    return record_json(s)
 
 
 def _login_bundle(ctx: click.Context) -> bytes:
-    given = _setting(ctx, "bundle")
+    given = setting(ctx, "bundle")
     candidates = (
         [Path(given)]
         if given
         else [
-            Path(_setting(ctx, "data_dir") or DEFAULT_DATA_DIR) / "bundle.pem",
+            data_dir(ctx) / "bundle.pem",
             broker_home() / "operator" / "bundle.pem",
         ]
     )
     for path in candidates:
         if given or path.is_file():
-            return _read_input_file(path, "trust bundle")
+            return read_input_file(path, "trust bundle")
     raise Refusal(
         "no trust bundle to verify the broker: pass --bundle FILE (the broker's bundle.pem)"
     )
@@ -115,8 +108,8 @@ def _id_token(
         raise Refusal(str(exc)) from None
 
 
-@cli.group("login", invoke_without_command=True)
-@_connection_options(on_group=False)
+@click.group("login", invoke_without_command=True)
+@connection_options(on_group=False)
 @click.option("--device", is_flag=True, help="Device flow (RFC 8628) for a headless machine.")
 @click.option(
     "--id-token-file",
@@ -151,12 +144,12 @@ def login_group(
         return
     if device and id_token_file is not None:
         raise click.UsageError("--device and --id-token-file exclude each other", ctx)
-    server = str(_setting(ctx, "server") or DEFAULT_SERVER)
+    server = str(setting(ctx, "server") or DEFAULT_SERVER)
     attest = attest_server or default_attest_server(server)
-    ctx.meta["broker.server"] = attest
+    ctx.meta[SERVER_KEY] = attest
     bundle = _login_bundle(ctx)
     if id_token_file is not None:
-        token = _read_input_file(id_token_file, "ID token file").decode(errors="replace").strip()
+        token = read_input_file(id_token_file, "ID token file").decode(errors="replace").strip()
     else:
         token, nonce = _id_token(
             ctx, attest, bundle, device=device, issuer=issuer, client_id=client_id, wait=wait
@@ -174,21 +167,20 @@ def login_group(
     write_private_file(out / "svid.pem", result.chain_pem, 0o644)
     write_private_file(out / "bundle.pem", result.bundle_pem, 0o644)
     s = result.session
-    if _output(ctx) == "json":
-        click.echo(clioutput.dumps(_session_json(s) | {"dir": str(out)}))
-        return
-    click.echo(
+    render(
+        ctx,
+        session_json(s) | {"dir": str(out)},
         f"logged in as {s.subject} ({s.spiffe_id}), roles {', '.join(s.roles)}, until "
-        f"{clioutput.timestamp(s.expires_at)}; credentials in {out}"
+        f"{timestamp(s.expires_at)}; credentials in {out}",
     )
 
 
 @login_group.command("status")
-@_connection_options(on_group=False)
+@connection_options(on_group=False)
 @click.pass_context
 def login_status(ctx: click.Context) -> None:
     """Who you are, your roles and when your login expires."""
-    cert_path = Path(_setting(ctx, "cert") or broker_home() / "operator" / "svid.pem")
+    cert_path = Path(setting(ctx, "cert") or broker_home() / "operator" / "svid.pem")
     if not cert_path.is_file():
         raise Refusal(f"not logged in (no {cert_path}); run 'broker login'")
     try:
@@ -196,35 +188,38 @@ def login_status(ctx: click.Context) -> None:
     except ValueError:
         raise Refusal(f"{cert_path} is not a certificate; run 'broker login' again") from None
     if leaf.not_valid_after_utc <= dt.datetime.now(dt.UTC):
-        expired = clioutput.timestamp(leaf.not_valid_after_utc)
+        expired = timestamp(leaf.not_valid_after_utc)
         raise Refusal(f"your login expired at {expired}; run 'broker login'")
-    s = OperatorsClient(_client(ctx)).whoami()  # type: ignore[arg-type]
-    if _output(ctx) == "json":
-        click.echo(clioutput.dumps(_session_json(s)))
-        return
-    click.echo(f"subject:   {s.subject}")
-    click.echo(f"identity:  {s.spiffe_id}")
-    click.echo(f"roles:     {', '.join(s.roles) or '-'}")
-    click.echo(f"mfa:       {', '.join(s.amr) or '-'}")
-    click.echo(f"expires:   {clioutput.timestamp(s.expires_at)}")
+    s = _operators(ctx).whoami()
+    render(
+        ctx,
+        session_json(s),
+        [
+            f"subject:   {s.subject}",
+            f"identity:  {s.spiffe_id}",
+            f"roles:     {', '.join(s.roles) or '-'}",
+            f"mfa:       {', '.join(s.amr) or '-'}",
+            f"expires:   {timestamp(s.expires_at)}",
+        ],
+    )
 
 
-@cli.command("logout")
-@_connection_options(on_group=False, output=False)
+@click.command("logout")
+@connection_options(on_group=False, output=False)
 @click.pass_context
 def logout(ctx: click.Context) -> None:
     """Deny your operator certificate at the broker and remove it from $BROKER_HOME."""
     out = broker_home() / "operator"
     if not (out / "svid.pem").is_file():
         raise Refusal(f"not logged in (no {out / 'svid.pem'})")
-    ctx.meta.setdefault("broker.settings", {}).update(
+    ctx.meta.setdefault(SETTINGS_KEY, {}).update(
         cert=out / "svid.pem", key=out / "key.pem", bundle=out / "bundle.pem"
     )
     error: str | None = None
     try:
-        s = OperatorsClient(_client(ctx)).logout()  # type: ignore[arg-type]
+        s = _operators(ctx).logout()
     except ClientError as exc:
-        server = ctx.meta.get("broker.server", DEFAULT_SERVER)
+        server = ctx.meta.get(SERVER_KEY, DEFAULT_SERVER)
         error = client_error_message(exc, server)
     shutil.rmtree(out, ignore_errors=True)
     if error is not None:
@@ -232,40 +227,34 @@ def logout(ctx: click.Context) -> None:
     click.echo(f"logged out {s.subject}: certificate {s.serial} denied, {out} removed")
 
 
-@cli.group("operator")
+@click.group("operator")
 def operator() -> None:
     """Operators who logged in: list their certificates, revoke them."""
 
 
 @operator.command("list")
-@_connection_options(on_group=False)
+@connection_options(on_group=False)
 @click.option("--all", "include_inactive", is_flag=True, help="Include expired and revoked.")
 @click.pass_context
 def operator_list(ctx: click.Context, include_inactive: bool) -> None:
     """Active operator certificates: subject, roles, expiry."""
-    sessions = OperatorsClient(_client(ctx)).list_sessions(include_inactive)  # type: ignore[arg-type]
-    if _output(ctx) == "json":
-        click.echo(clioutput.dumps({"operators": [_session_json(s) for s in sessions]}))
-        return
+    sessions = _operators(ctx).list_sessions(include_inactive)
     rows = [["SUBJECT", "ROLES", "EXPIRES", "SERIAL", "STATE"]]
     for s in sessions:
         state = "revoked" if s.revoked_at else "active"
-        exp = clioutput.timestamp(s.expires_at) or "-"
-        rows.append([s.subject, ",".join(s.roles), exp, s.serial, state])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+        rows.append([s.subject, ",".join(s.roles), timestamp(s.expires_at) or "-", s.serial, state])
+    render(ctx, {"operators": [session_json(s) for s in sessions]}, table(rows))
 
 
 @operator.command("revoke")
 @click.argument("target", metavar="SUBJECT|SERIAL")
-@_connection_options(on_group=False)
+@connection_options(on_group=False)
 @click.pass_context
 def operator_revoke(ctx: click.Context, target: str) -> None:
     """Deny every active certificate of SUBJECT, or the one with SERIAL (hex)."""
-    revoked = OperatorsClient(_client(ctx)).revoke(target)  # type: ignore[arg-type]
-    if _output(ctx) == "json":
-        click.echo(clioutput.dumps({"revoked": [_session_json(s) for s in revoked]}))
-        return
-    for s in revoked:
-        click.echo(f"revoked {s.subject} certificate {s.serial}")
+    revoked = _operators(ctx).revoke(target)
+    render(
+        ctx,
+        {"revoked": [session_json(s) for s in revoked]},
+        lambda: [f"revoked {s.subject} certificate {s.serial}" for s in revoked],
+    )

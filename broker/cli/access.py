@@ -8,31 +8,25 @@ JSON documents (`--output json`) are stable: see docs/policy.md.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
 import click
 
-from broker import clioutput
-from broker.api.access_client import (
-    AccessClient,
-    ApprovalView,
-    BreakGlassView,
-    GrantView,
-    RegoPolicy,
-)
-from broker.cli import (
-    DURATION,
-    Refusal,
-    _client,
-    _connection_options,
-    _output,
-    _read_input_file,
-    _setting,
-    cli,
-    policy_document_json,
+from broker.cli.clients import AccessClient, ApprovalView, BreakGlassView, GrantView
+from broker.cli.inputs import policy_document_json, read_input_file, read_text_file
+from broker.cli.options import DURATION, clients, connection_options, setting
+from broker.cli.refusals import Refusal
+from broker.cli.render import (
+    dumps,
+    pem,
+    policy_json,
+    record_json,
+    render,
+    table,
+    text_time,
+    wants_json,
 )
 from broker.files import write_private_file
 
@@ -43,45 +37,20 @@ _CA = (".toml", ".json")
 
 
 def _access(ctx: click.Context) -> AccessClient:
-    client: Any = _client(ctx)
-    return AccessClient(client)
-
-
-def _json(value: Any) -> Any:
-    """A view dataclass as a JSON document (timestamps as RFC 3339 UTC)."""
-    out = {}
-    for f in dataclasses.fields(value):
-        item = getattr(value, f.name)
-        out[f.name] = clioutput.timestamp(item) if hasattr(item, "astimezone") else item
-    return out
+    return clients(ctx).access
 
 
 def _justification(ctx: click.Context) -> str:
-    text = _setting(ctx, "justification")
+    text = setting(ctx, "justification")
     if not text or not str(text).strip():
         raise click.UsageError("--justification TEXT is required", ctx)
     return str(text)
 
 
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
-    )
-
-
-def _when(value: Any) -> str:
-    return clioutput.timestamp(value) or "-"
-
-
 def _rego_modules(files: tuple[Path, ...]) -> dict[str, str]:
     modules: dict[str, str] = {}
     for path in files:
-        data = _read_input_file(path, "policy file")
-        try:
-            text = data.decode("utf-8-sig")
-        except UnicodeDecodeError:
-            raise Refusal(f"policy file {path} is not UTF-8 text") from None
+        text = read_text_file(path, "policy file")
         if path.name in modules:
             raise Refusal(f"two policy files are named {path.name}; module names must differ")
         modules[path.name] = text
@@ -91,14 +60,14 @@ def _rego_modules(files: tuple[Path, ...]) -> dict[str, str]:
 # -- broker policy -----------------------------------------------------------------------------
 
 
-@cli.group()
+@click.group()
 def policy() -> None:
     """Authorization policy (Rego) and CA policy: set, get, test."""
 
 
 @policy.command("set")
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path, dir_okay=False))
-@_connection_options(on_group=False)
+@connection_options(on_group=False)
 @click.pass_context
 def policy_set(ctx: click.Context, files: tuple[Path, ...]) -> None:
     """Replace the Rego policy with FILE.rego [FILE.rego ...], or the CA policy with one
@@ -108,8 +77,8 @@ def policy_set(ctx: click.Context, files: tuple[Path, ...]) -> None:
         version = _access(ctx).set_rego_policy(_rego_modules(files))
         kind = "rego"
     elif len(files) == 1 and suffixes <= set(_CA):
-        document = policy_document_json(files[0], _read_input_file(files[0], "policy file"))
-        version = _client(ctx).set_policy(document)
+        document = policy_document_json(files[0], read_input_file(files[0], "policy file"))
+        version = clients(ctx).ca.set_policy(document)
         kind = "ca"
     else:
         raise click.UsageError(
@@ -117,35 +86,27 @@ def policy_set(ctx: click.Context, files: tuple[Path, ...]) -> None:
             "(the CA policy)",
             ctx,
         )
-    if _output(ctx) == "json":
-        click.echo(clioutput.dumps({"kind": kind, "version": version}))
-    else:
-        click.echo(f"{'Rego' if kind == 'rego' else 'CA'} policy version {version}")
-
-
-def _rego_json(view: RegoPolicy) -> dict[str, Any]:
-    return {
-        "version": view.version,
-        "author": view.author,
-        "updated_at": clioutput.timestamp(view.updated_at),
-        "modules": view.modules,
-    }
+    render(
+        ctx,
+        {"kind": kind, "version": version},
+        f"{'Rego' if kind == 'rego' else 'CA'} policy version {version}",
+    )
 
 
 @policy.command("get")
 @click.option("--rego", "which", flag_value="rego", help="Only the Rego policy.")
 @click.option("--ca", "which", flag_value="ca", help="Only the CA policy.")
-@_connection_options(on_group=False)
+@connection_options(on_group=False)
 @click.pass_context
 def policy_get(ctx: click.Context, which: str | None) -> None:
     """Print the Rego policy and the CA policy in force (or one of them)."""
     document: dict[str, Any] = {}
     if which in (None, "rego"):
-        document["rego"] = _rego_json(_access(ctx).get_rego_policy())
+        document["rego"] = record_json(_access(ctx).get_rego_policy())
     if which in (None, "ca"):
-        document["ca"] = clioutput.policy_json(_client(ctx).get_policy())
-    if _output(ctx) == "json":
-        click.echo(clioutput.dumps(document))
+        document["ca"] = policy_json(clients(ctx).ca.get_policy())
+    if wants_json(ctx):
+        click.echo(dumps(document))
         return
     if "rego" in document:
         rego = document["rego"]
@@ -162,7 +123,7 @@ def policy_get(ctx: click.Context, which: str | None) -> None:
             f"# CA policy version {ca['version']}, set by {ca['author'] or '-'} "
             f"at {ca['updated_at'] or '-'}"
         )
-        click.echo(clioutput.dumps(ca["document"]))
+        click.echo(dumps(ca["document"]))
 
 
 @policy.command("test")
@@ -179,14 +140,14 @@ def policy_get(ctx: click.Context, which: str | None) -> None:
     type=click.Choice(["allow", "deny"]),
     help="Exit 1 unless the decision is this (for policy tests in CI).",
 )
-@_connection_options(on_group=False)
+@connection_options(on_group=False)
 @click.pass_context
 def policy_test(
     ctx: click.Context, input_file: Path, candidates: tuple[Path, ...], expect: str | None
 ) -> None:
     """Print the decision for --input and the rule that made it, with the policy in force or
     with candidate .rego files (not stored)."""
-    data = _read_input_file(input_file, "input file")
+    data = read_input_file(input_file, "input file")
     try:
         document = json.loads(data.decode("utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -198,22 +159,14 @@ def policy_test(
     modules = _rego_modules(candidates) if candidates else None
     result = _access(ctx).test_policy(document, modules)
     verdict = "allow" if result.allowed else "deny"
-    if _output(ctx) == "json":
-        click.echo(
-            clioutput.dumps(
-                {
-                    "decision": verdict,
-                    "rule": result.rule,
-                    "reason": result.reason,
-                    "flags": result.flags,
-                    "input": result.input,
-                }
-            )
-        )
-    else:
-        click.echo(f"{verdict} (rule {result.rule}): {result.reason}")
-        for key, value in sorted(result.flags.items()):
-            click.echo(f"  {key}: {value}")
+    render(
+        ctx,
+        {"decision": verdict} | record_json(result, exclude={"allowed"}),
+        lambda: [
+            f"{verdict} (rule {result.rule}): {result.reason}",
+            *(f"  {key}: {value}" for key, value in sorted(result.flags.items())),
+        ],
+    )
     if expect is not None and expect != verdict:
         raise Refusal(f"expected {expect}, the policy says {verdict} (rule {result.rule})")
 
@@ -221,18 +174,18 @@ def policy_test(
 # -- broker grant ------------------------------------------------------------------------------
 
 
-@cli.group()
+@click.group()
 def grant() -> None:
     """Just-in-time grants (at most 8 h; they expire on their own)."""
 
 
-def _grant_rows(grants: list[GrantView]) -> str:
+def _grant_rows(grants: list[GrantView]) -> list[str]:
     rows = [["ID", "GRANTEE", "ACTION", "RESOURCE", "EXPIRES", "STATE", "BY"]]
     for g in grants:
         rows.append(
-            [g.id, g.grantee, g.action, g.resource, _when(g.expires_at), g.state, g.created_by]
+            [g.id, g.grantee, g.action, g.resource, text_time(g.expires_at), g.state, g.created_by]
         )
-    return _table(rows)
+    return table(rows) if len(rows) > 1 else []
 
 
 @grant.command("create")
@@ -240,57 +193,49 @@ def _grant_rows(grants: list[GrantView]) -> str:
 @click.option("--action", required=True, help="The action, e.g. secrets.get.")
 @click.option("--resource", required=True, help="The resource (exact, prefix*, or *).")
 @click.option("--ttl", required=True, type=DURATION, help="How long, at most 8h.")
-@_connection_options(on_group=False)
+@connection_options(on_group=False)
 @click.pass_context
 def grant_create(ctx: click.Context, grantee: str, action: str, resource: str, ttl: int) -> None:
     """Grant SPIFFE_ID the action on the resource for --ttl (--justification required)."""
     created = _access(ctx).create_grant(grantee, action, resource, ttl, _justification(ctx))
-    if _output(ctx) == "json":
-        click.echo(clioutput.dumps(_json(created)))
-    else:
-        click.echo(created.id)
+    render(ctx, record_json(created), created.id)
+    if not wants_json(ctx):  # the id alone on stdout, for scripts; the rest for people
         click.echo(
             f"{created.grantee} may {created.action} on {created.resource} until "
-            f"{_when(created.expires_at)}",
+            f"{text_time(created.expires_at)}",
             err=True,
         )
 
 
 @grant.command("list")
 @click.option("--all", "include_inactive", is_flag=True, help="Also expired and revoked.")
-@_connection_options(on_group=False)
+@connection_options(on_group=False)
 @click.pass_context
 def grant_list(ctx: click.Context, include_inactive: bool) -> None:
     """The grants in force (with --all, every grant)."""
     grants = _access(ctx).list_grants(include_inactive)
-    if _output(ctx) == "json":
-        click.echo(clioutput.dumps([_json(g) for g in grants]))
-    elif grants:
-        click.echo(_grant_rows(grants))
+    render(ctx, [record_json(g) for g in grants], lambda: _grant_rows(grants))
 
 
 @grant.command("revoke")
 @click.argument("grant_id", metavar="ID")
-@_connection_options(on_group=False)
+@connection_options(on_group=False)
 @click.pass_context
 def grant_revoke(ctx: click.Context, grant_id: str) -> None:
     """Revoke a grant now."""
     revoked = _access(ctx).revoke_grant(grant_id)
-    if _output(ctx) == "json":
-        click.echo(clioutput.dumps(_json(revoked)))
-    else:
-        click.echo(f"revoked {revoked.id}")
+    render(ctx, record_json(revoked), f"revoked {revoked.id}")
 
 
 # -- broker approval ---------------------------------------------------------------------------
 
 
-@cli.group()
+@click.group()
 def approval() -> None:
     """Two-party approvals: one asks, a different operator approves; single use, expiring."""
 
 
-def _approval_rows(approvals: list[ApprovalView]) -> str:
+def _approval_rows(approvals: list[ApprovalView]) -> list[str]:
     rows = [["ID", "REQUESTER", "ACTION", "RESOURCE", "STATE", "APPROVER", "EXPIRES"]]
     for a in approvals:
         rows.append(
@@ -301,68 +246,61 @@ def _approval_rows(approvals: list[ApprovalView]) -> str:
                 a.resource,
                 a.state,
                 a.approved_by or "-",
-                _when(a.expires_at),
+                text_time(a.expires_at),
             ]
         )
-    return _table(rows)
+    return table(rows) if len(rows) > 1 else []
 
 
 @approval.command("request")
 @click.option("--action", required=True, help="The action, e.g. secrets.get or secrets.rotate.")
 @click.option("--resource", required=True, help="The resource (e.g. the secret reference).")
-@_connection_options(on_group=False)
+@connection_options(on_group=False)
 @click.pass_context
 def approval_request(ctx: click.Context, action: str, resource: str) -> None:
     """Ask for a second operator's approval; prints its id (--justification required)."""
     created = _access(ctx).request_approval(action, resource, _justification(ctx))
-    if _output(ctx) == "json":
-        click.echo(clioutput.dumps(_json(created)))
-    else:
-        click.echo(created.id)
+    render(ctx, record_json(created), created.id)
 
 
 @approval.command("approve")
 @click.argument("approval_id", metavar="ID")
-@_connection_options(on_group=False)
+@connection_options(on_group=False)
 @click.pass_context
 def approval_approve(ctx: click.Context, approval_id: str) -> None:
     """Approve someone else's request (never your own)."""
     approved = _access(ctx).approve(approval_id)
-    if _output(ctx) == "json":
-        click.echo(clioutput.dumps(_json(approved)))
-    else:
-        click.echo(
-            f"approved {approved.id}: {approved.requester} may {approved.action} on "
-            f"{approved.resource} once, until {_when(approved.expires_at)}"
-        )
+    render(
+        ctx,
+        record_json(approved),
+        f"approved {approved.id}: {approved.requester} may {approved.action} on "
+        f"{approved.resource} once, until {text_time(approved.expires_at)}",
+    )
 
 
 @approval.command("list")
 @click.option("--all", "include_inactive", is_flag=True, help="Also used and expired.")
-@_connection_options(on_group=False)
+@connection_options(on_group=False)
 @click.pass_context
 def approval_list(ctx: click.Context, include_inactive: bool) -> None:
     """Pending and approved requests (with --all, every request)."""
     approvals = _access(ctx).list_approvals(include_inactive)
-    if _output(ctx) == "json":
-        click.echo(clioutput.dumps([_json(a) for a in approvals]))
-    elif approvals:
-        click.echo(_approval_rows(approvals))
+    render(ctx, [record_json(a) for a in approvals], lambda: _approval_rows(approvals))
 
 
 # -- broker breakglass -------------------------------------------------------------------------
 
 
-@cli.group()
+@click.group()
 def breakglass() -> None:
     """Break-glass credentials: approved by a second operator, single use, at most 8 h."""
 
 
-def _breakglass_rows(records: list[BreakGlassView]) -> str:
+def _breakglass_rows(records: list[BreakGlassView]) -> list[str]:
     rows = [["ID", "OPERATOR", "ACTION", "RESOURCE", "STATE", "EXPIRES"]]
     for b in records:
-        rows.append([b.id, b.operator, b.action, b.resource, b.state, _when(b.expires_at)])
-    return _table(rows)
+        rows.append([b.id, b.operator, b.action, b.resource, b.state, text_time(b.expires_at)])
+    return table(rows) if len(rows) > 1 else []
 
 
 @breakglass.command("issue")
@@ -375,7 +313,7 @@ def _breakglass_rows(records: list[BreakGlassView]) -> str:
     type=click.Path(path_type=Path, file_okay=False),
     help="Directory for svid.pem, key.pem and bundle.pem.",
 )
-@_connection_options(on_group=False)
+@connection_options(on_group=False)
 @click.pass_context
 def breakglass_issue(ctx: click.Context, approval_id: str, ttl: int, out_dir: Path) -> None:
     """Exchange an approved request for a break-glass credential (use it with --cert/--key)."""
@@ -385,13 +323,13 @@ def breakglass_issue(ctx: click.Context, approval_id: str, ttl: int, out_dir: Pa
     files = [
         (
             out_dir / "svid.pem",
-            b"".join(clioutput.pem("CERTIFICATE", c) for c in issued.cert_chain),
+            b"".join(pem("CERTIFICATE", c) for c in issued.cert_chain),
             0o644,
         ),
-        (out_dir / "key.pem", clioutput.pem("PRIVATE KEY", issued.private_key), 0o600),
+        (out_dir / "key.pem", pem("PRIVATE KEY", issued.private_key), 0o600),
         (
             out_dir / "bundle.pem",
-            b"".join(clioutput.pem("CERTIFICATE", c) for c in issued.bundle),
+            b"".join(pem("CERTIFICATE", c) for c in issued.bundle),
             0o644,
         ),
     ]
@@ -402,13 +340,13 @@ def breakglass_issue(ctx: click.Context, approval_id: str, ttl: int, out_dir: Pa
     except OSError as exc:
         raise Refusal(f"cannot write the credential to {out_dir}: {exc.strerror or exc}") from None
     record = issued.record
-    if _output(ctx) == "json":
-        click.echo(clioutput.dumps(_json(record) | {"files": [str(p) for p, _, _ in files]}))
+    if wants_json(ctx):
+        click.echo(dumps(record_json(record) | {"files": [str(p) for p, _, _ in files]}))
         return
     click.echo(record.id)
     click.echo(
         f"{record.spiffe_id} may {record.action} on {record.resource} once, until "
-        f"{_when(record.expires_at)}; every request with it is flagged in the audit ledger. "
+        f"{text_time(record.expires_at)}; every request with it is flagged in the audit ledger. "
         f"Use: broker --cert {files[0][0]} --key {files[1][0]} ...",
         err=True,
     )
@@ -416,25 +354,19 @@ def breakglass_issue(ctx: click.Context, approval_id: str, ttl: int, out_dir: Pa
 
 @breakglass.command("list")
 @click.option("--all", "include_inactive", is_flag=True, help="Also used, revoked and expired.")
-@_connection_options(on_group=False)
+@connection_options(on_group=False)
 @click.pass_context
 def breakglass_list(ctx: click.Context, include_inactive: bool) -> None:
     """Break-glass credentials that can still be used (with --all, every one)."""
     records = _access(ctx).list_breakglass(include_inactive)
-    if _output(ctx) == "json":
-        click.echo(clioutput.dumps([_json(b) for b in records]))
-    elif records:
-        click.echo(_breakglass_rows(records))
+    render(ctx, [record_json(b) for b in records], lambda: _breakglass_rows(records))
 
 
 @breakglass.command("revoke")
 @click.argument("record_id", metavar="ID")
-@_connection_options(on_group=False)
+@connection_options(on_group=False)
 @click.pass_context
 def breakglass_revoke(ctx: click.Context, record_id: str) -> None:
     """Revoke a break-glass credential before it is used or expires."""
     revoked = _access(ctx).revoke_breakglass(record_id)
-    if _output(ctx) == "json":
-        click.echo(clioutput.dumps(_json(revoked)))
-    else:
-        click.echo(f"revoked {revoked.id}")
+    render(ctx, record_json(revoked), f"revoked {revoked.id}")

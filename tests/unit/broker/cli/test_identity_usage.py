@@ -8,7 +8,6 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-import broker.commands.identity  # noqa: F401 (registers the identity commands)
 from broker.attestation import attestor_resource
 from broker.cli import CliContext, cli
 

@@ -17,29 +17,31 @@ from typing import Any, TypeVar
 
 import click
 
-from broker import clioutput
-from broker.api.secrets_client import (
+from broker.cli.clients import (
     BrokerSecretSource,
     KekRotationResult,
     SecretDetails,
     SecretMeta,
+    SecretRefused,
+    SecretResolver,
     SecretsClient,
+    SecretUnavailable,
 )
-from broker.cli import (
+from broker.cli.inputs import read_input_file
+from broker.cli.options import (
     DURATION,
     CliContext,
-    Refusal,
-    _client,
-    _connection_options,
-    _data_dir_option,
-    _output,
-    _read_input_file,
-    _setting_option,
-    cli,
+    clients,
+    connection_options,
+    data_dir_option,
+    output_option,
+    setting,
+    setting_option,
 )
+from broker.cli.refusals import Refusal
+from broker.cli.render import record_json, render, timestamp, wants_json
 from broker.errors import BrokerError
 from broker.secretfiles import SecretFiles
-from broker.secrets_sdk import SecretRefused, SecretResolver, SecretUnavailable
 
 __all__ = ["exec_command", "kek", "secrets"]
 
@@ -49,42 +51,36 @@ CLASSIFICATIONS = ("public", "internal", "confidential", "pii")
 
 
 def _secrets_client(ctx: click.Context) -> SecretsClient:
-    client: Any = _client(ctx)
-    return SecretsClient(client)
+    return clients(ctx).secrets
 
 
 def _options_requiring_justification(f: _F) -> _F:
     """The connection options, with --justification required (it is also sent as the audit
     'why' header)."""
     options = [
-        _setting_option(
+        setting_option(
             "--server", on_group=False, metavar="HOST:PORT", help="The broker to talk to."
         ),
-        _data_dir_option(on_group=False),
-        _setting_option(
+        data_dir_option(on_group=False),
+        setting_option(
             "--cert",
             on_group=False,
             type=click.Path(path_type=Path, dir_okay=False),
             help="Client certificate chain (PEM).",
         ),
-        _setting_option(
+        setting_option(
             "--key",
             on_group=False,
             type=click.Path(path_type=Path, dir_okay=False),
             help="Client private key (PEM).",
         ),
-        _setting_option(
+        setting_option(
             "--bundle",
             on_group=False,
             type=click.Path(path_type=Path, dir_okay=False),
             help="Trust bundle (PEM) to verify the broker.",
         ),
-        _setting_option(
-            "--output",
-            on_group=False,
-            type=click.Choice(["text", "json"]),
-            help="Output format [default: text].",
-        ),
+        output_option(on_group=False),
     ]
     for option in reversed(options):
         f = option(f)
@@ -109,7 +105,7 @@ def _read_value(value_file: Path | None, generate: bool, length: int | None) -> 
         if str(value_file) == "-":
             data = sys.stdin.buffer.read()
         else:
-            data = _read_input_file(value_file, "value file")
+            data = read_input_file(value_file, "value file")
         if not data:
             raise Refusal(f"value file {value_file} is empty")
         return {"value": data}
@@ -118,46 +114,17 @@ def _read_value(value_file: Path | None, generate: bool, length: int | None) -> 
     return {}
 
 
-def _meta_json(m: SecretMeta) -> dict[str, Any]:
-    return {
-        "tenant": m.tenant,
-        "reference": m.reference,
-        "reference_sha256": m.reference_sha256,
-        "service": m.service,
-        "environment": m.environment,
-        "owner": m.owner,
-        "classification": m.classification,
-        "rotation_period_seconds": m.rotation_period_seconds,
-        "last_rotated": clioutput.timestamp(m.last_rotated),
-        "rotation_due": clioutput.timestamp(m.rotation_due),
-        "created_at": clioutput.timestamp(m.created_at),
-        "state": m.state,
-        "current_version": m.current_version,
-        "revoked_at": clioutput.timestamp(m.revoked_at),
-        "deleted_at": clioutput.timestamp(m.deleted_at),
-        "missing": list(m.missing),
-    }
+def meta_json(m: SecretMeta) -> dict[str, Any]:
+    return record_json(m)
 
 
-def _details_json(d: SecretDetails) -> dict[str, Any]:
-    return {
-        **_meta_json(d.metadata),
-        "versions": [
-            {
-                "version": v.version,
-                "state": v.state,
-                "created_at": clioutput.timestamp(v.created_at),
-                "retire_at": clioutput.timestamp(v.retire_at),
-                "revoked_at": clioutput.timestamp(v.revoked_at),
-                "kek": v.kek,
-            }
-            for v in d.versions
-        ],
-    }
+def details_json(d: SecretDetails) -> dict[str, Any]:
+    """The metadata with the versions beside it (one flat object)."""
+    return meta_json(d.metadata) | {"versions": [record_json(v) for v in d.versions]}
 
 
 def _t(value: Any) -> str:
-    return clioutput.timestamp(value) or "-"
+    return timestamp(value) or "-"
 
 
 def _meta_line(m: SecretMeta) -> str:
@@ -207,14 +174,15 @@ def _details_text(d: SecretDetails) -> str:
 
 
 def _show(ctx: click.Context, details: SecretDetails, verb: str) -> None:
-    if _output(ctx) == "json":
-        click.echo(clioutput.dumps(_details_json(details)))
-        return
     m = details.metadata
-    click.echo(f"{verb} {m.reference} (tenant {m.tenant}, version {m.current_version}, {m.state})")
+    render(
+        ctx,
+        details_json(details),
+        f"{verb} {m.reference} (tenant {m.tenant}, version {m.current_version}, {m.state})",
+    )
 
 
-@cli.group()
+@click.group()
 def secrets() -> None:
     """Wrapped static secrets: API keys, OAuth client secrets, webhook tokens."""
 
@@ -239,7 +207,7 @@ def secrets() -> None:
 )
 @click.option("--rotation-period", required=True, type=DURATION, help="e.g. 90d.")
 @_tenant_option
-@_connection_options(on_group=False)
+@connection_options(on_group=False)
 @click.pass_context
 def secrets_put(
     ctx: click.Context,
@@ -281,14 +249,14 @@ _purpose_option = click.option(
 @click.option("--version", type=click.IntRange(1), help="A version still readable.")
 @_purpose_option
 @_tenant_option
-@_connection_options(on_group=False)
+@connection_options(on_group=False)
 @click.pass_context
 def secrets_get(
     ctx: click.Context, reference: str, version: int | None, purpose: str, tenant: str
 ) -> None:
     """Print the value (exactly its bytes); --output json adds version and metadata."""
     read = _secrets_client(ctx).get(reference, version=version or 0, tenant=tenant, purpose=purpose)
-    if _output(ctx) == "json":
+    if wants_json(ctx):
         try:
             value, encoding = read.value.decode("utf-8"), "utf-8"
         except UnicodeDecodeError:
@@ -297,10 +265,10 @@ def secrets_get(
             "value": value,
             "encoding": encoding,
             "version": read.version,
-            "created_at": clioutput.timestamp(read.created_at),
-            "metadata": _meta_json(read.metadata),
+            "created_at": timestamp(read.created_at),
+            "metadata": meta_json(read.metadata),
         }
-        click.echo(clioutput.dumps(document))
+        render(ctx, document, "")
         return
     sys.stdout.buffer.write(read.value)
     sys.stdout.buffer.flush()
@@ -309,30 +277,23 @@ def secrets_get(
 @secrets.command("list")
 @click.option("--prefix", default="", help="Only references starting with this.")
 @_tenant_option
-@_connection_options(on_group=False)
+@connection_options(on_group=False)
 @click.pass_context
 def secrets_list(ctx: click.Context, prefix: str, tenant: str) -> None:
     """List secrets (metadata only)."""
     items = _secrets_client(ctx).list_secrets(prefix=prefix, tenant=tenant)
-    if _output(ctx) == "json":
-        click.echo(clioutput.dumps([_meta_json(m) for m in items]))
-        return
-    for m in items:
-        click.echo(_meta_line(m))
+    render(ctx, [meta_json(m) for m in items], lambda: [_meta_line(m) for m in items])
 
 
 @secrets.command("show")
 @click.argument("reference")
 @_tenant_option
-@_connection_options(on_group=False)
+@connection_options(on_group=False)
 @click.pass_context
 def secrets_show(ctx: click.Context, reference: str, tenant: str) -> None:
     """Metadata and versions of one secret (never the value)."""
     details = _secrets_client(ctx).show(reference, tenant=tenant)
-    if _output(ctx) == "json":
-        click.echo(clioutput.dumps(_details_json(details)))
-        return
-    click.echo(_details_text(details))
+    render(ctx, details_json(details), lambda: _details_text(details))
 
 
 @secrets.command("rotate")
@@ -346,7 +307,7 @@ def secrets_show(ctx: click.Context, reference: str, tenant: str) -> None:
 @click.option("--generate", is_flag=True, help="Generate the new value (the default).")
 @click.option("--length", type=click.IntRange(16, 4096), help="Generated length [default: 32].")
 @click.option("--ticket", required=True, metavar="ID", help="Change ticket, e.g. SEC-1234.")
-@_setting_option(
+@setting_option(
     "--justification", on_group=False, required=True, metavar="TEXT", help="Why (audited)."
 )
 @_tenant_option
@@ -364,7 +325,7 @@ def secrets_rotate(
 ) -> None:
     """Make a new version current; the previous stays readable for the rollback window."""
     source = _read_value(value_file, generate, length) or {"generate_length": 32}
-    justification = str(ctx.meta["broker.settings"]["justification"])
+    justification = str(setting(ctx, "justification"))
     details = _secrets_client(ctx).rotate(
         reference,
         environment=environment,
@@ -379,7 +340,7 @@ def secrets_rotate(
 @secrets.command("rollback")
 @click.argument("reference")
 @_tenant_option
-@_connection_options(on_group=False)
+@connection_options(on_group=False)
 @click.pass_context
 def secrets_rollback(ctx: click.Context, reference: str, tenant: str) -> None:
     """Make the previous version current again (within its rollback window)."""
@@ -388,7 +349,7 @@ def secrets_rollback(ctx: click.Context, reference: str, tenant: str) -> None:
 
 @secrets.command("revoke")
 @click.argument("reference")
-@_setting_option(
+@setting_option(
     "--justification", on_group=False, required=True, metavar="TEXT", help="Why (audited)."
 )
 @_tenant_option
@@ -396,7 +357,7 @@ def secrets_rollback(ctx: click.Context, reference: str, tenant: str) -> None:
 @click.pass_context
 def secrets_revoke(ctx: click.Context, reference: str, tenant: str) -> None:
     """Refuse every version of the secret from now on."""
-    justification = str(ctx.meta["broker.settings"]["justification"])
+    justification = str(setting(ctx, "justification"))
     details = _secrets_client(ctx).revoke(reference, justification=justification, tenant=tenant)
     _show(ctx, details, "revoked")
 
@@ -404,7 +365,7 @@ def secrets_revoke(ctx: click.Context, reference: str, tenant: str) -> None:
 @secrets.command("delete")
 @click.argument("reference")
 @_tenant_option
-@_connection_options(on_group=False)
+@connection_options(on_group=False)
 @click.pass_context
 def secrets_delete(ctx: click.Context, reference: str, tenant: str) -> None:
     """Soft delete; the data keys are destroyed after the retention period."""
@@ -413,16 +374,12 @@ def secrets_delete(ctx: click.Context, reference: str, tenant: str) -> None:
 
 @secrets.command("due")
 @_tenant_option
-@_connection_options(on_group=False)
+@connection_options(on_group=False)
 @click.pass_context
 def secrets_due(ctx: click.Context, tenant: str) -> None:
     """Secrets past their rotation period."""
     items = _secrets_client(ctx).due(tenant=tenant)
-    if _output(ctx) == "json":
-        click.echo(clioutput.dumps([_meta_json(m) for m in items]))
-        return
-    for m in items:
-        click.echo(_meta_line(m))
+    render(ctx, [meta_json(m) for m in items], lambda: [_meta_line(m) for m in items])
 
 
 def _file_pair(value: str) -> tuple[str, str]:
@@ -451,7 +408,7 @@ def _file_pair(value: str) -> tuple[str, str]:
 @click.option("--once", is_flag=True, help="Sync once and exit (1 if any file failed).")
 @_purpose_option
 @_tenant_option
-@_connection_options(on_group=False)
+@connection_options(on_group=False)
 @click.pass_context
 def secrets_sync(
     ctx: click.Context,
@@ -492,37 +449,27 @@ def secrets_sync(
         time.sleep(interval)
 
 
-@cli.group()
+@click.group()
 def kek() -> None:
     """Key-encryption keys (per tenant, held in the key backend)."""
 
 
-def _rotation_json(r: KekRotationResult) -> dict[str, Any]:
-    return {
-        "tenant": r.tenant,
-        "new_kek": r.new_kek,
-        "rewrapped": r.rewrapped,
-        "destroyed": list(r.destroyed),
-        "kept": list(r.kept),
-    }
-
-
 @kek.command("rotate")
 @click.option("--tenant", default="", metavar="T", help="One tenant [default: every tenant].")
-@_connection_options(on_group=False)
+@connection_options(on_group=False)
 @click.pass_context
 def kek_rotate(ctx: click.Context, tenant: str) -> None:
     """New KEK, every data key rewrapped under it, old KEK destroyed when unused."""
     rotations = _secrets_client(ctx).rotate_kek(tenant=tenant)
-    if _output(ctx) == "json":
-        click.echo(clioutput.dumps([_rotation_json(r) for r in rotations]))
-        return
-    for r in rotations:
-        gone = ", ".join(r.destroyed) or "none"
-        line = f"{r.tenant}: now {r.new_kek}; {r.rewrapped} data key(s) rewrapped; destroyed {gone}"
-        if r.kept:
-            line += f"; kept {', '.join(r.kept)} (still in use: rotate again)"
-        click.echo(line)
+    render(ctx, [record_json(r) for r in rotations], lambda: [_rotation_line(r) for r in rotations])
+
+
+def _rotation_line(r: KekRotationResult) -> str:
+    gone = ", ".join(r.destroyed) or "none"
+    line = f"{r.tenant}: now {r.new_kek}; {r.rewrapped} data key(s) rewrapped; destroyed {gone}"
+    if r.kept:
+        line += f"; kept {', '.join(r.kept)} (still in use: rotate again)"
+    return line
 
 
 def _env_pair(value: str) -> tuple[str, str]:
@@ -534,7 +481,7 @@ def _env_pair(value: str) -> tuple[str, str]:
     return name, reference
 
 
-@cli.command("exec", context_settings={"allow_interspersed_args": False})
+@click.command("exec", context_settings={"allow_interspersed_args": False})
 @click.option(
     "--env",
     "pairs",
@@ -545,7 +492,7 @@ def _env_pair(value: str) -> tuple[str, str]:
 )
 @_purpose_option
 @_tenant_option
-@_connection_options(on_group=False, output=False)
+@connection_options(on_group=False, output=False)
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_context
 def exec_command(
@@ -571,8 +518,7 @@ def exec_command(
         raise Refusal("a secret is not UTF-8 text; it cannot go into an environment") from None
     obj = ctx.find_object(CliContext)
     if obj is not None:
-        while obj.clients:
-            obj.clients.pop().close()
+        obj.close_all()
     env = dict(os.environ)
     env.update(values)
     try:
