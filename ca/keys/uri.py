@@ -23,7 +23,6 @@ A PIN source is ``file:/path`` (the file's bytes, trailing newline stripped) or 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
 import re
 from collections.abc import Callable
@@ -229,19 +228,15 @@ def _parse_software(body: str, uri: str) -> SoftwareUri:
     )
 
 
-def _import_backend(module: str, scheme: str, needs: str, package: str) -> Any:
-    """Import a backend module on first use, so a missing optional package (python-pkcs11,
-    imported as `needs`) matters only to those who open that kind of backend, and the error
-    names the package."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        if exc.name is None or exc.name.split(".")[0] != needs:
-            raise
-        raise KeyBackendError(
-            f"the {scheme} key backend needs the Python package {package}, which is not "
-            f"installed (pip install {package})"
-        ) from None
+def _missing_package(exc: ImportError, scheme: str, needs: str, package: str) -> Exception:
+    """The error for a backend module that failed to import: names the missing package (a
+    backend's optional dependency, imported as `needs`), or is the ImportError itself."""
+    if exc.name is None or exc.name.split(".")[0] != needs:
+        return exc
+    return KeyBackendError(
+        f"the {scheme} key backend needs the Python package {package}, which is not "
+        f"installed (pip install {package})"
+    )
 
 
 def _open_pkcs11(parsed: Pkcs11Uri, source: PinSource | None) -> KeyBackend:
@@ -250,18 +245,19 @@ def _open_pkcs11(parsed: Pkcs11Uri, source: PinSource | None) -> KeyBackend:
             f"the pkcs11 backend for token {parsed.token!r} needs a PIN: add "
             "pin-source=file:/path or pin-source=env:NAME"
         )
-    module = _import_backend("ca.keys.pkcs11", "pkcs11", "pkcs11", "python-pkcs11")
-    backend: KeyBackend
+    # Imported here, when a pkcs11: URI is opened: python-pkcs11 is needed only then.
+    try:
+        from ca.keys.pkcs11 import Pkcs11Backend
+    except ImportError as exc:
+        raise _missing_package(exc, "pkcs11", "pkcs11", "python-pkcs11") from None
     if parsed.max_sessions is None:
-        backend = module.Pkcs11Backend(parsed.token, source.read(), module_path=parsed.module_path)
-    else:
-        backend = module.Pkcs11Backend(
-            parsed.token,
-            source.read(),
-            module_path=parsed.module_path,
-            sessions=parsed.max_sessions,
-        )
-    return backend
+        return Pkcs11Backend(parsed.token, source.read(), module_path=parsed.module_path)
+    return Pkcs11Backend(
+        parsed.token,
+        source.read(),
+        module_path=parsed.module_path,
+        sessions=parsed.max_sessions,
+    )
 
 
 def _open_software(parsed: SoftwareUri, source: PinSource | None) -> KeyBackend:

@@ -227,3 +227,18 @@ async def test_cached_keys_are_never_shown_logged_or_pickled(
         assert data_key.hex() not in text and str(data_key) not in text
     with pytest.raises(TypeError, match="never pickled"):
         pickle.dumps(world.a.cache)
+
+
+def test_broker_components_refuse_a_backend_without_their_power_at_construction() -> None:
+    """The envelope, the audit ledger and the metadata MAC ask for their power when built (at
+    start-up), not on the first request that needs it."""
+    from broker.audit import AuditLedger
+    from ca.errors import CapabilityMissing
+    from tests.unit.ca.keys.test_backend import SignOnly
+
+    with pytest.raises(CapabilityMissing, match="cannot wrap data keys"):
+        Envelope(SignOnly(), meta=None)  # type: ignore[arg-type]
+    with pytest.raises(CapabilityMissing, match="cannot compute MACs"):
+        AuditLedger(None, SignOnly())  # type: ignore[arg-type]
+    with pytest.raises(CapabilityMissing, match="cannot compute MACs"):
+        MetadataMac(SignOnly())

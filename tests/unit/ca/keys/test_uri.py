@@ -229,24 +229,30 @@ def test_backend_schemes_are_a_registry() -> None:
     assert backend_schemes() == ("pkcs11", "software")
 
 
-def test_pkcs11_without_python_pkcs11_names_the_package(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_pkcs11_without_python_pkcs11_names_the_package(tmp_path: Path) -> None:
+    # In a process of its own: python-pkcs11 made unimportable before ca.keys is loaded.
+    import subprocess
     import sys
-
-    from ca.errors import KeyBackendError
 
     pin = tmp_path / "pin"
     pin.write_text("pin-1234\n")
-    monkeypatch.setitem(sys.modules, "pkcs11", None)  # as if python-pkcs11 were not installed
-    monkeypatch.delitem(sys.modules, "ca.keys.pkcs11", raising=False)
-    with pytest.raises(KeyBackendError) as excinfo:
-        open_backend(f"pkcs11:token=broker?pin-source=file:{pin}")
-    assert str(excinfo.value) == (
-        "the pkcs11 key backend needs the Python package python-pkcs11, which is not "
-        "installed (pip install python-pkcs11)"
+    script = f"""
+import sys
+sys.modules["pkcs11"] = None  # as if python-pkcs11 were not installed
+from ca.errors import KeyBackendError
+from ca.keys import SoftwareBackend, open_backend
+try:
+    open_backend("pkcs11:token=broker?pin-source=file:{pin}")
+except KeyBackendError as exc:
+    print(exc)
+assert "ca.keys.pkcs11" not in sys.modules
+assert isinstance(open_backend("software:"), SoftwareBackend)  # other schemes need nothing
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
     )
-    assert "ca.keys.pkcs11" not in sys.modules
-    software = open_backend("software:")  # the other schemes do not need it
-    assert isinstance(software, SoftwareBackend)
-    software.close()
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (
+        "the pkcs11 key backend needs the Python package python-pkcs11, which is not "
+        "installed (pip install python-pkcs11)\n"
+    )
