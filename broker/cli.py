@@ -31,17 +31,17 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 import click
 
 from broker import clioutput
-from broker.api.client import (
+from broker.api.client.base import (
     JWTSVID,
     X509SVID,
     AuditEntry,
     AuditVerification,
     BrokerClient,
     Bundle,
-    CAStatus,
+    CAPolicyDocument,
+    CAStatusReport,
     ClientCredentials,
     ClientError,
-    Policy,
     RotateResult,
 )
 from broker.config import DEFAULT_DATA_DIR, DEFAULT_LISTEN
@@ -72,11 +72,11 @@ class BrokerAPI(Protocol):
 
     def bundle(self) -> Bundle: ...
 
-    def status(self) -> CAStatus: ...
+    def status(self) -> CAStatusReport: ...
 
     def rotate(self, force: bool = False) -> RotateResult: ...
 
-    def get_policy(self) -> Policy: ...
+    def get_policy(self) -> CAPolicyDocument: ...
 
     def set_policy(self, document_json: str) -> int: ...
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from broker.api.client import AuditEntry, Authority, CAStatus, Policy
+from broker.api.client.base import AuditEntry, Authority, CAPolicyDocument, CAStatusReport
 
 __all__ = [
     "audit_entry_json",
@@ -68,7 +68,7 @@ def authority_json(a: Authority) -> dict[str, Any]:
     }
 
 
-def status_json(status: CAStatus) -> dict[str, Any]:
+def status_json(status: CAStatusReport) -> dict[str, Any]:
     root = status.root
     return {
         "trust_domain": status.trust_domain,
@@ -90,7 +90,7 @@ def _table(rows: Sequence[Sequence[str]]) -> list[str]:
     ]
 
 
-def status_table(status: CAStatus) -> str:
+def status_table(status: CAStatusReport) -> str:
     lines = _table(
         [
             ["trust domain", status.trust_domain],
@@ -117,7 +117,7 @@ def status_table(status: CAStatus) -> str:
     return "\n".join([*lines, "", *_table(rows)])
 
 
-def policy_json(policy: Policy) -> dict[str, Any]:
+def policy_json(policy: CAPolicyDocument) -> dict[str, Any]:
     try:
         document: Any = json.loads(policy.document_json) if policy.document_json else None
     except json.JSONDecodeError:

@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from broker import clioutput
-from broker.api.access_client import (
+from broker.api.client.access import (
     AccessClient,
     ApprovalView,
     BreakGlassView,

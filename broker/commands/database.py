@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from broker import clioutput
-from broker.api.database_client import Connection, DatabaseClient, Lease, Role
+from broker.api.client.database import Connection, DatabaseClient, Lease, Role
 from broker.cli import (
     DURATION,
     Refusal,

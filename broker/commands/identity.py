@@ -9,8 +9,8 @@ from typing import Any, cast
 import click
 
 from broker import clioutput
-from broker.api.client import BrokerClient
-from broker.api.identity_client import Attestor, Entry, IdentityClient
+from broker.api.client.base import BrokerClient
+from broker.api.client.identity import Attestor, Entry, IdentityClient
 from broker.attestation import attestor_resource
 from broker.cli import (
     DEFAULT_SERVER,

@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from broker import clioutput
-from broker.api.client import ClientError
-from broker.api.operators_client import (
+from broker.api.client.base import ClientError
+from broker.api.client.operators import (
     OperatorsClient,
     OperatorSession,
     login,

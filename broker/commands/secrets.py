@@ -18,7 +18,8 @@ from typing import Any, TypeVar
 import click
 
 from broker import clioutput
-from broker.api.secrets_client import (
+from broker.api.client.sdk import SecretRefused, SecretResolver, SecretUnavailable
+from broker.api.client.secrets import (
     BrokerSecretSource,
     KekRotationResult,
     SecretDetails,
@@ -39,7 +40,6 @@ from broker.cli import (
 )
 from broker.errors import BrokerError
 from broker.secretfiles import SecretFiles
-from broker.secrets_sdk import SecretRefused, SecretResolver, SecretUnavailable
 
 __all__ = ["exec_command", "kek", "secrets"]
 

@@ -7,21 +7,21 @@ import datetime as dt
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from broker.attestation import token_fingerprint
 from broker.operators.service import OperatorService
 from broker.policy import Action
 from broker.storage.operators import OperatorSessionRecord
 
-from ._proto import operators_pb2, operators_pb2_grpc
+from .._proto import operators_pb2, operators_pb2_grpc
+from ..timestamps import to_timestamp
+from .binding import MethodSpec, ServiceBinding
 from .identity import _peer_serial
-from .interceptors import MethodSpec, current_call
+from .pipeline import current_call
 
 if TYPE_CHECKING:
     from broker.app import Application
 
-    from .services import ServiceBinding
 
 __all__ = ["OPERATOR_SPECS", "OperatorsServicer", "binding"]
 
@@ -40,10 +40,6 @@ OPERATOR_SPECS: dict[str, MethodSpec] = {
 }
 
 
-def _ts(value: dt.datetime) -> Timestamp:
-    return Timestamp(seconds=int(value.timestamp()), nanos=value.microsecond * 1000)
-
-
 def _session(r: OperatorSessionRecord) -> operators_pb2.OperatorSession:
     out = operators_pb2.OperatorSession(
         subject=r.subject,
@@ -51,12 +47,12 @@ def _session(r: OperatorSessionRecord) -> operators_pb2.OperatorSession:
         roles=list(r.roles),
         amr=list(r.amr),
         serial=r.serial,
-        issued_at=_ts(r.issued_at),
-        expires_at=_ts(r.expires_at),
+        issued_at=to_timestamp(r.issued_at),
+        expires_at=to_timestamp(r.expires_at),
         issuer=r.issuer,
     )
     if r.revoked_at is not None:
-        out.revoked_at.CopyFrom(_ts(r.revoked_at))
+        out.revoked_at.CopyFrom(to_timestamp(r.revoked_at))
     return out
 
 
@@ -117,8 +113,6 @@ class OperatorsServicer(operators_pb2_grpc.OperatorsServicer):  # type: ignore[m
 
 
 def binding(app: Application) -> ServiceBinding:
-    from .services import ServiceBinding
-
     return ServiceBinding(
         operators_pb2.DESCRIPTOR.services_by_name["Operators"],
         operators_pb2_grpc.add_OperatorsServicer_to_server,

@@ -33,6 +33,7 @@ import grpc
 
 from broker import metrics
 from broker.audit import AuditLedger
+from broker.authn import Authenticator
 from broker.errors import (
     AuditWriteFailed,
     BrokerError,
@@ -43,15 +44,15 @@ from broker.errors import (
     ResourceExhausted,
     Unauthenticated,
 )
-from broker.identity import Authenticator
 from broker.policy import Caller, Decision, Policy
 from broker.ratelimit import RateLimiter, RefusalSampler
 from ca import errors as ca_errors
 from ca.clock import Clock
 
-from .status import to_status
+from ..status import to_status
+from .binding import MethodSpec
 
-__all__ = ["CallContext", "MethodSpec", "RequestPipeline", "current_call"]
+__all__ = ["CallContext", "RequestPipeline", "current_call"]
 
 CORRELATION_HEADER = "x-correlation-id"
 JUSTIFICATION_HEADER = "x-broker-justification"
@@ -61,26 +62,6 @@ _MAX_JUSTIFICATION = 1024
 # Larger values (up to +-2^63) would overflow date arithmetic deep in the domain code.
 MAX_DURATION_SECONDS = 100 * 366 * 86_400
 DEFAULT_REFUSAL_AUDIT_INTERVAL = 10.0
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """How the pipeline treats one RPC: its action name, how to name the resource from the
-    request, and whether it is written to the audit ledger.
-
-    `deferred=True` moves the policy decision into the servicer, for resources whose
-    attributes (owner, tenant, environment, classification) must be loaded first: the servicer
-    calls `current_call().authorize(resource, attributes)` before touching anything. A deferred
-    RPC whose servicer returns without having been authorized fails closed.
-    """
-
-    action: str
-    resource: Callable[[Any], str] = lambda _request: ""
-    audited: bool = True
-    deferred: bool = False
-    # Admitted without a client certificate (attestation: the credential is in the request).
-    # The caller is then "bootstrap:<peer host>", rate limited per host and audited as such.
-    bootstrap: bool = False
 
 
 @dataclass
@@ -236,7 +217,7 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         peers: Callable[[str], str | None] | None = None,
     ) -> None:
         self._max_request_bytes = max_request_bytes
-        # The client behind a connection that came through a ConnectionGate (broker.api.gate).
+        # The client behind a connection that came through a ConnectionGate (`gate.py`).
         self._peers = peers
         self._refusals = refusals or RefusalSampler(clock, DEFAULT_REFUSAL_AUDIT_INTERVAL)
         # Sees every audited event after it is written (anomaly detection); an event it returns

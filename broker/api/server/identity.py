@@ -8,24 +8,24 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 from cryptography import x509
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from broker.attestation import attestor_resource, token_fingerprint
+from broker.authn import Authenticator
 from broker.authority import IssuedX509
 from broker.errors import InvalidArgument
-from broker.identity import Authenticator
 from broker.policy import Action
 from broker.storage.identity import AttestorRecord, EntryRecord
 from broker.workloads import IdentityService
 
-from ._proto import identity_pb2, identity_pb2_grpc
-from .interceptors import MethodSpec, current_call
-from .servicers import identity_attributes, template_attributes
+from .._proto import identity_pb2, identity_pb2_grpc
+from ..timestamps import to_timestamp
+from .attributes import identity_attributes, template_attributes
+from .binding import MethodSpec, ServiceBinding
+from .pipeline import current_call
 
 if TYPE_CHECKING:
     from broker.app import Application
 
-    from .services import ServiceBinding
 
 __all__ = ["IDENTITY_SPECS", "WorkloadIdentityServicer", "binding"]
 
@@ -63,10 +63,6 @@ IDENTITY_SPECS: dict[str, MethodSpec] = {
 }
 
 
-def _ts(value: dt.datetime) -> Timestamp:
-    return Timestamp(seconds=int(value.timestamp()), nanos=value.microsecond * 1000)
-
-
 def _peer_serial(context: grpc.aio.ServicerContext) -> str | None:
     """The serial (hex) of the verified client certificate, for the denylist."""
     certs = (context.auth_context() or {}).get("x509_pem_cert") or ()
@@ -80,7 +76,7 @@ def _agent_svid(issued: IssuedX509) -> identity_pb2.AgentSVID:
         spiffe_id=issued.spiffe_id,
         cert_chain=issued.chain_der,
         bundle=issued.bundle_der,
-        expires_at=_ts(issued.expires_at),
+        expires_at=to_timestamp(issued.expires_at),
         serial=issued.serial,
     )
 
@@ -94,7 +90,7 @@ def _entry(e: EntryRecord) -> identity_pb2.Entry:
         x509_ttl_seconds=e.x509_ttl,
         jwt_ttl_seconds=e.jwt_ttl,
         dns_names=list(e.dns_names),
-        created_at=_ts(e.created_at),
+        created_at=to_timestamp(e.created_at),
     )
 
 
@@ -106,7 +102,7 @@ def _attestor(a: AttestorRecord) -> identity_pb2.Attestor:
         jwks_json=a.jwks,
         template=a.template,
         algorithms=list(a.algorithms),
-        created_at=_ts(a.created_at),
+        created_at=to_timestamp(a.created_at),
     )
 
 
@@ -171,7 +167,7 @@ class WorkloadIdentityServicer(identity_pb2_grpc.WorkloadIdentityServicer):  # t
             spiffe_id=issued.spiffe_id,
             cert_chain=issued.chain_der,
             bundle=issued.bundle_der,
-            expires_at=_ts(issued.expires_at),
+            expires_at=to_timestamp(issued.expires_at),
             serial=issued.serial,
         )
 
@@ -189,7 +185,7 @@ class WorkloadIdentityServicer(identity_pb2_grpc.WorkloadIdentityServicer):  # t
             kid=token.kid,
         )
         return identity_pb2.EntryJWTSVID(
-            spiffe_id=token.spiffe_id, token=token.token, expires_at=_ts(token.expires_at)
+            spiffe_id=token.spiffe_id, token=token.token, expires_at=to_timestamp(token.expires_at)
         )
 
     async def CreateJoinToken(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -202,7 +198,7 @@ class WorkloadIdentityServicer(identity_pb2_grpc.WorkloadIdentityServicer):  # t
             token=token_fingerprint(token), expires_at=expires.isoformat()
         )
         return identity_pb2.CreateJoinTokenResponse(
-            token=token, spiffe_id=sid, expires_at=_ts(expires)
+            token=token, spiffe_id=sid, expires_at=to_timestamp(expires)
         )
 
     async def AddAttestor(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -274,8 +270,6 @@ class WorkloadIdentityServicer(identity_pb2_grpc.WorkloadIdentityServicer):  # t
 
 
 def binding(app: Application) -> ServiceBinding:
-    from .services import ServiceBinding
-
     return ServiceBinding(
         identity_pb2.DESCRIPTOR.services_by_name["WorkloadIdentity"],
         identity_pb2_grpc.add_WorkloadIdentityServicer_to_server,
