@@ -287,7 +287,7 @@ class AccessControl:
             "operator": caller.is_operator,
             "roles": sorted(caller.roles),
             "subject": caller.subject,
-            "attestation": str(getattr(caller, "attestation", "") or "x509-svid"),
+            "attestation": "x509-svid",  # callers of the main port present an X.509-SVID
             "grants": [
                 {
                     "id": g.id,
