@@ -399,7 +399,7 @@ class BrokerClient:
         except grpc.RpcError as exc:
             raise _error(exc, self._credentials) from None
 
-    # Feature clients (broker/api/<feature>_client.py) build their stubs on this channel and
+    # Feature clients (broker/api/client/<feature>.py) build their stubs on this channel and
     # call through `call`, so every RPC gets the same metadata, timeout and error mapping.
 
     @property

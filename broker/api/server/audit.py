@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -31,7 +31,9 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):  # type: ignore[misc]
     def __init__(self, ledger: AuditLedger) -> None:
         self._ledger = ledger
 
-    async def Verify(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def Verify(
+        self, request: audit_pb2.VerifyAuditRequest, context: grpc.aio.ServicerContext
+    ) -> audit_pb2.VerifyAuditResponse:
         checkpoint = None
         if request.checkpoint_json:
             checkpoint = parse_checkpoint(request.checkpoint_json)  # InvalidArgument if bad
@@ -44,14 +46,18 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):  # type: ignore[misc]
             notes=list(result.notes),
         )
 
-    async def Checkpoint(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def Checkpoint(
+        self, request: audit_pb2.CheckpointRequest, context: grpc.aio.ServicerContext
+    ) -> audit_pb2.CheckpointResponse:
         checkpoint = None if request.fresh else await self._ledger.latest_checkpoint()
         if checkpoint is None:
             checkpoint = await self._ledger.make_checkpoint()
         current_call().details.update(checkpoint_seq=checkpoint.seq)
         return audit_pb2.CheckpointResponse(checkpoint_json=checkpoint.to_json())
 
-    async def Tail(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def Tail(
+        self, request: audit_pb2.TailAuditRequest, context: grpc.aio.ServicerContext
+    ) -> audit_pb2.TailAuditResponse:
         limit = request.limit or 20
         if not 0 < limit <= 1000:
             raise InvalidArgument("limit must be between 1 and 1000")

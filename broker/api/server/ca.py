@@ -90,7 +90,9 @@ class CertificateAuthorityServicer(ca_pb2_grpc.CertificateAuthorityServicer):  #
         call.authorize(resource_name(spiffe_id), identity_attributes(self._auth, spiffe_id))
         return call
 
-    async def MintX509SVID(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def MintX509SVID(
+        self, request: ca_pb2.MintX509SVIDRequest, context: grpc.aio.ServicerContext
+    ) -> ca_pb2.MintX509SVIDResponse:
         call = self._authorize_mint(request.spiffe_id)
         issued = await self._ca.mint_x509(
             request.spiffe_id,
@@ -115,7 +117,9 @@ class CertificateAuthorityServicer(ca_pb2_grpc.CertificateAuthorityServicer):  #
             serial=issued.serial,
         )
 
-    async def MintJWTSVID(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def MintJWTSVID(
+        self, request: ca_pb2.MintJWTSVIDRequest, context: grpc.aio.ServicerContext
+    ) -> ca_pb2.MintJWTSVIDResponse:
         call = self._authorize_mint(request.spiffe_id)
         token = await self._ca.mint_jwt(
             request.spiffe_id, tuple(request.audience), ttl=_ttl(request), caller=call.caller
@@ -130,21 +134,29 @@ class CertificateAuthorityServicer(ca_pb2_grpc.CertificateAuthorityServicer):  #
             spiffe_id=token.spiffe_id, token=token.token, expires_at=to_timestamp(token.expires_at)
         )
 
-    async def GetBundle(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def GetBundle(
+        self, request: ca_pb2.GetBundleRequest, context: grpc.aio.ServicerContext
+    ) -> ca_pb2.GetBundleResponse:
         b = self._ca.bundle()
         return ca_pb2.GetBundleResponse(
             trust_domain=b.trust_domain, jwks=b.jwks, pem=b.pem, sequence=b.sequence
         )
 
-    async def GetStatus(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def GetStatus(
+        self, request: ca_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
+    ) -> ca_pb2.GetStatusResponse:
         return _status(await self._ca.status())
 
-    async def Rotate(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def Rotate(
+        self, request: ca_pb2.RotateRequest, context: grpc.aio.ServicerContext
+    ) -> ca_pb2.RotateResponse:
         actions = await self._ca.rotate(force=request.force)
         current_call().details.update(actions=actions, force=request.force)
         return ca_pb2.RotateResponse(actions=actions, status=_status(await self._ca.status()))
 
-    async def GetPolicy(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def GetPolicy(
+        self, request: ca_pb2.GetPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> ca_pb2.GetPolicyResponse:
         p = self._ca.policy_document()
         return ca_pb2.GetPolicyResponse(
             version=p.version,
@@ -153,7 +165,9 @@ class CertificateAuthorityServicer(ca_pb2_grpc.CertificateAuthorityServicer):  #
             updated_at=to_timestamp(p.created_at),
         )
 
-    async def SetPolicy(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def SetPolicy(
+        self, request: ca_pb2.SetPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> ca_pb2.SetPolicyResponse:
         if not request.document_json.strip():
             raise InvalidArgument("policy document is empty")
         version = await self._ca.set_policy(request.document_json, current_call().caller)

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -60,7 +60,9 @@ class OperatorsServicer(operators_pb2_grpc.OperatorsServicer):  # type: ignore[m
     def __init__(self, service: OperatorService) -> None:
         self._svc = service
 
-    async def LoginConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def LoginConfig(
+        self, request: operators_pb2.LoginConfigRequest, context: grpc.aio.ServicerContext
+    ) -> operators_pb2.LoginConfigResponse:
         cfg = self._svc.config
         self._svc.verifier  # noqa: B018 (raises FailedPrecondition when login is off)
         return operators_pb2.LoginConfigResponse(
@@ -71,7 +73,9 @@ class OperatorsServicer(operators_pb2_grpc.OperatorsServicer):  # type: ignore[m
             max_ttl_seconds=int(cfg.max_ttl.total_seconds()),
         )
 
-    async def Login(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def Login(
+        self, request: operators_pb2.LoginRequest, context: grpc.aio.ServicerContext
+    ) -> operators_pb2.LoginResponse:
         ttl = dt.timedelta(seconds=request.ttl_seconds) if request.ttl_seconds else None
         details = current_call().details
         result = await self._svc.login(
@@ -92,21 +96,29 @@ class OperatorsServicer(operators_pb2_grpc.OperatorsServicer):  # type: ignore[m
             bundle=b"".join(result.bundle_der),
         )
 
-    async def WhoAmI(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def WhoAmI(
+        self, request: operators_pb2.WhoAmIRequest, context: grpc.aio.ServicerContext
+    ) -> operators_pb2.OperatorSession:
         call = current_call()
         return _session(await self._svc.whoami(call.caller, _peer_serial(context)))
 
-    async def Logout(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def Logout(
+        self, request: operators_pb2.LogoutRequest, context: grpc.aio.ServicerContext
+    ) -> operators_pb2.OperatorSession:
         call = current_call()
         record = await self._svc.logout(call.caller, _peer_serial(context))
         call.details.update(serial=record.serial, subject=record.subject)
         return _session(record)
 
-    async def ListOperators(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def ListOperators(
+        self, request: operators_pb2.ListOperatorsRequest, context: grpc.aio.ServicerContext
+    ) -> operators_pb2.ListOperatorsResponse:
         sessions = await self._svc.list_sessions(include_inactive=request.include_inactive)
         return operators_pb2.ListOperatorsResponse(sessions=[_session(s) for s in sessions])
 
-    async def RevokeOperator(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def RevokeOperator(
+        self, request: operators_pb2.RevokeOperatorRequest, context: grpc.aio.ServicerContext
+    ) -> operators_pb2.RevokeOperatorResponse:
         revoked = await self._svc.revoke(request.target)
         current_call().details.update(serials=[r.serial for r in revoked][:64])
         return operators_pb2.RevokeOperatorResponse(revoked=[_session(r) for r in revoked])

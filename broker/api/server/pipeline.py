@@ -506,6 +506,27 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         except Exception as exc:  # mapped to a status when finishing; never re-raised to gRPC
             outcome.failed(exc)
 
+    def _sampling(self, outcome: CallOutcome) -> tuple[bool, dict[str, Any] | None]:
+        """Whether the event of `outcome` is written, and its `sampled` field: refusals by the
+        rate limiter and unauthenticated calls on the attestation port are counted, and one
+        event per caller (or peer address) and interval stands for all of them."""
+        error = outcome.error
+        if isinstance(error, RateLimited):
+            metrics.record_refusal("rate_limit")
+            key = f"rate:{outcome.seen.get('who', 'unauthenticated')}"
+        elif isinstance(error, Unauthenticated) and "sample" in outcome.seen:
+            metrics.record_refusal("unauthenticated")
+            key = outcome.seen["sample"]
+        else:
+            return True, None
+        previous = self._refusals.admit(key)
+        if previous is None:
+            return False, None
+        return True, {
+            "interval_seconds": self._refusals.interval,
+            "previous_interval_refusals": previous,
+        }
+
     async def _finish(
         self,
         outcome: CallOutcome,
@@ -520,18 +541,8 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         code, message = (
             (grpc.StatusCode.OK, "") if error is None else to_status(error, outcome.correlation_id)
         )
-        sampled: int | None = 0
-        sample_key = ""
-        if isinstance(error, RateLimited):
-            metrics.record_refusal("rate_limit")
-            sample_key = f"rate:{outcome.seen.get('who', 'unauthenticated')}"
-        elif isinstance(error, Unauthenticated) and "sample" in outcome.seen:
-            metrics.record_refusal("unauthenticated")
-            sample_key = outcome.seen["sample"]
-        if sample_key:
-            sampled = self._refusals.admit(sample_key)
-
-        if (spec is None or spec.audited) and sampled is not None:
+        recorded, sampled = self._sampling(outcome)
+        if (spec is None or spec.audited) and recorded:
             event = audit_event(
                 outcome,
                 when=self._clock.now(),
@@ -539,14 +550,7 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 latency_ms=round((time.perf_counter() - started) * 1000, 3),
                 status=code.name,
                 message=message,
-                sampled=(
-                    {
-                        "interval_seconds": self._refusals.interval,
-                        "previous_interval_refusals": sampled,
-                    }
-                    if sample_key
-                    else None
-                ),
+                sampled=sampled,
                 cancelled=None if cancellation.outcome is None else cancellation.outcome.name,
             )
             try:

@@ -130,7 +130,9 @@ class WorkloadAPIServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type:
         async for message in self._stream(context, "jwt-bundles"):
             yield message
 
-    async def FetchJWTSVID(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def FetchJWTSVID(
+        self, request: workload_pb2.JWTSVIDRequest, context: grpc.aio.ServicerContext
+    ) -> workload_pb2.JWTSVIDResponse:
         selectors = await self._caller(context)
         try:
             if not request.audience:
@@ -145,7 +147,9 @@ class WorkloadAPIServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type:
             svids=[workload_pb2.JWTSVID(spiffe_id=s.spiffe_id, svid=s.token) for s in svids]
         )
 
-    async def ValidateJWTSVID(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def ValidateJWTSVID(
+        self, request: workload_pb2.ValidateJWTSVIDRequest, context: grpc.aio.ServicerContext
+    ) -> workload_pb2.ValidateJWTSVIDResponse:
         await self._caller(context)
         try:
             if not request.audience:
