@@ -32,7 +32,6 @@ import click
 
 from broker import clioutput
 from broker.api.client.base import (
-    JWTSVID,
     X509SVID,
     AuditEntry,
     AuditVerification,
@@ -42,6 +41,7 @@ from broker.api.client.base import (
     CAStatusReport,
     ClientCredentials,
     ClientError,
+    MintedJWTSVID,
     RotateResult,
 )
 from broker.config import DEFAULT_DATA_DIR, DEFAULT_LISTEN
@@ -68,7 +68,7 @@ class BrokerAPI(Protocol):
 
     def mint_jwt(
         self, spiffe_id: str, audience: Sequence[str], ttl_seconds: int | None = None
-    ) -> JWTSVID: ...
+    ) -> MintedJWTSVID: ...
 
     def bundle(self) -> Bundle: ...
 

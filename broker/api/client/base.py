@@ -28,7 +28,6 @@ from ca.errors import CAError
 from ca.x509svid import server_name, trust_domain_of_roots
 
 __all__ = [
-    "JWTSVID",
     "MAX_MESSAGE_BYTES",
     "X509SVID",
     "AuditEntry",
@@ -41,6 +40,7 @@ __all__ = [
     "ClientCredentials",
     "ClientError",
     "FeatureClient",
+    "MintedJWTSVID",
     "RotateResult",
     "Transport",
     "broker_server_name",
@@ -99,7 +99,7 @@ class X509SVID:
 
 
 @dataclass(frozen=True)
-class JWTSVID:
+class MintedJWTSVID:
     spiffe_id: str
     token: str
     expires_at: datetime
@@ -443,13 +443,13 @@ class BrokerClient:
 
     def mint_jwt(
         self, spiffe_id: str, audience: Sequence[str], ttl_seconds: int | None = None
-    ) -> JWTSVID:
+    ) -> MintedJWTSVID:
         """Issue a JWT-SVID; `ttl_seconds` as for `mint_x509`."""
         request = ca_pb2.MintJWTSVIDRequest(spiffe_id=spiffe_id, audience=list(audience))
         if ttl_seconds is not None:
             request.ttl_seconds = ttl_seconds
         response: ca_pb2.MintJWTSVIDResponse = self._call(self._ca.MintJWTSVID, request)
-        return JWTSVID(
+        return MintedJWTSVID(
             spiffe_id=response.spiffe_id,
             token=response.token,
             expires_at=to_datetime(response.expires_at),

@@ -25,7 +25,7 @@ from broker.api.timestamps import optional_datetime
 
 __all__ = [
     "LoginConfig",
-    "LoginResult",
+    "OperatorLogin",
     "OperatorSession",
     "OperatorsClient",
     "login",
@@ -70,7 +70,7 @@ class LoginConfig:
 
 
 @dataclass(frozen=True)
-class LoginResult:
+class OperatorLogin:
     session: OperatorSession
     chain_pem: bytes  # leaf first
     bundle_pem: bytes
@@ -133,12 +133,12 @@ def login(
     csr_der: bytes,
     ttl_seconds: int = 0,
     timeout: float = DEFAULT_TIMEOUT_SECONDS,
-) -> LoginResult:
+) -> OperatorLogin:
     request = operators_pb2.LoginRequest(
         id_token=id_token, nonce=nonce, csr=csr_der, ttl_seconds=ttl_seconds
     )
     r = _bootstrap_call(attest_server, bundle_pem, "Login", request, timeout)
-    return LoginResult(
+    return OperatorLogin(
         _session(r.session), _pem(_split_der(r.cert_chain)), _pem(_split_der(r.bundle))
     )
 

@@ -18,7 +18,6 @@ import pytest
 from click.testing import CliRunner, Result
 
 from broker.api.client.base import (
-    JWTSVID,
     X509SVID,
     AuditEntry,
     AuditVerification,
@@ -27,6 +26,7 @@ from broker.api.client.base import (
     CAPolicyDocument,
     CAStatusReport,
     ClientError,
+    MintedJWTSVID,
     RotateResult,
 )
 from broker.cli import BrokerAPI, CliContext, ConnectionSettings, cli, run
@@ -110,11 +110,11 @@ class FakeClient:
 
     def mint_jwt(
         self, spiffe_id: str, audience: Sequence[str], ttl_seconds: int | None = None
-    ) -> JWTSVID:
+    ) -> MintedJWTSVID:
         self._record(
             "mint_jwt", spiffe_id=spiffe_id, audience=list(audience), ttl_seconds=ttl_seconds
         )
-        return JWTSVID(spiffe_id=spiffe_id, token="header.payload.sig", expires_at=EXPIRES)
+        return MintedJWTSVID(spiffe_id=spiffe_id, token="header.payload.sig", expires_at=EXPIRES)
 
     def bundle(self) -> Bundle:
         self._record("bundle")
