@@ -4,6 +4,10 @@
 
 Servicers raise domain errors; this module turns them into status codes (through
 `broker.api.status`) after the audit event, carrying the outcome, has been committed.
+
+A unary call goes through four steps: admission (correlation id, then `_authorize`),
+invocation (the servicer under its `CallContext`), the audit event (`audit_event`, a pure
+function of the call's `CallOutcome`) and finishing (sampling, ledger, metrics, answer).
 Health checks and reflection are authenticated, rate limited and authorized like everything
 else but not written to the ledger (they carry no data and would drown it).
 
