@@ -69,7 +69,7 @@ TWO_PERSON_MINT_ACTIONS: Final = frozenset(
     {"svid.mint", "jwt.mint", "token.create", "entry.admin", "attestor.admin"}
 )
 # The layout environment whose identities can own prod data (the resource attribute
-# "environment" of an identity, see broker.api.servicers.identity_attributes).
+# "environment" of an identity, see broker.api.server.attributes.identity_attributes).
 PROD_ENVIRONMENT: Final = "prod"
 _MAX_TEXT: Final = 1024
 _CACHE_SIZE: Final = 65536
@@ -287,7 +287,7 @@ class AccessControl:
             "operator": caller.is_operator,
             "roles": sorted(caller.roles),
             "subject": caller.subject,
-            "attestation": str(getattr(caller, "attestation", "") or "x509-svid"),
+            "attestation": "x509-svid",  # callers of the main port present an X.509-SVID
             "grants": [
                 {
                     "id": g.id,

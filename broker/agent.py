@@ -9,7 +9,7 @@ it expires and retries with exponential backoff (1 s doubling to 60 s). `step()`
 and says how long to wait, so tests drive it with a fake clock and no sleeping.
 
 The broker is reached through `BrokerLink` (implemented over gRPC in
-`broker.api.identity_client`); the Workload API (`broker.api.workload`) reads `snapshot`,
+`broker.api.client.identity`); the Workload API (`broker.api.workload`) reads `snapshot`,
 `svids_for` and `jwt_svids`.
 
 Trust (whoever answers is not trusted for it): the agent starts from the pinned roots
@@ -56,8 +56,8 @@ from ca.x509svid import spiffe_id_of, trust_domain_of_roots, verify_chain
 __all__ = [
     "Agent",
     "AgentEntry",
+    "AgentSVID",
     "BrokerLink",
-    "IssuedSVID",
     "JWTResult",
     "Snapshot",
     "SyncResult",
@@ -82,7 +82,7 @@ class AgentEntry:
 
 
 @dataclass(frozen=True)
-class IssuedSVID:
+class AgentSVID:
     spiffe_id: str
     chain_der: tuple[bytes, ...]  # leaf first
     expires_at: dt.datetime
@@ -119,7 +119,7 @@ class BrokerLink(Protocol):
     """What the agent needs from the broker. Blocking calls (run off the event loop); any
     failure raises a `broker.errors.BrokerError` (Unavailable when unreachable)."""
 
-    def attest(self, csr_der: bytes) -> IssuedSVID:
+    def attest(self, csr_der: bytes) -> AgentSVID:
         """Attest with the bootstrap credential (join token or JWT) the link was built with."""
         ...
 
@@ -131,11 +131,11 @@ class BrokerLink(Protocol):
         """Verify the broker against these roots from now on (after a bundle change)."""
         ...
 
-    def renew(self, csr_der: bytes) -> IssuedSVID: ...
+    def renew(self, csr_der: bytes) -> AgentSVID: ...
 
     def sync(self) -> SyncResult: ...
 
-    def mint_x509(self, entry_id: str, csr_der: bytes) -> IssuedSVID: ...
+    def mint_x509(self, entry_id: str, csr_der: bytes) -> AgentSVID: ...
 
     def mint_jwt(self, entry_id: str, audience: Sequence[str]) -> JWTResult: ...
 
@@ -265,7 +265,7 @@ class Agent:
         self._blocking = blocking or asyncio.to_thread
         self._snapshot = Snapshot()
         self._changed = asyncio.Condition()
-        self._agent: IssuedSVID | None = None
+        self._agent: AgentSVID | None = None
         self._agent_renew_at: dt.datetime | None = None
         self._next_sync = clock.now()
         self._failures = 0
@@ -404,7 +404,7 @@ class Agent:
 
     def _verify_svid(
         self,
-        issued: IssuedSVID,
+        issued: AgentSVID,
         key: ec.EllipticCurvePrivateKey,
         expected_id: str | None,
     ) -> None:
@@ -539,7 +539,7 @@ class Agent:
         self._set_agent(issued, key)
         log.info("renewed the agent SVID until %s", issued.expires_at.isoformat())
 
-    def _set_agent(self, issued: IssuedSVID, key: ec.EllipticCurvePrivateKey) -> None:
+    def _set_agent(self, issued: AgentSVID, key: ec.EllipticCurvePrivateKey) -> None:
         self._link.use_identity(
             _pem_chain(issued.chain_der), _pkcs8(key, serialization.Encoding.PEM)
         )
@@ -597,7 +597,7 @@ class Agent:
         try:
             for entry in due:
                 key = _new_key()
-                issued: IssuedSVID = await self._blocking(self._link.mint_x509, entry.id, _csr(key))
+                issued: AgentSVID = await self._blocking(self._link.mint_x509, entry.id, _csr(key))
                 self._verify_svid(issued, key, entry.spiffe_id)
                 svids[entry.id] = WorkloadSVID(
                     entry_id=entry.id,

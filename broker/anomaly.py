@@ -22,11 +22,12 @@ from __future__ import annotations
 import datetime as dt
 import math
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Final
 
 from broker import metrics
+from broker.audit import AuditEvent
 from ca.clock import Clock
 
 __all__ = ["AnomalyConfig", "AnomalyDetector"]
@@ -95,10 +96,10 @@ class AnomalyDetector:
             empty = min(max(0, min(following, oldest) - bucket - 1), 10_000)
             track.baseline *= (1 - cfg.alpha) ** empty
 
-    def observe(self, event: Mapping[str, Any]) -> dict[str, Any] | None:
+    def observe(self, event: AuditEvent) -> AuditEvent | None:
         """Count one audited request; returns an anomaly audit event or None."""
-        who = str(event.get("who", ""))
-        if not who or event.get("what") == "anomaly.detected":
+        who = event.who
+        if not who or event.what == "anomaly.detected":
             return None
         now = self._bucket()
         track = self._tracks.get(who)
@@ -111,7 +112,7 @@ class AnomalyDetector:
             track.buckets.append([now, 0, 0])
         current = track.buckets[-1]
         current[1] += 1
-        if event.get("decision") == "deny":
+        if event.decision == "deny":
             current[2] += 1
         requests = sum(b[1] for b in track.buckets)
         denials = sum(b[2] for b in track.buckets)
@@ -145,35 +146,33 @@ class AnomalyDetector:
         reason: str,
         requests: int,
         denials: int,
-        trigger: Mapping[str, Any],
-    ) -> dict[str, Any] | None:
+        trigger: AuditEvent,
+    ) -> AuditEvent | None:
         last = track.last_reported.get(kind)
         if last is not None and now - last < self.config.buckets:
             return None  # once per window
         track.last_reported[kind] = now
         self.detected[kind] += 1
         self._on_anomaly(kind, who)
-        return {
-            "when": self._clock.now().isoformat(timespec="microseconds"),
-            "who": who,
-            "what": "anomaly.detected",
-            "method": "",
-            "resource": who,
-            "where": str(trigger.get("where", "")),
-            "why": "",
-            "correlation_id": str(trigger.get("correlation_id", "")),
-            "decision": "flag",
-            "reason": reason,
-            "rule": kind,
-            "outcome": "ANOMALY",
-            "details": {
+        return AuditEvent(
+            when=self._clock.now(),
+            who=who,
+            what="anomaly.detected",
+            resource=who,
+            where=trigger.where,
+            correlation_id=trigger.correlation_id,
+            decision="flag",
+            reason=reason,
+            rule=kind,
+            outcome="ANOMALY",
+            details={
                 "kind": kind,
                 "requests": requests,
                 "denials": denials,
                 "baseline_per_window": round(track.baseline * self.config.buckets, 3),
                 "window_seconds": self.config.window.total_seconds(),
             },
-        }
+        )
 
 
 def _span(value: dt.timedelta) -> str:

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from broker.access import AccessControl
 from broker.anomaly import AnomalyDetector
 from broker.audit import AuditLedger, CheckpointJob
+from broker.authn import Authenticator
 from broker.authority import CAService, CAServiceConfig
 from broker.config import Config
 from broker.database.credentials import CredentialService, DatabaseSettings
@@ -27,7 +28,6 @@ from broker.database.engine import open_engine
 from broker.database.reaper import LeaseReaper
 from broker.envelope import DataKeyCache, Envelope, KekRotator, SealedStore
 from broker.files import write_private_file
-from broker.identity import Authenticator
 from broker.operators.service import OperatorService
 from broker.policy import DefaultPolicy, Policy
 from broker.ratelimit import RateLimiter

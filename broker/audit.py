@@ -60,6 +60,7 @@ from ca.keys import KeyBackend, KeyKind, mac_signer
 
 __all__ = [
     "CHECKPOINT_KEY_LABEL",
+    "AuditEvent",
     "AuditLedger",
     "Checkpoint",
     "CheckpointJob",
@@ -89,6 +90,73 @@ _EPOCH_MARK = f'"what":"{EPOCH_EVENT}"'
 _ECDSA = ec.ECDSA(hashes.SHA256())
 
 IntegrityHook = Callable[[str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    """One entry of the ledger about a request or a background action, in the one shape every
+    writer uses (the request pipeline, the lease reaper, the anomaly detector, the ledger's own
+    epoch and checkpoint entries). `to_dict` is what the ledger stores: the fields from `when`
+    to `outcome` always, the optional ones below only when set.
+
+    `decision` is "allow", "deny" or "flag" (an anomaly); `outcome` is the gRPC status name of
+    a request, or what a background action came to ("revoked", "ANOMALY", ...)."""
+
+    when: dt.datetime
+    who: str
+    what: str
+    resource: str
+    decision: str
+    outcome: str
+    method: str = ""
+    where: str = ""
+    why: str = ""
+    correlation_id: str = ""
+    reason: str = ""
+    rule: str = ""
+    latency_ms: float | None = None
+    error: str | None = None
+    serial: str | None = None
+    # Refusal sampling: one event per caller and interval stands for all its refusals.
+    sampled: Mapping[str, Any] | None = None
+    # A request whose client went away: did its change take effect (applied, none, unknown)?
+    effect: str | None = None
+    details: Mapping[str, Any] | None = None
+    flags: Mapping[str, str] | None = None  # grant / approval / break-glass used
+    minted_by: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "when": self.when.isoformat(timespec="microseconds"),
+            "who": self.who,
+            "what": self.what,
+            "method": self.method,
+            "resource": self.resource,
+            "where": self.where,
+            "why": self.why,
+            "correlation_id": self.correlation_id,
+            "decision": self.decision,
+            "reason": self.reason,
+            "rule": self.rule,
+            "outcome": self.outcome,
+        }
+        for name in _OPTIONAL_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = dict(value) if isinstance(value, Mapping) else value
+        return out
+
+
+_OPTIONAL_FIELDS = (
+    "latency_ms",
+    "error",
+    "serial",
+    "sampled",
+    "effect",
+    "details",
+    "flags",
+    "minted_by",
+)
 
 
 def canonical_json(event: Mapping[str, Any]) -> str:
@@ -125,21 +193,19 @@ def _ledger_event(
     what: str, who: str, when: dt.datetime, reason: str, details: dict[str, Any]
 ) -> dict[str, Any]:
     """An event the ledger writes about itself, shaped like a request's event."""
-    return {
-        "when": when.isoformat(timespec="microseconds"),
-        "who": who,
-        "what": what,
-        "method": "",
-        "resource": "audit",
-        "where": "",
-        "why": reason,
-        "correlation_id": f"{what}-{details.get('epoch', 0)}-{details.get('seq', 0)}",
-        "decision": "allow",
-        "reason": reason,
-        "rule": "ledger",
-        "outcome": "OK",
-        "details": details,
-    }
+    return AuditEvent(
+        when=when,
+        who=who,
+        what=what,
+        resource="audit",
+        why=reason,
+        correlation_id=f"{what}-{details.get('epoch', 0)}-{details.get('seq', 0)}",
+        decision="allow",
+        reason=reason,
+        rule="ledger",
+        outcome="OK",
+        details=details,
+    ).to_dict()
 
 
 @dataclass(frozen=True)
@@ -478,7 +544,7 @@ class AuditLedger:
                 await self._writer
             self._writer = None
 
-    async def record(self, event: Mapping[str, Any]) -> int:
+    async def record(self, event: AuditEvent | Mapping[str, Any]) -> int:
         """Append one event and return its sequence number once committed.
 
         Raises AuditWriteFailed when the ledger cannot be written (AuditIntegrityError when
@@ -488,6 +554,8 @@ class AuditLedger:
         if self._queue is None:
             raise AuditWriteFailed("audit ledger is not running; request refused")
         started = time.perf_counter()
+        if isinstance(event, AuditEvent):
+            event = event.to_dict()
         pending = _Pending(canonical_json(event), asyncio.get_running_loop().create_future())
         self._queue.put_nowait(pending)
         try:

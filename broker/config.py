@@ -117,7 +117,7 @@ class ServerConfig:
     # default is 120 s); see docs/security.md, "Connections".
     handshake_timeout: dt.timedelta = dt.timedelta(seconds=10)
     # Open connections per peer address, and in all (0: derived from the fd limit at start).
-    # The per-peer cap needs the connection gate (broker.api.gate) in front of a port:
+    # The per-peer cap needs the connection gate (broker.api.server.gate) in front of a port:
     # "attest" (the attestation port, the default), "all" (the main port too), "off".
     max_connections_per_peer: int = 64
     max_connections: int = 0

@@ -79,7 +79,7 @@ def _configure_logging() -> None:
 def raise_fd_limit() -> tuple[int, int]:
     """Raise this process's soft RLIMIT_NOFILE to its hard limit, so that idle or slow
     connections cannot exhaust the fds the broker needs (the gRPC servers cap connections
-    below it: `broker.api.server.connection_budget`). Logs one line saying what it did and
+    below it: `broker.api.server.serving.connection_budget`). Logs one line saying what it did and
     returns (before, after); a refusal by the kernel is logged and the old limit kept."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == hard or soft == resource.RLIM_INFINITY:
@@ -155,7 +155,7 @@ async def _serve(
     new_epoch: str | None = None,
 ) -> None:
     """Serve in this process. A worker (`ready` given) reports its port instead of printing."""
-    from broker.api.server import serve_application
+    from broker.api.server.serving import serve_application
 
     app = await _open(config)
     metrics_server = None

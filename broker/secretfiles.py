@@ -2,7 +2,7 @@
 for a tmpfs such as /run/<service>/secrets), rewritten when a new version appears and removed
 when the broker refuses it (revoked, deleted, access withdrawn).
 
-No grpc here: values come from a `broker.secrets_sdk.SecretSource`.
+No grpc here: values come from a `broker.api.client.sdk.SecretSource`.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from broker.api.client.sdk import SecretRefused, SecretSource, SecretUnavailable
 from broker.errors import InvalidArgument
 from broker.files import write_private_file
-from broker.secrets_sdk import SecretRefused, SecretSource, SecretUnavailable
 
 __all__ = ["FileSync", "SecretFiles"]
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from broker.cli.clients import Authority, CAStatus
+from broker.cli.clients import Authority, CAStatusReport
 from broker.cli.inputs import policy_document_json, read_input_file
 from broker.cli.options import DURATION, clients, connection_options
 from broker.cli.refusals import Refusal
@@ -29,7 +29,7 @@ from broker.files import write_private_file
 __all__ = ["ca", "jwt", "status_json", "status_table", "svid"]
 
 
-def status_json(status: CAStatus) -> dict[str, Any]:
+def status_json(status: CAStatusReport) -> dict[str, Any]:
     root = status.root
     return record_json(status) | {
         "root": record_json(root) if root is not None else None,
@@ -37,7 +37,7 @@ def status_json(status: CAStatus) -> dict[str, Any]:
     }
 
 
-def status_table(status: CAStatus) -> str:
+def status_table(status: CAStatusReport) -> str:
     lines = table(
         [
             ["trust domain", status.trust_domain],

@@ -15,46 +15,45 @@ from functools import cached_property
 from pathlib import Path
 from typing import Protocol
 
-from broker.api.access_client import (
+from broker.api.client.access import (
     AccessClient,
     ApprovalView,
     BreakGlassView,
     GrantView,
     RegoPolicy,
 )
-from broker.api.client import (
-    JWTSVID,
+from broker.api.client.base import (
     X509SVID,
     AuditEntry,
     AuditVerification,
     Authority,
     BrokerClient,
     Bundle,
-    CAStatus,
+    CAPolicyDocument,
+    CAStatusReport,
     ClientCredentials,
     ClientError,
-    Policy,
+    MintedJWTSVID,
     RotateResult,
 )
-from broker.api.database_client import Connection, DatabaseClient, Lease, Role
-from broker.api.identity_client import Attestor, Entry, IdentityClient
-from broker.api.operators_client import (
+from broker.api.client.database import Connection, DatabaseClient, Lease, Role
+from broker.api.client.identity import Attestor, Entry, IdentityClient
+from broker.api.client.operators import (
     OperatorsClient,
     OperatorSession,
     login,
     login_config,
 )
-from broker.api.secrets_client import (
+from broker.api.client.sdk import SecretRefused, SecretResolver, SecretUnavailable
+from broker.api.client.secrets import (
     BrokerSecretSource,
     KekRotationResult,
     SecretDetails,
     SecretMeta,
     SecretsClient,
 )
-from broker.secrets_sdk import SecretRefused, SecretResolver, SecretUnavailable
 
 __all__ = [
-    "JWTSVID",
     "X509SVID",
     "AccessClient",
     "ApprovalView",
@@ -68,7 +67,8 @@ __all__ = [
     "BrokerSecretSource",
     "Bundle",
     "CAClient",
-    "CAStatus",
+    "CAPolicyDocument",
+    "CAStatusReport",
     "ClientCredentials",
     "ClientError",
     "Clients",
@@ -81,9 +81,9 @@ __all__ = [
     "IdentityClient",
     "KekRotationResult",
     "Lease",
+    "MintedJWTSVID",
     "OperatorSession",
     "OperatorsClient",
-    "Policy",
     "RegoPolicy",
     "Role",
     "RotateResult",
@@ -122,15 +122,15 @@ class CAClient(Protocol):
 
     def mint_jwt(
         self, spiffe_id: str, audience: Sequence[str], ttl_seconds: int | None = None
-    ) -> JWTSVID: ...
+    ) -> MintedJWTSVID: ...
 
     def bundle(self) -> Bundle: ...
 
-    def status(self) -> CAStatus: ...
+    def status(self) -> CAStatusReport: ...
 
     def rotate(self, force: bool = False) -> RotateResult: ...
 
-    def get_policy(self) -> Policy: ...
+    def get_policy(self) -> CAPolicyDocument: ...
 
     def set_policy(self, document_json: str) -> int: ...
 

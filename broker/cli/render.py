@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from broker.cli.clients import Policy
+from broker.cli.clients import CAPolicyDocument
 from broker.cli.options import output_format
 
 __all__ = [
@@ -131,7 +131,7 @@ def table(rows: Sequence[Sequence[str]]) -> list[str]:
     ]
 
 
-def policy_json(policy: Policy) -> dict[str, Any]:
+def policy_json(policy: CAPolicyDocument) -> dict[str, Any]:
     """The CA policy with its document parsed (`broker ca policy get`, `broker policy get`)."""
     try:
         document: Any = json.loads(policy.document_json) if policy.document_json else None

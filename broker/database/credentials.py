@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Final, TypeVar
 
+from broker.audit import AuditEvent
 from broker.database.engine import (
     AdminLoginRefused,
     Engine,
@@ -816,30 +817,27 @@ class CredentialService:
     ) -> None:
         if self._audit is None:
             return
-        event: dict[str, Any] = {
-            "when": self._clock.now().isoformat(timespec="microseconds"),
-            "who": "broker/lease-reaper",
-            "what": what,
-            "method": "",
-            "resource": lease.id,
-            "where": "broker",
-            "why": "",
-            "correlation_id": f"reaper-{secrets.token_hex(8)}",
-            "rule": "lease-expiry",
-            "decision": "allow",
-            "reason": f"lease was {lease.state} and due",
-            "outcome": outcome,
-            "details": {
+        event = AuditEvent(
+            when=self._clock.now(),
+            who="broker/lease-reaper",
+            what=what,
+            resource=lease.id,
+            where="broker",
+            correlation_id=f"reaper-{secrets.token_hex(8)}",
+            rule="lease-expiry",
+            decision="allow",
+            reason=f"lease was {lease.state} and due",
+            outcome=outcome,
+            details={
                 "lease_id": lease.id,
                 "role": lease.role,
                 "username": lease.username,
                 **(extra or {}),
             },
-        }
-        if error:
-            event["error"] = error
+            error=error or None,
+        )
         try:
-            await self._audit(event)
+            await self._audit(event.to_dict())
         except BrokerError as exc:
             log.warning("audit of reaper event for %s failed: %s", lease.id, exc)
 

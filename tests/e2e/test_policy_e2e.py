@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.api.client import BrokerClient, ClientCredentials, ClientError
+from broker.api.client.base import BrokerClient, ClientCredentials, ClientError
 from broker.rego import default_modules
 from tests.e2e.conftest import BrokerCli, BrokerProcess, CliResult
 

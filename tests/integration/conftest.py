@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from broker.api._proto import audit_pb2_grpc, ca_pb2_grpc
-from broker.api.server import ServingCredentials, serve_application
+from broker.api.server.serving import ServingCredentials, serve_application
 from broker.app import Application
 from broker.config import CAConfig, Config, KeysConfig, ServerConfig, StorageConfig
 from broker.errors import StorageError

@@ -36,15 +36,15 @@ from broker.api._proto import (
     workload_pb2,
     workload_pb2_grpc,
 )
-from broker.api.client import BrokerClient, ClientCredentials, ClientError
-from broker.api.identity_client import GrpcBrokerLink
-from broker.api.secrets_client import BrokerSecretSource, SecretsClient
-from broker.api.server import AppServer, serve_application
+from broker.api.client.base import BrokerClient, ClientCredentials, ClientError
+from broker.api.client.identity import GrpcBrokerLink
+from broker.api.client.sdk import SecretResolver, SecretUnavailable
+from broker.api.client.secrets import BrokerSecretSource, SecretsClient
+from broker.api.server.serving import AppServer, serve_application
 from broker.api.workload import pinned_roots, selectors_of, serve_workload_api
 from broker.app import Application
 from broker.cli import run
 from broker.errors import Unauthenticated
-from broker.secrets_sdk import SecretResolver, SecretUnavailable
 from broker.storage.factory import open_storage
 from ca.bundle import TrustBundle
 from ca.clock import FakeClock
@@ -389,7 +389,7 @@ async def test_the_real_broker_is_accepted_by_the_cli_the_sdk_and_the_agent(
 
 
 def identity_client(client: BrokerClient) -> Any:
-    from broker.api.identity_client import IdentityClient
+    from broker.api.client.identity import IdentityClient
 
     return IdentityClient(client)
 

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from broker.api._proto import ca_pb2, ca_pb2_grpc, identity_pb2, identity_pb2_grpc
-from broker.api.server import AppServer, serve_application
+from broker.api.server.serving import AppServer, serve_application
 from broker.app import Application
 from broker.storage.factory import open_storage
 from ca.clock import FakeClock

@@ -36,7 +36,7 @@ from broker.api._proto import (
     secrets_pb2,
     secrets_pb2_grpc,
 )
-from broker.api.server import serve_application
+from broker.api.server.serving import serve_application
 from broker.app import Application
 from broker.config import OperatorsConfig
 from broker.operators.roles import operator_claims_of
@@ -126,7 +126,7 @@ def _csr(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def _split(blob: bytes) -> list[x509.Certificate]:
-    from broker.api.operators_client import _split_der
+    from broker.api.client.operators import _split_der
 
     return _split_der(blob)
 

@@ -14,11 +14,11 @@ import grpc
 import pytest
 
 from broker.api._proto import secrets_pb2, secrets_pb2_grpc
-from broker.api.client import BrokerClient, ClientCredentials
-from broker.api.secrets_client import BrokerSecretSource, SecretsClient
+from broker.api.client.base import BrokerClient, ClientCredentials
+from broker.api.client.sdk import SecretRefused, SecretResolver, SecretUnavailable
+from broker.api.client.secrets import BrokerSecretSource, SecretsClient
 from broker.envelope import aad
 from broker.secrets import reference_hash
-from broker.secrets_sdk import SecretRefused, SecretResolver, SecretUnavailable
 from broker.storage.secrets import SecretRecord, VersionRecord
 
 from .conftest import CORRELATION_HEADER, BrokerHarness, Identity

@@ -102,7 +102,7 @@ def test_only_the_cli_clients_module_imports_the_client_sdk() -> None:
         for path in _modules("broker/cli")
         if path.stem != "clients"
         for module in _imports(path)
-        if module.startswith("broker.api") or module == "broker.secrets_sdk"
+        if module.startswith("broker.api")
     ]
     assert not offenders
 
@@ -165,3 +165,62 @@ def test_storage_backend_seam_is_a_leaf() -> None:
     importing any of them back would be a cycle."""
     imported = _imports(ROOT / "broker" / "storage" / "backend.py")
     assert not {m for m in imported if m.startswith("broker")}
+
+
+def _absolute_imports(path: Path) -> set[str]:
+    """Every module `path` imports, relative imports resolved (`from ..client import x` in
+    broker/api/server/ca.py is broker.api.client and broker.api.client.x)."""
+    package = list(path.relative_to(ROOT).with_suffix("").parts)[:-1]
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                base = node.module or ""
+            else:
+                parts = package[: len(package) - (node.level - 1)]
+                base = ".".join([*parts, *([node.module] if node.module else [])])
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def _offenders(package: str, forbidden: tuple[str, ...]) -> list[str]:
+    return [
+        f"{path.relative_to(ROOT)}: {module}"
+        for path in _modules(package)
+        for module in sorted(_absolute_imports(path))
+        if any(module == f or module.startswith(f + ".") for f in forbidden)
+    ]
+
+
+def test_the_server_and_the_clients_do_not_import_each_other() -> None:
+    assert not _offenders("broker/api/server", ("broker.api.client", "broker.api.workload"))
+    assert not _offenders("broker/api/client", ("broker.api.server", "broker.api.workload"))
+
+
+def test_the_workload_endpoint_does_not_import_the_server() -> None:
+    assert not _offenders("broker/api/workload", ("broker.api.server",))
+
+
+def test_feature_servicers_do_not_import_the_service_registry() -> None:
+    """`services.py` imports every feature servicer module; they describe their RPCs with the
+    leaf `binding.py`, so the registry never meets a half-initialised feature module."""
+    offenders = [
+        entry
+        for entry in _offenders("broker/api/server", ("broker.api.server.services",))
+        if not entry.startswith(("broker/api/server/serving.py", "broker/api/server/services.py"))
+    ]
+    assert not offenders
+    binding = _absolute_imports(ROOT / "broker/api/server/binding.py")
+    assert not [m for m in binding if m.startswith("broker")]
+
+
+def test_the_secrets_sdk_loads_no_grpc() -> None:
+    """broker.secretfiles (grpc-free) uses the SDK; importing it must not pull in grpc."""
+    for name in ("broker/api/client/__init__.py", "broker/api/client/sdk.py"):
+        imports = _absolute_imports(ROOT / name)
+        assert not [m for m in imports if m.split(".")[0].startswith("grpc")], name
+        assert not [m for m in imports if m.startswith("broker.api.")], name

@@ -22,8 +22,8 @@ from cryptography.hazmat.primitives.hashes import SHA256
 from broker.agent import (
     Agent,
     AgentEntry,
+    AgentSVID,
     FileDelivery,
-    IssuedSVID,
     JWTResult,
     SyncResult,
     renew_at,
@@ -69,7 +69,7 @@ class FakeCA:
             refresh_hint_seconds=60,
         ).to_jwks_json()
 
-    def issue(self, spiffe_id: str, csr_der: bytes, ttl: dt.timedelta) -> IssuedSVID:
+    def issue(self, spiffe_id: str, csr_der: bytes, ttl: dt.timedelta) -> AgentSVID:
         csr = x509.load_der_x509_csr(csr_der)
         cert = self.issuer.issue(
             csr.public_key(),
@@ -82,7 +82,7 @@ class FakeCA:
             cert.public_bytes(serialization.Encoding.DER),
             self.issuing.public_bytes(serialization.Encoding.DER),
         )
-        return IssuedSVID(spiffe_id, der, cert.not_valid_after_utc, cert.not_valid_before_utc)
+        return AgentSVID(spiffe_id, der, cert.not_valid_after_utc, cert.not_valid_before_utc)
 
 
 class FakeLink:
@@ -108,7 +108,7 @@ class FakeLink:
         if self.down:
             raise Unavailable("connection refused")
 
-    def attest(self, csr_der: bytes) -> IssuedSVID:
+    def attest(self, csr_der: bytes) -> AgentSVID:
         self._check("attest")
         return (self.attest_ca or self.ca).issue(AGENT_ID, csr_der, dt.timedelta(hours=1))
 
@@ -118,7 +118,7 @@ class FakeLink:
     def use_roots(self, roots_pem: bytes) -> None:
         self.roots = roots_pem
 
-    def renew(self, csr_der: bytes) -> IssuedSVID:
+    def renew(self, csr_der: bytes) -> AgentSVID:
         self._check("renew")
         return self.ca.issue(AGENT_ID, csr_der, dt.timedelta(hours=1))
 
@@ -131,7 +131,7 @@ class FakeLink:
             self.ca.sequence,
         )
 
-    def mint_x509(self, entry_id: str, csr_der: bytes) -> IssuedSVID:
+    def mint_x509(self, entry_id: str, csr_der: bytes) -> AgentSVID:
         self._check("mint_x509")
         entry = next(e for e in self.entries if e.id == entry_id)
         if self.mint_key is not None:

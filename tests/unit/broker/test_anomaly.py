@@ -7,10 +7,12 @@ import datetime as dt
 from typing import Any
 
 from broker.anomaly import AnomalyConfig, AnomalyDetector
+from broker.audit import AuditEvent
 from ca.clock import FakeClock
 
 WEB = "spiffe://example.org/acme/prod/web"
 DB = "spiffe://example.org/acme/prod/db"
+T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 CONFIG = AnomalyConfig(
     window=dt.timedelta(seconds=60),
     buckets=6,
@@ -22,8 +24,22 @@ CONFIG = AnomalyConfig(
 )
 
 
-def event(who: str, decision: str = "allow", n: int = 0) -> dict[str, Any]:
-    return {"who": who, "what": "secrets.get", "decision": decision, "correlation_id": f"c{n}"}
+def event(who: str, decision: str = "allow", n: int = 0) -> AuditEvent:
+    return AuditEvent(
+        when=T0,
+        who=who,
+        what="secrets.get",
+        resource="",
+        decision=decision,
+        outcome="OK",
+        correlation_id=f"c{n}",
+    )
+
+
+def observe(detector: AnomalyDetector, event: AuditEvent) -> dict[str, Any] | None:
+    """The detector's anomaly event as the ledger stores it."""
+    out = detector.observe(event)
+    return None if out is None else out.to_dict()
 
 
 class Recorder:
@@ -38,7 +54,7 @@ def steady(detector: AnomalyDetector, clock: FakeClock, who: str, per_second: in
     found = []
     for _ in range(seconds):
         for i in range(per_second):
-            out = detector.observe(event(who, n=i))
+            out = observe(detector, event(who, n=i))
             if out is not None:
                 found.append(out)
         clock.advance(1)
@@ -87,7 +103,7 @@ def test_identities_are_tracked_separately() -> None:
         for _ in range(seconds):
             for who, rate in ((WEB, web_rate), (DB, 2)):
                 for i in range(rate):
-                    out = detector.observe(event(who, n=i))
+                    out = observe(detector, event(who, n=i))
                     if out is not None:
                         found.append(out)
             clock.advance(1)
@@ -105,7 +121,7 @@ def test_a_burst_of_denials_fires() -> None:
     detector = AnomalyDetector(clock, CONFIG, on_anomaly=recorder)
     found = []
     for i in range(12):
-        out = detector.observe(event(WEB, "deny", i))
+        out = observe(detector, event(WEB, "deny", i))
         if out is not None:
             found.append(out)
     assert [a["rule"] for a in found] == ["denial-burst"]
@@ -120,7 +136,7 @@ def test_denials_among_many_allows_are_not_a_burst() -> None:
     found = []
     for i in range(40):
         for decision in ("allow", "allow", "allow", "deny"):
-            out = detector.observe(event(WEB, decision, i))
+            out = observe(detector, event(WEB, decision, i))
             if out is not None:
                 found.append(out)
         clock.advance(1)
@@ -130,4 +146,7 @@ def test_denials_among_many_allows_are_not_a_burst() -> None:
 def test_anomaly_events_are_not_counted_again() -> None:
     clock = FakeClock()
     detector = AnomalyDetector(clock, CONFIG, on_anomaly=Recorder())
-    assert detector.observe({"who": WEB, "what": "anomaly.detected", "decision": "flag"}) is None
+    anomaly = AuditEvent(
+        when=T0, who=WEB, what="anomaly.detected", resource=WEB, decision="flag", outcome="ANOMALY"
+    )
+    assert detector.observe(anomaly) is None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from broker.api.interceptors import bootstrap_caller
+from broker.api.server.pipeline import bootstrap_caller
 from broker.policy import Action, Caller, DefaultPolicy
 
 AGENT = "spiffe://example.org/agents/node1"

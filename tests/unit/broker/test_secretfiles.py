@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from broker.api.client.sdk import FetchedSecret, SecretRefused, SecretUnavailable
 from broker.errors import InvalidArgument
 from broker.secretfiles import SecretFiles
-from broker.secrets_sdk import FetchedSecret, SecretRefused, SecretUnavailable
 
 REF = "secret://payments/prod/stripe/api-key"
 

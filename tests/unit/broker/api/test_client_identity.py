@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from broker.api.client import (
+from broker.api.client.base import (
     BrokerClient,
     ClientCredentials,
     ClientError,

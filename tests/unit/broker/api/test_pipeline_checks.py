@@ -4,7 +4,7 @@ every request is bounded before any servicer does arithmetic with it."""
 import pytest
 
 from broker.api._proto import access_pb2, ca_pb2, database_pb2, identity_pb2, secrets_pb2
-from broker.api.interceptors import MAX_DURATION_SECONDS, check_durations
+from broker.api.server.pipeline import MAX_DURATION_SECONDS, check_durations
 from broker.errors import InvalidArgument
 
 EXTREMES = (2**63 - 1, -(2**63))

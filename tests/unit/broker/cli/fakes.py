@@ -11,7 +11,7 @@ from typing import Any
 
 from click.testing import CliRunner, Result
 
-from broker.api.access_client import (
+from broker.api.client.access import (
     ApprovalView,
     BreakGlassCredential,
     BreakGlassView,
@@ -19,11 +19,11 @@ from broker.api.access_client import (
     PolicyDecision,
     RegoPolicy,
 )
-from broker.api.client import Policy
-from broker.api.database_client import Connection, Credentials, Lease, Role
-from broker.api.identity_client import Attestor, Entry, JoinToken
-from broker.api.operators_client import OperatorSession
-from broker.api.secrets_client import (
+from broker.api.client.base import CAPolicyDocument
+from broker.api.client.database import Connection, Credentials, Lease, Role
+from broker.api.client.identity import Attestor, Entry, JoinToken
+from broker.api.client.operators import OperatorSession
+from broker.api.client.secrets import (
     KekRotationResult,
     SecretDetails,
     SecretMeta,
@@ -259,7 +259,7 @@ BREAKGLASS = BreakGlassView(
 BREAKGLASS_CREDENTIAL = BreakGlassCredential(BREAKGLASS, [b"leaf"], b"key", [b"root"])
 REGO = RegoPolicy(4, {"main.rego": "package broker\n"}, "spiffe://td/ops/bob", T0)
 DECISION = PolicyDecision(True, "allow_owner", "the owner reads", {"breakglass": "no"}, {"a": 1})
-CA_POLICY = Policy(2, '{"rules": []}', "spiffe://td/ops/bob", T0)
+CA_POLICY = CAPolicyDocument(2, '{"rules": []}', "spiffe://td/ops/bob", T0)
 
 SESSION = OperatorSession(
     subject="alice@example.com",

@@ -17,16 +17,16 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
-from broker.api.client import (
-    JWTSVID,
+from broker.api.client.base import (
     X509SVID,
     AuditEntry,
     AuditVerification,
     Authority,
     Bundle,
-    CAStatus,
+    CAPolicyDocument,
+    CAStatusReport,
     ClientError,
-    Policy,
+    MintedJWTSVID,
     RotateResult,
 )
 from broker.cli import BrokerAPI, CliContext, ConnectionSettings, cli, run
@@ -55,7 +55,7 @@ def _authority(kind: str, id_: str, generation: int, state: str) -> Authority:
     )
 
 
-STATUS = CAStatus(
+STATUS = CAStatusReport(
     trust_domain="broker.local",
     key_backend="software (dev)",
     storage="sqlite",
@@ -111,17 +111,17 @@ class FakeClient:
 
     def mint_jwt(
         self, spiffe_id: str, audience: Sequence[str], ttl_seconds: int | None = None
-    ) -> JWTSVID:
+    ) -> MintedJWTSVID:
         self._record(
             "mint_jwt", spiffe_id=spiffe_id, audience=list(audience), ttl_seconds=ttl_seconds
         )
-        return JWTSVID(spiffe_id=spiffe_id, token="header.payload.sig", expires_at=EXPIRES)
+        return MintedJWTSVID(spiffe_id=spiffe_id, token="header.payload.sig", expires_at=EXPIRES)
 
     def bundle(self) -> Bundle:
         self._record("bundle")
         return Bundle("broker.local", b'{"keys": []}', "-----BEGIN CERTIFICATE-----\n", 3)
 
-    def status(self) -> CAStatus:
+    def status(self) -> CAStatusReport:
         self._record("status")
         return STATUS
 
@@ -129,9 +129,11 @@ class FakeClient:
         self._record("rotate", force=force)
         return RotateResult(actions=["prepared issuing-3", "activated issuing-3"], status=STATUS)
 
-    def get_policy(self) -> Policy:
+    def get_policy(self) -> CAPolicyDocument:
         self._record("get_policy")
-        return Policy(2, '{"rules":[{"pattern":"*","x509_max_ttl":"1h"}]}', "spiffe://op", EXPIRES)
+        return CAPolicyDocument(
+            2, '{"rules":[{"pattern":"*","x509_max_ttl":"1h"}]}', "spiffe://op", EXPIRES
+        )
 
     def set_policy(self, document_json: str) -> int:
         self._record("set_policy", document_json=document_json)

@@ -1,4 +1,6 @@
-"""A small synchronous client for the broker's CA and audit APIs, used by the `broker` CLI.
+"""The client base: one mTLS connection to a broker (`BrokerClient`, with the CA and audit
+calls every broker serves), its error mapping, and the `FeatureClient` every feature client in
+this package builds on.
 
 The client speaks mTLS only: it presents a certificate chain and key (usually the operator
 SVID) and trusts the trust domain's bundle. Every method returns plain Python values, never
@@ -14,19 +16,18 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from google.protobuf import timestamp_pb2
 
 from broker.api._proto import audit_pb2, audit_pb2_grpc, ca_pb2, ca_pb2_grpc
+from broker.api.timestamps import optional_datetime, to_datetime
 from ca.errors import CAError
 from ca.x509svid import server_name, trust_domain_of_roots
 
 __all__ = [
-    "JWTSVID",
     "MAX_MESSAGE_BYTES",
     "X509SVID",
     "AuditEntry",
@@ -34,11 +35,14 @@ __all__ = [
     "Authority",
     "BrokerClient",
     "Bundle",
-    "CAStatus",
+    "CAPolicyDocument",
+    "CAStatusReport",
     "ClientCredentials",
     "ClientError",
-    "Policy",
+    "FeatureClient",
+    "MintedJWTSVID",
     "RotateResult",
+    "Transport",
     "broker_server_name",
     "channel_options",
 ]
@@ -95,7 +99,7 @@ class X509SVID:
 
 
 @dataclass(frozen=True)
-class JWTSVID:
+class MintedJWTSVID:
     spiffe_id: str
     token: str
     expires_at: datetime
@@ -127,7 +131,7 @@ class Authority:
 
 
 @dataclass(frozen=True)
-class CAStatus:
+class CAStatusReport:
     trust_domain: str
     key_backend: str
     storage: str
@@ -151,11 +155,11 @@ class CAStatus:
 @dataclass(frozen=True)
 class RotateResult:
     actions: list[str]
-    status: CAStatus
+    status: CAStatusReport
 
 
 @dataclass(frozen=True)
-class Policy:
+class CAPolicyDocument:
     version: int
     document_json: str
     author: str
@@ -257,26 +261,16 @@ def _transport_reason(details: str, credentials: ClientCredentials) -> str:
     return details.rsplit(": ", 1)[-1] or details
 
 
-def _time(ts: timestamp_pb2.Timestamp) -> datetime:
-    return ts.ToDatetime(tzinfo=UTC)
-
-
-def _optional_time(message: Any, field: str) -> datetime | None:
-    if not message.HasField(field):
-        return None
-    return _time(getattr(message, field))
-
-
 def _authority(a: ca_pb2.Authority) -> Authority:
     return Authority(
         id=a.id,
         kind=a.kind,
         generation=a.generation,
         state=a.state,
-        not_before=_optional_time(a, "not_before"),
-        not_after=_optional_time(a, "not_after"),
-        activated_at=_optional_time(a, "activated_at"),
-        retired_at=_optional_time(a, "retired_at"),
+        not_before=optional_datetime(a, "not_before"),
+        not_after=optional_datetime(a, "not_after"),
+        activated_at=optional_datetime(a, "activated_at"),
+        retired_at=optional_datetime(a, "retired_at"),
         key_uri=a.key_uri,
         jwt_kid=a.jwt_kid,
         subject=a.subject,
@@ -285,8 +279,8 @@ def _authority(a: ca_pb2.Authority) -> Authority:
     )
 
 
-def _status(s: ca_pb2.GetStatusResponse) -> CAStatus:
-    return CAStatus(
+def _status(s: ca_pb2.GetStatusResponse) -> CAStatusReport:
+    return CAStatusReport(
         trust_domain=s.trust_domain,
         key_backend=s.key_backend,
         storage=s.storage,
@@ -405,7 +399,7 @@ class BrokerClient:
         except grpc.RpcError as exc:
             raise _error(exc, self._credentials) from None
 
-    # Feature clients (broker/api/<feature>_client.py) build their stubs on this channel and
+    # Feature clients (broker/api/client/<feature>.py) build their stubs on this channel and
     # call through `call`, so every RPC gets the same metadata, timeout and error mapping.
 
     @property
@@ -443,22 +437,22 @@ class BrokerClient:
             cert_chain=list(response.cert_chain),
             private_key=response.private_key or None,
             bundle=list(response.bundle),
-            expires_at=_time(response.expires_at),
+            expires_at=to_datetime(response.expires_at),
             serial=response.serial,
         )
 
     def mint_jwt(
         self, spiffe_id: str, audience: Sequence[str], ttl_seconds: int | None = None
-    ) -> JWTSVID:
+    ) -> MintedJWTSVID:
         """Issue a JWT-SVID; `ttl_seconds` as for `mint_x509`."""
         request = ca_pb2.MintJWTSVIDRequest(spiffe_id=spiffe_id, audience=list(audience))
         if ttl_seconds is not None:
             request.ttl_seconds = ttl_seconds
         response: ca_pb2.MintJWTSVIDResponse = self._call(self._ca.MintJWTSVID, request)
-        return JWTSVID(
+        return MintedJWTSVID(
             spiffe_id=response.spiffe_id,
             token=response.token,
-            expires_at=_time(response.expires_at),
+            expires_at=to_datetime(response.expires_at),
         )
 
     def bundle(self) -> Bundle:
@@ -472,7 +466,7 @@ class BrokerClient:
             sequence=response.sequence,
         )
 
-    def status(self) -> CAStatus:
+    def status(self) -> CAStatusReport:
         response: ca_pb2.GetStatusResponse = self._call(
             self._ca.GetStatus, ca_pb2.GetStatusRequest()
         )
@@ -484,15 +478,15 @@ class BrokerClient:
         )
         return RotateResult(actions=list(response.actions), status=_status(response.status))
 
-    def get_policy(self) -> Policy:
+    def get_policy(self) -> CAPolicyDocument:
         response: ca_pb2.GetPolicyResponse = self._call(
             self._ca.GetPolicy, ca_pb2.GetPolicyRequest()
         )
-        return Policy(
+        return CAPolicyDocument(
             version=response.version,
             document_json=response.document_json,
             author=response.author,
-            updated_at=_optional_time(response, "updated_at"),
+            updated_at=optional_datetime(response, "updated_at"),
         )
 
     def set_policy(self, document_json: str) -> int:
@@ -527,3 +521,36 @@ class BrokerClient:
             self._audit.Tail, audit_pb2.TailAuditRequest(limit=limit)
         )
         return [_audit_entry(e) for e in response.entries]
+
+
+class Transport(Protocol):
+    """What a feature client needs from a connection (`BrokerClient` is one): its channel, and
+    `call`, which adds the correlation and justification headers, the timeout and the mapping
+    of failures to `ClientError`."""
+
+    @property
+    def channel(self) -> grpc.Channel: ...
+
+    def call(
+        self,
+        method: Callable[..., _Response],
+        request: Any,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> _Response: ...
+
+
+class FeatureClient:
+    """The one way a feature client wraps a connection: it builds its stubs on
+    `transport.channel` and calls through `_call`, so every RPC gets the same headers, timeout
+    and error mapping."""
+
+    def __init__(self, transport: Transport) -> None:
+        self._transport = transport
+
+    def _call(
+        self,
+        method: Callable[..., _Response],
+        request: Any,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> _Response:
+        return self._transport.call(method, request, metadata)

@@ -8,28 +8,28 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any, TypeVar
+from datetime import datetime
+from typing import Any
 
 import grpc
-from google.protobuf import timestamp_pb2
 
-from broker.agent import AgentEntry, IssuedSVID, JWTResult, SyncResult
+from broker.agent import AgentEntry, AgentSVID, JWTResult, SyncResult
+from broker.api._proto import identity_pb2, identity_pb2_grpc
+from broker.api.timestamps import to_datetime
 from broker.errors import BrokerError, InvalidArgument, PermissionDenied, Unavailable
 
-from ._proto import identity_pb2, identity_pb2_grpc
-from .client import (
+from .base import (
     DEFAULT_TIMEOUT_SECONDS,
     BrokerClient,
     ClientCredentials,
     ClientError,
+    FeatureClient,
+    Transport,
     _error,
     channel_options,
 )
 
 __all__ = ["Attestor", "Entry", "GrpcBrokerLink", "IdentityClient", "JoinToken"]
-
-_R = TypeVar("_R")
 
 
 @dataclass(frozen=True)
@@ -62,10 +62,6 @@ class Entry:
     created_at: datetime
 
 
-def _time(ts: timestamp_pb2.Timestamp) -> datetime:
-    return ts.ToDatetime(tzinfo=UTC)
-
-
 def _entry(e: identity_pb2.Entry) -> Entry:
     return Entry(
         id=e.id,
@@ -75,7 +71,7 @@ def _entry(e: identity_pb2.Entry) -> Entry:
         x509_ttl_seconds=e.x509_ttl_seconds,
         jwt_ttl_seconds=e.jwt_ttl_seconds,
         dns_names=list(e.dns_names),
-        created_at=_time(e.created_at),
+        created_at=to_datetime(e.created_at),
     )
 
 
@@ -92,22 +88,22 @@ def _attestor(a: identity_pb2.Attestor) -> Attestor:
         audience=a.audience,
         template=a.template,
         algorithms=list(a.algorithms),
-        created_at=_time(a.created_at),
+        created_at=to_datetime(a.created_at),
         key_ids=kids,
     )
 
 
-class IdentityClient:
-    def __init__(self, client: BrokerClient) -> None:
-        self._client = client
-        self._stub = identity_pb2_grpc.WorkloadIdentityStub(client.channel)
+class IdentityClient(FeatureClient):
+    def __init__(self, transport: Transport) -> None:
+        super().__init__(transport)
+        self._stub = identity_pb2_grpc.WorkloadIdentityStub(transport.channel)
 
     def create_join_token(self, spiffe_id: str, ttl_seconds: int | None = None) -> JoinToken:
         request = identity_pb2.CreateJoinTokenRequest(spiffe_id=spiffe_id)
         if ttl_seconds is not None:
             request.ttl_seconds = ttl_seconds
-        r = self._client.call(self._stub.CreateJoinToken, request)
-        return JoinToken(r.token, r.spiffe_id, _time(r.expires_at))
+        r = self._call(self._stub.CreateJoinToken, request)
+        return JoinToken(r.token, r.spiffe_id, to_datetime(r.expires_at))
 
     def add_attestor(
         self,
@@ -126,14 +122,14 @@ class IdentityClient:
             template=template,
             algorithms=list(algorithms),
         )
-        return _attestor(self._client.call(self._stub.AddAttestor, request))
+        return _attestor(self._call(self._stub.AddAttestor, request))
 
     def list_attestors(self) -> list[Attestor]:
-        r = self._client.call(self._stub.ListAttestors, identity_pb2.ListAttestorsRequest())
+        r = self._call(self._stub.ListAttestors, identity_pb2.ListAttestorsRequest())
         return [_attestor(a) for a in r.attestors]
 
     def remove_attestor(self, name: str) -> None:
-        self._client.call(self._stub.RemoveAttestor, identity_pb2.RemoveAttestorRequest(name=name))
+        self._call(self._stub.RemoveAttestor, identity_pb2.RemoveAttestorRequest(name=name))
 
     def create_entry(
         self,
@@ -152,24 +148,20 @@ class IdentityClient:
             jwt_ttl_seconds=jwt_ttl_seconds,
             dns_names=list(dns_names),
         )
-        return _entry(self._client.call(self._stub.CreateEntry, request))
+        return _entry(self._call(self._stub.CreateEntry, request))
 
     def list_entries(self, parent_id: str = "") -> list[Entry]:
-        r = self._client.call(
-            self._stub.ListEntries, identity_pb2.ListEntriesRequest(parent_id=parent_id)
-        )
+        r = self._call(self._stub.ListEntries, identity_pb2.ListEntriesRequest(parent_id=parent_id))
         return [_entry(e) for e in r.entries]
 
     def get_entry(self, entry_id: str) -> Entry:
-        return _entry(
-            self._client.call(self._stub.GetEntry, identity_pb2.GetEntryRequest(id=entry_id))
-        )
+        return _entry(self._call(self._stub.GetEntry, identity_pb2.GetEntryRequest(id=entry_id)))
 
     def delete_entry(self, entry_id: str) -> None:
-        self._client.call(self._stub.DeleteEntry, identity_pb2.DeleteEntryRequest(id=entry_id))
+        self._call(self._stub.DeleteEntry, identity_pb2.DeleteEntryRequest(id=entry_id))
 
     def deny(self, target: str) -> tuple[str, str]:
-        r = self._client.call(self._stub.DenySVID, identity_pb2.DenySVIDRequest(target=target))
+        r = self._call(self._stub.DenySVID, identity_pb2.DenySVIDRequest(target=target))
         return r.kind, r.value
 
 
@@ -183,14 +175,14 @@ def _as_broker_error(exc: ClientError) -> BrokerError:
     return Unavailable(f"{exc.code_name}: {exc.message}")
 
 
-def _issued(r: Any) -> IssuedSVID:
+def _issued(r: Any) -> AgentSVID:
     from cryptography import x509
 
     leaf = x509.load_der_x509_certificate(r.cert_chain[0])
-    return IssuedSVID(
+    return AgentSVID(
         spiffe_id=r.spiffe_id,
         chain_der=tuple(r.cert_chain),
-        expires_at=_time(r.expires_at),
+        expires_at=to_datetime(r.expires_at),
         not_before=leaf.not_valid_before_utc,
     )
 
@@ -224,7 +216,7 @@ class GrpcBrokerLink:
         self._stub: Any = None
         self._identity: tuple[bytes, bytes] | None = None
 
-    def attest(self, csr_der: bytes) -> IssuedSVID:
+    def attest(self, csr_der: bytes) -> AgentSVID:
         request = identity_pb2.AttestRequest(csr=csr_der)
         if self._join_token is not None:
             request.join_token = self._join_token
@@ -289,7 +281,7 @@ class GrpcBrokerLink:
         except ClientError as exc:
             raise _as_broker_error(exc) from None
 
-    def renew(self, csr_der: bytes) -> IssuedSVID:
+    def renew(self, csr_der: bytes) -> AgentSVID:
         return _issued(self._call("RenewAgent", identity_pb2.RenewAgentRequest(csr=csr_der)))
 
     def sync(self) -> SyncResult:
@@ -304,7 +296,7 @@ class GrpcBrokerLink:
             bundle_sequence=r.bundle_sequence,
         )
 
-    def mint_x509(self, entry_id: str, csr_der: bytes) -> IssuedSVID:
+    def mint_x509(self, entry_id: str, csr_der: bytes) -> AgentSVID:
         return _issued(
             self._call(
                 "MintEntryX509", identity_pb2.MintEntryX509Request(entry_id=entry_id, csr=csr_der)
@@ -316,7 +308,7 @@ class GrpcBrokerLink:
             "MintEntryJWT",
             identity_pb2.MintEntryJWTRequest(entry_id=entry_id, audience=list(audience)),
         )
-        return JWTResult(r.spiffe_id, r.token, _time(r.expires_at))
+        return JWTResult(r.spiffe_id, r.token, to_datetime(r.expires_at))
 
     def close(self) -> None:
         with self._lock:

@@ -17,7 +17,6 @@ from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from broker.config import DEFAULT_JUSTIFICATION_REQUIRED
 from broker.envelope import KekRotation, KekRotator
@@ -33,13 +32,14 @@ from broker.secrets import (
 )
 from ca.layout import DEV_TENANT
 
-from ._proto import secrets_pb2, secrets_pb2_grpc
-from .interceptors import MethodSpec, current_call
+from .._proto import secrets_pb2, secrets_pb2_grpc
+from ..timestamps import to_timestamp
+from .binding import MethodSpec, ServiceBinding
+from .pipeline import current_call
 
 if TYPE_CHECKING:
     from broker.app import Application
 
-    from .services import ServiceBinding
 
 __all__ = ["SECRETS_SPECS", "SecretsServicer", "binding"]
 
@@ -98,12 +98,6 @@ def _unowned(tenant: str, reference: str) -> dict[str, str]:
     }
 
 
-def _ts(value: dt.datetime | None) -> Timestamp | None:
-    if value is None:
-        return None
-    return Timestamp(seconds=int(value.timestamp()), nanos=value.microsecond * 1000)
-
-
 def _metadata(info: SecretInfo) -> secrets_pb2.SecretMetadata:
     r = info.record
     return secrets_pb2.SecretMetadata(
@@ -115,14 +109,14 @@ def _metadata(info: SecretInfo) -> secrets_pb2.SecretMetadata:
         owner=r.owner or "",
         classification=r.classification or "",
         rotation_period_seconds=r.rotation_period_s or 0,
-        last_rotated=_ts(r.last_rotated),
-        created_at=_ts(r.created_at),
+        last_rotated=to_timestamp(r.last_rotated),
+        created_at=to_timestamp(r.created_at),
         state=r.state,
         current_version=r.current_version,
-        revoked_at=_ts(r.revoked_at),
-        deleted_at=_ts(r.deleted_at),
+        revoked_at=to_timestamp(r.revoked_at),
+        deleted_at=to_timestamp(r.deleted_at),
         missing=list(info.missing),
-        rotation_due=_ts(info.rotation_due),
+        rotation_due=to_timestamp(info.rotation_due),
     )
 
 
@@ -130,9 +124,9 @@ def _version(v: VersionInfo) -> secrets_pb2.SecretVersion:
     return secrets_pb2.SecretVersion(
         version=v.version,
         state=v.state,
-        created_at=_ts(v.created_at),
-        retire_at=_ts(v.retire_at),
-        revoked_at=_ts(v.revoked_at),
+        created_at=to_timestamp(v.created_at),
+        retire_at=to_timestamp(v.retire_at),
+        revoked_at=to_timestamp(v.revoked_at),
         kek=v.kek,
     )
 
@@ -269,7 +263,7 @@ class SecretsServicer(secrets_pb2_grpc.SecretsServicer):  # type: ignore[misc]
             value=secret.value,
             version=secret.version,
             metadata=_metadata(info),
-            created_at=_ts(secret.created_at),
+            created_at=to_timestamp(secret.created_at),
         )
 
     def _require_justification(self, info: SecretInfo) -> None:
@@ -356,8 +350,6 @@ class SecretsServicer(secrets_pb2_grpc.SecretsServicer):  # type: ignore[misc]
 
 
 def binding(app: Application) -> ServiceBinding:
-    from .services import ServiceBinding
-
     default_tenant = app.config.identity.default_tenant or DEV_TENANT
     return ServiceBinding(
         secrets_pb2.DESCRIPTOR.services_by_name["Secrets"],

@@ -1,8 +1,8 @@
 """The runtime SDK: resolve `secret://` references for a running service, with a short cache.
 
-    from broker.secrets_sdk import SecretResolver
-    from broker.api.client import BrokerClient, ClientCredentials
-    from broker.api.secrets_client import BrokerSecretSource, SecretsClient
+    from broker.api.client.sdk import SecretResolver
+    from broker.api.client.base import BrokerClient, ClientCredentials
+    from broker.api.client.secrets import BrokerSecretSource, SecretsClient
 
     client = BrokerClient("broker.internal:8443", ClientCredentials(chain, key, bundle))
     secrets = SecretResolver(BrokerSecretSource(SecretsClient(client)))
@@ -18,7 +18,7 @@ Cache contract (times from the injected clock's monotonic scale):
 - a refusal (`SecretRefused`: revoked, permission denied, missing metadata, ...) drops the
   cached value at once and is raised: revocation reaches a service at its next refresh.
 
-No grpc here: the transport is any `SecretSource` (see `broker.api.secrets_client`).
+No grpc here: the transport is any `SecretSource` (see `broker.api.client.secrets`).
 Thread-safe; values are held in memory only.
 """
 

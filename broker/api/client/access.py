@@ -5,12 +5,14 @@ over a `BrokerClient`'s mTLS channel. Every method returns plain Python values; 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any, Protocol, TypeVar
+from datetime import datetime
+from typing import Any
 
 from broker.api._proto import access_pb2, access_pb2_grpc
+from broker.api.client.base import FeatureClient, Transport
+from broker.api.timestamps import optional_datetime
 
 __all__ = [
     "AccessClient",
@@ -21,22 +23,6 @@ __all__ = [
     "PolicyDecision",
     "RegoPolicy",
 ]
-
-_R = TypeVar("_R")
-
-
-class _Transport(Protocol):
-    @property
-    def channel(self) -> Any: ...
-
-    def call(self, method: Callable[..., _R], request: Any) -> _R: ...
-
-
-def _time(message: Any, name: str) -> datetime | None:
-    if not message.HasField(name):
-        return None
-    ts = getattr(message, name)
-    return datetime.fromtimestamp(ts.seconds + ts.nanos / 1e9, UTC)
 
 
 @dataclass(frozen=True)
@@ -117,9 +103,9 @@ def _grant(g: Any) -> GrantView:
         g.resource,
         g.justification,
         g.created_by,
-        _time(g, "created_at"),
-        _time(g, "expires_at"),
-        _time(g, "revoked_at"),
+        optional_datetime(g, "created_at"),
+        optional_datetime(g, "expires_at"),
+        optional_datetime(g, "revoked_at"),
         g.revoked_by,
         g.state,
     )
@@ -132,11 +118,11 @@ def _approval(a: Any) -> ApprovalView:
         a.action,
         a.resource,
         a.justification,
-        _time(a, "created_at"),
-        _time(a, "expires_at"),
+        optional_datetime(a, "created_at"),
+        optional_datetime(a, "expires_at"),
         a.approved_by,
-        _time(a, "approved_at"),
-        _time(a, "used_at"),
+        optional_datetime(a, "approved_at"),
+        optional_datetime(a, "used_at"),
         a.state,
     )
 
@@ -149,26 +135,28 @@ def _breakglass(b: Any) -> BreakGlassView:
         b.spiffe_id,
         b.action,
         b.resource,
-        _time(b, "issued_at"),
-        _time(b, "expires_at"),
-        _time(b, "used_at"),
-        _time(b, "revoked_at"),
+        optional_datetime(b, "issued_at"),
+        optional_datetime(b, "expires_at"),
+        optional_datetime(b, "used_at"),
+        optional_datetime(b, "revoked_at"),
         b.state,
     )
 
 
-class AccessClient:
-    def __init__(self, transport: _Transport) -> None:
-        self._t = transport
+class AccessClient(FeatureClient):
+    def __init__(self, transport: Transport) -> None:
+        super().__init__(transport)
         self._stub = access_pb2_grpc.AccessStub(transport.channel)
 
     def set_rego_policy(self, modules: Mapping[str, str]) -> int:
         request = access_pb2.SetRegoPolicyRequest(modules=dict(modules))
-        return int(self._t.call(self._stub.SetRegoPolicy, request).version)
+        return int(self._call(self._stub.SetRegoPolicy, request).version)
 
     def get_rego_policy(self) -> RegoPolicy:
-        r = self._t.call(self._stub.GetRegoPolicy, access_pb2.GetRegoPolicyRequest())
-        return RegoPolicy(int(r.version), dict(r.modules), r.author, _time(r, "updated_at"))
+        r = self._call(self._stub.GetRegoPolicy, access_pb2.GetRegoPolicyRequest())
+        return RegoPolicy(
+            int(r.version), dict(r.modules), r.author, optional_datetime(r, "updated_at")
+        )
 
     def test_policy(
         self, document: Mapping[str, Any], modules: Mapping[str, str] | None = None
@@ -176,7 +164,7 @@ class AccessClient:
         request = access_pb2.TestPolicyRequest(
             input_json=json.dumps(document), modules=dict(modules or {})
         )
-        r = self._t.call(self._stub.TestPolicy, request)
+        r = self._call(self._stub.TestPolicy, request)
         return PolicyDecision(
             r.allowed, r.rule, r.reason, dict(r.flags), json.loads(r.input_json or "{}")
         )
@@ -191,45 +179,43 @@ class AccessClient:
             ttl_seconds=ttl_seconds,
             justification=justification,
         )
-        return _grant(self._t.call(self._stub.CreateGrant, request))
+        return _grant(self._call(self._stub.CreateGrant, request))
 
     def list_grants(self, include_inactive: bool = False) -> list[GrantView]:
-        r = self._t.call(self._stub.ListGrants, access_pb2.ListGrantsRequest(all=include_inactive))
+        r = self._call(self._stub.ListGrants, access_pb2.ListGrantsRequest(all=include_inactive))
         return [_grant(g) for g in r.grants]
 
     def revoke_grant(self, grant_id: str) -> GrantView:
         return _grant(
-            self._t.call(self._stub.RevokeGrant, access_pb2.RevokeGrantRequest(id=grant_id))
+            self._call(self._stub.RevokeGrant, access_pb2.RevokeGrantRequest(id=grant_id))
         )
 
     def request_approval(self, action: str, resource: str, justification: str) -> ApprovalView:
         request = access_pb2.RequestApprovalRequest(
             action=action, resource=resource, justification=justification
         )
-        return _approval(self._t.call(self._stub.RequestApproval, request))
+        return _approval(self._call(self._stub.RequestApproval, request))
 
     def approve(self, approval_id: str) -> ApprovalView:
-        return _approval(
-            self._t.call(self._stub.Approve, access_pb2.ApproveRequest(id=approval_id))
-        )
+        return _approval(self._call(self._stub.Approve, access_pb2.ApproveRequest(id=approval_id)))
 
     def list_approvals(self, include_inactive: bool = False) -> list[ApprovalView]:
         request = access_pb2.ListApprovalsRequest(all=include_inactive)
-        return [_approval(a) for a in self._t.call(self._stub.ListApprovals, request).approvals]
+        return [_approval(a) for a in self._call(self._stub.ListApprovals, request).approvals]
 
     def issue_breakglass(self, approval_id: str, ttl_seconds: int) -> BreakGlassCredential:
         request = access_pb2.IssueBreakGlassRequest(
             approval_id=approval_id, ttl_seconds=ttl_seconds
         )
-        r = self._t.call(self._stub.IssueBreakGlass, request)
+        r = self._call(self._stub.IssueBreakGlass, request)
         return BreakGlassCredential(
             _breakglass(r.record), list(r.cert_chain), bytes(r.private_key), list(r.bundle)
         )
 
     def list_breakglass(self, include_inactive: bool = False) -> list[BreakGlassView]:
         request = access_pb2.ListBreakGlassRequest(all=include_inactive)
-        return [_breakglass(b) for b in self._t.call(self._stub.ListBreakGlass, request).records]
+        return [_breakglass(b) for b in self._call(self._stub.ListBreakGlass, request).records]
 
     def revoke_breakglass(self, record_id: str) -> BreakGlassView:
         request = access_pb2.RevokeBreakGlassRequest(id=record_id)
-        return _breakglass(self._t.call(self._stub.RevokeBreakGlass, request))
+        return _breakglass(self._call(self._stub.RevokeBreakGlass, request))

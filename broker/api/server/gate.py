@@ -26,7 +26,7 @@ from typing import cast
 
 from broker import metrics
 
-from .relay import RelayEnd
+from ..relay import RelayEnd
 
 __all__ = ["ConnectionGate"]
 

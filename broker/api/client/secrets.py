@@ -1,19 +1,19 @@
 """A synchronous client for the Secrets service, over a `BrokerClient`'s mTLS channel.
 
 Every method returns plain Python values; failures raise `broker.api.client.ClientError`.
-`BrokerSecretSource` adapts it to the grpc-free runtime SDK (`broker.secrets_sdk`).
+`BrokerSecretSource` adapts it to the grpc-free runtime SDK (`broker.api.client.sdk`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any, Protocol, TypeVar
+from datetime import datetime
+from typing import Any
 
 from broker.api._proto import secrets_pb2, secrets_pb2_grpc
-from broker.api.client import ClientError
-from broker.secrets_sdk import FetchedSecret, SecretRefused, SecretUnavailable
+from broker.api.client.base import ClientError, FeatureClient, Transport
+from broker.api.client.sdk import FetchedSecret, SecretRefused, SecretUnavailable
+from broker.api.timestamps import optional_datetime
 
 __all__ = [
     "BrokerSecretSource",
@@ -25,21 +25,9 @@ __all__ = [
     "SecretsClient",
 ]
 
-_R = TypeVar("_R")
 
 # Codes after which the SDK may keep serving a cached value (the broker is briefly away).
 _TRANSIENT = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "CANCELLED"})
-
-
-class _Transport(Protocol):
-    """What this client needs from `BrokerClient`."""
-
-    @property
-    def channel(self) -> Any: ...
-
-    def call(
-        self, method: Callable[..., _R], request: Any, metadata: Sequence[tuple[str, str]] = ()
-    ) -> _R: ...
 
 
 # The purpose a workload declares for a read (recorded in the audit event of the read).
@@ -99,13 +87,6 @@ class KekRotationResult:
     kept: tuple[str, ...]
 
 
-def _time(message: Any, field: str) -> datetime | None:
-    if not message.HasField(field):
-        return None
-    ts = getattr(message, field)
-    return datetime.fromtimestamp(ts.seconds + ts.nanos / 1e9, UTC)
-
-
 def _meta(m: Any) -> SecretMeta:
     return SecretMeta(
         tenant=m.tenant,
@@ -116,14 +97,14 @@ def _meta(m: Any) -> SecretMeta:
         owner=m.owner,
         classification=m.classification,
         rotation_period_seconds=m.rotation_period_seconds,
-        last_rotated=_time(m, "last_rotated"),
-        created_at=_time(m, "created_at"),
+        last_rotated=optional_datetime(m, "last_rotated"),
+        created_at=optional_datetime(m, "created_at"),
         state=m.state,
         current_version=m.current_version,
-        revoked_at=_time(m, "revoked_at"),
-        deleted_at=_time(m, "deleted_at"),
+        revoked_at=optional_datetime(m, "revoked_at"),
+        deleted_at=optional_datetime(m, "deleted_at"),
         missing=tuple(m.missing),
-        rotation_due=_time(m, "rotation_due"),
+        rotation_due=optional_datetime(m, "rotation_due"),
     )
 
 
@@ -134,9 +115,9 @@ def _details(info: Any) -> SecretDetails:
             SecretVersionView(
                 v.version,
                 v.state,
-                _time(v, "created_at"),
-                _time(v, "retire_at"),
-                _time(v, "revoked_at"),
+                optional_datetime(v, "created_at"),
+                optional_datetime(v, "retire_at"),
+                optional_datetime(v, "revoked_at"),
                 v.kek,
             )
             for v in info.versions
@@ -152,9 +133,9 @@ def _source(value: bytes | None, generate_length: int | None) -> dict[str, Any]:
     return {}
 
 
-class SecretsClient:
-    def __init__(self, transport: _Transport) -> None:
-        self._t = transport
+class SecretsClient(FeatureClient):
+    def __init__(self, transport: Transport) -> None:
+        super().__init__(transport)
         self._stub = secrets_pb2_grpc.SecretsStub(transport.channel)
 
     def put(
@@ -176,7 +157,7 @@ class SecretsClient:
             rotation_period_seconds=rotation_period_seconds,
             **_source(value, generate_length),
         )
-        return _details(self._t.call(self._stub.Put, request))
+        return _details(self._call(self._stub.Put, request))
 
     def get(
         self, reference: str, *, version: int = 0, tenant: str = "", purpose: str = ""
@@ -187,7 +168,7 @@ class SecretsClient:
             raise ClientError(
                 "INVALID_ARGUMENT", "the purpose must be printable ASCII of at most 256 characters"
             )
-        response = self._t.call(
+        response = self._call(
             self._stub.Get,
             secrets_pb2.GetSecretRequest(tenant=tenant, reference=reference, version=version),
             ((PURPOSE_HEADER, purpose),) if purpose else (),
@@ -195,19 +176,19 @@ class SecretsClient:
         return SecretRead(
             bytes(response.value),
             response.version,
-            _time(response, "created_at"),
+            optional_datetime(response, "created_at"),
             _meta(response.metadata),
         )
 
     def list_secrets(self, *, prefix: str = "", tenant: str = "") -> list[SecretMeta]:
-        response = self._t.call(
+        response = self._call(
             self._stub.List, secrets_pb2.ListSecretsRequest(tenant=tenant, prefix=prefix)
         )
         return [_meta(m) for m in response.secrets]
 
     def show(self, reference: str, *, tenant: str = "") -> SecretDetails:
         request = secrets_pb2.ShowSecretRequest(tenant=tenant, reference=reference)
-        return _details(self._t.call(self._stub.Show, request))
+        return _details(self._call(self._stub.Show, request))
 
     def rotate(
         self,
@@ -228,28 +209,28 @@ class SecretsClient:
             justification=justification,
             **_source(value, generate_length),
         )
-        return _details(self._t.call(self._stub.Rotate, request))
+        return _details(self._call(self._stub.Rotate, request))
 
     def rollback(self, reference: str, *, tenant: str = "") -> SecretDetails:
         request = secrets_pb2.RollbackSecretRequest(tenant=tenant, reference=reference)
-        return _details(self._t.call(self._stub.Rollback, request))
+        return _details(self._call(self._stub.Rollback, request))
 
     def revoke(self, reference: str, *, justification: str, tenant: str = "") -> SecretDetails:
         request = secrets_pb2.RevokeSecretRequest(
             tenant=tenant, reference=reference, justification=justification
         )
-        return _details(self._t.call(self._stub.Revoke, request))
+        return _details(self._call(self._stub.Revoke, request))
 
     def delete(self, reference: str, *, tenant: str = "") -> SecretDetails:
         request = secrets_pb2.DeleteSecretRequest(tenant=tenant, reference=reference)
-        return _details(self._t.call(self._stub.Delete, request))
+        return _details(self._call(self._stub.Delete, request))
 
     def due(self, *, tenant: str = "") -> list[SecretMeta]:
-        response = self._t.call(self._stub.Due, secrets_pb2.DueSecretsRequest(tenant=tenant))
+        response = self._call(self._stub.Due, secrets_pb2.DueSecretsRequest(tenant=tenant))
         return [_meta(m) for m in response.secrets]
 
     def rotate_kek(self, *, tenant: str = "") -> list[KekRotationResult]:
-        response = self._t.call(self._stub.RotateKEK, secrets_pb2.RotateKEKRequest(tenant=tenant))
+        response = self._call(self._stub.RotateKEK, secrets_pb2.RotateKEKRequest(tenant=tenant))
         return [
             KekRotationResult(r.tenant, r.new_kek, r.rewrapped, tuple(r.destroyed), tuple(r.kept))
             for r in response.rotations
@@ -257,7 +238,7 @@ class SecretsClient:
 
 
 class BrokerSecretSource:
-    """`broker.secrets_sdk.SecretSource` over a `SecretsClient`: transient failures become
+    """`broker.api.client.sdk.SecretSource` over a `SecretsClient`: transient failures become
     `SecretUnavailable` (the SDK may serve its cache), refusals `SecretRefused`."""
 
     def __init__(self, client: SecretsClient, *, tenant: str = "", purpose: str = "") -> None:

@@ -6,20 +6,15 @@ Plain Python values in and out; failures raise `broker.api.client.ClientError`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
-from ._proto import database_pb2, database_pb2_grpc
-from .client import BrokerClient
+from broker.api._proto import database_pb2, database_pb2_grpc
+from broker.api.timestamps import optional_datetime
+
+from .base import FeatureClient, Transport
 
 __all__ = ["Connection", "Credentials", "DatabaseClient", "Lease", "Role"]
-
-
-def _time(message: Any, field: str) -> datetime | None:
-    if not message.HasField(field):
-        return None
-    ts = getattr(message, field)
-    return datetime.fromtimestamp(ts.seconds + ts.nanos / 1e9, UTC)
 
 
 @dataclass(frozen=True)
@@ -80,8 +75,8 @@ def _connection(m: Any) -> Connection:
         m.name,
         m.plugin,
         m.dsn,
-        _time(m, "created_at"),
-        _time(m, "root_rotated_at"),
+        optional_datetime(m, "created_at"),
+        optional_datetime(m, "root_rotated_at"),
         m.kek_label,
     )
 
@@ -101,7 +96,7 @@ def _role(m: Any) -> Role:
         m.username_template,
         m.password_length,
         m.password_charset,
-        _time(m, "created_at"),
+        optional_datetime(m, "created_at"),
     )
 
 
@@ -113,22 +108,22 @@ def _lease(m: Any) -> Lease:
         m.username,
         m.holder,
         m.state,
-        _time(m, "created_at"),
-        _time(m, "expires_at"),
-        _time(m, "max_expires_at"),
+        optional_datetime(m, "created_at"),
+        optional_datetime(m, "expires_at"),
+        optional_datetime(m, "max_expires_at"),
         m.lease_duration_seconds,
         m.renewable,
         m.attempts,
         m.last_error,
-        _time(m, "next_attempt_at"),
+        optional_datetime(m, "next_attempt_at"),
     )
 
 
-class DatabaseClient:
-    def __init__(self, client: BrokerClient) -> None:
-        self._client = client
-        self._db = database_pb2_grpc.DatabaseStub(client.channel)
-        self._leases = database_pb2_grpc.LeasesStub(client.channel)
+class DatabaseClient(FeatureClient):
+    def __init__(self, transport: Transport) -> None:
+        super().__init__(transport)
+        self._db = database_pb2_grpc.DatabaseStub(transport.channel)
+        self._leases = database_pb2_grpc.LeasesStub(transport.channel)
 
     # -- connections
 
@@ -138,25 +133,23 @@ class DatabaseClient:
         request = database_pb2.AddConnectionRequest(
             name=name, plugin=plugin, dsn=dsn, password=password, skip_verify=not verify
         )
-        return _connection(self._client.call(self._db.AddConnection, request))
+        return _connection(self._call(self._db.AddConnection, request))
 
     def list_connections(self) -> list[Connection]:
-        response = self._client.call(
-            self._db.ListConnections, database_pb2.ListConnectionsRequest()
-        )
+        response = self._call(self._db.ListConnections, database_pb2.ListConnectionsRequest())
         return [_connection(c) for c in response.connections]
 
     def get_connection(self, name: str) -> Connection:
         request = database_pb2.GetConnectionRequest(name=name)
-        return _connection(self._client.call(self._db.GetConnection, request))
+        return _connection(self._call(self._db.GetConnection, request))
 
     def remove_connection(self, name: str) -> None:
         request = database_pb2.RemoveConnectionRequest(name=name)
-        self._client.call(self._db.RemoveConnection, request)
+        self._call(self._db.RemoveConnection, request)
 
     def rotate_root(self, name: str) -> Connection:
         request = database_pb2.RotateRootRequest(name=name)
-        return _connection(self._client.call(self._db.RotateRoot, request))
+        return _connection(self._call(self._db.RotateRoot, request))
 
     # -- roles
 
@@ -197,17 +190,17 @@ class DatabaseClient:
             has_revocation=revocation_statements is not None,
             has_rollback=rollback_statements is not None,
         )
-        return _role(self._client.call(self._db.AddRole, request))
+        return _role(self._call(self._db.AddRole, request))
 
     def list_roles(self) -> list[Role]:
-        response = self._client.call(self._db.ListRoles, database_pb2.ListRolesRequest())
+        response = self._call(self._db.ListRoles, database_pb2.ListRolesRequest())
         return [_role(r) for r in response.roles]
 
     def get_role(self, name: str) -> Role:
-        return _role(self._client.call(self._db.GetRole, database_pb2.GetRoleRequest(name=name)))
+        return _role(self._call(self._db.GetRole, database_pb2.GetRoleRequest(name=name)))
 
     def remove_role(self, name: str) -> None:
-        self._client.call(self._db.RemoveRole, database_pb2.RemoveRoleRequest(name=name))
+        self._call(self._db.RemoveRole, database_pb2.RemoveRoleRequest(name=name))
 
     # -- credentials and leases
 
@@ -215,24 +208,24 @@ class DatabaseClient:
         request = database_pb2.IssueCredentialsRequest(role=role)
         if ttl_seconds is not None:
             request.ttl_seconds = ttl_seconds
-        response = self._client.call(self._db.IssueCredentials, request)
+        response = self._call(self._db.IssueCredentials, request)
         return Credentials(response.username, response.password, _lease(response.lease))
 
     def renew(self, lease_id: str, increment_seconds: int | None = None) -> Lease:
         request = database_pb2.RenewLeaseRequest(lease_id=lease_id)
         if increment_seconds is not None:
             request.increment_seconds = increment_seconds
-        return _lease(self._client.call(self._leases.Renew, request))
+        return _lease(self._call(self._leases.Renew, request))
 
     def revoke(self, lease_id: str) -> int:
         request = database_pb2.RevokeLeaseRequest(lease_id=lease_id)
-        return int(self._client.call(self._leases.Revoke, request).revoked)
+        return int(self._call(self._leases.Revoke, request).revoked)
 
     def revoke_prefix(self, prefix: str) -> tuple[int, list[str]]:
         request = database_pb2.RevokePrefixRequest(prefix=prefix)
-        response = self._client.call(self._leases.RevokePrefix, request)
+        response = self._call(self._leases.RevokePrefix, request)
         return int(response.revoked), list(response.errors)
 
     def list_leases(self, prefix: str = "", limit: int = 1000) -> list[Lease]:
         request = database_pb2.ListLeasesRequest(prefix=prefix, limit=limit)
-        return [_lease(m) for m in self._client.call(self._leases.List, request).leases]
+        return [_lease(m) for m in self._call(self._leases.List, request).leases]

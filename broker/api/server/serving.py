@@ -26,9 +26,10 @@ from broker.authority import CAService
 from broker.errors import Unavailable
 from broker.ratelimit import RefusalSampler
 
+from .binding import ServiceBinding
 from .gate import ConnectionGate
-from .interceptors import RequestPipeline
-from .services import ServiceBinding, bindings_for, method_specs
+from .pipeline import RequestPipeline
+from .services import bindings_for, method_specs
 
 __all__ = [
     "AppServer",
@@ -325,7 +326,7 @@ async def serve_application(
     the tests exercise the real wiring. `ca` replaces the CA service (tests only)."""
     material = app.serving_material()
     credentials = ServingCredentials(material)
-    bindings = bindings_for(app, ca=ca)
+    bindings = bindings_for(app, ca_service=ca)
     server_config = app.config.server
     budget = server_config.max_connections or connection_budget()
     attest_on = server_config.attest_listen != "off"

@@ -5,46 +5,32 @@ Failures raise `broker.api.client.ClientError`."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from broker.api._proto import operators_pb2, operators_pb2_grpc
-from broker.api.client import (
+from broker.api.client.base import (
     DEFAULT_TIMEOUT_SECONDS,
     ClientCredentials,
+    FeatureClient,
+    Transport,
     _error,
     channel_options,
 )
+from broker.api.timestamps import optional_datetime
 
 __all__ = [
     "LoginConfig",
-    "LoginResult",
+    "OperatorLogin",
     "OperatorSession",
     "OperatorsClient",
     "login",
     "login_config",
 ]
-
-_R = TypeVar("_R")
-
-
-class _Transport(Protocol):
-    @property
-    def channel(self) -> Any: ...
-
-    def call(self, method: Callable[..., _R], request: Any) -> _R: ...
-
-
-def _time(message: Any, name: str) -> dt.datetime | None:
-    if not message.HasField(name):
-        return None
-    ts = getattr(message, name)
-    return dt.datetime.fromtimestamp(ts.seconds + ts.nanos / 1e9, dt.UTC)
 
 
 @dataclass(frozen=True)
@@ -67,9 +53,9 @@ def _session(m: Any) -> OperatorSession:
         list(m.roles),
         list(m.amr),
         m.serial,
-        _time(m, "issued_at"),
-        _time(m, "expires_at"),
-        _time(m, "revoked_at"),
+        optional_datetime(m, "issued_at"),
+        optional_datetime(m, "expires_at"),
+        optional_datetime(m, "revoked_at"),
         m.issuer,
     )
 
@@ -84,7 +70,7 @@ class LoginConfig:
 
 
 @dataclass(frozen=True)
-class LoginResult:
+class OperatorLogin:
     session: OperatorSession
     chain_pem: bytes  # leaf first
     bundle_pem: bytes
@@ -147,36 +133,36 @@ def login(
     csr_der: bytes,
     ttl_seconds: int = 0,
     timeout: float = DEFAULT_TIMEOUT_SECONDS,
-) -> LoginResult:
+) -> OperatorLogin:
     request = operators_pb2.LoginRequest(
         id_token=id_token, nonce=nonce, csr=csr_der, ttl_seconds=ttl_seconds
     )
     r = _bootstrap_call(attest_server, bundle_pem, "Login", request, timeout)
-    return LoginResult(
+    return OperatorLogin(
         _session(r.session), _pem(_split_der(r.cert_chain)), _pem(_split_der(r.bundle))
     )
 
 
-class OperatorsClient:
-    def __init__(self, transport: _Transport) -> None:
-        self._t = transport
+class OperatorsClient(FeatureClient):
+    def __init__(self, transport: Transport) -> None:
+        super().__init__(transport)
         self._stub = operators_pb2_grpc.OperatorsStub(transport.channel)
 
     def whoami(self) -> OperatorSession:
-        return _session(self._t.call(self._stub.WhoAmI, operators_pb2.WhoAmIRequest()))
+        return _session(self._call(self._stub.WhoAmI, operators_pb2.WhoAmIRequest()))
 
     def logout(self) -> OperatorSession:
-        return _session(self._t.call(self._stub.Logout, operators_pb2.LogoutRequest()))
+        return _session(self._call(self._stub.Logout, operators_pb2.LogoutRequest()))
 
     def list_sessions(self, include_inactive: bool = False) -> list[OperatorSession]:
-        r = self._t.call(
+        r = self._call(
             self._stub.ListOperators,
             operators_pb2.ListOperatorsRequest(include_inactive=include_inactive),
         )
         return [_session(s) for s in r.sessions]
 
     def revoke(self, target: str) -> list[OperatorSession]:
-        r = self._t.call(
+        r = self._call(
             self._stub.RevokeOperator, operators_pb2.RevokeOperatorRequest(target=target)
         )
         return [_session(s) for s in r.revoked]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from broker.secrets_sdk import (
+from broker.api.client.sdk import (
     FetchedSecret,
     SecretRefused,
     SecretResolver,

@@ -4,24 +4,24 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from broker.attestation import token_fingerprint
 from broker.operators.service import OperatorService
 from broker.policy import Action
 from broker.storage.operators import OperatorSessionRecord
 
-from ._proto import operators_pb2, operators_pb2_grpc
+from .._proto import operators_pb2, operators_pb2_grpc
+from ..timestamps import to_timestamp
+from .binding import MethodSpec, ServiceBinding
 from .identity import _peer_serial
-from .interceptors import MethodSpec, current_call
+from .pipeline import current_call
 
 if TYPE_CHECKING:
     from broker.app import Application
 
-    from .services import ServiceBinding
 
 __all__ = ["OPERATOR_SPECS", "OperatorsServicer", "binding"]
 
@@ -40,10 +40,6 @@ OPERATOR_SPECS: dict[str, MethodSpec] = {
 }
 
 
-def _ts(value: dt.datetime) -> Timestamp:
-    return Timestamp(seconds=int(value.timestamp()), nanos=value.microsecond * 1000)
-
-
 def _session(r: OperatorSessionRecord) -> operators_pb2.OperatorSession:
     out = operators_pb2.OperatorSession(
         subject=r.subject,
@@ -51,12 +47,12 @@ def _session(r: OperatorSessionRecord) -> operators_pb2.OperatorSession:
         roles=list(r.roles),
         amr=list(r.amr),
         serial=r.serial,
-        issued_at=_ts(r.issued_at),
-        expires_at=_ts(r.expires_at),
+        issued_at=to_timestamp(r.issued_at),
+        expires_at=to_timestamp(r.expires_at),
         issuer=r.issuer,
     )
     if r.revoked_at is not None:
-        out.revoked_at.CopyFrom(_ts(r.revoked_at))
+        out.revoked_at.CopyFrom(to_timestamp(r.revoked_at))
     return out
 
 
@@ -64,7 +60,9 @@ class OperatorsServicer(operators_pb2_grpc.OperatorsServicer):  # type: ignore[m
     def __init__(self, service: OperatorService) -> None:
         self._svc = service
 
-    async def LoginConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def LoginConfig(
+        self, request: operators_pb2.LoginConfigRequest, context: grpc.aio.ServicerContext
+    ) -> operators_pb2.LoginConfigResponse:
         cfg = self._svc.config
         self._svc.verifier  # noqa: B018 (raises FailedPrecondition when login is off)
         return operators_pb2.LoginConfigResponse(
@@ -75,7 +73,9 @@ class OperatorsServicer(operators_pb2_grpc.OperatorsServicer):  # type: ignore[m
             max_ttl_seconds=int(cfg.max_ttl.total_seconds()),
         )
 
-    async def Login(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def Login(
+        self, request: operators_pb2.LoginRequest, context: grpc.aio.ServicerContext
+    ) -> operators_pb2.LoginResponse:
         ttl = dt.timedelta(seconds=request.ttl_seconds) if request.ttl_seconds else None
         details = current_call().details
         result = await self._svc.login(
@@ -96,29 +96,35 @@ class OperatorsServicer(operators_pb2_grpc.OperatorsServicer):  # type: ignore[m
             bundle=b"".join(result.bundle_der),
         )
 
-    async def WhoAmI(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def WhoAmI(
+        self, request: operators_pb2.WhoAmIRequest, context: grpc.aio.ServicerContext
+    ) -> operators_pb2.OperatorSession:
         call = current_call()
         return _session(await self._svc.whoami(call.caller, _peer_serial(context)))
 
-    async def Logout(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def Logout(
+        self, request: operators_pb2.LogoutRequest, context: grpc.aio.ServicerContext
+    ) -> operators_pb2.OperatorSession:
         call = current_call()
         record = await self._svc.logout(call.caller, _peer_serial(context))
         call.details.update(serial=record.serial, subject=record.subject)
         return _session(record)
 
-    async def ListOperators(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def ListOperators(
+        self, request: operators_pb2.ListOperatorsRequest, context: grpc.aio.ServicerContext
+    ) -> operators_pb2.ListOperatorsResponse:
         sessions = await self._svc.list_sessions(include_inactive=request.include_inactive)
         return operators_pb2.ListOperatorsResponse(sessions=[_session(s) for s in sessions])
 
-    async def RevokeOperator(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def RevokeOperator(
+        self, request: operators_pb2.RevokeOperatorRequest, context: grpc.aio.ServicerContext
+    ) -> operators_pb2.RevokeOperatorResponse:
         revoked = await self._svc.revoke(request.target)
         current_call().details.update(serials=[r.serial for r in revoked][:64])
         return operators_pb2.RevokeOperatorResponse(revoked=[_session(r) for r in revoked])
 
 
 def binding(app: Application) -> ServiceBinding:
-    from .services import ServiceBinding
-
     return ServiceBinding(
         operators_pb2.DESCRIPTOR.services_by_name["Operators"],
         operators_pb2_grpc.add_OperatorsServicer_to_server,

@@ -14,14 +14,14 @@ from broker.errors import InvalidArgument, NotFound
 from broker.policy import Action
 from broker.storage.database import ConnectionRecord, LeaseRecord, RoleRecord
 
-from ._proto import database_pb2, database_pb2_grpc
-from .interceptors import MethodSpec, current_call
-from .servicers import _ts
+from .._proto import database_pb2, database_pb2_grpc
+from ..timestamps import to_timestamp
+from .binding import MethodSpec, ServiceBinding
+from .pipeline import current_call
 
 if TYPE_CHECKING:
     from broker.app import Application
 
-    from .services import ServiceBinding
 
 __all__ = ["DATABASE_SPECS", "LEASE_SPECS", "DatabaseServicer", "LeasesServicer", "binding"]
 
@@ -70,8 +70,8 @@ def connection_pb(record: ConnectionRecord) -> Any:
         name=record.name,
         plugin=record.plugin,
         dsn=redact(record.dsn),
-        created_at=_ts(record.created_at),
-        root_rotated_at=_ts(record.rotated_at),
+        created_at=to_timestamp(record.created_at),
+        root_rotated_at=to_timestamp(record.rotated_at),
         kek_label=record.kek_label,
     )
 
@@ -91,7 +91,7 @@ def role_pb(record: RoleRecord) -> Any:
         username_template=record.username_template,
         password_length=record.password_length,
         password_charset=record.password_charset,
-        created_at=_ts(record.created_at),
+        created_at=to_timestamp(record.created_at),
     )
 
 
@@ -104,15 +104,15 @@ def lease_pb(record: LeaseRecord, now: dt.datetime | None = None) -> Any:
         username=record.username,
         holder=record.holder,
         state=record.state,
-        created_at=_ts(record.created_at),
-        expires_at=_ts(record.expires_at),
-        max_expires_at=_ts(record.max_expires_at),
+        created_at=to_timestamp(record.created_at),
+        expires_at=to_timestamp(record.expires_at),
+        max_expires_at=to_timestamp(record.max_expires_at),
         lease_duration_seconds=max(0, int((record.expires_at - start).total_seconds())),
         renewable=record.state == "active" and record.expires_at < record.max_expires_at,
         attempts=record.attempts,
         last_error=record.last_error or "",
         next_attempt_at=(
-            _ts(record.due_at) if record.state in ("revoking", "irrevocable") else None
+            to_timestamp(record.due_at) if record.state in ("revoking", "irrevocable") else None
         ),
     )
 
@@ -263,7 +263,6 @@ class LeasesServicer(database_pb2_grpc.LeasesServicer):  # type: ignore[misc]
 
 def binding(app: Application) -> list[ServiceBinding]:
     """Both services (Database and Leases), wired to `app.database`."""
-    from .services import ServiceBinding
 
     return [
         ServiceBinding(

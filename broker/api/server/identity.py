@@ -8,24 +8,24 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 from cryptography import x509
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from broker.attestation import attestor_resource, token_fingerprint
+from broker.authn import Authenticator
 from broker.authority import IssuedX509
 from broker.errors import InvalidArgument
-from broker.identity import Authenticator
 from broker.policy import Action
 from broker.storage.identity import AttestorRecord, EntryRecord
 from broker.workloads import IdentityService
 
-from ._proto import identity_pb2, identity_pb2_grpc
-from .interceptors import MethodSpec, current_call
-from .servicers import identity_attributes, template_attributes
+from .._proto import identity_pb2, identity_pb2_grpc
+from ..timestamps import to_timestamp
+from .attributes import identity_attributes, template_attributes
+from .binding import MethodSpec, ServiceBinding
+from .pipeline import current_call
 
 if TYPE_CHECKING:
     from broker.app import Application
 
-    from .services import ServiceBinding
 
 __all__ = ["IDENTITY_SPECS", "WorkloadIdentityServicer", "binding"]
 
@@ -63,10 +63,6 @@ IDENTITY_SPECS: dict[str, MethodSpec] = {
 }
 
 
-def _ts(value: dt.datetime) -> Timestamp:
-    return Timestamp(seconds=int(value.timestamp()), nanos=value.microsecond * 1000)
-
-
 def _peer_serial(context: grpc.aio.ServicerContext) -> str | None:
     """The serial (hex) of the verified client certificate, for the denylist."""
     certs = (context.auth_context() or {}).get("x509_pem_cert") or ()
@@ -80,7 +76,7 @@ def _agent_svid(issued: IssuedX509) -> identity_pb2.AgentSVID:
         spiffe_id=issued.spiffe_id,
         cert_chain=issued.chain_der,
         bundle=issued.bundle_der,
-        expires_at=_ts(issued.expires_at),
+        expires_at=to_timestamp(issued.expires_at),
         serial=issued.serial,
     )
 
@@ -94,7 +90,7 @@ def _entry(e: EntryRecord) -> identity_pb2.Entry:
         x509_ttl_seconds=e.x509_ttl,
         jwt_ttl_seconds=e.jwt_ttl,
         dns_names=list(e.dns_names),
-        created_at=_ts(e.created_at),
+        created_at=to_timestamp(e.created_at),
     )
 
 
@@ -106,7 +102,7 @@ def _attestor(a: AttestorRecord) -> identity_pb2.Attestor:
         jwks_json=a.jwks,
         template=a.template,
         algorithms=list(a.algorithms),
-        created_at=_ts(a.created_at),
+        created_at=to_timestamp(a.created_at),
     )
 
 
@@ -117,7 +113,9 @@ class WorkloadIdentityServicer(identity_pb2_grpc.WorkloadIdentityServicer):  # t
         self._svc = service
         self._auth = authenticator
 
-    async def Attest(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def Attest(
+        self, request: identity_pb2.AttestRequest, context: grpc.aio.ServicerContext
+    ) -> identity_pb2.AgentSVID:
         call = current_call()
         kind = request.WhichOneof("credential")
         if kind == "join_token":
@@ -136,14 +134,18 @@ class WorkloadIdentityServicer(identity_pb2_grpc.WorkloadIdentityServicer):  # t
         )
         return _agent_svid(issued)
 
-    async def RenewAgent(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def RenewAgent(
+        self, request: identity_pb2.RenewAgentRequest, context: grpc.aio.ServicerContext
+    ) -> identity_pb2.AgentSVID:
         call = current_call()
         call.authorize(call.caller.spiffe_id)
         issued = await self._svc.renew(call.caller, _peer_serial(context) or "", bytes(request.csr))
         call.details.update(serial=issued.serial, expires_at=issued.expires_at.isoformat())
         return _agent_svid(issued)
 
-    async def SyncAgent(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def SyncAgent(
+        self, request: identity_pb2.SyncAgentRequest, context: grpc.aio.ServicerContext
+    ) -> identity_pb2.SyncAgentResponse:
         call = current_call()
         call.authorize(call.caller.spiffe_id)
         sync = await self._svc.sync(call.caller, _peer_serial(context))
@@ -155,7 +157,9 @@ class WorkloadIdentityServicer(identity_pb2_grpc.WorkloadIdentityServicer):  # t
             bundle_sequence=sync.bundle_sequence,
         )
 
-    async def MintEntryX509(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def MintEntryX509(
+        self, request: identity_pb2.MintEntryX509Request, context: grpc.aio.ServicerContext
+    ) -> identity_pb2.EntryX509SVID:
         call = current_call()
         entry = await self._svc.get_entry(request.entry_id)
         call.authorize(entry.id, {"parent": entry.parent_id})
@@ -171,11 +175,13 @@ class WorkloadIdentityServicer(identity_pb2_grpc.WorkloadIdentityServicer):  # t
             spiffe_id=issued.spiffe_id,
             cert_chain=issued.chain_der,
             bundle=issued.bundle_der,
-            expires_at=_ts(issued.expires_at),
+            expires_at=to_timestamp(issued.expires_at),
             serial=issued.serial,
         )
 
-    async def MintEntryJWT(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def MintEntryJWT(
+        self, request: identity_pb2.MintEntryJWTRequest, context: grpc.aio.ServicerContext
+    ) -> identity_pb2.EntryJWTSVID:
         call = current_call()
         entry = await self._svc.get_entry(request.entry_id)
         call.authorize(entry.id, {"parent": entry.parent_id})
@@ -189,10 +195,12 @@ class WorkloadIdentityServicer(identity_pb2_grpc.WorkloadIdentityServicer):  # t
             kid=token.kid,
         )
         return identity_pb2.EntryJWTSVID(
-            spiffe_id=token.spiffe_id, token=token.token, expires_at=_ts(token.expires_at)
+            spiffe_id=token.spiffe_id, token=token.token, expires_at=to_timestamp(token.expires_at)
         )
 
-    async def CreateJoinToken(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def CreateJoinToken(
+        self, request: identity_pb2.CreateJoinTokenRequest, context: grpc.aio.ServicerContext
+    ) -> identity_pb2.CreateJoinTokenResponse:
         current_call().authorize(
             request.spiffe_id[:2100], identity_attributes(self._auth, request.spiffe_id)
         )
@@ -202,10 +210,12 @@ class WorkloadIdentityServicer(identity_pb2_grpc.WorkloadIdentityServicer):  # t
             token=token_fingerprint(token), expires_at=expires.isoformat()
         )
         return identity_pb2.CreateJoinTokenResponse(
-            token=token, spiffe_id=sid, expires_at=_ts(expires)
+            token=token, spiffe_id=sid, expires_at=to_timestamp(expires)
         )
 
-    async def AddAttestor(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def AddAttestor(
+        self, request: identity_pb2.Attestor, context: grpc.aio.ServicerContext
+    ) -> identity_pb2.Attestor:
         call = current_call()
         call.authorize(request.name[:64])  # who may administer attestors at all, before parsing
 
@@ -227,16 +237,22 @@ class WorkloadIdentityServicer(identity_pb2_grpc.WorkloadIdentityServicer):  # t
         )
         return _attestor(record)
 
-    async def ListAttestors(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def ListAttestors(
+        self, request: identity_pb2.ListAttestorsRequest, context: grpc.aio.ServicerContext
+    ) -> identity_pb2.ListAttestorsResponse:
         return identity_pb2.ListAttestorsResponse(
             attestors=[_attestor(a) for a in await self._svc.list_attestors()]
         )
 
-    async def RemoveAttestor(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def RemoveAttestor(
+        self, request: identity_pb2.RemoveAttestorRequest, context: grpc.aio.ServicerContext
+    ) -> identity_pb2.RemoveAttestorResponse:
         await self._svc.remove_attestor(request.name)
         return identity_pb2.RemoveAttestorResponse()
 
-    async def CreateEntry(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def CreateEntry(
+        self, request: identity_pb2.Entry, context: grpc.aio.ServicerContext
+    ) -> identity_pb2.Entry:
         call = current_call()
         call.authorize(request.spiffe_id[:2100])  # who may administer entries at all
 
@@ -257,25 +273,31 @@ class WorkloadIdentityServicer(identity_pb2_grpc.WorkloadIdentityServicer):  # t
         call.details.update(entry_id=entry.id)
         return _entry(entry)
 
-    async def ListEntries(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def ListEntries(
+        self, request: identity_pb2.ListEntriesRequest, context: grpc.aio.ServicerContext
+    ) -> identity_pb2.ListEntriesResponse:
         entries = await self._svc.list_entries(request.parent_id or None)
         return identity_pb2.ListEntriesResponse(entries=[_entry(e) for e in entries])
 
-    async def GetEntry(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def GetEntry(
+        self, request: identity_pb2.GetEntryRequest, context: grpc.aio.ServicerContext
+    ) -> identity_pb2.Entry:
         return _entry(await self._svc.get_entry(request.id))
 
-    async def DeleteEntry(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def DeleteEntry(
+        self, request: identity_pb2.DeleteEntryRequest, context: grpc.aio.ServicerContext
+    ) -> identity_pb2.DeleteEntryResponse:
         await self._svc.delete_entry(request.id)
         return identity_pb2.DeleteEntryResponse()
 
-    async def DenySVID(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def DenySVID(
+        self, request: identity_pb2.DenySVIDRequest, context: grpc.aio.ServicerContext
+    ) -> identity_pb2.DenySVIDResponse:
         record = await self._svc.deny(request.target)
         return identity_pb2.DenySVIDResponse(kind=record.kind, value=record.value)
 
 
 def binding(app: Application) -> ServiceBinding:
-    from .services import ServiceBinding
-
     return ServiceBinding(
         identity_pb2.DESCRIPTOR.services_by_name["WorkloadIdentity"],
         identity_pb2_grpc.add_WorkloadIdentityServicer_to_server,

@@ -12,25 +12,25 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from broker.access import AccessControl
+from broker.authn import Authenticator
 from broker.errors import InvalidArgument
-from broker.identity import Authenticator
 from broker.policy import Action, Decision
 from broker.storage.access import ApprovalRecord, BreakGlassRecord, GrantRecord
 from ca.clock import Clock
 from ca.errors import CAError
 from ca.spiffeid import SpiffeId
 
-from ._proto import access_pb2, access_pb2_grpc
-from .interceptors import MethodSpec, current_call
+from .._proto import access_pb2, access_pb2_grpc
+from ..timestamps import to_timestamp
+from .binding import MethodSpec, ServiceBinding
+from .pipeline import current_call
 
 if TYPE_CHECKING:
     from broker.app import Application
     from broker.authority import CAService
 
-    from .services import ServiceBinding
 
 __all__ = ["ACCESS_SPECS", "AccessServicer", "binding"]
 
@@ -53,12 +53,6 @@ ACCESS_SPECS: dict[str, MethodSpec] = {
 }
 
 
-def _ts(value: dt.datetime | None) -> Timestamp | None:
-    if value is None:
-        return None
-    return Timestamp(seconds=int(value.timestamp()), nanos=value.microsecond * 1000)
-
-
 def _grant(g: GrantRecord, now: dt.datetime) -> access_pb2.Grant:
     state = "revoked" if g.revoked_at else ("active" if now < g.expires_at else "expired")
     return access_pb2.Grant(
@@ -68,9 +62,9 @@ def _grant(g: GrantRecord, now: dt.datetime) -> access_pb2.Grant:
         resource=g.resource,
         justification=g.justification,
         created_by=g.created_by,
-        created_at=_ts(g.created_at),
-        expires_at=_ts(g.expires_at),
-        revoked_at=_ts(g.revoked_at),
+        created_at=to_timestamp(g.created_at),
+        expires_at=to_timestamp(g.expires_at),
+        revoked_at=to_timestamp(g.revoked_at),
         revoked_by=g.revoked_by or "",
         state=state,
     )
@@ -83,11 +77,11 @@ def _approval(a: ApprovalRecord, now: dt.datetime) -> access_pb2.Approval:
         action=a.action,
         resource=a.resource,
         justification=a.justification,
-        created_at=_ts(a.created_at),
-        expires_at=_ts(a.expires_at),
+        created_at=to_timestamp(a.created_at),
+        expires_at=to_timestamp(a.expires_at),
         approved_by=a.approved_by or "",
-        approved_at=_ts(a.approved_at),
-        used_at=_ts(a.used_at),
+        approved_at=to_timestamp(a.approved_at),
+        used_at=to_timestamp(a.used_at),
         state=a.state(now),
     )
 
@@ -100,10 +94,10 @@ def _breakglass(b: BreakGlassRecord, now: dt.datetime) -> access_pb2.BreakGlass:
         spiffe_id=b.spiffe_id,
         action=b.action,
         resource=b.resource,
-        issued_at=_ts(b.issued_at),
-        expires_at=_ts(b.expires_at),
-        used_at=_ts(b.used_at),
-        revoked_at=_ts(b.revoked_at),
+        issued_at=to_timestamp(b.issued_at),
+        expires_at=to_timestamp(b.expires_at),
+        used_at=to_timestamp(b.used_at),
+        revoked_at=to_timestamp(b.revoked_at),
         state=b.state(now),
     )
 
@@ -142,7 +136,7 @@ class AccessServicer(access_pb2_grpc.AccessServicer):  # type: ignore[misc]
             version=view.version,
             modules=dict(view.modules),
             author=view.author,
-            updated_at=_ts(view.updated_at),
+            updated_at=to_timestamp(view.updated_at),
         )
 
     async def TestPolicy(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -267,8 +261,6 @@ class AccessServicer(access_pb2_grpc.AccessServicer):  # type: ignore[misc]
 
 
 def binding(app: Application) -> ServiceBinding:
-    from .services import ServiceBinding
-
     return ServiceBinding(
         access_pb2.DESCRIPTOR.services_by_name["Access"],
         access_pb2_grpc.add_AccessServicer_to_server,

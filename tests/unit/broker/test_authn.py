@@ -12,8 +12,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from broker.authn import Authenticator
 from broker.errors import PermissionDenied, Unauthenticated
-from broker.identity import Authenticator
 from broker.storage.identity import DenyRecord
 from broker.workloads import Denylist
 from ca.layout import IdentityLayout

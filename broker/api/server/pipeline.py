@@ -4,6 +4,10 @@
 
 Servicers raise domain errors; this module turns them into status codes (through
 `broker.api.status`) after the audit event, carrying the outcome, has been committed.
+
+A unary call goes through four steps: admission (correlation id, then `_authorize`),
+invocation (the servicer under its `CallContext`), the audit event (`audit_event`, a pure
+function of the call's `CallOutcome`) and finishing (sampling, ledger, metrics, answer).
 Health checks and reflection are authenticated, rate limited and authorized like everything
 else but not written to the ledger (they carry no data and would drown it).
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import datetime as dt
 import os
 import re
 import time
@@ -32,7 +37,8 @@ from typing import Any
 import grpc
 
 from broker import metrics
-from broker.audit import AuditLedger
+from broker.audit import AuditEvent, AuditLedger
+from broker.authn import Authenticator
 from broker.errors import (
     AuditWriteFailed,
     BrokerError,
@@ -43,15 +49,15 @@ from broker.errors import (
     ResourceExhausted,
     Unauthenticated,
 )
-from broker.identity import Authenticator
 from broker.policy import Caller, Decision, Policy
 from broker.ratelimit import RateLimiter, RefusalSampler
 from ca import errors as ca_errors
 from ca.clock import Clock
 
-from .status import to_status
+from ..status import to_status
+from .binding import MethodSpec
 
-__all__ = ["CallContext", "MethodSpec", "RequestPipeline", "current_call"]
+__all__ = ["CallContext", "CallOutcome", "RequestPipeline", "audit_event", "current_call"]
 
 CORRELATION_HEADER = "x-correlation-id"
 JUSTIFICATION_HEADER = "x-broker-justification"
@@ -61,26 +67,6 @@ _MAX_JUSTIFICATION = 1024
 # Larger values (up to +-2^63) would overflow date arithmetic deep in the domain code.
 MAX_DURATION_SECONDS = 100 * 366 * 86_400
 DEFAULT_REFUSAL_AUDIT_INTERVAL = 10.0
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """How the pipeline treats one RPC: its action name, how to name the resource from the
-    request, and whether it is written to the audit ledger.
-
-    `deferred=True` moves the policy decision into the servicer, for resources whose
-    attributes (owner, tenant, environment, classification) must be loaded first: the servicer
-    calls `current_call().authorize(resource, attributes)` before touching anything. A deferred
-    RPC whose servicer returns without having been authorized fails closed.
-    """
-
-    action: str
-    resource: Callable[[Any], str] = lambda _request: ""
-    audited: bool = True
-    deferred: bool = False
-    # Admitted without a client certificate (attestation: the credential is in the request).
-    # The caller is then "bootstrap:<peer host>", rate limited per host and audited as such.
-    bootstrap: bool = False
 
 
 @dataclass
@@ -231,12 +217,12 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         ledger: AuditLedger,
         clock: Clock,
         max_request_bytes: int = 1 << 20,
-        observer: Callable[[Mapping[str, Any]], Mapping[str, Any] | None] | None = None,
+        observer: Callable[[AuditEvent], AuditEvent | None] | None = None,
         refusals: RefusalSampler | None = None,
         peers: Callable[[str], str | None] | None = None,
     ) -> None:
         self._max_request_bytes = max_request_bytes
-        # The client behind a connection that came through a ConnectionGate (broker.api.gate).
+        # The client behind a connection that came through a ConnectionGate (`gate.py`).
         self._peers = peers
         self._refusals = refusals or RefusalSampler(clock, DEFAULT_REFUSAL_AUDIT_INTERVAL)
         # Sees every audited event after it is written (anomaly detection); an event it returns
@@ -454,7 +440,23 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         context: grpc.aio.ServicerContext,
         cancellation: _Cancellation,
     ) -> Any:
+        """admission -> invocation -> audit event -> finishing."""
         started = time.perf_counter()
+        outcome = self._admission(method, spec, request, context)
+        if outcome.call is not None:
+            await self._invocation(outcome, inner, request, context)
+        return await self._finish(outcome, spec, context, cancellation, started)
+
+    def _admission(
+        self,
+        method: str,
+        spec: MethodSpec | None,
+        request: Any,
+        context: grpc.aio.ServicerContext,
+    ) -> CallOutcome:
+        """Reads the correlation id and justification, then authenticates, rate limits and
+        authorizes (`_authorize`). The outcome has a `call` when the request was admitted, an
+        `error` when it was refused."""
         meta = _metadata(context)
         correlation_id = meta.get(CORRELATION_HEADER, "")
         if not _CORRELATION_RE.match(correlation_id):
@@ -463,135 +465,222 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             correlation_id = os.urandom(16).hex()
         justification = meta.get(JUSTIFICATION_HEADER, "")[:_MAX_JUSTIFICATION]
         context.set_trailing_metadata(((CORRELATION_HEADER, correlation_id),))
-
-        who, action, resource, decision, reason, rule = (
-            "unauthenticated",
-            "",
-            "",
-            "deny",
-            "",
-            "",
+        outcome = CallOutcome(
+            method, spec.action if spec is not None else "", correlation_id, justification
         )
-        if spec is not None:
-            action = spec.action
-        seen: dict[str, Any] = {}
-        flags: Mapping[str, str] = {}
-        response: Any = None
-        error: BaseException | None = None
-        call: CallContext | None = None
         try:
             caller, action, resource, verdict = self._authorize(
-                method, spec, request, context, seen
+                method, spec, request, context, outcome.seen
             )
-            who, decision = caller.spiffe_id, "allow"
-            if verdict is not None:
-                reason, rule = verdict.reason, verdict.rule
-                flags = verdict.flags
-            call = CallContext(
-                caller,
-                correlation_id,
-                justification,
-                action=action,
-                resource=resource,
-                policy=self._policy if verdict is None else None,
-            )
+        except Exception as exc:  # audited as a refusal, mapped to a status when finishing
+            outcome.failed(exc)
+            return outcome
+        outcome.verdict = verdict
+        outcome.call = CallContext(
+            caller,
+            correlation_id,
+            justification,
+            action=action,
+            resource=resource,
+            policy=self._policy if verdict is None else None,
+        )
+        return outcome
+
+    async def _invocation(
+        self,
+        outcome: CallOutcome,
+        inner: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
+        request: Any,
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        """Runs the servicer of an admitted call with its `CallContext` current; a deferred
+        call must have been authorized by it, and a spent single-use permission is settled."""
+        call = outcome.call
+        assert call is not None
+        try:
             self._ledger.ensure_writable()  # a known-broken ledger: refuse before acting
             token = _CURRENT.set(call)
             try:
-                response = await inner(request, context)
+                outcome.response = await inner(request, context)
             finally:
                 _CURRENT.reset(token)
-            if verdict is None and call.decision is None:
-                raise PermissionDenied(f"{method} was not authorized; refused")
-            await self._settle(verdict if verdict is not None else call.decision)
-        except Unauthenticated as exc:
-            error, reason = exc, str(exc)
-        except PermissionDenied as exc:
-            error, reason = exc, str(exc)
-        except Exception as exc:  # mapped to a status below; never re-raised to gRPC
-            error = exc
-        if call is not None and call.policy is not None:  # a deferred decision
-            resource = call.resource
-            if call.decision is None:
-                decision = "deny"
-            else:
-                decision = "allow" if call.decision.allowed else "deny"
-                reason, rule = call.decision.reason, call.decision.rule
-                flags = call.decision.flags
-        if decision == "deny" and call is None:  # refused before the servicer
-            who = seen.get("who", who)
-            resource = seen.get("resource", resource)
-            rule = seen.get("rule", rule)
-            flags = seen.get("flags", {})
-            if not reason and isinstance(error, BrokerError):
-                reason = str(error)  # e.g. the rate limit
-        code, message = (
-            (grpc.StatusCode.OK, "") if error is None else to_status(error, correlation_id)
-        )
-        sampled: int | None = 0
-        sample_key = ""
+            if outcome.verdict is None and call.decision is None:
+                raise PermissionDenied(f"{outcome.method} was not authorized; refused")
+            await self._settle(outcome.verdict if outcome.verdict is not None else call.decision)
+        except Exception as exc:  # mapped to a status when finishing; never re-raised to gRPC
+            outcome.failed(exc)
+
+    def _sampling(self, outcome: CallOutcome) -> tuple[bool, dict[str, Any] | None]:
+        """Whether the event of `outcome` is written, and its `sampled` field: refusals by the
+        rate limiter and unauthenticated calls on the attestation port are counted, and one
+        event per caller (or peer address) and interval stands for all of them."""
+        error = outcome.error
         if isinstance(error, RateLimited):
             metrics.record_refusal("rate_limit")
-            sample_key = f"rate:{who}"
-        elif isinstance(error, Unauthenticated) and "sample" in seen:
+            key = f"rate:{outcome.seen.get('who', 'unauthenticated')}"
+        elif isinstance(error, Unauthenticated) and "sample" in outcome.seen:
             metrics.record_refusal("unauthenticated")
-            sample_key = seen["sample"]
-        if sample_key:
-            sampled = self._refusals.admit(sample_key)
+            key = outcome.seen["sample"]
+        else:
+            return True, None
+        previous = self._refusals.admit(key)
+        if previous is None:
+            return False, None
+        return True, {
+            "interval_seconds": self._refusals.interval,
+            "previous_interval_refusals": previous,
+        }
 
-        if (spec is None or spec.audited) and sampled is not None:
-            event: dict[str, Any] = {
-                "when": self._clock.now().isoformat(timespec="microseconds"),
-                "who": who,
-                "what": action or method,
-                "method": method,
-                "resource": resource,
-                "where": self._where(context),
-                "why": justification,
-                "correlation_id": correlation_id,
-                "decision": decision,
-                "reason": reason,
-                "rule": rule,
-                "outcome": code.name,
-                "latency_ms": round((time.perf_counter() - started) * 1000, 3),
-            }
-            if error is not None:
-                event["error"] = message
-            if "serial" in seen:
-                event["serial"] = seen["serial"]
-            if sample_key:  # one event per caller and interval stands for all its refusals
-                event["sampled"] = {
-                    "interval_seconds": self._refusals.interval,
-                    "previous_interval_refusals": sampled,
-                }
-            if cancellation.outcome is not None:
-                event["outcome"] = cancellation.outcome.name
-                event["effect"] = (
-                    "applied"
-                    if error is None
-                    else "none"
-                    if isinstance(error, BrokerError | ca_errors.CAError)
-                    else "unknown"
-                )
-            if call is not None and call.details:
-                event["details"] = call.details
-            if flags:
-                event["flags"] = dict(flags)  # grant / approval / break-glass used
-            if seen.get("minted_by"):
-                event["minted_by"] = seen["minted_by"]
+    async def _finish(
+        self,
+        outcome: CallOutcome,
+        spec: MethodSpec | None,
+        context: grpc.aio.ServicerContext,
+        cancellation: _Cancellation,
+        started: float,
+    ) -> Any:
+        """Samples refusals, writes the audit event (fail closed: a failed write fails the
+        call), observes the metrics, then answers or aborts."""
+        error = outcome.error
+        code, message = (
+            (grpc.StatusCode.OK, "") if error is None else to_status(error, outcome.correlation_id)
+        )
+        recorded, sampled = self._sampling(outcome)
+        if (spec is None or spec.audited) and recorded:
+            event = audit_event(
+                outcome,
+                when=self._clock.now(),
+                where=self._where(context),
+                latency_ms=round((time.perf_counter() - started) * 1000, 3),
+                status=code.name,
+                message=message,
+                sampled=sampled,
+                cancelled=None if cancellation.outcome is None else cancellation.outcome.name,
+            )
             try:
                 await self._ledger.record(event)
                 if self._observer is not None:
                     extra = self._observer(event)
                     if extra is not None:
-                        await self._ledger.record(dict(extra))
+                        await self._ledger.record(extra)
             except AuditWriteFailed as exc:
-                code, message = to_status(exc, correlation_id)
+                code, message = to_status(exc, outcome.correlation_id)
                 error = exc
         if cancellation.outcome is not None:
-            metrics.observe_rpc(method, cancellation.outcome.name, time.perf_counter() - started)
+            metrics.observe_rpc(
+                outcome.method, cancellation.outcome.name, time.perf_counter() - started
+            )
             return None  # nobody is waiting for the answer
-        metrics.observe_rpc(method, code.name, time.perf_counter() - started)
+        metrics.observe_rpc(outcome.method, code.name, time.perf_counter() - started)
         if error is not None:
             await context.abort(code, message)
-        return response
+        return outcome.response
+
+
+@dataclass
+class CallOutcome:
+    """What one unary call came to, as the pipeline saw it: the input of `audit_event`.
+
+    `seen` holds what admission learnt before a refusal ("who", "resource", "rule", "flags",
+    "serial", "minted_by", "sample"); `call` is set once the call was admitted; `verdict` is
+    the pipeline's own policy decision (None for a deferred spec: `call.decision` is the
+    servicer's); `refusal` is the message of an Unauthenticated or PermissionDenied raised at
+    any step, which becomes the event's reason."""
+
+    method: str
+    action: str
+    correlation_id: str
+    justification: str
+    seen: dict[str, Any] = field(default_factory=dict)
+    call: CallContext | None = None
+    verdict: Decision | None = None
+    response: Any = None
+    error: BaseException | None = None
+    refusal: str = ""
+
+    def failed(self, exc: Exception) -> None:
+        self.error = exc
+        if isinstance(exc, Unauthenticated | PermissionDenied):
+            self.refusal = str(exc)
+
+
+def _decision_of(outcome: CallOutcome) -> tuple[str, str, str, str, str, Mapping[str, str]]:
+    """(who, resource, decision, reason, rule, flags) of the event about `outcome`."""
+    call = outcome.call
+    if call is None:  # refused before the servicer: what admission had learnt
+        seen = outcome.seen
+        reason = outcome.refusal
+        if not reason and isinstance(outcome.error, BrokerError):
+            reason = str(outcome.error)  # e.g. the rate limit
+        return (
+            seen.get("who", "unauthenticated"),
+            seen.get("resource", ""),
+            "deny",
+            reason,
+            seen.get("rule", ""),
+            seen.get("flags", {}),
+        )
+    decision, reason, rule = "allow", "", ""
+    flags: Mapping[str, str] = {}
+    verdict = outcome.verdict
+    if verdict is not None:
+        reason, rule, flags = verdict.reason, verdict.rule, verdict.flags
+    if outcome.refusal:
+        reason = outcome.refusal
+    if call.policy is not None:  # a deferred decision: the servicer's
+        if call.decision is None:
+            decision = "deny"
+        else:
+            decision = "allow" if call.decision.allowed else "deny"
+            reason, rule, flags = call.decision.reason, call.decision.rule, call.decision.flags
+    return call.caller.spiffe_id, call.resource, decision, reason, rule, flags
+
+
+def audit_event(
+    outcome: CallOutcome,
+    *,
+    when: dt.datetime,
+    where: str,
+    latency_ms: float,
+    status: str,
+    message: str,
+    sampled: Mapping[str, Any] | None = None,
+    cancelled: str | None = None,
+) -> AuditEvent:
+    """The audit event of one call (pure). `status` and `message` are what the client is
+    told (`message` is recorded as the error when the call failed); `sampled` stands for the
+    refusals of one caller in an interval; `cancelled` is the status of a call whose client
+    went away, and `effect` then says whether its change took effect."""
+    who, resource, decision, reason, rule, flags = _decision_of(outcome)
+    error = outcome.error
+    effect = None
+    if cancelled is not None:
+        if error is None:
+            effect = "applied"
+        elif isinstance(error, BrokerError | ca_errors.CAError):
+            effect = "none"
+        else:
+            effect = "unknown"
+    call = outcome.call
+    return AuditEvent(
+        when=when,
+        who=who,
+        what=outcome.action or outcome.method,
+        method=outcome.method,
+        resource=resource,
+        where=where,
+        why=outcome.justification,
+        correlation_id=outcome.correlation_id,
+        decision=decision,
+        reason=reason,
+        rule=rule,
+        outcome=cancelled or status,
+        latency_ms=latency_ms,
+        error=message if error is not None else None,
+        serial=outcome.seen.get("serial"),
+        sampled=sampled,
+        effect=effect,
+        details=call.details if call is not None and call.details else None,
+        flags=dict(flags) if flags else None,
+        minted_by=outcome.seen.get("minted_by") or None,
+    )
