@@ -41,7 +41,7 @@ from broker.storage.secrets import secret_repository
 from broker.workloads import IdentityService
 from ca.clock import Clock
 from ca.keys import KeyBackend
-from ca.layout import IdentityLayout
+from ca.layout import DEV_TENANT, IdentityLayout
 from ca.spiffeid import SpiffeId
 from ca.x509svid import SERVER_PATH, chain_pem, server_name
 
@@ -108,7 +108,11 @@ class Application:
         # Secret metadata rows are MACed under a key in the key backend (verified on read).
         self.secret_mac = MetadataMac(keys)
         self.secrets = SecretService(
-            secret_repository(storage, self.secret_mac), self.envelope, clock
+            secret_repository(storage, self.secret_mac),
+            self.envelope,
+            clock,
+            default_tenant=config.identity.default_tenant or DEV_TENANT,
+            justification_required=config.secrets.justification_required,
         )
         self.sealed_stores.append(self.secrets)
         # Dynamic database credentials (a SealedStore: the admin passwords) and their reaper.
