@@ -147,9 +147,6 @@ class CredentialService:
     ) -> IssuedCredentials:
         return await self.leases.issue(role, caller, authorize, ttl)
 
-    async def lease(self, lease_id: str) -> LeaseRecord:
-        return await self.leases.lease(lease_id)
-
     async def list_leases(self, prefix: str = "", limit: int = 1000) -> list[LeaseRecord]:
         return await self.leases.list_leases(prefix, limit)
 

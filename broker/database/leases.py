@@ -245,12 +245,6 @@ class Leases:
         authorize(lease.id, {"holder": lease.holder, "role": lease.role})
         return lease
 
-    async def lease(self, lease_id: str) -> LeaseRecord:
-        record = await self._store.get_lease(lease_id)
-        if record is None:
-            raise NotFound(f"no lease {lease_id!r}")
-        return record
-
     async def list_leases(self, prefix: str = "", limit: int = 1000) -> list[LeaseRecord]:
         return await self._store.list_leases(prefix, limit)
 
