@@ -26,12 +26,16 @@ import hashlib
 import json
 import logging
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Protocol
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from broker.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
-from broker.policy import Action, Caller, Decision, DefaultPolicy, Policy
+from broker.policy import Action, Authorize, Caller, Decision, DefaultPolicy, Policy
 from broker.rego import InvalidRegoPolicy, RegoEngine, default_modules
 from broker.storage.access import (
     AccessRepository,
@@ -41,6 +45,7 @@ from broker.storage.access import (
 )
 from broker.storage.interface import PolicyRepository
 from ca.clock import Clock
+from ca.spiffeid import SpiffeId
 
 __all__ = [
     "APPROVAL_TTL",
@@ -52,6 +57,8 @@ __all__ = [
     "TWO_PERSON_ACTIONS",
     "TWO_PERSON_MINT_ACTIONS",
     "AccessControl",
+    "BreakGlassCredential",
+    "BreakGlassMinter",
     "RegoPolicyView",
 ]
 
@@ -150,6 +157,28 @@ def _normalise(attributes: Mapping[str, str]) -> dict[str, str]:
         if alias in out and "classification" not in out:
             out["classification"] = out[alias]
     return out
+
+
+class BreakGlassMinter(Protocol):
+    """What issuing a break-glass credential needs from the CA (`broker.authority.CAService`):
+    a certificate for a broker-internal identity, and the trust bundle to hand out with it."""
+
+    def issue_internal(
+        self, spiffe_id: SpiffeId, public_key: Any, ttl: dt.timedelta
+    ) -> tuple[x509.Certificate, x509.Certificate]: ...
+
+    def trust_bundle_pem(self) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class BreakGlassCredential:
+    """A break-glass record with its credential: the certificate chain (leaf, issuing CA) and
+    the private key (DER, PKCS#8; shown once, never stored), and the trust bundle's roots."""
+
+    record: BreakGlassRecord
+    cert_chain_der: Sequence[bytes]
+    private_key_der: bytes
+    bundle_der: Sequence[bytes]
 
 
 class AccessControl:
@@ -581,12 +610,50 @@ class AccessControl:
     def breakglass_id(self, record_id: str) -> str:
         return f"{self._breakglass_prefix}{record_id}"
 
+    async def issue_breakglass_credential(
+        self,
+        by: Caller,
+        approval_id: str,
+        ttl: dt.timedelta,
+        authorize: Authorize,
+        ca: BreakGlassMinter,
+    ) -> BreakGlassCredential:
+        """`issue_breakglass` for the request path, with the credential minted by `ca`.
+        Decided through `authorize` once the approval is loaded (its requester among the
+        attributes); an absent approval is decided as one nobody asked for, so a caller who
+        may not take break-glass credentials is refused the same way, and one who may learns
+        that it is absent (NotFound, after the checks on the caller and the TTL)."""
+        approval = await self._repo.get_approval(approval_id)
+        authorize(approval_id[:64], {"requester": approval.requester if approval else ""})
+        record = await self._issue_breakglass(by, approval_id, ttl, approval)
+        key = ec.generate_private_key(ec.SECP256R1())
+        leaf, issuer = ca.issue_internal(
+            SpiffeId.parse(record.spiffe_id),
+            key.public_key(),
+            record.expires_at - self._clock.now(),
+        )
+        der = serialization.Encoding.DER
+        roots = x509.load_pem_x509_certificates(ca.trust_bundle_pem())
+        return BreakGlassCredential(
+            record,
+            [leaf.public_bytes(der), issuer.public_bytes(der)],
+            key.private_bytes(der, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+            [r.public_bytes(der) for r in roots],
+        )
+
     async def issue_breakglass(
         self, by: Caller, approval_id: str, ttl: dt.timedelta
     ) -> BreakGlassRecord:
         """Turn `by`'s approved request (action, resource) into a single-use break-glass record
         valid for at most MAX_BREAKGLASS_TTL; the approval is spent. The caller mints the
-        credential for `record.spiffe_id`."""
+        credential for `record.spiffe_id` (`issue_breakglass_credential` does both)."""
+        return await self._issue_breakglass(
+            by, approval_id, ttl, await self._repo.get_approval(approval_id)
+        )
+
+    async def _issue_breakglass(
+        self, by: Caller, approval_id: str, ttl: dt.timedelta, approval: ApprovalRecord | None
+    ) -> BreakGlassRecord:
         if not by.is_operator:
             raise PermissionDenied("break-glass credentials are for operators")
         if self._people_log_in and not by.subject:
@@ -599,7 +666,6 @@ class AccessControl:
                 f"a break-glass credential lasts more than 0 and at most "
                 f"{_hours(MAX_BREAKGLASS_TTL)}; asked for {_hours(ttl)}"
             )
-        approval = await self._repo.get_approval(approval_id)
         if approval is None:
             raise NotFound(f"no approval {approval_id}")
         if approval.requester != by.spiffe_id:

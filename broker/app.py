@@ -36,7 +36,7 @@ from broker.storage import Storage
 from broker.workloads import IdentityService
 from ca.clock import Clock
 from ca.keys import KeyBackend
-from ca.layout import IdentityLayout
+from ca.layout import DEV_TENANT, IdentityLayout
 from ca.spiffeid import SpiffeId
 from ca.x509svid import SERVER_PATH, chain_pem, server_name
 
@@ -102,7 +102,13 @@ class Application:
         # Wrapped static secrets (a SealedStore) and KEK rotation over every sealed store.
         # Secret metadata rows are MACed under a key in the key backend (verified on read).
         self.secret_mac = MetadataMac(keys)
-        self.secrets = SecretService(storage.secrets(self.secret_mac), self.envelope, clock)
+        self.secrets = SecretService(
+            storage.secrets(self.secret_mac),
+            self.envelope,
+            clock,
+            default_tenant=config.identity.default_tenant or DEV_TENANT,
+            justification_required=config.secrets.justification_required,
+        )
         self.sealed_stores.append(self.secrets)
         # Dynamic database credentials (a SealedStore: the admin passwords) and their reaper.
         self.database = CredentialService(

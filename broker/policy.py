@@ -4,7 +4,14 @@ The built-in rule set: operators administer everything; any authenticated identi
 the trust bundle and check health; a workload may mint SVIDs only for its own SPIFFE ID, read
 a secret or database credential only as the owning service in the same tenant and environment,
 and renew or revoke only leases issued to it.
-A Rego engine (a later issue) implements the same `Policy` interface.
+`broker.rego` evaluates operator-written Rego policy behind the same `Policy` interface
+(`broker.access` puts it, grants, approvals and break-glass in front of this rule set).
+
+Decisions that need a loaded resource (its owner, tenant, holder) are made by the domain
+through an `Authorize` callable the request pipeline hands in: the domain loads the resource,
+then asks. An absent resource is decided as one nobody owns (`decide_absent`), so a caller who
+may not use it is refused exactly as for one that exists; a caller who may administer it learns
+that it is absent.
 """
 
 from __future__ import annotations
@@ -12,11 +19,22 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NoReturn, Protocol
 
+from broker.errors import BrokerError, PermissionDenied
 from ca.x509svid import Lineage
 
-__all__ = ["Action", "Caller", "Decision", "DefaultPolicy", "Policy", "owner_decision"]
+__all__ = [
+    "Action",
+    "Authorize",
+    "Caller",
+    "Decision",
+    "DefaultPolicy",
+    "Policy",
+    "decide_absent",
+    "opaque_refusals",
+    "owner_decision",
+]
 
 
 class Action:
@@ -128,6 +146,45 @@ class Policy(Protocol):
         "classification", "holder" (the SPIFFE ID a lease was issued to), ...; `context`
         carries request context such as "justification"."""
         ...
+
+
+class Authorize(Protocol):
+    """The domain port for a decision that needs a loaded resource: the request pipeline hands
+    one to the domain call, which loads the resource and then asks. Returns the decision when
+    allowed; raises PermissionDenied when refused. Either way the decision is the request's
+    (its reason and rule go into the audit event), whatever the domain does next."""
+
+    def __call__(
+        self, resource: str, attributes: Mapping[str, str] | None = None, /
+    ) -> Decision: ...
+
+
+def decide_absent(
+    authorize: Authorize, resource: str, attributes: Mapping[str, str], absent: BrokerError
+) -> NoReturn:
+    """The one rule for an absent resource: decide it as one nobody owns (`attributes` with an
+    empty "owner"/"holder"), so a caller who may not use it gets the very refusal it would get
+    for one that exists (PermissionDenied from `authorize`), and a caller who may (an operator,
+    who administers it) learns that it is absent: `absent` (e.g. NotFound) is raised."""
+    authorize(resource, attributes)
+    raise absent
+
+
+def opaque_refusals(authorize: Authorize, caller: Caller, refusal: str) -> Authorize:
+    """`authorize`, except that a refused caller who is not an operator is told `refusal`
+    (naming neither owner nor rule), the same for a resource that exists and one that does not,
+    so names cannot be probed. Operators get the reason: they administer the resource. The
+    audit event keeps the real reason either way."""
+
+    def decide(resource: str, attributes: Mapping[str, str] | None = None, /) -> Decision:
+        try:
+            return authorize(resource, attributes)
+        except PermissionDenied:
+            if caller.is_operator:
+                raise
+            raise PermissionDenied(refusal) from None
+
+    return decide
 
 
 _ANY_CALLER = frozenset({Action.BUNDLE_GET, Action.HEALTH, Action.REFLECTION})

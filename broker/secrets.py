@@ -41,10 +41,11 @@ import logging
 import re
 import secrets as _random
 import string
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
+from broker.config import DEFAULT_JUSTIFICATION_REQUIRED
 from broker.envelope import Envelope, SealedBlob, aad
 from broker.errors import (
     AlreadyExists,
@@ -52,6 +53,7 @@ from broker.errors import (
     InvalidArgument,
     NotFound,
 )
+from broker.policy import Action, Authorize, Caller, decide_absent, opaque_refusals
 from broker.storage.interface import LockRepository
 from broker.storage.secrets import (
     SealedRow,
@@ -63,6 +65,7 @@ from broker.storage.secrets import (
 from ca.clock import Clock
 from ca.errors import IntegrityError, KeyExists, KeyNotFound
 from ca.keys import KeyBackend, KeyKind, mac_signer
+from ca.layout import DEV_TENANT
 
 __all__ = [
     "CLASSIFICATIONS",
@@ -80,7 +83,9 @@ __all__ = [
     "SecretValue",
     "VersionInfo",
     "VersionState",
+    "is_person",
     "reference_hash",
+    "unowned_attributes",
 ]
 
 log = logging.getLogger(__name__)
@@ -424,9 +429,47 @@ def _value(value: bytes | None, generate_length: int | None) -> bytes:
     return bytes(value)
 
 
+def unowned_attributes(tenant: str, reference: str) -> dict[str, str]:
+    """The attributes of a secret nobody owns at `reference`: what an absent secret (or one
+    whose metadata does not verify) is decided on (`broker.policy.decide_absent`)."""
+    ref = SecretRef.parse(reference)
+    return {
+        "tenant": tenant,
+        "environment": ref.environment,
+        "owner": "",
+        "service": ref.service,
+        "reference": ref.text,
+    }
+
+
+def is_person(caller: Caller) -> bool:
+    """Operators and break-glass holders, as opposed to workloads."""
+    path = caller.spiffe_id.split("/", 3)[-1] if caller.spiffe_id.count("/") >= 3 else ""
+    return caller.is_operator or path.startswith(("broker/operator/", "broker/breakglass/"))
+
+
+def _refusal(action: str) -> str:
+    """What a refused workload is told, for a secret that exists and one that does not, naming
+    neither owner nor rule (the audit event keeps the real reason)."""
+    return (
+        f"{action} refused: there is no such secret for this caller, or it may not use it "
+        "(an operator can grant access with 'broker grant create')"
+    )
+
+
+# Audit details the domain adds for the request (the pipeline's `CallContext.details`).
+Details = MutableMapping[str, Any]
+
+
 class SecretService:
-    """The secrets domain. `tenant` arguments are validated here; the caller (the servicer)
-    decides which tenant a request is for and authorizes it."""
+    """The secrets domain. `tenant` arguments are validated here. The request path picks the
+    tenant with `tenant_for` and goes through the authorized calls (`authorized`, `get`,
+    `rotate_for`), which load the secret and then decide through the `Authorize` port; the
+    other methods are the operations themselves, for callers that decided already.
+
+    `default_tenant`: the tenant of requests that name none (from operators, or workloads
+    whose identity has none). `justification_required`: environments and classifications
+    whose secrets a person reads only with a justification."""
 
     def __init__(
         self,
@@ -436,12 +479,183 @@ class SecretService:
         *,
         rotation_window: dt.timedelta = DEFAULT_ROTATION_WINDOW,
         retention: dt.timedelta = DEFAULT_RETENTION,
+        default_tenant: str = DEV_TENANT,
+        justification_required: Collection[str] = DEFAULT_JUSTIFICATION_REQUIRED,
     ) -> None:
         self._repo = repository
         self._envelope = envelope
         self._clock = clock
         self.rotation_window = rotation_window
         self.retention = retention
+        self.default_tenant = default_tenant
+        self._justify = frozenset(justification_required)
+
+    # -- the request path: tenant and authorization --------------------------------------
+
+    def tenant_for(self, caller: Caller, requested: str) -> str:
+        """The tenant a request is for: as asked, else the workload's own, else the default.
+        The policy refuses a workload asking for another tenant's secret."""
+        if requested:
+            return requested
+        if not caller.is_operator and caller.attributes.get("tenant"):
+            return caller.attributes["tenant"]
+        return self.default_tenant
+
+    async def authorized(
+        self,
+        tenant: str,
+        reference: str,
+        caller: Caller,
+        authorize: Authorize,
+        action: str,
+        *,
+        version: int | None = None,
+        details: Details | None = None,
+        before_decision: Callable[[SecretInfo], Mapping[str, str]] | None = None,
+    ) -> tuple[SecretInfo, VersionRecord | None]:
+        """The secret's metadata and version row, once `authorize` allowed `caller` to
+        `action` it (decided on `info.attributes()`, plus what `before_decision` returns; it
+        may also refuse, before the decision, so a refusal spends no approval). The resource
+        is named by the SHA-256 of the reference. An absent secret, or one whose metadata does
+        not verify, is decided as one nobody owns: a refused workload is told the same as for
+        one it may not use; an operator gets NotFound or the integrity refusal."""
+        authorize = opaque_refusals(authorize, caller, _refusal(action))
+        resource = reference_hash(reference)
+        try:
+            loaded = await self.load(tenant, reference, version)
+        except SecretIntegrityError:
+            if details is not None:
+                details["integrity"] = "metadata MAC mismatch"
+            authorize(resource, unowned_attributes(tenant, reference))
+            raise
+        if loaded is None:
+            absent = NotFound(f"no such secret in tenant {tenant!r}")
+            decide_absent(authorize, resource, unowned_attributes(tenant, reference), absent)
+        info, row = loaded
+        extra = {} if before_decision is None else before_decision(info)
+        authorize(resource, info.attributes() | dict(extra))
+        return info, row
+
+    async def get(
+        self,
+        tenant: str,
+        reference: str,
+        caller: Caller,
+        authorize: Authorize,
+        *,
+        version: int | None = None,
+        justification: str = "",
+        details: Details | None = None,
+    ) -> SecretValue:
+        """The value of a secret (its current version, or `version`) for `caller`, if
+        `authorize` allows (see `authorized`). A person (operator, break-glass holder) gives a
+        `justification` to read a secret whose environment or classification is in
+        `justification_required` (InvalidArgument, checked before the decision). Raises as
+        `authorized` and `reveal`."""
+
+        def justified(info: SecretInfo) -> Mapping[str, str]:
+            self._require_justification(info, caller, justification)
+            return {}
+
+        info, row = await self.authorized(
+            tenant,
+            reference,
+            caller,
+            authorize,
+            Action.SECRETS_GET,
+            version=version,
+            details=details,
+            before_decision=justified,
+        )
+        return await self.reveal(info, row)
+
+    def _require_justification(self, info: SecretInfo, caller: Caller, justification: str) -> None:
+        if not is_person(caller) or justification.strip():
+            return
+        record = info.record
+        needs = [v for v in (record.environment, record.classification) if v in self._justify]
+        if needs:
+            raise InvalidArgument(
+                f"a justification is required to read a {'/'.join(needs)} secret as a person: "
+                "pass --justification TEXT (e.g. the ticket and why)"
+            )
+
+    async def put_for(
+        self,
+        tenant: str,
+        reference: str,
+        caller: Caller,
+        authorize: Authorize,
+        *,
+        owner: str,
+        classification: str,
+        rotation_period: dt.timedelta,
+        value: bytes | None = None,
+        generate_length: int | None = None,
+    ) -> SecretInfo:
+        """`put` for `caller`, if `authorize` allows storing a secret with this owner
+        (default: the reference's service) and classification at `reference`; decided before
+        anything is read, as for a secret nobody owns yet."""
+        owner = owner or SecretRef.parse(reference).service
+        authorize = opaque_refusals(authorize, caller, _refusal(Action.SECRETS_PUT))
+        authorize(
+            reference_hash(reference),
+            unowned_attributes(tenant, reference)
+            | {"owner": owner, "classification": classification},
+        )
+        return await self.put(
+            tenant,
+            reference,
+            owner=owner,
+            classification=classification,
+            rotation_period=rotation_period,
+            value=value,
+            generate_length=generate_length,
+        )
+
+    async def rotate_for(
+        self,
+        tenant: str,
+        reference: str,
+        caller: Caller,
+        authorize: Authorize,
+        *,
+        environment: str,
+        ticket: str,
+        justification: str,
+        value: bytes | None = None,
+        generate_length: int | None = None,
+        details: Details | None = None,
+    ) -> tuple[SecretInfo, int, int]:
+        """`rotate` for `caller`, if `authorize` allows (see `authorized`). Decided with
+        "on_schedule": whether the secret is due (or has no schedule), since rotating a prod or
+        pii secret off schedule may need a second operator's approval; `details` records it."""
+
+        def schedule(info: SecretInfo) -> Mapping[str, str]:
+            due = info.rotation_due
+            on_schedule = due is None or due <= self._clock.now()
+            if details is not None:
+                details["on_schedule"] = on_schedule
+            return {"on_schedule": "true" if on_schedule else "false"}
+
+        await self.authorized(
+            tenant,
+            reference,
+            caller,
+            authorize,
+            Action.SECRETS_ROTATE,
+            details=details,
+            before_decision=schedule,
+        )
+        return await self.rotate(
+            tenant,
+            reference,
+            environment=environment,
+            ticket=ticket,
+            justification=justification,
+            value=value,
+            generate_length=generate_length,
+        )
 
     @property
     def repository(self) -> SecretRepository:

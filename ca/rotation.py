@@ -16,8 +16,12 @@ JWT signing key. Its life: prepared -> active -> retired -> expired.
 The X.509 trust bundle holds the root(s), not the issuing CAs: a workload's chain carries its
 issuing CA, so rotating the issuing CA never invalidates an SVID that is still valid.
 
-`plan` only decides; the caller applies the actions in order, inside its own transaction and
-advisory lock, then publishes the new bundle. `plan` is pure and idempotent for a given state.
+`plan` only decides, and is pure and idempotent for a given state. The caller applies the
+actions in order while it holds a leader lease (one replica at a time), each as its own
+compare-and-set transition (prepared -> active only if still prepared, and so on), so a
+transition another replica already made is skipped rather than repeated; then it publishes the
+new bundle. There is no single transaction around the whole plan: a crash between two
+transitions leaves a state that the next `plan` continues from.
 
 With the defaults, the safe maximum SVID TTL is `ca_ttl * (1 - activate_at)` = CA TTL / 6: an
 SVID issued just before activation still gets its full TTL from the retiring CA. 24 h SVIDs

@@ -206,7 +206,11 @@ async def test_bad_input_changes_nothing(broker: BrokerHarness, target: Target) 
     ops = await setup_role(broker, target, max_ttl=600, default_ttl=60)
     web = Api(broker, broker.identity(WORKLOAD_ID))
     cases = [
-        (web.db.IssueCredentials(database_pb2.IssueCredentialsRequest(role="nope")), "NOT_FOUND"),
+        # an unknown role is refused as one the workload may not use (names cannot be probed)
+        (
+            web.db.IssueCredentials(database_pb2.IssueCredentialsRequest(role="nope")),
+            "PERMISSION_DENIED",
+        ),
         (
             web.db.IssueCredentials(
                 database_pb2.IssueCredentialsRequest(role="app", ttl_seconds=601)
@@ -271,6 +275,40 @@ async def test_bad_input_changes_nothing(broker: BrokerHarness, target: Target) 
         for c in (await ops.db.ListConnections(database_pb2.ListConnectionsRequest())).connections
     ]
     assert names == ["main"]
+
+
+async def test_role_names_cannot_be_probed(broker: BrokerHarness, target: Target) -> None:
+    """Issue 17: a workload asking for a role that does not exist is answered exactly as for an
+    existing role it may not use (same code, same message), both refusals are audited with the
+    real reason, and nothing is created. An operator, who administers roles, learns that the
+    role is absent."""
+    ops = await setup_role(broker, target)
+    other = Api(broker, broker.identity(OTHER_WORKLOAD_ID))
+    before = len(await broker.events())
+    users = await target.users_like("v_")
+    refused_existing = await refused(
+        other.db.IssueCredentials(database_pb2.IssueCredentialsRequest(role="app"))
+    )
+    unknown = await refused(
+        other.db.IssueCredentials(database_pb2.IssueCredentialsRequest(role="nope"))
+    )
+    assert refused_existing.code() == unknown.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert refused_existing.details() == unknown.details()
+    assert "app" not in (unknown.details() or "") and "web" not in (unknown.details() or "")
+    events = [e for e in (await broker.events())[before:] if e["what"] == "db.creds"]
+    assert [(e["resource"], e["decision"], e["outcome"]) for e in events] == [
+        ("app", "deny", "PERMISSION_DENIED"),
+        ("nope", "deny", "PERMISSION_DENIED"),
+    ]
+    assert all(e["reason"] and e["reason"] != unknown.details() for e in events)
+    # nothing changed: no lease, no user, the roles as they were
+    assert await lease_rows(broker) == []
+    assert await target.users_like("v_") == users
+    roles = (await ops.db.ListRoles(database_pb2.ListRolesRequest())).roles
+    assert [r.name for r in roles] == ["app"]
+    # operators administer roles: they are told the role is absent
+    err = await refused(ops.db.IssueCredentials(database_pb2.IssueCredentialsRequest(role="nope")))
+    assert err.code() == grpc.StatusCode.NOT_FOUND
 
 
 async def test_failing_statements_roll_back_with_a_clear_message(
@@ -402,14 +440,14 @@ async def test_rotate_root_and_recovery(broker: BrokerHarness, target: Target) -
     service = broker.app.database
     store = broker.app.storage.database()
     fresh = secrets.token_urlsafe(20)
-    from broker.database.credentials import _recovery_aad
+    from broker.database.connections import _recovery_aad
     from broker.storage.database import RecoveryRecord
 
     blob = await broker.app.envelope.seal("_system", fresh.encode(), _recovery_aad("main"))
     await store.put_recovery(
         RecoveryRecord("main", blob.to_bytes(), blob.kek_label, broker.clock.now())
     )
-    engine = await service._engine("main")
+    engine = await service.connections.engine("main")
     await engine.rotate_root(fresh)  # the database changed; the broker "crashed" here
     await service.close()  # forget the engines, as a restart would
     again = await web.db.IssueCredentials(database_pb2.IssueCredentialsRequest(role="app"))
@@ -479,11 +517,9 @@ async def test_revoke_prefix(broker: BrokerHarness, target: Target) -> None:
 
 
 def test_usernames_fit_the_engine_and_are_unique() -> None:
-    from broker.database.credentials import CredentialService
+    from broker.database.roles import render_username
     from broker.storage.database import RoleRecord
-    from ca.clock import FakeClock
 
-    service = CredentialService(None, None, FakeClock())  # type: ignore[arg-type]
     role = RoleRecord(
         "r" * 60,
         "c",
@@ -501,7 +537,9 @@ def test_usernames_fit_the_engine_and_are_unique() -> None:
         dt.datetime.now(dt.UTC),
     )
     for limit in (32, 63):
-        names = {service._username(role, "spiffe://x/a/b/Svc'Name", limit) for _ in range(200)}
+        holder = "spiffe://x/a/b/Svc'Name"
+        now = dt.datetime.now(dt.UTC)
+        names = {render_username(role, holder, limit, now) for _ in range(200)}
         assert len(names) == 200
         assert all(len(n) <= limit for n in names)
         assert all(set(n) <= set("abcdefghijklmnopqrstuvwxyz0123456789_-") for n in names)
@@ -529,5 +567,5 @@ async def test_a_kek_rotation_racing_a_write_leaves_no_blob_under_the_old_kek(
     stored = await store.get_connection("raced")
     assert stored is not None and stored.kek_label == rotated[0]
     assert not await service.kek_in_use("kek._system.1")
-    engine = await service._engine("raced")  # the password still opens
+    engine = await service.connections.engine("raced")  # the password still opens
     await engine.verify()

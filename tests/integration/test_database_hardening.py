@@ -168,9 +168,9 @@ async def test_passwords_never_reach_the_statement_log(
     # The new admin password is in no log: read it back the way the broker does.
     service = broker.app.database
     record = await service.connection("main")
-    from broker.database.credentials import _password_aad
+    from broker.database.connections import _password_aad
 
-    admin_password = service._open(record.sealed_password, _password_aad("main"))
+    admin_password = service.connections._open(record.sealed_password, _password_aad("main"))
     assert admin_password != target.password
     assert await target.can_login(target.admin, admin_password)
     logged = log_path.read_bytes()[start:].decode(errors="replace")

@@ -9,9 +9,6 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from broker.access import AccessControl
 from broker.authn import Authenticator
@@ -47,7 +44,9 @@ ACCESS_SPECS: dict[str, MethodSpec] = {
     _SVC + "RequestApproval": MethodSpec(Action.APPROVAL_REQUEST, lambda r: r.resource[:2100]),
     _SVC + "Approve": MethodSpec(Action.APPROVAL_APPROVE, lambda r: r.id[:64]),
     _SVC + "ListApprovals": MethodSpec(Action.APPROVAL_LIST),
-    _SVC + "IssueBreakGlass": MethodSpec(Action.BREAK_GLASS, lambda r: r.approval_id[:64]),
+    _SVC + "IssueBreakGlass": MethodSpec(
+        Action.BREAK_GLASS, lambda r: r.approval_id[:64], deferred=True
+    ),
     _SVC + "ListBreakGlass": MethodSpec(Action.BREAK_GLASS_LIST),
     _SVC + "RevokeBreakGlass": MethodSpec(Action.BREAK_GLASS_REVOKE, lambda r: r.id[:64]),
 }
@@ -232,22 +231,17 @@ class AccessServicer(access_pb2_grpc.AccessServicer):  # type: ignore[misc]
     async def IssueBreakGlass(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         call = current_call()
         ttl = dt.timedelta(seconds=request.ttl_seconds or 3600)
-        record = await self._access.issue_breakglass(call.caller, request.approval_id, ttl)
+        issued = await self._access.issue_breakglass_credential(
+            call.caller, request.approval_id, ttl, call.authorize, self._ca
+        )
+        record = issued.record
         call.details.update(breakglass=record.id, expires_at=record.expires_at.isoformat())
         call.details["flags"] = {"breakglass": record.id}
-        key = ec.generate_private_key(ec.SECP256R1())
-        leaf, issuer = self._ca.issue_internal(
-            SpiffeId.parse(record.spiffe_id), key.public_key(), record.expires_at - self._now()
-        )
-        roots = x509.load_pem_x509_certificates(self._ca.trust_bundle_pem())
-        der = serialization.Encoding.DER
         return access_pb2.IssueBreakGlassResponse(
             record=_breakglass(record, self._now()),
-            cert_chain=[leaf.public_bytes(der), issuer.public_bytes(der)],
-            private_key=key.private_bytes(
-                der, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            ),
-            bundle=[r.public_bytes(der) for r in roots],
+            cert_chain=list(issued.cert_chain_der),
+            private_key=issued.private_key_der,
+            bundle=list(issued.bundle_der),
         )
 
     async def ListBreakGlass(self, request: Any, context: grpc.aio.ServicerContext) -> Any:

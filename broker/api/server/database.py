@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from broker.database.credentials import CredentialService, IssuedCredentials, RoleSpec
+from broker.database.credentials import CredentialService, RoleSpec
 from broker.dsn import redact
-from broker.errors import InvalidArgument, NotFound
+from broker.errors import InvalidArgument
 from broker.policy import Action
 from broker.storage.database import ConnectionRecord, LeaseRecord, RoleRecord
 
@@ -205,12 +205,7 @@ class DatabaseServicer(database_pb2_grpc.DatabaseServicer):  # type: ignore[misc
     async def IssueCredentials(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         call = current_call()
         ttl = _seconds(request, "ttl_seconds")
-        role = await self._db.role(request.role)
-        call.authorize(
-            role.name,
-            {"tenant": role.tenant, "environment": role.environment, "owner": role.owner},
-        )
-        issued: IssuedCredentials = await self._db.issue(role, call.caller.spiffe_id, ttl)
+        issued = await self._db.issue(request.role, call.caller, call.authorize, ttl)
         call.details.update(_lease_details(issued.lease))  # never the password
         return database_pb2.DatabaseCredentials(
             username=issued.username, password=issued.password, lease=lease_pb(issued.lease)
@@ -221,35 +216,24 @@ class LeasesServicer(database_pb2_grpc.LeasesServicer):  # type: ignore[misc]
     def __init__(self, service: CredentialService) -> None:
         self._db = service
 
-    async def _authorized(self, lease_id: str) -> LeaseRecord:
-        call = current_call()
-        try:
-            lease = await self._db.lease(lease_id)
-        except NotFound:
-            # Unknown lease: decide on the id alone (operators learn it is absent; others are
-            # refused without learning whether it exists).
-            call.authorize(lease_id, {"holder": ""})
-            raise
-        call.authorize(lease.id, {"holder": lease.holder, "role": lease.role})
-        return lease
-
     async def Renew(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         increment = _seconds(request, "increment_seconds")
-        lease = await self._authorized(request.lease_id)
-        renewed = await self._db.renew(lease, increment)
+        renewed = await self._db.renew(request.lease_id, current_call().authorize, increment)
         current_call().details.update(_lease_details(renewed))
         return lease_pb(renewed, self._db.now())
 
     async def Revoke(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        lease = await self._authorized(request.lease_id)
-        current_call().details.update(_lease_details(lease))
-        await self._db.revoke(lease)
+        call = current_call()
+        await self._db.revoke(
+            request.lease_id,
+            call.authorize,
+            loaded=lambda lease: call.details.update(_lease_details(lease)),
+        )
         return database_pb2.RevokeLeaseResponse(revoked=1)
 
     async def RevokePrefix(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         call = current_call()
-        call.authorize(request.prefix, {"holder": ""})  # holders revoke one lease at a time
-        revoked, errors = await self._db.revoke_prefix(request.prefix)
+        revoked, errors = await self._db.revoke_prefix(request.prefix, call.authorize)
         call.details.update(prefix=request.prefix, revoked=revoked, failed=len(errors))
         return database_pb2.RevokeLeaseResponse(revoked=revoked, errors=errors[:100])
 

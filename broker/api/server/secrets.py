@@ -1,36 +1,32 @@
 """The Secrets service: thin servicers over `broker.secrets.SecretService`.
 
-Every RPC that names a secret is authorized in the servicer (`MethodSpec(deferred=True)`): it
-loads the secret's metadata first and asks the policy with its attributes (tenant, environment,
-owner, classification, service, and the reference, which grant and approval wildcards match);
-an absent secret, or one whose metadata does not verify, is decided as one nobody owns, and a
-refused workload is told the same in both cases. Every RPC names the secret in the audit ledger
-only by the SHA-256 of its reference. People reading a secret whose environment or
-classification is listed in `secrets.justification_required` must give a justification;
-workloads may declare a purpose (`x-broker-purpose`), recorded in the audit event.
+Every RPC that names a secret is authorized by the domain (`MethodSpec(deferred=True)`): the
+servicer hands the call's `authorize` to `SecretService`, which loads the secret's metadata
+first and decides on its attributes (tenant, environment, owner, classification, service, and
+the reference, which grant and approval wildcards match); an absent secret, or one whose
+metadata does not verify, is decided as one nobody owns, and a refused workload is told the
+same in both cases. Every RPC names the secret in the audit ledger only by the SHA-256 of its
+reference. People reading a secret whose environment or classification is listed in
+`secrets.justification_required` must give a justification; workloads may declare a purpose
+(`x-broker-purpose`), recorded in the audit event.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from broker.config import DEFAULT_JUSTIFICATION_REQUIRED
 from broker.envelope import KekRotation, KekRotator
-from broker.errors import InvalidArgument, NotFound, PermissionDenied
-from broker.policy import Action, Caller
+from broker.errors import InvalidArgument
+from broker.policy import Action
 from broker.secrets import (
     SecretInfo,
-    SecretIntegrityError,
-    SecretRef,
     SecretService,
     VersionInfo,
     reference_hash,
 )
-from ca.layout import DEV_TENANT
 
 from .._proto import secrets_pb2, secrets_pb2_grpc
 from ..timestamps import to_timestamp
@@ -78,24 +74,6 @@ def _header(context: grpc.aio.ServicerContext, name: str) -> str:
                 )
             return value.strip()
     return ""
-
-
-def _is_person(caller: Caller) -> bool:
-    """Operators and break-glass holders, as opposed to workloads."""
-    path = caller.spiffe_id.split("/", 3)[-1] if caller.spiffe_id.count("/") >= 3 else ""
-    return caller.is_operator or path.startswith(("broker/operator/", "broker/breakglass/"))
-
-
-def _unowned(tenant: str, reference: str) -> dict[str, str]:
-    """The attributes of a secret nobody owns at `reference` (decided when it is absent)."""
-    ref = SecretRef.parse(reference)
-    return {
-        "tenant": tenant,
-        "environment": ref.environment,
-        "owner": "",
-        "service": ref.service,
-        "reference": ref.text,
-    }
 
 
 def _metadata(info: SecretInfo) -> secrets_pb2.SecretMetadata:
@@ -157,28 +135,13 @@ def _rotation(r: KekRotation) -> secrets_pb2.KEKRotation:
 
 
 class SecretsServicer(secrets_pb2_grpc.SecretsServicer):  # type: ignore[misc]
-    def __init__(
-        self,
-        secrets: SecretService,
-        kek: KekRotator,
-        default_tenant: str,
-        justification_required: Collection[str] = DEFAULT_JUSTIFICATION_REQUIRED,
-    ) -> None:
+    def __init__(self, secrets: SecretService, kek: KekRotator) -> None:
         self._secrets = secrets
         self._kek = kek
-        self._default_tenant = default_tenant
-        self._justify = frozenset(justification_required)
 
     def _tenant(self, requested: str) -> str:
-        """The request's tenant: as asked, else the workload's own, else the default. The
-        policy refuses a workload asking for another tenant's secret."""
         call = current_call()
-        if requested:
-            tenant = requested
-        elif not call.caller.is_operator and call.caller.attributes.get("tenant"):
-            tenant = call.caller.attributes["tenant"]
-        else:
-            tenant = self._default_tenant
+        tenant = self._secrets.tenant_for(call.caller, requested)
         call.details["tenant"] = tenant
         return tenant
 
@@ -187,65 +150,36 @@ class SecretsServicer(secrets_pb2_grpc.SecretsServicer):  # type: ignore[misc]
         current_call().details["reference_sha256"] = reference_hash(request.reference)
         return tenant
 
-    def _decide(self, reference: str, attributes: dict[str, str]) -> None:
-        """The deferred decision on a secret's attributes (its reference among them, which
-        grant and approval wildcards match). A workload refused is told the same for a secret
-        that exists and one that does not, naming neither owner nor rule (the audit event keeps
-        the real reason)."""
-        call = current_call()
-        try:
-            call.authorize(reference_hash(reference), attributes)
-        except PermissionDenied:
-            if call.caller.is_operator:
-                raise  # operators administer secrets: the reason helps, and they may `show`
-            raise PermissionDenied(
-                f"{call.action} refused: there is no such secret for this caller, or it may "
-                "not use it (an operator can grant access with 'broker grant create')"
-            ) from None
-
-    async def _load(self, tenant: str, request: Any, version: int | None = None) -> Any:
-        """The secret's metadata and version row, or (absent, or metadata that did not verify)
-        the request decided as for a secret nobody owns, so a caller learns nothing about what
-        exists, and then NotFound or the integrity refusal (audited with the request)."""
-        call = current_call()
-        try:
-            loaded = await self._secrets.load(tenant, request.reference, version)
-        except SecretIntegrityError:
-            call.details["integrity"] = "metadata MAC mismatch"
-            self._decide(request.reference, _unowned(tenant, request.reference))
-            raise
-        if loaded is None:
-            self._decide(request.reference, _unowned(tenant, request.reference))
-            raise NotFound(f"no such secret in tenant {tenant!r}")
-        return loaded
-
     async def _loaded(self, request: Any) -> tuple[str, SecretInfo]:
         """Tenant and metadata of the secret an administrative call names, authorized."""
+        call = current_call()
         tenant = self._named(request)
-        info = (await self._load(tenant, request))[0]
-        self._decide(request.reference, info.attributes())
+        info, _ = await self._secrets.authorized(
+            tenant,
+            request.reference,
+            call.caller,
+            call.authorize,
+            call.action,
+            details=call.details,
+        )
         return tenant, info
 
     async def Put(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        call = current_call()
         tenant = self._named(request)
-        ref = SecretRef.parse(request.reference)
-        owner = request.owner or ref.service
-        self._decide(
-            request.reference,
-            _unowned(tenant, request.reference)
-            | {"owner": owner, "classification": request.classification},
-        )
         value, length = _source(request)
-        info = await self._secrets.put(
+        info = await self._secrets.put_for(
             tenant,
             request.reference,
-            owner=owner,
+            call.caller,
+            call.authorize,
+            owner=request.owner,
             classification=request.classification,
             rotation_period=dt.timedelta(seconds=request.rotation_period_seconds),
             value=value,
             generate_length=length,
         )
-        current_call().details.update(version=1, generated=length is not None)
+        call.details.update(version=1, generated=length is not None)
         return _info(info)
 
     async def Get(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -254,32 +188,22 @@ class SecretsServicer(secrets_pb2_grpc.SecretsServicer):  # type: ignore[misc]
         purpose = _header(context, PURPOSE_HEADER)
         if purpose:
             call.details["purpose"] = purpose  # the workload's own declared purpose
-        info, row = await self._load(tenant, request, request.version or None)
-        self._require_justification(info)
-        self._decide(request.reference, info.attributes())
-        secret = await self._secrets.reveal(info, row)
+        secret = await self._secrets.get(
+            tenant,
+            request.reference,
+            call.caller,
+            call.authorize,
+            version=request.version or None,
+            justification=call.justification,
+            details=call.details,
+        )
         call.details["version"] = secret.version
         return secrets_pb2.GetSecretResponse(
             value=secret.value,
             version=secret.version,
-            metadata=_metadata(info),
+            metadata=_metadata(secret.info),
             created_at=to_timestamp(secret.created_at),
         )
-
-    def _require_justification(self, info: SecretInfo) -> None:
-        """People (operators, break-glass holders) give a justification to read secrets whose
-        environment or classification is in `secrets.justification_required`; checked before
-        the decision, so a refusal spends no approval."""
-        call = current_call()
-        if not _is_person(call.caller) or call.justification.strip():
-            return
-        record = info.record
-        needs = [v for v in (record.environment, record.classification) if v in self._justify]
-        if needs:
-            raise InvalidArgument(
-                f"a justification is required to read a {'/'.join(needs)} secret as a person: "
-                "pass --justification TEXT (e.g. the ticket and why)"
-            )
 
     async def List(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         infos = await self._secrets.list_secrets(self._tenant(request.tenant), request.prefix)
@@ -293,26 +217,19 @@ class SecretsServicer(secrets_pb2_grpc.SecretsServicer):  # type: ignore[misc]
         call = current_call()
         tenant = self._named(request)
         value, length = _source(request)
-        # Decided on the secret's attributes (a prod + pii secret rotated off schedule needs a
-        # second operator's approval), so load them first.
-        info = (await self._load(tenant, request))[0]
-        due = info.rotation_due
-        on_schedule = due is None or due <= self._secrets.now()
-        call.details["on_schedule"] = on_schedule
-        self._decide(
-            request.reference,
-            info.attributes() | {"on_schedule": "true" if on_schedule else "false"},
-        )
-        info, before, after = await self._secrets.rotate(
+        info, before, after = await self._secrets.rotate_for(
             tenant,
             request.reference,
+            call.caller,
+            call.authorize,
             environment=request.environment,
             ticket=request.ticket,
             justification=request.justification,
             value=value,
             generate_length=length,
+            details=call.details,
         )
-        current_call().details.update(
+        call.details.update(
             from_version=before,
             to_version=after,
             ticket=request.ticket,
@@ -350,15 +267,9 @@ class SecretsServicer(secrets_pb2_grpc.SecretsServicer):  # type: ignore[misc]
 
 
 def binding(app: Application) -> ServiceBinding:
-    default_tenant = app.config.identity.default_tenant or DEV_TENANT
     return ServiceBinding(
         secrets_pb2.DESCRIPTOR.services_by_name["Secrets"],
         secrets_pb2_grpc.add_SecretsServicer_to_server,
-        SecretsServicer(
-            app.secrets,
-            app.kek_rotator,
-            default_tenant,
-            app.config.secrets.justification_required,
-        ),
+        SecretsServicer(app.secrets, app.kek_rotator),
         SECRETS_SPECS,
     )

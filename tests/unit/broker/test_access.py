@@ -699,3 +699,100 @@ async def test_a_grant_must_name_one_known_action(env: Env, action: str) -> None
             "j",
         )
     assert await env.access.list_grants(include_inactive=True) == []
+
+
+class _Minter:
+    """The CA's part in break-glass issuance, in memory (software keys, a throwaway root)."""
+
+    def __init__(self) -> None:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        self._key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test root")])
+        self.root = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(self._key.public_key())
+            .serial_number(1)
+            .not_valid_before(T0)
+            .not_valid_after(T0 + dt.timedelta(days=1))
+            .sign(self._key, hashes.SHA256())
+        )
+        self.issued: list[tuple[str, dt.timedelta]] = []
+
+    def issue_internal(self, spiffe_id: object, public_key: object, ttl: dt.timedelta) -> object:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes
+
+        self.issued.append((str(spiffe_id), ttl))
+        leaf = (
+            x509.CertificateBuilder()
+            .subject_name(self.root.subject)
+            .issuer_name(self.root.subject)
+            .public_key(public_key)  # type: ignore[arg-type]
+            .serial_number(2)
+            .not_valid_before(T0)
+            .not_valid_after(T0 + ttl)
+            .sign(self._key, hashes.SHA256())
+        )
+        return leaf, self.root
+
+    def trust_bundle_pem(self) -> bytes:
+        from cryptography.hazmat.primitives import serialization
+
+        return self.root.public_bytes(serialization.Encoding.PEM)
+
+
+def _authorize(env: Env, caller: Caller, decided: list[Decision]) -> object:
+    def authorize(resource: str, attributes: object = None, /) -> Decision:
+        decision = env.access.decide(caller, "breakglass.issue", resource, attributes=attributes)  # type: ignore[arg-type]
+        decided.append(decision)
+        if not decision.allowed:
+            raise PermissionDenied(decision.reason)
+        return decision
+
+    return authorize
+
+
+async def test_breakglass_credential_is_decided_after_the_approval_is_loaded(env: Env) -> None:
+    """Issue 17: break-glass issuance is one domain call that loads the approval, decides
+    through the Authorize port (an absent approval as one nobody asked for), then mints."""
+    minter = _Minter()
+    request = await env.access.request_approval(ALICE, "secrets.get", REFERENCE, "INC-13")
+    await env.access.approve(request.id, BOB)
+    web = workload("acme", "prod", "web")
+    decided: list[Decision] = []
+    for approval_id in (request.id, "ap-nope"):
+        with pytest.raises(PermissionDenied) as refused:
+            await env.access.issue_breakglass_credential(
+                web,
+                approval_id,
+                dt.timedelta(hours=1),
+                _authorize(env, web, decided),
+                minter,  # type: ignore[arg-type]
+            )
+        assert str(refused.value) == decided[-1].reason
+    assert decided[0].reason == decided[1].reason and minter.issued == []
+    with pytest.raises(NotFound):
+        await env.access.issue_breakglass_credential(
+            ALICE,
+            "ap-nope",
+            dt.timedelta(hours=1),
+            _authorize(env, ALICE, []),
+            minter,  # type: ignore[arg-type]
+        )
+    issued = await env.access.issue_breakglass_credential(
+        ALICE,
+        request.id,
+        dt.timedelta(hours=1),
+        _authorize(env, ALICE, []),
+        minter,  # type: ignore[arg-type]
+    )
+    assert minter.issued == [(issued.record.spiffe_id, dt.timedelta(hours=1))]
+    assert len(issued.cert_chain_der) == 2 and len(issued.bundle_der) == 1
+    assert (issued.record.operator, issued.record.approval_id) == (ALICE.spiffe_id, request.id)
+    assert [b.id for b in await env.access.list_breakglass()] == [issued.record.id]

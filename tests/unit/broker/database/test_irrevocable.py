@@ -89,7 +89,7 @@ async def setup(tmp_path: Path) -> AsyncIterator[tuple[CredentialService, FakeCl
             T0 + dt.timedelta(hours=1), T0 + dt.timedelta(seconds=5),
         )
     )  # fmt: skip
-    service._engines["main"] = engine  # type: ignore[assignment]  # opened (no envelope here)
+    service.connections._engines["main"] = engine  # type: ignore[assignment]  # opened (no envelope here)
     context = {"engine": engine, "audited": audited, "notified": notified, "storage": storage}
     yield service, clock, context
     await storage.close()
@@ -108,7 +108,7 @@ async def test_irrevocable_lease_is_retried_with_capped_backoff_until_the_user_i
     # next due time, and check that nothing happens one second before it).
     while clock.now() < T0 + dt.timedelta(hours=6):
         before = engine.attempts
-        with caplog.at_level(logging.ERROR, logger="broker.database.credentials"):
+        with caplog.at_level(logging.ERROR, logger="broker.database.leases"):
             result = await reaper.tick()
         assert engine.attempts == before + 1, f"a due lease was not retried: {result}"
         gaps.append(int((clock.now() - last_try).total_seconds()))
