@@ -228,7 +228,7 @@ def _preload_tables(
         t0 = time.monotonic()
         expires = _ts(now + dt.timedelta(hours=1))
         for start in range(0, n_leases, ROWS_PER_TX):
-            rows = [
+            rows: list[tuple[Any, ...]] = [
                 (uuid.uuid4().hex, "preload-role", "preload-conn", "postgresql", f"v_pre_{i}",
                  "spiffe://dev.local/default/dev/preload", "active", None, _ts(now), expires,
                  expires, expires, 0, None)
