@@ -183,7 +183,7 @@ def _preload_tables(
     config = build_config(ServeOptions(dev=True, data_dir=data_dir))
     keys = open_backend(config.keys.uri, config.keys.pin_source)
     mac = MetadataMac(keys)
-    db = sqlite3.connect(data_dir / "broker.db", isolation_level=None)
+    db = sqlite3.connect(data_dir / "broker.db")  # `with db:` = one transaction per batch
     took: dict[str, float] = {}
     now = dt.datetime.now(dt.UTC)
     try:
