@@ -345,8 +345,8 @@ def _table(report: dict[str, Any]) -> str:
     ]
     for scenario in SCENARIOS:
         a, b = empty["runs"][scenario], full["runs"][scenario]
-        for key in ("throughput_rps", "p50_ms", "p99_ms"):
-            ratio = f"{b[key] / a[key]:.2f}x" if a[key] else "-"
+        for key in ("throughput_rps", "p50_ms", "p99_ms", "server_cpu_ms_per_request"):
+            ratio = f"{b[key] / a[key]:.2f}x" if a[key] and b[key] is not None else "-"
             lines.append(f"| {scenario} {key} | {a[key]} | {b[key]} | {ratio} |")
     ev, fv = empty["audit_verify"], full["audit_verify"]
     lines.append(
