@@ -48,9 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="name the scenarios and say what each measures")
     h = sub.add_parser("html", help="write DIR/report.html again from DIR/report.json")
     h.add_argument("report_dir", type=Path)
-    from loadtests import remotehsm
+    from loadtests import preload, remotehsm
 
     remotehsm.add_parser(sub)
+    preload.add_parser(sub)
     r = sub.add_parser("run", help="run a scenario at one or more concurrency levels")
     r.add_argument("--scenario", required=True, choices=sorted(SCENARIOS))
     r.add_argument("--concurrency", default=None, help="comma-separated levels (default 1,8,32)")
@@ -628,6 +629,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
         return run(args)
+    if args.command == "preload":
+        from loadtests import preload
+
+        return preload.run(args)
     if args.command == "remote-hsm":
         from loadtests import remotehsm
 

@@ -284,3 +284,52 @@ async def test_postgresql_users_always_get_valid_until_the_lease_end(
             await engine.revoke_user(user.username)
         finally:
             await engine.close()
+
+
+@pytest.fixture
+async def mysql_target(request: pytest.FixtureRequest) -> AsyncIterator[Target]:
+    async with target_for("mysql", request) as value:
+        yield value
+
+
+async def test_mysql_round_trips_per_credential(
+    mysql_target: Target, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 18: a credential costs PyMySQL one query to create (the statements sent together
+    in one transaction) and three to revoke (hosts; locks + sessions; drops + check), on a
+    pooled connection (no new login per credential)."""
+    import pymysql.connections
+
+    sent: list[str] = []
+    original = pymysql.connections.Connection.query
+
+    def counting(self: Any, sql: Any, unbuffered: bool = False) -> Any:
+        sent.append(sql if isinstance(sql, str) else sql.decode(errors="replace"))
+        return original(self, sql, unbuffered)
+
+    def watched() -> None:
+        sent.clear()
+        monkeypatch.setattr(pymysql.connections.Connection, "query", counting)
+        monkeypatch.setattr(pymysql, "connect", _no_new_connection)
+
+    engine = mysql_target.engine()
+    try:
+        await engine.verify()  # the pool's connection is made (and logged in) here
+        user = new_user()
+        watched()
+        await engine.create_user(mysql_target.template(CREATION["mysql"]), user)
+        monkeypatch.undo()
+        assert len(sent) == 1, sent
+        assert await mysql_target.exists(user.username)
+        watched()
+        await engine.revoke_user(user.username)
+        monkeypatch.undo()
+        assert len(sent) == 3, sent
+        assert not await mysql_target.exists(user.username)
+    finally:
+        monkeypatch.undo()
+        await engine.close()
+
+
+def _no_new_connection(**kwargs: Any) -> Any:
+    raise AssertionError("a credential opened a new admin connection instead of a pooled one")

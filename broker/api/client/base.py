@@ -49,6 +49,10 @@ __all__ = [
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 DEFAULT_TIMEOUT_SECONDS = 30.0
+# `broker audit verify` walks the whole ledger: ~36 s for a million entries on the project's
+# loaded 2-core machine (`python -m loadtests preload`), so the usual 30 s would refuse a
+# ledger of that size with "timed out" although nothing is wrong.
+AUDIT_VERIFY_TIMEOUT_SECONDS = 3600.0
 CORRELATION_HEADER = "x-correlation-id"
 JUSTIFICATION_HEADER = "x-broker-justification"
 
@@ -393,9 +397,11 @@ class BrokerClient:
         method: Callable[..., _Response],
         request: Any,
         extra: Sequence[tuple[str, str]] = (),
+        timeout: float | None = None,
     ) -> _Response:
+        timeout = self._timeout if timeout is None else max(timeout, self._timeout)
         try:
-            return method(request, timeout=self._timeout, metadata=[*self._metadata(), *extra])
+            return method(request, timeout=timeout, metadata=[*self._metadata(), *extra])
         except grpc.RpcError as exc:
             raise _error(exc, self._credentials) from None
 
@@ -498,7 +504,9 @@ class BrokerClient:
 
     def audit_verify(self, checkpoint_json: str = "") -> AuditVerification:
         response: audit_pb2.VerifyAuditResponse = self._call(
-            self._audit.Verify, audit_pb2.VerifyAuditRequest(checkpoint_json=checkpoint_json)
+            self._audit.Verify,
+            audit_pb2.VerifyAuditRequest(checkpoint_json=checkpoint_json),
+            timeout=AUDIT_VERIFY_TIMEOUT_SECONDS,
         )
         return AuditVerification(
             intact=response.intact,
