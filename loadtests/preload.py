@@ -177,7 +177,7 @@ def _preload_tables(
 ) -> dict[str, float]:
     from broker.daemon import ServeOptions, build_config
     from broker.secrets import MetadataMac
-    from broker.storage.secrets import SecretRecord, VersionRecord
+    from broker.storage.secrets import SecretRecord, SecretState, VersionRecord
     from ca.keys import open_backend
 
     config = build_config(ServeOptions(dev=True, data_dir=data_dir))
@@ -198,7 +198,7 @@ def _preload_tables(
             for i in range(start, min(start + ROWS_PER_TX, n_secrets)):
                 ref = f"secret://{svc}/{env}/preload-{i}"
                 rec = SecretRecord(
-                    tenant, ref, svc, env, owner, cls, period, None, 1, "active", now
+                    tenant, ref, svc, env, owner, cls, period, None, 1, SecretState.ACTIVE, now
                 )
                 ver = VersionRecord(1, kek, sealed, now)
                 secret_rows.append(

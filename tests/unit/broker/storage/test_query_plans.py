@@ -15,8 +15,6 @@ import pytest
 
 from broker.secrets import MetadataMac
 from broker.storage import open_storage
-from broker.storage.database import database_store
-from broker.storage.secrets import secret_repository
 from broker.storage.sql import SqlStorage
 from ca.keys import SoftwareBackend
 
@@ -56,7 +54,7 @@ def _full_scans(plan: list[str]) -> list[str]:
 async def test_the_reaper_rounds_walk_indexes_not_the_lease_table(
     storage: SqlStorage, plans: dict[str, list[str]]
 ) -> None:
-    store = database_store(storage)
+    store = storage.database()
     await store.due_leases(T0, 100)
     await store.irrevocable_count()
     await store.lease_stats(T0)
@@ -71,7 +69,7 @@ async def test_the_reaper_rounds_walk_indexes_not_the_lease_table(
 async def test_the_janitor_finds_deleted_secrets_through_an_index(
     storage: SqlStorage, plans: dict[str, list[str]]
 ) -> None:
-    await secret_repository(storage, MetadataMac(SoftwareBackend())).destroy_deleted(T0)
+    await storage.secrets(MetadataMac(SoftwareBackend())).destroy_deleted(T0)
     queries = {sql: plan for sql, plan in plans.items() if "state = 'deleted'" in sql}
     assert queries, plans
     for sql, plan in queries.items():
