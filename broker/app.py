@@ -28,6 +28,7 @@ from broker.database.reaper import LeaseReaper
 from broker.envelope import DataKeyCache, Envelope, KekRotator, SealedStore
 from broker.files import write_private_file
 from broker.identity import Authenticator
+from broker.kms import KeyService
 from broker.operators.service import OperatorService
 from broker.policy import DefaultPolicy, Policy
 from broker.ratelimit import RateLimiter
@@ -36,6 +37,7 @@ from broker.storage.access import SqlAccessRepository
 from broker.storage.database import database_store
 from broker.storage.identity import IdentityStore
 from broker.storage.interface import Storage
+from broker.storage.kms import SqlKeyRepository
 from broker.storage.operators import SqlOperatorRepository
 from broker.storage.secrets import secret_repository
 from broker.workloads import IdentityService
@@ -165,6 +167,12 @@ class Application:
             trust_domain=config.trust_domain,
         )
         self._operator_expiry: dt.datetime | None = None
+        # KMS keys for services' own data (issue 16): every version lives in the key backend.
+        self.kms = KeyService(
+            SqlKeyRepository(storage.backend),  # type: ignore[attr-defined]
+            keys,
+            clock,
+        )
 
     async def start(self, *, new_ledger_epoch: str | None = None) -> None:
         """Migrate storage, check the audit ledger and its keys (raises LedgerStartRefused when
