@@ -853,6 +853,7 @@ def audit_tail(ctx: click.Context, limit: int) -> None:
 from broker.commands import access as _access_commands  # noqa: E402, F401
 from broker.commands import database as _database_commands  # noqa: E402, F401
 from broker.commands import identity as _identity_commands  # noqa: E402, F401
+from broker.commands import kms as _kms_commands  # noqa: E402, F401
 from broker.commands import operators as _operators_commands  # noqa: E402, F401
 from broker.commands import secrets as _secrets_commands  # noqa: E402, F401
 

@@ -451,3 +451,23 @@ async def test_disabled_and_destroyed_keys_refuse_every_use(broker: BrokerHarnes
     assert shown.metadata.state == "destroyed" and shown.versions[0].state == "destroyed"
     err = await refused(owner.Decrypt(kms_pb2.DecryptRequest(ciphertext=sealed)))
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "destroyed" in err.details()
+
+
+async def test_administrative_changes_to_a_prod_pii_key_need_a_second_operator(
+    broker: BrokerHarness,
+) -> None:
+    await create(broker, "cards-kek", classification="pii")
+    admin = stub(broker)
+    before = await key_state(broker, "cards-kek")
+    request = kms_pb2.KeyRequest(name="cards-kek")
+    for name, method in (("pii-rotate", admin.RotateKey), ("pii-disable", admin.DisableKey)):
+        err = await refused(method(request, metadata=cid(name)))
+        assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "second operator" in (err.details() or "")
+        event = await broker.event_for(name)
+        assert event["decision"] == "deny" and event["rule"] == "two-person"
+    assert await key_state(broker, "cards-kek") == before
+    # The owning service still uses it.
+    owner = stub(broker, broker.identity(OWNER))
+    sealed = await owner.Encrypt(kms_pb2.EncryptRequest(key="cards-kek", plaintext=b"pan"))
+    assert sealed.key_version == 1
