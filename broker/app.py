@@ -29,6 +29,7 @@ from broker.envelope import DataKeyCache, Envelope, KekRotator, SealedStore
 from broker.files import write_private_file
 from broker.identity import Authenticator
 from broker.kms import KeyService
+from broker.kms.lifecycle import KeyLifecycleJob
 from broker.operators.service import OperatorService
 from broker.policy import DefaultPolicy, Policy
 from broker.ratelimit import RateLimiter
@@ -173,6 +174,16 @@ class Application:
             keys,
             clock,
         )
+        # Leader-held: KMS keys rotated at their period, KEKs yearly, scheduled destructions.
+        self.kms_lifecycle = KeyLifecycleJob(
+            self.kms,
+            self.kek_rotator,
+            self.secrets.repository,
+            storage,
+            storage,
+            clock,
+            f"kms-{uuid.uuid4().hex}",
+        )
 
     async def start(self, *, new_ledger_epoch: str | None = None) -> None:
         """Migrate storage, check the audit ledger and its keys (raises LedgerStartRefused when
@@ -264,6 +275,7 @@ class Application:
                     next_rotation = loop.time() + interval
                     await self.ca.rotate(force=False)
                 await self.secret_janitor.tick()
+                await self.kms_lifecycle.tick()
                 await self._checkpoint()
                 now = self.clock.now()
                 bundle_changed = self.ca.bundle().sequence != last_bundle
