@@ -30,6 +30,7 @@ from broker.files import write_private_file
 from broker.identity import Authenticator
 from broker.kms import KeyService
 from broker.kms.lifecycle import KeyLifecycleJob
+from broker.kms.report import ComplianceReporter
 from broker.operators.service import OperatorService
 from broker.policy import DefaultPolicy, Policy
 from broker.ratelimit import RateLimiter
@@ -183,6 +184,16 @@ class Application:
             storage,
             clock,
             f"kms-{uuid.uuid4().hex}",
+        )
+        self.compliance = ComplianceReporter(
+            self.secrets.repository,
+            self.kms,
+            self.database.store,
+            SqlAccessRepository(storage.backend),  # type: ignore[attr-defined]
+            SqlOperatorRepository(storage.backend),  # type: ignore[attr-defined]
+            config.server.operators,
+            self.ledger,
+            clock,
         )
 
     async def start(self, *, new_ledger_epoch: str | None = None) -> None:

@@ -855,6 +855,7 @@ from broker.commands import database as _database_commands  # noqa: E402, F401
 from broker.commands import identity as _identity_commands  # noqa: E402, F401
 from broker.commands import kms as _kms_commands  # noqa: E402, F401
 from broker.commands import operators as _operators_commands  # noqa: E402, F401
+from broker.commands import report as _report_commands  # noqa: E402, F401
 from broker.commands import secrets as _secrets_commands  # noqa: E402, F401
 
 # -- entry points ------------------------------------------------------------------------------

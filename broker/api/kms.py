@@ -10,14 +10,17 @@ version and the SHA-256 of the encryption context; never plaintext, data keys or
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from broker.errors import InvalidArgument, NotFound, PermissionDenied
+from broker.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from broker.kms import KeyInfo, KeyService, context_hash, unowned
+from broker.kms.keys import check_tenant
+from broker.kms.report import ComplianceReporter
 from broker.policy import Action
 from ca.layout import DEV_TENANT
 
@@ -56,6 +59,7 @@ KMS_SPECS: dict[str, MethodSpec] = {
     _SVC + "GetPublicKey": MethodSpec(Action.KMS_PUBLIC_KEY, _name, deferred=True),
     _SVC + "Mac": MethodSpec(Action.KMS_MAC, _name, deferred=True),
     _SVC + "VerifyMac": MethodSpec(Action.KMS_MAC, _name, deferred=True),
+    _SVC + "ComplianceReport": MethodSpec(Action.REPORT_COMPLIANCE, lambda r: r.tenant),
 }
 
 
@@ -110,9 +114,12 @@ def _input(request: Any) -> tuple[bytes | None, bytes | None]:
 
 
 class KmsServicer(kms_pb2_grpc.KmsServicer):  # type: ignore[misc]
-    def __init__(self, keys: KeyService, default_tenant: str) -> None:
+    def __init__(
+        self, keys: KeyService, default_tenant: str, reporter: ComplianceReporter | None = None
+    ) -> None:
         self._keys = keys
         self._default_tenant = default_tenant
+        self._reporter = reporter
 
     def _tenant(self, requested: str) -> str:
         """As asked, else the workload's own tenant, else the default. The policy refuses a
@@ -316,6 +323,21 @@ class KmsServicer(kms_pb2_grpc.KmsServicer):  # type: ignore[misc]
         current_call().details.update(version=version, valid=valid)
         return kms_pb2.VerifyResponse(valid=valid, key_version=version)
 
+    async def ComplianceReport(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if self._reporter is None:
+            raise FailedPrecondition("compliance reports are not configured on this broker")
+        if request.window_seconds < 0 or request.window_seconds > 3650 * 86400:
+            raise InvalidArgument("the window must be between 1 second and 10 years")
+        window = dt.timedelta(seconds=request.window_seconds or 30 * 86400)
+        tenant = request.tenant or None
+        if tenant is not None:
+            check_tenant(tenant)
+        document = await self._reporter.build(tenant, window)
+        current_call().details.update(
+            credentials=document["summary"]["credentials"], overdue=document["summary"]["overdue"]
+        )
+        return kms_pb2.ComplianceReportResponse(document_json=json.dumps(document))
+
 
 def binding(app: Application) -> ServiceBinding:
     from .services import ServiceBinding
@@ -323,6 +345,6 @@ def binding(app: Application) -> ServiceBinding:
     return ServiceBinding(
         kms_pb2.DESCRIPTOR.services_by_name["Kms"],
         kms_pb2_grpc.add_KmsServicer_to_server,
-        KmsServicer(app.kms, app.config.identity.default_tenant or DEV_TENANT),
+        KmsServicer(app.kms, app.config.identity.default_tenant or DEV_TENANT, app.compliance),
         KMS_SPECS,
     )

@@ -7,6 +7,7 @@ local data-key cache bounded in uses and age).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -264,6 +265,15 @@ class KmsClient:
             kms_pb2.GetPublicKeyRequest(tenant=tenant, key=key, key_version=version),
         )
         return response.public_key_pem, response.key_version
+
+    def compliance_report(self, *, tenant: str = "", window_seconds: int = 0) -> dict[str, Any]:
+        """The report document (see `broker.kms.report`)."""
+        response = self._t.call(
+            self._stub.ComplianceReport,
+            kms_pb2.ComplianceReportRequest(tenant=tenant, window_seconds=window_seconds),
+        )
+        document: dict[str, Any] = json.loads(response.document_json)
+        return document
 
 
 class BrokerDataKeySource:

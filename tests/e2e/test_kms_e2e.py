@@ -1,9 +1,14 @@
 """KMS keys through the CLI against a real `broker serve --dev` (SQLite, SoftHSM2 token in the
-data dir): create, list, show, rotate, disable, enable, schedule-destroy, cancel-destroy, and
-one-line refusals for bad input with nothing changed."""
+data dir): create, list, show, rotate, disable, enable, schedule-destroy, cancel-destroy,
+one-line refusals for bad input with nothing changed, and `broker report compliance` produced
+from that real data dir as JSON, CSV and one offline HTML page."""
 
 from __future__ import annotations
 
+import csv
+import io
+from html.parser import HTMLParser
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -61,3 +66,70 @@ def test_key_lifecycle_through_the_cli(broker_cli: BrokerCli, broker_server: Bro
         assert "Traceback" not in result.stderr
     assert _show(cli, "orders-dek") == before
     assert [k["name"] for k in cli.ok("key", "list", "--output", "json").json()] == ["orders-dek"]
+
+
+class _Page(HTMLParser):
+    """Collects table ids, rows per table, and whether anything external is referenced."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: dict[str, int] = {}
+        self.current = ""
+        self.external: list[str] = []
+        self.svg_bars = 0
+        self.scripts = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = dict(attrs)
+        if tag == "table":
+            self.current = values.get("id") or ""
+            self.tables[self.current] = 0
+        elif tag == "tr" and self.current:
+            self.tables[self.current] += 1
+        elif tag == "rect" and values.get("class") == "bar":
+            self.svg_bars += 1
+        elif tag == "script":
+            self.scripts += 1
+        for name in ("src", "href"):
+            if values.get(name):
+                self.external.append(str(values[name]))
+
+
+def test_compliance_report_from_a_real_data_dir(
+    broker_cli: BrokerCli, broker_server: BrokerProcess, tmp_path: Path
+) -> None:
+    cli = broker_cli
+    cli.ok(
+        "key", "create", "report-key", "--purpose", "sign", "--type", "ec-p256",
+        "--owner", "billing", "--environment", "dev", "--classification", "pii",
+        "--rotation-period", "1d",
+    )  # fmt: skip
+    value = tmp_path / "value"
+    value.write_bytes(b"sk_report_e2e")
+    cli.ok(
+        "secrets", "put", "secret://billing/dev/api", "--value-file", str(value),
+        "--owner", "billing", "--classification", "confidential", "--rotation-period", "90d",
+    )  # fmt: skip
+    cli.ok("audit", "checkpoint", "--new")
+    document = cli.ok("report", "compliance", "--output", "json").json()
+    names = {(c["kind"], c["name"]) for c in document["credentials"]}
+    assert ("key", "report-key") in names and ("secret", "secret://billing/dev/api") in names
+    key_row = next(c for c in document["credentials"] if c["name"] == "report-key")
+    assert key_row["owner"] == "billing" and key_row["classification"] == "pii"
+    assert key_row["rotation_due"] and key_row["overdue"] is False and key_row["missing"] == []
+    assert document["audit"]["intact"] is True and document["audit"]["checkpoint_seq"] >= 1
+    assert document["operators"] and document["summary"]["credentials"] >= 2
+
+    text = cli.ok("report", "compliance", "--output", "csv").stdout
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert any(r["section"] == "credential" and r["name"] == "report-key" for r in rows)
+    assert any(r["section"] == "audit" and r["state"] == "intact" for r in rows)
+
+    out = tmp_path / "report.html"
+    cli.ok("report", "compliance", "--output", "html", "--out", str(out))
+    page = _Page()
+    page.feed(out.read_text())
+    assert page.tables["credentials"] >= 3  # header + the key + the secret
+    assert {"grants", "breakglass", "operators"} <= page.tables.keys()
+    assert page.svg_bars >= 2 and page.scripts == 0 and page.external == []
+    assert "sk_report_e2e" not in out.read_text()

@@ -320,3 +320,17 @@ class VerifyMacRequest(_message.Message):
     message: bytes
     mac: bytes
     def __init__(self, tenant: _Optional[str] = ..., key: _Optional[str] = ..., key_version: _Optional[int] = ..., message: _Optional[bytes] = ..., mac: _Optional[bytes] = ...) -> None: ...
+
+class ComplianceReportRequest(_message.Message):
+    __slots__ = ("tenant", "window_seconds")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    window_seconds: int
+    def __init__(self, tenant: _Optional[str] = ..., window_seconds: _Optional[int] = ...) -> None: ...
+
+class ComplianceReportResponse(_message.Message):
+    __slots__ = ("document_json",)
+    DOCUMENT_JSON_FIELD_NUMBER: _ClassVar[int]
+    document_json: str
+    def __init__(self, document_json: _Optional[str] = ...) -> None: ...

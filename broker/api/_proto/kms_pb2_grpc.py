@@ -120,6 +120,11 @@ class KmsStub:
                 request_serializer=broker_dot_v1_dot_kms__pb2.VerifyMacRequest.SerializeToString,
                 response_deserializer=broker_dot_v1_dot_kms__pb2.VerifyResponse.FromString,
                 _registered_method=True)
+        self.ComplianceReport = channel.unary_unary(
+                '/broker.v1.Kms/ComplianceReport',
+                request_serializer=broker_dot_v1_dot_kms__pb2.ComplianceReportRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_kms__pb2.ComplianceReportResponse.FromString,
+                _registered_method=True)
 
 
 class KmsServicer:
@@ -232,6 +237,14 @@ class KmsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ComplianceReport(self, request, context):
+        """Where the fleet stands against the standard (secrets, keys, database roles, grants,
+        break-glass uses, operators, audit status), as a JSON document (docs/kms.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KmsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -319,6 +332,11 @@ def add_KmsServicer_to_server(servicer, server):
                     servicer.VerifyMac,
                     request_deserializer=broker_dot_v1_dot_kms__pb2.VerifyMacRequest.FromString,
                     response_serializer=broker_dot_v1_dot_kms__pb2.VerifyResponse.SerializeToString,
+            ),
+            'ComplianceReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.ComplianceReport,
+                    request_deserializer=broker_dot_v1_dot_kms__pb2.ComplianceReportRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_kms__pb2.ComplianceReportResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -780,6 +798,33 @@ class Kms:
             '/broker.v1.Kms/VerifyMac',
             broker_dot_v1_dot_kms__pb2.VerifyMacRequest.SerializeToString,
             broker_dot_v1_dot_kms__pb2.VerifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ComplianceReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.Kms/ComplianceReport',
+            broker_dot_v1_dot_kms__pb2.ComplianceReportRequest.SerializeToString,
+            broker_dot_v1_dot_kms__pb2.ComplianceReportResponse.FromString,
             options,
             channel_credentials,
             insecure,
