@@ -1,0 +1,87 @@
+"""The KMS key repository contract (keys, versions, compare-and-set rotation and state
+changes, destruction), run against SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from broker.errors import AlreadyExists
+from broker.storage import open_storage
+from broker.storage.kms import KeyRecord, KeyVersionRecord, SqlKeyRepository
+from broker.storage.sql import SqlStorage
+
+T0 = dt.datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=dt.UTC)
+DAY = dt.timedelta(days=1)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+async def repo(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SqlKeyRepository]:
+    if request.param == "sqlite":
+        dsn = f"sqlite://{tmp_path / 'broker.db'}"
+    else:
+        dsn = request.getfixturevalue("pg_dsn")
+    storage = await open_storage(dsn)
+    assert isinstance(storage, SqlStorage)
+    await storage.migrate()
+    try:
+        yield SqlKeyRepository(storage.backend)
+    finally:
+        await storage.close()
+
+
+def key(tenant: str = "acme", name: str = "orders-dek") -> KeyRecord:
+    return KeyRecord(
+        tenant, name, "encrypt", "aes-256", "orders", "prod", "pii", 90 * 86400, "enabled", 1,
+        T0, T0,
+    )  # fmt: skip
+
+
+def version(n: int, at: dt.datetime = T0) -> KeyVersionRecord:
+    return KeyVersionRecord(n, f"kms.acme.orders-dek.{n}.abcd", "enabled", at)
+
+
+async def test_insert_get_list_and_duplicates(repo: SqlKeyRepository) -> None:
+    await repo.insert_key(key(), version(1))
+    await repo.insert_key(key("beta"), version(1))
+    assert await repo.get_key("acme", "orders-dek") == key()
+    assert await repo.get_key("acme", "nope") is None
+    assert [k.tenant for k in await repo.list_keys()] == ["acme", "beta"]
+    assert [k.tenant for k in await repo.list_keys("beta")] == ["beta"]
+    with pytest.raises(AlreadyExists):
+        await repo.insert_key(key(), version(1))
+    assert await repo.list_versions("acme", "orders-dek") == [version(1)]
+
+
+async def test_rotation_is_compare_and_set(repo: SqlKeyRepository) -> None:
+    await repo.insert_key(key(), version(1))
+    assert await repo.add_version("acme", "orders-dek", 1, version(2, T0 + DAY))
+    # A second rotator that read version 1 loses, and changes nothing.
+    assert not await repo.add_version("acme", "orders-dek", 1, version(3, T0 + DAY))
+    record = await repo.get_key("acme", "orders-dek")
+    assert record is not None and record.current_version == 2
+    assert record.last_rotated == T0 + DAY
+    assert [v.version for v in await repo.list_versions("acme", "orders-dek")] == [1, 2]
+    # A disabled key does not rotate.
+    assert await repo.set_state("acme", "orders-dek", expected="enabled", state="disabled")
+    assert not await repo.add_version("acme", "orders-dek", 2, version(3))
+
+
+async def test_state_changes_and_destruction(repo: SqlKeyRepository) -> None:
+    await repo.insert_key(key(), version(1))
+    assert not await repo.set_state("acme", "orders-dek", expected="disabled", state="enabled")
+    assert await repo.set_state("acme", "orders-dek", expected="enabled", state="disabled")
+    after = T0 + 30 * DAY
+    assert await repo.set_state(
+        "acme", "orders-dek", expected="disabled", state="pending-destroy", destroy_after=after
+    )
+    record = await repo.get_key("acme", "orders-dek")
+    assert record is not None and record.destroy_after == after
+    await repo.destroy_versions("acme", "orders-dek", after)
+    record = await repo.get_key("acme", "orders-dek")
+    assert record is not None and record.state == "destroyed"
+    (v,) = await repo.list_versions("acme", "orders-dek")
+    assert v.state == "destroyed" and v.destroyed_at == after
