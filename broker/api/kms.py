@@ -146,10 +146,13 @@ class KmsServicer(kms_pb2_grpc.KmsServicer):  # type: ignore[misc]
                 "may not use it"
             ) from None
 
-    async def _key(self, tenant: str, name: str, action: str | None = None) -> KeyInfo:
-        """The key, authorized; an absent one decided as unowned, then NotFound."""
+    async def _key(
+        self, tenant: str, name: str, action: str | None = None, version: int | None = None
+    ) -> KeyInfo:
+        """The key (with `version`, else its current one, in the same read), authorized; an
+        absent one decided as unowned, then NotFound."""
         current_call().details["key"] = name
-        info = await self._keys.load(tenant, name)
+        info = await self._keys.load(tenant, name, version)
         if info is None:
             self._decide(name, unowned(tenant, name), action)
             raise NotFound(f"no key {name!r} in tenant {tenant!r}")
@@ -255,7 +258,7 @@ class KmsServicer(kms_pb2_grpc.KmsServicer):  # type: ignore[misc]
         tenant = self._tenant(request.tenant)
         ctx = self._context(request.context)
         blob = self._keys.parse(bytes(request.ciphertext), tenant, request.key)
-        info = await self._key(tenant, blob.key)
+        info = await self._key(tenant, blob.key, version=blob.version)
         call.details["version"] = blob.version
         plaintext, version = await self._keys.decrypt(info, blob, ctx)
         return kms_pb2.DecryptResponse(plaintext=plaintext, key=blob.key, key_version=version)
@@ -270,7 +273,7 @@ class KmsServicer(kms_pb2_grpc.KmsServicer):  # type: ignore[misc]
             else ctx
         )
         blob = self._keys.parse(bytes(request.ciphertext), tenant)
-        source = await self._key(tenant, blob.key)
+        source = await self._key(tenant, blob.key, version=blob.version)
         name = request.destination_key or blob.key
         destination = source
         if name != blob.key:
@@ -292,7 +295,7 @@ class KmsServicer(kms_pb2_grpc.KmsServicer):  # type: ignore[misc]
     async def Verify(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         tenant = self._tenant(request.tenant)
         message, digest = _input(request)
-        info = await self._key(tenant, request.key)
+        info = await self._key(tenant, request.key, version=request.key_version or None)
         valid, version = await self._keys.verify(
             info, request.key_version or None, message, digest, bytes(request.signature)
         )
@@ -301,7 +304,7 @@ class KmsServicer(kms_pb2_grpc.KmsServicer):  # type: ignore[misc]
 
     async def GetPublicKey(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         tenant = self._tenant(request.tenant)
-        info = await self._key(tenant, request.key)
+        info = await self._key(tenant, request.key, version=request.key_version or None)
         pem, version = await self._keys.public_key(info, request.key_version or None)
         return kms_pb2.GetPublicKeyResponse(
             public_key_pem=pem.decode(), key_version=version, key_type=info.record.key_type

@@ -104,6 +104,8 @@ def check_payload(data: bytes, what: str = "plaintext") -> bytes:
 class KeyInfo:
     record: KeyRecord
     versions: tuple[KeyVersionRecord, ...] = ()
+    # The version the request path loaded with the key (one read), if any.
+    selected: KeyVersionRecord | None = None
 
     @property
     def rotation_due(self) -> dt.datetime:
@@ -157,9 +159,13 @@ class KeyService:
 
     # -- administration ---------------------------------------------------------------------
 
-    async def load(self, tenant: str, name: str) -> KeyInfo | None:
-        record = await self._repo.get_key(check_tenant(tenant), check_name(name, "key name"))
-        return None if record is None else KeyInfo(record)
+    async def load(self, tenant: str, name: str, version: int | None = None) -> KeyInfo | None:
+        """The key (None when absent) with `version` (the current one when None) loaded in
+        the same read, for `encrypt`, `decrypt`, `sign`, ..."""
+        loaded = await self._repo.get_key_version(
+            check_tenant(tenant), check_name(name, "key name"), version
+        )
+        return None if loaded is None else KeyInfo(loaded[0], selected=loaded[1])
 
     async def show(self, tenant: str, name: str) -> KeyInfo:
         info = await self.load(tenant, name)
@@ -337,12 +343,14 @@ class KeyService:
         wanted = r.current_version if version is None else version
         if not 1 <= wanted <= r.current_version:
             raise NotFound(f"key {r.name!r} has no version {wanted}")
-        for v in await self._repo.list_versions(r.tenant, r.name):
-            if v.version == wanted:
-                if v.state != "enabled":
-                    raise FailedPrecondition(f"version {wanted} of key {r.name!r} is {v.state}")
-                return v
-        raise NotFound(f"key {r.name!r} has no version {wanted}")
+        v = info.selected
+        if v is None or v.version != wanted:
+            v = await self._repo.get_version(r.tenant, r.name, wanted)
+        if v is None:
+            raise NotFound(f"key {r.name!r} has no version {wanted}")
+        if v.state != "enabled":
+            raise FailedPrecondition(f"version {wanted} of key {r.name!r} is {v.state}")
+        return v
 
     async def _seal(
         self, info: KeyInfo, plaintext: bytes, context: Mapping[str, str]

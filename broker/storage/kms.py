@@ -102,6 +102,42 @@ class SqlKeyRepository:
             )
         return None if row is None else self._key(row)
 
+    async def get_key_version(
+        self, tenant: str, name: str, version: int | None = None
+    ) -> tuple[KeyRecord, KeyVersionRecord | None] | None:
+        """The key and one of its versions (the current one when `version` is None) in one
+        read, for the request path; None when the key is absent, no version row when the
+        version is."""
+        columns = ", ".join(f"k.{c.strip()}" for c in _KEY_COLUMNS.split(","))
+        async with self._b.transaction(write=False) as tx:
+            row = await tx.fetchrow(
+                f"SELECT {columns}, v.version, v.label, v.state, v.created_at, v.destroyed_at "  # noqa: S608
+                "FROM kms_keys k LEFT JOIN kms_key_versions v ON v.tenant = k.tenant "
+                "AND v.name = k.name AND v.version = COALESCE(?, k.current_version) "
+                "WHERE k.tenant = ? AND k.name = ?",
+                version,
+                tenant,
+                name,
+            )
+        if row is None:
+            return None
+        return self._key(row), None if row[13] is None else self._version(row[13:])
+
+    async def get_version(self, tenant: str, name: str, version: int) -> KeyVersionRecord | None:
+        async with self._b.transaction(write=False) as tx:
+            row = await tx.fetchrow(
+                f"SELECT {_VERSION_COLUMNS} FROM kms_key_versions "  # noqa: S608 (constant)
+                "WHERE tenant = ? AND name = ? AND version = ?",
+                tenant,
+                name,
+                version,
+            )
+        return None if row is None else self._version(row)
+
+    def _version(self, r: Row) -> KeyVersionRecord:
+        ts = self._b.decode_ts
+        return KeyVersionRecord(r[0], r[1], r[2], ts(r[3]), None if r[4] is None else ts(r[4]))
+
     async def list_keys(self, tenant: str | None = None) -> list[KeyRecord]:
         """The keys of `tenant` (every tenant when None), by tenant and name."""
         async with self._b.transaction(write=False) as tx:
@@ -125,11 +161,7 @@ class SqlKeyRepository:
                 tenant,
                 name,
             )
-        ts = self._b.decode_ts
-        return [
-            KeyVersionRecord(r[0], r[1], r[2], ts(r[3]), None if r[4] is None else ts(r[4]))
-            for r in rows
-        ]
+        return [self._version(r) for r in rows]
 
     async def add_version(
         self, tenant: str, name: str, expected_current: int, version: KeyVersionRecord

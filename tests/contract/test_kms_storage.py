@@ -85,3 +85,18 @@ async def test_state_changes_and_destruction(repo: SqlKeyRepository) -> None:
     assert record is not None and record.state == "destroyed"
     (v,) = await repo.list_versions("acme", "orders-dek")
     assert v.state == "destroyed" and v.destroyed_at == after
+
+
+async def test_the_request_path_reads_key_and_version_at_once(repo: SqlKeyRepository) -> None:
+    await repo.insert_key(key(), version(1))
+    await repo.add_version("acme", "orders-dek", 1, version(2, T0 + DAY))
+    loaded = await repo.get_key_version("acme", "orders-dek")
+    assert loaded is not None and loaded[0].current_version == 2
+    assert loaded[1] == version(2, T0 + DAY)
+    old = await repo.get_key_version("acme", "orders-dek", 1)
+    assert old is not None and old[1] == version(1)
+    missing = await repo.get_key_version("acme", "orders-dek", 9)
+    assert missing is not None and missing[1] is None
+    assert await repo.get_key_version("acme", "nope") is None
+    assert await repo.get_version("acme", "orders-dek", 2) == version(2, T0 + DAY)
+    assert await repo.get_version("acme", "orders-dek", 3) is None
