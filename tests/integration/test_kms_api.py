@@ -1,4 +1,5 @@
-"""The Kms service over real mTLS, in process, with every key operation on SoftHSM2: keys as
+"""The Kms service over real mTLS, in process, with every key operation on SoftHSM2 (in process
+and through p11-kit remoting where the test names `hsm_broker`): keys as
 named resources, envelope encryption with encryption contexts, rotation that keeps old data
 readable, signing, the owner rule, and every bad input of issue 16 refused with nothing changed.
 """
@@ -30,8 +31,24 @@ OTHER_TENANT = "spiffe://example.org/beta/prod/orders"
 DAY = 86400
 
 
+@pytest.fixture(params=["pkcs11", "pkcs11-remote"])
+async def hsm_broker(
+    request: pytest.FixtureRequest, broker_factory: BrokerFactory
+) -> BrokerHarness:
+    """A broker whose keys are in SoftHSM2: in process, or behind `p11-kit server` (the
+    remote HSM path)."""
+    if request.param == "pkcs11-remote":
+        remote = request.getfixturevalue("p11kit_token")
+        keys = Pkcs11Backend(remote.token_label, remote.pin, module_path=remote.module_path)
+    else:
+        keys = request.getfixturevalue("pkcs11_backend")
+    return await broker_factory(keys=keys)
+
+
 @pytest.fixture
-async def hsm_broker(broker_factory: BrokerFactory, pkcs11_backend: Pkcs11Backend) -> BrokerHarness:
+async def softhsm_broker(
+    broker_factory: BrokerFactory, pkcs11_backend: Pkcs11Backend
+) -> BrokerHarness:
     return await broker_factory(keys=pkcs11_backend)
 
 
@@ -206,8 +223,9 @@ async def test_sign_verify_and_public_key_on_the_token(hsm_broker: BrokerHarness
     ],
 )
 async def test_unauthorized_service_and_wrong_tenant_are_refused_and_audited(
-    broker: BrokerHarness, spiffe_id: str, tenant: str, reason: str
+    softhsm_broker: BrokerHarness, spiffe_id: str, tenant: str, reason: str
 ) -> None:
+    broker = softhsm_broker
     await create(broker)
     owner = stub(broker, broker.identity(OWNER))
     sealed = await owner.Encrypt(kms_pb2.EncryptRequest(key="orders-dek", plaintext=b"secret"))
@@ -240,7 +258,10 @@ async def test_unauthorized_service_and_wrong_tenant_are_refused_and_audited(
     assert opened.plaintext == b"secret"
 
 
-async def test_a_wrong_encryption_context_is_refused_and_audited(broker: BrokerHarness) -> None:
+async def test_a_wrong_encryption_context_is_refused_and_audited(
+    softhsm_broker: BrokerHarness,
+) -> None:
+    broker = softhsm_broker
     await create(broker)
     owner = stub(broker, broker.identity(OWNER))
     sealed = await owner.Encrypt(
@@ -264,7 +285,8 @@ async def test_a_wrong_encryption_context_is_refused_and_audited(broker: BrokerH
     assert opened.plaintext == b"pan"
 
 
-async def test_bad_input_is_refused_and_nothing_changes(broker: BrokerHarness) -> None:
+async def test_bad_input_is_refused_and_nothing_changes(softhsm_broker: BrokerHarness) -> None:
+    broker = softhsm_broker
     await create(broker)
     await create(broker, "orders-sign", purpose="sign", key_type="ec-p256")
     await create(broker, "orders-dek-2")
@@ -418,7 +440,8 @@ async def test_bad_input_is_refused_and_nothing_changes(broker: BrokerHarness) -
     assert (await owner.Decrypt(kms_pb2.DecryptRequest(ciphertext=sealed))).plaintext == b"data"
 
 
-async def test_disabled_and_destroyed_keys_refuse_every_use(broker: BrokerHarness) -> None:
+async def test_disabled_and_destroyed_keys_refuse_every_use(softhsm_broker: BrokerHarness) -> None:
+    broker = softhsm_broker
     await create(broker)
     admin = stub(broker)
     owner = stub(broker, broker.identity(OWNER))
@@ -454,8 +477,9 @@ async def test_disabled_and_destroyed_keys_refuse_every_use(broker: BrokerHarnes
 
 
 async def test_administrative_changes_to_a_prod_pii_key_need_a_second_operator(
-    broker: BrokerHarness,
+    softhsm_broker: BrokerHarness,
 ) -> None:
+    broker = softhsm_broker
     await create(broker, "cards-kek", classification="pii")
     admin = stub(broker)
     before = await key_state(broker, "cards-kek")

@@ -7,15 +7,24 @@ from __future__ import annotations
 
 import uuid
 
+import pytest
 from prometheus_client import REGISTRY
 
 from broker.api._proto import kms_pb2, secrets_pb2, secrets_pb2_grpc
 from broker.kms.lifecycle import KeyLifecycleJob
+from ca.keys import Pkcs11Backend
 
-from .conftest import BrokerHarness
+from .conftest import BrokerFactory, BrokerHarness
 from .test_kms_api import OWNER, create, key_state, stub
 
 REF = "secret://orders/prod/api"
+
+
+@pytest.fixture
+async def softhsm_broker(
+    broker_factory: BrokerFactory, pkcs11_backend: Pkcs11Backend
+) -> BrokerHarness:
+    return await broker_factory(keys=pkcs11_backend)
 
 
 def rotations(kind: str, outcome: str) -> float:
@@ -25,7 +34,8 @@ def rotations(kind: str, outcome: str) -> float:
     return value or 0.0
 
 
-async def test_keys_rotate_on_schedule_and_keks_yearly(broker: BrokerHarness) -> None:
+async def test_keys_rotate_on_schedule_and_keks_yearly(softhsm_broker: BrokerHarness) -> None:
+    broker = softhsm_broker
     app = broker.app
     await create(broker)  # 90 days
     await secrets_pb2_grpc.SecretsStub(broker.channel(broker.operator)).Put(
@@ -86,7 +96,8 @@ async def test_keys_rotate_on_schedule_and_keks_yearly(broker: BrokerHarness) ->
     assert read.value == b"v1"
 
 
-async def test_scheduled_destruction_happens_on_its_date(broker: BrokerHarness) -> None:
+async def test_scheduled_destruction_happens_on_its_date(softhsm_broker: BrokerHarness) -> None:
+    broker = softhsm_broker
     app = broker.app
     await create(broker)
     admin = stub(broker)
