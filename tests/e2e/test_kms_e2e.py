@@ -1,12 +1,15 @@
 """KMS keys through the CLI against a real `broker serve --dev` (SQLite, SoftHSM2 token in the
 data dir): create, list, show, rotate, disable, enable, schedule-destroy, cancel-destroy,
 one-line refusals for bad input with nothing changed, and `broker report compliance` produced
-from that real data dir as JSON, CSV and one offline HTML page."""
+from that real data dir as JSON, CSV and one offline HTML page (checked in headless Chromium)."""
 
 from __future__ import annotations
 
 import csv
 import io
+import os
+import shutil
+import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -133,3 +136,39 @@ def test_compliance_report_from_a_real_data_dir(
     assert {"grants", "breakglass", "operators"} <= page.tables.keys()
     assert page.svg_bars >= 2 and page.scripts == 0 and page.external == []
     assert "sk_report_e2e" not in out.read_text()
+    _check_in_chromium(out, tmp_path)
+
+
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser"):
+        found = shutil.which(name)
+        if found:
+            return found
+    message = "Chromium is not installed (apt-get install chromium)"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{message}; CI installs it (scripts/run test)", pytrace=False)
+    pytest.skip(message)
+
+
+def _check_in_chromium(page: Path, tmp_path: Path) -> None:
+    """The page renders in headless Chromium with the network off: its DOM after load has the
+    tables and the plot, and a screenshot is made."""
+    chromium = _chromium()
+    common = [
+        chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        "--proxy-server=127.0.0.1:9", "--proxy-bypass-list=<-loopback>",
+    ]  # fmt: skip
+    dom = subprocess.run(
+        [*common, "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    for marker in ('id="credentials"', 'id="grants"', 'id="operators"', 'id="rotation-age"'):
+        assert marker in dom.stdout, marker
+    shot = tmp_path / "report.png"
+    made = subprocess.run(
+        [*common, f"--screenshot={shot}", "--window-size=1280,2000", page.as_uri()],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert made.returncode == 0 and shot.stat().st_size > 10_000, made.stderr[-2000:]
