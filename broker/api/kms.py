@@ -187,7 +187,9 @@ class KmsServicer(kms_pb2_grpc.KmsServicer):  # type: ignore[misc]
             owner=request.owner,
             environment=request.environment,
             classification=request.classification,
-            rotation_period=dt.timedelta(seconds=request.rotation_period_seconds),
+            rotation_period=dt.timedelta(seconds=request.rotation_period_seconds)
+            if request.rotation_period_seconds
+            else None,
         )
         current_call().details.update(key_type=request.key_type, version=1)
         return _info(info)

@@ -13,7 +13,7 @@ import click
 
 from broker import clioutput
 from broker.api.kms_client import KeyDetails, KeyMeta, KmsClient
-from broker.cli import DURATION, _client, _connection_options, _output, cli
+from broker.cli import DURATION, Refusal, _client, _connection_options, _output, cli
 
 __all__ = ["key"]
 
@@ -101,7 +101,9 @@ def key() -> None:
 @click.option(
     "--classification", required=True, type=click.Choice(CLASSIFICATIONS), help="Data class."
 )
-@click.option("--rotation-period", required=True, type=DURATION, help="1d..3650d, e.g. 90d.")
+@click.option(
+    "--rotation-period", type=DURATION, help="1d..3650d [default: 90d, the standard's DEKs]."
+)
 @_tenant_option
 @_connection_options(on_group=False)
 @click.pass_context
@@ -113,10 +115,12 @@ def key_create(
     owner: str,
     environment: str,
     classification: str,
-    rotation_period: int,
+    rotation_period: int | None,
     tenant: str,
 ) -> None:
     """Create a key; version 1 is generated inside the key backend."""
+    if rotation_period is not None and rotation_period <= 0:
+        raise Refusal("the rotation period must be between 1 day and 10 years")
     details = _kms(ctx).create_key(
         name,
         purpose=purpose,
@@ -124,7 +128,7 @@ def key_create(
         owner=owner,
         environment=environment,
         classification=classification,
-        rotation_period_seconds=rotation_period,
+        rotation_period_seconds=rotation_period or 0,
         tenant=tenant,
     )
     _show(ctx, details, "created")

@@ -64,6 +64,8 @@ KEY_TYPES: Final[Mapping[str, tuple[str, KeyKind]]] = {
 # Accepted by the issue's CLI but not offered by the key backends yet.
 UNSUPPORTED_TYPES: Final = ("rsa-3072",)
 CLASSIFICATIONS: Final = ("public", "internal", "confidential", "pii")
+#: The standard's DEK rotation: used when a key is created without a rotation period.
+DEFAULT_ROTATION_PERIOD: Final = dt.timedelta(days=90)
 MIN_ROTATION_PERIOD: Final = dt.timedelta(days=1)
 MAX_ROTATION_PERIOD: Final = dt.timedelta(days=3650)
 MIN_DESTROY_AFTER: Final = dt.timedelta(days=1)
@@ -199,10 +201,13 @@ class KeyService:
         owner: str,
         environment: str,
         classification: str,
-        rotation_period: dt.timedelta,
+        rotation_period: dt.timedelta | None = None,
     ) -> KeyInfo:
-        """Generate version 1 inside the key backend and record the key. Raises
-        `AlreadyExists` when the name is taken in the tenant (whatever its state)."""
+        """Generate version 1 inside the key backend and record the key (rotation period
+        `DEFAULT_ROTATION_PERIOD` when None). Raises `AlreadyExists` when the name is taken in
+        the tenant (whatever its state)."""
+        if rotation_period is None:
+            rotation_period = DEFAULT_ROTATION_PERIOD
         check_tenant(tenant)
         check_name(name, "key name")
         check_name(owner, "owner service")

@@ -31,6 +31,7 @@ from typing import Final, Protocol
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from broker import metrics
 from broker.kms.ciphertext import context_bytes
 
 __all__ = ["DataKeySource", "EnvelopeError", "KmsEnvelope", "LocalDataKeyCache"]
@@ -84,11 +85,13 @@ class LocalDataKeyCache:
             if entry is None or entry[2] <= now or entry[3] >= self._max_uses:  # type: ignore[operator]
                 self._entries.pop(key, None)
                 self.misses += 1
+                metrics.record_sdk_cache("kms-data-key", hit=False)
                 return None
             entry[3] = entry[3] + 1  # type: ignore[operator]
             self._entries.move_to_end(key)
             self.hits += 1
-            return entry[0], entry[1]  # type: ignore[return-value]
+        metrics.record_sdk_cache("kms-data-key", hit=True)
+        return entry[0], entry[1]  # type: ignore[return-value]
 
     def put(self, key: object, plaintext: bytes, ciphertext: bytes, *, used: int = 0) -> None:
         with self._lock:

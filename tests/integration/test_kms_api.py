@@ -495,3 +495,28 @@ async def test_administrative_changes_to_a_prod_pii_key_need_a_second_operator(
     owner = stub(broker, broker.identity(OWNER))
     sealed = await owner.Encrypt(kms_pb2.EncryptRequest(key="cards-kek", plaintext=b"pan"))
     assert sealed.key_version == 1
+
+
+async def test_keys_rotate_every_90_days_unless_told_otherwise(
+    softhsm_broker: BrokerHarness,
+) -> None:
+    created = await stub(softhsm_broker).CreateKey(
+        kms_pb2.CreateKeyRequest(
+            name="default-period",
+            purpose="mac",
+            key_type="hmac-sha256",
+            owner="orders",
+            environment="prod",
+            classification="internal",
+        )
+    )
+    assert created.metadata.rotation_period_seconds == 90 * DAY
+    owner = stub(softhsm_broker, softhsm_broker.identity(OWNER))
+    tag = await owner.Mac(kms_pb2.MacRequest(key="default-period", message=b"m"))
+    ok = await owner.VerifyMac(
+        kms_pb2.VerifyMacRequest(key="default-period", message=b"m", mac=tag.mac)
+    )
+    bad = await owner.VerifyMac(
+        kms_pb2.VerifyMacRequest(key="default-period", message=b"n", mac=tag.mac)
+    )
+    assert ok.valid and not bad.valid
