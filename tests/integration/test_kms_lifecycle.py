@@ -6,12 +6,15 @@ metrics `broker_key_age_seconds` / `broker_key_rotation_total` follow."""
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
 
 from broker.api._proto import kms_pb2, secrets_pb2, secrets_pb2_grpc
+from broker.kms import KeyService
 from broker.kms.lifecycle import KeyLifecycleJob
+from ca.errors import KeyBackendError
 from ca.keys import Pkcs11Backend
 
 from .conftest import BrokerFactory, BrokerHarness
@@ -110,3 +113,46 @@ async def test_scheduled_destruction_happens_on_its_date(softhsm_broker: BrokerH
     run = await app.kms_lifecycle.tick()
     assert run is not None and run.destroyed == [("default", "orders-dek")]
     assert (await key_state(broker)).metadata.state == "destroyed"
+
+
+class FailingCreate:
+    """The broker's key backend, except that creating a key whose label names `name` fails."""
+
+    def __init__(self, inner: Any, name: str) -> None:
+        self._inner = inner
+        self._name = name
+
+    def create_key(self, label: str, kind: Any) -> None:
+        if f".{self._name}." in label:
+            raise KeyBackendError("token is full (injected by the test)")
+        self._inner.create_key(label, kind)
+
+    def __getattr__(self, attribute: str) -> Any:
+        return getattr(self._inner, attribute)
+
+
+async def test_a_failed_rotation_is_counted_and_the_others_still_rotate(
+    softhsm_broker: BrokerHarness,
+) -> None:
+    broker = softhsm_broker
+    app = broker.app
+    await create(broker, "first-dek")
+    await create(broker, "second-dek")
+    keys = KeyService(app.kms.repository, FailingCreate(app.keys, "first-dek"), app.clock)
+    job = KeyLifecycleJob(
+        keys,
+        app.kek_rotator,
+        app.secrets.repository,
+        app.storage,
+        app.storage,
+        app.clock,
+        f"kms-{uuid.uuid4().hex}",
+    )
+    failures = rotations("kms", "failure")
+    broker.clock.advance(days=91)
+    run = await job.tick()
+    assert run is not None
+    assert run.failed == [("default", "first-dek")]
+    assert run.rotated == [("default", "second-dek", 2)]
+    assert rotations("kms", "failure") == failures + 1
+    assert (await key_state(broker, "first-dek")).metadata.current_version == 1
