@@ -205,6 +205,7 @@ class Application:
         await self.access.load()
         await self.ledger.open(new_epoch_reason=new_ledger_epoch, actor="operator (serve)")
         await self.secrets.start(self.secret_mac)
+        self.kms.prepare()
         await self.ca.bootstrap()
         await self.workloads.refresh_denylist()
         self.ledger.start()

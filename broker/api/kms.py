@@ -18,7 +18,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from broker.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
-from broker.kms import KeyInfo, KeyService, context_hash, unowned
+from broker.kms import KeyInfo, KeyIntegrityError, KeyService, context_hash, unowned
 from broker.kms.keys import check_tenant
 from broker.kms.report import ComplianceReporter
 from broker.policy import Action
@@ -151,8 +151,15 @@ class KmsServicer(kms_pb2_grpc.KmsServicer):  # type: ignore[misc]
     ) -> KeyInfo:
         """The key (with `version`, else its current one, in the same read), authorized; an
         absent one decided as unowned, then NotFound."""
-        current_call().details["key"] = name
-        info = await self._keys.load(tenant, name, version)
+        call = current_call()
+        call.details["key"] = name
+        try:
+            info = await self._keys.load(tenant, name, version)
+        except KeyIntegrityError:
+            # Decided as a key nobody owns: a tampered owner grants nothing.
+            call.details["integrity"] = "metadata MAC mismatch"
+            self._decide(name, unowned(tenant, name), action)
+            raise
         if info is None:
             self._decide(name, unowned(tenant, name), action)
             raise NotFound(f"no key {name!r} in tenant {tenant!r}")

@@ -5,12 +5,22 @@ with encryption contexts, signing and MACs, the scheduled key lifecycle and comp
 from __future__ import annotations
 
 from broker.kms.ciphertext import Ciphertext, context_bytes, context_hash
-from broker.kms.keys import DataKey, KeyInfo, KeyService, Signature, unowned
+from broker.kms.keys import (
+    DataKey,
+    KeyInfo,
+    KeyIntegrityError,
+    KeyMac,
+    KeyService,
+    Signature,
+    unowned,
+)
 
 __all__ = [
     "Ciphertext",
     "DataKey",
     "KeyInfo",
+    "KeyIntegrityError",
+    "KeyMac",
     "KeyService",
     "Signature",
     "context_bytes",

@@ -17,8 +17,11 @@ context, tampered, moved) raises `ca.errors.IntegrityError`. Authorization is th
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime as dt
 import hmac
+import logging
 import os
 import re
 import secrets as _random
@@ -32,11 +35,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from broker.envelope import aad
 from broker.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from broker.kms.ciphertext import NONCE_BYTES, Ciphertext
 from broker.storage.kms import KeyRecord, KeyVersionRecord, SqlKeyRepository
 from ca.clock import Clock
-from ca.errors import IntegrityError, KeyExists
+from ca.errors import IntegrityError, KeyExists, KeyNotFound
 from ca.keys import KeyBackend, KeyKind
 from ca.keys.executor import token_call
 
@@ -49,6 +53,8 @@ __all__ = [
     "PURPOSES",
     "DataKey",
     "KeyInfo",
+    "KeyIntegrityError",
+    "KeyMac",
     "KeyService",
     "Signature",
 ]
@@ -77,6 +83,96 @@ _HASHES: Final[Mapping[str, type[hashes.HashAlgorithm]]] = {
     "ec-p256": hashes.SHA256,
     "ec-p384": hashes.SHA384,
 }
+
+
+log = logging.getLogger(__name__)
+
+METADATA_MAC_KEY: Final = "kms.metadata-mac"
+_MAC_CACHE_SIZE: Final = 65536
+
+
+class KeyIntegrityError(FailedPrecondition):
+    """A key's row does not verify against its MAC: altered outside the broker."""
+
+
+def _integrity_refusal(name: str) -> KeyIntegrityError:
+    return KeyIntegrityError(
+        f"integrity check failed: key {name!r} was changed outside the broker (owner, state, "
+        "versions, ...); refused, nothing was used or changed. Restore the row from a backup"
+    )
+
+
+def _field(value: object) -> str:
+    if value is None:
+        return "\x00"
+    if isinstance(value, dt.datetime):
+        return value.astimezone(dt.UTC).isoformat(timespec="microseconds")
+    return str(value)
+
+
+def key_bytes(r: KeyRecord) -> bytes:
+    """The canonical bytes a key row's MAC covers: every column but the MAC."""
+    return aad(
+        "broker.kms-key.v1",
+        *(
+            _field(v)
+            for v in (
+                r.tenant,
+                r.name,
+                r.purpose,
+                r.key_type,
+                r.owner,
+                r.environment,
+                r.classification,
+                r.rotation_period_s,
+                r.state,
+                r.current_version,
+                r.created_at,
+                r.last_rotated,
+                r.destroy_after,
+            )
+        ),
+    )
+
+
+class KeyMac:
+    """HMAC-SHA256 over key rows under a key that never leaves the key backend, so someone
+    with database write access but no key access cannot make a key theirs (`UPDATE kms_keys
+    SET owner = ...`), re-enable it or roll its version back. Verified row states are
+    remembered (bounded), so the request path asks the backend once per distinct state."""
+
+    def __init__(self, keys: KeyBackend, label: str = METADATA_MAC_KEY) -> None:
+        self._keys = keys
+        self._label = label
+        self._verified: dict[KeyRecord, bytes] = {}
+
+    def prepare(self) -> None:
+        """Create the MAC key if it does not exist yet (idempotent, safe across replicas)."""
+        with contextlib.suppress(KeyExists):
+            if not self._keys.has_key(self._label):
+                self._keys.create_key(self._label, KeyKind.HMAC_SHA256)
+
+    def seal(self, record: KeyRecord) -> KeyRecord:
+        """`record` with its MAC."""
+        return dataclasses.replace(record, mac=self._keys.mac(self._label, key_bytes(record)))
+
+    def verify(self, record: KeyRecord) -> bool:
+        if record.mac is None:
+            return False
+        known = self._verified.get(record)
+        if known is not None:
+            return hmac.compare_digest(known, record.mac)
+        try:
+            expected = self._keys.mac(self._label, key_bytes(record))
+        except KeyNotFound:
+            log.error("the KMS metadata MAC key %r is missing from the key backend", self._label)
+            return False
+        if not hmac.compare_digest(expected, record.mac):
+            return False
+        if len(self._verified) >= _MAC_CACHE_SIZE:
+            self._verified.clear()
+        self._verified[record] = expected
+        return True
 
 
 def check_name(value: str, what: str) -> str:
@@ -147,10 +243,38 @@ def unowned(tenant: str, name: str) -> dict[str, str]:
 
 
 class KeyService:
-    def __init__(self, repository: SqlKeyRepository, keys: KeyBackend, clock: Clock) -> None:
+    def __init__(
+        self,
+        repository: SqlKeyRepository,
+        keys: KeyBackend,
+        clock: Clock,
+        mac: KeyMac | None = None,
+    ) -> None:
         self._repo = repository
         self._keys = keys
         self._clock = clock
+        self._mac = mac if mac is not None else KeyMac(keys)
+
+    def prepare(self) -> None:
+        """At start: the metadata MAC key exists."""
+        self._mac.prepare()
+
+    def _verified(self, record: KeyRecord) -> KeyRecord:
+        if not self._mac.verify(record):
+            raise _integrity_refusal(record.name)
+        return record
+
+    async def _all_verified(self, tenant: str | None) -> list[KeyRecord]:
+        """The rows that verify; the others are logged and left out (never used)."""
+        out = []
+        for r in await self._repo.list_keys(tenant):
+            if self._mac.verify(r):
+                out.append(r)
+            else:
+                log.error(
+                    "KMS key %s/%s does not verify against its MAC: skipped", r.tenant, r.name
+                )
+        return out
 
     @property
     def repository(self) -> SqlKeyRepository:
@@ -167,7 +291,9 @@ class KeyService:
         loaded = await self._repo.get_key_version(
             check_tenant(tenant), check_name(name, "key name"), version
         )
-        return None if loaded is None else KeyInfo(loaded[0], selected=loaded[1])
+        if loaded is None:
+            return None
+        return KeyInfo(self._verified(loaded[0]), selected=loaded[1])
 
     async def show(self, tenant: str, name: str) -> KeyInfo:
         info = await self.load(tenant, name)
@@ -177,7 +303,8 @@ class KeyService:
         return KeyInfo(info.record, tuple(versions))
 
     async def list_keys(self, tenant: str | None) -> list[KeyInfo]:
-        records = await self._repo.list_keys(None if tenant is None else check_tenant(tenant))
+        """The keys whose rows verify (see `KeyMac`)."""
+        records = await self._all_verified(None if tenant is None else check_tenant(tenant))
         return [KeyInfo(r) for r in records]
 
     def _label(self, tenant: str, name: str, version: int) -> str:
@@ -247,6 +374,7 @@ class KeyService:
             now,
             now,
         )
+        record = self._mac.seal(record)
         first = KeyVersionRecord(1, label, "enabled", now)
         try:
             await self._repo.insert_key(record, first)
@@ -266,7 +394,11 @@ class KeyService:
         label = self._label(tenant, name, version)
         await self._generate(label, KEY_TYPES[r.key_type][1])
         new = KeyVersionRecord(version, label, "enabled", self._clock.now())
-        if not await self._repo.add_version(tenant, name, r.current_version, new):
+        sealed = self._mac.seal(
+            dataclasses.replace(r, current_version=version, last_rotated=new.created_at)
+        )
+        assert sealed.mac is not None
+        if not await self._repo.add_version(tenant, name, r.current_version, new, sealed.mac):
             self._keys.destroy_key(label)
             raise FailedPrecondition(
                 f"key {name!r} changed while rotating (another rotation or a disable); retry"
@@ -277,8 +409,10 @@ class KeyService:
         self, tenant: str, name: str, expected: str, state: str, after: dt.datetime | None = None
     ) -> KeyInfo:
         info = await self.show(tenant, name)
+        sealed = self._mac.seal(dataclasses.replace(info.record, state=state, destroy_after=after))
+        assert sealed.mac is not None
         if info.record.state != expected or not await self._repo.set_state(
-            tenant, name, expected=expected, state=state, destroy_after=after
+            tenant, name, expected=expected, state=state, mac=sealed.mac, destroy_after=after
         ):
             raise FailedPrecondition(
                 f"key {name!r} is {info.record.state}, not {expected}: nothing changed"
@@ -312,13 +446,15 @@ class KeyService:
         date has passed; returns the (tenant, name) destroyed."""
         now = self._clock.now()
         destroyed = []
-        for r in await self._repo.list_keys(None):
+        for r in await self._all_verified(None):
             if r.state != "pending-destroy" or r.destroy_after is None or r.destroy_after > now:
                 continue
             for v in await self._repo.list_versions(r.tenant, r.name):
                 if v.state != "destroyed":
                     await token_call(self._keys, self._keys.destroy_key, v.label)
-            await self._repo.destroy_versions(r.tenant, r.name, now)
+            sealed = self._mac.seal(dataclasses.replace(r, state="destroyed"))
+            assert sealed.mac is not None
+            await self._repo.destroy_versions(r.tenant, r.name, now, sealed.mac)
             destroyed.append((r.tenant, r.name))
         return destroyed
 
@@ -327,7 +463,7 @@ class KeyService:
         now = self._clock.now()
         return [
             KeyInfo(r)
-            for r in await self._repo.list_keys(None)
+            for r in await self._all_verified(None)
             if r.state == "enabled" and KeyInfo(r).rotation_due <= now
         ]
 

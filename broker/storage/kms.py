@@ -9,7 +9,7 @@ in the expected state, so two replicas racing on one key cannot both win.
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from broker.storage.sql import Backend, Row, Tx, require_aware
@@ -18,7 +18,7 @@ __all__ = ["KeyRecord", "KeyVersionRecord", "SqlKeyRepository"]
 
 _KEY_COLUMNS: Final = (
     "tenant, name, purpose, key_type, owner, environment, classification, rotation_period_s, "
-    "state, current_version, created_at, last_rotated, destroy_after"
+    "state, current_version, created_at, last_rotated, destroy_after, mac"
 )
 _VERSION_COLUMNS: Final = "version, label, state, created_at, destroyed_at"
 
@@ -38,6 +38,8 @@ class KeyRecord:
     created_at: dt.datetime
     last_rotated: dt.datetime
     destroy_after: dt.datetime | None = None
+    # The stored MAC over the fields above (`broker.kms.keys.KeyMac`); None when stripped.
+    mac: bytes | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,7 @@ class SqlKeyRepository:
         async with self._b.transaction(write=True) as tx:
             await tx.execute(
                 f"INSERT INTO kms_keys ({_KEY_COLUMNS}) "  # noqa: S608 (constant)
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 record.tenant,
                 record.name,
                 record.purpose,
@@ -76,6 +78,7 @@ class SqlKeyRepository:
                 self._ts(record.created_at),
                 self._ts(record.last_rotated),
                 self._ts(record.destroy_after),
+                record.mac,
             )
             await self._insert_version(tx, record.tenant, record.name, first)
 
@@ -121,7 +124,7 @@ class SqlKeyRepository:
             )
         if row is None:
             return None
-        return self._key(row), None if row[13] is None else self._version(row[13:])
+        return self._key(row), None if row[14] is None else self._version(row[14:])
 
     async def get_version(self, tenant: str, name: str, version: int) -> KeyVersionRecord | None:
         async with self._b.transaction(write=False) as tx:
@@ -164,17 +167,23 @@ class SqlKeyRepository:
         return [self._version(r) for r in rows]
 
     async def add_version(
-        self, tenant: str, name: str, expected_current: int, version: KeyVersionRecord
+        self,
+        tenant: str,
+        name: str,
+        expected_current: int,
+        version: KeyVersionRecord,
+        mac: bytes,
     ) -> bool:
-        """Make `version` current if the key is enabled and still at `expected_current`;
-        False (nothing changed) otherwise."""
+        """Make `version` current (the row's new MAC: `mac`) if the key is enabled and still
+        at `expected_current`; False (nothing changed) otherwise."""
         async with self._b.transaction(write=True) as tx:
             row = await tx.fetchrow(
-                "UPDATE kms_keys SET current_version = ?, last_rotated = ? "
+                "UPDATE kms_keys SET current_version = ?, last_rotated = ?, mac = ? "
                 "WHERE tenant = ? AND name = ? AND current_version = ? AND state = 'enabled' "
                 "RETURNING name",
                 version.version,
                 self._ts(version.created_at),
+                mac,
                 tenant,
                 name,
                 expected_current,
@@ -191,23 +200,27 @@ class SqlKeyRepository:
         *,
         expected: str,
         state: str,
+        mac: bytes,
         destroy_after: dt.datetime | None = None,
     ) -> bool:
-        """Move the key from state `expected` to `state`; False when it was not in `expected`."""
+        """Move the key from state `expected` to `state` (the row's new MAC: `mac`); False
+        when it was not in `expected`."""
         async with self._b.transaction(write=True) as tx:
             row = await tx.fetchrow(
-                "UPDATE kms_keys SET state = ?, destroy_after = ? "
+                "UPDATE kms_keys SET state = ?, destroy_after = ?, mac = ? "
                 "WHERE tenant = ? AND name = ? AND state = ? RETURNING name",
                 state,
                 self._ts(destroy_after),
+                mac,
                 tenant,
                 name,
                 expected,
             )
         return row is not None
 
-    async def destroy_versions(self, tenant: str, name: str, at: dt.datetime) -> None:
-        """Record every version of the key destroyed and the key itself destroyed."""
+    async def destroy_versions(self, tenant: str, name: str, at: dt.datetime, mac: bytes) -> None:
+        """Record every version of the key destroyed and the key itself destroyed (the row's
+        new MAC: `mac`)."""
         async with self._b.transaction(write=True) as tx:
             await tx.execute(
                 "UPDATE kms_key_versions SET state = 'destroyed', destroyed_at = ? "
@@ -217,7 +230,8 @@ class SqlKeyRepository:
                 name,
             )
             await tx.execute(
-                "UPDATE kms_keys SET state = 'destroyed' WHERE tenant = ? AND name = ?",
+                "UPDATE kms_keys SET state = 'destroyed', mac = ? WHERE tenant = ? AND name = ?",
+                mac,
                 tenant,
                 name,
             )
@@ -238,4 +252,5 @@ class SqlKeyRepository:
             ts(r[10]),
             ts(r[11]),
             None if r[12] is None else ts(r[12]),
+            None if r[13] is None else bytes(r[13]),
         )

@@ -36,7 +36,7 @@ async def repo(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[
 def key(tenant: str = "acme", name: str = "orders-dek") -> KeyRecord:
     return KeyRecord(
         tenant, name, "encrypt", "aes-256", "orders", "prod", "pii", 90 * 86400, "enabled", 1,
-        T0, T0,
+        T0, T0, None, b"mac1",
     )  # fmt: skip
 
 
@@ -48,6 +48,7 @@ async def test_insert_get_list_and_duplicates(repo: SqlKeyRepository) -> None:
     await repo.insert_key(key(), version(1))
     await repo.insert_key(key("beta"), version(1))
     assert await repo.get_key("acme", "orders-dek") == key()
+    assert (await repo.get_key("acme", "orders-dek")).mac == b"mac1"  # type: ignore[union-attr]
     assert await repo.get_key("acme", "nope") is None
     assert [k.tenant for k in await repo.list_keys()] == ["acme", "beta"]
     assert [k.tenant for k in await repo.list_keys("beta")] == ["beta"]
@@ -58,29 +59,35 @@ async def test_insert_get_list_and_duplicates(repo: SqlKeyRepository) -> None:
 
 async def test_rotation_is_compare_and_set(repo: SqlKeyRepository) -> None:
     await repo.insert_key(key(), version(1))
-    assert await repo.add_version("acme", "orders-dek", 1, version(2, T0 + DAY))
+    assert await repo.add_version("acme", "orders-dek", 1, version(2, T0 + DAY), b"mac2")
     # A second rotator that read version 1 loses, and changes nothing.
-    assert not await repo.add_version("acme", "orders-dek", 1, version(3, T0 + DAY))
+    assert not await repo.add_version("acme", "orders-dek", 1, version(3, T0 + DAY), b"mac3")
     record = await repo.get_key("acme", "orders-dek")
-    assert record is not None and record.current_version == 2
+    assert record is not None and record.current_version == 2 and record.mac == b"mac2"
     assert record.last_rotated == T0 + DAY
     assert [v.version for v in await repo.list_versions("acme", "orders-dek")] == [1, 2]
     # A disabled key does not rotate.
-    assert await repo.set_state("acme", "orders-dek", expected="enabled", state="disabled")
-    assert not await repo.add_version("acme", "orders-dek", 2, version(3))
+    assert await repo.set_state("acme", "orders-dek", expected="enabled", state="off", mac=b"m")
+    assert not await repo.add_version("acme", "orders-dek", 2, version(3), b"mac3")
 
 
 async def test_state_changes_and_destruction(repo: SqlKeyRepository) -> None:
     await repo.insert_key(key(), version(1))
-    assert not await repo.set_state("acme", "orders-dek", expected="disabled", state="enabled")
-    assert await repo.set_state("acme", "orders-dek", expected="enabled", state="disabled")
+    name = "orders-dek"
+    assert not await repo.set_state("acme", name, expected="disabled", state="enabled", mac=b"m")
+    assert await repo.set_state("acme", name, expected="enabled", state="disabled", mac=b"m")
     after = T0 + 30 * DAY
     assert await repo.set_state(
-        "acme", "orders-dek", expected="disabled", state="pending-destroy", destroy_after=after
+        "acme",
+        "orders-dek",
+        expected="disabled",
+        state="pending-destroy",
+        mac=b"pending",
+        destroy_after=after,
     )
     record = await repo.get_key("acme", "orders-dek")
-    assert record is not None and record.destroy_after == after
-    await repo.destroy_versions("acme", "orders-dek", after)
+    assert record is not None and record.destroy_after == after and record.mac == b"pending"
+    await repo.destroy_versions("acme", "orders-dek", after, b"gone")
     record = await repo.get_key("acme", "orders-dek")
     assert record is not None and record.state == "destroyed"
     (v,) = await repo.list_versions("acme", "orders-dek")
@@ -89,7 +96,7 @@ async def test_state_changes_and_destruction(repo: SqlKeyRepository) -> None:
 
 async def test_the_request_path_reads_key_and_version_at_once(repo: SqlKeyRepository) -> None:
     await repo.insert_key(key(), version(1))
-    await repo.add_version("acme", "orders-dek", 1, version(2, T0 + DAY))
+    await repo.add_version("acme", "orders-dek", 1, version(2, T0 + DAY), b"mac2")
     loaded = await repo.get_key_version("acme", "orders-dek")
     assert loaded is not None and loaded[0].current_version == 2
     assert loaded[1] == version(2, T0 + DAY)

@@ -520,3 +520,46 @@ async def test_keys_rotate_every_90_days_unless_told_otherwise(
         kms_pb2.VerifyMacRequest(key="default-period", message=b"n", mac=tag.mac)
     )
     assert ok.valid and not bad.valid
+
+
+async def test_a_key_row_altered_in_the_database_is_refused_and_nothing_changes(
+    softhsm_broker: BrokerHarness,
+) -> None:
+    """The attack: someone with database write access (no key access) makes the key theirs
+    (`UPDATE kms_keys SET owner = 'web'`) to decrypt the owner's data. Refused for everyone,
+    audited, and the row and the token are left as they were."""
+    broker = softhsm_broker
+    await create(broker)
+    owner = stub(broker, broker.identity(OWNER))
+    sealed = await owner.Encrypt(kms_pb2.EncryptRequest(key="orders-dek", plaintext=b"card"))
+    async with broker.app.storage.backend.transaction(write=True) as tx:
+        await tx.execute(
+            "UPDATE kms_keys SET owner = 'web' WHERE tenant = 'default' AND name = 'orders-dek'"
+        )
+    web = stub(broker, broker.identity(OTHER_SERVICE))
+    err = await refused(
+        web.Decrypt(kms_pb2.DecryptRequest(ciphertext=sealed.ciphertext), metadata=cid("tamper"))
+    )
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "card" not in (err.details() or "")
+    event = await broker.event_for("tamper")
+    assert event["decision"] == "deny" and event["details"]["integrity"] == "metadata MAC mismatch"
+    # The real owner and operators are refused too until the row is restored; nothing rotates.
+    err = await refused(owner.Decrypt(kms_pb2.DecryptRequest(ciphertext=sealed.ciphertext)))
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    err = await refused(stub(broker).RotateKey(kms_pb2.KeyRequest(name="orders-dek")))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "integrity check failed" in (err.details() or "")
+    versions = await broker.app.kms.repository.list_versions("default", "orders-dek")
+    assert [v.version for v in versions] == [1]
+    broker.clock.advance(days=91)
+    assert await broker.app.kms.due() == []  # the lifecycle job never rotates it either
+    record = await broker.app.kms.repository.get_key("default", "orders-dek")
+    assert record is not None and record.owner == "web" and record.current_version == 1
+    # Restored: the owner decrypts again.
+    async with broker.app.storage.backend.transaction(write=True) as tx:
+        await tx.execute(
+            "UPDATE kms_keys SET owner = 'orders' WHERE tenant = 'default' AND name = 'orders-dek'"
+        )
+    opened = await owner.Decrypt(kms_pb2.DecryptRequest(ciphertext=sealed.ciphertext))
+    assert opened.plaintext == b"card"

@@ -15,6 +15,9 @@ CREATE TABLE kms_keys (
     created_at        timestamptz NOT NULL,
     last_rotated      timestamptz NOT NULL,
     destroy_after     timestamptz,
+    -- HMAC-SHA256 (in the key backend) over every column above: a row altered outside the
+    -- broker (its owner, state, current version, ...) is refused.
+    mac               BYTEA,
     PRIMARY KEY (tenant, name)
 );
 

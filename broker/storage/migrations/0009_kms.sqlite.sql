@@ -16,6 +16,9 @@ CREATE TABLE kms_keys (
     created_at        INTEGER NOT NULL,
     last_rotated      INTEGER NOT NULL,
     destroy_after     INTEGER,
+    -- HMAC-SHA256 (in the key backend) over every column above: a row altered outside the
+    -- broker (its owner, state, current version, ...) is refused.
+    mac               BLOB,
     PRIMARY KEY (tenant, name)
 ) STRICT;
 
