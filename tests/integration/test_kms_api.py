@@ -563,3 +563,39 @@ async def test_a_key_row_altered_in_the_database_is_refused_and_nothing_changes(
         )
     opened = await owner.Decrypt(kms_pb2.DecryptRequest(ciphertext=sealed.ciphertext))
     assert opened.plaintext == b"card"
+
+
+async def test_an_unknown_key_and_a_refused_key_answer_the_same_to_a_workload(
+    softhsm_broker: BrokerHarness,
+) -> None:
+    """Through the pipeline: the other service is refused with one message, the same code and
+    the same text for the owner's key and for a name nobody has, both audited as refusals with
+    the real reason; nothing is created or changed. An operator learns the absent one is absent."""
+    broker = softhsm_broker
+    await create(broker)
+    before = await key_state(broker)
+    intruder = stub(broker, broker.identity(OTHER_SERVICE))
+    answers: dict[str, list[tuple[grpc.StatusCode, str]]] = {}
+    for name in ("orders-dek", "no-such-key"):
+        calls = (
+            ("enc", intruder.Encrypt(kms_pb2.EncryptRequest(key=name, plaintext=b"x"),
+                                     metadata=cid(f"enc-{name}"))),
+            ("dk", intruder.GenerateDataKey(kms_pb2.GenerateDataKeyRequest(key=name),
+                                            metadata=cid(f"dk-{name}"))),
+            ("mac", intruder.Mac(kms_pb2.MacRequest(key=name, message=b"x"),
+                                 metadata=cid(f"mac-{name}"))),
+        )  # fmt: skip
+        for label, call in calls:
+            err = await refused(call)
+            answers.setdefault(label, []).append((err.code(), err.details() or ""))
+            event = await broker.event_for(f"{label}-{name}")
+            assert event["decision"] == "deny" and event["reason"]
+    for label, (existing, absent) in answers.items():
+        assert existing == absent, label
+        assert existing[0] == grpc.StatusCode.PERMISSION_DENIED
+        assert "orders" not in existing[1] and "no-such-key" not in existing[1]
+    assert await key_state(broker) == before
+    listed = await stub(broker).ListKeys(kms_pb2.ListKeysRequest())
+    assert [k.name for k in listed.keys] == ["orders-dek"]
+    err = await refused(stub(broker).ShowKey(kms_pb2.KeyRequest(name="no-such-key")))
+    assert err.code() == grpc.StatusCode.NOT_FOUND
