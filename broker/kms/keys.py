@@ -39,7 +39,13 @@ from broker.envelope import aad
 from broker.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from broker.kms.ciphertext import NONCE_BYTES, Ciphertext
 from broker.policy import Authorize, Caller, decide_absent, opaque_refusals
-from broker.storage.kms import KeyRecord, KeyVersionRecord, KmsRepository
+from broker.storage.kms import (
+    KeyRecord,
+    KeyState,
+    KeyVersionRecord,
+    KeyVersionState,
+    KmsRepository,
+)
 from ca.clock import Clock
 from ca.errors import IntegrityError, KeyExists, KeyNotFound
 from ca.keys import KeyBackend, KeyKind, data_key_wrapper, key_destroyer, mac_signer
@@ -412,13 +418,13 @@ class KeyService:
             environment,
             classification,
             int(rotation_period.total_seconds()),
-            "enabled",
+            KeyState.ENABLED,
             1,
             now,
             now,
         )
         record = self._mac.seal(record)
-        first = KeyVersionRecord(1, label, "enabled", now)
+        first = KeyVersionRecord(1, label, KeyVersionState.ENABLED, now)
         try:
             await self._repo.insert_key(record, first)
         except BaseException:
@@ -431,12 +437,12 @@ class KeyService:
         `FailedPrecondition` unless the key is enabled (or another rotation won the race)."""
         info = await self.show(tenant, name)
         r = info.record
-        if r.state != "enabled":
+        if r.state != KeyState.ENABLED:
             raise FailedPrecondition(f"key {name!r} is {r.state}; only an enabled key rotates")
         version = r.current_version + 1
         label = self._label(tenant, name, version)
         await self._generate(label, KEY_TYPES[r.key_type][1])
-        new = KeyVersionRecord(version, label, "enabled", self._clock.now())
+        new = KeyVersionRecord(version, label, KeyVersionState.ENABLED, self._clock.now())
         sealed = self._mac.seal(
             dataclasses.replace(r, current_version=version, last_rotated=new.created_at)
         )
@@ -465,10 +471,10 @@ class KeyService:
     async def disable(self, tenant: str, name: str) -> KeyInfo:
         """Refuse every use of the key until `enable`. Raises `FailedPrecondition` unless
         enabled."""
-        return await self._transition(tenant, name, "enabled", "disabled")
+        return await self._transition(tenant, name, KeyState.ENABLED, KeyState.DISABLED)
 
     async def enable(self, tenant: str, name: str) -> KeyInfo:
-        return await self._transition(tenant, name, "disabled", "enabled")
+        return await self._transition(tenant, name, KeyState.DISABLED, KeyState.ENABLED)
 
     async def schedule_destroy(self, tenant: str, name: str, after: dt.timedelta) -> KeyInfo:
         """Refuse every use now and destroy every version (in the key backend) once `after`
@@ -477,12 +483,12 @@ class KeyService:
         if not MIN_DESTROY_AFTER <= after <= MAX_DESTROY_AFTER:
             raise InvalidArgument("destruction must be scheduled between 1 and 365 days ahead")
         return await self._transition(
-            tenant, name, "disabled", "pending-destroy", self._clock.now() + after
+            tenant, name, KeyState.DISABLED, KeyState.PENDING_DESTROY, self._clock.now() + after
         )
 
     async def cancel_destroy(self, tenant: str, name: str) -> KeyInfo:
         """Back to disabled (enable it to use it again)."""
-        return await self._transition(tenant, name, "pending-destroy", "disabled")
+        return await self._transition(tenant, name, KeyState.PENDING_DESTROY, KeyState.DISABLED)
 
     async def destroy_due(self) -> list[tuple[str, str]]:
         """Destroy, in the key backend, every version of each key whose scheduled destruction
@@ -490,12 +496,16 @@ class KeyService:
         now = self._clock.now()
         destroyed = []
         for r in await self._all_verified(None):
-            if r.state != "pending-destroy" or r.destroy_after is None or r.destroy_after > now:
+            if (
+                r.state != KeyState.PENDING_DESTROY
+                or r.destroy_after is None
+                or r.destroy_after > now
+            ):
                 continue
             for v in await self._repo.list_versions(r.tenant, r.name):
-                if v.state != "destroyed":
+                if v.state != KeyVersionState.DESTROYED:
                     await token_call(self._keys, self._destroyer.destroy_key, v.label)
-            sealed = self._mac.seal(dataclasses.replace(r, state="destroyed"))
+            sealed = self._mac.seal(dataclasses.replace(r, state=KeyState.DESTROYED))
             assert sealed.mac is not None
             await self._repo.destroy_versions(r.tenant, r.name, now, sealed.mac)
             destroyed.append((r.tenant, r.name))
@@ -507,7 +517,7 @@ class KeyService:
         return [
             KeyInfo(r)
             for r in await self._all_verified(None)
-            if r.state == "enabled" and KeyInfo(r).rotation_due <= now
+            if r.state == KeyState.ENABLED and KeyInfo(r).rotation_due <= now
         ]
 
     # -- use --------------------------------------------------------------------------------
@@ -522,7 +532,7 @@ class KeyService:
                 f"key {r.name!r} is a {r.purpose} key ({r.key_type}); it cannot be used to "
                 f"{purpose}"
             )
-        if r.state != "enabled":
+        if r.state != KeyState.ENABLED:
             raise FailedPrecondition(f"key {r.name!r} is {r.state}: every use is refused")
         wanted = r.current_version if version is None else version
         if not 1 <= wanted <= r.current_version:
@@ -532,7 +542,7 @@ class KeyService:
             v = await self._repo.get_version(r.tenant, r.name, wanted)
         if v is None:
             raise NotFound(f"key {r.name!r} has no version {wanted}")
-        if v.state != "enabled":
+        if v.state != KeyVersionState.ENABLED:
             raise FailedPrecondition(f"version {wanted} of key {r.name!r} is {v.state}")
         return v
 

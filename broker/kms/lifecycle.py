@@ -22,6 +22,7 @@ from broker import metrics
 from broker.envelope import KekRotator, KekTenants
 from broker.kms.keys import KeyService
 from broker.storage.interface import LockRepository, MetaRepository
+from broker.storage.kms import KeyState
 from ca.clock import Clock
 
 __all__ = ["DEFAULT_KEK_PERIOD", "KeyLifecycleJob", "LifecycleRun"]
@@ -129,7 +130,7 @@ class KeyLifecycleJob:
         oldest: dict[tuple[str, str], float] = defaultdict(float)
         for info in await self._keys.list_keys(None):
             r = info.record
-            if r.state in ("enabled", "disabled"):
+            if r.state in (KeyState.ENABLED, KeyState.DISABLED):
                 group = (r.purpose, r.classification)
                 oldest[group] = max(oldest[group], (now - r.last_rotated).total_seconds())
         for (purpose, classification), age in oldest.items():

@@ -25,6 +25,7 @@ from broker.kms.keys import KeyService
 from broker.secrets import missing_metadata
 from broker.storage.access import BreakGlassRecord, GrantRecord
 from broker.storage.database import RoleRecord
+from broker.storage.kms import KeyState
 from broker.storage.operators import OperatorSessionRecord
 from broker.storage.secrets import SecretRecord
 from ca.clock import Clock
@@ -123,7 +124,7 @@ class ComplianceReporter:
             )  # fmt: skip
         for k in await self._keys.list_keys(tenant):
             r = k.record
-            if r.state == "destroyed":
+            if r.state == KeyState.DESTROYED:
                 continue
             credentials.append(
                 self._row(

@@ -9,18 +9,43 @@ in the expected state, so two replicas racing on one key cannot both win.
 from __future__ import annotations
 
 import datetime as dt
+import enum
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
 from broker.storage.backend import Backend, Row, Tx, require_aware
 
-__all__ = ["KeyRecord", "KeyVersionRecord", "KmsRepository", "SqlKmsRepository"]
+__all__ = [
+    "KeyRecord",
+    "KeyState",
+    "KeyVersionRecord",
+    "KeyVersionState",
+    "KmsRepository",
+    "SqlKmsRepository",
+]
 
 _KEY_COLUMNS: Final = (
     "tenant, name, purpose, key_type, owner, environment, classification, rotation_period_s, "
     "state, current_version, created_at, last_rotated, destroy_after, mac"
 )
 _VERSION_COLUMNS: Final = "version, label, state, created_at, destroyed_at"
+
+
+class KeyState(enum.StrEnum):
+    """The states of a KMS key; the values are what the `state` column holds (and what the
+    key row's MAC covers) and what JSON output shows."""
+
+    ENABLED = "enabled"
+    DISABLED = "disabled"  # every use refused until enabled again
+    PENDING_DESTROY = "pending-destroy"  # disabled, destroyed once `destroy_after` has passed
+    DESTROYED = "destroyed"  # every version gone from the key backend
+
+
+class KeyVersionState(enum.StrEnum):
+    """The states of one version of a KMS key (the `state` column of its row)."""
+
+    ENABLED = "enabled"
+    DESTROYED = "destroyed"
 
 
 @dataclass(frozen=True)
@@ -33,7 +58,7 @@ class KeyRecord:
     environment: str
     classification: str
     rotation_period_s: int
-    state: str  # enabled | disabled | pending-destroy | destroyed
+    state: str  # a KeyState; records read from storage carry the member
     current_version: int
     created_at: dt.datetime
     last_rotated: dt.datetime
@@ -46,7 +71,7 @@ class KeyRecord:
 class KeyVersionRecord:
     version: int
     label: str  # the key's label in the key backend
-    state: str  # enabled | destroyed
+    state: str  # a KeyVersionState; records read from storage carry the member
     created_at: dt.datetime
     destroyed_at: dt.datetime | None = None
 
@@ -130,7 +155,7 @@ class SqlKmsRepository:
                 record.environment,
                 record.classification,
                 record.rotation_period_s,
-                record.state,
+                KeyState(record.state).value,
                 record.current_version,
                 self._ts(record.created_at),
                 self._ts(record.last_rotated),
@@ -147,7 +172,7 @@ class SqlKmsRepository:
             name,
             v.version,
             v.label,
-            v.state,
+            KeyVersionState(v.state).value,
             self._ts(v.created_at),
             self._ts(v.destroyed_at),
         )
@@ -196,7 +221,9 @@ class SqlKmsRepository:
 
     def _version(self, r: Row) -> KeyVersionRecord:
         ts = self._b.decode_ts
-        return KeyVersionRecord(r[0], r[1], r[2], ts(r[3]), None if r[4] is None else ts(r[4]))
+        return KeyVersionRecord(
+            r[0], r[1], KeyVersionState(r[2]), ts(r[3]), None if r[4] is None else ts(r[4])
+        )
 
     async def list_keys(self, tenant: str | None = None) -> list[KeyRecord]:
         """The keys of `tenant` (every tenant when None), by tenant and name."""
@@ -266,12 +293,12 @@ class SqlKmsRepository:
             row = await tx.fetchrow(
                 "UPDATE kms_keys SET state = ?, destroy_after = ?, mac = ? "
                 "WHERE tenant = ? AND name = ? AND state = ? RETURNING name",
-                state,
+                KeyState(state).value,
                 self._ts(destroy_after),
                 mac,
                 tenant,
                 name,
-                expected,
+                KeyState(expected).value,
             )
         return row is not None
 
@@ -304,7 +331,7 @@ class SqlKmsRepository:
             r[5],
             r[6],
             int(r[7]),
-            r[8],
+            KeyState(r[8]),
             int(r[9]),
             ts(r[10]),
             ts(r[11]),

@@ -11,7 +11,13 @@ import pytest
 
 from broker.errors import AlreadyExists
 from broker.storage import open_storage
-from broker.storage.kms import KeyRecord, KeyVersionRecord, KmsRepository
+from broker.storage.kms import (
+    KeyRecord,
+    KeyState,
+    KeyVersionRecord,
+    KeyVersionState,
+    KmsRepository,
+)
 from broker.storage.sql import SqlStorage
 
 T0 = dt.datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=dt.UTC)
@@ -57,6 +63,23 @@ async def test_insert_get_list_and_duplicates(repo: KmsRepository) -> None:
     assert await repo.list_versions("acme", "orders-dek") == [version(1)]
 
 
+async def test_states_are_stored_as_strings_and_read_back_as_enums(repo: KmsRepository) -> None:
+    await repo.insert_key(key(), version(1))
+    stored = await repo.get_key("acme", "orders-dek")
+    assert stored is not None and stored.state is KeyState.ENABLED
+    (v1,) = await repo.list_versions("acme", "orders-dek")
+    assert v1.state is KeyVersionState.ENABLED
+    assert await repo.set_state(
+        "acme", "orders-dek", expected=KeyState.ENABLED, state=KeyState.DISABLED, mac=b"m2"
+    )
+    changed = await repo.get_key("acme", "orders-dek")
+    assert changed is not None and changed.state is KeyState.DISABLED
+    assert changed.state == "disabled"
+    with pytest.raises(ValueError, match="KeyState"):  # an unknown state is never written
+        await repo.set_state("acme", "orders-dek", expected="disabled", state="off", mac=b"m3")
+    assert await repo.get_key("acme", "orders-dek") == changed
+
+
 async def test_rotation_is_compare_and_set(repo: KmsRepository) -> None:
     await repo.insert_key(key(), version(1))
     assert await repo.add_version("acme", "orders-dek", 1, version(2, T0 + DAY), b"mac2")
@@ -67,7 +90,9 @@ async def test_rotation_is_compare_and_set(repo: KmsRepository) -> None:
     assert record.last_rotated == T0 + DAY
     assert [v.version for v in await repo.list_versions("acme", "orders-dek")] == [1, 2]
     # A disabled key does not rotate.
-    assert await repo.set_state("acme", "orders-dek", expected="enabled", state="off", mac=b"m")
+    assert await repo.set_state(
+        "acme", "orders-dek", expected="enabled", state="disabled", mac=b"m"
+    )
     assert not await repo.add_version("acme", "orders-dek", 2, version(3), b"mac3")
 
 

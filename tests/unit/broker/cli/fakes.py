@@ -309,7 +309,7 @@ COMPLIANCE_REPORT: dict[str, Any] = {
     },
     "credentials": [
         {
-            "kind": "kms-key",
+            "kind": "key",
             "tenant": "default",
             "name": "orders-dek",
             "owner": "orders",

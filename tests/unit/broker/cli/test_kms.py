@@ -107,7 +107,7 @@ def test_report_compliance_json_csv_html(tmp_path: Path) -> None:
     assert rows[0][:4] == ["section", "kind", "tenant", "name"]
     sections = [r[0] for r in rows[1:]]
     assert sections == ["credential", "operator", "audit"]
-    assert rows[1][1:4] == ["kms-key", "default", "orders-dek"]
+    assert rows[1][1:4] == ["key", "default", "orders-dek"]
     page = h.invoke("report", "compliance", "--output", "html").stdout
     assert page.lstrip().lower().startswith("<!doctype html>")
     assert "orders-dek" in page and "<script" not in page.lower()
