@@ -171,6 +171,7 @@ class Application:
             storage.kms(),
             keys,
             clock,
+            default_tenant=config.identity.default_tenant or DEV_TENANT,
         )
         # Leader-held: KMS keys rotated at their period, KEKs yearly, scheduled destructions.
         self.kms_lifecycle = KeyLifecycleJob(

@@ -50,6 +50,7 @@ from ca.clock import Clock
 from ca.errors import IntegrityError, KeyExists, KeyNotFound
 from ca.keys import KeyBackend, KeyKind, data_key_wrapper, key_destroyer, mac_signer
 from ca.keys.executor import token_call
+from ca.layout import DEV_TENANT
 
 __all__ = [
     "CLASSIFICATIONS",
@@ -261,6 +262,8 @@ class KeyService:
         keys: KeyBackend,
         clock: Clock,
         mac: KeyMac | None = None,
+        *,
+        default_tenant: str = DEV_TENANT,
     ) -> None:
         self._repo = repository
         self._keys = keys
@@ -270,6 +273,7 @@ class KeyService:
         self._destroyer = key_destroyer(keys)
         self._clock = clock
         self._mac = mac if mac is not None else KeyMac(keys)
+        self.default_tenant = default_tenant
 
     def prepare(self) -> None:
         """At start: the metadata MAC key exists."""
@@ -300,6 +304,15 @@ class KeyService:
         return self._clock.now()
 
     # -- authorization ----------------------------------------------------------------------
+
+    def tenant_for(self, caller: Caller, requested: str) -> str:
+        """The tenant a request is for: as asked, else the workload's own, else the default.
+        The policy refuses a workload asking for another tenant's key."""
+        if requested:
+            return requested
+        if not caller.is_operator and caller.attributes.get("tenant"):
+            return caller.attributes["tenant"]
+        return self.default_tenant
 
     async def authorized(
         self,

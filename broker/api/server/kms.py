@@ -24,7 +24,6 @@ from broker.kms import KeyInfo, KeyService, context_hash, refusal
 from broker.kms.keys import check_tenant
 from broker.kms.report import ComplianceReporter
 from broker.policy import Action
-from ca.layout import DEV_TENANT
 
 from .._proto import kms_pb2, kms_pb2_grpc
 from ..timestamps import to_timestamp
@@ -110,23 +109,14 @@ def _input(request: Any) -> tuple[bytes | None, bytes | None]:
 
 
 class KmsServicer(kms_pb2_grpc.KmsServicer):  # type: ignore[misc]
-    def __init__(
-        self, keys: KeyService, default_tenant: str, reporter: ComplianceReporter | None = None
-    ) -> None:
+    def __init__(self, keys: KeyService, reporter: ComplianceReporter | None = None) -> None:
         self._keys = keys
-        self._default_tenant = default_tenant
         self._reporter = reporter
 
     def _tenant(self, requested: str) -> str:
-        """As asked, else the workload's own tenant, else the default. The policy refuses a
-        workload asking for another tenant's key."""
+        """The request's tenant (`KeyService.tenant_for`), recorded in the audit event."""
         call = current_call()
-        if requested:
-            tenant = requested
-        elif not call.caller.is_operator and call.caller.attributes.get("tenant"):
-            tenant = call.caller.attributes["tenant"]
-        else:
-            tenant = self._default_tenant
+        tenant = self._keys.tenant_for(call.caller, requested)
         call.details["tenant"] = tenant
         return tenant
 
@@ -346,6 +336,6 @@ def binding(app: Application) -> ServiceBinding:
     return ServiceBinding(
         kms_pb2.DESCRIPTOR.services_by_name["Kms"],
         kms_pb2_grpc.add_KmsServicer_to_server,
-        KmsServicer(app.kms, app.config.identity.default_tenant or DEV_TENANT, app.compliance),
+        KmsServicer(app.kms, app.compliance),
         KMS_SPECS,
     )

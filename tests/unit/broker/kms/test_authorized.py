@@ -108,3 +108,10 @@ async def test_the_owner_gets_its_key_and_an_operator_learns_an_absent_one_is_ab
             _port(ORDERS, Action.KMS_ENCRYPT, []),
             Action.KMS_ENCRYPT,
         )
+
+
+def test_the_tenant_is_as_asked_else_the_workloads_own_else_the_default(keys: KeyService) -> None:
+    beta = Caller("spiffe://example.org/beta/prod/web", False, {"tenant": "beta"})
+    assert keys.tenant_for(beta, "acme") == "acme"  # the policy refuses it, not this
+    assert keys.tenant_for(beta, "") == "beta"
+    assert keys.tenant_for(ADMIN, "") == keys.default_tenant == "default"
