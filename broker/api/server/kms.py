@@ -4,8 +4,8 @@ Every RPC that names a key is authorized by the domain (`MethodSpec(deferred=Tru
 servicer hands the call's `authorize` to `KeyService.authorized`, which loads the key first and
 decides on its attributes (tenant, environment, owner, classification); an absent key, or one
 whose row does not verify, is decided as one nobody owns, so a refused workload is told the
-same in every case and learns nothing about what exists. Decrypt and
-ReEncrypt take the key from the ciphertext's header. The audit event names the key, its
+same in every case and learns nothing about what exists. Decrypt and ReEncrypt take the key
+from the ciphertext's header. The audit event names the key, its
 version and the SHA-256 of the encryption context; never plaintext, data keys or contexts.
 """
 
@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from broker.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from broker.errors import FailedPrecondition, InvalidArgument
 from broker.kms import KeyInfo, KeyService, context_hash, refusal
 from broker.kms.keys import check_tenant
 from broker.kms.report import ComplianceReporter
-from broker.policy import Action
+from broker.policy import Action, opaque_refusals
 
 from .._proto import kms_pb2, kms_pb2_grpc
 from ..timestamps import to_timestamp
@@ -123,12 +123,8 @@ class KmsServicer(kms_pb2_grpc.KmsServicer):  # type: ignore[misc]
     def _decide(self, name: str, attributes: Mapping[str, str]) -> None:
         """The decision for a key that does not exist yet (CreateKey)."""
         call = current_call()
-        try:
-            call.authorize(name, dict(attributes) | {"name": name})
-        except PermissionDenied:
-            if call.caller.is_operator:
-                raise
-            raise PermissionDenied(refusal(call.action)) from None
+        decide = opaque_refusals(call.authorize, call.caller, refusal(call.action))
+        decide(name, dict(attributes) | {"name": name})
 
     async def _key(
         self, tenant: str, name: str, action: str | None = None, version: int | None = None
