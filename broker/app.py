@@ -28,6 +28,9 @@ from broker.database.engine import open_engine
 from broker.database.reaper import LeaseReaper
 from broker.envelope import DataKeyCache, Envelope, KekRotator, SealedStore
 from broker.files import write_private_file
+from broker.kms import KeyService
+from broker.kms.lifecycle import KeyLifecycleJob
+from broker.kms.report import ComplianceReporter
 from broker.operators.service import OperatorService
 from broker.policy import DefaultPolicy, Policy
 from broker.ratelimit import RateLimiter
@@ -163,6 +166,33 @@ class Application:
             trust_domain=config.trust_domain,
         )
         self._operator_expiry: dt.datetime | None = None
+        # KMS keys for services' own data (issue 16): every version lives in the key backend.
+        self.kms = KeyService(
+            storage.kms(),
+            keys,
+            clock,
+            default_tenant=config.identity.default_tenant or DEV_TENANT,
+        )
+        # Leader-held: KMS keys rotated at their period, KEKs yearly, scheduled destructions.
+        self.kms_lifecycle = KeyLifecycleJob(
+            self.kms,
+            self.kek_rotator,
+            self.secrets.repository,
+            storage,
+            storage,
+            clock,
+            f"kms-{uuid.uuid4().hex}",
+        )
+        self.compliance = ComplianceReporter(
+            self.secrets.repository,
+            self.kms,
+            self.database.store,
+            storage.access(),
+            storage.operators(),
+            config.server.operators,
+            self.ledger,
+            clock,
+        )
 
     async def start(self, *, new_ledger_epoch: str | None = None) -> None:
         """Migrate storage, check the audit ledger and its keys (raises LedgerStartRefused when
@@ -173,6 +203,7 @@ class Application:
         await self.access.load()
         await self.ledger.open(new_epoch_reason=new_ledger_epoch, actor="operator (serve)")
         await self.secrets.start(self.secret_mac)
+        self.kms.prepare()
         await self.ca.bootstrap()
         await self.workloads.refresh_denylist()
         self.ledger.start()
@@ -254,6 +285,7 @@ class Application:
                     next_rotation = loop.time() + interval
                     await self.ca.rotate(force=False)
                 await self.secret_janitor.tick()
+                await self.kms_lifecycle.tick()
                 await self._checkpoint()
                 now = self.clock.now()
                 bundle_changed = self.ca.bundle().sequence != last_bundle

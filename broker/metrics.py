@@ -48,10 +48,12 @@ __all__ = [
     "observe_rpc",
     "record_anomaly",
     "record_audit_integrity_failure",
+    "record_key_rotation",
     "record_refusal",
     "record_sdk_cache",
     "serve_metrics",
     "set_active_leases",
+    "set_key_age",
     "set_reaper_lag",
     "timed",
 ]
@@ -112,6 +114,18 @@ SDK_CACHE = Counter(
     "hit rate = hit / (hit + miss)",
     ["kind", "result"],
 )
+# KMS keys and KEKs (issue 16), set by the leader-held key lifecycle job at each pass.
+KEY_AGE = Gauge(
+    "broker_key_age_seconds",
+    "Age of the oldest current key version, by kind (kms, kek), purpose and classification",
+    ["kind", "purpose", "classification"],
+    multiprocess_mode="livemax",
+)
+KEY_ROTATIONS = Counter(
+    "broker_key_rotation_total",
+    "Scheduled key rotations by kind (kms, kek) and outcome (success, failure)",
+    ["kind", "outcome"],
+)
 ACTIVE_LEASES = Gauge(
     "broker_active_leases",
     "Leases not yet ended, by kind (e.g. database, secret), as last counted by the reaper",
@@ -171,6 +185,16 @@ def observe_rotation(trigger: str, outcome: str, seconds: float) -> None:
 def record_sdk_cache(kind: str, hit: bool) -> None:
     """One SDK cache look-up (call it from the client SDK: hit or miss)."""
     _safe(lambda: SDK_CACHE.labels(kind, "hit" if hit else "miss").inc())
+
+
+def set_key_age(kind: str, purpose: str, classification: str, seconds: float) -> None:
+    """The age of the oldest current version among keys of one kind/purpose/classification."""
+    _safe(lambda: KEY_AGE.labels(kind, purpose, classification).set(max(0.0, seconds)))
+
+
+def record_key_rotation(kind: str, outcome: str) -> None:
+    """One scheduled rotation by the key lifecycle job: outcome "success" or "failure"."""
+    _safe(lambda: KEY_ROTATIONS.labels(kind, outcome).inc())
 
 
 def set_active_leases(kind: str, count: int) -> None:

@@ -77,6 +77,23 @@ class Action:
     SECRETS_REVOKE = "secrets.revoke"
     SECRETS_DELETE = "secrets.delete"
     KEK_ROTATE = "kek.rotate"
+    # KMS keys (issue 16): administration, and use by the owning service
+    KMS_KEY_CREATE = "kms.key.create"
+    KMS_KEY_LIST = "kms.key.list"
+    KMS_KEY_SHOW = "kms.key.show"
+    KMS_KEY_ROTATE = "kms.key.rotate"
+    KMS_KEY_DISABLE = "kms.key.disable"
+    KMS_KEY_ENABLE = "kms.key.enable"
+    KMS_KEY_DESTROY = "kms.key.destroy"  # schedule and cancel
+    KMS_DATA_KEY = "kms.datakey"
+    KMS_ENCRYPT = "kms.encrypt"
+    KMS_DECRYPT = "kms.decrypt"
+    KMS_REENCRYPT = "kms.reencrypt"
+    KMS_SIGN = "kms.sign"
+    KMS_VERIFY = "kms.verify"
+    KMS_PUBLIC_KEY = "kms.pubkey"
+    KMS_MAC = "kms.mac"
+    REPORT_COMPLIANCE = "report.compliance"
     # Operators (people who log in)
     OPERATOR_LOGIN = "operator.login"  # no client certificate: the ID token is the credential
     OPERATOR_LOGIN_CONFIG = "operator.login_config"
@@ -197,7 +214,20 @@ _AGENT_SELF = frozenset({Action.AGENT_RENEW})
 _AGENT_PARENT = frozenset({Action.AGENT_SYNC})
 _SELF_MINT = frozenset({Action.SVID_MINT, Action.JWT_MINT})
 # Reading a credential: only the owning service, in the same tenant and environment.
-_OWNER_ACTIONS = frozenset({Action.SECRETS_GET, Action.DB_CREDS})
+_OWNER_ACTIONS = frozenset(
+    {
+        Action.SECRETS_GET,
+        Action.DB_CREDS,
+        Action.KMS_DATA_KEY,
+        Action.KMS_ENCRYPT,
+        Action.KMS_DECRYPT,
+        Action.KMS_REENCRYPT,
+        Action.KMS_SIGN,
+        Action.KMS_VERIFY,
+        Action.KMS_PUBLIC_KEY,
+        Action.KMS_MAC,
+    }
+)
 # Acting on a lease: only the identity it was issued to.
 _HOLDER_ACTIONS = frozenset({Action.LEASE_RENEW, Action.LEASE_REVOKE})
 

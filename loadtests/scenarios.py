@@ -14,6 +14,7 @@ SLO of the scenario's operation (the standard's 150 ms unless it says otherwise)
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -187,6 +188,83 @@ def _bao_get_bodies(pool: list[CsrItem]) -> list[bytes]:
     return [b"" for _ in pool]
 
 
+# -- kms-datakey / kms-decrypt: envelope encryption for services (issue 16) ------------------
+
+BENCH_KEY = "bench-dek"
+_KMS: dict[str, Any] = {}
+
+
+def _kms_setup(call: Callable[[str, Any, bytes], Any]) -> None:
+    """The AES-256 key the load uses (created unless a previous run did), and one data key
+    whose ciphertext the decrypt load opens."""
+    from broker.api._proto import kms_pb2
+
+    create = kms_pb2.CreateKeyRequest(
+        name=BENCH_KEY,
+        purpose="encrypt",
+        key_type="aes-256",
+        owner="bench",
+        environment="dev",
+        classification="confidential",
+        rotation_period_seconds=90 * 86400,
+    )
+    with contextlib.suppress(Exception):  # made by an earlier run against the same broker
+        call("/broker.v1.Kms/CreateKey", kms_pb2.KeyInfo, create.SerializeToString())
+    made = call(
+        "/broker.v1.Kms/GenerateDataKey",
+        kms_pb2.GenerateDataKeyResponse,
+        kms_pb2.GenerateDataKeyRequest(key=BENCH_KEY).SerializeToString(),
+    )
+    _KMS["ciphertext"] = made.ciphertext
+    _KMS["plaintext"] = made.plaintext
+
+
+def _kms_datakey_requests(pool: list[CsrItem]) -> list[bytes]:
+    from broker.api._proto import kms_pb2
+
+    request = kms_pb2.GenerateDataKeyRequest(key=BENCH_KEY).SerializeToString()
+    return [request for _ in pool]
+
+
+def _check_datakey(resp: Any, item: CsrItem) -> dict[str, Any]:
+    if len(resp.plaintext) != 32 or not resp.ciphertext:
+        raise ValueError("the broker returned no 32-byte data key")
+    return {"key_version": resp.key_version, "ciphertext_bytes": len(resp.ciphertext)}
+
+
+def _kms_decrypt_requests(pool: list[CsrItem]) -> list[bytes]:
+    from broker.api._proto import kms_pb2
+
+    request = kms_pb2.DecryptRequest(ciphertext=_KMS["ciphertext"]).SerializeToString()
+    return [request for _ in pool]
+
+
+def _check_decrypt(resp: Any, item: CsrItem) -> dict[str, Any]:
+    if resp.plaintext != _KMS.get("plaintext"):
+        raise ValueError("the broker decrypted to another data key than the one made")
+    return {"key_version": resp.key_version}
+
+
+def _bao_transit_setup(bao: Any) -> None:
+    """A transit mount with one aes256-gcm96 key, and one data key to decrypt."""
+    bao._cli("secrets", "enable", "transit")
+    bao._cli("write", "-f", f"transit/keys/{BENCH_KEY}")
+    made = json.loads(
+        bao._cli("write", "-format=json", "-f", f"transit/datakey/wrapped/{BENCH_KEY}")
+    )
+    _KMS["bao_ciphertext"] = made["data"]["ciphertext"]
+    bao.setup_notes["transit"] = {"mount": "transit", "key": f"{BENCH_KEY} (aes256-gcm96)"}
+
+
+def _bao_datakey_bodies(pool: list[CsrItem]) -> list[bytes]:
+    return [b"{}" for _ in pool]
+
+
+def _bao_decrypt_bodies(pool: list[CsrItem]) -> list[bytes]:
+    body = json.dumps({"ciphertext": _KMS["bao_ciphertext"]}).encode()
+    return [body for _ in pool]
+
+
 # -- db-creds: one dynamic database login per request (a throwaway PostgreSQL / MariaDB) --------
 
 
@@ -298,6 +376,41 @@ SCENARIOS: dict[str, Scenario] = {
         ),
         _db_creds("postgresql"),
         _db_creds("mysql"),
+        Scenario(
+            name="kms-datakey",
+            description=(
+                "a fresh 32-byte data key for envelope encryption: broker Kms/GenerateDataKey "
+                "(policy on the key's metadata, one wrap in SoftHSM2, AES-GCM, audited); "
+                "OpenBao POST /v1/transit/datakey/plaintext/<key>"
+            ),
+            broker_method="/broker.v1.Kms/GenerateDataKey",
+            broker_response="broker.api._proto.kms_pb2:GenerateDataKeyResponse",
+            broker_require_field="plaintext",
+            broker_requests=_kms_datakey_requests,
+            broker_check=_check_datakey,
+            broker_setup=_kms_setup,
+            openbao_path=f"/v1/transit/datakey/plaintext/{BENCH_KEY}",
+            openbao_bodies=_bao_datakey_bodies,
+            openbao_expect=b'"plaintext"',
+            openbao_setup=_bao_transit_setup,
+        ),
+        Scenario(
+            name="kms-decrypt",
+            description=(
+                "unwrap one data key: broker Kms/Decrypt (one unwrap in SoftHSM2, AES-GCM, "
+                "audited); OpenBao POST /v1/transit/decrypt/<key>"
+            ),
+            broker_method="/broker.v1.Kms/Decrypt",
+            broker_response="broker.api._proto.kms_pb2:DecryptResponse",
+            broker_require_field="plaintext",
+            broker_requests=_kms_decrypt_requests,
+            broker_check=_check_decrypt,
+            broker_setup=_kms_setup,
+            openbao_path=f"/v1/transit/decrypt/{BENCH_KEY}",
+            openbao_bodies=_bao_decrypt_bodies,
+            openbao_expect=b'"plaintext"',
+            openbao_setup=_bao_transit_setup,
+        ),
     ]
 }
 

@@ -38,6 +38,7 @@ from broker.api.client.base import (
 )
 from broker.api.client.database import Connection, DatabaseClient, Lease, Role
 from broker.api.client.identity import Attestor, Entry, IdentityClient
+from broker.api.client.kms import KeyDetails, KeyMeta, KeyVersionView, KmsClient
 from broker.api.client.operators import (
     OperatorsClient,
     OperatorSession,
@@ -80,6 +81,10 @@ __all__ = [
     "GrpcClients",
     "IdentityClient",
     "KekRotationResult",
+    "KeyDetails",
+    "KeyMeta",
+    "KeyVersionView",
+    "KmsClient",
     "Lease",
     "MintedJWTSVID",
     "OperatorSession",
@@ -177,6 +182,9 @@ class Clients(Protocol):
     @property
     def operators(self) -> OperatorsClient: ...
 
+    @property
+    def kms(self) -> KmsClient: ...
+
     def close(self) -> None: ...
 
 
@@ -216,6 +224,10 @@ class GrpcClients:
     @cached_property
     def operators(self) -> OperatorsClient:
         return OperatorsClient(self._broker)
+
+    @cached_property
+    def kms(self) -> KmsClient:
+        return KmsClient(self._broker)
 
     def close(self) -> None:
         self._broker.close()

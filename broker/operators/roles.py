@@ -53,6 +53,9 @@ _READ_ONLY: Final = frozenset(
         "secrets.list",
         "secrets.show",
         "operator.list",
+        "kms.key.list",
+        "kms.key.show",
+        "report.compliance",
     }
 )
 # What each role may do besides what any caller may (the admin role may do everything).

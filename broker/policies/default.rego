@@ -26,13 +26,22 @@ any_caller_actions := {"ca.bundle.get", "health.check", "reflection"}
 self_mint_actions := {"svid.mint", "jwt.mint"}
 
 # Reading a credential: the owning service in the same tenant and environment.
-owner_actions := {"secrets.get", "db.creds"}
+owner_actions := {"secrets.get", "db.creds"} | kms_use_actions
+
+# Using a KMS key (issue 16): the owning service, in the key's tenant and environment.
+kms_use_actions := {
+	"kms.datakey", "kms.encrypt", "kms.decrypt", "kms.reencrypt", "kms.sign", "kms.verify",
+	"kms.pubkey", "kms.mac",
+}
 
 # Acting on a lease: the identity it was issued to.
 holder_actions := {"lease.renew", "lease.revoke"}
 
 # Reading or rotating these off schedule needs a second person when the data is prod + pii.
-two_person_actions := {"secrets.get", "secrets.rotate", "db.creds"}
+two_person_actions := {
+	"secrets.get", "secrets.rotate", "db.creds",
+	"kms.key.rotate", "kms.key.disable", "kms.key.enable", "kms.key.destroy",
+}
 
 # Rotating a secret whose rotation period has run out is routine, not off schedule.
 routine_rotation if {
@@ -115,7 +124,7 @@ breakglass_covers if {
 read_only_actions := {
 	"audit.read", "audit.verify", "ca.status", "ca.policy.get", "policy.get", "grant.list",
 	"approval.list", "breakglass.list", "lease.list", "secrets.list", "secrets.show",
-	"operator.list",
+	"operator.list", "kms.key.list", "kms.key.show", "report.compliance",
 }
 
 security_actions := {

@@ -11,9 +11,10 @@ datetimes, to the microsecond; bytes come back exactly. Open a Storage with
 
 The CA journal, policy, audit, meta and lock records are methods of `Storage` itself; every
 other feature has its own repository, built one way for all of them: `storage.<feature>()`
-(`access()`, `identity()`, `database()`, `operators()`, `secrets(seal)`) returns the feature's
-`XxxRepository` protocol (from `broker.storage.<feature>`), implemented by `SqlXxxRepository`
-over the same connection. Each call builds a new repository; build each once when wiring.
+(`access()`, `identity()`, `database()`, `kms()`, `operators()`, `secrets(seal)`) returns the
+feature's `XxxRepository` protocol (from `broker.storage.<feature>`), implemented by
+`SqlXxxRepository` over the same connection. Each call builds a new repository; build each once
+when wiring.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Protocol
 from broker.storage.access import AccessRepository
 from broker.storage.database import DatabaseRepository
 from broker.storage.identity import IdentityRepository
+from broker.storage.kms import KmsRepository
 from broker.storage.operators import OperatorRepository
 from broker.storage.secrets import MetadataSeal, SecretRepository
 
@@ -229,6 +231,10 @@ class Storage(
 
     def database(self) -> DatabaseRepository:
         """Database connections, roles, leases and root-rotation recovery records."""
+        ...
+
+    def kms(self) -> KmsRepository:
+        """KMS keys (their material stays in the key backend) and their versions."""
         ...
 
     def operators(self) -> OperatorRepository:

@@ -1,7 +1,7 @@
 """One SQL implementation of `broker.storage.interface.Storage` over a thin dialect seam.
 
 `SqlStorage` holds the queries of the core records (CA journal, policies, audit, meta, leader
-leases) and hands out the feature repositories (`access()`, `identity()`, `database()`,
+leases) and hands out the feature repositories (`access()`, `identity()`, `database()`, `kms()`,
 `operators()`, `secrets(seal)`), each holding its own queries in `broker.storage.<feature>`. All
 of them talk to a `Backend` (`backend.py`; SQLite in `sqlite.py`, PostgreSQL in `postgres.py`)
 through a handful of operations on a transaction handle (`Tx`):
@@ -51,6 +51,7 @@ from broker.storage.interface import (
     Sealer,
     TipGuard,
 )
+from broker.storage.kms import SqlKmsRepository
 from broker.storage.operators import SqlOperatorRepository
 from broker.storage.secrets import MetadataSeal, SqlSecretRepository
 from ca.rotation import GenerationState
@@ -175,6 +176,9 @@ class SqlStorage:
 
     def database(self) -> SqlDatabaseRepository:
         return SqlDatabaseRepository(self._b)
+
+    def kms(self) -> SqlKmsRepository:
+        return SqlKmsRepository(self._b)
 
     def operators(self) -> SqlOperatorRepository:
         return SqlOperatorRepository(self._b)

@@ -300,6 +300,7 @@ async def test_feature_repositories_come_from_the_storage(storage: Storage) -> N
     assert await storage.database().list_leases() == []
     assert await storage.operators().list_sessions() == []
     assert await storage.secrets(_NoSeal()).kek_tenants() == []
+    assert await storage.kms().list_keys() == []
 
 
 class _NoSeal:

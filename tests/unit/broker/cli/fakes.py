@@ -22,6 +22,7 @@ from broker.api.client.access import (
 from broker.api.client.base import CAPolicyDocument
 from broker.api.client.database import Connection, Credentials, Lease, Role
 from broker.api.client.identity import Attestor, Entry, JoinToken
+from broker.api.client.kms import KeyDetails, KeyMeta, KeyVersionView
 from broker.api.client.operators import OperatorSession
 from broker.api.client.secrets import (
     KekRotationResult,
@@ -71,6 +72,7 @@ class FakeClients:
     secrets: Any = None
     access: Any = None
     operators: Any = None
+    kms: Any = None
     closed: bool = False
 
     def __post_init__(self) -> None:
@@ -272,3 +274,64 @@ SESSION = OperatorSession(
     revoked_at=None,
     issuer="https://sso",
 )
+
+KEY_META = KeyMeta(
+    tenant="default",
+    name="orders-dek",
+    purpose="encrypt",
+    key_type="aes-256",
+    owner="orders",
+    environment="prod",
+    classification="confidential",
+    rotation_period_seconds=90 * 86400,
+    state="enabled",
+    current_version=2,
+    created_at=T0,
+    last_rotated=T1,
+    rotation_due=T1,
+    destroy_after=None,
+)
+KEY_DETAILS = KeyDetails(
+    KEY_META,
+    (KeyVersionView(1, "enabled", T0, None), KeyVersionView(2, "enabled", T1, None)),
+)
+COMPLIANCE_REPORT: dict[str, Any] = {
+    "generated_at": Z1,
+    "tenant": None,
+    "window_days": 30,
+    "summary": {
+        "credentials": 1,
+        "overdue": 1,
+        "metadata_complete": 1,
+        "metadata_completeness": 1.0,
+        "grants": 0,
+        "breakglass": 0,
+    },
+    "credentials": [
+        {
+            "kind": "key",
+            "tenant": "default",
+            "name": "orders-dek",
+            "owner": "orders",
+            "environment": "prod",
+            "classification": "confidential",
+            "state": "enabled",
+            "last_rotated": Z0,
+            "rotation_due": Z1,
+            "overdue": True,
+            "age_days": 1.0,
+            "missing": [],
+            "detail": "aes-256 v2",
+        }
+    ],
+    "grants": [],
+    "breakglass": [],
+    "operators": [{"operator": "spiffe://td/ops/alice", "kind": "login", "last_login": Z0}],
+    "audit": {
+        "intact": True,
+        "entries": 12,
+        "reason": "",
+        "checkpoint_seq": 10,
+        "checkpoint_time": Z0,
+    },
+}
