@@ -657,6 +657,67 @@ class SecretService:
             generate_length=generate_length,
         )
 
+    async def show_for(
+        self,
+        tenant: str,
+        reference: str,
+        caller: Caller,
+        authorize: Authorize,
+        *,
+        details: Details | None = None,
+    ) -> SecretInfo:
+        """`show` for `caller`, if `authorize` allows (see `authorized`)."""
+        await self.authorized(
+            tenant, reference, caller, authorize, Action.SECRETS_SHOW, details=details
+        )
+        return await self.show(tenant, reference)
+
+    async def rollback_for(
+        self,
+        tenant: str,
+        reference: str,
+        caller: Caller,
+        authorize: Authorize,
+        *,
+        details: Details | None = None,
+    ) -> tuple[SecretInfo, int, int]:
+        """`rollback` for `caller`, if `authorize` allows (see `authorized`)."""
+        await self.authorized(
+            tenant, reference, caller, authorize, Action.SECRETS_ROLLBACK, details=details
+        )
+        return await self.rollback(tenant, reference)
+
+    async def revoke_for(
+        self,
+        tenant: str,
+        reference: str,
+        caller: Caller,
+        authorize: Authorize,
+        *,
+        justification: str,
+        details: Details | None = None,
+    ) -> SecretInfo:
+        """`revoke` for `caller`, if `authorize` allows (see `authorized`)."""
+        await self.authorized(
+            tenant, reference, caller, authorize, Action.SECRETS_REVOKE, details=details
+        )
+        return await self.revoke(tenant, reference, justification)
+
+    async def delete_for(
+        self,
+        tenant: str,
+        reference: str,
+        caller: Caller,
+        authorize: Authorize,
+        *,
+        details: Details | None = None,
+    ) -> SecretInfo:
+        """`delete` for `caller`, if `authorize` allows (see `authorized`)."""
+        await self.authorized(
+            tenant, reference, caller, authorize, Action.SECRETS_DELETE, details=details
+        )
+        return await self.delete(tenant, reference)
+
     @property
     def repository(self) -> SecretRepository:
         return self._repo

@@ -152,20 +152,6 @@ class SecretsServicer(secrets_pb2_grpc.SecretsServicer):  # type: ignore[misc]
         current_call().details["reference_sha256"] = reference_hash(request.reference)
         return tenant
 
-    async def _loaded(self, request: Any) -> tuple[str, SecretInfo]:
-        """Tenant and metadata of the secret an administrative call names, authorized."""
-        call = current_call()
-        tenant = self._named(request)
-        info, _ = await self._secrets.authorized(
-            tenant,
-            request.reference,
-            call.caller,
-            call.authorize,
-            call.action,
-            details=call.details,
-        )
-        return tenant, info
-
     async def Put(
         self, request: secrets_pb2.PutSecretRequest, context: grpc.aio.ServicerContext
     ) -> secrets_pb2.SecretInfo:
@@ -220,8 +206,15 @@ class SecretsServicer(secrets_pb2_grpc.SecretsServicer):  # type: ignore[misc]
     async def Show(
         self, request: secrets_pb2.ShowSecretRequest, context: grpc.aio.ServicerContext
     ) -> secrets_pb2.SecretInfo:
-        tenant, _ = await self._loaded(request)
-        return _info(await self._secrets.show(tenant, request.reference))
+        call = current_call()
+        info = await self._secrets.show_for(
+            self._named(request),
+            request.reference,
+            call.caller,
+            call.authorize,
+            details=call.details,
+        )
+        return _info(info)
 
     async def Rotate(
         self, request: secrets_pb2.RotateSecretRequest, context: grpc.aio.ServicerContext
@@ -252,24 +245,44 @@ class SecretsServicer(secrets_pb2_grpc.SecretsServicer):  # type: ignore[misc]
     async def Rollback(
         self, request: secrets_pb2.RollbackSecretRequest, context: grpc.aio.ServicerContext
     ) -> secrets_pb2.SecretInfo:
-        tenant, _ = await self._loaded(request)
-        info, before, after = await self._secrets.rollback(tenant, request.reference)
-        current_call().details.update(from_version=before, to_version=after)
+        call = current_call()
+        info, before, after = await self._secrets.rollback_for(
+            self._named(request),
+            request.reference,
+            call.caller,
+            call.authorize,
+            details=call.details,
+        )
+        call.details.update(from_version=before, to_version=after)
         return _info(info)
 
     async def Revoke(
         self, request: secrets_pb2.RevokeSecretRequest, context: grpc.aio.ServicerContext
     ) -> secrets_pb2.SecretInfo:
-        tenant, _ = await self._loaded(request)
-        info = await self._secrets.revoke(tenant, request.reference, request.justification)
-        current_call().details["versions"] = len(info.versions)
+        call = current_call()
+        info = await self._secrets.revoke_for(
+            self._named(request),
+            request.reference,
+            call.caller,
+            call.authorize,
+            justification=request.justification,
+            details=call.details,
+        )
+        call.details["versions"] = len(info.versions)
         return _info(info)
 
     async def Delete(
         self, request: secrets_pb2.DeleteSecretRequest, context: grpc.aio.ServicerContext
     ) -> secrets_pb2.SecretInfo:
-        tenant, _ = await self._loaded(request)
-        return _info(await self._secrets.delete(tenant, request.reference))
+        call = current_call()
+        info = await self._secrets.delete_for(
+            self._named(request),
+            request.reference,
+            call.caller,
+            call.authorize,
+            details=call.details,
+        )
+        return _info(info)
 
     async def Due(
         self, request: secrets_pb2.DueSecretsRequest, context: grpc.aio.ServicerContext
