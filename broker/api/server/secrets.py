@@ -22,6 +22,7 @@ from broker.envelope import KekRotation, KekRotator
 from broker.errors import InvalidArgument
 from broker.policy import Action
 from broker.secrets import (
+    NamedSecret,
     SecretInfo,
     SecretService,
     VersionInfo,
@@ -152,6 +153,18 @@ class SecretsServicer(secrets_pb2_grpc.SecretsServicer):  # type: ignore[misc]
         current_call().details["reference_sha256"] = reference_hash(request.reference)
         return tenant
 
+    def _administered(
+        self,
+        request: secrets_pb2.ShowSecretRequest
+        | secrets_pb2.RollbackSecretRequest
+        | secrets_pb2.RevokeSecretRequest
+        | secrets_pb2.DeleteSecretRequest,
+    ) -> NamedSecret:
+        """The secret an administrative call names, to hand to its one domain call."""
+        call = current_call()
+        tenant = self._named(request)
+        return NamedSecret(tenant, request.reference, call.caller, call.authorize, call.details)
+
     async def Put(
         self, request: secrets_pb2.PutSecretRequest, context: grpc.aio.ServicerContext
     ) -> secrets_pb2.SecretInfo:
@@ -206,15 +219,7 @@ class SecretsServicer(secrets_pb2_grpc.SecretsServicer):  # type: ignore[misc]
     async def Show(
         self, request: secrets_pb2.ShowSecretRequest, context: grpc.aio.ServicerContext
     ) -> secrets_pb2.SecretInfo:
-        call = current_call()
-        info = await self._secrets.show_for(
-            self._named(request),
-            request.reference,
-            call.caller,
-            call.authorize,
-            details=call.details,
-        )
-        return _info(info)
+        return _info(await self._secrets.show_for(self._administered(request)))
 
     async def Rotate(
         self, request: secrets_pb2.RotateSecretRequest, context: grpc.aio.ServicerContext
@@ -245,44 +250,22 @@ class SecretsServicer(secrets_pb2_grpc.SecretsServicer):  # type: ignore[misc]
     async def Rollback(
         self, request: secrets_pb2.RollbackSecretRequest, context: grpc.aio.ServicerContext
     ) -> secrets_pb2.SecretInfo:
-        call = current_call()
-        info, before, after = await self._secrets.rollback_for(
-            self._named(request),
-            request.reference,
-            call.caller,
-            call.authorize,
-            details=call.details,
-        )
-        call.details.update(from_version=before, to_version=after)
+        info, before, after = await self._secrets.rollback_for(self._administered(request))
+        current_call().details.update(from_version=before, to_version=after)
         return _info(info)
 
     async def Revoke(
         self, request: secrets_pb2.RevokeSecretRequest, context: grpc.aio.ServicerContext
     ) -> secrets_pb2.SecretInfo:
-        call = current_call()
-        info = await self._secrets.revoke_for(
-            self._named(request),
-            request.reference,
-            call.caller,
-            call.authorize,
-            justification=request.justification,
-            details=call.details,
-        )
-        call.details["versions"] = len(info.versions)
+        named = self._administered(request)
+        info = await self._secrets.revoke_for(named, request.justification)
+        current_call().details["versions"] = len(info.versions)
         return _info(info)
 
     async def Delete(
         self, request: secrets_pb2.DeleteSecretRequest, context: grpc.aio.ServicerContext
     ) -> secrets_pb2.SecretInfo:
-        call = current_call()
-        info = await self._secrets.delete_for(
-            self._named(request),
-            request.reference,
-            call.caller,
-            call.authorize,
-            details=call.details,
-        )
-        return _info(info)
+        return _info(await self._secrets.delete_for(self._administered(request)))
 
     async def Due(
         self, request: secrets_pb2.DueSecretsRequest, context: grpc.aio.ServicerContext
