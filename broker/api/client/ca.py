@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from broker.api._proto import ca_pb2, ca_pb2_grpc
+from broker.api.client.records import record_from
 from broker.api.timestamps import optional_datetime, to_datetime
 
 from .base import FeatureClient, Transport
@@ -104,21 +105,7 @@ class CAPolicyDocument:
 
 
 def _authority(a: ca_pb2.Authority) -> Authority:
-    return Authority(
-        id=a.id,
-        kind=a.kind,
-        generation=a.generation,
-        state=a.state,
-        not_before=optional_datetime(a, "not_before"),
-        not_after=optional_datetime(a, "not_after"),
-        activated_at=optional_datetime(a, "activated_at"),
-        retired_at=optional_datetime(a, "retired_at"),
-        key_uri=a.key_uri,
-        jwt_kid=a.jwt_kid,
-        subject=a.subject,
-        serial=a.serial,
-        fingerprint_sha256=a.fingerprint_sha256,
-    )
+    return record_from(Authority, a)
 
 
 def _status(s: ca_pb2.GetStatusResponse) -> CAStatusReport:
