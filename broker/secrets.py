@@ -75,6 +75,7 @@ __all__ = [
     "METADATA_MAC_UPGRADED",
     "REQUIRED_METADATA",
     "MetadataMac",
+    "NamedSecret",
     "SecretInfo",
     "SecretIntegrityError",
     "SecretJanitor",
@@ -461,6 +462,19 @@ def _refusal(action: str) -> str:
 Details = MutableMapping[str, Any]
 
 
+@dataclass(frozen=True)
+class NamedSecret:
+    """A secret an administrative call names, who names it, and how to decide: what
+    `SecretService.show_for/rollback_for/revoke_for/delete_for` take (one domain call each:
+    load, decide through `authorize`, act). `details` receives what the audit event records."""
+
+    tenant: str
+    reference: str
+    caller: Caller
+    authorize: Authorize
+    details: Details | None = None
+
+
 class SecretService:
     """The secrets domain. `tenant` arguments are validated here. The request path picks the
     tenant with `tenant_for` and goes through the authorized calls (`authorized`, `get`,
@@ -656,6 +670,36 @@ class SecretService:
             value=value,
             generate_length=generate_length,
         )
+
+    async def _decided(self, named: NamedSecret, action: str) -> None:
+        await self.authorized(
+            named.tenant,
+            named.reference,
+            named.caller,
+            named.authorize,
+            action,
+            details=named.details,
+        )
+
+    async def show_for(self, named: NamedSecret) -> SecretInfo:
+        """`show`, if `named.authorize` allows (see `authorized`)."""
+        await self._decided(named, Action.SECRETS_SHOW)
+        return await self.show(named.tenant, named.reference)
+
+    async def rollback_for(self, named: NamedSecret) -> tuple[SecretInfo, int, int]:
+        """`rollback`, if `named.authorize` allows (see `authorized`)."""
+        await self._decided(named, Action.SECRETS_ROLLBACK)
+        return await self.rollback(named.tenant, named.reference)
+
+    async def revoke_for(self, named: NamedSecret, justification: str) -> SecretInfo:
+        """`revoke`, if `named.authorize` allows (see `authorized`)."""
+        await self._decided(named, Action.SECRETS_REVOKE)
+        return await self.revoke(named.tenant, named.reference, justification)
+
+    async def delete_for(self, named: NamedSecret) -> SecretInfo:
+        """`delete`, if `named.authorize` allows (see `authorized`)."""
+        await self._decided(named, Action.SECRETS_DELETE)
+        return await self.delete(named.tenant, named.reference)
 
     @property
     def repository(self) -> SecretRepository:

@@ -31,13 +31,12 @@ import os
 # Set here, in the package, because importing any `broker.cli` module runs this first.
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
-from broker.cli.clients import BrokerAPI, Clients, ConnectionSettings
+from broker.cli.clients import Clients, ConnectionSettings
 from broker.cli.options import CliContext, broker_home, default_attest_server
 from broker.cli.refusals import Refusal, client_error_message
 from broker.cli.root import cli, main, run
 
 __all__ = [
-    "BrokerAPI",
     "CliContext",
     "Clients",
     "ConnectionSettings",

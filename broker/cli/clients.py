@@ -9,7 +9,7 @@ to JSON with one generic function (`broker.cli.render.record_json`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -22,17 +22,15 @@ from broker.api.client.access import (
     GrantView,
     RegoPolicy,
 )
-from broker.api.client.base import (
+from broker.api.client.audit import AuditClient, AuditEntry, AuditVerification
+from broker.api.client.base import BrokerClient, ClientCredentials, ClientError
+from broker.api.client.ca import (
     X509SVID,
-    AuditEntry,
-    AuditVerification,
     Authority,
-    BrokerClient,
     Bundle,
+    CAClient,
     CAPolicyDocument,
     CAStatusReport,
-    ClientCredentials,
-    ClientError,
     MintedJWTSVID,
     RotateResult,
 )
@@ -64,7 +62,6 @@ __all__ = [
     "AuditVerification",
     "Authority",
     "BreakGlassView",
-    "BrokerAPI",
     "BrokerSecretSource",
     "Bundle",
     "CAClient",
@@ -113,49 +110,6 @@ class ConnectionSettings:
     justification: str | None = None
 
 
-class CAClient(Protocol):
-    """What the CLI needs of the CA API (`BrokerClient`)."""
-
-    def mint_x509(
-        self,
-        spiffe_id: str,
-        ttl_seconds: int | None = None,
-        csr: bytes | None = None,
-        dns_names: Sequence[str] = (),
-        key_type: str = "",
-    ) -> X509SVID: ...
-
-    def mint_jwt(
-        self, spiffe_id: str, audience: Sequence[str], ttl_seconds: int | None = None
-    ) -> MintedJWTSVID: ...
-
-    def bundle(self) -> Bundle: ...
-
-    def status(self) -> CAStatusReport: ...
-
-    def rotate(self, force: bool = False) -> RotateResult: ...
-
-    def get_policy(self) -> CAPolicyDocument: ...
-
-    def set_policy(self, document_json: str) -> int: ...
-
-
-class AuditClient(Protocol):
-    """What the CLI needs of the audit API (`BrokerClient`)."""
-
-    def audit_verify(self, checkpoint_json: str = "") -> AuditVerification: ...
-
-    def audit_checkpoint(self, fresh: bool = False) -> str: ...
-
-    def audit_tail(self, limit: int = 20) -> list[AuditEntry]: ...
-
-
-class BrokerAPI(CAClient, AuditClient, Protocol):
-    """The CA and audit client in one (what `BrokerClient` is)."""
-
-    def close(self) -> None: ...
-
-
 class Clients(Protocol):
     """Every client a command may use, for one connection. Built by `CliContext.connect`
     from the connection options when a command first asks (`broker.cli.options.clients`);
@@ -197,13 +151,13 @@ class GrpcClients:
             settings.server, settings.credentials, justification=settings.justification
         )
 
-    @property
+    @cached_property
     def ca(self) -> CAClient:
-        return self._broker
+        return CAClient(self._broker)
 
-    @property
+    @cached_property
     def audit(self) -> AuditClient:
-        return self._broker
+        return AuditClient(self._broker)
 
     @cached_property
     def identity(self) -> IdentityClient:

@@ -91,6 +91,14 @@ def setting_option(
     )
 
 
+# The connection's PEM files: --cert/--key/--bundle, each with its BROKER_<NAME> variable.
+_PEM_FILES = (
+    ("cert", "Client certificate chain (PEM) [default: DATA_DIR/operator/svid.pem]."),
+    ("key", "Client private key (PEM) [default: DATA_DIR/operator/key.pem]."),
+    ("bundle", "Trust bundle (PEM) to verify the broker [default: DATA_DIR/bundle.pem]."),
+)
+
+
 def connection_options(*, on_group: bool, output: bool = True) -> Callable[[_F], _F]:
     options = [
         setting_option(
@@ -101,26 +109,15 @@ def connection_options(*, on_group: bool, output: bool = True) -> Callable[[_F],
             help=f"The broker to talk to [default: {DEFAULT_SERVER}].",
         ),
         data_dir_option(on_group=on_group),
-        setting_option(
-            "--cert",
-            on_group=on_group,
-            envvar="BROKER_CERT",
-            type=click.Path(path_type=Path, dir_okay=False),
-            help="Client certificate chain (PEM) [default: DATA_DIR/operator/svid.pem].",
-        ),
-        setting_option(
-            "--key",
-            on_group=on_group,
-            envvar="BROKER_KEY",
-            type=click.Path(path_type=Path, dir_okay=False),
-            help="Client private key (PEM) [default: DATA_DIR/operator/key.pem].",
-        ),
-        setting_option(
-            "--bundle",
-            on_group=on_group,
-            envvar="BROKER_BUNDLE",
-            type=click.Path(path_type=Path, dir_okay=False),
-            help="Trust bundle (PEM) to verify the broker [default: DATA_DIR/bundle.pem].",
+        *(
+            setting_option(
+                f"--{name}",
+                on_group=on_group,
+                envvar=f"BROKER_{name.upper()}",
+                type=click.Path(path_type=Path, dir_okay=False),
+                help=help,
+            )
+            for name, help in _PEM_FILES
         ),
         setting_option(
             "--justification",

@@ -26,11 +26,19 @@ from broker.envelope import (
     aad,
     kek_label,
 )
-from broker.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from broker.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
+from broker.policy import Caller, Decision
 from broker.secrets import (
     METADATA_MAC_KEY,
     METADATA_MAC_UPGRADED,
     MetadataMac,
+    NamedSecret,
     SecretIntegrityError,
     SecretJanitor,
     SecretService,
@@ -380,6 +388,59 @@ async def test_revoke_refuses_every_version_at_once(world: World) -> None:
 
 
 # -- rotation window and rollback ---------------------------------------------------------------
+
+
+class Deciding:
+    """An `Authorize` port that records what it was asked and refuses (or allows) it all."""
+
+    def __init__(self, allowed: bool) -> None:
+        self.allowed = allowed
+        self.asked: list[tuple[str, dict[str, str]]] = []
+
+    def __call__(self, resource: str, attributes: Any = None, /) -> Decision:
+        self.asked.append((resource, dict(attributes or {})))
+        if not self.allowed:
+            raise PermissionDenied("refused by the test's policy")
+        return Decision(True, "allowed by the test's policy", "test")
+
+
+async def test_administrative_calls_decide_on_the_loaded_secret_before_acting(
+    world: World,
+) -> None:
+    """Show/Rollback/Revoke/Delete are one domain call each: the secret is loaded, the port
+    decides on its attributes, and only then does anything change."""
+    await world.put()
+    value = await world.rotate()
+    before = await world.service.show("acme", REF)
+    web = Caller("spiffe://example.org/acme/prod/web", False)
+    refuse = Deciding(allowed=False)
+    named = NamedSecret("acme", REF, web, refuse, {})
+    for attempt in (
+        lambda: world.service.show_for(named),
+        lambda: world.service.rollback_for(named),
+        lambda: world.service.revoke_for(named, "an attacker's reason"),
+        lambda: world.service.delete_for(named),
+    ):
+        with pytest.raises(PermissionDenied):
+            await attempt()
+    assert len(refuse.asked) == 4
+    assert {r for r, _ in refuse.asked} == {before.sha256}
+    assert all(a["owner"] == "payments" for _, a in refuse.asked)
+    after = await world.service.show("acme", REF)
+    assert (after.record.state, after.record.current_version) == ("active", 2)
+    assert [(v.version, v.state) for v in after.versions] == [
+        (v.version, v.state) for v in before.versions
+    ]
+    assert await world.get() == value
+
+    allow = Deciding(allowed=True)
+    operator = Caller("spiffe://example.org/broker/operator/alice", True)
+    allowed = NamedSecret("acme", REF, operator, allow, {})
+    assert (await world.service.show_for(allowed)).record.current_version == 2
+    _, from_version, to_version = await world.service.rollback_for(allowed)
+    assert (from_version, to_version) == (2, 1)
+    assert (await world.service.revoke_for(allowed, "leaked")).record.state == "revoked"
+    assert len(allow.asked) == 3
 
 
 async def test_rotation_window_and_rollback(world: World) -> None:

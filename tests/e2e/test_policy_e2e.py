@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from broker.api.client.base import BrokerClient, ClientCredentials, ClientError
+from broker.api.client.ca import CAClient
 from broker.rego import default_modules
 from tests.e2e.conftest import BrokerCli, BrokerProcess, CliResult
 
@@ -207,7 +208,7 @@ def _statuses(server: BrokerProcess, connections: int) -> list[str]:
     for _ in range(connections):
         with BrokerClient(server.address, credentials) as client:
             try:
-                client.status()
+                CAClient(client).status()
                 codes.append("OK")
             except ClientError as exc:
                 codes.append(exc.code_name)

@@ -37,6 +37,7 @@ from broker.api._proto import (
     workload_pb2_grpc,
 )
 from broker.api.client.base import BrokerClient, ClientCredentials, ClientError
+from broker.api.client.ca import CAClient
 from broker.api.client.identity import GrpcBrokerLink
 from broker.api.client.sdk import SecretResolver, SecretUnavailable
 from broker.api.client.secrets import BrokerSecretSource, SecretsClient
@@ -361,7 +362,7 @@ async def test_the_real_broker_is_accepted_by_the_cli_the_sdk_and_the_agent(
 ) -> None:
     client = broker.operator_client()
     try:
-        status = await asyncio.to_thread(client.status)
+        status = await asyncio.to_thread(CAClient(client).status)
         assert status.trust_domain == TRUST_DOMAIN
         token = await asyncio.to_thread(lambda: identity_client(client).create_join_token(AGENT_ID))
         await asyncio.to_thread(
@@ -396,16 +397,17 @@ def identity_client(client: BrokerClient) -> Any:
 
 async def test_the_ca_never_issues_the_brokers_server_names(broker: Broker) -> None:
     client = broker.operator_client()
+    ca = CAClient(client)
     policy = json.loads(broker.app.ca.policy_document().document)
     for rule in policy["rules"]:
         rule.pop("dns_names_allowed", None)
         rule["dns_names"] = ["*"]  # the most permissive policy there is
     try:
-        await asyncio.to_thread(client.set_policy, json.dumps(policy))
-        assert await asyncio.to_thread(client.mint_x509, WEB_ID, None, None, ["web.internal"])
+        await asyncio.to_thread(ca.set_policy, json.dumps(policy))
+        assert await asyncio.to_thread(ca.mint_x509, WEB_ID, None, None, ["web.internal"])
         for name in ("localhost", server_name(TRUST_DOMAIN), "*.example.org.spiffe.invalid"):
             with pytest.raises(ClientError) as info:
-                await asyncio.to_thread(client.mint_x509, WEB_ID, None, None, [name])
+                await asyncio.to_thread(ca.mint_x509, WEB_ID, None, None, [name])
             assert info.value.code_name == "PERMISSION_DENIED"
             assert "broker's own server names" in info.value.message
             with pytest.raises(ClientError) as info:
@@ -444,7 +446,7 @@ async def test_a_workload_svid_with_localhost_posing_as_the_broker_is_refused(
     # The CLI's client.
     client = BrokerClient(impostor.address, ClientCredentials(op_chain, op_key, broker.bundle_pem))
     with pytest.raises(ClientError) as info:
-        await asyncio.to_thread(client.status)
+        await asyncio.to_thread(CAClient(client).status)
     client.close()
     assert info.value.code_name == "UNAVAILABLE"
     assert "not the broker's" in info.value.message

@@ -12,6 +12,7 @@ from typing import Any
 
 from broker.api._proto import access_pb2, access_pb2_grpc
 from broker.api.client.base import FeatureClient, Transport
+from broker.api.client.records import record_from
 from broker.api.timestamps import optional_datetime
 
 __all__ = [
@@ -95,52 +96,16 @@ class BreakGlassCredential:
     bundle: list[bytes]  # DER roots
 
 
-def _grant(g: Any) -> GrantView:
-    return GrantView(
-        g.id,
-        g.grantee,
-        g.action,
-        g.resource,
-        g.justification,
-        g.created_by,
-        optional_datetime(g, "created_at"),
-        optional_datetime(g, "expires_at"),
-        optional_datetime(g, "revoked_at"),
-        g.revoked_by,
-        g.state,
-    )
+def _grant(g: access_pb2.Grant) -> GrantView:
+    return record_from(GrantView, g)
 
 
-def _approval(a: Any) -> ApprovalView:
-    return ApprovalView(
-        a.id,
-        a.requester,
-        a.action,
-        a.resource,
-        a.justification,
-        optional_datetime(a, "created_at"),
-        optional_datetime(a, "expires_at"),
-        a.approved_by,
-        optional_datetime(a, "approved_at"),
-        optional_datetime(a, "used_at"),
-        a.state,
-    )
+def _approval(a: access_pb2.Approval) -> ApprovalView:
+    return record_from(ApprovalView, a)
 
 
-def _breakglass(b: Any) -> BreakGlassView:
-    return BreakGlassView(
-        b.id,
-        b.operator,
-        b.approval_id,
-        b.spiffe_id,
-        b.action,
-        b.resource,
-        optional_datetime(b, "issued_at"),
-        optional_datetime(b, "expires_at"),
-        optional_datetime(b, "used_at"),
-        optional_datetime(b, "revoked_at"),
-        b.state,
-    )
+def _breakglass(b: access_pb2.BreakGlass) -> BreakGlassView:
+    return record_from(BreakGlassView, b)
 
 
 class AccessClient(FeatureClient):

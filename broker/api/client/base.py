@@ -1,6 +1,7 @@
-"""The client base: one mTLS connection to a broker (`BrokerClient`, with the CA and audit
-calls every broker serves), its error mapping, and the `FeatureClient` every feature client in
-this package builds on.
+"""The client base: one mTLS connection to a broker (`BrokerClient`, the `Transport` every
+feature client calls through), its error mapping, and the `FeatureClient` every feature client
+in this package builds on (`ca.CAClient`, `audit.AuditClient`, `identity`, `database`,
+`secrets`, `access`, `operators`), e.g. `CAClient(BrokerClient(target, credentials)).status()`.
 
 The client speaks mTLS only: it presents a certificate chain and key (usually the operator
 SVID) and trusts the trust domain's bundle. Every method returns plain Python values, never
@@ -10,7 +11,6 @@ code, so callers need not import grpc.
 
 from __future__ import annotations
 
-import json
 import re
 import uuid
 from collections.abc import Callable, Sequence
@@ -22,26 +22,15 @@ import grpc
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
-from broker.api._proto import audit_pb2, audit_pb2_grpc, ca_pb2, ca_pb2_grpc
-from broker.api.timestamps import optional_datetime, to_datetime
 from ca.errors import CAError
 from ca.x509svid import server_name, trust_domain_of_roots
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
-    "X509SVID",
-    "AuditEntry",
-    "AuditVerification",
-    "Authority",
     "BrokerClient",
-    "Bundle",
-    "CAPolicyDocument",
-    "CAStatusReport",
     "ClientCredentials",
     "ClientError",
     "FeatureClient",
-    "MintedJWTSVID",
-    "RotateResult",
     "Transport",
     "broker_server_name",
     "channel_options",
@@ -49,10 +38,6 @@ __all__ = [
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 DEFAULT_TIMEOUT_SECONDS = 30.0
-# `broker audit verify` walks the whole ledger: ~36 s for a million entries on the project's
-# loaded 2-core machine (`python -m loadtests preload`), so the usual 30 s would refuse a
-# ledger of that size with "timed out" although nothing is wrong.
-AUDIT_VERIFY_TIMEOUT_SECONDS = 3600.0
 CORRELATION_HEADER = "x-correlation-id"
 JUSTIFICATION_HEADER = "x-broker-justification"
 
@@ -90,101 +75,6 @@ class ClientCredentials:
     cert_chain: bytes
     private_key: bytes
     root_certificates: bytes
-
-
-@dataclass(frozen=True)
-class X509SVID:
-    spiffe_id: str
-    cert_chain: list[bytes]  # DER, leaf first, then intermediates
-    private_key: bytes | None  # PKCS#8 DER; None when the caller sent a CSR
-    bundle: list[bytes]  # DER roots
-    expires_at: datetime
-    serial: str
-
-
-@dataclass(frozen=True)
-class MintedJWTSVID:
-    spiffe_id: str
-    token: str
-    expires_at: datetime
-
-
-@dataclass(frozen=True)
-class Bundle:
-    trust_domain: str
-    jwks: bytes
-    pem: str
-    sequence: int
-
-
-@dataclass(frozen=True)
-class Authority:
-    id: str
-    kind: str
-    generation: int
-    state: str
-    not_before: datetime | None
-    not_after: datetime | None
-    activated_at: datetime | None
-    retired_at: datetime | None
-    key_uri: str
-    jwt_kid: str
-    subject: str
-    serial: str
-    fingerprint_sha256: str
-
-
-@dataclass(frozen=True)
-class CAStatusReport:
-    trust_domain: str
-    key_backend: str
-    storage: str
-    bundle_sequence: int
-    policy_version: int
-    authorities: list[Authority]
-
-    @property
-    def root(self) -> Authority | None:
-        """The active root authority (or the newest root when none is active)."""
-        roots = [a for a in self.authorities if a.kind == "root"]
-        active = [a for a in roots if a.state == "active"]
-        candidates = active or roots
-        return max(candidates, key=lambda a: a.generation) if candidates else None
-
-    @property
-    def issuing(self) -> list[Authority]:
-        return [a for a in self.authorities if a.kind == "issuing"]
-
-
-@dataclass(frozen=True)
-class RotateResult:
-    actions: list[str]
-    status: CAStatusReport
-
-
-@dataclass(frozen=True)
-class CAPolicyDocument:
-    version: int
-    document_json: str
-    author: str
-    updated_at: datetime | None
-
-
-@dataclass(frozen=True)
-class AuditVerification:
-    intact: bool
-    entries: int
-    first_broken_seq: int
-    reason: str
-    notes: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class AuditEntry:
-    seq: int
-    event: dict[str, Any]
-    event_json: str
-    entry_hash: str
 
 
 def _pem_certificates(data: bytes) -> list[x509.Certificate]:
@@ -265,45 +155,6 @@ def _transport_reason(details: str, credentials: ClientCredentials) -> str:
     return details.rsplit(": ", 1)[-1] or details
 
 
-def _authority(a: ca_pb2.Authority) -> Authority:
-    return Authority(
-        id=a.id,
-        kind=a.kind,
-        generation=a.generation,
-        state=a.state,
-        not_before=optional_datetime(a, "not_before"),
-        not_after=optional_datetime(a, "not_after"),
-        activated_at=optional_datetime(a, "activated_at"),
-        retired_at=optional_datetime(a, "retired_at"),
-        key_uri=a.key_uri,
-        jwt_kid=a.jwt_kid,
-        subject=a.subject,
-        serial=a.serial,
-        fingerprint_sha256=a.fingerprint_sha256,
-    )
-
-
-def _status(s: ca_pb2.GetStatusResponse) -> CAStatusReport:
-    return CAStatusReport(
-        trust_domain=s.trust_domain,
-        key_backend=s.key_backend,
-        storage=s.storage,
-        bundle_sequence=s.bundle_sequence,
-        policy_version=s.policy_version,
-        authorities=[_authority(a) for a in s.authorities],
-    )
-
-
-def _audit_entry(e: audit_pb2.AuditEntry) -> AuditEntry:
-    try:
-        event = json.loads(e.event_json) if e.event_json else {}
-    except json.JSONDecodeError:
-        event = {}
-    if not isinstance(event, dict):
-        event = {"event": event}
-    return AuditEntry(seq=e.seq, event=event, event_json=e.event_json, entry_hash=e.entry_hash)
-
-
 def _error(exc: grpc.RpcError, credentials: ClientCredentials) -> ClientError:
     code = exc.code() if isinstance(exc, grpc.Call) else None
     details = exc.details() if isinstance(exc, grpc.Call) else None
@@ -374,8 +225,6 @@ class BrokerClient:
             certificate_chain=credentials.cert_chain,
         )
         self._channel = grpc.secure_channel(target, channel_credentials, options=options)
-        self._ca = ca_pb2_grpc.CertificateAuthorityStub(self._channel)
-        self._audit = audit_pb2_grpc.AuditStub(self._channel)
 
     def __enter__(self) -> BrokerClient:
         return self
@@ -392,19 +241,6 @@ class BrokerClient:
             metadata.append((JUSTIFICATION_HEADER, self._justification))
         return metadata
 
-    def _call(
-        self,
-        method: Callable[..., _Response],
-        request: Any,
-        extra: Sequence[tuple[str, str]] = (),
-        timeout: float | None = None,
-    ) -> _Response:
-        timeout = self._timeout if timeout is None else max(timeout, self._timeout)
-        try:
-            return method(request, timeout=timeout, metadata=[*self._metadata(), *extra])
-        except grpc.RpcError as exc:
-            raise _error(exc, self._credentials) from None
-
     # Feature clients (broker/api/client/<feature>.py) build their stubs on this channel and
     # call through `call`, so every RPC gets the same metadata, timeout and error mapping.
 
@@ -417,118 +253,15 @@ class BrokerClient:
         method: Callable[..., _Response],
         request: Any,
         metadata: Sequence[tuple[str, str]] = (),
+        timeout: float | None = None,
     ) -> _Response:
         """Call a unary RPC on `channel` (with extra `metadata` headers); raises
-        `ClientError` on failure."""
-        return self._call(method, request, metadata)
-
-    def mint_x509(
-        self,
-        spiffe_id: str,
-        ttl_seconds: int | None = None,
-        csr: bytes | None = None,
-        dns_names: Sequence[str] = (),
-        key_type: str = "",
-    ) -> X509SVID:
-        """Issue an X.509-SVID. `ttl_seconds=None` leaves the TTL to CA policy; any int
-        (including 0 or a negative number) is sent as is and judged by the server."""
-        request = ca_pb2.MintX509SVIDRequest(
-            spiffe_id=spiffe_id, csr=csr or b"", key_type=key_type, dns_names=list(dns_names)
-        )
-        if ttl_seconds is not None:
-            request.ttl_seconds = ttl_seconds
-        response: ca_pb2.MintX509SVIDResponse = self._call(self._ca.MintX509SVID, request)
-        return X509SVID(
-            spiffe_id=response.spiffe_id,
-            cert_chain=list(response.cert_chain),
-            private_key=response.private_key or None,
-            bundle=list(response.bundle),
-            expires_at=to_datetime(response.expires_at),
-            serial=response.serial,
-        )
-
-    def mint_jwt(
-        self, spiffe_id: str, audience: Sequence[str], ttl_seconds: int | None = None
-    ) -> MintedJWTSVID:
-        """Issue a JWT-SVID; `ttl_seconds` as for `mint_x509`."""
-        request = ca_pb2.MintJWTSVIDRequest(spiffe_id=spiffe_id, audience=list(audience))
-        if ttl_seconds is not None:
-            request.ttl_seconds = ttl_seconds
-        response: ca_pb2.MintJWTSVIDResponse = self._call(self._ca.MintJWTSVID, request)
-        return MintedJWTSVID(
-            spiffe_id=response.spiffe_id,
-            token=response.token,
-            expires_at=to_datetime(response.expires_at),
-        )
-
-    def bundle(self) -> Bundle:
-        response: ca_pb2.GetBundleResponse = self._call(
-            self._ca.GetBundle, ca_pb2.GetBundleRequest()
-        )
-        return Bundle(
-            trust_domain=response.trust_domain,
-            jwks=response.jwks,
-            pem=response.pem,
-            sequence=response.sequence,
-        )
-
-    def status(self) -> CAStatusReport:
-        response: ca_pb2.GetStatusResponse = self._call(
-            self._ca.GetStatus, ca_pb2.GetStatusRequest()
-        )
-        return _status(response)
-
-    def rotate(self, force: bool = False) -> RotateResult:
-        response: ca_pb2.RotateResponse = self._call(
-            self._ca.Rotate, ca_pb2.RotateRequest(force=force)
-        )
-        return RotateResult(actions=list(response.actions), status=_status(response.status))
-
-    def get_policy(self) -> CAPolicyDocument:
-        response: ca_pb2.GetPolicyResponse = self._call(
-            self._ca.GetPolicy, ca_pb2.GetPolicyRequest()
-        )
-        return CAPolicyDocument(
-            version=response.version,
-            document_json=response.document_json,
-            author=response.author,
-            updated_at=optional_datetime(response, "updated_at"),
-        )
-
-    def set_policy(self, document_json: str) -> int:
-        """Replace the CA policy; returns the new version."""
-        response: ca_pb2.SetPolicyResponse = self._call(
-            self._ca.SetPolicy, ca_pb2.SetPolicyRequest(document_json=document_json)
-        )
-        return response.version
-
-    def audit_verify(self, checkpoint_json: str = "") -> AuditVerification:
-        response: audit_pb2.VerifyAuditResponse = self._call(
-            self._audit.Verify,
-            audit_pb2.VerifyAuditRequest(checkpoint_json=checkpoint_json),
-            timeout=AUDIT_VERIFY_TIMEOUT_SECONDS,
-        )
-        return AuditVerification(
-            intact=response.intact,
-            entries=response.entries,
-            first_broken_seq=response.first_broken_seq,
-            reason=response.reason,
-            notes=tuple(response.notes),
-        )
-
-    def audit_checkpoint(self, fresh: bool = False) -> str:
-        """The latest signed ledger checkpoint as JSON (made now if none, or if `fresh`)."""
-        response: audit_pb2.CheckpointResponse = self._call(
-            self._audit.Checkpoint, audit_pb2.CheckpointRequest(fresh=fresh)
-        )
-        return str(response.checkpoint_json)
-
-    def audit_tail(self, limit: int = 20) -> list[AuditEntry]:
-        """The newest `limit` entries, oldest first."""
-        response: audit_pb2.TailAuditResponse = self._call(
-            self._audit.Tail, audit_pb2.TailAuditRequest(limit=limit)
-        )
-        return [_audit_entry(e) for e in response.entries]
+        `ClientError` on failure. `timeout` may lengthen, never shorten, the client's own."""
+        timeout = self._timeout if timeout is None else max(timeout, self._timeout)
+        try:
+            return method(request, timeout=timeout, metadata=[*self._metadata(), *metadata])
+        except grpc.RpcError as exc:
+            raise _error(exc, self._credentials) from None
 
 
 class Transport(Protocol):
@@ -544,6 +277,7 @@ class Transport(Protocol):
         method: Callable[..., _Response],
         request: Any,
         metadata: Sequence[tuple[str, str]] = (),
+        timeout: float | None = None,
     ) -> _Response: ...
 
 
@@ -560,5 +294,6 @@ class FeatureClient:
         method: Callable[..., _Response],
         request: Any,
         metadata: Sequence[tuple[str, str]] = (),
+        timeout: float | None = None,
     ) -> _Response:
-        return self._transport.call(method, request, metadata)
+        return self._transport.call(method, request, metadata, timeout)

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from broker.api._proto import database_pb2, database_pb2_grpc
-from broker.api.timestamps import optional_datetime
+from broker.api.client.records import record_from
 
 from .base import FeatureClient, Transport
 
@@ -70,53 +69,16 @@ class Credentials:
     lease: Lease
 
 
-def _connection(m: Any) -> Connection:
-    return Connection(
-        m.name,
-        m.plugin,
-        m.dsn,
-        optional_datetime(m, "created_at"),
-        optional_datetime(m, "root_rotated_at"),
-        m.kek_label,
-    )
+def _connection(m: database_pb2.DatabaseConnection) -> Connection:
+    return record_from(Connection, m)
 
 
-def _role(m: Any) -> Role:
-    return Role(
-        m.name,
-        m.connection,
-        m.owner,
-        m.tenant,
-        m.environment,
-        m.creation_statements,
-        m.revocation_statements,
-        m.rollback_statements,
-        m.default_ttl_seconds,
-        m.max_ttl_seconds,
-        m.username_template,
-        m.password_length,
-        m.password_charset,
-        optional_datetime(m, "created_at"),
-    )
+def _role(m: database_pb2.DatabaseRole) -> Role:
+    return record_from(Role, m)
 
 
-def _lease(m: Any) -> Lease:
-    return Lease(
-        m.id,
-        m.role,
-        m.connection,
-        m.username,
-        m.holder,
-        m.state,
-        optional_datetime(m, "created_at"),
-        optional_datetime(m, "expires_at"),
-        optional_datetime(m, "max_expires_at"),
-        m.lease_duration_seconds,
-        m.renewable,
-        m.attempts,
-        m.last_error,
-        optional_datetime(m, "next_attempt_at"),
-    )
+def _lease(m: database_pb2.Lease) -> Lease:
+    return record_from(Lease, m, {"lease_duration": "lease_duration_seconds"})
 
 
 class DatabaseClient(FeatureClient):

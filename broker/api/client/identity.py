@@ -15,6 +15,7 @@ import grpc
 
 from broker.agent import AgentEntry, AgentSVID, JWTResult, SyncResult
 from broker.api._proto import identity_pb2, identity_pb2_grpc
+from broker.api.client.records import record_from
 from broker.api.timestamps import to_datetime
 from broker.errors import BrokerError, InvalidArgument, PermissionDenied, Unavailable
 
@@ -63,16 +64,7 @@ class Entry:
 
 
 def _entry(e: identity_pb2.Entry) -> Entry:
-    return Entry(
-        id=e.id,
-        spiffe_id=e.spiffe_id,
-        parent_id=e.parent_id,
-        selectors=list(e.selectors),
-        x509_ttl_seconds=e.x509_ttl_seconds,
-        jwt_ttl_seconds=e.jwt_ttl_seconds,
-        dns_names=list(e.dns_names),
-        created_at=to_datetime(e.created_at),
-    )
+    return record_from(Entry, e)
 
 
 def _attestor(a: identity_pb2.Attestor) -> Attestor:

@@ -21,7 +21,7 @@ from broker.api.client.base import (
     _error,
     channel_options,
 )
-from broker.api.timestamps import optional_datetime
+from broker.api.client.records import record_from
 
 __all__ = [
     "LoginConfig",
@@ -46,18 +46,8 @@ class OperatorSession:
     issuer: str
 
 
-def _session(m: Any) -> OperatorSession:
-    return OperatorSession(
-        m.subject,
-        m.spiffe_id,
-        list(m.roles),
-        list(m.amr),
-        m.serial,
-        optional_datetime(m, "issued_at"),
-        optional_datetime(m, "expires_at"),
-        optional_datetime(m, "revoked_at"),
-        m.issuer,
-    )
+def _session(m: operators_pb2.OperatorSession) -> OperatorSession:
+    return record_from(OperatorSession, m)
 
 
 @dataclass(frozen=True)

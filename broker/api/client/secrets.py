@@ -12,6 +12,7 @@ from typing import Any
 
 from broker.api._proto import secrets_pb2, secrets_pb2_grpc
 from broker.api.client.base import ClientError, FeatureClient, Transport
+from broker.api.client.records import record_from
 from broker.api.client.sdk import FetchedSecret, SecretRefused, SecretUnavailable
 from broker.api.timestamps import optional_datetime
 
@@ -87,41 +88,13 @@ class KekRotationResult:
     kept: tuple[str, ...]
 
 
-def _meta(m: Any) -> SecretMeta:
-    return SecretMeta(
-        tenant=m.tenant,
-        reference=m.reference,
-        reference_sha256=m.reference_sha256,
-        service=m.service,
-        environment=m.environment,
-        owner=m.owner,
-        classification=m.classification,
-        rotation_period_seconds=m.rotation_period_seconds,
-        last_rotated=optional_datetime(m, "last_rotated"),
-        created_at=optional_datetime(m, "created_at"),
-        state=m.state,
-        current_version=m.current_version,
-        revoked_at=optional_datetime(m, "revoked_at"),
-        deleted_at=optional_datetime(m, "deleted_at"),
-        missing=tuple(m.missing),
-        rotation_due=optional_datetime(m, "rotation_due"),
-    )
+def _meta(m: secrets_pb2.SecretMetadata) -> SecretMeta:
+    return record_from(SecretMeta, m)
 
 
-def _details(info: Any) -> SecretDetails:
+def _details(info: secrets_pb2.SecretInfo) -> SecretDetails:
     return SecretDetails(
-        _meta(info.metadata),
-        tuple(
-            SecretVersionView(
-                v.version,
-                v.state,
-                optional_datetime(v, "created_at"),
-                optional_datetime(v, "retire_at"),
-                optional_datetime(v, "revoked_at"),
-                v.kek,
-            )
-            for v in info.versions
-        ),
+        _meta(info.metadata), tuple(record_from(SecretVersionView, v) for v in info.versions)
     )
 
 

@@ -123,13 +123,17 @@ class AccessServicer(access_pb2_grpc.AccessServicer):  # type: ignore[misc]
     def _now(self) -> dt.datetime:
         return self._clock.now()
 
-    async def SetRegoPolicy(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def SetRegoPolicy(
+        self, request: access_pb2.SetRegoPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> access_pb2.SetRegoPolicyResponse:
         call = current_call()
         version = await self._access.set_policy(dict(request.modules), call.caller)
         call.details.update(version=version, modules=sorted(request.modules))
         return access_pb2.SetRegoPolicyResponse(version=version)
 
-    async def GetRegoPolicy(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def GetRegoPolicy(
+        self, request: access_pb2.GetRegoPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> access_pb2.GetRegoPolicyResponse:
         view = self._access.policy()
         return access_pb2.GetRegoPolicyResponse(
             version=view.version,
@@ -138,7 +142,9 @@ class AccessServicer(access_pb2_grpc.AccessServicer):  # type: ignore[misc]
             updated_at=to_timestamp(view.updated_at),
         )
 
-    async def TestPolicy(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def TestPolicy(
+        self, request: access_pb2.TestPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> access_pb2.TestPolicyResponse:
         if len(request.input_json) > _MAX_INPUT:
             raise InvalidArgument(f"the test input is larger than {_MAX_INPUT} bytes")
         try:
@@ -155,7 +161,7 @@ class AccessServicer(access_pb2_grpc.AccessServicer):  # type: ignore[misc]
 
     def _test_request(
         self, document: Mapping[str, Any], caller_id: str, modules: Mapping[str, str] | None
-    ) -> Any:
+    ) -> access_pb2.TestPolicyResponse:
         try:
             caller = self._auth.caller_for_id(SpiffeId.parse(caller_id))
         except CAError as exc:
@@ -177,7 +183,9 @@ class AccessServicer(access_pb2_grpc.AccessServicer):  # type: ignore[misc]
         full = self._access.policy_input(caller, action, resource, attrs, context)
         return _decision(self._access.test(full, modules), full)
 
-    async def CreateGrant(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def CreateGrant(
+        self, request: access_pb2.CreateGrantRequest, context: grpc.aio.ServicerContext
+    ) -> access_pb2.Grant:
         call = current_call()
         grant = await self._access.create_grant(
             call.caller,
@@ -195,16 +203,22 @@ class AccessServicer(access_pb2_grpc.AccessServicer):  # type: ignore[misc]
         )
         return _grant(grant, self._now())
 
-    async def ListGrants(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def ListGrants(
+        self, request: access_pb2.ListGrantsRequest, context: grpc.aio.ServicerContext
+    ) -> access_pb2.ListGrantsResponse:
         grants = await self._access.list_grants(include_inactive=request.all)
         now = self._now()
         return access_pb2.ListGrantsResponse(grants=[_grant(g, now) for g in grants])
 
-    async def RevokeGrant(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def RevokeGrant(
+        self, request: access_pb2.RevokeGrantRequest, context: grpc.aio.ServicerContext
+    ) -> access_pb2.Grant:
         grant = await self._access.revoke_grant(request.id, current_call().caller)
         return _grant(grant, self._now())
 
-    async def RequestApproval(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def RequestApproval(
+        self, request: access_pb2.RequestApprovalRequest, context: grpc.aio.ServicerContext
+    ) -> access_pb2.Approval:
         call = current_call()
         approval = await self._access.request_approval(
             call.caller,
@@ -215,7 +229,9 @@ class AccessServicer(access_pb2_grpc.AccessServicer):  # type: ignore[misc]
         call.details.update(approval=approval.id, action=approval.action)
         return _approval(approval, self._now())
 
-    async def Approve(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def Approve(
+        self, request: access_pb2.ApproveRequest, context: grpc.aio.ServicerContext
+    ) -> access_pb2.Approval:
         call = current_call()
         approval = await self._access.approve(request.id, call.caller)
         call.details.update(
@@ -223,12 +239,16 @@ class AccessServicer(access_pb2_grpc.AccessServicer):  # type: ignore[misc]
         )
         return _approval(approval, self._now())
 
-    async def ListApprovals(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def ListApprovals(
+        self, request: access_pb2.ListApprovalsRequest, context: grpc.aio.ServicerContext
+    ) -> access_pb2.ListApprovalsResponse:
         approvals = await self._access.list_approvals(include_inactive=request.all)
         now = self._now()
         return access_pb2.ListApprovalsResponse(approvals=[_approval(a, now) for a in approvals])
 
-    async def IssueBreakGlass(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def IssueBreakGlass(
+        self, request: access_pb2.IssueBreakGlassRequest, context: grpc.aio.ServicerContext
+    ) -> access_pb2.IssueBreakGlassResponse:
         call = current_call()
         ttl = dt.timedelta(seconds=request.ttl_seconds or 3600)
         issued = await self._access.issue_breakglass_credential(
@@ -244,12 +264,16 @@ class AccessServicer(access_pb2_grpc.AccessServicer):  # type: ignore[misc]
             bundle=list(issued.bundle_der),
         )
 
-    async def ListBreakGlass(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def ListBreakGlass(
+        self, request: access_pb2.ListBreakGlassRequest, context: grpc.aio.ServicerContext
+    ) -> access_pb2.ListBreakGlassResponse:
         records = await self._access.list_breakglass(include_inactive=request.all)
         now = self._now()
         return access_pb2.ListBreakGlassResponse(records=[_breakglass(b, now) for b in records])
 
-    async def RevokeBreakGlass(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def RevokeBreakGlass(
+        self, request: access_pb2.RevokeBreakGlassRequest, context: grpc.aio.ServicerContext
+    ) -> access_pb2.BreakGlass:
         record = await self._access.revoke_breakglass(request.id)
         return _breakglass(record, self._now())
 

@@ -21,10 +21,13 @@ class MethodSpec:
     """How the pipeline treats one RPC: its action name, how to name the resource from the
     request, and whether it is written to the audit ledger.
 
-    `deferred=True` moves the policy decision into the servicer, for resources whose
-    attributes (owner, tenant, environment, classification) must be loaded first: the servicer
-    calls `current_call().authorize(resource, attributes)` before touching anything. A deferred
-    RPC whose servicer returns without having been authorized fails closed.
+    `deferred=True` moves the policy decision into the domain, for resources whose attributes
+    (owner, tenant, environment, classification) must be loaded first: the pipeline does not
+    decide at admission; the servicer passes `current_call().authorize` (the `Authorize` port,
+    `broker.policy`) into its one domain call, which loads the resource and calls it with the
+    resource's name and attributes before touching anything (an absent resource is decided as
+    one nobody owns, then answered as a refusal). A deferred RPC that returns without
+    `authorize` having been called fails closed.
     """
 
     action: str

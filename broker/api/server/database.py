@@ -7,6 +7,7 @@ import datetime as dt
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf.message import Message
 
 from broker.database.credentials import CredentialService, RoleSpec
 from broker.dsn import redact
@@ -56,7 +57,7 @@ LEASE_SPECS: dict[str, MethodSpec] = {
 }
 
 
-def _seconds(request: Any, field: str) -> dt.timedelta | None:
+def _seconds(request: Message, field: str) -> dt.timedelta | None:
     if not request.HasField(field):
         return None
     value = getattr(request, field)
@@ -65,7 +66,7 @@ def _seconds(request: Any, field: str) -> dt.timedelta | None:
     return dt.timedelta(seconds=value)
 
 
-def connection_pb(record: ConnectionRecord) -> Any:
+def connection_pb(record: ConnectionRecord) -> database_pb2.DatabaseConnection:
     return database_pb2.DatabaseConnection(
         name=record.name,
         plugin=record.plugin,
@@ -76,7 +77,7 @@ def connection_pb(record: ConnectionRecord) -> Any:
     )
 
 
-def role_pb(record: RoleRecord) -> Any:
+def role_pb(record: RoleRecord) -> database_pb2.DatabaseRole:
     return database_pb2.DatabaseRole(
         name=record.name,
         connection=record.connection,
@@ -95,7 +96,7 @@ def role_pb(record: RoleRecord) -> Any:
     )
 
 
-def lease_pb(record: LeaseRecord, now: dt.datetime | None = None) -> Any:
+def lease_pb(record: LeaseRecord, now: dt.datetime | None = None) -> database_pb2.Lease:
     start = record.created_at if now is None else now
     return database_pb2.Lease(
         id=record.id,
@@ -131,7 +132,9 @@ class DatabaseServicer(database_pb2_grpc.DatabaseServicer):  # type: ignore[misc
     def __init__(self, service: CredentialService) -> None:
         self._db = service
 
-    async def AddConnection(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def AddConnection(
+        self, request: database_pb2.AddConnectionRequest, context: grpc.aio.ServicerContext
+    ) -> database_pb2.DatabaseConnection:
         record = await self._db.add_connection(
             request.name,
             request.plugin,
@@ -144,25 +147,35 @@ class DatabaseServicer(database_pb2_grpc.DatabaseServicer):  # type: ignore[misc
         )
         return connection_pb(record)
 
-    async def ListConnections(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def ListConnections(
+        self, request: database_pb2.ListConnectionsRequest, context: grpc.aio.ServicerContext
+    ) -> database_pb2.ListConnectionsResponse:
         records = await self._db.list_connections()
         return database_pb2.ListConnectionsResponse(connections=[connection_pb(r) for r in records])
 
-    async def GetConnection(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def GetConnection(
+        self, request: database_pb2.GetConnectionRequest, context: grpc.aio.ServicerContext
+    ) -> database_pb2.DatabaseConnection:
         return connection_pb(await self._db.connection(request.name))
 
-    async def RemoveConnection(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def RemoveConnection(
+        self, request: database_pb2.RemoveConnectionRequest, context: grpc.aio.ServicerContext
+    ) -> database_pb2.RemoveConnectionResponse:
         await self._db.remove_connection(request.name)
         return database_pb2.RemoveConnectionResponse()
 
-    async def RotateRoot(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def RotateRoot(
+        self, request: database_pb2.RotateRootRequest, context: grpc.aio.ServicerContext
+    ) -> database_pb2.DatabaseConnection:
         record = await self._db.rotate_root(request.name)
         current_call().details.update(
             rotated_at=record.rotated_at and record.rotated_at.isoformat()
         )
         return connection_pb(record)
 
-    async def AddRole(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def AddRole(
+        self, request: database_pb2.AddRoleRequest, context: grpc.aio.ServicerContext
+    ) -> database_pb2.DatabaseRole:
         r = request.role
         spec = RoleSpec(
             name=r.name,
@@ -190,19 +203,27 @@ class DatabaseServicer(database_pb2_grpc.DatabaseServicer):  # type: ignore[misc
         )
         return role_pb(record)
 
-    async def ListRoles(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def ListRoles(
+        self, request: database_pb2.ListRolesRequest, context: grpc.aio.ServicerContext
+    ) -> database_pb2.ListRolesResponse:
         return database_pb2.ListRolesResponse(
             roles=[role_pb(r) for r in await self._db.list_roles()]
         )
 
-    async def GetRole(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def GetRole(
+        self, request: database_pb2.GetRoleRequest, context: grpc.aio.ServicerContext
+    ) -> database_pb2.DatabaseRole:
         return role_pb(await self._db.role(request.name))
 
-    async def RemoveRole(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def RemoveRole(
+        self, request: database_pb2.RemoveRoleRequest, context: grpc.aio.ServicerContext
+    ) -> database_pb2.RemoveRoleResponse:
         await self._db.remove_role(request.name)
         return database_pb2.RemoveRoleResponse()
 
-    async def IssueCredentials(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def IssueCredentials(
+        self, request: database_pb2.IssueCredentialsRequest, context: grpc.aio.ServicerContext
+    ) -> database_pb2.DatabaseCredentials:
         call = current_call()
         ttl = _seconds(request, "ttl_seconds")
         issued = await self._db.issue(request.role, call.caller, call.authorize, ttl)
@@ -216,13 +237,17 @@ class LeasesServicer(database_pb2_grpc.LeasesServicer):  # type: ignore[misc]
     def __init__(self, service: CredentialService) -> None:
         self._db = service
 
-    async def Renew(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def Renew(
+        self, request: database_pb2.RenewLeaseRequest, context: grpc.aio.ServicerContext
+    ) -> database_pb2.Lease:
         increment = _seconds(request, "increment_seconds")
         renewed = await self._db.renew(request.lease_id, current_call().authorize, increment)
         current_call().details.update(_lease_details(renewed))
         return lease_pb(renewed, self._db.now())
 
-    async def Revoke(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def Revoke(
+        self, request: database_pb2.RevokeLeaseRequest, context: grpc.aio.ServicerContext
+    ) -> database_pb2.RevokeLeaseResponse:
         call = current_call()
         await self._db.revoke(
             request.lease_id,
@@ -231,13 +256,17 @@ class LeasesServicer(database_pb2_grpc.LeasesServicer):  # type: ignore[misc]
         )
         return database_pb2.RevokeLeaseResponse(revoked=1)
 
-    async def RevokePrefix(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def RevokePrefix(
+        self, request: database_pb2.RevokePrefixRequest, context: grpc.aio.ServicerContext
+    ) -> database_pb2.RevokeLeaseResponse:
         call = current_call()
         revoked, errors = await self._db.revoke_prefix(request.prefix, call.authorize)
         call.details.update(prefix=request.prefix, revoked=revoked, failed=len(errors))
         return database_pb2.RevokeLeaseResponse(revoked=revoked, errors=errors[:100])
 
-    async def List(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def List(
+        self, request: database_pb2.ListLeasesRequest, context: grpc.aio.ServicerContext
+    ) -> database_pb2.ListLeasesResponse:
         limit = request.limit or 1000
         if not 0 < limit <= 10000:
             raise InvalidArgument("limit must be between 1 and 10000")

@@ -321,7 +321,7 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         """authenticate -> rate limit -> size limit -> authorize.
 
         Returns (caller, action, resource, decision) or raises a BrokerError; the decision is
-        None for a deferred spec (the servicer decides). `seen` gets the
+        None for a deferred spec (its domain call decides). `seen` gets the
         caller ("who") and "resource" as soon as they are known, so that a refusal can still be
         audited with them."""
         seen = {} if seen is None else seen
@@ -494,7 +494,8 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         context: grpc.aio.ServicerContext,
     ) -> None:
         """Runs the servicer of an admitted call with its `CallContext` current; a deferred
-        call must have been authorized by it, and a spent single-use permission is settled."""
+        call must have been authorized during it (by the domain call, through
+        `call.authorize`), and a spent single-use permission is settled."""
         call = outcome.call
         assert call is not None
         try:

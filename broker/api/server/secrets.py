@@ -22,6 +22,7 @@ from broker.envelope import KekRotation, KekRotator
 from broker.errors import InvalidArgument
 from broker.policy import Action
 from broker.secrets import (
+    NamedSecret,
     SecretInfo,
     SecretService,
     VersionInfo,
@@ -115,7 +116,9 @@ def _info(info: SecretInfo) -> secrets_pb2.SecretInfo:
     )
 
 
-def _source(request: Any) -> tuple[bytes | None, int | None]:
+def _source(
+    request: secrets_pb2.PutSecretRequest | secrets_pb2.RotateSecretRequest,
+) -> tuple[bytes | None, int | None]:
     which = request.WhichOneof("source")
     if which == "value":
         return bytes(request.value), None
@@ -150,21 +153,21 @@ class SecretsServicer(secrets_pb2_grpc.SecretsServicer):  # type: ignore[misc]
         current_call().details["reference_sha256"] = reference_hash(request.reference)
         return tenant
 
-    async def _loaded(self, request: Any) -> tuple[str, SecretInfo]:
-        """Tenant and metadata of the secret an administrative call names, authorized."""
+    def _administered(
+        self,
+        request: secrets_pb2.ShowSecretRequest
+        | secrets_pb2.RollbackSecretRequest
+        | secrets_pb2.RevokeSecretRequest
+        | secrets_pb2.DeleteSecretRequest,
+    ) -> NamedSecret:
+        """The secret an administrative call names, to hand to its one domain call."""
         call = current_call()
         tenant = self._named(request)
-        info, _ = await self._secrets.authorized(
-            tenant,
-            request.reference,
-            call.caller,
-            call.authorize,
-            call.action,
-            details=call.details,
-        )
-        return tenant, info
+        return NamedSecret(tenant, request.reference, call.caller, call.authorize, call.details)
 
-    async def Put(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def Put(
+        self, request: secrets_pb2.PutSecretRequest, context: grpc.aio.ServicerContext
+    ) -> secrets_pb2.SecretInfo:
         call = current_call()
         tenant = self._named(request)
         value, length = _source(request)
@@ -182,7 +185,9 @@ class SecretsServicer(secrets_pb2_grpc.SecretsServicer):  # type: ignore[misc]
         call.details.update(version=1, generated=length is not None)
         return _info(info)
 
-    async def Get(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def Get(
+        self, request: secrets_pb2.GetSecretRequest, context: grpc.aio.ServicerContext
+    ) -> secrets_pb2.GetSecretResponse:
         call = current_call()
         tenant = self._named(request)
         purpose = _header(context, PURPOSE_HEADER)
@@ -205,15 +210,20 @@ class SecretsServicer(secrets_pb2_grpc.SecretsServicer):  # type: ignore[misc]
             created_at=to_timestamp(secret.created_at),
         )
 
-    async def List(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def List(
+        self, request: secrets_pb2.ListSecretsRequest, context: grpc.aio.ServicerContext
+    ) -> secrets_pb2.ListSecretsResponse:
         infos = await self._secrets.list_secrets(self._tenant(request.tenant), request.prefix)
         return secrets_pb2.ListSecretsResponse(secrets=[_metadata(i) for i in infos])
 
-    async def Show(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        tenant, _ = await self._loaded(request)
-        return _info(await self._secrets.show(tenant, request.reference))
+    async def Show(
+        self, request: secrets_pb2.ShowSecretRequest, context: grpc.aio.ServicerContext
+    ) -> secrets_pb2.SecretInfo:
+        return _info(await self._secrets.show_for(self._administered(request)))
 
-    async def Rotate(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def Rotate(
+        self, request: secrets_pb2.RotateSecretRequest, context: grpc.aio.ServicerContext
+    ) -> secrets_pb2.SecretInfo:
         call = current_call()
         tenant = self._named(request)
         value, length = _source(request)
@@ -237,28 +247,36 @@ class SecretsServicer(secrets_pb2_grpc.SecretsServicer):  # type: ignore[misc]
         )
         return _info(info)
 
-    async def Rollback(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        tenant, _ = await self._loaded(request)
-        info, before, after = await self._secrets.rollback(tenant, request.reference)
+    async def Rollback(
+        self, request: secrets_pb2.RollbackSecretRequest, context: grpc.aio.ServicerContext
+    ) -> secrets_pb2.SecretInfo:
+        info, before, after = await self._secrets.rollback_for(self._administered(request))
         current_call().details.update(from_version=before, to_version=after)
         return _info(info)
 
-    async def Revoke(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        tenant, _ = await self._loaded(request)
-        info = await self._secrets.revoke(tenant, request.reference, request.justification)
+    async def Revoke(
+        self, request: secrets_pb2.RevokeSecretRequest, context: grpc.aio.ServicerContext
+    ) -> secrets_pb2.SecretInfo:
+        named = self._administered(request)
+        info = await self._secrets.revoke_for(named, request.justification)
         current_call().details["versions"] = len(info.versions)
         return _info(info)
 
-    async def Delete(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        tenant, _ = await self._loaded(request)
-        return _info(await self._secrets.delete(tenant, request.reference))
+    async def Delete(
+        self, request: secrets_pb2.DeleteSecretRequest, context: grpc.aio.ServicerContext
+    ) -> secrets_pb2.SecretInfo:
+        return _info(await self._secrets.delete_for(self._administered(request)))
 
-    async def Due(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def Due(
+        self, request: secrets_pb2.DueSecretsRequest, context: grpc.aio.ServicerContext
+    ) -> secrets_pb2.ListSecretsResponse:
         tenant = request.tenant or None
         infos = await self._secrets.due(tenant)
         return secrets_pb2.ListSecretsResponse(secrets=[_metadata(i) for i in infos])
 
-    async def RotateKEK(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def RotateKEK(
+        self, request: secrets_pb2.RotateKEKRequest, context: grpc.aio.ServicerContext
+    ) -> secrets_pb2.RotateKEKResponse:
         rotations = await self._kek.rotate(request.tenant or None)
         current_call().details["rotations"] = [
             {"tenant": r.tenant, "kek": r.new_label, "rewrapped": r.rewrapped} for r in rotations

@@ -118,15 +118,21 @@ class WorkloadAPIServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type:
                 yield message
             snapshot = await self._agent.wait_change(snapshot.version)
 
-    async def FetchX509SVID(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def FetchX509SVID(
+        self, request: workload_pb2.X509SVIDRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[workload_pb2.X509SVIDResponse]:
         async for message in self._stream(context, "x509"):
             yield message
 
-    async def FetchX509Bundles(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def FetchX509Bundles(
+        self, request: workload_pb2.X509BundlesRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[workload_pb2.X509BundlesResponse]:
         async for message in self._stream(context, "x509-bundles"):
             yield message
 
-    async def FetchJWTBundles(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def FetchJWTBundles(
+        self, request: workload_pb2.JWTBundlesRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[workload_pb2.JWTBundlesResponse]:
         async for message in self._stream(context, "jwt-bundles"):
             yield message
 

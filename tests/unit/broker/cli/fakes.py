@@ -19,7 +19,7 @@ from broker.api.client.access import (
     PolicyDecision,
     RegoPolicy,
 )
-from broker.api.client.base import CAPolicyDocument
+from broker.api.client.ca import CAPolicyDocument
 from broker.api.client.database import Connection, Credentials, Lease, Role
 from broker.api.client.identity import Attestor, Entry, JoinToken
 from broker.api.client.kms import KeyDetails, KeyMeta, KeyVersionView
@@ -62,8 +62,8 @@ class Recorder:
 
 @dataclass
 class FakeClients:
-    """`broker.cli.Clients` with fakes; `audit` defaults to the `ca` fake (one `BrokerClient`
-    serves both, as in production)."""
+    """`broker.cli.Clients` with fakes; `audit` defaults to the `ca` fake (one fake may
+    answer both the CA and the audit calls)."""
 
     ca: Any = None
     audit: Any = None

@@ -17,19 +17,18 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
-from broker.api.client.base import (
+from broker.api.client.audit import AuditEntry, AuditVerification
+from broker.api.client.base import ClientError
+from broker.api.client.ca import (
     X509SVID,
-    AuditEntry,
-    AuditVerification,
     Authority,
     Bundle,
     CAPolicyDocument,
     CAStatusReport,
-    ClientError,
     MintedJWTSVID,
     RotateResult,
 )
-from broker.cli import BrokerAPI, CliContext, ConnectionSettings, cli, run
+from broker.cli import CliContext, ConnectionSettings, cli, run
 from tests.unit.broker.cli.fakes import FakeClients
 
 EXPIRES = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -173,7 +172,7 @@ class Harness:
     intact: bool = True
     checkpoint_json: str = ""
 
-    def factory(self, settings: ConnectionSettings) -> BrokerAPI:
+    def factory(self, settings: ConnectionSettings) -> FakeClient:
         client = FakeClient(
             settings, fail=self.fail, intact=self.intact, checkpoint_json=self.checkpoint_json
         )

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from broker.cli import BrokerAPI, CliContext, ConnectionSettings, cli
+from broker.cli import CliContext, ConnectionSettings, cli
 from tests.unit.broker.cli.fakes import FakeClients
 from tests.unit.broker.cli.test_cli import FakeClient
 
@@ -32,7 +32,7 @@ def homes(tmp_path: Path) -> tuple[Path, Path]:
 def _presented(args: list[str], env: dict[str, str]) -> ConnectionSettings:
     seen: list[ConnectionSettings] = []
 
-    def factory(settings: ConnectionSettings) -> BrokerAPI:
+    def factory(settings: ConnectionSettings) -> FakeClient:
         seen.append(settings)
         return FakeClient(settings)
 
