@@ -26,7 +26,7 @@ from broker.attestation import (
 )
 from broker.authority import CAService, IssuedJWT, IssuedX509
 from broker.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
-from broker.policy import Caller
+from broker.policy import Authorize, Caller, decide_absent, opaque_refusals
 from broker.storage.identity import (
     AttestorRecord,
     DenyRecord,
@@ -42,6 +42,7 @@ __all__ = [
     "AgentSync",
     "AuthorizeAttestor",
     "AuthorizeEntry",
+    "ENTRY_REFUSAL",
     "Denylist",
     "IdentityService",
     "check_selector",
@@ -64,6 +65,9 @@ _SELECTOR_KEYS = {
     "group": r"[^:\s]{1,64}",
 }
 _SERIAL = re.compile(r"^[0-9a-f]{1,40}$")
+
+# What an agent is told when it may not mint for an entry, whether or not the entry exists.
+ENTRY_REFUSAL = "this agent is not the parent of that registration entry"
 
 
 def check_selector(selector: str) -> str:
@@ -358,11 +362,28 @@ class IdentityService:
             bundle_sequence=bundle.sequence,
         )
 
+    async def authorized_entry(
+        self, entry_id: str, agent: Caller, authorize: Authorize
+    ) -> EntryRecord:
+        """Entry `entry_id`, once `authorize` allowed `agent` to mint for it (as its parent).
+        An unknown entry is decided as one with no parent: an agent is refused exactly as for
+        another agent's entry (same code, same message), so entry IDs cannot be probed; an
+        operator learns that it is absent (NotFound)."""
+        authorize = opaque_refusals(authorize, agent, ENTRY_REFUSAL)
+        entry = await self._store.get_entry(entry_id) if entry_id else None
+        if entry is None:
+            absent = NotFound(f"no registration entry {entry_id[:80]!r}")
+            decide_absent(authorize, entry_id[:64], {"parent": ""}, absent)
+        authorize(entry.id, {"parent": entry.parent_id})
+        return entry
+
     async def mint_entry_x509(
-        self, entry: EntryRecord, csr: bytes, agent: Caller, serial: str | None
+        self, entry_id: str, csr: bytes, agent: Caller, authorize: Authorize, serial: str | None
     ) -> IssuedX509:
-        """The caller must already be authorized as the entry's parent. PermissionDenied when
-        the agent (its ID, certificate or lineage) or the entry's own SPIFFE ID is denied."""
+        """An X.509-SVID for entry `entry_id`, if `authorize` allows `agent` (its parent; see
+        `authorized_entry`). PermissionDenied when the agent (its ID, certificate or lineage)
+        or the entry's own SPIFFE ID is denied."""
+        entry = await self.authorized_entry(entry_id, agent, authorize)
         await self.check_allowed(agent.spiffe_id, serial, _ancestors(agent))
         await self._check_entry_allowed(entry)
         if not csr:
@@ -378,8 +399,15 @@ class IdentityService:
         )
 
     async def mint_entry_jwt(
-        self, entry: EntryRecord, audience: Sequence[str], agent: Caller, serial: str | None
+        self,
+        entry_id: str,
+        audience: Sequence[str],
+        agent: Caller,
+        authorize: Authorize,
+        serial: str | None,
     ) -> IssuedJWT:
+        """A JWT-SVID for entry `entry_id`, as `mint_entry_x509`."""
+        entry = await self.authorized_entry(entry_id, agent, authorize)
         await self.check_allowed(agent.spiffe_id, serial, _ancestors(agent))
         await self._check_entry_allowed(entry)
         ttl = dt.timedelta(seconds=entry.jwt_ttl) if entry.jwt_ttl else None

@@ -196,6 +196,48 @@ async def put_web_pii(broker: BrokerHarness) -> bytes:
     return value
 
 
+async def test_entry_ids_cannot_be_probed_by_an_agent(broker: BrokerHarness) -> None:
+    """An agent asking for an entry that does not exist is refused exactly as for another
+    agent's entry (same code, same message, both audited as refusals); only an operator learns
+    that it is absent. Issue 17: the rule databases and secrets follow."""
+    op = identity_stub(broker)
+    other = await op.CreateEntry(
+        identity_pb2.Entry(
+            spiffe_id=DEV_WORKLOAD, parent_id=f"{AGENT_ID}-other", selectors=["unix:uid:1"]
+        )
+    )
+    agent = identity_stub(broker, broker.identity(AGENT_ID))
+    key = ec.generate_private_key(ec.SECP256R1())
+    before = await issued_serials(broker)
+
+    answers = []
+    for name, entry_id in (("probe-other", other.id), ("probe-absent", "no-such-entry-id")):
+        err = await refused(
+            agent.MintEntryX509(
+                identity_pb2.MintEntryX509Request(entry_id=entry_id, csr=_csr(key)),
+                metadata=cid(name),
+            )
+        )
+        answers.append((err.code(), err.details()))
+        event = await broker.event_for(name)
+        assert event["outcome"] == "PERMISSION_DENIED"
+        assert event["decision"] == "deny"
+    assert answers[0] == answers[1]
+    assert answers[0][0] == grpc.StatusCode.PERMISSION_DENIED
+    err = await refused(
+        agent.MintEntryJWT(
+            identity_pb2.MintEntryJWTRequest(entry_id="no-such-entry-id", audience=["db"])
+        )
+    )
+    assert (err.code(), err.details()) == answers[0]
+    assert await issued_serials(broker) == before
+
+    err = await refused(
+        op.MintEntryX509(identity_pb2.MintEntryX509Request(entry_id="no-such-entry-id"))
+    )
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+
+
 async def test_an_operator_cannot_mint_a_prod_identity_alone(broker: BrokerHarness) -> None:
     await put_web_pii(broker)
     ca = broker.ca()

@@ -161,10 +161,8 @@ class WorkloadIdentityServicer(identity_pb2_grpc.WorkloadIdentityServicer):  # t
         self, request: identity_pb2.MintEntryX509Request, context: grpc.aio.ServicerContext
     ) -> identity_pb2.EntryX509SVID:
         call = current_call()
-        entry = await self._svc.get_entry(request.entry_id)
-        call.authorize(entry.id, {"parent": entry.parent_id})
         issued = await self._svc.mint_entry_x509(
-            entry, bytes(request.csr), call.caller, _peer_serial(context)
+            request.entry_id, bytes(request.csr), call.caller, call.authorize, _peer_serial(context)
         )
         call.details.update(
             spiffe_id=issued.spiffe_id,
@@ -183,10 +181,12 @@ class WorkloadIdentityServicer(identity_pb2_grpc.WorkloadIdentityServicer):  # t
         self, request: identity_pb2.MintEntryJWTRequest, context: grpc.aio.ServicerContext
     ) -> identity_pb2.EntryJWTSVID:
         call = current_call()
-        entry = await self._svc.get_entry(request.entry_id)
-        call.authorize(entry.id, {"parent": entry.parent_id})
         token = await self._svc.mint_entry_jwt(
-            entry, tuple(request.audience), call.caller, _peer_serial(context)
+            request.entry_id,
+            tuple(request.audience),
+            call.caller,
+            call.authorize,
+            _peer_serial(context),
         )
         call.details.update(
             spiffe_id=token.spiffe_id,
