@@ -46,6 +46,7 @@ __all__ = [
     "SealedBlob",
     "SealedStore",
     "aad",
+    "aad_field",
     "kek_label",
 ]
 
@@ -77,6 +78,16 @@ def aad(*parts: str | int) -> bytes:
         raw = str(part).encode()
         out += struct.pack(">I", len(raw)) + raw
     return bytes(out)
+
+
+def aad_field(value: object) -> str:
+    """One stored field as an `aad` part for a row MAC: None as a NUL (distinct from any text,
+    the empty string included), datetimes in UTC to the microsecond, the rest as text."""
+    if value is None:
+        return "\x00"
+    if isinstance(value, dt.datetime):
+        return value.astimezone(dt.UTC).isoformat(timespec="microseconds")
+    return str(value)
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from broker.config import DEFAULT_JUSTIFICATION_REQUIRED
-from broker.envelope import Envelope, SealedBlob, aad
+from broker.envelope import Envelope, SealedBlob, aad, aad_field
 from broker.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -136,20 +136,12 @@ def _integrity_refusal() -> SecretIntegrityError:
     )
 
 
-def _field(value: object) -> str:
-    if value is None:
-        return "\x00"  # absent, distinct from any text (the empty string included)
-    if isinstance(value, dt.datetime):
-        return value.astimezone(dt.UTC).isoformat(timespec="microseconds")
-    return str(value)
-
-
 def metadata_bytes(record: SecretRecord) -> bytes:
     """The canonical, unambiguous bytes a metadata MAC covers: every field but the MAC."""
     return aad(
         "broker.secret-metadata.v1",
         *(
-            _field(v)
+            aad_field(v)
             for v in (
                 record.tenant,
                 record.ref,
@@ -176,9 +168,9 @@ def version_bytes(tenant: str, ref: str, version: VersionRecord) -> bytes:
         tenant,
         ref,
         version.version,
-        _field(version.created_at),
-        _field(version.retire_at),
-        _field(version.revoked_at),
+        aad_field(version.created_at),
+        aad_field(version.retire_at),
+        aad_field(version.revoked_at),
     )
 
 

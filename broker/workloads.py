@@ -39,10 +39,10 @@ from ca.errors import CAError
 from ca.spiffeid import SpiffeId
 
 __all__ = [
+    "ENTRY_REFUSAL",
     "AgentSync",
     "AuthorizeAttestor",
     "AuthorizeEntry",
-    "ENTRY_REFUSAL",
     "Denylist",
     "IdentityService",
     "check_selector",

@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from broker.envelope import aad
+from broker.envelope import aad, aad_field
 from broker.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from broker.kms.ciphertext import NONCE_BYTES, Ciphertext
 from broker.policy import Authorize, Caller, decide_absent, opaque_refusals
@@ -110,20 +110,12 @@ def _integrity_refusal(name: str) -> KeyIntegrityError:
     )
 
 
-def _field(value: object) -> str:
-    if value is None:
-        return "\x00"
-    if isinstance(value, dt.datetime):
-        return value.astimezone(dt.UTC).isoformat(timespec="microseconds")
-    return str(value)
-
-
 def key_bytes(r: KeyRecord) -> bytes:
     """The canonical bytes a key row's MAC covers: every column but the MAC."""
     return aad(
         "broker.kms-key.v1",
         *(
-            _field(v)
+            aad_field(v)
             for v in (
                 r.tenant,
                 r.name,
