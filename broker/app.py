@@ -28,6 +28,7 @@ from broker.database.engine import open_engine
 from broker.database.reaper import LeaseReaper
 from broker.envelope import DataKeyCache, Envelope, KekRotator, SealedStore
 from broker.files import write_private_file
+from broker.forwarding import AuditForwarder, open_sink
 from broker.operators.service import OperatorService
 from broker.policy import DefaultPolicy, Policy
 from broker.ratelimit import RateLimiter
@@ -94,6 +95,16 @@ class Application:
             clock,
             config.audit.checkpoint_interval,
             f"checkpoint-{uuid.uuid4().hex}",
+        )
+        # The audit stream to the configured sinks (docs/observability.md): a leader-held job that
+        # reads committed entries; the request path never waits on it.
+        self.forwarder = AuditForwarder(
+            storage,
+            [open_sink(sink) for sink in config.audit.sinks],
+            clock,
+            f"forwarder-{uuid.uuid4().hex}",
+            batch=config.audit.forward_batch,
+            interval=config.audit.forward_interval.total_seconds(),
         )
         # Data keys unwrapped for secret reads stay in memory for a while (see DataKeyCache).
         self.envelope = Envelope(keys, storage, DataKeyCache(clock))

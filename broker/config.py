@@ -218,11 +218,36 @@ class OperatorsConfig:
             raise InvalidArgument("config: operators.session_max must be between 0 and 24h")
 
 
+SINK_SCHEMES = ("syslog+tls", "https")
+_SINK_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class AuditSink:
+    """One place the audit stream is forwarded to (docs/observability.md): `syslog+tls://HOST:PORT`
+    (RFC 5424 messages, RFC 5425 framing over TLS) or an `https://` JSON-lines webhook. `ca_file`
+    is the CA that must have signed the receiver's certificate (default: the system's)."""
+
+    name: str
+    url: str
+    ca_file: Path | None = None
+    server_name: str = ""  # the name checked in the receiver's certificate (default: its host)
+    timeout: dt.timedelta = dt.timedelta(seconds=10)
+
+    @property
+    def scheme(self) -> str:
+        return self.url.partition("://")[0]
+
+
 @dataclass(frozen=True)
 class AuditConfig:
-    """The audit ledger: how often a signed checkpoint is made (docs/ledger.md)."""
+    """The audit ledger: how often a signed checkpoint is made (docs/ledger.md), and the sinks
+    its entries are forwarded to (docs/observability.md)."""
 
     checkpoint_interval: dt.timedelta = dt.timedelta(hours=1)
+    sinks: tuple[AuditSink, ...] = ()
+    forward_interval: dt.timedelta = dt.timedelta(seconds=1)
+    forward_batch: int = 500
 
 
 @dataclass(frozen=True)
@@ -317,6 +342,10 @@ class Config:
             raise InvalidArgument("config: database.scram_iterations must be between 1 and 1000000")
         if not dt.timedelta(minutes=1) <= self.audit.checkpoint_interval <= dt.timedelta(days=7):
             raise InvalidArgument("config: audit.checkpoint_interval must be between 1m and 7d")
+        if not 1 <= self.audit.forward_batch <= 10000:
+            raise InvalidArgument("config: audit.forward_batch must be between 1 and 10000")
+        if not dt.timedelta(0) < self.audit.forward_interval <= dt.timedelta(minutes=5):
+            raise InvalidArgument("config: audit.forward_interval must be between 0 and 5m")
         if "pin-value" in self.keys.uri:
             raise InvalidArgument("config: keys.uri must not contain a PIN; use keys.pin_source")
         self.operators.validate()
@@ -459,7 +488,7 @@ _SECTIONS = {
         "operators",
         "audit",
     },
-    "audit": {"checkpoint_interval"},
+    "audit": {"checkpoint_interval", "sinks", "forward_interval", "forward_batch"},
     "secrets": {"justification_required"},
     "operators": {
         "issuer",
@@ -551,6 +580,9 @@ def _from_document(doc: Mapping[str, Any], base_dir: Path) -> Config:
     aud = doc.get("audit", {})
     audit = AuditConfig(
         checkpoint_interval=_duration(aud, "checkpoint_interval", AuditConfig.checkpoint_interval),
+        sinks=audit_sinks(aud.get("sinks", {}), base_dir),
+        forward_interval=_duration(aud, "forward_interval", AuditConfig.forward_interval),
+        forward_batch=_integer(aud, "forward_batch", AuditConfig.forward_batch),
     )
     required = doc.get("secrets", {}).get("justification_required", DEFAULT_JUSTIFICATION_REQUIRED)
     if not isinstance(required, list | tuple) or not all(isinstance(v, str) for v in required):
@@ -620,6 +652,46 @@ def _strings(section: Mapping[str, Any], key: str, default: tuple[str, ...]) -> 
     if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
         raise InvalidArgument(f"config: operators.{key} must be a list of strings")
     return tuple(value)
+
+
+def audit_sinks(section: Any, base_dir: Path) -> tuple[AuditSink, ...]:
+    """[audit.sinks.NAME] tables: url = "syslog+tls://host:port" | "https://...", ca_file,
+    server_name, timeout. Refuses any other scheme, a bad name, a URL without a host."""
+    if not isinstance(section, Mapping):
+        raise InvalidArgument("config: [audit.sinks] must be a table of [audit.sinks.NAME]")
+    sinks = []
+    for name, table in section.items():
+        if not _SINK_NAME.match(name):
+            raise InvalidArgument(f"config: audit sink name {name!r} must match [a-z0-9_-]+")
+        if not isinstance(table, Mapping):
+            raise InvalidArgument(f"config: [audit.sinks.{name}] must be a table")
+        unknown = sorted(set(table) - {"url", "ca_file", "server_name", "timeout"})
+        if unknown:
+            raise InvalidArgument(f"config: unknown key {unknown[0]!r} in [audit.sinks.{name}]")
+        url = str(table.get("url", ""))
+        scheme, sep, rest = url.partition("://")
+        if not sep or scheme not in SINK_SCHEMES:
+            raise InvalidArgument(
+                f"config: audit sink {name!r}: url must start with syslog+tls:// or https:// "
+                f"(got {url!r})"
+            )
+        host = rest.split("/", 1)[0]
+        if not host or (scheme == "syslog+tls" and not host.rpartition(":")[2].isdigit()):
+            raise InvalidArgument(
+                f"config: audit sink {name!r}: url needs a host"
+                + (" and a port" if scheme == "syslog+tls" else "")
+            )
+        ca = table.get("ca_file")
+        sinks.append(
+            AuditSink(
+                name=name,
+                url=url,
+                ca_file=None if ca is None else base_dir / str(ca),
+                server_name=str(table.get("server_name", "")),
+                timeout=_duration(table, "timeout", AuditSink.timeout),
+            )
+        )
+    return tuple(sinks)
 
 
 def _operators(section: Mapping[str, Any]) -> OperatorsConfig:

@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.fixtures.postgres",
     "tests.fixtures.mariadb",
     "tests.fixtures.oidc_provider",
+    "tests.fixtures.rsyslog",
 ]
