@@ -4,7 +4,14 @@ cursor. It never touches the request path: the ledger commits as before and the 
 what was committed. A failed delivery leaves the cursor where it was and waits with capped
 exponential backoff; after a restart the loop resumes from the stored cursor. Delivery is at
 least once (a batch may arrive twice if the broker dies between delivery and cursor move):
-receivers deduplicate by `seq`."""
+receivers deduplicate by `seq`.
+
+A sink that acknowledges (HTTPS: a 2xx answer) confirms a batch at once. Syslog over TLS has no
+acknowledgement, and a receiver killed after reading a batch into memory but before handling
+it looks, from the sender's side, exactly like one that handled it and closed. So a syslog
+batch is only "sent" until a LATER connection to the receiver succeeds (the next batch, or an
+empty probe connection when there is nothing new); only then does the stored cursor move past
+it. Any failure rewinds to the stored cursor and sends the unconfirmed entries again."""
 
 from __future__ import annotations
 
@@ -62,7 +69,8 @@ def syslog_message(rec: AuditRecord, hostname: str) -> str:
 @dataclass
 class SinkState:
     sink: Sink
-    cursor: int | None = None  # None: not read from storage yet
+    cursor: int | None = None  # confirmed (stored); None: not read from storage yet
+    sent: int = 0  # delivered but not yet confirmed (syslog), >= cursor
     failures: int = 0
     retry_at: float = 0.0
     delivered: int = 0
@@ -146,8 +154,10 @@ class AuditForwarder:
         if state.cursor is None:
             stored = await self._storage.get_meta(CURSOR_PREFIX + name)
             state.cursor = int(stored) if stored else 0
-        records = await self._storage.read_audit(state.cursor, self._batch)
-        if not records:
+            state.sent = state.cursor
+        acknowledges = getattr(state.sink, "acknowledges", True)
+        records = await self._storage.read_audit(state.sent, self._batch)
+        if not records and state.sent == state.cursor:
             return False
         messages = [
             (
@@ -159,23 +169,30 @@ class AuditForwarder:
         try:
             await state.sink.deliver(messages)
         except SinkError as exc:
+            state.sent = state.cursor  # send everything unconfirmed again
             state.failures += 1
             wait = self.backoff(state.failures)
             state.retry_at = self._monotonic() + wait
             state.last_error = str(exc)
             metrics.record_audit_forward_failure(name)
             log.warning(
-                "audit sink %s: entries %d-%d not delivered (%s); retry in %.0fs",
+                "audit sink %s: entries after %d not delivered (%s); retry in %.0fs",
                 name,
-                records[0].seq,
-                records[-1].seq,
+                state.cursor,
                 exc,
                 wait,
             )
             return False
         state.failures, state.retry_at, state.last_error = 0, 0.0, ""
-        state.cursor = records[-1].seq
-        state.delivered += len(records)
-        await self._storage.set_meta(CURSOR_PREFIX + name, str(state.cursor))
-        metrics.record_audit_forwarded(name, len(records))
-        return len(records) == self._batch
+        # This connection worked: what was sent on earlier ones is confirmed.
+        confirmed = state.sent
+        if records:
+            state.sent = records[-1].seq
+            state.delivered += len(records)
+            metrics.record_audit_forwarded(name, len(records))
+        if acknowledges:
+            confirmed = state.sent
+        if confirmed != state.cursor:
+            state.cursor = confirmed
+            await self._storage.set_meta(CURSOR_PREFIX + name, str(state.cursor))
+        return len(records) == self._batch or state.sent != state.cursor
