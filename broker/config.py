@@ -239,6 +239,36 @@ class AuditSink:
         return self.url.partition("://")[0]
 
 
+NOTIFICATION_KINDS = (
+    "secret.revoked",
+    "leases.revoked_by_prefix",
+    "svid.denied",
+    "breakglass.issued",
+    "breakglass.used",
+    "anomaly.detected",
+    "audit.verification_failed",
+)
+
+
+@dataclass(frozen=True)
+class NotifyChannel:
+    """A webhook that receives signed notifications (docs/observability.md): an https:// URL,
+    the CA its certificate must chain to, and the kinds it wants (default: all)."""
+
+    name: str
+    url: str
+    ca_file: Path | None = None
+    server_name: str = ""
+    timeout: dt.timedelta = dt.timedelta(seconds=10)
+    events: tuple[str, ...] = NOTIFICATION_KINDS
+
+
+@dataclass(frozen=True)
+class NotificationsConfig:
+    channels: tuple[NotifyChannel, ...] = ()
+    retries: int = 5
+
+
 @dataclass(frozen=True)
 class AuditConfig:
     """The audit ledger: how often a signed checkpoint is made (docs/ledger.md), and the sinks
@@ -264,6 +294,7 @@ class Config:
 
     operators: OperatorsConfig = field(default_factory=OperatorsConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
     dev: bool = False
 
     @property
@@ -342,6 +373,8 @@ class Config:
             raise InvalidArgument("config: database.scram_iterations must be between 1 and 1000000")
         if not dt.timedelta(minutes=1) <= self.audit.checkpoint_interval <= dt.timedelta(days=7):
             raise InvalidArgument("config: audit.checkpoint_interval must be between 1m and 7d")
+        if not 0 <= self.notifications.retries <= 20:
+            raise InvalidArgument("config: notifications.retries must be between 0 and 20")
         if not 1 <= self.audit.forward_batch <= 10000:
             raise InvalidArgument("config: audit.forward_batch must be between 1 and 10000")
         if not dt.timedelta(0) < self.audit.forward_interval <= dt.timedelta(minutes=5):
@@ -487,7 +520,9 @@ _SECTIONS = {
         "secrets",
         "operators",
         "audit",
+        "notifications",
     },
+    "notifications": {"channels", "retries"},
     "audit": {"checkpoint_interval", "sinks", "forward_interval", "forward_batch"},
     "secrets": {"justification_required"},
     "operators": {
@@ -589,8 +624,14 @@ def _from_document(doc: Mapping[str, Any], base_dir: Path) -> Config:
         raise InvalidArgument(
             'config: secrets.justification_required must be a list of names, e.g. ["prod", "pii"]'
         )
+    notes = doc.get("notifications", {})
+    notifications = NotificationsConfig(
+        channels=notify_channels(notes.get("channels", {}), base_dir),
+        retries=_integer(notes, "retries", NotificationsConfig.retries),
+    )
     return Config(
         audit=audit,
+        notifications=notifications,
         operators=_operators(doc.get("operators", {})),
         database=database,
         secrets=SecretsConfig(justification_required=tuple(required)),
@@ -692,6 +733,43 @@ def audit_sinks(section: Any, base_dir: Path) -> tuple[AuditSink, ...]:
             )
         )
     return tuple(sinks)
+
+
+def notify_channels(section: Any, base_dir: Path) -> tuple[NotifyChannel, ...]:
+    """[notifications.channels.NAME] tables: url = "https://...", ca_file, server_name,
+    timeout, events = [kinds]. Refuses another scheme, a bad name, an unknown kind."""
+    if not isinstance(section, Mapping):
+        raise InvalidArgument("config: [notifications.channels] must be a table of tables")
+    channels = []
+    for name, table in section.items():
+        where = f"[notifications.channels.{name}]"
+        if not _SINK_NAME.match(name):
+            raise InvalidArgument(f"config: channel name {name!r} must match [a-z0-9_-]+")
+        if not isinstance(table, Mapping):
+            raise InvalidArgument(f"config: {where} must be a table")
+        unknown = sorted(set(table) - {"url", "ca_file", "server_name", "timeout", "events"})
+        if unknown:
+            raise InvalidArgument(f"config: unknown key {unknown[0]!r} in {where}")
+        url = str(table.get("url", ""))
+        if not url.startswith("https://") or len(url) <= len("https://"):
+            raise InvalidArgument(f"config: {where}: url must be https://HOST/... (got {url!r})")
+        events = _strings(table, "events", NOTIFICATION_KINDS)
+        bad = [e for e in events if e not in NOTIFICATION_KINDS]
+        if bad:
+            known = ", ".join(NOTIFICATION_KINDS)
+            raise InvalidArgument(f"config: {where}: unknown event {bad[0]!r} (known: {known})")
+        ca = table.get("ca_file")
+        channels.append(
+            NotifyChannel(
+                name=name,
+                url=url,
+                ca_file=None if ca is None else base_dir / str(ca),
+                server_name=str(table.get("server_name", "")),
+                timeout=_duration(table, "timeout", NotifyChannel.timeout),
+                events=events,
+            )
+        )
+    return tuple(channels)
 
 
 def _operators(section: Mapping[str, Any]) -> OperatorsConfig:
