@@ -7,4 +7,5 @@ pytest_plugins = [
     "tests.fixtures.mariadb",
     "tests.fixtures.oidc_provider",
     "tests.fixtures.rsyslog",
+    "tests.fixtures.webhook",
 ]
