@@ -21,6 +21,7 @@ from broker.storage.interface import Storage
 from ca.clock import FakeClock
 from ca.keys import SoftwareBackend, mac_signer
 from tests.fixtures.webhook import WebhookReceiver
+from tests.integration.conftest import make_config
 
 
 @pytest.fixture
@@ -224,3 +225,43 @@ async def test_the_audit_stream_to_a_webhook_sink(
     assert [r["seq"] for r in lines] == [1, 2, 3, 4, 5]
     assert webhook.requests[0][0]["Content-Type"] == "application/x-ndjson"
     assert await storage.get_meta("audit_forward:hook") == "5"
+
+
+async def test_an_svid_deny_through_the_server_is_notified(
+    tmp_path: Path, webhook: WebhookReceiver
+) -> None:
+    """The whole wiring: Application with a configured channel, the real gRPC pipeline."""
+    from dataclasses import replace
+
+    from broker.api._proto import identity_pb2
+    from broker.api.server.serving import serve_application
+    from broker.app import Application
+    from broker.config import NotificationsConfig
+    from tests.integration.test_identity import WEB_ID, Served
+
+    config = make_config(tmp_path)
+    channel = NotifyChannel("oncall", webhook.url, webhook.ca_file, events=("svid.denied",))
+    config = replace(config, notifications=NotificationsConfig(channels=(channel,)))
+    store = await open_storage(config.storage.resolved_dsn())
+    keys = SoftwareBackend()
+    app = Application(config, keys, store, FakeClock(dt.datetime.now(dt.UTC)))
+    await app.start()
+    served = await serve_application(app)
+    state = Served(app, served, FakeClock(), [])
+    try:
+        op = state.operator()
+        await op.DenySVID(identity_pb2.DenySVIDRequest(target=WEB_ID))
+        await app.ledger.drain()
+        await app.notifier.drain()
+        [(headers, body)] = webhook.requests
+        note = json.loads(body)
+        assert note["kind"] == "svid.denied"
+        assert note["resource"] == WEB_ID
+        assert headers["X-Broker-Signature"] == app.notifier.sign(body)
+        [delivered] = await _entries(store, "notification.delivered")
+        assert delivered["details"]["kind"] == "svid.denied"  # type: ignore[index]
+    finally:
+        for ch in state.channels:
+            await ch.close()
+        await served.server.stop(grace=None)
+        await app.close()
