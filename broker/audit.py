@@ -825,7 +825,18 @@ class AuditLedger:
     async def verify(self, page: int = 1000, checkpoint: Checkpoint | None = None) -> Verification:
         """Walk the whole chain: contiguous seqs, linked hashes, recomputed hashes, every entry
         inside a MACed group, epoch records signed, the head matching the newest entry; with
-        `checkpoint`, also that the ledger still holds the entry it witnessed."""
+        `checkpoint`, also that the ledger still holds the entry it witnessed. A failed
+        verification is also handed to the integrity hooks (the notifier pages it)."""
+        result = await self._verify(page, checkpoint)
+        if not result.intact:
+            for hook in self._hooks:
+                try:
+                    hook(f"verification failed at entry {result.first_broken_seq}: {result.reason}")
+                except Exception:
+                    log.exception("audit integrity hook failed")
+        return result
+
+    async def _verify(self, page: int, checkpoint: Checkpoint | None) -> Verification:
         walk = _Walk(label=self._label(1), key_present=self._keys.has_key(self._label(1)))
         walk.hash_only_from = 0 if walk.key_present else 1
         prev_hash, expected_seq, count = GENESIS, 1, 0
