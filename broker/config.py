@@ -258,7 +258,6 @@ class NotifyChannel:
     name: str
     url: str
     ca_file: Path | None = None
-    server_name: str = ""
     timeout: dt.timedelta = dt.timedelta(seconds=10)
     events: tuple[str, ...] = NOTIFICATION_KINDS
 
@@ -722,6 +721,10 @@ def audit_sinks(section: Any, base_dir: Path) -> tuple[AuditSink, ...]:
                 f"config: audit sink {name!r}: url needs a host"
                 + (" and a port" if scheme == "syslog+tls" else "")
             )
+        if scheme == "https" and "server_name" in table:
+            raise InvalidArgument(
+                f"config: audit sink {name!r}: server_name is for syslog+tls sinks only"
+            )
         ca = table.get("ca_file")
         sinks.append(
             AuditSink(
@@ -747,7 +750,7 @@ def notify_channels(section: Any, base_dir: Path) -> tuple[NotifyChannel, ...]:
             raise InvalidArgument(f"config: channel name {name!r} must match [a-z0-9_-]+")
         if not isinstance(table, Mapping):
             raise InvalidArgument(f"config: {where} must be a table")
-        unknown = sorted(set(table) - {"url", "ca_file", "server_name", "timeout", "events"})
+        unknown = sorted(set(table) - {"url", "ca_file", "timeout", "events"})
         if unknown:
             raise InvalidArgument(f"config: unknown key {unknown[0]!r} in {where}")
         url = str(table.get("url", ""))
@@ -764,7 +767,6 @@ def notify_channels(section: Any, base_dir: Path) -> tuple[NotifyChannel, ...]:
                 name=name,
                 url=url,
                 ca_file=None if ca is None else base_dir / str(ca),
-                server_name=str(table.get("server_name", "")),
                 timeout=_duration(table, "timeout", NotifyChannel.timeout),
                 events=events,
             )

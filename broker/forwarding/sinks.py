@@ -115,7 +115,6 @@ class WebhookSink:
         self._url = urllib.parse.urlsplit(config.url)
         self._timeout = config.timeout.total_seconds()
         self._ctx = tls_context(config.ca_file)
-        self._server_name = config.server_name
 
     async def deliver(self, messages: Sequence[tuple[str, bytes]]) -> None:
         body = b"".join(line + b"\n" for _, line in messages)

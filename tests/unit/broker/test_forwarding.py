@@ -197,6 +197,7 @@ async def test_recording_does_not_wait_for_a_sink(storage: Storage, ledger: Audi
         ({"Bad Name": {"url": "https://siem.example/"}}, "must match"),
         ({"siem": {"url": "https://siem.example/", "cafile": "x"}}, "unknown key 'cafile'"),
         ({"siem": "https://siem.example/"}, "must be a table"),
+        ({"h": {"url": "https://h.example/", "server_name": "x"}}, "for syslog+tls sinks only"),
     ],
 )
 def test_bad_sinks_are_refused(sinks: dict[str, object], message: str) -> None:
