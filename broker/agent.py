@@ -95,6 +95,7 @@ class SyncResult:
     trust_domain: str
     bundle_jwks: bytes
     bundle_sequence: int
+    crl: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,7 @@ class Snapshot:
     svids: Mapping[str, WorkloadSVID] = field(default_factory=dict)
 
     bundle_der: bytes = b""  # concatenated DER of the X.509 authorities
+    crl: tuple[bytes, ...] = ()  # DER CRLs of the denied serials, as the broker published them
     jwt_bundle_json: bytes = b'{"keys":[]}'  # the JWT authorities as a plain JWKS
 
     def with_bundle(self, bundle: TrustBundle, sequence: int) -> Snapshot:
@@ -559,7 +561,7 @@ class Agent:
             self._check_bundle(result.trust_domain, candidate)
             bundle = candidate
         entries = tuple(sorted(result.entries, key=lambda e: e.id))
-        if bundle is snap.bundle and entries == snap.entries:
+        if bundle is snap.bundle and entries == snap.entries and result.crl == snap.crl:
             return
         keep = {e.id for e in entries}
         # An entry whose definition changed gets a new SVID.
@@ -579,7 +581,7 @@ class Agent:
             if any(bundle.jwt_authorities.get(kid) != key for kid, key in old_keys.items()):
                 self._jwt_cache.clear()  # a JWT key left the bundle: mint (and check) again
         updated = dataclasses.replace(
-            snap, trust_domain=result.trust_domain, entries=entries, svids=svids
+            snap, trust_domain=result.trust_domain, entries=entries, svids=svids, crl=result.crl
         )
         if bundle is not snap.bundle:
             updated = updated.with_bundle(bundle, result.bundle_sequence)

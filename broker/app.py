@@ -28,9 +28,11 @@ from broker.database.engine import open_engine
 from broker.database.reaper import LeaseReaper
 from broker.envelope import DataKeyCache, Envelope, KekRotator, SealedStore
 from broker.files import write_private_file
+from broker.forwarding import AuditForwarder, open_sink
 from broker.kms import KeyService
 from broker.kms.lifecycle import KeyLifecycleJob
 from broker.kms.report import ComplianceReporter
+from broker.notifications import Notifier
 from broker.operators.service import OperatorService
 from broker.policy import DefaultPolicy, Policy
 from broker.ratelimit import RateLimiter
@@ -98,6 +100,28 @@ class Application:
             config.audit.checkpoint_interval,
             f"checkpoint-{uuid.uuid4().hex}",
         )
+        # The audit stream to the configured sinks (docs/observability.md): a leader-held job that
+        # reads committed entries; the request path never waits on it.
+        self.forwarder = AuditForwarder(
+            storage,
+            [open_sink(sink) for sink in config.audit.sinks],
+            clock,
+            f"forwarder-{uuid.uuid4().hex}",
+            batch=config.audit.forward_batch,
+            interval=config.audit.forward_interval.total_seconds(),
+        )
+        # Signed webhook notifications (docs/observability.md), raised from what the ledger
+        # commits and from its integrity failures; delivered off the request path.
+        self.notifier = Notifier(
+            config.notifications.channels,
+            keys,
+            clock,
+            self.ledger.record,
+            retries=config.notifications.retries,
+        )
+        if self.notifier.enabled:
+            self.ledger.add_commit_hook(self.notifier.observe)
+            self.ledger.add_integrity_hook(self.notifier.integrity_failure)
         # Data keys unwrapped for secret reads stay in memory for a while (see DataKeyCache).
         self.envelope = Envelope(keys, storage, DataKeyCache(clock))
         # Every store of sealed blobs registers here, so KEK rotation reaches all of them.
@@ -204,6 +228,7 @@ class Application:
         await self.ledger.open(new_epoch_reason=new_ledger_epoch, actor="operator (serve)")
         await self.secrets.start(self.secret_mac)
         self.kms.prepare()
+        self.notifier.ensure_key()
         await self.ca.bootstrap()
         await self.workloads.refresh_denylist()
         self.ledger.start()

@@ -90,6 +90,8 @@ _EPOCH_MARK = f'"what":"{EPOCH_EVENT}"'
 _ECDSA = ec.ECDSA(hashes.SHA256())
 
 IntegrityHook = Callable[[str], None]
+# Called with (seq, event) after an entry is committed, on the recording task; must not block.
+CommitHook = Callable[[int, Mapping[str, Any]], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -390,6 +392,7 @@ class AuditLedger:
         self._broken = ""  # why the writer last refused; "" once an append succeeds again
         self._opened = False
         self._hooks: list[IntegrityHook] = []
+        self._commit_hooks: list[CommitHook] = []
         if on_integrity_failure is not None:
             self._hooks.append(on_integrity_failure)
 
@@ -410,6 +413,11 @@ class AuditLedger:
         """Called (with the reason, on the event loop's thread) every time the writer refuses
         to append to a broken ledger or a checkpoint finds it broken. Must not block."""
         self._hooks.append(hook)
+
+    def add_commit_hook(self, hook: CommitHook) -> None:
+        """Called with (seq, event) after each recorded event is committed (notifications).
+        Must not block; an exception in it is logged, never given to the recorder."""
+        self._commit_hooks.append(hook)
 
     async def open(self, *, new_epoch_reason: str | None = None, actor: str = "") -> None:
         """Check the ledger and its keys before anything is served. Idempotent.
@@ -564,6 +572,11 @@ class AuditLedger:
             metrics.observe_audit_write(time.perf_counter() - started, ok=False)
             raise
         metrics.observe_audit_write(time.perf_counter() - started, ok=True)
+        for hook in self._commit_hooks:
+            try:
+                hook(seq, event)
+            except Exception:
+                log.exception("audit commit hook failed")
         return seq
 
     async def _append(self, events: list[str], *, guard: TipGuard | None) -> list[int]:
@@ -812,7 +825,18 @@ class AuditLedger:
     async def verify(self, page: int = 1000, checkpoint: Checkpoint | None = None) -> Verification:
         """Walk the whole chain: contiguous seqs, linked hashes, recomputed hashes, every entry
         inside a MACed group, epoch records signed, the head matching the newest entry; with
-        `checkpoint`, also that the ledger still holds the entry it witnessed."""
+        `checkpoint`, also that the ledger still holds the entry it witnessed. A failed
+        verification is also handed to the integrity hooks (the notifier pages it)."""
+        result = await self._verify(page, checkpoint)
+        if not result.intact:
+            for hook in self._hooks:
+                try:
+                    hook(f"verification failed at entry {result.first_broken_seq}: {result.reason}")
+                except Exception:
+                    log.exception("audit integrity hook failed")
+        return result
+
+    async def _verify(self, page: int, checkpoint: Checkpoint | None) -> Verification:
         walk = _Walk(label=self._label(1), key_present=self._keys.has_key(self._label(1)))
         walk.hash_only_from = 0 if walk.key_present else 1
         prev_hash, expected_seq, count = GENESIS, 1, 0

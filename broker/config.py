@@ -218,11 +218,65 @@ class OperatorsConfig:
             raise InvalidArgument("config: operators.session_max must be between 0 and 24h")
 
 
+SINK_SCHEMES = ("syslog+tls", "https")
+_SINK_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class AuditSink:
+    """One place the audit stream is forwarded to (docs/observability.md): `syslog+tls://HOST:PORT`
+    (RFC 5424 messages, RFC 5425 framing over TLS) or an `https://` JSON-lines webhook. `ca_file`
+    is the CA that must have signed the receiver's certificate (default: the system's)."""
+
+    name: str
+    url: str
+    ca_file: Path | None = None
+    server_name: str = ""  # the name checked in the receiver's certificate (default: its host)
+    timeout: dt.timedelta = dt.timedelta(seconds=10)
+
+    @property
+    def scheme(self) -> str:
+        return self.url.partition("://")[0]
+
+
+NOTIFICATION_KINDS = (
+    "secret.revoked",
+    "leases.revoked_by_prefix",
+    "svid.denied",
+    "breakglass.issued",
+    "breakglass.used",
+    "anomaly.detected",
+    "audit.verification_failed",
+)
+
+
+@dataclass(frozen=True)
+class NotifyChannel:
+    """A webhook that receives signed notifications (docs/observability.md): an https:// URL,
+    the CA its certificate must chain to, and the kinds it wants (default: all)."""
+
+    name: str
+    url: str
+    ca_file: Path | None = None
+    timeout: dt.timedelta = dt.timedelta(seconds=10)
+    events: tuple[str, ...] = NOTIFICATION_KINDS
+
+
+@dataclass(frozen=True)
+class NotificationsConfig:
+    channels: tuple[NotifyChannel, ...] = ()
+    retries: int = 5
+
+
 @dataclass(frozen=True)
 class AuditConfig:
-    """The audit ledger: how often a signed checkpoint is made (docs/ledger.md)."""
+    """The audit ledger: how often a signed checkpoint is made (docs/ledger.md), and the sinks
+    its entries are forwarded to (docs/observability.md)."""
 
     checkpoint_interval: dt.timedelta = dt.timedelta(hours=1)
+    sinks: tuple[AuditSink, ...] = ()
+    forward_interval: dt.timedelta = dt.timedelta(seconds=1)
+    forward_batch: int = 500
 
 
 @dataclass(frozen=True)
@@ -239,6 +293,7 @@ class Config:
 
     operators: OperatorsConfig = field(default_factory=OperatorsConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
     dev: bool = False
 
     @property
@@ -317,6 +372,12 @@ class Config:
             raise InvalidArgument("config: database.scram_iterations must be between 1 and 1000000")
         if not dt.timedelta(minutes=1) <= self.audit.checkpoint_interval <= dt.timedelta(days=7):
             raise InvalidArgument("config: audit.checkpoint_interval must be between 1m and 7d")
+        if not 0 <= self.notifications.retries <= 20:
+            raise InvalidArgument("config: notifications.retries must be between 0 and 20")
+        if not 1 <= self.audit.forward_batch <= 10000:
+            raise InvalidArgument("config: audit.forward_batch must be between 1 and 10000")
+        if not dt.timedelta(0) < self.audit.forward_interval <= dt.timedelta(minutes=5):
+            raise InvalidArgument("config: audit.forward_interval must be between 0 and 5m")
         if "pin-value" in self.keys.uri:
             raise InvalidArgument("config: keys.uri must not contain a PIN; use keys.pin_source")
         self.operators.validate()
@@ -458,8 +519,10 @@ _SECTIONS = {
         "secrets",
         "operators",
         "audit",
+        "notifications",
     },
-    "audit": {"checkpoint_interval"},
+    "notifications": {"channels", "retries"},
+    "audit": {"checkpoint_interval", "sinks", "forward_interval", "forward_batch"},
     "secrets": {"justification_required"},
     "operators": {
         "issuer",
@@ -551,14 +614,23 @@ def _from_document(doc: Mapping[str, Any], base_dir: Path) -> Config:
     aud = doc.get("audit", {})
     audit = AuditConfig(
         checkpoint_interval=_duration(aud, "checkpoint_interval", AuditConfig.checkpoint_interval),
+        sinks=audit_sinks(aud.get("sinks", {}), base_dir),
+        forward_interval=_duration(aud, "forward_interval", AuditConfig.forward_interval),
+        forward_batch=_integer(aud, "forward_batch", AuditConfig.forward_batch),
     )
     required = doc.get("secrets", {}).get("justification_required", DEFAULT_JUSTIFICATION_REQUIRED)
     if not isinstance(required, list | tuple) or not all(isinstance(v, str) for v in required):
         raise InvalidArgument(
             'config: secrets.justification_required must be a list of names, e.g. ["prod", "pii"]'
         )
+    notes = doc.get("notifications", {})
+    notifications = NotificationsConfig(
+        channels=notify_channels(notes.get("channels", {}), base_dir),
+        retries=_integer(notes, "retries", NotificationsConfig.retries),
+    )
     return Config(
         audit=audit,
+        notifications=notifications,
         operators=_operators(doc.get("operators", {})),
         database=database,
         secrets=SecretsConfig(justification_required=tuple(required)),
@@ -620,6 +692,86 @@ def _strings(section: Mapping[str, Any], key: str, default: tuple[str, ...]) -> 
     if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
         raise InvalidArgument(f"config: operators.{key} must be a list of strings")
     return tuple(value)
+
+
+def audit_sinks(section: Any, base_dir: Path) -> tuple[AuditSink, ...]:
+    """[audit.sinks.NAME] tables: url = "syslog+tls://host:port" | "https://...", ca_file,
+    server_name, timeout. Refuses any other scheme, a bad name, a URL without a host."""
+    if not isinstance(section, Mapping):
+        raise InvalidArgument("config: [audit.sinks] must be a table of [audit.sinks.NAME]")
+    sinks = []
+    for name, table in section.items():
+        if not _SINK_NAME.match(name):
+            raise InvalidArgument(f"config: audit sink name {name!r} must match [a-z0-9_-]+")
+        if not isinstance(table, Mapping):
+            raise InvalidArgument(f"config: [audit.sinks.{name}] must be a table")
+        unknown = sorted(set(table) - {"url", "ca_file", "server_name", "timeout"})
+        if unknown:
+            raise InvalidArgument(f"config: unknown key {unknown[0]!r} in [audit.sinks.{name}]")
+        url = str(table.get("url", ""))
+        scheme, sep, rest = url.partition("://")
+        if not sep or scheme not in SINK_SCHEMES:
+            raise InvalidArgument(
+                f"config: audit sink {name!r}: url must start with syslog+tls:// or https:// "
+                f"(got {url!r})"
+            )
+        host = rest.split("/", 1)[0]
+        if not host or (scheme == "syslog+tls" and not host.rpartition(":")[2].isdigit()):
+            raise InvalidArgument(
+                f"config: audit sink {name!r}: url needs a host"
+                + (" and a port" if scheme == "syslog+tls" else "")
+            )
+        if scheme == "https" and "server_name" in table:
+            raise InvalidArgument(
+                f"config: audit sink {name!r}: server_name is for syslog+tls sinks only"
+            )
+        ca = table.get("ca_file")
+        sinks.append(
+            AuditSink(
+                name=name,
+                url=url,
+                ca_file=None if ca is None else base_dir / str(ca),
+                server_name=str(table.get("server_name", "")),
+                timeout=_duration(table, "timeout", AuditSink.timeout),
+            )
+        )
+    return tuple(sinks)
+
+
+def notify_channels(section: Any, base_dir: Path) -> tuple[NotifyChannel, ...]:
+    """[notifications.channels.NAME] tables: url = "https://...", ca_file, server_name,
+    timeout, events = [kinds]. Refuses another scheme, a bad name, an unknown kind."""
+    if not isinstance(section, Mapping):
+        raise InvalidArgument("config: [notifications.channels] must be a table of tables")
+    channels = []
+    for name, table in section.items():
+        where = f"[notifications.channels.{name}]"
+        if not _SINK_NAME.match(name):
+            raise InvalidArgument(f"config: channel name {name!r} must match [a-z0-9_-]+")
+        if not isinstance(table, Mapping):
+            raise InvalidArgument(f"config: {where} must be a table")
+        unknown = sorted(set(table) - {"url", "ca_file", "timeout", "events"})
+        if unknown:
+            raise InvalidArgument(f"config: unknown key {unknown[0]!r} in {where}")
+        url = str(table.get("url", ""))
+        if not url.startswith("https://") or len(url) <= len("https://"):
+            raise InvalidArgument(f"config: {where}: url must be https://HOST/... (got {url!r})")
+        events = _strings(table, "events", NOTIFICATION_KINDS)
+        bad = [e for e in events if e not in NOTIFICATION_KINDS]
+        if bad:
+            known = ", ".join(NOTIFICATION_KINDS)
+            raise InvalidArgument(f"config: {where}: unknown event {bad[0]!r} (known: {known})")
+        ca = table.get("ca_file")
+        channels.append(
+            NotifyChannel(
+                name=name,
+                url=url,
+                ca_file=None if ca is None else base_dir / str(ca),
+                timeout=_duration(table, "timeout", NotifyChannel.timeout),
+                events=events,
+            )
+        )
+    return tuple(channels)
 
 
 def _operators(section: Mapping[str, Any]) -> OperatorsConfig:

@@ -187,10 +187,18 @@ async def _serve(
             )
         )
         reaper = asyncio.create_task(app.lease_reaper.run())  # database leases, own cadence
+        forwarder = asyncio.create_task(app.forwarder.run())  # audit stream to the sinks
+        notifier = asyncio.create_task(app.notifier.run())  # signed webhook notifications
         await stop.wait()
         log.info("shutting down")
         background.cancel()
         reaper.cancel()
+        forwarder.cancel()
+        notifier.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await forwarder
+        with contextlib.suppress(asyncio.CancelledError):
+            await notifier
         with contextlib.suppress(asyncio.CancelledError):
             await background
         with contextlib.suppress(asyncio.CancelledError):

@@ -47,12 +47,15 @@ __all__ = [
     "observe_rotation",
     "observe_rpc",
     "record_anomaly",
+    "record_audit_forward_failure",
+    "record_audit_forwarded",
     "record_audit_integrity_failure",
     "record_key_rotation",
     "record_refusal",
     "record_sdk_cache",
     "serve_metrics",
     "set_active_leases",
+    "set_audit_forward_lag",
     "set_key_age",
     "set_reaper_lag",
     "timed",
@@ -155,6 +158,23 @@ REFUSALS = Counter(
     "Requests refused before authorization, by reason (rate_limit, unauthenticated); every "
     "one is counted here, while the audit ledger gets a sample per caller and interval",
     ["reason"],
+)
+AUDIT_FORWARD_LAG = Gauge(
+    "broker_audit_forward_lag_entries",
+    "Committed audit entries not yet delivered to a sink (newest seq - the sink's cursor), "
+    "by sink, as seen by the process leading that sink's forwarder",
+    ["sink"],
+    multiprocess_mode="livemax",
+)
+AUDIT_FORWARDED = Counter(
+    "broker_audit_forwarded_entries",
+    "Audit entries delivered to a sink, by sink",
+    ["sink"],
+)
+AUDIT_FORWARD_FAILURES = Counter(
+    "broker_audit_forward_failures",
+    "Batches a sink did not take (down, refused, wrong certificate), by sink; retried with backoff",
+    ["sink"],
 )
 
 
@@ -289,3 +309,16 @@ def mark_worker_dead(pid: int) -> None:
         from prometheus_client import multiprocess
 
         _safe(multiprocess.mark_process_dead, pid)
+
+
+def set_audit_forward_lag(sink: str, entries: int) -> None:
+    """Entries committed but not yet delivered to one configured sink."""
+    _safe(lambda: AUDIT_FORWARD_LAG.labels(sink).set(max(0, entries)))
+
+
+def record_audit_forwarded(sink: str, count: int) -> None:
+    _safe(lambda: AUDIT_FORWARDED.labels(sink).inc(count))
+
+
+def record_audit_forward_failure(sink: str) -> None:
+    _safe(lambda: AUDIT_FORWARD_FAILURES.labels(sink).inc())

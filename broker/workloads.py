@@ -91,16 +91,24 @@ class Denylist:
     def __init__(self) -> None:
         self._ids: frozenset[str] = frozenset()
         self._serials: frozenset[str] = frozenset()
+        self._serial_records: tuple[DenyRecord, ...] = ()
 
     def replace(self, records: Sequence[DenyRecord]) -> None:
         self._ids = frozenset(r.value for r in records if r.kind == "spiffe_id")
         self._serials = frozenset(r.value for r in records if r.kind == "serial")
+        self._serial_records = tuple(r for r in records if r.kind == "serial")
 
     def add(self, record: DenyRecord) -> None:
         if record.kind == "spiffe_id":
             self._ids = self._ids | {record.value}
-        else:
+        elif record.value not in self._serials:
             self._serials = self._serials | {record.value}
+            self._serial_records = (*self._serial_records, record)
+
+    @property
+    def serial_records(self) -> tuple[DenyRecord, ...]:
+        """The denied serials with when they were denied (what the CRLs list)."""
+        return self._serial_records
 
     def blocks(self, spiffe_id: str, serial: str | None) -> bool:
         return spiffe_id in self._ids or (serial is not None and serial in self._serials)
@@ -112,6 +120,7 @@ class AgentSync:
     trust_domain: str
     bundle_jwks: bytes
     bundle_sequence: int
+    crl: tuple[bytes, ...] = ()  # DER CRLs of the denied serials, one per issuing CA
 
 
 class IdentityService:
@@ -360,6 +369,7 @@ class IdentityService:
             trust_domain=self.trust_domain,
             bundle_jwks=bundle.jwks,
             bundle_sequence=bundle.sequence,
+            crl=self._ca.crls(self.denylist.serial_records),
         )
 
     async def authorized_entry(

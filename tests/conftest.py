@@ -6,4 +6,6 @@ pytest_plugins = [
     "tests.fixtures.postgres",
     "tests.fixtures.mariadb",
     "tests.fixtures.oidc_provider",
+    "tests.fixtures.rsyslog",
+    "tests.fixtures.webhook",
 ]

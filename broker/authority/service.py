@@ -14,8 +14,10 @@ from cryptography import x509
 from broker.authority.issuing import IPAddress, Issuing
 from broker.authority.manager import AuthorityManager
 from broker.authority.policies import PolicyVersions
+from broker.authority.revocation import CrlPublisher
 from broker.authority.views import BundleView, CAServiceConfig, CAStatus, IssuedJWT, IssuedX509
 from broker.policy import Caller
+from broker.storage.identity import DenyRecord
 from broker.storage.interface import PolicyVersion, Storage
 from ca import rotation
 from ca.clock import Clock
@@ -45,6 +47,7 @@ class CAService:
             policy=lambda: self.policies.current,
             policy_version=lambda: self.policies.version.version,
         )
+        self.revocation = CrlPublisher(self.authorities.snapshot, keys, clock)
         self.issuing = Issuing(
             config,
             keys,
@@ -141,6 +144,10 @@ class CAService:
 
     def bundle(self) -> BundleView:
         return self.authorities.snapshot().bundle
+
+    def crls(self, denied: Sequence[DenyRecord]) -> tuple[bytes, ...]:
+        """The denylist's serials as one DER CRL per published issuing CA (cached)."""
+        return self.revocation.crls(denied)
 
     def trust_bundle_pem(self) -> bytes:
         return self.authorities.snapshot().bundle.pem.encode()

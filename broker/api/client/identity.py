@@ -286,6 +286,7 @@ class GrpcBrokerLink:
             trust_domain=r.trust_domain,
             bundle_jwks=r.bundle_jwks,
             bundle_sequence=r.bundle_sequence,
+            crl=tuple(bytes(c) for c in r.crl),
         )
 
     def mint_x509(self, entry_id: str, csr_der: bytes) -> AgentSVID:

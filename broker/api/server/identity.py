@@ -155,6 +155,7 @@ class WorkloadIdentityServicer(identity_pb2_grpc.WorkloadIdentityServicer):  # t
             trust_domain=sync.trust_domain,
             bundle_jwks=sync.bundle_jwks,
             bundle_sequence=sync.bundle_sequence,
+            crl=list(sync.crl),
         )
 
     async def MintEntryX509(

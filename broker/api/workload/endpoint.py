@@ -89,11 +89,12 @@ class WorkloadAPIServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type:
                         bundle=snap.bundle_der,
                     )
                     for s in svids
-                ]
+                ],
+                crl=list(snap.crl),
             )
         elif kind == "x509-bundles":
             message = workload_pb2.X509BundlesResponse(
-                bundles={f"spiffe://{snap.trust_domain}": snap.bundle_der}
+                bundles={f"spiffe://{snap.trust_domain}": snap.bundle_der}, crl=list(snap.crl)
             )
         else:
             message = workload_pb2.JWTBundlesResponse(

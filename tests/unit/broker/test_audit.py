@@ -705,3 +705,18 @@ async def test_new_epoch_flag_on_a_first_start_just_starts_epoch_one(
     assert led.epoch == 1 and not keys.has_key("broker-audit-mac.2")
     result = await led.verify()
     assert (result.intact, result.entries, result.notes) == (True, 1, ())
+
+
+async def test_a_failed_verification_reaches_the_integrity_hooks(
+    ledger: AuditLedger, db: Path
+) -> None:
+    # What pages `audit.verification_failed` (broker.notifications) when `audit verify` fails.
+    seen: list[str] = []
+    ledger.add_integrity_hook(seen.append)
+    await _fill(ledger, 4)
+    assert (await ledger.verify()).intact
+    assert seen == []
+    _tamper(db, "UPDATE audit SET event = ? WHERE seq = 3", '{"what":"forged"}')
+    result = await ledger.verify()
+    assert not result.intact
+    assert seen == [f"verification failed at entry 3: {result.reason}"]
