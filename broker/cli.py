@@ -854,6 +854,7 @@ from broker.commands import access as _access_commands  # noqa: E402, F401
 from broker.commands import database as _database_commands  # noqa: E402, F401
 from broker.commands import identity as _identity_commands  # noqa: E402, F401
 from broker.commands import operators as _operators_commands  # noqa: E402, F401
+from broker.commands import scan as _scan_commands  # noqa: E402, F401
 from broker.commands import secrets as _secrets_commands  # noqa: E402, F401
 
 # -- entry points ------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from google.protobuf.descriptor import ServiceDescriptor
 
-from . import access, database, identity, operators, secrets
+from . import access, database, identity, operators, scan, secrets
 from ._proto import audit_pb2, audit_pb2_grpc, ca_pb2, ca_pb2_grpc
 from .interceptors import MethodSpec
 from .servicers import (
@@ -73,6 +73,7 @@ def bindings_for(app: Application, *, ca: CAService | None = None) -> list[Servi
     bindings.extend(database.binding(app))  # Database and Leases
     bindings.append(access.binding(app))  # Rego policy, grants, approvals, break-glass
     bindings.append(operators.binding(app))  # operator login, roles, registry
+    bindings.append(scan.binding(app))  # leak-scan fingerprints
     return bindings
 
 
