@@ -852,6 +852,7 @@ def audit_tail(ctx: click.Context, limit: int) -> None:
 # from broker.commands import <feature> as _<feature>_commands
 from broker.commands import access as _access_commands  # noqa: E402, F401
 from broker.commands import database as _database_commands  # noqa: E402, F401
+from broker.commands import dev as _dev_commands  # noqa: E402, F401
 from broker.commands import identity as _identity_commands  # noqa: E402, F401
 from broker.commands import operators as _operators_commands  # noqa: E402, F401
 from broker.commands import scan as _scan_commands  # noqa: E402, F401

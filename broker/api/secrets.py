@@ -20,6 +20,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from broker.config import DEFAULT_JUSTIFICATION_REQUIRED
+from broker.devvault.pull import DEV_PULL_PURPOSE
 from broker.envelope import KekRotation, KekRotator
 from broker.errors import InvalidArgument, NotFound, PermissionDenied
 from broker.policy import Action, Caller
@@ -261,6 +262,13 @@ class SecretsServicer(secrets_pb2_grpc.SecretsServicer):  # type: ignore[misc]
         if purpose:
             call.details["purpose"] = purpose  # the workload's own declared purpose
         info, row = await self._load(tenant, request, request.version or None)
+        if purpose == DEV_PULL_PURPOSE and (info.record.environment or "") in self._justify:
+            # `broker dev pull`: production (as the policy marks it) never reaches a dev vault.
+            self._decide(request.reference, info.attributes())
+            raise PermissionDenied(
+                f"dev pull refused: environment {info.record.environment!r} is production "
+                "(secrets.justification_required); it is never copied to a dev vault"
+            )
         self._require_justification(info)
         self._decide(request.reference, info.attributes())
         secret = await self._secrets.reveal(info, row)
