@@ -120,6 +120,8 @@ def walk_paths(
                         continue
                     if not _inside(root, target):
                         yield Skip(location, "symlink out of the scanned tree (not followed)")
+                    elif not target.exists():
+                        yield Skip(location, "dangling symlink")
                     continue
                 if not path.is_file():
                     continue  # fifos, sockets, devices

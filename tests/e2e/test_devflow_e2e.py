@@ -172,3 +172,56 @@ def test_corrupted_foreign_and_keyless_vaults_are_refused(
     bad = broker_cli.run(*run_args, env={**env, "API_KEY": "secret://payments/../x"})
     assert bad.returncode == 1 and "API_KEY" in bad.stderr and len(bad.stderr_lines) == 1
     assert "cleared" in broker_cli.ok("dev", "clear", env=env).stdout
+
+
+def test_the_sdk_resolves_references_in_configuration(
+    broker_cli: BrokerCli, tmp_path: Path
+) -> None:
+    """`resolve_config` on TOML, JSON and YAML documents and `resolve_environ` on an
+    environment, through the real SDK (mTLS to the broker, its <= 5 min cache)."""
+    from broker.api.client import BrokerClient, ClientCredentials
+    from broker.api.secrets_client import BrokerSecretSource, SecretsClient
+    from broker.secretrefs import BadReference, LiveConfig, UnresolvedReference, load_document
+    from broker.secrets_sdk import SecretResolver
+
+    suffix = random.token_hex(3)
+    db_ref, api_ref = f"secret://payments/dev/db/password-{suffix}", f"{DEV_REF}-cfg-{suffix}"
+    db, api = _put(broker_cli, tmp_path, db_ref), _put(broker_cli, tmp_path, api_ref)
+    data = broker_cli.server.data_dir
+    credentials = ClientCredentials(
+        (data / "operator" / "svid.pem").read_bytes(),
+        (data / "operator" / "key.pem").read_bytes(),
+        (data / "bundle.pem").read_bytes(),
+    )
+    documents = {
+        "app.toml": f'[db]\nhost = "db.local"\npassword = "{db_ref}"\n'
+                    f'[stripe]\nkeys = ["{api_ref}", "pk_public"]\n',
+        "app.json": json.dumps({"db": {"host": "db.local", "password": db_ref},
+                                "stripe": {"keys": [api_ref, "pk_public"]}}),
+        "app.yaml": f"db:\n  host: db.local\n  password: {db_ref}\n"
+                    f"stripe:\n  keys:\n    - {api_ref}\n    - pk_public\n",
+    }  # fmt: skip
+    with BrokerClient(broker_cli.server.address, credentials) as client:
+        resolver = SecretResolver(BrokerSecretSource(SecretsClient(client)))
+        for name, text in documents.items():
+            (tmp_path / name).write_text(text)
+            document = load_document(tmp_path / name)
+            resolved = resolver.resolve_config(document)
+            assert resolved == {"db": {"host": "db.local", "password": db},
+                                "stripe": {"keys": [api, "pk_public"]}}, name  # fmt: skip
+            assert document["db"]["password"] == db_ref  # the input is not modified
+        live = LiveConfig(load_document(tmp_path / "app.toml"), resolver)
+        assert live.current()["db"]["password"] == db
+
+        environ = {"DB_PASSWORD": db_ref, "STRIPE_SECRET_REF": api_ref, "HOME": "/x",
+                   "NOTE": "see secret:// docs"}  # fmt: skip
+        assert resolver.resolve_environ(environ) == {"DB_PASSWORD": db, "STRIPE": api}
+
+        missing = f"secret://payments/dev/nothing-{suffix}"
+        with pytest.raises(UnresolvedReference) as unresolved:
+            resolver.resolve_config({"db": {"password": missing}})
+        assert missing in str(unresolved.value) and "db.password" in str(unresolved.value)
+        for bad in ("secret://payments", "secret://pay ments/dev/x", "secret://a/../b"):
+            with pytest.raises(BadReference) as refused:
+                resolver.resolve_config({"a": [{"b": bad}]})
+            assert "a[0].b" in str(refused.value)

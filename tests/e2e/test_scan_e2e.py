@@ -211,3 +211,20 @@ def test_no_false_positives_on_this_repository(broker_cli: BrokerCli, leaked: st
     assert code == 0, out[:2000] + err
     report = json.loads(out)
     assert report["hits"] == [] and report["scanned"]["blobs"] > 100
+
+
+def test_a_workload_may_not_take_fingerprints(
+    broker_cli: BrokerCli, leaked: str, tmp_path: Path
+) -> None:
+    """Fingerprints let their holder test guesses offline: a workload (even the owning
+    service) is refused, and the refusal hands out nothing."""
+    status = broker_cli.ok("ca", "status", "--output", "json").json()
+    out = tmp_path / "svid"
+    spiffe_id = f"spiffe://{status['trust_domain']}/default/dev/payments"
+    broker_cli.ok("svid", "mint", "--spiffe-id", spiffe_id, "--out", str(out))
+    env = {"BROKER_CERT": str(out / "svid.pem"), "BROKER_KEY": str(out / "key.pem")}
+    (tmp_path / "f.txt").write_text(leaked)
+    result = broker_cli.run("scan", "--no-detect-secrets", str(tmp_path / "f.txt"), env=env)
+    assert result.returncode == 1 and "permission denied" in result.stderr
+    assert len(result.stderr_lines) == 1 and leaked not in result.stdout + result.stderr
+    assert result.stdout == ""
