@@ -24,10 +24,36 @@ from .sources import Blob, Skip
 
 __all__ = ["Finding", "Hit", "ScanReport", "Scanner", "load_baseline"]
 
-_FINE: Final = re.compile(rb"[^\s\"'`,;=:(){}\[\]<>|@&?\\]+")
-_COARSE: Final = re.compile(rb"[^\s\"'`]+")
-_LINE: Final = re.compile(rb"[^\r\n]+")
-_PATTERNS: Final = (_FINE, _COARSE, _LINE)
+_FINE_DELIMS: Final = rb"\s\"'`,;=:(){}\[\]<>|@&?\\"
+_COARSE_DELIMS: Final = rb"\s\"'`"
+
+
+def _patterns(lengths: frozenset[int]) -> tuple[re.Pattern[bytes], ...]:
+    """Token patterns that only match whole tokens of a managed value's length range, so the
+    regex engine (not Python) skips everything else."""
+    if not lengths:
+        return ()
+    low, high = min(lengths), max(lengths)
+    out = []
+    for delims in (_FINE_DELIMS, _COARSE_DELIMS):
+        token = rb"[^" + delims + rb"]"
+        out.append(
+            re.compile(
+                rb"(?<!"
+                + token
+                + rb")"
+                + token
+                + b"{%d,%d}" % (low, high)
+                + rb"(?!"
+                + token
+                + rb")"
+            )
+        )
+    # Whole lines (a value with spaces or quotes in it), leading and trailing blanks aside.
+    out.append(re.compile(rb"(?m)^[ \t]*([^\r\n]{%d,%d})\r?$" % (low, high + 64)))
+    return tuple(out)
+
+
 # detect-secrets is line based and slow on minified lines: longer lines are not given to it.
 _DETECT_MAX_LINE: Final = 1000
 
@@ -120,6 +146,7 @@ class Scanner:
         self._exclude = tuple(exclude)
         self._fps = fingerprints
         self._lengths = fingerprints.lengths
+        self._patterns = _patterns(self._lengths)
         self._detect: _DetectSecrets | None = None
         self.detect_secrets_missing = False
         if detect_secrets:
@@ -144,22 +171,20 @@ class Scanner:
         hits: list[Hit] = []
         seen: set[tuple[int, str, int]] = set()
         lengths = self._lengths
-        if lengths:
-            for pattern in _PATTERNS:
-                for m in pattern.finditer(data):
-                    token = m.group()
-                    if pattern is _LINE:
-                        token = token.strip()
-                    if len(token) not in lengths:
-                        continue
-                    fp = self._fps.match(token)
-                    if fp is None:
-                        continue
-                    line = self._line(blob, data.count(b"\n", 0, m.start()))
-                    key = (line, fp.reference, fp.version)
-                    if key not in seen:
-                        seen.add(key)
-                        hits.append(Hit(blob.location, line, fp.reference, fp.version))
+        for pattern in self._patterns:
+            whole_line = pattern.groups == 1
+            for m in pattern.finditer(data):
+                token = m.group(1).strip() if whole_line else m.group()
+                if len(token) not in lengths:
+                    continue
+                fp = self._fps.match(token)
+                if fp is None:
+                    continue
+                line = self._line(blob, data.count(b"\n", 0, m.start()))
+                key = (line, fp.reference, fp.version)
+                if key not in seen:
+                    seen.add(key)
+                    hits.append(Hit(blob.location, line, fp.reference, fp.version))
         findings: list[Finding] = []
         if self._detect is not None and self._unmanaged_wanted(blob.location):
             numbered = [(self._line(blob, i), raw) for i, raw in enumerate(data.split(b"\n"))]
