@@ -30,9 +30,9 @@ def _set(*values: bytes) -> FingerprintSet:
 @pytest.mark.parametrize(
     "text",
     [
-        b'password = "hunter2hunter2"',
+        b'password = "hunter2hunter2"',  # pragma: allowlist secret
         b"PASSWORD=hunter2hunter2",
-        b"url: postgres://app:hunter2hunter2@db/app",
+        b"url: postgres://app:hunter2hunter2@db/app",  # pragma: allowlist secret
         b"  hunter2hunter2  ",
         b"call(token='hunter2hunter2', x=1)",
     ],
