@@ -228,3 +228,29 @@ def test_a_workload_may_not_take_fingerprints(
     assert result.returncode == 1 and "permission denied" in result.stderr
     assert len(result.stderr_lines) == 1 and leaked not in result.stdout + result.stderr
     assert result.stdout == ""
+
+
+def test_rotated_values_match_within_the_rollback_window_and_revoked_ones_do_not(
+    broker_cli: BrokerCli, tmp_path: Path
+) -> None:
+    ref = f"secret://billing/dev/scan/token-{random.token_hex(3)}"
+    first = f"tok{random.token_hex(10)}"
+    (tmp_path / "v").write_text(first)
+    broker_cli.ok(
+        "secrets", "put", ref, "--value-file", str(tmp_path / "v"), "--owner", "billing",
+        "--classification", "internal", "--rotation-period", "30d",
+    )  # fmt: skip
+    (tmp_path / "v").unlink()
+    leak = tmp_path / "leak.txt"
+    leak.write_text(f"token: {first}\n")
+    broker_cli.ok("secrets", "rotate", ref, "--env", "dev", "--ticket", "T-1",
+                  "--justification", "test")  # fmt: skip
+    code, out, _ = _scan(broker_cli, "--prefix", "secret://billing/", str(leak))
+    assert code == 1 and f"{leak}:1: managed secret {ref} (version 1)" in out
+    broker_cli.ok("secrets", "revoke", ref, "--justification", "leaked")
+    assert _scan(broker_cli, "--prefix", "secret://billing/", str(leak))[0] == 0
+
+    events = broker_cli.ok("audit", "tail", "-n", "20", "--output", "json").json()
+    scans = [e["event"] for e in events if e["event"]["what"] == "secrets.scan"]
+    assert scans and scans[-1]["outcome"] == "OK" and "scan_id" in scans[-1]["details"]
+    assert first not in json.dumps(events)
