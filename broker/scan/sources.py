@@ -177,7 +177,7 @@ def git_history(
 
     for raw in proc.stdout:
         line = raw.rstrip(b"\n")
-        if line.startswith(b"commit ") and len(line) == 47:
+        if line.startswith(b"commit ") and len(line) in (47, 71):  # SHA-1 or SHA-256
             yield from flush()
             commit, path = line[7:].decode("ascii"), ""
         elif line.startswith(b"diff --git "):

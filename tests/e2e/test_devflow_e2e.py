@@ -68,7 +68,9 @@ def test_pull_run_ls_expiry_and_revocation(
         assert _files_hold(home, value) == []
     assert (vault_dir / "vault.json").stat().st_mode & 0o777 == 0o600
     events = broker_cli.ok("audit", "tail", "-n", "30", "--output", "json").json()
-    pulls = [e["event"] for e in events if e["event"]["details"].get("purpose") == "dev-pull"]
+    pulls = [
+        e["event"] for e in events if e["event"].get("details", {}).get("purpose") == "dev-pull"
+    ]
     assert pulls and all(p["who"].endswith("/broker/operator/dev") for p in pulls)
 
     template = tmp_path / ".env.example"
