@@ -76,6 +76,7 @@ class Action:
     SECRETS_ROLLBACK = "secrets.rollback"
     SECRETS_REVOKE = "secrets.revoke"
     SECRETS_DELETE = "secrets.delete"
+    SECRETS_SCAN = "secrets.scan"  # broker scan fingerprints  # pragma: allowlist secret
     KEK_ROTATE = "kek.rotate"
     # Operators (people who log in)
     OPERATOR_LOGIN = "operator.login"  # no client certificate: the ID token is the credential

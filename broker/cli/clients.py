@@ -44,6 +44,7 @@ from broker.api.client.operators import (
     login,
     login_config,
 )
+from broker.api.client.scan import ScanClient
 from broker.api.client.sdk import SecretRefused, SecretResolver, SecretUnavailable
 from broker.api.client.secrets import (
     BrokerSecretSource,
@@ -87,6 +88,7 @@ __all__ = [
     "RegoPolicy",
     "Role",
     "RotateResult",
+    "ScanClient",
     "SecretDetails",
     "SecretMeta",
     "SecretRefused",
@@ -177,6 +179,9 @@ class Clients(Protocol):
     @property
     def operators(self) -> OperatorsClient: ...
 
+    @property
+    def scan(self) -> ScanClient: ...
+
     def close(self) -> None: ...
 
 
@@ -216,6 +221,10 @@ class GrpcClients:
     @cached_property
     def operators(self) -> OperatorsClient:
         return OperatorsClient(self._broker)
+
+    @cached_property
+    def scan(self) -> ScanClient:
+        return ScanClient(self._broker)
 
     def close(self) -> None:
         self._broker.close()

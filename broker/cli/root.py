@@ -2,8 +2,8 @@
 refusals, clients closed; and the entry points.
 
 The arrows: this module imports every feature module (authority, audit, identity, database,
-secrets, access, operators, serve); feature modules import only the shared modules (clients,
-options, inputs, refusals, render), never each other nor this one.
+secrets, access, operators, scan, dev, serve); feature modules import only the shared modules
+(clients, options, inputs, refusals, render), never each other nor this one.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from broker.cli.audit import audit
 from broker.cli.authority import ca, jwt, svid
 from broker.cli.clients import ClientError
 from broker.cli.database import db, lease
+from broker.cli.dev import dev
 from broker.cli.identity import attestor, entry, svid_deny, token
 from broker.cli.operators import login_group, logout, operator
 from broker.cli.options import (
@@ -29,6 +30,7 @@ from broker.cli.options import (
     connection_options,
 )
 from broker.cli.refusals import Refusal, client_error_message, one_line
+from broker.cli.scan import scan
 from broker.cli.secrets import exec_command, kek, secrets
 from broker.cli.serve import agent, serve
 
@@ -80,6 +82,8 @@ for command in (
     login_group,
     logout,
     operator,
+    scan,
+    dev,
 ):
     cli.add_command(command)
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from broker.policy import Action
 
-from . import access, audit, ca, database, identity, operators, secrets
+from . import access, audit, ca, database, identity, operators, scan, secrets
 from .binding import MethodSpec, ServiceBinding
 
 if TYPE_CHECKING:
@@ -48,6 +48,7 @@ def bindings_for(app: Application, *, ca_service: CAService | None = None) -> li
     bindings.extend(database.binding(app))  # Database and Leases
     bindings.append(access.binding(app))  # Rego policy, grants, approvals, break-glass
     bindings.append(operators.binding(app))  # operator login, roles, registry
+    bindings.append(scan.binding(app))  # leak-scan fingerprints
     return bindings
 
 
