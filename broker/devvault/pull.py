@@ -36,7 +36,7 @@ class PullRefused(Exception):
 
 
 class SecretsApi(Protocol):
-    """What a pull needs from `broker.api.secrets_client.SecretsClient`."""
+    """What a pull needs from `broker.api.client.secrets.SecretsClient`."""
 
     def list_secrets(self, *, prefix: str = "", tenant: str = "") -> Sequence[Any]: ...
 
