@@ -134,16 +134,21 @@ class HsmKey:
         from ca.keys.pkcs11 import Pkcs11Backend, refresh_module
 
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        pin = random.token_urlsafe(24).encode()
+        # Hex PINs: softhsm2-util takes PINs on its command line and init_token refuses one
+        # starting with '-', which a URL-safe token does once in 64 draws (the flaky pull).
+        pin = random.token_hex(24).encode()
         _write_private(directory / _PIN_FILE, pin)
-        conf = init_token(directory, TOKEN_LABEL, pin, random.token_urlsafe(24).encode())
-        configure_process(conf)
-        refresh_module(SOFTHSM_MODULE)
-        backend = Pkcs11Backend(TOKEN_LABEL, pin)
         try:
-            backend.create_key(KEY_LABEL, KeyKind.AES_256)
-        finally:
-            backend.close()
+            conf = init_token(directory, TOKEN_LABEL, pin, random.token_hex(24).encode())
+            configure_process(conf)
+            refresh_module(SOFTHSM_MODULE)
+            backend = Pkcs11Backend(TOKEN_LABEL, pin)
+            try:
+                backend.create_key(KEY_LABEL, KeyKind.AES_256)
+            finally:
+                backend.close()
+        except CAError as exc:
+            raise VaultKeyError(f"cannot create the dev vault's SoftHSM2 token: {exc}") from None
         return cls(directory)
 
     def wrap(self, data_key: bytes) -> bytes:

@@ -167,7 +167,10 @@ class DevVault:
                     shutil.rmtree(target)
                 elif target.exists():
                     target.unlink()
-            key = create_vault_key(self.directory, softhsm=softhsm)
+            try:
+                key = create_vault_key(self.directory, softhsm=softhsm)
+            except VaultKeyError as exc:
+                raise VaultError(str(exc)) from None
             doc.update(
                 vault_id=random.token_hex(16),
                 key=key.kind,

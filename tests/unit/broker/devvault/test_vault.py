@@ -75,3 +75,29 @@ def test_altered_vaults_are_refused(tmp_path: Path) -> None:
     (vault.directory / "vault.key").unlink()
     with pytest.raises(VaultKeyGone):
         DevVault(vault.directory, clock=clock).get(REF)
+
+
+def test_token_pins_are_hex_and_a_failed_token_is_a_vault_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The token PINs go to softhsm2-util's command line, which refuses one starting with '-'
+    (a URL-safe PIN did once in 64 draws: the flaky e2e pull); a token that cannot be made
+    is a VaultError (one-line refusal), and no vault file is written."""
+    import broker.softhsm
+    from broker.devvault import VaultError
+    from ca.errors import InvalidInput
+
+    seen: list[bytes] = []
+
+    def refuse(directory: Path, label: str, pin: bytes, so_pin: bytes) -> Path:
+        seen.extend((pin, so_pin))
+        raise InvalidInput("softhsm2-util refused")
+
+    monkeypatch.setattr(broker.softhsm, "init_token", refuse)
+    for _ in range(20):
+        vault = DevVault(tmp_path / "dev-vault", clock=FakeClock(T0))
+        with pytest.raises(VaultError, match="cannot create the dev vault's SoftHSM2 token"):
+            vault.store("dev", [PulledValue(REF, "dev", 1, b"value")], dt.timedelta(hours=1))
+        assert not (tmp_path / "dev-vault" / "vault.json").exists()
+    assert len(seen) == 40
+    assert all(len(p) == 48 and all(c in b"0123456789abcdef" for c in p) for p in seen)
