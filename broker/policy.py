@@ -76,6 +76,7 @@ class Action:
     SECRETS_ROLLBACK = "secrets.rollback"
     SECRETS_REVOKE = "secrets.revoke"
     SECRETS_DELETE = "secrets.delete"
+    SECRETS_SCAN = "secrets.scan"  # broker scan fingerprints  # pragma: allowlist secret
     KEK_ROTATE = "kek.rotate"
     # KMS keys (issue 16): administration, and use by the owning service
     KMS_KEY_CREATE = "kms.key.create"

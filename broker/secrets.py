@@ -46,12 +46,14 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from broker.config import DEFAULT_JUSTIFICATION_REQUIRED
+from broker.devvault.pull import DEV_PULL_PURPOSE
 from broker.envelope import Envelope, SealedBlob, aad, aad_field
 from broker.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
 )
 from broker.policy import Action, Authorize, Caller, decide_absent, opaque_refusals
 from broker.storage.interface import LockRepository
@@ -551,15 +553,24 @@ class SecretService:
         *,
         version: int | None = None,
         justification: str = "",
+        purpose: str = "",
         details: Details | None = None,
     ) -> SecretValue:
         """The value of a secret (its current version, or `version`) for `caller`, if
         `authorize` allows (see `authorized`). A person (operator, break-glass holder) gives a
         `justification` to read a secret whose environment or classification is in
-        `justification_required` (InvalidArgument, checked before the decision). Raises as
-        `authorized` and `reveal`."""
+        `justification_required` (InvalidArgument, checked before the decision). A read
+        declared as a dev pull (`purpose` `DEV_PULL_PURPOSE`, `broker dev pull`) of a secret
+        whose environment is in `justification_required` (production, as the policy marks it)
+        is decided, then refused (PermissionDenied): production never reaches a dev vault.
+        Raises as `authorized` and `reveal`."""
+        production_pull = False
 
         def justified(info: SecretInfo) -> Mapping[str, str]:
+            nonlocal production_pull
+            if purpose == DEV_PULL_PURPOSE and (info.record.environment or "") in self._justify:
+                production_pull = True  # refused once decided, justification or not
+                return {}
             self._require_justification(info, caller, justification)
             return {}
 
@@ -573,6 +584,11 @@ class SecretService:
             details=details,
             before_decision=justified,
         )
+        if production_pull:
+            raise PermissionDenied(
+                f"dev pull refused: environment {info.record.environment!r} is production "
+                "(secrets.justification_required); it is never copied to a dev vault"
+            )
         return await self.reveal(info, row)
 
     def _require_justification(self, info: SecretInfo, caller: Caller, justification: str) -> None:

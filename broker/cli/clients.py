@@ -43,6 +43,7 @@ from broker.api.client.operators import (
     login,
     login_config,
 )
+from broker.api.client.scan import ScanClient
 from broker.api.client.sdk import SecretRefused, SecretResolver, SecretUnavailable
 from broker.api.client.secrets import (
     BrokerSecretSource,
@@ -89,6 +90,7 @@ __all__ = [
     "RegoPolicy",
     "Role",
     "RotateResult",
+    "ScanClient",
     "SecretDetails",
     "SecretMeta",
     "SecretRefused",
@@ -139,6 +141,9 @@ class Clients(Protocol):
     @property
     def kms(self) -> KmsClient: ...
 
+    @property
+    def scan(self) -> ScanClient: ...
+
     def close(self) -> None: ...
 
 
@@ -182,6 +187,10 @@ class GrpcClients:
     @cached_property
     def kms(self) -> KmsClient:
         return KmsClient(self._broker)
+
+    @cached_property
+    def scan(self) -> ScanClient:
+        return ScanClient(self._broker)
 
     def close(self) -> None:
         self._broker.close()

@@ -2,8 +2,8 @@
 refusals, clients closed; and the entry points.
 
 The arrows: this module imports every feature module (authority, audit, identity, database,
-secrets, access, operators, kms, report, serve); feature modules import only the shared modules
-(clients, options, inputs, refusals, render), never each other nor this one.
+secrets, access, operators, kms, report, scan, dev, serve); feature modules import only the
+shared modules (clients, options, inputs, refusals, render), never each other nor this one.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from broker.cli.audit import audit
 from broker.cli.authority import ca, jwt, svid
 from broker.cli.clients import ClientError
 from broker.cli.database import db, lease
+from broker.cli.dev import dev
 from broker.cli.identity import attestor, entry, svid_deny, token
 from broker.cli.kms import key
 from broker.cli.operators import login_group, logout, operator
@@ -31,6 +32,7 @@ from broker.cli.options import (
 )
 from broker.cli.refusals import Refusal, client_error_message, one_line
 from broker.cli.report import report
+from broker.cli.scan import scan
 from broker.cli.secrets import exec_command, kek, secrets
 from broker.cli.serve import agent, serve
 
@@ -84,6 +86,8 @@ for command in (
     operator,
     key,
     report,
+    scan,
+    dev,
 ):
     cli.add_command(command)
 

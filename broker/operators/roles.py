@@ -66,6 +66,7 @@ ROLE_ACTIONS: Final[Mapping[str, frozenset[str]]] = {
         "kek.rotate",
         "lease.revoke",
         "secrets.revoke",
+        "secrets.scan",  # leak-scan fingerprints (broker scan)
         "breakglass.revoke",
         "approval.approve",
         "operator.revoke",

@@ -27,7 +27,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from broker import metrics
 from ca.clock import Clock, SystemClock
@@ -156,6 +156,20 @@ class SecretResolver:
     def resolve_env(self, references: Mapping[str, str]) -> dict[str, str]:
         """{NAME: "secret://..."} -> {NAME: value} (values decoded as UTF-8)."""
         return {name: self.get_text(ref) for name, ref in references.items()}
+
+    def resolve_config(self, document: Mapping[str, Any]) -> dict[str, Any]:
+        """A copy of a configuration document (e.g. loaded TOML/JSON/YAML) with every
+        `secret://` string value resolved; see `broker.secretrefs`."""
+        from broker.secretrefs import resolve_config
+
+        return resolve_config(document, self)
+
+    def resolve_environ(self, environ: Mapping[str, str]) -> dict[str, str]:
+        """The variables `NAME=secret://...` and `NAME_SECRET_REF=secret://...` of `environ`,
+        resolved; see `broker.secretrefs`."""
+        from broker.secretrefs import resolve_environ
+
+        return resolve_environ(environ, self)
 
     def forget(self, reference: str | None = None) -> None:
         """Drop one cached value (all with None)."""

@@ -200,6 +200,7 @@ class SecretsServicer(secrets_pb2_grpc.SecretsServicer):  # type: ignore[misc]
             call.authorize,
             version=request.version or None,
             justification=call.justification,
+            purpose=purpose,
             details=call.details,
         )
         call.details["version"] = secret.version

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from broker.policy import Action
 
-from . import access, audit, ca, database, identity, kms, operators, secrets
+from . import access, audit, ca, database, identity, kms, operators, scan, secrets
 from .binding import MethodSpec, ServiceBinding
 
 if TYPE_CHECKING:
@@ -49,6 +49,7 @@ def bindings_for(app: Application, *, ca_service: CAService | None = None) -> li
     bindings.append(access.binding(app))  # Rego policy, grants, approvals, break-glass
     bindings.append(operators.binding(app))  # operator login, roles, registry
     bindings.append(kms.binding(app))  # KMS keys for services' own data (issue 16)
+    bindings.append(scan.binding(app))  # leak-scan fingerprints
     return bindings
 
 

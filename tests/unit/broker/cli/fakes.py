@@ -73,6 +73,7 @@ class FakeClients:
     access: Any = None
     operators: Any = None
     kms: Any = None
+    scan: Any = None
     closed: bool = False
 
     def __post_init__(self) -> None:
