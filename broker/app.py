@@ -35,7 +35,7 @@ from broker.secrets import MetadataMac, SecretJanitor, SecretService
 from broker.storage import Storage
 from broker.workloads import IdentityService
 from ca.clock import Clock
-from ca.keys import KeyBackend
+from ca.keys import KeyBackend, random_source
 from ca.layout import DEV_TENANT, IdentityLayout
 from ca.spiffeid import SpiffeId
 from ca.x509svid import SERVER_PATH, chain_pem, server_name
@@ -108,6 +108,7 @@ class Application:
             clock,
             default_tenant=config.identity.default_tenant or DEV_TENANT,
             justification_required=config.secrets.justification_required,
+            random=random_source(keys).random,
         )
         self.sealed_stores.append(self.secrets)
         # Dynamic database credentials (a SealedStore: the admin passwords) and their reaper.
@@ -123,6 +124,7 @@ class Application:
             engines=functools.partial(
                 open_engine, scram_iterations=config.database.scram_iterations
             ),
+            random=random_source(keys).random,
         )
         self.sealed_stores.append(self.database)
         self.lease_reaper = LeaseReaper(self.database, storage, clock)

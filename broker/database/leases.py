@@ -31,6 +31,7 @@ from broker.database.engine import Engine, EngineUnavailable, NewUser, Statement
 from broker.database.roles import Roles, charset, render_username, statements
 from broker.database.template import Template
 from broker.errors import BrokerError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from broker.passwords import RandomBytes, generate_password, system_random
 from broker.policy import Action, Authorize, Caller, decide_absent, opaque_refusals
 from broker.storage.database import DatabaseRepository, LeaseRecord, LeaseState, RoleRecord
 from ca.clock import Clock
@@ -115,7 +116,9 @@ class Leases:
         *,
         audit: Auditor | None = None,
         notify: IrrevocableHook | None = None,
+        random: RandomBytes = system_random,
     ) -> None:
+        self._random = random
         self._store = store
         self._connections = connections
         self._roles = roles
@@ -173,7 +176,7 @@ class Leases:
         creation = statements(role.creation, engine.plugin)
         rollback = statements(role.rollback, engine.plugin) if role.rollback is not None else None
         chars = charset(role.password_charset)
-        password = "".join(secrets.choice(chars) for _ in range(role.password_length))
+        password = generate_password(self._random, role.password_length, chars)
         now = self._clock.now()
         lease = LeaseRecord(
             id=f"db/{role.name}/{secrets.token_hex(12)}",
