@@ -52,6 +52,7 @@ from broker.api.client.secrets import (
     SecretMeta,
     SecretsClient,
 )
+from broker.api.client.static_roles import StaticCreds, StaticRole, StaticRolesClient
 
 __all__ = [
     "X509SVID",
@@ -93,6 +94,9 @@ __all__ = [
     "SecretResolver",
     "SecretUnavailable",
     "SecretsClient",
+    "StaticCreds",
+    "StaticRole",
+    "StaticRolesClient",
     "login",
     "login_config",
     "run_agent",
@@ -172,6 +176,9 @@ class Clients(Protocol):
     def secrets(self) -> SecretsClient: ...
 
     @property
+    def static_roles(self) -> StaticRolesClient: ...
+
+    @property
     def access(self) -> AccessClient: ...
 
     @property
@@ -208,6 +215,10 @@ class GrpcClients:
     @cached_property
     def secrets(self) -> SecretsClient:
         return SecretsClient(self._broker)
+
+    @cached_property
+    def static_roles(self) -> StaticRolesClient:
+        return StaticRolesClient(self._broker)
 
     @cached_property
     def access(self) -> AccessClient:

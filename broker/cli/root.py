@@ -31,6 +31,7 @@ from broker.cli.options import (
 from broker.cli.refusals import Refusal, client_error_message, one_line
 from broker.cli.secrets import exec_command, kek, secrets
 from broker.cli.serve import agent, serve
+from broker.cli.static_roles import static_creds, static_role
 
 __all__ = ["cli", "main", "run"]
 
@@ -58,6 +59,8 @@ def cli() -> None:
 
 # Every feature's commands, attached once (click lists them alphabetically in --help).
 svid.add_command(svid_deny)
+db.add_command(static_role)
+db.add_command(static_creds)
 for command in (
     serve,
     agent,

@@ -63,6 +63,7 @@ __all__ = [
     "StaticRoleSpec",
     "StaticRoles",
     "check_username",
+    "resource_name",
 ]
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,12 @@ def _password_aad(role: str) -> bytes:
 
 def _intent_aad(role: str, version: int) -> bytes:
     return aad("db.static-intent", role, str(version))
+
+
+def resource_name(role: str) -> str:
+    """What policy, grants and the audit ledger call a static role: `static/NAME` (role names
+    hold no '/', so it never names a dynamic role)."""
+    return f"static/{role}"
 
 
 def static_attributes(role: StaticRoleRecord) -> dict[str, str]:
@@ -250,8 +257,9 @@ class StaticRoles:
         record = await self._store.get_static_role(name)
         if record is None:
             unowned = {"tenant": "", "environment": "", "owner": ""}
-            decide_absent(authorize, name, unowned, NotFound(f"no static role named {name!r}"))
-        authorize(record.name, static_attributes(record))
+            absent = NotFound(f"no static role named {name!r}")
+            decide_absent(authorize, resource_name(name), unowned, absent)
+        authorize(resource_name(record.name), static_attributes(record))
         async with self._lock(name):
             await self._settle(name)
             record = await self.role(name)
