@@ -26,6 +26,7 @@ from broker.config import Config
 from broker.database.credentials import CredentialService, DatabaseSettings
 from broker.database.engine import open_engine
 from broker.database.reaper import LeaseReaper
+from broker.database.scheduler import StaticRotationJob
 from broker.envelope import DataKeyCache, Envelope, KekRotator, SealedStore
 from broker.files import write_private_file
 from broker.operators.service import OperatorService
@@ -128,6 +129,7 @@ class Application:
         )
         self.sealed_stores.append(self.database)
         self.lease_reaper = LeaseReaper(self.database, storage, clock)
+        self.static_rotation = StaticRotationJob(self.database.static, storage, clock)
         self.kek_rotator = KekRotator(self.envelope, self.sealed_stores, self.secrets.repository)
         self.secret_janitor = SecretJanitor(self.secrets, storage, clock, uuid.uuid4().hex)
         # The policy: Rego (shipped default or set by operators) over the built-in rules, with

@@ -187,10 +187,14 @@ async def _serve(
             )
         )
         reaper = asyncio.create_task(app.lease_reaper.run())  # database leases, own cadence
+        rotation = asyncio.create_task(app.static_rotation.run())  # static database roles
         await stop.wait()
         log.info("shutting down")
         background.cancel()
         reaper.cancel()
+        rotation.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await rotation
         with contextlib.suppress(asyncio.CancelledError):
             await background
         with contextlib.suppress(asyncio.CancelledError):

@@ -35,6 +35,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+from broker import metrics
 from broker.audit import AuditEvent
 from broker.database.connections import Connections
 from broker.database.engine import EngineUnavailable, StatementFailed
@@ -390,8 +391,10 @@ class StaticRoles:
             ) from None
 
     def _observed(self, trigger: str, outcome: str, started: float) -> None:
+        seconds = time.monotonic() - started
+        metrics.record_rotation("static-role", outcome, seconds)
         if self.observe is not None:
-            self.observe(trigger, outcome, time.monotonic() - started)
+            self.observe(trigger, outcome, seconds)
 
     async def _record(
         self,

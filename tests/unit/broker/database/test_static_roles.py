@@ -387,3 +387,75 @@ async def test_kek_rotation_reaches_static_role_passwords(world: World) -> None:
     assert await world.service.kek_in_use(label)
     blobs = await world.storage.database().sealed_blobs("another-label")
     assert ("db_static_roles", "app") in {(t, k) for t, k, _ in blobs}
+
+
+# -- scheduled rotation ---------------------------------------------------------------------------
+
+
+def _rotations(outcome: str) -> float:
+    from prometheus_client import REGISTRY
+
+    value = REGISTRY.get_sample_value(
+        "broker_rotation_total", {"kind": "static-role", "outcome": outcome}
+    )
+    return value or 0.0
+
+
+async def test_the_scheduled_job_rotates_what_is_due_and_only_as_leader(world: World) -> None:
+    from broker.database.scheduler import StaticRotationJob
+
+    await world.service.static.add(spec())
+    leader = StaticRotationJob(world.service.static, world.storage, world.clock, owner="a")
+    other = StaticRotationJob(world.service.static, world.storage, world.clock, owner="b")
+    nothing = await leader.tick()
+    assert nothing is not None and nothing.rotated == []  # not due yet
+    assert await other.tick() is None  # the leader lease is held
+    before = world.db.users["app_user"].password
+    successes = _rotations("success")
+    world.clock.advance(days=30)
+    result = await leader.tick()
+    assert result is not None and result.rotated == ["app"]
+    assert world.db.users["app_user"].password != before
+    assert (await world.stored()).next_rotation_at == T0 + dt.timedelta(days=60)
+    assert _rotations("success") == successes + 1
+    assert world.audit[-1]["who"] == "broker/static-rotation"
+
+
+async def test_a_failed_scheduled_rotation_stays_due_and_is_retried(world: World) -> None:
+    from broker.database.scheduler import StaticRotationJob
+
+    await world.service.static.add(spec())
+    job = StaticRotationJob(
+        world.service.static, world.storage, world.clock, retry_after=dt.timedelta(minutes=1)
+    )
+    world.clock.advance(days=31)
+    failures = _rotations("failure")
+    del world.db.users["app_user"]  # refused: nothing changes
+    result = await job.tick()
+    assert result is not None and [name for name, _ in result.failed] == ["app"]
+    assert _rotations("failure") == failures + 1
+    assert (await world.stored()).version == 1
+    world.db.users["app_user"] = FakeUser("restored", T0)
+    again = await job.tick()
+    assert again is not None and again.rotated == [] and again.failed == []  # backing off
+    world.clock.advance(minutes=2)
+    done = await job.tick()
+    assert done is not None and done.rotated == ["app"]
+    creds = await world.service.static.credentials("app", caller(), authorizer(caller()))
+    assert creds.password == world.db.users["app_user"].password
+
+
+async def test_the_scheduled_job_rolls_forward_an_intent_left_in_flight(world: World) -> None:
+    from broker.database.scheduler import StaticRotationJob
+
+    await world.service.static.add(spec())
+    world.db.lose_set_password_answer = True
+    with pytest.raises(Unavailable):
+        await world.service.static.rotate("app", "manual")
+    world.db.lose_set_password_answer = False
+    job = StaticRotationJob(world.service.static, world.storage, world.clock)
+    result = await job.tick()
+    assert result is not None and result.settled == ["app"]
+    assert await world.storage.database().get_static_intent("app") is None
+    creds = await world.service.static.credentials("app", caller(), authorizer(caller()))
+    assert creds.password == world.db.users["app_user"].password
