@@ -314,6 +314,12 @@ class Leases:
         await self._revoke(lease)
         return lease
 
+    async def revoke_record(self, lease: LeaseRecord) -> None:
+        """Revoke `lease` now, already decided by the caller (`broker.revocation`: an operator
+        ending everything of an identity). Raises NotFound (gone meanwhile) and the engine's
+        error (the lease stays "revoking" for the reaper)."""
+        await self._revoke(lease)
+
     async def _revoke(self, lease: LeaseRecord) -> None:
         """Revoke now: end the user's sessions, drop it, delete the lease. On failure the lease
         stays "revoking" for the reaper and the error is raised."""
