@@ -32,6 +32,7 @@ from broker.files import write_private_file
 from broker.operators.service import OperatorService
 from broker.policy import DefaultPolicy, Policy
 from broker.ratelimit import RateLimiter
+from broker.revocation import SubjectRevocation
 from broker.secrets import MetadataMac, SecretJanitor, SecretService
 from broker.storage import Storage
 from broker.workloads import IdentityService
@@ -144,6 +145,8 @@ class Application:
             people_log_in=config.operators.enabled,
         )
         self.policy: Policy = self.access
+        # Revocation by person: leases, grants and static-role passwords of an identity.
+        self.revocation = SubjectRevocation(self.database, self.access, clock, self.ledger.record)
         self.anomalies = AnomalyDetector(clock)
         # Each worker process keeps its own buckets: share the configured rate between them.
         workers = config.server.workers

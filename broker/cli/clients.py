@@ -44,6 +44,7 @@ from broker.api.client.operators import (
     login,
     login_config,
 )
+from broker.api.client.revocation import RevocationClient, RevocationResult, RevokedObject
 from broker.api.client.sdk import SecretRefused, SecretResolver, SecretUnavailable
 from broker.api.client.secrets import (
     BrokerSecretSource,
@@ -86,6 +87,9 @@ __all__ = [
     "OperatorSession",
     "OperatorsClient",
     "RegoPolicy",
+    "RevocationClient",
+    "RevocationResult",
+    "RevokedObject",
     "Role",
     "RotateResult",
     "SecretDetails",
@@ -179,6 +183,9 @@ class Clients(Protocol):
     def static_roles(self) -> StaticRolesClient: ...
 
     @property
+    def revocation(self) -> RevocationClient: ...
+
+    @property
     def access(self) -> AccessClient: ...
 
     @property
@@ -219,6 +226,10 @@ class GrpcClients:
     @cached_property
     def static_roles(self) -> StaticRolesClient:
         return StaticRolesClient(self._broker)
+
+    @cached_property
+    def revocation(self) -> RevocationClient:
+        return RevocationClient(self._broker)
 
     @cached_property
     def access(self) -> AccessClient:

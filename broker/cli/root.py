@@ -29,6 +29,7 @@ from broker.cli.options import (
     connection_options,
 )
 from broker.cli.refusals import Refusal, client_error_message, one_line
+from broker.cli.revocation import revoke
 from broker.cli.secrets import exec_command, kek, secrets
 from broker.cli.serve import agent, serve
 from broker.cli.static_roles import static_creds, static_role
@@ -73,6 +74,7 @@ for command in (
     entry,
     db,
     lease,
+    revoke,
     secrets,
     kek,
     exec_command,

@@ -144,3 +144,61 @@ async def test_bad_input_over_the_api(broker: BrokerHarness, target: Target) -> 
     assert (await refused(
         ops.GetStaticRole(static_roles_pb2.GetStaticRoleRequest(name="nope"))
     )).code() == grpc.StatusCode.NOT_FOUND  # fmt: skip
+
+
+async def test_revoking_a_person_ends_leases_and_rotates_static_roles(
+    broker: BrokerHarness, target: Target
+) -> None:
+    from broker.api._proto import revocation_pb2, revocation_pb2_grpc
+
+    username, _ = await _setup(broker, target)
+    channel = broker.channel(broker.operator)
+    await database_pb2_grpc.DatabaseStub(channel).AddRole(
+        database_pb2.AddRoleRequest(
+            role=database_pb2.DatabaseRole(
+                name="dyn",
+                connection="main",
+                creation_statements=target.creation,
+                owner="web",
+                tenant="acme",
+                environment="prod",
+            )
+        )
+    )
+    web_channel = broker.channel(broker.identity(WORKLOAD_ID))
+    lease = await database_pb2_grpc.DatabaseStub(web_channel).IssueCredentials(
+        database_pb2.IssueCredentialsRequest(role="dyn")
+    )
+    web = sr_grpc.StaticRolesStub(web_channel)
+    before = await web.GetStaticCredentials(
+        static_roles_pb2.GetStaticCredentialsRequest(name="app")
+    )
+    app = await target.login(username, before.password)  # the application keeps running
+
+    request = revocation_pb2.RevokeSubjectRequest(
+        identity=WORKLOAD_ID, reason="personnel-change", ticket="HR-7"
+    )
+    refused_call = await refused(
+        revocation_pb2_grpc.RevocationStub(web_channel).RevokeSubject(request)
+    )
+    assert refused_call.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert await target.exists(lease.username)  # nothing changed
+
+    response = await revocation_pb2_grpc.RevocationStub(channel).RevokeSubject(request)
+    assert sorted((o.kind, o.id, o.error) for o in response.objects) == [
+        ("lease", lease.lease.id, ""),
+        ("static-role", "app", ""),
+    ]
+    assert not await target.exists(lease.username)
+    assert not await target.can_login(username, before.password)
+    after = await web.GetStaticCredentials(static_roles_pb2.GetStaticCredentialsRequest(name="app"))
+    assert after.version == before.version + 1
+    assert await target.can_login(username, after.password)
+    try:
+        assert await target.alive(app), "the open application session survives"
+    finally:
+        await target.close_session(app)
+    events = await broker.events()
+    per_object = [e for e in events if e["what"].startswith("subject.revoke.")]
+    assert sorted(e["resource"] for e in per_object) == sorted([lease.lease.id, "app"])
+    assert all(e["who"] == broker.operator.spiffe_id for e in per_object)

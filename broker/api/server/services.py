@@ -16,7 +16,17 @@ from typing import TYPE_CHECKING
 
 from broker.policy import Action
 
-from . import access, audit, ca, database, identity, operators, secrets, static_roles
+from . import (
+    access,
+    audit,
+    ca,
+    database,
+    identity,
+    operators,
+    revocation,
+    secrets,
+    static_roles,
+)
 from .binding import MethodSpec, ServiceBinding
 
 if TYPE_CHECKING:
@@ -47,6 +57,7 @@ def bindings_for(app: Application, *, ca_service: CAService | None = None) -> li
     bindings.append(secrets.binding(app))
     bindings.extend(database.binding(app))  # Database and Leases
     bindings.append(static_roles.binding(app))  # static database roles
+    bindings.append(revocation.binding(app))  # revocation by person
     bindings.append(access.binding(app))  # Rego policy, grants, approvals, break-glass
     bindings.append(operators.binding(app))  # operator login, roles, registry
     return bindings

@@ -72,6 +72,7 @@ class FakeClients:
     access: Any = None
     operators: Any = None
     static_roles: Any = None
+    revocation: Any = None
     closed: bool = False
 
     def __post_init__(self) -> None:
