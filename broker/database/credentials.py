@@ -70,7 +70,7 @@ class CredentialService:
     ) -> None:
         self._store = store
         self._clock = clock
-        self.connections = Connections(store, envelope, clock, engines=engines)
+        self.connections = Connections(store, envelope, clock, engines=engines, random=random)
         self.roles = Roles(store, clock)
         # Static roles: existing users whose password the broker rotates (`random` is the
         # key backend's generator, as for every password the broker makes).
