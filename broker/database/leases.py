@@ -98,8 +98,14 @@ def revocation_backoff(attempts: int, settings: DatabaseSettings) -> dt.timedelt
 
 
 def role_attributes(role: RoleRecord) -> dict[str, str]:
-    """What the policy decides a credential request on: the role's owner, tenant, environment."""
-    return {"tenant": role.tenant, "environment": role.environment, "owner": role.owner}
+    """What the policy decides a credential request on: the role's owner, tenant, environment
+    and data classification (prod + pii: the two-person rule, as for secrets)."""
+    return {
+        "tenant": role.tenant,
+        "environment": role.environment,
+        "owner": role.owner,
+        "classification": role.classification,
+    }
 
 
 class Leases:

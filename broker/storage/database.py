@@ -84,6 +84,8 @@ class RoleRecord:
     password_length: int
     password_charset: str
     created_at: dt.datetime
+    classification: str = ""  # public, internal, confidential, pii ("" before issue 12)
+    rotation_period: int | None = None  # seconds, metadata as for secrets
 
 
 @dataclass(frozen=True)
@@ -520,7 +522,8 @@ class SqlDatabaseRepository:
 
     _ROLE = (
         "name, connection, owner, tenant, environment, creation, revocation, rollback, "
-        "default_ttl, max_ttl, username_template, password_length, password_charset, created_at"
+        "default_ttl, max_ttl, username_template, password_length, password_charset, created_at, "
+        "classification, rotation_period"
     )
 
     async def insert_role(self, record: RoleRecord) -> None:
@@ -532,7 +535,7 @@ class SqlDatabaseRepository:
                 raise FailedPrecondition(f"no connection named {record.connection!r}")
             await tx.execute(
                 f"INSERT INTO db_roles ({self._ROLE}) "  # noqa: S608 (constant)
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 record.name,
                 record.connection,
                 record.owner,
@@ -547,6 +550,8 @@ class SqlDatabaseRepository:
                 record.password_length,
                 record.password_charset,
                 self._ts(record.created_at),
+                record.classification,
+                record.rotation_period,
             )
 
     def _role(self, row: Row) -> RoleRecord:
@@ -565,6 +570,8 @@ class SqlDatabaseRepository:
             int(row[11]),
             row[12],
             self._b.decode_ts(row[13]),
+            row[14] or "",
+            None if row[15] is None else int(row[15]),
         )
 
     async def get_role(self, name: str) -> RoleRecord | None:

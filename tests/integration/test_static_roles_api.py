@@ -202,3 +202,51 @@ async def test_revoking_a_person_ends_leases_and_rotates_static_roles(
     per_object = [e for e in events if e["what"].startswith("subject.revoke.")]
     assert sorted(e["resource"] for e in per_object) == sorted([lease.lease.id, "app"])
     assert all(e["who"] == broker.operator.spiffe_id for e in per_object)
+
+
+async def test_prod_pii_database_role_needs_the_owner_or_two_operators(
+    broker: BrokerHarness,
+) -> None:
+    """Issue 12: database roles carry a classification, so the prod + pii two-person rule
+    applies to `db creds` as to secrets (decided before any user is created)."""
+    from broker.api.server.pipeline import CORRELATION_HEADER
+
+    channel = broker.channel(broker.operator)
+    db = database_pb2_grpc.DatabaseStub(channel)
+    await db.AddConnection(
+        database_pb2.AddConnectionRequest(
+            name="main", plugin="postgresql", dsn="postgresql://admin@127.0.0.1:1/x",
+            password="unused", skip_verify=True,
+        )
+    )  # fmt: skip
+    role = await db.AddRole(
+        database_pb2.AddRoleRequest(
+            role=database_pb2.DatabaseRole(
+                name="pii", connection="main",
+                creation_statements="CREATE ROLE {{name}} LOGIN PASSWORD {{password}}",
+                owner="web", tenant="acme", environment="prod",
+                classification="pii", rotation_period_seconds=90 * 86400,
+            )
+        )
+    )  # fmt: skip
+    assert (role.classification, role.rotation_period_seconds) == ("pii", 90 * 86400)
+    metadata = ((CORRELATION_HEADER, "op-alone-db"), ("x-broker-justification", "INC-1 x"))
+    err = await refused(
+        db.IssueCredentials(database_pb2.IssueCredentialsRequest(role="pii"), metadata=metadata)
+    )
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "second operator" in (err.details() or "")
+    event = await broker.event_for("op-alone-db")
+    assert (event["decision"], event["rule"]) == ("deny", "two-person")
+    assert await broker.app.storage.database().list_leases() == []  # nothing created
+    bad = await refused(
+        db.AddRole(
+            database_pb2.AddRoleRequest(
+                role=database_pb2.DatabaseRole(
+                    name="bad", connection="main", creation_statements="CREATE ROLE {{name}}",
+                    classification="secret-ish",
+                )
+            )
+        )
+    )  # fmt: skip
+    assert bad.code() == grpc.StatusCode.INVALID_ARGUMENT

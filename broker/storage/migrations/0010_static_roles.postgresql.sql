@@ -33,3 +33,8 @@ CREATE TABLE db_static_intents (
     reason          TEXT    NOT NULL,
     started_at      timestamptz NOT NULL
 );
+
+-- Dynamic roles carry a data classification and a rotation period like secrets, so the prod +
+-- pii two-person rule applies to `db creds` too.
+ALTER TABLE db_roles ADD COLUMN classification TEXT NOT NULL DEFAULT '';
+ALTER TABLE db_roles ADD COLUMN rotation_period INTEGER;
