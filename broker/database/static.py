@@ -291,6 +291,9 @@ class StaticRoles:
                 )
                 if not await self._store.put_static_intent(intent):
                     raise FailedPrecondition(f"a rotation of static role {name!r} is in flight")
+                await self._reseal_if_stale(
+                    "db_static_intents", name, blob, password, _intent_aad(name, version)
+                )
                 record = await self._apply(record, password, version)
         except BrokerError as exc:
             self._observed(trigger, "failure", started)
@@ -356,14 +359,22 @@ class StaticRoles:
         await self._store.finish_static_rotation(
             name, version, sealed.to_bytes(), sealed.kek_label, now, next_at
         )
+        await self._reseal_if_stale("db_static_roles", name, sealed, password, _password_aad(name))
+        return await self.role(name)
+
+    async def _reseal_if_stale(
+        self, table: str, name: str, blob: SealedBlob, password: str, associated: bytes
+    ) -> None:
+        """After storing `blob`: if a KEK rotation made a new KEK current meanwhile (and may
+        not have seen this blob before retiring the old one), store it sealed under the current
+        KEK instead (compare-and-set), as `Connections` does."""
         fresh = await self._envelope.reseal_if_stale(
-            SYSTEM_TENANT, sealed, password.encode(), _password_aad(name)
+            SYSTEM_TENANT, blob, password.encode(), associated
         )
         if fresh is not None:
             await self._store.replace_blob(
-                "db_static_roles", name, sealed.to_bytes(), fresh.to_bytes(), fresh.kek_label
+                table, name, blob.to_bytes(), fresh.to_bytes(), fresh.kek_label
             )
-        return await self.role(name)
 
     async def _plugin(self, record: StaticRoleRecord) -> str:
         connection = await self._store.get_connection(record.connection)
