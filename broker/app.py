@@ -26,6 +26,7 @@ from broker.config import Config
 from broker.database.credentials import CredentialService, DatabaseSettings
 from broker.database.engine import open_engine
 from broker.database.reaper import LeaseReaper
+from broker.database.scheduler import StaticRotationJob
 from broker.envelope import DataKeyCache, Envelope, KekRotator, SealedStore
 from broker.files import write_private_file
 from broker.forwarding import AuditForwarder, open_sink
@@ -36,11 +37,12 @@ from broker.notifications import Notifier
 from broker.operators.service import OperatorService
 from broker.policy import DefaultPolicy, Policy
 from broker.ratelimit import RateLimiter
+from broker.revocation import SubjectRevocation
 from broker.secrets import MetadataMac, SecretJanitor, SecretService
 from broker.storage import Storage
 from broker.workloads import IdentityService
 from ca.clock import Clock
-from ca.keys import KeyBackend
+from ca.keys import KeyBackend, random_source
 from ca.layout import DEV_TENANT, IdentityLayout
 from ca.spiffeid import SpiffeId
 from ca.x509svid import SERVER_PATH, chain_pem, server_name
@@ -135,6 +137,7 @@ class Application:
             clock,
             default_tenant=config.identity.default_tenant or DEV_TENANT,
             justification_required=config.secrets.justification_required,
+            random=random_source(keys).random,
         )
         self.sealed_stores.append(self.secrets)
         # Dynamic database credentials (a SealedStore: the admin passwords) and their reaper.
@@ -150,9 +153,11 @@ class Application:
             engines=functools.partial(
                 open_engine, scram_iterations=config.database.scram_iterations
             ),
+            random=random_source(keys).random,
         )
         self.sealed_stores.append(self.database)
         self.lease_reaper = LeaseReaper(self.database, storage, clock)
+        self.static_rotation = StaticRotationJob(self.database.static, storage, clock)
         self.kek_rotator = KekRotator(self.envelope, self.sealed_stores, self.secrets.repository)
         self.secret_janitor = SecretJanitor(self.secrets, storage, clock, uuid.uuid4().hex)
         # The policy: Rego (shipped default or set by operators) over the built-in rules, with
@@ -167,6 +172,8 @@ class Application:
             people_log_in=config.operators.enabled,
         )
         self.policy: Policy = self.access
+        # Revocation by person: leases, grants and static-role passwords of an identity.
+        self.revocation = SubjectRevocation(self.database, self.access, clock, self.ledger.record)
         self.anomalies = AnomalyDetector(clock)
         # Each worker process keeps its own buckets: share the configured rate between them.
         workers = config.server.workers

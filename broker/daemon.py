@@ -189,6 +189,7 @@ async def _serve(
         reaper = asyncio.create_task(app.lease_reaper.run())  # database leases, own cadence
         forwarder = asyncio.create_task(app.forwarder.run())  # audit stream to the sinks
         notifier = asyncio.create_task(app.notifier.run())  # signed webhook notifications
+        rotation = asyncio.create_task(app.static_rotation.run())  # static database roles
         await stop.wait()
         log.info("shutting down")
         background.cancel()
@@ -199,6 +200,9 @@ async def _serve(
             await forwarder
         with contextlib.suppress(asyncio.CancelledError):
             await notifier
+        rotation.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await rotation
         with contextlib.suppress(asyncio.CancelledError):
             await background
         with contextlib.suppress(asyncio.CancelledError):

@@ -52,6 +52,7 @@ __all__ = [
     "record_audit_integrity_failure",
     "record_key_rotation",
     "record_refusal",
+    "record_rotation",
     "record_sdk_cache",
     "serve_metrics",
     "set_active_leases",
@@ -109,6 +110,18 @@ ROTATION_DURATION = Histogram(
     "broker_ca_rotation_duration_seconds",
     "CA rotation runs by trigger (schedule, forced) and outcome (rotated, noop, error)",
     ["trigger", "outcome"],
+    buckets=_ROTATION_BUCKETS,
+)
+ROTATIONS = Counter(
+    "broker_rotation",
+    "Credential rotations (broker_rotation_total) by kind (static-role, ...) and outcome "
+    "(success, failure); the rotation-success SLO is success / (success + failure)",
+    ["kind", "outcome"],
+)
+CREDENTIAL_ROTATION_DURATION = Histogram(
+    "broker_rotation_duration_seconds",
+    "Time one credential rotation took (intent, database, store), by kind and outcome",
+    ["kind", "outcome"],
     buckets=_ROTATION_BUCKETS,
 )
 SDK_CACHE = Counter(
@@ -200,6 +213,12 @@ def record_audit_integrity_failure() -> None:
 
 def observe_rotation(trigger: str, outcome: str, seconds: float) -> None:
     _safe(lambda: ROTATION_DURATION.labels(trigger, outcome).observe(seconds))
+
+
+def record_rotation(kind: str, outcome: str, seconds: float) -> None:
+    """One credential rotation (`kind` e.g. "static-role"; `outcome` "success"/"failure")."""
+    _safe(lambda: ROTATIONS.labels(kind, outcome).inc())
+    _safe(lambda: CREDENTIAL_ROTATION_DURATION.labels(kind, outcome).observe(seconds))
 
 
 def record_sdk_cache(kind: str, hit: bool) -> None:

@@ -67,6 +67,7 @@ class Action:
     LEASE_RENEW = "lease.renew"
     LEASE_REVOKE = "lease.revoke"
     LEASE_LIST = "lease.list"
+    SUBJECT_REVOKE = "subject.revoke"  # end everything of an identity or owner (operators)
     # Static secrets
     SECRETS_PUT = "secrets.put"
     SECRETS_GET = "secrets.get"

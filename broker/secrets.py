@@ -39,7 +39,6 @@ import hashlib
 import hmac
 import logging
 import re
-import secrets as _random
 import string
 from collections.abc import Callable, Collection, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
@@ -55,6 +54,7 @@ from broker.errors import (
     NotFound,
     PermissionDenied,
 )
+from broker.passwords import RandomBytes, generate_password, system_random
 from broker.policy import Action, Authorize, Caller, decide_absent, opaque_refusals
 from broker.storage.interface import LockRepository
 from broker.storage.secrets import (
@@ -408,7 +408,9 @@ def _info(record: SecretRecord) -> SecretInfo:
     return SecretInfo(record, missing_metadata(record))
 
 
-def _value(value: bytes | None, generate_length: int | None) -> bytes:
+def _value(
+    value: bytes | None, generate_length: int | None, random: RandomBytes = system_random
+) -> bytes:
     if value is not None and generate_length is not None:
         raise InvalidArgument("give either a value or a length to generate, not both")
     if generate_length is not None:
@@ -416,7 +418,7 @@ def _value(value: bytes | None, generate_length: int | None) -> bytes:
             raise InvalidArgument(
                 f"generated length must be {MIN_GENERATE}..{MAX_GENERATE} characters"
             )
-        return "".join(_random.choice(_ALPHABET) for _ in range(generate_length)).encode()
+        return generate_password(random, generate_length, _ALPHABET).encode()
     if value is None or not value:
         raise InvalidArgument("a secret value is required (or ask for a generated one)")
     if len(value) > MAX_VALUE_BYTES:
@@ -489,7 +491,9 @@ class SecretService:
         retention: dt.timedelta = DEFAULT_RETENTION,
         default_tenant: str = DEV_TENANT,
         justification_required: Collection[str] = DEFAULT_JUSTIFICATION_REQUIRED,
+        random: RandomBytes = system_random,
     ) -> None:
+        self.random = random  # generated values: the key backend's generator
         self._repo = repository
         self._envelope = envelope
         self._clock = clock
@@ -789,7 +793,7 @@ class SecretService:
             )
         if not MIN_ROTATION_PERIOD <= rotation_period <= MAX_ROTATION_PERIOD:
             raise InvalidArgument("rotation period must be between 1h and 3650d")
-        plaintext = _value(value, generate_length)
+        plaintext = _value(value, generate_length, self.random)
         now = self._clock.now()
         sealed = await self._envelope.seal(tenant, plaintext, aad(tenant, ref.text, 1))
         record = SecretRecord(
@@ -843,7 +847,7 @@ class SecretService:
             )
         if not justification.strip():
             raise InvalidArgument("a justification is required to rotate a secret")
-        plaintext = _value(value, generate_length)
+        plaintext = _value(value, generate_length, self.random)
         loaded = await self._repo.load(tenant, ref.text)
         if loaded is None:
             raise NotFound(f"no such secret in tenant {tenant!r}")

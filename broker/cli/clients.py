@@ -43,6 +43,7 @@ from broker.api.client.operators import (
     login,
     login_config,
 )
+from broker.api.client.revocation import RevocationClient, RevocationResult, RevokedObject
 from broker.api.client.scan import ScanClient
 from broker.api.client.sdk import SecretRefused, SecretResolver, SecretUnavailable
 from broker.api.client.secrets import (
@@ -52,6 +53,7 @@ from broker.api.client.secrets import (
     SecretMeta,
     SecretsClient,
 )
+from broker.api.client.static_roles import StaticCreds, StaticRole, StaticRolesClient
 
 __all__ = [
     "X509SVID",
@@ -88,6 +90,9 @@ __all__ = [
     "OperatorSession",
     "OperatorsClient",
     "RegoPolicy",
+    "RevocationClient",
+    "RevocationResult",
+    "RevokedObject",
     "Role",
     "RotateResult",
     "ScanClient",
@@ -97,6 +102,9 @@ __all__ = [
     "SecretResolver",
     "SecretUnavailable",
     "SecretsClient",
+    "StaticCreds",
+    "StaticRole",
+    "StaticRolesClient",
     "login",
     "login_config",
     "run_agent",
@@ -131,6 +139,12 @@ class Clients(Protocol):
 
     @property
     def secrets(self) -> SecretsClient: ...
+
+    @property
+    def static_roles(self) -> StaticRolesClient: ...
+
+    @property
+    def revocation(self) -> RevocationClient: ...
 
     @property
     def access(self) -> AccessClient: ...
@@ -175,6 +189,14 @@ class GrpcClients:
     @cached_property
     def secrets(self) -> SecretsClient:
         return SecretsClient(self._broker)
+
+    @cached_property
+    def static_roles(self) -> StaticRolesClient:
+        return StaticRolesClient(self._broker)
+
+    @cached_property
+    def revocation(self) -> RevocationClient:
+        return RevocationClient(self._broker)
 
     @cached_property
     def access(self) -> AccessClient:

@@ -33,10 +33,21 @@ def connection_json(c: Connection) -> dict[str, Any]:
 
 
 def role_json(r: Role) -> dict[str, Any]:
+    """The role; `classification` and `rotation_period` are null when not set."""
     return record_json(
         r,
-        rename={"default_ttl_seconds": "default_ttl", "max_ttl_seconds": "max_ttl"},
-        null_if_empty={"revocation_statements", "rollback_statements"},
+        rename={
+            "default_ttl_seconds": "default_ttl",
+            "max_ttl_seconds": "max_ttl",
+            "rotation_period_seconds": "rotation_period",
+        },
+        null_if_empty={
+            "revocation_statements",
+            "rollback_statements",
+            "classification",
+            "rotation_period_seconds",
+        },
+        convert={"rotation_period_seconds": lambda v: v or ""},
     )
 
 
@@ -209,6 +220,12 @@ def role() -> None:
     show_default=True,
     help="alphanumeric, alphanumeric-symbols, or the characters to use.",
 )
+@click.option(
+    "--classification",
+    type=click.Choice(["public", "internal", "confidential", "pii"]),
+    help="Data classification: prod + pii needs the owner or two operators for db creds.",
+)
+@click.option("--rotation-period", type=DURATION, help="Rotation period (metadata, e.g. 90d).")
 @connection_options(on_group=False)
 @click.pass_context
 def role_add(
@@ -226,6 +243,8 @@ def role_add(
     environment: str,
     password_length: int,
     password_charset: str,
+    classification: str | None,
+    rotation_period: int | None,
 ) -> None:
     """Add role NAME."""
     if default_ttl <= 0 or max_ttl <= 0:
@@ -252,6 +271,8 @@ def role_add(
         environment=environment,
         password_length=password_length,
         password_charset=password_charset,
+        classification=classification or "",
+        rotation_period_seconds=rotation_period or 0,
     )
     render(
         ctx,

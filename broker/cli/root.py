@@ -32,9 +32,11 @@ from broker.cli.options import (
 )
 from broker.cli.refusals import Refusal, client_error_message, one_line
 from broker.cli.report import report
+from broker.cli.revocation import revoke
 from broker.cli.scan import scan
 from broker.cli.secrets import exec_command, kek, secrets
 from broker.cli.serve import agent, serve
+from broker.cli.static_roles import static_creds, static_role
 
 __all__ = ["cli", "main", "run"]
 
@@ -62,6 +64,8 @@ def cli() -> None:
 
 # Every feature's commands, attached once (click lists them alphabetically in --help).
 svid.add_command(svid_deny)
+db.add_command(static_role)
+db.add_command(static_creds)
 for command in (
     serve,
     agent,
@@ -74,6 +78,7 @@ for command in (
     entry,
     db,
     lease,
+    revoke,
     secrets,
     kek,
     exec_command,

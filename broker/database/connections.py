@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import string
 from collections.abc import Awaitable, Callable
 from typing import Final, TypeVar
@@ -30,6 +29,7 @@ from broker.database.names import check_name
 from broker.dsn import password_in_dsn, redact, without_password
 from broker.envelope import SYSTEM_TENANT, Envelope, SealedBlob, aad
 from broker.errors import AlreadyExists, BrokerError, FailedPrecondition, InvalidArgument, NotFound
+from broker.passwords import RandomBytes, generate_password, system_random
 from broker.storage.database import ConnectionRecord, DatabaseRepository, RecoveryRecord
 from ca.clock import Clock
 from ca.errors import IntegrityError
@@ -62,7 +62,9 @@ class Connections:
         clock: Clock,
         *,
         engines: EngineFactory = open_engine,
+        random: RandomBytes = system_random,
     ) -> None:
+        self._random = random  # the key backend's generator
         self._store = store
         self._envelope = envelope
         self._clock = clock
@@ -199,7 +201,7 @@ class Connections:
     async def rotate_root(self, name: str) -> ConnectionRecord:
         """Change the admin password to a fresh random one (never shown to anyone)."""
         engine = await self.engine(name)
-        new_password = "".join(secrets.choice(_ROOT_ALPHABET) for _ in range(_ROOT_LENGTH))
+        new_password = generate_password(self._random, _ROOT_LENGTH, _ROOT_ALPHABET)
         blob = await self._seal(new_password, _recovery_aad(name))
         # Write-ahead: should we crash after the database changed the password, the new one
         # is in the recovery record.

@@ -5,7 +5,9 @@ up, over the three parts OpenBao's database engine also has:
   rotation and its recovery;
 - `broker.database.roles`: roles (statements, TTLs, username and password shape, owner);
 - `broker.database.leases`: credentials under leases, renewal, revocation and the reaper's round,
-  with the authorization of whoever asks (`broker.policy.Authorize`).
+  with the authorization of whoever asks (`broker.policy.Authorize`);
+- `broker.database.static`: static roles (existing users whose password the broker rotates),
+  reached as `CredentialService.static`.
 
 Every method delegates; the contracts (what is raised, what is idempotent) are on the parts.
 """
@@ -13,6 +15,7 @@ Every method delegates; the contracts (what is raised, what is idempotent) are o
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Callable
 
 from broker.database.connections import Connections
@@ -27,7 +30,10 @@ from broker.database.leases import (
     revocation_backoff,
 )
 from broker.database.roles import CHARSETS, Roles, RoleSpec
+from broker.database.static import StaticRoles
 from broker.envelope import Envelope
+from broker.errors import BrokerError
+from broker.passwords import RandomBytes, system_random
 from broker.policy import Authorize, Caller
 from broker.storage.database import ConnectionRecord, DatabaseRepository, LeaseRecord, RoleRecord
 from ca.clock import Clock
@@ -41,6 +47,8 @@ __all__ = [
     "RoleSpec",
     "revocation_backoff",
 ]
+
+log = logging.getLogger(__name__)
 
 
 class CredentialService:
@@ -58,11 +66,17 @@ class CredentialService:
         settings: DatabaseSettings | None = None,
         audit: Auditor | None = None,
         notify: IrrevocableHook | None = None,
+        random: RandomBytes = system_random,
     ) -> None:
         self._store = store
         self._clock = clock
-        self.connections = Connections(store, envelope, clock, engines=engines)
+        self.connections = Connections(store, envelope, clock, engines=engines, random=random)
         self.roles = Roles(store, clock)
+        # Static roles: existing users whose password the broker rotates (`random` is the
+        # key backend's generator, as for every password the broker makes).
+        self.static = StaticRoles(
+            store, self.connections, envelope, clock, random=random, audit=audit
+        )
         self.leases = Leases(
             store,
             self.connections,
@@ -71,6 +85,7 @@ class CredentialService:
             settings or DatabaseSettings(),
             audit=audit,
             notify=notify,
+            random=random,
         )
 
     @property
@@ -117,10 +132,22 @@ class CredentialService:
         await self.connections.remove_connection(name)
 
     async def rotate_root(self, name: str) -> ConnectionRecord:
-        return await self.connections.rotate_root(name)
+        """Rotate the admin password, then every static role of the connection (whoever had
+        the admin login could have read or set their passwords). A static role that fails to
+        rotate is logged and left due, so the scheduled job retries it."""
+        record = await self.connections.rotate_root(name)
+        for role in await self.static.on_connection(name):
+            try:
+                await self.static.rotate(
+                    role.name, "root rotation", actor="broker/root-rotation", trigger="root"
+                )
+            except BrokerError as exc:
+                log.warning("rotating static role %s after root rotation: %s", role.name, exc)
+        return record
 
     async def recover_all(self) -> None:
         await self.connections.recover_all()
+        await self.static.settle_all()
 
     # -- roles ----------------------------------------------------------------------------------
 

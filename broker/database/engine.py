@@ -85,6 +85,15 @@ class Engine(Protocol):
 
     async def user_exists(self, username: str) -> bool: ...
 
+    async def set_password(
+        self, username: str, password: str, statements: Template | None = None
+    ) -> None:
+        """Give the existing user `username` the password `password` (static roles), with
+        `statements` (`{{name}}`, `{{password}}`) or the engine's default. Its open sessions
+        stay open. Idempotent: setting the same password again changes nothing. Raises
+        StatementFailed when there is no such user (nothing is run) or a statement fails."""
+        ...
+
     async def rotate_root(self, new_password: str) -> None:
         """Change the admin login's own password. The engine keeps using the old one until it
         is closed; open a new engine with the new password."""

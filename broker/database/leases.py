@@ -31,6 +31,7 @@ from broker.database.engine import Engine, EngineUnavailable, NewUser, Statement
 from broker.database.roles import Roles, charset, render_username, statements
 from broker.database.template import Template
 from broker.errors import BrokerError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from broker.passwords import RandomBytes, generate_password, system_random
 from broker.policy import Action, Authorize, Caller, decide_absent, opaque_refusals
 from broker.storage.database import DatabaseRepository, LeaseRecord, LeaseState, RoleRecord
 from ca.clock import Clock
@@ -97,8 +98,14 @@ def revocation_backoff(attempts: int, settings: DatabaseSettings) -> dt.timedelt
 
 
 def role_attributes(role: RoleRecord) -> dict[str, str]:
-    """What the policy decides a credential request on: the role's owner, tenant, environment."""
-    return {"tenant": role.tenant, "environment": role.environment, "owner": role.owner}
+    """What the policy decides a credential request on: the role's owner, tenant, environment
+    and data classification (prod + pii: the two-person rule, as for secrets)."""
+    return {
+        "tenant": role.tenant,
+        "environment": role.environment,
+        "owner": role.owner,
+        "classification": role.classification,
+    }
 
 
 class Leases:
@@ -115,7 +122,9 @@ class Leases:
         *,
         audit: Auditor | None = None,
         notify: IrrevocableHook | None = None,
+        random: RandomBytes = system_random,
     ) -> None:
+        self._random = random
         self._store = store
         self._connections = connections
         self._roles = roles
@@ -173,7 +182,7 @@ class Leases:
         creation = statements(role.creation, engine.plugin)
         rollback = statements(role.rollback, engine.plugin) if role.rollback is not None else None
         chars = charset(role.password_charset)
-        password = "".join(secrets.choice(chars) for _ in range(role.password_length))
+        password = generate_password(self._random, role.password_length, chars)
         now = self._clock.now()
         lease = LeaseRecord(
             id=f"db/{role.name}/{secrets.token_hex(12)}",
@@ -310,6 +319,12 @@ class Leases:
             loaded(lease)
         await self._revoke(lease)
         return lease
+
+    async def revoke_record(self, lease: LeaseRecord) -> None:
+        """Revoke `lease` now, already decided by the caller (`broker.revocation`: an operator
+        ending everything of an identity). Raises NotFound (gone meanwhile) and the engine's
+        error (the lease stays "revoking" for the reaper)."""
+        await self._revoke(lease)
 
     async def _revoke(self, lease: LeaseRecord) -> None:
         """Revoke now: end the user's sessions, drop it, delete the lease. On failure the lease

@@ -241,6 +241,39 @@ class MySQLEngine:
 
         await self._run(revoke)
 
+    async def set_password(
+        self, username: str, password: str, statements: Template | None = None
+    ) -> None:
+        """Default: every `user`@`host` of that name gets the password; on MariaDB a
+        mysql_native_password account gets it as its hash only (as `rotate_root` does), so the
+        general log never holds it; other plugins take the text (the server hashes it)."""
+        hashed = native_password_hash(password)
+
+        def change(conn: Any) -> None:
+            mariadb = "mariadb" in conn.get_server_info().lower()
+            with conn.cursor() as cursor:
+                cursor.execute("SELECT Host, plugin FROM mysql.user WHERE User = %s", (username,))
+                accounts = [(str(r[0]), str(r[1] or "")) for r in cursor.fetchall()]
+                if not accounts:
+                    raise StatementFailed(f"mysql has no user named {username!r}")
+                if statements is not None:
+                    values = {"name": username, "password": password, "expiration": ""}
+                    script = self._render(conn, statements, values)
+                else:
+                    user = quote_ident(username)
+                    script = []
+                    for host, plugin in accounts:
+                        account = f"{user}@{conn.escape(host)}"
+                        if mariadb and plugin in ("", "mysql_native_password"):
+                            script.append(f"SET PASSWORD FOR {account} = {conn.escape(hashed)}")
+                        else:
+                            script.append(
+                                f"ALTER USER {account} IDENTIFIED BY {conn.escape(password)}"
+                            )
+                _last_result(cursor, script)
+
+        await self._run(change, password, hashed)
+
     async def rotate_root(self, new_password: str) -> None:
         """For a mysql_native_password admin (the common case, and MariaDB's default) the new
         password is sent only as its hash (`*` + SHA1(SHA1(password)), the stored form), so the

@@ -283,6 +283,20 @@ class PostgresEngine:
         if await self.user_exists(username):
             raise StatementFailed(f"the revocation statements left role {username!r} in place")
 
+    async def set_password(
+        self, username: str, password: str, statements: Template | None = None
+    ) -> None:
+        """The password goes as its SCRAM verifier (as in `create_user`), never as text."""
+        verifier = await asyncio.to_thread(scram_verifier, password, self._iterations)
+        if not await self.user_exists(username):
+            raise StatementFailed(f"postgresql has no role named {username!r}")
+        if statements is None:
+            script = [f"ALTER ROLE {quote_ident(username)} PASSWORD {quote_literal(verifier)}"]
+        else:
+            values = {"name": username, "password": verifier, "expiration": ""}
+            script = statements.render(values, quote_ident, quote_literal)
+        await self._transaction(script, password, verifier)
+
     async def rotate_root(self, new_password: str) -> None:
         verifier = await asyncio.to_thread(scram_verifier, new_password, self._iterations)
         async with self._connection(new_password, verifier) as conn:

@@ -43,6 +43,7 @@ CHARSETS: Final = {
     "alphanumeric-symbols": string.ascii_letters + string.digits + "-_.~!#%^*+=",
 }
 MAX_TTL_CEILING: Final = dt.timedelta(days=31)
+CLASSIFICATIONS: Final = ("public", "internal", "confidential", "pii")  # as for secrets
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ class RoleSpec:
     environment: str = ""
     password_length: int = 32
     password_charset: str = "alphanumeric"  # noqa: S105 (a charset name)
+    classification: str = ""  # public, internal, confidential, pii
+    rotation_period: dt.timedelta | None = None
 
 
 def charset(spec: str) -> str:
@@ -148,6 +151,15 @@ class Roles:
         if not 16 <= spec.password_length <= 128:
             raise InvalidArgument("password length must be between 16 and 128")
         charset(spec.password_charset)
+        if spec.classification not in ("", *CLASSIFICATIONS):
+            raise InvalidArgument(
+                f"classification {spec.classification!r} is not one of {', '.join(CLASSIFICATIONS)}"
+            )
+        period = spec.rotation_period
+        if period is not None and (
+            period % dt.timedelta(seconds=1) or not dt.timedelta(hours=1) <= period
+        ):
+            raise InvalidArgument("rotation period must be whole seconds, at least 1h")
         record = RoleRecord(
             name=spec.name,
             connection=spec.connection,
@@ -163,6 +175,8 @@ class Roles:
             password_length=spec.password_length,
             password_charset=spec.password_charset,
             created_at=self._clock.now(),
+            classification=spec.classification,
+            rotation_period=None if period is None else int(period.total_seconds()),
         )
         for value, what in (
             (record.owner, "owner"),

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 from broker.dsn import password_in_dsn
-from broker.errors import FailedPrecondition, InvalidArgument
+from broker.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from broker.storage.backend import Backend, Row, Tx, require_aware
 
 __all__ = [
@@ -32,6 +32,8 @@ __all__ = [
     "RecoveryRecord",
     "RoleRecord",
     "SqlDatabaseRepository",
+    "StaticIntentRecord",
+    "StaticRoleRecord",
 ]
 
 
@@ -82,6 +84,8 @@ class RoleRecord:
     password_length: int
     password_charset: str
     created_at: dt.datetime
+    classification: str = ""  # public, internal, confidential, pii ("" before issue 12)
+    rotation_period: int | None = None  # seconds, metadata as for secrets
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,38 @@ class RecoveryRecord:
     connection: str
     sealed_password: bytes  # the NEW admin password, sealed
     kek_label: str
+    started_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class StaticRoleRecord:
+    """A user that already exists on a target database, whose password the broker rotates."""
+
+    name: str
+    connection: str
+    username: str
+    owner: str
+    tenant: str
+    environment: str
+    rotation_period: int  # seconds
+    rotation_statements: str | None
+    sealed_password: bytes | None  # the current password, sealed; None before the first
+    kek_label: str | None
+    version: int  # 0 before the first rotation
+    rotated_at: dt.datetime | None
+    next_rotation_at: dt.datetime
+    created_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class StaticIntentRecord:
+    """A static-role rotation in flight: written before the database is touched."""
+
+    role: str
+    sealed_password: bytes  # the NEW password, sealed
+    kek_label: str
+    version: int  # the version it becomes
+    reason: str
     started_at: dt.datetime
 
 
@@ -154,6 +190,41 @@ class DatabaseRepository(Protocol):
     async def get_role(self, name: str) -> RoleRecord | None: ...
     async def list_roles(self) -> list[RoleRecord]: ...
     async def delete_role(self, name: str) -> bool: ...
+
+    async def insert_static_role(self, record: StaticRoleRecord) -> None:
+        """AlreadyExists for a taken name or (connection, username); FailedPrecondition for an
+        unknown connection."""
+        ...
+
+    async def get_static_role(self, name: str) -> StaticRoleRecord | None: ...
+    async def list_static_roles(self, owner: str | None = None) -> list[StaticRoleRecord]: ...
+    async def delete_static_role(self, name: str) -> bool:
+        """The role and any intent of it; False when absent."""
+        ...
+
+    async def due_static_roles(self, now: dt.datetime, limit: int) -> list[StaticRoleRecord]:
+        """Roles whose `next_rotation_at` has passed, or with an intent in flight."""
+        ...
+
+    async def put_static_intent(self, record: StaticIntentRecord) -> bool:
+        """Write the intent of a rotation; False (nothing written) when one is already in
+        flight for that role or the role is gone."""
+        ...
+
+    async def get_static_intent(self, role: str) -> StaticIntentRecord | None: ...
+    async def delete_static_intent(self, role: str, version: int) -> None: ...
+    async def finish_static_rotation(
+        self,
+        role: str,
+        version: int,
+        sealed_password: bytes,
+        kek_label: str,
+        at: dt.datetime,
+        next_rotation_at: dt.datetime,
+    ) -> bool:
+        """Store the new password as `version` and drop the intent of that version, in one
+        transaction; False when that intent is no longer there (finished elsewhere)."""
+        ...
 
     async def insert_lease(self, record: LeaseRecord) -> None: ...
     async def get_lease(self, lease_id: str) -> LeaseRecord | None: ...
@@ -330,6 +401,12 @@ class SqlDatabaseRepository:
                     f"connection {name!r} is used by roles "
                     f"{', '.join(sorted(str(r[0]) for r in roles)[:10])}: remove them first"
                 )
+            statics = await tx.fetch("SELECT name FROM db_static_roles WHERE connection = ?", name)
+            if statics:
+                raise FailedPrecondition(
+                    f"connection {name!r} is used by static roles "
+                    f"{', '.join(sorted(str(r[0]) for r in statics)[:10])}: remove them first"
+                )
             leases = await tx.fetchrow("SELECT COUNT(*) FROM db_leases WHERE connection = ?", name)
             if leases is not None and int(leases[0]):
                 raise FailedPrecondition(
@@ -394,7 +471,13 @@ class SqlDatabaseRepository:
                 "SELECT 'db_connections', name, sealed_password FROM db_connections "
                 "WHERE kek_label <> ? UNION ALL "
                 "SELECT 'db_root_recovery', connection, sealed_password FROM db_root_recovery "
+                "WHERE kek_label <> ? UNION ALL "
+                "SELECT 'db_static_roles', name, sealed_password FROM db_static_roles "
+                "WHERE sealed_password IS NOT NULL AND kek_label <> ? UNION ALL "
+                "SELECT 'db_static_intents', role, sealed_password FROM db_static_intents "
                 "WHERE kek_label <> ?",
+                not_label,
+                not_label,
                 not_label,
                 not_label,
             )
@@ -404,7 +487,12 @@ class SqlDatabaseRepository:
         self, table: str, key: str, old: bytes, new: bytes, new_label: str
     ) -> bool:
         """Compare-and-set one sealed password (only if it is still `old`)."""
-        column = {"db_connections": "name", "db_root_recovery": "connection"}[table]
+        column = {
+            "db_connections": "name",
+            "db_root_recovery": "connection",
+            "db_static_roles": "name",
+            "db_static_intents": "role",
+        }[table]
         async with self._b.transaction(write=True) as tx:
             row = await tx.fetchrow(
                 f"UPDATE {table} SET sealed_password = ?, kek_label = ? "  # noqa: S608
@@ -420,7 +508,11 @@ class SqlDatabaseRepository:
         async with self._b.transaction(write=False) as tx:
             row = await tx.fetchrow(
                 "SELECT 1 FROM db_connections WHERE kek_label = ? UNION ALL "
-                "SELECT 1 FROM db_root_recovery WHERE kek_label = ?",
+                "SELECT 1 FROM db_root_recovery WHERE kek_label = ? UNION ALL "
+                "SELECT 1 FROM db_static_roles WHERE kek_label = ? UNION ALL "
+                "SELECT 1 FROM db_static_intents WHERE kek_label = ?",
+                label,
+                label,
                 label,
                 label,
             )
@@ -430,7 +522,8 @@ class SqlDatabaseRepository:
 
     _ROLE = (
         "name, connection, owner, tenant, environment, creation, revocation, rollback, "
-        "default_ttl, max_ttl, username_template, password_length, password_charset, created_at"
+        "default_ttl, max_ttl, username_template, password_length, password_charset, created_at, "
+        "classification, rotation_period"
     )
 
     async def insert_role(self, record: RoleRecord) -> None:
@@ -442,7 +535,7 @@ class SqlDatabaseRepository:
                 raise FailedPrecondition(f"no connection named {record.connection!r}")
             await tx.execute(
                 f"INSERT INTO db_roles ({self._ROLE}) "  # noqa: S608 (constant)
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 record.name,
                 record.connection,
                 record.owner,
@@ -457,6 +550,8 @@ class SqlDatabaseRepository:
                 record.password_length,
                 record.password_charset,
                 self._ts(record.created_at),
+                record.classification,
+                record.rotation_period,
             )
 
     def _role(self, row: Row) -> RoleRecord:
@@ -475,6 +570,8 @@ class SqlDatabaseRepository:
             int(row[11]),
             row[12],
             self._b.decode_ts(row[13]),
+            row[14] or "",
+            None if row[15] is None else int(row[15]),
         )
 
     async def get_role(self, name: str) -> RoleRecord | None:
@@ -494,6 +591,182 @@ class SqlDatabaseRepository:
         async with self._b.transaction(write=True) as tx:
             row = await tx.fetchrow("DELETE FROM db_roles WHERE name = ? RETURNING name", name)
         return row is not None
+
+    # -- static roles
+
+    _STATIC = (
+        "name, connection, username, owner, tenant, environment, rotation_period, "
+        "rotation_statements, sealed_password, kek_label, version, rotated_at, "
+        "next_rotation_at, created_at"
+    )
+
+    async def insert_static_role(self, record: StaticRoleRecord) -> None:
+        async with self._b.transaction(write=True) as tx:
+            if (
+                await tx.fetchrow("SELECT 1 FROM db_connections WHERE name = ?", record.connection)
+                is None
+            ):
+                raise FailedPrecondition(f"no connection named {record.connection!r}")
+            taken = await tx.fetchrow(
+                "SELECT name FROM db_static_roles WHERE connection = ? AND username = ?",
+                record.connection,
+                record.username,
+            )
+            if taken is not None:
+                raise AlreadyExists(
+                    f"user {record.username!r} of connection {record.connection!r} is already "
+                    f"static role {taken[0]!r}"
+                )
+            await tx.execute(
+                f"INSERT INTO db_static_roles ({self._STATIC}) "  # noqa: S608 (constant)
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                record.name,
+                record.connection,
+                record.username,
+                record.owner,
+                record.tenant,
+                record.environment,
+                record.rotation_period,
+                record.rotation_statements,
+                None if record.sealed_password is None else bytes(record.sealed_password),
+                record.kek_label,
+                record.version,
+                None if record.rotated_at is None else self._ts(record.rotated_at),
+                self._ts(record.next_rotation_at),
+                self._ts(record.created_at),
+            )
+
+    def _static(self, row: Row) -> StaticRoleRecord:
+        ts = self._b.decode_ts
+        return StaticRoleRecord(
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            row[4],
+            row[5],
+            int(row[6]),
+            row[7],
+            None if row[8] is None else bytes(row[8]),
+            row[9],
+            int(row[10]),
+            None if row[11] is None else ts(row[11]),
+            ts(row[12]),
+            ts(row[13]),
+        )
+
+    async def get_static_role(self, name: str) -> StaticRoleRecord | None:
+        async with self._b.transaction(write=False) as tx:
+            row = await tx.fetchrow(
+                f"SELECT {self._STATIC} FROM db_static_roles WHERE name = ?",  # noqa: S608
+                name,
+            )
+        return None if row is None else self._static(row)
+
+    async def list_static_roles(self, owner: str | None = None) -> list[StaticRoleRecord]:
+        async with self._b.transaction(write=False) as tx:
+            if owner is None:
+                rows = await tx.fetch(
+                    f"SELECT {self._STATIC} FROM db_static_roles ORDER BY name"  # noqa: S608
+                )
+            else:
+                rows = await tx.fetch(
+                    f"SELECT {self._STATIC} FROM db_static_roles "  # noqa: S608
+                    "WHERE owner = ? ORDER BY name",
+                    owner,
+                )
+        return [self._static(r) for r in rows]
+
+    async def delete_static_role(self, name: str) -> bool:
+        async with self._b.transaction(write=True) as tx:
+            await tx.execute("DELETE FROM db_static_intents WHERE role = ?", name)
+            row = await tx.fetchrow(
+                "DELETE FROM db_static_roles WHERE name = ? RETURNING name", name
+            )
+        return row is not None
+
+    async def due_static_roles(self, now: dt.datetime, limit: int) -> list[StaticRoleRecord]:
+        async with self._b.transaction(write=False) as tx:
+            rows = await tx.fetch(
+                f"SELECT {self._STATIC} FROM db_static_roles "  # noqa: S608 (constant)
+                "WHERE next_rotation_at <= ? OR name IN (SELECT role FROM db_static_intents) "
+                "ORDER BY next_rotation_at LIMIT ?",
+                self._ts(now),
+                limit,
+            )
+        return [self._static(r) for r in rows]
+
+    async def put_static_intent(self, record: StaticIntentRecord) -> bool:
+        async with self._b.transaction(write=True) as tx:
+            if (
+                await tx.fetchrow("SELECT 1 FROM db_static_roles WHERE name = ?", record.role)
+                is None
+            ):
+                return False
+            if (
+                await tx.fetchrow("SELECT 1 FROM db_static_intents WHERE role = ?", record.role)
+                is not None
+            ):
+                return False
+            await tx.execute(
+                "INSERT INTO db_static_intents (role, sealed_password, kek_label, version, "
+                "reason, started_at) VALUES (?, ?, ?, ?, ?, ?)",
+                record.role,
+                bytes(record.sealed_password),
+                record.kek_label,
+                record.version,
+                record.reason,
+                self._ts(record.started_at),
+            )
+        return True
+
+    async def get_static_intent(self, role: str) -> StaticIntentRecord | None:
+        async with self._b.transaction(write=False) as tx:
+            row = await tx.fetchrow(
+                "SELECT role, sealed_password, kek_label, version, reason, started_at "
+                "FROM db_static_intents WHERE role = ?",
+                role,
+            )
+        if row is None:
+            return None
+        return StaticIntentRecord(
+            row[0], bytes(row[1]), row[2], int(row[3]), row[4], self._b.decode_ts(row[5])
+        )
+
+    async def delete_static_intent(self, role: str, version: int) -> None:
+        async with self._b.transaction(write=True) as tx:
+            await tx.execute(
+                "DELETE FROM db_static_intents WHERE role = ? AND version = ?", role, version
+            )
+
+    async def finish_static_rotation(
+        self,
+        role: str,
+        version: int,
+        sealed_password: bytes,
+        kek_label: str,
+        at: dt.datetime,
+        next_rotation_at: dt.datetime,
+    ) -> bool:
+        async with self._b.transaction(write=True) as tx:
+            gone = await tx.fetchrow(
+                "DELETE FROM db_static_intents WHERE role = ? AND version = ? RETURNING role",
+                role,
+                version,
+            )
+            if gone is None:
+                return False
+            await tx.execute(
+                "UPDATE db_static_roles SET sealed_password = ?, kek_label = ?, version = ?, "
+                "rotated_at = ?, next_rotation_at = ? WHERE name = ?",
+                bytes(sealed_password),
+                kek_label,
+                version,
+                self._ts(at),
+                self._ts(next_rotation_at),
+                role,
+            )
+        return True
 
     # -- leases
 

@@ -6,7 +6,7 @@ Open a backend by URI with `open_backend()`::
     cert = builder.sign(backend.signer("issuing-ca-3"), hashes.SHA256())
 
 Optional powers (wrap data keys, MAC, destroy keys) are protocols of their own; ask for one
-with `data_key_wrapper()`, `mac_signer()` or `key_destroyer()`.
+with `data_key_wrapper()`, `mac_signer()`, `random_source()` or `key_destroyer()`.
 `jws_signature()` gives the raw ``r || s`` ECDSA signature JWS wants, for any signer.
 
 `Pkcs11Backend` is imported on first use: python-pkcs11 is needed only for ``pkcs11:``.
@@ -24,10 +24,13 @@ from ca.keys.backend import (
     KeyKind,
     MacBackend,
     MacSigner,
+    RandomBackend,
+    RandomSource,
     WrappingBackend,
     data_key_wrapper,
     key_destroyer,
     mac_signer,
+    random_source,
 )
 from ca.keys.signer import BackendSigner, jws_signature
 from ca.keys.software import SoftwareBackend
@@ -47,6 +50,8 @@ __all__ = [
     "MacSigner",
     "PinSource",
     "Pkcs11Backend",
+    "RandomBackend",
+    "RandomSource",
     "SoftwareBackend",
     "WrappingBackend",
     "data_key_wrapper",
@@ -55,6 +60,7 @@ __all__ = [
     "key_uri",
     "mac_signer",
     "open_backend",
+    "random_source",
 ]
 
 

@@ -155,6 +155,16 @@ class MacSigner(Protocol):
 
 
 @runtime_checkable
+class RandomSource(Protocol):
+    """Optional power: random bytes from the backend's generator (C_GenerateRandom on
+    PKCS#11), for every value the broker generates (passwords, secret values)."""
+
+    def random(self, n: int) -> bytes:
+        """`n` (1..4096) random bytes."""
+        ...
+
+
+@runtime_checkable
 class KeyDestroyer(Protocol):
     """Optional power: delete keys."""
 
@@ -171,6 +181,11 @@ class WrappingBackend(KeyBackend, DataKeyWrapper, Protocol):
 @runtime_checkable
 class MacBackend(KeyBackend, MacSigner, Protocol):
     """A backend that computes MACs (what the audit ledger and secret metadata need)."""
+
+
+@runtime_checkable
+class RandomBackend(KeyBackend, RandomSource, Protocol):
+    """A backend that generates random bytes (what broker-generated passwords need)."""
 
 
 @runtime_checkable
@@ -195,6 +210,21 @@ def mac_signer(backend: KeyBackend) -> MacBackend:
     if not isinstance(backend, MacBackend):
         raise _missing(backend, "compute MACs (it has no mac)")
     return backend
+
+
+def random_source(backend: KeyBackend) -> RandomBackend:
+    """`backend` typed as one that generates random bytes; `CapabilityMissing` if it
+    cannot."""
+    if not isinstance(backend, RandomBackend):
+        raise _missing(backend, "generate random bytes (it has no random)")
+    return backend
+
+
+def check_random_length(n: int) -> int:
+    """`n` itself when it is a length `random` accepts (1..4096); InvalidInput otherwise."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 4096:
+        raise InvalidInput("random: ask for 1 to 4096 bytes")
+    return n
 
 
 def key_destroyer(backend: KeyBackend) -> DestroyingBackend:

@@ -92,6 +92,7 @@ from ca.keys.backend import (
     DEFAULT_PKCS11_MODULE,
     KeyKind,
     check_data_key,
+    check_random_length,
     check_wrapped,
     validate_label,
 )
@@ -162,6 +163,8 @@ class _P11Session(Protocol):
     def generate_key(self, key_type: KeyType, key_length: int, **kwargs: Any) -> Any: ...
 
     def create_object(self, attrs: Mapping[Attribute, Any]) -> _P11Object: ...
+
+    def generate_random(self, nbits: int) -> bytes: ...
 
     def close(self) -> None: ...
 
@@ -1024,6 +1027,18 @@ class Pkcs11Backend:
             return handle.public
 
         return self._run(f"read public key {label!r}", op)
+
+    def random(self, n: int) -> bytes:
+        """`n` bytes from the token's generator (C_GenerateRandom)."""
+        size = check_random_length(n)
+
+        def op(pooled: _Session) -> bytes:
+            value = bytes(pooled.session.generate_random(size * 8))
+            if len(value) != size:
+                raise KeyBackendError(f"C_GenerateRandom returned {len(value)} of {size} bytes")
+            return value
+
+        return self._run("generate random bytes", op)
 
     def mac(self, label: str, data: bytes) -> bytes:
         validate_label(label)

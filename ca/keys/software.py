@@ -47,7 +47,13 @@ from cryptography.hazmat.primitives.keywrap import (
 from cryptography.utils import Buffer
 
 from ca.errors import BadPin, IntegrityError, InvalidInput, KeyBackendError, KeyExists, KeyNotFound
-from ca.keys.backend import KeyKind, check_data_key, check_wrapped, validate_label
+from ca.keys.backend import (
+    KeyKind,
+    check_data_key,
+    check_random_length,
+    check_wrapped,
+    validate_label,
+)
 from ca.keys.signer import BackendSigner, digest_for, prehashed_for_digest
 
 __all__ = ["SoftwareBackend", "SoftwareSigner"]
@@ -186,6 +192,10 @@ class SoftwareBackend:
 
     def public_key(self, label: str) -> ec.EllipticCurvePublicKey:
         return self._ec_key(label).public_key()
+
+    def random(self, n: int) -> bytes:
+        """The operating system's generator (os.urandom): there is no HSM here."""
+        return os.urandom(check_random_length(n))
 
     def mac(self, label: str, data: bytes) -> bytes:
         key = self._secret(label, KeyKind.HMAC_SHA256, "mac")

@@ -18,6 +18,8 @@ from broker.storage.database import (
     LeaseState,
     RecoveryRecord,
     RoleRecord,
+    StaticIntentRecord,
+    StaticRoleRecord,
 )
 
 T0 = dt.datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=dt.UTC)
@@ -205,3 +207,68 @@ async def test_lease_stats(store: DatabaseRepository) -> None:
     assert await store.lease_stats(later) == (2, T0 + dt.timedelta(seconds=5))
     await store.revocation_failed("db/app/2", later, "x", give_up=True)  # irrevocable: ignored
     assert await store.lease_stats(later) == (2, T0 + dt.timedelta(seconds=30))
+
+
+# -- static roles (issue 12) ----------------------------------------------------------------------
+
+
+def static_role(name: str = "app", username: str = "app_user") -> StaticRoleRecord:
+    return StaticRoleRecord(
+        name, "main", username, "web", "acme", "prod", 30 * 86400, None, None, None, 0, None, T0, T0
+    )
+
+
+def intent(role: str = "app", version: int = 1) -> StaticIntentRecord:
+    return StaticIntentRecord(role, b"\x00new", "kek._system.1", version, "added", T0)
+
+
+async def test_static_roles_round_trip_and_unique_users(store: DatabaseRepository) -> None:
+    with pytest.raises(FailedPrecondition):
+        await store.insert_static_role(static_role())  # no connection yet
+    await store.insert_connection(connection())
+    await store.insert_static_role(static_role())
+    assert await store.get_static_role("app") == static_role()
+    with pytest.raises(AlreadyExists):
+        await store.insert_static_role(static_role())
+    with pytest.raises(AlreadyExists):
+        await store.insert_static_role(static_role("other"))  # same user
+    await store.insert_static_role(static_role("b", "b_user"))
+    assert [r.name for r in await store.list_static_roles()] == ["app", "b"]
+    assert [r.name for r in await store.list_static_roles("nobody")] == []
+    with pytest.raises(FailedPrecondition, match="static roles"):
+        await store.delete_connection("main")
+    assert await store.delete_static_role("b")
+    assert not await store.delete_static_role("b")
+
+
+async def test_static_intent_is_written_once_and_finished_once(store: DatabaseRepository) -> None:
+    await store.insert_connection(connection())
+    await store.insert_static_role(static_role())
+    assert await store.put_static_intent(intent())
+    assert not await store.put_static_intent(intent(version=2))  # one in flight at a time
+    assert not await store.put_static_intent(intent("absent"))
+    assert await store.get_static_intent("app") == intent()
+    later = T0 + dt.timedelta(days=30)
+    assert [r.name for r in await store.due_static_roles(T0 - dt.timedelta(days=1), 10)] == ["app"]
+    assert await store.finish_static_rotation("app", 1, b"\x00cur", "kek._system.1", T0, later)
+    assert not await store.finish_static_rotation("app", 1, b"\x00cur", "kek._system.1", T0, later)
+    record = await store.get_static_role("app")
+    assert record is not None
+    assert (record.version, record.sealed_password, record.next_rotation_at) == (
+        1,
+        b"\x00cur",
+        later,
+    )
+    assert await store.get_static_intent("app") is None
+    assert await store.due_static_roles(T0, 10) == []
+    assert [r.name for r in await store.due_static_roles(later, 10)] == ["app"]
+    blobs = await store.sealed_blobs("kek._system.2")
+    assert ("db_static_roles", "app") in {(t, k) for t, k, _ in blobs}
+    assert await store.label_in_use("kek._system.1")
+    assert await store.replace_blob("db_static_roles", "app", b"\x00cur", b"\x00new2", "kek.2")
+    assert await store.put_static_intent(intent(version=2))
+    await store.delete_static_intent("app", 2)
+    assert await store.get_static_intent("app") is None
+    assert await store.put_static_intent(intent(version=2))
+    assert await store.delete_static_role("app")  # its intent goes with it
+    assert await store.get_static_intent("app") is None

@@ -34,6 +34,7 @@ from ca.keys import (
     Pkcs11Backend,
     SoftwareBackend,
     jws_signature,
+    random_source,
 )
 from tests.fixtures.fake_pkcs11 import FakeModule
 
@@ -398,3 +399,15 @@ def test_concurrent_signing_from_eight_threads(backend: KeyBackend) -> None:
         t.join(timeout=60)
     assert not any(t.is_alive() for t in threads)
     assert failures == []
+
+
+def test_random_gives_the_bytes_asked_for_and_refuses_bad_lengths(backend: KeyBackend) -> None:
+    source = random_source(backend)
+    values = {source.random(32) for _ in range(16)}
+    assert len(values) == 16  # no repeats
+    assert all(len(v) == 32 for v in values)
+    assert len(source.random(1)) == 1
+    assert len(source.random(4096)) == 4096
+    for bad in (0, -1, 4097):
+        with pytest.raises(InvalidInput):
+            source.random(bad)

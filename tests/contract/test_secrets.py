@@ -48,7 +48,7 @@ from broker.storage import open_storage
 from broker.storage.secrets import SecretRecord, SecretState, SqlSecretRepository, VersionRecord
 from broker.storage.sql import SqlStorage
 from ca.clock import FakeClock
-from ca.keys import KeyBackend, SoftwareBackend
+from ca.keys import KeyBackend, SoftwareBackend, random_source
 
 T0 = dt.datetime(2026, 6, 1, 9, 0, tzinfo=dt.UTC)
 REF = "secret://payments/prod/stripe/api-key"
@@ -784,3 +784,26 @@ async def test_the_janitor_does_not_destroy_a_row_marked_deleted_by_sql(world: W
         "UPDATE secrets SET state = 'active', deleted_at = NULL WHERE ref = ?", REF
     )  # the operator restores the row: it verifies again
     assert await world.get() == value
+
+
+async def test_generated_values_come_from_the_key_backends_generator(world: World) -> None:
+    """`secrets put --generate`: the value is drawn from the key backend's random generator
+    (C_GenerateRandom on the SoftHSM token), not the process's."""
+    drawn: list[int] = []
+    source = random_source(world.keys)
+
+    def counting(n: int) -> bytes:
+        drawn.append(n)
+        return source.random(n)
+
+    world.service.random = counting
+    await world.service.put(
+        "acme",
+        REF,
+        owner="payments",
+        classification="confidential",
+        rotation_period=dt.timedelta(days=90),
+        generate_length=40,
+    )
+    value = await world.get()
+    assert len(value) == 40 and drawn

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x62roker/v1/database.proto\x12\tbroker.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb7\x01\n\x12\x44\x61tabaseConnection\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06plugin\x18\x02 \x01(\t\x12\x0b\n\x03\x64sn\x18\x03 \x01(\t\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0froot_rotated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tkek_label\x18\x06 \x01(\t\"h\n\x14\x41\x64\x64\x43onnectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06plugin\x18\x02 \x01(\t\x12\x0b\n\x03\x64sn\x18\x03 \x01(\t\x12\x10\n\x08password\x18\x04 \x01(\t\x12\x13\n\x0bskip_verify\x18\x05 \x01(\x08\"\x18\n\x16ListConnectionsRequest\"M\n\x17ListConnectionsResponse\x12\x32\n\x0b\x63onnections\x18\x01 \x03(\x0b\x32\x1d.broker.v1.DatabaseConnection\"$\n\x14GetConnectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\'\n\x17RemoveConnectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1a\n\x18RemoveConnectionResponse\"!\n\x11RotateRootRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xf1\x02\n\x0c\x44\x61tabaseRole\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nconnection\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x05 \x01(\t\x12\x1b\n\x13\x63reation_statements\x18\x06 \x01(\t\x12\x1d\n\x15revocation_statements\x18\x07 \x01(\t\x12\x1b\n\x13rollback_statements\x18\x08 \x01(\t\x12\x1b\n\x13\x64\x65\x66\x61ult_ttl_seconds\x18\t \x01(\x03\x12\x17\n\x0fmax_ttl_seconds\x18\n \x01(\x03\x12\x19\n\x11username_template\x18\x0b \x01(\t\x12\x17\n\x0fpassword_length\x18\x0c \x01(\x05\x12\x18\n\x10password_charset\x18\r \x01(\t\x12.\n\ncreated_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"e\n\x0e\x41\x64\x64RoleRequest\x12%\n\x04role\x18\x01 \x01(\x0b\x32\x17.broker.v1.DatabaseRole\x12\x16\n\x0ehas_revocation\x18\x02 \x01(\x08\x12\x14\n\x0chas_rollback\x18\x03 \x01(\x08\"\x12\n\x10ListRolesRequest\";\n\x11ListRolesResponse\x12&\n\x05roles\x18\x01 \x03(\x0b\x32\x17.broker.v1.DatabaseRole\"\x1e\n\x0eGetRoleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"!\n\x11RemoveRoleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x14\n\x12RemoveRoleResponse\"Q\n\x17IssueCredentialsRequest\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x18\n\x0bttl_seconds\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\x0e\n\x0c_ttl_seconds\"Z\n\x13\x44\x61tabaseCredentials\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\x12\x1f\n\x05lease\x18\x03 \x01(\x0b\x32\x10.broker.v1.Lease\"\x88\x03\n\x05Lease\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x12\n\nconnection\x18\x03 \x01(\t\x12\x10\n\x08username\x18\x04 \x01(\t\x12\x0e\n\x06holder\x18\x05 \x01(\t\x12\r\n\x05state\x18\x06 \x01(\t\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0emax_expires_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1e\n\x16lease_duration_seconds\x18\n \x01(\x03\x12\x11\n\trenewable\x18\x0b \x01(\x08\x12\x10\n\x08\x61ttempts\x18\x0c \x01(\x05\x12\x12\n\nlast_error\x18\r \x01(\t\x12\x33\n\x0fnext_attempt_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"[\n\x11RenewLeaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x1e\n\x11increment_seconds\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\x14\n\x12_increment_seconds\"&\n\x12RevokeLeaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"%\n\x13RevokePrefixRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\"6\n\x13RevokeLeaseResponse\x12\x0f\n\x07revoked\x18\x01 \x01(\x03\x12\x0e\n\x06\x65rrors\x18\x02 \x03(\t\"2\n\x11ListLeasesRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\"6\n\x12ListLeasesResponse\x12 \n\x06leases\x18\x01 \x03(\x0b\x32\x10.broker.v1.Lease2\x97\x06\n\x08\x44\x61tabase\x12O\n\rAddConnection\x12\x1f.broker.v1.AddConnectionRequest\x1a\x1d.broker.v1.DatabaseConnection\x12X\n\x0fListConnections\x12!.broker.v1.ListConnectionsRequest\x1a\".broker.v1.ListConnectionsResponse\x12O\n\rGetConnection\x12\x1f.broker.v1.GetConnectionRequest\x1a\x1d.broker.v1.DatabaseConnection\x12[\n\x10RemoveConnection\x12\".broker.v1.RemoveConnectionRequest\x1a#.broker.v1.RemoveConnectionResponse\x12I\n\nRotateRoot\x12\x1c.broker.v1.RotateRootRequest\x1a\x1d.broker.v1.DatabaseConnection\x12=\n\x07\x41\x64\x64Role\x12\x19.broker.v1.AddRoleRequest\x1a\x17.broker.v1.DatabaseRole\x12\x46\n\tListRoles\x12\x1b.broker.v1.ListRolesRequest\x1a\x1c.broker.v1.ListRolesResponse\x12=\n\x07GetRole\x12\x19.broker.v1.GetRoleRequest\x1a\x17.broker.v1.DatabaseRole\x12I\n\nRemoveRole\x12\x1c.broker.v1.RemoveRoleRequest\x1a\x1d.broker.v1.RemoveRoleResponse\x12V\n\x10IssueCredentials\x12\".broker.v1.IssueCredentialsRequest\x1a\x1e.broker.v1.DatabaseCredentials2\x9f\x02\n\x06Leases\x12\x37\n\x05Renew\x12\x1c.broker.v1.RenewLeaseRequest\x1a\x10.broker.v1.Lease\x12G\n\x06Revoke\x12\x1d.broker.v1.RevokeLeaseRequest\x1a\x1e.broker.v1.RevokeLeaseResponse\x12N\n\x0cRevokePrefix\x12\x1e.broker.v1.RevokePrefixRequest\x1a\x1e.broker.v1.RevokeLeaseResponse\x12\x43\n\x04List\x12\x1c.broker.v1.ListLeasesRequest\x1a\x1d.broker.v1.ListLeasesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x62roker/v1/database.proto\x12\tbroker.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb7\x01\n\x12\x44\x61tabaseConnection\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06plugin\x18\x02 \x01(\t\x12\x0b\n\x03\x64sn\x18\x03 \x01(\t\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0froot_rotated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tkek_label\x18\x06 \x01(\t\"h\n\x14\x41\x64\x64\x43onnectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06plugin\x18\x02 \x01(\t\x12\x0b\n\x03\x64sn\x18\x03 \x01(\t\x12\x10\n\x08password\x18\x04 \x01(\t\x12\x13\n\x0bskip_verify\x18\x05 \x01(\x08\"\x18\n\x16ListConnectionsRequest\"M\n\x17ListConnectionsResponse\x12\x32\n\x0b\x63onnections\x18\x01 \x03(\x0b\x32\x1d.broker.v1.DatabaseConnection\"$\n\x14GetConnectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\'\n\x17RemoveConnectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1a\n\x18RemoveConnectionResponse\"!\n\x11RotateRootRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xaa\x03\n\x0c\x44\x61tabaseRole\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nconnection\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x05 \x01(\t\x12\x1b\n\x13\x63reation_statements\x18\x06 \x01(\t\x12\x1d\n\x15revocation_statements\x18\x07 \x01(\t\x12\x1b\n\x13rollback_statements\x18\x08 \x01(\t\x12\x1b\n\x13\x64\x65\x66\x61ult_ttl_seconds\x18\t \x01(\x03\x12\x17\n\x0fmax_ttl_seconds\x18\n \x01(\x03\x12\x19\n\x11username_template\x18\x0b \x01(\t\x12\x17\n\x0fpassword_length\x18\x0c \x01(\x05\x12\x18\n\x10password_charset\x18\r \x01(\t\x12.\n\ncreated_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x63lassification\x18\x0f \x01(\t\x12\x1f\n\x17rotation_period_seconds\x18\x10 \x01(\x03\"e\n\x0e\x41\x64\x64RoleRequest\x12%\n\x04role\x18\x01 \x01(\x0b\x32\x17.broker.v1.DatabaseRole\x12\x16\n\x0ehas_revocation\x18\x02 \x01(\x08\x12\x14\n\x0chas_rollback\x18\x03 \x01(\x08\"\x12\n\x10ListRolesRequest\";\n\x11ListRolesResponse\x12&\n\x05roles\x18\x01 \x03(\x0b\x32\x17.broker.v1.DatabaseRole\"\x1e\n\x0eGetRoleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"!\n\x11RemoveRoleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x14\n\x12RemoveRoleResponse\"Q\n\x17IssueCredentialsRequest\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x18\n\x0bttl_seconds\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\x0e\n\x0c_ttl_seconds\"Z\n\x13\x44\x61tabaseCredentials\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\x12\x1f\n\x05lease\x18\x03 \x01(\x0b\x32\x10.broker.v1.Lease\"\x88\x03\n\x05Lease\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x12\n\nconnection\x18\x03 \x01(\t\x12\x10\n\x08username\x18\x04 \x01(\t\x12\x0e\n\x06holder\x18\x05 \x01(\t\x12\r\n\x05state\x18\x06 \x01(\t\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0emax_expires_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1e\n\x16lease_duration_seconds\x18\n \x01(\x03\x12\x11\n\trenewable\x18\x0b \x01(\x08\x12\x10\n\x08\x61ttempts\x18\x0c \x01(\x05\x12\x12\n\nlast_error\x18\r \x01(\t\x12\x33\n\x0fnext_attempt_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"[\n\x11RenewLeaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x1e\n\x11increment_seconds\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\x14\n\x12_increment_seconds\"&\n\x12RevokeLeaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"%\n\x13RevokePrefixRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\"6\n\x13RevokeLeaseResponse\x12\x0f\n\x07revoked\x18\x01 \x01(\x03\x12\x0e\n\x06\x65rrors\x18\x02 \x03(\t\"2\n\x11ListLeasesRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\"6\n\x12ListLeasesResponse\x12 \n\x06leases\x18\x01 \x03(\x0b\x32\x10.broker.v1.Lease2\x97\x06\n\x08\x44\x61tabase\x12O\n\rAddConnection\x12\x1f.broker.v1.AddConnectionRequest\x1a\x1d.broker.v1.DatabaseConnection\x12X\n\x0fListConnections\x12!.broker.v1.ListConnectionsRequest\x1a\".broker.v1.ListConnectionsResponse\x12O\n\rGetConnection\x12\x1f.broker.v1.GetConnectionRequest\x1a\x1d.broker.v1.DatabaseConnection\x12[\n\x10RemoveConnection\x12\".broker.v1.RemoveConnectionRequest\x1a#.broker.v1.RemoveConnectionResponse\x12I\n\nRotateRoot\x12\x1c.broker.v1.RotateRootRequest\x1a\x1d.broker.v1.DatabaseConnection\x12=\n\x07\x41\x64\x64Role\x12\x19.broker.v1.AddRoleRequest\x1a\x17.broker.v1.DatabaseRole\x12\x46\n\tListRoles\x12\x1b.broker.v1.ListRolesRequest\x1a\x1c.broker.v1.ListRolesResponse\x12=\n\x07GetRole\x12\x19.broker.v1.GetRoleRequest\x1a\x17.broker.v1.DatabaseRole\x12I\n\nRemoveRole\x12\x1c.broker.v1.RemoveRoleRequest\x1a\x1d.broker.v1.RemoveRoleResponse\x12V\n\x10IssueCredentials\x12\".broker.v1.IssueCredentialsRequest\x1a\x1e.broker.v1.DatabaseCredentials2\x9f\x02\n\x06Leases\x12\x37\n\x05Renew\x12\x1c.broker.v1.RenewLeaseRequest\x1a\x10.broker.v1.Lease\x12G\n\x06Revoke\x12\x1d.broker.v1.RevokeLeaseRequest\x1a\x1e.broker.v1.RevokeLeaseResponse\x12N\n\x0cRevokePrefix\x12\x1e.broker.v1.RevokePrefixRequest\x1a\x1e.broker.v1.RevokeLeaseResponse\x12\x43\n\x04List\x12\x1c.broker.v1.ListLeasesRequest\x1a\x1d.broker.v1.ListLeasesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -50,39 +50,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROTATEROOTREQUEST']._serialized_start=576
   _globals['_ROTATEROOTREQUEST']._serialized_end=609
   _globals['_DATABASEROLE']._serialized_start=612
-  _globals['_DATABASEROLE']._serialized_end=981
-  _globals['_ADDROLEREQUEST']._serialized_start=983
-  _globals['_ADDROLEREQUEST']._serialized_end=1084
-  _globals['_LISTROLESREQUEST']._serialized_start=1086
-  _globals['_LISTROLESREQUEST']._serialized_end=1104
-  _globals['_LISTROLESRESPONSE']._serialized_start=1106
-  _globals['_LISTROLESRESPONSE']._serialized_end=1165
-  _globals['_GETROLEREQUEST']._serialized_start=1167
-  _globals['_GETROLEREQUEST']._serialized_end=1197
-  _globals['_REMOVEROLEREQUEST']._serialized_start=1199
-  _globals['_REMOVEROLEREQUEST']._serialized_end=1232
-  _globals['_REMOVEROLERESPONSE']._serialized_start=1234
-  _globals['_REMOVEROLERESPONSE']._serialized_end=1254
-  _globals['_ISSUECREDENTIALSREQUEST']._serialized_start=1256
-  _globals['_ISSUECREDENTIALSREQUEST']._serialized_end=1337
-  _globals['_DATABASECREDENTIALS']._serialized_start=1339
-  _globals['_DATABASECREDENTIALS']._serialized_end=1429
-  _globals['_LEASE']._serialized_start=1432
-  _globals['_LEASE']._serialized_end=1824
-  _globals['_RENEWLEASEREQUEST']._serialized_start=1826
-  _globals['_RENEWLEASEREQUEST']._serialized_end=1917
-  _globals['_REVOKELEASEREQUEST']._serialized_start=1919
-  _globals['_REVOKELEASEREQUEST']._serialized_end=1957
-  _globals['_REVOKEPREFIXREQUEST']._serialized_start=1959
-  _globals['_REVOKEPREFIXREQUEST']._serialized_end=1996
-  _globals['_REVOKELEASERESPONSE']._serialized_start=1998
-  _globals['_REVOKELEASERESPONSE']._serialized_end=2052
-  _globals['_LISTLEASESREQUEST']._serialized_start=2054
-  _globals['_LISTLEASESREQUEST']._serialized_end=2104
-  _globals['_LISTLEASESRESPONSE']._serialized_start=2106
-  _globals['_LISTLEASESRESPONSE']._serialized_end=2160
-  _globals['_DATABASE']._serialized_start=2163
-  _globals['_DATABASE']._serialized_end=2954
-  _globals['_LEASES']._serialized_start=2957
-  _globals['_LEASES']._serialized_end=3244
+  _globals['_DATABASEROLE']._serialized_end=1038
+  _globals['_ADDROLEREQUEST']._serialized_start=1040
+  _globals['_ADDROLEREQUEST']._serialized_end=1141
+  _globals['_LISTROLESREQUEST']._serialized_start=1143
+  _globals['_LISTROLESREQUEST']._serialized_end=1161
+  _globals['_LISTROLESRESPONSE']._serialized_start=1163
+  _globals['_LISTROLESRESPONSE']._serialized_end=1222
+  _globals['_GETROLEREQUEST']._serialized_start=1224
+  _globals['_GETROLEREQUEST']._serialized_end=1254
+  _globals['_REMOVEROLEREQUEST']._serialized_start=1256
+  _globals['_REMOVEROLEREQUEST']._serialized_end=1289
+  _globals['_REMOVEROLERESPONSE']._serialized_start=1291
+  _globals['_REMOVEROLERESPONSE']._serialized_end=1311
+  _globals['_ISSUECREDENTIALSREQUEST']._serialized_start=1313
+  _globals['_ISSUECREDENTIALSREQUEST']._serialized_end=1394
+  _globals['_DATABASECREDENTIALS']._serialized_start=1396
+  _globals['_DATABASECREDENTIALS']._serialized_end=1486
+  _globals['_LEASE']._serialized_start=1489
+  _globals['_LEASE']._serialized_end=1881
+  _globals['_RENEWLEASEREQUEST']._serialized_start=1883
+  _globals['_RENEWLEASEREQUEST']._serialized_end=1974
+  _globals['_REVOKELEASEREQUEST']._serialized_start=1976
+  _globals['_REVOKELEASEREQUEST']._serialized_end=2014
+  _globals['_REVOKEPREFIXREQUEST']._serialized_start=2016
+  _globals['_REVOKEPREFIXREQUEST']._serialized_end=2053
+  _globals['_REVOKELEASERESPONSE']._serialized_start=2055
+  _globals['_REVOKELEASERESPONSE']._serialized_end=2109
+  _globals['_LISTLEASESREQUEST']._serialized_start=2111
+  _globals['_LISTLEASESREQUEST']._serialized_end=2161
+  _globals['_LISTLEASESRESPONSE']._serialized_start=2163
+  _globals['_LISTLEASESRESPONSE']._serialized_end=2217
+  _globals['_DATABASE']._serialized_start=2220
+  _globals['_DATABASE']._serialized_end=3011
+  _globals['_LEASES']._serialized_start=3014
+  _globals['_LEASES']._serialized_end=3301
 # @@protoc_insertion_point(module_scope)

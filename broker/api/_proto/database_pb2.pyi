@@ -73,7 +73,7 @@ class RotateRootRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class DatabaseRole(_message.Message):
-    __slots__ = ("name", "connection", "owner", "tenant", "environment", "creation_statements", "revocation_statements", "rollback_statements", "default_ttl_seconds", "max_ttl_seconds", "username_template", "password_length", "password_charset", "created_at")
+    __slots__ = ("name", "connection", "owner", "tenant", "environment", "creation_statements", "revocation_statements", "rollback_statements", "default_ttl_seconds", "max_ttl_seconds", "username_template", "password_length", "password_charset", "created_at", "classification", "rotation_period_seconds")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CONNECTION_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +88,8 @@ class DatabaseRole(_message.Message):
     PASSWORD_LENGTH_FIELD_NUMBER: _ClassVar[int]
     PASSWORD_CHARSET_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    CLASSIFICATION_FIELD_NUMBER: _ClassVar[int]
+    ROTATION_PERIOD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     name: str
     connection: str
     owner: str
@@ -102,7 +104,9 @@ class DatabaseRole(_message.Message):
     password_length: int
     password_charset: str
     created_at: _timestamp_pb2.Timestamp
-    def __init__(self, name: _Optional[str] = ..., connection: _Optional[str] = ..., owner: _Optional[str] = ..., tenant: _Optional[str] = ..., environment: _Optional[str] = ..., creation_statements: _Optional[str] = ..., revocation_statements: _Optional[str] = ..., rollback_statements: _Optional[str] = ..., default_ttl_seconds: _Optional[int] = ..., max_ttl_seconds: _Optional[int] = ..., username_template: _Optional[str] = ..., password_length: _Optional[int] = ..., password_charset: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    classification: str
+    rotation_period_seconds: int
+    def __init__(self, name: _Optional[str] = ..., connection: _Optional[str] = ..., owner: _Optional[str] = ..., tenant: _Optional[str] = ..., environment: _Optional[str] = ..., creation_statements: _Optional[str] = ..., revocation_statements: _Optional[str] = ..., rollback_statements: _Optional[str] = ..., default_ttl_seconds: _Optional[int] = ..., max_ttl_seconds: _Optional[int] = ..., username_template: _Optional[str] = ..., password_length: _Optional[int] = ..., password_charset: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., classification: _Optional[str] = ..., rotation_period_seconds: _Optional[int] = ...) -> None: ...
 
 class AddRoleRequest(_message.Message):
     __slots__ = ("role", "has_revocation", "has_rollback")

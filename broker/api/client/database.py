@@ -42,6 +42,8 @@ class Role:
     password_length: int
     password_charset: str
     created_at: datetime | None
+    classification: str = ""
+    rotation_period_seconds: int = 0
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,8 @@ class DatabaseClient(FeatureClient):
         environment: str = "",
         password_length: int = 0,
         password_charset: str = "",
+        classification: str = "",
+        rotation_period_seconds: int = 0,
     ) -> Role:
         role = database_pb2.DatabaseRole(
             name=name,
@@ -146,6 +150,8 @@ class DatabaseClient(FeatureClient):
             environment=environment,
             password_length=password_length,
             password_charset=password_charset,
+            classification=classification,
+            rotation_period_seconds=rotation_period_seconds,
         )
         request = database_pb2.AddRoleRequest(
             role=role,

@@ -93,6 +93,8 @@ def role_pb(record: RoleRecord) -> database_pb2.DatabaseRole:
         password_length=record.password_length,
         password_charset=record.password_charset,
         created_at=to_timestamp(record.created_at),
+        classification=record.classification,
+        rotation_period_seconds=record.rotation_period or 0,
     )
 
 
@@ -191,6 +193,12 @@ class DatabaseServicer(database_pb2_grpc.DatabaseServicer):  # type: ignore[misc
             environment=r.environment,
             password_length=r.password_length or RoleSpec.password_length,
             password_charset=r.password_charset or RoleSpec.password_charset,
+            classification=r.classification,
+            rotation_period=(
+                dt.timedelta(seconds=r.rotation_period_seconds)
+                if r.rotation_period_seconds > 0
+                else None
+            ),
         )
         record = await self._db.add_role(spec)
         current_call().details.update(
@@ -200,6 +208,7 @@ class DatabaseServicer(database_pb2_grpc.DatabaseServicer):  # type: ignore[misc
             environment=record.environment,
             default_ttl=record.default_ttl,
             max_ttl=record.max_ttl,
+            classification=record.classification,
         )
         return role_pb(record)
 

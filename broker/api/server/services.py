@@ -16,7 +16,19 @@ from typing import TYPE_CHECKING
 
 from broker.policy import Action
 
-from . import access, audit, ca, database, identity, kms, operators, scan, secrets
+from . import (
+    access,
+    audit,
+    ca,
+    database,
+    identity,
+    kms,
+    operators,
+    revocation,
+    scan,
+    secrets,
+    static_roles,
+)
 from .binding import MethodSpec, ServiceBinding
 
 if TYPE_CHECKING:
@@ -46,6 +58,8 @@ def bindings_for(app: Application, *, ca_service: CAService | None = None) -> li
     bindings.append(identity.binding(app))
     bindings.append(secrets.binding(app))
     bindings.extend(database.binding(app))  # Database and Leases
+    bindings.append(static_roles.binding(app))  # static database roles
+    bindings.append(revocation.binding(app))  # revocation by person
     bindings.append(access.binding(app))  # Rego policy, grants, approvals, break-glass
     bindings.append(operators.binding(app))  # operator login, roles, registry
     bindings.append(kms.binding(app))  # KMS keys for services' own data (issue 16)

@@ -74,6 +74,8 @@ class FakeClients:
     operators: Any = None
     kms: Any = None
     scan: Any = None
+    static_roles: Any = None
+    revocation: Any = None
     closed: bool = False
 
     def __post_init__(self) -> None:

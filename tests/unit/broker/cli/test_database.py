@@ -117,6 +117,7 @@ def test_role_json_names_and_show_text(tmp_path: Path) -> None:
     assert document["revocation_statements"] is None  # empty means "the default"
     assert document["creation_statements"] == "CREATE ROLE {{name}};"
     assert document["created_at"] == Z0
+    assert document["classification"] is None and document["rotation_period"] is None
     shown = h.invoke("db", "role", "show", "app").stdout
     assert shown.splitlines()[0].split() == ["name", "app"]
     assert "\n-- creation statements\nCREATE ROLE {{name}};" in shown

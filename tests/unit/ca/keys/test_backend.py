@@ -16,6 +16,7 @@ from ca.keys import (
     data_key_wrapper,
     key_destroyer,
     mac_signer,
+    random_source,
 )
 
 
@@ -55,6 +56,7 @@ def test_a_core_backend_needs_no_optional_power() -> None:
         (data_key_wrapper, "wrap data keys"),
         (mac_signer, "compute MACs"),
         (key_destroyer, "destroy keys"),
+        (random_source, "generate random bytes"),
     ],
 )
 def test_asking_for_a_missing_power_names_backend_and_power(accessor: object, power: str) -> None:
@@ -69,3 +71,4 @@ def test_accessors_return_the_backend_itself_when_it_has_the_power() -> None:
     assert data_key_wrapper(backend) is backend
     assert mac_signer(backend) is backend
     assert key_destroyer(backend) is backend
+    assert random_source(backend) is backend
