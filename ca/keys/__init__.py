@@ -5,8 +5,8 @@ Open a backend by URI with `open_backend()`::
     backend = open_backend("pkcs11:token=broker?pin-source=file:/run/broker/pin")
     cert = builder.sign(backend.signer("issuing-ca-3"), hashes.SHA256())
 
-Optional powers (wrap data keys, MAC, destroy keys) are protocols of their own; ask for one
-with `data_key_wrapper()`, `mac_signer()` or `key_destroyer()`.
+Optional powers (wrap data keys, MAC, destroy keys, RSA-PSS signing) are protocols of their
+own; ask for one with `data_key_wrapper()`, `mac_signer()`, `key_destroyer()` or `rsa_signer()`.
 `jws_signature()` gives the raw ``r || s`` ECDSA signature JWS wants, for any signer.
 
 `Pkcs11Backend` is imported on first use: python-pkcs11 is needed only for ``pkcs11:``.
@@ -24,10 +24,14 @@ from ca.keys.backend import (
     KeyKind,
     MacBackend,
     MacSigner,
+    RsaBackend,
+    RsaSigner,
     WrappingBackend,
     data_key_wrapper,
     key_destroyer,
     mac_signer,
+    rsa_pss,
+    rsa_signer,
 )
 from ca.keys.signer import BackendSigner, jws_signature
 from ca.keys.software import SoftwareBackend
@@ -47,6 +51,8 @@ __all__ = [
     "MacSigner",
     "PinSource",
     "Pkcs11Backend",
+    "RsaBackend",
+    "RsaSigner",
     "SoftwareBackend",
     "WrappingBackend",
     "data_key_wrapper",
@@ -55,6 +61,8 @@ __all__ = [
     "key_uri",
     "mac_signer",
     "open_backend",
+    "rsa_pss",
+    "rsa_signer",
 ]
 
 
