@@ -62,8 +62,10 @@ def test_keys_are_sensitive_and_never_extractable(
     assert key[Attribute.PRIVATE] is True
     assert key[Attribute.NEVER_EXTRACTABLE] is True
     assert key[Attribute.ID] == b"guarded"
+    # The secret part: CKA_VALUE, or CKA_PRIVATE_EXPONENT for RSA (which has no CKA_VALUE).
+    material = Attribute.PRIVATE_EXPONENT if kind is KeyKind.RSA_3072 else Attribute.VALUE
     with pytest.raises(p11e.AttributeSensitive):
-        key[Attribute.VALUE]
+        key[material]
     props = pkcs11_backend.key_properties("guarded")
     assert props["sensitive"] is True
     assert props["extractable"] is False
