@@ -6,7 +6,9 @@ key generated inside the key backend (never extractable), and the operations ser
   usable for decrypt and verify until the key is destroyed.
 - Envelope encryption: `generate_data_key`, `encrypt`, `decrypt`, `reencrypt` (see
   `broker.kms.ciphertext`); one key-backend call (wrap or unwrap) per operation.
-- Signing: `sign`, `verify`, `public_key` (EC keys); MACs: `mac`, `verify_mac` (HMAC keys).
+- Signing: `sign`, `verify`, `public_key` (EC keys: ECDSA; RSA-3072 keys: RSA-PSS with
+  SHA-256, MGF1-SHA-256 and a 32-byte salt, `ca.keys.rsa_pss()`); MACs: `mac`, `verify_mac`
+  (HMAC keys).
 
 Tenants, names and inputs are validated here and refused with `InvalidArgument`; absent keys
 raise `NotFound`; a key that may not be used now (disabled, pending destruction, destroyed, or
@@ -31,7 +33,7 @@ from typing import Final
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -47,8 +49,17 @@ from broker.storage.kms import (
     KmsRepository,
 )
 from ca.clock import Clock
-from ca.errors import IntegrityError, KeyExists, KeyNotFound
-from ca.keys import KeyBackend, KeyKind, data_key_wrapper, key_destroyer, mac_signer
+from ca.errors import CapabilityMissing, IntegrityError, KeyExists, KeyNotFound
+from ca.keys import (
+    KeyBackend,
+    KeyKind,
+    RsaBackend,
+    data_key_wrapper,
+    key_destroyer,
+    mac_signer,
+    rsa_pss,
+    rsa_signer,
+)
 from ca.keys.executor import token_call
 from ca.layout import DEV_TENANT
 
@@ -73,10 +84,9 @@ KEY_TYPES: Final[Mapping[str, tuple[str, KeyKind]]] = {
     "aes-256": ("encrypt", KeyKind.AES_256),
     "ec-p256": ("sign", KeyKind.EC_P256),
     "ec-p384": ("sign", KeyKind.EC_P384),
+    "rsa-3072": ("sign", KeyKind.RSA_3072),
     "hmac-sha256": ("mac", KeyKind.HMAC_SHA256),
 }
-# Accepted by the issue's CLI but not offered by the key backends yet.
-UNSUPPORTED_TYPES: Final = ("rsa-3072",)
 CLASSIFICATIONS: Final = ("public", "internal", "confidential", "pii")
 #: The standard's DEK rotation: used when a key is created without a rotation period.
 DEFAULT_ROTATION_PERIOD: Final = dt.timedelta(days=90)
@@ -90,6 +100,7 @@ _NAME_RE: Final = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _HASHES: Final[Mapping[str, type[hashes.HashAlgorithm]]] = {
     "ec-p256": hashes.SHA256,
     "ec-p384": hashes.SHA384,
+    "rsa-3072": hashes.SHA256,
 }
 
 
@@ -97,6 +108,15 @@ log = logging.getLogger(__name__)
 
 METADATA_MAC_KEY: Final = "kms.metadata-mac"
 _MAC_CACHE_SIZE: Final = 65536
+
+
+def _digest(data: bytes, hash_type: hashes.HashAlgorithm | Prehashed) -> bytes:
+    """`data` itself when it is a digest already, else its hash."""
+    if isinstance(hash_type, Prehashed):
+        return data
+    h = hashes.Hash(hash_type)
+    h.update(data)
+    return h.finalize()
 
 
 class KeyIntegrityError(FailedPrecondition):
@@ -263,6 +283,10 @@ class KeyService:
         self._wrapper = data_key_wrapper(keys)
         self._macs = mac_signer(keys)
         self._destroyer = key_destroyer(keys)
+        # RSA is optional: without it only creating an rsa-3072 key is refused.
+        self._rsa: RsaBackend | None = None
+        with contextlib.suppress(CapabilityMissing):
+            self._rsa = rsa_signer(keys)
         self._clock = clock
         self._mac = mac if mac is not None else KeyMac(keys)
         self.default_tenant = default_tenant
@@ -397,7 +421,7 @@ class KeyService:
             raise InvalidArgument(
                 f"classification {classification!r} is not one of {', '.join(CLASSIFICATIONS)}"
             )
-        if key_type in UNSUPPORTED_TYPES:
+        if key_type == "rsa-3072" and self._rsa is None:
             raise InvalidArgument(f"key type {key_type!r} is not supported by the key backend")
         if key_type not in KEY_TYPES:
             raise InvalidArgument(f"key type {key_type!r} is not one of {', '.join(KEY_TYPES)}")
@@ -605,35 +629,57 @@ class KeyService:
         return plaintext, v.version
 
     async def sign(self, info: KeyInfo, message: bytes | None, digest: bytes | None) -> Signature:
-        """A DER ECDSA signature by the current version over `message`, or over a `digest`
-        made with the key's hash (SHA-256 for P-256, SHA-384 for P-384)."""
+        """A signature by the current version over `message`, or over a `digest` made with the
+        key's hash (SHA-256 for P-256 and RSA-3072, SHA-384 for P-384): DER ECDSA for EC keys,
+        RSA-PSS (`ca.keys.rsa_pss()`) for RSA keys."""
         v = await self._version(info, "sign")
-        algorithm = self._algorithm(info, message, digest)
+        hash_type = self._hash(info, message, digest)
         data = message if message is not None else digest
         assert data is not None
+        if info.record.key_type == "rsa-3072":
+            rsa_keys = self._rsa_keys()
+            signature = await token_call(
+                self._keys, rsa_keys.rsa_sign_digest, v.label, _digest(data, hash_type)
+            )
+            return Signature(signature, v.version)
         signer = self._keys.signer(v.label)
-        signature = await token_call(self._keys, signer.sign, data, algorithm)
+        signature = await token_call(self._keys, signer.sign, data, ec.ECDSA(hash_type))
         return Signature(signature, v.version)
 
-    def _algorithm(self, info: KeyInfo, message: bytes | None, digest: bytes | None) -> ec.ECDSA:
+    def _rsa_keys(self) -> RsaBackend:
+        if self._rsa is None:  # an rsa-3072 key recorded, then the backend changed
+            raise FailedPrecondition("the key backend has no RSA keys")
+        return self._rsa
+
+    def _hash(
+        self, info: KeyInfo, message: bytes | None, digest: bytes | None
+    ) -> hashes.HashAlgorithm | Prehashed:
+        """The key's hash for a message, or `Prehashed` of it for a digest of its length."""
         hash_type = _HASHES[info.record.key_type]()
         if (message is None) == (digest is None):
             raise InvalidArgument("give either a message or a digest")
         if message is not None:
             check_payload(message, "message")
-            return ec.ECDSA(hash_type)
+            return hash_type
         assert digest is not None
         if len(digest) != hash_type.digest_size:
             raise InvalidArgument(
                 f"a {info.record.key_type} digest is {hash_type.digest_size} bytes "
                 f"({hash_type.name}), not {len(digest)}"
             )
-        return ec.ECDSA(Prehashed(hash_type))
+        return Prehashed(hash_type)
+
+    async def _public(
+        self, info: KeyInfo, label: str
+    ) -> ec.EllipticCurvePublicKey | rsa.RSAPublicKey:
+        if info.record.key_type == "rsa-3072":
+            return await token_call(self._keys, self._rsa_keys().rsa_public_key, label)
+        return await token_call(self._keys, self._keys.public_key, label)
 
     async def public_key(self, info: KeyInfo, version: int | None = None) -> tuple[bytes, int]:
         """The PEM public key of a version (current when None)."""
         v = await self._version(info, "sign", version)
-        public = await token_call(self._keys, self._keys.public_key, v.label)
+        public = await self._public(info, v.label)
         pem = public.public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
@@ -647,13 +693,16 @@ class KeyService:
         digest: bytes | None,
         signature: bytes,
     ) -> tuple[bool, int]:
-        algorithm = self._algorithm(info, message, digest)
+        hash_type = self._hash(info, message, digest)
         v = await self._version(info, "sign", version)
-        public = await token_call(self._keys, self._keys.public_key, v.label)
+        public = await self._public(info, v.label)
         data = message if message is not None else digest
         assert data is not None
         try:
-            public.verify(signature, data, algorithm)
+            if isinstance(public, rsa.RSAPublicKey):
+                public.verify(signature, data, rsa_pss(), hash_type)
+            else:
+                public.verify(signature, data, ec.ECDSA(hash_type))
         except (InvalidSignature, ValueError):
             return False, v.version
         return True, v.version

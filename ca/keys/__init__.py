@@ -5,8 +5,9 @@ Open a backend by URI with `open_backend()`::
     backend = open_backend("pkcs11:token=broker?pin-source=file:/run/broker/pin")
     cert = builder.sign(backend.signer("issuing-ca-3"), hashes.SHA256())
 
-Optional powers (wrap data keys, MAC, destroy keys) are protocols of their own; ask for one
-with `data_key_wrapper()`, `mac_signer()`, `random_source()` or `key_destroyer()`.
+Optional powers (wrap data keys, MAC, random bytes, destroy keys, RSA-PSS signing) are
+protocols of their own; ask for one with `data_key_wrapper()`, `mac_signer()`,
+`random_source()`, `key_destroyer()` or `rsa_signer()`.
 `jws_signature()` gives the raw ``r || s`` ECDSA signature JWS wants, for any signer.
 
 `Pkcs11Backend` is imported on first use: python-pkcs11 is needed only for ``pkcs11:``.
@@ -26,11 +27,15 @@ from ca.keys.backend import (
     MacSigner,
     RandomBackend,
     RandomSource,
+    RsaBackend,
+    RsaSigner,
     WrappingBackend,
     data_key_wrapper,
     key_destroyer,
     mac_signer,
     random_source,
+    rsa_pss,
+    rsa_signer,
 )
 from ca.keys.signer import BackendSigner, jws_signature
 from ca.keys.software import SoftwareBackend
@@ -52,6 +57,8 @@ __all__ = [
     "Pkcs11Backend",
     "RandomBackend",
     "RandomSource",
+    "RsaBackend",
+    "RsaSigner",
     "SoftwareBackend",
     "WrappingBackend",
     "data_key_wrapper",
@@ -61,6 +68,8 @@ __all__ = [
     "mac_signer",
     "open_backend",
     "random_source",
+    "rsa_pss",
+    "rsa_signer",
 ]
 
 

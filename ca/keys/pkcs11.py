@@ -73,9 +73,9 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol, TypeVar
 
 import pkcs11
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
-from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass, _pkcs11
+from pkcs11 import MGF, Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass, _pkcs11
 from pkcs11 import exceptions as p11e
 from pkcs11.util.ec import encode_named_curve_parameters
 
@@ -90,9 +90,13 @@ from ca.errors import (
 )
 from ca.keys.backend import (
     DEFAULT_PKCS11_MODULE,
+    RSA_BITS,
+    RSA_PSS_SALT_BYTES,
+    RSA_PUBLIC_EXPONENT,
     KeyKind,
     check_data_key,
     check_random_length,
+    check_rsa_digest,
     check_wrapped,
     validate_label,
 )
@@ -142,7 +146,7 @@ class _P11Key(_P11Object, Protocol):
     @property
     def key_type(self) -> Any: ...  # KeyType
 
-    def sign(self, data: bytes, *, mechanism: Mechanism) -> bytes: ...
+    def sign(self, data: bytes, *, mechanism: Mechanism, mechanism_param: Any = None) -> bytes: ...
 
     def encrypt(self, data: bytes, *, mechanism: Mechanism) -> bytes: ...
 
@@ -158,7 +162,9 @@ class _P11Session(Protocol):
 
     def get_objects(self, attrs: Mapping[Attribute, Any]) -> Iterable[Any]: ...
 
-    def generate_keypair(self, key_type: KeyType, **kwargs: Any) -> tuple[Any, Any]: ...
+    def generate_keypair(
+        self, key_type: KeyType, key_length: int | None = None, **kwargs: Any
+    ) -> tuple[Any, Any]: ...
 
     def generate_key(self, key_type: KeyType, key_length: int, **kwargs: Any) -> Any: ...
 
@@ -217,6 +223,8 @@ _CURVES: dict[KeyKind, tuple[ec.EllipticCurve, bytes]] = {
     KeyKind.EC_P256: (ec.SECP256R1(), encode_named_curve_parameters("secp256r1")),
     KeyKind.EC_P384: (ec.SECP384R1(), encode_named_curve_parameters("secp384r1")),
 }
+#: CK_RSA_PKCS_PSS_PARAMS for `rsa_pss()`: SHA-256, MGF1-SHA-256, salt = digest length.
+_PSS_SHA256 = (Mechanism.SHA256, MGF.SHA256, RSA_PSS_SALT_BYTES)
 _PROTECTED_ATTRS = {
     Attribute.TOKEN: True,
     Attribute.PRIVATE: True,
@@ -465,6 +473,7 @@ class _Handle:
     kind: KeyKind
     key: _P11Key  # a private or secret key bound to one session
     public: ec.EllipticCurvePublicKey | None = None
+    rsa_public: rsa.RSAPublicKey | None = None
     encrypts: bool = False  # an AES key with CKA_ENCRYPT: wraps with the one-call format
 
 
@@ -751,7 +760,14 @@ class _Connection:
                 f"label {label!r} on {self.description} does not name exactly one key "
                 f"({len(private)} private, {len(secret)} secret)"
             )
-        if private:
+        if private and private[0].key_type == KeyType.RSA:
+            if len(public) != 1:
+                raise KeyBackendError(
+                    f"RSA key {label!r} on {self.description} has {len(public)} public-key "
+                    "objects; expected one"
+                )
+            handle = _Handle(KeyKind.RSA_3072, private[0], rsa_public=_rsa_public(public[0]))
+        elif private:
             key = private[0]
             if key.key_type != KeyType.EC:
                 raise KeyBackendError(f"key {label!r} on {self.description} is not an EC key")
@@ -791,6 +807,13 @@ class _Connection:
         for pooled in idle:
             with contextlib.suppress(p11e.PKCS11Error):
                 pooled.session.close()
+
+
+def _rsa_public(public: _P11Object) -> rsa.RSAPublicKey:
+    """The RSA public key of a CKO_PUBLIC_KEY object (CKA_MODULUS, CKA_PUBLIC_EXPONENT)."""
+    modulus = int.from_bytes(bytes(public[Attribute.MODULUS]), "big")
+    exponent = int.from_bytes(bytes(public[Attribute.PUBLIC_EXPONENT]), "big")
+    return rsa.RSAPublicNumbers(exponent, modulus).public_key()
 
 
 def _can_encrypt(key: _P11Key) -> bool:
@@ -973,6 +996,23 @@ class Pkcs11Backend:
                 )
                 public = _decode_ec_point(bytes(pub[Attribute.EC_POINT]), curve)
                 pooled.handles[label] = _Handle(kind, priv, public)
+            elif kind is KeyKind.RSA_3072:
+                pub, priv = session.generate_keypair(
+                    KeyType.RSA,
+                    RSA_BITS,
+                    label=label,
+                    id=key_id,
+                    store=True,
+                    capabilities=MechanismFlag.SIGN | MechanismFlag.VERIFY,
+                    mechanism=Mechanism.RSA_PKCS_KEY_PAIR_GEN,
+                    public_template={
+                        Attribute.PUBLIC_EXPONENT: RSA_PUBLIC_EXPONENT.to_bytes(3, "big"),
+                        Attribute.TOKEN: True,
+                        Attribute.PRIVATE: False,
+                    },
+                    private_template=dict(_PROTECTED_ATTRS),
+                )
+                pooled.handles[label] = _Handle(kind, priv, rsa_public=_rsa_public(pub))
             elif kind is KeyKind.HMAC_SHA256:
                 secret = session.generate_key(
                     KeyType.GENERIC_SECRET,
@@ -1039,6 +1079,30 @@ class Pkcs11Backend:
             return value
 
         return self._run("generate random bytes", op)
+
+    def rsa_sign_digest(self, label: str, digest: bytes) -> bytes:
+        """RSA-PSS in the token: CKM_RSA_PKCS_PSS over the SHA-256 digest computed by the caller
+        (hash SHA-256, MGF1-SHA-256, 32-byte salt)."""
+        validate_label(label)
+        data = check_rsa_digest(digest)
+
+        def op(session: _Session) -> bytes:
+            handle = self._typed(session, label, KeyKind.RSA_3072, "RSA signing")
+            return bytes(
+                handle.key.sign(data, mechanism=Mechanism.RSA_PKCS_PSS, mechanism_param=_PSS_SHA256)
+            )
+
+        return self._run(f"sign with key {label!r}", op)
+
+    def rsa_public_key(self, label: str) -> rsa.RSAPublicKey:
+        validate_label(label)
+
+        def op(session: _Session) -> rsa.RSAPublicKey:
+            handle = self._typed(session, label, KeyKind.RSA_3072, "an RSA public key")
+            assert handle.rsa_public is not None
+            return handle.rsa_public
+
+        return self._run(f"read public key {label!r}", op)
 
     def mac(self, label: str, data: bytes) -> bytes:
         validate_label(label)

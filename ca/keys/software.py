@@ -8,8 +8,8 @@ For tests and for machines without an HSM. Two modes:
   encrypted under a key derived from the PIN with scrypt (random salt per file, parameters kept
   in the file):
 
-  * EC keys: PKCS#8 PEM with ``BestAvailableEncryption``, whose password is the scrypt output
-    (so guessing the PIN costs one scrypt per guess, not PKCS#8's cheap PBKDF2);
+  * EC and RSA keys: PKCS#8 PEM with ``BestAvailableEncryption``, whose password is the scrypt
+    output (so guessing the PIN costs one scrypt per guess, not PKCS#8's cheap PBKDF2);
   * HMAC and AES keys: AES-256-GCM, with the label and kind as associated data, so a file
     renamed to another label does not decrypt.
 
@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from cryptography.hazmat.primitives.keywrap import (
@@ -48,10 +48,14 @@ from cryptography.utils import Buffer
 
 from ca.errors import BadPin, IntegrityError, InvalidInput, KeyBackendError, KeyExists, KeyNotFound
 from ca.keys.backend import (
+    RSA_BITS,
+    RSA_PUBLIC_EXPONENT,
     KeyKind,
     check_data_key,
     check_random_length,
+    check_rsa_digest,
     check_wrapped,
+    rsa_pss,
     validate_label,
 )
 from ca.keys.signer import BackendSigner, digest_for, prehashed_for_digest
@@ -85,6 +89,7 @@ class _SoftKey:
     kind: KeyKind
     ec_key: ec.EllipticCurvePrivateKey | None = None
     secret: bytes = b""
+    rsa_key: rsa.RSAPrivateKey | None = None
 
     def __repr__(self) -> str:  # never show material
         return f"_SoftKey(kind={self.kind.value})"
@@ -162,6 +167,8 @@ class SoftwareBackend:
             raise InvalidInput(f"unknown key kind {kind!r}")
         if kind in _CURVES:
             key = _SoftKey(kind, ec_key=ec.generate_private_key(_CURVES[kind]))
+        elif kind is KeyKind.RSA_3072:
+            key = _SoftKey(kind, rsa_key=rsa.generate_private_key(RSA_PUBLIC_EXPONENT, RSA_BITS))
         else:
             key = _SoftKey(kind, secret=secrets.token_bytes(32))
         with self._lock:
@@ -196,6 +203,13 @@ class SoftwareBackend:
     def random(self, n: int) -> bytes:
         """The operating system's generator (os.urandom): there is no HSM here."""
         return os.urandom(check_random_length(n))
+
+    def rsa_sign_digest(self, label: str, digest: bytes) -> bytes:
+        data = check_rsa_digest(digest)
+        return self._rsa_key(label).sign(data, rsa_pss(), Prehashed(hashes.SHA256()))
+
+    def rsa_public_key(self, label: str) -> rsa.RSAPublicKey:
+        return self._rsa_key(label).public_key()
 
     def mac(self, label: str, data: bytes) -> bytes:
         key = self._secret(label, KeyKind.HMAC_SHA256, "mac")
@@ -271,6 +285,14 @@ class SoftwareBackend:
         if key.ec_key is None:
             raise InvalidInput(f"key {label!r} is a {key.kind.value} key; signing needs an EC key")
         return key.ec_key
+
+    def _rsa_key(self, label: str) -> rsa.RSAPrivateKey:
+        key = self._get(label)
+        if key.rsa_key is None:
+            raise InvalidInput(
+                f"key {label!r} is a {key.kind.value} key; RSA signing needs an rsa-3072 key"
+            )
+        return key.rsa_key
 
     def _secret(self, label: str, kind: KeyKind, operation: str) -> bytes:
         key = self._get(label)
@@ -369,8 +391,9 @@ class SoftwareBackend:
             "kind": key.kind.value,
             "kdf": self._kdf_params(salt),
         }
-        if key.ec_key is not None:
-            doc["pkcs8"] = key.ec_key.private_bytes(
+        private = key.ec_key if key.ec_key is not None else key.rsa_key
+        if private is not None:
+            doc["pkcs8"] = private.private_bytes(
                 serialization.Encoding.PEM,
                 serialization.PrivateFormat.PKCS8,
                 serialization.BestAvailableEncryption(_b64(derived).encode()),
@@ -414,6 +437,13 @@ class SoftwareBackend:
                 ):
                     raise damaged
                 return _SoftKey(kind, ec_key=loaded)
+            if kind is KeyKind.RSA_3072:
+                loaded = serialization.load_pem_private_key(
+                    doc["pkcs8"].encode("ascii"), password=_b64(derived).encode()
+                )
+                if not isinstance(loaded, rsa.RSAPrivateKey) or loaded.key_size != RSA_BITS:
+                    raise damaged
+                return _SoftKey(kind, rsa_key=loaded)
             secret = AESGCM(derived).decrypt(
                 _unb64(doc["nonce"]), _unb64(doc["ciphertext"]), self._aad(label, kind)
             )

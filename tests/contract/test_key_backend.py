@@ -19,7 +19,7 @@ import pytest
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
 from cryptography.x509.oid import NameOID
 
@@ -32,9 +32,12 @@ from ca.keys import (
     KeyKind,
     MacSigner,
     Pkcs11Backend,
+    RsaSigner,
     SoftwareBackend,
     jws_signature,
     random_source,
+    rsa_pss,
+    rsa_signer,
 )
 from tests.fixtures.fake_pkcs11 import FakeModule
 
@@ -125,6 +128,7 @@ def test_backend_satisfies_protocol(backend: KeyBackend) -> None:
     assert isinstance(backend, DataKeyWrapper)
     assert isinstance(backend, MacSigner)
     assert isinstance(backend, KeyDestroyer)
+    assert isinstance(backend, RsaSigner)
     assert backend.description
     assert "pin" not in backend.description.lower()
 
@@ -159,8 +163,10 @@ def test_create_twice_raises_key_exists(backend: KeyBackend, kind: KeyKind) -> N
         lambda b: b.mac("missing", b"x"),
         lambda b: b.wrap("missing", b"k" * 32),
         lambda b: b.unwrap("missing", b"w" * 40),
+        lambda b: rsa_signer(b).rsa_sign_digest("missing", b"d" * 32),
+        lambda b: rsa_signer(b).rsa_public_key("missing"),
     ],
-    ids=["signer", "public_key", "mac", "wrap", "unwrap"],
+    ids=["signer", "public_key", "mac", "wrap", "unwrap", "rsa_sign", "rsa_public_key"],
 )
 def test_unknown_label_raises_key_not_found(
     backend: KeyBackend, operation: Callable[[KeyBackend], object]
@@ -255,6 +261,58 @@ def test_raw_jws_signatures_verify(backend: KeyBackend, kind: KeyKind) -> None:
     signer.public_key().verify(der2, signing_input, ec.ECDSA(algorithm))
 
 
+def _sha256(data: bytes) -> bytes:
+    h = hashes.Hash(hashes.SHA256())
+    h.update(data)
+    return h.finalize()
+
+
+def test_rsa_3072_pss_signatures_verify_outside_the_backend(backend: KeyBackend) -> None:
+    rsa_keys = rsa_signer(backend)
+    backend.create_key("rsa", KeyKind.RSA_3072)
+    public = rsa_keys.rsa_public_key("rsa")
+    assert isinstance(public, rsa.RSAPublicKey)
+    assert public.key_size == 3072
+    assert public.public_numbers().e == 65537
+    data = b"the data to sign"
+
+    signature = rsa_keys.rsa_sign_digest("rsa", _sha256(data))
+    assert len(signature) == 384
+    # A verifier that knows only the scheme: RSA-PSS, SHA-256, MGF1-SHA-256, 32-byte salt.
+    pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+    public.verify(signature, data, pss, hashes.SHA256())
+    public.verify(signature, data, rsa_pss(), hashes.SHA256())
+    # Probabilistic: a second signature differs and verifies too.
+    again = rsa_keys.rsa_sign_digest("rsa", _sha256(data))
+    assert again != signature
+    public.verify(again, data, pss, hashes.SHA256())
+    with pytest.raises(InvalidSignature):
+        public.verify(signature, b"other data", pss, hashes.SHA256())
+    with pytest.raises(InvalidSignature):  # not PKCS#1 v1.5
+        public.verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
+
+
+def test_rsa_keys_are_not_ca_signers_and_kinds_do_not_mix(backend: KeyBackend) -> None:
+    rsa_keys = rsa_signer(backend)
+    backend.create_key("rsa", KeyKind.RSA_3072)
+    backend.create_key("ec", KeyKind.EC_P256)
+    backend.create_key("hmac", KeyKind.HMAC_SHA256)
+    with pytest.raises(InvalidInput):
+        backend.signer("rsa")
+    with pytest.raises(InvalidInput):
+        backend.public_key("rsa")
+    with pytest.raises(InvalidInput, match="hmac-sha256"):
+        backend.mac("rsa", b"x")
+    for other in ("ec", "hmac"):
+        with pytest.raises(InvalidInput, match="rsa-3072"):
+            rsa_keys.rsa_sign_digest(other, b"d" * 32)
+        with pytest.raises(InvalidInput, match="rsa-3072"):
+            rsa_keys.rsa_public_key(other)
+    for bad in (b"", b"d" * 31, b"d" * 48):
+        with pytest.raises(InvalidInput, match="32 bytes"):
+            rsa_keys.rsa_sign_digest("rsa", bad)
+
+
 def test_private_material_is_refused(backend: KeyBackend) -> None:
     backend.create_key("secret-ca", KeyKind.EC_P256)
     signer = backend.signer("secret-ca")
@@ -326,6 +384,8 @@ def test_keys_persist_across_reopen(store: Store) -> None:
         first.create_key("persist-ec", KeyKind.EC_P384)
         first.create_key("persist-mac", KeyKind.HMAC_SHA256)
         first.create_key("persist-kek", KeyKind.AES_256)
+        first.create_key("persist-rsa", KeyKind.RSA_3072)
+        rsa_public = rsa_signer(first).rsa_public_key("persist-rsa")
         public = first.public_key("persist-ec")
         tag = first.mac("persist-mac", b"m")
         wrapped = first.wrap("persist-kek", b"d" * 32)
@@ -343,6 +403,9 @@ def test_keys_persist_across_reopen(store: Store) -> None:
         public.verify(signature, b"x", ec.ECDSA(hashes.SHA384()))
         assert second.mac("persist-mac", b"m") == tag
         assert second.unwrap("persist-kek", wrapped) == b"d" * 32
+        assert rsa_signer(second).rsa_public_key("persist-rsa") == rsa_public
+        rsa_signature = rsa_signer(second).rsa_sign_digest("persist-rsa", _sha256(b"x"))
+        rsa_public.verify(rsa_signature, b"x", rsa_pss(), hashes.SHA256())
         with pytest.raises(KeyExists):
             second.create_key("persist-ec", KeyKind.EC_P256)
     finally:

@@ -172,3 +172,35 @@ def _check_in_chromium(page: Path, tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert made.returncode == 0 and shot.stat().st_size > 10_000, made.stderr[-2000:]
+
+
+def test_rsa_3072_signing_key_through_the_cli(
+    broker_cli: BrokerCli, broker_server: BrokerProcess
+) -> None:
+    """Made after the other tests' keys (the server is shared by the module): an rsa-3072 key
+    is generated in the data dir's SoftHSM2 token and rotates; an RSA encryption key is refused
+    in one line with nothing created."""
+    cli = broker_cli
+    created = cli.ok(
+        "key", "create", "invoices-rsa", "--purpose", "sign", "--type", "rsa-3072",
+        "--owner", "invoices", "--environment", "dev", "--classification", "internal",
+        "--output", "json",
+    ).json()  # fmt: skip
+    assert created["key_type"] == "rsa-3072" and created["purpose"] == "sign"
+    assert created["current_version"] == 1 and created["state"] == "enabled"
+    cli.ok("key", "rotate", "invoices-rsa")
+    cli.ok("key", "rotate", "invoices-rsa")
+    shown = _show(cli, "invoices-rsa")
+    assert shown["current_version"] == 3
+    assert [v["version"] for v in shown["versions"]] == [1, 2, 3]
+
+    names = [k["name"] for k in cli.ok("key", "list", "--output", "json").json()]
+    result = cli.run(
+        "key", "create", "invoices-rsa-enc", "--purpose", "encrypt", "--type", "rsa-3072",
+        "--owner", "invoices", "--environment", "dev", "--classification", "internal",
+    )  # fmt: skip
+    assert result.returncode != 0, result.describe()
+    assert len(result.stderr_lines) == 1 and "cannot encrypt" in result.stderr, result.describe()
+    assert "Traceback" not in result.stderr
+    assert [k["name"] for k in cli.ok("key", "list", "--output", "json").json()] == names
+    assert _show(cli, "invoices-rsa") == shown

@@ -13,8 +13,9 @@ from typing import Any
 
 import grpc
 import pytest
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from broker.api._proto import kms_pb2, kms_pb2_grpc
 from broker.api.client.base import BrokerClient, ClientCredentials
@@ -215,6 +216,106 @@ async def test_sign_verify_and_public_key_on_the_token(hsm_broker: BrokerHarness
     assert old.valid and old.key_version == 1
 
 
+#: What a verifier outside the broker uses for an rsa-3072 key (docs/kms.md): RSA-PSS, SHA-256,
+#: MGF1-SHA-256, a 32-byte salt.
+PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+
+
+def rsa_public(pem: Any) -> rsa.RSAPublicKey:
+    assert pem.key_type == "rsa-3072"
+    public = serialization.load_pem_public_key(pem.public_key_pem.encode())
+    assert isinstance(public, rsa.RSAPublicKey)
+    assert public.key_size == 3072 and public.public_numbers().e == 65537
+    return public
+
+
+async def test_rsa_3072_signs_with_pss_verified_outside_the_broker_across_two_rotations(
+    hsm_broker: BrokerHarness,
+) -> None:
+    broker = hsm_broker
+    created = await create(broker, "orders-rsa", purpose="sign", key_type="rsa-3072")
+    assert created.metadata.key_type == "rsa-3072"
+    owner = stub(broker, broker.identity(OWNER))
+    message = b"invoice 9"
+    signatures: dict[int, bytes] = {}
+    for generation in (1, 2, 3):
+        if generation > 1:
+            await stub(broker).RotateKey(kms_pb2.KeyRequest(name="orders-rsa"))
+        signed = await owner.Sign(kms_pb2.SignRequest(key="orders-rsa", message=message))
+        assert signed.key_version == generation and len(signed.signature) == 384
+        signatures[generation] = signed.signature
+        # A raw SHA-256 digest gives a signature over the same message.
+        by_digest = await owner.Sign(
+            kms_pb2.SignRequest(key="orders-rsa", digest=hashlib.sha256(message).digest())
+        )
+        current = rsa_public(
+            await owner.GetPublicKey(kms_pb2.GetPublicKeyRequest(key="orders-rsa"))
+        )
+        current.verify(by_digest.signature, message, PSS, hashes.SHA256())
+    publics = {
+        v: rsa_public(
+            await owner.GetPublicKey(kms_pb2.GetPublicKeyRequest(key="orders-rsa", key_version=v))
+        )
+        for v in signatures
+    }
+    assert len({p.public_numbers().n for p in publics.values()}) == 3  # a new key each time
+    for version, signature in signatures.items():
+        # Outside the broker: each version's public key verifies that version's signature ...
+        publics[version].verify(signature, message, PSS, hashes.SHA256())
+        for other in set(publics) - {version}:  # ... and no other version's key does
+            with pytest.raises(InvalidSignature):
+                publics[other].verify(signature, message, PSS, hashes.SHA256())
+        with pytest.raises(InvalidSignature):
+            publics[version].verify(signature, b"invoice 10", PSS, hashes.SHA256())
+        # Inside: Verify by version, by message or digest.
+        old = await owner.Verify(
+            kms_pb2.VerifyRequest(
+                key="orders-rsa", key_version=version, message=message, signature=signature
+            )
+        )
+        assert old.valid and old.key_version == version
+        digest = hashlib.sha256(message).digest()
+        by_digest = await owner.Verify(
+            kms_pb2.VerifyRequest(
+                key="orders-rsa", key_version=version, digest=digest, signature=signature
+            )
+        )
+        assert by_digest.valid
+    forged = await owner.Verify(
+        kms_pb2.VerifyRequest(key="orders-rsa", message=b"invoice 10", signature=signatures[3])
+    )
+    assert not forged.valid
+    stale = await owner.Verify(
+        kms_pb2.VerifyRequest(key="orders-rsa", message=message, signature=signatures[1])
+    )
+    assert not stale.valid and stale.key_version == 3
+
+
+async def test_an_rsa_sign_key_refuses_other_purposes_and_nothing_changes(
+    softhsm_broker: BrokerHarness,
+) -> None:
+    broker = softhsm_broker
+    await create(broker, "orders-rsa", purpose="sign", key_type="rsa-3072")
+    owner = stub(broker, broker.identity(OWNER))
+    before = await key_state(broker, "orders-rsa")
+    events_before = len(await broker.events())
+    for call in (
+        owner.Encrypt(kms_pb2.EncryptRequest(key="orders-rsa", plaintext=b"data")),
+        owner.GenerateDataKey(kms_pb2.GenerateDataKeyRequest(key="orders-rsa")),
+        owner.Mac(kms_pb2.MacRequest(key="orders-rsa", message=b"data")),
+    ):
+        err = await refused(call)
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, err.details()
+        assert "sign key (rsa-3072)" in (err.details() or "")
+    wrong_digest = await refused(
+        owner.Sign(kms_pb2.SignRequest(key="orders-rsa", digest=b"d" * 48))
+    )
+    assert wrong_digest.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "digest is 32 bytes" in (wrong_digest.details() or "")
+    assert await key_state(broker, "orders-rsa") == before
+    assert len(await broker.events()) - events_before >= 4  # every refusal audited
+
+
 @pytest.mark.parametrize(
     ("spiffe_id", "tenant", "reason"),
     [
@@ -413,9 +514,14 @@ async def test_bad_input_is_refused_and_nothing_changes(softhsm_broker: BrokerHa
         ),
         (bad_create(purpose="sign"), grpc.StatusCode.INVALID_ARGUMENT, "cannot sign"),
         (
-            bad_create(key_type="rsa-3072", purpose="sign"),
+            bad_create(key_type="rsa-3072", purpose="encrypt"),
             grpc.StatusCode.INVALID_ARGUMENT,
-            "not supported",
+            "cannot encrypt",
+        ),
+        (
+            bad_create(key_type="rsa-4096", purpose="sign"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "is not one of",
         ),
         (bad_create(name="orders-dek"), grpc.StatusCode.ALREADY_EXISTS, "already exists"),
         (bad_create(name="Bad Name"), grpc.StatusCode.INVALID_ARGUMENT, "invalid"),

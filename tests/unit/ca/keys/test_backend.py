@@ -12,11 +12,13 @@ from ca.keys import (
     KeyDestroyer,
     KeyKind,
     MacSigner,
+    RsaSigner,
     SoftwareBackend,
     data_key_wrapper,
     key_destroyer,
     mac_signer,
     random_source,
+    rsa_signer,
 )
 
 
@@ -47,7 +49,7 @@ class SignOnly:
 def test_a_core_backend_needs_no_optional_power() -> None:
     backend = SignOnly()
     assert isinstance(backend, KeyBackend)
-    assert not isinstance(backend, DataKeyWrapper | MacSigner | KeyDestroyer)
+    assert not isinstance(backend, DataKeyWrapper | MacSigner | KeyDestroyer | RsaSigner)
 
 
 @pytest.mark.parametrize(
@@ -57,6 +59,7 @@ def test_a_core_backend_needs_no_optional_power() -> None:
         (mac_signer, "compute MACs"),
         (key_destroyer, "destroy keys"),
         (random_source, "generate random bytes"),
+        (rsa_signer, "sign with RSA keys"),
     ],
 )
 def test_asking_for_a_missing_power_names_backend_and_power(accessor: object, power: str) -> None:
@@ -72,3 +75,4 @@ def test_accessors_return_the_backend_itself_when_it_has_the_power() -> None:
     assert mac_signer(backend) is backend
     assert key_destroyer(backend) is backend
     assert random_source(backend) is backend
+    assert rsa_signer(backend) is backend

@@ -53,7 +53,8 @@ def test_keys_are_sensitive_and_never_extractable(
     pkcs11_backend: Pkcs11Backend, raw_session: Any, kind: KeyKind
 ) -> None:
     pkcs11_backend.create_key("guarded", kind)
-    cls = ObjectClass.PRIVATE_KEY if kind.value.startswith("ec") else ObjectClass.SECRET_KEY
+    asymmetric = kind.value.startswith(("ec", "rsa"))
+    cls = ObjectClass.PRIVATE_KEY if asymmetric else ObjectClass.SECRET_KEY
     [key] = list(raw_session.get_objects({Attribute.LABEL: "guarded", Attribute.CLASS: cls}))
     assert key[Attribute.SENSITIVE] is True
     assert key[Attribute.EXTRACTABLE] is False
@@ -61,12 +62,54 @@ def test_keys_are_sensitive_and_never_extractable(
     assert key[Attribute.PRIVATE] is True
     assert key[Attribute.NEVER_EXTRACTABLE] is True
     assert key[Attribute.ID] == b"guarded"
+    # The secret part: CKA_VALUE, or CKA_PRIVATE_EXPONENT for RSA (which has no CKA_VALUE).
+    material = Attribute.PRIVATE_EXPONENT if kind is KeyKind.RSA_3072 else Attribute.VALUE
     with pytest.raises(p11e.AttributeSensitive):
-        key[Attribute.VALUE]
+        key[material]
     props = pkcs11_backend.key_properties("guarded")
     assert props["sensitive"] is True
     assert props["extractable"] is False
     assert props["always_sensitive"] is True
+
+
+def test_rsa_key_pair_is_3072_bits_exponent_65537_and_signs_pss_in_the_token(
+    pkcs11_backend: Pkcs11Backend, raw_session: Any
+) -> None:
+    pkcs11_backend.create_key("rsa", KeyKind.RSA_3072)
+    [public] = list(
+        raw_session.get_objects({Attribute.LABEL: "rsa", Attribute.CLASS: ObjectClass.PUBLIC_KEY})
+    )
+    [private] = list(
+        raw_session.get_objects({Attribute.LABEL: "rsa", Attribute.CLASS: ObjectClass.PRIVATE_KEY})
+    )
+    assert public.key_type == KeyType.RSA
+    assert public[Attribute.MODULUS_BITS] == 3072
+    assert int.from_bytes(public[Attribute.PUBLIC_EXPONENT], "big") == 65537
+    assert private[Attribute.SIGN] is True
+    assert private[Attribute.LOCAL] is True  # generated in the token, never imported
+    with pytest.raises(p11e.AttributeSensitive):
+        private[Attribute.PRIVATE_EXPONENT]
+    props = pkcs11_backend.key_properties("rsa")
+    assert props["sensitive"] is True
+    assert props["extractable"] is False
+    rsa_public = pkcs11_backend.rsa_public_key("rsa")
+    assert rsa_public.key_size == 3072
+    assert rsa_public.public_numbers().e == 65537
+
+
+def test_rsa_private_key_cannot_be_wrapped_out(
+    pkcs11_backend: Pkcs11Backend, raw_session: Any
+) -> None:
+    pkcs11_backend.create_key("rsa", KeyKind.RSA_3072)
+    pkcs11_backend.create_key("kek", KeyKind.AES_256)
+    [rsa_key] = list(
+        raw_session.get_objects({Attribute.LABEL: "rsa", Attribute.CLASS: ObjectClass.PRIVATE_KEY})
+    )
+    [kek] = list(
+        raw_session.get_objects({Attribute.LABEL: "kek", Attribute.CLASS: ObjectClass.SECRET_KEY})
+    )
+    with pytest.raises(p11e.PKCS11Error):
+        kek.wrap_key(rsa_key, mechanism=pkcs11.Mechanism.AES_KEY_WRAP_PAD)
 
 
 def test_ec_private_key_cannot_be_wrapped_out(

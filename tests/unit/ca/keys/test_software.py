@@ -35,6 +35,16 @@ def _material(backend: SoftwareBackend, label: str) -> list[bytes]:
             serialization.NoEncryption(),
         )
         return [raw, der, base64.b64encode(der)[:40], raw.hex().encode()]
+    if key.rsa_key is not None:
+        numbers = key.rsa_key.private_numbers()
+        d = numbers.d.to_bytes(384, "big")
+        p = numbers.p.to_bytes(192, "big")
+        der = key.rsa_key.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        return [d, p, der, base64.b64encode(der)[:40], base64.b64encode(p)[:40], p.hex().encode()]
     return [key.secret, base64.b64encode(key.secret), key.secret.hex().encode()]
 
 
@@ -53,7 +63,7 @@ def test_key_files_are_private_and_encrypted(key_dir: Path, kind: KeyKind) -> No
         doc = json.loads(content)
         assert doc["kind"] == kind.value
         assert doc["kdf"]["name"] == "scrypt"
-        if kind in (KeyKind.EC_P256, KeyKind.EC_P384):
+        if kind in (KeyKind.EC_P256, KeyKind.EC_P384, KeyKind.RSA_3072):
             assert doc["pkcs8"].startswith("-----BEGIN ENCRYPTED PRIVATE KEY-----")
             assert b"BEGIN PRIVATE KEY" not in content
             with pytest.raises(TypeError):  # an encrypted PEM needs a password
