@@ -30,9 +30,15 @@ from typing import Any
 from broker.app import Application
 from broker.audit import Verification
 from broker.config import DEFAULT_LISTEN, Config, ServerConfig, load_config
-from broker.errors import FailedPrecondition, InvalidArgument, Unavailable
+from broker.errors import BrokerError, FailedPrecondition, InvalidArgument, Unavailable
 from broker.logs import configure as configure_logs
-from broker.metrics import MetricsServer, mark_worker_dead, multiprocess_dir, serve_metrics
+from broker.metrics import (
+    MetricsServer,
+    Readiness,
+    mark_worker_dead,
+    multiprocess_dir,
+    serve_metrics,
+)
 from ca.clock import SystemClock
 from ca.keys import open_backend
 
@@ -235,10 +241,19 @@ async def _serve(
         if worker == 0:
             app.write_operator_identity()
         served = await serve_application(app, reuse_port=ready is not None)
-        if ready is None and config.server.metrics_listen:
-            metrics_server = _start_metrics(config.server.metrics_listen)
-        server, port = served.server, served.port
         stop = asyncio.Event()
+
+        def readiness() -> list[str]:
+            reasons = ["shutting down"] if stop.is_set() else []
+            try:
+                app.ledger.ensure_writable()
+            except BrokerError as exc:
+                reasons.append(str(exc))
+            return reasons
+
+        if ready is None and config.server.metrics_listen:
+            metrics_server = _start_metrics(config.server.metrics_listen, readiness=readiness)
+        server, port = served.server, served.port
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
@@ -273,13 +288,18 @@ async def _serve(
         await app.close()
 
 
-def _start_metrics(listen: str, owned_dir: Path | None = None) -> MetricsServer:
-    """The /metrics endpoint (see broker.metrics); says where on stderr."""
+def _start_metrics(
+    listen: str, owned_dir: Path | None = None, readiness: Readiness | None = None
+) -> MetricsServer:
+    """The /metrics, /healthz and /readyz endpoint (see broker.metrics); says where on
+    stderr."""
     try:
-        served = serve_metrics(listen, owned_dir=owned_dir)
+        served = serve_metrics(listen, owned_dir=owned_dir, readiness=readiness)
     except OSError as exc:
         raise Unavailable(f"cannot serve metrics on {listen}: {exc.strerror or exc}") from exc
-    log.info("metrics on http://%s:%d/metrics", served.host, served.port)
+    log.info(
+        "metrics on http://%s:%d/metrics (probes: /healthz, /readyz)", served.host, served.port
+    )
     return served
 
 
@@ -414,7 +434,15 @@ def _supervise(config: Config, new_epoch: str | None = None) -> None:
         host = config.server.listen.rpartition(":")[0]
         attest_text = f"; attestation on {host}:{attest}" if attest else ""
         if config.server.metrics_listen:
-            metrics_server = _start_metrics(config.server.metrics_listen, metrics_dir)
+
+            def readiness() -> list[str]:
+                reasons = ["shutting down"] if stopping else []
+                reasons += [f"{w.name} exited" for w in workers if not w.is_alive()]
+                return reasons
+
+            metrics_server = _start_metrics(
+                config.server.metrics_listen, metrics_dir, readiness=readiness
+            )
         print(
             _listening_line(config, port, keys, storage, f"; workers: {len(workers)}{attest_text}"),
             flush=True,
