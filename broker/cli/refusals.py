@@ -45,6 +45,9 @@ def client_error_message(error: ClientError, server: str) -> str:
     if error.code_name == "UNAVAILABLE" and error.message.startswith("key backend error: "):
         # The broker answered: its token (HSM) failed, e.g. a mechanism it does not offer.
         return one_line(error.message)
+    if error.code_name == "UNAVAILABLE" and error.answered:
+        # The broker is up; what is behind it (a database, its storage) is not.
+        return one_line(f"unavailable (the broker at {server} answered): {error.message}")
     if error.code_name == "UNAVAILABLE":
         return one_line(f"cannot reach the broker at {server}: {error.message}")
     text = _CODE_TEXT.get(error.code_name, error.code_name.lower().replace("_", " "))

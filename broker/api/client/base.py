@@ -75,11 +75,17 @@ class ClientError(Exception):
     "UNAVAILABLE"); `message` is the server's details, or for transport failures the
     transport's reason."""
 
-    def __init__(self, code_name: str, message: str, *, details: str | None = None) -> None:
+    def __init__(
+        self, code_name: str, message: str, *, details: str | None = None, answered: bool = False
+    ) -> None:
         super().__init__(f"{code_name}: {message}")
         self.code_name = code_name
         self.message = message
         self.details = message if details is None else details
+        # The broker's pipeline answered (its correlation id came back): the status is the
+        # broker's own, e.g. UNAVAILABLE for a database or HSM behind it, not a broker that
+        # cannot be reached.
+        self.answered = answered
 
 
 @dataclass(frozen=True)
@@ -309,7 +315,9 @@ def _error(exc: grpc.RpcError, credentials: ClientCredentials) -> ClientError:
     details = exc.details() if isinstance(exc, grpc.Call) else None
     name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
     message = " ".join((details or str(exc) or "no details").split())
-    if name == "UNAVAILABLE" and _TRANSPORT_FAILURE.search(message):
+    trailing = exc.trailing_metadata() if isinstance(exc, grpc.Call) else None
+    answered = any(key == CORRELATION_HEADER for key, _ in trailing or ())
+    if name == "UNAVAILABLE" and not answered and _TRANSPORT_FAILURE.search(message):
         return ClientError(name, _transport_reason(message, credentials), details=message)
     too_large = _TOO_LARGE.search(message)
     if name == "RESOURCE_EXHAUSTED" and too_large:
@@ -320,7 +328,7 @@ def _error(exc: grpc.RpcError, credentials: ClientCredentials) -> ClientError:
             f"the message is {sent} bytes, over {side} limit of {limit} bytes",
             details=message,
         )
-    return ClientError(name, message, details=message)
+    return ClientError(name, message, details=message, answered=answered)
 
 
 def broker_server_name(root_certificates: bytes) -> str:

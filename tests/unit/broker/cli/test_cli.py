@@ -864,3 +864,18 @@ def test_a_token_error_is_reported_as_a_token_error_not_as_an_unreachable_broker
     assert "cannot reach" not in line
     unreachable = client_error_message(ClientError("UNAVAILABLE", "connection refused"), "h:1")
     assert unreachable.startswith("cannot reach the broker at h:1")
+
+
+def test_a_database_down_behind_the_broker_is_not_an_unreachable_broker() -> None:
+    from broker.cli import client_error_message
+
+    answered = ClientError(
+        "UNAVAILABLE",
+        "postgresql at db.internal:5432 is unavailable: connection refused",
+        answered=True,
+    )
+    line = client_error_message(answered, "127.0.0.1:8443")
+    assert line == (
+        "unavailable (the broker at 127.0.0.1:8443 answered): postgresql at db.internal:5432 "
+        "is unavailable: connection refused"
+    )
