@@ -106,6 +106,7 @@ class ConnectionSettings:
     server: str
     credentials: ClientCredentials
     justification: str | None = None
+    server_name: str | None = None  # --tls-server-name: the name the broker's cert must have
 
 
 class CAClient(Protocol):
@@ -186,7 +187,10 @@ class GrpcClients:
 
     def __init__(self, settings: ConnectionSettings) -> None:
         self._broker = BrokerClient(
-            settings.server, settings.credentials, justification=settings.justification
+            settings.server,
+            settings.credentials,
+            justification=settings.justification,
+            server_name=settings.server_name,
         )
 
     @property

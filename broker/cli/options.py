@@ -123,6 +123,14 @@ def connection_options(*, on_group: bool, output: bool = True) -> Callable[[_F],
             help="Trust bundle (PEM) to verify the broker [default: DATA_DIR/bundle.pem].",
         ),
         setting_option(
+            "--tls-server-name",
+            on_group=on_group,
+            envvar="BROKER_TLS_SERVER_NAME",
+            metavar="NAME",
+            help="The name the broker's certificate must carry [default: the broker's own "
+            "name for the bundle's trust domain, whatever host --server names].",
+        ),
+        setting_option(
             "--justification",
             on_group=on_group,
             envvar="BROKER_JUSTIFICATION",
@@ -217,7 +225,14 @@ def clients(ctx: click.Context) -> Clients:
     server = str(setting(ctx, "server") or DEFAULT_SERVER)
     ctx.meta[SERVER_KEY] = server
     obj = ctx.find_object(CliContext) or CliContext()
-    opened = obj.connect(ConnectionSettings(server, credentials, setting(ctx, "justification")))
+    opened = obj.connect(
+        ConnectionSettings(
+            server,
+            credentials,
+            setting(ctx, "justification"),
+            setting(ctx, "tls_server_name") or None,
+        )
+    )
     obj.opened.append(opened)
     return opened
 

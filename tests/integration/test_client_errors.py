@@ -63,3 +63,26 @@ async def test_a_broker_that_is_down_is_still_unreachable(broker_factory: Broker
     assert client_error_message(info.value, address).startswith(
         f"cannot reach the broker at {address}: "
     )
+
+
+async def test_tls_server_name_checks_a_configured_server_name(
+    broker_factory: BrokerFactory,
+) -> None:
+    """--tls-server-name: the broker's certificate must carry the given name (one of its
+    server_names, e.g. a production host name without localhost); another name is refused."""
+    b = await broker_factory(server_names=("broker.example.internal",))
+    ident = b.identity(OPERATOR_ID)
+    credentials = ClientCredentials(ident.chain_pem, ident.key_pem, b.bundle_pem)
+    named = BrokerClient(b.address, credentials, server_name="broker.example.internal")
+    try:
+        assert (await asyncio.to_thread(named.status)).trust_domain
+    finally:
+        named.close()
+    wrong = BrokerClient(b.address, credentials, server_name="db.example.internal", timeout=5)
+    try:
+        with pytest.raises(ClientError) as info:
+            await asyncio.to_thread(wrong.status)
+    finally:
+        wrong.close()
+    assert info.value.code_name == "UNAVAILABLE" and not info.value.answered
+    assert "not the broker's" in info.value.message

@@ -341,14 +341,24 @@ def broker_server_name(root_certificates: bytes) -> str:
         raise ClientError("INVALID_ARGUMENT", f"the trust bundle is not usable: {exc}") from None
 
 
-def channel_options(root_certificates: bytes) -> list[tuple[str, Any]]:
+def channel_options(
+    root_certificates: bytes, server_name: str | None = None
+) -> list[tuple[str, Any]]:
     """gRPC channel options for a connection to the broker: bounded messages, and the server
     accepted only if its certificate is the broker's own (see `broker_server_name`) — never
-    merely one naming the host dialled, which a workload SVID with a DNS SAN could."""
+    merely one naming the host dialled, which a workload SVID with a DNS SAN could.
+
+    `server_name` replaces the name checked (`--tls-server-name`): for a broker behind a name
+    of its `server.server_names`, or a TLS proxy in front of it. Whoever holds a certificate
+    from the bundle's CA with that name is then accepted, so give a name the CA reserves for
+    the broker (docs/security.md)."""
     return [
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.ssl_target_name_override", broker_server_name(root_certificates)),
+        (
+            "grpc.ssl_target_name_override",
+            server_name or broker_server_name(root_certificates),
+        ),
     ]
 
 
@@ -368,6 +378,7 @@ class BrokerClient:
         *,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
         justification: str | None = None,
+        server_name: str | None = None,
     ) -> None:
         self.target = target
         self._credentials = credentials
@@ -375,7 +386,7 @@ class BrokerClient:
         self._justification = justification
         if justification and not (justification.isascii() and justification.isprintable()):
             raise ClientError("INVALID_ARGUMENT", "the justification must be printable ASCII text")
-        options = channel_options(credentials.root_certificates)
+        options = channel_options(credentials.root_certificates, server_name)
         channel_credentials = grpc.ssl_channel_credentials(
             root_certificates=credentials.root_certificates,
             private_key=credentials.private_key,
