@@ -93,6 +93,7 @@ __all__ = [
     "SecretResolver",
     "SecretUnavailable",
     "SecretsClient",
+    "agent_health",
     "login",
     "login_config",
     "run_agent",
@@ -238,6 +239,7 @@ def run_agent(
     sync_interval: float,
     secrets: Mapping[str, str],
     secret_interval: float,
+    health_socket: Path | None = None,
 ) -> None:
     """Run the agent (`broker agent`) until it is stopped; imported only when it runs."""
     from broker.api.workload import AgentOptions
@@ -256,5 +258,13 @@ def run_agent(
             sync_interval=sync_interval,
             secrets=dict(secrets),
             secret_interval=secret_interval,
+            health_socket=health_socket,
         )
     )
+
+
+def agent_health(path: Path) -> dict[str, object]:
+    """What a running agent says on its health socket (`broker agent status`)."""
+    from broker.agenthealth import read_health
+
+    return read_health(path)
