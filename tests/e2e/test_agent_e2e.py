@@ -660,3 +660,35 @@ def test_agent_secret_files_refuse_bad_names(broker_cli: BrokerCli, tmp_path: Pa
         )  # fmt: skip
         assert result.returncode == 2, result.stderr
         assert message in result.stderr
+
+
+def test_agent_health_socket_and_json_logs(
+    broker_cli: BrokerCli, socket_dir: Path, tmp_path: Path, agents: list[AgentProcess]
+) -> None:
+    """Issue 15: `broker agent status` reads the agent's health socket (ready, exit 0), and the
+    agent's log lines are JSON from broker.logs like the server's."""
+    _entry(
+        broker_cli, f"spiffe://{TD}/acme/dev/healthy", f"spiffe://{TD}/agents/node-h",
+        "--selector", f"unix:uid:{os.getuid()}",
+    )  # fmt: skip
+    health = socket_dir / "health.sock"
+    agent = _join_agent(
+        broker_cli, socket_dir, tmp_path, agents, "node-h", "--health-socket", str(health)
+    )
+    status = broker_cli.run("agent", "status", "--health-socket", str(health), "--output", "json")
+    assert status.returncode == 0, status.describe()
+    assert status.json() == {
+        "state": "ready",
+        "reasons": [],
+        "agent_id": f"spiffe://{TD}/agents/node-h",
+    }
+    agent.stop()
+    assert not health.exists()  # removed on a clean stop
+    down = broker_cli.run("agent", "status", "--health-socket", str(health))
+    assert down.returncode == 1 and len(down.stderr_lines) == 1, down.describe()
+    logged = [line for line in agent.stderr_text().splitlines() if line.strip()]
+    assert logged, "the agent logged nothing"
+    for line in logged:
+        record = json.loads(line)
+        assert {"ts", "level", "logger", "pid", "msg"} <= set(record), line
+    assert any("attested as" in json.loads(line)["msg"] for line in logged)
