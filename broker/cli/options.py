@@ -30,6 +30,7 @@ __all__ = [
     "CliContext",
     "DurationType",
     "broker_home",
+    "client_certificate",
     "clients",
     "connection_options",
     "data_dir",
@@ -151,8 +152,10 @@ def connection_options(*, on_group: bool, output: bool = True) -> Callable[[_F],
 
 def output_option(*, on_group: bool) -> Callable[[_F], _F]:
     return setting_option(
+        "-o",
         "--output",
         on_group=on_group,
+        envvar="BROKER_OUTPUT",
         type=click.Choice(["text", "json"]),
         help="Output format [default: text].",
     )
@@ -208,6 +211,14 @@ def _identity_paths(ctx: click.Context) -> tuple[Path, Path, Path]:
         directory / "operator" / "key.pem",
         directory / "bundle.pem",
     )
+
+
+def client_certificate(ctx: click.Context) -> tuple[Path, bytes]:
+    """The client certificate chain the connection options name (path, PEM), refused in one
+    line when missing: what `broker status` reports as "who you are"."""
+    default_cert, _, _ = _identity_paths(ctx)
+    cert = Path(setting(ctx, "cert") or default_cert)
+    return cert, _read_credential(cert, "client certificate", "--cert")
 
 
 def clients(ctx: click.Context) -> Clients:
