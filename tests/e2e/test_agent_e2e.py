@@ -402,7 +402,7 @@ def test_jwt_attestation_and_bundle_pushes_on_ca_rotation(
         "{kubernetes.io.serviceaccount.name}",
     )  # fmt: skip
     listed = broker_cli.ok("attestor", "list", "--output", "json").json()
-    assert [a["name"] for a in listed["attestors"]] == ["k8s"]
+    assert [a["name"] for a in listed] == ["k8s"]
     agent_id = f"spiffe://{TD}/k8s/ns/infra/sa/agent"
     _entry(
         broker_cli, f"spiffe://{TD}/acme/dev/pods", agent_id,
@@ -494,7 +494,7 @@ def test_entry_and_token_cli_contract(broker_cli: BrokerCli, tmp_path: Path) -> 
     shown = broker_cli.ok("entry", "show", created["id"], "--output", "json").json()
     assert shown == created
     listed = broker_cli.ok("entry", "list", "--parent-id", parent, "--output", "json").json()
-    assert [e["id"] for e in listed["entries"]] == [created["id"]]
+    assert [e["id"] for e in listed] == [created["id"]]
     broker_cli.ok("entry", "delete", created["id"])
     missing = broker_cli.run("entry", "show", created["id"])
     assert missing.returncode == 1 and missing.stderr.startswith("broker: not found")
@@ -540,7 +540,7 @@ def test_a_prod_capable_attestor_needs_a_second_operator(
     command = f"broker approval request --action attestor.admin --resource {resource}"
     assert command in alone.stderr, alone.describe()
     listed = broker_cli.ok("attestor", "list", "--output", "json").json()
-    assert "mine" not in [a["name"] for a in listed["attestors"]]
+    assert "mine" not in [a["name"] for a in listed]
     # A template that can only yield dev identities is the operator's to add alone.
     broker_cli.ok(*args, "--template", "spiffe://{td}/ci/dev/{sub}")
     broker_cli.ok("attestor", "remove", "mine")
