@@ -5,8 +5,12 @@ JWT-SVIDs, and tell subscribers about every change.
 Timing is pure and clock-driven: every SVID is renewed at half its life, with up to +-10 %
 jitter so a fleet of agents does not renew in step; entries and the bundle are re-read every
 `sync_interval`. When the broker cannot be reached the agent keeps serving what it holds until
-it expires and retries with exponential backoff (1 s doubling to 60 s). `step()` does one round
-and says how long to wait, so tests drive it with a fake clock and no sleeping.
+it expires and retries with exponential backoff (1 s doubling to 60 s). An entry whose SVID
+cannot be minted (refused by CA policy, a bad answer) is retried on its own backoff: it never
+delays the other entries, the bundle or the agent's own renewal, and its recovery is logged.
+Renewal is timed from when the SVID arrived, not from its notBefore (which the CA backdates).
+`step()` does one round and says how long to wait, so tests drive it with a fake clock and no
+sleeping; `health()` says whether the agent is ready or degraded, and why.
 
 The broker is reached through `BrokerLink` (implemented over gRPC in
 `broker.api.client.identity`); the Workload API (`broker.api.workload`) reads `snapshot`,
@@ -272,6 +276,11 @@ class Agent:
         self._next_sync = clock.now()
         self._failures = 0
         self._retry_at = clock.now()
+        self._last_error = ""
+        # Entries whose SVID could not be minted: failures, next try, last error.
+        self._entry_failures: dict[str, int] = {}
+        self._entry_retry_at: dict[str, dt.datetime] = {}
+        self._entry_errors: dict[str, str] = {}
         self._jwt_cache: dict[tuple[str, tuple[str, ...]], tuple[JWTResult, dt.datetime]] = {}
         anchors = tuple(trust_anchors)
         try:
@@ -509,22 +518,55 @@ class Agent:
             if self._clock.now() >= self._next_sync:
                 await self._sync()
             await self._renew_workloads()
+            if self._failures:
+                log.info(
+                    "agent round succeeded again after %d failed round(s)",
+                    self._failures,
+                    extra={"failed_rounds": self._failures},
+                )
             self._failures = 0
+            self._last_error = ""
         except Exception as exc:  # an outage or a refusal: keep serving, retry with backoff
             self._failures += 1
+            self._last_error = str(exc)
             delay = min(BACKOFF_MAX, BACKOFF_MIN * 2.0 ** (self._failures - 1))
             self._retry_at = self._clock.now() + dt.timedelta(seconds=delay)
             log.warning("agent round failed (retry in %.0f s): %s", delay, exc)
             self._prune()
             return float(delay)
+        self._prune()
         return max(0.05, min(self._due_in(), self._sync_interval.total_seconds()))
+
+    def health(self) -> tuple[str, list[str]]:
+        """("ready" | "degraded" | "starting", reasons): ready when the agent holds a valid
+        SVID of its own and one for every entry and nothing is failing; degraded (still
+        serving what it holds) with one reason per failing round or entry."""
+        now = self._clock.now()
+        reasons: list[str] = []
+        if self._failures:
+            reasons.append(f"broker rounds failing ({self._failures}): {self._last_error}")
+        for entry_id in sorted(self._entry_errors):
+            reasons.append(f"entry {entry_id}: {self._entry_errors[entry_id]}")
+        missing = [e.id for e in self._snapshot.entries if e.id not in self._snapshot.svids]
+        for entry_id in missing:
+            if entry_id not in self._entry_errors:
+                reasons.append(f"entry {entry_id}: no SVID yet")
+        if self._agent is None or now >= self._agent.expires_at:
+            return "starting" if self._snapshot.bundle is None else "degraded", reasons or [
+                "not attested"
+            ]
+        return ("degraded" if reasons else "ready"), reasons
 
     def _due_in(self) -> float:
         now = self._clock.now()
         dues = [self._next_sync]
         if self._agent_renew_at is not None:
             dues.append(self._agent_renew_at)
-        dues.extend(s.renew_at for s in self._snapshot.svids.values())
+        svids = self._snapshot.svids
+        for entry in self._snapshot.entries:
+            due = svids[entry.id].renew_at if entry.id in svids else now
+            retry = self._entry_retry_at.get(entry.id)
+            dues.append(due if retry is None else max(due, retry))
         return max(0.0, (min(dues) - now).total_seconds())
 
     async def _attest(self) -> None:
@@ -546,7 +588,10 @@ class Agent:
             _pem_chain(issued.chain_der), _pkcs8(key, serialization.Encoding.PEM)
         )
         self._agent = issued
-        self._agent_renew_at = renew_at(issued.not_before, issued.expires_at, self._rng)
+        # From its arrival, not its notBefore: the CA backdates notBefore (clock skew), which
+        # for a short SVID would put half-life in the past and renew it at every round.
+        start = max(issued.not_before, self._clock.now())
+        self._agent_renew_at = renew_at(start, issued.expires_at, self._rng)
 
     async def _sync(self) -> None:
         result: SyncResult = await self._blocking(self._link.sync)
@@ -590,29 +635,72 @@ class Agent:
     async def _renew_workloads(self) -> None:
         snap = self._snapshot
         now = self._clock.now()
+        present = {e.id for e in snap.entries}
+        for gone in [k for k in self._entry_failures if k not in present]:
+            self._forget_failure(gone)
         due = [
-            e for e in snap.entries if e.id not in snap.svids or snap.svids[e.id].renew_at <= now
+            e
+            for e in snap.entries
+            if (e.id not in snap.svids or snap.svids[e.id].renew_at <= now)
+            and self._entry_retry_at.get(e.id, now) <= now
         ]
         if not due:
             return
         svids = dict(snap.svids)
         try:
             for entry in due:
-                key = _new_key()
-                issued: AgentSVID = await self._blocking(self._link.mint_x509, entry.id, _csr(key))
-                self._verify_svid(issued, key, entry.spiffe_id)
-                svids[entry.id] = WorkloadSVID(
-                    entry_id=entry.id,
-                    spiffe_id=issued.spiffe_id,
-                    chain_der=issued.chain_der,
-                    key_der=_pkcs8(key, serialization.Encoding.DER),
-                    not_before=issued.not_before,
-                    expires_at=issued.expires_at,
-                    renew_at=renew_at(issued.not_before, issued.expires_at, self._rng),
-                )
+                try:
+                    svids[entry.id] = await self._mint(entry)
+                except Exception as exc:  # this entry only: the others and the bundle go on
+                    self._entry_failed(entry, exc)
+                    continue
+                if entry.id in self._entry_failures:
+                    log.info(
+                        "entry %s (%s): SVID minted again after %d failure(s)",
+                        entry.id,
+                        entry.spiffe_id,
+                        self._entry_failures[entry.id],
+                        extra={"entry_id": entry.id, "spiffe_id": entry.spiffe_id},
+                    )
+                    self._forget_failure(entry.id)
         finally:
             if svids != snap.svids:
                 await self._publish(dataclasses.replace(self._snapshot, svids=svids))
+
+    async def _mint(self, entry: AgentEntry) -> WorkloadSVID:
+        key = _new_key()
+        issued: AgentSVID = await self._blocking(self._link.mint_x509, entry.id, _csr(key))
+        arrived = self._clock.now()
+        self._verify_svid(issued, key, entry.spiffe_id)
+        return WorkloadSVID(
+            entry_id=entry.id,
+            spiffe_id=issued.spiffe_id,
+            chain_der=issued.chain_der,
+            key_der=_pkcs8(key, serialization.Encoding.DER),
+            not_before=issued.not_before,
+            expires_at=issued.expires_at,
+            renew_at=renew_at(max(issued.not_before, arrived), issued.expires_at, self._rng),
+        )
+
+    def _entry_failed(self, entry: AgentEntry, exc: Exception) -> None:
+        failures = self._entry_failures.get(entry.id, 0) + 1
+        delay = min(BACKOFF_MAX, BACKOFF_MIN * 2.0 ** (failures - 1))
+        self._entry_failures[entry.id] = failures
+        self._entry_retry_at[entry.id] = self._clock.now() + dt.timedelta(seconds=delay)
+        self._entry_errors[entry.id] = str(exc)
+        log.warning(
+            "entry %s (%s): minting its SVID failed (retry in %.0f s): %s",
+            entry.id,
+            entry.spiffe_id,
+            delay,
+            exc,
+            extra={"entry_id": entry.id, "spiffe_id": entry.spiffe_id},
+        )
+
+    def _forget_failure(self, entry_id: str) -> None:
+        self._entry_failures.pop(entry_id, None)
+        self._entry_retry_at.pop(entry_id, None)
+        self._entry_errors.pop(entry_id, None)
 
     def _prune(self) -> None:
         """Drop SVIDs that have expired (they must never be served)."""

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import multiprocessing
 import multiprocessing.connection
+import os
 import resource
 import shutil
 import signal
@@ -27,10 +29,16 @@ from typing import Any
 
 from broker.app import Application
 from broker.audit import Verification
-from broker.config import DEFAULT_LISTEN, Config, load_config
-from broker.errors import InvalidArgument, Unavailable
+from broker.config import DEFAULT_LISTEN, Config, ServerConfig, load_config
+from broker.errors import BrokerError, FailedPrecondition, InvalidArgument, Unavailable
 from broker.logs import configure as configure_logs
-from broker.metrics import MetricsServer, mark_worker_dead, multiprocess_dir, serve_metrics
+from broker.metrics import (
+    MetricsServer,
+    Readiness,
+    mark_worker_dead,
+    multiprocess_dir,
+    serve_metrics,
+)
 from ca.clock import SystemClock
 from ca.keys import open_backend
 
@@ -69,6 +77,65 @@ def build_config(options: ServeOptions) -> Config:
     if options.workers is not None:
         config = replace(config, server=replace(config.server, workers=options.workers))
     return config.validate()
+
+
+LOCK_FILE = "broker.lock"
+_held_locks: dict[Path, int] = {}
+
+
+def lock_data_dir(data_dir: Path) -> None:
+    """Hold an exclusive lock on `data_dir` for the life of this process (`flock` on
+    `<data_dir>/broker.lock`, which names the holder's pid). Raises FailedPrecondition when
+    another process holds it: two brokers on one data dir would both write its CA, token and
+    operator identity."""
+    data_dir = data_dir.resolve()
+    if data_dir in _held_locks:
+        return
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = data_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip()
+        os.close(fd)
+        who = f" (pid {holder})" if holder.isdigit() else ""
+        raise FailedPrecondition(
+            f"the data dir {data_dir} is in use by another broker{who}; stop it first, "
+            "or give this one its own --data-dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _held_locks[data_dir] = fd
+
+
+def check_addresses(*addresses: str) -> None:
+    """Raises Unavailable when one of the HOST:PORT `addresses` cannot be bound now (in use,
+    not an address of this host): checked before any state is created, so a broker that
+    cannot serve leaves nothing behind. Empty addresses and port 0 are skipped."""
+    for address in addresses:
+        host, _, port_text = address.rpartition(":")
+        if not address or not port_text.isdigit() or int(port_text) == 0:
+            continue
+        bind_host = host.strip("[]") or None  # no host: every interface, as gRPC binds it
+        try:
+            family, kind, proto, _, where = socket.getaddrinfo(
+                bind_host, int(port_text), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )[0]
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(where)
+        except OSError as exc:
+            raise Unavailable(
+                f"cannot listen on {address}: {exc.strerror or exc}; nothing was created"
+            ) from None
+
+
+def _dev_addresses(options: ServeOptions) -> tuple[str, str]:
+    """The listen and metrics addresses `serve --dev` will use (before its config exists)."""
+    listen = options.listen or os.environ.get("BROKER_LISTEN") or DEFAULT_LISTEN
+    metrics = os.environ.get("BROKER_METRICS_LISTEN", ServerConfig().metrics_listen)
+    return listen, metrics
 
 
 def _configure_logging() -> None:
@@ -121,11 +188,21 @@ def _run(coro: Any) -> None:
 def serve(options: ServeOptions) -> None:
     """Serve until SIGINT/SIGTERM. Prints one line saying where, once ready.
 
+    Before anything is created (a dev token, a CA, a database), the data dir is locked for
+    this process (a second broker on it is refused) and the listen and metrics addresses are
+    checked to be free.
+
     Raises `broker.errors.BrokerError` or `ca.errors.CAError` for configuration problems
     (the CLI turns them into one line on stderr).
     """
     _configure_logging()
+    if options.dev:
+        lock_data_dir(options.data_dir)
+        check_addresses(*_dev_addresses(options))
     config = build_config(options)
+    if not options.dev:
+        lock_data_dir(config.data_dir)
+    check_addresses(config.server.listen, config.server.metrics_listen)
     raise_fd_limit()  # inherited by the worker processes
     if config.server.workers == 1:
         _run(_serve(config, new_epoch=options.new_ledger_epoch))
@@ -164,10 +241,19 @@ async def _serve(
         if worker == 0:
             app.write_operator_identity()
         served = await serve_application(app, reuse_port=ready is not None)
-        if ready is None and config.server.metrics_listen:
-            metrics_server = _start_metrics(config.server.metrics_listen)
-        server, port = served.server, served.port
         stop = asyncio.Event()
+
+        def readiness() -> list[str]:
+            reasons = ["shutting down"] if stop.is_set() else []
+            try:
+                app.ledger.ensure_writable()
+            except BrokerError as exc:
+                reasons.append(str(exc))
+            return reasons
+
+        if ready is None and config.server.metrics_listen:
+            metrics_server = _start_metrics(config.server.metrics_listen, readiness=readiness)
+        server, port = served.server, served.port
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
@@ -214,13 +300,18 @@ async def _serve(
         await app.close()
 
 
-def _start_metrics(listen: str, owned_dir: Path | None = None) -> MetricsServer:
-    """The /metrics endpoint (see broker.metrics); says where on stderr."""
+def _start_metrics(
+    listen: str, owned_dir: Path | None = None, readiness: Readiness | None = None
+) -> MetricsServer:
+    """The /metrics, /healthz and /readyz endpoint (see broker.metrics); says where on
+    stderr."""
     try:
-        served = serve_metrics(listen, owned_dir=owned_dir)
+        served = serve_metrics(listen, owned_dir=owned_dir, readiness=readiness)
     except OSError as exc:
         raise Unavailable(f"cannot serve metrics on {listen}: {exc.strerror or exc}") from exc
-    log.info("metrics on http://%s:%d/metrics", served.host, served.port)
+    log.info(
+        "metrics on http://%s:%d/metrics (probes: /healthz, /readyz)", served.host, served.port
+    )
     return served
 
 
@@ -355,7 +446,15 @@ def _supervise(config: Config, new_epoch: str | None = None) -> None:
         host = config.server.listen.rpartition(":")[0]
         attest_text = f"; attestation on {host}:{attest}" if attest else ""
         if config.server.metrics_listen:
-            metrics_server = _start_metrics(config.server.metrics_listen, metrics_dir)
+
+            def readiness() -> list[str]:
+                reasons = ["shutting down"] if stopping else []
+                reasons += [f"{w.name} exited" for w in workers if not w.is_alive()]
+                return reasons
+
+            metrics_server = _start_metrics(
+                config.server.metrics_listen, metrics_dir, readiness=readiness
+            )
         print(
             _listening_line(config, port, keys, storage, f"; workers: {len(workers)}{attest_text}"),
             flush=True,

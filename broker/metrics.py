@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import (
     REGISTRY,
@@ -35,12 +37,14 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
-    start_http_server,
+    make_wsgi_app,
 )
+from prometheus_client.exposition import ThreadingWSGIServer
 
 __all__ = [
     "MULTIPROC_ENV",
     "MetricsServer",
+    "Readiness",
     "mark_worker_dead",
     "multiprocess_dir",
     "observe_audit_write",
@@ -304,8 +308,52 @@ def multiprocess_dir() -> Path:
     return path
 
 
-def serve_metrics(listen: str, *, owned_dir: Path | None = None) -> MetricsServer:
-    """Serve /metrics on HOST:PORT (port 0 picks one) from a daemon thread.
+#: Why a broker is not ready, or nothing when it is (see `serve_metrics`).
+Readiness = Callable[[], Sequence[str]]
+
+_PLAIN = [  # copied per answer: wsgiref adds Content-Length to the list it is given
+    ("Content-Type", "text/plain; charset=utf-8"),
+    ("Cache-Control", "no-store"),
+]
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Probes every few seconds would drown the log."""
+
+
+def _endpoint(registry: CollectorRegistry, readiness: Readiness | None) -> Any:
+    """The WSGI app: /healthz (alive: this thread answers), /readyz (200 when `readiness`
+    names no reason, else 503 with the reasons), anything else prometheus-client's /metrics.
+    None of them needs credentials, and none says more than whether and why not."""
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/healthz":
+            start_response("200 OK", list(_PLAIN))
+            return [b"ok\n"]
+        if path == "/readyz":
+            try:
+                reasons = list(readiness()) if readiness is not None else []
+            except Exception as exc:  # a probe must answer, whatever the check did
+                reasons = [f"readiness check failed: {type(exc).__name__}"]
+            if reasons:
+                start_response("503 Service Unavailable", list(_PLAIN))
+                return [("not ready: " + "; ".join(reasons) + "\n").encode()]
+            start_response("200 OK", list(_PLAIN))
+            return [b"ready\n"]
+        result: Iterable[bytes] = metrics_app(environ, start_response)
+        return result
+
+    return app
+
+
+def serve_metrics(
+    listen: str, *, owned_dir: Path | None = None, readiness: Readiness | None = None
+) -> MetricsServer:
+    """Serve /metrics, /healthz and /readyz on HOST:PORT (port 0 picks one) from a daemon
+    thread; `readiness` says why the broker is not ready (nothing: ready).
 
     With PROMETHEUS_MULTIPROC_DIR set, serves the sum of every process writing there;
     otherwise this process's own registry. Raises OSError when the address is taken.
@@ -318,7 +366,15 @@ def serve_metrics(listen: str, *, owned_dir: Path | None = None) -> MetricsServe
 
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-    server, thread = start_http_server(int(port), addr=host, registry=registry)
+
+    class Server(ThreadingWSGIServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    server = make_server(
+        host, int(port), _endpoint(registry, readiness), Server, handler_class=_QuietHandler
+    )
+    thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
+    thread.start()
     return MetricsServer(host, int(server.server_address[1]), server, thread, owned_dir)
 
 

@@ -25,7 +25,13 @@ from broker.attestation import (
     unverified_issuer,
 )
 from broker.authority import CAService, IssuedJWT, IssuedX509
-from broker.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+from broker.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+)
 from broker.policy import Authorize, Caller, decide_absent, opaque_refusals
 from broker.storage.identity import (
     AttestorRecord,
@@ -56,6 +62,9 @@ AuthorizeAttestor = Callable[["AttestorRecord"], Awaitable[None]]
 
 DEFAULT_TOKEN_TTL = dt.timedelta(minutes=10)
 MAX_TOKEN_TTL = dt.timedelta(hours=24)
+# An entry's SVIDs live at least this long: the agent renews at half-life, and a few seconds'
+# SVIDs would have it minting all the time.
+MIN_ENTRY_SVID_TTL_SECONDS = 30
 MAX_SELECTORS = 16
 MAX_DNS = 32
 _SELECTOR_KEYS = {
@@ -308,9 +317,21 @@ class IdentityService:
         chosen = tuple(sorted({check_selector(s) for s in selectors}))
         if x509_ttl < 0 or jwt_ttl < 0:
             raise InvalidArgument("TTLs must not be negative")
+        for kind, ttl in (("X.509", x509_ttl), ("JWT", jwt_ttl)):
+            if 0 < ttl < MIN_ENTRY_SVID_TTL_SECONDS:
+                raise InvalidArgument(
+                    f"the {kind} SVID TTL of an entry must be at least "
+                    f"{MIN_ENTRY_SVID_TTL_SECONDS}s (the agent renews at half-life; 0 takes "
+                    "the CA policy's default)"
+                )
         if len(dns_names) > MAX_DNS:
             raise InvalidArgument(f"at most {MAX_DNS} DNS names")
-        self._ca.check_dns_names_issuable(dns_names)
+        self._ca.check_entry_issuable(
+            sid,
+            dt.timedelta(seconds=x509_ttl) if x509_ttl else None,
+            dt.timedelta(seconds=jwt_ttl) if jwt_ttl else None,
+            dns_names,
+        )
         record = EntryRecord(
             id=uuid.uuid4().hex,
             spiffe_id=sid,
@@ -323,6 +344,12 @@ class IdentityService:
         )
         if authorize is not None:
             await authorize(record)
+        for existing in await self._store.list_entries(parent):
+            if _same_entry(existing, record):
+                raise AlreadyExists(
+                    f"an identical registration entry exists: {existing.id} (same SPIFFE ID, "
+                    "parent, selectors, TTLs and DNS names)"
+                )
         await self._store.insert_entry(record)
         return record
 
@@ -429,6 +456,16 @@ class IdentityService:
             entry.spiffe_id, None
         ):
             raise PermissionDenied(f"{entry.spiffe_id} is on the denylist")
+
+
+def _same_entry(a: EntryRecord, b: EntryRecord) -> bool:
+    return (a.spiffe_id, a.parent_id, tuple(sorted(a.selectors)), a.x509_ttl, a.jwt_ttl) == (
+        b.spiffe_id,
+        b.parent_id,
+        tuple(sorted(b.selectors)),
+        b.x509_ttl,
+        b.jwt_ttl,
+    ) and sorted(a.dns_names) == sorted(b.dns_names)
 
 
 def _ancestors(caller: Caller) -> tuple[str, ...]:

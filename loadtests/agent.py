@@ -36,6 +36,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from loadtests.durations import seconds
+
 TD = "broker.local"
 HEADER = (("workload.spiffe.io", "true"),)
 AGENT_CPUS = {0}
@@ -315,8 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--callers", type=int, default=32)
     p.add_argument("--processes", type=int, default=4)
-    p.add_argument("--duration", type=float, default=10.0)
-    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--duration", type=seconds, default=10.0)
+    p.add_argument("--warmup", type=seconds, default=2.0)
     p.add_argument("--starts", type=int, default=3, help="agent starts to time")
     p.add_argument(
         "--rates",

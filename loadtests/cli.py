@@ -20,6 +20,7 @@ from types import FrameType
 from typing import Any
 
 from loadtests import csrs, generator, machine, procs, report, servermetrics, slo
+from loadtests.durations import seconds
 from loadtests.html import write_html
 from loadtests.scenarios import SCENARIOS, Scenario, broker_operations
 from loadtests.targets import broker as broker_target
@@ -55,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a scenario at one or more concurrency levels")
     r.add_argument("--scenario", required=True, choices=sorted(SCENARIOS))
     r.add_argument("--concurrency", default=None, help="comma-separated levels (default 1,8,32)")
-    r.add_argument("--duration", type=float, default=None, help="measured seconds (default 20)")
-    r.add_argument("--warmup", type=float, default=None, help="unmeasured seconds (default 3)")
+    r.add_argument("--duration", type=seconds, default=None, help="measured seconds (default 20)")
+    r.add_argument("--warmup", type=seconds, default=None, help="unmeasured seconds (default 3)")
     r.add_argument("--report", required=True, type=Path, help="directory for report.json")
     r.add_argument("--compare", choices=PEERS, default=None, help="also drive this peer")
     r.add_argument("--server", help="HOST:PORT of a running broker (loopback only)")
@@ -86,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--concurrency then bounds the requests in flight. Default: closed loop",
     )
     r.add_argument("--csr-pool", type=int, default=None, help="pre-made keys/CSRs (default 256)")
-    r.add_argument("--timeout", type=float, default=10.0, help="per-request timeout, seconds")
+    r.add_argument("--timeout", type=seconds, default=10.0, help="per-request timeout, seconds")
     r.add_argument("--openbao-tls", choices=("on", "off"), default="on")
     r.add_argument(
         "--openbao-audit",
@@ -96,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         "broker audits every request)",
     )
     r.add_argument("--no-uvloop", action="store_true", help="plain asyncio loop in the workers")
-    r.add_argument("--cooldown", type=float, default=1.0, help="pause between runs, seconds")
+    r.add_argument("--cooldown", type=seconds, default=1.0, help="pause between runs, seconds")
     r.add_argument(
         "--max-error-rate",
         type=float,

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtests import machine, procs
+from loadtests.durations import seconds
 from loadtests.targets.database import (
     CREATION,
     ROLE,
@@ -386,8 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=[1, 8, 32],
         help="comma-separated client counts [1,8,32]",
     )
-    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per run")
-    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--duration", type=seconds, default=10.0, help="measured seconds per run")
+    parser.add_argument("--warmup", type=seconds, default=2.0)
     parser.add_argument("--compare", choices=["openbao"], default=None)
     parser.add_argument(
         "--grant",

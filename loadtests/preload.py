@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtests import procs
+from loadtests.durations import seconds
 from loadtests.targets.broker import DevBroker
 
 __all__ = ["add_parser", "run"]
@@ -58,8 +59,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--leases", type=int, default=100_000, help="live leases to add")
     p.add_argument("--entries", type=int, default=10_000, help="registration entries to add")
     p.add_argument("--concurrency", type=int, default=32)
-    p.add_argument("--duration", type=float, default=10.0, help="measured seconds per run")
-    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--duration", type=seconds, default=10.0, help="measured seconds per run")
+    p.add_argument("--warmup", type=seconds, default=2.0)
     p.add_argument("--smoke", action="store_true", help="tens of rows, 1 s runs (CI)")
     p.add_argument("--keep-temp", action="store_true")
 

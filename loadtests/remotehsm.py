@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.softhsm import SOFTHSM_MODULE, init_token
+from loadtests.durations import seconds
 
 __all__ = ["add_parser", "run"]
 
@@ -49,7 +50,7 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("remote-hsm", help="SVID-from-CSR with the HSM behind a delayed network")
     p.add_argument("--delays", default="0,1,2,5", help="added RTTs in ms (default 0,1,2,5)")
     p.add_argument("--concurrency", type=int, default=32)
-    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--duration", type=seconds, default=10.0)
     p.add_argument("--broker-workers", type=int, default=1)
     p.add_argument("--report", required=True, help="directory for the results")
     p.add_argument("--netem", action="store_true", help="delay with tc netem, not the relay")

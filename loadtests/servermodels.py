@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from loadtests import procs
+from loadtests.durations import seconds
 
 _METHOD = "/bench.Bench/Call"
 
@@ -193,7 +194,7 @@ def main() -> None:
     p.add_argument("--work-us", default="0,300", help="Python CPU per request, µs")
     p.add_argument("--token-us", type=float, default=0.0, help="GIL-free wait per request, µs")
     p.add_argument("--concurrency", type=int, default=32)
-    p.add_argument("--seconds", type=float, default=8.0)
+    p.add_argument("--seconds", type=seconds, default=8.0)
     p.add_argument("--rounds", type=int, default=2)
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="servermodels-") as tmp:

@@ -18,13 +18,14 @@ from pathlib import Path
 from broker.softhsm import configure_process, init_token
 from ca.keys import KeyKind
 from ca.keys.pkcs11 import Pkcs11Backend
+from loadtests.durations import seconds
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--sessions", default="1,2,4,8", help="pool sizes to try")
     p.add_argument("--threads", type=int, default=8)
-    p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--seconds", type=seconds, default=3.0)
     p.add_argument("--rounds", type=int, default=2)
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="tokenthreads-") as tmp:

@@ -32,6 +32,9 @@ from ca.policy import CAPolicy, is_reserved_dns_name
 from ca.spiffeid import SpiffeId
 from ca.x509svid import Lineage
 
+#: The key type of the CSRs the node agent sends (broker.agent generates P-256 keys).
+AGENT_KEY_TYPE = "ec-p256"
+
 __all__ = ["RESERVED_PREFIX", "IPAddress", "Issuing"]
 
 RESERVED_PREFIX = "/broker"  # the broker's own identities (server, operators)
@@ -165,6 +168,25 @@ class Issuing:
             expires_at=cert.not_valid_after_utc,
             serial=format(cert.serial_number, "x"),
         )
+
+    def check_entry_issuable(
+        self,
+        spiffe_id: str,
+        x509_ttl: dt.timedelta | None,
+        jwt_ttl: dt.timedelta | None,
+        dns_names: Sequence[str],
+    ) -> None:
+        """What minting for a registration entry would refuse under the current CA policy,
+        checked when the entry is created so that one that can never be minted is not stored:
+        a rule for the ID, the TTLs within its maximums, the agent's key type (ec-p256), the DNS
+        names within its patterns and none of the broker's own. Raises PolicyViolation or
+        InvalidTTL with the policy's message."""
+        self.check_dns_names_issuable(dns_names)
+        sid = self._check_id(spiffe_id)
+        policy = self._current_policy()
+        policy.resolve_x509(sid, x509_ttl, AGENT_KEY_TYPE)
+        policy.resolve_jwt(sid, jwt_ttl)
+        policy.check_dns_names(sid, dns_names, reserved=self._cfg.server_names)
 
     def check_dns_names_issuable(self, dns_names: Sequence[str]) -> None:
         """PolicyViolation if a DNS name is one of the broker's own server names (checked when

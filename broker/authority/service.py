@@ -111,6 +111,15 @@ class CAService:
     def check_dns_names_issuable(self, dns_names: Sequence[str]) -> None:
         self.issuing.check_dns_names_issuable(dns_names)
 
+    def check_entry_issuable(
+        self,
+        spiffe_id: str,
+        x509_ttl: dt.timedelta | None,
+        jwt_ttl: dt.timedelta | None,
+        dns_names: Sequence[str],
+    ) -> None:
+        self.issuing.check_entry_issuable(spiffe_id, x509_ttl, jwt_ttl, dns_names)
+
     def issue_internal(
         self,
         spiffe_id: SpiffeId,

@@ -138,7 +138,7 @@ def policy_get(ctx: click.Context, which: str | None) -> None:
 @click.option(
     "--expect",
     type=click.Choice(["allow", "deny"]),
-    help="Exit 1 unless the decision is this (for policy tests in CI).",
+    help="Exit 1 unless the decision is this, 0 when it is (for policy tests in CI).",
 )
 @connection_options(on_group=False)
 @click.pass_context
@@ -146,7 +146,8 @@ def policy_test(
     ctx: click.Context, input_file: Path, candidates: tuple[Path, ...], expect: str | None
 ) -> None:
     """Print the decision for --input and the rule that made it, with the policy in force or
-    with candidate .rego files (not stored)."""
+    with candidate .rego files (not stored). Exit 0 on allow, 1 on deny (the decision is
+    printed either way); with --expect, 0 when the decision is the expected one."""
     data = read_input_file(input_file, "input file")
     try:
         document = json.loads(data.decode("utf-8-sig"))
@@ -169,6 +170,8 @@ def policy_test(
     )
     if expect is not None and expect != verdict:
         raise Refusal(f"expected {expect}, the policy says {verdict} (rule {result.rule})")
+    if expect is None and not result.allowed:
+        ctx.exit(1)  # like grep: the answer is on stdout, the status says which
 
 
 # -- broker grant ------------------------------------------------------------------------------

@@ -105,6 +105,7 @@ __all__ = [
     "StaticCreds",
     "StaticRole",
     "StaticRolesClient",
+    "agent_health",
     "login",
     "login_config",
     "run_agent",
@@ -118,6 +119,7 @@ class ConnectionSettings:
     server: str
     credentials: ClientCredentials
     justification: str | None = None
+    server_name: str | None = None  # --tls-server-name: the name the broker's cert must have
 
 
 class Clients(Protocol):
@@ -167,7 +169,10 @@ class GrpcClients:
 
     def __init__(self, settings: ConnectionSettings) -> None:
         self._broker = BrokerClient(
-            settings.server, settings.credentials, justification=settings.justification
+            settings.server,
+            settings.credentials,
+            justification=settings.justification,
+            server_name=settings.server_name,
         )
 
     @cached_property
@@ -231,6 +236,7 @@ def run_agent(
     sync_interval: float,
     secrets: Mapping[str, str],
     secret_interval: float,
+    health_socket: Path | None = None,
 ) -> None:
     """Run the agent (`broker agent`) until it is stopped; imported only when it runs."""
     from broker.api.workload import AgentOptions
@@ -249,5 +255,13 @@ def run_agent(
             sync_interval=sync_interval,
             secrets=dict(secrets),
             secret_interval=secret_interval,
+            health_socket=health_socket,
         )
     )
+
+
+def agent_health(path: Path) -> dict[str, object]:
+    """What a running agent says on its health socket (`broker agent status`)."""
+    from broker.agenthealth import read_health
+
+    return read_health(path)

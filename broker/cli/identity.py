@@ -156,7 +156,7 @@ def attestor_list(ctx: click.Context) -> None:
     result = _identity(ctx).list_attestors()
     render(
         ctx,
-        {"attestors": [attestor_json(a) for a in result]},
+        [attestor_json(a) for a in result],  # a list is a bare JSON array (docs/cli.md)
         lambda: [f"{a.name}  {a.issuer}  aud={a.audience}  {a.template}" for a in result],
     )
 
@@ -217,9 +217,7 @@ def entry_create(
 def entry_list(ctx: click.Context, parent_id: str) -> None:
     """List registration entries."""
     result = _identity(ctx).list_entries(parent_id)
-    render(
-        ctx, {"entries": [entry_json(e) for e in result]}, lambda: [_entry_line(e) for e in result]
-    )
+    render(ctx, [entry_json(e) for e in result], lambda: [_entry_line(e) for e in result])
 
 
 @entry.command("show")

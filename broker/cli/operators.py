@@ -243,7 +243,7 @@ def operator_list(ctx: click.Context, include_inactive: bool) -> None:
     for s in sessions:
         state = "revoked" if s.revoked_at else "active"
         rows.append([s.subject, ",".join(s.roles), timestamp(s.expires_at) or "-", s.serial, state])
-    render(ctx, {"operators": [session_json(s) for s in sessions]}, table(rows))
+    render(ctx, [session_json(s) for s in sessions], table(rows))  # a bare array, as every list
 
 
 @operator.command("revoke")

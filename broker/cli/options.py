@@ -30,6 +30,7 @@ __all__ = [
     "CliContext",
     "DurationType",
     "broker_home",
+    "client_certificate",
     "clients",
     "connection_options",
     "data_dir",
@@ -120,6 +121,14 @@ def connection_options(*, on_group: bool, output: bool = True) -> Callable[[_F],
             for name, help in _PEM_FILES
         ),
         setting_option(
+            "--tls-server-name",
+            on_group=on_group,
+            envvar="BROKER_TLS_SERVER_NAME",
+            metavar="NAME",
+            help="The name the broker's certificate must carry [default: the broker's own "
+            "name for the bundle's trust domain, whatever host --server names].",
+        ),
+        setting_option(
             "--justification",
             on_group=on_group,
             envvar="BROKER_JUSTIFICATION",
@@ -140,8 +149,10 @@ def connection_options(*, on_group: bool, output: bool = True) -> Callable[[_F],
 
 def output_option(*, on_group: bool) -> Callable[[_F], _F]:
     return setting_option(
+        "-o",
         "--output",
         on_group=on_group,
+        envvar="BROKER_OUTPUT",
         type=click.Choice(["text", "json"]),
         help="Output format [default: text].",
     )
@@ -199,6 +210,14 @@ def _identity_paths(ctx: click.Context) -> tuple[Path, Path, Path]:
     )
 
 
+def client_certificate(ctx: click.Context) -> tuple[Path, bytes]:
+    """The client certificate chain the connection options name (path, PEM), refused in one
+    line when missing: what `broker status` reports as "who you are"."""
+    default_cert, _, _ = _identity_paths(ctx)
+    cert = Path(setting(ctx, "cert") or default_cert)
+    return cert, _read_credential(cert, "client certificate", "--cert")
+
+
 def clients(ctx: click.Context) -> Clients:
     """Connect with the connection options (reading the client identity files, refused in one
     line when one is missing); the root group closes the clients when the command ends."""
@@ -214,7 +233,14 @@ def clients(ctx: click.Context) -> Clients:
     server = str(setting(ctx, "server") or DEFAULT_SERVER)
     ctx.meta[SERVER_KEY] = server
     obj = ctx.find_object(CliContext) or CliContext()
-    opened = obj.connect(ConnectionSettings(server, credentials, setting(ctx, "justification")))
+    opened = obj.connect(
+        ConnectionSettings(
+            server,
+            credentials,
+            setting(ctx, "justification"),
+            setting(ctx, "tls_server_name") or None,
+        )
+    )
     obj.opened.append(opened)
     return opened
 

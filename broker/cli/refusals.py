@@ -9,7 +9,13 @@ import click
 
 from broker.cli.clients import ClientError
 
-__all__ = ["Refusal", "client_error_message", "one_line"]
+__all__ = [
+    "CommandNotExecutable",
+    "CommandNotFound",
+    "Refusal",
+    "client_error_message",
+    "one_line",
+]
 
 
 class Refusal(click.ClickException):
@@ -19,6 +25,18 @@ class Refusal(click.ClickException):
 
     def show(self, file: Any = None) -> None:
         click.echo(f"broker: {self.format_message()}", err=True)
+
+
+class CommandNotFound(Refusal):
+    """`broker exec`: the command does not exist (the shell's 127)."""
+
+    exit_code = 127
+
+
+class CommandNotExecutable(Refusal):
+    """`broker exec`: the command exists but cannot be run (the shell's 126)."""
+
+    exit_code = 126
 
 
 def one_line(text: str) -> str:
@@ -45,6 +63,9 @@ def client_error_message(error: ClientError, server: str) -> str:
     if error.code_name == "UNAVAILABLE" and error.message.startswith("key backend error: "):
         # The broker answered: its token (HSM) failed, e.g. a mechanism it does not offer.
         return one_line(error.message)
+    if error.code_name == "UNAVAILABLE" and error.answered:
+        # The broker is up; what is behind it (a database, its storage) is not.
+        return one_line(f"unavailable (the broker at {server} answered): {error.message}")
     if error.code_name == "UNAVAILABLE":
         return one_line(f"cannot reach the broker at {server}: {error.message}")
     text = _CODE_TEXT.get(error.code_name, error.code_name.lower().replace("_", " "))

@@ -37,6 +37,7 @@ from broker.cli.scan import scan
 from broker.cli.secrets import exec_command, kek, secrets
 from broker.cli.serve import agent, serve
 from broker.cli.static_roles import static_creds, static_role
+from broker.cli.status import status
 
 __all__ = ["cli", "main", "run"]
 
@@ -56,10 +57,35 @@ class _BrokerGroup(click.Group):
                 obj.close_all()
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("credential-broker")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 @click.group(cls=_BrokerGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(
+    version=_version(), prog_name="broker", message="%(prog)s %(version)s", package_name=None
+)
 @connection_options(on_group=True)
 def cli() -> None:
     """HSM-rooted SPIFFE CA and credential broker."""
+
+
+@click.command("completion")
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print the shell completion script for SHELL; e.g. add
+    'eval "$(broker completion bash)"' to ~/.bashrc (zsh: ~/.zshrc;
+    fish: 'broker completion fish | source' in ~/.config/fish/config.fish)."""
+    from click.shell_completion import get_completion_class
+
+    cls = get_completion_class(shell)
+    assert cls is not None  # the choice above names only shells click supports
+    click.echo(cls(cli, {}, "broker", "_BROKER_COMPLETE").source())
 
 
 # Every feature's commands, attached once (click lists them alphabetically in --help).
@@ -93,6 +119,8 @@ for command in (
     report,
     scan,
     dev,
+    completion,
+    status,
 ):
     cli.add_command(command)
 

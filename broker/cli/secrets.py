@@ -38,7 +38,7 @@ from broker.cli.options import (
     setting,
     setting_option,
 )
-from broker.cli.refusals import Refusal
+from broker.cli.refusals import CommandNotExecutable, CommandNotFound, Refusal
 from broker.cli.render import record_json, render, timestamp, wants_json
 from broker.errors import BrokerError
 from broker.secretfiles import SecretFiles
@@ -524,4 +524,6 @@ def exec_command(
     try:
         os.execvpe(command[0], list(command), env)  # noqa: S606 (the operator's command)
     except OSError as exc:
-        raise Refusal(f"cannot run {command[0]}: {exc.strerror or exc}") from None
+        # As the shell says it: 127 not found, 126 found but cannot be executed.
+        kind = CommandNotFound if isinstance(exc, FileNotFoundError) else CommandNotExecutable
+        raise kind(f"cannot run {command[0]}: {exc.strerror or exc}") from None

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from broker.cli.clients import run_agent
+from broker.cli.clients import agent_health, run_agent
 from broker.cli.inputs import read_input_file
 from broker.cli.options import (
     DEFAULT_SERVER,
@@ -15,9 +15,11 @@ from broker.cli.options import (
     data_dir,
     data_dir_option,
     default_attest_server,
+    output_option,
     setting,
 )
 from broker.cli.refusals import Refusal, one_line
+from broker.cli.render import render
 from broker.errors import BrokerError
 
 __all__ = ["agent", "serve"]
@@ -93,7 +95,7 @@ def _secret_files(secret_files: tuple[str, ...]) -> dict[str, str]:
     return secrets
 
 
-@click.command("agent")
+@click.group("agent", invoke_without_command=True)
 @click.option("--server", "agent_server", metavar="HOST:PORT", help="The broker (mTLS port).")
 @click.option(
     "--attest-server",
@@ -103,9 +105,8 @@ def _secret_files(secret_files: tuple[str, ...]) -> dict[str, str]:
 @click.option(
     "--bundle",
     "agent_bundle",
-    required=True,
     type=click.Path(path_type=Path, dir_okay=False),
-    help="Trust bundle (PEM) to verify the broker.",
+    help="Trust bundle (PEM) to verify the broker.  [required]",
 )
 @click.option(
     "--join-token",
@@ -122,9 +123,13 @@ def _secret_files(secret_files: tuple[str, ...]) -> dict[str, str]:
 @click.option(
     "--socket",
     "socket_path",
-    required=True,
     type=click.Path(path_type=Path, dir_okay=False),
-    help="Unix socket path for the SPIFFE Workload API.",
+    help="Unix socket path for the SPIFFE Workload API.  [required]",
+)
+@click.option(
+    "--health-socket",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Also answer health probes on this Unix socket (read with 'broker agent status').",
 )
 @click.option(
     "--write-dir",
@@ -153,17 +158,25 @@ def agent(
     ctx: click.Context,
     agent_server: str | None,
     attest_server: str | None,
-    agent_bundle: Path,
+    agent_bundle: Path | None,
     join_token: str | None,
     jwt_file: Path | None,
-    socket_path: Path,
+    socket_path: Path | None,
+    health_socket: Path | None,
     write_dir: Path | None,
     on_rotate: str | None,
     secret_files: tuple[str, ...],
     secret_interval: int,
     sync_interval: float,
 ) -> None:
-    """Attest to the broker and serve the SPIFFE Workload API on a Unix socket."""
+    """Attest to the broker and serve the SPIFFE Workload API on a Unix socket
+    ('broker agent status' asks a running agent how it is)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if agent_bundle is None:
+        raise click.UsageError("Missing option '--bundle'.", ctx)
+    if socket_path is None:
+        raise click.UsageError("Missing option '--socket'.", ctx)
     if (join_token is None) == (jwt_file is None):
         raise click.UsageError("give exactly one of --join-token or --jwt-file")
     if on_rotate and write_dir is None:
@@ -178,8 +191,9 @@ def agent(
     if jwt_file is not None:
         jwt = read_input_file(jwt_file, "JWT file").decode("utf-8", "replace").strip()
     bundle = read_input_file(agent_bundle, "trust bundle")
-    if not socket_path.parent.is_dir():
-        raise Refusal(f"the directory of --socket {socket_path} does not exist")
+    for flag, path in (("--socket", socket_path), ("--health-socket", health_socket)):
+        if path is not None and not path.parent.is_dir():
+            raise Refusal(f"the directory of {flag} {path} does not exist")
     if not 0.1 <= sync_interval <= 3600:
         raise click.UsageError("--sync-interval must be between 0.1 and 3600 seconds")
     try:
@@ -195,6 +209,31 @@ def agent(
             sync_interval=sync_interval,
             secrets=secrets,
             secret_interval=float(secret_interval),
+            health_socket=None if health_socket is None else health_socket.absolute(),
         )
     except BrokerError as exc:
         raise Refusal(str(exc)) from None
+
+
+@agent.command("status")
+@click.option(
+    "--health-socket",
+    "status_socket",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="The agent's --health-socket.",
+)
+@output_option(on_group=False)
+@click.pass_context
+def agent_status(ctx: click.Context, status_socket: Path) -> None:
+    """Ask a running agent how it is: 'ready' (exit 0), or 'degraded'/'starting' with the
+    reasons (exit 1), as a probe would."""
+    try:
+        document = agent_health(status_socket)
+    except BrokerError as exc:
+        raise Refusal(one_line(str(exc))) from None
+    reasons = [one_line(str(r)) for r in document["reasons"]]  # type: ignore[attr-defined]
+    state = str(document["state"])
+    render(ctx, document, [state, *(f"  {r}" for r in reasons)])
+    if state != "ready":
+        ctx.exit(1)

@@ -613,3 +613,19 @@ def test_serve_on_a_busy_port_is_refused_in_one_line(
         line for line in completed.stderr.splitlines() if not line.startswith(("broker: ", "{"))
     ]
     assert others == [], completed.stderr
+
+
+def test_status_version_and_output_env_against_a_real_broker(broker_cli: BrokerCli) -> None:
+    """Issue 15 item 5 end to end: `broker status` (reachable, who, CA, expiry),
+    `broker --version`, BROKER_OUTPUT."""
+    status = broker_cli.ok("status", env={"BROKER_OUTPUT": "json"}).json()
+    assert status["reachable"] is True and status["error"] is None
+    assert status["identity"]["spiffe_id"].startswith("spiffe://")
+    assert "/broker/operator/" in status["identity"]["spiffe_id"]
+    assert status["identity"]["expires_in_seconds"] > 0
+    assert status["ca"]["trust_domain"] == _trust_domain(broker_cli)
+    assert status["ca"]["root"]["state"] == "active" and status["ca"]["issuing"]
+    text = broker_cli.ok("status").stdout.splitlines()
+    assert text[0].endswith(" reachable") and text[3].startswith("CA:")
+    version = broker_cli.ok("--version").stdout.strip()
+    assert version.startswith("broker ") and version != "broker unknown"

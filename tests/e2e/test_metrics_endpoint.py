@@ -52,6 +52,10 @@ def test_one_endpoint_counts_every_worker(tmp_path: Path) -> None:
             )
         cli.ok("ca", "rotate", "--force")
         text = _scrape(port)
+        # the orchestrator's probes beside /metrics, without credentials
+        for path, answer in (("/healthz", "ok\n"), ("/readyz", "ready\n")):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
+                assert (resp.status, resp.read().decode()) == (200, answer)
         # SIGTERM: the supervisor stops its workers and its endpoint, and exits cleanly
         assert server.stop() == 0, server.stderr_text()
         stderr = server.stderr_text()

@@ -77,8 +77,11 @@ def test_policy_get_test_and_a_refused_broken_policy(broker_cli: BrokerCli, tmp_
     assert "# --- default.rego ---" in text and "package broker.authz" in text
 
     dev = request_file(tmp_path, broker_cli, "dev")
-    out = broker_cli.ok("policy", "test", "--input", str(dev)).stdout
+    denied = broker_cli.run("policy", "test", "--input", str(dev))
+    assert denied.returncode == 1 and denied.stderr == "", denied.describe()  # deny: exit 1
+    out = denied.stdout
     assert out.startswith("deny (rule prod-only): prod resources go only to prod identities")
+    assert broker_cli.ok("policy", "test", "--input", str(dev), "--expect", "deny").stdout == out
     prod = request_file(tmp_path, broker_cli, "prod")
     decided = broker_cli.ok("policy", "test", "--input", str(prod), "--output", "json").json()
     assert (decided["decision"], decided["rule"]) == ("allow", "owner")
@@ -104,7 +107,8 @@ def test_policy_set_dispatches_on_the_extension(broker_cli: BrokerCli, tmp_path:
     pause = tmp_path / "pause.rego"
     pause.write_text(PAUSE)
     prod = request_file(tmp_path, broker_cli, "prod")
-    candidate = broker_cli.ok("policy", "test", "--input", str(prod), str(base), str(pause))
+    candidate = broker_cli.run("policy", "test", "--input", str(prod), str(base), str(pause))
+    assert candidate.returncode == 1, candidate.describe()
     assert candidate.stdout.startswith("deny (rule freeze): secrets are frozen")
     assert (
         broker_cli.ok("policy", "get", "--rego", "--output", "json").json()["rego"]["version"] == 0
@@ -112,9 +116,8 @@ def test_policy_set_dispatches_on_the_extension(broker_cli: BrokerCli, tmp_path:
 
     out = broker_cli.ok("policy", "set", str(base), str(pause)).stdout
     assert out.strip() == "Rego policy version 1"
-    assert broker_cli.ok("policy", "test", "--input", str(prod)).stdout.startswith(
-        "deny (rule freeze)"
-    )
+    frozen = broker_cli.run("policy", "test", "--input", str(prod))
+    assert frozen.returncode == 1 and frozen.stdout.startswith("deny (rule freeze)")
     modules = broker_cli.ok("policy", "get", "--rego", "--output", "json").json()["rego"]
     assert sorted(modules["modules"]) == ["base.rego", "pause.rego"]
 

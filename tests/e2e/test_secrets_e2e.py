@@ -153,6 +153,17 @@ def test_a_workload_gets_its_secrets_with_broker_exec(
     bad = cli.run("exec", "--env", "1X=secret://a/b/c", "--", "true", env=payments)
     assert bad.returncode == 2
 
+    # As the shell: 127 when the command is not found, 126 when it cannot be executed.
+    missing = cli.run("exec", "--env", f"HOOK={HOOK}", "--", str(tmp_path / "nonexistent"),
+                      env=payments)  # fmt: skip
+    assert missing.returncode == 127 and len(missing.stderr_lines) == 1, missing.describe()
+    assert missing.stderr.startswith("broker: cannot run ")
+    script = tmp_path / "not-executable"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o644)
+    refused = cli.run("exec", "--env", f"HOOK={HOOK}", "--", str(script), env=payments)
+    assert refused.returncode == 126 and "Permission denied" in refused.stderr, refused.describe()
+
     # File delivery: 0600 files in a directory, removed once the secret is revoked.
     out = tmp_path / "run" / "secrets"
     synced = cli.ok(

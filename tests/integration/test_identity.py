@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from broker.api._proto import ca_pb2, ca_pb2_grpc, identity_pb2, identity_pb2_grpc
 from broker.api.server.serving import AppServer, serve_application
 from broker.app import Application
+from broker.policy import Caller
 from broker.storage.factory import open_storage
 from ca.clock import FakeClock
 from ca.keys import SoftwareBackend
@@ -234,20 +235,69 @@ async def test_agents_mint_only_for_their_own_entries(broker: Served) -> None:
 
 
 async def test_entry_ttls_are_bounded_by_ca_policy(broker: Served) -> None:
+    """Refused when created (issue 15: an entry that can never be minted is not stored), and
+    still bounded when minted after the policy changed."""
     op = broker.operator()
+    before = await broker.app.storage.identity().list_entries(None)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await op.CreateEntry(
+            identity_pb2.Entry(
+                spiffe_id=DEV_WEB_ID,
+                parent_id=AGENT_ID,
+                selectors=["unix:uid:1000"],
+                x509_ttl_seconds=30 * 24 * 3600,
+            )
+        )
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "720h" in (err.value.details() or "")  # the policy's own message
+    assert await broker.app.storage.identity().list_entries(None) == before
+
     entry = await op.CreateEntry(
         identity_pb2.Entry(
             spiffe_id=DEV_WEB_ID,
             parent_id=AGENT_ID,
             selectors=["unix:uid:1000"],
-            x509_ttl_seconds=30 * 24 * 3600,
+            x509_ttl_seconds=2 * 3600,
         )
+    )
+    current = json.loads(broker.app.ca.policy_document().document)
+    rules = [{**rule, "x509_max_ttl": "1h"} for rule in current["rules"]]
+    await broker.app.ca.set_policy(
+        json.dumps({**current, "rules": rules}), Caller(OPERATOR_ID, True, {})
     )
     _, _, _, agent = await _attested(broker)
     csr = _csr(ec.generate_private_key(ec.SECP256R1()))
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await agent.MintEntryX509(identity_pb2.MintEntryX509Request(entry_id=entry.id, csr=csr))
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_entries_the_policy_forbids_duplicates_and_tiny_ttls_are_refused(
+    broker: Served,
+) -> None:
+    """Issue 15: `--dns` the policy forbids, an identical second entry and a few-second TTL
+    are refused at create with the reason, and nothing is stored."""
+    op = broker.operator()
+    base = dict(spiffe_id=DEV_WEB_ID, parent_id=AGENT_ID, selectors=["unix:uid:1000"])
+    first = await op.CreateEntry(identity_pb2.Entry(**base))
+    stored = await broker.app.storage.identity().list_entries(None)
+    cases = [
+        (dict(dns_names=["web.internal"]), grpc.StatusCode.PERMISSION_DENIED, "web.internal"),
+        ({}, grpc.StatusCode.ALREADY_EXISTS, first.id),
+        (dict(selectors=["unix:uid:1000"]), grpc.StatusCode.ALREADY_EXISTS, first.id),
+        (dict(x509_ttl_seconds=4), grpc.StatusCode.INVALID_ARGUMENT, "at least 30s"),
+        (dict(jwt_ttl_seconds=1), grpc.StatusCode.INVALID_ARGUMENT, "at least 30s"),
+    ]
+    for change, code, text in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await op.CreateEntry(identity_pb2.Entry(**{**base, **change}))
+        assert err.value.code() == code, change
+        assert text in (err.value.details() or ""), (change, err.value.details())
+    assert await broker.app.storage.identity().list_entries(None) == stored
+    # another selector set is another entry
+    assert (
+        await op.CreateEntry(identity_pb2.Entry(**{**base, "selectors": ["unix:uid:1001"]}))
+    ).id != first.id
 
 
 async def test_renewal_over_mtls_then_the_denylist_stops_it(broker: Served) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import logging
 import socket
 import ssl
 from collections.abc import Awaitable
@@ -21,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client import REGISTRY
 
 from broker.api._proto import audit_pb2, ca_pb2, ca_pb2_grpc
 from ca.x509svid import spiffe_id_of, verify_chain
@@ -496,6 +498,59 @@ async def test_health_and_reflection_over_mtls(broker: BrokerHarness) -> None:
         names.update(s.name for s in resp.list_services_response.service)
     assert {CA_SERVICE, AUDIT_SERVICE} <= names
     assert len(await broker.events()) == before  # neither is written to the ledger
+
+
+def _rpc_count(method: str, code: str) -> float:
+    return (
+        REGISTRY.get_sample_value(
+            "broker_rpc_duration_seconds_count", {"method": method, "code": code}
+        )
+        or 0.0
+    )
+
+
+async def test_health_edges_pass_the_pipeline_cleanly(
+    broker: BrokerHarness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 15: Watch streams (it answers with context.write, not a generator: no TypeError
+    reaches the client); an unknown service is NOT_FOUND without ERROR logs or a false
+    INTERNAL in the metrics; reflection answers under grpc.reflection.v1 as well."""
+    check = "/grpc.health.v1.Health/Check"
+    internal_before = _rpc_count(check, "INTERNAL")
+    not_found_before = _rpc_count(check, "NOT_FOUND")
+    channel = broker.channel(broker.identity(WORKLOAD_ID))
+    health = health_pb2_grpc.HealthStub(channel)
+
+    watch = health.Watch(health_pb2.HealthCheckRequest(service=CA_SERVICE), timeout=TIMEOUT)
+    first = await watch.read()
+    assert first.status == health_pb2.HealthCheckResponse.SERVING
+    watch.cancel()
+    unknown = health.Watch(health_pb2.HealthCheckRequest(service="no.such.Service"))
+    assert (await unknown.read()).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+    unknown.cancel()
+
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        err = await refused(
+            health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=TIMEOUT)
+        )
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+    assert "Error" not in (err.details() or "") and "Traceback" not in (err.details() or "")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert _rpc_count(check, "INTERNAL") == internal_before
+    assert _rpc_count(check, "NOT_FOUND") == not_found_before + 1
+
+    v1 = channel.stream_stream(
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    names: set[str] = set()
+    async for resp in v1(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=TIMEOUT
+    ):
+        names.update(s.name for s in resp.list_services_response.service)
+    assert {CA_SERVICE, "grpc.reflection.v1.ServerReflection"} <= names
 
 
 # -- 9. serving certificate renewal -----------------------------------------------------------

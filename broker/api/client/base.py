@@ -60,11 +60,17 @@ class ClientError(Exception):
     "UNAVAILABLE"); `message` is the server's details, or for transport failures the
     transport's reason."""
 
-    def __init__(self, code_name: str, message: str, *, details: str | None = None) -> None:
+    def __init__(
+        self, code_name: str, message: str, *, details: str | None = None, answered: bool = False
+    ) -> None:
         super().__init__(f"{code_name}: {message}")
         self.code_name = code_name
         self.message = message
         self.details = message if details is None else details
+        # The broker's pipeline answered (its correlation id came back): the status is the
+        # broker's own, e.g. UNAVAILABLE for a database or HSM behind it, not a broker that
+        # cannot be reached.
+        self.answered = answered
 
 
 @dataclass(frozen=True)
@@ -160,7 +166,9 @@ def _error(exc: grpc.RpcError, credentials: ClientCredentials) -> ClientError:
     details = exc.details() if isinstance(exc, grpc.Call) else None
     name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
     message = " ".join((details or str(exc) or "no details").split())
-    if name == "UNAVAILABLE" and _TRANSPORT_FAILURE.search(message):
+    trailing = exc.trailing_metadata() if isinstance(exc, grpc.Call) else None
+    answered = any(key == CORRELATION_HEADER for key, _ in trailing or ())
+    if name == "UNAVAILABLE" and not answered and _TRANSPORT_FAILURE.search(message):
         return ClientError(name, _transport_reason(message, credentials), details=message)
     too_large = _TOO_LARGE.search(message)
     if name == "RESOURCE_EXHAUSTED" and too_large:
@@ -171,7 +179,7 @@ def _error(exc: grpc.RpcError, credentials: ClientCredentials) -> ClientError:
             f"the message is {sent} bytes, over {side} limit of {limit} bytes",
             details=message,
         )
-    return ClientError(name, message, details=message)
+    return ClientError(name, message, details=message, answered=answered)
 
 
 def broker_server_name(root_certificates: bytes) -> str:
@@ -184,14 +192,24 @@ def broker_server_name(root_certificates: bytes) -> str:
         raise ClientError("INVALID_ARGUMENT", f"the trust bundle is not usable: {exc}") from None
 
 
-def channel_options(root_certificates: bytes) -> list[tuple[str, Any]]:
+def channel_options(
+    root_certificates: bytes, server_name: str | None = None
+) -> list[tuple[str, Any]]:
     """gRPC channel options for a connection to the broker: bounded messages, and the server
     accepted only if its certificate is the broker's own (see `broker_server_name`) — never
-    merely one naming the host dialled, which a workload SVID with a DNS SAN could."""
+    merely one naming the host dialled, which a workload SVID with a DNS SAN could.
+
+    `server_name` replaces the name checked (`--tls-server-name`): for a broker behind a name
+    of its `server.server_names`, or a TLS proxy in front of it. Whoever holds a certificate
+    from the bundle's CA with that name is then accepted, so give a name the CA reserves for
+    the broker (docs/security.md)."""
     return [
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.ssl_target_name_override", broker_server_name(root_certificates)),
+        (
+            "grpc.ssl_target_name_override",
+            server_name or broker_server_name(root_certificates),
+        ),
     ]
 
 
@@ -211,6 +229,7 @@ class BrokerClient:
         *,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
         justification: str | None = None,
+        server_name: str | None = None,
     ) -> None:
         self.target = target
         self._credentials = credentials
@@ -218,7 +237,7 @@ class BrokerClient:
         self._justification = justification
         if justification and not (justification.isascii() and justification.isprintable()):
             raise ClientError("INVALID_ARGUMENT", "the justification must be printable ASCII text")
-        options = channel_options(credentials.root_certificates)
+        options = channel_options(credentials.root_certificates, server_name)
         channel_credentials = grpc.ssl_channel_credentials(
             root_certificates=credentials.root_certificates,
             private_key=credentials.private_key,

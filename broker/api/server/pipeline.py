@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import datetime as dt
+import inspect
 import os
 import re
 import time
@@ -207,6 +208,15 @@ def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
     return out
 
 
+def _aborted_status(context: grpc.aio.ServicerContext) -> tuple[grpc.StatusCode, str]:
+    """The status a servicer set with `context.abort` (UNKNOWN if gRPC does not say)."""
+    code = context.code()
+    details = context.details()
+    if not isinstance(code, grpc.StatusCode):
+        code = grpc.StatusCode.UNKNOWN
+    return code, details if isinstance(details, str) else ""
+
+
 class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(
         self,
@@ -272,25 +282,13 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
             return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
         if handler.unary_stream is not None:
-            inner_us = handler.unary_stream
-
-            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                await self._admit(method, spec, request, context)
-                async for item in inner_us(request, context):
-                    yield item
-
-            return grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)
+            return grpc.unary_stream_rpc_method_handler(
+                self._streaming(method, spec, handler.unary_stream, unary=True), **kwargs
+            )
         if handler.stream_stream is not None:
-            inner_ss = handler.stream_stream
-
-            async def stream_stream(
-                requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
-            ) -> Any:
-                await self._admit(method, spec, None, context)
-                async for item in inner_ss(requests, context):
-                    yield item
-
-            return grpc.stream_stream_rpc_method_handler(stream_stream, **kwargs)
+            return grpc.stream_stream_rpc_method_handler(
+                self._streaming(method, spec, handler.stream_stream, unary=False), **kwargs
+            )
         inner_su = handler.stream_unary
 
         async def stream_unary(
@@ -300,6 +298,29 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return await inner_su(requests, context)
 
         return grpc.stream_unary_rpc_method_handler(stream_unary, **kwargs)
+
+    def _streaming(
+        self, method: str, spec: MethodSpec | None, inner: Callable[..., Any], *, unary: bool
+    ) -> Callable[..., Any]:
+        """A server-streaming handler behind admission, of the same kind as `inner`: gRPC
+        serves an async generator by iterating it and a coroutine (one that answers with
+        `context.write`, as the health service's Watch) by awaiting it, so the wrapper must be
+        the same kind (iterating a coroutine is a TypeError that reached clients)."""
+
+        if inspect.isasyncgenfunction(inner):
+
+            async def generator(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                await self._admit(method, spec, request if unary else None, context)
+                async for item in inner(request, context):
+                    yield item
+
+            return generator
+
+        async def writer(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await self._admit(method, spec, request if unary else None, context)
+            return await inner(request, context)
+
+        return writer
 
     # -- the chain ------------------------------------------------------------------------
 
@@ -508,6 +529,11 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             if outcome.verdict is None and call.decision is None:
                 raise PermissionDenied(f"{outcome.method} was not authorized; refused")
             await self._settle(outcome.verdict if outcome.verdict is not None else call.decision)
+        except grpc.aio.AbortError as exc:
+            # A servicer of gRPC's own (health: NOT_FOUND for an unknown service) answered
+            # with `context.abort`: its status stands, it is no internal error.
+            outcome.failed(exc)
+            outcome.aborted = _aborted_status(context)
         except Exception as exc:  # mapped to a status when finishing; never re-raised to gRPC
             outcome.failed(exc)
 
@@ -543,9 +569,12 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         """Samples refusals, writes the audit event (fail closed: a failed write fails the
         call), observes the metrics, then answers or aborts."""
         error = outcome.error
-        code, message = (
-            (grpc.StatusCode.OK, "") if error is None else to_status(error, outcome.correlation_id)
-        )
+        if outcome.aborted is not None:
+            code, message = outcome.aborted
+        elif error is None:
+            code, message = grpc.StatusCode.OK, ""
+        else:
+            code, message = to_status(error, outcome.correlation_id)
         recorded, sampled = self._sampling(outcome)
         if (spec is None or spec.audited) and recorded:
             event = audit_event(
@@ -573,6 +602,8 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             )
             return None  # nobody is waiting for the answer
         metrics.observe_rpc(outcome.method, code.name, time.perf_counter() - started)
+        if isinstance(error, grpc.aio.AbortError) and outcome.aborted is not None:
+            raise error  # the servicer's own abort: gRPC sends the status it set
         if error is not None:
             await context.abort(code, message)
         return outcome.response
@@ -598,6 +629,7 @@ class CallOutcome:
     response: Any = None
     error: BaseException | None = None
     refusal: str = ""
+    aborted: tuple[grpc.StatusCode, str] | None = None  # a servicer's own context.abort
 
     def failed(self, exc: Exception) -> None:
         self.error = exc

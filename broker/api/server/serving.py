@@ -19,7 +19,8 @@ from dataclasses import dataclass, field, replace
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha._async import ReflectionServicer
 
 from broker.app import Application, TLSMaterial
 from broker.authority import CAService
@@ -44,6 +45,7 @@ __all__ = [
 # Headroom over the pipeline's request limit on the main port: a request a little too large is
 # refused by the pipeline (and audited); anything larger is refused by gRPC before it is read.
 _MAIN_RECEIVE_SLACK = 64 * 1024
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 
 
 class ServingCredentials:
@@ -216,8 +218,27 @@ def _add_services(
         *(b.full_name for b in bindings),
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         reflection.SERVICE_NAME,
+        REFLECTION_V1,
     )
-    reflection.enable_server_reflection(names, server)
+    servicer = ReflectionServicer(names)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    # grpc.reflection.v1 (what grpcurl and current tools ask first) has the same messages as
+    # v1alpha field for field; grpcio-reflection serves v1alpha only, so the same servicer
+    # answers under the v1 name too.
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                REFLECTION_V1,
+                {
+                    "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+                        servicer.ServerReflectionInfo,
+                        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+                        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+                    )
+                },
+            ),
+        )
+    )
 
 
 async def start_server(

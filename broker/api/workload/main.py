@@ -17,7 +17,9 @@ from typing import Any
 from cryptography import x509
 
 from broker.agent import Agent, FileDelivery
+from broker.agenthealth import serve_health
 from broker.errors import InvalidArgument
+from broker.logs import configure as configure_logs
 from broker.secretfiles import SecretFiles
 from ca.clock import Clock, SystemClock
 
@@ -48,6 +50,7 @@ class AgentOptions:
     # `secret_interval` seconds and right after each SVID rotation.
     secrets: dict[str, str] = field(default_factory=dict)
     secret_interval: float = 10.0
+    health_socket: Path | None = None  # answers ready/degraded (broker.agenthealth)
 
 
 RESERVED_FILES = frozenset({"svid.pem", "key.pem", "bundle.pem"})
@@ -151,6 +154,9 @@ async def _agent_main(options: AgentOptions, clock: Clock) -> None:
         delivery=delivery,
     )
     endpoint = await serve_workload_api(agent, options.socket_path)
+    health = (
+        None if options.health_socket is None else await serve_health(agent, options.health_socket)
+    )
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -177,6 +183,11 @@ async def _agent_main(options: AgentOptions, clock: Clock) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await runner
         await endpoint.stop()
+        if health is not None and options.health_socket is not None:
+            health.close()
+            await health.wait_closed()
+            with contextlib.suppress(OSError):
+                options.health_socket.unlink()
         link.close()
         if secret_files is not None:
             secret_files.close()
@@ -184,11 +195,7 @@ async def _agent_main(options: AgentOptions, clock: Clock) -> None:
 
 def run_agent(options: AgentOptions, clock: Clock | None = None) -> None:
     """Run the agent until SIGTERM/SIGINT."""
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format='{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":%(message)r}',
-    )
+    configure_logs(logging.INFO, sys.stderr)  # JSON lines, secrets redacted, as the server
     try:
         import uvloop
 

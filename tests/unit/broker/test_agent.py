@@ -59,6 +59,7 @@ class FakeCA:
         self.issuer = LeafIssuer(key, self.issuing)
         self.jwt_key = ec.generate_private_key(ec.SECP256R1())
         self.sequence = 1
+        self.backdate = dt.timedelta(0)  # the broker's CA backdates notBefore (clock skew)
 
     def bundle(self) -> bytes:
         return TrustBundle(
@@ -76,7 +77,7 @@ class FakeCA:
             SpiffeId.parse(spiffe_id),
             self.clock.now(),
             ttl,
-            backdate=dt.timedelta(0),
+            backdate=self.backdate,
         )
         der = (
             cert.public_bytes(serialization.Encoding.DER),
@@ -102,6 +103,7 @@ class FakeLink:
         self.mint_as: str | None = None  # the ID put into workload SVIDs
         self.mint_key: ec.EllipticCurvePrivateKey | None = None  # the key certified instead
         self.jwt_key: ec.EllipticCurvePrivateKey | None = None  # who signs JWT-SVIDs
+        self.refuse: dict[str, str] = {}  # entry id -> why the CA refuses to mint for it
 
     def _check(self, name: str) -> None:
         self.calls.append(name)
@@ -133,6 +135,8 @@ class FakeLink:
 
     def mint_x509(self, entry_id: str, csr_der: bytes) -> AgentSVID:
         self._check("mint_x509")
+        if entry_id in self.refuse:
+            raise PermissionDenied(self.refuse[entry_id])
         entry = next(e for e in self.entries if e.id == entry_id)
         if self.mint_key is not None:
             csr_der = _csr_for(self.mint_key)
@@ -515,3 +519,82 @@ async def test_jwt_cache_survives_a_new_jwt_key_and_is_dropped_when_a_key_leaves
     with pytest.raises(Unauthenticated):  # the fake still says kid k1: refused, not cached
         await agent.jwt_svids({"unix:uid:1000"}, ["db"])
     assert link.calls.count("mint_jwt") == 2
+
+
+# -- resilience (issue 15): one failing entry, short SVIDs, health -----------------------------
+
+
+async def test_a_failing_entry_never_delays_the_others_or_the_bundle(
+    agent: Agent, link: FakeLink, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    refusal = "DNS name 'web.internal' is not allowed for this SPIFFE ID by CA policy"
+    link.refuse[WEB.id] = refusal
+    assert await agent.step() == 1.0  # the failing entry's own retry, not a round backoff
+    assert [s.spiffe_id for s in agent.svids_for({"unix:uid:1001", "unix:gid:5"})] == [DB.spiffe_id]
+    state, reasons = agent.health()
+    assert state == "degraded" and reasons == [f"entry {WEB.id}: {refusal}"]
+
+    # A rotation publishes a new bundle: it reaches subscribers within the sync interval
+    # although the entry keeps failing (its retries back off on their own: 2, 4, 8 ... s).
+    syncs = link.calls.count("sync")
+    link.ca.sequence += 1
+    elapsed = 0.0
+    while True:
+        delay = await agent.step()
+        if agent.snapshot.bundle_sequence == link.ca.sequence:
+            break
+        clock.advance(seconds=delay)
+        elapsed += delay
+        assert elapsed <= 5.0, "the bundle waited for the failing entry"
+    for _ in range(30):  # a minute of rounds
+        clock.advance(seconds=await agent.step())
+    assert link.calls.count("sync") >= syncs + 12  # every 5 s, whatever the entry does
+    mints = link.calls.count("mint_x509")
+    assert mints < 2 + 12  # the failing entry backs off: not a mint per round
+
+    del link.refuse[WEB.id]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="broker.agent"):
+        for _ in range(70):
+            clock.advance(seconds=await agent.step())
+            if agent.health()[0] == "ready":
+                break
+    assert agent.health() == ("ready", [])
+    assert [s.spiffe_id for s in agent.svids_for({"unix:uid:1000"})] == [WEB.spiffe_id]
+    assert any("minted again after" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_short_svid_is_renewed_at_half_its_life_from_arrival_not_from_not_before(
+    agent: Agent, link: FakeLink, clock: FakeClock
+) -> None:
+    """A 30 s SVID with notBefore backdated 60 s: half-life from notBefore lies in the past,
+    which made the agent re-mint at every round (82 times in 45 s)."""
+    link.ca.backdate = dt.timedelta(seconds=60)
+    link.ttl = dt.timedelta(seconds=30)
+    await agent.step()
+    mints = link.calls.count("mint_x509")
+    held = agent.svids_for({"unix:uid:1000"})[0]
+    assert held.not_before < clock.now() - dt.timedelta(seconds=59)
+    assert held.renew_at >= clock.now() + dt.timedelta(seconds=13)
+    for _ in range(12):  # 12 s of one-second rounds: nothing due
+        clock.advance(seconds=1)
+        await agent.step()
+    assert link.calls.count("mint_x509") == mints
+    clock.advance(seconds=5)  # past 55 % of 30 s after arrival
+    await agent.step()
+    assert link.calls.count("mint_x509") == mints + 2  # both entries, once
+
+
+async def test_health_is_starting_then_ready_then_degraded_in_an_outage(
+    agent: Agent, link: FakeLink, clock: FakeClock
+) -> None:
+    state, reasons = agent.health()
+    assert state == "starting" and reasons
+    await agent.step()
+    assert agent.health() == ("ready", [])
+    link.down = True
+    clock.advance(seconds=5)
+    await agent.step()
+    state, reasons = agent.health()
+    assert state == "degraded"
+    assert reasons == ["broker rounds failing (1): connection refused"]

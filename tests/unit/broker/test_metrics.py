@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -99,3 +100,41 @@ def test_multiprocess_dir_is_fresh_and_exported(monkeypatch: pytest.MonkeyPatch)
     finally:
         monkeypatch.delenv(metrics.MULTIPROC_ENV)
         path.rmdir()
+
+
+def _probe(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_probes_beside_metrics_need_no_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """/healthz: alive; /readyz: 200 when no reason is given, 503 with the reasons otherwise;
+    a readiness check that raises is a reason, not a crash of the endpoint."""
+    monkeypatch.delenv(metrics.MULTIPROC_ENV, raising=False)  # this process's registry
+    reasons: list[str] = []
+    served = metrics.serve_metrics("127.0.0.1:0", readiness=lambda: reasons)
+    try:
+        assert _probe(served.port, "/healthz") == (200, "ok\n")
+        assert _probe(served.port, "/readyz") == (200, "ready\n")
+        reasons.extend(["shutting down", "audit ledger failed its integrity check"])
+        assert _probe(served.port, "/readyz") == (
+            503,
+            "not ready: shutting down; audit ledger failed its integrity check\n",
+        )
+        assert _probe(served.port, "/healthz") == (200, "ok\n")  # alive all the same
+        assert "broker_rpc_duration_seconds" in _scrape(served.port)
+    finally:
+        served.close()
+
+    def broken() -> list[str]:
+        raise RuntimeError("boom")
+
+    served = metrics.serve_metrics("127.0.0.1:0", readiness=broken)
+    try:
+        status, text = _probe(served.port, "/readyz")
+    finally:
+        served.close()
+    assert (status, text) == (503, "not ready: readiness check failed: RuntimeError\n")

@@ -121,3 +121,22 @@ def test_policy_get_and_test(tmp_path: Path) -> None:
     refused = h.invoke("policy", "test", "--input", str(request), "--expect", "deny")
     assert refused.exit_code == 1
     assert refused.stderr == "broker: expected deny, the policy says allow (rule allow_owner)\n"
+
+
+def test_policy_test_exits_1_on_deny_and_0_when_deny_is_expected(tmp_path: Path) -> None:
+    """Issue 15: a deny is exit 1 (the decision still on stdout), like grep's no-match."""
+    import dataclasses
+
+    from tests.unit.broker.cli.fakes import DECISION
+
+    deny = dataclasses.replace(DECISION, allowed=False, rule="prod-only", reason="no")
+    h = harness(tmp_path, access=Recorder(test_policy=deny))
+    request = tmp_path / "in.json"
+    request.write_text('{"a": 1}')
+    denied = h.invoke("policy", "test", "--input", str(request))
+    assert (denied.exit_code, denied.stderr) == (1, "")
+    assert denied.stdout.startswith("deny (rule prod-only): no")
+    as_json = h.invoke("policy", "test", "--input", str(request), "-o", "json")
+    assert as_json.exit_code == 1 and json.loads(as_json.stdout)["decision"] == "deny"
+    expected = h.invoke("policy", "test", "--input", str(request), "--expect", "deny")
+    assert expected.exit_code == 0 and expected.stdout.startswith("deny (rule prod-only)")

@@ -445,6 +445,18 @@ def test_server_from_env_then_default(harness: Harness) -> None:
     assert [c.settings.server for c in harness.clients] == ["env:3", "127.0.0.1:8443"]
 
 
+def test_tls_server_name_from_option_or_env(harness: Harness) -> None:
+    assert harness.invoke("ca", "status").exit_code == 0
+    assert harness.invoke("ca", "status", "--tls-server-name", "broker.internal").exit_code == 0
+    env = {"BROKER_TLS_SERVER_NAME": "broker.env.internal"}
+    assert harness.invoke("ca", "status", env=env).exit_code == 0
+    assert [c.settings.server_name for c in harness.clients] == [
+        None,
+        "broker.internal",
+        "broker.env.internal",
+    ]
+
+
 def test_credentials_default_to_the_operator_identity_in_data_dir(harness: Harness) -> None:
     assert harness.invoke("ca", "status", "--justification", "ticket-1").exit_code == 0
     settings = harness.clients[0].settings
@@ -863,3 +875,18 @@ def test_a_token_error_is_reported_as_a_token_error_not_as_an_unreachable_broker
     assert "cannot reach" not in line
     unreachable = client_error_message(ClientError("UNAVAILABLE", "connection refused"), "h:1")
     assert unreachable.startswith("cannot reach the broker at h:1")
+
+
+def test_a_database_down_behind_the_broker_is_not_an_unreachable_broker() -> None:
+    from broker.cli import client_error_message
+
+    answered = ClientError(
+        "UNAVAILABLE",
+        "postgresql at db.internal:5432 is unavailable: connection refused",
+        answered=True,
+    )
+    line = client_error_message(answered, "127.0.0.1:8443")
+    assert line == (
+        "unavailable (the broker at 127.0.0.1:8443 answered): postgresql at db.internal:5432 "
+        "is unavailable: connection refused"
+    )

@@ -32,7 +32,7 @@ def test_entry_json_and_text(tmp_path: Path) -> None:
     )
     assert h.invoke(*args, "--selector", "unix:uid:1000").stdout == "e-1\n"
     listed = json.loads(h.invoke("entry", "list", "--output", "json").stdout)
-    assert [e["id"] for e in listed["entries"]] == ["e-1"]
+    assert [e["id"] for e in listed] == ["e-1"]
     line = h.invoke("entry", "show", "e-1").stdout.strip()
     assert line == (
         "e-1  spiffe://td/web  parent=spiffe://td/agents/a  selectors=unix:uid:1000 "
@@ -43,19 +43,17 @@ def test_entry_json_and_text(tmp_path: Path) -> None:
 def test_attestor_list_json_and_text(tmp_path: Path) -> None:
     h = harness(tmp_path, identity=Recorder(list_attestors=[ATTESTOR], remove_attestor=None))
     document = json.loads(h.invoke("attestor", "list", "--output", "json").stdout)
-    assert document == {
-        "attestors": [
-            {
-                "name": "k8s",
-                "issuer": "https://issuer",
-                "audience": "broker",
-                "template": "spiffe://{td}/ns/{ns}",
-                "algorithms": ["RS256"],
-                "created_at": Z0,
-                "key_ids": ["kid-1"],
-            }
-        ]
-    }
+    assert document == [
+        {
+            "name": "k8s",
+            "issuer": "https://issuer",
+            "audience": "broker",
+            "template": "spiffe://{td}/ns/{ns}",
+            "algorithms": ["RS256"],
+            "created_at": Z0,
+            "key_ids": ["kid-1"],
+        }
+    ]
     text = h.invoke("attestor", "list").stdout
     assert text == "k8s  https://issuer  aud=broker  spiffe://{td}/ns/{ns}\n"
     removed = h.invoke("attestor", "remove", "k8s", "--output", "json").stdout

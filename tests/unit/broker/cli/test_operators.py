@@ -29,7 +29,7 @@ def test_operator_list_and_revoke(tmp_path: Path) -> None:
     fake = Recorder(list_sessions=[SESSION], revoke=[SESSION])
     h = harness(tmp_path, operators=fake)
     listed = json.loads(h.invoke("operator", "list", "--output", "json").stdout)
-    assert listed == {"operators": [SESSION_JSON]}
+    assert listed == [SESSION_JSON]  # every list is a bare JSON array (issue 15)
     table = h.invoke("operator", "list", "--all").stdout.splitlines()
     assert table[0].split() == ["SUBJECT", "ROLES", "EXPIRES", "SERIAL", "STATE"]
     assert table[1].split() == ["alice@example.com", "admin", Z1, "0a1b", "active"]
