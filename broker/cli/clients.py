@@ -37,6 +37,7 @@ from broker.api.client.base import (
     RotateResult,
 )
 from broker.api.client.database import Connection, DatabaseClient, Lease, Role
+from broker.api.client.health import HealthClient
 from broker.api.client.identity import Attestor, Entry, IdentityClient
 from broker.api.client.operators import (
     OperatorsClient,
@@ -78,6 +79,7 @@ __all__ = [
     "Entry",
     "GrantView",
     "GrpcClients",
+    "HealthClient",
     "IdentityClient",
     "KekRotationResult",
     "Lease",
@@ -177,6 +179,9 @@ class Clients(Protocol):
     @property
     def operators(self) -> OperatorsClient: ...
 
+    @property
+    def health(self) -> HealthClient: ...
+
     def close(self) -> None: ...
 
 
@@ -216,6 +221,10 @@ class GrpcClients:
     @cached_property
     def operators(self) -> OperatorsClient:
         return OperatorsClient(self._broker)
+
+    @cached_property
+    def health(self) -> HealthClient:
+        return HealthClient(self._broker)
 
     def close(self) -> None:
         self._broker.close()

@@ -2,7 +2,7 @@
 refusals, clients closed; and the entry points.
 
 The arrows: this module imports every feature module (authority, audit, identity, database,
-secrets, access, operators, serve); feature modules import only the shared modules (clients,
+secrets, access, operators, serve, health); feature modules import only the shared modules (clients,
 options, inputs, refusals, render), never each other nor this one.
 """
 
@@ -20,6 +20,7 @@ from broker.cli.audit import audit
 from broker.cli.authority import ca, jwt, svid
 from broker.cli.clients import ClientError
 from broker.cli.database import db, lease
+from broker.cli.health import health
 from broker.cli.identity import attestor, entry, svid_deny, token
 from broker.cli.operators import login_group, logout, operator
 from broker.cli.options import (
@@ -80,6 +81,7 @@ for command in (
     login_group,
     logout,
     operator,
+    health,
 ):
     cli.add_command(command)
 

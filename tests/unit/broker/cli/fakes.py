@@ -71,6 +71,7 @@ class FakeClients:
     secrets: Any = None
     access: Any = None
     operators: Any = None
+    health: Any = None
     closed: bool = False
 
     def __post_init__(self) -> None:
