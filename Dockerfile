@@ -21,7 +21,12 @@ COPY pyproject.toml README.md ./
 COPY protos ./protos
 COPY ca ./ca
 COPY broker ./broker
-RUN python3 -m venv /opt/broker/venv \
+# A TLS-intercepting proxy's CA for pip, if the build network has one:
+#   podman build --secret id=ca,src=/etc/ssl/certs/ca-certificates.crt ...
+# (a build secret: it is never written into a layer).
+RUN --mount=type=secret,id=ca,target=/run/secrets/ca.pem \
+    if [ -s /run/secrets/ca.pem ]; then export PIP_CERT=/run/secrets/ca.pem; fi \
+ && python3 -m venv /opt/broker/venv \
  && /opt/broker/venv/bin/pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
  && /opt/broker/venv/bin/pip install --no-cache-dir /wheels/*.whl \
  && /opt/broker/venv/bin/pip uninstall -y pip

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -31,11 +32,28 @@ BASE_NAME = "localhost/broker-test-base:bookworm"
 IMAGE = "localhost/credential-broker:test"
 SUITE = "bookworm"
 READY_SECONDS = 120.0
+CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+
+
+def _containers_conf() -> Path:
+    """podman settings for sandboxes like CI's: runc (crun refuses hybrid cgroup v1/v2
+    hierarchies) and ulimits within this process's own hard limits (podman's defaults ask
+    for more than an unprivileged-in-practice root may set)."""
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    nofile = 65536 if nofile == resource.RLIM_INFINITY else min(nofile, 65536)
+    conf = _cache_dir() / "containers.conf"
+    conf.write_text(
+        "[containers]\n"
+        f'default_ulimits = ["nofile={nofile}:{nofile}", "nproc=4096:4096"]\n\n'
+        '[engine]\nruntime = "runc"\n'
+    )
+    return conf
 
 
 def _run(*args: str, timeout: float = 1800, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, CONTAINERS_CONF=str(_containers_conf()))
     completed = subprocess.run(
-        list(args), capture_output=True, text=True, timeout=timeout, check=False
+        list(args), capture_output=True, text=True, timeout=timeout, check=False, env=env
     )
     if check and completed.returncode != 0:
         raise AssertionError(
@@ -105,7 +123,9 @@ def image() -> str:
         assert shutil.which(tool), f"{tool} is not installed (bash scripts/run setup installs it)"
     base = base_image()
     # docker format: OCI images drop the HEALTHCHECK.
-    build = ("podman", "build", "--format", "docker", "--build-arg", f"BASE_IMAGE={base}")
+    build = ["podman", "build", "--format", "docker", "--build-arg", f"BASE_IMAGE={base}"]
+    if CA_BUNDLE.is_file():  # the build network's TLS proxy CA, if any, for pip (a build secret)
+        build += ["--secret", f"id=ca,src={CA_BUNDLE}"]
     _run(*build, "-t", IMAGE, str(ROOT))
     return IMAGE
 
@@ -180,7 +200,7 @@ def test_mint_an_svid_from_the_host(container: Container, tmp_path: Path) -> Non
     assert minted.returncode == 0, minted.stderr
     leaf = x509.load_pem_x509_certificate((out / "svid.pem").read_bytes())
     san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert [u.value for u in san.get_values_for_type(x509.UniformResourceIdentifier)] == [spiffe_id]
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == [spiffe_id]
     health = subprocess.run(
         [sys.executable, "-m", "broker.cli", "health", "--output", "json"],
         capture_output=True, text=True, env=env, timeout=120, check=False,
