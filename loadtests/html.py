@@ -166,8 +166,13 @@ def _runs_table(runs: list[dict[str, Any]]) -> str:
                 "error_rate": r["error_rate"],
             }
         }
+        if len(ops) > 1:
+            # Server CPU is measured for the whole run: one row for all operations carries it,
+            # rather than the same number on every operation's row.
+            ops = {**ops, "all operations": r}
         for name, op in ops.items():
             lat = op["latency_ms"]
+            cpu = r.get("server_cpu_ms_per_request") if len(ops) == 1 or op is r else None
             rows.append(
                 f"<tr><td class=l>{_esc(r['target'])}</td><td>{r['round']}</td>"
                 f"<td>{r['concurrency']}</td><td class=l>{_esc(name)}</td>"
@@ -175,7 +180,7 @@ def _runs_table(runs: list[dict[str, Any]]) -> str:
                 f"<td>{_fmt(lat['p95'])}</td><td>{_fmt(lat['p99'])}</td>"
                 f"<td>{_fmt(lat['max'])}</td><td>{op['requests_ok']}</td>"
                 f"<td>{op['error_count']}</td><td>{_fmt(op['error_rate'] * 100, '.3f')} %</td>"
-                f"<td>{_fmt(r.get('server_cpu_ms_per_request'), '.3f')}</td></tr>"
+                f"<td>{_fmt(cpu, '.3f')}</td></tr>"
             )
     rows.append("</table>")
     return "".join(rows)
