@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import BrokerProcess, free_port
+from tests.e2e.conftest import BrokerProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.softhsm]
 
