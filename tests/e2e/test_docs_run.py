@@ -1,4 +1,5 @@
-"""Docs that run: every shell block of README.md, in order, against a real `broker serve --dev`.
+"""Docs that run: every shell block of README.md, then docs/*.md, in order, against a real
+`broker serve --dev`.
 
 A fenced block in `sh`, `bash` or `console` is run unless the line before it is an
 `<!-- illustrative: REASON -->` comment (it needs a second operator, an OpenID provider, a
@@ -27,7 +28,7 @@ from tests.e2e.conftest import BrokerProcess
 pytestmark = [pytest.mark.e2e, pytest.mark.softhsm]
 
 ROOT = Path(__file__).resolve().parents[2]
-DOCS = [ROOT / "README.md"]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 _FENCE = re.compile(r"^```(\w*)\s*$")
 _ILLUSTRATIVE = re.compile(r"^<!--\s*illustrative\b.*-->\s*$")
 _STARTS_BROKER = re.compile(r"^\s*bash scripts/run serve\b")
@@ -171,3 +172,12 @@ def test_docs_run_in_order(workdir: Path) -> None:
         ran.append(block.name)
     assert ran, "no block ran"
     print(f"ran {ran}; illustrative {illustrative}")
+
+
+def test_illustrative_blocks_say_why() -> None:
+    for doc in DOCS:
+        text = doc.read_text()
+        for marker in re.findall(r"<!--\s*illustrative\b(.*?)-->", text):
+            assert marker.strip(": ").strip(), (
+                f"{doc.name}: an illustrative marker without a reason"
+            )
