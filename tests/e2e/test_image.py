@@ -14,6 +14,7 @@ import os
 import re
 import resource
 import shutil
+import ssl
 import subprocess
 import sys
 import time
@@ -171,6 +172,16 @@ def test_image_runs_the_broker_as_a_fixed_unprivileged_user(container: Container
     assert len(listing.split()) >= 2, listing
     owner = container.exec("stat", "-c", "%u:%g", "/var/lib/broker/hsm/tokens").stdout
     assert owner.strip() == "10001:10001"
+
+
+def test_serving_certificate_names_come_from_the_environment(container: Container) -> None:
+    """BROKER_SERVER_NAMES reaches the serving certificate (read on the attestation port,
+    which asks for no client certificate)."""
+    pem = ssl.get_server_certificate(("127.0.0.1", container.ports[8444]))
+    cert = x509.load_pem_x509_certificate(pem.encode())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"broker.test.internal", "localhost"} <= set(san.get_values_for_type(x509.DNSName))
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
 
 
 def test_health_probe_and_healthcheck(container: Container) -> None:
