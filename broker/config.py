@@ -812,6 +812,11 @@ def apply_env(config: Config, environ: Mapping[str, str] | None = None) -> Confi
         raise InvalidArgument(f"environment: BROKER_RATE_LIMIT_* / BROKER_WORKERS: {exc}") from exc
     if "BROKER_ATTEST_LISTEN" in env:
         server = replace(server, attest_listen=env["BROKER_ATTEST_LISTEN"])
+    if "BROKER_SERVER_NAMES" in env:
+        # Comma-separated DNS names and IP addresses for the serving certificate (a container
+        # sets its host name and published address here).
+        names = tuple(n.strip() for n in env["BROKER_SERVER_NAMES"].split(",") if n.strip())
+        server = replace(server, server_names=names)
     if "BROKER_METRICS_LISTEN" in env:
         server = replace(server, metrics_listen=env["BROKER_METRICS_LISTEN"])
     if "BROKER_STORAGE_DSN" in env:

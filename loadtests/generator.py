@@ -116,6 +116,8 @@ class _Tally:
     samples: list[str] = field(default_factory=list)
     ok_per_s: Counter[int] = field(default_factory=Counter)
     errors_per_s: Counter[int] = field(default_factory=Counter)
+    # The successful requests' latencies of each second (report.html: p50/p99 over time).
+    hist_per_s: dict[int, Any] = field(default_factory=dict)
 
     def failure(self, kind: str, exc: BaseException, second: int = 0) -> None:
         self.errors[kind] += 1
@@ -125,6 +127,10 @@ class _Tally:
 
     def success(self, micros: int, second: int = 0) -> None:
         hist.record_us(self.hist, micros)
+        per_s = self.hist_per_s.get(second)
+        if per_s is None:
+            per_s = self.hist_per_s[second] = hist.new_histogram()
+        hist.record_us(per_s, micros)
         self.ok += 1
         self.ok_per_s[second] += 1
 
@@ -134,6 +140,11 @@ class _Tally:
         self.errors.update(other.errors)
         self.ok_per_s.update(other.ok_per_s)
         self.errors_per_s.update(other.errors_per_s)
+        for second, h in other.hist_per_s.items():
+            mine = self.hist_per_s.get(second)
+            if mine is None:
+                mine = self.hist_per_s[second] = hist.new_histogram()
+            mine.add(h)
         self.samples.extend(other.samples[: max(0, MAX_ERROR_SAMPLES - len(self.samples))])
 
 
@@ -186,6 +197,7 @@ def _tally_json(tally: _Tally) -> dict[str, Any]:
         "histogram": hist.encode(tally.hist),
         "ok_per_s": dict(tally.ok_per_s),
         "errors_per_s": dict(tally.errors_per_s),
+        "histogram_per_s": {s: hist.encode(h) for s, h in sorted(tally.hist_per_s.items())},
     }
 
 
@@ -512,7 +524,10 @@ def merge_operations(parts: Sequence[dict[str, dict[str, Any]]]) -> dict[str, di
         ok_per_s: Counter[int] = Counter()
         errors_per_s: Counter[int] = Counter()
         samples: list[str] = []
+        per_s: dict[int, list[str]] = {}
         for item in items:
+            for second, encoded in item.get("histogram_per_s", {}).items():
+                per_s.setdefault(int(second), []).append(encoded)
             errors.update(item["errors"])
             ok_per_s.update({int(k): v for k, v in item["ok_per_s"].items()})
             errors_per_s.update({int(k): v for k, v in item["errors_per_s"].items()})
@@ -524,5 +539,8 @@ def merge_operations(parts: Sequence[dict[str, dict[str, Any]]]) -> dict[str, di
             "histogram": hist.encode(hist.merge(item["histogram"] for item in items)),
             "ok_per_s": dict(sorted(ok_per_s.items())),
             "errors_per_s": dict(sorted(errors_per_s.items())),
+            "histogram_per_s": {
+                second: hist.encode(hist.merge(parts)) for second, parts in sorted(per_s.items())
+            },
         }
     return out

@@ -1,6 +1,7 @@
-"""DIR/report.html: the report as one self-contained page (inline SVG plots, no script, no
-external resource), readable offline. Built from the same dict as report.json, so
-`python -m loadtests html DIR` can redo it from a saved report.
+"""DIR/report.html: the report as one self-contained page (inline SVG plots, matplotlib's
+drawn in loadtests/plots.py; no script, no external resource), readable offline. Built from
+the same dict as report.json, so `python -m loadtests html DIR` can redo it from a saved
+report.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from loadtests import hist
+from loadtests import hist, plots
 
 __all__ = ["latency_bins", "render", "write_html"]
 
@@ -25,6 +26,8 @@ th{background:#f3f3f3} td.l,th.l{text-align:left}
 .met{color:#176b2c;font-weight:bold}.missed{color:#b00020;font-weight:bold}
 svg{background:#fafafa;border:1px solid #ddd;margin:.3em .6em .3em 0}
 .plots{display:flex;flex-wrap:wrap} figure{margin:0} figcaption{font-size:85%;color:#555}
+.overview{display:flex;gap:1em;align-items:flex-start}
+.overview>div{flex:1 1 0;min-width:0} .overview svg{max-width:100%;height:auto}
 code{background:#f3f3f3;padding:0 .2em}
 """
 
@@ -163,8 +166,13 @@ def _runs_table(runs: list[dict[str, Any]]) -> str:
                 "error_rate": r["error_rate"],
             }
         }
+        if len(ops) > 1:
+            # Server CPU is measured for the whole run: one row for all operations carries it,
+            # rather than the same number on every operation's row.
+            ops = {**ops, "all operations": r}
         for name, op in ops.items():
             lat = op["latency_ms"]
+            cpu = r.get("server_cpu_ms_per_request") if len(ops) == 1 or op is r else None
             rows.append(
                 f"<tr><td class=l>{_esc(r['target'])}</td><td>{r['round']}</td>"
                 f"<td>{r['concurrency']}</td><td class=l>{_esc(name)}</td>"
@@ -172,7 +180,7 @@ def _runs_table(runs: list[dict[str, Any]]) -> str:
                 f"<td>{_fmt(lat['p95'])}</td><td>{_fmt(lat['p99'])}</td>"
                 f"<td>{_fmt(lat['max'])}</td><td>{op['requests_ok']}</td>"
                 f"<td>{op['error_count']}</td><td>{_fmt(op['error_rate'] * 100, '.3f')} %</td>"
-                f"<td>{_fmt(r.get('server_cpu_ms_per_request'), '.3f')}</td></tr>"
+                f"<td>{_fmt(cpu, '.3f')}</td></tr>"
             )
     rows.append("</table>")
     return "".join(rows)
@@ -182,9 +190,11 @@ def _comparisons_table(comparisons: list[dict[str, Any]]) -> str:
     if not comparisons:
         return ""
     rows = [
-        "<h2>Side by side (ratios first: broker / peer)</h2><table><tr><th>round</th>"
-        "<th>clients</th><th class=l>operation</th><th>throughput x</th><th>p50 x</th>"
-        "<th>p99 x</th><th>server CPU/req x</th><th class=l>more req/s and lower p99</th></tr>"
+        "<h2>Side by side (ratios: broker / peer)</h2><table><tr><th>round</th>"
+        "<th>clients</th><th class=l>operation</th><th>throughput x<br>(higher is better)</th>"
+        "<th>p50 latency x<br>(lower is better)</th><th>p99 latency x<br>(lower is better)</th>"
+        "<th>server CPU/req x<br>(lower is better)</th>"
+        "<th class=l>more req/s and lower p99</th></tr>"
     ]
     for c in comparisons:
         rows.append(
@@ -258,7 +268,14 @@ def render(report: dict[str, Any]) -> str:
         parts.append(
             f"<p class=missed>Run incomplete: {_esc(report.get('failure') or 'interrupted')}</p>"
         )
-    parts.append(_slo_section(report.get("slo")))
+    overview = [plots.concurrency_svg(runs)]
+    for round_, concurrency in sorted({(r["round"], r["concurrency"]) for r in runs}):
+        overview.append(plots.percentile_curves_svg(runs, round_, concurrency))
+    # The SLO verdicts beside the plots that show them.
+    parts.append(
+        f"<div class=overview><div>{_slo_section(report.get('slo'))}</div>"
+        f"<div class=plots>{''.join(overview)}</div></div>"
+    )
     parts.append(_comparisons_table(report.get("comparisons", [])))
     parts.append("<h2>Runs</h2>")
     parts.append(_runs_table(runs))
@@ -272,6 +289,8 @@ def render(report: dict[str, Any]) -> str:
             if any(op.get("errors_per_s", [])):
                 series[f"{name} errors"] = op["errors_per_s"]
         parts.append(_timeline_svg(series, f"throughput over time: {label}", r["duration_s"]))
+        parts.append(plots.latency_over_time_svg(r, label))
+        parts.append(plots.errors_svg(r, label))
         if ops:
             for name, op in ops.items():
                 parts.append(

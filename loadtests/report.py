@@ -68,6 +68,7 @@ class RunResult:
                 "latency_ms": hist.summarize(h),
                 "ok_per_s": [per_s.get(i, 0) for i in range(seconds)],
                 "errors_per_s": [err_s.get(i, 0) for i in range(seconds)],
+                **_percentiles_per_s(op.get("histogram_per_s", {}), seconds),
                 "error_samples": op.get("samples", []),
                 "histogram_us_hdr": op.get("histogram", ""),
             }
@@ -126,6 +127,20 @@ class RunResult:
         }
 
 
+def _percentiles_per_s(encoded: dict[Any, str], seconds: int) -> dict[str, list[float | None]]:
+    """p50 and p99 (ms) of each second of the window; None for a second with no success."""
+    p50: list[float | None] = [None] * seconds
+    p99: list[float | None] = [None] * seconds
+    for key, value in encoded.items():
+        second = int(key)
+        if 0 <= second < seconds and value:
+            h = hist.decode(value)
+            if h.get_total_count():
+                p50[second] = round(h.get_value_at_percentile(50) / 1000.0, 3)
+                p99[second] = round(h.get_value_at_percentile(99) / 1000.0, 3)
+    return {"p50_ms_per_s": p50, "p99_ms_per_s": p99}
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or b == 0:
         return None
@@ -152,6 +167,7 @@ def compare(runs: list[RunResult], subject: str, peer: str) -> list[dict[str, An
             {
                 "round": r.round,
                 "concurrency": r.concurrency,
+                "operation": r.scenario,
                 "subject": subject,
                 "peer": peer,
                 "throughput_ratio": tput,

@@ -35,6 +35,7 @@ from broker.api.client.ca import (
     RotateResult,
 )
 from broker.api.client.database import Connection, DatabaseClient, Lease, Role
+from broker.api.client.health import HealthClient
 from broker.api.client.identity import Attestor, Entry, IdentityClient
 from broker.api.client.kms import KeyDetails, KeyMeta, KeyVersionView, KmsClient
 from broker.api.client.operators import (
@@ -79,6 +80,7 @@ __all__ = [
     "Entry",
     "GrantView",
     "GrpcClients",
+    "HealthClient",
     "IdentityClient",
     "KekRotationResult",
     "KeyDetails",
@@ -160,6 +162,9 @@ class Clients(Protocol):
     @property
     def scan(self) -> ScanClient: ...
 
+    @property
+    def health(self) -> HealthClient: ...
+
     def close(self) -> None: ...
 
 
@@ -218,6 +223,10 @@ class GrpcClients:
     @cached_property
     def scan(self) -> ScanClient:
         return ScanClient(self._broker)
+
+    @cached_property
+    def health(self) -> HealthClient:
+        return HealthClient(self._broker)
 
     def close(self) -> None:
         self._broker.close()

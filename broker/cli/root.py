@@ -2,8 +2,9 @@
 refusals, clients closed; and the entry points.
 
 The arrows: this module imports every feature module (authority, audit, identity, database,
-secrets, access, operators, kms, report, scan, dev, serve); feature modules import only the
-shared modules (clients, options, inputs, refusals, render), never each other nor this one.
+secrets, access, operators, kms, report, scan, dev, serve, health); feature modules import
+only the shared modules (clients, options, inputs, refusals, render), never each other nor this
+one.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from broker.cli.authority import ca, jwt, svid
 from broker.cli.clients import ClientError
 from broker.cli.database import db, lease
 from broker.cli.dev import dev
+from broker.cli.health import health
 from broker.cli.identity import attestor, entry, svid_deny, token
 from broker.cli.kms import key
 from broker.cli.operators import login_group, logout, operator
@@ -121,6 +123,7 @@ for command in (
     dev,
     completion,
     status,
+    health,
 ):
     cli.add_command(command)
 

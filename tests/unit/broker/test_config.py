@@ -57,6 +57,15 @@ def test_env_overrides_file(tmp_path: Path) -> None:
     assert config.server.rate_limit_rps == 5
 
 
+def test_server_names_from_env(tmp_path: Path) -> None:
+    """A container sets its serving certificate's names without a config file."""
+    config = load_config(
+        _write(tmp_path, GOOD),
+        environ={"BROKER_SERVER_NAMES": "broker.internal, 10.0.0.7,,localhost"},
+    )
+    assert config.server.server_names == ("broker.internal", "10.0.0.7", "localhost")
+
+
 @pytest.mark.parametrize(
     ("old", "new", "message"),
     [

@@ -160,8 +160,13 @@ def test_html_page_is_self_contained_with_plots_and_verdicts() -> None:
         "missed": [v.to_json() for v in verdicts if not v.ok],
     }
     page = html.render(rep)
-    assert page.count("<svg") == 3  # one timeline, one latency histogram per operation
+    # One timeline, one latency histogram per operation, the HDR percentile curves, and (as
+    # svid-csr failed once) errors over time.
+    assert page.count("<svg") == 5
     assert "throughput over time" in page and "latency histogram: svid-csr" in page
+    assert "HDR percentile curves" in page and "errors over time" in page
+    # Server CPU is a whole-run figure: on the run's "all operations" row, not on each op's.
+    assert "<td class=l>all operations</td>" in page
     assert "MISSED" in page and "availability" in page
     assert "<script" not in page  # escaped, and the page has no script of its own
     assert not re.search(r"(src|href)=\"?https?:", page)  # nothing fetched from outside

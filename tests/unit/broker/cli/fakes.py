@@ -76,6 +76,7 @@ class FakeClients:
     scan: Any = None
     static_roles: Any = None
     revocation: Any = None
+    health: Any = None
     closed: bool = False
 
     def __post_init__(self) -> None:
