@@ -4,10 +4,10 @@
 document; `to_csv` and `to_html` render it (the HTML is one offline page: inline CSS and an
 inline SVG plot of rotation age by classification, no script, no external resource).
 
-Sections: `credentials` (secrets, KMS keys and database roles: owner, classification, last
-rotated, due date, overdue, missing metadata), `grants` and `breakglass` (created or used in
-the window, with justifications and approvers), `operators` (last login), `audit` (verification
-status and the last signed checkpoint). Values of secrets are never read.
+Sections: `credentials` (secrets, KMS keys, static and dynamic database roles: owner,
+classification, last rotated, due date, overdue, missing metadata), `grants` and `breakglass`
+(created or used in the window, with justifications and approvers), `operators` (last login),
+`audit` (verification status and the last signed checkpoint). Values of secrets are never read.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from broker.audit import AuditLedger
 from broker.kms.keys import KeyService
 from broker.secrets import missing_metadata
 from broker.storage.access import BreakGlassRecord, GrantRecord
-from broker.storage.database import RoleRecord
+from broker.storage.database import RoleRecord, StaticRoleRecord
 from broker.storage.kms import KeyState
 from broker.storage.operators import OperatorSessionRecord
 from broker.storage.secrets import SecretRecord
@@ -58,6 +58,8 @@ class _Secrets(Protocol):
 
 class _Roles(Protocol):
     async def list_roles(self) -> list[RoleRecord]: ...
+
+    async def list_static_roles(self, owner: str | None = None) -> list[StaticRoleRecord]: ...
 
 
 class _Access(Protocol):
@@ -136,13 +138,27 @@ class ComplianceReporter:
         for role in await self._roles.list_roles():
             if tenant is not None and role.tenant != tenant:
                 continue
-            # Dynamic roles issue a fresh credential per lease: nothing to rotate; the
-            # standard's classification is not recorded for them (reported missing).
+            # Dynamic roles issue a fresh credential per lease: nothing to rotate; a role
+            # created before classifications were recorded reports it missing.
             credentials.append(
                 self._row(
                     "database-role", role.tenant, role.name, role.owner, role.environment,
-                    None, "active", None, None, now, ["data-classification"],
+                    role.classification or None, "active", None, None, now,
+                    [] if role.classification else ["data-classification"],
                     detail=f"connection {role.connection}, max ttl {role.max_ttl}s",
+                )
+            )  # fmt: skip
+        for static in await self._roles.list_static_roles():
+            if tenant is not None and static.tenant != tenant:
+                continue
+            # A static role's password is rotated by the broker on its period (issue 12).
+            credentials.append(
+                self._row(
+                    "static-role", static.tenant, static.name, static.owner,
+                    static.environment, None, "active", static.rotated_at,
+                    static.next_rotation_at, now, ["data-classification"],
+                    detail=f"connection {static.connection}, user {static.username}, "
+                    f"v{static.version}",
                 )
             )  # fmt: skip
         complete = sum(1 for c in credentials if not c["missing"])

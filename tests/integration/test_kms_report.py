@@ -5,12 +5,14 @@ refused."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 
 import grpc
 import pytest
 
 from broker.api._proto import access_pb2, access_pb2_grpc, kms_pb2
+from broker.storage.database import ConnectionRecord, StaticRoleRecord
 
 from .conftest import BrokerHarness
 from .test_kms_api import OTHER_SERVICE, OWNER, create, refused, stub
@@ -72,3 +74,42 @@ async def test_workloads_may_not_read_the_report(broker: BrokerHarness) -> None:
         stub(broker, broker.identity(OWNER)).ComplianceReport(kms_pb2.ComplianceReportRequest())
     )
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_static_roles_are_reported_with_their_rotation_due(broker: BrokerHarness) -> None:
+    """A static database role (issue 12) is a credential the broker rotates: the report gives
+    its last rotation and due date, overdue once its period has passed."""
+    now = broker.clock.now()
+    store = broker.app.database.store
+    # Rows only (no database server): the report reads storage, it never logs in.
+    await store.insert_connection(
+        ConnectionRecord("warehouse", "postgresql", "postgresql://127.0.0.1/w", b"x", "kek", now)
+    )
+    await store.insert_static_role(
+        StaticRoleRecord(
+            name="analytics-reader",
+            connection="warehouse",
+            username="analytics",
+            owner="analytics",
+            tenant="default",
+            environment="prod",
+            rotation_period=30 * 86400,
+            rotation_statements=None,
+            sealed_password=None,
+            kek_label=None,
+            version=3,
+            rotated_at=now,
+            next_rotation_at=now + dt.timedelta(days=30),
+            created_at=now,
+        )
+    )
+    document = await report(broker)
+    (row,) = [c for c in document["credentials"] if c["name"] == "analytics-reader"]  # type: ignore[attr-defined,index]
+    assert row["kind"] == "static-role" and row["owner"] == "analytics"
+    assert row["overdue"] is False and row["rotation_due"] is not None
+    assert "user analytics" in row["detail"]
+
+    broker.clock.advance(days=31)
+    later = await report(broker)
+    (row,) = [c for c in later["credentials"] if c["name"] == "analytics-reader"]  # type: ignore[attr-defined,index]
+    assert row["overdue"] is True
