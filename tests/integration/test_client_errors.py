@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from broker.api.client.base import BrokerClient, ClientCredentials, ClientError
+from broker.api.client.ca import CAClient
 from broker.cli.refusals import client_error_message
 
 from .conftest import OPERATOR_ID, BrokerFactory, FailingAuditStorage
@@ -31,10 +32,10 @@ async def test_a_failure_behind_the_broker_is_reported_as_the_brokers_answer(
         b.address, ClientCredentials(ident.chain_pem, ident.key_pem, b.bundle_pem)
     )
     try:
-        assert (await asyncio.to_thread(client.status)).trust_domain  # wiring works
+        assert (await asyncio.to_thread(CAClient(client).status)).trust_domain  # wiring works
         wrappers[0].fail_audit = True
         with pytest.raises(ClientError) as info:
-            await asyncio.to_thread(client.status)
+            await asyncio.to_thread(CAClient(client).status)
     finally:
         wrappers[0].fail_audit = False
         client.close()
@@ -56,7 +57,7 @@ async def test_a_broker_that_is_down_is_still_unreachable(broker_factory: Broker
         )
         try:
             with pytest.raises(ClientError) as info:
-                await asyncio.to_thread(client.status)
+                await asyncio.to_thread(CAClient(client).status)
         finally:
             client.close()
     assert info.value.code_name == "UNAVAILABLE" and not info.value.answered
@@ -75,13 +76,13 @@ async def test_tls_server_name_checks_a_configured_server_name(
     credentials = ClientCredentials(ident.chain_pem, ident.key_pem, b.bundle_pem)
     named = BrokerClient(b.address, credentials, server_name="broker.example.internal")
     try:
-        assert (await asyncio.to_thread(named.status)).trust_domain
+        assert (await asyncio.to_thread(CAClient(named).status)).trust_domain
     finally:
         named.close()
     wrong = BrokerClient(b.address, credentials, server_name="db.example.internal", timeout=5)
     try:
         with pytest.raises(ClientError) as info:
-            await asyncio.to_thread(wrong.status)
+            await asyncio.to_thread(CAClient(wrong).status)
     finally:
         wrong.close()
     assert info.value.code_name == "UNAVAILABLE" and not info.value.answered
