@@ -11,6 +11,8 @@ integrity hook calls `Notifier.integrity_failure`:
   breakglass.used           any request allowed by a break-glass credential
   anomaly.detected          the anomaly detector's entry
   audit.verification_failed the ledger found its tail cut off or rewritten
+  secret.due                a secret whose value comes from a third party passed its
+                            rotation period (the scheduled rotation job, once per due date)
 
 Each is POSTed as JSON to every channel that wants its kind, with
 `X-Broker-Signature: sha256=<hex HMAC-SHA256 of the body>` under the key `broker-notify-mac`
@@ -63,6 +65,8 @@ def classify(event: Mapping[str, Any]) -> str | None:
         return "svid.denied"
     if what == "breakglass.issue":
         return "breakglass.issued"
+    if what == "secret.due":
+        return "secret.due"
     if event.get("rule") == "break-glass":
         return "breakglass.used"
     return None
