@@ -8,7 +8,9 @@ every `period` (default 90 days, `rotation.data_key_period`) per tenant the repl
 fresh data key and the current KEK (compare-and-set: a value changed meanwhile is left to its
 new blob), then drops every cached data key. Per tenant the time of the last renewal is kept in
 the storage meta table (`envelope.data-keys-renewed.<tenant>`); a tenant first seen starts its
-period then.
+period then. A value that does not open (damaged, its KEK gone) stops the tenant's pass: it
+is audited as failed, counted, and the tenant tried again after `retry_after` (1 h); values
+already renewed keep their new blobs.
 
 The stores: secret versions (`SecretDataKeys`) and the database's sealed passwords -- admin
 passwords, root-rotation recovery records and static-role passwords (`DatabaseDataKeys`); a
@@ -129,6 +131,7 @@ class DataKeyRotationJob:
         *,
         period: dt.timedelta = DEFAULT_DATA_KEY_PERIOD,
         interval: dt.timedelta = dt.timedelta(minutes=1),
+        retry_after: dt.timedelta = dt.timedelta(hours=1),
         audit: Auditor | None = None,
         owner: str | None = None,
     ) -> None:
@@ -140,6 +143,8 @@ class DataKeyRotationJob:
         self._clock = clock
         self.period = period
         self.interval = interval
+        self.retry_after = retry_after
+        self._failed_at: dict[str, dt.datetime] = {}
         self._audit = audit
         self.owner = owner or f"data-keys-{uuid.uuid4().hex}"
         self._next: dt.datetime | None = None
@@ -161,6 +166,9 @@ class DataKeyRotationJob:
                 continue
             if now - dt.datetime.fromisoformat(stamp) < self.period:
                 continue
+            failed_at = self._failed_at.get(tenant)
+            if failed_at is not None and now - failed_at < self.retry_after:
+                continue
             await self._renew_tenant(tenant, now, run)
         return run
 
@@ -173,12 +181,14 @@ class DataKeyRotationJob:
         except Exception as exc:  # a value that does not open, the token away: try next pass
             metrics.record_rotation("data-key", "failure", time.monotonic() - started)
             run.failed.append((tenant, str(exc)))
+            self._failed_at[tenant] = now
             log.warning("renewing the data keys of tenant %s failed: %s", tenant, exc)
             await self._record(tenant, "failed", count, str(exc))
             return
         # The data keys unwrapped before go from every process's memory now.
         await self._envelope.forget_data_keys()
         await self._meta.set_meta(_RENEWED + tenant, now.isoformat())
+        self._failed_at.pop(tenant, None)
         metrics.record_rotation("data-key", "success", time.monotonic() - started)
         run.renewed[tenant] = count
         log.info("data keys of tenant %s renewed: %d value(s) sealed again", tenant, count)

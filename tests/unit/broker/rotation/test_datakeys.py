@@ -181,3 +181,35 @@ async def test_only_the_lease_holder_renews(world: World) -> None:
     assert await world.storage.try_lease("envelope.data-keys", "replica-b", 300, world.clock.now())
     assert await world.job.tick() is None
     assert await _versions(world) == before
+
+
+async def test_a_value_that_does_not_open_fails_the_pass_and_it_is_tried_again(
+    world: World,
+) -> None:
+    await world.service.put(
+        "acme", REF, owner="payments", classification="pii",
+        rotation_period=dt.timedelta(days=30), value=b"first",
+    )  # fmt: skip
+    await world.job.tick()
+    (row,) = await world.service.repository.sealed_not_under("acme", "")
+    blob = SealedBlob.from_bytes(row.sealed)
+    damaged = SealedBlob(blob.kek_label, blob.wrapped_key, blob.nonce, b"\x00" * 32)
+    async with world.storage.backend.transaction(write=True) as tx:
+        await tx.fetch(
+            "UPDATE secret_versions SET sealed = ? WHERE ref = ?", damaged.to_bytes(), REF
+        )
+    world.clock.advance(days=91)
+    run = await world.job.tick()
+    assert run is not None and run.renewed.get("acme") is None
+    assert [tenant for tenant, _ in run.failed] == ["acme"]
+    assert [e["outcome"] for e in world.events if e["resource"] == "acme"] == ["failed"]
+    assert (await _versions(world))[1] == damaged.to_bytes(), "nothing rewritten"
+
+    async with world.storage.backend.transaction(write=True) as tx:
+        await tx.fetch("UPDATE secret_versions SET sealed = ? WHERE ref = ?", row.sealed, REF)
+    world.clock.advance(minutes=2)
+    run = await world.job.tick()
+    assert run is not None and run.renewed == {} and run.failed == [], "retried after 1 h"
+    world.clock.advance(hours=1)
+    run = await world.job.tick()
+    assert run is not None and run.renewed == {"acme": 1}, "the period still counts as passed"

@@ -204,3 +204,28 @@ async def test_only_the_lease_holder_rotates(world: World) -> None:
     assert await world.job.tick() is None
     assert await world.version(GENERATED) == 1
     assert world.events == []
+
+
+async def test_a_failed_rotation_is_audited_counted_and_retried_later(world: World) -> None:
+    await _put(world, GENERATED, generate_length=32)
+    first = await world.value(GENERATED)
+    # Someone changes the secret's row outside the broker: its MAC no longer verifies.
+    async with world.storage.backend.transaction(write=True) as tx:
+        await tx.fetch("UPDATE secrets SET owner = ? WHERE ref = ?", "mallory", GENERATED)
+    failures = _counted("failure")
+    world.clock.advance(hours=7)
+    run = await world.job.tick()
+    assert run is not None and run.rotated == [] and len(run.failed) == 1
+    assert _counted("failure") == failures + 1
+    (event,) = world.events_of("secrets.rotate")
+    assert event["outcome"] == "failed" and event["error"] and event["details"]["before"] == 1
+
+    world.clock.advance(minutes=2)
+    run = await world.job.tick()
+    assert run is not None and run.failed == [], "not retried before retry_after"
+    async with world.storage.backend.transaction(write=True) as tx:
+        await tx.fetch("UPDATE secrets SET owner = ? WHERE ref = ?", "payments", GENERATED)
+    world.clock.advance(minutes=5)
+    run = await world.job.tick()
+    assert run is not None and [r[3] for r in run.rotated] == [2]
+    assert await world.value(GENERATED) != first
