@@ -317,7 +317,16 @@ class StaticRoles:
             raise
         self._observed(trigger, "success", started)
         await self._record(
-            name, "db.static-role.rotate", "rotated", actor, reason, None, version=record.version
+            name,
+            "db.static-role.rotate",
+            "rotated",
+            actor,
+            reason,
+            None,
+            version=record.version,
+            before=record.version - 1,
+            after=record.version,
+            trigger=trigger,
         )
         return record
 
