@@ -5,7 +5,7 @@ database took the new password, and after the new password was stored. The broke
 again without the hook; afterwards, on real PostgreSQL and MariaDB, no rotation is left in
 flight, the password the broker hands out is the one the database takes (the owner logs in
 with it), the one before no longer works once the rotation reached the database, and the next
-rotation works."""
+rotation works. The same holds for a kill while a role is being added (its first rotation)."""
 
 from __future__ import annotations
 
@@ -65,9 +65,22 @@ async def test_kill_9_at_every_step_of_a_static_role_rotation(
         "db", "connection", "add", connection, "--plugin", target.plugin, "--dsn", target.dsn,
         "--password-file", str(password_file),
     )  # fmt: skip
-    cli.ok("db", "static-role", "add", role, "--connection", connection, "--username", username)
+    # Killed while adding the role (its first rotation reached the database): the restarted
+    # broker finishes it, and the password a person knew is gone.
+    assert server.stop() == 0, server.stderr_text()
+    server.env = {"BROKER_TEST_CRASH_AT": "database-set"}
+    server.start()
+    add = ("db", "static-role", "add", role, "--connection", connection, "--username", username)
+    assert cli.run(*add).returncode != 0
+    assert server.wait_exit() == -signal.SIGKILL, server.stderr_text()
+    server.env = {}
+    server.start()
+    shown = cli.ok("db", "static-role", "show", role, "--output", "json").json()
+    assert (shown["version"], shown["rotation_in_flight"]) == (1, False)
     before = cli.ok("db", "static-creds", role, "--output", "json").json()
     assert before["version"] == 1
+    assert await target.can_login(username, before["password"])
+    assert not await target.can_login(username, "known-before-1")
 
     for step in CRASH_STEPS:
         assert server.stop() == 0, server.stderr_text()
