@@ -67,6 +67,7 @@ __all__ = [
     "StaticRoles",
     "check_username",
     "resource_name",
+    "sealed_password_aad",
 ]
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,13 @@ def check_username(username: str) -> str:
 
 def _password_aad(role: str) -> bytes:
     return aad("db.static-role", role, "password")
+
+
+def sealed_password_aad(table: str, key: str) -> bytes | None:
+    """The associated data of a stored static-role password from
+    `DatabaseRepository.sealed_blobs` (table db_static_roles); None for the other tables
+    (a rotation intent's names its version, which that listing does not carry)."""
+    return _password_aad(key) if table == "db_static_roles" else None
 
 
 def _intent_aad(role: str, version: int) -> bytes:

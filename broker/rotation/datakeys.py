@@ -31,9 +31,7 @@ from typing import Any, Final, Protocol
 
 from broker import metrics
 from broker.audit import AuditEvent
-from broker.database.connections import _password_aad as _admin_aad
-from broker.database.connections import _recovery_aad
-from broker.database.static import _password_aad as _static_aad
+from broker.database import connections, static
 from broker.envelope import SYSTEM_TENANT, Envelope, KekTenants, SealedBlob, aad
 from broker.storage.database import DatabaseRepository
 from broker.storage.interface import LockRepository, MetaRepository
@@ -90,12 +88,6 @@ class SecretDataKeys:
 class DatabaseDataKeys:
     """The database engines' sealed passwords (all in the `_system` tenant)."""
 
-    _AAD: Final = {
-        "db_connections": _admin_aad,
-        "db_root_recovery": _recovery_aad,
-        "db_static_roles": _static_aad,
-    }
-
     def __init__(self, store: DatabaseRepository) -> None:
         self._store = store
 
@@ -104,10 +96,12 @@ class DatabaseDataKeys:
             return 0
         count = 0
         for table, key, old in await self._store.sealed_blobs(""):
-            associated = self._AAD.get(table)
+            associated = connections.sealed_password_aad(table, key) or static.sealed_password_aad(
+                table, key
+            )
             if associated is None:  # a rotation intent: gone within seconds
                 continue
-            fresh = await renew(envelope, tenant, SealedBlob.from_bytes(old), associated(key))
+            fresh = await renew(envelope, tenant, SealedBlob.from_bytes(old), associated)
             if await self._store.replace_blob(table, key, old, fresh.to_bytes(), fresh.kek_label):
                 count += 1
         return count

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
-from broker.database.connections import _password_aad as admin_aad
+from broker.database.connections import sealed_password_aad
 from broker.envelope import SYSTEM_TENANT, DataKeyCache, Envelope, SealedBlob, aad
 from broker.rotation.datakeys import DatabaseDataKeys, DataKeyRotationJob, SecretDataKeys
 from broker.secrets import MetadataMac, SecretService
@@ -114,7 +114,9 @@ async def test_every_value_gets_a_fresh_data_key_after_the_period(world: World) 
     await world.service.rotate(
         "acme", REF, environment="prod", ticket="SEC-1", justification="j", value=b"second"
     )
-    sealed = await world.envelope.seal(SYSTEM_TENANT, b"admin-pw", admin_aad("pg"))
+    admin_aad = sealed_password_aad("db_connections", "pg")
+    assert admin_aad is not None
+    sealed = await world.envelope.seal(SYSTEM_TENANT, b"admin-pw", admin_aad)
     database = world.storage.database()
     await database.insert_connection(
         ConnectionRecord("pg", "postgresql", "postgresql://a@h/db", sealed.to_bytes(),
@@ -150,7 +152,10 @@ async def test_every_value_gets_a_fresh_data_key_after_the_period(world: World) 
     connection = await database.get_connection("pg")
     assert connection is not None and connection.sealed_password != sealed.to_bytes()
     assert (
-        world.envelope.open(SealedBlob.from_bytes(connection.sealed_password), admin_aad("pg"))
+        world.envelope.open(
+            SealedBlob.from_bytes(connection.sealed_password),
+            admin_aad,
+        )
         == b"admin-pw"
     )
     assert (
