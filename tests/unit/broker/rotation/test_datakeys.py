@@ -15,11 +15,12 @@ import pytest
 from prometheus_client import REGISTRY
 
 from broker.database.connections import sealed_password_aad
+from broker.database.static import sealed_password_aad as static_aad
 from broker.envelope import SYSTEM_TENANT, DataKeyCache, Envelope, SealedBlob, aad
 from broker.rotation.datakeys import DatabaseDataKeys, DataKeyRotationJob, SecretDataKeys
 from broker.secrets import MetadataMac, SecretService
 from broker.storage import open_storage
-from broker.storage.database import ConnectionRecord
+from broker.storage.database import ConnectionRecord, StaticRoleRecord
 from broker.storage.sql import SqlStorage
 from ca.clock import FakeClock
 from ca.keys import SoftwareBackend
@@ -122,6 +123,13 @@ async def test_every_value_gets_a_fresh_data_key_after_the_period(world: World) 
         ConnectionRecord("pg", "postgresql", "postgresql://a@h/db", sealed.to_bytes(),
                          sealed.kek_label, T0)
     )  # fmt: skip
+    role_aad = static_aad("db_static_roles", "app")
+    assert role_aad is not None
+    role_blob = await world.envelope.seal(SYSTEM_TENANT, b"role-pw", role_aad)
+    await database.insert_static_role(
+        StaticRoleRecord("app", "pg", "app_user", "svc", "default", "dev", 86400, None,
+                         role_blob.to_bytes(), role_blob.kek_label, 1, T0, T0, T0)
+    )  # fmt: skip
     before = await _versions(world)
     counted = (
         REGISTRY.get_sample_value(
@@ -138,7 +146,7 @@ async def test_every_value_gets_a_fresh_data_key_after_the_period(world: World) 
 
     world.clock.advance(seconds=61)
     run = await world.job.tick()
-    assert run is not None and run.renewed == {"acme": 2, SYSTEM_TENANT: 1}
+    assert run is not None and run.renewed == {"acme": 2, SYSTEM_TENANT: 2}
     after = await _versions(world)
     assert set(after) == {1, 2}
     for version in (1, 2):
@@ -158,6 +166,10 @@ async def test_every_value_gets_a_fresh_data_key_after_the_period(world: World) 
         )
         == b"admin-pw"
     )
+    role = await database.get_static_role("app")
+    assert role is not None and role.sealed_password is not None
+    assert role.sealed_password != role_blob.to_bytes()
+    assert world.envelope.open(SealedBlob.from_bytes(role.sealed_password), role_aad) == b"role-pw"
     assert (
         REGISTRY.get_sample_value(
             "broker_rotation_total", {"kind": "data-key", "outcome": "success"}
@@ -167,7 +179,7 @@ async def test_every_value_gets_a_fresh_data_key_after_the_period(world: World) 
     events = [e for e in world.events if e["what"] == "envelope.data-keys.rotate"]
     assert {(e["resource"], e["outcome"], e["details"]["renewed"]) for e in events} == {
         ("acme", "OK", 2),
-        (SYSTEM_TENANT, "OK", 1),
+        (SYSTEM_TENANT, "OK", 2),
     }
 
     world.clock.advance(days=1)
