@@ -147,6 +147,10 @@ class Notifier:
         if kind is None:
             return
         details = {k: event[k] for k in ("method", "rule", "reason", "why") if event.get(k)}
+        if kind == "secret.due" and isinstance(event.get("details"), Mapping):
+            # Who must act and by when (tenant, owner, service, environment, version, due,
+            # overdue_seconds): metadata the scheduled rotation job wrote, never a value.
+            details.update(event["details"])
         self._enqueue(
             Notification(
                 id=uuid.uuid4().hex,

@@ -3,15 +3,29 @@ put with `generate_length` over gRPC is remade by the application's leader-held 
 rotation period (new value served by Get, old version kept for the window, the rotation in
 the audit ledger with the versions before and after); one put with a value from outside is
 reported due (ledger event that raises the `secret.due` notification, `secrets due`) and not
-touched; after 90 days every data key is renewed and every value still reads the same."""
+touched; after 90 days every data key is renewed and every value still reads the same. The
+`secret.due` notification reaches a real HTTPS receiver, signed, once per due date."""
 
 from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
 
 import pytest
 
 from broker.api._proto import secrets_pb2, secrets_pb2_grpc
-from broker.notifications import classify
-from ca.keys import Pkcs11Backend
+from broker.audit import AuditLedger
+from broker.config import NotifyChannel
+from broker.envelope import Envelope
+from broker.notifications import NOTIFY_KEY_LABEL, Notifier, classify
+from broker.rotation.origins import ValueOrigins
+from broker.rotation.schedule import SecretRotationJob
+from broker.secrets import MetadataMac, SecretService
+from broker.storage.factory import open_storage
+from ca.clock import FakeClock
+from ca.keys import Pkcs11Backend, SoftwareBackend, mac_signer
+from tests.fixtures.webhook import WebhookReceiver
 
 from .conftest import BrokerFactory, BrokerHarness
 
@@ -77,3 +91,48 @@ async def test_generated_secrets_rotate_third_party_ones_are_due_data_keys_renew
         got = await stub.Get(secrets_pb2.GetSecretRequest(reference=ref, version=version))
         assert got.value == value
     assert any(e["what"] == "envelope.data-keys.rotate" for e in await broker.events())
+
+
+async def test_a_due_third_party_secret_is_notified_signed_once(
+    tmp_path: Path, webhook: WebhookReceiver
+) -> None:
+    storage = await open_storage(f"sqlite:///{tmp_path / 'broker.db'}")
+    await storage.migrate()
+    keys = SoftwareBackend()
+    clock = FakeClock(dt.datetime(2026, 6, 1, tzinfo=dt.UTC))
+    ledger = AuditLedger(storage, keys, clock=clock)
+    await ledger.open()
+    ledger.start()
+    try:
+        notifier = Notifier(
+            [NotifyChannel("oncall", webhook.url, webhook.ca_file)], keys, clock, ledger.record
+        )
+        notifier.ensure_key()
+        ledger.add_commit_hook(notifier.observe)
+        mac = MetadataMac(keys)
+        service = SecretService(storage.secrets(mac), Envelope(keys, storage), clock)
+        await service.start(mac)
+        origins = ValueOrigins(storage)
+        service.value_origin = origins.remember
+        job = SecretRotationJob(service, origins, storage, storage, clock, audit=ledger.record)
+        await service.put(
+            "acme", EXTERNAL, owner="orders", classification="internal",
+            rotation_period=dt.timedelta(days=30), value=b"psp-1",
+        )  # fmt: skip
+        clock.advance(days=31)
+        await job.tick()
+        clock.advance(minutes=5)
+        await job.tick()  # still due: not notified again
+        await notifier.drain()
+        assert len(webhook.requests) == 1
+        headers, body = webhook.requests[0]
+        note = json.loads(body)
+        assert note["kind"] == "secret.due" and note["who"] == "broker/secret-rotation"
+        assert note["details"]["tenant"] == "acme" and note["details"]["version"] == 1
+        assert note["details"]["overdue_seconds"] == 86400
+        assert b"psp-1" not in body
+        expected = "sha256=" + mac_signer(keys).mac(NOTIFY_KEY_LABEL, body).hex()
+        assert headers["X-Broker-Signature"] == expected
+    finally:
+        await ledger.stop()
+        await storage.close()
