@@ -151,6 +151,18 @@ class SecretsConfig:
     justification_required: tuple[str, ...] = DEFAULT_JUSTIFICATION_REQUIRED
 
 
+@dataclass(frozen=True)
+class RotationConfig:
+    """Scheduled rotation (docs/rotation.md): KEKs every `kek_period` (default yearly), every
+    envelope data key re-made every `data_key_period` (default 90 days), and the leader-held
+    job that rotates `--generate` secrets and reports third-party ones as due every
+    `check_interval`."""
+
+    kek_period: dt.timedelta = dt.timedelta(days=365)
+    data_key_period: dt.timedelta = dt.timedelta(days=90)
+    check_interval: dt.timedelta = dt.timedelta(minutes=1)
+
+
 DEFAULT_MFA_AMR = ("mfa", "otp", "hwk", "swk")
 MAX_OPERATOR_TTL = dt.timedelta(hours=8)
 
@@ -247,6 +259,7 @@ NOTIFICATION_KINDS = (
     "breakglass.used",
     "anomaly.detected",
     "audit.verification_failed",
+    "secret.due",
 )
 
 
@@ -295,6 +308,7 @@ class Config:
     audit: AuditConfig = field(default_factory=AuditConfig)
     notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
     dev: bool = False
+    rotation: RotationConfig = field(default_factory=RotationConfig)
 
     @property
     def operator_dir(self) -> Path:
@@ -490,6 +504,21 @@ def _read_secret_ref(path: Path | None, env: str | None, what: str) -> str | Non
     return None
 
 
+def _rotation(section: Mapping[str, Any]) -> RotationConfig:
+    d = RotationConfig()
+    config = RotationConfig(
+        kek_period=_duration(section, "kek_period", d.kek_period),
+        data_key_period=_duration(section, "data_key_period", d.data_key_period),
+        check_interval=_duration(section, "check_interval", d.check_interval),
+    )
+    for key in ("kek_period", "data_key_period"):
+        if getattr(config, key) < dt.timedelta(days=1):
+            raise InvalidArgument(f"config: rotation.{key} must be at least 1d (e.g. 90d)")
+    if not dt.timedelta(seconds=1) <= config.check_interval <= dt.timedelta(hours=1):
+        raise InvalidArgument("config: rotation.check_interval must be between 1s and 1h")
+    return config
+
+
 def _duration(section: Mapping[str, Any], key: str, default: dt.timedelta) -> dt.timedelta:
     if key not in section:
         return default
@@ -520,7 +549,9 @@ _SECTIONS = {
         "operators",
         "audit",
         "notifications",
+        "rotation",
     },
+    "rotation": {"kek_period", "data_key_period", "check_interval"},
     "notifications": {"channels", "retries"},
     "audit": {"checkpoint_interval", "sinks", "forward_interval", "forward_batch"},
     "secrets": {"justification_required"},
@@ -629,6 +660,7 @@ def _from_document(doc: Mapping[str, Any], base_dir: Path) -> Config:
         retries=_integer(notes, "retries", NotificationsConfig.retries),
     )
     return Config(
+        rotation=_rotation(doc.get("rotation", {})),
         audit=audit,
         notifications=notifications,
         operators=_operators(doc.get("operators", {})),

@@ -1,5 +1,7 @@
 """Envelope encryption: a fresh AES-256-GCM data key per value, wrapped by a per-tenant
-key-encryption key (KEK) that lives in the key backend and never leaves it.
+key-encryption key (KEK) that lives in the key backend and never leaves it. Data keys (and
+nonces) come from the key backend's random generator (`C_GenerateRandom` on a PKCS#11 token,
+`os.urandom` for the software backend); a backend without one falls back to `os.urandom`.
 
 A `SealedBlob` names the KEK that wrapped its data key, so blobs sealed before a KEK rotation
 stay readable until they are rewrapped (`Envelope.rewrap`). The associated data binds a blob to
@@ -31,7 +33,7 @@ from broker.errors import InvalidArgument
 from broker.storage.interface import MetaRepository
 from ca.clock import Clock
 from ca.errors import IntegrityError, KeyExists
-from ca.keys import KeyBackend, KeyKind, data_key_wrapper, key_destroyer
+from ca.keys import KeyBackend, KeyKind, RandomBackend, data_key_wrapper, key_destroyer
 from ca.keys.executor import token_call
 
 __all__ = [
@@ -57,6 +59,7 @@ MAX_DATA_KEY_AGE: Final = dt.timedelta(minutes=5)
 _TENANT_RE: Final = re.compile(r"^_?[a-z0-9][a-z0-9-]{0,62}$")
 _FORMAT: Final = 1
 _NONCE_BYTES: Final = 12
+_DATA_KEY_BYTES: Final = 32
 
 
 def _check_tenant(tenant: str) -> str:
@@ -208,6 +211,7 @@ class Envelope:
         self, keys: KeyBackend, meta: MetaRepository, data_keys: DataKeyCache | None = None
     ) -> None:
         self._keys = data_key_wrapper(keys)
+        self._random = keys.random if isinstance(keys, RandomBackend) else os.urandom
         self._meta = meta
         self._data_keys = data_keys
         self._data_keys_seen: str | None = None
@@ -251,16 +255,21 @@ class Envelope:
         label = await self.current_kek(tenant)
         return await self._seal_off_loop(label, plaintext, associated)
 
+    def _fresh_key(self) -> tuple[bytes, bytes]:
+        """A new data key and nonce, in one call to the backend's random generator."""
+        raw = self._random(_DATA_KEY_BYTES + _NONCE_BYTES)
+        if len(raw) != _DATA_KEY_BYTES + _NONCE_BYTES:
+            raise IntegrityError("the key backend's random generator returned a short read")
+        return raw[:_DATA_KEY_BYTES], raw[_DATA_KEY_BYTES:]
+
     async def _seal_off_loop(self, label: str, plaintext: bytes, associated: bytes) -> SealedBlob:
-        data_key = AESGCM.generate_key(bit_length=256)
-        nonce = os.urandom(_NONCE_BYTES)
+        data_key, nonce = await token_call(self._keys, self._fresh_key)
         ciphertext = AESGCM(data_key).encrypt(nonce, plaintext, associated)
         wrapped = await token_call(self._keys, self._keys.wrap, label, data_key)
         return SealedBlob(label, wrapped, nonce, ciphertext)
 
     def seal_with(self, label: str, plaintext: bytes, associated: bytes) -> SealedBlob:
-        data_key = AESGCM.generate_key(bit_length=256)
-        nonce = os.urandom(_NONCE_BYTES)
+        data_key, nonce = self._fresh_key()
         ciphertext = AESGCM(data_key).encrypt(nonce, plaintext, associated)
         return SealedBlob(label, self._keys.wrap(label, data_key), nonce, ciphertext)
 

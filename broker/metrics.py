@@ -63,6 +63,7 @@ __all__ = [
     "set_audit_forward_lag",
     "set_key_age",
     "set_reaper_lag",
+    "set_secrets_due",
     "timed",
 ]
 
@@ -127,6 +128,12 @@ CREDENTIAL_ROTATION_DURATION = Histogram(
     "Time one credential rotation took (intent, database, store), by kind and outcome",
     ["kind", "outcome"],
     buckets=_ROTATION_BUCKETS,
+)
+SECRETS_DUE = Gauge(
+    "broker_secrets_due",
+    "Secrets past their rotation period whose value comes from a third party (the broker "
+    "cannot remake it): rotate them (broker secrets due lists them)",
+    multiprocess_mode="livemax",
 )
 SDK_CACHE = Counter(
     "broker_sdk_cache_requests",
@@ -223,6 +230,11 @@ def record_rotation(kind: str, outcome: str, seconds: float) -> None:
     """One credential rotation (`kind` e.g. "static-role"; `outcome` "success"/"failure")."""
     _safe(lambda: ROTATIONS.labels(kind, outcome).inc())
     _safe(lambda: CREDENTIAL_ROTATION_DURATION.labels(kind, outcome).observe(seconds))
+
+
+def set_secrets_due(count: int) -> None:
+    """How many third-party secrets are past due (the scheduled rotation job, each round)."""
+    _safe(lambda: SECRETS_DUE.set(max(0, count)))
 
 
 def record_sdk_cache(kind: str, hit: bool) -> None:

@@ -11,6 +11,8 @@ integrity hook calls `Notifier.integrity_failure`:
   breakglass.used           any request allowed by a break-glass credential
   anomaly.detected          the anomaly detector's entry
   audit.verification_failed the ledger found its tail cut off or rewritten
+  secret.due                a secret whose value comes from a third party passed its
+                            rotation period (the scheduled rotation job, once per due date)
 
 Each is POSTed as JSON to every channel that wants its kind, with
 `X-Broker-Signature: sha256=<hex HMAC-SHA256 of the body>` under the key `broker-notify-mac`
@@ -63,6 +65,8 @@ def classify(event: Mapping[str, Any]) -> str | None:
         return "svid.denied"
     if what == "breakglass.issue":
         return "breakglass.issued"
+    if what == "secret.due":
+        return "secret.due"
     if event.get("rule") == "break-glass":
         return "breakglass.used"
     return None
@@ -143,6 +147,10 @@ class Notifier:
         if kind is None:
             return
         details = {k: event[k] for k in ("method", "rule", "reason", "why") if event.get(k)}
+        if kind == "secret.due" and isinstance(event.get("details"), Mapping):
+            # Who must act and by when (tenant, owner, service, environment, version, due,
+            # overdue_seconds): metadata the scheduled rotation job wrote, never a value.
+            details.update(event["details"])
         self._enqueue(
             Notification(
                 id=uuid.uuid4().hex,

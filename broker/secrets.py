@@ -40,7 +40,7 @@ import hmac
 import logging
 import re
 import string
-from collections.abc import Callable, Collection, Iterator, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -92,6 +92,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# (tenant, reference, generated length or None for a value from outside)
+ValueOrigin = Callable[[str, str, int | None], Awaitable[None]]
 
 SCHEME: Final = "secret://"
 CLASSIFICATIONS: Final = ("public", "internal", "confidential", "pii")
@@ -501,6 +504,9 @@ class SecretService:
         self.retention = retention
         self.default_tenant = default_tenant
         self._justify = frozenset(justification_required)
+        # Told how each new value was made (the length when the broker generated it, None
+        # when it came from outside), so the scheduled rotation knows which it may remake.
+        self.value_origin: ValueOrigin | None = None
 
     # -- the request path: tenant and authorization --------------------------------------
 
@@ -819,6 +825,7 @@ class SecretService:
                 "change its value"
             ) from None
         await self._settle(tenant, ref.text, 1, sealed, plaintext)
+        await self._origin(tenant, ref.text, generate_length)
         return _info(record)
 
     async def rotate(
@@ -874,7 +881,12 @@ class SecretService:
             raise FailedPrecondition("the secret changed while rotating it; try again")
         await self._envelope.forget_data_keys()
         await self._settle(tenant, ref.text, new_version, sealed, plaintext)
+        await self._origin(tenant, ref.text, generate_length)
         return await self.show(tenant, reference), record.current_version, new_version
+
+    async def _origin(self, tenant: str, ref: str, generate_length: int | None) -> None:
+        if self.value_origin is not None:
+            await self.value_origin(tenant, ref, generate_length)
 
     async def _settle(
         self, tenant: str, ref: str, version: int, blob: SealedBlob, plaintext: bytes

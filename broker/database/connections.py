@@ -34,7 +34,7 @@ from broker.storage.database import ConnectionRecord, DatabaseRepository, Recove
 from ca.clock import Clock
 from ca.errors import IntegrityError
 
-__all__ = ["Connections"]
+__all__ = ["Connections", "sealed_password_aad"]
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -49,6 +49,16 @@ def _password_aad(connection: str) -> bytes:
 
 def _recovery_aad(connection: str) -> bytes:
     return aad("db.root-recovery", connection, "admin-password")
+
+
+def sealed_password_aad(table: str, key: str) -> bytes | None:
+    """The associated data of an admin password from `DatabaseRepository.sealed_blobs`
+    (tables db_connections and db_root_recovery); None for the other tables."""
+    if table == "db_connections":
+        return _password_aad(key)
+    if table == "db_root_recovery":
+        return _recovery_aad(key)
+    return None
 
 
 class Connections:

@@ -27,7 +27,9 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import os
 import re
+import signal
 import string
 import time
 import uuid
@@ -65,6 +67,7 @@ __all__ = [
     "StaticRoles",
     "check_username",
     "resource_name",
+    "sealed_password_aad",
 ]
 
 log = logging.getLogger(__name__)
@@ -81,6 +84,19 @@ _ROTATION_STATEMENT: Final = re.compile(r"^\s*(ALTER\s+(ROLE|USER)|SET\s+PASSWOR
 REFUSAL: Final = (
     f"{Action.DB_CREDS} refused: there is no such static role for this caller, or it may not use it"
 )
+
+# Test-only crash hook: with BROKER_TEST_CRASH_AT=<step> in its environment at start, the
+# process sends itself SIGKILL at that step of a static-role rotation (intent-written,
+# database-set, stored); tests/e2e/test_static_role_crash_e2e.py restarts it and checks the
+# roll-forward. Inert when unset (the default).
+_CRASH_AT: Final = os.environ.get("BROKER_TEST_CRASH_AT", "")
+CRASH_STEPS: Final = ("intent-written", "database-set", "stored")
+
+
+def _crash_point(step: str) -> None:
+    if step == _CRASH_AT:
+        os.kill(os.getpid(), signal.SIGKILL)
+
 
 # Called after every rotation attempt: (trigger, outcome "success"/"failure", seconds).
 RotationObserver = Callable[[str, str, float], None]
@@ -120,6 +136,13 @@ def check_username(username: str) -> str:
 
 def _password_aad(role: str) -> bytes:
     return aad("db.static-role", role, "password")
+
+
+def sealed_password_aad(table: str, key: str) -> bytes | None:
+    """The associated data of a stored static-role password from
+    `DatabaseRepository.sealed_blobs` (table db_static_roles); None for the other tables
+    (a rotation intent's names its version, which that listing does not carry)."""
+    return _password_aad(key) if table == "db_static_roles" else None
 
 
 def _intent_aad(role: str, version: int) -> bytes:
@@ -291,6 +314,7 @@ class StaticRoles:
                 )
                 if not await self._store.put_static_intent(intent):
                     raise FailedPrecondition(f"a rotation of static role {name!r} is in flight")
+                _crash_point("intent-written")
                 await self._reseal_if_stale(
                     "db_static_intents", name, blob, password, _intent_aad(name, version)
                 )
@@ -301,7 +325,16 @@ class StaticRoles:
             raise
         self._observed(trigger, "success", started)
         await self._record(
-            name, "db.static-role.rotate", "rotated", actor, reason, None, version=record.version
+            name,
+            "db.static-role.rotate",
+            "rotated",
+            actor,
+            reason,
+            None,
+            version=record.version,
+            before=record.version - 1,
+            after=record.version,
+            trigger=trigger,
         )
         return record
 
@@ -353,12 +386,14 @@ class StaticRoles:
         except StatementFailed:
             await self._store.delete_static_intent(name, version)  # refused: nothing changed
             raise
+        _crash_point("database-set")
         sealed = await self._seal(password, _password_aad(name))
         now = self._clock.now()
         next_at = now + dt.timedelta(seconds=record.rotation_period)
         await self._store.finish_static_rotation(
             name, version, sealed.to_bytes(), sealed.kek_label, now, next_at
         )
+        _crash_point("stored")
         await self._reseal_if_stale("db_static_roles", name, sealed, password, _password_aad(name))
         return await self.role(name)
 

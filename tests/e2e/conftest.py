@@ -141,6 +141,19 @@ class BrokerProcess:
         self._close()
         return code
 
+    def wait_exit(self, timeout: float = COMMAND_TIMEOUT) -> int:
+        """Wait for the process to end on its own (e.g. a test-only self-SIGKILL); return
+        its exit status (negative: the signal)."""
+        process = self._process
+        assert process is not None, "not running"
+        try:
+            code = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self._kill()
+            pytest.fail(f"broker did not exit within {timeout:.0f} s")
+        self._close()
+        return code
+
     def ensure_stopped(self) -> None:
         if self._process is not None:
             self._kill()

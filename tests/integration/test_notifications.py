@@ -117,6 +117,8 @@ async def _entries(storage: Storage, what: str) -> list[dict[str, object]]:
             {"what": "anomaly.detected", "decision": "flag", "outcome": "ANOMALY"},
             "anomaly.detected",
         ),
+        (_event("secret.due"), "secret.due"),
+        (_event("secret.due", outcome="failed"), None),
         (_event("secrets.revoke", outcome="PERMISSION_DENIED"), None),
         (_event("secrets.get"), None),
     ],

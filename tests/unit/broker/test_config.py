@@ -238,3 +238,26 @@ def test_audit_checkpoint_interval_from_file_and_env_and_bounds(tmp_path: Path) 
         bad_path = _write(tmp_path, GOOD + f'\n[audit]\ncheckpoint_interval = "{bad}"\n')
         with pytest.raises(InvalidArgument, match=r"audit\.checkpoint_interval"):
             load_config(bad_path, environ={})
+
+
+def test_rotation_periods(tmp_path: Path) -> None:
+    (tmp_path / "db-password").write_text("pw\n")
+    default = load_config(_write(tmp_path, GOOD), environ={}).rotation
+    assert (default.kek_period, default.data_key_period) == (
+        dt.timedelta(days=365),
+        dt.timedelta(days=90),
+    )
+    custom = GOOD + '\n[rotation]\nkek_period = "180d"\ndata_key_period = "30d"\n'
+    config = load_config(_write(tmp_path, custom), environ={}).rotation
+    assert (config.kek_period, config.data_key_period) == (
+        dt.timedelta(days=180),
+        dt.timedelta(days=30),
+    )
+    for bad, message in (
+        ('data_key_period = "1h"', "data_key_period must be at least 1d"),
+        ('kek_period = "0s"', "kek_period must be at least 1d"),
+        ('check_interval = "2h"', "check_interval must be between"),
+        ('dek_period = "90d"', "dek_period"),
+    ):
+        with pytest.raises(InvalidArgument, match=message):
+            load_config(_write(tmp_path, GOOD + f"\n[rotation]\n{bad}\n"), environ={})

@@ -159,6 +159,8 @@ async def test_adding_rotates_at_once_and_the_owner_reads_what_the_database_take
     assert (creds.username, creds.password, creds.role.version) == ("app_user", password, 1)
     assert [e["what"] for e in world.audit] == ["db.static-role.rotate"]
     assert world.audit[0]["outcome"] == "rotated"
+    details = world.audit[0]["details"]
+    assert (details["before"], details["after"], details["trigger"]) == (0, 1, "manual")
     assert password not in repr(world.audit)
 
 
