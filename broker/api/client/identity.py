@@ -29,6 +29,7 @@ from .base import (
     _error,
     channel_options,
 )
+from .failover import open_channel
 
 __all__ = ["Attestor", "Entry", "GrpcBrokerLink", "IdentityClient", "JoinToken"]
 
@@ -223,7 +224,9 @@ class GrpcBrokerLink:
             options = channel_options(roots)
         except ClientError as exc:
             raise _as_broker_error(exc) from None
-        with grpc.secure_channel(target, creds, options=options) as channel:
+        with open_channel(
+            target, lambda one: grpc.secure_channel(one, creds, options=options)
+        ) as channel:
             stub = identity_pb2_grpc.WorkloadIdentityStub(channel)
             try:
                 response = stub.Attest(request, timeout=self._timeout)
