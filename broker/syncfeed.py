@@ -18,6 +18,7 @@ Where changes come from:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Hashable
 
 __all__ = ["SyncFeed"]
@@ -50,14 +51,12 @@ class SyncFeed:
         self.changed()
         return True
 
-    async def wait(self, version: int, timeout: float) -> int:
-        """The feed's version once it differs from `version`, or after `timeout` seconds."""
+    async def wait(self, version: int, within: float) -> int:
+        """The feed's version once it differs from `version`, or after `within` seconds."""
         if self._version != version:
             return self._version
         if self._next is None or self._next.done():
             self._next = asyncio.get_running_loop().create_future()
-        try:
-            await asyncio.wait_for(asyncio.shield(self._next), timeout)
-        except TimeoutError:
-            pass
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._next), within)
         return self._version

@@ -33,7 +33,6 @@ from broker.errors import (
     Unauthenticated,
 )
 from broker.policy import Authorize, Caller, decide_absent, opaque_refusals
-from broker.syncfeed import SyncFeed
 from broker.storage.identity import (
     AttestorRecord,
     DenyRecord,
@@ -41,6 +40,7 @@ from broker.storage.identity import (
     IdentityRepository,
     JoinTokenRecord,
 )
+from broker.syncfeed import SyncFeed
 from ca.clock import Clock
 from ca.errors import CAError
 from ca.spiffeid import SpiffeId

@@ -25,6 +25,7 @@ address) per interval, carrying the previous interval's count (`broker.ratelimit
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import datetime as dt
 import inspect
@@ -364,10 +365,9 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         except (BrokerError, ca_errors.CAError) as exc:
             ended.failed(exc)
         finally:
-            try:
+            # ValueError: closed from another context (the client went away).
+            with contextlib.suppress(ValueError):
                 _CURRENT.reset(token)
-            except ValueError:  # closed from another context (the client went away)
-                pass
         if ended.error is not None:
             await self._finish(ended, spec, context, _Cancellation(), started)
 
