@@ -357,7 +357,8 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if refused or outcome.call is None:
             return
         ended = CallOutcome(method, spec.action, outcome.correlation_id, outcome.justification)
-        ended.call, ended.verdict = outcome.call, outcome.verdict
+        # A refusal mid-stream is recorded as one: who and what, decision "deny".
+        ended.seen.update(who=outcome.call.caller.spiffe_id, resource=outcome.call.resource)
         token = _CURRENT.set(outcome.call)
         try:
             async for item in inner(request, context):
