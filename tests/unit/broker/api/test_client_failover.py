@@ -54,7 +54,8 @@ class FakeRpcError(grpc.RpcError, grpc.Call):  # type: ignore[misc]
 
 
 REFUSED = FakeRpcError(
-    grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses; last error: Connection refused"
+    grpc.StatusCode.UNAVAILABLE,
+    "failed to connect to all addresses; last error: Connection refused",
 )
 DROPPED = FakeRpcError(grpc.StatusCode.UNAVAILABLE, "Socket closed")
 DEADLINE = FakeRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
@@ -164,7 +165,7 @@ def test_backoff_with_jitter_then_the_address_is_tried_again() -> None:
 def test_the_backoff_doubles_and_is_jittered() -> None:
     delays = []
     for seed in range(5):
-        channel, fakes, _, clock = _channel()
+        channel, _, _, clock = _channel()
         channel._rng = random.Random(seed)
         for _ in range(3):
             channel.failed(0)
