@@ -62,6 +62,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) the process has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -387,10 +393,12 @@ def run(args: argparse.Namespace) -> int:
         result["rss_kib_before"], result["rss_kib_after"] = rss_before, rss_after
         result["kib_per_agent"] = round(delta / max(1, len(ready)), 1)
         rows_before = _ledger_rows(tmp / "shared.db")
+        cpu_before = [_cpu_s(r.proc.pid) for r in replicas if r.proc]
         hold_start = time.time()
         drain(hold_start + hold)
         rows_after = _ledger_rows(tmp / "shared.db")
         held = time.time() - hold_start
+        cpu_after = [_cpu_s(r.proc.pid) for r in replicas if r.proc]
         renewals = [lat for renewal, lat, when in mints if renewal and when >= hold_start]
         steady = [lat for _, lat, when in mints if when >= hold_start]
         result["steady"] = {
@@ -400,6 +408,8 @@ def run(args: argparse.Namespace) -> int:
             "renewal_latency": _percentiles(renewals),
             "mint_latency": _percentiles(steady),
             "ledger_rows": rows_after - rows_before,
+            # Cores the replicas kept busy (CPU seconds / wall seconds), summed.
+            "server_cores": round((sum(cpu_after) - sum(cpu_before)) / held, 3),
             "ledger_rows_per_agent_hour": round(
                 (rows_after - rows_before) / max(1, len(ready)) * 3600 / held, 1
             ),
@@ -455,7 +465,7 @@ def _print(r: dict[str, Any]) -> None:
     print(
         f"steady state {st.get('seconds')} s: {st.get('mints_per_s')} mints/s, renewal "
         f"latency {st.get('renewal_latency')}, ledger {st.get('ledger_rows_per_agent_hour')} "
-        "rows/agent/hour"
+        f"rows/agent/hour, replicas busy {st.get('server_cores')} cores"
     )
     print(
         f"CA rotation pushed to {rot.get('agents_reached')} agents; all within "
