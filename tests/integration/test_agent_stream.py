@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 
 from broker.api._proto import identity_pb2
 from tests.integration.test_identity import (
@@ -41,6 +42,7 @@ async def test_the_broker_pushes_entry_changes_and_audits_only_the_opening(
     first = await _next(stream)
     assert first.trust_domain == TRUST_DOMAIN and list(first.entries) == []
     assert not first.keepalive and first.bundle_sequence >= 1
+    assert REGISTRY.get_sample_value("broker_agent_streams") == 1
     before = len(await broker.events())
 
     op = broker.operator()

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from cryptography import x509
 
+from broker import metrics
 from broker.attestation import attestor_resource, token_fingerprint
 from broker.authn import Authenticator
 from broker.authority import IssuedX509
@@ -182,6 +183,7 @@ class WorkloadIdentityServicer(identity_pb2_grpc.WorkloadIdentityServicer):  # t
         serial = _peer_serial(context)
         feed = self._svc.feed
         feed.subscribers += 1
+        metrics.set_agent_streams(feed.subscribers)
         try:
             last: identity_pb2.SyncAgentResponse | None = None
             version = feed.version
@@ -199,6 +201,7 @@ class WorkloadIdentityServicer(identity_pb2_grpc.WorkloadIdentityServicer):  # t
                     yield identity_pb2.SyncAgentResponse(keepalive=True)
         finally:
             feed.subscribers -= 1
+            metrics.set_agent_streams(feed.subscribers)
 
     async def MintEntryX509(
         self, request: identity_pb2.MintEntryX509Request, context: grpc.aio.ServicerContext
