@@ -111,14 +111,18 @@ class SyncStream:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
 
+        def hand(item: object) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed (the agent stopped)
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+
         def read() -> None:
             try:
                 for item in watch:
-                    loop.call_soon_threadsafe(queue.put_nowait, item)
+                    hand(item)
             except BaseException as exc:  # handed to the event loop
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
+                hand(exc)
                 return
-            loop.call_soon_threadsafe(queue.put_nowait, _END)
+            hand(_END)
 
         reader = threading.Thread(target=read, name="sync-stream", daemon=True)
         reader.start()
