@@ -289,6 +289,12 @@ class Agent:
             raise InvalidArgument(f"the pinned bundle is not usable: {exc}") from None
         self._anchors = anchors
         self.ready = asyncio.Event()
+        # The sync stream (`broker.agentstream`): set once attested; while the stream is up
+        # the broker pushes syncs and the agent does not poll. Rounds and pushed syncs take
+        # turns (`_round`).
+        self.ready_to_sync = asyncio.Event()
+        self._streaming = False
+        self._round = asyncio.Lock()
 
     # -- what the Workload API reads ------------------------------------------------------
 
@@ -504,9 +510,35 @@ class Agent:
         while True:
             await sleep(await self.step())
 
+    # -- the sync stream (broker.agentstream) -------------------------------------------------
+
+    @property
+    def sync_interval(self) -> float:
+        return self._sync_interval.total_seconds()
+
+    @property
+    def identity_serial(self) -> bytes:
+        """The agent's current SVID (leaf DER): changes when it renews (a new connection)."""
+        return self._agent.chain_der[0] if self._agent is not None else b""
+
+    def stream_up(self, up: bool) -> None:
+        """The sync stream is up (no polling) or down (poll now, then every interval)."""
+        if self._streaming and not up:
+            self._next_sync = self._clock.now()
+        self._streaming = up
+
+    async def pushed(self, result: SyncResult) -> None:
+        """Apply a sync the broker pushed, exactly as a polled one."""
+        async with self._round:
+            await self._sync(result)
+
     async def step(self) -> float:
         """One round: attest or renew the agent's SVID, sync, renew due workload SVIDs.
         Returns the seconds until the next round is due."""
+        async with self._round:
+            return await self._step()
+
+    async def _step(self) -> float:
         now = self._clock.now()
         if now < self._retry_at:
             return (self._retry_at - now).total_seconds()
@@ -515,7 +547,7 @@ class Agent:
                 await self._attest()  # first start, or the SVID ran out (e.g. a long outage)
             elif self._agent_renew_at is not None and now >= self._agent_renew_at:
                 await self._renew_agent()
-            if self._clock.now() >= self._next_sync:
+            if self._clock.now() >= self._next_sync and not self._streaming:
                 await self._sync()
             await self._renew_workloads()
             if self._failures:
@@ -592,9 +624,10 @@ class Agent:
         # for a short SVID would put half-life in the past and renew it at every round.
         start = max(issued.not_before, self._clock.now())
         self._agent_renew_at = renew_at(start, issued.expires_at, self._rng)
+        self.ready_to_sync.set()
 
-    async def _sync(self) -> None:
-        result: SyncResult = await self._blocking(self._link.sync)
+    async def _sync(self, pushed: SyncResult | None = None) -> None:
+        result = pushed if pushed is not None else await self._blocking(self._link.sync)
         self._next_sync = self._clock.now() + self._sync_interval
         snap = self._snapshot
         bundle = snap.bundle

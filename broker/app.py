@@ -339,6 +339,8 @@ class Application:
             try:
                 await self.ca.sync()
                 await self.workloads.refresh_denylist()
+                # Another replica's entry, denylist or rotation wakes the sync streams here.
+                self.workloads.feed.observe(await self.workloads.sync_fingerprint())
                 await self.access.sync()
                 await self.envelope.sync()
                 if loop.time() >= next_rotation:

@@ -202,6 +202,13 @@ AUDIT_FORWARD_FAILURES = Counter(
 )
 
 
+AGENT_STREAMS = Gauge(
+    "broker_agent_streams",
+    "Agents' sync streams (WatchAgent) open on this broker",
+    multiprocess_mode="livesum",
+)
+
+
 def _safe(fn: Any, *args: Any) -> None:
     # Metrics must never fail a request or a job.
     try:
@@ -409,3 +416,8 @@ def record_audit_forwarded(sink: str, count: int) -> None:
 
 def record_audit_forward_failure(sink: str) -> None:
     _safe(lambda: AUDIT_FORWARD_FAILURES.labels(sink).inc())
+
+
+def set_agent_streams(count: int) -> None:
+    """How many agents hold a sync stream on this process."""
+    _safe(lambda: AGENT_STREAMS.set(count))

@@ -40,6 +40,7 @@ from broker.storage.identity import (
     IdentityRepository,
     JoinTokenRecord,
 )
+from broker.syncfeed import SyncFeed
 from ca.clock import Clock
 from ca.errors import CAError
 from ca.spiffeid import SpiffeId
@@ -115,6 +116,10 @@ class Denylist:
             self._serial_records = (*self._serial_records, record)
 
     @property
+    def blocked_ids(self) -> frozenset[str]:
+        return self._ids
+
+    @property
     def serial_records(self) -> tuple[DenyRecord, ...]:
         """The denied serials with when they were denied (what the CRLs list)."""
         return self._serial_records
@@ -133,11 +138,29 @@ class AgentSync:
 
 
 class IdentityService:
-    def __init__(self, ca: CAService, store: IdentityRepository, clock: Clock) -> None:
+    def __init__(
+        self,
+        ca: CAService,
+        store: IdentityRepository,
+        clock: Clock,
+        feed: SyncFeed | None = None,
+    ) -> None:
         self._ca = ca
         self._store = store
         self._clock = clock
         self.denylist = Denylist()
+        # Wakes the agents' sync streams when an entry or the denylist changes here.
+        self.feed = feed or SyncFeed()
+
+    async def sync_fingerprint(self) -> tuple[object, ...]:
+        """What another replica's change would move (`broker.syncfeed`): the bundle sequence,
+        the denylist (both as last re-read) and one aggregate over the entries."""
+        return (
+            self._ca.bundle().sequence,
+            len(self.denylist.serial_records),
+            self.denylist.blocked_ids,
+            await self._store.entries_version(),
+        )
 
     async def refresh_denylist(self) -> None:
         self.denylist.replace(await self._store.list_denied())
@@ -351,6 +374,7 @@ class IdentityService:
                     "parent, selectors, TTLs and DNS names)"
                 )
         await self._store.insert_entry(record)
+        self.feed.changed()
         return record
 
     async def get_entry(self, entry_id: str) -> EntryRecord:
@@ -365,6 +389,7 @@ class IdentityService:
     async def delete_entry(self, entry_id: str) -> None:
         if not await self._store.delete_entry(entry_id):
             raise NotFound(f"no registration entry {entry_id[:80]!r}")
+        self.feed.changed()
 
     # -- denylist ---------------------------------------------------------------------------
 
@@ -384,6 +409,7 @@ class IdentityService:
         record = DenyRecord(kind, value, self._clock.now())
         await self._store.deny(record)
         self.denylist.add(record)
+        self.feed.changed()
         return record
 
     # -- agents -----------------------------------------------------------------------------

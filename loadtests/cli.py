@@ -30,6 +30,10 @@ from loadtests.targets.http import HttpSpec
 __all__ = ["main"]
 
 PEERS = ("openbao",)
+FLEET_DESCRIPTION = (
+    "thousands of simulated agents (--agents N --procs P) holding sync streams and renewing "
+    "SVIDs at half-life; memory per agent, CA rotation push time, renewal latency"
+)
 SMOKE = {"duration": 2.0, "warmup": 0.5, "concurrency": "2", "csr_pool": 16, "rounds": 1}
 
 
@@ -54,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     remotehsm.add_parser(sub)
     preload.add_parser(sub)
     r = sub.add_parser("run", help="run a scenario at one or more concurrency levels")
-    r.add_argument("--scenario", required=True, choices=sorted(SCENARIOS))
+    r.add_argument("--scenario", required=True, choices=sorted([*SCENARIOS, "fleet"]))
     r.add_argument("--concurrency", default=None, help="comma-separated levels (default 1,8,32)")
     r.add_argument("--duration", type=seconds, default=None, help="measured seconds (default 20)")
     r.add_argument("--warmup", type=seconds, default=None, help="unmeasured seconds (default 3)")
@@ -122,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="tiny run for CI: concurrency 2, 0.5 s warm-up, 2 s measured, 16 CSRs",
     )
     r.add_argument("--keep-temp", action="store_true", help="keep the temp dir (debugging)")
+    from loadtests import fleet
+
+    fleet.add_arguments(r)
     return p
 
 
@@ -628,6 +635,10 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "run" and args.scenario == "fleet":
+        from loadtests import fleet
+
+        return fleet.run(args)
     if args.command == "run":
         return run(args)
     if args.command == "preload":
@@ -643,6 +654,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, sc in SCENARIOS.items():
             peers = " [--compare openbao]" if sc.openbao_path else ""
             print(f"{name:<{width}}  {sc.description}{peers}")
+        print(f"{'fleet':<{width}}  {FLEET_DESCRIPTION}")
         return 0
     if args.command == "html":
         import json

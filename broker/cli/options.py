@@ -61,11 +61,15 @@ class CliContext:
 
 
 def default_attest_server(server: str) -> str:
-    """The attestation port's address when none is given: the --server port + 1."""
-    host, _, port = server.rpartition(":")
-    if not host or not port.isdigit():
-        raise click.UsageError(f"--server {server!r} must be HOST:PORT")
-    return f"{host}:{int(port) + 1}"
+    """The attestation port's address when none is given: the --server port + 1 (for each
+    address of a comma-separated list)."""
+    out = []
+    for one in server.split(","):
+        host, _, port = one.strip().rpartition(":")
+        if not host or not port.isdigit():
+            raise click.UsageError(f"--server {one.strip()!r} must be HOST:PORT")
+        out.append(f"{host}:{int(port) + 1}")
+    return ",".join(out)
 
 
 def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> None:
@@ -79,7 +83,7 @@ def setting(ctx: click.Context, name: str) -> Any:
 
 
 def setting_option(
-    *decls: str, on_group: bool, envvar: str | None = None, **attrs: Any
+    *decls: str, on_group: bool, envvar: str | list[str] | None = None, **attrs: Any
 ) -> Callable[[_F], _F]:
     """An option that only records its value in ctx.meta (read back with `setting`)."""
     return click.option(
@@ -105,9 +109,10 @@ def connection_options(*, on_group: bool, output: bool = True) -> Callable[[_F],
         setting_option(
             "--server",
             on_group=on_group,
-            envvar="BROKER_ADDR",
-            metavar="HOST:PORT",
-            help=f"The broker to talk to [default: {DEFAULT_SERVER}].",
+            envvar=["BROKER_ADDR", "BROKER_SERVER"],
+            metavar="HOST:PORT[,HOST:PORT...]",
+            help=f"The broker to talk to; several comma-separated addresses (or a name with "
+            f"several DNS records) fail over [default: {DEFAULT_SERVER}].",
         ),
         data_dir_option(on_group=on_group),
         *(

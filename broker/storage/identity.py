@@ -95,6 +95,11 @@ class IdentityRepository(Protocol):
 
     async def delete_entry(self, entry_id: str) -> bool: ...
 
+    async def entries_version(self) -> tuple[int, str]:
+        """A cheap fingerprint of all registration entries (count, newest creation): moves
+        when one is created or deleted (`broker.syncfeed`)."""
+        ...
+
     async def deny(self, record: DenyRecord) -> bool:
         """Add to the denylist; False when it was there already (idempotent)."""
         ...
@@ -240,6 +245,13 @@ class SqlIdentityRepository:
                     query + " WHERE parent_id = ? ORDER BY spiffe_id, id", parent_id
                 )
         return [self._entry(r) for r in rows]
+
+    async def entries_version(self) -> tuple[int, str]:
+        async with self._b.transaction(write=False) as tx:
+            row = await tx.fetchrow("SELECT COUNT(*), MAX(created_at) FROM registration_entries")
+        if row is None:
+            return 0, ""
+        return int(row[0]), str(row[1] or "")
 
     async def delete_entry(self, entry_id: str) -> bool:
         async with self._b.transaction(write=True) as tx:

@@ -4,6 +4,7 @@ against SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import hashlib
 from collections.abc import AsyncIterator
@@ -106,6 +107,23 @@ async def test_entries_round_trip_and_filter_by_parent(store: IdentityRepository
     assert await store.delete_entry("e1") is True
     assert await store.delete_entry("e1") is False
     assert await store.get_entry("e1") is None
+
+
+async def test_the_entries_version_moves_on_every_create_and_delete(
+    store: IdentityRepository,
+) -> None:
+    """What another replica polls to wake its agents' sync streams (broker.syncfeed)."""
+    empty = await store.entries_version()
+    await store.insert_entry(_entry("e1"))
+    one = await store.entries_version()
+    assert one != empty and one[0] == 1
+    later = dataclasses.replace(_entry("e2"), created_at=T0 + dt.timedelta(seconds=1))
+    await store.insert_entry(later)
+    assert await store.delete_entry("e1") is True
+    swapped = await store.entries_version()  # same count, newer entry: still a change
+    assert swapped[0] == 1 and swapped != one
+    assert await store.delete_entry("e2") is True
+    assert await store.entries_version() == empty
 
 
 async def test_attestors_are_unique_by_name_and_issuer(store: IdentityRepository) -> None:

@@ -164,3 +164,22 @@ def test_preload_smoke_fills_the_tables_and_the_ledger_still_verifies(tmp_path: 
     assert full["counts"]["db_leases"] == empty["counts"]["db_leases"] + 20
     assert full["counts"]["registration_entries"] == empty["counts"]["registration_entries"] + 10
     assert "| broker start |" in res.stdout
+
+
+def test_fleet_smoke_connects_every_agent_and_pushes_a_rotation_to_all(tmp_path: Path) -> None:
+    """`--scenario fleet --smoke`: a handful of simulated agents over two processes against
+    two replicas on one storage; every agent attests, holds its sync stream and its SVIDs, and
+    the forced CA rotation reaches every agent's stream. Figures are measured, not judged."""
+    out = tmp_path / "fleet"
+    res = _loadtests(
+        "run", "--scenario", "fleet", "--smoke", "--agents", "6", "--procs", "2",
+        "--replicas", "2", "--report", str(out),
+    )  # fmt: skip
+    assert res.returncode == 0, f"stdout:\n{res.stdout}\nstderr:\n{res.stderr[-4000:]}"
+    rep = json.loads((out / "fleet.json").read_text())
+    assert rep["agents"] == 6 and rep["connected"] == 6 and rep["replicas"] == 2
+    assert rep["errors"] == 0, rep["error_samples"]
+    assert rep["rotation"]["agents_reached"] == 6
+    assert rep["rotation"]["all_reached_s"] is not None
+    assert rep["kib_per_agent"] is not None
+    assert "CA rotation pushed to 6 agents" in res.stdout

@@ -45,18 +45,26 @@ class SyncAgentRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SyncAgentResponse(_message.Message):
-    __slots__ = ("entries", "trust_domain", "bundle_jwks", "bundle_sequence", "crl")
+    __slots__ = ("entries", "trust_domain", "bundle_jwks", "bundle_sequence", "crl", "keepalive")
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     TRUST_DOMAIN_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_JWKS_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     CRL_FIELD_NUMBER: _ClassVar[int]
+    KEEPALIVE_FIELD_NUMBER: _ClassVar[int]
     entries: _containers.RepeatedCompositeFieldContainer[Entry]
     trust_domain: str
     bundle_jwks: bytes
     bundle_sequence: int
     crl: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, entries: _Optional[_Iterable[_Union[Entry, _Mapping]]] = ..., trust_domain: _Optional[str] = ..., bundle_jwks: _Optional[bytes] = ..., bundle_sequence: _Optional[int] = ..., crl: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    keepalive: bool
+    def __init__(self, entries: _Optional[_Iterable[_Union[Entry, _Mapping]]] = ..., trust_domain: _Optional[str] = ..., bundle_jwks: _Optional[bytes] = ..., bundle_sequence: _Optional[int] = ..., crl: _Optional[_Iterable[bytes]] = ..., keepalive: _Optional[bool] = ...) -> None: ...
+
+class WatchAgentRequest(_message.Message):
+    __slots__ = ("agent_id",)
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    def __init__(self, agent_id: _Optional[str] = ...) -> None: ...
 
 class MintEntryX509Request(_message.Message):
     __slots__ = ("entry_id", "csr")

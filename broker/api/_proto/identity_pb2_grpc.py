@@ -50,6 +50,11 @@ class WorkloadIdentityStub:
                 request_serializer=broker_dot_v1_dot_identity__pb2.SyncAgentRequest.SerializeToString,
                 response_deserializer=broker_dot_v1_dot_identity__pb2.SyncAgentResponse.FromString,
                 _registered_method=True)
+        self.WatchAgent = channel.unary_stream(
+                '/broker.v1.WorkloadIdentity/WatchAgent',
+                request_serializer=broker_dot_v1_dot_identity__pb2.WatchAgentRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_identity__pb2.SyncAgentResponse.FromString,
+                _registered_method=True)
         self.MintEntryX509 = channel.unary_unary(
                 '/broker.v1.WorkloadIdentity/MintEntryX509',
                 request_serializer=broker_dot_v1_dot_identity__pb2.MintEntryX509Request.SerializeToString,
@@ -127,6 +132,15 @@ class WorkloadIdentityServicer:
 
     def SyncAgent(self, request, context):
         """The entries whose parent is the calling agent, and the trust bundle.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchAgent(self, request, context):
+        """The same as a stream the broker pushes: the full sync first, then a new one whenever what
+        it says changed (entries, bundle or CA rotation, denylist), and a bare `keepalive` message
+        when nothing changed for a while. `agent_id` is the caller's own SPIFFE ID.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -217,6 +231,11 @@ def add_WorkloadIdentityServicer_to_server(servicer, server):
             'SyncAgent': grpc.unary_unary_rpc_method_handler(
                     servicer.SyncAgent,
                     request_deserializer=broker_dot_v1_dot_identity__pb2.SyncAgentRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_identity__pb2.SyncAgentResponse.SerializeToString,
+            ),
+            'WatchAgent': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchAgent,
+                    request_deserializer=broker_dot_v1_dot_identity__pb2.WatchAgentRequest.FromString,
                     response_serializer=broker_dot_v1_dot_identity__pb2.SyncAgentResponse.SerializeToString,
             ),
             'MintEntryX509': grpc.unary_unary_rpc_method_handler(
@@ -355,6 +374,33 @@ class WorkloadIdentity:
             target,
             '/broker.v1.WorkloadIdentity/SyncAgent',
             broker_dot_v1_dot_identity__pb2.SyncAgentRequest.SerializeToString,
+            broker_dot_v1_dot_identity__pb2.SyncAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/broker.v1.WorkloadIdentity/WatchAgent',
+            broker_dot_v1_dot_identity__pb2.WatchAgentRequest.SerializeToString,
             broker_dot_v1_dot_identity__pb2.SyncAgentResponse.FromString,
             options,
             channel_credentials,

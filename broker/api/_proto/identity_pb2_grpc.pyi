@@ -44,6 +44,11 @@ class WorkloadIdentityStub:
     """An agent renews its own SVID (mTLS with the current one); refused when denylisted."""
     SyncAgent: _grpc.UnaryUnaryMultiCallable[_identity_pb2.SyncAgentRequest, _identity_pb2.SyncAgentResponse]
     """The entries whose parent is the calling agent, and the trust bundle."""
+    WatchAgent: _grpc.UnaryStreamMultiCallable[_identity_pb2.WatchAgentRequest, _identity_pb2.SyncAgentResponse]
+    """The same as a stream the broker pushes: the full sync first, then a new one whenever what
+    it says changed (entries, bundle or CA rotation, denylist), and a bare `keepalive` message
+    when nothing changed for a while. `agent_id` is the caller's own SPIFFE ID.
+    """
     MintEntryX509: _grpc.UnaryUnaryMultiCallable[_identity_pb2.MintEntryX509Request, _identity_pb2.EntryX509SVID]
     """An X.509-SVID for an entry whose parent is the calling agent (the agent's CSR)."""
     MintEntryJWT: _grpc.UnaryUnaryMultiCallable[_identity_pb2.MintEntryJWTRequest, _identity_pb2.EntryJWTSVID]
@@ -70,6 +75,11 @@ class WorkloadIdentityAsyncStub(WorkloadIdentityStub):
     """An agent renews its own SVID (mTLS with the current one); refused when denylisted."""
     SyncAgent: _aio.UnaryUnaryMultiCallable[_identity_pb2.SyncAgentRequest, _identity_pb2.SyncAgentResponse]  # type: ignore[assignment]
     """The entries whose parent is the calling agent, and the trust bundle."""
+    WatchAgent: _aio.UnaryStreamMultiCallable[_identity_pb2.WatchAgentRequest, _identity_pb2.SyncAgentResponse]  # type: ignore[assignment]
+    """The same as a stream the broker pushes: the full sync first, then a new one whenever what
+    it says changed (entries, bundle or CA rotation, denylist), and a bare `keepalive` message
+    when nothing changed for a while. `agent_id` is the caller's own SPIFFE ID.
+    """
     MintEntryX509: _aio.UnaryUnaryMultiCallable[_identity_pb2.MintEntryX509Request, _identity_pb2.EntryX509SVID]  # type: ignore[assignment]
     """An X.509-SVID for an entry whose parent is the calling agent (the agent's CSR)."""
     MintEntryJWT: _aio.UnaryUnaryMultiCallable[_identity_pb2.MintEntryJWTRequest, _identity_pb2.EntryJWTSVID]  # type: ignore[assignment]
@@ -111,6 +121,17 @@ class WorkloadIdentityServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_identity_pb2.SyncAgentResponse, _abc.Awaitable[_identity_pb2.SyncAgentResponse]]:
         """The entries whose parent is the calling agent, and the trust bundle."""
+
+    @_abc_1.abstractmethod
+    def WatchAgent(
+        self,
+        request: _identity_pb2.WatchAgentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_identity_pb2.SyncAgentResponse], _abc.AsyncIterator[_identity_pb2.SyncAgentResponse]]:
+        """The same as a stream the broker pushes: the full sync first, then a new one whenever what
+        it says changed (entries, bundle or CA rotation, denylist), and a bare `keepalive` message
+        when nothing changed for a while. `agent_id` is the caller's own SPIFFE ID.
+        """
 
     @_abc_1.abstractmethod
     def MintEntryX509(

@@ -25,6 +25,8 @@ from cryptography.exceptions import InvalidSignature
 from ca.errors import CAError
 from ca.x509svid import server_name, trust_domain_of_roots
 
+from .failover import open_channel
+
 __all__ = [
     "MAX_MESSAGE_BYTES",
     "BrokerClient",
@@ -214,7 +216,8 @@ def channel_options(
 
 
 class BrokerClient:
-    """A connection to one broker. Not thread-safe to close while calls are running;
+    """A connection to a broker (`target` may list several, comma-separated: see
+    `failover.FailoverChannel`). Not thread-safe to close while calls are running;
     use it as a context manager or call `close()`.
 
     The server is accepted only if its certificate chains to the bundle in `credentials` and
@@ -243,7 +246,11 @@ class BrokerClient:
             private_key=credentials.private_key,
             certificate_chain=credentials.cert_chain,
         )
-        self._channel = grpc.secure_channel(target, channel_credentials, options=options)
+        # Several addresses ("a:8443,b:8443", or a name with several DNS records): one channel
+        # that fails over between them (`failover.FailoverChannel`).
+        self._channel = open_channel(
+            target, lambda one: grpc.secure_channel(one, channel_credentials, options=options)
+        )
 
     def __enter__(self) -> BrokerClient:
         return self

@@ -6,7 +6,7 @@ the agent's current SVID)."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 
 from broker.agent import AgentEntry, AgentSVID, JWTResult, SyncResult
+from broker.agentstream import StreamUnsupported
 from broker.api._proto import identity_pb2, identity_pb2_grpc
 from broker.api.client.records import record_from
 from broker.api.timestamps import to_datetime
@@ -29,6 +30,7 @@ from .base import (
     _error,
     channel_options,
 )
+from .failover import open_channel
 
 __all__ = ["Attestor", "Entry", "GrpcBrokerLink", "IdentityClient", "JoinToken"]
 
@@ -179,6 +181,39 @@ def _issued(r: Any) -> AgentSVID:
     )
 
 
+def _sync_result(r: Any) -> SyncResult:
+    return SyncResult(
+        entries=[
+            AgentEntry(e.id, e.spiffe_id, frozenset(e.selectors), tuple(e.dns_names))
+            for e in r.entries
+        ],
+        trust_domain=r.trust_domain,
+        bundle_jwks=r.bundle_jwks,
+        bundle_sequence=r.bundle_sequence,
+        crl=tuple(bytes(c) for c in r.crl),
+    )
+
+
+class _Watch:
+    """An open WatchAgent stream as `broker.agentstream.SyncWatch`."""
+
+    def __init__(self, call: Any, credentials: ClientCredentials) -> None:
+        self._call = call
+        self._credentials = credentials
+
+    def __iter__(self) -> Iterator[SyncResult | None]:
+        try:
+            for message in self._call:
+                yield None if message.keepalive else _sync_result(message)
+        except grpc.RpcError as exc:
+            if isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                raise StreamUnsupported(exc.details() or "UNIMPLEMENTED") from None
+            raise _as_broker_error(_error(exc, self._credentials)) from None
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
 class GrpcBrokerLink:
     """`broker.agent.BrokerLink` over gRPC. Thread-safe enough for the agent: calls come one
     at a time from worker threads; `use_identity` and `use_roots` swap the mTLS client under a
@@ -223,7 +258,9 @@ class GrpcBrokerLink:
             options = channel_options(roots)
         except ClientError as exc:
             raise _as_broker_error(exc) from None
-        with grpc.secure_channel(target, creds, options=options) as channel:
+        with open_channel(
+            target, lambda one: grpc.secure_channel(one, creds, options=options)
+        ) as channel:
             stub = identity_pb2_grpc.WorkloadIdentityStub(channel)
             try:
                 response = stub.Attest(request, timeout=self._timeout)
@@ -277,17 +314,19 @@ class GrpcBrokerLink:
         return _issued(self._call("RenewAgent", identity_pb2.RenewAgentRequest(csr=csr_der)))
 
     def sync(self) -> SyncResult:
-        r = self._call("SyncAgent", identity_pb2.SyncAgentRequest())
-        return SyncResult(
-            entries=[
-                AgentEntry(e.id, e.spiffe_id, frozenset(e.selectors), tuple(e.dns_names))
-                for e in r.entries
-            ],
-            trust_domain=r.trust_domain,
-            bundle_jwks=r.bundle_jwks,
-            bundle_sequence=r.bundle_sequence,
-            crl=tuple(bytes(c) for c in r.crl),
+        return _sync_result(self._call("SyncAgent", identity_pb2.SyncAgentRequest()))
+
+    def watch(self, agent_id: str) -> _Watch:
+        """Open the broker's sync stream (`broker.agentstream`); no deadline (it lives until
+        cancelled, the connection drops or the agent's identity changes)."""
+        with self._lock:
+            client, stub = self._client, self._stub
+        if client is None:
+            raise Unavailable("the agent has not attested yet")
+        call = stub.WatchAgent(
+            identity_pb2.WatchAgentRequest(agent_id=agent_id), metadata=client._metadata()
         )
+        return _Watch(call, client._credentials)
 
     def mint_x509(self, entry_id: str, csr_der: bytes) -> AgentSVID:
         return _issued(

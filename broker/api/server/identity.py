@@ -4,18 +4,20 @@ and sync, entry minting, join tokens, attestors, registration entries, the denyl
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
 from cryptography import x509
 
+from broker import metrics
 from broker.attestation import attestor_resource, token_fingerprint
 from broker.authn import Authenticator
 from broker.authority import IssuedX509
 from broker.errors import InvalidArgument
 from broker.policy import Action
 from broker.storage.identity import AttestorRecord, EntryRecord
-from broker.workloads import IdentityService
+from broker.workloads import AgentSync, IdentityService
 
 from .._proto import identity_pb2, identity_pb2_grpc
 from ..timestamps import to_timestamp
@@ -30,6 +32,9 @@ if TYPE_CHECKING:
 __all__ = ["IDENTITY_SPECS", "WorkloadIdentityServicer", "binding"]
 
 _SVC = "/broker.v1.WorkloadIdentity/"
+# A WatchAgent stream with no change sends a bare keepalive this often (lets the agent tell a
+# quiet broker from a dead connection; 5,000 agents make ~80 tiny messages a second).
+WATCH_KEEPALIVE_SECONDS = 60.0
 
 
 def _attest_resource(request: Any) -> str:
@@ -42,6 +47,8 @@ IDENTITY_SPECS: dict[str, MethodSpec] = {
     _SVC + "Attest": MethodSpec(Action.ATTEST, _attest_resource, bootstrap=True),
     _SVC + "RenewAgent": MethodSpec(Action.AGENT_RENEW, deferred=True),
     _SVC + "SyncAgent": MethodSpec(Action.AGENT_SYNC, deferred=True),
+    # The stream's opening is audited (and its refusal); what it pushes is not (module doc).
+    _SVC + "WatchAgent": MethodSpec(Action.AGENT_SYNC, lambda r: r.agent_id[:2100]),
     _SVC + "MintEntryX509": MethodSpec(Action.AGENT_SYNC, lambda r: r.entry_id[:64], deferred=True),
     _SVC + "MintEntryJWT": MethodSpec(Action.AGENT_SYNC, lambda r: r.entry_id[:64], deferred=True),
     # Deferred: a join token for a prod identity is minting it by proxy (second operator).
@@ -91,6 +98,16 @@ def _entry(e: EntryRecord) -> identity_pb2.Entry:
         jwt_ttl_seconds=e.jwt_ttl,
         dns_names=list(e.dns_names),
         created_at=to_timestamp(e.created_at),
+    )
+
+
+def _sync_message(sync: AgentSync) -> identity_pb2.SyncAgentResponse:
+    return identity_pb2.SyncAgentResponse(
+        entries=[_entry(e) for e in sync.entries],
+        trust_domain=sync.trust_domain,
+        bundle_jwks=sync.bundle_jwks,
+        bundle_sequence=sync.bundle_sequence,
+        crl=list(sync.crl),
     )
 
 
@@ -150,13 +167,41 @@ class WorkloadIdentityServicer(identity_pb2_grpc.WorkloadIdentityServicer):  # t
         call.authorize(call.caller.spiffe_id)
         sync = await self._svc.sync(call.caller, _peer_serial(context))
         call.details.update(entries=len(sync.entries))
-        return identity_pb2.SyncAgentResponse(
-            entries=[_entry(e) for e in sync.entries],
-            trust_domain=sync.trust_domain,
-            bundle_jwks=sync.bundle_jwks,
-            bundle_sequence=sync.bundle_sequence,
-            crl=list(sync.crl),
-        )
+        return _sync_message(sync)
+
+    async def WatchAgent(
+        self, request: identity_pb2.WatchAgentRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[identity_pb2.SyncAgentResponse]:
+        """The agent's sync pushed: the full sync, then a new one on every change the feed
+        reports (`broker.syncfeed`) that alters what this agent is told, a keepalive when
+        nothing changed for `WATCH_KEEPALIVE_SECONDS`. Ends with PERMISSION_DENIED once the
+        agent is denylisted."""
+        call = current_call()
+        agent = call.caller
+        if request.agent_id != agent.spiffe_id:
+            raise InvalidArgument("WatchAgent streams the calling agent's own sync only")
+        serial = _peer_serial(context)
+        feed = self._svc.feed
+        feed.subscribers += 1
+        metrics.set_agent_streams(feed.subscribers)
+        try:
+            last: identity_pb2.SyncAgentResponse | None = None
+            version = feed.version
+            stale = True
+            while True:
+                if stale:
+                    message = _sync_message(await self._svc.sync(agent, serial))
+                    if message != last:
+                        last = message
+                        yield message
+                seen = await feed.wait(version, WATCH_KEEPALIVE_SECONDS)
+                stale = seen != version
+                version = seen
+                if not stale:
+                    yield identity_pb2.SyncAgentResponse(keepalive=True)
+        finally:
+            feed.subscribers -= 1
+            metrics.set_agent_streams(feed.subscribers)
 
     async def MintEntryX509(
         self, request: identity_pb2.MintEntryX509Request, context: grpc.aio.ServicerContext

@@ -25,6 +25,7 @@ address) per interval, carrying the previous interval's count (`broker.ratelimit
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import datetime as dt
 import inspect
@@ -307,6 +308,14 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         `context.write`, as the health service's Watch) by awaiting it, so the wrapper must be
         the same kind (iterating a coroutine is a TypeError that reached clients)."""
 
+        if inspect.isasyncgenfunction(inner) and unary and spec is not None and spec.audited:
+
+            async def audited(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                async for item in self._audited_stream(method, spec, inner, request, context):
+                    yield item
+
+            return audited
+
         if inspect.isasyncgenfunction(inner):
 
             async def generator(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -321,6 +330,47 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return await inner(request, context)
 
         return writer
+
+    async def _audited_stream(
+        self,
+        method: str,
+        spec: MethodSpec,
+        inner: Callable[..., Any],
+        request: Any,
+        context: grpc.aio.ServicerContext,
+    ) -> Any:
+        """A server stream of an audited spec (the agents' sync stream): its opening is
+        admitted and audited like a unary call — a refusal is one audit event and an error
+        status, an admitted stream one "allow" event — and what it pushes afterwards is not
+        (the changes it reports are audited where they are made). A domain error the servicer
+        raises mid-stream (e.g. the agent was denylisted) ends the stream with its status and
+        is audited as a refusal."""
+        started = time.perf_counter()
+        outcome = self._admission(method, spec, request, context)
+        if outcome.call is not None:
+            try:
+                self._ledger.ensure_writable()
+            except Exception as exc:
+                outcome.failed(exc)
+        refused = outcome.error is not None
+        await self._finish(outcome, spec, context, _Cancellation(), started)
+        if refused or outcome.call is None:
+            return
+        ended = CallOutcome(method, spec.action, outcome.correlation_id, outcome.justification)
+        # A refusal mid-stream is recorded as one: who and what, decision "deny".
+        ended.seen.update(who=outcome.call.caller.spiffe_id, resource=outcome.call.resource)
+        token = _CURRENT.set(outcome.call)
+        try:
+            async for item in inner(request, context):
+                yield item
+        except (BrokerError, ca_errors.CAError) as exc:
+            ended.failed(exc)
+        finally:
+            # ValueError: closed from another context (the client went away).
+            with contextlib.suppress(ValueError):
+                _CURRENT.reset(token)
+        if ended.error is not None:
+            await self._finish(ended, spec, context, _Cancellation(), started)
 
     # -- the chain ------------------------------------------------------------------------
 

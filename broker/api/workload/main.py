@@ -18,6 +18,7 @@ from cryptography import x509
 
 from broker.agent import Agent, FileDelivery
 from broker.agenthealth import serve_health
+from broker.agentstream import SyncStream
 from broker.errors import InvalidArgument
 from broker.logs import configure as configure_logs
 from broker.secretfiles import SecretFiles
@@ -161,6 +162,8 @@ async def _agent_main(options: AgentOptions, clock: Clock) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     runner = asyncio.create_task(agent.run())
+    # The broker pushes syncs over a stream; the agent polls only while it is down.
+    streamer = asyncio.create_task(SyncStream(agent, link).run())
     secrets_task = None if secret_files is None else asyncio.create_task(secret_files.run())
     announced = asyncio.create_task(agent.ready.wait())
     stopping = asyncio.create_task(stop.wait())
@@ -174,8 +177,10 @@ async def _agent_main(options: AgentOptions, clock: Clock) -> None:
             )
         await stopping
     finally:
-        for task in (runner, announced, stopping):
+        for task in (runner, announced, stopping, streamer):
             task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await streamer
         if secrets_task is not None:
             secrets_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
