@@ -75,6 +75,22 @@ class CAService:
     async def rotate(self, force: bool = False) -> list[str]:
         return await self.authorities.rotate(force)
 
+    async def rotate_root(
+        self, *, compromised: bool = False, activate_after: dt.timedelta | None = None
+    ) -> list[str]:
+        """`broker ca rotate --root [--compromised]` (see `ca.rootrotation`)."""
+        return await self.authorities.rotate_root(
+            compromised=compromised, activate_after=activate_after
+        )
+
+    def chain_extra(self) -> list[x509.Certificate]:
+        """Cross-certificates to append to a chain issued now (after the issuing CA)."""
+        return [x509.load_der_x509_certificate(d) for d in self.authorities.snapshot().chain_extra]
+
+    def root_cross_certificates(self) -> tuple[bytes, ...]:
+        """Every valid cross-certificate between roots (DER), for agents."""
+        return self.authorities.snapshot().cross_der
+
     async def sync(self) -> None:
         """Pick up what another process or replica changed: a rotation (the CA journal's
         counter moved) or a new CA policy. Two small reads; called every few seconds."""
