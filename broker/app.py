@@ -264,7 +264,9 @@ class Application:
             dns_names=dns,
             ip_addresses=ips,
         )
-        chain = chain_pem((leaf, issuer))
+        # During a root rotation the chain also carries the active root certified by the older
+        # one, so a client that still trusts only the older root can verify the broker.
+        chain = chain_pem((leaf, issuer, *self.ca.chain_extra()))
         return TLSMaterial(
             _pem_key(key), chain, self.ca.trust_bundle_pem(), leaf.not_valid_after_utc
         )

@@ -247,6 +247,7 @@ NOTIFICATION_KINDS = (
     "breakglass.used",
     "anomaly.detected",
     "audit.verification_failed",
+    "ca.root_compromised",
 )
 
 

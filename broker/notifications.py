@@ -11,6 +11,7 @@ integrity hook calls `Notifier.integrity_failure`:
   breakglass.used           any request allowed by a break-glass credential
   anomaly.detected          the anomaly detector's entry
   audit.verification_failed the ledger found its tail cut off or rewritten
+  ca.root_compromised       `broker ca rotate --root --compromised` replaced the roots
 
 Each is POSTed as JSON to every channel that wants its kind, with
 `X-Broker-Signature: sha256=<hex HMAC-SHA256 of the body>` under the key `broker-notify-mac`
@@ -63,6 +64,8 @@ def classify(event: Mapping[str, Any]) -> str | None:
         return "svid.denied"
     if what == "breakglass.issue":
         return "breakglass.issued"
+    if what == "ca.rotate" and (event.get("details") or {}).get("compromised"):
+        return "ca.root_compromised"
     if event.get("rule") == "break-glass":
         return "breakglass.used"
     return None
@@ -143,6 +146,9 @@ class Notifier:
         if kind is None:
             return
         details = {k: event[k] for k in ("method", "rule", "reason", "why") if event.get(k)}
+        if kind == "ca.root_compromised":
+            details["actions"] = list((event.get("details") or {}).get("actions", []))[:20]
+            details["runbook"] = "docs/runbooks/compromised-root-key.md"
         self._enqueue(
             Notification(
                 id=uuid.uuid4().hex,

@@ -156,6 +156,7 @@ class WorkloadIdentityServicer(identity_pb2_grpc.WorkloadIdentityServicer):  # t
             bundle_jwks=sync.bundle_jwks,
             bundle_sequence=sync.bundle_sequence,
             crl=list(sync.crl),
+            root_cross_certificates=list(sync.root_cross),
         )
 
     async def MintEntryX509(

@@ -162,7 +162,7 @@ async def test_a_root_rotation_while_one_is_in_progress_is_refused_and_changes_n
 ) -> None:
     await ca.rotate_root(activate_after=dt.timedelta(minutes=10))
     states, sequence = await _states(ca), ca.bundle().sequence
-    with pytest.raises(FailedPrecondition, match="already in progress.*publishing"):
+    with pytest.raises(FailedPrecondition, match=r"already in progress.*publishing"):
         await ca.rotate_root()
     assert await _states(ca) == states and ca.bundle().sequence == sequence
     clock.advance(minutes=11)
