@@ -287,6 +287,7 @@ class GrpcBrokerLink:
             bundle_jwks=r.bundle_jwks,
             bundle_sequence=r.bundle_sequence,
             crl=tuple(bytes(c) for c in r.crl),
+            root_cross=tuple(bytes(c) for c in r.root_cross_certificates),
         )
 
     def mint_x509(self, entry_id: str, csr_der: bytes) -> AgentSVID:
