@@ -55,6 +55,10 @@ BUNDLE_COUNTER = "bundle_sequence"
 JOURNAL_COUNTER = "ca_journal"  # bumped on every change of the CA journal
 ROOT_ACTIVATE_AT = "root_activate_at"  # "<root id> <ISO time>": when a prepared root activates
 ROOT_CROSS = "root_cross"  # JSON list of cross-certificates between roots
+# After a compromised-root rotation: the replaced issuing CAs' key ids (refused for good, except
+# that agents may sync and renew their own SVID until the grace ends) and the replaced roots.
+ROOT_REPLACED = "root_replaced"
+DEFAULT_AGENT_GRACE = dt.timedelta(minutes=10)
 ROOT_PATH_LENGTH = 2  # root -> cross-certificate -> issuing CA -> leaf
 _PUBLISHED_ROOT_STATES = ("prepared", "active", "retired")
 KINDS = {"ec-p256": KeyKind.EC_P256, "ec-p384": KeyKind.EC_P384}
@@ -91,6 +95,18 @@ class Snapshot:
     chain_extra: tuple[bytes, ...] = ()
     # Every cross-certificate still valid (sent to agents with the bundle).
     cross_der: tuple[bytes, ...] = ()
+    # After a compromised-root rotation (see ROOT_REPLACED).
+    replaced: Replaced | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Replaced:
+    """What a compromised-root rotation replaced: the issuing CAs' key identifiers (SKI) and
+    the roots, and until when agents may still renew with an SVID issued under them."""
+
+    issuer_key_ids: frozenset[bytes]
+    roots_pem: bytes
+    grace_until: dt.datetime
 
 
 class AuthorityManager:
@@ -226,6 +242,7 @@ class AuthorityManager:
                 base64.b64decode(e["der"]) for e, _ in cross if e["subject"] == active_root
             ),
             cross_der=tuple(base64.b64decode(e["der"]) for e, _ in cross),
+            replaced=await self._replaced(),
         )
 
     def snapshot(self) -> Snapshot:
@@ -512,8 +529,45 @@ class AuthorityManager:
                     await self._bump_bundle()
         return done
 
+    async def _replaced(self) -> Replaced | None:
+        raw = await self._storage.get_meta(ROOT_REPLACED)
+        if not raw:
+            return None
+        doc = json.loads(raw)
+        return Replaced(
+            issuer_key_ids=frozenset(bytes.fromhex(k) for k in doc["issuer_key_ids"]),
+            roots_pem=doc["roots_pem"].encode(),
+            grace_until=dt.datetime.fromisoformat(doc["grace_until"]),
+        )
+
+    async def _record_replaced(
+        self,
+        issuing: Sequence[AuthorityRecord],
+        roots: Sequence[AuthorityRecord],
+        grace_until: dt.datetime,
+    ) -> None:
+        previous = await self._replaced()
+        kids = set(previous.issuer_key_ids) if previous is not None else set()
+        for record in issuing:
+            cert = x509.load_der_x509_certificate(record.cert_der)
+            kids.add(x509.SubjectKeyIdentifier.from_public_key(cert.public_key()).digest)  # type: ignore[arg-type]
+        pem = b"".join(
+            x509.load_der_x509_certificate(r.cert_der).public_bytes(serialization.Encoding.PEM)
+            for r in roots
+        )
+        doc = {
+            "issuer_key_ids": sorted(k.hex() for k in kids),
+            "roots_pem": pem.decode(),
+            "grace_until": grace_until.isoformat(),
+        }
+        await self._storage.set_meta(ROOT_REPLACED, json.dumps(doc))
+
     async def rotate_root(
-        self, *, compromised: bool = False, activate_after: dt.timedelta | None = None
+        self,
+        *,
+        compromised: bool = False,
+        activate_after: dt.timedelta | None = None,
+        agent_grace: dt.timedelta | None = None,
     ) -> list[str]:
         """Start a planned root rotation (publish a new root now, activate it after
         `activate_after`, by default the bundle's refresh hint), or, `compromised`, replace
@@ -521,7 +575,7 @@ class AuthorityManager:
         while a root rotation is still in progress."""
         started, outcome = time.perf_counter(), "error"
         try:
-            done = await self._rotate_root(compromised, activate_after)
+            done = await self._rotate_root(compromised, activate_after, agent_grace)
             outcome = "rotated"
             return done
         finally:
@@ -532,10 +586,15 @@ class AuthorityManager:
             )
 
     async def _rotate_root(
-        self, compromised: bool, activate_after: dt.timedelta | None
+        self,
+        compromised: bool,
+        activate_after: dt.timedelta | None,
+        agent_grace: dt.timedelta | None,
     ) -> list[str]:
         if activate_after is not None and activate_after < dt.timedelta(0):
             raise FailedPrecondition("--activate-after must not be negative")
+        if agent_grace is not None and not dt.timedelta(0) <= agent_grace <= dt.timedelta(days=1):
+            raise FailedPrecondition("--agent-grace must be between 0s and 24h")
         async with self._rotate_lock:
             now = self._clock.now()
             if not await self._storage.try_lease(ROTATION_LEASE, self._owner, 60.0, now):
@@ -546,7 +605,8 @@ class AuthorityManager:
             try:
                 records = await self._storage.list_authorities()
                 if compromised:
-                    done = await self._replace_roots(records, now)
+                    grace = DEFAULT_AGENT_GRACE if agent_grace is None else agent_grace
+                    done = await self._replace_roots(records, now, now + grace)
                 else:
                     phase = rootrotation.phase_of(await self._root_views(records))
                     if phase is not rootrotation.RootPhase.STEADY:
@@ -584,7 +644,7 @@ class AuthorityManager:
         ]
 
     async def _replace_roots(
-        self, records: Sequence[AuthorityRecord], now: dt.datetime
+        self, records: Sequence[AuthorityRecord], now: dt.datetime, grace_until: dt.datetime
     ) -> list[str]:
         """The emergency path: a new active root; every other root and every issuing CA they
         signed out of the bundle at once (keys destroyed); a new issuing CA under the new root.
@@ -609,6 +669,16 @@ class AuthorityManager:
                 gen.id, from_state=str(gen.state), to_state="expired", at=now
             ):
                 done.append(f"removed {gen.id}")
+        await self._record_replaced(
+            [r for r in records if r.kind == "issuing" and str(r.state) != "expired"],
+            old_roots,
+            grace_until,
+        )
+        if grace_until > now:
+            done.append(
+                f"agents may renew their own SVIDs issued under the old roots until "
+                f"{grace_until.isoformat()}; nothing else accepts them"
+            )
         for gone in [*old_roots, *(r for r in records if r.kind == "issuing")]:
             if str(gone.state) != "expired":
                 self._destroy_keys(gone.id, records)

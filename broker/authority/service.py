@@ -34,6 +34,7 @@ class CAService:
     ) -> None:
         self._keys = keys
         self._storage = storage
+        self._clock = clock
         self._td = SpiffeId.parse(f"spiffe://{config.trust_domain}").trust_domain
         schedule = rotation.RotationSchedule(ca_ttl=config.issuing_ttl)
         self.policies = PolicyVersions(storage, clock, self._td, schedule)
@@ -76,12 +77,34 @@ class CAService:
         return await self.authorities.rotate(force)
 
     async def rotate_root(
-        self, *, compromised: bool = False, activate_after: dt.timedelta | None = None
+        self,
+        *,
+        compromised: bool = False,
+        activate_after: dt.timedelta | None = None,
+        agent_grace: dt.timedelta | None = None,
     ) -> list[str]:
         """`broker ca rotate --root [--compromised]` (see `ca.rootrotation`)."""
         return await self.authorities.rotate_root(
-            compromised=compromised, activate_after=activate_after
+            compromised=compromised, activate_after=activate_after, agent_grace=agent_grace
         )
+
+    def replaced_issuers(self) -> tuple[frozenset[bytes], bool]:
+        """The key ids of issuing CAs replaced by a compromised-root rotation (certificates
+        they issued are refused), and whether agents may still renew with one (the grace)."""
+        replaced = self.authorities.snapshot().replaced
+        if replaced is None:
+            return frozenset(), False
+        return replaced.issuer_key_ids, self._clock.now() < replaced.grace_until
+
+    def client_roots_pem(self) -> bytes:
+        """The roots TLS accepts client certificates from: the bundle's, plus, during a
+        compromised-root grace, the replaced roots (the authenticator limits what such a
+        certificate may do)."""
+        snap = self.authorities.snapshot()
+        pem = snap.bundle.pem.encode()
+        if snap.replaced is not None and self._clock.now() < snap.replaced.grace_until:
+            pem += snap.replaced.roots_pem
+        return pem
 
     def chain_extra(self) -> list[x509.Certificate]:
         """Cross-certificates to append to a chain issued now (after the issuing CA)."""

@@ -217,10 +217,21 @@ def ca_status(ctx: click.Context) -> None:
     type=DURATION,
     help="With --root: how long both roots are published first [default: bundle refresh hint].",
 )
+@click.option(
+    "--agent-grace",
+    type=DURATION,
+    help="With --root --compromised: how long agents may still renew their own SVID issued "
+    "under the old root (nothing else accepts it) [default: 10m; 0s refuses at once].",
+)
 @connection_options(on_group=False)
 @click.pass_context
 def ca_rotate(
-    ctx: click.Context, force: bool, root: bool, compromised: bool, activate_after: int | None
+    ctx: click.Context,
+    force: bool,
+    root: bool,
+    compromised: bool,
+    activate_after: int | None,
+    agent_grace: int | None,
 ) -> None:
     """Run the rotation schedule now (with --force, rotate the issuing CA at once; with
     --root, rotate the root CA)."""
@@ -230,9 +241,14 @@ def ca_rotate(
         raise click.UsageError("--force rotates the issuing CA and --root the root CA: not both")
     if compromised and activate_after is not None:
         raise click.UsageError("--activate-after is for a planned rotation, not --compromised")
+    if agent_grace is not None and not compromised:
+        raise click.UsageError("--agent-grace needs --root --compromised")
     if root:
         result = clients(ctx).ca.rotate(
-            root=True, compromised=compromised, activate_after_seconds=activate_after
+            root=True,
+            compromised=compromised,
+            activate_after_seconds=activate_after,
+            agent_grace_seconds=agent_grace,
         )
     else:
         result = clients(ctx).ca.rotate(force)

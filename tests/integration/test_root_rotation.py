@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from broker.api._proto import ca_pb2, ca_pb2_grpc
 from broker.api.server.serving import serve_application
@@ -145,7 +146,7 @@ async def test_a_compromised_root_leaves_the_bundle_at_once_and_pages(h: Harness
     (old_root,) = _roots(await ca.GetBundle(ca_pb2.GetBundleRequest()))
     response = await ca.Rotate(ca_pb2.RotateRequest(root=True, compromised=True))
     assert "removed root root-1 from the bundle" in response.actions
-    (new_root,) = _roots(await ca.GetBundle(ca_pb2.GetBundleRequest()))
+    (new_root,) = h.state.app.ca.bundle().x509_authorities  # at once
     assert new_root != old_root
     await h.state.app.ledger.drain()
     await h.state.app.notifier.drain()
@@ -155,6 +156,22 @@ async def test_a_compromised_root_leaves_the_bundle_at_once_and_pages(h: Harness
     assert note["details"]["runbook"] == "docs/runbooks/compromised-root-key.md"
     assert "removed root root-1 from the bundle" in note["details"]["actions"]
     assert headers["X-Broker-Signature"] == h.state.app.notifier.sign(body)
+    # A certificate issued under the old hierarchy is refused from now on (not only once the
+    # TLS material is renewed), whatever the method...
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await ca.GetStatus(ca_pb2.GetStatusRequest())
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "replaced as compromised" in (refused.value.details() or "")
+    kids, grace = h.state.app.ca.replaced_issuers()
+    assert kids and grace  # ...but agents may sync and renew during the grace
+    # Once the serving certificate is renewed (the background job does it on a bundle
+    # change), it chains to the new root through the cross-certificate; a new identity works.
+    material = h.state.app.serving_material()
+    assert material.chain_pem.count(b"BEGIN CERTIFICATE") == 3
+    assert old_root.public_bytes(serialization.Encoding.PEM) in material.client_roots_pem
+    h.state.served.credentials.update(material)
+    status = await h.ca().GetStatus(ca_pb2.GetStatusRequest())
+    assert status.root_phase == "steady"
     # Agents are sent the new root vouched for by the old one (to reach the broker again).
     (cross,) = [x509.load_der_x509_certificate(d) for d in h.state.app.ca.root_cross_certificates()]
     assert cross.issuer == old_root.subject and cross.public_key() == new_root.public_key()

@@ -131,16 +131,18 @@ class GetStatusResponse(_message.Message):
     def __init__(self, trust_domain: _Optional[str] = ..., authorities: _Optional[_Iterable[_Union[Authority, _Mapping]]] = ..., key_backend: _Optional[str] = ..., bundle_sequence: _Optional[int] = ..., policy_version: _Optional[int] = ..., storage: _Optional[str] = ..., root_phase: _Optional[str] = ..., root_phase_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class RotateRequest(_message.Message):
-    __slots__ = ("force", "root", "compromised", "activate_after_seconds")
+    __slots__ = ("force", "root", "compromised", "activate_after_seconds", "agent_grace_seconds")
     FORCE_FIELD_NUMBER: _ClassVar[int]
     ROOT_FIELD_NUMBER: _ClassVar[int]
     COMPROMISED_FIELD_NUMBER: _ClassVar[int]
     ACTIVATE_AFTER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    AGENT_GRACE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     force: bool
     root: bool
     compromised: bool
     activate_after_seconds: int
-    def __init__(self, force: _Optional[bool] = ..., root: _Optional[bool] = ..., compromised: _Optional[bool] = ..., activate_after_seconds: _Optional[int] = ...) -> None: ...
+    agent_grace_seconds: int
+    def __init__(self, force: _Optional[bool] = ..., root: _Optional[bool] = ..., compromised: _Optional[bool] = ..., activate_after_seconds: _Optional[int] = ..., agent_grace_seconds: _Optional[int] = ...) -> None: ...
 
 class RotateResponse(_message.Message):
     __slots__ = ("actions", "status")

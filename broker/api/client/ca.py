@@ -191,10 +191,13 @@ class CAClient(FeatureClient):
         root: bool = False,
         compromised: bool = False,
         activate_after_seconds: int | None = None,
+        agent_grace_seconds: int | None = None,
     ) -> RotateResult:
         request = ca_pb2.RotateRequest(force=force, root=root, compromised=compromised)
         if activate_after_seconds is not None:
             request.activate_after_seconds = activate_after_seconds
+        if agent_grace_seconds is not None:
+            request.agent_grace_seconds = agent_grace_seconds
         response: ca_pb2.RotateResponse = self._call(self._stub.Rotate, request)
         return RotateResult(actions=list(response.actions), status=_status(response.status))
 

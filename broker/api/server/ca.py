@@ -158,20 +158,31 @@ class CertificateAuthorityServicer(ca_pb2_grpc.CertificateAuthorityServicer):  #
                     "--force rotates the issuing CA; --root the root CA: not both"
                 )
             activate_after = _ttl(request, "activate_after_seconds")
+            agent_grace = _ttl(request, "agent_grace_seconds")
             if activate_after is not None and request.compromised:
                 raise InvalidArgument(
                     "--activate-after applies to a planned root rotation; a compromised root "
                     "is replaced at once"
                 )
+            if agent_grace is not None and not request.compromised:
+                raise InvalidArgument("--agent-grace applies to --root --compromised only")
             actions = await self._ca.rotate_root(
-                compromised=request.compromised, activate_after=activate_after
+                compromised=request.compromised,
+                activate_after=activate_after,
+                agent_grace=agent_grace,
             )
             current_call().details.update(
                 actions=actions, root=True, compromised=request.compromised
             )
         else:
-            if request.compromised or request.HasField("activate_after_seconds"):
-                raise InvalidArgument("--compromised and --activate-after need --root")
+            if (
+                request.compromised
+                or request.HasField("activate_after_seconds")
+                or request.HasField("agent_grace_seconds")
+            ):
+                raise InvalidArgument(
+                    "--compromised, --activate-after and --agent-grace need --root"
+                )
             actions = await self._ca.rotate(force=request.force)
             current_call().details.update(actions=actions, force=request.force)
         return ca_pb2.RotateResponse(actions=actions, status=_status(await self._ca.status()))

@@ -131,13 +131,16 @@ class FakeClient:
         root: bool = False,
         compromised: bool = False,
         activate_after_seconds: int | None = None,
+        agent_grace_seconds: int | None = None,
     ) -> RotateResult:
         if root:
+            grace = {} if agent_grace_seconds is None else {"agent_grace": agent_grace_seconds}
             self._record(
                 "rotate",
                 root=True,
                 compromised=compromised,
                 activate_after_seconds=activate_after_seconds,
+                **grace,
             )
             return RotateResult(
                 actions=["prepared root root-2"],
@@ -738,6 +741,8 @@ def test_ca_rotate_root_sends_the_options_and_shows_the_phase(harness: Harness) 
         "rotate",
         {"root": True, "compromised": True, "activate_after_seconds": None},
     )
+    harness.invoke("ca", "rotate", "--root", "--compromised", "--agent-grace", "0s")
+    assert harness.calls[-1][1]["agent_grace"] == 0
     document = json.loads(harness.invoke("ca", "rotate", "--root", "--output", "json").stdout)
     assert document["status"]["root_phase"] == "publishing"
 
@@ -749,6 +754,7 @@ def test_ca_rotate_root_sends_the_options_and_shows_the_phase(harness: Harness) 
         ("--activate-after", "1m"),
         ("--root", "--force"),
         ("--root", "--compromised", "--activate-after", "1m"),
+        ("--root", "--agent-grace", "1m"),
     ],
 )
 def test_ca_rotate_refuses_contradicting_options(harness: Harness, argv: tuple[str, ...]) -> None:
