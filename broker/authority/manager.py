@@ -95,6 +95,9 @@ class Snapshot:
     chain_extra: tuple[bytes, ...] = ()
     # Every cross-certificate still valid (sent to agents with the bundle).
     cross_der: tuple[bytes, ...] = ()
+    # What the broker's serving chain carries: the active root certified by any older root,
+    # also one replaced as compromised (so agents still trusting it can reach the broker).
+    serving_extra: tuple[bytes, ...] = ()
     # After a compromised-root rotation (see ROOT_REPLACED).
     replaced: Replaced | None = None
 
@@ -195,6 +198,7 @@ class AuthorityManager:
         if not roots or not active:
             raise CAStateError("the CA has no active root or issuing CA yet")
         active_root = next((r.id for r in published if r.state == "active"), None)
+        published_ids = {r.id for r in published}
         now = self._clock.now()
         cross = [
             (entry, cert)
@@ -239,6 +243,11 @@ class AuthorityManager:
             root_der=tuple(c.public_bytes(serialization.Encoding.DER) for c in roots),
             issuing_der=current.cert_der,
             chain_extra=tuple(
+                base64.b64decode(e["der"])
+                for e, _ in cross
+                if e["subject"] == active_root and e["issuer"] in published_ids
+            ),
+            serving_extra=tuple(
                 base64.b64decode(e["der"]) for e, _ in cross if e["subject"] == active_root
             ),
             cross_der=tuple(base64.b64decode(e["der"]) for e, _ in cross),

@@ -107,8 +107,12 @@ class CAService:
         return pem
 
     def chain_extra(self) -> list[x509.Certificate]:
-        """Cross-certificates to append to a chain issued now (after the issuing CA)."""
-        return [x509.load_der_x509_certificate(d) for d in self.authorities.snapshot().chain_extra]
+        """Cross-certificates to append to the broker's serving chain (after the issuing CA):
+        the active root certified by older roots, a replaced one included (workload SVIDs
+        carry only those from roots still published)."""
+        return [
+            x509.load_der_x509_certificate(d) for d in self.authorities.snapshot().serving_extra
+        ]
 
     def root_cross_certificates(self) -> tuple[bytes, ...]:
         """Every valid cross-certificate between roots (DER), for agents."""

@@ -197,6 +197,9 @@ async def test_compromised_root_is_removed_at_once_and_issuing_replaced(
     assert not _verifies(before, roots, clock.now())  # what chains to the old root is out
     after = await _mint(ca)
     assert _verifies(after, roots, clock.now())
+    # Workload SVIDs chain only to the new root (no cross-certificate from the old one).
+    assert len(after.chain_der) == 2 and not _verifies(after, [old_root], clock.now())
+    assert len(ca.chain_extra()) == 1  # only the broker's serving chain carries it
     states = await _states(ca)
     assert states["root-1"] == "expired" and states["issuing-1"] == "expired"
     assert states["root-2"] == "active" and (await ca.status()).root_phase == "steady"
