@@ -205,6 +205,7 @@ def test_an_emergency_root_rotation_reaches_every_agent(
     for agent in agents:
         _until("first SVID", lambda a=agent: _probe(a.endpoint) is not None, READY_TIMEOUT)
 
+    rotated_at = time.monotonic()
     broker_cli.ok("ca", "rotate", "--root", "--compromised")
     new_roots: list[x509.Certificate] = []
 
@@ -217,7 +218,6 @@ def test_an_emergency_root_rotation_reaches_every_agent(
 
     _until("the new root", new_root_known, REACH_SECONDS)
     (new_root,) = new_roots
-    reached: list[float] = []
     for agent in agents:
 
         def on_new_root(a: Agent = agent) -> bool:
@@ -229,16 +229,13 @@ def test_an_emergency_root_rotation_reaches_every_agent(
                 and not _verifies(seen["chain"], [old_root])  # chains only to the new root
             )
 
-        reached.append(
-            _until(
-                f"agent {agent.dir.name} on the new root",
-                on_new_root,
-                REACH_SECONDS,
-                agent.stderr,
-            )
-        )
+        _until(f"agent {agent.dir.name} on the new root", on_new_root, REACH_SECONDS, agent.stderr)
         assert x509.load_pem_x509_certificates(agent.trust_store.read_bytes()) == [new_root]
-    print(f"every agent on the new root within {max(reached):.1f} s of the CLI seeing it")
+    # Measured (probing each agent in turn through a py-spiffe subprocess, so an upper bound).
+    print(
+        f"all {len(agents)} agents on the new root "
+        f"{time.monotonic() - rotated_at:.1f} s after the rotate command"
+    )
 
 
 def test_a_planned_root_rotation_reaches_every_agent_without_a_verification_failure(
