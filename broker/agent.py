@@ -27,7 +27,12 @@ roots and the broker's own serving identity on every connection. On top of that:
   least one currently trusted, unexpired root (the roots that verified the connection it came
   over): new roots and JWT keys arrive from the authenticated broker while the old roots still
   verify it, never as a replacement of everything trusted. A refused bundle changes nothing;
-- after a bundle change, SVIDs that no longer verify are dropped (and minted again).
+- a bundle that keeps none of them (a compromised root replaced at once) is accepted only when
+  one of its roots is certified by a trusted root through a cross-certificate the broker sent
+  with it (`broker.agenttrust.vouched_for`);
+- after a bundle change, SVIDs that no longer verify are dropped and minted again at once, the
+  agent's own first (`broker.agenttrust.needs_remint`); the roots accepted are kept in the
+  `TrustStore` (a file with `--trust-store`), so a restarted agent trusts them.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from broker.agenttrust import TrustStore, needs_remint, vouched_for
 from broker.errors import InvalidArgument, PermissionDenied, Unauthenticated, Unavailable
 from broker.files import write_private_file
 from ca.bundle import TrustBundle
@@ -100,6 +106,7 @@ class SyncResult:
     bundle_jwks: bytes
     bundle_sequence: int
     crl: tuple[bytes, ...] = ()
+    root_cross: tuple[bytes, ...] = ()  # cross-certificates between roots (DER)
 
 
 @dataclass(frozen=True)
@@ -262,8 +269,10 @@ class Agent:
         rng: random.Random | None = None,
         delivery: FileDelivery | None = None,
         blocking: Callable[..., Awaitable[Any]] | None = None,
+        trust_store: TrustStore | None = None,
     ) -> None:
         self._link = link
+        self._trust_store = trust_store
         self._clock = clock
         self._sync_interval = dt.timedelta(seconds=sync_interval)
         self._rng = rng or random.Random()  # noqa: S311 (jitter, not a secret)
@@ -452,21 +461,14 @@ class Agent:
         if leaf.public_key().public_bytes(der, spki) != key.public_key().public_bytes(der, spki):
             raise Unauthenticated(f"refusing the SVID for {what}: it is not for the agent's key")
 
-    def _still_verifies(self, svid: WorkloadSVID) -> bool:
-        try:
-            certs = [x509.load_der_x509_certificate(c) for c in svid.chain_der]
-            verify_chain(
-                certs[0],
-                certs[1:],
-                self._anchors,
-                self._clock.now(),
-                trust_domain=self._trust_domain,
-            )
-        except (CAError, ValueError, IndexError):
-            return False
-        return True
+    def _still_verifies(self, svid: WorkloadSVID | AgentSVID) -> bool:
+        return not needs_remint(
+            svid.chain_der, self._anchors, self._clock.now(), self._trust_domain
+        )
 
-    def _check_bundle(self, trust_domain: str, bundle: TrustBundle) -> None:
+    def _check_bundle(
+        self, trust_domain: str, bundle: TrustBundle, cross: Sequence[bytes] = ()
+    ) -> None:
         """Unauthenticated unless `bundle` may replace the current trust (module docstring)."""
         if trust_domain != self._trust_domain:
             raise Unauthenticated(
@@ -497,7 +499,7 @@ class Agent:
             for r in roots
             if r in self._anchors and r.not_valid_before_utc <= now < r.not_valid_after_utc
         ]
-        if not kept:
+        if not kept and not vouched_for(roots, cross, self._anchors, now):
             raise Unauthenticated(
                 "refusing a bundle that keeps none of the roots the agent trusts: new roots are "
                 "accepted only while a trusted root still verifies the broker"
@@ -636,7 +638,7 @@ class Agent:
                 candidate = TrustBundle.from_jwks(result.trust_domain, result.bundle_jwks)
             except CAError as exc:
                 raise Unauthenticated(f"refusing the broker's bundle: {exc}") from None
-            self._check_bundle(result.trust_domain, candidate)
+            self._check_bundle(result.trust_domain, candidate, result.root_cross)
             bundle = candidate
         entries = tuple(sorted(result.entries, key=lambda e: e.id))
         if bundle is snap.bundle and entries == snap.entries and result.crl == snap.crl:
@@ -653,8 +655,12 @@ class Agent:
             if roots != self._anchors:
                 self._link.use_roots(bundle.to_pem())
                 self._anchors = roots
+                if self._trust_store is not None:
+                    self._trust_store.replace(roots)
                 # Every SVID served must verify against the bundle served with it.
                 svids = {k: v for k, v in svids.items() if self._still_verifies(v)}
+                if self._agent is not None and not self._still_verifies(self._agent):
+                    self._agent_renew_at = self._clock.now()  # its own identity first
             old_keys = snap.bundle.jwt_authorities if snap.bundle is not None else {}
             if any(bundle.jwt_authorities.get(kid) != key for kid, key in old_keys.items()):
                 self._jwt_cache.clear()  # a JWT key left the bundle: mint (and check) again
@@ -664,6 +670,8 @@ class Agent:
         if bundle is not snap.bundle:
             updated = updated.with_bundle(bundle, result.bundle_sequence)
         await self._publish(updated)
+        if self._agent_renew_at is not None and self._clock.now() >= self._agent_renew_at:
+            await self._renew_agent()  # before minting for the entries with it
 
     async def _renew_workloads(self) -> None:
         snap = self._snapshot

@@ -190,6 +190,7 @@ class Application:
         # Workload identity: attestation, registration entries, agents.
         self.workloads = IdentityService(self.ca, storage.identity(), clock)
         self.authenticator.denylist = self.workloads.denylist
+        self.authenticator.replaced_issuers = self.ca.replaced_issuers
         # Operators: login with an OpenID provider, roles, the registry of operator SVIDs.
         self.operators = OperatorService(
             config.operators,
@@ -292,9 +293,11 @@ class Application:
             dns_names=dns,
             ip_addresses=ips,
         )
-        chain = chain_pem((leaf, issuer))
+        # During a root rotation the chain also carries the active root certified by the older
+        # one, so a client that still trusts only the older root can verify the broker.
+        chain = chain_pem((leaf, issuer, *self.ca.chain_extra()))
         return TLSMaterial(
-            _pem_key(key), chain, self.ca.trust_bundle_pem(), leaf.not_valid_after_utc
+            _pem_key(key), chain, self.ca.client_roots_pem(), leaf.not_valid_after_utc
         )
 
     def write_operator_identity(self) -> None:

@@ -7,9 +7,10 @@ through the identity layout (tenant / environment / service) for policy.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import OrderedDict
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import replace
 from typing import Protocol
 
@@ -50,6 +51,9 @@ class Authenticator:
         self._lock = threading.Lock()
         # The SVID denylist (`broker svid deny`), checked on every call when set.
         self.denylist: DenylistView | None = None
+        # After a compromised-root rotation: the replaced issuing CAs' key ids, and whether
+        # the agents' grace is on (`CAService.replaced_issuers`), checked on every call.
+        self.replaced_issuers: Callable[[], tuple[frozenset[bytes], bool]] = _nothing_replaced
 
     @property
     def trust_domain(self) -> str:
@@ -59,13 +63,22 @@ class Authenticator:
     def layout(self) -> IdentityLayout:
         return self._layout
 
-    def caller(self, auth_context: Mapping[str, Sequence[bytes]]) -> Caller:
+    def caller(self, auth_context: Mapping[str, Sequence[bytes]], method: str = "") -> Caller:
         """Raises Unauthenticated when there is no client certificate or no usable SPIFFE ID,
-        Denylisted (a PermissionDenied) when the ID or the certificate is on the denylist."""
+        or when it was issued under a root replaced as compromised (only an agent's sync and
+        renewal accept one, and only during the grace); Denylisted (a PermissionDenied) when
+        the ID or the certificate is on the denylist."""
         certs = auth_context.get("x509_pem_cert") or ()
         if not certs:
             raise Unauthenticated("a client certificate (X.509-SVID) is required")
         pem = certs[0]
+        replaced, grace = self.replaced_issuers()
+        if replaced and _issuer_key_id(pem) in replaced and not (grace and method in GRACE_METHODS):
+            raise Unauthenticated(
+                "this certificate was issued under a root CA replaced as compromised; get a new "
+                "SVID from your agent (agents renew their own through SyncAgent and RenewAgent "
+                "during the grace only)"
+            )
         with self._lock:
             hit = self._cache.get(pem)
             if hit is not None:
@@ -146,3 +159,24 @@ class Authenticator:
             not_after=cert.not_valid_after_utc,
             lineage=lineage,
         )
+
+
+#: What an agent holding an SVID issued under a replaced root may still call during the grace.
+GRACE_METHODS = frozenset(
+    {"/broker.v1.WorkloadIdentity/SyncAgent", "/broker.v1.WorkloadIdentity/RenewAgent"}
+)
+
+
+def _nothing_replaced() -> tuple[frozenset[bytes], bool]:
+    return frozenset(), False
+
+
+@functools.lru_cache(maxsize=1024)
+def _issuer_key_id(pem: bytes) -> bytes | None:
+    """The certificate's authority key identifier (which issuing CA signed it)."""
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+        aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    except (ValueError, x509.ExtensionNotFound):
+        return None
+    return aki.key_identifier

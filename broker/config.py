@@ -260,6 +260,7 @@ NOTIFICATION_KINDS = (
     "anomaly.detected",
     "audit.verification_failed",
     "secret.due",
+    "ca.root_compromised",
 )
 
 

@@ -13,6 +13,7 @@ integrity hook calls `Notifier.integrity_failure`:
   audit.verification_failed the ledger found its tail cut off or rewritten
   secret.due                a secret whose value comes from a third party passed its
                             rotation period (the scheduled rotation job, once per due date)
+  ca.root_compromised       `broker ca rotate --root --compromised` replaced the roots
 
 Each is POSTed as JSON to every channel that wants its kind, with
 `X-Broker-Signature: sha256=<hex HMAC-SHA256 of the body>` under the key `broker-notify-mac`
@@ -67,6 +68,8 @@ def classify(event: Mapping[str, Any]) -> str | None:
         return "breakglass.issued"
     if what == "secret.due":
         return "secret.due"
+    if what == "ca.rotate" and (event.get("details") or {}).get("compromised"):
+        return "ca.root_compromised"
     if event.get("rule") == "break-glass":
         return "breakglass.used"
     return None
@@ -151,6 +154,9 @@ class Notifier:
             # Who must act and by when (tenant, owner, service, environment, version, due,
             # overdue_seconds): metadata the scheduled rotation job wrote, never a value.
             details.update(event["details"])
+        if kind == "ca.root_compromised":
+            details["actions"] = list((event.get("details") or {}).get("actions", []))[:20]
+            details["runbook"] = "docs/runbooks/compromised-root-key.md"
         self._enqueue(
             Notification(
                 id=uuid.uuid4().hex,

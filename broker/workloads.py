@@ -135,6 +135,7 @@ class AgentSync:
     bundle_jwks: bytes
     bundle_sequence: int
     crl: tuple[bytes, ...] = ()  # DER CRLs of the denied serials, one per issuing CA
+    root_cross: tuple[bytes, ...] = ()  # DER cross-certificates between roots
 
 
 class IdentityService:
@@ -423,6 +424,7 @@ class IdentityService:
             bundle_jwks=bundle.jwks,
             bundle_sequence=bundle.sequence,
             crl=self._ca.crls(self.denylist.serial_records),
+            root_cross=self._ca.root_cross_certificates(),
         )
 
     async def authorized_entry(

@@ -162,7 +162,7 @@ class Issuing:
         leaf_der = cert.public_bytes(serialization.Encoding.DER)
         return IssuedX509(
             spiffe_id=sid.id_string,
-            chain_der=[leaf_der, snap.issuing_der],
+            chain_der=[leaf_der, snap.issuing_der, *snap.chain_extra],
             private_key_der=private_der,
             bundle_der=list(snap.root_der),
             expires_at=cert.not_valid_after_utc,
@@ -247,7 +247,11 @@ class Issuing:
         )
         return IssuedX509(
             spiffe_id=spiffe_id.id_string,
-            chain_der=[cert.public_bytes(serialization.Encoding.DER), snap.issuing_der],
+            chain_der=[
+                cert.public_bytes(serialization.Encoding.DER),
+                snap.issuing_der,
+                *snap.chain_extra,
+            ],
             private_key_der=None,
             bundle_der=list(snap.root_der),
             expires_at=cert.not_valid_after_utc,

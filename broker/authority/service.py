@@ -34,6 +34,7 @@ class CAService:
     ) -> None:
         self._keys = keys
         self._storage = storage
+        self._clock = clock
         self._td = SpiffeId.parse(f"spiffe://{config.trust_domain}").trust_domain
         schedule = rotation.RotationSchedule(ca_ttl=config.issuing_ttl)
         self.policies = PolicyVersions(storage, clock, self._td, schedule)
@@ -74,6 +75,48 @@ class CAService:
 
     async def rotate(self, force: bool = False) -> list[str]:
         return await self.authorities.rotate(force)
+
+    async def rotate_root(
+        self,
+        *,
+        compromised: bool = False,
+        activate_after: dt.timedelta | None = None,
+        agent_grace: dt.timedelta | None = None,
+    ) -> list[str]:
+        """`broker ca rotate --root [--compromised]` (see `ca.rootrotation`)."""
+        return await self.authorities.rotate_root(
+            compromised=compromised, activate_after=activate_after, agent_grace=agent_grace
+        )
+
+    def replaced_issuers(self) -> tuple[frozenset[bytes], bool]:
+        """The key ids of issuing CAs replaced by a compromised-root rotation (certificates
+        they issued are refused), and whether agents may still renew with one (the grace)."""
+        replaced = self.authorities.snapshot().replaced
+        if replaced is None:
+            return frozenset(), False
+        return replaced.issuer_key_ids, self._clock.now() < replaced.grace_until
+
+    def client_roots_pem(self) -> bytes:
+        """The roots TLS accepts client certificates from: the bundle's, plus, during a
+        compromised-root grace, the replaced roots (the authenticator limits what such a
+        certificate may do)."""
+        snap = self.authorities.snapshot()
+        pem = snap.bundle.pem.encode()
+        if snap.replaced is not None and self._clock.now() < snap.replaced.grace_until:
+            pem += snap.replaced.roots_pem
+        return pem
+
+    def chain_extra(self) -> list[x509.Certificate]:
+        """Cross-certificates to append to the broker's serving chain (after the issuing CA):
+        the active root certified by older roots, a replaced one included (workload SVIDs
+        carry only those from roots still published)."""
+        return [
+            x509.load_der_x509_certificate(d) for d in self.authorities.snapshot().serving_extra
+        ]
+
+    def root_cross_certificates(self) -> tuple[bytes, ...]:
+        """Every valid cross-certificate between roots (DER), for agents."""
+        return self.authorities.snapshot().cross_der
 
     async def sync(self) -> None:
         """Pick up what another process or replica changed: a rotation (the CA journal's

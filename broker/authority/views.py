@@ -85,3 +85,7 @@ class CAStatus:
     bundle_sequence: int
     policy_version: int
     storage: str
+    # The root rotation (ca.rootrotation): steady, publishing or overlap, and when the phase
+    # is expected to end.
+    root_phase: str = "steady"
+    root_phase_until: dt.datetime | None = None

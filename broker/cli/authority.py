@@ -45,6 +45,7 @@ def status_table(status: CAStatusReport) -> str:
             ["storage", status.storage],
             ["bundle sequence", str(status.bundle_sequence)],
             ["policy version", str(status.policy_version)],
+            ["root rotation", root_phase_text(status)],
         ]
     )
 
@@ -66,6 +67,21 @@ def status_table(status: CAStatusReport) -> str:
         for a in sorted(status.authorities, key=order)
     ]
     return "\n".join([*lines, "", *table(rows)])
+
+
+def root_phase_text(status: CAStatusReport) -> str:
+    """The root rotation's phase in words, e.g. "overlap until 2026-03-08T00:00:00Z"."""
+    until = status.root_phase_until
+    words = {
+        "steady": "none in progress",
+        "publishing": "publishing: the new root is in the bundle and signs nothing yet",
+        "overlap": "overlap: the new root signs; the old one stays published",
+    }
+    text = words.get(status.root_phase, status.root_phase)
+    if until is not None:
+        verb = "activates at" if status.root_phase == "publishing" else "old root retires at"
+        text += f" ({verb} {timestamp(until)})"
+    return text
 
 
 # -- svid / jwt -------------------------------------------------------------------------------
@@ -186,14 +202,61 @@ def ca_status(ctx: click.Context) -> None:
 
 @ca.command("rotate")
 @click.option("--force", is_flag=True, help="Activate a new issuing CA now.")
+@click.option(
+    "--root",
+    is_flag=True,
+    help="Rotate the root CA: publish a new root now, sign with it after --activate-after.",
+)
+@click.option(
+    "--compromised",
+    is_flag=True,
+    help="With --root: remove the old root from the bundle at once and replace its issuing CAs.",
+)
+@click.option(
+    "--activate-after",
+    type=DURATION,
+    help="With --root: how long both roots are published first [default: bundle refresh hint].",
+)
+@click.option(
+    "--agent-grace",
+    type=DURATION,
+    help="With --root --compromised: how long agents may still renew their own SVID issued "
+    "under the old root (nothing else accepts it) [default: 10m; 0s refuses at once].",
+)
 @connection_options(on_group=False)
 @click.pass_context
-def ca_rotate(ctx: click.Context, force: bool) -> None:
-    """Run the rotation schedule now (with --force, rotate the issuing CA at once)."""
-    result = clients(ctx).ca.rotate(force)
+def ca_rotate(
+    ctx: click.Context,
+    force: bool,
+    root: bool,
+    compromised: bool,
+    activate_after: int | None,
+    agent_grace: int | None,
+) -> None:
+    """Run the rotation schedule now (with --force, rotate the issuing CA at once; with
+    --root, rotate the root CA)."""
+    if (compromised or activate_after is not None) and not root:
+        raise click.UsageError("--compromised and --activate-after need --root")
+    if root and force:
+        raise click.UsageError("--force rotates the issuing CA and --root the root CA: not both")
+    if compromised and activate_after is not None:
+        raise click.UsageError("--activate-after is for a planned rotation, not --compromised")
+    if agent_grace is not None and not compromised:
+        raise click.UsageError("--agent-grace needs --root --compromised")
+    if root:
+        result = clients(ctx).ca.rotate(
+            root=True,
+            compromised=compromised,
+            activate_after_seconds=activate_after,
+            agent_grace_seconds=agent_grace,
+        )
+    else:
+        result = clients(ctx).ca.rotate(force)
 
     def lines() -> Iterator[str]:
         yield from result.actions or ["nothing to do"]
+        if root:
+            yield f"root rotation: {root_phase_text(result.status)}"
         for authority in result.status.issuing:
             if authority.state == "active":
                 yield (

@@ -246,6 +246,8 @@ def run_agent(
     secrets: Mapping[str, str],
     secret_interval: float,
     health_socket: Path | None = None,
+    trust_store: Path | None = None,
+    bundle_mtime: float = 0.0,
 ) -> None:
     """Run the agent (`broker agent`) until it is stopped; imported only when it runs."""
     from broker.api.workload import AgentOptions
@@ -265,6 +267,8 @@ def run_agent(
             secrets=dict(secrets),
             secret_interval=secret_interval,
             health_socket=health_socket,
+            trust_store=trust_store,
+            bundle_mtime=bundle_mtime,
         )
     )
 

@@ -152,6 +152,12 @@ def _secret_files(secret_files: tuple[str, ...]) -> dict[str, str]:
     show_default=True,
     help="How often --secret files are refreshed.",
 )
+@click.option(
+    "--trust-store",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Keep the roots learned from the broker in this file (PEM) and trust them after a "
+    "restart, so a root rotation needs no new --bundle file (used when newer than --bundle).",
+)
 @click.option("--sync-interval", type=float, default=5.0, hidden=True)
 @click.pass_context
 def agent(
@@ -168,6 +174,7 @@ def agent(
     secret_files: tuple[str, ...],
     secret_interval: int,
     sync_interval: float,
+    trust_store: Path | None = None,
 ) -> None:
     """Attest to the broker and serve the SPIFFE Workload API on a Unix socket
     ('broker agent status' asks a running agent how it is)."""
@@ -210,6 +217,8 @@ def agent(
             secrets=secrets,
             secret_interval=float(secret_interval),
             health_socket=None if health_socket is None else health_socket.absolute(),
+            trust_store=None if trust_store is None else trust_store.absolute(),
+            bundle_mtime=agent_bundle.stat().st_mtime,
         )
     except BrokerError as exc:
         raise Refusal(str(exc)) from None

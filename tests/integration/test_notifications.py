@@ -9,6 +9,7 @@ import datetime as dt
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -81,7 +82,7 @@ def _notifier(
     return notifier
 
 
-def _event(what: str, **extra: str) -> dict[str, str]:
+def _event(what: str, **extra: Any) -> dict[str, Any]:
     return {
         "who": "spiffe://td/op/alice",
         "what": what,
@@ -121,6 +122,9 @@ async def _entries(storage: Storage, what: str) -> list[dict[str, object]]:
         (_event("secret.due", outcome="failed"), None),
         (_event("secrets.revoke", outcome="PERMISSION_DENIED"), None),
         (_event("secrets.get"), None),
+        (_event("ca.rotate", details={"compromised": True}), "ca.root_compromised"),
+        (_event("ca.rotate", details={"root": True, "compromised": False}), None),
+        (_event("ca.rotate", details={"compromised": True}, outcome="PERMISSION_DENIED"), None),
     ],
 )
 def test_what_raises_a_notification(event: dict[str, str], kind: str | None) -> None:

@@ -111,26 +111,38 @@ class Authority(_message.Message):
     def __init__(self, id: _Optional[str] = ..., kind: _Optional[str] = ..., generation: _Optional[int] = ..., state: _Optional[str] = ..., not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., not_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., activated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., retired_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., key_uri: _Optional[str] = ..., jwt_kid: _Optional[str] = ..., subject: _Optional[str] = ..., fingerprint_sha256: _Optional[str] = ..., serial: _Optional[str] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("trust_domain", "authorities", "key_backend", "bundle_sequence", "policy_version", "storage")
+    __slots__ = ("trust_domain", "authorities", "key_backend", "bundle_sequence", "policy_version", "storage", "root_phase", "root_phase_until")
     TRUST_DOMAIN_FIELD_NUMBER: _ClassVar[int]
     AUTHORITIES_FIELD_NUMBER: _ClassVar[int]
     KEY_BACKEND_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     STORAGE_FIELD_NUMBER: _ClassVar[int]
+    ROOT_PHASE_FIELD_NUMBER: _ClassVar[int]
+    ROOT_PHASE_UNTIL_FIELD_NUMBER: _ClassVar[int]
     trust_domain: str
     authorities: _containers.RepeatedCompositeFieldContainer[Authority]
     key_backend: str
     bundle_sequence: int
     policy_version: int
     storage: str
-    def __init__(self, trust_domain: _Optional[str] = ..., authorities: _Optional[_Iterable[_Union[Authority, _Mapping]]] = ..., key_backend: _Optional[str] = ..., bundle_sequence: _Optional[int] = ..., policy_version: _Optional[int] = ..., storage: _Optional[str] = ...) -> None: ...
+    root_phase: str
+    root_phase_until: _timestamp_pb2.Timestamp
+    def __init__(self, trust_domain: _Optional[str] = ..., authorities: _Optional[_Iterable[_Union[Authority, _Mapping]]] = ..., key_backend: _Optional[str] = ..., bundle_sequence: _Optional[int] = ..., policy_version: _Optional[int] = ..., storage: _Optional[str] = ..., root_phase: _Optional[str] = ..., root_phase_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class RotateRequest(_message.Message):
-    __slots__ = ("force",)
+    __slots__ = ("force", "root", "compromised", "activate_after_seconds", "agent_grace_seconds")
     FORCE_FIELD_NUMBER: _ClassVar[int]
+    ROOT_FIELD_NUMBER: _ClassVar[int]
+    COMPROMISED_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATE_AFTER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    AGENT_GRACE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     force: bool
-    def __init__(self, force: _Optional[bool] = ...) -> None: ...
+    root: bool
+    compromised: bool
+    activate_after_seconds: int
+    agent_grace_seconds: int
+    def __init__(self, force: _Optional[bool] = ..., root: _Optional[bool] = ..., compromised: _Optional[bool] = ..., activate_after_seconds: _Optional[int] = ..., agent_grace_seconds: _Optional[int] = ...) -> None: ...
 
 class RotateResponse(_message.Message):
     __slots__ = ("actions", "status")

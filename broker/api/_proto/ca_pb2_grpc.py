@@ -105,7 +105,8 @@ class CertificateAuthorityServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Rotate(self, request, context):
-        """Run the rotation schedule now; with force, activate a new issuing CA at once.
+        """Run the rotation schedule now; with force, activate a new issuing CA at once; with root,
+        start a root CA rotation (planned, or compromised: the old roots leave the bundle at once).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

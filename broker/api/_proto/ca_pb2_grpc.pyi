@@ -45,7 +45,9 @@ class CertificateAuthorityStub:
     GetStatus: _grpc.UnaryUnaryMultiCallable[_ca_pb2.GetStatusRequest, _ca_pb2.GetStatusResponse]
     """Root and issuing CAs with their states and expiry, and the key backend."""
     Rotate: _grpc.UnaryUnaryMultiCallable[_ca_pb2.RotateRequest, _ca_pb2.RotateResponse]
-    """Run the rotation schedule now; with force, activate a new issuing CA at once."""
+    """Run the rotation schedule now; with force, activate a new issuing CA at once; with root,
+    start a root CA rotation (planned, or compromised: the old roots leave the bundle at once).
+    """
     GetPolicy: _grpc.UnaryUnaryMultiCallable[_ca_pb2.GetPolicyRequest, _ca_pb2.GetPolicyResponse]
     SetPolicy: _grpc.UnaryUnaryMultiCallable[_ca_pb2.SetPolicyRequest, _ca_pb2.SetPolicyResponse]
     """Replace the CA policy. The document is validated whole; on any error nothing changes."""
@@ -64,7 +66,9 @@ class CertificateAuthorityAsyncStub(CertificateAuthorityStub):
     GetStatus: _aio.UnaryUnaryMultiCallable[_ca_pb2.GetStatusRequest, _ca_pb2.GetStatusResponse]  # type: ignore[assignment]
     """Root and issuing CAs with their states and expiry, and the key backend."""
     Rotate: _aio.UnaryUnaryMultiCallable[_ca_pb2.RotateRequest, _ca_pb2.RotateResponse]  # type: ignore[assignment]
-    """Run the rotation schedule now; with force, activate a new issuing CA at once."""
+    """Run the rotation schedule now; with force, activate a new issuing CA at once; with root,
+    start a root CA rotation (planned, or compromised: the old roots leave the bundle at once).
+    """
     GetPolicy: _aio.UnaryUnaryMultiCallable[_ca_pb2.GetPolicyRequest, _ca_pb2.GetPolicyResponse]  # type: ignore[assignment]
     SetPolicy: _aio.UnaryUnaryMultiCallable[_ca_pb2.SetPolicyRequest, _ca_pb2.SetPolicyResponse]  # type: ignore[assignment]
     """Replace the CA policy. The document is validated whole; on any error nothing changes."""
@@ -110,7 +114,9 @@ class CertificateAuthorityServicer(metaclass=_abc_1.ABCMeta):
         request: _ca_pb2.RotateRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ca_pb2.RotateResponse, _abc.Awaitable[_ca_pb2.RotateResponse]]:
-        """Run the rotation schedule now; with force, activate a new issuing CA at once."""
+        """Run the rotation schedule now; with force, activate a new issuing CA at once; with root,
+        start a root CA rotation (planned, or compromised: the old roots leave the bundle at once).
+        """
 
     @_abc_1.abstractmethod
     def GetPolicy(

@@ -45,20 +45,22 @@ class SyncAgentRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SyncAgentResponse(_message.Message):
-    __slots__ = ("entries", "trust_domain", "bundle_jwks", "bundle_sequence", "crl", "keepalive")
+    __slots__ = ("entries", "trust_domain", "bundle_jwks", "bundle_sequence", "crl", "keepalive", "root_cross_certificates")
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     TRUST_DOMAIN_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_JWKS_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     CRL_FIELD_NUMBER: _ClassVar[int]
     KEEPALIVE_FIELD_NUMBER: _ClassVar[int]
+    ROOT_CROSS_CERTIFICATES_FIELD_NUMBER: _ClassVar[int]
     entries: _containers.RepeatedCompositeFieldContainer[Entry]
     trust_domain: str
     bundle_jwks: bytes
     bundle_sequence: int
     crl: _containers.RepeatedScalarFieldContainer[bytes]
     keepalive: bool
-    def __init__(self, entries: _Optional[_Iterable[_Union[Entry, _Mapping]]] = ..., trust_domain: _Optional[str] = ..., bundle_jwks: _Optional[bytes] = ..., bundle_sequence: _Optional[int] = ..., crl: _Optional[_Iterable[bytes]] = ..., keepalive: _Optional[bool] = ...) -> None: ...
+    root_cross_certificates: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, entries: _Optional[_Iterable[_Union[Entry, _Mapping]]] = ..., trust_domain: _Optional[str] = ..., bundle_jwks: _Optional[bytes] = ..., bundle_sequence: _Optional[int] = ..., crl: _Optional[_Iterable[bytes]] = ..., keepalive: _Optional[bool] = ..., root_cross_certificates: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class WatchAgentRequest(_message.Message):
     __slots__ = ("agent_id",)

@@ -76,6 +76,8 @@ class CAStatusReport:
     bundle_sequence: int
     policy_version: int
     authorities: list[Authority]
+    root_phase: str = "steady"
+    root_phase_until: datetime | None = None
 
     @property
     def root(self) -> Authority | None:
@@ -116,6 +118,8 @@ def _status(s: ca_pb2.GetStatusResponse) -> CAStatusReport:
         bundle_sequence=s.bundle_sequence,
         policy_version=s.policy_version,
         authorities=[_authority(a) for a in s.authorities],
+        root_phase=s.root_phase or "steady",
+        root_phase_until=optional_datetime(s, "root_phase_until"),
     )
 
 
@@ -180,10 +184,21 @@ class CAClient(FeatureClient):
         )
         return _status(response)
 
-    def rotate(self, force: bool = False) -> RotateResult:
-        response: ca_pb2.RotateResponse = self._call(
-            self._stub.Rotate, ca_pb2.RotateRequest(force=force)
-        )
+    def rotate(
+        self,
+        force: bool = False,
+        *,
+        root: bool = False,
+        compromised: bool = False,
+        activate_after_seconds: int | None = None,
+        agent_grace_seconds: int | None = None,
+    ) -> RotateResult:
+        request = ca_pb2.RotateRequest(force=force, root=root, compromised=compromised)
+        if activate_after_seconds is not None:
+            request.activate_after_seconds = activate_after_seconds
+        if agent_grace_seconds is not None:
+            request.agent_grace_seconds = agent_grace_seconds
+        response: ca_pb2.RotateResponse = self._call(self._stub.Rotate, request)
         return RotateResult(actions=list(response.actions), status=_status(response.status))
 
     def get_policy(self) -> CAPolicyDocument:

@@ -191,6 +191,7 @@ def _sync_result(r: Any) -> SyncResult:
         bundle_jwks=r.bundle_jwks,
         bundle_sequence=r.bundle_sequence,
         crl=tuple(bytes(c) for c in r.crl),
+        root_cross=tuple(bytes(c) for c in r.root_cross_certificates),
     )
 
 

@@ -77,6 +77,8 @@ def _status(s: CAStatus) -> ca_pb2.GetStatusResponse:
         bundle_sequence=s.bundle_sequence,
         policy_version=s.policy_version,
         storage=s.storage,
+        root_phase=s.root_phase,
+        root_phase_until=to_timestamp(s.root_phase_until),
     )
 
 
@@ -150,8 +152,39 @@ class CertificateAuthorityServicer(ca_pb2_grpc.CertificateAuthorityServicer):  #
     async def Rotate(
         self, request: ca_pb2.RotateRequest, context: grpc.aio.ServicerContext
     ) -> ca_pb2.RotateResponse:
-        actions = await self._ca.rotate(force=request.force)
-        current_call().details.update(actions=actions, force=request.force)
+        if request.root:
+            if request.force:
+                raise InvalidArgument(
+                    "--force rotates the issuing CA; --root the root CA: not both"
+                )
+            activate_after = _ttl(request, "activate_after_seconds")
+            agent_grace = _ttl(request, "agent_grace_seconds")
+            if activate_after is not None and request.compromised:
+                raise InvalidArgument(
+                    "--activate-after applies to a planned root rotation; a compromised root "
+                    "is replaced at once"
+                )
+            if agent_grace is not None and not request.compromised:
+                raise InvalidArgument("--agent-grace applies to --root --compromised only")
+            actions = await self._ca.rotate_root(
+                compromised=request.compromised,
+                activate_after=activate_after,
+                agent_grace=agent_grace,
+            )
+            current_call().details.update(
+                actions=actions, root=True, compromised=request.compromised
+            )
+        else:
+            if (
+                request.compromised
+                or request.HasField("activate_after_seconds")
+                or request.HasField("agent_grace_seconds")
+            ):
+                raise InvalidArgument(
+                    "--compromised, --activate-after and --agent-grace need --root"
+                )
+            actions = await self._ca.rotate(force=request.force)
+            current_call().details.update(actions=actions, force=request.force)
         return ca_pb2.RotateResponse(actions=actions, status=_status(await self._ca.status()))
 
     async def GetPolicy(

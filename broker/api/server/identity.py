@@ -108,6 +108,7 @@ def _sync_message(sync: AgentSync) -> identity_pb2.SyncAgentResponse:
         bundle_jwks=sync.bundle_jwks,
         bundle_sequence=sync.bundle_sequence,
         crl=list(sync.crl),
+        root_cross_certificates=list(sync.root_cross),
     )
 
 

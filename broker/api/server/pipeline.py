@@ -397,7 +397,7 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         audited with them."""
         seen = {} if seen is None else seen
         try:
-            caller = self._auth.caller(context.auth_context())
+            caller = self._auth.caller(context.auth_context(), method)
         except Unauthenticated:
             if spec is None or not spec.bootstrap:
                 seen["sample"] = f"unauthenticated:{peer_host(self._where(context))}"

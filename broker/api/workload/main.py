@@ -19,6 +19,7 @@ from cryptography import x509
 from broker.agent import Agent, FileDelivery
 from broker.agenthealth import serve_health
 from broker.agentstream import SyncStream
+from broker.agenttrust import TrustStore
 from broker.errors import InvalidArgument
 from broker.logs import configure as configure_logs
 from broker.secretfiles import SecretFiles
@@ -52,6 +53,10 @@ class AgentOptions:
     secrets: dict[str, str] = field(default_factory=dict)
     secret_interval: float = 10.0
     health_socket: Path | None = None  # answers ready/degraded (broker.agenthealth)
+    # Where the roots learned from the broker are kept (broker.agenttrust.TrustStore), and the
+    # --bundle file's modification time (the newer of the two is trusted at start).
+    trust_store: Path | None = None
+    bundle_mtime: float = 0.0
 
 
 RESERVED_FILES = frozenset({"svid.pem", "key.pem", "bundle.pem"})
@@ -122,10 +127,12 @@ def pinned_roots(bundle_pem: bytes) -> list[x509.Certificate]:
 
 
 async def _agent_main(options: AgentOptions, clock: Clock) -> None:
+    pinned_roots(options.bundle_pem)  # a --bundle file without certificates is refused
+    trust = TrustStore(options.bundle_pem, options.trust_store, options.bundle_mtime)
     link = GrpcBrokerLink(
         options.server,
         options.attest_server,
-        options.bundle_pem,
+        trust.pem(),
         join_token=options.join_token,
         jwt=options.jwt,
     )
@@ -150,9 +157,10 @@ async def _agent_main(options: AgentOptions, clock: Clock) -> None:
     agent = Agent(
         link,
         clock,
-        trust_anchors=pinned_roots(options.bundle_pem),
+        trust_anchors=trust.roots,
         sync_interval=options.sync_interval,
         delivery=delivery,
+        trust_store=trust,
     )
     endpoint = await serve_workload_api(agent, options.socket_path)
     health = (

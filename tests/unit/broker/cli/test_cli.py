@@ -124,7 +124,30 @@ class FakeClient:
         self._record("status")
         return STATUS
 
-    def rotate(self, force: bool = False) -> RotateResult:
+    def rotate(
+        self,
+        force: bool = False,
+        *,
+        root: bool = False,
+        compromised: bool = False,
+        activate_after_seconds: int | None = None,
+        agent_grace_seconds: int | None = None,
+    ) -> RotateResult:
+        if root:
+            grace = {} if agent_grace_seconds is None else {"agent_grace": agent_grace_seconds}
+            self._record(
+                "rotate",
+                root=True,
+                compromised=compromised,
+                activate_after_seconds=activate_after_seconds,
+                **grace,
+            )
+            return RotateResult(
+                actions=["prepared root root-2"],
+                status=CAStatusReport(
+                    **{**STATUS.__dict__, "root_phase": "publishing", "root_phase_until": EXPIRES}
+                ),
+            )
         self._record("rotate", force=force)
         return RotateResult(actions=["prepared issuing-3", "activated issuing-3"], status=STATUS)
 
@@ -700,6 +723,49 @@ def test_ca_rotate_force_prints_actions(harness: Harness) -> None:
     document = json.loads(harness.invoke("ca", "rotate", "--output", "json").stdout)
     assert document["actions"] == ["prepared issuing-3", "activated issuing-3"]
     assert harness.calls[-1] == ("rotate", {"force": False})
+
+
+def test_ca_rotate_root_sends_the_options_and_shows_the_phase(harness: Harness) -> None:
+    result = harness.invoke("ca", "rotate", "--root", "--activate-after", "30s")
+    assert result.exit_code == 0, result.stderr
+    assert harness.calls == [
+        ("rotate", {"root": True, "compromised": False, "activate_after_seconds": 30})
+    ]
+    assert result.stdout.splitlines()[:2] == [
+        "prepared root root-2",
+        "root rotation: publishing: the new root is in the bundle and signs nothing yet "
+        "(activates at 2030-01-02T03:04:05Z)",
+    ]
+    harness.invoke("ca", "rotate", "--root", "--compromised")
+    assert harness.calls[-1] == (
+        "rotate",
+        {"root": True, "compromised": True, "activate_after_seconds": None},
+    )
+    harness.invoke("ca", "rotate", "--root", "--compromised", "--agent-grace", "0s")
+    assert harness.calls[-1][1]["agent_grace"] == 0
+    document = json.loads(harness.invoke("ca", "rotate", "--root", "--output", "json").stdout)
+    assert document["status"]["root_phase"] == "publishing"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("--compromised",),
+        ("--activate-after", "1m"),
+        ("--root", "--force"),
+        ("--root", "--compromised", "--activate-after", "1m"),
+        ("--root", "--agent-grace", "1m"),
+    ],
+)
+def test_ca_rotate_refuses_contradicting_options(harness: Harness, argv: tuple[str, ...]) -> None:
+    result = harness.invoke("ca", "rotate", *argv)
+    assert result.exit_code == 2
+    assert harness.calls == []
+
+
+def test_ca_status_shows_the_root_phase(harness: Harness) -> None:
+    text = harness.invoke("ca", "status").stdout
+    assert "root rotation" in text and "none in progress" in text
 
 
 def test_policy_get_json_and_text(harness: Harness) -> None:
