@@ -421,7 +421,11 @@ def test_omitted_rule_keys_take_the_built_in_defaults() -> None:
 
 
 def test_an_omitted_default_ttl_follows_a_lower_maximum() -> None:
-    doc = {"rules": [{"pattern": "spiffe://example.org/**", "x509_max_ttl": "30m", "jwt_max_ttl": "2m"}]}
+    doc = {
+        "rules": [
+            {"pattern": "spiffe://example.org/**", "x509_max_ttl": "30m", "jwt_max_ttl": "2m"}
+        ]
+    }
     (rule,) = CAPolicy.from_document(doc).rules
     assert (rule.x509_default_ttl, rule.x509_max_ttl) == (30 * M, 30 * M)
     assert (rule.jwt_default_ttl, rule.jwt_max_ttl) == (2 * M, 2 * M)
