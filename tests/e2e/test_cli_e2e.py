@@ -678,3 +678,14 @@ def test_status_version_and_output_env_against_a_real_broker(broker_cli: BrokerC
     assert text[0].endswith(" reachable") and text[3].startswith("CA:")
     version = broker_cli.ok("--version").stdout.strip()
     assert version.startswith("broker ") and version != "broker unknown"
+
+
+def test_health_of_an_unknown_service_is_one_plain_line(broker_cli: BrokerCli) -> None:
+    # grpc.health.v1 answers NOT_FOUND without details; the CLI once printed the Python repr
+    # of the error object (`<_InactiveRpcError of RPC ...>`).
+    assert broker_cli.ok("health").stdout.strip() == "SERVING"
+    unknown = broker_cli.run("health", "--service", "no.such.Service")
+    line = _assert_one_line_refusal(unknown)
+    assert line.startswith("broker: not found: the broker reports no health status for service")
+    assert "'no.such.Service'" in line
+    assert not any(text in line for text in ("<_", "StatusCode", "debug_error_string"))
