@@ -1,18 +1,29 @@
 # The broker with SoftHSM2, as a production image (README, "Run in a container").
 #
-#   podman build --format docker -t credential-broker .   (docker format keeps the HEALTHCHECK)
+#   podman build --format docker --build-arg BASE_IMAGE=debian:bookworm-slim@sha256:<digest> \
+#     -t credential-broker .   (docker format keeps the HEALTHCHECK)
 #   podman run -d -v broker-data:/var/lib/broker -p 8443:8443 -p 8444:8444 -p 9464:9464 \
 #     -e BROKER_SERVER_NAMES=broker.example.internal,localhost,127.0.0.1 credential-broker
 #
 # With no arguments it serves the embedded dev defaults (SQLite, a SoftHSM2 token) in the data
 # volume; production runs mount a config file and pass `serve --config /etc/broker/broker.toml`.
 #
-# BASE_IMAGE: pin it by digest (debian:bookworm-slim@sha256:<digest> as your registry serves
-# it); tests/e2e/test_image.py builds on a base it imports itself, by that image's digest.
-ARG BASE_IMAGE=debian:bookworm-slim
+# BASE_IMAGE is required and must be pinned by digest, NAME@sha256:<64 hex digits>:
+#   --build-arg BASE_IMAGE=docker.io/library/debian:bookworm-slim@sha256:<digest>
+# (docs/production.md says how to read Debian's current digest and when to update it). A tag
+# alone (debian:bookworm-slim) is refused by the first step below. tests/e2e/test_image.py
+# builds on a base it imports itself (debootstrap), by that image's digest.
+ARG BASE_IMAGE=BASE_IMAGE-is-required-name@sha256:digest
 
 # -- stage 1: build the wheel and a virtualenv with the runtime dependencies only ---------------
 FROM ${BASE_IMAGE} AS build
+ARG BASE_IMAGE
+RUN digest="${BASE_IMAGE##*@sha256:}"; \
+    if [ "$digest" = "$BASE_IMAGE" ] || [ "${#digest}" -ne 64 ] \
+       || [ -n "$(printf '%s' "$digest" | tr -d '0-9a-f')" ]; then \
+      echo "BASE_IMAGE=$BASE_IMAGE is not pinned by digest: pass --build-arg BASE_IMAGE=NAME@sha256:<64 hex digits> (docs/production.md)" >&2; \
+      exit 1; \
+    fi
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
  && rm -rf /var/lib/apt/lists/*

@@ -10,7 +10,8 @@ last segment only, `**` (one or more segments):
 Whatever a rule says, no TTL exceeds `HARD_MAX_TTL` (24 h): documents asking for more are
 refused at load time, requests asking for more are refused at issue time.
 
-Document shape (JSON or TOML), strictly validated (unknown keys refused):
+Document shape (JSON or TOML), strictly validated (unknown keys and bad values refused; only
+`pattern` is required, every other key has a default, see `RuleDefaults`):
 
     {"version": 1,
      "rules": [{"pattern": "spiffe://example.org/**",
@@ -30,6 +31,7 @@ domain. Older documents said `"dns_names_allowed": true/false`; they are still r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 from collections.abc import Iterable, Mapping
@@ -46,6 +48,7 @@ __all__ = [
     "SERVER_NAME_DOMAIN",
     "CAPolicy",
     "PolicyRule",
+    "RuleDefaults",
     "SpiffeIdPattern",
     "is_reserved_dns_name",
 ]
@@ -59,6 +62,9 @@ KNOWN_KEY_TYPES: Final = frozenset(
 DEFAULT_KEY_TYPES: Final = frozenset({"ec-p256", "ec-p384", "rsa-2048", "rsa-3072", "rsa-4096"})
 
 _MIN_TTL: Final = dt.timedelta(seconds=1)
+_X509_DEFAULT_TTL: Final = dt.timedelta(hours=1)
+_JWT_DEFAULT_TTL: Final = dt.timedelta(minutes=5)
+_JWT_MAX_TTL: Final = dt.timedelta(hours=1)
 _RULE_KEYS: Final = frozenset(
     {
         "pattern",
@@ -71,7 +77,7 @@ _RULE_KEYS: Final = frozenset(
         "dns_names_allowed",  # the old yes/no flag, read as ["*"] or []
     }
 )
-_REQUIRED_RULE_KEYS: Final = _RULE_KEYS - {"dns_names", "dns_names_allowed"}
+_REQUIRED_RULE_KEYS: Final = frozenset({"pattern"})
 _ANY_DNS_NAME: Final = "*"
 _MAX_DNS_PATTERNS: Final = 100
 _DNS_LABEL_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
@@ -79,6 +85,27 @@ SERVER_NAME_DOMAIN: Final = "spiffe.invalid"
 """Names under this domain are the broker's own (`ca.x509svid.server_name`): `.invalid` is never
 resolvable nor issued by a public CA (RFC 6761), and this CA refuses it to every workload."""
 _DOCUMENT_KEYS: Final = frozenset({"version", "rules"})
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RuleDefaults:
+    """What a rule that omits a key gets: the built-in default policy's values (SPIRE's and
+    step-ca's defaults: X.509-SVIDs 1 h, at most `x509_max_ttl`; JWT-SVIDs 5 m, at most 1 h; EC
+    and RSA keys; no DNS names). A default TTL is lowered to the rule's maximum when the rule
+    sets a smaller one, so `x509_max_ttl = "30m"` alone is a valid rule."""
+
+    x509_default_ttl: dt.timedelta = _X509_DEFAULT_TTL
+    x509_max_ttl: dt.timedelta = HARD_MAX_TTL
+    jwt_default_ttl: dt.timedelta = _JWT_DEFAULT_TTL
+    jwt_max_ttl: dt.timedelta = _JWT_MAX_TTL
+    key_types: frozenset[str] = DEFAULT_KEY_TYPES
+
+    @classmethod
+    def capped(cls, x509_max_ttl: dt.timedelta) -> RuleDefaults:
+        """The defaults with the X.509 maximum lowered to `x509_max_ttl` (never above 24 h),
+        e.g. what the issuing CA's rotation schedule can honour."""
+        x509_max = min(x509_max_ttl, HARD_MAX_TTL)
+        return cls(x509_default_ttl=min(_X509_DEFAULT_TTL, x509_max), x509_max_ttl=x509_max)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -276,7 +303,12 @@ class PolicyRule:
         return any(_dns_matches(p, name) for p in self.dns_names)
 
     @classmethod
-    def from_document(cls, doc: Mapping[str, Any], where: str = "rule") -> PolicyRule:
+    def from_document(
+        cls, doc: Mapping[str, Any], where: str = "rule", defaults: RuleDefaults | None = None
+    ) -> PolicyRule:
+        """Build from a JSON/TOML-shaped rule; omitted keys take `defaults` (`RuleDefaults()`).
+        `InvalidPolicy` names an unknown key or a bad value."""
+        defaults = defaults or RuleDefaults()
         if not isinstance(doc, Mapping):
             raise InvalidPolicy(f"{where} must be a table/object")
         unknown = set(doc) - _RULE_KEYS
@@ -292,13 +324,29 @@ class PolicyRule:
             pattern = SpiffeIdPattern.parse(doc["pattern"])
         except InvalidPolicy as exc:
             raise InvalidPolicy(f"{where}: {exc}") from None
+        for kind in ("x509", "jwt"):
+            if f"{kind}_default_ttl" in doc and f"{kind}_max_ttl" not in doc:
+                maximum = getattr(defaults, f"{kind}_max_ttl")
+                with contextlib.suppress(InvalidTTL):
+                    if parse_duration(doc[f"{kind}_default_ttl"]) > maximum:
+                        raise InvalidPolicy(
+                            f"{where}.{kind}_default_ttl exceeds the default {kind}_max_ttl "
+                            f"{format_duration(maximum)}; set {kind}_max_ttl too"
+                        )
         ttls: dict[str, dt.timedelta] = {}
-        for name in ("x509_default_ttl", "x509_max_ttl", "jwt_default_ttl", "jwt_max_ttl"):
+        for name in ("x509_max_ttl", "x509_default_ttl", "jwt_max_ttl", "jwt_default_ttl"):
+            if name not in doc:
+                default = getattr(defaults, name)
+                if name.endswith("_default_ttl"):
+                    # an omitted default never exceeds the maximum the rule sets
+                    default = min(default, ttls[name.replace("_default_", "_max_")])
+                ttls[name] = default
+                continue
             try:
                 ttls[name] = parse_duration(doc[name])
             except InvalidTTL as exc:
                 raise InvalidPolicy(f"{where}.{name}: {exc}") from None
-        key_types = doc["key_types"]
+        key_types = doc.get("key_types", sorted(defaults.key_types))
         if not isinstance(key_types, list | tuple) or not all(
             isinstance(k, str) for k in key_types
         ):
@@ -410,23 +458,26 @@ class CAPolicy:
         `x509_max_ttl` lowers the X.509 maximum (never above 24 h), e.g. to what the issuing
         CA's rotation schedule can honour; the default TTL is lowered with it if needed."""
         td = TrustDomain.of(trust_domain)
-        x509_max = min(x509_max_ttl, HARD_MAX_TTL)
+        defaults = RuleDefaults.capped(x509_max_ttl)
         return cls(
             rules=(
                 PolicyRule(
                     pattern=SpiffeIdPattern(td.name, ("**",)),
-                    x509_default_ttl=min(dt.timedelta(hours=1), x509_max),
-                    x509_max_ttl=x509_max,
-                    jwt_default_ttl=dt.timedelta(minutes=5),
-                    jwt_max_ttl=dt.timedelta(hours=1),
-                    key_types=DEFAULT_KEY_TYPES,
+                    x509_default_ttl=defaults.x509_default_ttl,
+                    x509_max_ttl=defaults.x509_max_ttl,
+                    jwt_default_ttl=defaults.jwt_default_ttl,
+                    jwt_max_ttl=defaults.jwt_max_ttl,
+                    key_types=defaults.key_types,
                 ),
             )
         )
 
     @classmethod
-    def from_document(cls, doc: Mapping[str, Any]) -> CAPolicy:
-        """Build from a JSON/TOML-shaped dict; `InvalidPolicy` names the offending key."""
+    def from_document(
+        cls, doc: Mapping[str, Any], defaults: RuleDefaults | None = None
+    ) -> CAPolicy:
+        """Build from a JSON/TOML-shaped dict; `InvalidPolicy` names the offending key. Keys a
+        rule omits take `defaults` (`RuleDefaults()`); `to_document` writes them all out."""
         if not isinstance(doc, Mapping):
             raise InvalidPolicy("CA policy document must be a table/object with 'rules'")
         unknown = set(doc) - _DOCUMENT_KEYS
@@ -443,7 +494,7 @@ class CAPolicy:
         version = doc.get("version", 1)
         return cls(
             rules=tuple(
-                PolicyRule.from_document(rule, f"rules[{index}]")
+                PolicyRule.from_document(rule, f"rules[{index}]", defaults)
                 for index, rule in enumerate(rules)
             ),
             version=version,

@@ -16,7 +16,7 @@ from broker.storage.interface import PolicyVersion
 from ca import rotation
 from ca.clock import Clock
 from ca.errors import InvalidPolicy
-from ca.policy import CAPolicy
+from ca.policy import CAPolicy, RuleDefaults
 
 __all__ = ["POLICY_NAME", "PolicyStore", "PolicyVersions"]
 
@@ -74,7 +74,10 @@ class PolicyVersions:
             ) from None
         if not isinstance(doc, dict):
             raise InvalidPolicy("CA policy must be a JSON object with a 'rules' list")
-        policy = CAPolicy.from_document(doc)
+        # Keys a rule omits take the built-in default's values, its X.509 maximum included
+        # (what the rotation schedule can honour); the stored document has them all.
+        defaults = RuleDefaults.capped(self._schedule.max_safe_svid_ttl())
+        policy = CAPolicy.from_document(doc, defaults)
         rotation.check_max_svid_ttl(self._schedule, policy.max_x509_ttl())
         canonical = json.dumps(policy.to_document(), sort_keys=True)
         stored = await self._store.put_policy(

@@ -67,4 +67,19 @@ def policy_document_json(path: Path, data: bytes) -> str:
                 ) from None
     if not isinstance(document, dict):
         raise Refusal(f"policy file {path} must hold an object (a table), not a list or value")
+    if _is_policy_get_output(document):
+        # What `broker ca policy get --output json` printed: set its document, so the output
+        # of `get` feeds back into `set` unchanged (version/author/updated_at are the broker's).
+        document = document["document"]
     return json.dumps(document, default=_json_value, ensure_ascii=False)
+
+
+_POLICY_GET_KEYS = frozenset({"version", "author", "updated_at", "document"})
+
+
+def _is_policy_get_output(document: dict[str, Any]) -> bool:
+    return (
+        "document" in document
+        and set(document) <= _POLICY_GET_KEYS
+        and isinstance(document["document"], dict)
+    )

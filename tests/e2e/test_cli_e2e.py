@@ -372,6 +372,55 @@ def test_invalid_policy_is_refused_and_changes_nothing(
     assert after["version"] == before["version"]
 
 
+def test_policy_get_output_feeds_back_into_set_unchanged(
+    broker_cli: BrokerCli, tmp_path: Path
+) -> None:
+    # A rule that gives only some keys gets the defaults for the others (issue 15: the README
+    # example was refused for missing keys); `get --output json` then round-trips into `set`.
+    before = broker_cli.ok("ca", "policy", "get", "--output", "json").json()
+    td = before["document"]["rules"][0]["pattern"].split("/")[2]
+    partial = tmp_path / "partial.toml"
+    partial.write_text(
+        f'[[rules]]\npattern = "spiffe://{td}/acme/prod/*"\nx509_max_ttl = "12h"\n'
+        f'key_types = ["ec-p256"]\n\n[[rules]]\npattern = "spiffe://{td}/**"\n'
+    )
+    try:
+        broker_cli.ok("ca", "policy", "set", str(partial))
+        got = broker_cli.ok("ca", "policy", "get", "--output", "json")
+        first = got.json()
+        prod, rest = first["document"]["rules"]
+        assert prod["x509_max_ttl"] == "12h" and prod["x509_default_ttl"] == "1h"
+        assert prod["jwt_default_ttl"] == "5m" and prod["jwt_max_ttl"] == "1h"
+        assert prod["key_types"] == ["ec-p256"] and prod["dns_names"] == []
+        assert rest["x509_max_ttl"] == before["document"]["rules"][0]["x509_max_ttl"]
+
+        exported = tmp_path / "exported.json"
+        exported.write_text(got.stdout)  # exactly what `get --output json` printed
+        set_again = broker_cli.ok("ca", "policy", "set", str(exported))
+        assert set_again.stdout.strip() == f"policy version {first['version'] + 1}"
+        second = broker_cli.ok("ca", "policy", "get", "--output", "json").json()
+        assert second["version"] == first["version"] + 1
+        assert second["document"] == first["document"]
+
+        # defaults never hide a mistake: an unknown key or a bad value is still refused
+        for body, fragment in (
+            ('x509_ttl = "1h"', "unknown key(s) x509_ttl"),
+            ('x509_max_ttl = "25h"', "hard ceiling"),
+        ):
+            bad = tmp_path / "bad.toml"
+            bad.write_text(f'[[rules]]\npattern = "spiffe://{td}/**"\n{body}\n')
+            line = _assert_one_line_refusal(broker_cli.run("ca", "policy", "set", str(bad)))
+            assert line.startswith("broker: invalid argument:") and fragment in line, line
+        unchanged = broker_cli.ok("ca", "policy", "get", "--output", "json").json()
+        assert unchanged["version"] == second["version"]
+    finally:
+        restore = tmp_path / "before.json"
+        restore.write_text(json.dumps(before))
+        broker_cli.ok("ca", "policy", "set", str(restore))
+    after = broker_cli.ok("ca", "policy", "get", "--output", "json").json()
+    assert after["document"] == before["document"]
+
+
 # -- audit -------------------------------------------------------------------------------------
 
 
@@ -629,3 +678,14 @@ def test_status_version_and_output_env_against_a_real_broker(broker_cli: BrokerC
     assert text[0].endswith(" reachable") and text[3].startswith("CA:")
     version = broker_cli.ok("--version").stdout.strip()
     assert version.startswith("broker ") and version != "broker unknown"
+
+
+def test_health_of_an_unknown_service_is_one_plain_line(broker_cli: BrokerCli) -> None:
+    # grpc.health.v1 answers NOT_FOUND without details; the CLI once printed the Python repr
+    # of the error object (`<_InactiveRpcError of RPC ...>`).
+    assert broker_cli.ok("health").stdout.strip() == "SERVING"
+    unknown = broker_cli.run("health", "--service", "no.such.Service")
+    line = _assert_one_line_refusal(unknown)
+    assert line.startswith("broker: not found: the broker reports no health status for service")
+    assert "'no.such.Service'" in line
+    assert not any(text in line for text in ("<_", "StatusCode", "debug_error_string"))

@@ -220,6 +220,28 @@ def test_mint_an_svid_from_the_host(container: Container, tmp_path: Path) -> Non
     assert json.loads(health.stdout)["status"] == "SERVING"
 
 
+def test_the_base_must_be_pinned_by_digest(image: str) -> None:
+    """The image above was built on `NAME@sha256:<digest>`; a tag alone is refused before
+    anything is installed, with a line saying what to pass."""
+    pinned = base_image()
+    name, _, digest = pinned.partition("@sha256:")
+    assert len(digest) == 64 and all(c in "0123456789abcdef" for c in digest), pinned
+    # podman resolves a local image by that digest (what FROM ${BASE_IMAGE} relies on)
+    assert _run("podman", "image", "inspect", "--format", "{{.Id}}", pinned).stdout.strip()
+    for unpinned in (BASE_NAME, f"{name}@sha256:{digest[:12]}"):
+        build = _run(
+            "podman", "build", "--format", "docker", "--build-arg", f"BASE_IMAGE={unpinned}",
+            "-t", "localhost/credential-broker:unpinned", str(ROOT),
+            check=False,
+        )  # fmt: skip
+        output = build.stdout + build.stderr
+        assert build.returncode != 0, output[-2000:]
+        if unpinned == BASE_NAME:  # a tag resolves, so the Dockerfile's own check refuses it
+            assert f"BASE_IMAGE={unpinned} is not pinned by digest" in output, output[-2000:]
+        assert _run("podman", "image", "exists", "localhost/credential-broker:unpinned",
+                    check=False).returncode != 0  # fmt: skip
+
+
 def test_image_holds_runtime_dependencies_only(image: str) -> None:
     script = (
         "import importlib.util as u, regopy, pkcs11;"

@@ -167,7 +167,9 @@ def _error(exc: grpc.RpcError, credentials: ClientCredentials) -> ClientError:
     code = exc.code() if isinstance(exc, grpc.Call) else None
     details = exc.details() if isinstance(exc, grpc.Call) else None
     name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
-    message = " ".join((details or str(exc) or "no details").split())
+    # Without details (e.g. grpc.health.v1's NOT_FOUND), say the code, never the Python repr
+    # of the error object.
+    message = " ".join((details or f"the broker answered {name} without details").split())
     trailing = exc.trailing_metadata() if isinstance(exc, grpc.Call) else None
     answered = any(key == CORRELATION_HEADER for key, _ in trailing or ())
     if name == "UNAVAILABLE" and not answered and _TRANSPORT_FAILURE.search(message):

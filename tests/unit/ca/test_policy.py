@@ -14,6 +14,7 @@ from ca.policy import (
     HARD_MAX_TTL,
     CAPolicy,
     PolicyRule,
+    RuleDefaults,
     SpiffeIdPattern,
 )
 from ca.spiffeid import SpiffeId
@@ -183,7 +184,7 @@ def _doc_with(rule_changes: dict[str, Any], drop: tuple[str, ...] = ()) -> dict[
         ({"key_types": ["ec-p256", "ec-p256"]}, (), "twice"),
         ({"dns_names_allowed": "yes"}, (), "dns_names_allowed must be true or false"),
         ({"ttl": "1h"}, (), "unknown key\\(s\\) ttl"),
-        ({}, ("jwt_max_ttl",), "missing key\\(s\\) jwt_max_ttl"),
+        ({"jwt_default_ttl": "2h"}, ("jwt_max_ttl",), "exceeds the default jwt_max_ttl 1h"),
         ({}, ("pattern",), "missing key\\(s\\) pattern"),
         ({"pattern": "spiffe://example.org/a*"}, (), "rules\\[0\\]: pattern"),
         ({"pattern": 7}, (), "pattern must be a string"),
@@ -406,3 +407,73 @@ def test_rule_constructor_validates() -> None:
             jwt_max_ttl=H,
             key_types=frozenset({"ec-p256"}),
         )
+
+
+def test_omitted_rule_keys_take_the_built_in_defaults() -> None:
+    # Only the pattern is required: what SPIRE and step-ca users expect (X.509 1 h, JWT 5 m).
+    policy = CAPolicy.from_document({"rules": [{"pattern": "spiffe://example.org/**"}]})
+    (rule,) = policy.rules
+    assert (rule.x509_default_ttl, rule.x509_max_ttl) == (H, HARD_MAX_TTL)
+    assert (rule.jwt_default_ttl, rule.jwt_max_ttl) == (5 * M, H)
+    assert rule.key_types == DEFAULT_KEY_TYPES
+    assert rule.dns_names == ()
+    assert policy.rules == CAPolicy.default("example.org").rules
+
+
+def test_an_omitted_default_ttl_follows_a_lower_maximum() -> None:
+    doc = {
+        "rules": [
+            {"pattern": "spiffe://example.org/**", "x509_max_ttl": "30m", "jwt_max_ttl": "2m"}
+        ]
+    }
+    (rule,) = CAPolicy.from_document(doc).rules
+    assert (rule.x509_default_ttl, rule.x509_max_ttl) == (30 * M, 30 * M)
+    assert (rule.jwt_default_ttl, rule.jwt_max_ttl) == (2 * M, 2 * M)
+
+
+def test_defaults_capped_by_the_rotation_schedule() -> None:
+    defaults = RuleDefaults.capped(30 * M)
+    (rule,) = CAPolicy.from_document(
+        {"rules": [{"pattern": "spiffe://example.org/**"}]}, defaults
+    ).rules
+    assert (rule.x509_default_ttl, rule.x509_max_ttl) == (30 * M, 30 * M)
+    assert RuleDefaults.capped(48 * H).x509_max_ttl == HARD_MAX_TTL
+
+
+def test_readme_policy_example_with_omitted_keys_round_trips() -> None:
+    doc = tomllib.loads(
+        """
+[[rules]]
+pattern = "spiffe://example.org/acme/prod/*"
+x509_default_ttl = "1h"
+x509_max_ttl = "12h"
+jwt_default_ttl = "5m"
+jwt_max_ttl = "15m"
+key_types = ["ec-p256", "ec-p384"]
+
+[[rules]]
+pattern = "spiffe://example.org/*/dev/**"
+x509_max_ttl = "24h"
+"""
+    )
+    policy = CAPolicy.from_document(doc)
+    dev = policy.rules[1]
+    assert (dev.x509_default_ttl, dev.x509_max_ttl, dev.jwt_max_ttl) == (H, 24 * H, H)
+    canonical = policy.to_document()
+    assert set(canonical["rules"][1]) >= {"x509_default_ttl", "jwt_max_ttl", "key_types"}
+    assert CAPolicy.from_document(json.loads(json.dumps(canonical))) == policy
+
+
+@pytest.mark.parametrize(
+    ("rule", "fragment"),
+    [
+        ({"x509_ttl": "1h"}, "unknown key\\(s\\) x509_ttl"),
+        ({"x509_max_ttl": "25h"}, "hard ceiling"),
+        ({"key_types": ["dsa-1024"]}, "unknown key type"),
+        ({"x509_default_ttl": "soon"}, "x509_default_ttl"),
+        ({"x509_default_ttl": "25h"}, "exceeds the default x509_max_ttl 24h"),
+    ],
+)
+def test_defaults_do_not_hide_bad_keys_or_values(rule: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(InvalidPolicy, match=fragment):
+        CAPolicy.from_document({"rules": [{"pattern": "spiffe://example.org/**", **rule}]})
