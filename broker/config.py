@@ -5,7 +5,8 @@ name), never inline: a DSN with a password or a PIN in a URI is refused.
 Environment overrides (applied after the file): BROKER_LISTEN, BROKER_TRUST_DOMAIN,
 BROKER_STORAGE_DSN, BROKER_KEYS_URI, BROKER_KEYS_PIN_SOURCE, BROKER_RATE_LIMIT_RPS,
 BROKER_RATE_LIMIT_BURST, BROKER_WORKERS, BROKER_ATTEST_LISTEN, BROKER_METRICS_LISTEN,
-BROKER_DB_REAPER_INTERVAL, BROKER_DB_CREATION_TIMEOUT.
+BROKER_DB_REAPER_INTERVAL, BROKER_DB_CREATION_TIMEOUT; BROKER_OTLP_ENDPOINT and the standard
+OTEL_* tracing variables (broker.tracing.settings).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from urllib.parse import quote, urlsplit
 
 from broker.dsn import password_in_dsn
 from broker.errors import InvalidArgument
+from broker.tracing.settings import TracingConfig, tracing_config, tracing_env
 from ca.duration import parse_duration
 from ca.errors import CAError
 from ca.layout import IdentityLayout
@@ -295,6 +297,8 @@ class Config:
     audit: AuditConfig = field(default_factory=AuditConfig)
     notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
     dev: bool = False
+    # OpenTelemetry traces over OTLP/gRPC (broker.tracing; off unless an endpoint is set).
+    tracing: TracingConfig = field(default_factory=TracingConfig)
 
     @property
     def operator_dir(self) -> Path:
@@ -520,6 +524,7 @@ _SECTIONS = {
         "operators",
         "audit",
         "notifications",
+        "tracing",
     },
     "notifications": {"channels", "retries"},
     "audit": {"checkpoint_interval", "sinks", "forward_interval", "forward_batch"},
@@ -631,6 +636,7 @@ def _from_document(doc: Mapping[str, Any], base_dir: Path) -> Config:
     return Config(
         audit=audit,
         notifications=notifications,
+        tracing=tracing_config(doc.get("tracing", {}), base_dir),
         operators=_operators(doc.get("operators", {})),
         database=database,
         secrets=SecretsConfig(justification_required=tuple(required)),
@@ -838,6 +844,7 @@ def apply_env(config: Config, environ: Mapping[str, str] | None = None) -> Confi
     if "BROKER_AUDIT_CHECKPOINT_INTERVAL" in env:
         interval = _duration(env, "BROKER_AUDIT_CHECKPOINT_INTERVAL", dt.timedelta(0))
         config = replace(config, audit=replace(config.audit, checkpoint_interval=interval))
+    config = replace(config, tracing=tracing_env(config.tracing, env))
     return replace(config, server=server, storage=storage, keys=keys, trust_domain=trust_domain)
 
 

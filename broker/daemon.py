@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from broker.app import Application
 from broker.audit import Verification
@@ -41,6 +41,9 @@ from broker.metrics import (
 )
 from ca.clock import SystemClock
 from ca.keys import open_backend
+
+if TYPE_CHECKING:
+    from broker.tracing.provider import Tracing
 
 __all__ = ["DEFAULT_LISTEN", "ServeOptions", "raise_fd_limit", "serve"]
 
@@ -222,7 +225,23 @@ async def _open(config: Config) -> Application:
         raise
     if config.server.workers > 1 and isinstance(storage, SqlStorage):
         storage.single_hop_writes = True
-    return Application(config, keys, storage, SystemClock())
+    tracing = _open_tracing(config)
+    if tracing is not None:  # the interfaces are wrapped before anything is built on them
+        keys, storage = tracing.keys(keys), tracing.storage(storage)
+    return Application(config, keys, storage, SystemClock(), tracing=tracing)
+
+
+def _open_tracing(config: Config) -> Tracing | None:
+    """OpenTelemetry for this process (each worker has its own), when an OTLP endpoint is
+    configured; None otherwise (nothing of it is imported then)."""
+    if not config.tracing.enabled:
+        return None
+    from broker.api.otlp import span_exporter
+    from broker.tracing.provider import open_tracing
+
+    tracing = open_tracing(config.tracing, span_exporter(config.tracing))
+    log.info("traces to %s (OTLP/gRPC)", config.tracing.endpoint)
+    return tracing
 
 
 async def _serve(
@@ -298,6 +317,8 @@ async def _serve(
         if metrics_server is not None:
             metrics_server.close()
         await app.close()
+        if app.tracing is not None:
+            app.tracing.close()  # flushes the spans still buffered
 
 
 def _start_metrics(
