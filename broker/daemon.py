@@ -213,7 +213,9 @@ def serve(options: ServeOptions) -> None:
         _supervise(config, options.new_ledger_epoch)
 
 
-async def _open(config: Config) -> Application:
+async def _open(config: Config, *, traced: bool = False) -> Application:
+    """Keys, storage and the Application over them; `traced` (a serving process): with
+    OpenTelemetry when an endpoint is configured."""
     from broker.storage.factory import open_storage
     from broker.storage.sql import SqlStorage
 
@@ -225,7 +227,7 @@ async def _open(config: Config) -> Application:
         raise
     if config.server.workers > 1 and isinstance(storage, SqlStorage):
         storage.single_hop_writes = True
-    tracing = _open_tracing(config)
+    tracing = _open_tracing(config) if traced else None
     if tracing is not None:  # the interfaces are wrapped before anything is built on them
         keys, storage = tracing.keys(keys), tracing.storage(storage)
     return Application(config, keys, storage, SystemClock(), tracing=tracing)
@@ -253,7 +255,7 @@ async def _serve(
     """Serve in this process. A worker (`ready` given) reports its port instead of printing."""
     from broker.api.server.serving import serve_application
 
-    app = await _open(config)
+    app = await _open(config, traced=True)
     metrics_server = None
     try:
         await app.start(new_ledger_epoch=new_epoch)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextvars
 import os
 import socket
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -63,8 +64,19 @@ class Tracing:
     provider: TracerProvider
     tracer: trace.Tracer
     config: TracingConfig
+    exporter: SpanExporter | None = None
 
-    def close(self) -> None:
+    def close(self, flush_seconds: float = 3.0) -> None:
+        """Export what is buffered, waiting at most `flush_seconds` (a collector that is down
+        or hangs must not hold up a broker that is stopping), then stop."""
+        # The SDK's force_flush exports in the calling thread and ignores its timeout: bound it.
+        flusher = threading.Thread(
+            target=self.provider.force_flush, name="trace-flush", daemon=True
+        )
+        flusher.start()
+        flusher.join(flush_seconds)
+        if self.exporter is not None:
+            self.exporter.shutdown()  # ends an export still retrying
         self.provider.shutdown()
 
     def request_spans(self) -> RequestSpans:
@@ -110,4 +122,4 @@ def open_tracing(config: TracingConfig, exporter: SpanExporter, **batch: Any) ->
         shutdown_on_exit=False,
     )
     provider.add_span_processor(BatchSpanProcessor(exporter, **batch))
-    return Tracing(provider, provider.get_tracer(INSTRUMENTATION), config)
+    return Tracing(provider, provider.get_tracer(INSTRUMENTATION), config, exporter)

@@ -6,14 +6,17 @@ and without tracing, a caller's traceparent still names the call in the ledger."
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 import grpc
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from broker.api._proto import ca_pb2, secrets_pb2, secrets_pb2_grpc
@@ -212,3 +215,43 @@ async def test_without_tracing_a_callers_traceparent_names_the_call_in_the_ledge
         metadata=(("traceparent", f"00-{trace_id}-{os.urandom(8).hex()}-01"),),
     )
     assert (await broker.event_for(trace_id))["outcome"] == "OK"
+
+
+class HangingExporter(SpanExporter):
+    """A collector that takes the first batch and never answers until released."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.batches = 0
+        self.stopped = False
+
+    def export(self, spans: Any) -> SpanExportResult:
+        self.batches += 1
+        self.entered.set()
+        self.release.wait(60)
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        self.stopped = True
+        self.release.set()
+
+
+async def test_a_hanging_collector_never_holds_up_a_request_or_a_stop(
+    broker_factory: BrokerFactory,
+) -> None:
+    exporter = HangingExporter()
+    tracing = open_tracing(
+        TracingConfig(endpoint="http://127.0.0.1:1"), exporter, schedule_delay_millis=1
+    )
+    broker = await broker_factory(tracing=tracing)
+    ca = broker.ca()
+    await ca.GetStatus(ca_pb2.GetStatusRequest())
+    assert await asyncio.to_thread(exporter.entered.wait, 30)  # the exporter is now stuck
+    for _ in range(20):  # answered while the export hangs (and spans queue up)
+        status = await ca.GetStatus(ca_pb2.GetStatusRequest())
+        assert status.trust_domain
+    assert not exporter.release.is_set() and exporter.batches == 1
+    # Stopping does not wait for the hung export beyond its flush bound: close() ends it.
+    await asyncio.to_thread(tracing.close, 0.2)
+    assert exporter.stopped
