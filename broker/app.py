@@ -13,6 +13,7 @@ import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -24,7 +25,7 @@ from broker.authn import Authenticator
 from broker.authority import CAService, CAServiceConfig
 from broker.config import Config
 from broker.database.credentials import CredentialService, DatabaseSettings
-from broker.database.engine import open_engine
+from broker.database.engine import EngineFactory, open_engine
 from broker.database.reaper import LeaseReaper
 from broker.database.scheduler import StaticRotationJob
 from broker.envelope import DataKeyCache, Envelope, KekRotator, SealedStore
@@ -50,6 +51,9 @@ from ca.layout import DEV_TENANT, IdentityLayout
 from ca.spiffeid import SpiffeId
 from ca.x509svid import SERVER_PATH, chain_pem, server_name
 
+if TYPE_CHECKING:
+    from broker.tracing.provider import Tracing
+
 __all__ = ["Application", "TLSMaterial"]
 
 log = logging.getLogger(__name__)
@@ -74,7 +78,18 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
 class Application:
     """One broker process: storage, keys, the CA, the ledger, policy, limits."""
 
-    def __init__(self, config: Config, keys: KeyBackend, storage: Storage, clock: Clock) -> None:
+    def __init__(
+        self,
+        config: Config,
+        keys: KeyBackend,
+        storage: Storage,
+        clock: Clock,
+        tracing: Tracing | None = None,
+    ) -> None:
+        # OpenTelemetry (broker.tracing), when an endpoint is configured: `keys` and `storage`
+        # come already wrapped (broker.tracing.instrument); the pipeline and the database
+        # engines take their spans from here.
+        self.tracing = tracing
         self.config = config
         self.keys = keys
         self.storage = storage
@@ -153,8 +168,9 @@ class Application:
                 creation_timeout=config.database.creation_timeout,
             ),
             audit=self.ledger.record,
-            engines=functools.partial(
-                open_engine, scram_iterations=config.database.scram_iterations
+            engines=_engines(
+                functools.partial(open_engine, scram_iterations=config.database.scram_iterations),
+                tracing,
             ),
             random=random_source(keys).random,
         )
@@ -376,6 +392,15 @@ class Application:
             await self.checkpoints.tick()
         except Exception as exc:
             log.warning("audit checkpoint not made: %s", exc)
+
+
+def _engines(factory: EngineFactory, tracing: Tracing | None) -> EngineFactory:
+    """The database engine factory, behind spans when tracing is on."""
+    if tracing is None:
+        return factory
+    from broker.tracing.engines import traced_engines
+
+    return traced_engines(factory, tracing.tracer)
 
 
 def _is_ip(name: str) -> bool:

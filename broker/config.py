@@ -5,7 +5,9 @@ name), never inline: a DSN with a password or a PIN in a URI is refused.
 Environment overrides (applied after the file): BROKER_LISTEN, BROKER_TRUST_DOMAIN,
 BROKER_STORAGE_DSN, BROKER_KEYS_URI, BROKER_KEYS_PIN_SOURCE, BROKER_RATE_LIMIT_RPS,
 BROKER_RATE_LIMIT_BURST, BROKER_WORKERS, BROKER_ATTEST_LISTEN, BROKER_METRICS_LISTEN,
-BROKER_DB_REAPER_INTERVAL, BROKER_DB_CREATION_TIMEOUT.
+BROKER_DB_REAPER_INTERVAL, BROKER_DB_CREATION_TIMEOUT, BROKER_AUDIT_SINKS (the [audit.sinks]
+tables as TOML); BROKER_OTLP_ENDPOINT and the standard OTEL_* tracing variables
+(broker.tracing.settings).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from urllib.parse import quote, urlsplit
 
 from broker.dsn import password_in_dsn
 from broker.errors import InvalidArgument
+from broker.tracing.settings import TracingConfig, tracing_config, tracing_env
 from ca.duration import parse_duration
 from ca.errors import CAError
 from ca.layout import IdentityLayout
@@ -310,6 +313,8 @@ class Config:
     notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
     dev: bool = False
     rotation: RotationConfig = field(default_factory=RotationConfig)
+    # OpenTelemetry traces over OTLP/gRPC (broker.tracing; off unless an endpoint is set).
+    tracing: TracingConfig = field(default_factory=TracingConfig)
 
     @property
     def operator_dir(self) -> Path:
@@ -551,6 +556,7 @@ _SECTIONS = {
         "audit",
         "notifications",
         "rotation",
+        "tracing",
     },
     "rotation": {"kek_period", "data_key_period", "check_interval"},
     "notifications": {"channels", "retries"},
@@ -664,6 +670,7 @@ def _from_document(doc: Mapping[str, Any], base_dir: Path) -> Config:
         rotation=_rotation(doc.get("rotation", {})),
         audit=audit,
         notifications=notifications,
+        tracing=tracing_config(doc.get("tracing", {}), base_dir),
         operators=_operators(doc.get("operators", {})),
         database=database,
         secrets=SecretsConfig(justification_required=tuple(required)),
@@ -871,7 +878,22 @@ def apply_env(config: Config, environ: Mapping[str, str] | None = None) -> Confi
     if "BROKER_AUDIT_CHECKPOINT_INTERVAL" in env:
         interval = _duration(env, "BROKER_AUDIT_CHECKPOINT_INTERVAL", dt.timedelta(0))
         config = replace(config, audit=replace(config.audit, checkpoint_interval=interval))
+    config = replace(config, tracing=tracing_env(config.tracing, env))
+    if "BROKER_AUDIT_SINKS" in env:
+        config = replace(config, audit=replace(config.audit, sinks=_env_sinks(env)))
     return replace(config, server=server, storage=storage, keys=keys, trust_domain=trust_domain)
+
+
+def _env_sinks(env: Mapping[str, str]) -> tuple[AuditSink, ...]:
+    """BROKER_AUDIT_SINKS: the `[audit.sinks]` tables as TOML, e.g.
+    `siem = { url = "syslog+tls://siem:6514", ca_file = "/etc/broker/siem-ca.pem" }` (one
+    sink per line); replaces the file's sinks ("" = none). Relative paths: from the working
+    directory. For containers and `--dev`, which have no config file."""
+    try:
+        doc = tomllib.loads(env["BROKER_AUDIT_SINKS"])
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidArgument(f"environment: BROKER_AUDIT_SINKS is not TOML: {exc}") from None
+    return audit_sinks(doc, Path.cwd())
 
 
 def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:

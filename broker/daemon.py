@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from broker.app import Application
 from broker.audit import Verification
@@ -41,6 +41,9 @@ from broker.metrics import (
 )
 from ca.clock import SystemClock
 from ca.keys import open_backend
+
+if TYPE_CHECKING:
+    from broker.tracing.provider import Tracing
 
 __all__ = ["DEFAULT_LISTEN", "ServeOptions", "raise_fd_limit", "serve"]
 
@@ -210,7 +213,9 @@ def serve(options: ServeOptions) -> None:
         _supervise(config, options.new_ledger_epoch)
 
 
-async def _open(config: Config) -> Application:
+async def _open(config: Config, *, traced: bool = False) -> Application:
+    """Keys, storage and the Application over them; `traced` (a serving process): with
+    OpenTelemetry when an endpoint is configured."""
     from broker.storage.factory import open_storage
     from broker.storage.sql import SqlStorage
 
@@ -222,7 +227,23 @@ async def _open(config: Config) -> Application:
         raise
     if config.server.workers > 1 and isinstance(storage, SqlStorage):
         storage.single_hop_writes = True
-    return Application(config, keys, storage, SystemClock())
+    tracing = _open_tracing(config) if traced else None
+    if tracing is not None:  # the interfaces are wrapped before anything is built on them
+        keys, storage = tracing.keys(keys), tracing.storage(storage)
+    return Application(config, keys, storage, SystemClock(), tracing=tracing)
+
+
+def _open_tracing(config: Config) -> Tracing | None:
+    """OpenTelemetry for this process (each worker has its own), when an OTLP endpoint is
+    configured; None otherwise (nothing of it is imported then)."""
+    if not config.tracing.enabled:
+        return None
+    from broker.api.otlp import span_exporter
+    from broker.tracing.provider import open_tracing
+
+    tracing = open_tracing(config.tracing, span_exporter(config.tracing))
+    log.info("traces to %s (OTLP/gRPC)", config.tracing.endpoint)
+    return tracing
 
 
 async def _serve(
@@ -234,7 +255,7 @@ async def _serve(
     """Serve in this process. A worker (`ready` given) reports its port instead of printing."""
     from broker.api.server.serving import serve_application
 
-    app = await _open(config)
+    app = await _open(config, traced=True)
     metrics_server = None
     try:
         await app.start(new_ledger_epoch=new_epoch)
@@ -298,6 +319,8 @@ async def _serve(
         if metrics_server is not None:
             metrics_server.close()
         await app.close()
+        if app.tracing is not None:
+            app.tracing.close()  # flushes the spans still buffered
 
 
 def _start_metrics(

@@ -129,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     from loadtests import fleet
 
     fleet.add_arguments(r)
+    r.add_argument(
+        "--forward",
+        default=None,
+        help="the dev broker forwards its audit ledger to this sink during the runs: "
+        "syslog+tls (a local rsyslog it starts), syslog+tls://HOST:PORT or https://URL; "
+        "each run's notes get entries/s forwarded and the sink's lag (loadtests/forwarding.py)",
+    )
+    r.add_argument("--forward-ca", type=Path, default=None, help="CA file of a --forward URL")
     return p
 
 
@@ -149,6 +157,15 @@ def _resolve(args: argparse.Namespace) -> None:
         raise SystemExit("error: --processes and --channels must be 1..64")
     if not 1 <= args.csr_pool <= 100_000:
         raise SystemExit("error: --csr-pool must be 1..100000")
+    if args.forward is not None:
+        if args.server:
+            raise SystemExit("error: --forward configures the dev broker: not with --server")
+        if args.forward != "syslog+tls" and not args.forward.startswith(
+            ("syslog+tls://", "https://")
+        ):
+            raise SystemExit(
+                "error: --forward takes syslog+tls, syslog+tls://HOST:PORT or https://"
+            )
     if bool(args.server) != bool(args.data_dir):
         raise SystemExit("error: --server and --data-dir go together")
     if args.server:
@@ -193,6 +210,7 @@ class _Session:
         self.machine = machine.describe()
         self.verdicts: list[slo.Verdict] = []
         self.metrics_url: str | None = None  # the dev broker's /metrics
+        self.rsyslog: Any = None  # loadtests.forwarding.LocalRsyslog under --forward syslog+tls
 
     # -- set-up ----------------------------------------------------------------------------
 
@@ -206,6 +224,8 @@ class _Session:
                 self.pids["broker"] = [a.server_pid]
         else:
             workers_env = {"BROKER_WORKERS": str(a.broker_workers)}
+            if a.forward is not None:
+                workers_env.update(self._forward_sink(stack))
             dev = broker_target.DevBroker(self.tmp / "broker" / "data", extra_env=workers_env)
             stack.callback(dev.stop)
             _log("starting dev broker (SoftHSM2 key backend when softhsm2 is installed)")
@@ -240,6 +260,22 @@ class _Session:
             _log(f"WARNING: the broker's key backend is {backend!r}, not SoftHSM2")
         self.targets["broker"] = info
         self._broker = (address, ident)
+
+    def _forward_sink(self, stack: contextlib.ExitStack) -> dict[str, str]:
+        """The --forward sink for the dev broker (a local rsyslog started here, or a URL)."""
+        from loadtests import forwarding
+
+        a = self.args
+        if a.forward == "syslog+tls":
+            rsyslog = forwarding.LocalRsyslog(self.tmp / "rsyslog")
+            stack.callback(rsyslog.stop)
+            rsyslog.start()
+            self.rsyslog = rsyslog
+            _log(f"rsyslog (TLS) on {rsyslog.url}: the broker forwards its ledger there")
+            self.targets.setdefault("forwarding", {})["sink"] = "local rsyslog " + rsyslog.url
+            return forwarding.sinks_env(rsyslog.url, rsyslog.ca_file)
+        self.targets.setdefault("forwarding", {})["sink"] = a.forward
+        return forwarding.sinks_env(a.forward, a.forward_ca)
 
     def make_pool(self) -> None:
         td = self.targets["broker"]["trust_domain"]
@@ -414,6 +450,10 @@ class _Session:
                     extras.scraped.append(servermetrics.scrape(url))
 
             extras.starters.append(scrape_metrics)
+            if a.forward is not None:
+                from loadtests.forwarding import ForwardWatch
+
+                extras.starters.append(lambda: extras.forward.append(ForwardWatch(url)))
         return extras
 
     def _start_rotator(self, every: float) -> broker_target.Rotator:
@@ -459,6 +499,18 @@ class _Session:
                 notes["server_rpc_latency"] = servermetrics.diff(extras.scraped[0], after)
         if outcome.server_threads:
             notes["server_busiest_threads"] = outcome.server_threads
+        if extras.forward:
+            forwarded = extras.forward[0].finish()
+            if self.rsyslog is not None:
+                records, distinct = self.rsyslog.received()
+                forwarded.update(receiver_records=records, receiver_distinct_seqs=distinct)
+            notes["audit_forwarding"] = forwarded
+            _log(
+                f"audit forwarding: {forwarded.get('forwarded_per_s')} entries/s to the sink, "
+                f"lag max {forwarded.get('lag_entries_max')} median "
+                f"{forwarded.get('lag_entries_median')} entries, drained "
+                f"{forwarded.get('drained_after_s')} s after the window"
+            )
         if extras.profiler:
             summary = extras.profiler[0].finish()
             (a.report / f"profile-broker-c{concurrency}-r{rnd}.top.txt").write_text(summary)
@@ -550,6 +602,7 @@ class _Extras:
     profiler: list[Any] = field(default_factory=list)
     rotator: list[broker_target.Rotator] = field(default_factory=list)
     scraped: list[servermetrics.Snapshot] = field(default_factory=list)
+    forward: list[Any] = field(default_factory=list)  # loadtests.forwarding.ForwardWatch
 
     def start(self) -> None:
         for start in self.starters:

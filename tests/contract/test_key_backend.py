@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
 from cryptography.x509.oid import NameOID
+from opentelemetry.sdk.trace import TracerProvider
 
 from ca.errors import IntegrityError, InvalidInput, KeyBackendError, KeyExists, KeyNotFound
 from ca.keys import (
@@ -55,10 +56,32 @@ class Store:
 
 
 @pytest.fixture(
-    params=["software-memory", "software-dir", "pkcs11", "pkcs11-remote", "pkcs11-fake"]
+    params=[
+        "software-memory",
+        "software-dir",
+        "pkcs11",
+        "pkcs11-remote",
+        "pkcs11-fake",
+        "traced-software-dir",
+        "traced-pkcs11-fake",
+    ]
 )
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
-    if request.param == "pkcs11-fake":
+    if request.param.startswith("traced-"):
+        # The key backend behind broker.tracing's wrapper (as `broker serve` wires it when an
+        # OTLP endpoint is configured): the same contract, every call inside a recording span.
+        from broker.tracing.keys import traced_keys
+
+        inner = _plain_store(request.param.removeprefix("traced-"), request, tmp_path)
+        tracer = TracerProvider().get_tracer("contract")
+        return Store(
+            request.param, lambda: traced_keys(inner.open(), tracer), persistent=inner.persistent
+        )
+    return _plain_store(request.param, request, tmp_path)
+
+
+def _plain_store(name: str, request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    if name == "pkcs11-fake":
         module = FakeModule()
         module.add_token("fake", "fake-pin-1234")
         path = f"fake-pkcs11-{secrets.token_hex(4)}"
@@ -67,16 +90,16 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
             lambda: Pkcs11Backend("fake", b"fake-pin-1234", module_path=path, module=module),
             persistent=True,
         )
-    if request.param == "software-memory":
+    if name == "software-memory":
         return Store("software-memory", SoftwareBackend, persistent=False)
-    if request.param == "software-dir":
+    if name == "software-dir":
         directory = tmp_path / "keys"
         return Store(
             "software-dir",
             lambda: SoftwareBackend(directory=directory, pin=b"contract-pin"),
             persistent=True,
         )
-    if request.param == "pkcs11-remote":
+    if name == "pkcs11-remote":
         # SoftHSM2 behind `p11-kit server`, reached through p11-kit-client.so.
         remote = request.getfixturevalue("p11kit_token")
         return Store(
@@ -96,7 +119,12 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
 def backend(store: Store) -> Iterator[KeyBackend]:
     opened = store.open()
     try:
-        yield opened
+        if store.name.startswith("traced-"):
+            tracer = TracerProvider().get_tracer("contract")
+            with tracer.start_as_current_span("contract-test"):  # the wrapper's traced path
+                yield opened
+        else:
+            yield opened
     finally:
         opened.close()
 

@@ -8,18 +8,21 @@ import datetime as dt
 import hashlib
 import hmac
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
 
 from broker.errors import AlreadyExists, SchemaTooNew, StorageError
 from broker.storage import open_storage
+from broker.storage.backend import Tx
 from broker.storage.interface import AuditRecord, AuthorityRecord, Storage
 from broker.storage.sql import SqlStorage, latest_version
+from broker.tracing.storage import TracedBackend
 from ca.rotation import GenerationState
 
 ZERO = bytes(32)
@@ -36,12 +39,16 @@ class Backing:
     path: Path | None = None
     opened: list[Storage] = field(default_factory=list)
     single_hop_writes: bool = False  # SQLite: audit appends in one hop to the DB thread
+    traced: bool = False  # behind broker.tracing's backend wrapper, each call in a request span
 
     async def open(self) -> Storage:
         storage = await open_storage(self.dsn)
         if self.single_hop_writes:
             assert isinstance(storage, SqlStorage)
             storage.single_hop_writes = True
+        if self.traced:
+            assert isinstance(storage, SqlStorage)
+            storage = SqlStorage(_InRequest(storage.backend, TracerProvider().get_tracer("t")))
         self.opened.append(storage)
         return storage
 
@@ -74,10 +81,28 @@ class Backing:
         return {r[0] for r in rows}
 
 
+_T = TypeVar("_T")
+
+
+class _InRequest(TracedBackend):
+    """The tracing wrapper on its traced path: every transaction as inside a request."""
+
+    @contextlib.asynccontextmanager
+    async def transaction(self, *, write: bool) -> AsyncIterator[Tx]:
+        with self._tracer.start_as_current_span("request"):
+            async with super().transaction(write=write) as tx:
+                yield tx
+
+    async def run_write_sync(self, fn: Callable[[Any], _T]) -> _T:
+        with self._tracer.start_as_current_span("request"):
+            return await super().run_write_sync(fn)
+
+
 @pytest.fixture(
     params=[
         "sqlite",
         "sqlite-single-hop",
+        "sqlite-traced",
         pytest.param("postgresql", marks=pytest.mark.postgres),
     ]
 )
@@ -85,6 +110,7 @@ async def backing(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
     if request.param.startswith("sqlite"):
         path = tmp_path / "broker.db"
         b = Backing("sqlite", f"sqlite://{path}", path, single_hop_writes="single" in request.param)
+        b.traced = "traced" in request.param
     else:
         b = Backing("postgresql", request.getfixturevalue("pg_dsn"))
     yield b

@@ -184,6 +184,7 @@ async def broker_factory(tmp_path: Path) -> AsyncIterator[BrokerFactory]:
         keys_uri: str = "software:",
         wrap_storage: Callable[[Storage], Any] | None = None,
         ca_service: Any = None,
+        tracing: Any = None,
         **server: Any,
     ) -> BrokerHarness:
         directory = tmp_path / f"broker-{len(apps)}"
@@ -194,7 +195,9 @@ async def broker_factory(tmp_path: Path) -> AsyncIterator[BrokerFactory]:
         if wrap_storage is not None:
             storage = wrap_storage(storage)
         clock = FakeClock(dt.datetime.now(dt.UTC))
-        app = Application(config, backend, storage, clock)
+        if tracing is not None:  # a broker.tracing.provider.Tracing: wrapped as the daemon does
+            backend, storage = tracing.keys(backend), tracing.storage(storage)
+        app = Application(config, backend, storage, clock, tracing=tracing)
         apps.append(app)
         await app.start()
         served = await serve_application(app, ca=ca_service)

@@ -264,7 +264,9 @@ class BrokerClient:
         self._channel.close()
 
     def _metadata(self) -> list[tuple[str, str]]:
-        metadata = [(CORRELATION_HEADER, str(uuid.uuid4()))]
+        # 32 hex digits: the form of a W3C trace id, so a tracing broker makes it the trace's
+        # id and the ledger's correlation id alike (broker.tracing.server).
+        metadata = [(CORRELATION_HEADER, uuid.uuid4().hex)]
         if self._justification:
             metadata.append((JUSTIFICATION_HEADER, self._justification))
         return metadata

@@ -34,7 +34,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -58,6 +58,9 @@ from ca.clock import Clock
 
 from ..status import to_status
 from .binding import MethodSpec
+
+if TYPE_CHECKING:  # tracing code is imported only when tracing is on (broker.tracing)
+    from broker.tracing.server import RequestSpan, RequestSpans
 
 __all__ = ["CallContext", "CallOutcome", "RequestPipeline", "audit_event", "current_call"]
 
@@ -231,8 +234,12 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         observer: Callable[[AuditEvent], AuditEvent | None] | None = None,
         refusals: RefusalSampler | None = None,
         peers: Callable[[str], str | None] | None = None,
+        spans: RequestSpans | None = None,
     ) -> None:
         self._max_request_bytes = max_request_bytes
+        # OpenTelemetry (broker.tracing): a SERVER span per unary call when tracing is on;
+        # None keeps the plain path (no tracing code runs).
+        self._spans = spans
         # The client behind a connection that came through a ConnectionGate (`gate.py`).
         self._peers = peers
         self._refusals = refusals or RefusalSampler(clock, DEFAULT_REFUSAL_AUDIT_INTERVAL)
@@ -512,11 +519,42 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         cancellation: _Cancellation,
     ) -> Any:
         """admission -> invocation -> audit event -> finishing."""
+        if self._spans is not None:
+            return await self._traced_work(method, spec, inner, request, context, cancellation)
         started = time.perf_counter()
         outcome = self._admission(method, spec, request, context)
         if outcome.call is not None:
             await self._invocation(outcome, inner, request, context)
         return await self._finish(outcome, spec, context, cancellation, started)
+
+    async def _traced_work(
+        self,
+        method: str,
+        spec: MethodSpec | None,
+        inner: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
+        request: Any,
+        context: grpc.aio.ServicerContext,
+        cancellation: _Cancellation,
+    ) -> Any:
+        """`_unary_work` inside the call's SERVER span (broker.tracing.server), whose trace id
+        is the call's correlation id; the span gets the outcome's status, caller, decision and
+        hashed secret reference when the call ends, however it ends."""
+        assert self._spans is not None
+        started = time.perf_counter()
+        meta = _metadata(context)
+        asked = meta.get(CORRELATION_HEADER, "")
+        asked = asked if _CORRELATION_RE.match(asked) else ""
+        outcome: CallOutcome | None = None
+        with self._spans.serve(method, meta, asked) as traced:
+            try:
+                outcome = self._admission(
+                    method, spec, request, context, correlation_id=traced.correlation_id
+                )
+                if outcome.call is not None:
+                    await self._invocation(outcome, inner, request, context)
+                return await self._finish(outcome, spec, context, cancellation, started)
+            finally:
+                _finish_span(traced, outcome, cancellation)
 
     def _admission(
         self,
@@ -524,16 +562,24 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         spec: MethodSpec | None,
         request: Any,
         context: grpc.aio.ServicerContext,
+        correlation_id: str | None = None,
     ) -> CallOutcome:
-        """Reads the correlation id and justification, then authenticates, rate limits and
-        authorizes (`_authorize`). The outcome has a `call` when the request was admitted, an
-        `error` when it was refused."""
+        """Reads the correlation id (unless tracing gave it: the trace id) and justification,
+        then authenticates, rate limits and authorizes (`_authorize`). The outcome has a `call`
+        when the request was admitted, an `error` when it was refused."""
         meta = _metadata(context)
-        correlation_id = meta.get(CORRELATION_HEADER, "")
-        if not _CORRELATION_RE.match(correlation_id):
-            # 128 random bits as 32 hex digits, like uuid4().hex without building a UUID
-            # object (a measurable share of the request path in profiles).
-            correlation_id = os.urandom(16).hex()
+        if correlation_id is None:
+            correlation_id = meta.get(CORRELATION_HEADER, "")
+            if not _CORRELATION_RE.match(correlation_id):
+                # A caller's W3C trace (its traceparent) names the call even when this broker
+                # does not trace; else 128 random bits as 32 hex digits, like uuid4().hex
+                # without building a UUID object (a measurable share of the request path).
+                correlation_id = ""
+                if "traceparent" in meta:
+                    from broker.tracing.server import trace_id_of
+
+                    correlation_id = trace_id_of(meta) or ""
+                correlation_id = correlation_id or os.urandom(16).hex()
         justification = meta.get(JUSTIFICATION_HEADER, "")[:_MAX_JUSTIFICATION]
         context.set_trailing_metadata(((CORRELATION_HEADER, correlation_id),))
         outcome = CallOutcome(
@@ -638,7 +684,11 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 cancelled=None if cancellation.outcome is None else cancellation.outcome.name,
             )
             try:
-                await self._ledger.record(event)
+                if self._spans is not None:
+                    with self._spans.step("audit.record"):
+                        await self._ledger.record(event)
+                else:
+                    await self._ledger.record(event)
                 if self._observer is not None:
                     extra = self._observer(event)
                     if extra is not None:
@@ -646,6 +696,7 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             except AuditWriteFailed as exc:
                 code, message = to_status(exc, outcome.correlation_id)
                 error = exc
+        outcome.status = code.name
         if cancellation.outcome is not None:
             metrics.observe_rpc(
                 outcome.method, cancellation.outcome.name, time.perf_counter() - started
@@ -680,11 +731,37 @@ class CallOutcome:
     error: BaseException | None = None
     refusal: str = ""
     aborted: tuple[grpc.StatusCode, str] | None = None  # a servicer's own context.abort
+    status: str = ""  # the gRPC status name the call ended with (set when finishing)
 
     def failed(self, exc: Exception) -> None:
         self.error = exc
         if isinstance(exc, Unauthenticated | PermissionDenied):
             self.refusal = str(exc)
+
+
+def _finish_span(
+    traced: RequestSpan, outcome: CallOutcome | None, cancellation: _Cancellation
+) -> None:
+    """The call's outcome on its span (see broker.tracing.server): status, caller, decision,
+    and `secret.ref_sha256` from what the servicer recorded (`reference_sha256`, never the
+    reference)."""
+    if outcome is None:
+        traced.finish("INTERNAL")
+        return
+    who, _resource, decision, _reason, _rule, _flags = _decision_of(outcome)
+    call = outcome.call
+    status = outcome.status or "UNKNOWN"
+    if cancellation.outcome is not None:
+        status = cancellation.outcome.name
+    ref = call.details.get("reference_sha256", "") if call is not None else ""
+    traced.finish(
+        status,
+        who=who,
+        minted_by=outcome.seen.get("minted_by", ""),
+        subject=call.caller.subject if call is not None else "",
+        decision=decision,
+        ref_sha256=ref if isinstance(ref, str) else "",
+    )
 
 
 def _decision_of(outcome: CallOutcome) -> tuple[str, str, str, str, str, Mapping[str, str]]:

@@ -391,6 +391,7 @@ async def serve_application(
             app.clock, app.config.server.refusal_audit_interval.total_seconds()
         ),
         peers=peer_of if gates else None,
+        spans=app.tracing.request_spans() if app.tracing is not None else None,
     )
     limits = ConnectionLimits(
         handshake_timeout_ms=max(1, int(server_config.handshake_timeout.total_seconds() * 1000)),
