@@ -42,7 +42,7 @@ import re
 import string
 from collections.abc import Callable, Collection, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from broker.config import DEFAULT_JUSTIFICATION_REQUIRED
 from broker.devvault.pull import DEV_PULL_PURPOSE
@@ -454,6 +454,28 @@ def _refusal(action: str) -> str:
     )
 
 
+class ReadRouter(Protocol):
+    """Where a staged rollout (`broker.rollout`) steers reads: the version a consumer identity
+    gets while a rollout of the secret runs, and the record of what it was served."""
+
+    async def route(self, tenant: str, ref: str, identity: str) -> Route | None:
+        """None when no rollout of the secret is pending or running."""
+        ...
+
+    async def served(self, route: Route, identity: str) -> None: ...
+
+    async def busy(self, tenant: str, ref: str) -> bool:
+        """Whether a rollout of the secret is pending or running."""
+        ...
+
+
+@dataclass(frozen=True)
+class Route:
+    rollout_id: str
+    stage: int  # the consumer's stage
+    version: int  # the version it gets now
+
+
 # Audit details the domain adds for the request (the pipeline's `CallContext.details`).
 Details = MutableMapping[str, Any]
 
@@ -501,6 +523,11 @@ class SecretService:
         self.retention = retention
         self.default_tenant = default_tenant
         self._justify = frozenset(justification_required)
+        self._router: ReadRouter | None = None
+
+    def route_reads(self, router: ReadRouter) -> None:
+        """Let staged rollouts pick the version of reads that name none (`broker.rollout`)."""
+        self._router = router
 
     # -- the request path: tenant and authorization --------------------------------------
 
@@ -578,6 +605,15 @@ class SecretService:
             self._require_justification(info, caller, justification)
             return {}
 
+        route = None
+        if version is None and self._router is not None:
+            route = await self._router.route(
+                tenant, SecretRef.parse(reference).text, caller.spiffe_id
+            )
+            if route is not None:
+                version = route.version
+                if details is not None:
+                    details["rollout"] = {"id": route.rollout_id, "stage": route.stage}
         info, row = await self.authorized(
             tenant,
             reference,
@@ -593,7 +629,10 @@ class SecretService:
                 f"dev pull refused: environment {info.record.environment!r} is production "
                 "(secrets.justification_required); it is never copied to a dev vault"
             )
-        return await self.reveal(info, row)
+        value = await self.reveal(info, row)
+        if route is not None and self._router is not None:
+            await self._router.served(route, caller.spiffe_id)
+        return value
 
     def _require_justification(self, info: SecretInfo, caller: Caller, justification: str) -> None:
         if not is_person(caller) or justification.strip():
@@ -652,6 +691,7 @@ class SecretService:
         value: bytes | None = None,
         generate_length: int | None = None,
         details: Details | None = None,
+        staged: bool = False,
     ) -> tuple[SecretInfo, int, int]:
         """`rotate` for `caller`, if `authorize` allows (see `authorized`). Decided with
         "on_schedule": whether the secret is due (or has no schedule), since rotating a prod or
@@ -681,6 +721,7 @@ class SecretService:
             justification=justification,
             value=value,
             generate_length=generate_length,
+            staged=staged,
         )
 
     async def _decided(self, named: NamedSecret, action: str) -> None:
@@ -831,11 +872,18 @@ class SecretService:
         justification: str,
         value: bytes | None = None,
         generate_length: int | None = None,
+        staged: bool = False,
     ) -> tuple[SecretInfo, int, int]:
         """A new current version; returns (info, previous version, new version). The previous
-        version stays readable by number until now + rotation window."""
+        version stays readable by number until now + rotation window. Refused while a staged
+        rollout of the secret runs, unless `staged` (the rollout's own rotation)."""
         ref = SecretRef.parse(reference)
         check_tenant(tenant)
+        if not staged and self._router is not None and await self._router.busy(tenant, ref.text):
+            raise FailedPrecondition(
+                "a staged rollout of this secret is running; wait for it to finish, or end it "
+                "with 'broker rollout promote|abort REF'"
+            )
         if environment != ref.environment:
             raise InvalidArgument(
                 f"--env {environment!r} does not match the secret's environment "
@@ -892,11 +940,19 @@ class SecretService:
                 fresh.to_bytes(),
             )
 
-    async def rollback(self, tenant: str, reference: str) -> tuple[SecretInfo, int, int]:
+    async def rollback(
+        self, tenant: str, reference: str, *, staged: bool = False
+    ) -> tuple[SecretInfo, int, int]:
         """Make the newest earlier version still in its rollback window current again and
-        revoke the current one; returns (info, from version, to version)."""
+        revoke the current one; returns (info, from version, to version). Refused while a
+        staged rollout runs, unless `staged` (the rollout's own rollback)."""
         ref = SecretRef.parse(reference)
         check_tenant(tenant)
+        if not staged and self._router is not None and await self._router.busy(tenant, ref.text):
+            raise FailedPrecondition(
+                "a staged rollout of this secret is running; end it with 'broker rollout "
+                "abort REF' (every consumer goes back to the old version)"
+            )
         info = await self.show(tenant, reference)
         if info.record.state != "active":
             raise FailedPrecondition(f"the secret is {info.record.state}; nothing to roll back to")
@@ -924,6 +980,17 @@ class SecretService:
             raise FailedPrecondition("the secret changed while rolling back; try again")
         await self._envelope.forget_data_keys()
         return await self.show(tenant, reference), current, target
+
+    async def revoke_version(self, tenant: str, reference: str, version: int) -> bool:
+        """Revoke one earlier version now (a staged rollout's old version once every stage
+        baked); False when it is current, absent or revoked already."""
+        ref = SecretRef.parse(reference)
+        check_tenant(tenant)
+        with self._writing():
+            done = await self._repo.revoke_version(tenant, ref.text, version, self._clock.now())
+        if done:
+            await self._envelope.forget_data_keys()
+        return done
 
     async def revoke(self, tenant: str, reference: str, justification: str) -> SecretInfo:
         """Refuse every version from now on. Raises `FailedPrecondition` if already revoked or
