@@ -45,6 +45,12 @@ from broker.api.client.operators import (
     login_config,
 )
 from broker.api.client.revocation import RevocationClient, RevocationResult, RevokedObject
+from broker.api.client.rollout import (
+    RolloutConsumerView,
+    RolloutReport,
+    RolloutsClient,
+    RolloutView,
+)
 from broker.api.client.scan import ScanClient
 from broker.api.client.sdk import SecretRefused, SecretResolver, SecretUnavailable
 from broker.api.client.secrets import (
@@ -96,6 +102,10 @@ __all__ = [
     "RevocationResult",
     "RevokedObject",
     "Role",
+    "RolloutConsumerView",
+    "RolloutReport",
+    "RolloutView",
+    "RolloutsClient",
     "RotateResult",
     "ScanClient",
     "SecretDetails",
@@ -165,6 +175,9 @@ class Clients(Protocol):
     @property
     def health(self) -> HealthClient: ...
 
+    @property
+    def rollouts(self) -> RolloutsClient: ...
+
     def close(self) -> None: ...
 
 
@@ -227,6 +240,10 @@ class GrpcClients:
     @cached_property
     def health(self) -> HealthClient:
         return HealthClient(self._broker)
+
+    @cached_property
+    def rollouts(self) -> RolloutsClient:
+        return RolloutsClient(self._broker)
 
     def close(self) -> None:
         self._broker.close()

@@ -130,7 +130,7 @@ class RolloutService:
         request: StartRequest,
         *,
         details: Details | None = None,
-        approver: str = "",
+        approver: Callable[[], str] | None = None,
     ) -> RolloutStatus:
         """Validate the plan, write the rollout (pending), rotate the secret (authorized as
         `secrets rotate`, approvals included), open the first stage. Nothing changes on a
@@ -173,7 +173,6 @@ class RolloutService:
                 reason="",
                 started_by=caller.spiffe_id,
                 ticket=request.ticket,
-                approver=approver,
             )
             if not await self._repo.insert(pending):
                 raise FailedPrecondition(
@@ -209,6 +208,7 @@ class RolloutService:
             to_version=after,
             state=RolloutState.RUNNING,
             stage_opened_at=self._clock.now(),
+            approver="" if approver is None else approver()[:_MAX_DETAIL],
         )
         if not await self._repo.update(pending, running):
             # The job judged the start interrupted and aborted it: the rotation stands alone.
