@@ -629,10 +629,45 @@ class SecretService:
                 f"dev pull refused: environment {info.record.environment!r} is production "
                 "(secrets.justification_required); it is never copied to a dev vault"
             )
-        value = await self.reveal(info, row)
-        if route is not None and self._router is not None:
+        if route is None or self._router is None:
+            return await self.reveal(info, row)
+        return await self._reveal_routed(tenant, reference, caller, info, row, route)
+
+    async def _reveal_routed(
+        self,
+        tenant: str,
+        reference: str,
+        caller: Caller,
+        info: SecretInfo,
+        row: VersionRecord | None,
+        route: Route,
+    ) -> SecretValue:
+        """Reveal the version a rollout routed the caller to. A rollout that moved on between
+        routing and revealing (the routed version was just revoked by a rollback or a
+        completion) is asked again, so a consumer is never refused in mid-step."""
+        assert self._router is not None
+        ref = SecretRef.parse(reference).text
+        for attempt in range(3):
+            try:
+                value = await self.reveal(info, row)
+            except FailedPrecondition:
+                again = await self._router.route(tenant, ref, caller.spiffe_id)
+                moved = again is None or again.version != route.version
+                if attempt == 2 or not moved:
+                    raise
+                loaded = await self.load(
+                    tenant, reference, None if again is None else again.version
+                )
+                if loaded is None:
+                    raise
+                info, row = loaded
+                if again is None:
+                    return await self.reveal(info, row)
+                route = again
+                continue
             await self._router.served(route, caller.spiffe_id)
-        return value
+            return value
+        raise FailedPrecondition("the secret changed while reading it; try again")
 
     def _require_justification(self, info: SecretInfo, caller: Caller, justification: str) -> None:
         if not is_person(caller) or justification.strip():

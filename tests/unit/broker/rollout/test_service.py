@@ -21,7 +21,7 @@ from broker.policy import Caller, Decision
 from broker.rollout.checks import CheckResult
 from broker.rollout.plan import HealthCheck, stage_of
 from broker.rollout.service import RolloutService, StartRequest
-from broker.secrets import MetadataMac, SecretService
+from broker.secrets import MetadataMac, Route, SecretService
 from broker.storage import open_storage
 from broker.storage.rollouts import RolloutState
 from ca.clock import FakeClock
@@ -367,3 +367,34 @@ async def test_a_start_interrupted_before_or_after_the_rotation_is_settled(world
     assert aborted.state == RolloutState.ABORTED
     assert "before the new version was written" in aborted.reason
     assert (await w.secrets.show("acme", REF)).record.current_version == 1
+
+
+async def test_a_read_routed_just_before_a_rollback_is_routed_again(world: World) -> None:
+    """Route, then the rollback revokes the routed version, then reveal: the consumer is
+    routed again and gets the old version instead of a refusal (the model's re-route)."""
+    w = world
+    canary = consumers_by_stage()[0][0]
+    await w.rollouts.start_for("acme", REF, OPERATOR, Port(), request())
+    stale = await w.rollouts.route("acme", REF, canary.spiffe_id)
+    assert stale is not None and stale.version == 2
+    await w.rollouts.abort_for("acme", REF, OPERATOR, Port())
+    rollouts = w.rollouts
+
+    class StaleFirst:
+        calls = 0
+
+        async def route(self, tenant: str, ref: str, identity: str) -> Route | None:
+            self.calls += 1
+            return stale if self.calls == 1 else await rollouts.route(tenant, ref, identity)
+
+        async def served(self, route: Route, identity: str) -> None:
+            await rollouts.served(route, identity)
+
+        async def busy(self, tenant: str, ref: str) -> bool:
+            return await rollouts.busy(tenant, ref)
+
+    router = StaleFirst()
+    w.secrets.route_reads(router)
+    secret = await w.secrets.get("acme", REF, canary, Port())
+    assert (secret.version, secret.value) == (1, w.old)
+    assert router.calls == 2
