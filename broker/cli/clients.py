@@ -263,6 +263,7 @@ def run_agent(
     secrets: Mapping[str, str],
     secret_interval: float,
     health_socket: Path | None = None,
+    health_check: str | None = None,
 ) -> None:
     """Run the agent (`broker agent`) until it is stopped; imported only when it runs."""
     from broker.api.workload import AgentOptions
@@ -282,6 +283,7 @@ def run_agent(
             secrets=dict(secrets),
             secret_interval=secret_interval,
             health_socket=health_socket,
+            health_check=health_check,
         )
     )
 

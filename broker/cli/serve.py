@@ -152,6 +152,13 @@ def _secret_files(secret_files: tuple[str, ...]) -> dict[str, str]:
     show_default=True,
     help="How often --secret files are refreshed.",
 )
+@click.option(
+    "--health-check",
+    "secret_health_check",
+    metavar="CMD",
+    help="After --secret files change (and --on-rotate ran): run CMD; exit 0 is healthy. "
+    "Reported to the broker during a staged rollout of the secret (see 'broker rollout').",
+)
 @click.option("--sync-interval", type=float, default=5.0, hidden=True)
 @click.pass_context
 def agent(
@@ -167,6 +174,7 @@ def agent(
     on_rotate: str | None,
     secret_files: tuple[str, ...],
     secret_interval: int,
+    secret_health_check: str | None,
     sync_interval: float,
 ) -> None:
     """Attest to the broker and serve the SPIFFE Workload API on a Unix socket
@@ -185,6 +193,8 @@ def agent(
         raise click.UsageError("--secret needs --write-dir")
     if secret_interval < 1:
         raise click.UsageError("--secret-interval must be at least 1s")
+    if secret_health_check and not secret_files:
+        raise click.UsageError("--health-check needs --secret")
     secrets = _secret_files(secret_files)
     server = agent_server or str(setting(ctx, "server") or DEFAULT_SERVER)
     jwt = None
@@ -210,6 +220,7 @@ def agent(
             secrets=secrets,
             secret_interval=float(secret_interval),
             health_socket=None if health_socket is None else health_socket.absolute(),
+            health_check=secret_health_check,
         )
     except BrokerError as exc:
         raise Refusal(str(exc)) from None

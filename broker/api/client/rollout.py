@@ -12,7 +12,13 @@ from broker.api.timestamps import optional_datetime
 
 from .base import FeatureClient, Transport
 
-__all__ = ["RolloutConsumerView", "RolloutReport", "RolloutView", "RolloutsClient"]
+__all__ = [
+    "BrokerRolloutReporter",
+    "RolloutConsumerView",
+    "RolloutReport",
+    "RolloutView",
+    "RolloutsClient",
+]
 
 
 @dataclass(frozen=True)
@@ -167,3 +173,18 @@ class RolloutsClient(FeatureClient):
         )
         response = self._call(self._stub.Report, request)
         return RolloutReport(response.tracked, response.rollout_id, response.state)
+
+
+class BrokerRolloutReporter:
+    """A consumer's reports (`broker.rollout.consumer.RolloutReporter`, and the SDK's
+    `SecretResolver(reporter=...)`) over a `RolloutsClient`."""
+
+    def __init__(self, client: RolloutsClient, *, tenant: str = "") -> None:
+        self._client = client
+        self._tenant = tenant
+
+    def report(self, reference: str, version: int, healthy: bool, detail: str = "") -> bool:
+        answer = self._client.report(
+            reference, version=version, healthy=healthy, detail=detail, tenant=self._tenant
+        )
+        return answer.tracked and answer.state == "running"
