@@ -24,7 +24,14 @@ from typing import Any
 
 from broker import metrics
 from broker.audit import AuditEvent
-from broker.errors import BrokerError, FailedPrecondition, InvalidArgument, NotFound
+from broker.errors import (
+    BrokerError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
+from broker.operators.roles import ADMIN
 from broker.policy import Action, Authorize, Caller
 from broker.rollout import machine
 from broker.rollout.checks import CheckResult, HealthChecker
@@ -137,9 +144,14 @@ class RolloutService:
         refusal."""
         ref = SecretRef.parse(reference)
         plan = self.plan(request)
-        if await self._repo.active(tenant, ref.text) is not None:
-            existing = await self._repo.active(tenant, ref.text)
-            assert existing is not None
+        if plan.health_check is not None and not plan.health_check.is_url:
+            if not (caller.is_operator and ADMIN in caller.roles):
+                raise PermissionDenied(
+                    "a --health-check command runs on the broker's host: only an operator with "
+                    "the admin role may give one; give a loopback http(s) URL instead"
+                )
+        existing = await self._repo.active(tenant, ref.text)
+        if existing is not None:
             raise FailedPrecondition(
                 f"a rollout of this secret is already {existing.state} (id {existing.id}, "
                 f"stage {existing.stage + 1} of {len(existing.stages)}); promote or abort it "

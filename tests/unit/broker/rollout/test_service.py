@@ -29,7 +29,8 @@ from ca.keys import SoftwareBackend
 
 T0 = dt.datetime(2026, 6, 1, 9, 0, tzinfo=dt.UTC)
 REF = "secret://payments/prod/stripe/api-key"
-OPERATOR = Caller("spiffe://td/broker/operator/alice", True)
+OPERATOR = Caller("spiffe://td/broker/operator/alice", True, roles=frozenset({"admin"}))
+AUDITOR = Caller("spiffe://td/broker/operator/bob", True, roles=frozenset({"security"}))
 STAGES = (10, 50, 100)
 
 
@@ -298,6 +299,9 @@ async def test_bad_input_is_refused_and_nothing_changes(world: World) -> None:
         )
     with pytest.raises(PermissionDenied):
         await w.rollouts.start_for("acme", REF, workload("pod-x"), Port(allow=False), request())
+    # A command runs on the broker's host: admins only (a loopback URL is for anyone allowed).
+    with pytest.raises(PermissionDenied, match="admin role"):
+        await w.rollouts.start_for("acme", REF, AUDITOR, Port(), request(health_check="id"))
     with pytest.raises(NotFound, match="never had a staged rollout"):
         await w.rollouts.status_for("acme", REF, OPERATOR, Port())
     info = await w.secrets.show("acme", REF)
