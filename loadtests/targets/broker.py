@@ -318,16 +318,19 @@ class Rotator:
                 started = time.perf_counter_ns()
                 try:
                     answer = start(request, timeout=self._timeout)
-                    deadline = time.monotonic() + 120
-                    while answer.state not in _ROLLOUT_DONE and time.monotonic() < deadline:
-                        time.sleep(0.1)
-                        answer = status(ask, timeout=self._timeout)
                 except grpc.RpcError as exc:
                     code = exc.code()
                     kind = f"grpc {code.name}" if code is not None else "grpc ?"
                     tally.failure(kind, str(exc.details()), second)
                     self._stop.wait(1.0)
                     continue
+                # Follow it to its end; a status poll that fails in transit is asked again
+                # (the rollout runs in the broker either way).
+                deadline = time.monotonic() + 120
+                while answer.state not in _ROLLOUT_DONE and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    with contextlib.suppress(grpc.RpcError):
+                        answer = status(ask, timeout=self._timeout)
                 if answer.state == "completed":
                     tally.success((time.perf_counter_ns() - started) // 1000, second)
                 else:
