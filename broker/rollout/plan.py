@@ -29,8 +29,8 @@ __all__ = [
     "HealthCheck",
     "RolloutPlan",
     "bucket",
-    "parse_bake",
-    "parse_stages",
+    "check_bake",
+    "check_stages",
     "stage_of",
 ]
 
@@ -39,30 +39,13 @@ MAX_BAKE: Final = dt.timedelta(hours=24)
 MAX_STAGES: Final = 10
 MAX_FAILURES: Final = 1000
 MAX_CHECK: Final = 1024
-_DURATION = re.compile(r"^(\d{1,6})(s|m|h)$")
-
-
-def parse_stages(text: str) -> tuple[int, ...]:
-    """`10%,50%,100%` -> (10, 50, 100). Raises InvalidArgument saying what is wrong."""
-    parts = [p.strip() for p in (text or "").split(",")]
-    if not parts or parts == [""]:
-        raise InvalidArgument("--stages needs at least one stage, e.g. 10%,50%,100%")
-    if len(parts) > MAX_STAGES:
-        raise InvalidArgument(f"--stages has at most {MAX_STAGES} stages")
-    stages = []
-    for part in parts:
-        m = re.fullmatch(r"(\d{1,3})%?", part)
-        if m is None or not 1 <= int(m.group(1)) <= 100:
-            raise InvalidArgument(
-                f"stage {part!r} is not a percentage from 1% to 100% (e.g. 10%,50%,100%)"
-            )
-        stages.append(int(m.group(1)))
-    return check_stages(stages)
 
 
 def check_stages(stages: Sequence[int]) -> tuple[int, ...]:
     if not stages:
         raise InvalidArgument("--stages needs at least one stage, e.g. 10%,50%,100%")
+    if len(stages) > MAX_STAGES:
+        raise InvalidArgument(f"--stages has at most {MAX_STAGES} stages")
     for before, after in itertools.pairwise(stages):
         if after <= before:
             raise InvalidArgument(
@@ -77,15 +60,6 @@ def check_stages(stages: Sequence[int]) -> tuple[int, ...]:
     if any(not 1 <= s <= 100 for s in stages):
         raise InvalidArgument("stages are percentages from 1% to 100%")
     return tuple(stages)
-
-
-def parse_bake(text: str) -> dt.timedelta:
-    """`30s`, `5m`, `2h` -> a timedelta in (0, 24 h]."""
-    m = _DURATION.fullmatch((text or "").strip())
-    if m is None:
-        raise InvalidArgument(f"--bake {text!r} is not a duration like 30s, 5m or 2h")
-    seconds = int(m.group(1)) * {"s": 1, "m": 60, "h": 3600}[m.group(2)]
-    return check_bake(dt.timedelta(seconds=seconds))
 
 
 def check_bake(bake: dt.timedelta) -> dt.timedelta:
