@@ -13,15 +13,23 @@ from typing import Any
 import grpc
 import pytest
 
-from broker.api._proto import rollout_pb2, rollout_pb2_grpc, secrets_pb2, secrets_pb2_grpc
+from broker.api._proto import (
+    access_pb2,
+    access_pb2_grpc,
+    rollout_pb2,
+    rollout_pb2_grpc,
+    secrets_pb2,
+    secrets_pb2_grpc,
+)
 from broker.rollout.plan import stage_of
 from broker.secrets import reference_hash
 
-from .conftest import CORRELATION_HEADER, BrokerHarness, Identity
+from .conftest import CORRELATION_HEADER, OPERATOR_ID, BrokerFactory, BrokerHarness, Identity
 
 REF = "secret://payments/prod/stripe/api-key"
 STAGES = [10, 50, 100]
 OTHER_SERVICE = "spiffe://example.org/default/prod/web"
+SECOND_OPERATOR = "spiffe://example.org/broker/operator/bob"
 
 
 def pods() -> dict[int, str]:
@@ -190,3 +198,43 @@ async def test_promote_and_the_bake_timer_complete_a_healthy_rollout(
     assert status.state == "completed"
     show = await secrets(broker).Show(secrets_pb2.ShowSecretRequest(reference=REF))
     assert [(v.version, v.state) for v in show.versions] == [(1, "revoked"), (2, "current")]
+
+
+async def test_a_prod_pii_rollout_needs_a_second_operator_and_names_the_approval(
+    broker_factory: BrokerFactory,
+) -> None:
+    """Starting a rollout is a rotation: off schedule, a prod + pii secret needs a second
+    operator's approval. Refused alone (nothing changed: no rollout, no new version); with the
+    approval it starts, and the rollout's events name it."""
+    broker = await broker_factory(operators=(OPERATOR_ID, SECOND_OPERATOR))
+    pii = "secret://payments/prod/card-vault"
+    await secrets(broker).Put(
+        secrets_pb2.PutSecretRequest(
+            reference=pii,
+            value=random.token_hex(16).encode(),
+            owner="payments",
+            classification="pii",
+            rotation_period_seconds=90 * 86400,
+        )
+    )
+    err = await refused(rollouts(broker).Start(start(reference=pii)))
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "second operator" in (err.details() or "")
+    err = await refused(rollouts(broker).Status(rollout_pb2.RolloutRequest(reference=pii)))
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+    show = await secrets(broker).Show(secrets_pb2.ShowSecretRequest(reference=pii))
+    assert [v.version for v in show.versions] == [1]
+    access = access_pb2_grpc.AccessStub(broker.channel(broker.operator))
+    request = await access.RequestApproval(
+        access_pb2.RequestApprovalRequest(
+            action="secrets.rotate", resource=pii, justification="CHG-9 staged rotation"
+        )
+    )
+    bob = broker.identity(SECOND_OPERATOR)
+    await access_pb2_grpc.AccessStub(broker.channel(bob)).Approve(
+        access_pb2.ApproveRequest(id=request.id)
+    )
+    status = await rollouts(broker).Start(start(reference=pii))
+    assert status.state == "running" and status.approver == f"approval {request.id}"
+    events = [e for e in await broker.events() if e["what"] == "rollout.start"]
+    assert events[-1]["details"]["approver"] == f"approval {request.id}"
