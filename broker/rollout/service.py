@@ -300,18 +300,28 @@ class RolloutService:
             return None
         identity = caller.spiffe_id
         stage = stage_of(record.stages, ref.text, identity)
+        before = await self._repo.consumer(record.id, identity)
         await self._repo.reported(
             record.id, identity, stage, version, healthy, detail, self._clock.now()
         )
-        await self._record(
-            "rollout.report",
-            record,
-            "healthy" if healthy else "unhealthy",
-            consumer=identity,
-            consumer_stage=stage + 1,
-            version=version,
-            health={"passed": healthy, "detail": detail},
+        # Agents report again at every refresh while the rollout runs: a report that says
+        # what the consumer said last time is stored (it is seen) but not audited again.
+        same = (
+            before is not None
+            and before.reported_version == version
+            and before.healthy == healthy
+            and before.detail == detail
         )
+        if not same:
+            await self._record(
+                "rollout.report",
+                record,
+                "healthy" if healthy else "unhealthy",
+                consumer=identity,
+                consumer_stage=stage + 1,
+                version=version,
+                health={"passed": healthy, "detail": detail},
+            )
         if not healthy and version == record.to_version and record.state == RolloutState.RUNNING:
             record = await self._failure(record, f"{identity}: {detail or 'unhealthy'}")
         return await self._status(record)

@@ -145,6 +145,8 @@ class RolloutRepository(Protocol):
 
     async def consumers(self, rollout_id: str) -> list[ConsumerRecord]: ...
 
+    async def consumer(self, rollout_id: str, identity: str) -> ConsumerRecord | None: ...
+
 
 def _flag(value: object) -> bool | None:
     return None if value is None else bool(value)
@@ -320,21 +322,31 @@ class SqlRolloutRepository:
                 "WHERE rollout_id = ? ORDER BY stage, identity",
                 rollout_id,
             )
-        ts = self._b.decode_ts
-        return [
-            ConsumerRecord(
-                r[0],
-                r[1],
-                r[2],
-                r[3],
-                None if r[4] is None else ts(r[4]),
-                r[5],
-                _flag(r[6]),
-                r[7],
-                None if r[8] is None else ts(r[8]),
+        return [self._consumer(r) for r in rows]
+
+    async def consumer(self, rollout_id: str, identity: str) -> ConsumerRecord | None:
+        async with self._b.transaction(write=False) as tx:
+            row = await tx.fetchrow(
+                f"SELECT {_CONSUMER_COLUMNS} FROM rollout_consumers "  # noqa: S608 (constant)
+                "WHERE rollout_id = ? AND identity = ?",
+                rollout_id,
+                identity,
             )
-            for r in rows
-        ]
+        return None if row is None else self._consumer(row)
+
+    def _consumer(self, r: Row) -> ConsumerRecord:
+        ts = self._b.decode_ts
+        return ConsumerRecord(
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            None if r[4] is None else ts(r[4]),
+            r[5],
+            _flag(r[6]),
+            r[7],
+            None if r[8] is None else ts(r[8]),
+        )
 
     def _record(self, r: Row) -> RolloutRecord:
         ts = self._b.decode_ts

@@ -110,6 +110,8 @@ async def test_consumers_reads_and_reports(repo: RolloutRepository) -> None:
     )
     assert consumer.read_at == T0 + dt.timedelta(2)
     assert consumer.reported_at == T0 + dt.timedelta(1)
+    assert await repo.consumer("rollout-1", POD) == consumer
+    assert await repo.consumer("rollout-1", POD + "-other") is None
 
 
 async def test_a_refused_start_is_forgotten_only_while_pending(repo: RolloutRepository) -> None:

@@ -232,6 +232,9 @@ async def test_a_stage_that_does_not_converge_within_its_bake_is_rolled_back(
     # Both report they still serve version 1 (their reload did not take): not converged.
     for caller in (canary, other):
         await w.rollouts.report_for("acme", REF, caller, Port(), version=1, healthy=True)
+    # A report repeating the last one is stored but not audited again.
+    await w.rollouts.report_for("acme", REF, canary, Port(), version=1, healthy=True)
+    assert [e["what"] for e in w.audit].count("rollout.report") == 2
     w.clock.advance(minutes=5)
     [rolled] = await w.rollouts.tick()
     assert rolled.state == RolloutState.ROLLED_BACK
