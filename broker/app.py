@@ -39,6 +39,9 @@ from broker.operators.service import OperatorService
 from broker.policy import DefaultPolicy, Policy
 from broker.ratelimit import RateLimiter
 from broker.revocation import SubjectRevocation
+from broker.rollout.checks import ProcessHealthChecker
+from broker.rollout.job import RolloutJob
+from broker.rollout.service import RolloutService
 from broker.rotation.datakeys import DatabaseDataKeys, DataKeyRotationJob, SecretDataKeys
 from broker.rotation.origins import ValueOrigins
 from broker.rotation.schedule import SecretRotationJob
@@ -259,6 +262,17 @@ class Application:
             interval=config.rotation.check_interval,
             audit=self.ledger.record,
         )
+        # Staged rollouts of new secret versions (issue 12): reads during a rollout are routed
+        # to each consumer's stage; the leader-held job runs the bake timers and health checks.
+        self.rollouts = RolloutService(
+            storage.rollouts(),
+            self.secrets,
+            clock,
+            ProcessHealthChecker(),
+            audit=self.ledger.record,
+        )
+        self.secrets.route_reads(self.rollouts)
+        self.rollout_job = RolloutJob(self.rollouts, storage, clock)
         self.compliance = ComplianceReporter(
             self.secrets.repository,
             self.kms,

@@ -297,6 +297,7 @@ async def _serve(
         forwarder = asyncio.create_task(app.forwarder.run())  # audit stream to the sinks
         notifier = asyncio.create_task(app.notifier.run())  # signed webhook notifications
         rotation = asyncio.create_task(app.static_rotation.run())  # static database roles
+        rollouts = asyncio.create_task(app.rollout_job.run())  # staged secret rollouts
         await stop.wait()
         log.info("shutting down")
         background.cancel()
@@ -310,6 +311,9 @@ async def _serve(
         rotation.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await rotation
+        rollouts.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await rollouts
         with contextlib.suppress(asyncio.CancelledError):
             await background
         with contextlib.suppress(asyncio.CancelledError):

@@ -42,7 +42,7 @@ import re
 import string
 from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from broker.config import DEFAULT_JUSTIFICATION_REQUIRED
 from broker.devvault.pull import DEV_PULL_PURPOSE
@@ -457,6 +457,28 @@ def _refusal(action: str) -> str:
     )
 
 
+class ReadRouter(Protocol):
+    """Where a staged rollout (`broker.rollout`) steers reads: the version a consumer identity
+    gets while a rollout of the secret runs, and the record of what it was served."""
+
+    async def route(self, tenant: str, ref: str, identity: str) -> Route | None:
+        """None when no rollout of the secret is pending or running."""
+        ...
+
+    async def served(self, route: Route, identity: str) -> None: ...
+
+    async def busy(self, tenant: str, ref: str) -> bool:
+        """Whether a rollout of the secret is pending or running."""
+        ...
+
+
+@dataclass(frozen=True)
+class Route:
+    rollout_id: str
+    stage: int  # the consumer's stage
+    version: int  # the version it gets now
+
+
 # Audit details the domain adds for the request (the pipeline's `CallContext.details`).
 Details = MutableMapping[str, Any]
 
@@ -507,6 +529,16 @@ class SecretService:
         # Told how each new value was made (the length when the broker generated it, None
         # when it came from outside), so the scheduled rotation knows which it may remake.
         self.value_origin: ValueOrigin | None = None
+        self._router: ReadRouter | None = None
+
+    def route_reads(self, router: ReadRouter) -> None:
+        """Let staged rollouts pick the version of reads that name none (`broker.rollout`)."""
+        self._router = router
+
+    async def rollout_running(self, tenant: str, reference: str) -> bool:
+        """Whether a staged rollout of the secret runs (a scheduled rotation waits for it)."""
+        ref = SecretRef.parse(reference)
+        return self._router is not None and await self._router.busy(tenant, ref.text)
 
     # -- the request path: tenant and authorization --------------------------------------
 
@@ -584,6 +616,15 @@ class SecretService:
             self._require_justification(info, caller, justification)
             return {}
 
+        route = None
+        if version is None and self._router is not None:
+            route = await self._router.route(
+                tenant, SecretRef.parse(reference).text, caller.spiffe_id
+            )
+            if route is not None:
+                version = route.version
+                if details is not None:
+                    details["rollout"] = {"id": route.rollout_id, "stage": route.stage}
         info, row = await self.authorized(
             tenant,
             reference,
@@ -599,7 +640,45 @@ class SecretService:
                 f"dev pull refused: environment {info.record.environment!r} is production "
                 "(secrets.justification_required); it is never copied to a dev vault"
             )
-        return await self.reveal(info, row)
+        if route is None or self._router is None:
+            return await self.reveal(info, row)
+        return await self._reveal_routed(tenant, reference, caller, info, row, route)
+
+    async def _reveal_routed(
+        self,
+        tenant: str,
+        reference: str,
+        caller: Caller,
+        info: SecretInfo,
+        row: VersionRecord | None,
+        route: Route,
+    ) -> SecretValue:
+        """Reveal the version a rollout routed the caller to. A rollout that moved on between
+        routing and revealing (the routed version was just revoked by a rollback or a
+        completion) is asked again, so a consumer is never refused in mid-step."""
+        assert self._router is not None
+        ref = SecretRef.parse(reference).text
+        for attempt in range(3):
+            try:
+                value = await self.reveal(info, row)
+            except FailedPrecondition:
+                again = await self._router.route(tenant, ref, caller.spiffe_id)
+                moved = again is None or again.version != route.version
+                if attempt == 2 or not moved:
+                    raise
+                loaded = await self.load(
+                    tenant, reference, None if again is None else again.version
+                )
+                if loaded is None:
+                    raise
+                info, row = loaded
+                if again is None:
+                    return await self.reveal(info, row)
+                route = again
+                continue
+            await self._router.served(route, caller.spiffe_id)
+            return value
+        raise FailedPrecondition("the secret changed while reading it; try again")
 
     def _require_justification(self, info: SecretInfo, caller: Caller, justification: str) -> None:
         if not is_person(caller) or justification.strip():
@@ -658,6 +737,7 @@ class SecretService:
         value: bytes | None = None,
         generate_length: int | None = None,
         details: Details | None = None,
+        staged: bool = False,
     ) -> tuple[SecretInfo, int, int]:
         """`rotate` for `caller`, if `authorize` allows (see `authorized`). Decided with
         "on_schedule": whether the secret is due (or has no schedule), since rotating a prod or
@@ -687,6 +767,7 @@ class SecretService:
             justification=justification,
             value=value,
             generate_length=generate_length,
+            staged=staged,
         )
 
     async def _decided(self, named: NamedSecret, action: str) -> None:
@@ -838,11 +919,18 @@ class SecretService:
         justification: str,
         value: bytes | None = None,
         generate_length: int | None = None,
+        staged: bool = False,
     ) -> tuple[SecretInfo, int, int]:
         """A new current version; returns (info, previous version, new version). The previous
-        version stays readable by number until now + rotation window."""
+        version stays readable by number until now + rotation window. Refused while a staged
+        rollout of the secret runs, unless `staged` (the rollout's own rotation)."""
         ref = SecretRef.parse(reference)
         check_tenant(tenant)
+        if not staged and self._router is not None and await self._router.busy(tenant, ref.text):
+            raise FailedPrecondition(
+                "a staged rollout of this secret is running; wait for it to finish, or end it "
+                "with 'broker rollout promote|abort REF'"
+            )
         if environment != ref.environment:
             raise InvalidArgument(
                 f"--env {environment!r} does not match the secret's environment "
@@ -904,11 +992,19 @@ class SecretService:
                 fresh.to_bytes(),
             )
 
-    async def rollback(self, tenant: str, reference: str) -> tuple[SecretInfo, int, int]:
+    async def rollback(
+        self, tenant: str, reference: str, *, staged: bool = False
+    ) -> tuple[SecretInfo, int, int]:
         """Make the newest earlier version still in its rollback window current again and
-        revoke the current one; returns (info, from version, to version)."""
+        revoke the current one; returns (info, from version, to version). Refused while a
+        staged rollout runs, unless `staged` (the rollout's own rollback)."""
         ref = SecretRef.parse(reference)
         check_tenant(tenant)
+        if not staged and self._router is not None and await self._router.busy(tenant, ref.text):
+            raise FailedPrecondition(
+                "a staged rollout of this secret is running; end it with 'broker rollout "
+                "abort REF' (every consumer goes back to the old version)"
+            )
         info = await self.show(tenant, reference)
         if info.record.state != "active":
             raise FailedPrecondition(f"the secret is {info.record.state}; nothing to roll back to")
@@ -936,6 +1032,17 @@ class SecretService:
             raise FailedPrecondition("the secret changed while rolling back; try again")
         await self._envelope.forget_data_keys()
         return await self.show(tenant, reference), current, target
+
+    async def revoke_version(self, tenant: str, reference: str, version: int) -> bool:
+        """Revoke one earlier version now (a staged rollout's old version once every stage
+        baked); False when it is current, absent or revoked already."""
+        ref = SecretRef.parse(reference)
+        check_tenant(tenant)
+        with self._writing():
+            done = await self._repo.revoke_version(tenant, ref.text, version, self._clock.now())
+        if done:
+            await self._envelope.forget_data_keys()
+        return done
 
     async def revoke(self, tenant: str, reference: str, justification: str) -> SecretInfo:
         """Refuse every version from now on. Raises `FailedPrecondition` if already revoked or

@@ -463,7 +463,15 @@ class _Session:
             if part.rotation is not None:
                 calls.append(broker_target.RotationCall(*part.rotation()))
         a = self.args
-        rotator = broker_target.Rotator(address, ident, a.tls_server_name, every, a.duration, calls)
+        rotator = broker_target.Rotator(
+            address,
+            ident,
+            a.tls_server_name,
+            every,
+            a.duration,
+            calls,
+            rollouts=self.scenario.rollouts,
+        )
         rotator.start()
         return rotator
 

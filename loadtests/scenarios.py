@@ -48,6 +48,9 @@ class Scenario:
     # (operation name, method, response class, request bytes, required answer field).
     rotation: Callable[[], tuple[str, str, Any, bytes, str]] | None = None
     slo_p95_ms: float = DEFAULT_SLO_P95_MS
+    # Also drive staged rollouts of a secret, one after another, while the load runs (the
+    # `secret-rollout-rotate` operation: success is a completed rollout, latency start to end).
+    rollouts: bool = False
     # Set-up outside the timed window (e.g. storing the secrets the load reads): gets a
     # `call(method, response_type, request_bytes) -> response` on the broker (operator identity).
     broker_setup: Callable[[Callable[[str, Any, bytes], Any]], None] | None = None
@@ -348,11 +351,14 @@ SCENARIOS: dict[str, Scenario] = {
             name="rotation",
             description=(
                 "the mixed load while the CA and the secret rotate every 2 s (CA Rotate "
-                "force=true: a new issuing CA and JWT key; Secrets/Rotate: a new version); "
-                "counts failed requests and rotations"
+                "force=true: a new issuing CA and JWT key; Secrets/Rotate: a new version) and "
+                "staged rollouts of another secret run one after another (Rollouts/Start, "
+                "stages 50%,100%, 1 s bake, followed to completion: secret-rollout-rotate); counts "
+                "failed requests and rotations"
             ),
             mix=("svid-csr", "jwt-mint", "secret-get"),
             rotate_every_s=2.0,
+            rollouts=True,
         ),
         Scenario(
             name="secret-get",

@@ -45,6 +45,12 @@ from broker.api.client.operators import (
     login_config,
 )
 from broker.api.client.revocation import RevocationClient, RevocationResult, RevokedObject
+from broker.api.client.rollout import (
+    RolloutConsumerView,
+    RolloutReport,
+    RolloutsClient,
+    RolloutView,
+)
 from broker.api.client.scan import ScanClient
 from broker.api.client.sdk import SecretRefused, SecretResolver, SecretUnavailable
 from broker.api.client.secrets import (
@@ -96,6 +102,10 @@ __all__ = [
     "RevocationResult",
     "RevokedObject",
     "Role",
+    "RolloutConsumerView",
+    "RolloutReport",
+    "RolloutView",
+    "RolloutsClient",
     "RotateResult",
     "ScanClient",
     "SecretDetails",
@@ -165,6 +175,9 @@ class Clients(Protocol):
     @property
     def health(self) -> HealthClient: ...
 
+    @property
+    def rollouts(self) -> RolloutsClient: ...
+
     def close(self) -> None: ...
 
 
@@ -228,6 +241,10 @@ class GrpcClients:
     def health(self) -> HealthClient:
         return HealthClient(self._broker)
 
+    @cached_property
+    def rollouts(self) -> RolloutsClient:
+        return RolloutsClient(self._broker)
+
     def close(self) -> None:
         self._broker.close()
 
@@ -248,6 +265,7 @@ def run_agent(
     health_socket: Path | None = None,
     trust_store: Path | None = None,
     bundle_mtime: float = 0.0,
+    health_check: str | None = None,
 ) -> None:
     """Run the agent (`broker agent`) until it is stopped; imported only when it runs."""
     from broker.api.workload import AgentOptions
@@ -269,6 +287,7 @@ def run_agent(
             health_socket=health_socket,
             trust_store=trust_store,
             bundle_mtime=bundle_mtime,
+            health_check=health_check,
         )
     )
 

@@ -35,6 +35,7 @@ from broker.cli.options import (
 from broker.cli.refusals import Refusal, client_error_message, one_line
 from broker.cli.report import report
 from broker.cli.revocation import revoke
+from broker.cli.rollout import rollout
 from broker.cli.scan import scan
 from broker.cli.secrets import exec_command, kek, secrets
 from broker.cli.serve import agent, serve
@@ -124,6 +125,7 @@ for command in (
     completion,
     status,
     health,
+    rollout,
 ):
     cli.add_command(command)
 

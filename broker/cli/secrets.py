@@ -310,6 +310,34 @@ def secrets_show(ctx: click.Context, reference: str, tenant: str) -> None:
 @setting_option(
     "--justification", on_group=False, required=True, metavar="TEXT", help="Why (audited)."
 )
+@click.option(
+    "--stages",
+    default=None,
+    metavar="P%,...,100%",
+    help="Roll the new version out in stages of consumers, e.g. 10%,50%,100% (see 'broker "
+    "rollout').",
+)
+@click.option(
+    "--health-check",
+    default=None,
+    metavar="URL|CMD",
+    help="With --stages: an http(s) URL (2xx passes) or a command (exit 0 passes) the broker "
+    "runs during each stage.",
+)
+@click.option(
+    "--bake",
+    type=DURATION,
+    default=None,
+    metavar="DURATION",
+    help="With --stages: how long each stage bakes before the next [default: 5m].",
+)
+@click.option(
+    "--max-failures",
+    type=int,
+    default=None,
+    metavar="N",
+    help="With --stages: failures tolerated before the automatic rollback [default: 0].",
+)
 @_tenant_option
 @_options_requiring_justification
 @click.pass_context
@@ -321,11 +349,48 @@ def secrets_rotate(
     generate: bool,
     length: int | None,
     ticket: str,
+    stages: str | None,
+    health_check: str | None,
+    bake: int | None,
+    max_failures: int | None,
     tenant: str,
 ) -> None:
-    """Make a new version current; the previous stays readable for the rollback window."""
+    """Make a new version current; the previous stays readable for the rollback window.
+    With --stages, roll it out to consumers stage by stage instead (rolled back
+    automatically when a stage fails)."""
     source = _read_value(value_file, generate, length) or {"generate_length": 32}
     justification = str(setting(ctx, "justification"))
+    if stages is None:
+        for name, given in (
+            ("--health-check", health_check),
+            ("--bake", bake),
+            ("--max-failures", max_failures),
+        ):
+            if given is not None:
+                raise click.UsageError(f"{name} is only used with --stages")
+    else:
+        view = clients(ctx).rollouts.start(
+            reference,
+            environment=environment,
+            ticket=ticket,
+            justification=justification,
+            stages=_stages(stages),
+            bake_seconds=300 if bake is None else bake,
+            max_failures=0 if max_failures is None else max_failures,
+            health_check=health_check or "",
+            tenant=tenant,
+            **source,
+        )
+        percent = view.stages[view.stage - 1]
+        render(
+            ctx,
+            record_json(view),
+            f"rollout {view.id} of {view.reference} started: v{view.from_version} -> "
+            f"v{view.to_version}, stage {view.stage} of {len(view.stages)} ({percent}%) open "
+            f"until {timestamp(view.bake_ends) or '-'}; follow it with 'broker rollout status "
+            f"{view.reference}'",
+        )
+        return
     details = _secrets_client(ctx).rotate(
         reference,
         environment=environment,
@@ -335,6 +400,20 @@ def secrets_rotate(
         **source,
     )
     _show(ctx, details, "rotated")
+
+
+def _stages(text: str) -> list[int]:
+    """`10%,50%,100%` as numbers; the broker checks the order and the final 100%."""
+    out = []
+    for part in text.split(","):
+        number = part.strip().removesuffix("%")
+        if not number.isdigit() or len(number) > 3:
+            raise click.BadParameter(
+                f"stage {part.strip()!r} is not a percentage (e.g. 10%,50%,100%)",
+                param_hint="--stages",
+            )
+        out.append(int(number))
+    return out
 
 
 @secrets.command("rollback")

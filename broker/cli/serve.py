@@ -158,6 +158,13 @@ def _secret_files(secret_files: tuple[str, ...]) -> dict[str, str]:
     help="Keep the roots learned from the broker in this file (PEM) and trust them after a "
     "restart, so a root rotation needs no new --bundle file (used when newer than --bundle).",
 )
+@click.option(
+    "--health-check",
+    "secret_health_check",
+    metavar="CMD",
+    help="After --secret files change (and --on-rotate ran): run CMD; exit 0 is healthy. "
+    "Reported to the broker during a staged rollout of the secret (see 'broker rollout').",
+)
 @click.option("--sync-interval", type=float, default=5.0, hidden=True)
 @click.pass_context
 def agent(
@@ -173,6 +180,7 @@ def agent(
     on_rotate: str | None,
     secret_files: tuple[str, ...],
     secret_interval: int,
+    secret_health_check: str | None,
     sync_interval: float,
     trust_store: Path | None = None,
 ) -> None:
@@ -192,6 +200,8 @@ def agent(
         raise click.UsageError("--secret needs --write-dir")
     if secret_interval < 1:
         raise click.UsageError("--secret-interval must be at least 1s")
+    if secret_health_check and not secret_files:
+        raise click.UsageError("--health-check needs --secret")
     secrets = _secret_files(secret_files)
     server = agent_server or str(setting(ctx, "server") or DEFAULT_SERVER)
     jwt = None
@@ -219,6 +229,7 @@ def agent(
             health_socket=None if health_socket is None else health_socket.absolute(),
             trust_store=None if trust_store is None else trust_store.absolute(),
             bundle_mtime=agent_bundle.stat().st_mtime,
+            health_check=secret_health_check,
         )
     except BrokerError as exc:
         raise Refusal(str(exc)) from None

@@ -102,6 +102,10 @@ class SecretRotationJob:
             failed_at = self._failed_at.get(key)
             if failed_at is not None and now - failed_at < self.retry_after:
                 continue
+            if await self._secrets.rollout_running(r.tenant, r.ref):
+                # A staged rollout is replacing the value: it owns the secret until it ends,
+                # and the next round rotates it if it is still due (not a failure).
+                continue
             await self._rotate(info, length, result, now)
         metrics.set_secrets_due(len(result.due))
         if result.rotated or result.failed or result.reported:

@@ -29,6 +29,7 @@ from broker.storage.database import DatabaseRepository
 from broker.storage.identity import IdentityRepository
 from broker.storage.kms import KmsRepository
 from broker.storage.operators import OperatorRepository
+from broker.storage.rollouts import RolloutRepository
 from broker.storage.secrets import MetadataSeal, SecretRepository
 
 __all__ = [
@@ -243,4 +244,8 @@ class Storage(
 
     def secrets(self, seal: MetadataSeal) -> SecretRepository:
         """Wrapped static secrets, their rows MACed by `seal`."""
+        ...
+
+    def rollouts(self) -> RolloutRepository:
+        """Staged rollouts of new secret versions and the consumers seen during them."""
         ...

@@ -190,6 +190,11 @@ class SecretRepository(Protocol):
         """Mark the secret and every version revoked. False when there is no active secret."""
         ...
 
+    async def revoke_version(self, tenant: str, ref: str, version: int, at: dt.datetime) -> bool:
+        """Revoke one version that is not the current one (a staged rollout's old version once
+        the rollout completed). False when absent, current, or already revoked."""
+        ...
+
     async def mark_deleted(self, tenant: str, ref: str, at: dt.datetime) -> bool:
         """Soft delete (active or revoked secrets). False when there is nothing to delete."""
         ...
@@ -560,6 +565,25 @@ class SqlSecretRepository:
             await self._reseal_version(tx, tenant, ref, from_version)
             await self._reseal_version(tx, tenant, ref, to_version)
             await self._reseal(tx, tenant, ref)
+        return True
+
+    async def revoke_version(self, tenant: str, ref: str, version: int, at: dt.datetime) -> bool:
+        async with self._b.transaction(write=True) as tx:
+            record = await self._checked(tx, tenant, ref)
+            if record is None or record.current_version == version:
+                return False
+            await self._checked_version(tx, tenant, ref, version)
+            row = await tx.fetchrow(
+                "UPDATE secret_versions SET revoked_at = ? WHERE tenant = ? AND ref = ? "
+                "AND version = ? AND revoked_at IS NULL RETURNING version",
+                self._b.encode_ts(at),
+                tenant,
+                ref,
+                version,
+            )
+            if row is None:
+                return False
+            await self._reseal_version(tx, tenant, ref, version)
         return True
 
     async def revoke(self, tenant: str, ref: str, at: dt.datetime) -> bool:

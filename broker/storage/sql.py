@@ -53,6 +53,7 @@ from broker.storage.interface import (
 )
 from broker.storage.kms import SqlKmsRepository
 from broker.storage.operators import SqlOperatorRepository
+from broker.storage.rollouts import SqlRolloutRepository
 from broker.storage.secrets import MetadataSeal, SqlSecretRepository
 from ca.rotation import GenerationState
 
@@ -185,6 +186,9 @@ class SqlStorage:
 
     def secrets(self, seal: MetadataSeal) -> SqlSecretRepository:
         return SqlSecretRepository(self._b, seal)
+
+    def rollouts(self) -> SqlRolloutRepository:
+        return SqlRolloutRepository(self._b)
 
     # -- schema
 

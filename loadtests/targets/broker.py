@@ -5,6 +5,7 @@ DIR/operator/key.pem, trust anchors DIR/bundle.pem).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -224,6 +225,11 @@ class _RotationTally:
         }
 
 
+ROLLOUT_REF = "secret://bench/dev/rollout-key"
+ROLLOUT_OPERATION = "secret-rollout-rotate"  # a `*-rotate`: judged by its success rate
+_ROLLOUT_DONE = ("completed", "rolled-back", "aborted")
+
+
 class Rotator:
     """Makes each of `calls` (the CA's `Rotate` with force, a secret's `Rotate`, ...) every
     `every_s` seconds for `duration_s` seconds, from a thread of the parent while the load
@@ -239,6 +245,7 @@ class Rotator:
         duration_s: float,
         calls: list[RotationCall] | None = None,
         timeout_s: float = 30.0,
+        rollouts: bool = False,
     ) -> None:
         import threading
 
@@ -248,9 +255,86 @@ class Rotator:
         self.tallies = {c.operation: _RotationTally() for c in self.calls}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rotator", daemon=True)
+        # Staged rollouts (issue 12), one after another: each a Rollouts/Start (stages 50%,
+        # 100%, 1 s bake, the broker's own health check) followed to its end; a success is a
+        # completed rollout, its latency start to completion.
+        self._rollouts: threading.Thread | None = None
+        if rollouts:
+            self.tallies[ROLLOUT_OPERATION] = _RotationTally()
+            self._rollouts = threading.Thread(
+                target=self._run_rollouts, name="rollouts", daemon=True
+            )
 
     def start(self) -> None:
         self._thread.start()
+        if self._rollouts is not None:
+            self._rollouts.start()
+
+    def _run_rollouts(self) -> None:
+        import time
+
+        import grpc
+
+        from broker.api._proto import rollout_pb2, secrets_pb2
+
+        tally = self.tallies[ROLLOUT_OPERATION]
+        t0 = time.monotonic()
+        with _channel(*self._args) as ch:
+            put = ch.unary_unary(
+                "/broker.v1.Secrets/Put", response_deserializer=secrets_pb2.SecretInfo.FromString
+            )
+            start = ch.unary_unary(
+                "/broker.v1.Rollouts/Start",
+                response_deserializer=rollout_pb2.RolloutStatus.FromString,
+            )
+            status = ch.unary_unary(
+                "/broker.v1.Rollouts/Status",
+                response_deserializer=rollout_pb2.RolloutStatus.FromString,
+            )
+            with contextlib.suppress(grpc.RpcError):  # stored by an earlier run
+                put(
+                    secrets_pb2.PutSecretRequest(
+                        reference=ROLLOUT_REF,
+                        generate_length=32,
+                        owner="bench",
+                        classification="confidential",
+                        rotation_period_seconds=90 * 86400,
+                    ).SerializeToString(),
+                    timeout=self._timeout,
+                )
+            request = rollout_pb2.StartRolloutRequest(
+                reference=ROLLOUT_REF,
+                environment="dev",
+                ticket="LOADTEST-2",
+                justification="load test: staged rollouts while the load runs",
+                generate_length=32,
+                stages=[50, 100],
+                bake_seconds=1,
+                health_check="/bin/true",
+            ).SerializeToString()
+            ask = rollout_pb2.RolloutRequest(reference=ROLLOUT_REF).SerializeToString()
+            while not self._stop.is_set() and time.monotonic() < t0 + self._duration:
+                second = int(time.monotonic() - t0)
+                started = time.perf_counter_ns()
+                try:
+                    answer = start(request, timeout=self._timeout)
+                except grpc.RpcError as exc:
+                    code = exc.code()
+                    kind = f"grpc {code.name}" if code is not None else "grpc ?"
+                    tally.failure(kind, str(exc.details()), second)
+                    self._stop.wait(1.0)
+                    continue
+                # Follow it to its end; a status poll that fails in transit is asked again
+                # (the rollout runs in the broker either way).
+                deadline = time.monotonic() + 120
+                while answer.state not in _ROLLOUT_DONE and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    with contextlib.suppress(grpc.RpcError):
+                        answer = status(ask, timeout=self._timeout)
+                if answer.state == "completed":
+                    tally.success((time.perf_counter_ns() - started) // 1000, second)
+                else:
+                    tally.failure(f"rollout {answer.state or 'timed out'}", answer.reason, second)
 
     def _run(self) -> None:
         import time
@@ -295,5 +379,7 @@ class Rotator:
     def finish(self) -> dict[str, dict[str, Any]]:
         """Wait for the last tick; per operation, the tally in the generator's shape."""
         self._thread.join(self._duration + self._timeout * len(self.calls) + 5)
+        if self._rollouts is not None:
+            self._rollouts.join(self._timeout + 125)
         self._stop.set()
         return {name: tally.to_json() for name, tally in self.tallies.items()}

@@ -84,15 +84,21 @@ def test_rotation_smoke_keeps_every_request_and_rotation(tmp_path: Path) -> None
     rep = _smoke(tmp_path / "report", "rotation", "--slo-p95-ms", "2000")
     (run,) = rep["runs"]
     ops = run["operations"]
-    assert set(ops) == {"svid-csr", "jwt-mint", "secret-get", "ca-rotate", "secret-rotate"}
+    assert set(ops) == {
+        "svid-csr", "jwt-mint", "secret-get", "ca-rotate", "secret-rotate",
+        "secret-rollout-rotate",
+    }  # fmt: skip
     assert ops["ca-rotate"]["requests_ok"] >= 1  # the CA did rotate during the load
     assert ops["secret-rotate"]["requests_ok"] >= 1  # and so did the secret
+    # A staged rollout (stages 50%,100%, 1 s bake) was started and followed to completion.
+    assert ops["secret-rollout-rotate"]["requests_ok"] >= 1
     for name in ("svid-csr", "jwt-mint", "secret-get"):
         assert ops[name]["requests_ok"] > 0
         assert ops[name]["error_count"] == 0
     judged = {(v["slo"], v["operation"]) for v in rep["slo"]["verdicts"]}
     assert ("rotation success", "ca-rotate") in judged
     assert ("rotation success", "secret-rotate") in judged
+    assert ("rotation success", "secret-rollout-rotate") in judged
     assert ("availability", "secret-get") in judged
 
 

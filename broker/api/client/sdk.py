@@ -18,6 +18,12 @@ Cache contract (times from the injected clock's monotonic scale):
 - a refusal (`SecretRefused`: revoked, permission denied, missing metadata, ...) drops the
   cached value at once and is raised: revocation reaches a service at its next refresh.
 
+Staged rollouts (docs/rotation.md): pass `on_update` (called with the reference and the new
+`FetchedSecret` whenever a fetch brings a version the resolver did not hold; the service applies
+it and returns whether it still works) and `reporter` (a
+`broker.api.client.rollout.BrokerRolloutReporter`): the result is reported to the broker, which
+rolls the version back if its consumers fail. `report()` reports health at any other time.
+
 No grpc here: the transport is any `SecretSource` (see `broker.api.client.secrets`).
 Thread-safe; values are held in memory only.
 """
@@ -25,7 +31,7 @@ Thread-safe; values are held in memory only.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -39,6 +45,7 @@ __all__ = [
     "SecretResolver",
     "SecretSource",
     "SecretUnavailable",
+    "VersionReporter",
 ]
 
 MAX_TTL_SECONDS: Final = 300.0
@@ -69,6 +76,12 @@ class SecretSource(Protocol):
         ...
 
 
+class VersionReporter(Protocol):
+    def report(self, reference: str, version: int, healthy: bool, detail: str = "") -> bool:
+        """Tell the broker which version this consumer serves and whether it works."""
+        ...
+
+
 @dataclass
 class _Entry:
     secret: FetchedSecret
@@ -83,6 +96,8 @@ class SecretResolver:
         clock: Clock | None = None,
         ttl_seconds: float = MAX_TTL_SECONDS,
         refresh_fraction: float = 0.8,
+        on_update: Callable[[str, FetchedSecret], bool] | None = None,
+        reporter: VersionReporter | None = None,
     ) -> None:
         if not 0 < ttl_seconds <= MAX_TTL_SECONDS:
             raise ValueError(f"ttl_seconds must be in (0, {MAX_TTL_SECONDS:g}]")
@@ -94,6 +109,8 @@ class SecretResolver:
         self._refresh_after = ttl_seconds * refresh_fraction
         self._cache: dict[str, _Entry] = {}
         self._lock = threading.Lock()
+        self._on_update = on_update
+        self._reporter = reporter
 
     def get(self, reference: str) -> bytes:
         """The value of `reference` (see the module docstring for the cache contract)."""
@@ -127,7 +144,41 @@ class SecretResolver:
             raise
         with self._lock:
             self._cache[reference] = _Entry(secret, now)
+        self._updated(reference, entry, secret)
         return secret
+
+    def _updated(self, reference: str, before: _Entry | None, secret: FetchedSecret) -> None:
+        """A fetch brought a version the resolver did not hold: apply it (`on_update`) and
+        report the outcome (`reporter`)."""
+        if before is not None and before.secret.version == secret.version:
+            return
+        if self._on_update is None and self._reporter is None:
+            return
+        healthy, detail = True, ""
+        if self._on_update is not None:
+            try:
+                healthy = bool(self._on_update(reference, secret))
+            except Exception as exc:
+                healthy, detail = False, f"on_update raised {type(exc).__name__}"
+            if not healthy and not detail:
+                detail = "on_update reported the new version unhealthy"
+        self._send(reference, secret.version, healthy, detail)
+
+    def _send(self, reference: str, version: int, healthy: bool, detail: str) -> None:
+        if self._reporter is None:
+            return
+        try:
+            self._reporter.report(reference, version, healthy, detail)
+        except Exception:  # the broker away: reporting must never break a read
+            return
+
+    def report(self, reference: str, healthy: bool, detail: str = "") -> None:
+        """Report the health of the version of `reference` this resolver holds (no-op when it
+        holds none or has no reporter)."""
+        with self._lock:
+            entry = self._cache.get(reference)
+        if entry is not None:
+            self._send(reference, entry.secret.version, healthy, detail)
 
     def refresh_due(self) -> dict[str, Exception]:
         """Refresh every cached entry past its refresh point; the failures, by reference. An
@@ -150,7 +201,9 @@ class SecretResolver:
                         del self._cache[reference]
                 continue
             with self._lock:
+                before = self._cache.get(reference)
                 self._cache[reference] = _Entry(secret, now)
+            self._updated(reference, before, secret)
         return errors
 
     def resolve_env(self, references: Mapping[str, str]) -> dict[str, str]:

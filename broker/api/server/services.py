@@ -25,6 +25,7 @@ from . import (
     kms,
     operators,
     revocation,
+    rollout,
     scan,
     secrets,
     static_roles,
@@ -64,6 +65,7 @@ def bindings_for(app: Application, *, ca_service: CAService | None = None) -> li
     bindings.append(operators.binding(app))  # operator login, roles, registry
     bindings.append(kms.binding(app))  # KMS keys for services' own data (issue 16)
     bindings.append(scan.binding(app))  # leak-scan fingerprints
+    bindings.append(rollout.binding(app))  # staged rollouts of secret versions (issue 12)
     return bindings
 
 

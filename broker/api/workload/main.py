@@ -22,11 +22,13 @@ from broker.agentstream import SyncStream
 from broker.agenttrust import TrustStore
 from broker.errors import InvalidArgument
 from broker.logs import configure as configure_logs
+from broker.rollout.consumer import ConsumerReports, Synced
 from broker.secretfiles import SecretFiles
 from ca.clock import Clock, SystemClock
 
 from ..client.base import BrokerClient, ClientCredentials
 from ..client.identity import GrpcBrokerLink
+from ..client.rollout import BrokerRolloutReporter, RolloutsClient
 from ..client.secrets import BrokerSecretSource, SecretsClient
 from .endpoint import serve_workload_api
 from .peercred import selectors_of
@@ -57,6 +59,9 @@ class AgentOptions:
     # --bundle file's modification time (the newer of the two is trusted at start).
     trust_store: Path | None = None
     bundle_mtime: float = 0.0
+    # Run after `secrets` files were written (and `on_rotate` ran): exit 0 is healthy; the
+    # result is reported to the broker while a staged rollout of the secret runs.
+    health_check: str | None = None
 
 
 RESERVED_FILES = frozenset({"svid.pem", "key.pem", "bundle.pem"})
@@ -76,6 +81,7 @@ class _SecretFileSync:
         self._identity: bytes = b""
         self._files: SecretFiles | None = None
         self._client: BrokerClient | None = None
+        self._reports: ConsumerReports | None = None
         self.wake = asyncio.Event()
 
     def _source_for_identity(self) -> bool:
@@ -92,15 +98,29 @@ class _SecretFileSync:
             self._client = BrokerClient(self._options.server, ClientCredentials(chain, key, bundle))
             source = BrokerSecretSource(SecretsClient(self._client))
             self._files = SecretFiles(source, self._dir, self._options.secrets)
+            self._reports = ConsumerReports(
+                BrokerRolloutReporter(RolloutsClient(self._client)),
+                on_rotate=self._options.on_rotate,
+                health_check=self._options.health_check,
+            )
             self._identity = chain + bundle
         return True
 
     def sync_once(self) -> None:
         if not self._source_for_identity() or self._files is None:
             return
-        for result in self._files.sync():
+        results = self._files.sync()
+        for result in results:
             if result.outcome in ("removed", "kept"):
                 log.warning("secret file %s %s: %s", result.name, result.outcome, result.error)
+        if self._reports is not None:
+            synced = [
+                Synced(r.name, self._options.secrets[r.name], r.outcome == "written", r.version)
+                for r in results
+            ]
+            for reference, healthy in self._reports.after_sync(synced).items():
+                if not healthy:
+                    log.warning("secret %s: the health check failed after the update", reference)
 
     async def run(self) -> None:
         while True:

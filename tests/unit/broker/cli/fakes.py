@@ -77,6 +77,7 @@ class FakeClients:
     static_roles: Any = None
     revocation: Any = None
     health: Any = None
+    rollouts: Any = None
     closed: bool = False
 
     def __post_init__(self) -> None:

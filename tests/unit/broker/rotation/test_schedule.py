@@ -229,3 +229,37 @@ async def test_a_failed_rotation_is_audited_counted_and_retried_later(world: Wor
     run = await world.job.tick()
     assert run is not None and [r[3] for r in run.rotated] == [2]
     assert await world.value(GENERATED) != first
+
+
+class _BusyRouter:
+    """A staged rollout of every secret is running (broker.rollout's ReadRouter, as seen here)."""
+
+    def __init__(self) -> None:
+        self.running = True
+
+    async def route(self, tenant: str, ref: str, identity: str) -> None:
+        return None
+
+    async def served(self, route: Any, identity: str) -> None:
+        return None
+
+    async def busy(self, tenant: str, ref: str) -> bool:
+        return self.running
+
+
+async def test_a_secret_under_a_staged_rollout_waits_and_is_not_a_failure(world: World) -> None:
+    await _put(world, GENERATED, generate_length=48)
+    router = _BusyRouter()
+    world.service.route_reads(router)
+    failures = _counted("failure")
+    world.clock.advance(hours=6, seconds=60)
+
+    run = await world.job.tick()
+    assert run is not None and run.rotated == [] and run.failed == []
+    assert await world.version(GENERATED) == 1, "the rollout owns the secret while it runs"
+    assert _counted("failure") == failures and world.events_of("secrets.rotate") == []
+
+    router.running = False
+    world.clock.advance(minutes=1)
+    run = await world.job.tick()
+    assert run is not None and [r[3] for r in run.rotated] == [2], "rotated once it ended"

@@ -1,0 +1,106 @@
+"""`broker rollout status|promote|abort REF`: follow and steer a staged rollout started with
+`broker secrets rotate REF --stages ...` (see docs/rotation.md). JSON documents
+(`--output json`) are the `RolloutView` records field by field."""
+
+from __future__ import annotations
+
+import click
+
+from broker.cli.clients import RolloutsClient, RolloutView
+from broker.cli.options import clients, connection_options
+from broker.cli.render import record_json, render, table, text_time
+
+__all__ = ["rollout", "rollout_lines"]
+
+
+def _client(ctx: click.Context) -> RolloutsClient:
+    return clients(ctx).rollouts
+
+
+def _tenant_option(f: click.decorators.FC) -> click.decorators.FC:
+    return click.option(
+        "--tenant", default="", metavar="T", help="Tenant [default: the broker's default tenant]."
+    )(f)
+
+
+def rollout_lines(view: RolloutView) -> list[str]:
+    """The rollout for people: where it stands, its health, its consumers."""
+    stages = ",".join(f"{s}%" for s in view.stages)
+    to = f"v{view.to_version}" if view.to_version else "(being written)"
+    lines = [
+        f"rollout {view.id} of {view.reference} (tenant {view.tenant}): {view.state}",
+        f"  versions:  v{view.from_version} -> {to}",
+        f"  stages:    {stages}; stage {view.stage} of {len(view.stages)} "
+        f"({view.stages[view.stage - 1]}%) opened {text_time(view.stage_opened_at)}",
+    ]
+    if view.bake_ends is not None:
+        lines.append(f"  bake ends: {text_time(view.bake_ends)} ({view.bake_seconds}s per stage)")
+    lines.append(f"  failures:  {view.failures} (at most {view.max_failures} tolerated)")
+    if view.health_check:
+        check = view.check or "not run yet"
+        detail = f" ({view.check_detail})" if view.check_detail else ""
+        lines.append(f"  check:     {view.health_check}: {check}{detail}")
+    lines.append(f"  health:    {'healthy' if view.healthy else 'unhealthy'}: {view.health_reason}")
+    lines.append(f"  started:   {text_time(view.started_at)} by {view.started_by}")
+    lines.append(f"  ticket:    {view.ticket}" + (f" ({view.approver})" if view.approver else ""))
+    if view.finished_at is not None:
+        lines.append(f"  finished:  {text_time(view.finished_at)}: {view.reason}")
+    if view.consumers:
+        rows = [
+            [
+                c.identity,
+                str(c.stage),
+                f"v{c.served_version}" if c.served_version else "-",
+                f"v{c.reported_version}" if c.reported_version else "-",
+                (c.health or "-") + (f" ({c.detail})" if c.detail else ""),
+            ]
+            for c in view.consumers
+        ]
+        lines += table([["CONSUMER", "STAGE", "SERVED", "REPORTED", "HEALTH"], *rows])
+    else:
+        lines.append("  no consumer has read or reported yet")
+    return lines
+
+
+def _render(ctx: click.Context, view: RolloutView, head: str | None = None) -> None:
+    def text() -> list[str]:
+        return ([head] if head else []) + rollout_lines(view)
+
+    render(ctx, record_json(view), text)
+
+
+@click.group()
+def rollout() -> None:
+    """Staged rollouts of a new secret version (start one with 'secrets rotate --stages')."""
+
+
+@rollout.command("status")
+@click.argument("reference")
+@_tenant_option
+@connection_options(on_group=False)
+@click.pass_context
+def rollout_status(ctx: click.Context, reference: str, tenant: str) -> None:
+    """The latest rollout of a secret: stage, bake timer, health, consumers."""
+    _render(ctx, _client(ctx).status(reference, tenant=tenant))
+
+
+@rollout.command("promote")
+@click.argument("reference")
+@_tenant_option
+@connection_options(on_group=False)
+@click.pass_context
+def rollout_promote(ctx: click.Context, reference: str, tenant: str) -> None:
+    """Open the next stage now (the final stage always bakes before the old version goes)."""
+    view = _client(ctx).promote(reference, tenant=tenant)
+    _render(ctx, view, f"promoted: stage {view.stage} ({view.stages[view.stage - 1]}%) open")
+
+
+@rollout.command("abort")
+@click.argument("reference")
+@_tenant_option
+@connection_options(on_group=False)
+@click.pass_context
+def rollout_abort(ctx: click.Context, reference: str, tenant: str) -> None:
+    """Put every consumer back on the old version; the new version is revoked."""
+    view = _client(ctx).abort(reference, tenant=tenant)
+    _render(ctx, view, f"aborted: every consumer is back on v{view.from_version}")
