@@ -16,6 +16,7 @@
     |   +-- RateLimited      (the caller's token bucket is empty)
     +-- Unavailable          -> UNAVAILABLE (a backend is down)
         +-- StorageError
+        |   +-- StorageUnavailable  (no writable database within the wait; has retry_after)
         +-- AuditWriteFailed
             +-- AuditIntegrityError
 """
@@ -89,6 +90,15 @@ class Unavailable(BrokerError):
 
 class StorageError(Unavailable):
     """The storage backend failed or is unreachable."""
+
+
+class StorageUnavailable(StorageError):
+    """No usable database (e.g. no writable primary during a failover) within the wait the
+    storage allows a request; `retry_after` (seconds) is when trying again makes sense."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class AuditWriteFailed(Unavailable):

@@ -8,4 +8,5 @@ pytest_plugins = [
     "tests.fixtures.oidc_provider",
     "tests.fixtures.rsyslog",
     "tests.fixtures.webhook",
+    "tests.fixtures.patroni",
 ]
