@@ -52,7 +52,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from broker import metrics
-from broker.errors import AuditIntegrityError, AuditWriteFailed, InvalidArgument, LedgerStartRefused
+from broker.errors import (
+    AuditIntegrityError,
+    AuditWriteFailed,
+    InvalidArgument,
+    LedgerStartRefused,
+    StorageUnavailable,
+)
 from broker.storage.interface import AuditRecord, Sealer, Storage, TipGuard
 from ca.clock import Clock, SystemClock
 from ca.errors import CAError
@@ -722,7 +728,13 @@ class AuditLedger:
                     )
                 else:
                     log.error("audit write failed: %s", type(exc).__name__)
-                    failure = AuditWriteFailed("audit ledger write failed; request refused")
+                    message = "audit ledger write failed; request refused"
+                    if isinstance(exc, StorageUnavailable):  # a failover: say when to retry
+                        message += (
+                            " (the database has no writable primary right now; retry after "
+                            f"{max(1, round(exc.retry_after))} s)"
+                        )
+                    failure = AuditWriteFailed(message)
                 for p in group:
                     if not p.done.done():
                         p.done.set_exception(failure)
