@@ -48,7 +48,13 @@ RETRY_AFTER: Final = 5.0
 _RETRY_PAUSE: Final = 0.25
 _CLOSE_TIMEOUT: Final = 10.0
 # What a lost or failing server looks like from asyncpg.
-_DB_ERRORS: Final = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+_DB_ERRORS: Final = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.TargetServerAttributeNotMatched,  # a multi-host DSN with no read-write host
+    OSError,
+    TimeoutError,
+)
 # What says "this server is gone or no longer the primary": the pool must reconnect.
 _LOST: Final = (
     asyncpg.PostgresConnectionError,  # SQLSTATE class 08
@@ -58,6 +64,7 @@ _LOST: Final = (
     asyncpg.CrashShutdownError,  # 57P02
     asyncpg.CannotConnectNowError,  # 57P03: starting up, shutting down or in recovery
     asyncpg.InterfaceError,
+    asyncpg.TargetServerAttributeNotMatched,  # every host answers, none is the primary
     OSError,
     TimeoutError,
 )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from typing import Any
 
 import grpc
@@ -19,7 +20,7 @@ import pytest
 from cryptography import x509
 
 from broker.api._proto import ca_pb2
-from broker.errors import StorageUnavailable
+from broker.errors import StorageError, StorageUnavailable
 from broker.storage.postgres import open_postgres
 from tests.fixtures.postgres import PgCluster
 from tests.fixtures.tcpproxy import TcpProxy
@@ -97,3 +98,29 @@ async def test_replica_cut_from_its_database_refuses_instead_of_serving_stale(
         assert verification.intact, verification.reason
     finally:
         proxy.stop()
+
+
+def _dead_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_multi_host_dsn_skips_unreachable_hosts_and_refuses_when_none_answers(
+    pg_cluster: PgCluster,
+) -> None:
+    _, dsn = pg_cluster.fresh_database()
+    dead = [f"127.0.0.1:{_dead_port()}" for _ in range(2)]
+    live = f"{pg_cluster.host}:{pg_cluster.port}"
+    many = dsn.replace(live, ",".join([*dead, live])) + "?target_session_attrs=read-write"
+    storage = await open_postgres(many, primary_wait=1.0)
+    try:
+        await storage.migrate()
+        assert await storage.schema_version() > 0
+    finally:
+        await storage.close()
+    nowhere = dsn.replace(live, ",".join(dead))
+    with pytest.raises(StorageError) as info:
+        await asyncio.wait_for(open_postgres(nowhere, connect_timeout=2.0), 30)
+    assert pg_cluster.password not in str(info.value)
+    assert "cannot connect to PostgreSQL" in str(info.value)
