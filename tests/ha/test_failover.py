@@ -217,3 +217,74 @@ async def _all_records(storage: Storage) -> list[Any]:
         if not page:
             return records
         records += page
+
+
+_VICTIM = """
+import asyncio, datetime as dt, os, sys
+from broker.storage.factory import open_storage
+
+async def main():
+    storage = await open_storage(os.environ["HA_DSN"])
+    while True:
+        now = dt.datetime.now(dt.UTC)
+        if await storage.try_lease("ha-test-leader", "victim", float(sys.argv[1]), now):
+            print(now.timestamp(), flush=True)
+        await asyncio.sleep(0.5)
+
+asyncio.run(main())
+"""
+
+
+async def test_leader_lease_moves_after_a_replica_is_killed(
+    patroni_cluster: PatroniCluster,
+) -> None:
+    """(b) kill -9 a broker replica holding the leader lease: the survivor leads within
+    TTL + its polling interval, never before the victim's last lease ran out."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    cluster = patroni_cluster
+    cluster.wait_primary()
+    dsn = cluster.create_database(f"ha_{uuid.uuid4().hex[:12]}")
+    storage = await open_storage(dsn)
+    await storage.migrate()
+    victim = subprocess.Popen(
+        [sys.executable, "-c", _VICTIM, str(LEASE_TTL)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HA_DSN": dsn},
+    )
+    try:
+        assert victim.stdout is not None
+        first = await asyncio.wait_for(asyncio.to_thread(victim.stdout.readline), 60)
+        assert first.strip(), "the victim replica never took the lease"
+        from ca.clock import SystemClock
+
+        clock = SystemClock()
+        assert not await storage.try_lease("ha-test-leader", "survivor", LEASE_TTL, clock.now())
+        await asyncio.sleep(1.0)  # let it renew at least once more
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=30)
+        killed_at = clock.now().timestamp()
+        renewals = [float(line) for line in [first, *victim.stdout.read().split()] if line]
+        taken = None
+        while taken is None and clock.now().timestamp() < killed_at + 60:
+            now = clock.now()
+            if await storage.try_lease("ha-test-leader", "survivor", LEASE_TTL, now):
+                taken = now.timestamp()
+            else:
+                await asyncio.sleep(0.5)
+        assert taken is not None, "the survivor never took the leader lease"
+        assert taken >= max(renewals) + LEASE_TTL  # never two leaders
+        print(
+            "\nHA-FIGURES replica-killed "
+            + json.dumps(
+                {"lease_ttl_s": LEASE_TTL, "leader_moved_after_s": round(taken - killed_at, 2)}
+            )
+        )
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+        await storage.close()
