@@ -287,4 +287,7 @@ async def test_leader_lease_moves_after_a_replica_is_killed(
     finally:
         if victim.poll() is None:
             victim.kill()
+            victim.wait(timeout=30)
+        if victim.stdout is not None:
+            victim.stdout.close()
         await storage.close()
