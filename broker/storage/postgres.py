@@ -32,7 +32,12 @@ from typing import Any, Final, NoReturn
 
 import asyncpg
 
-from broker.errors import StorageConflict, StorageError, StorageUnavailable
+from broker.errors import (
+    StorageCommitUnknown,
+    StorageConflict,
+    StorageError,
+    StorageUnavailable,
+)
 from broker.storage.backend import Backend, Row, Tx, require_aware
 from broker.storage.factory import dsn_secrets, redact_dsn, scrub
 from broker.storage.sql import SqlStorage
@@ -175,10 +180,23 @@ class PostgresBackend(Backend):
     def __repr__(self) -> str:
         return f"PostgresBackend({self.redacted_dsn!r})"
 
-    def fail(self, exc: BaseException) -> NoReturn:
-        """Re-raise a driver error as StorageConflict or StorageError, password scrubbed."""
+    def fail(self, exc: BaseException, *, committing: bool = False) -> NoReturn:
+        """Re-raise a driver error as StorageConflict or StorageError, password scrubbed. A
+        lost server before COMMIT was sent is StorageUnavailable (nothing was committed: safe
+        to run the whole transaction again); during COMMIT it is StorageCommitUnknown."""
         if isinstance(exc, _LOST):
             self.lost_primary()
+            text = scrub(f"{type(exc).__name__}: {exc}", self._secrets)
+            if committing:
+                raise StorageCommitUnknown(
+                    f"postgresql ({self.redacted_dsn}): the server was lost during COMMIT; the "
+                    f"transaction may or may not have committed: {text}"
+                ) from exc
+            raise StorageUnavailable(
+                f"postgresql ({self.redacted_dsn}): the server was lost; nothing of this "
+                f"transaction was committed: {text}",
+                retry_after=RETRY_AFTER,
+            ) from exc
         if isinstance(exc, asyncpg.UniqueViolationError):
             raise StorageConflict(f"postgresql: {scrub(str(exc), self._secrets)}") from exc
         text = scrub(f"{type(exc).__name__}: {exc}", self._secrets)
@@ -204,7 +222,7 @@ class PostgresBackend(Backend):
             try:
                 await transaction.commit()
             except _DB_ERRORS as exc:
-                self.fail(exc)
+                self.fail(exc, committing=True)
         finally:
             with contextlib.suppress(*_DB_ERRORS):
                 await pool.release(conn)

@@ -53,6 +53,9 @@ async def test_replica_cut_from_its_database_refuses_instead_of_serving_stale(
             return storage
 
         broker = await broker_factory(wrap_storage=use_postgres)
+        # The ledger retries an append that did not commit (a failover) for 12 s by default;
+        # a partition that does not heal is refused sooner here.
+        broker.app.ledger.append_retry_budget = 1.0
         ca = broker.ca()
         first = await ca.MintX509SVID(ca_pb2.MintX509SVIDRequest(spiffe_id=DEV_WORKLOAD))
         assert first.spiffe_id == DEV_WORKLOAD
