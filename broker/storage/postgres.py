@@ -51,6 +51,11 @@ DEFAULT_PRIMARY_WAIT: Final = 5.0
 #: The retry-after hint given with StorageUnavailable.
 RETRY_AFTER: Final = 5.0
 _RETRY_PAUSE: Final = 0.25
+_ROLLBACK_TIMEOUT: Final = 5.0
+#: The longest one statement may take (asyncpg's command_timeout): a server that stops
+#: answering mid-statement (a silent network partition) fails the request instead of hanging
+#: it until TCP gives up (~15 min).
+DEFAULT_COMMAND_TIMEOUT: Final = 15.0
 _CLOSE_TIMEOUT: Final = 10.0
 # What a lost or failing server looks like from asyncpg.
 _DB_ERRORS: Final = (
@@ -163,8 +168,7 @@ class PostgresBackend(Backend):
                 return conn, transaction
             except _DB_ERRORS as exc:
                 if conn is not None:
-                    with contextlib.suppress(*_DB_ERRORS):
-                        await pool.release(conn)
+                    await self._release(pool, conn, lost=isinstance(exc, _LOST))
                 if not isinstance(exc, _LOST):
                     self.fail(exc)
                 self.lost_primary()
@@ -208,24 +212,42 @@ class PostgresBackend(Backend):
         if pool is None:
             raise StorageError("postgresql: the storage is closed")
         conn, transaction = await self._begin(pool, write=write)
+        lost = False
         try:
             tx = _PgTx(self, conn, write=write)
             if not write:
-                yield tx
+                try:
+                    yield tx
+                except (StorageUnavailable, StorageCommitUnknown):
+                    lost = True
+                    raise
                 return
             try:
                 yield tx
-            except BaseException:
-                with contextlib.suppress(*_DB_ERRORS):
-                    await transaction.rollback()
+            except BaseException as exc:
+                lost = isinstance(exc, StorageUnavailable | StorageCommitUnknown)
+                if not lost:
+                    try:  # bounded: a silently partitioned server would never answer
+                        await asyncio.wait_for(transaction.rollback(), _ROLLBACK_TIMEOUT)
+                    except (*_DB_ERRORS, asyncio.CancelledError):
+                        lost = True
                 raise
             try:
                 await transaction.commit()
             except _DB_ERRORS as exc:
+                lost = isinstance(exc, _LOST)
                 self.fail(exc, committing=True)
         finally:
-            with contextlib.suppress(*_DB_ERRORS):
-                await pool.release(conn)
+            await self._release(pool, conn, lost=lost)
+
+    async def _release(self, pool: Any, conn: Any, *, lost: bool) -> None:
+        """Give `conn` back to the pool; a connection to a lost server is closed first (its
+        socket may never answer again), so the pool replaces it and release cannot hang."""
+        if lost:
+            with contextlib.suppress(Exception):
+                conn.terminate()
+        with contextlib.suppress(*_DB_ERRORS):
+            await asyncio.wait_for(pool.release(conn), _CLOSE_TIMEOUT)
 
     def encode_ts(self, value: dt.datetime) -> dt.datetime:
         return require_aware(value)
@@ -255,6 +277,7 @@ async def open_postgres(
     max_size: int = 10,
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     primary_wait: float = DEFAULT_PRIMARY_WAIT,
+    command_timeout: float | None = DEFAULT_COMMAND_TIMEOUT,
 ) -> SqlStorage:
     """Open an asyncpg pool on `dsn` (one connection made now, so a wrong address, password or
     database fails here). Runs no migration. Raises StorageError with the DSN redacted."""
@@ -265,6 +288,7 @@ async def open_postgres(
             min_size=min_size,
             max_size=max_size,
             timeout=connect_timeout,
+            command_timeout=command_timeout,
         )
     except Exception as exc:
         text = scrub(f"{type(exc).__name__}: {exc}", secrets)
