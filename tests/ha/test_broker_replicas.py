@@ -9,6 +9,7 @@ exactly once as an allowed mint, and the lease reaper's leader lease is held by 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -23,8 +24,11 @@ import pytest
 
 from broker.api.client.base import BrokerClient, ClientCredentials, ClientError
 from broker.api.client.ca import CAClient
+from broker.api.client.database import DatabaseClient
 from tests.e2e.conftest import BrokerCli, BrokerProcess
+from tests.fixtures.dbtargets import CREATION, Target, pg_target
 from tests.fixtures.patroni import PatroniCluster
+from tests.fixtures.postgres import PgCluster
 from tests.fixtures.softhsm import SoftHsmToken
 
 pytestmark = [pytest.mark.ha, pytest.mark.e2e]
@@ -33,6 +37,8 @@ TD = "ha.example"
 OPERATOR = f"spiffe://{TD}/broker/operator/ops"
 WORKERS = 4
 REAPER_LEASE = "db.lease-reaper"
+ROLE = "hadb"
+CREDS_TTL = 8  # short, so the reaper revokes while the faults happen
 
 
 def _config(home: Path, dsn: str, token: SoftHsmToken) -> Path:
@@ -100,8 +106,7 @@ def _worker(
     """Mint dev SVIDs in a loop; prefer one replica, fail over to the other on UNAVAILABLE or
     a broker that does not answer (a client with two addresses)."""
     clients = [
-        CAClient(BrokerClient(t, credentials, timeout=10.0))
-        for t in targets[index % 2 :] + targets[: index % 2]
+        CAClient(BrokerClient(t, credentials)) for t in targets[index % 2 :] + targets[: index % 2]
     ]
     n = 0
     while not stop.is_set():
@@ -126,6 +131,46 @@ def _worker(
             time.sleep(0.2)  # backoff
         else:
             time.sleep(0.02)
+
+
+@dataclass
+class Leases:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    issued: dict[str, str] = field(default_factory=dict)  # lease id -> username
+    failed: int = 0
+
+
+def _db_worker(
+    targets: list[str], credentials: ClientCredentials, leases: Leases, stop: threading.Event
+) -> None:
+    """Dynamic database users with an 8 s lease, one after another, on either replica."""
+    clients = [DatabaseClient(BrokerClient(t, credentials)) for t in targets]
+    while not stop.is_set():
+        for client in clients:
+            try:
+                creds = client.creds(ROLE, ttl_seconds=CREDS_TTL)
+            except ClientError as exc:
+                if exc.code_name in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+                    continue
+                raise
+            with leases.lock:
+                leases.issued[creds.lease.id] = creds.username
+            break
+        else:
+            with leases.lock:
+                leases.failed += 1
+            time.sleep(0.2)
+            continue
+        time.sleep(0.1)
+
+
+async def _lease_rows(dsn: str) -> list[tuple[str, str, str]]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch("SELECT id, username, state FROM db_leases")
+    finally:
+        await conn.close()
+    return [(str(r[0]), str(r[1]), str(r[2])) for r in rows]
 
 
 async def _ledger_mints(dsn: str) -> list[str]:
@@ -154,6 +199,21 @@ async def _reaper_lease(dsn: str) -> tuple[str, float] | None:
     finally:
         await conn.close()
     return None if row is None else (str(row[0]), float(row[1]))
+
+
+@pytest.fixture
+def db_target(pg_cluster: PgCluster) -> Iterator[tuple[Target, asyncio.AbstractEventLoop]]:
+    """A target database for dynamic users on the session's plain PostgreSQL (the database
+    the credentials are for, not the broker's own storage)."""
+    loop = asyncio.new_event_loop()
+    gen = pg_target(pg_cluster)
+    target = loop.run_until_complete(gen.__anext__())
+    try:
+        yield target, loop
+    finally:
+        with contextlib.suppress(StopAsyncIteration):
+            loop.run_until_complete(gen.__anext__())
+        loop.close()
 
 
 @pytest.fixture
@@ -187,10 +247,26 @@ def replicas(
 def test_two_replicas_ride_out_database_broker_and_etcd_failures(
     patroni_cluster: PatroniCluster,
     replicas: tuple[list[BrokerProcess], str],
+    db_target: tuple[Target, asyncio.AbstractEventLoop],
     tmp_path: Path,
 ) -> None:
     processes, dsn = replicas
+    target, target_loop = db_target
     first = processes[0]
+    cli = BrokerCli(first, tmp_path)
+    admin_password = tmp_path / "admin-password"
+    admin_password.write_text(target.password + "\n")
+    admin_password.chmod(0o600)
+    creation = tmp_path / "creation.sql"
+    creation.write_text(target.sql(CREATION["postgresql"]))
+    cli.ok(
+        "db", "connection", "add", "main", "--plugin", "postgresql", "--dsn", target.dsn,
+        "--password-file", str(admin_password),
+    )  # fmt: skip
+    cli.ok(
+        "db", "role", "add", ROLE, "--connection", "main", "--creation-statements",
+        str(creation), "--max-ttl", "1h",
+    )  # fmt: skip
     data = first.data_dir
     credentials = ClientCredentials(
         (data / "operator" / "svid.pem").read_bytes(),
@@ -203,6 +279,8 @@ def test_two_replicas_ride_out_database_broker_and_etcd_failures(
         threading.Thread(target=_worker, args=(i, targets, credentials, outcomes, stop))
         for i in range(WORKERS)
     ]
+    leases = Leases()
+    threads.append(threading.Thread(target=_db_worker, args=(targets, credentials, leases, stop)))
     for thread in threads:
         thread.start()
     figures: dict[str, dict[str, Any]] = {}
@@ -256,7 +334,6 @@ def test_two_replicas_ride_out_database_broker_and_etcd_failures(
         print(f"\nHA-FIGURES replicas {name} {json.dumps(values)}")
 
     # Afterwards: the ledger verifies, every SVID a client holds was audited, once.
-    cli = BrokerCli(first, tmp_path)
     cli.ok("audit", "verify")
     ledger = asyncio.run(_ledger_mints(dsn))
     received = [serial for _, serial in outcomes.ok]
@@ -265,5 +342,32 @@ def test_two_replicas_ride_out_database_broker_and_etcd_failures(
     assert not missing, f"{len(missing)} SVIDs issued without their audit entry"
     assert len(ledger) == len(set(ledger)), "a serial was audited twice"
     assert len(received) == len(set(received)), "a client received the same serial twice"
-    assert first.stop() == 0, first.stderr_text()
+
+    # Leases against users in the target database: no user without a lease (orphan), no
+    # issued lease lost; then every lease runs out and the reaper drops every user.
+    assert leases.issued, "no database credential was issued"
+    prefix = f"v_{ROLE}_"
+    rows = asyncio.run(_lease_rows(dsn))
+    users = set(target_loop.run_until_complete(target.users_like(prefix)))
+    by_id = {lease_id: (user, state) for lease_id, user, state in rows}
+    assert users <= {user for user, _ in by_id.values()}, "a database user has no lease"
+    for lease_id, user in leases.issued.items():
+        if user in users:  # still there: its lease must be too
+            assert lease_id in by_id, f"lease {lease_id} lost while {user} exists"
+    deadline = time.monotonic() + 90
+    while rows or users:
+        assert time.monotonic() < deadline, f"not reaped: leases {rows}, users {sorted(users)}"
+        time.sleep(1)
+        rows = asyncio.run(_lease_rows(dsn))
+        users = set(target_loop.run_until_complete(target.users_like(prefix)))
+    figures["leases"] = {"issued": len(leases.issued), "failed": leases.failed}
+    print(f"\nHA-FIGURES replicas db-leases {json.dumps(figures['leases'])}")
+    log_tail = "\n".join(first.stderr_text().splitlines()[-40:])
+    try:
+        code = first.stop()  # SIGTERM: a clean stop after all of the above
+    except BaseException:
+        print(f"--- replica0 stderr before its stop ---\n{log_tail}")
+        print(f"--- after ---\n{first.stderr_text()[-4000:]}")
+        raise
+    assert code == 0, first.stderr_text()[-4000:]
     patroni_cluster.wait_replicas(2, 180)
