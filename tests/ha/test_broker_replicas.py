@@ -293,9 +293,11 @@ def test_two_replicas_ride_out_database_broker_and_etcd_failures(
         time.sleep(6)
         t_b = time.monotonic()
         figures[f"a-primary-killed({old.name}->{new.name})"] = outcomes.window(t_a, t_b)
-        patroni_cluster.restart(old)  # re-clones in the background
+        patroni_cluster.restart(old)  # re-cloned from the new primary
+        patroni_cluster.wait_replicas(2, 180)  # before etcd goes away (it must not mid-clone)
 
         # (b) a broker replica dies; the survivor must lead the reaper within TTL + interval.
+        t_b = time.monotonic()
         before = asyncio.run(_reaper_lease(dsn))
         processes[1]._kill()  # SIGKILL
         killed_wall = time.time()
