@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ import pytest
 from broker.api.client.base import BrokerClient, ClientCredentials, ClientError
 from broker.api.client.ca import CAClient
 from broker.api.client.database import DatabaseClient
+from broker.api.client.secrets import SecretsClient
 from tests.e2e.conftest import BrokerCli, BrokerProcess
 from tests.fixtures.dbtargets import CREATION, Target, pg_target
 from tests.fixtures.patroni import PatroniCluster
@@ -164,6 +166,48 @@ def _db_worker(
         time.sleep(0.1)
 
 
+@dataclass
+class Secrets:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    stored: dict[str, bytes] = field(default_factory=dict)  # reference -> value
+    failed: int = 0
+
+
+def _secret_worker(
+    targets: list[str], credentials: ClientCredentials, stored: Secrets, stop: threading.Event
+) -> None:
+    """A new wrapped secret (version 1) every 0.2 s on either replica: each acknowledged
+    write must be readable afterwards, with its value."""
+    clients = [SecretsClient(BrokerClient(t, credentials)) for t in targets]
+    n = 0
+    while not stop.is_set():
+        n += 1
+        reference, value = f"secret://ha/dev/s{n}", os.urandom(24)
+        for client in clients:
+            try:
+                client.put(
+                    reference, owner="ha", classification="internal",
+                    rotation_period_seconds=86400, value=value,
+                )  # fmt: skip
+            except ClientError as exc:
+                if exc.code_name in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+                    continue
+                if exc.code_name == "ALREADY_EXISTS":  # an earlier try committed after all
+                    with stored.lock:
+                        stored.stored[reference] = value
+                    break
+                raise
+            with stored.lock:
+                stored.stored[reference] = value
+            break
+        else:
+            with stored.lock:
+                stored.failed += 1
+            time.sleep(0.2)
+            continue
+        time.sleep(0.2)
+
+
 async def _lease_rows(dsn: str) -> list[tuple[str, str, str]]:
     conn = await asyncpg.connect(dsn)
     try:
@@ -279,8 +323,11 @@ def test_two_replicas_ride_out_database_broker_and_etcd_failures(
         threading.Thread(target=_worker, args=(i, targets, credentials, outcomes, stop))
         for i in range(WORKERS)
     ]
-    leases = Leases()
+    leases, stored = Leases(), Secrets()
     threads.append(threading.Thread(target=_db_worker, args=(targets, credentials, leases, stop)))
+    threads.append(
+        threading.Thread(target=_secret_worker, args=(targets, credentials, stored, stop))
+    )
     for thread in threads:
         thread.start()
     figures: dict[str, dict[str, Any]] = {}
@@ -344,6 +391,15 @@ def test_two_replicas_ride_out_database_broker_and_etcd_failures(
     assert not missing, f"{len(missing)} SVIDs issued without their audit entry"
     assert len(ledger) == len(set(ledger)), "a serial was audited twice"
     assert len(received) == len(set(received)), "a client received the same serial twice"
+
+    # Every acknowledged secret is there, with its value.
+    assert stored.stored, "no secret was stored"
+    reader = SecretsClient(BrokerClient(first.address, credentials))
+    for reference, value in stored.stored.items():
+        read = reader.get(reference, purpose="ha-check")
+        assert (read.value, read.version) == (value, 1), reference
+    figures["secrets"] = {"stored": len(stored.stored), "failed": stored.failed}
+    print(f"\nHA-FIGURES replicas secrets {json.dumps(figures['secrets'])}")
 
     # Leases against users in the target database: no user without a lease (orphan), no
     # issued lease lost; then every lease runs out and the reaper drops every user.
