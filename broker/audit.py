@@ -57,6 +57,7 @@ from broker.errors import (
     AuditWriteFailed,
     InvalidArgument,
     LedgerStartRefused,
+    StorageCommitUnknown,
     StorageUnavailable,
 )
 from broker.storage.interface import AuditRecord, Sealer, Storage, TipGuard
@@ -750,7 +751,9 @@ class AuditLedger:
                 else:
                     log.error("audit write failed: %s", type(exc).__name__)
                     message = "audit ledger write failed; request refused"
-                    if isinstance(exc, StorageUnavailable):  # a failover: say when to retry
+                    if isinstance(exc, StorageCommitUnknown):
+                        message += " (the database was lost while committing it; retry)"
+                    elif isinstance(exc, StorageUnavailable):  # a failover: say when to retry
                         message += (
                             " (the database has no writable primary right now; retry after "
                             f"{max(1, round(exc.retry_after))} s)"

@@ -69,6 +69,10 @@ async def _worker(name: str, ledger: AuditLedger, load: Load, stop: asyncio.Even
         except BrokerError as exc:
             load.failed += 1
             kind = type(exc).__name__
+            if "while committing" in str(exc):
+                kind += ":commit-lost"
+            elif "no writable primary" in str(exc):
+                kind += ":no-primary-in-time"
             load.errors[kind] = load.errors.get(kind, 0) + 1
             await asyncio.sleep(0.1)  # the client's backoff
             continue

@@ -77,7 +77,7 @@ async def test_a_lost_commit_is_not_retried(storage: Storage) -> None:
     failing.failures, failing.calls = 5, 0
     try:
         before = await storage.read_audit()
-        with pytest.raises(AuditWriteFailed):
+        with pytest.raises(AuditWriteFailed, match="lost while committing"):
             await ledger.record({"who": "w", "what": "svid.mint"})
         assert failing.calls == 1
         assert await storage.read_audit() == before
