@@ -52,7 +52,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from broker import metrics
-from broker.errors import AuditIntegrityError, AuditWriteFailed, InvalidArgument, LedgerStartRefused
+from broker.errors import (
+    AuditIntegrityError,
+    AuditWriteFailed,
+    InvalidArgument,
+    LedgerStartRefused,
+    StorageCommitUnknown,
+    StorageUnavailable,
+)
 from broker.storage.interface import AuditRecord, Sealer, Storage, TipGuard
 from ca.clock import Clock, SystemClock
 from ca.errors import CAError
@@ -83,6 +90,9 @@ CHECKPOINT_EVENT = "ledger.checkpoint"
 CHECKPOINT_FORMAT = "broker-audit-checkpoint/1"
 RUNBOOK = "docs/ledger.md#key-loss-runbook"
 _MAX_GROUP = 256
+#: Seconds a group append is retried while the storage says nothing was committed.
+DEFAULT_APPEND_RETRY_BUDGET = 12.0
+_APPEND_RETRY_PAUSE = 0.25
 _GROUP_DOMAIN = b"broker-audit-group/2\x00"
 _MAC_V2 = 2
 _V2_MAC_LEN = 1 + 8 + 32
@@ -382,6 +392,9 @@ class AuditLedger:
         on_integrity_failure: IntegrityHook | None = None,
     ):
         self._storage = storage
+        #: How long a group append is retried while the storage reports that nothing was
+        #: committed (a database failover); the request waits meanwhile.
+        self.append_retry_budget = DEFAULT_APPEND_RETRY_BUDGET
         self._keys = mac_signer(keys)
         self._base_label = mac_key_label
         self._epoch = 1
@@ -593,6 +606,21 @@ class AuditLedger:
         )
         return seqs
 
+    async def _append_retrying(self, events: list[str]) -> list[int]:
+        """`_append`, run again while the storage says nothing was committed (a database
+        failover: StorageUnavailable), for at most `append_retry_budget` seconds. Safe: the
+        failed attempt left no entry and `_append` changes this object only after a commit.
+        A lost COMMIT (StorageCommitUnknown) is never retried: the entries may be there."""
+        deadline = time.monotonic() + self.append_retry_budget
+        while True:
+            try:
+                return await self._append(events, guard=self._guard())
+            except StorageUnavailable as exc:
+                if time.monotonic() + _APPEND_RETRY_PAUSE >= deadline:
+                    raise
+                log.warning("audit append not committed (%s); retrying", type(exc).__name__)
+                await asyncio.sleep(_APPEND_RETRY_PAUSE)
+
     def _sealer(self, count: int, sealed: _GroupSeal) -> Sealer:
         """Hashes every event of the group; one backend MAC for the whole group, on the last."""
         done = 0
@@ -711,7 +739,7 @@ class AuditLedger:
             while len(group) < _MAX_GROUP and not self._queue.empty():
                 group.append(self._queue.get_nowait())
             try:
-                seqs = await self._append([p.event for p in group], guard=self._guard())
+                seqs = await self._append_retrying([p.event for p in group])
             except Exception as exc:  # every waiting request must learn of the failure
                 failure: AuditWriteFailed
                 if isinstance(exc, _TipMismatch):
@@ -722,7 +750,15 @@ class AuditLedger:
                     )
                 else:
                     log.error("audit write failed: %s", type(exc).__name__)
-                    failure = AuditWriteFailed("audit ledger write failed; request refused")
+                    message = "audit ledger write failed; request refused"
+                    if isinstance(exc, StorageCommitUnknown):
+                        message += " (the database was lost while committing it; retry)"
+                    elif isinstance(exc, StorageUnavailable):  # a failover: say when to retry
+                        message += (
+                            " (the database has no writable primary right now; retry after "
+                            f"{max(1, round(exc.retry_after))} s)"
+                        )
+                    failure = AuditWriteFailed(message)
                 for p in group:
                     if not p.done.done():
                         p.done.set_exception(failure)

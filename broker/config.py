@@ -71,9 +71,9 @@ class StorageConfig:
             return self.dsn
         parts = urlsplit(self.dsn)
         user = parts.username or ""
-        host = parts.hostname or ""
-        port = f":{parts.port}" if parts.port else ""
-        netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}{port}"
+        # The host part as written: a multi-host DSN (h1:p1,h2:p2,...) has no single port.
+        hosts = parts.netloc.rpartition("@")[2]
+        netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{hosts}"
         return parts._replace(netloc=netloc).geturl()
 
 

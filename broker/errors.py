@@ -16,6 +16,9 @@
     |   +-- RateLimited      (the caller's token bucket is empty)
     +-- Unavailable          -> UNAVAILABLE (a backend is down)
         +-- StorageError
+        |   +-- StorageUnavailable  (no writable database within the wait, or lost before
+        |   |                        COMMIT: nothing committed; has retry_after)
+        |   +-- StorageCommitUnknown (lost during COMMIT: outcome unknown)
         +-- AuditWriteFailed
             +-- AuditIntegrityError
 """
@@ -89,6 +92,22 @@ class Unavailable(BrokerError):
 
 class StorageError(Unavailable):
     """The storage backend failed or is unreachable."""
+
+
+class StorageUnavailable(StorageError):
+    """No usable database (e.g. no writable primary during a failover) within the wait the
+    storage allows a request, or the server was lost before the transaction's COMMIT was sent:
+    in both cases nothing of the transaction was committed, so running it again is safe.
+    `retry_after` (seconds) is when trying again makes sense."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class StorageCommitUnknown(StorageError):
+    """The server was lost while the transaction's COMMIT was in flight: it may or may not
+    have committed. Never retried blindly."""
 
 
 class AuditWriteFailed(Unavailable):

@@ -9,4 +9,5 @@ pytest_plugins = [
     "tests.fixtures.rsyslog",
     "tests.fixtures.webhook",
     "tests.fixtures.otlp",
+    "tests.fixtures.patroni",
 ]

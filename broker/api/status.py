@@ -50,6 +50,12 @@ def to_status(exc: BaseException, correlation_id: str) -> tuple[grpc.StatusCode,
         return grpc.StatusCode.ALREADY_EXISTS, (
             f"a record with the same name or key already exists; correlation id {correlation_id}"
         )
+    if isinstance(exc, errors.StorageUnavailable):
+        log.warning("storage unavailable [%s]: %s", correlation_id, exc)
+        return grpc.StatusCode.UNAVAILABLE, (
+            "the broker's storage has no writable database right now (failover?); retry after "
+            f"{max(1, round(exc.retry_after))} s (correlation id {correlation_id})"
+        )
     if isinstance(exc, errors.StorageError):
         log.warning("storage unavailable [%s]: %s", correlation_id, exc)
         return grpc.StatusCode.UNAVAILABLE, (

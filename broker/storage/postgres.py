@@ -6,6 +6,17 @@ the database: `append_audit` takes `pg_advisory_xact_lock(AUDIT_LOCK_KEY)` befor
 chain's head (each statement then sees every earlier commit), `migrate` takes
 `MIGRATION_LOCK_KEY`, `put_policy` takes `POLICY_LOCK_KEY` before it picks the next version, and
 `try_lease` and `increment_counter` are single upserts (atomic under READ COMMITTED).
+
+High availability: the DSN may list several hosts (`postgresql://u@h1:p1,h2:p2,h3:p3/db?
+target_session_attrs=read-write`, asyncpg tries them in order and keeps the one that accepts
+writes). When the primary is lost (a connection dies, or a server answers "read-only" because it
+was demoted) every pooled connection is expired, so the next transaction connects afresh and
+lands on the new primary. Taking a connection and starting a write transaction is retried until
+a writable primary answers or `primary_wait` seconds pass: nothing has run yet, so that retry is
+always safe. A transaction that fails after it started is NOT retried here: its effects may be
+half-done in the caller (a signed certificate, a created database user), so the caller fails
+with `StorageError` (UNAVAILABLE), and nothing it wrote was committed. With no writable primary
+within `primary_wait`, `StorageUnavailable` carries a retry-after hint.
 """
 
 from __future__ import annotations
@@ -21,7 +32,12 @@ from typing import Any, Final, NoReturn
 
 import asyncpg
 
-from broker.errors import StorageConflict, StorageError
+from broker.errors import (
+    StorageCommitUnknown,
+    StorageConflict,
+    StorageError,
+    StorageUnavailable,
+)
 from broker.storage.backend import Backend, Row, Tx, require_aware
 from broker.storage.factory import dsn_secrets, redact_dsn, scrub
 from broker.storage.sql import SqlStorage
@@ -29,9 +45,39 @@ from broker.storage.sql import SqlStorage
 __all__ = ["PostgresBackend", "open_postgres", "qmark_to_numbered"]
 
 DEFAULT_CONNECT_TIMEOUT: Final = 10.0
+#: How long a transaction waits for a writable primary before it gives up (a Patroni failover
+#: with its default TTL of 30 s takes longer; the client retries after the hint).
+DEFAULT_PRIMARY_WAIT: Final = 5.0
+#: The retry-after hint given with StorageUnavailable.
+RETRY_AFTER: Final = 5.0
+_RETRY_PAUSE: Final = 0.25
+_ROLLBACK_TIMEOUT: Final = 5.0
+#: The longest one statement may take (asyncpg's command_timeout): a server that stops
+#: answering mid-statement (a silent network partition) fails the request instead of hanging
+#: it until TCP gives up (~15 min).
+DEFAULT_COMMAND_TIMEOUT: Final = 15.0
 _CLOSE_TIMEOUT: Final = 10.0
 # What a lost or failing server looks like from asyncpg.
-_DB_ERRORS: Final = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+_DB_ERRORS: Final = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.TargetServerAttributeNotMatched,  # a multi-host DSN with no read-write host
+    OSError,
+    TimeoutError,
+)
+# What says "this server is gone or no longer the primary": the pool must reconnect.
+_LOST: Final = (
+    asyncpg.PostgresConnectionError,  # SQLSTATE class 08
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.ReadOnlySQLTransactionError,  # 25006: a demoted primary
+    asyncpg.AdminShutdownError,  # 57P01
+    asyncpg.CrashShutdownError,  # 57P02
+    asyncpg.CannotConnectNowError,  # 57P03: starting up, shutting down or in recovery
+    asyncpg.InterfaceError,
+    asyncpg.TargetServerAttributeNotMatched,  # every host answers, none is the primary
+    OSError,
+    TimeoutError,
+)
 _QMARK: Final = re.compile(r"\?")
 
 
@@ -86,16 +132,75 @@ class _PgTx(Tx):
 class PostgresBackend(Backend):
     dialect = "postgresql"
 
-    def __init__(self, pool: Any, dsn: str) -> None:
+    def __init__(self, pool: Any, dsn: str, *, primary_wait: float = DEFAULT_PRIMARY_WAIT) -> None:
         self._pool: Any | None = pool
         self.redacted_dsn = redact_dsn(dsn)
         self._secrets = dsn_secrets(dsn)
+        self.primary_wait = primary_wait
+        #: How many times a lost primary made the pool reconnect (for tests and metrics).
+        self.reconnects = 0
+        self._expiring: asyncio.Task[None] | None = None
+
+    def lost_primary(self) -> None:
+        """Expire every pooled connection (once per loss): the next acquire reconnects through
+        the multi-host DSN and finds the current primary."""
+        pool = self._pool
+        if pool is None or (self._expiring is not None and not self._expiring.done()):
+            return
+        self.reconnects += 1
+        with contextlib.suppress(RuntimeError):  # no running loop: nothing to expire
+            self._expiring = asyncio.get_running_loop().create_task(pool.expire_connections())
+
+    async def _begin(self, pool: Any, *, write: bool) -> tuple[Any, Any]:
+        """A connection (and, for writes, its started transaction), retried on a lost primary
+        until `primary_wait` passes. Safe: nothing of the caller's has run yet."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.primary_wait
+        while True:
+            conn = None
+            try:
+                remaining = max(deadline - loop.time(), 0.05)
+                conn = await pool.acquire(timeout=remaining)
+                if not write:
+                    return conn, None
+                transaction = conn.transaction()
+                await asyncio.wait_for(transaction.start(), remaining)
+                return conn, transaction
+            except _DB_ERRORS as exc:
+                if conn is not None:
+                    await self._release(pool, conn, lost=isinstance(exc, _LOST))
+                if not isinstance(exc, _LOST):
+                    self.fail(exc)
+                self.lost_primary()
+                if loop.time() + _RETRY_PAUSE >= deadline:
+                    text = scrub(f"{type(exc).__name__}: {exc}", self._secrets)
+                    raise StorageUnavailable(
+                        f"postgresql ({self.redacted_dsn}): no writable primary within "
+                        f"{self.primary_wait:g} s: {text}",
+                        retry_after=RETRY_AFTER,
+                    ) from exc
+                await asyncio.sleep(_RETRY_PAUSE)
 
     def __repr__(self) -> str:
         return f"PostgresBackend({self.redacted_dsn!r})"
 
-    def fail(self, exc: BaseException) -> NoReturn:
-        """Re-raise a driver error as StorageConflict or StorageError, password scrubbed."""
+    def fail(self, exc: BaseException, *, committing: bool = False) -> NoReturn:
+        """Re-raise a driver error as StorageConflict or StorageError, password scrubbed. A
+        lost server before COMMIT was sent is StorageUnavailable (nothing was committed: safe
+        to run the whole transaction again); during COMMIT it is StorageCommitUnknown."""
+        if isinstance(exc, _LOST):
+            self.lost_primary()
+            text = scrub(f"{type(exc).__name__}: {exc}", self._secrets)
+            if committing:
+                raise StorageCommitUnknown(
+                    f"postgresql ({self.redacted_dsn}): the server was lost during COMMIT; the "
+                    f"transaction may or may not have committed: {text}"
+                ) from exc
+            raise StorageUnavailable(
+                f"postgresql ({self.redacted_dsn}): the server was lost; nothing of this "
+                f"transaction was committed: {text}",
+                retry_after=RETRY_AFTER,
+            ) from exc
         if isinstance(exc, asyncpg.UniqueViolationError):
             raise StorageConflict(f"postgresql: {scrub(str(exc), self._secrets)}") from exc
         text = scrub(f"{type(exc).__name__}: {exc}", self._secrets)
@@ -106,32 +211,43 @@ class PostgresBackend(Backend):
         pool = self._pool
         if pool is None:
             raise StorageError("postgresql: the storage is closed")
-        try:
-            conn = await pool.acquire()
-        except _DB_ERRORS as exc:
-            self.fail(exc)
+        conn, transaction = await self._begin(pool, write=write)
+        lost = False
         try:
             tx = _PgTx(self, conn, write=write)
             if not write:
-                yield tx
+                try:
+                    yield tx
+                except (StorageUnavailable, StorageCommitUnknown):
+                    lost = True
+                    raise
                 return
-            transaction = conn.transaction()
-            try:
-                await transaction.start()
-            except _DB_ERRORS as exc:
-                self.fail(exc)
             try:
                 yield tx
-            except BaseException:
-                with contextlib.suppress(*_DB_ERRORS):
-                    await transaction.rollback()
+            except BaseException as exc:
+                lost = isinstance(exc, StorageUnavailable | StorageCommitUnknown)
+                if not lost:
+                    try:  # bounded: a silently partitioned server would never answer
+                        await asyncio.wait_for(transaction.rollback(), _ROLLBACK_TIMEOUT)
+                    except (*_DB_ERRORS, asyncio.CancelledError):
+                        lost = True
                 raise
             try:
                 await transaction.commit()
             except _DB_ERRORS as exc:
-                self.fail(exc)
+                lost = isinstance(exc, _LOST)
+                self.fail(exc, committing=True)
         finally:
-            await pool.release(conn)
+            await self._release(pool, conn, lost=lost)
+
+    async def _release(self, pool: Any, conn: Any, *, lost: bool) -> None:
+        """Give `conn` back to the pool; a connection to a lost server is closed first (its
+        socket may never answer again), so the pool replaces it and release cannot hang."""
+        if lost:
+            with contextlib.suppress(Exception):
+                conn.terminate()
+        with contextlib.suppress(*_DB_ERRORS):
+            await asyncio.wait_for(pool.release(conn), _CLOSE_TIMEOUT)
 
     def encode_ts(self, value: dt.datetime) -> dt.datetime:
         return require_aware(value)
@@ -160,6 +276,8 @@ async def open_postgres(
     min_size: int = 1,
     max_size: int = 10,
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    primary_wait: float = DEFAULT_PRIMARY_WAIT,
+    command_timeout: float | None = DEFAULT_COMMAND_TIMEOUT,
 ) -> SqlStorage:
     """Open an asyncpg pool on `dsn` (one connection made now, so a wrong address, password or
     database fails here). Runs no migration. Raises StorageError with the DSN redacted."""
@@ -170,8 +288,9 @@ async def open_postgres(
             min_size=min_size,
             max_size=max_size,
             timeout=connect_timeout,
+            command_timeout=command_timeout,
         )
     except Exception as exc:
         text = scrub(f"{type(exc).__name__}: {exc}", secrets)
         raise StorageError(f"cannot connect to PostgreSQL at {redact_dsn(dsn)}: {text}") from None
-    return SqlStorage(PostgresBackend(pool, dsn))
+    return SqlStorage(PostgresBackend(pool, dsn, primary_wait=primary_wait))

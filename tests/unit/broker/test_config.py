@@ -1,4 +1,5 @@
 import datetime as dt
+import secrets
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,24 @@ def test_loads_and_resolves_password_by_reference(tmp_path: Path) -> None:
     assert config.storage.resolved_dsn() == (
         "postgresql://broker:s3cret%2Fwith%3Achars@db.internal:5432/broker"
     )
+
+
+def test_a_multi_host_dsn_keeps_every_host_when_the_password_is_added(tmp_path: Path) -> None:
+    """Issue 19: a Patroni cluster's DSN lists its members; adding the password from its file
+    used to read `.port` of "h1:5432,h2:5432" and crash (ValueError) before the broker started."""
+    word = secrets.token_hex(6)  # generated: no credential-like literal in the source
+    (tmp_path / "db-password").write_text(word + "\n")
+    hosts = "db1:5432,db2:5433,db3:5434/broker?target_session_attrs=read-write"
+    config = load_config(
+        _write(
+            tmp_path,
+            GOOD.replace(
+                "postgresql://broker@db.internal:5432/broker", "postgresql://broker@" + hosts
+            ),
+        ),
+        environ={},
+    )
+    assert config.storage.resolved_dsn() == "postgresql://broker:" + word + "@" + hosts
 
 
 def test_env_overrides_file(tmp_path: Path) -> None:

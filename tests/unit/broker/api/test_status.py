@@ -38,3 +38,21 @@ def test_unknown_exceptions_are_internal_with_a_generic_message() -> None:
     code, message = to_status(RuntimeError("boom: /etc/secret path"), "cid-4")
     assert code is grpc.StatusCode.INTERNAL
     assert message == "internal error; correlation id cid-4"
+
+
+def test_no_writable_primary_is_unavailable_with_a_retry_after_hint() -> None:
+    """Issue 19: a failover longer than the storage's wait is UNAVAILABLE and says when to
+    come back, without the driver's text (hosts, ports) reaching the client."""
+    from broker.errors import StorageCommitUnknown, StorageUnavailable
+
+    exc = StorageUnavailable(
+        "postgresql (postgresql://broker@db1:5432,db2:5432/x): no writable primary within 5 s",
+        retry_after=5.0,
+    )
+    code, message = to_status(exc, "cid-9")
+    assert code is grpc.StatusCode.UNAVAILABLE
+    assert "retry after 5 s" in message and "cid-9" in message
+    assert "db1" not in message and "5432" not in message
+    lost = StorageCommitUnknown("postgresql (postgresql://broker@db1:5432/x): lost in COMMIT")
+    code, message = to_status(lost, "cid-10")
+    assert code is grpc.StatusCode.UNAVAILABLE and "db1" not in message
