@@ -16,11 +16,9 @@ sampling until the lag is 0 (the drain). A local rsyslog also says how many reco
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import shutil
 import statistics
-import subprocess
 import threading
 import time
 import urllib.request
@@ -42,125 +40,33 @@ def sinks_env(url: str, ca_file: Path | None) -> dict[str, str]:
     return {"BROKER_AUDIT_SINKS": f"{SINK} = {{ {table} }}"}
 
 
-def _ca_and_server_cert(root: Path) -> tuple[Path, Path, Path]:
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "loadtests rsyslog CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False), True
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
-    paths = root / "ca.pem", root / "cert.pem", root / "key.pem"
-    paths[0].write_bytes(ca.public_bytes(pem))
-    paths[1].write_bytes(cert.public_bytes(pem))
-    paths[2].write_bytes(
-        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    paths[2].chmod(0o600)
-    return paths
-
-
 class LocalRsyslog:
-    """rsyslogd in the foreground with a TLS-only imtcp input on a free loopback port, writing
-    each message's MSG (one forwarded record) as a line of `out`; a Direct main queue and
-    omfile flushing per transaction, as the broker's own rsyslog tests run it."""
+    """The tests' rsyslog (`tests.fixtures.rsyslog.RsyslogServer`, as `tests/fixtures/` also
+    gives the load tests their databases): rsyslogd in the foreground with a TLS-only imtcp
+    input on a free loopback port and a CA of its own, writing each message's MSG (one
+    forwarded record) as a line of `out`."""
 
     def __init__(self, root: Path) -> None:
-        self.root = root
+        from tests.fixtures.rsyslog import RsyslogServer
+
         root.mkdir(parents=True, exist_ok=True)
-        self.port = procs.free_port()
+        self._server = RsyslogServer(root)
+        self.root = root
+        self.port = self._server.port
         self.url = f"syslog+tls://127.0.0.1:{self.port}"
-        self.out = root / "received.log"
-        self.ca_file, cert, key = _ca_and_server_cert(root)
-        (root / "work").mkdir(exist_ok=True)
-        self.conf = root / "rsyslog.conf"
-        self.conf.write_text(
-            f"""global(
-  workDirectory="{root / "work"}"
-  maxMessageSize="256k"
-  defaultNetstreamDriver="gtls"
-  defaultNetstreamDriverCAFile="{self.ca_file}"
-  defaultNetstreamDriverCertFile="{cert}"
-  defaultNetstreamDriverKeyFile="{key}"
-)
-main_queue(queue.type="Direct")
-module(load="imtcp" streamDriver.name="gtls" streamDriver.mode="1" streamDriver.authMode="anon")
-input(type="imtcp" address="127.0.0.1" port="{self.port}")
-template(name="msgonly" type="string" string="%msg%\\n")
-action(type="omfile" file="{self.out}" template="msgonly" flushOnTXEnd="on" asyncWriting="off")
-"""
-        )
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.out = self._server.out
+        self.ca_file = self._server.ca_file
 
     def start(self, timeout: float = 20.0) -> None:
-        binary = shutil.which("rsyslogd") or "/usr/sbin/rsyslogd"
-        if not Path(binary).exists():
+        if shutil.which("rsyslogd") is None and not Path("/usr/sbin/rsyslogd").exists():
             raise procs.StartupError("rsyslogd is not installed (apt-get install rsyslog-gnutls)")
-        log = (self.root / "rsyslogd.log").open("ab")
-        self.proc = subprocess.Popen(
-            [binary, "-n", "-f", str(self.conf), "-i", str(self.root / "rsyslogd.pid")],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + timeout
-        import socket
-
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                text = (self.root / "rsyslogd.log").read_text(errors="replace")[-2000:]
-                raise procs.StartupError(f"rsyslogd exited: {text}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise procs.StartupError("rsyslogd did not listen")
+        try:
+            self._server.start(timeout)
+        except RuntimeError as exc:
+            raise procs.StartupError(str(exc)) from None
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc = None
+        self._server.stop()
 
     def received(self) -> tuple[int, int]:
         """(records written, distinct seqs among them)."""
