@@ -5,12 +5,12 @@ no state of its own: after a restart it resumes from the leases in storage."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 
 from broker import metrics
 from broker.database.credentials import CredentialService, ReapResult
+from broker.leadership import lead_rounds
 from broker.storage.interface import LockRepository
 from ca.clock import Clock
 
@@ -65,15 +65,12 @@ class LeaseReaper:
             await self._service.recover_all()
         except Exception:
             log.exception("root rotation recovery failed")
-        try:
-            while True:
-                try:
-                    await self.tick()
-                except Exception:  # shutting down; the lease expires anyway
-                    log.exception("lease reaper round failed; retrying")
-                await asyncio.sleep(self.interval)
-        finally:
-            try:
-                await asyncio.shield(self._locks.release_lease(LEADER_LEASE, self.owner))
-            except Exception:  # shutting down; the lease expires anyway
-                log.debug("releasing the reaper lease failed", exc_info=True)
+        await lead_rounds(
+            self.tick,
+            interval=self.interval,
+            locks=self._locks,
+            lease=LEADER_LEASE,
+            owner=self.owner,
+            what="lease reaper",
+            log=log,
+        )

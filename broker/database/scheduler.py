@@ -6,7 +6,6 @@ left in flight. It keeps no state of its own: a failed rotation stays due (its
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import logging
 import uuid
@@ -14,6 +13,7 @@ from dataclasses import dataclass, field
 
 from broker.database.static import StaticRoles
 from broker.errors import BrokerError
+from broker.leadership import lead_rounds
 from broker.storage.interface import LockRepository
 from ca.clock import Clock
 
@@ -81,15 +81,12 @@ class StaticRotationJob:
 
     async def run(self) -> None:
         """Rotate what is due every `interval` seconds until cancelled."""
-        try:
-            while True:
-                try:
-                    await self.tick()
-                except Exception:
-                    log.exception("static rotation round failed; retrying")
-                await asyncio.sleep(self.interval)
-        finally:
-            try:
-                await asyncio.shield(self._locks.release_lease(LEADER_LEASE, self.owner))
-            except Exception:  # shutting down; the lease expires anyway
-                log.debug("releasing the static rotation lease failed", exc_info=True)
+        await lead_rounds(
+            self.tick,
+            interval=self.interval,
+            locks=self._locks,
+            lease=LEADER_LEASE,
+            owner=self.owner,
+            what="static rotation",
+            log=log,
+        )

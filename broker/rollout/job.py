@@ -6,10 +6,10 @@ their timers on the injected clock."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 
+from broker.leadership import lead_rounds
 from broker.rollout.service import RolloutService
 from broker.storage.interface import LockRepository
 from ca.clock import Clock
@@ -49,15 +49,12 @@ class RolloutJob:
 
     async def run(self) -> None:
         """Advance rollouts every `interval` seconds until cancelled."""
-        try:
-            while True:
-                try:
-                    await self.tick()
-                except Exception:
-                    log.exception("rollout round failed; retrying")
-                await asyncio.sleep(self.interval)
-        finally:
-            try:
-                await asyncio.shield(self._locks.release_lease(LEADER_LEASE, self.owner))
-            except Exception:  # shutting down; the lease expires anyway
-                log.debug("releasing the rollout lease failed", exc_info=True)
+        await lead_rounds(
+            self.tick,
+            interval=self.interval,
+            locks=self._locks,
+            lease=LEADER_LEASE,
+            owner=self.owner,
+            what="rollout",
+            log=log,
+        )
