@@ -146,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
         "holds (loadtests/relyingparty.py); auto: in rotation scenarios. Each run's notes get "
         "svid_verification; --slo fails on any verification failure",
     )
+    r.add_argument(
+        "--bundle-refresh",
+        type=seconds,
+        default=None,
+        help="the relying party (--verify-svids) refetches the bundle at least this often "
+        "(default: on the bundle's spiffe_refresh_hint only)",
+    )
     return p
 
 
@@ -521,6 +528,7 @@ class _Session:
             self.args.tls_server_name,
             self.targets["broker"]["trust_domain"],
             JWT_AUDIENCE,
+            getattr(self.args, "bundle_refresh", None),
         )
         rp.start()
         return rp
@@ -623,6 +631,8 @@ class _Session:
             "slo": a.slo,
             "slo_p95_ms": a.slo_p95_ms,
             "rotate_every_s": self.scenario.rotate_every_s,
+            "verify_svids": getattr(a, "verify_svids", "auto"),
+            "bundle_refresh_s": getattr(a, "bundle_refresh", None),
             "smoke": a.smoke,
             "command": " ".join(["python -m loadtests", *sys.argv[1:]]),
         }

@@ -5,17 +5,21 @@ arrived, to a queue (an enqueue only: the verification happens here, in a thread
 process, so its cost is not in the measured latency). This relying party behaves as a real one:
 
 - it holds the trust domain's bundle, fetched from the broker (CertificateAuthority/GetBundle),
-  and fetches it again when the bundle's `spiffe_refresh_hint` has passed;
+  and fetches it again when the bundle's `spiffe_refresh_hint` has passed (or every
+  `refresh_max_s` if that is shorter: a relying party that polls more often than the hint,
+  as a SPIRE agent syncs every few seconds; `--bundle-refresh`);
 - it verifies each SVID against the bundle it holds at that moment (X.509: RFC 5280 path
   validation to one of the X.509 authorities plus the SPIFFE leaf profile; JWT: signature by
   one of the bundle's JWT authorities, audience, expiry);
 - when a verification fails it fetches the bundle once more and verifies again; only if that
   fails too is it counted in `svid_verification_failures`.
 
-Each SVID is also put in a phase of a root rotation, as the relying party sees it: `steady`
-(one X.509 authority held), `publishing` (more than one held, the SVID chains under a root
-held from the start) or `overlap` (the SVID's issuing CA is signed by a root that was not in
-the first bundle: the new root signs). A JWT-SVID gets the phase of the last X.509-SVID seen.
+Each SVID is also put in a phase of a root rotation, as the relying party sees it: `overlap`
+when its issuing CA is signed by another root than the oldest X.509 authority held (the new
+root signs; also when the relying party does not hold that root yet and the SVID verified
+through the cross-certificate in its chain), else `publishing` when more than one authority
+is held (the new root is published, not yet signing), else `steady`. A JWT-SVID gets the
+phase of the last X.509-SVID seen.
 """
 
 from __future__ import annotations
@@ -45,21 +49,23 @@ class RelyingParty:
         server_name: str | None,
         trust_domain: str,
         jwt_audience: str,
+        refresh_max_s: float | None = None,
     ) -> None:
         import multiprocessing as mp
 
         self._address, self._ident, self._server_name = address, ident, server_name
         self.trust_domain = trust_domain
         self.jwt_audience = jwt_audience
+        self.refresh_max_s = refresh_max_s
         self.queue: Any = mp.get_context("spawn").Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="relying-party", daemon=True)
         self._channel: Any = None
         self._bundle: Any = None  # ca.bundle.TrustBundle
         self._fetched_at = 0.0
-        self._initial_roots: set[bytes] = set()
         self.verified: Counter[str] = Counter()  # by "<kind> <phase>"
         self.failures: Counter[str] = Counter()
+        self.recovered: Counter[str] = Counter()  # failed first, verified after the refetch
         self.failure_samples: list[str] = []
         self.fetches = {"refresh_hint": 0, "after_failure": 0, "errors": 0}
         self.sequences: list[int] = []
@@ -91,8 +97,6 @@ class RelyingParty:
         self._bundle, self._fetched_at = bundle, time.monotonic()
         if not self.sequences or self.sequences[-1] != bundle.sequence:
             self.sequences.append(bundle.sequence)
-        if not self._initial_roots:
-            self._initial_roots = {_key_id(c) for c in bundle.x509_authorities}
 
     def start(self) -> None:
         """Fetch the first bundle (raises if it cannot), then verify in the background."""
@@ -126,10 +130,12 @@ class RelyingParty:
         verify_chain(
             chain[0], chain[1:], bundle.x509_authorities, now, trust_domain=self.trust_domain
         )
+        roots = bundle.x509_authorities
+        oldest = min(roots, key=lambda c: c.not_valid_before_utc)
         issuer = _issuer_key_id(chain[1]) if len(chain) > 1 else None
-        if issuer is not None and self._initial_roots and issuer not in self._initial_roots:
+        if issuer is not None and issuer != _key_id(oldest):
             self._phase = "overlap"
-        elif len(bundle.x509_authorities) > 1:
+        elif len(roots) > 1:
             self._phase = "publishing"
         else:
             self._phase = "steady"
@@ -137,7 +143,10 @@ class RelyingParty:
 
     def _check(self, kind: str, received: float, payload: Any) -> None:
         self.lag_max_s = max(self.lag_max_s, time.monotonic() - received)
-        if time.monotonic() - self._fetched_at >= self._bundle.refresh_hint_seconds:
+        every = float(self._bundle.refresh_hint_seconds)
+        if self.refresh_max_s is not None:
+            every = min(every, self.refresh_max_s)
+        if time.monotonic() - self._fetched_at >= every:
             self._fetch("refresh_hint")
         try:
             phase = self._verify_once(kind, payload)
@@ -149,6 +158,7 @@ class RelyingParty:
                 self.failures[f"{kind} {self._phase}"] += 1
                 self._sample(f"{kind}: {str(exc)[:300]}")
                 return
+            self.recovered[f"{kind} {phase}"] += 1
         self.verified[f"{kind} {phase}"] += 1
 
     def _sample(self, text: str) -> None:
@@ -184,10 +194,12 @@ class RelyingParty:
                 for key in sorted({*self.verified, *self.failures})
             },
             "phases": phases,
+            "verified_after_refetch": dict(sorted(self.recovered.items())),
             "bundle_fetches": dict(self.fetches),
             "bundle_sequences_seen": self.sequences,
             "failure_samples": list(self.failure_samples),
             "verify_lag_max_s": round(self.lag_max_s, 3),
+            "bundle_refresh_max_s": self.refresh_max_s,
             "how": (
                 "every X.509-SVID and JWT-SVID the load workers received, verified in a thread "
                 "of the parent process (off the measured latency) against the bundle held, "
