@@ -74,7 +74,8 @@ class RelyingParty:
 
     # -- bundle ----------------------------------------------------------------------------
 
-    def _fetch(self, why: str) -> None:
+    def _download(self) -> Any:
+        """The broker's bundle now (a `ca.bundle.TrustBundle`), over mTLS; raises on failure."""
         from broker.api._proto import ca_pb2
         from ca.bundle import TrustBundle
 
@@ -86,9 +87,12 @@ class RelyingParty:
             "/broker.v1.CertificateAuthority/GetBundle",
             response_deserializer=ca_pb2.GetBundleResponse.FromString,
         )
+        answer = call(ca_pb2.GetBundleRequest().SerializeToString(), timeout=30)
+        return TrustBundle.from_jwks(self.trust_domain, answer.jwks)
+
+    def _fetch(self, why: str) -> None:
         try:
-            answer = call(ca_pb2.GetBundleRequest().SerializeToString(), timeout=30)
-            bundle = TrustBundle.from_jwks(self.trust_domain, answer.jwks)
+            bundle = self._download()
         except Exception as exc:  # counted; the bundle held stays in use
             self.fetches["errors"] += 1
             self._sample(f"bundle fetch ({why}): {str(exc)[:200]}")
@@ -178,7 +182,8 @@ class RelyingParty:
     def finish(self) -> dict[str, Any]:
         """After the load workers ended: verify what is still queued, then the figures."""
         self._stop.set()
-        self._thread.join(300)
+        if self._thread.ident is not None:
+            self._thread.join(300)
         if self._channel is not None:
             with contextlib.suppress(Exception):
                 self._channel.close()
