@@ -106,7 +106,9 @@ class RelyingParty:
         """Fetch the first bundle (raises if it cannot), then verify in the background."""
         self._fetch("refresh_hint")
         if self._bundle is None:
-            raise RuntimeError(f"relying party: no trust bundle: {self.failure_samples}")
+            from loadtests.procs import StartupError
+
+            raise StartupError(f"relying party: no trust bundle: {self.failure_samples}")
         self._thread.start()
 
     # -- verification ----------------------------------------------------------------------
