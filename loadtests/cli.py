@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as dt
 import shutil
 import signal
@@ -137,6 +138,21 @@ def build_parser() -> argparse.ArgumentParser:
         "each run's notes get entries/s forwarded and the sink's lag (loadtests/forwarding.py)",
     )
     r.add_argument("--forward-ca", type=Path, default=None, help="CA file of a --forward URL")
+    r.add_argument(
+        "--verify-svids",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="a relying party verifies every SVID the load receives against the bundle it "
+        "holds (loadtests/relyingparty.py); auto: in rotation scenarios. Each run's notes get "
+        "svid_verification; --slo fails on any verification failure",
+    )
+    r.add_argument(
+        "--bundle-refresh",
+        type=seconds,
+        default=None,
+        help="the relying party (--verify-svids) refetches the bundle at least this often "
+        "(default: on the bundle's spiffe_refresh_hint only)",
+    )
     return p
 
 
@@ -314,7 +330,11 @@ class _Session:
                 self.targets["broker"][key] = sample
             ops.append(
                 GrpcOp(
-                    part.name, part.broker_method, part.broker_response, part.broker_require_field
+                    part.name,
+                    part.broker_method,
+                    part.broker_response,
+                    part.broker_require_field,
+                    part.broker_verify,
                 )
             )
             per_op.append(reqs)
@@ -328,6 +348,7 @@ class _Session:
             response_type=parts[0].broker_response,
             require_field=parts[0].broker_require_field,
             name=parts[0].name,
+            verify=parts[0].broker_verify,
             ops=tuple(ops) if len(ops) > 1 else (),
             request_ops=tuple(request_ops) if len(ops) > 1 else (),
             root_pem=ident.root_pem,
@@ -400,7 +421,14 @@ class _Session:
             proc.check_alive()
         extras = self._extras(target, concurrency, rnd)
         started = _now()
-        outcome = self._load(target, concurrency, extras)
+        spec = self.specs[target]
+        if target == "broker" and isinstance(spec, GrpcSpec) and self._verifies_svids():
+            extras.relying_party = self._relying_party()
+            spec = dataclasses.replace(spec, verify_queue=extras.relying_party.queue)
+        try:
+            outcome = self._load(target, concurrency, extras, spec)
+        finally:
+            verification = extras.relying_party.finish() if extras.relying_party else None
         operations = dict(outcome.operations)
         if extras.rotator:
             operations.update(extras.rotator[0].finish())
@@ -423,6 +451,13 @@ class _Session:
             notes=self._notes(target, concurrency, rnd, outcome, extras),
             operations=operations,
         )
+        if verification is not None:
+            result.notes["svid_verification"] = verification
+            _log(
+                f"relying party: {verification['svids_verified']} SVIDs verified, "
+                f"{verification['svid_verification_failures']} failures "
+                f"{verification['by_kind_and_phase']}"
+            )
         _log_run(result)
         return result
 
@@ -475,10 +510,39 @@ class _Session:
         rotator.start()
         return rotator
 
-    def _load(self, target: str, concurrency: int, extras: _Extras) -> generator.LoadOutcome:
+    def _verifies_svids(self) -> bool:
+        mode = getattr(self.args, "verify_svids", "auto")
+        if mode == "off":
+            return False
+        wanted = mode == "on" or bool(self.scenario.rotate_every_s)
+        return wanted and any(p.broker_verify for p in broker_operations(self.scenario))
+
+    def _relying_party(self) -> Any:
+        from loadtests.relyingparty import RelyingParty
+        from loadtests.scenarios import JWT_AUDIENCE
+
+        address, ident = self._broker
+        rp = RelyingParty(
+            address,
+            ident,
+            self.args.tls_server_name,
+            self.targets["broker"]["trust_domain"],
+            JWT_AUDIENCE,
+            getattr(self.args, "bundle_refresh", None),
+        )
+        rp.start()
+        return rp
+
+    def _load(
+        self,
+        target: str,
+        concurrency: int,
+        extras: _Extras,
+        spec: generator.ClientSpec | None = None,
+    ) -> generator.LoadOutcome:
         a = self.args
         return generator.run_load(
-            self.specs[target],
+            self.specs[target] if spec is None else spec,
             concurrency=concurrency,
             processes=a.processes,
             warmup=a.warmup,
@@ -567,6 +631,8 @@ class _Session:
             "slo": a.slo,
             "slo_p95_ms": a.slo_p95_ms,
             "rotate_every_s": self.scenario.rotate_every_s,
+            "verify_svids": getattr(a, "verify_svids", "auto"),
+            "bundle_refresh_s": getattr(a, "bundle_refresh", None),
             "smoke": a.smoke,
             "command": " ".join(["python -m loadtests", *sys.argv[1:]]),
         }
@@ -611,6 +677,7 @@ class _Extras:
     rotator: list[broker_target.Rotator] = field(default_factory=list)
     scraped: list[servermetrics.Snapshot] = field(default_factory=list)
     forward: list[Any] = field(default_factory=list)  # loadtests.forwarding.ForwardWatch
+    relying_party: Any = None  # loadtests.relyingparty.RelyingParty (verifying SVIDs)
 
     def start(self) -> None:
         for start in self.starters:

@@ -56,6 +56,9 @@ class Scenario:
     broker_setup: Callable[[Callable[[str, Any, bytes], Any]], None] | None = None
     openbao_method: str = "POST"
     openbao_setup: Callable[[Any], None] | None = None  # gets the started OpenBao
+    # What a relying party verifies of each answer (`x509`: the chain, `jwt`: the token)
+    # when the load verifies SVIDs (loadtests.relyingparty; rotation scenarios, --verify-svids).
+    broker_verify: str = ""
 
 
 def _mint_csr_requests(pool: list[CsrItem]) -> list[bytes]:
@@ -328,6 +331,7 @@ SCENARIOS: dict[str, Scenario] = {
             openbao_bodies=_bao_sign_bodies,
             openbao_expect=b'"certificate"',
             broker_check=_check_x509,
+            broker_verify="x509",
         ),
         Scenario(
             name="jwt-mint",
@@ -337,6 +341,7 @@ SCENARIOS: dict[str, Scenario] = {
             broker_require_field="token",
             broker_requests=_mint_jwt_requests,
             broker_check=_check_jwt,
+            broker_verify="jwt",
         ),
         Scenario(
             name="mixed",
@@ -354,7 +359,8 @@ SCENARIOS: dict[str, Scenario] = {
                 "force=true: a new issuing CA and JWT key; Secrets/Rotate: a new version) and "
                 "staged rollouts of another secret run one after another (Rollouts/Start, "
                 "stages 50%,100%, 1 s bake, followed to completion: secret-rollout-rotate); counts "
-                "failed requests and rotations"
+                "failed requests and rotations; a relying party verifies every SVID received "
+                "against the bundle it holds (svid_verification_failures)"
             ),
             mix=("svid-csr", "jwt-mint", "secret-get"),
             rotate_every_s=2.0,

@@ -4,7 +4,9 @@
   secret-fetch SLO, unless a scenario says otherwise);
 - availability: at least 99.95 % of every operation's requests in the window succeed;
 - rotation: at least 99 % of the rotations made during a rotation scenario succeed (the
-  operations named `*-rotate`: `ca-rotate`, `secret-rotate`).
+  operations named `*-rotate`: `ca-rotate`, `secret-rotate`);
+- SVID verification: when a relying party verified the SVIDs the load received (the run's
+  `svid_verification` note, loadtests/relyingparty.py), zero failures out of at least one.
 
 Only the broker's runs are judged (a peer is a comparison, not a subject). An operation with
 no request at all fails its availability SLO: a gate must not pass on nothing.
@@ -102,6 +104,18 @@ def evaluate(
             value = "no successful request" if p95 is None else f"{p95:g} ms"
             ok = p95 is not None and p95 < limit
             out.append(Verdict("latency p95", name, c, rnd, f"< {limit:g} ms", value, ok))
+        checked = run.notes.get("svid_verification")
+        if checked is not None:
+            failures = int(checked["svid_verification_failures"])
+            verified = int(checked["svids_verified"])
+            measured = f"{failures} failures, {verified} SVIDs verified"
+            ok = failures == 0 and verified > 0
+            out.append(
+                Verdict(
+                    "svid verification", "relying-party", run.concurrency, run.round,
+                    "0 failures", measured, ok,
+                )
+            )  # fmt: skip
     return out
 
 

@@ -9,6 +9,9 @@ Trace id and correlation id are one (see `provider`):
   tracing, and is put on the span as `broker.correlation_id` (the trace gets a fresh id);
 - else the new trace's id is the correlation id.
 
+A server stream (the agents' WatchAgent sync) gets one span for the whole stream, ended when the
+stream ends, with `broker.stream.messages_sent`.
+
 Attributes: `rpc.system`, `rpc.service`, `rpc.method`, `rpc.grpc.status_code` (and
 `broker.status`, its name), the caller (`broker.caller.spiffe_id`, `broker.caller.minted_by`
 for an SVID an operator minted, `broker.caller.subject` for a person who logged in),
@@ -101,6 +104,11 @@ class RequestSpan:
             span.set_attribute("secret.ref_sha256", ref_sha256)
         if status in _SERVER_ERRORS:
             span.set_status(Status(StatusCode.ERROR, status))
+
+    def messages_sent(self, count: int) -> None:
+        """A server stream's span: how many messages it pushed (a count, never their content)."""
+        if self.span.is_recording():
+            self.span.set_attribute("broker.stream.messages_sent", count)
 
 
 class RequestSpans:

@@ -7,6 +7,7 @@ per-call serialization in the timed loop); responses are parsed, as a real clien
 from __future__ import annotations
 
 import importlib
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,9 @@ class GrpcOp:
     method: str
     response_type: str
     require_field: str
+    # Hand each answer to the relying party (`x509`: its cert_chain, `jwt`: its token) when
+    # the spec has a `verify_queue` (loadtests.relyingparty).
+    verify: str = ""
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,10 @@ class GrpcSpec:
     name: str = ""  # the operation's name in the report (single-operation load)
     ops: tuple[GrpcOp, ...] = ()
     request_ops: tuple[int, ...] = ()
+    verify: str = ""  # the single operation's GrpcOp.verify
+    # A spawn-context multiprocessing queue (set per run, pickled when the workers spawn): the
+    # answers of operations with `verify` go there, with the moment they arrived.
+    verify_queue: Any = None
 
     @property
     def payload_count(self) -> int:
@@ -91,7 +99,9 @@ def _classify(exc: BaseException) -> str:
 class _Base:
     def __init__(self, spec: GrpcSpec) -> None:
         self.spec = spec
-        ops = spec.ops or (GrpcOp(spec.name, spec.method, spec.response_type, spec.require_field),)
+        ops = spec.ops or (
+            GrpcOp(spec.name, spec.method, spec.response_type, spec.require_field, spec.verify),
+        )
         self._ops = ops
         self._op_of = spec.request_ops or (0,) * len(spec.requests)
         self._calls: list[list[Any]] = []  # per channel, per operation
@@ -102,14 +112,19 @@ class _Base:
             for op in self._ops
         ]
 
-    def _pick(self, index: int) -> tuple[Any, str]:
+    def _pick(self, index: int) -> tuple[Any, GrpcOp]:
         op = self._op_of[index]
-        return self._calls[index % len(self._calls)][op], self._ops[op].require_field
+        return self._calls[index % len(self._calls)][op], self._ops[op]
 
-    @staticmethod
-    def _check(raw: Any, require_field: str) -> None:
-        if not getattr(raw, require_field):
-            raise ResponseError(f"response without {require_field}")
+    def _check(self, raw: Any, op: GrpcOp) -> None:
+        if not getattr(raw, op.require_field):
+            raise ResponseError(f"response without {op.require_field}")
+        sink = self.spec.verify_queue
+        if sink is not None and op.verify:
+            # An enqueue only (a feeder thread sends it): verified by the relying party in
+            # the parent process, off the measured latency.
+            payload = tuple(raw.cert_chain) if op.verify == "x509" else raw.token
+            sink.put((op.verify, time.monotonic(), payload))
 
     def _credentials(self) -> Any:
         import grpc
@@ -138,8 +153,8 @@ class _AioClient(_Base):
         self._calls = [self._stubs(ch) for ch in self._channels]
 
     async def call(self, index: int) -> None:
-        call, field = self._pick(index)
-        self._check(await call(self.spec.requests[index], timeout=self.spec.timeout_s), field)
+        call, op = self._pick(index)
+        self._check(await call(self.spec.requests[index], timeout=self.spec.timeout_s), op)
 
     async def close(self) -> None:
         for ch in self._channels:
@@ -160,8 +175,8 @@ class _SyncClient(_Base):
         self._calls = [self._stubs(ch) for ch in self._channels]
 
     def call(self, index: int) -> None:
-        call, field = self._pick(index)
-        self._check(call(self.spec.requests[index], timeout=self.spec.timeout_s), field)
+        call, op = self._pick(index)
+        self._check(call(self.spec.requests[index], timeout=self.spec.timeout_s), op)
 
     def close(self) -> None:
         for ch in self._channels:

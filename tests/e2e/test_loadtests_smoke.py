@@ -100,6 +100,11 @@ def test_rotation_smoke_keeps_every_request_and_rotation(tmp_path: Path) -> None
     assert ("rotation success", "secret-rotate") in judged
     assert ("rotation success", "secret-rollout-rotate") in judged
     assert ("availability", "secret-get") in judged
+    # A relying party verified every SVID the load received (loadtests/relyingparty.py).
+    assert ("svid verification", "relying-party") in judged
+    checked = run["notes"]["svid_verification"]
+    assert checked["svid_verification_failures"] == 0, checked["failure_samples"]
+    assert checked["svids_verified"] > 0
 
 
 def test_a_missed_slo_exits_4_and_names_it(tmp_path: Path) -> None:

@@ -255,3 +255,106 @@ async def test_a_hanging_collector_never_holds_up_a_request_or_a_stop(
     # Stopping does not wait for the hung export beyond its flush bound: close() ends it.
     await asyncio.to_thread(tracing.close, 0.2)
     assert exporter.stopped
+
+
+# -- server streams: the agents' sync (WatchAgent) ---------------------------------------------
+
+WATCH = "broker.v1.WorkloadIdentity/WatchAgent"
+
+
+@pytest.fixture
+async def traced_identity(tmp_path: Any, tracing: Tracing) -> Any:
+    """The identity tests' in-process broker (attestation port, agents), traced."""
+    import datetime as dt
+
+    from broker.api.server.serving import serve_application
+    from broker.app import Application
+    from broker.storage.factory import open_storage
+    from ca.clock import FakeClock
+    from ca.keys import SoftwareBackend
+    from tests.integration.conftest import make_config
+    from tests.integration.test_identity import Served
+
+    config = make_config(tmp_path)
+    backend = tracing.keys(SoftwareBackend())
+    storage = tracing.storage(await open_storage(config.storage.resolved_dsn()))
+    app = Application(config, backend, storage, FakeClock(dt.datetime.now(dt.UTC)), tracing=tracing)
+    await app.start()
+    served = await serve_application(app)
+    state = Served(app, served, app.clock, [])  # type: ignore[arg-type]
+    try:
+        yield state
+    finally:
+        for channel in state.channels:
+            await channel.close()
+        await served.server.stop(grace=None)
+        await app.close()
+
+
+async def test_an_agents_sync_stream_is_one_span_ended_with_the_messages_it_pushed(
+    traced_identity: Any, tracing: Tracing, exporter: InMemorySpanExporter
+) -> None:
+    from broker.api._proto import identity_pb2
+    from tests.integration.test_identity import AGENT_ID, DEV_WEB_ID, _attested
+
+    broker = traced_identity
+    _, _, _, agent = await _attested(broker)
+    trace_id = os.urandom(16).hex()
+    stream = agent.WatchAgent(
+        identity_pb2.WatchAgentRequest(agent_id=AGENT_ID),
+        metadata=((CORRELATION_HEADER, trace_id),),
+    )
+    await asyncio.wait_for(stream.read(), 20)  # the full sync
+    op = broker.operator()
+    entry = await op.CreateEntry(
+        identity_pb2.Entry(spiffe_id=DEV_WEB_ID, parent_id=AGENT_ID, selectors=["unix:uid:7"])
+    )
+    pushed = await asyncio.wait_for(stream.read(), 20)
+    assert [e.id for e in pushed.entries] == [entry.id]
+    # Open while the stream runs: no span for it yet.
+    assert [s for s in finished(tracing, exporter) if s.name == WATCH] == []
+
+    stream.cancel()  # the agent goes away: the stream ends, and its span with it
+    for _ in range(200):
+        watch = [s for s in finished(tracing, exporter) if s.name == WATCH]
+        if watch:
+            break
+        await asyncio.sleep(0.05)  # waiting for the server to see the cancellation
+    assert len(watch) == 1
+    span = watch[0]
+    assert span.context is not None and hexid(span.context.trace_id) == trace_id
+    attributes = dict(span.attributes or {})
+    assert attributes["rpc.service"] == "broker.v1.WorkloadIdentity"
+    assert attributes["rpc.method"] == "WatchAgent"
+    assert attributes["broker.stream.messages_sent"] == 2
+    assert attributes["broker.status"] == "CANCELLED"
+    assert attributes["broker.caller.spiffe_id"] == AGENT_ID
+    assert attributes["broker.decision"] == "allow"
+    # The audited opening carries the span's trace id as its correlation id.
+    opened = [e for e in await broker.events() if e["method"].endswith("/WatchAgent")]
+    assert [e["correlation_id"] for e in opened] == [trace_id]
+    # Counts only: no entry id, selector or SPIFFE ID it pushed is on the span.
+    text = texts(span)
+    assert entry.id not in text and "unix:uid:7" not in text and DEV_WEB_ID not in text
+
+
+async def test_a_refused_sync_stream_is_traced_with_its_status(
+    traced_identity: Any, tracing: Tracing, exporter: InMemorySpanExporter
+) -> None:
+    from broker.api._proto import identity_pb2
+    from tests.integration.test_identity import _attested
+
+    broker = traced_identity
+    _, _, _, agent = await _attested(broker)
+    other = "spiffe://example.org/agents/node2"
+    stream = agent.WatchAgent(identity_pb2.WatchAgentRequest(agent_id=other))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await asyncio.wait_for(stream.read(), 20)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    watch = [s for s in finished(tracing, exporter) if s.name == WATCH]
+    assert len(watch) == 1
+    attributes = dict(watch[0].attributes or {})
+    assert attributes["broker.status"] == "PERMISSION_DENIED"
+    assert attributes["broker.decision"] == "deny"
+    assert attributes["broker.stream.messages_sent"] == 0
+    assert other not in texts(watch[0])

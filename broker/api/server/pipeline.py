@@ -204,6 +204,16 @@ class _Cancellation:
     outcome: grpc.StatusCode | None = None
 
 
+@dataclass
+class _StreamState:
+    """What an audited stream's span needs at its end: the opening's outcome, a mid-stream
+    refusal's, and how many messages were pushed."""
+
+    opened: CallOutcome | None = None
+    ended: CallOutcome | None = None
+    sent: int = 0
+
+
 def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
     out: dict[str, str] = {}
     for key, value in context.invocation_metadata() or ():
@@ -316,6 +326,13 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         the same kind (iterating a coroutine is a TypeError that reached clients)."""
 
         if inspect.isasyncgenfunction(inner) and unary and spec is not None and spec.audited:
+            if self._spans is not None:
+
+                async def traced(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                    async for item in self._traced_stream(method, spec, inner, request, context):
+                        yield item
+
+                return traced
 
             async def audited(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 async for item in self._audited_stream(method, spec, inner, request, context):
@@ -338,6 +355,46 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         return writer
 
+    async def _traced_stream(
+        self,
+        method: str,
+        spec: MethodSpec,
+        inner: Callable[..., Any],
+        request: Any,
+        context: grpc.aio.ServicerContext,
+    ) -> Any:
+        """`_audited_stream` inside one SERVER span for the whole stream (the agents' sync):
+        its trace id is the stream's correlation id; it ends when the stream ends, with the
+        stream's status (CANCELLED when the client went away), caller and decision, and
+        `broker.stream.messages_sent`, the number of messages pushed."""
+        assert self._spans is not None
+        meta = _metadata(context)
+        asked = meta.get(CORRELATION_HEADER, "")
+        asked = asked if _CORRELATION_RE.match(asked) else ""
+        state = _StreamState()
+        cancellation = _Cancellation()
+        with self._spans.serve(method, meta, asked) as traced:
+            try:
+                async for item in self._audited_stream(
+                    method, spec, inner, request, context, traced.correlation_id, state
+                ):
+                    yield item
+                    state.sent += 1  # resumed: gRPC wrote it and asks for the next
+            except (asyncio.CancelledError, GeneratorExit):
+                cancellation.outcome = grpc.StatusCode.CANCELLED
+                raise
+            except grpc.aio.AbortError:
+                raise  # a refusal: its status is on the outcome
+            except Exception:
+                cancellation.outcome = grpc.StatusCode.UNKNOWN  # what gRPC tells the client
+                raise
+            finally:
+                outcome = state.opened
+                if state.ended is not None and state.ended.error is not None:
+                    outcome = state.ended  # refused mid-stream
+                _finish_span(traced, outcome, cancellation)
+                traced.messages_sent(state.sent)
+
     async def _audited_stream(
         self,
         method: str,
@@ -345,6 +402,8 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         inner: Callable[..., Any],
         request: Any,
         context: grpc.aio.ServicerContext,
+        correlation_id: str | None = None,
+        state: _StreamState | None = None,
     ) -> Any:
         """A server stream of an audited spec (the agents' sync stream): its opening is
         admitted and audited like a unary call — a refusal is one audit event and an error
@@ -353,7 +412,9 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         raises mid-stream (e.g. the agent was denylisted) ends the stream with its status and
         is audited as a refusal."""
         started = time.perf_counter()
-        outcome = self._admission(method, spec, request, context)
+        outcome = self._admission(method, spec, request, context, correlation_id=correlation_id)
+        if state is not None:
+            state.opened = outcome
         if outcome.call is not None:
             try:
                 self._ledger.ensure_writable()
@@ -364,6 +425,8 @@ class RequestPipeline(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if refused or outcome.call is None:
             return
         ended = CallOutcome(method, spec.action, outcome.correlation_id, outcome.justification)
+        if state is not None:
+            state.ended = ended
         # A refusal mid-stream is recorded as one: who and what, decision "deny".
         ended.seen.update(who=outcome.call.caller.spiffe_id, resource=outcome.call.resource)
         token = _CURRENT.set(outcome.call)
