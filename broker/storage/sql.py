@@ -54,8 +54,8 @@ from broker.storage.interface import (
 from broker.storage.kms import SqlKmsRepository
 from broker.storage.operators import SqlOperatorRepository
 from broker.storage.rollouts import SqlRolloutRepository
-from broker.storage.static_rollouts import SqlStaticRolloutRepository
 from broker.storage.secrets import MetadataSeal, SqlSecretRepository
+from broker.storage.static_rollouts import SqlStaticRolloutRepository
 from ca.rotation import GenerationState
 
 __all__ = [

@@ -48,16 +48,16 @@ class SqlStaticRolloutRepository:
             )
         if row is None:
             return None
-        blob = row["sealed_password"]
+        name, first, second, target, rollout_id, version, blob, label = row
         return StaticPair(
-            name=str(row["name"]),
-            first_user=str(row["first_user"]),
-            second_user=str(row["second_user"]),
-            target_user=str(row["target_user"]),
-            rollout_id=str(row["rollout_id"]),
-            version=int(row["version"]),
+            name=str(name),
+            first_user=str(first),
+            second_user=str(second),
+            target_user=str(target),
+            rollout_id=str(rollout_id),
+            version=int(version),
             sealed_password=None if blob is None else bytes(blob),
-            kek_label=None if row["kek_label"] is None else str(row["kek_label"]),
+            kek_label=None if label is None else str(label),
         )
 
     async def begin(self, pair: StaticPair) -> bool:
@@ -72,9 +72,11 @@ class SqlStaticRolloutRepository:
                 pair.second_user,
             )
             row = await tx.fetchrow(
-                "UPDATE db_static_rollouts SET target_user = ?, rollout_id = ?, version = ?, "
-                "sealed_password = ?, kek_label = ? WHERE name = ? AND target_user = '' "
-                "RETURNING name",
+                "UPDATE db_static_rollouts SET first_user = ?, second_user = ?, "
+                "target_user = ?, rollout_id = ?, version = ?, sealed_password = ?, "
+                "kek_label = ? WHERE name = ? AND target_user = '' RETURNING name",
+                pair.first_user,
+                pair.second_user,
                 pair.target_user,
                 pair.rollout_id,
                 pair.version,
