@@ -303,9 +303,7 @@ class MySQLEngine:
                         script.append(f"ALTER USER {target} {secret} ACCOUNT UNLOCK")
                     else:
                         script.append(f"CREATE USER {target} {secret}")
-                    cursor.execute(
-                        f"SHOW GRANTS FOR {quote_ident(original)}@{conn.escape(host)}"
-                    )
+                    cursor.execute(f"SHOW GRANTS FOR {quote_ident(original)}@{conn.escape(host)}")
                     for (line,) in cursor.fetchall():
                         grant = str(line)
                         grant = re.sub(r" IDENTIFIED (BY PASSWORD|VIA) .*$", "", grant)
@@ -315,8 +313,9 @@ class MySQLEngine:
                                 "name the user exactly once"
                             )
                         script.append(
-                            grant.replace(f" TO {source}", f" TO {quote_ident(second)}@"
-                                          f"{conn.escape(host)}")
+                            grant.replace(
+                                f" TO {source}", f" TO {quote_ident(second)}@{conn.escape(host)}"
+                            )
                         )
                 _last_result(cursor, script)
 

@@ -131,6 +131,7 @@ class RoutedCredentials:
     version: int
     rollout_id: str | None = None
     stage: int | None = None
+    next_rotation_at: dt.datetime | None = None
 
 
 class StaticRolloutService(RolloutService):
@@ -308,7 +309,9 @@ class StaticRolloutService(RolloutService):
         ref = PREFIX + name
         record = await self._repo.active(role.tenant, ref)
         if record is None or record.to_version is None:
-            return RoutedCredentials(role.username, current.password, role.version)
+            return RoutedCredentials(
+                role.username, current.password, role.version, None, None, role.next_rotation_at
+            )
         stage = stage_of(record.stages, ref, caller.spiffe_id)
         version = machine.routed_version(record, stage)
         pair = await self._pairs.get(name)
@@ -330,7 +333,7 @@ class StaticRolloutService(RolloutService):
             routed = RoutedCredentials(role.username, current.password, version, record.id, stage)
         now = self._clock.now()
         await self._repo.served(record.id, caller.spiffe_id, stage, routed.version, now)
-        return routed
+        return dataclasses.replace(routed, next_rotation_at=role.next_rotation_at)
 
     async def report(
         self,
