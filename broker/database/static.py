@@ -267,6 +267,11 @@ class StaticRoles:
         knows). Raises NotFound."""
         async with self._lock(name):
             record = await self.role(name)
+            if self.rollout_running is not None and await self.rollout_running(record):
+                raise FailedPrecondition(
+                    f"a staged rollout of static role {name!r} is running: abort it first "
+                    f"('broker rollout abort db:{name}')"
+                )
             if not await self._store.delete_static_role(name):
                 raise NotFound(f"no static role named {name!r}")
         self._locks.pop(name, None)

@@ -285,6 +285,9 @@ async def test_bad_input_is_refused_and_nothing_changes(world: World) -> None:
         await world.rollouts.start("app", request(), actor=OPERATOR)
     with pytest.raises(FailedPrecondition, match="staged rollout"):
         await world.service.static.rotate("app", "scheduled")
+    with pytest.raises(FailedPrecondition, match="abort it first"):
+        await world.service.static.remove("app")
+    assert (await world.service.static.role("app")).version == 1
     assert world.db.users == running
     assert len(await world.storage.rollouts().unfinished()) == 1
 
