@@ -307,14 +307,21 @@ class MySQLEngine:
                     for (line,) in cursor.fetchall():
                         grant = str(line)
                         grant = re.sub(r" IDENTIFIED (BY PASSWORD|VIA) .*$", "", grant)
-                        if not grant.startswith("GRANT ") or grant.count(f" TO {source}") != 1:
+                        # GRANT ... TO `app`@`host`; MariaDB also lists the default role as
+                        # SET DEFAULT ROLE `r` FOR `app`@`host`.
+                        marker = " FOR " if grant.startswith("SET DEFAULT ROLE ") else " TO "
+                        if (
+                            not grant.startswith(("GRANT ", "SET DEFAULT ROLE "))
+                            or grant.count(f"{marker}{source}") != 1
+                        ):
                             raise StatementFailed(
                                 f"cannot copy a grant of {original!r}@{host!r}: it does not "
                                 "name the user exactly once"
                             )
                         script.append(
                             grant.replace(
-                                f" TO {source}", f" TO {quote_ident(second)}@{conn.escape(host)}"
+                                f"{marker}{source}",
+                                f"{marker}{quote_ident(second)}@{conn.escape(host)}",
                             )
                         )
                 _last_result(cursor, script)

@@ -349,3 +349,29 @@ async def test_the_secrets_service_leaves_static_rollouts_alone(world: World) ->
     changed = await world.rollouts.tick()
     assert [(r.ref, r.state) for r in changed] == [(REF, RolloutState.COMPLETED)]
     assert METRIC_KIND == "static-role-rollout"
+
+
+async def test_a_completion_the_broker_died_in_is_rolled_forward(world: World) -> None:
+    class Crash(BaseException):
+        """The broker process dies here (kill -9)."""
+
+    async def die(username: str) -> None:
+        raise Crash(username)
+
+    await world.rollouts.start("app", request(stages=(100,)), actor=OPERATOR)
+    world.clock.advance(minutes=5)
+    world.db.before_set_password = die  # dies after the role switched, before the old is locked
+    with pytest.raises(Crash):
+        await world.rollouts.tick()
+    world.db.before_set_password = None
+    role = await world.service.static.role("app")
+    assert (role.username, role.version) == ("app_user_b", 2)
+    assert (await world.rollouts.status(REF)).record.state == RolloutState.COMPLETING
+    new = world.db.users["app_user_b"].password
+    assert await world.creds(by_stage()[2]) == ("app_user_b", new, 2)  # everyone on the new
+    assert world.logs_in("app_user", world.old_password)  # not locked out yet
+    changed = await world.rollouts.tick()  # the restarted broker's bake timer
+    assert [r.state for r in changed] == [RolloutState.COMPLETED]
+    assert not world.logs_in("app_user", world.old_password)
+    assert world.logs_in("app_user_b", new)
+    assert await world.rollouts.tick() == []
