@@ -3,7 +3,12 @@
 secret's attributes (`deferred`): Start, Promote and Abort as `secrets.rotate`, Status as
 `secrets.show`, a consumer's Report as `secrets.get` (whoever may read the secret may report on
 it). The audit ledger names the secret by the SHA-256 of its reference; the domain writes one
-event per step of the rollout besides the call's own."""
+event per step of the rollout besides the call's own.
+
+A reference `db:ROLE` names a static database role's rollout
+(`broker.rollout.static_role.StaticRolloutService`): Start, Status, Promote and Abort are then
+decided here as `db.role.admin` on `static/ROLE`, a Report by the domain as a read of the role's
+credentials (`db.creds`)."""
 
 from __future__ import annotations
 
