@@ -42,6 +42,7 @@ from broker.revocation import SubjectRevocation
 from broker.rollout.checks import ProcessHealthChecker
 from broker.rollout.job import RolloutJob
 from broker.rollout.service import RolloutService
+from broker.rollout.static_role import StaticRolloutService, static_reference
 from broker.rotation.datakeys import DatabaseDataKeys, DataKeyRotationJob, SecretDataKeys
 from broker.rotation.origins import ValueOrigins
 from broker.rotation.schedule import SecretRotationJob
@@ -273,6 +274,23 @@ class Application:
         )
         self.secrets.route_reads(self.rollouts)
         self.rollout_job = RolloutJob(self.rollouts, storage, clock)
+        # Staged rollouts of static database roles' new passwords (`db:ROLE`), on a second
+        # login user per role; the same job runs their bake timers.
+        self.static_rollouts = StaticRolloutService(
+            storage.rollouts(),
+            storage.static_rollouts(),
+            self.database.static,
+            self.database.connections,
+            self.envelope,
+            clock,
+            ProcessHealthChecker(),
+            audit=self.ledger.record,
+            random=random_source(keys).random,
+        )
+        self.database.static.rollout_running = lambda role: self.static_rollouts.busy(
+            role.tenant, static_reference(role.name)
+        )
+        self.rollout_job.services.append(self.static_rollouts)
         self.compliance = ComplianceReporter(
             self.secrets.repository,
             self.kms,

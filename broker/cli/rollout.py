@@ -1,5 +1,6 @@
-"""`broker rollout status|promote|abort REF`: follow and steer a staged rollout started with
-`broker secrets rotate REF --stages ...` (see docs/rotation.md). JSON documents
+"""`broker rollout status|promote|abort|report REF`: follow and steer a staged rollout started
+with `broker secrets rotate REF --stages ...`, or of a static database role (REF `db:ROLE`)
+started with `broker db static-role rotate ROLE --stages ...` (see docs/rotation.md). JSON documents
 (`--output json`) are the `RolloutView` records field by field."""
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from broker.cli.clients import RolloutsClient, RolloutView
 from broker.cli.options import clients, connection_options
 from broker.cli.render import record_json, render, table, text_time
 
-__all__ = ["rollout", "rollout_lines"]
+__all__ = ["rollout", "rollout_lines", "stage_list"]
 
 
 def _client(ctx: click.Context) -> RolloutsClient:
@@ -71,7 +72,8 @@ def _render(ctx: click.Context, view: RolloutView, head: str | None = None) -> N
 
 @click.group()
 def rollout() -> None:
-    """Staged rollouts of a new secret version (start one with 'secrets rotate --stages')."""
+    """Staged rollouts of a new secret version or static role password (start one with
+    'secrets rotate --stages' or 'db static-role rotate --stages'; a static role is db:ROLE)."""
 
 
 @rollout.command("status")
@@ -80,7 +82,7 @@ def rollout() -> None:
 @connection_options(on_group=False)
 @click.pass_context
 def rollout_status(ctx: click.Context, reference: str, tenant: str) -> None:
-    """The latest rollout of a secret: stage, bake timer, health, consumers."""
+    """The latest rollout of a secret (or static role db:ROLE): stage, bake, health, consumers."""
     _render(ctx, _client(ctx).status(reference, tenant=tenant))
 
 
@@ -104,3 +106,49 @@ def rollout_abort(ctx: click.Context, reference: str, tenant: str) -> None:
     """Put every consumer back on the old version; the new version is revoked."""
     view = _client(ctx).abort(reference, tenant=tenant)
     _render(ctx, view, f"aborted: every consumer is back on v{view.from_version}")
+
+
+def stage_list(text: str) -> list[int]:
+    """`10%,50%,100%` as numbers; the broker checks the order and the final 100%."""
+    out = []
+    for part in text.split(","):
+        number = part.strip().removesuffix("%")
+        if not number.isdigit() or len(number) > 3:
+            raise click.BadParameter(
+                f"stage {part.strip()!r} is not a percentage (e.g. 10%,50%,100%)",
+                param_hint="--stages",
+            )
+        out.append(int(number))
+    return out
+
+
+@rollout.command("report")
+@click.argument("reference")
+@click.option(
+    "--version",
+    "version",
+    type=click.IntRange(1),
+    required=True,
+    help="The version "
+    "this consumer now uses (a static role's: the version 'db static-creds' gave).",
+)
+@click.option("--healthy/--unhealthy", default=True, help="Whether it works with it.")
+@click.option("--detail", default="", help="Why, when unhealthy (at most 200 characters).")
+@_tenant_option
+@connection_options(on_group=False)
+@click.pass_context
+def rollout_report(
+    ctx: click.Context, reference: str, version: int, healthy: bool, detail: str, tenant: str
+) -> None:
+    """A consumer's report during a rollout (what agents and the SDK send): the version it
+    uses and whether it is healthy. An unhealthy report of the new version counts a failure."""
+    answer = _client(ctx).report(
+        reference, version=version, healthy=healthy, detail=detail, tenant=tenant
+    )
+    document = {"tracked": answer.tracked, "rollout_id": answer.rollout_id, "state": answer.state}
+    text = (
+        f"reported to rollout {answer.rollout_id} ({answer.state})"
+        if answer.tracked
+        else f"no rollout of {reference} is running; the report was not recorded"
+    )
+    render(ctx, document, text)

@@ -16,6 +16,7 @@ from broker.cli.clients import StaticRole, StaticRolesClient
 from broker.cli.inputs import read_text_file
 from broker.cli.options import DURATION, clients, connection_options
 from broker.cli.render import record_json, render, table, timestamp
+from broker.cli.rollout import stage_list
 
 __all__ = ["static_creds", "static_role", "static_role_json"]
 
@@ -151,10 +152,77 @@ def static_role_delete(ctx: click.Context, name: str) -> None:
 @click.argument("name")
 @click.option("--reason", required=True, help="Why, e.g. personnel-change.")
 @click.option("--ticket", required=True, help="The change or incident ticket.")
+@click.option(
+    "--stages",
+    default=None,
+    metavar="P%,...,100%",
+    help="Roll the new password out in stages of consumers on a second user, e.g. "
+    "10%,50%,100% (follow it with 'broker rollout status db:NAME').",
+)
+@click.option(
+    "--health-check",
+    default=None,
+    metavar="URL|CMD",
+    help="With --stages: an http(s) URL (2xx passes) or a command (exit 0 passes) the broker "
+    "runs during each stage.",
+)
+@click.option(
+    "--bake",
+    type=DURATION,
+    default=None,
+    metavar="DURATION",
+    help="With --stages: how long each stage bakes before the next [default: 5m].",
+)
+@click.option(
+    "--max-failures",
+    type=int,
+    default=None,
+    metavar="N",
+    help="With --stages: failures tolerated before the automatic rollback [default: 0].",
+)
 @connection_options(on_group=False)
 @click.pass_context
-def static_role_rotate(ctx: click.Context, name: str, reason: str, ticket: str) -> None:
-    """Rotate static role NAME's password now."""
+def static_role_rotate(
+    ctx: click.Context,
+    name: str,
+    reason: str,
+    ticket: str,
+    stages: str | None,
+    health_check: str | None,
+    bake: int | None,
+    max_failures: int | None,
+) -> None:
+    """Rotate static role NAME's password now. With --stages, roll the new password out
+    stage by stage on the role's second user instead (the old user and password keep working
+    until the final stage baked; rolled back automatically when a stage fails)."""
+    if stages is not None:
+        view = clients(ctx).rollouts.start(
+            f"db:{name}",
+            environment="",
+            ticket=ticket,
+            justification=reason,
+            stages=stage_list(stages),
+            bake_seconds=300 if bake is None else bake,
+            max_failures=0 if max_failures is None else max_failures,
+            health_check=health_check or "",
+        )
+        percent = view.stages[view.stage - 1]
+        render(
+            ctx,
+            record_json(view),
+            f"rollout {view.id} of {view.reference} started: v{view.from_version} -> "
+            f"v{view.to_version} on the role's second user, stage {view.stage} of "
+            f"{len(view.stages)} ({percent}%) open until {timestamp(view.bake_ends) or '-'}; "
+            f"follow it with 'broker rollout status {view.reference}'",
+        )
+        return
+    for option, given in (
+        ("--health-check", health_check),
+        ("--bake", bake),
+        ("--max-failures", max_failures),
+    ):
+        if given is not None:
+            raise click.UsageError(f"{option} is only used with --stages")
     result = _client(ctx).rotate(name, reason, ticket)
     render(
         ctx,

@@ -94,6 +94,12 @@ class Engine(Protocol):
         StatementFailed when there is no such user (nothing is run) or a statement fails."""
         ...
 
+    async def create_second_user(self, original: str, second: str, password: str) -> None:
+        """Staged rollout of a static role: a second login user `second` with the privileges
+        of `original` and the password `password`. Idempotent. Raises StatementFailed when
+        `original` does not exist or its privileges cannot be copied."""
+        ...
+
     async def rotate_root(self, new_password: str) -> None:
         """Change the admin login's own password. The engine keeps using the old one until it
         is closed; open a new engine with the new password."""

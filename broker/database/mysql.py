@@ -14,6 +14,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import queue
+import re
 import threading
 import time
 import urllib.parse
@@ -273,6 +274,59 @@ class MySQLEngine:
                 _last_result(cursor, script)
 
         await self._run(change, password, hashed)
+
+    async def create_second_user(self, original: str, second: str, password: str) -> None:
+        """Staged rollout of a static role: a second user `second`, at every host `original`
+        has, with `original`'s grants (its `SHOW GRANTS`, each re-aimed at `second`; a line
+        that does not name `original`@host exactly once is refused, nothing is guessed) and
+        the password `password` (on MariaDB as its mysql_native_password hash). Idempotent: a
+        `second` that exists already gets the grants again and the password. Raises
+        StatementFailed when `original` does not exist."""
+        hashed = native_password_hash(password)
+
+        def create(conn: Any) -> None:
+            mariadb = "mariadb" in conn.get_server_info().lower()
+            hosts = self._hosts(conn, original)
+            if not hosts:
+                raise StatementFailed(f"mysql has no user named {original!r}")
+            existing = set(self._hosts(conn, second))
+            script = []
+            with conn.cursor() as cursor:
+                for host in hosts:
+                    source = f"{quote_ident(original)}@{quote_ident(host)}"
+                    target = f"{quote_ident(second)}@{conn.escape(host)}"
+                    if mariadb:
+                        secret = f"IDENTIFIED BY PASSWORD {conn.escape(hashed)}"
+                    else:
+                        secret = f"IDENTIFIED BY {conn.escape(password)}"
+                    if host in existing:
+                        script.append(f"ALTER USER {target} {secret} ACCOUNT UNLOCK")
+                    else:
+                        script.append(f"CREATE USER {target} {secret}")
+                    cursor.execute(f"SHOW GRANTS FOR {quote_ident(original)}@{conn.escape(host)}")
+                    for (line,) in cursor.fetchall():
+                        grant = str(line)
+                        grant = re.sub(r" IDENTIFIED (BY PASSWORD|VIA) .*$", "", grant)
+                        # GRANT ... TO `app`@`host`; MariaDB also lists the default role as
+                        # SET DEFAULT ROLE `r` FOR `app`@`host`.
+                        marker = " FOR " if grant.startswith("SET DEFAULT ROLE ") else " TO "
+                        if (
+                            not grant.startswith(("GRANT ", "SET DEFAULT ROLE "))
+                            or grant.count(f"{marker}{source}") != 1
+                        ):
+                            raise StatementFailed(
+                                f"cannot copy a grant of {original!r}@{host!r}: it does not "
+                                "name the user exactly once"
+                            )
+                        script.append(
+                            grant.replace(
+                                f"{marker}{source}",
+                                f"{marker}{quote_ident(second)}@{conn.escape(host)}",
+                            )
+                        )
+                _last_result(cursor, script)
+
+        await self._run(create, password, hashed)
 
     async def rotate_root(self, new_password: str) -> None:
         """For a mysql_native_password admin (the common case, and MariaDB's default) the new

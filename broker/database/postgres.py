@@ -297,6 +297,25 @@ class PostgresEngine:
             script = statements.render(values, quote_ident, quote_literal)
         await self._transaction(script, password, verifier)
 
+    async def create_second_user(self, original: str, second: str, password: str) -> None:
+        """Staged rollout of a static role: a second login `second` with the privileges of
+        `original` (a member of it: `CREATE ROLE second LOGIN IN ROLE original`, so it inherits
+        the original's grants and memberships) and the password `password` (as its SCRAM
+        verifier). Idempotent: a `second` that exists already only gets LOGIN and the
+        password. Raises StatementFailed when `original` does not exist."""
+        verifier = await asyncio.to_thread(scram_verifier, password, self._iterations)
+        if not await self.user_exists(original):
+            raise StatementFailed(f"postgresql has no role named {original!r}")
+        target = quote_ident(second)
+        if await self.user_exists(second):
+            script = [f"ALTER ROLE {target} LOGIN PASSWORD {quote_literal(verifier)}"]
+        else:
+            script = [
+                f"CREATE ROLE {target} LOGIN PASSWORD {quote_literal(verifier)} "
+                f"IN ROLE {quote_ident(original)}"
+            ]
+        await self._transaction(script, password, verifier)
+
     async def rotate_root(self, new_password: str) -> None:
         verifier = await asyncio.to_thread(scram_verifier, new_password, self._iterations)
         async with self._connection(new_password, verifier) as conn:

@@ -182,6 +182,9 @@ class StaticRoles:
         self._audit = audit
         self.observe = observe
         self._locks: dict[str, asyncio.Lock] = {}
+        # Whether a staged rollout of the role runs (set by the app when rollouts are on):
+        # the role's password then must not change until it is over.
+        self.rollout_running: Callable[[StaticRoleRecord], Awaitable[bool]] | None = None
 
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
@@ -264,6 +267,11 @@ class StaticRoles:
         knows). Raises NotFound."""
         async with self._lock(name):
             record = await self.role(name)
+            if self.rollout_running is not None and await self.rollout_running(record):
+                raise FailedPrecondition(
+                    f"a staged rollout of static role {name!r} is running: abort it first "
+                    f"('broker rollout abort db:{name}')"
+                )
             if not await self._store.delete_static_role(name):
                 raise NotFound(f"no static role named {name!r}")
         self._locks.pop(name, None)
@@ -304,6 +312,11 @@ class StaticRoles:
         try:
             async with self._lock(name):
                 record = await self.role(name)
+                if self.rollout_running is not None and await self.rollout_running(record):
+                    raise FailedPrecondition(
+                        f"a staged rollout of static role {name!r} is running: its password "
+                        f"changes when it completes; see 'broker rollout status db:{name}'"
+                    )
                 await self._settle(name)
                 record = await self.role(name)
                 version = record.version + 1

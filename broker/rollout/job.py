@@ -32,6 +32,9 @@ class RolloutJob:
         owner: str | None = None,
     ) -> None:
         self._service = service
+        # Every rollout service this job runs (the secrets' first; the app appends the static
+        # roles' one), under the one leader lease.
+        self.services: list[RolloutService] = [service]
         self._locks = locks
         self._clock = clock
         self.interval = interval
@@ -42,7 +45,9 @@ class RolloutJob:
         ttl = max(self.interval * 5, 5.0)
         if not await self._locks.try_lease(LEADER_LEASE, self.owner, ttl, self._clock.now()):
             return None
-        changed = await self._service.tick()
+        changed = []
+        for service in self.services:
+            changed += await service.tick()
         for record in changed:
             log.info("rollout %s of %s: %s", record.id, record.tenant, record.state)
         return len(changed)

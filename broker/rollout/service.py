@@ -447,11 +447,17 @@ class RolloutService:
 
     # -- the bake timer (the leader's job) ---------------------------------------------------
 
+    def _owns(self, reference: str) -> bool:
+        """Whether this service steers rollouts of `reference` (secrets: not `db:ROLE`)."""
+        return not reference.startswith("db:")
+
     async def tick(self) -> list[RolloutRecord]:
         """One round over every unfinished rollout: finish interrupted steps, run due health
         checks, act on bake timers. Returns the rollouts that changed."""
         changed = []
         for record in await self._repo.unfinished():
+            if not self._owns(record.ref):
+                continue  # another kind's rollout (a static role's: db:ROLE)
             try:
                 after = await self._advance(record)
             except BrokerError as exc:

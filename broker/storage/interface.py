@@ -31,6 +31,7 @@ from broker.storage.kms import KmsRepository
 from broker.storage.operators import OperatorRepository
 from broker.storage.rollouts import RolloutRepository
 from broker.storage.secrets import MetadataSeal, SecretRepository
+from broker.storage.static_rollouts import SqlStaticRolloutRepository
 
 __all__ = [
     "AuditRecord",
@@ -248,4 +249,8 @@ class Storage(
 
     def rollouts(self) -> RolloutRepository:
         """Staged rollouts of new secret versions and the consumers seen during them."""
+        ...
+
+    def static_rollouts(self) -> SqlStaticRolloutRepository:
+        """Static database roles' user pairs and their rollouts' new passwords."""
         ...

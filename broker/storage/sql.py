@@ -55,6 +55,7 @@ from broker.storage.kms import SqlKmsRepository
 from broker.storage.operators import SqlOperatorRepository
 from broker.storage.rollouts import SqlRolloutRepository
 from broker.storage.secrets import MetadataSeal, SqlSecretRepository
+from broker.storage.static_rollouts import SqlStaticRolloutRepository
 from ca.rotation import GenerationState
 
 __all__ = [
@@ -189,6 +190,9 @@ class SqlStorage:
 
     def rollouts(self) -> SqlRolloutRepository:
         return SqlRolloutRepository(self._b)
+
+    def static_rollouts(self) -> SqlStaticRolloutRepository:
+        return SqlStaticRolloutRepository(self._b)
 
     # -- schema
 

@@ -13,6 +13,7 @@ from broker.database.credentials import CredentialService
 from broker.database.static import StaticRoleSpec, resource_name
 from broker.errors import InvalidArgument
 from broker.policy import Action
+from broker.rollout.static_role import StaticRolloutService
 from broker.storage.database import StaticRoleRecord
 
 from .._proto import static_roles_pb2, static_roles_pb2_grpc
@@ -76,8 +77,11 @@ def _text(value: str, what: str) -> str:
 
 
 class StaticRolesServicer(static_roles_pb2_grpc.StaticRolesServicer):  # type: ignore[misc]
-    def __init__(self, service: CredentialService) -> None:
+    def __init__(
+        self, service: CredentialService, rollouts: StaticRolloutService | None = None
+    ) -> None:
         self._db = service
+        self._rollouts = rollouts  # staged rollouts: static-creds answers by stage
 
     async def AddStaticRole(
         self, request: static_roles_pb2.AddStaticRoleRequest, context: grpc.aio.ServicerContext
@@ -146,13 +150,25 @@ class StaticRolesServicer(static_roles_pb2_grpc.StaticRolesServicer):  # type: i
         context: grpc.aio.ServicerContext,
     ) -> static_roles_pb2.StaticCredentials:
         call = current_call()
-        creds = await self._db.static.credentials(request.name, call.caller, call.authorize)
-        call.details.update(username=creds.username, version=creds.role.version)  # no password
+        next_at: dt.datetime | None
+        if self._rollouts is None:
+            creds = await self._db.static.credentials(request.name, call.caller, call.authorize)
+            username, password, version = creds.username, creds.password, creds.role.version
+            next_at = creds.role.next_rotation_at
+        else:
+            # The role's credentials, or during a staged rollout of it those of the caller's
+            # stage (this read is the consumer's read of the rollout).
+            routed = await self._rollouts.credentials(request.name, call.caller, call.authorize)
+            username, password, version = routed.username, routed.password, routed.version
+            next_at = routed.next_rotation_at
+            if routed.rollout_id is not None:
+                call.details.update(rollout=routed.rollout_id, stage=(routed.stage or 0) + 1)
+        call.details.update(username=username, version=version)  # no password
         return static_roles_pb2.StaticCredentials(
-            username=creds.username,
-            password=creds.password,
-            version=creds.role.version,
-            next_rotation_at=to_timestamp(creds.role.next_rotation_at),
+            username=username,
+            password=password,
+            version=version,
+            next_rotation_at=to_timestamp(next_at),
         )
 
 
@@ -161,6 +177,6 @@ def binding(app: Application) -> ServiceBinding:
     return ServiceBinding(
         static_roles_pb2.DESCRIPTOR.services_by_name["StaticRoles"],
         static_roles_pb2_grpc.add_StaticRolesServicer_to_server,
-        StaticRolesServicer(app.database),
+        StaticRolesServicer(app.database, app.static_rollouts),
         STATIC_ROLE_SPECS,
     )

@@ -3,11 +3,12 @@ fake client: what they send, their JSON and text, their refusals."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 from broker.api.client.base import ClientError
-from broker.api.client.rollout import RolloutConsumerView, RolloutView
+from broker.api.client.rollout import RolloutConsumerView, RolloutReport, RolloutView
 from tests.unit.broker.cli.fakes import T0, T1, Z0, Recorder, harness
 
 REF = "secret://payments/prod/stripe/api-key"
@@ -121,3 +122,61 @@ def test_status_promote_abort(tmp_path: Path) -> None:
     h2 = harness(tmp_path / "2", rollouts=Recorder(promote=finished))
     result = h2.invoke("rollout", "promote", REF)
     assert result.exit_code == 1 and result.stderr.startswith("broker: ")
+
+
+STATIC_VIEW = dataclasses.replace(VIEW, reference="db:app", reference_sha256="", health_check="")
+
+
+def test_static_role_rotate_with_stages_starts_a_rollout_of_db_role(tmp_path: Path) -> None:
+    rollouts, roles = Recorder(start=STATIC_VIEW), Recorder()
+    h = harness(tmp_path, rollouts=rollouts, static_roles=roles)
+    args = ["db", "static-role", "rotate", "app", "--reason", "q3", "--ticket", "SEC-12"]
+    result = h.invoke(*args, "--stages", "10%,50%,100%", "--bake", "10m")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(
+        "rollout rollout-0123456789abcdef of db:app started: v3 -> v4 on the role's second "
+        "user, stage 1 of 3 (10%) open"
+    )
+    assert rollouts.calls == [
+        (
+            "start",
+            ("db:app",),
+            {
+                "environment": "",
+                "ticket": "SEC-12",
+                "justification": "q3",
+                "stages": [10, 50, 100],
+                "bake_seconds": 600,
+                "max_failures": 0,
+                "health_check": "",
+            },
+        )
+    ]
+    assert roles.calls == []  # no plain rotation besides
+    for bad in (["--bake", "5m"], ["--stages", "10%,x"]):
+        assert h.invoke(*args, *bad).exit_code == 2, bad  # usage errors
+    assert len(rollouts.calls) == 1 and roles.calls == []
+    busy = ClientError("FAILED_PRECONDITION", "a rollout of static role 'app' is already running")
+    h2 = harness(tmp_path / "2", rollouts=Recorder(start=busy), static_roles=Recorder())
+    result = h2.invoke(*args, "--stages", "100%")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("broker: ") and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_rollout_report_sends_the_consumers_report(tmp_path: Path) -> None:
+    rollouts = Recorder(report=RolloutReport(True, "rollout-0123456789abcdef", "rolled-back"))
+    h = harness(tmp_path, rollouts=rollouts)
+    result = h.invoke(
+        "rollout", "report", "db:app", "--version", "4", "--unhealthy", "--detail", "no login"
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "reported to rollout rollout-0123456789abcdef (rolled-back)"
+    assert rollouts.calls == [
+        (
+            "report",
+            ("db:app",),
+            {"version": 4, "healthy": False, "detail": "no login", "tenant": ""},
+        )
+    ]
+    assert h.invoke("rollout", "report", "db:app", "--version", "0").exit_code == 2
+    assert len(rollouts.calls) == 1
