@@ -68,6 +68,7 @@ _DB_ERRORS: Final = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
     asyncpg.TargetServerAttributeNotMatched,  # a multi-host DSN with no read-write host
+    asyncpg.InternalClientError,  # a connection left mid-operation by a lost server
     OSError,
     TimeoutError,
 )
@@ -81,6 +82,10 @@ _LOST: Final = (
     asyncpg.CannotConnectNowError,  # 57P03: starting up, shutting down or in recovery
     asyncpg.InterfaceError,
     asyncpg.TargetServerAttributeNotMatched,  # every host answers, none is the primary
+    # "cannot switch to state N; another operation is in progress": a pooled connection whose
+    # last operation the lost server never finished (seen in a failover: a secret write got
+    # INTERNAL). Raised before anything is sent; the connection is closed and replaced.
+    asyncpg.InternalClientError,
     OSError,
     TimeoutError,
 )

@@ -197,3 +197,28 @@ async def test_an_error_that_is_not_a_lost_server_is_not_run_again() -> None:
     assert not isinstance(info.value, StorageUnavailable)
     assert fresh.queries == [] and backend.read_retries == 0
     assert not broken.terminated and pool.released == [broken]
+
+
+async def test_a_connection_left_mid_operation_is_replaced_not_an_internal_error() -> None:
+    """Seen in a failover: a pooled connection whose last operation the lost server never
+    finished refuses the next one ("another operation is in progress"); before, that escaped
+    as an unexpected exception and the client got INTERNAL."""
+
+    def stuck(query: str) -> list[tuple[Any, ...]]:
+        raise asyncpg.InternalClientError(
+            "cannot switch to state 12; another operation (2) is in progress"
+        )
+
+    broken, fresh = FakeConn("stuck", stuck), FakeConn("fresh", rows("kek-3"))
+    pool = FakePool([broken, fresh])
+    backend = PostgresBackend(pool, DSN)
+    async with backend.transaction(write=False) as tx:
+        assert await tx.fetch("SELECT value FROM meta WHERE key = ?", "k") == [("kek-3",)]
+    assert broken.terminated and backend.read_retries == 1
+
+    # In a write it is a lost server: UNAVAILABLE (nothing was sent), never INTERNAL.
+    pool = FakePool([FakeConn("stuck", stuck)])
+    backend = PostgresBackend(pool, DSN)
+    with pytest.raises(StorageUnavailable):
+        async with backend.transaction(write=True) as tx:
+            await tx.execute("UPDATE meta SET value = ? WHERE key = ?", "v", "k")
