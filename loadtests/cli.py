@@ -65,7 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--warmup", type=seconds, default=None, help="unmeasured seconds (default 3)")
     r.add_argument("--report", required=True, type=Path, help="directory for report.json")
     r.add_argument("--compare", choices=PEERS, default=None, help="also drive this peer")
-    r.add_argument("--server", help="HOST:PORT of a running broker (loopback only)")
+    r.add_argument(
+        "--server",
+        help="HOST:PORT of a running broker (loopback only); several replicas as A:P,B:P "
+        "(IP literals; the load is spread over them and skips one that stops answering)",
+    )
     r.add_argument("--data-dir", type=Path, help="that broker's data dir (operator identity)")
     r.add_argument("--server-pid", type=int, help="that broker's pid, to measure its CPU")
     r.add_argument("--tls-server-name", help="override the name checked in the server cert")
@@ -185,9 +189,14 @@ def _resolve(args: argparse.Namespace) -> None:
     if bool(args.server) != bool(args.data_dir):
         raise SystemExit("error: --server and --data-dir go together")
     if args.server:
-        host = args.server.rpartition(":")[0]
-        if not procs.is_loopback(host):
-            raise SystemExit(f"error: load may only target loopback addresses, not {host!r}")
+        for address in broker_target.split_servers(args.server):
+            host = address.rpartition(":")[0]
+            if not procs.is_loopback(host):
+                raise SystemExit(f"error: load may only target loopback addresses, not {host!r}")
+        try:
+            broker_target.grpc_target(args.server)
+        except ValueError as exc:
+            raise SystemExit(f"error: --server: {exc}") from None
 
 
 def _log(msg: str) -> None:
@@ -234,8 +243,9 @@ class _Session:
         a = self.args
         info: dict[str, Any] = {"kind": "broker"}
         if a.server:
-            address, data_dir = a.server, a.data_dir
-            info.update(started_by_loadtests=False, address=address)
+            # Several replicas: the checks and set-up calls go to the first, the load to all.
+            address, data_dir = broker_target.split_servers(a.server)[0], a.data_dir
+            info.update(started_by_loadtests=False, address=a.server)
             if a.server_pid:
                 self.pids["broker"] = [a.server_pid]
         else:
@@ -341,8 +351,16 @@ class _Session:
         # Interleave the operations' requests (a, b, a, b, ...) for a mixed load.
         requests = [req for group in zip(*per_op, strict=False) for req in group]
         request_ops = [i for _ in range(len(requests) // len(ops)) for i in range(len(ops))]
+        replicas = broker_target.split_servers(a.server) if a.server else [address]
+        server_name = a.tls_server_name
+        if len(replicas) > 1 and server_name is None:
+            # One channel over several addresses: check the broker's own name (as the SDK
+            # does), not the address dialled.
+            from broker.api.client.base import broker_server_name
+
+            server_name = broker_server_name(ident.root_pem)
         self.specs["broker"] = GrpcSpec(
-            address=address,
+            address=broker_target.grpc_target(",".join(replicas)),
             method=parts[0].broker_method,
             requests=tuple(requests),
             response_type=parts[0].broker_response,
@@ -354,7 +372,7 @@ class _Session:
             root_pem=ident.root_pem,
             cert_pem=ident.cert_pem,
             key_pem=ident.key_pem,
-            server_name=a.tls_server_name,
+            server_name=server_name,
             channels=a.channels,
             timeout_s=a.timeout,
             mode="async" if a.grpc_client == "aio" else "threads",

@@ -13,10 +13,16 @@ writes). When the primary is lost (a connection dies, or a server answers "read-
 was demoted) every pooled connection is expired, so the next transaction connects afresh and
 lands on the new primary. Taking a connection and starting a write transaction is retried until
 a writable primary answers or `primary_wait` seconds pass: nothing has run yet, so that retry is
-always safe. A transaction that fails after it started is NOT retried here: its effects may be
-half-done in the caller (a signed certificate, a created database user), so the caller fails
-with `StorageError` (UNAVAILABLE), and nothing it wrote was committed. With no writable primary
-within `primary_wait`, `StorageUnavailable` carries a retry-after hint.
+always safe. A read (`transaction(write=False)`: autocommit, one SELECT at a time) whose
+statement lost its server is run again on a fresh connection, within the same `primary_wait`
+counted from its first loss: the failed statement returned nothing to the caller and changed
+nothing, so running it again on the new primary is idempotent (with synchronous replication the
+new primary has every commit the old one acknowledged, so the retry sees no older state than
+the caller's earlier reads did). A write transaction that fails after it started is NOT retried
+here: its effects may be half-done in the caller (a signed certificate, a created database
+user), so the caller fails with `StorageError` (UNAVAILABLE), and nothing it wrote was
+committed. With no writable primary within `primary_wait`, `StorageUnavailable` carries a
+retry-after hint.
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ _DB_ERRORS: Final = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
     asyncpg.TargetServerAttributeNotMatched,  # a multi-host DSN with no read-write host
+    asyncpg.InternalClientError,  # a connection left mid-operation by a lost server
     OSError,
     TimeoutError,
 )
@@ -75,10 +82,27 @@ _LOST: Final = (
     asyncpg.CannotConnectNowError,  # 57P03: starting up, shutting down or in recovery
     asyncpg.InterfaceError,
     asyncpg.TargetServerAttributeNotMatched,  # every host answers, none is the primary
+    # "cannot switch to state N; another operation is in progress": a pooled connection whose
+    # last operation the lost server never finished (seen in a failover: a secret write got
+    # INTERNAL). Raised before anything is sent; the connection is closed and replaced.
+    asyncpg.InternalClientError,
     OSError,
     TimeoutError,
 )
 _QMARK: Final = re.compile(r"\?")
+# A statement that is safe to run again after it lost its server: a plain query, nothing in it
+# that writes or advances a sequence (a read transaction never writes, this keeps it so).
+_PURE_READ: Final = re.compile(r"^\s*(SELECT|WITH)\b", re.IGNORECASE)
+_WRITES: Final = re.compile(
+    r"\b(INSERT|UPDATE|DELETE|MERGE|nextval|setval|pg_advisory\w*|FOR\s+UPDATE|FOR\s+SHARE)\b",
+    re.IGNORECASE,
+)
+#: The shortest statement timeout given to a re-run read (what is left of `primary_wait`).
+_MIN_RETRY_TIMEOUT: Final = 0.5
+
+
+def _rerunnable(sql: str) -> bool:
+    return bool(_PURE_READ.match(sql)) and not _WRITES.search(sql)
 
 
 @functools.lru_cache(maxsize=512)
@@ -89,10 +113,45 @@ def qmark_to_numbered(sql: str) -> str:
 
 
 class _PgTx(Tx):
-    def __init__(self, backend: PostgresBackend, conn: Any, *, write: bool) -> None:
+    def __init__(self, backend: PostgresBackend, pool: Any, conn: Any, *, write: bool) -> None:
         self._backend = backend
-        self._conn = conn
+        self._pool = pool
+        #: The connection in use; None once a read's reconnect failed (nothing to release).
+        self.conn: Any | None = conn
         self._write = write
+        self._deadline: float | None = None  # a read's retry window, from its first loss
+        self._timeout: float | None = None  # a re-run statement's timeout (None: the pool's)
+
+    @property
+    def _conn(self) -> Any:
+        if self.conn is None:
+            raise StorageUnavailable(
+                "postgresql: this read lost its server", retry_after=RETRY_AFTER
+            )
+        return self.conn
+
+    async def _reconnect(self, exc: BaseException) -> None:
+        """A read lost its server: close its connection and take a fresh one (through the
+        multi-host DSN, to the current primary) within what is left of `primary_wait` since
+        the read's first loss; past it, fail as any lost server does (StorageUnavailable)."""
+        backend = self._backend
+        backend.lost_primary()
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        again = self._deadline is not None
+        if self._deadline is None:
+            self._deadline = now + backend.primary_wait
+        if self._deadline - now <= (_RETRY_PAUSE if again else 0):
+            backend.fail(exc)
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            await backend.release(self._pool, conn, lost=True)
+        if again:  # the fresh connection died too: pause as taking a connection does
+            await asyncio.sleep(_RETRY_PAUSE)
+        remaining = max(self._deadline - loop.time(), 0.05)
+        backend.read_retries += 1
+        self.conn, _ = await backend.begin(self._pool, write=False, wait=remaining)
+        self._timeout = max(self._deadline - loop.time(), _MIN_RETRY_TIMEOUT)
 
     async def execute(self, sql: str, *args: object) -> None:
         try:
@@ -107,11 +166,19 @@ class _PgTx(Tx):
             self._backend.fail(exc)
 
     async def fetch(self, sql: str, *args: object) -> list[Row]:
-        try:
-            records = await self._conn.fetch(qmark_to_numbered(sql), *args)
-        except _DB_ERRORS as exc:
-            self._backend.fail(exc)
-        return [tuple(record) for record in records]
+        query = qmark_to_numbered(sql)
+        while True:
+            try:
+                if self._timeout is None:
+                    records = await self._conn.fetch(query, *args)
+                else:
+                    records = await self._conn.fetch(query, *args, timeout=self._timeout)
+            except _DB_ERRORS as exc:
+                if self._write or not isinstance(exc, _LOST) or not _rerunnable(sql):
+                    self._backend.fail(exc)
+                await self._reconnect(exc)  # idempotent: the read returned and changed nothing
+                continue
+            return [tuple(record) for record in records]
 
     async def lock(self, key: int) -> None:
         if not self._write:
@@ -139,6 +206,8 @@ class PostgresBackend(Backend):
         self.primary_wait = primary_wait
         #: How many times a lost primary made the pool reconnect (for tests and metrics).
         self.reconnects = 0
+        #: How many reads were run again on a fresh connection after losing their server.
+        self.read_retries = 0
         self._expiring: asyncio.Task[None] | None = None
 
     def lost_primary(self) -> None:
@@ -151,11 +220,13 @@ class PostgresBackend(Backend):
         with contextlib.suppress(RuntimeError):  # no running loop: nothing to expire
             self._expiring = asyncio.get_running_loop().create_task(pool.expire_connections())
 
-    async def _begin(self, pool: Any, *, write: bool) -> tuple[Any, Any]:
+    async def begin(self, pool: Any, *, write: bool, wait: float | None = None) -> tuple[Any, Any]:
         """A connection (and, for writes, its started transaction), retried on a lost primary
-        until `primary_wait` passes. Safe: nothing of the caller's has run yet."""
+        until `wait` (default `primary_wait`) passes. Safe: nothing of the caller's has run
+        yet."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.primary_wait
+        window = self.primary_wait if wait is None else wait
+        deadline = loop.time() + window
         while True:
             conn = None
             try:
@@ -168,7 +239,7 @@ class PostgresBackend(Backend):
                 return conn, transaction
             except _DB_ERRORS as exc:
                 if conn is not None:
-                    await self._release(pool, conn, lost=isinstance(exc, _LOST))
+                    await self.release(pool, conn, lost=isinstance(exc, _LOST))
                 if not isinstance(exc, _LOST):
                     self.fail(exc)
                 self.lost_primary()
@@ -211,10 +282,10 @@ class PostgresBackend(Backend):
         pool = self._pool
         if pool is None:
             raise StorageError("postgresql: the storage is closed")
-        conn, transaction = await self._begin(pool, write=write)
+        conn, transaction = await self.begin(pool, write=write)
         lost = False
+        tx = _PgTx(self, pool, conn, write=write)
         try:
-            tx = _PgTx(self, conn, write=write)
             if not write:
                 try:
                     yield tx
@@ -238,9 +309,10 @@ class PostgresBackend(Backend):
                 lost = isinstance(exc, _LOST)
                 self.fail(exc, committing=True)
         finally:
-            await self._release(pool, conn, lost=lost)
+            if tx.conn is not None:  # a read may have moved to a fresh connection
+                await self.release(pool, tx.conn, lost=lost)
 
-    async def _release(self, pool: Any, conn: Any, *, lost: bool) -> None:
+    async def release(self, pool: Any, conn: Any, *, lost: bool) -> None:
         """Give `conn` back to the pool; a connection to a lost server is closed first (its
         socket may never answer again), so the pool replaces it and release cannot hang."""
         if lost:

@@ -6,6 +6,7 @@ DIR/operator/key.pem, trust anchors DIR/bundle.pem).
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import re
 import sys
@@ -23,7 +24,9 @@ __all__ = [
     "Rotator",
     "ca_rotation",
     "call_once",
+    "grpc_target",
     "load_identity",
+    "split_servers",
     "status",
 ]
 
@@ -98,6 +101,34 @@ class DevBroker:
         if self.process is not None:
             self.process.stop()
             self.process = None
+
+
+def split_servers(servers: str) -> list[str]:
+    """`--server A:P,B:P` -> ["A:P", "B:P"] (order kept, blanks and repeats dropped)."""
+    from broker.api.client.failover import split_targets
+
+    return split_targets(servers)
+
+
+def grpc_target(servers: str) -> str:
+    """The gRPC target for one or several broker replicas: one address as given; several as
+    gRPC's own address list (`ipv4:a:p,b:p` / `ipv6:[a]:p,...`), which a channel with the
+    `round_robin` policy spreads its calls over, leaving out a replica that stops answering
+    (its calls in flight fail; the next ones go to the others). Several need IP literals of
+    one family: ValueError otherwise."""
+    items = split_servers(servers)
+    if len(items) <= 1:
+        return items[0] if items else servers
+    families = set()
+    for item in items:
+        host = item.rpartition(":")[0].strip("[]")
+        try:
+            families.add(ipaddress.ip_address(host).version)
+        except ValueError:
+            raise ValueError(f"several replicas need IP addresses, not {host!r}") from None
+    if len(families) != 1:
+        raise ValueError("several replicas need addresses of one IP family")
+    return ("ipv4:" if families == {4} else "ipv6:") + ",".join(items)
 
 
 def _channel(address: str, ident: BrokerIdentity, server_name: str | None) -> Any:

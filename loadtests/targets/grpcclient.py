@@ -84,6 +84,8 @@ class GrpcSpec:
         ]
         if self.server_name:
             opts.append(("grpc.ssl_target_name_override", self.server_name))
+        if "," in self.address:  # several replicas (targets.broker.grpc_target): spread calls
+            opts.append(("grpc.lb_policy_name", "round_robin"))
         return opts
 
 

@@ -46,13 +46,19 @@ class BrokerProcess:
         log_dir: Path,
         serve_args: list[str] | None = None,
         env: dict[str, str] | None = None,
+        *,
+        prefix: list[str] | None = None,
+        host: str = "127.0.0.1",
     ) -> None:
         """`serve_args` replaces `--dev --data-dir DIR` (e.g. `--config FILE`); `--listen` on
-        a free port is always added."""
+        a free port is always added. `prefix` goes in front of the command and `host` is the
+        address it listens on (a broker on a host of its own: tests/fixtures/netns.py)."""
         self.data_dir = data_dir
         self.log_dir = log_dir
         self.serve_args = serve_args or ["--dev", "--data-dir", str(data_dir)]
         self.env = env or {}
+        self.prefix = prefix or []
+        self.host = host
         self.port = 0
         self.listening_line = ""
         self._process: subprocess.Popen[str] | None = None
@@ -62,7 +68,7 @@ class BrokerProcess:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def stderr_text(self) -> str:
         path = self.log_dir / f"serve-{self._starts}.stderr"
@@ -76,6 +82,7 @@ class BrokerProcess:
         self._stderr = open(self.log_dir / f"serve-{self._starts}.stderr", "w")  # noqa: SIM115
         self._process = subprocess.Popen(
             [
+                *self.prefix,
                 sys.executable,
                 "-m",
                 "broker.cli",

@@ -4,14 +4,22 @@ multi-host DSN, under a steady X.509-SVID mint load from clients that know both 
 for 6 s. Figures per fault are printed as `HA-FIGURES` lines (run with -s); the assertions are
 about correctness: `broker audit verify` passes, every SVID a client received is in the ledger
 exactly once as an allowed mint, and the lease reaper's leader lease is held by the survivor.
+
+Beside those clients, the load generator runs its `mixed` scenario (X.509-SVIDs from CSRs,
+JWT-SVIDs, secret reads, interleaved) against both replicas (`python -m loadtests run --server
+A,B`) through fault (a); its report gives that load's failed requests, longest gap and time to
+recover (`HA-FIGURES replicas mixed-loadtest`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -245,6 +253,79 @@ async def _reaper_lease(dsn: str) -> tuple[str, float] | None:
     return None if row is None else (str(row[0]), float(row[1]))
 
 
+MIXED_DURATION = 45  # the mixed load's measured seconds: steady state, fault (a), recovery
+MIXED_WARMUP = 2
+
+
+def _start_mixed_load(targets: list[str], data_dir: Path, report: Path) -> subprocess.Popen[str]:
+    """`python -m loadtests run --scenario mixed` against every replica, as a separate
+    process (its own gRPC channels, round_robin over the replicas). The per-request timeout is
+    the SDK's default deadline (30 s), long enough to ride out a failover."""
+    argv = [
+        sys.executable, "-m", "loadtests", "run", "--scenario", "mixed",
+        "--server", ",".join(targets), "--data-dir", str(data_dir),
+        "--concurrency", "4", "--processes", "1", "--csr-pool", "64",
+        "--duration", str(MIXED_DURATION), "--warmup", str(MIXED_WARMUP),
+        "--timeout", "30", "--report", str(report),
+    ]  # fmt: skip
+    root = Path(__file__).resolve().parents[2]
+    with (report.parent / "loadtests.log").open("w") as log:  # the child keeps its own copy
+        return subprocess.Popen(argv, cwd=root, stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+async def _bench_mints(dsn: str) -> list[str]:
+    """The serials of the load generator's X.509-SVIDs in the ledger (allowed mints)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch("SELECT event FROM audit WHERE event LIKE '%/bench-%'")
+    finally:
+        await conn.close()
+    serials = []
+    for (text,) in rows:
+        event = json.loads(text)
+        serial = event.get("details", {}).get("serial")
+        if event.get("what") == "svid.mint" and event.get("outcome") == "OK" and serial:
+            serials.append(serial)
+    return serials
+
+
+def mixed_figures(run: dict[str, Any], fault_wall: float) -> dict[str, Any]:
+    """From one run of the load generator's report: requests, failed (by kind), the longest
+    run of seconds in which no request that started then succeeded, the slowest request, and
+    the seconds from the fault until the load was back to half its rate before it."""
+    ops = run["operations"]
+    seconds = len(next(iter(ops.values()))["ok_per_s"]) if ops else 0
+    ok_per_s = [sum(op["ok_per_s"][i] for op in ops.values()) for i in range(seconds)]
+    start = dt.datetime.fromisoformat(run["started_at"]).timestamp() + run["warmup_s"]
+    fault_s = max(0, int(fault_wall - start))
+    longest = current = 0
+    for count in ok_per_s:
+        current = current + 1 if count == 0 else 0
+        longest = max(longest, current)
+    before = sorted(ok_per_s[:fault_s]) or [0]
+    usual = before[len(before) // 2]
+    recovered = next(
+        (i - fault_s for i in range(fault_s + 1, seconds) if ok_per_s[i] >= max(1, usual / 2)),
+        None,
+    )
+    failed = int(run["error_count"])
+    total = int(run["requests_ok"]) + failed
+    return {
+        "requests": total,
+        "failed": failed,
+        "failed_by_kind": run["errors"],
+        "availability_pct": round(100 * (total - failed) / max(total, 1), 3),
+        "by_operation": {
+            name: {"ok": op["requests_ok"], "failed": op["error_count"]} for name, op in ops.items()
+        },
+        "fault_at_s": fault_s,
+        "ok_per_s_before_fault_median": usual,
+        "longest_gap_s": longest,  # 1 s resolution, by the second a request started
+        "slowest_request_ms": run["latency_ms"].get("max"),
+        "recovered_after_s": recovered,
+    }
+
+
 @pytest.fixture
 def db_target(pg_cluster: PgCluster) -> Iterator[tuple[Target, asyncio.AbstractEventLoop]]:
     """A target database for dynamic users on the session's plain PostgreSQL (the database
@@ -319,6 +400,8 @@ def test_two_replicas_ride_out_database_broker_and_etcd_failures(
     )
     outcomes, stop = Outcomes(), threading.Event()
     targets = [p.address for p in processes]
+    mixed_report = tmp_path / "mixed-load"
+    mixed = _start_mixed_load(targets, data, mixed_report)
     threads = [
         threading.Thread(target=_worker, args=(i, targets, credentials, outcomes, stop))
         for i in range(WORKERS)
@@ -332,14 +415,26 @@ def test_two_replicas_ride_out_database_broker_and_etcd_failures(
         thread.start()
     figures: dict[str, dict[str, Any]] = {}
     try:
+        # The mixed load is running once its SVIDs reach the ledger (keys made, checks done).
+        deadline = time.monotonic() + 240
+        while len(asyncio.run(_bench_mints(dsn))) < 20:
+            assert mixed.poll() is None, (mixed_report.parent / "loadtests.log").read_text()
+            assert time.monotonic() < deadline, "the mixed load never started"
+            time.sleep(0.5)
         time.sleep(4)  # steady state
         # (a) the PostgreSQL primary dies.
         t_a = time.monotonic()
+        fault_wall = time.time()
         old = patroni_cluster.kill_primary()
         new = patroni_cluster.wait_primary(90)
         time.sleep(6)
         t_b = time.monotonic()
         figures[f"a-primary-killed({old.name}->{new.name})"] = outcomes.window(t_a, t_b)
+        mixed.wait(timeout=MIXED_DURATION + 120)  # its window ends; then the report
+        loadtest_log = (mixed_report.parent / "loadtests.log").read_text()
+        assert mixed.returncode in (0, 1), loadtest_log[-4000:]  # 1: errors above its limit
+        mixed_run = json.loads((mixed_report / "report.json").read_text())["runs"][0]
+        figures["a-mixed-loadtest"] = mixed_figures(mixed_run, fault_wall)
         patroni_cluster.restart(old)  # re-cloned from the new primary
         patroni_cluster.wait_replicas(2, 180)  # before etcd goes away (it must not mid-clone)
 
@@ -377,6 +472,9 @@ def test_two_replicas_ride_out_database_broker_and_etcd_failures(
         figures["whole-run"] = outcomes.window(t_a - 4, t_end)
     finally:
         stop.set()
+        if mixed.poll() is None:
+            mixed.kill()
+            mixed.wait(timeout=30)
         for thread in threads:
             thread.join(timeout=60)
     for name, values in figures.items():
@@ -399,6 +497,19 @@ def test_two_replicas_ride_out_database_broker_and_etcd_failures(
         read = reader.get(reference, purpose="ha-check")
         assert (read.value, read.version) == (value, 1), reference
     figures["secrets"] = {"stored": len(stored.stored), "failed": stored.failed}
+    # The mixed load's SVIDs: at least as many allowed mints for its identities in the ledger
+    # as the load counted successes (its warm-up adds more), each serial once: none was issued
+    # without its audit entry, none twice.
+    bench = asyncio.run(_bench_mints(dsn))
+    csr_ok = mixed_run["operations"]["svid-csr"]["requests_ok"]
+    assert csr_ok > 0, "the mixed load minted nothing"
+    assert len(bench) >= csr_ok, f"{csr_ok} SVIDs from the mixed load, {len(bench)} audited"
+    assert len(bench) == len(set(bench)), "a serial of the mixed load was audited twice"
+    # The secret the mixed load read throughout is still there, unchanged.
+    sample = json.loads((mixed_report / "report.json").read_text())["targets"]["broker"]
+    sample = sample["sample_secret-get"]
+    read = reader.get("secret://bench/dev/api-key", purpose="ha-check")
+    assert (len(read.value), read.version) == (sample["value_bytes"], sample["version"])
     print(f"\nHA-FIGURES replicas secrets {json.dumps(figures['secrets'])}")
 
     # Leases against users in the target database: no user without a lease (orphan), no

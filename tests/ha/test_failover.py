@@ -42,6 +42,7 @@ class Load:
     failed: int = 0
     successes: list[float] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
+    reads: Load | None = None  # the readers beside the writers
 
     def figures(self, fault_at: float) -> dict[str, Any]:
         times = sorted(self.successes)
@@ -56,6 +57,7 @@ class Load:
             "longest_gap_s": round(max((gap for gap, _ in gaps), default=0.0), 2),
             "recovered_after_s": round(after[1] - fault_at, 2) if after else None,
             "errors": self.errors,
+            **({"reads": self.reads.figures(fault_at)} if self.reads is not None else {}),
         }
 
 
@@ -79,6 +81,23 @@ async def _worker(name: str, ledger: AuditLedger, load: Load, stop: asyncio.Even
         load.acked.add((name, n))
         load.successes.append(time.monotonic())
         await asyncio.sleep(0.01)
+
+
+async def _reader(storage: Storage, load: Load, stop: asyncio.Event) -> None:
+    """Reads (the ledger's head) in a loop: a read that loses its server is re-run by the
+    storage on the new primary within `primary_wait`, so few should fail."""
+    while not stop.is_set():
+        load.attempted += 1
+        try:
+            await storage.audit_tail(1)
+        except BrokerError as exc:
+            load.failed += 1
+            kind = type(exc).__name__
+            load.errors[kind] = load.errors.get(kind, 0) + 1
+            await asyncio.sleep(0.1)
+            continue
+        load.successes.append(time.monotonic())
+        await asyncio.sleep(0.02)
 
 
 async def _leader(
@@ -117,7 +136,9 @@ async def _run_fault(
     dsn = cluster.create_database(f"ha_{uuid.uuid4().hex[:12]}")
     storages, ledgers = await _open_replicas(dsn)
     load, stop, holders = Load(), asyncio.Event(), []
-    tasks = [
+    reads = Load()
+    tasks = [asyncio.create_task(_reader(storage, reads, stop)) for storage in storages]
+    tasks += [
         asyncio.create_task(_worker(f"r{r}w{w}", ledger, load, stop))
         for r, ledger in enumerate(ledgers)
         for w in range(WORKERS_PER_REPLICA)
@@ -136,6 +157,7 @@ async def _run_fault(
     await asyncio.sleep(settle)
     stop.set()
     await asyncio.gather(*tasks)
+    load.reads = reads
     return load, fault_at, holders, storages, ledgers
 
 
@@ -172,6 +194,7 @@ async def test_primary_killed_under_load(patroni_cluster: PatroniCluster) -> Non
         assert figures["recovered_after_s"] is not None, (
             f"no write succeeded after the kill: {figures}"
         )
+        assert figures["reads"]["recovered_after_s"] is not None, "no read after the kill"
         await _check_ledger(load, storages, ledgers)
         # The leader lease never had two holders at once (it moves only after its TTL).
         _assert_one_holder(holders)
