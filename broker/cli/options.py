@@ -37,8 +37,10 @@ __all__ = [
     "data_dir_option",
     "default_attest_server",
     "output_format",
+    "rollout_options",
     "setting",
     "setting_option",
+    "stage_list",
 ]
 
 DEFAULT_SERVER = DEFAULT_LISTEN
@@ -274,3 +276,53 @@ class DurationType(click.ParamType[int]):
 
 
 DURATION = DurationType()
+
+
+def stage_list(text: str) -> list[int]:
+    """`10%,50%,100%` as numbers; the broker checks the order and the final 100%."""
+    out = []
+    for part in text.split(","):
+        number = part.strip().removesuffix("%")
+        if not number.isdigit() or len(number) > 3:
+            raise click.BadParameter(
+                f"stage {part.strip()!r} is not a percentage (e.g. 10%,50%,100%)",
+                param_hint="--stages",
+            )
+        out.append(int(number))
+    return out
+
+
+def rollout_options(stages_help: str) -> Callable[[_F], _F]:
+    """`--stages/--health-check/--bake/--max-failures`: a staged rollout of a new version
+    (secrets and static database roles alike; `broker rollout`)."""
+    options = [
+        click.option("--stages", default=None, metavar="P%,...,100%", help=stages_help),
+        click.option(
+            "--health-check",
+            default=None,
+            metavar="URL|CMD",
+            help="With --stages: an http(s) URL (2xx passes) or a command (exit 0 passes) the "
+            "broker runs during each stage.",
+        ),
+        click.option(
+            "--bake",
+            type=DURATION,
+            default=None,
+            metavar="DURATION",
+            help="With --stages: how long each stage bakes before the next [default: 5m].",
+        ),
+        click.option(
+            "--max-failures",
+            type=int,
+            default=None,
+            metavar="N",
+            help="With --stages: failures tolerated before the automatic rollback [default: 0].",
+        ),
+    ]
+
+    def attach(command: _F) -> _F:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return attach

@@ -11,7 +11,7 @@ from broker.cli.clients import RolloutsClient, RolloutView
 from broker.cli.options import clients, connection_options
 from broker.cli.render import record_json, render, table, text_time
 
-__all__ = ["rollout", "rollout_lines", "stage_list"]
+__all__ = ["rollout", "rollout_lines"]
 
 
 def _client(ctx: click.Context) -> RolloutsClient:
@@ -106,20 +106,6 @@ def rollout_abort(ctx: click.Context, reference: str, tenant: str) -> None:
     """Put every consumer back on the old version; the new version is revoked."""
     view = _client(ctx).abort(reference, tenant=tenant)
     _render(ctx, view, f"aborted: every consumer is back on v{view.from_version}")
-
-
-def stage_list(text: str) -> list[int]:
-    """`10%,50%,100%` as numbers; the broker checks the order and the final 100%."""
-    out = []
-    for part in text.split(","):
-        number = part.strip().removesuffix("%")
-        if not number.isdigit() or len(number) > 3:
-            raise click.BadParameter(
-                f"stage {part.strip()!r} is not a percentage (e.g. 10%,50%,100%)",
-                param_hint="--stages",
-            )
-        out.append(int(number))
-    return out
 
 
 @rollout.command("report")

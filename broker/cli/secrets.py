@@ -35,8 +35,10 @@ from broker.cli.options import (
     connection_options,
     data_dir_option,
     output_option,
+    rollout_options,
     setting,
     setting_option,
+    stage_list,
 )
 from broker.cli.refusals import CommandNotExecutable, CommandNotFound, Refusal
 from broker.cli.render import record_json, render, timestamp, wants_json
@@ -310,33 +312,8 @@ def secrets_show(ctx: click.Context, reference: str, tenant: str) -> None:
 @setting_option(
     "--justification", on_group=False, required=True, metavar="TEXT", help="Why (audited)."
 )
-@click.option(
-    "--stages",
-    default=None,
-    metavar="P%,...,100%",
-    help="Roll the new version out in stages of consumers, e.g. 10%,50%,100% (see 'broker "
-    "rollout').",
-)
-@click.option(
-    "--health-check",
-    default=None,
-    metavar="URL|CMD",
-    help="With --stages: an http(s) URL (2xx passes) or a command (exit 0 passes) the broker "
-    "runs during each stage.",
-)
-@click.option(
-    "--bake",
-    type=DURATION,
-    default=None,
-    metavar="DURATION",
-    help="With --stages: how long each stage bakes before the next [default: 5m].",
-)
-@click.option(
-    "--max-failures",
-    type=int,
-    default=None,
-    metavar="N",
-    help="With --stages: failures tolerated before the automatic rollback [default: 0].",
+@rollout_options(
+    "Roll the new version out in stages of consumers, e.g. 10%,50%,100% (see 'broker rollout').",
 )
 @_tenant_option
 @_options_requiring_justification
@@ -374,7 +351,7 @@ def secrets_rotate(
             environment=environment,
             ticket=ticket,
             justification=justification,
-            stages=_stages(stages),
+            stages=stage_list(stages),
             bake_seconds=300 if bake is None else bake,
             max_failures=0 if max_failures is None else max_failures,
             health_check=health_check or "",
@@ -400,20 +377,6 @@ def secrets_rotate(
         **source,
     )
     _show(ctx, details, "rotated")
-
-
-def _stages(text: str) -> list[int]:
-    """`10%,50%,100%` as numbers; the broker checks the order and the final 100%."""
-    out = []
-    for part in text.split(","):
-        number = part.strip().removesuffix("%")
-        if not number.isdigit() or len(number) > 3:
-            raise click.BadParameter(
-                f"stage {part.strip()!r} is not a percentage (e.g. 10%,50%,100%)",
-                param_hint="--stages",
-            )
-        out.append(int(number))
-    return out
 
 
 @secrets.command("rollback")

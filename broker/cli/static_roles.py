@@ -14,9 +14,8 @@ import click
 
 from broker.cli.clients import StaticRole, StaticRolesClient
 from broker.cli.inputs import read_text_file
-from broker.cli.options import DURATION, clients, connection_options
+from broker.cli.options import DURATION, clients, connection_options, rollout_options, stage_list
 from broker.cli.render import record_json, render, table, timestamp
-from broker.cli.rollout import stage_list
 
 __all__ = ["static_creds", "static_role", "static_role_json"]
 
@@ -152,33 +151,9 @@ def static_role_delete(ctx: click.Context, name: str) -> None:
 @click.argument("name")
 @click.option("--reason", required=True, help="Why, e.g. personnel-change.")
 @click.option("--ticket", required=True, help="The change or incident ticket.")
-@click.option(
-    "--stages",
-    default=None,
-    metavar="P%,...,100%",
-    help="Roll the new password out in stages of consumers on a second user, e.g. "
+@rollout_options(
+    "Roll the new password out in stages of consumers on a second user, e.g. "
     "10%,50%,100% (follow it with 'broker rollout status db:NAME').",
-)
-@click.option(
-    "--health-check",
-    default=None,
-    metavar="URL|CMD",
-    help="With --stages: an http(s) URL (2xx passes) or a command (exit 0 passes) the broker "
-    "runs during each stage.",
-)
-@click.option(
-    "--bake",
-    type=DURATION,
-    default=None,
-    metavar="DURATION",
-    help="With --stages: how long each stage bakes before the next [default: 5m].",
-)
-@click.option(
-    "--max-failures",
-    type=int,
-    default=None,
-    metavar="N",
-    help="With --stages: failures tolerated before the automatic rollback [default: 0].",
 )
 @connection_options(on_group=False)
 @click.pass_context
