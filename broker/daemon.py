@@ -49,6 +49,10 @@ __all__ = ["DEFAULT_LISTEN", "ServeOptions", "raise_fd_limit", "serve"]
 
 log = logging.getLogger("broker")
 
+STOP_JOBS_SECONDS = 2.0
+STOP_GRACE_SECONDS = 3.0
+STOP_CLOSE_SECONDS = 3.0
+
 _READY_TIMEOUT = 120.0
 _STOP_TIMEOUT = 15.0
 
@@ -300,29 +304,27 @@ async def _serve(
         rollouts = asyncio.create_task(app.rollout_job.run())  # staged secret rollouts
         await stop.wait()
         log.info("shutting down")
-        background.cancel()
-        reaper.cancel()
-        forwarder.cancel()
-        notifier.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await forwarder
-        with contextlib.suppress(asyncio.CancelledError):
-            await notifier
-        rotation.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await rotation
-        rollouts.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await rollouts
-        with contextlib.suppress(asyncio.CancelledError):
-            await background
-        with contextlib.suppress(asyncio.CancelledError):
-            await reaper
-        await server.stop(grace=5)
+        # A stop is bounded (an orchestrator SIGKILLs after its grace period): the jobs get
+        # STOP_JOBS_SECONDS to wind down, in-flight RPCs STOP_GRACE_SECONDS, closing the
+        # storage, engines and token STOP_CLOSE_SECONDS; a step that overruns is logged and left
+        # (leases, intents and the ledger are in storage, so nothing is lost by leaving it).
+        jobs = [forwarder, notifier, rotation, rollouts, background, reaper]
+        for job in jobs:
+            job.cancel()
+        _, pending = await asyncio.wait(jobs, timeout=STOP_JOBS_SECONDS)
+        if pending:
+            log.warning("shutting down: %d background jobs did not stop in time", len(pending))
+        await server.stop(grace=STOP_GRACE_SECONDS)
     finally:
         if metrics_server is not None:
             metrics_server.close()
-        await app.close()
+        try:
+            await asyncio.wait_for(app.close(), timeout=STOP_CLOSE_SECONDS)
+        except TimeoutError:
+            log.warning(
+                "shutting down: closing storage, engines and the token took over %s s",
+                STOP_CLOSE_SECONDS,
+            )
         if app.tracing is not None:
             app.tracing.close()  # flushes the spans still buffered
 
