@@ -80,6 +80,8 @@ class RolloutStatus:
 
 
 class RolloutService:
+    metric_kind: str = METRIC_KIND
+
     def __init__(
         self,
         repository: RolloutRepository,
@@ -384,22 +386,32 @@ class RolloutService:
             return await self._settle_pending(record)
         if record.state == RolloutState.COMPLETING:
             await self._secrets.revoke_version(record.tenant, record.ref, record.from_version)
-            final, outcome = RolloutState.COMPLETED, "success"
-        elif record.state in (RolloutState.ROLLING_BACK, RolloutState.ABORTING):
-            await self._back_to_old(record)
-            final = (
-                RolloutState.ABORTED
-                if record.state == RolloutState.ABORTING
-                else RolloutState.ROLLED_BACK
-            )
-            outcome = "failure" if final == RolloutState.ROLLED_BACK else "aborted"
-        else:
+            return await self._conclude(record, RolloutState.COMPLETED, "success", now, by)
+        return await self._settle_back(record, now, by)
+
+    async def _settle_back(self, record: RolloutRecord, now: dt.datetime, by: str) -> RolloutRecord:
+        """A rollback or an abort: everybody back on the old version, then concluded."""
+        if record.state not in (RolloutState.ROLLING_BACK, RolloutState.ABORTING):
             return record
+        await self._back_to_old(record)
+        if record.state == RolloutState.ABORTING:
+            return await self._conclude(record, RolloutState.ABORTED, "aborted", now, by)
+        return await self._conclude(record, RolloutState.ROLLED_BACK, "failure", now, by)
+
+    async def _conclude(
+        self,
+        record: RolloutRecord,
+        final: RolloutState,
+        outcome: str,
+        now: dt.datetime,
+        by: str,
+    ) -> RolloutRecord:
+        """Store the final state (unless another replica did), count and audit it."""
         done = dataclasses.replace(record, state=final, finished_at=now)
         if not await self._repo.update(record, done):
             return await self._repo.get(record.id) or record
         seconds = (now - record.started_at).total_seconds()
-        metrics.record_rotation(METRIC_KIND, outcome, seconds)
+        metrics.record_rotation(self.metric_kind, outcome, seconds)
         await self._record(
             f"rollout.{final}",
             done,

@@ -36,7 +36,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from broker import metrics
 from broker.database.connections import Connections
 from broker.database.engine import EngineUnavailable, StatementFailed
 from broker.database.names import check_name
@@ -138,6 +137,8 @@ class StaticRolloutService(RolloutService):
     """The rollout service of static roles. It shares the secrets' rollout storage (and the
     machine, bake timer steps, health checks and audit events) but owns the references
     `db:ROLE`; the secrets' service skips them."""
+
+    metric_kind = METRIC_KIND
 
     def __init__(
         self,
@@ -422,36 +423,14 @@ class StaticRolloutService(RolloutService):
             if now - record.started_at < _STALE_PENDING:
                 return record
             await self._back_to_old(record)
-            final, outcome = RolloutState.ABORTED, "aborted"
             record = dataclasses.replace(
                 record, reason="the broker stopped while starting the rollout; undone"
             )
-        elif record.state == RolloutState.COMPLETING:
+            return await self._conclude(record, RolloutState.ABORTED, "aborted", now, by)
+        if record.state == RolloutState.COMPLETING:
             await self._forward(record)
-            final, outcome = RolloutState.COMPLETED, "success"
-        elif record.state in (RolloutState.ROLLING_BACK, RolloutState.ABORTING):
-            await self._back_to_old(record)
-            final = (
-                RolloutState.ABORTED
-                if record.state == RolloutState.ABORTING
-                else RolloutState.ROLLED_BACK
-            )
-            outcome = "failure" if final == RolloutState.ROLLED_BACK else "aborted"
-        else:
-            return record
-        done = dataclasses.replace(record, state=final, finished_at=now)
-        if not await self._repo.update(record, done):
-            return await self._repo.get(record.id) or record
-        metrics.record_rotation(METRIC_KIND, outcome, (now - record.started_at).total_seconds())
-        await self._record(
-            f"rollout.{final}",
-            done,
-            str(final),
-            reason=done.reason,
-            by=by,
-            health=self._health_details(record),
-        )
-        return done
+            return await self._conclude(record, RolloutState.COMPLETED, "success", now, by)
+        return await self._settle_back(record, now, by)
 
     async def _forward(self, record: RolloutRecord) -> None:
         """Completion: the role becomes (target, new password), then the old user's password
